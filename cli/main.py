@@ -1,0 +1,44 @@
+"""Entry point of the ``w2wkit`` command."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from w2wkit import __version__
+from w2wkit.cli.common import W2WGroup
+
+#: Modules that each add their commands to :data:`cli` through ``register(cli)``.
+COMMAND_MODULES = (
+    "w2wkit.cli.cmd_formats",
+)
+
+
+@click.group(cls=W2WGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="w2wkit")
+def cli() -> None:
+    """w2wkit: treat a folder of LoRAs as a space of models.
+
+    \b
+    Typical session:
+      w2wkit inspect my_lora.safetensors
+      w2wkit fit ./loras/ -o w2w-space
+      w2wkit sample -n 4 -o samples/
+      w2wkit apply my_lora.safetensors --direction age --strength 1.5 -o older.safetensors
+
+    Every command has --help with examples.
+    """
+
+
+for _mod in COMMAND_MODULES:
+    importlib.import_module(_mod).register(cli)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="w2wkit")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
