@@ -207,7 +207,7 @@ def tiny_pipeline(
         "clip_sample": False,
     }
     sched = (
-        DDIMScheduler(**kwargs, set_alpha_to_one=False)
+        DDIMScheduler(**kwargs, set_alpha_to_one=False, steps_offset=1)
         if scheduler == "ddim"
         else DDPMScheduler(**kwargs)
     )
