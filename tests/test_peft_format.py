@@ -203,3 +203,23 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(FormatError, match="component"):
         write_adapter(ad, tmp_path / "out", format="peft")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_discovery_counts_a_multi_component_adapter_once(tmp_path):
+    from w2wkit.formats import discover_lora_files
+
+    write_adapter(_adapter(), tmp_path / "zoo" / "one", format="peft")
+    write_adapter(_adapter(), tmp_path / "zoo" / "two", format="peft")
+    assert discover_lora_files(tmp_path / "zoo") == [tmp_path / "zoo" / n for n in ("one", "two")]
+
+
+def test_bare_peft_state_dict_file_reads_with_alpha_equal_rank(tmp_path):
+    rng = np.random.default_rng(0)
+    t = {k.removeprefix("base_model.model."): v for k, v in _factors([Q, V], rng, r=3).items()}
+    path = tmp_path / "bare.safetensors"
+    stn.save_file(t, str(path))
+    src = load_source(path)
+    assert detect_format(src) == "peft"
+    ad = read_adapter(path)
+    assert set(ad.layers) == {f"unet.{Q}", f"unet.{V}"}
+    assert {layer.alpha for layer in ad.layers.values()} == {3.0}
