@@ -103,6 +103,13 @@ _SGM_CHILD_KIND: dict[str, str] = {
     "op": "downsamplers",
     "conv": "upsamplers",
 }
+# Allowed child index of each kind inside an sgm input/output block.
+_SGM_CHILD_INDEX: dict[str, tuple[str, ...]] = {
+    "resnets": ("0",),
+    "attentions": ("1",),
+    "downsamplers": ("0",),
+    "upsamplers": ("1", "2"),
+}
 _SGM_HEADS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
 
 # Segments that appear in UNet2DConditionModel / CLIP / sgm names beyond those
@@ -292,6 +299,11 @@ def derive_module_tables() -> dict[str, dict[str, tuple[int, ...]]]:
     }
 
     def linear_and_conv(prefix: str, model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+        # transformers >= 5 flattened CLIPTextModel (no ``text_model`` child);
+        # files (kohya, diffusers, older PEFT) and our canonical paths keep the
+        # classic ``text_model.`` level, so put it back.
+        if prefix.startswith("text_encoder") and not hasattr(model, "text_model"):
+            prefix = f"{prefix}.text_model"
         return {
             f"{prefix}.{name}": tuple(int(s) for s in mod.weight.shape)
             for name, mod in model.named_modules()
@@ -486,7 +498,7 @@ def sgm_to_diffusers(path: str, *, layers_per_block: int = 2) -> str:
     if m:
         head, idx, child, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
         kind = _SGM_CHILD_KIND.get(rest.split(".", 1)[0])
-        if kind is None:
+        if kind is None or child not in _SGM_CHILD_INDEX[kind]:
             raise FormatError(f"unknown sgm UNet module {path!r}")
         if head == "input_blocks":
             if idx == 0:
