@@ -31,6 +31,7 @@ module is cheap.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +83,9 @@ def resolve_device(device: str | None = "auto") -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     dev = str(device)
     if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise W2WError(f"device '{dev}' asked for but torch sees no CUDA GPU", hint="use --device cpu")
+        raise W2WError(
+            f"device '{dev}' asked for but torch sees no CUDA GPU", hint="use --device cpu"
+        )
     return dev
 
 
@@ -297,7 +300,9 @@ def stack_adapters(adapters: Sequence[Adapter | None]) -> dict[str, StackedLayer
             extra = [m for m in a.layers if m not in ref]
             parts = []
             if missing:
-                parts.append(f"lacks {len(missing)} module(s) of {_describe(first, i0)} ({missing[0]}...)")
+                parts.append(
+                    f"lacks {len(missing)} module(s) of {_describe(first, i0)} ({missing[0]}...)"
+                )
             if extra:
                 parts.append(f"has {len(extra)} module(s) it does not ({extra[0]}...)")
             raise LayoutError(
@@ -628,9 +633,7 @@ class Renderer:
 
     # ---------------------------------------------------------------- helpers
     def _encode(self, prompts: list[str], negative: list[str], cfg: bool) -> tuple[Any, Any]:
-        pos, neg = self.pipe.encode_prompt(
-            prompts, self.device, 1, cfg, negative if cfg else None
-        )
+        pos, neg = self.pipe.encode_prompt(prompts, self.device, 1, cfg, negative if cfg else None)
         return pos, neg
 
     def prepare(
@@ -769,9 +772,7 @@ class Renderer:
         if names is not None:
             row_names = [str(n) for n in names]
             if len(row_names) != len(originals):
-                raise W2WError(
-                    f"{len(row_names)} names for {len(originals)} models", key="names"
-                )
+                raise W2WError(f"{len(row_names)} names for {len(originals)} models", key="names")
         n_models = len(originals)
         bank_models = originals + (edits or [])
         stacked = stack_adapters(bank_models)
@@ -790,7 +791,10 @@ class Renderer:
 
         # one item per image: (model, prompt, seed), model-major
         items = [
-            (m, p, s) for m in range(n_models) for p in range(len(prompts)) for s in range(len(seeds))
+            (m, p, s)
+            for m in range(n_models)
+            for p in range(len(prompts))
+            for s in range(len(seeds))
         ]
         total = len(items)
         out = np.zeros((n_models, len(prompts), len(seeds), height, width, 3), np.float32)
@@ -830,10 +834,14 @@ class Renderer:
                 emb_edit = embeds(edit_idx) if (edits is not None and te_patched) else emb_orig
 
                 gens = [torch.Generator(device="cpu").manual_seed(seeds[b[2]]) for b in batch]
-                scheduler = sched_cls.from_config(pipe.scheduler.config)
+                # a copy, not from_config: from_config re-defaults keys the pipeline fixed
+                # after construction (e.g. steps_offset), changing the timesteps
+                scheduler = copy.deepcopy(pipe.scheduler)
                 scheduler.set_timesteps(steps, device=self.device)
                 latents = randn_tensor(
-                    (len(batch), *lat_shape), generator=gens, device=torch.device(self.device),
+                    (len(batch), *lat_shape),
+                    generator=gens,
+                    device=torch.device(self.device),
                     dtype=self.dtype,
                 )
                 latents = latents * scheduler.init_noise_sigma
@@ -891,5 +899,5 @@ def render(
     dtype: str | Any = "float32",
     **kwargs: Any,
 ) -> RenderResult:
-    """One-call form of ``Renderer(pipeline, device=, dtype=).render(models, prompts, seeds, ...)``."""
+    """``Renderer(pipeline, device=, dtype=).render(models, prompts, seeds, **kwargs)``."""
     return Renderer(pipeline, device=device, dtype=dtype).render(models, prompts, seeds, **kwargs)
