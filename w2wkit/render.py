@@ -149,7 +149,8 @@ def load_pipeline(
     dev = resolve_device(device)
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
-        from diffusers import StableDiffusionPipeline
+        with _quiet():
+            from diffusers import StableDiffusionPipeline
 
         if path.is_dir():
             if not (path / "model_index.json").is_file():
@@ -164,13 +165,14 @@ def load_pipeline(
         else:
             raise FormatError("pipeline folder not found", path=path)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(spec),
-                torch_dtype=torch_dtype,
-                safety_checker=None,
-                requires_safety_checker=False,
-                **kwargs,
-            )
+            with _quiet():
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    str(spec),
+                    torch_dtype=torch_dtype,
+                    safety_checker=None,
+                    requires_safety_checker=False,
+                    **kwargs,
+                )
         except W2WError:
             raise
         except Exception as exc:  # diffusers raises many types for bad folders
@@ -184,6 +186,34 @@ def load_pipeline(
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence diffusers/transformers progress bars, info lines and FutureWarnings."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    d_bar, t_bar = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        dlog.set_verbosity(d_level)
+        tlog.set_verbosity(t_level)
+        if d_bar:
+            dlog.enable_progress_bar()
+        if t_bar:
+            tlog.enable_progress_bar()
 
 
 def _check_pipeline(pipe: Any) -> None:
@@ -687,6 +717,19 @@ class Renderer:
                 )
         return originals, edits, names
 
+    def check(self, models: Sequence[Adapter | None]) -> dict[str, StackedLayer]:
+        """Stack ``models`` and check they fit the pipeline (no rendering).
+
+        Raises
+        ------
+        LayoutError
+            Different module sets, non-LoRA layers, modules missing from the
+            pipeline (named), shapes that do not fit, unsupported components.
+        """
+        stacked = stack_adapters(models)
+        _check_against_pipeline(self.pipe, stacked)
+        return stacked
+
     # ---------------------------------------------------------------- main entry
     def render(
         self,
@@ -775,8 +818,7 @@ class Renderer:
                 raise W2WError(f"{len(row_names)} names for {len(originals)} models", key="names")
         n_models = len(originals)
         bank_models = originals + (edits or [])
-        stacked = stack_adapters(bank_models)
-        _check_against_pipeline(self.pipe, stacked)
+        stacked = self.check(bank_models)
         te_patched = any(m.startswith("text_encoder.") for m in stacked)
 
         pipe = self.pipe
