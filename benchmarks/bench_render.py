@@ -189,7 +189,8 @@ def run_case(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = _torch_dtype(args.dtype)
     t0 = time.perf_counter()
-    pipe = build_pipeline(kind, device, dtype)
+    with _quiet():
+        pipe = build_pipeline(kind, device, dtype)
     build_s = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
     prompts = args.prompt or ["a photo of sks person"]
