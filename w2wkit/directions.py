@@ -1050,8 +1050,10 @@ def _resolve_labels(
     if isinstance(labels, str | os.PathLike):
         from w2wkit.labels import read_labels
 
-        names = [m.get("name", m.get("file", "")) for m in getattr(space, "manifest_", [])]
-        return read_labels(labels, names)
+        names = getattr(space, "names_", None) or [
+            m.get("name", m.get("file", "")) for m in getattr(space, "manifest_", None) or []
+        ]
+        return read_labels(labels, list(names))
     return {k: np.asarray(v, dtype=np.float64) for k, v in labels.items()}
 
 
