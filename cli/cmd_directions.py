@@ -212,7 +212,7 @@ def directions_cmd(
 
             table = read_labels(labels, list(space.names_))
             y = table.get(target)
-        d, rep = D.disentangle_direction(space, target, others, labels=y, cv=cv)
+        d, _ = D.disentangle_direction(space, target, others, labels=y, cv=cv)
         fitted[target] = d
         reports[target] = d.info["disentangled"]
     space.save(path, overwrite=True)
