@@ -103,7 +103,9 @@ def _parse_header(raw: bytes | memoryview, size: int, path: str) -> tuple[dict, 
     try:
         header = json.loads(bytes(raw[8 : 8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"not a safetensors file (header is not JSON: {exc})", path=path) from None
+        raise FormatError(
+            f"not a safetensors file (header is not JSON: {exc})", path=path
+        ) from None
     if not isinstance(header, dict):
         raise FormatError("not a safetensors file (header is not a JSON object)", path=path)
     return header, 8 + n

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from w2wkit.adapter import Adapter
+from w2wkit.adapter import COMPONENTS, Adapter
 from w2wkit.errors import FormatError
 from w2wkit.stio import SafetensorsFile, read_safetensors
 
@@ -142,13 +142,20 @@ def _torch_pickle(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise FormatError("pickle does not hold a dict of tensors", path=path)
     tensors: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+    names = {
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.float64: "F64",
+    }
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             continue
         dtypes[key] = names.get(value.dtype, "F32")
-        tensors[key] = value.detach().float().numpy() if value.dtype == torch.bfloat16 else (
-            value.detach().numpy()
+        tensors[key] = (
+            value.detach().float().numpy()
+            if value.dtype == torch.bfloat16
+            else (value.detach().numpy())
         )
     return tensors, dtypes
 
@@ -166,7 +173,9 @@ def _peft_folder(path: Path) -> tuple[Path, dict[str, Any]] | None:
     for name in PEFT_WEIGHTS:
         if (path / name).is_file():
             return path / name, config
-    raise FormatError(f"PEFT folder has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}", path=path)
+    raise FormatError(
+        f"PEFT folder has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}", path=path
+    )
 
 
 def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Source:
@@ -390,7 +399,9 @@ def discover_lora_files(
         return [p]
     found = []
     peft_dirs = {c.parent for c in p.rglob(PEFT_CONFIG)}
-    for d in sorted(peft_dirs):
+    # a component subfolder (``out/text_encoder``) of a PEFT folder is part of it
+    nested = {d for d in peft_dirs if d.name in COMPONENTS and d.parent in peft_dirs}
+    for d in sorted(peft_dirs - nested):
         found.append(d)
     for f in sorted(p.rglob(pattern or "*")):
         if f.is_file() and f.suffix.lower() in suffixes and f.parent not in peft_dirs:
