@@ -109,7 +109,7 @@ def test_project_drops_residual_and_mean_model(space, collection):
 
 
 def test_disentangle_in_space(space, collection):
-    _, labels, world = collection
+    _, labels, _ = collection
     before = space.directions_["a0"]
     try:
         d, rep = D.disentangle_direction(space, "a0", ["a1"], labels=labels["a0"], store=False)
