@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 from rich.table import Table
-from w2wkit.cli.common import allow_pickle_option, console, err_console, force_option
 
+from w2wkit.cli.common import allow_pickle_option, console, err_console, force_option
 from w2wkit.errors import DirectionError, FormatError, SpaceError
 
 #: The space ``w2wkit fit`` writes when given no ``-o``; every later command's default.
@@ -53,21 +53,15 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def directions_table(space: Any, title: str, names: list[str] | None = None) -> Table:
-    """A rich table of a space's directions: method, kind, score, calibration, cosines."""
-    from w2wkit.directions import cosine_matrix
-
+    """A rich table of a space's directions: method, kind, score, calibration."""
     dirs = space.directions_
     names = names if names is not None else list(dirs)
     table = Table(title=title)
     for col in ("name", "method", "kind", "task", "n", "score", "std", "orthogonal to"):
         table.add_column(col, justify="right" if col in ("n", "score", "std") else "left")
-    everyone = list(dirs)
-    cos = cosine_matrix([dirs[n].vector for n in everyone]) if everyone else None
-    for other in everyone:
-        table.add_column(f"cos {other}", justify="right")
     for n in names:
         d = dirs[n]
-        row = [
+        table.add_row(
             n,
             d.method,
             d.kind,
@@ -76,10 +70,22 @@ def directions_table(space: Any, title: str, names: list[str] | None = None) -> 
             _fmt(d.score),
             _fmt(d.proj_std, ".4g"),
             ", ".join(d.info.get("orthogonal_to", [])) or "-",
-        ]
-        i = everyone.index(n)
-        row += [f"{cos[i, j]:+.2f}" for j in range(len(everyone))]
-        table.add_row(*row)
+        )
+    return table
+
+
+def cosine_table(space: Any) -> Table:
+    """The cosine matrix of the space's directions (their stored vectors)."""
+    from w2wkit.directions import cosine_matrix
+
+    names = list(space.directions_)
+    cos = cosine_matrix([space.directions_[n].vector for n in names])
+    table = Table(title="cosines between directions")
+    table.add_column("")
+    for n in names:
+        table.add_column(n, justify="right")
+    for i, n in enumerate(names):
+        table.add_row(n, *[f"{c:+.2f}" for c in cos[i]])
     return table
 
 
@@ -171,6 +177,7 @@ def directions_cmd(
             click.echo(json.dumps({n: d.to_dict() for n, d in space.directions_.items()}))
             return
         console.print(directions_table(space, f"directions in {path}"))
+        console.print(cosine_table(space))
         return
     dis: dict[str, list[str]] = {}
     for name, others in _parse_pairs(disentangle_opts, "--disentangle"):
