@@ -181,3 +181,16 @@ def test_labels_no_overlap_and_one_class(space, collection, tmp_path):
     n = space.coefficients_.shape[0]
     with pytest.raises(DirectionError, match="one class"):
         D.fit_directions(space, {"beard": np.ones(n)})
+
+
+def test_merge_api_example_runs(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "merge_api.py"
+    spec = importlib.util.spec_from_file_location("merge_api_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(tmp_path)
+    out = capsys.readouterr().out
+    assert "equals the weighted delta sum" in out and (tmp_path / "edited.safetensors").is_file()
