@@ -195,7 +195,7 @@ def directions_cmd(
         fitted[group_name] = D.group_direction_in_space(
             space, group_name, sets[0], sets[1], kind=kind, cv=cv
         )
-    if labels is not None or not groups:
+    if labels is not None or not (groups or dis):
         fitted.update(
             D.fit_directions(
                 space,

@@ -92,6 +92,12 @@ def test_directions_method_kind_disentangle(world, tmp_path):
     assert a0.info["orthogonal_to"] == ["a1", "a2"]
     for other in ("a1", "a2"):
         assert abs(a0.vector @ D.direction_vector(sp.directions_[other], "filter")) < 1e-10
+    # disentangle existing directions without refitting
+    res = run(["directions", sp_path, "--disentangle", "a3=a2"])
+    assert res.exit_code == 0, res.output
+    sp = WeightSpace.load(sp_path)
+    assert sp.directions_["a3"].info["orthogonal_to"] == ["a2"]
+    assert sp.directions_["a0"].info["orthogonal_to"] == ["a1", "a2"]
 
 
 def test_apply_as_typed_edits_mean_model_in_cwd(fitted, world, monkeypatch):
