@@ -94,8 +94,8 @@ class LoraLayer:
         down = self.down.reshape(self.rank, -1).astype(np.float32)
         return (np.float32(self.scale) * (up @ down)).reshape(self.delta_shape)
 
-    def validate(self, module: str, path: str | None = None) -> None:
-        """Check shapes agree and values are finite.
+    def validate(self, module: str, path: str | None = None, check_finite: bool = True) -> None:
+        """Check shapes agree and (unless ``check_finite`` is false) values are finite.
 
         Raises
         ------
@@ -126,6 +126,8 @@ class LoraLayer:
             )
         if not math.isfinite(float(self.alpha)):
             raise FormatError(f"alpha is {self.alpha}", path=path, key=module)
+        if not check_finite:
+            return
         for name, arr in (("down", self.down), ("up", self.up)):
             if not np.isfinite(arr).all():
                 bad = "NaN" if np.isnan(arr).any() else "Inf"
@@ -158,8 +160,8 @@ class DeltaLayer:
         """Return the delta as float32, shape ``delta_shape``."""
         return np.asarray(self.weight, dtype=np.float32)
 
-    def validate(self, module: str, path: str | None = None) -> None:
-        """Raise :class:`FormatError` on NaN/Inf values."""
+    def validate(self, module: str, path: str | None = None, check_finite: bool = True) -> None:
+        """Raise :class:`FormatError` on NaN/Inf values (always checked: computed deltas)."""
         if not np.isfinite(self.weight).all():
             raise FormatError("delta contains NaN or Inf values", path=path, key=module)
 
@@ -228,8 +230,12 @@ class Adapter:
         """
         return {module: layer.delta() for module, layer in self.layers.items()}
 
-    def validate(self) -> Adapter:
+    def validate(self, check_finite: bool = True) -> Adapter:
         """Validate every layer; return ``self``.
+
+        ``check_finite=False`` skips the NaN/Inf scan of factor arrays (for
+        callers that already proved the source finite); shapes and alpha are
+        still checked.
 
         Raises
         ------
@@ -239,7 +245,7 @@ class Adapter:
         if not self.layers:
             raise FormatError("no LoRA layers found", path=self.source)
         for module, layer in self.layers.items():
-            layer.validate(module, self.source)
+            layer.validate(module, self.source, check_finite)
         return self
 
     def nbytes(self) -> int:
