@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from w2wkit.adapter import Adapter
+from w2wkit.adapter import COMPONENTS, Adapter
 from w2wkit.errors import FormatError
 from w2wkit.stio import SafetensorsFile, read_safetensors
 
@@ -74,7 +74,7 @@ class Source:
     file: SafetensorsFile | None = None
 
     def all_finite(self) -> bool:
-        """True when every float tensor of the file is known to be finite."""
+        """True when every float tensor of the file is known to be finite (one pass)."""
         return self.file is not None and self.file.all_finite()
 
     @property
@@ -289,12 +289,28 @@ def read_adapter(
     name = format or detect_format(src)
     if name not in FORMATS:
         raise FormatError(f"unknown format {name!r}; known: {', '.join(sorted(FORMATS))}")
+    if validate:
+        check_finite(src)
     adapter = FORMATS[name].read(src)
     adapter.source = src.path
     adapter.format = name
-    # one pass over the file's data proves every factor finite; per-layer
-    # checks (with the precise error) run only when that pass finds NaN/Inf
-    return adapter.validate(check_finite=not src.all_finite()) if validate else adapter
+    return adapter.validate(check_finite=False) if validate else adapter
+
+
+def check_finite(src: Source) -> None:
+    """Reject NaN/Inf in any floating tensor of ``src``, naming the file's key.
+
+    Raises
+    ------
+    FormatError
+        Naming the file and the first offending key.
+    """
+    if src.all_finite():  # one pass over the data section; per key only on failure
+        return
+    for key, arr in src.tensors.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = "NaN" if np.isnan(arr).any() else "Inf"
+            raise FormatError(f"tensor contains {bad} values", path=src.path, key=key)
 
 
 def provenance_metadata(made_by: str, inputs: Iterable[str] = (), **extra: Any) -> dict[str, str]:
@@ -409,7 +425,9 @@ def discover_lora_files(
         return [p]
     found = []
     peft_dirs = {c.parent for c in p.rglob(PEFT_CONFIG)}
-    for d in sorted(peft_dirs):
+    # a component subfolder (``out/text_encoder``) of a PEFT folder is part of it
+    nested = {d for d in peft_dirs if d.name in COMPONENTS and d.parent in peft_dirs}
+    for d in sorted(peft_dirs - nested):
         found.append(d)
     for f in sorted(p.rglob(pattern or "*")):
         if f.is_file() and f.suffix.lower() in suffixes and f.parent not in peft_dirs:
