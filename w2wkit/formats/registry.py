@@ -111,7 +111,11 @@ class LoraFormat(Protocol):
     description: ClassVar[str]
 
     def sniff(self, src: Source) -> float:
-        """Confidence in [0, 1] that ``src`` is in this format."""
+        """Confidence in [0, 1] that ``src`` is in this format.
+
+        Must depend only on the key names and on ``src.config is None``
+        (results are cached per key set).
+        """
 
     def read(self, src: Source) -> Adapter:
         """Translate ``src`` into the canonical adapter (not yet validated)."""
@@ -126,7 +130,15 @@ FORMATS: dict[str, LoraFormat] = {}
 def register_format(cls: type) -> type:
     """Class decorator adding a format to :data:`FORMATS` under ``cls.name``."""
     FORMATS[cls.name] = cls()
+    _DETECTED.clear()
     return cls
+
+
+# Detection depends only on the key names and on whether a PEFT config came
+# with them (the sniff contract), so files of one collection, which share
+# their keys, are sniffed once.
+_DETECTED: dict[tuple[bool, tuple[str, ...]], str] = {}
+_DETECTED_MAX = 256
 
 
 def _ensure_loaded() -> None:
@@ -248,6 +260,10 @@ def detect_format(src: Source) -> str:
         When no format recognises the keys (the message shows one key).
     """
     _ensure_loaded()
+    signature = (src.config is None, tuple(src.tensors))
+    known = _DETECTED.get(signature)
+    if known is not None:
+        return known
     scores = {name: fmt.sniff(src) for name, fmt in FORMATS.items()}
     best = max(scores, key=lambda n: scores[n])
     if scores[best] <= 0:
@@ -257,6 +273,9 @@ def detect_format(src: Source) -> str:
             path=src.path,
             key=sample,
         )
+    if len(_DETECTED) >= _DETECTED_MAX:
+        _DETECTED.clear()
+    _DETECTED[signature] = best
     return best
 
 
