@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from w2wkit.adapter import Adapter
+from w2wkit.adapter import COMPONENTS, Adapter
 from w2wkit.errors import FormatError
 from w2wkit.stio import SafetensorsFile, read_safetensors
 
@@ -399,7 +399,9 @@ def discover_lora_files(
         return [p]
     found = []
     peft_dirs = {c.parent for c in p.rglob(PEFT_CONFIG)}
-    for d in sorted(peft_dirs):
+    # a component subfolder (``out/text_encoder``) of a PEFT folder is part of it
+    nested = {d for d in peft_dirs if d.name in COMPONENTS and d.parent in peft_dirs}
+    for d in sorted(peft_dirs - nested):
         found.append(d)
     for f in sorted(p.rglob(pattern or "*")):
         if f.is_file() and f.suffix.lower() in suffixes and f.parent not in peft_dirs:
