@@ -89,7 +89,9 @@ def split_alpha(ad: Adapter, factor: float) -> Adapter:
     """Same deltas with ``alpha / factor`` and ``up * factor``."""
     return Adapter(
         {
-            m: LoraLayer(down=layer.down, up=layer.up * np.float32(factor), alpha=layer.alpha / factor)
+            m: LoraLayer(
+                down=layer.down, up=layer.up * np.float32(factor), alpha=layer.alpha / factor
+            )
             for m, layer in ad.items()
         }
     )

@@ -37,7 +37,9 @@ def test_unflatten_round_trip_and_alpha_kept():
 def test_other_alpha_is_folded_into_up_keeping_the_delta():
     ad = random_models(1)[0]
     lay = WeightLayout.from_adapter(ad)
-    other = Adapter({m: LoraLayer(lay_.down, lay_.up, alpha=lay_.alpha * 4) for m, lay_ in ad.items()})
+    other = Adapter(
+        {m: LoraLayer(lay_.down, lay_.up, alpha=lay_.alpha * 4) for m, lay_ in ad.items()}
+    )
     back = lay.unflatten(lay.flatten(other))
     for m in ad:
         np.testing.assert_allclose(back[m].delta(), other[m].delta(), rtol=1e-6)
