@@ -23,7 +23,7 @@ def planted():
 
 @pytest.mark.parametrize("solver", ["exact", "auto"])
 def test_noise_free_subspace_matches_numpy_and_sklearn(planted, solver):
-    lay, x, ads = planted
+    _lay, x, ads = planted
     space = WeightSpace(6, solver=solver).fit(ads)
     z = _standardised(x)
     _, s, vt = np.linalg.svd(z, full_matrices=False)
@@ -106,7 +106,7 @@ def test_nearest_by_cosine(planted):
 
 
 def test_shift(planted):
-    lay, _, ads = planted
+    _lay, _, ads = planted
     space = WeightSpace(4, solver="exact").fit(ads)
     same = space.shift(ads[0], np.zeros(4))
     for m, layer in ads[0].items():
