@@ -64,7 +64,7 @@ def test_future_version_and_damage(tmp_path, fitted):
     with pytest.raises(SpaceError, match=r"SHA-256"):
         WeightSpace.load(out, verify=True)
     (out / "space.json").write_text("{not json")
-    with pytest.raises(SpaceError, match="space.json is damaged"):
+    with pytest.raises(SpaceError, match=r"space\.json is damaged"):
         WeightSpace.load(out)
     with pytest.raises(SpaceError, match="no such space"):
         WeightSpace.load(tmp_path / "nope")
