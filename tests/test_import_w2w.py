@@ -83,7 +83,7 @@ def release(tmp_path_factory, base_pipe):
 
 def test_import_needs_opt_in(release):
     root = release[0]
-    with pytest.raises(SpaceError, match="pickles.*--allow-pickle"):
+    with pytest.raises(SpaceError, match=r"pickles.*--allow-pickle"):
         import_w2w(root)
 
 
@@ -155,5 +155,5 @@ def test_parse_release_keys():
 
 def test_incomplete_release(tmp_path):
     (tmp_path / "mean.pt").write_bytes(b"")
-    with pytest.raises(SpaceError, match="missing weight_dimensions.pt"):
+    with pytest.raises(SpaceError, match=r"missing weight_dimensions\.pt"):
         import_w2w(tmp_path, allow_pickle=True)
