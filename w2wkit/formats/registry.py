@@ -281,10 +281,26 @@ def read_adapter(
     name = format or detect_format(src)
     if name not in FORMATS:
         raise FormatError(f"unknown format {name!r}; known: {', '.join(sorted(FORMATS))}")
+    if validate:
+        check_finite(src)
     adapter = FORMATS[name].read(src)
     adapter.source = src.path
     adapter.format = name
-    return adapter.validate() if validate else adapter
+    return adapter.validate(check_finite=False) if validate else adapter
+
+
+def check_finite(src: Source) -> None:
+    """Reject NaN/Inf in any floating tensor of ``src``, naming the file's key.
+
+    Raises
+    ------
+    FormatError
+        Naming the file and the first offending key.
+    """
+    for key, arr in src.tensors.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = "NaN" if np.isnan(arr).any() else "Inf"
+            raise FormatError(f"tensor contains {bad} values", path=src.path, key=key)
 
 
 def provenance_metadata(made_by: str, inputs: Iterable[str] = (), **extra: Any) -> dict[str, str]:
