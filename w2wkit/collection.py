@@ -231,9 +231,7 @@ class Collection:
                 else [f"model_{i:04d}" for i in range(len(self._adapters))]
             )
             if len(self.names) != len(self._adapters):
-                raise SpaceError(
-                    f"{len(self.names)} names for {len(self._adapters)} adapters"
-                )
+                raise SpaceError(f"{len(self.names)} names for {len(self._adapters)} adapters")
         else:
             if source is None:
                 raise SpaceError("a collection needs a folder, glob, list of files or adapters")

@@ -31,8 +31,6 @@ Two representations
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -411,9 +409,7 @@ class WeightSpace:
             scale32 = scale.astype(np.float32)
             total_var = float(np.sum(rows.var / scale**2) * n / (n - 1))
             if total_var <= 0:
-                raise SpaceError(
-                    "all models are identical: the collection has no variance to fit"
-                )
+                raise SpaceError("all models are identical: the collection has no variance to fit")
 
             def standardised(block: np.ndarray) -> np.ndarray:
                 return (block - mean32) / scale32
@@ -901,12 +897,3 @@ def _as_collection(obj: Any) -> Collection:
     if not items:
         raise SpaceError("empty collection: no models to fit")
     return Collection(items)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
