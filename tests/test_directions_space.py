@@ -74,7 +74,7 @@ def test_edit_moves_projection_by_exactly_s_std(space, collection, strength):
 
 def test_strength_zero_returns_input_deltas_exactly(space, collection):
     a = collection[0][5]
-    out = D.edit(space, a, {"a1": 0.0})
+    out = space.edit(a, {"a1": 0.0})  # the WeightSpace method
     ref, got = _deltas(a), _deltas(out)
     assert list(got) == list(ref)
     for m in ref:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -721,6 +721,28 @@ class WeightSpace:
             "w2wkit.energy_kept_min_layer": f"{min(per_layer.values()):.8f}",
         }
         return Adapter(layers, meta), energy
+
+    # ------------------------------------------------------------------- edit
+    def edit(
+        self,
+        adapter: Adapter | None,
+        strengths: Mapping[str, Any],
+        *,
+        keep_residual: bool = True,
+        rank: int | None = None,
+        orthogonal_to: Sequence[str] = (),
+    ) -> Adapter:
+        """Edit along named directions; 1.0 = one training std (see ``directions.edit``)."""
+        from w2wkit.directions import edit
+
+        return edit(
+            self,
+            adapter,
+            strengths,
+            keep_residual=keep_residual,
+            rank=rank,
+            orthogonal_to=orthogonal_to,
+        )
 
     # ------------------------------------------------------------------ shift
     def shift(
