@@ -15,21 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 from w2wkit.errors import W2WError  # noqa: E402
 from w2wkit.world import build as B  # noqa: E402
 
-MICRO = B.BaseSettings(
-    vae_channels=(8, 16),
-    unet_channels=(16, 32),
-    attention_heads=2,
-    text_width=16,
-    text_layers=1,
-    text_heads=2,
-    n_instances={"identity": 6, "dog": 3},
-    images_per_instance={"identity": 2, "dog": 2},
-    vae_steps=3,
-    vae_batch=4,
-    unet_steps=3,
-    unet_batch=4,
-    seed=3,
-)
+MICRO = B.BaseSettings.micro()
 
 
 def test_micro_build_loads_in_diffusers(tmp_path: Path) -> None:

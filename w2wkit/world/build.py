@@ -117,6 +117,27 @@ class BaseSettings:
     seed: int = 0
     threads: int = 1
 
+    @classmethod
+    def micro(cls, **changes: Any) -> BaseSettings:
+        """Tiny settings for tests and CI: a few pictures, a few steps (seconds)."""
+        values: dict[str, Any] = {
+            "vae_channels": (8, 16),
+            "unet_channels": (16, 32),
+            "attention_heads": 2,
+            "text_width": 16,
+            "text_layers": 1,
+            "text_heads": 2,
+            "n_instances": {"identity": 6, "dog": 3},
+            "images_per_instance": {"identity": 2, "dog": 2},
+            "vae_steps": 3,
+            "vae_batch": 4,
+            "unet_steps": 3,
+            "unet_batch": 4,
+            "seed": 3,
+        }
+        values.update(changes)
+        return cls(**values)
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dictionary of the settings."""
         return asdict(self)
