@@ -37,7 +37,7 @@ def _family(adapter: Adapter) -> str:
         from w2wkit.names import guess_family
     except ImportError:  # pragma: no cover - names module missing
         return "unknown"
-    return guess_family(list(adapter.layers))
+    return guess_family({m: layer.delta_shape for m, layer in adapter.items()})
 
 
 def summarize(adapter: Adapter, path: Path) -> dict[str, Any]:

@@ -232,3 +232,16 @@ def test_writer_refuses_delta_layers(tmp_path):
     with pytest.raises(FormatError, match="not low-rank factors"):
         write_adapter(adapter, out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values_found_on_fast_and_mixed_paths(tmp_path, dtype, bad):
+    adapter = _adapter("sd1", n=3, dtype=dtype)  # F16/BF16 factors with F32 alpha: mixed
+    module = next(iter(adapter.layers))
+    adapter[module].up[2, 0] = bad
+    out = tmp_path / "x.safetensors"
+    write_adapter(adapter, out)
+    with pytest.raises(FormatError, match="NaN" if np.isnan(bad) else "Inf") as info:
+        read_adapter(out)
+    assert str(out) in str(info.value) and "lora_up.weight" in str(info.value)

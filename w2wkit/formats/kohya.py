@@ -18,6 +18,8 @@ anything else) is kept as is.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from pathlib import Path
 
@@ -76,11 +78,12 @@ def group_kohya_keys(
         Naming the file and key, for a key that is not ``<kohya name>.<known
         suffix>`` or whose suffix is refused.
     """
+    parse = _key_parser(tuple(known.items()))
     groups: dict[str, dict[str, str]] = {}
     for key in src.tensors:
-        kname, dot, suffix = key.partition(".")
-        role = known.get(suffix)
-        if role is None or not dot or not is_kohya_name(kname):
+        parsed = parse(key)
+        if parsed is None:
+            kname, _, suffix = key.partition(".")
             if suffix in refused and is_kohya_name(kname):
                 raise FormatError(refused[suffix], path=src.path, key=key)
             raise FormatError(
@@ -90,12 +93,28 @@ def group_kohya_keys(
                 path=src.path,
                 key=key,
             )
+        kname, role = parsed
         group = groups.get(kname)
         if group is None:
             groups[kname] = {role: key}
         else:
             group[role] = key
     return groups
+
+
+@functools.cache
+def _key_parser(known: tuple[tuple[str, str], ...]):
+    table = dict(known)
+
+    @functools.lru_cache(maxsize=262144)
+    def parse(key: str) -> tuple[str, str] | None:
+        kname, dot, suffix = key.partition(".")
+        role = table.get(suffix)
+        if role is None or not dot or not is_kohya_name(kname):
+            return None
+        return kname, role
+
+    return parse
 
 
 def kohya_module(kname: str, path: str) -> str:
@@ -153,6 +172,10 @@ def lora_layer(src: Source, kname: str, roles: dict[str, str]) -> LoraLayer:
     )
 
 
+_PREFIX_TUPLE = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_SUFFIX_TUPLE = tuple("." + s for s in (*SUFFIXES, *REFUSED_SUFFIXES))
+
+
 def _alpha_array(alpha: float) -> tuple[np.ndarray, str]:
     """Scalar array storing ``alpha`` exactly (F32 when exact, else F64)."""
     f32 = np.float32(alpha)
@@ -171,19 +194,16 @@ class KohyaFormat:
 
     def sniff(self, src: Source) -> float:
         """0.9 when every key is a kohya LoRA key, less when some are not."""
-        total = hits = 0
-        for key in src.tensors:
-            total += 1
-            kname, _, suffix = key.partition(".")
-            if not is_kohya_name(kname):
-                continue
-            if suffix.startswith(LYCORIS_SUFFIX_PREFIXES):
-                return 0.1
-            if suffix in SUFFIXES or suffix in REFUSED_SUFFIXES:
-                hits += 1
-        if not hits:
+        keys = src.tensors.keys()
+        named = sum(map(str.startswith, keys, itertools.repeat(_PREFIX_TUPLE)))
+        if not named:
             return 0.0
-        return 0.9 if hits == total else 0.3
+        suffixed = sum(map(str.endswith, keys, itertools.repeat(_SUFFIX_TUPLE)))
+        if named == suffixed == len(keys):
+            return 0.9
+        if any(".hada_" in k or ".lokr_" in k for k in keys):
+            return 0.1  # LyCORIS: the lycoris format reads it
+        return 0.3 if suffixed else 0.0
 
     def read(self, src: Source) -> Adapter:
         """Translate the keys into canonical module paths.

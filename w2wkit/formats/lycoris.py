@@ -34,6 +34,7 @@ when the module is known.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,7 @@ LOKR_SUFFIXES: dict[str, str] = {
     "lokr_t2": "kt2",
 }
 
+_LORA_SUFFIXES = tuple("." + s for s in SUFFIXES)
 _ALL = {**SUFFIXES, **LOHA_SUFFIXES, **LOKR_SUFFIXES}
 _REFUSED = {
     **REFUSED_SUFFIXES,
@@ -186,6 +188,9 @@ class LycorisFormat:
 
     def sniff(self, src: Source) -> float:
         """0.95 when LoHa/LoKr keys with kohya module names are present."""
+        keys = src.tensors.keys()
+        if sum(map(str.endswith, keys, itertools.repeat(_LORA_SUFFIXES))) == len(keys):
+            return 0.0  # plain kohya LoRA: nothing for this format
         for key in src.tensors:
             kname, _, suffix = key.partition(".")
             if (suffix in LOHA_SUFFIXES or suffix in LOKR_SUFFIXES) and kname.startswith("lora_"):

@@ -71,6 +71,11 @@ class Source:
     config: dict[str, Any] | None = None
     weights_path: str = ""
     nbytes: int = 0
+    file: SafetensorsFile | None = None
+
+    def all_finite(self) -> bool:
+        """True when every float tensor of the file is known to be finite (one pass)."""
+        return self.file is not None and self.file.all_finite()
 
     @property
     def keys(self) -> list[str]:
@@ -106,7 +111,11 @@ class LoraFormat(Protocol):
     description: ClassVar[str]
 
     def sniff(self, src: Source) -> float:
-        """Confidence in [0, 1] that ``src`` is in this format."""
+        """Confidence in [0, 1] that ``src`` is in this format.
+
+        Must depend only on the key names and on ``src.config is None``
+        (results are cached per key set).
+        """
 
     def read(self, src: Source) -> Adapter:
         """Translate ``src`` into the canonical adapter (not yet validated)."""
@@ -121,7 +130,15 @@ FORMATS: dict[str, LoraFormat] = {}
 def register_format(cls: type) -> type:
     """Class decorator adding a format to :data:`FORMATS` under ``cls.name``."""
     FORMATS[cls.name] = cls()
+    _DETECTED.clear()
     return cls
+
+
+# Detection depends only on the key names and on whether a PEFT config came
+# with them (the sniff contract), so files of one collection, which share
+# their keys, are sniffed once.
+_DETECTED: dict[tuple[bool, tuple[str, ...]], str] = {}
+_DETECTED_MAX = 256
 
 
 def _ensure_loaded() -> None:
@@ -226,6 +243,9 @@ def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> 
     else:
         st: SafetensorsFile = read_safetensors(weights)
         tensors, dtypes, meta, nbytes = st.tensors, st.dtypes, st.metadata, st.nbytes
+        if not tensors:
+            raise FormatError("file holds no tensors", path=weights)
+        return Source(str(p), tensors, dtypes, meta, config, str(weights), nbytes, st)
     if not tensors:
         raise FormatError("file holds no tensors", path=weights)
     return Source(str(p), tensors, dtypes, meta, config, str(weights), nbytes)
@@ -240,6 +260,10 @@ def detect_format(src: Source) -> str:
         When no format recognises the keys (the message shows one key).
     """
     _ensure_loaded()
+    signature = (src.config is None, tuple(src.tensors))
+    known = _DETECTED.get(signature)
+    if known is not None:
+        return known
     scores = {name: fmt.sniff(src) for name, fmt in FORMATS.items()}
     best = max(scores, key=lambda n: scores[n])
     if scores[best] <= 0:
@@ -249,6 +273,9 @@ def detect_format(src: Source) -> str:
             path=src.path,
             key=sample,
         )
+    if len(_DETECTED) >= _DETECTED_MAX:
+        _DETECTED.clear()
+    _DETECTED[signature] = best
     return best
 
 
@@ -297,6 +324,8 @@ def check_finite(src: Source) -> None:
     FormatError
         Naming the file and the first offending key.
     """
+    if src.all_finite():  # one pass over the data section; per key only on failure
+        return
     for key, arr in src.tensors.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = "NaN" if np.isnan(arr).any() else "Inf"

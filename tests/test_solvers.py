@@ -1,0 +1,278 @@
+"""Streaming PCA solvers against numpy's SVD and scikit-learn's PCA."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.linalg import subspace_angles
+from sklearn.decomposition import PCA
+
+from w2wkit import solvers
+from w2wkit.errors import SpaceError
+from w2wkit.solvers import choose_solver, fit_pca, top_eigh
+
+SOLVER_NAMES = ["exact", "gram", "randomized"]
+
+
+def blocks_of(z: np.ndarray, sizes: list[int] | int):
+    """A BlockFn over ``z`` with the given block sizes (cycled) or a fixed size."""
+    n = z.shape[0]
+    if isinstance(sizes, int):
+        sizes = [sizes]
+
+    def blocks():
+        i = 0
+        j = 0
+        while i < n:
+            b = sizes[j % len(sizes)]
+            yield z[i : i + b].astype(np.float32)
+            i += b
+            j += 1
+
+    return blocks
+
+
+def planted(n: int, d: int, rank: int, seed: int, noise: float = 0.0) -> np.ndarray:
+    """Centred matrix with singular values 10, 9, ... (rank ``rank``) plus noise."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((n, rank)))
+    v, _ = np.linalg.qr(rng.standard_normal((d, rank)))
+    s = np.linspace(10.0, 10.0 - 0.5 * (rank - 1), rank)
+    z = (u * s) @ v.T + noise * rng.standard_normal((n, d))
+    z -= z.mean(axis=0)
+    return z.astype(np.float32).astype(np.float64)
+
+
+def power_law(n: int, d: int, seed: int, alpha: float = 0.7, noise: float = 0.02):
+    """Centred power-law spectrum plus a noise floor (a flat-ish tail)."""
+    rng = np.random.default_rng(seed)
+    r = min(n, d) // 2
+    u, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    v, _ = np.linalg.qr(rng.standard_normal((d, r)))
+    s = np.arange(1, r + 1, dtype=np.float64) ** -alpha
+    z = (u * s) @ v.T + noise / np.sqrt(d) * rng.standard_normal((n, d))
+    z -= z.mean(axis=0)
+    return z.astype(np.float32).astype(np.float64)
+
+
+def max_angle(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest principal angle (rad) between the row spaces of a and b."""
+    return float(np.max(subspace_angles(a.T.astype(np.float64), b.T.astype(np.float64))))
+
+
+@pytest.fixture(scope="module")
+def low_rank():
+    return planted(300, 517, rank=8, seed=1)
+
+
+@pytest.mark.parametrize("solver", [*SOLVER_NAMES, "auto"])
+@pytest.mark.parametrize("k", [5, 8])
+def test_planted_low_rank_matches_numpy_and_sklearn(low_rank, solver, k):
+    z = low_rank
+    res = fit_pca(blocks_of(z, [61, 17, 300]), *z.shape, k, solver=solver, n_oversamples=4)
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    ref = PCA(n_components=k, svd_solver="full").fit(z)
+    assert res.components.shape == (k, z.shape[1])
+    assert res.components.dtype == np.float32
+    assert res.scores.shape == (z.shape[0], k)
+    assert max_angle(res.components, vt[:k]) < 1e-3
+    assert max_angle(res.components, ref.components_) < 1e-3
+    np.testing.assert_allclose(res.singular_values, s[:k], rtol=1e-4)
+    np.testing.assert_allclose(res.singular_values, ref.singular_values_, rtol=1e-4)
+    # scores are Z @ components.T, components orthonormal
+    np.testing.assert_allclose(res.scores, z @ res.components.T.astype(np.float64), atol=1e-4)
+    gram = res.components.astype(np.float64) @ res.components.T
+    np.testing.assert_allclose(gram, np.eye(k), atol=1e-5)
+    np.testing.assert_allclose(res.total_variance, (z**2).sum() / (z.shape[0] - 1), rtol=1e-5)
+    assert res.solver in SOLVER_NAMES
+    # signs: each component's largest entry is positive
+    idx = np.argmax(np.abs(res.components), axis=1)
+    assert np.all(res.components[np.arange(k), idx] > 0)
+
+
+@pytest.mark.parametrize("solver", SOLVER_NAMES)
+def test_solvers_agree_with_each_other_and_sklearn_scores(solver):
+    z = planted(257, 300, rank=6, seed=3, noise=1e-3)
+    k = 4
+    res = fit_pca(blocks_of(z, 100), *z.shape, k, solver=solver)
+    ref = PCA(n_components=k, svd_solver="full").fit(z)
+    scores = ref.transform(z)
+    # same subspace, same coefficients up to the sign of each component
+    signs = np.sign(np.sum(res.components * ref.components_, axis=1))
+    np.testing.assert_allclose(res.scores * signs, scores, atol=2e-4)
+
+
+def test_randomized_with_noise_top_k_within_1e3():
+    z = power_law(600, 1500, seed=5)
+    k = 40
+    s = np.linalg.svd(z, compute_uv=False)
+    res = fit_pca(blocks_of(z, 257), *z.shape, k, solver="randomized")
+    rel = np.abs(res.singular_values - s[:k]) / s[:k]
+    assert rel.max() < 1e-3, rel.max()
+    assert res.n_passes == solvers.DEFAULT_N_ITER + 1
+    # the Rayleigh-Ritz values never exceed the true ones (up to float32 rounding)
+    assert np.all(res.singular_values <= s[:k] * (1 + 1e-5))
+
+
+def test_randomized_more_passes_is_more_accurate():
+    z = power_law(500, 1200, seed=6, alpha=0.3, noise=0.1)
+    k = 60
+    s = np.linalg.svd(z, compute_uv=False)[:k]
+    errs = []
+    for q in (0, 1, 2, 4, 6):
+        res = fit_pca(blocks_of(z, 300), *z.shape, k, solver="randomized", n_iter=q)
+        errs.append(np.mean(np.abs(res.singular_values - s) / s))
+    assert all(a > 5 * b for a, b in itertools.pairwise(errs)), errs
+    assert errs[-1] < 1e-6
+
+
+def test_randomized_checkpoints_equal_separate_runs():
+    z = power_law(400, 900, seed=7)
+    k = 30
+    stream = solvers._Stream(blocks_of(z, 300), *z.shape, None)
+    ops = solvers._ops("cpu")
+    results = list(solvers._randomized_checkpoints(stream, k, None, [1, 2], 3, ops))
+    for q, res in zip((1, 2), results, strict=True):
+        alone = fit_pca(
+            blocks_of(z, 300), *z.shape, k, solver="randomized", n_iter=q, random_state=3
+        )
+        np.testing.assert_allclose(res.singular_values, alone.singular_values, rtol=1e-6)
+        assert max_angle(res.components, alone.components) < 1e-4
+    assert results[0].n_passes == 2  # one full pass and the half pass
+    assert results[1].n_passes == 4  # + the Z^T-only pass that resumes, + one full + half
+
+
+def test_deterministic_given_seed():
+    z = power_law(300, 700, seed=8)
+    a = fit_pca(blocks_of(z, 300), *z.shape, 10, solver="randomized", random_state=11, n_iter=0)
+    b = fit_pca(blocks_of(z, 300), *z.shape, 10, solver="randomized", random_state=11, n_iter=0)
+    c = fit_pca(blocks_of(z, 300), *z.shape, 10, solver="randomized", random_state=12, n_iter=0)
+    np.testing.assert_array_equal(a.components, b.components)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert not np.array_equal(a.singular_values, c.singular_values)
+
+
+def test_gram_with_several_stripes(monkeypatch):
+    z = power_law(270, 400, seed=9)
+    # stripes of 37 rows, blocks that straddle them
+    monkeypatch.setattr(solvers, "_GRAM_STRIPE_BYTES", 37 * 400 * 8)
+    res = fit_pca(blocks_of(z, [50, 260]), *z.shape, 12, solver="gram")
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    assert res.info["stripes"] == 8
+    assert res.n_passes == 9
+    np.testing.assert_allclose(res.singular_values, s[:12], rtol=1e-7)
+    assert max_angle(res.components, vt[:12]) < 1e-5
+
+
+def test_k_beyond_rank_gives_orthonormal_components():
+    z = planted(40, 30, rank=3, seed=10)
+    for solver in SOLVER_NAMES:
+        res = fit_pca(blocks_of(z, 7), *z.shape, 6, solver=solver)
+        c = res.components.astype(np.float64)
+        np.testing.assert_allclose(c @ c.T, np.eye(6), atol=1e-5)
+        np.testing.assert_allclose(res.singular_values[3:], 0.0, atol=1e-4)
+        np.testing.assert_allclose(res.scores, z @ c.T, atol=1e-4)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(20, 120),
+    d=st.integers(20, 120),
+    sizes=st.lists(st.integers(1, 70), min_size=1, max_size=4),
+    solver=st.sampled_from(SOLVER_NAMES),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_block_sizes(n, d, sizes, solver, seed):
+    rank = min(n, d) // 3 + 1
+    z = planted(n, d, rank=rank, seed=seed)
+    k = max(1, rank - 1)
+    res = fit_pca(blocks_of(z, sizes), n, d, k, solver=solver, n_oversamples=5, n_iter=2)
+    s = np.linalg.svd(z, compute_uv=False)
+    np.testing.assert_allclose(res.singular_values, s[:k], rtol=1e-4)
+    np.testing.assert_allclose(res.scores, z @ res.components.T.astype(np.float64), atol=1e-4)
+    assert np.all(np.diff(res.singular_values) <= 1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 60), seed=st.integers(0, 2**16), data=st.data())
+def test_top_eigh_matches_numpy(n, seed, data):
+    k = data.draw(st.integers(1, n))
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, n + 3))
+    g = a @ a.T
+    w, v = top_eigh(g, k)
+    ref = np.linalg.eigvalsh(g)[::-1][:k]
+    np.testing.assert_allclose(w, ref, rtol=1e-9, atol=1e-9 * ref[0])
+    np.testing.assert_allclose(g @ v, v * w, atol=1e-7 * ref[0])
+    np.testing.assert_allclose(v.T @ v, np.eye(k), atol=1e-9)
+
+
+def test_progress_reports_every_pass():
+    z = power_law(300, 500, seed=2)
+    calls = []
+    res = fit_pca(
+        blocks_of(z, 100),
+        *z.shape,
+        5,
+        solver="randomized",
+        n_iter=1,
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
+    )
+    finished = [c for c in calls if c[1] == c[2] == 300]
+    assert len(finished) == res.n_passes == 2
+    assert len({c[0] for c in finished}) == 2
+
+
+def test_choose_solver():
+    assert choose_solver(100, 1000, 10) == "exact"
+    assert choose_solver(5_000, 99_648, 1000) == "gram"
+    assert choose_solver(64_974, 99_648, 1000) == "randomized"
+    assert choose_solver(100_000, 20_000, 50) == "randomized"
+
+
+def test_errors_are_one_line_space_errors():
+    z = power_law(50, 40, seed=0)
+    with pytest.raises(SpaceError, match="n_components=41"):
+        fit_pca(blocks_of(z, 10), 50, 40, 41)
+    with pytest.raises(SpaceError, match="unknown solver 'svd'"):
+        fit_pca(blocks_of(z, 10), 50, 40, 3, solver="svd")
+    with pytest.raises(SpaceError, match="expected 60"):
+        fit_pca(blocks_of(z, 10), 60, 40, 3, solver="gram")
+    with pytest.raises(SpaceError, match="more than the declared 40 rows"):
+        fit_pca(blocks_of(z, 10), 40, 40, 3, solver="exact")
+    with pytest.raises(SpaceError, match=r"shape \(10, 40\), expected \(rows, 41\)"):
+        fit_pca(blocks_of(z, 10), 50, 41, 3)
+    bad = z.copy()
+    bad[23, 5] = np.nan
+    for solver in SOLVER_NAMES:
+        with pytest.raises(SpaceError, match="row 23 of the data has NaN"):
+            fit_pca(blocks_of(bad, 300), 50, 40, 3, solver=solver)
+    with pytest.raises(SpaceError) as info:
+        fit_pca(blocks_of(z, 10), 50, 40, 3, device="tpu")
+    assert "\n" not in str(info.value)
+
+
+def test_cuda_request_without_gpu_is_a_clear_error():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    z = power_law(50, 40, seed=0)
+    with pytest.raises(SpaceError, match="torch sees no GPU"):
+        fit_pca(blocks_of(z, 10), 50, 40, 3, solver="randomized", device="cuda")
+
+
+@pytest.mark.parametrize("solver", ["gram", "randomized"])
+def test_cuda_matches_cpu(solver):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    z = power_law(600, 1500, seed=5)
+    cpu = fit_pca(blocks_of(z, 257), *z.shape, 40, solver=solver)
+    gpu = fit_pca(blocks_of(z, 257), *z.shape, 40, solver=solver, device="cuda")
+    np.testing.assert_allclose(gpu.singular_values, cpu.singular_values, rtol=1e-4)
+    assert max_angle(gpu.components, cpu.components) < 1e-2
+    np.testing.assert_allclose(gpu.scores, z @ gpu.components.T.astype(np.float64), atol=1e-4)
