@@ -45,10 +45,12 @@ from w2wkit.errors import FormatError, LayoutError, W2WError
 
 __all__ = [
     "DTYPES",
+    "LoraPatch",
     "RenderResult",
     "Renderer",
     "load_pipeline",
     "make_grid",
+    "per_sample_lora",
     "render",
     "resolve_device",
     "stack_adapters",
@@ -474,14 +476,67 @@ def _make_wrapper(base: Any, down: Any, up: Any, selector: _Selector) -> Any:
     return BatchedLora()
 
 
+class LoraPatch:
+    """Handle on the per-sample LoRA wrappers installed by :func:`per_sample_lora`.
+
+    Attributes
+    ----------
+    selectors : dict of str to object
+        Per component (``"unet"``, ``"text_encoder"``): ``.index``, a
+        ``torch.LongTensor`` of shape ``(batch,)`` naming the bank row of each
+        batch element, or ``None`` for the bare base model.
+    wrappers : dict of str to torch.nn.Module
+        ``module path -> wrapper``; its ``lora_down`` is ``(M, r, in[, kh,
+        kw])`` and ``lora_up`` ``(M, out, r)`` with the scale folded in.
+    """
+
+    def __init__(self) -> None:
+        self.selectors: dict[str, _Selector] = {c: _Selector() for c in SUPPORTED_COMPONENTS}
+        self.wrappers: dict[str, Any] = {}
+
+    def set_index(self, component: str, index: Any) -> None:
+        """Route batch element ``b`` of ``component`` to bank row ``index[b]``."""
+        self.selectors[component].index = index
+
+    def set_factors(self, module: str, down: Any, up: Any) -> None:
+        """Replace a module's bank (tensors may require grad: inversion).
+
+        Parameters
+        ----------
+        module : str
+        down : torch.Tensor
+            ``(M, r, in)`` (or ``(M, r, in, kh, kw)`` for a conv).
+        up : torch.Tensor
+            ``(M, out, r)``, LoRA scale included.
+        """
+        w = self.wrappers[module]
+        w.lora_down = down
+        w.lora_up = up
+
+
 @contextlib.contextmanager
-def _patched(
+def per_sample_lora(
     pipe: Any, stacked: Mapping[str, StackedLayer], device: str, dtype: Any
-) -> Iterator[dict[str, _Selector]]:
-    """Swap the targeted modules for per-sample wrappers; restore them on exit."""
+) -> Iterator[LoraPatch]:
+    """Swap the targeted modules for per-sample LoRA wrappers; restore them on exit.
+
+    Parameters
+    ----------
+    pipe : diffusers.StableDiffusionPipeline
+    stacked : mapping of str to StackedLayer
+        Initial banks (see :func:`stack_adapters`); check them first with
+        :meth:`Renderer.check` or ``_check_against_pipeline``.
+    device : str
+    dtype : torch.dtype
+
+    Yields
+    ------
+    LoraPatch
+        Indices start as ``None`` (base model) for every component.
+    """
     import torch
 
-    selectors = {comp: _Selector() for comp in SUPPORTED_COMPONENTS}
+    patch = LoraPatch()
     swapped: list[tuple[Any, str, Any]] = []
     try:
         for module, st in stacked.items():
@@ -491,10 +546,11 @@ def _patched(
             parent = _resolve_module(pipe, parent_path) if "." in rest else getattr(pipe, comp)
             down = torch.from_numpy(st.down).to(device=device, dtype=dtype)
             up = torch.from_numpy(st.up).to(device=device, dtype=dtype)
-            wrapper = _make_wrapper(base, down, up, selectors[comp])
+            wrapper = _make_wrapper(base, down, up, patch.selectors[comp])
             setattr(parent, attr, wrapper)
             swapped.append((parent, attr, base))
-        yield selectors
+            patch.wrappers[module] = wrapper
+        yield patch
     finally:
         for parent, attr, base in reversed(swapped):
             setattr(parent, attr, base)
@@ -846,7 +902,9 @@ class Renderer:
         sched_cls = type(pipe.scheduler)
         step_params = set(inspect.signature(pipe.scheduler.step).parameters)
 
-        with torch.inference_mode(), _patched(pipe, stacked, self.device, self.dtype) as sel:
+        patch_cm = per_sample_lora(pipe, stacked, self.device, self.dtype)
+        with torch.inference_mode(), patch_cm as patch:
+            sel = patch.selectors
             # prompt embeddings shared by all models when the text encoder is not patched
             shared = None
             if not te_patched:
