@@ -96,7 +96,9 @@ def train_toy_world(n_models: int = 6, steps: int = 300, seed: int = 0) -> ToyWo
             noise = torch.randn(lat.shape, generator=g)
             a = ac[t].view(n, 1, 1, 1)
             pred = pipe.unet(
-                a.sqrt() * lat + (1 - a).sqrt() * noise, t, encoder_hidden_states=emb.expand(n, -1, -1)
+                a.sqrt() * lat + (1 - a).sqrt() * noise,
+                t,
+                encoder_hidden_states=emb.expand(n, -1, -1),
             ).sample
             loss = ((pred - noise) ** 2).mean()
             opt.zero_grad()

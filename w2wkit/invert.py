@@ -85,7 +85,7 @@ PAPER_SETTINGS = {
 #: out-of-distribution inputs a tenth of them with a 10x larger step and twice
 #: the steps, as the paper. See docs/invert.md for how they were chosen.
 MINIATURE_SETTINGS = {
-    "standard": InversionSettings(n_components=1000, lr=0.1, steps=200),
+    "standard": InversionSettings(n_components=1000, lr=0.3, steps=200),
     "ood": InversionSettings(n_components=100, lr=1.0, steps=400),
 }
 
@@ -133,7 +133,7 @@ def default_settings(space: Any, *, ood: bool = False, concept: Any = None) -> I
     if ood:
         std = table["standard"].n_components
         ratio = base.n_components / std
-        n = min(n, max(1, int(round(min(k, std) * ratio))))
+        n = min(n, max(1, round(min(k, std) * ratio)))
     n = max(1, min(n, k))
     return InversionSettings(n_components=n, lr=base.lr, steps=base.steps)
 
@@ -207,9 +207,7 @@ def _to_pil(item: Any, i: int, mode: str) -> Any:
         if f.ndim == 2:
             f = np.repeat(f[..., None], 3, axis=-1)
         if f.ndim != 3 or f.shape[-1] not in (3, 4):
-            raise W2WError(
-                f"image array has shape {arr.shape}, need (H, W, 3)", key=f"image #{i}"
-            )
+            raise W2WError(f"image array has shape {arr.shape}, need (H, W, 3)", key=f"image #{i}")
         f = f[..., :3]
     elif f.ndim != 2:
         raise W2WError(f"mask array has shape {arr.shape}, need (H, W)", key=f"mask #{i}")
@@ -342,8 +340,9 @@ def load_masks(
     """
     items = _as_items(mask, image=False)
     if len(items) not in (1, n_images):
-        raise W2WError(f"{len(items)} masks for {n_images} images; give one, or one per image",
-                       key="mask")
+        raise W2WError(
+            f"{len(items)} masks for {n_images} images; give one, or one per image", key="mask"
+        )
     out = np.zeros((n_images, *size), np.float32)
     for j in range(n_images):
         item = items[0] if len(items) == 1 else items[j]
@@ -493,8 +492,16 @@ class _Problem:
         for m in lay.modules:
             down, up = lay.slots_of(m)
             self.slots.append(
-                (m, down.offset, down.stop, down.shape, up.offset, up.stop, up.shape,
-                 float(lay.scale(m)))
+                (
+                    m,
+                    down.offset,
+                    down.stop,
+                    down.shape,
+                    up.offset,
+                    up.stop,
+                    up.shape,
+                    float(lay.scale(m)),
+                )
             )
         self.te_patched = any(m.startswith("text_encoder.") for m in lay.modules)
         sched = pipe.scheduler
@@ -559,9 +566,7 @@ class _Problem:
         patch.set_index("text_encoder", None)
         return emb
 
-    def losses(
-        self, patch: Any, coef: Any, rows: Any, t: Any, noise: Any
-    ) -> Any:
+    def losses(self, patch: Any, coef: Any, rows: Any, t: Any, noise: Any) -> Any:
         """Per-image loss ``(n,)`` for images ``rows`` with draws ``t (n,)``, ``noise``."""
         import torch
 
@@ -571,9 +576,9 @@ class _Problem:
         a = self.alphas_cumprod.index_select(0, t.cpu()).to(self.device)
         a = a.float().view(n, 1, 1, 1)
         noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
-        target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (
-            1 - a
-        ).sqrt() * lat
+        target = (
+            noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * lat
+        )
         patch.set_index("unet", torch.arange(n, device=self.device))
         emb = self.embeddings(patch, n)
         pred = self.pipe.unet(
@@ -593,8 +598,7 @@ def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
         return [int(seed) + i for i in range(n)]
     seeds = [int(s) for s in seed]
     if len(seeds) != n:
-        raise W2WError(f"{len(seeds)} seeds for {n} images; give one, or one per image",
-                       key="seed")
+        raise W2WError(f"{len(seeds)} seeds for {n} images; give one, or one per image", key="seed")
     return seeds
 
 
@@ -721,8 +725,6 @@ def invert(
     -------
     InversionResult
     """
-    import torch
-
     notices: list[str] = []
     t0 = time.perf_counter()
     pipe, arr, names, masks, dev, tdtype = _prepare(
@@ -765,8 +767,16 @@ def invert(
             for start in range(0, n, bs):
                 rows = list(range(start, min(n, start + bs)))
                 c, ls, sr = _optimise(
-                    problem, rows, [seeds[i] for i in rows], steps, lr, early_stopping, win,
-                    patience, min_delta, bar,
+                    problem,
+                    rows,
+                    [seeds[i] for i in rows],
+                    steps,
+                    lr,
+                    early_stopping,
+                    win,
+                    patience,
+                    min_delta,
+                    bar,
                 )
                 coef[rows, :k] = c
                 losses[rows] = ls
@@ -798,8 +808,7 @@ def invert(
                 "name": name,
                 "w2wkit.made_by": "w2wkit invert",
                 "w2wkit.inversion": _json(
-                    {**{k_: v for k_, v in settings.items() if k_ != "seeds"},
-                     "steps_run": int(sr)}
+                    {**{k_: v for k_, v in settings.items() if k_ != "seeds"}, "steps_run": int(sr)}
                 ),
             }
         )
