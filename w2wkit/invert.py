@@ -349,11 +349,11 @@ def load_masks(
         from_file = isinstance(item, (str, os.PathLike))
         if not from_file and not hasattr(item, "convert"):
             arr = np.asarray(item)
-            allowed = {tuple(size), tuple(latent_size)}
-            if j < len(original_sizes):
-                allowed.add(tuple(original_sizes[j]))
+            allowed = [tuple(size), tuple(latent_size)]
+            if j < len(original_sizes) and tuple(original_sizes[j]) not in allowed:
+                allowed.append(tuple(original_sizes[j]))
             if arr.ndim != 2 or tuple(arr.shape) not in allowed:
-                want = " or ".join(f"{h}x{w}" for h, w in sorted(allowed))
+                want = " or ".join(f"{h}x{w}" for h, w in allowed)
                 raise W2WError(
                     f"mask has shape {arr.shape}, need (H, W) = {want} (image size, latent size "
                     "or the image's own size), one for all images or one per image",
@@ -483,11 +483,12 @@ class _Problem:
         self.space = space
         lay = space.layout_
         self.k = n_components
-        self.basis = torch.as_tensor(
-            np.ascontiguousarray(space.components_[:n_components]), dtype=torch.float32
+        # copies: a loaded space's arrays may be read-only memory maps
+        self.basis = torch.from_numpy(
+            np.array(space.components_[:n_components], dtype=np.float32)
         ).to(device)
-        self.scale = torch.as_tensor(space.scale_, dtype=torch.float32).to(device)
-        self.mean = torch.as_tensor(space.mean_, dtype=torch.float32).to(device)
+        self.scale = torch.from_numpy(np.array(space.scale_, dtype=np.float32)).to(device)
+        self.mean = torch.from_numpy(np.array(space.mean_, dtype=np.float32)).to(device)
         self.slots = []
         for m in lay.modules:
             down, up = lay.slots_of(m)
