@@ -1009,7 +1009,7 @@ def inversion_loss(
         noise = torch.randn((n_samples, *problem.latent_shape), generator=g)
         ts = [int((j + 0.5) * problem.T / n_samples) for j in range(n_samples)]
         out = np.zeros(n)
-        coef = torch.as_tensor(np.ascontiguousarray(c), dtype=torch.float32, device=dev)
+        coef = torch.from_numpy(np.array(c, dtype=np.float32)).to(dev)
         rows = torch.arange(n, device=dev)
         with per_sample_lora(pipe, _zero_stack(space, n), dev, tdtype) as patch:
             for j in range(n_samples):
