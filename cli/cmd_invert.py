@@ -242,7 +242,8 @@ def invert_cmd(
     console.print(
         f"wrote {n} model{'s' if n != 1 else ''} to {out} ({fmt}): {s['n_components']} "
         f"components, lr {s['lr']}, steps {', '.join(str(int(x)) for x in result.steps_run)} "
-        f"of {s['steps']}, {result.seconds:.1f} s on {s['device']}"
+        f"of {s['steps']}, {result.seconds:.1f} s on {s['device']}",
+        soft_wrap=True,
     )
 
 

@@ -53,7 +53,7 @@ def _cpu(**kw):
 # ---------------------------------------------------------------- reference
 
 
-def _reference(pipe, space, image, mask, k, steps, lr, seed, prompt="sks person"):
+def _reference(pipe, space, image, mask, k, steps, lr, seed, window, prompt="sks person"):
     """Adam (torch.optim) on the coefficients with weights W + s B A applied by
     ``torch.func.functional_call``: no per-sample patch, no w2wkit code."""
     import torch.nn.functional as F
@@ -82,15 +82,19 @@ def _reference(pipe, space, image, mask, k, steps, lr, seed, prompt="sks person"
     g = torch.Generator().manual_seed(seed)
     ac = pipe.scheduler.alphas_cumprod
     losses = []
-    for _ in range(steps):
-        t = torch.randint(0, 1000, (1,), generator=g)
+    for step in range(steps):
+        # timesteps: uniform, stratified per window of `window` steps (documented draw order)
+        if step % window == 0:
+            perm = torch.randperm(window, generator=g)
+        u = torch.rand(1, generator=g).item()
+        t = torch.tensor([min(999, int((int(perm[step % window]) + u) * 1000 / window))])
         noise = torch.randn(lat.shape[1:], generator=g)[None]
         flat = (c @ comps) * scale + mean
         params = {}
         for mod in lay.modules:
-            d, u = lay.slots_of(mod)
-            down = flat[0, d.offset : d.stop].reshape(d.shape)
-            up = flat[0, u.offset : u.stop].reshape(u.shape)
+            d_slot, u_slot = lay.slots_of(mod)
+            down = flat[0, d_slot.offset : d_slot.stop].reshape(d_slot.shape)
+            up = flat[0, u_slot.offset : u_slot.stop].reshape(u_slot.shape)
             params[names[mod]] = base_w[mod] + lay.scale(mod) * up @ down
         a = ac[t].view(1, 1, 1, 1)
         noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
@@ -109,9 +113,9 @@ def test_matches_independent_reference_with_mask(setup):
     mask = np.zeros((16, 16), np.float32)
     mask[2:12, 4:14] = 1.0
     mask[12:, :] = 0.5
-    ref_c, ref_l = _reference(pipe, space, images[0], mask, k=4, steps=6, lr=0.2, seed=7)
+    ref_c, ref_l = _reference(pipe, space, images[0], mask, k=4, steps=6, lr=0.2, seed=7, window=4)
     res = invert(
-        space, pipe, images[:1], n_components=4, steps=6, lr=0.2, mask=mask, seed=7,
+        space, pipe, images[:1], n_components=4, steps=6, lr=0.2, mask=mask, seed=7, window=4,
         early_stopping=False, **_cpu(),
     )  # fmt: skip
     assert res.coefficients.shape == (1, 5)
@@ -120,7 +124,7 @@ def test_matches_independent_reference_with_mask(setup):
     # move every coordinate by ~lr, so agreement to 1e-3 of lr checks every step
     np.testing.assert_allclose(res.coefficients[0, :4], ref_c, atol=2e-4)
     np.testing.assert_allclose(res.losses[0], ref_l, rtol=1e-4)
-    assert np.abs(ref_c).max() > 0.5  # it moved
+    assert np.abs(ref_c).max() > 0.3  # it moved (more than one Adam step of 0.2)
 
 
 def test_batch_equals_each_image_alone(setup):

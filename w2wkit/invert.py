@@ -11,6 +11,10 @@ where ``x_t`` is the VAE latent of the image noised to timestep ``t`` and
 model ``theta(c)`` is the base model plus the LoRA at ``x = (c @ V_k) * s + mu``
 (the space's components, scale and mean); only ``c`` is trained, with Adam.
 
+Timesteps are uniform in ``[0, T)``, stratified over windows of steps (each
+window visits every bin of ``[0, T)`` once), so that the windowed loss means
+used for early stopping are comparable.
+
 Several images are inverted in one batch: every image has its own coefficient
 vector, its own random stream (timesteps and noise), its own Adam state and its
 own early stopping, and the UNet applies each sample's LoRA through
@@ -702,7 +706,12 @@ def invert(
         Stop an image when the mean loss over a window of steps has not
         improved by ``min_delta`` (relative) for ``patience`` windows.
     window : int, optional
-        Steps per window (default ``max(10, steps // 20)``).
+        Steps per window (default ``max(10, steps // 20)``). Timesteps are
+        uniform in ``[0, T)`` and stratified per window: the ``W`` steps of a
+        window visit each of ``W`` equal bins of ``[0, T)`` once, in random
+        order (``t = floor((perm[j] + u) T / W)``, ``u ~ U[0, 1)``), so the
+        window means that early stopping compares are not dominated by
+        which timesteps happened to be drawn.
     patience : int
     min_delta : float
     batch_size : int, optional
@@ -841,6 +850,7 @@ class _ProgressBar:
 
     def __enter__(self) -> _ProgressBar:
         if self.rich:
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -849,8 +859,6 @@ class _ProgressBar:
                 TimeRemainingColumn,
             )
 
-            from w2wkit.cli.common import err_console
-
             self._bar = Progress(
                 "[progress.description]{task.description}",
                 BarColumn(),
@@ -858,7 +866,7 @@ class _ProgressBar:
                 "loss {task.fields[loss]}",
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
-                console=err_console,
+                console=Console(stderr=True),
                 transient=True,
             )
             self._bar.__enter__()
@@ -900,6 +908,7 @@ def _optimise(
     m2 = torch.zeros_like(coef)
     t_adam = np.zeros(n, np.int64)
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    strata: list[Any] = [None] * n
     losses = np.full((n, steps), np.nan)
     active = np.ones(n, bool)
     best = np.full(n, np.inf)
@@ -914,8 +923,12 @@ def _optimise(
                 break
             # each image's draws come from its own generator, active or not in a batch
             ts, noises = [], []
+            pos = step % window
             for i in act:
-                ts.append(int(torch.randint(0, T, (1,), generator=gens[i]).item()))
+                if pos == 0:
+                    strata[i] = torch.randperm(window, generator=gens[i])
+                u = float(torch.rand(1, generator=gens[i]).item())
+                ts.append(min(T - 1, int((int(strata[i][pos]) + u) * T / window)))
                 noises.append(torch.randn(problem.latent_shape, generator=gens[i]))
             t = torch.as_tensor(ts, dtype=torch.long)
             noise = torch.stack(noises).to(dev)
