@@ -53,7 +53,9 @@ def _cpu(**kw):
 # ---------------------------------------------------------------- reference
 
 
-def _reference(pipe, space, image, mask, k, steps, lr, seed, window, prompt="sks person"):
+def _reference(
+    pipe, space, image, mask, k, steps, lr, seed, window, prompt="sks person", v_pred=False
+):
     """Adam (torch.optim) on the coefficients with weights W + s B A applied by
     ``torch.func.functional_call``: no per-sample patch, no w2wkit code."""
     import torch.nn.functional as F
@@ -99,7 +101,8 @@ def _reference(pipe, space, image, mask, k, steps, lr, seed, window, prompt="sks
         a = ac[t].view(1, 1, 1, 1)
         noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
         pred = functional_call(unet, params, (noisy, t), {"encoder_hidden_states": emb}).sample
-        err = (pred - noise) ** 2
+        target = a.sqrt() * noise - (1 - a).sqrt() * lat if v_pred else noise
+        err = (pred - target) ** 2
         loss = err.mean() if m is None else (err * m).sum() / (m.sum() * err.shape[1])
         opt.zero_grad()
         loss.backward()
@@ -125,6 +128,52 @@ def test_matches_independent_reference_with_mask(setup):
     np.testing.assert_allclose(res.coefficients[0, :4], ref_c, atol=2e-4)
     np.testing.assert_allclose(res.losses[0], ref_l, rtol=1e-4)
     assert np.abs(ref_c).max() > 0.3  # it moved (more than one Adam step of 0.2)
+
+
+def test_v_prediction_matches_reference(setup):
+    from diffusers import DDIMScheduler
+
+    pipe, space, images = setup
+    old = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(old.config, prediction_type="v_prediction")
+    try:
+        ref_c, ref_l = _reference(
+            pipe, space, images[1], None, k=3, steps=4, lr=0.2, seed=3, window=4, v_pred=True
+        )
+        res = invert(
+            space, pipe, images[1:2], n_components=3, steps=4, lr=0.2, seed=3, window=4,
+            early_stopping=False, **_cpu(),
+        )  # fmt: skip
+    finally:
+        pipe.scheduler = old
+    np.testing.assert_allclose(res.coefficients[0, :3], ref_c, atol=2e-4)
+    np.testing.assert_allclose(res.losses[0], ref_l, rtol=1e-4)
+
+
+def test_bfloat16_close_to_float32(setup):
+    pipe, space, images = setup
+    kw = dict(n_components=5, steps=5, lr=0.1, seed=0, early_stopping=False, device="cpu")
+    f32 = invert(space, pipe, images[:1], **kw)
+    try:
+        b16 = invert(space, pipe, images[:1], dtype="bfloat16", **kw)
+    finally:
+        pipe.to(torch.float32)
+    assert b16.settings["dtype"] == "bfloat16"
+    # bf16 keeps ~3 significant digits: losses agree to a few percent
+    np.testing.assert_allclose(b16.losses, f32.losses, rtol=0.05)
+    assert np.isfinite(b16.coefficients).all()
+
+
+def test_text_encoder_modules_are_trained(setup):
+    """A space over the text encoder's q/v projections: prompts are re-encoded with
+    each sample's LoRA every step, and the loss gradient reaches those coefficients."""
+    pipe, _, images = setup
+    te = attention_modules(pipe, ("q_proj", "v_proj"), component="text_encoder")
+    shapes = module_shapes(pipe, te)
+    space = WeightSpace(3).fit([random_adapter(shapes, seed=i, scale=0.5) for i in range(5)])
+    res = invert(space, pipe, images[:2], steps=3, lr=0.1, early_stopping=False, **_cpu())
+    assert np.abs(res.coefficients).min() > 0.05  # every coefficient moved (Adam: ~lr per step)
+    assert np.abs(res.coefficients[0] - res.coefficients[1]).max() > 1e-3
 
 
 def test_batch_equals_each_image_alone(setup):
