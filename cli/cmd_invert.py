@@ -2,48 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import click
-import numpy as np
 
 from w2wkit.cli.common import console, err_console, force_option
-from w2wkit.errors import FormatError, W2WError
-
-#: What marks a folder as written by ``w2wkit invert`` (so ``--force`` may replace it).
-MARKER = "inversion.json"
-
-
-def _unique_names(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        if name in seen:
-            seen[name] += 1
-            out.append(f"{name}_{seen[name]}")
-        else:
-            seen[name] = 0
-            out.append(name)
-    return out
-
-
-def _check_output(out: Path, force: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FormatError("output exists and is not a folder", path=out)
-    if any(out.iterdir()):
-        if not force:
-            raise FormatError("output folder exists (use --force to overwrite)", path=out)
-        if not (out / MARKER).is_file():
-            raise FormatError(
-                f"output folder is not empty and was not written by w2wkit invert (no {MARKER}); "
-                "refusing to replace it",
-                path=out,
-            )
+from w2wkit.errors import W2WError
 
 
 @click.command("invert")
@@ -150,11 +114,10 @@ def invert_cmd(
       w2wkit invert a.png b.png --base ./sd15 --mask face.png -k 5000 -o out/
       w2wkit invert painting.png --base ./sd15 --ood -o painting/ --format diffusers
     """
-    from w2wkit.formats import provenance_metadata, write_adapter
-    from w2wkit.invert import invert
+    from w2wkit.invert import _check_output, invert
     from w2wkit.space import WeightSpace
 
-    _check_output(out, force)
+    _check_output(out, force)  # before the (long) inversion
     if masks and auto_mask:
         raise W2WError("give --mask or --auto-mask, not both", key="--mask")
     space = WeightSpace.load(space_path)
@@ -194,50 +157,15 @@ def invert_cmd(
         progress=True,
         notice=notice,
     )
-    names = _unique_names(result.names)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        files = []
-        for i, (name, ad) in enumerate(zip(names, result.adapters, strict=True)):
-            fname = name if fmt == "peft" else f"{name}.safetensors"
-            prov = provenance_metadata(
-                "w2wkit invert",
-                [str(space_path), str(images[i])],
-                image=str(images[i].name),
-                index=i,
-                base=str(base),
-                inversion={
-                    **{k: v for k, v in result.settings.items() if k != "seeds"},
-                    "seed": result.settings["seeds"][i],
-                    "steps_run": int(result.steps_run[i]),
-                },
-            )
-            write_adapter(ad, tmp / fname, format=fmt, provenance=prov)
-            files.append(fname)
-        np.save(tmp / "coefficients.npy", result.coefficients)
-        report = {
-            "made_by": "w2wkit invert",
-            "space": str(space_path),
-            "base": str(base),
-            "format": fmt,
-            "images": [str(p) for p in images],
-            "files": files,
-            "coefficients": "coefficients.npy",
-            "settings": result.settings,
-            "steps_run": [int(s) for s in result.steps_run],
-            "final_loss": [float(v) for v in result.final_loss()],
-            "seconds": result.seconds,
-            "notices": result.notices,
-        }
-        (tmp / MARKER).write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    n = len(names)
+    result.save(
+        out,
+        format=fmt,
+        overwrite=force,
+        inputs=[str(p) for p in images],
+        space=str(space_path),
+        base=str(base),
+    )
+    n = len(result.adapters)
     s = result.settings
     console.print(
         f"wrote {n} model{'s' if n != 1 else ''} to {out} ({fmt}): {s['n_components']} "

@@ -349,3 +349,17 @@ def test_cli_bad_image_is_one_line_and_writes_nothing(files, tmp_path):
     assert res.exit_code == 1
     assert "x.jpg: cannot read the image" in res.output
     assert not out.exists()
+
+
+def test_save_names_duplicates_and_refuses_foreign_folders(setup, tmp_path):
+    pipe, space, images = setup
+    res = invert(space, pipe, images[:2], steps=1, **_cpu())
+    res.names = ["face", "face"]  # e.g. a/face.png and b/face.png
+    files = res.save(tmp_path / "out", format="diffusers", inputs=["a/face.png", "b/face.png"])
+    assert [f.name for f in files] == ["face.safetensors", "face_1.safetensors"]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(FormatError, match="not written by w2wkit invert"):
+        res.save(foreign, overwrite=True)
+    assert (foreign / "keep.txt").exists()

@@ -41,6 +41,7 @@ from w2wkit.adapter import Adapter
 from w2wkit.errors import FormatError, LayoutError, SpaceError, W2WError
 
 __all__ = [
+    "MARKER",
     "MINIATURE_SETTINGS",
     "PAPER_SETTINGS",
     "InversionResult",
@@ -375,6 +376,38 @@ def load_masks(
 
 # --------------------------------------------------------------------------- result
 
+#: What marks a folder as written by :meth:`InversionResult.save` (``--force`` may replace it).
+MARKER = "inversion.json"
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        cand, j = name, 1
+        while cand in seen:
+            cand = f"{name}_{j}"
+            j += 1
+        seen.add(cand)
+        out.append(cand)
+    return out
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FormatError("output exists and is not a folder", path=out)
+    if any(out.iterdir()):
+        if not overwrite:
+            raise FormatError("output folder exists (use --force to overwrite)", path=out)
+        if not (out / MARKER).is_file():
+            raise FormatError(
+                f"output folder is not empty and was not written by w2wkit invert (no {MARKER}); "
+                "refusing to replace it",
+                path=out,
+            )
+
 
 @dataclass
 class InversionResult:
@@ -410,6 +443,98 @@ class InversionResult:
     names: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
+
+    def save(
+        self,
+        out: str | os.PathLike[str],
+        *,
+        format: str = "kohya",
+        overwrite: bool = False,
+        inputs: Sequence[str] = (),
+        space: str | None = None,
+        base: str | None = None,
+    ) -> list[Path]:
+        """Write one LoRA per image, ``coefficients.npy`` and ``inversion.json`` to ``out``.
+
+        The folder is written to a temporary sibling and renamed into place.
+        An existing folder is replaced only with ``overwrite`` and only if it
+        is empty or holds an ``inversion.json`` (was written here).
+
+        Parameters
+        ----------
+        out : str or os.PathLike
+            Output folder.
+        format : {"kohya", "diffusers", "peft"}
+        overwrite : bool
+        inputs : sequence of str
+            The image files (provenance), one per image.
+        space, base : str, optional
+            Space folder and pipeline (provenance).
+
+        Returns
+        -------
+        list of pathlib.Path
+            The LoRA files (folders for PEFT), in image order.
+
+        Raises
+        ------
+        FormatError
+            The output exists (without ``overwrite``) or is not ours.
+        """
+        import json
+        import shutil
+        import tempfile
+
+        from w2wkit.formats import provenance_metadata, write_adapter
+
+        dest = Path(out)
+        _check_output(dest, overwrite)
+        names = _unique_names(self.names or [f"image_{i:03d}" for i in range(len(self.adapters))])
+        inputs = [str(x) for x in inputs] or list(names)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            files = []
+            for i, (name, ad) in enumerate(zip(names, self.adapters, strict=True)):
+                fname = name if format == "peft" else f"{name}.safetensors"
+                extra: dict[str, Any] = {
+                    "image": Path(inputs[i]).name,
+                    "index": i,
+                    "inversion": {
+                        **{k: v for k, v in self.settings.items() if k != "seeds"},
+                        "seed": self.settings.get("seeds", [None] * len(names))[i],
+                        "steps_run": int(self.steps_run[i]),
+                    },
+                }
+                if base is not None:
+                    extra["base"] = str(base)
+                srcs = ([str(space)] if space is not None else []) + [inputs[i]]
+                prov = provenance_metadata("w2wkit invert", srcs, **extra)
+                write_adapter(ad, tmp / fname, format=format, provenance=prov)
+                files.append(fname)
+            np.save(tmp / "coefficients.npy", self.coefficients)
+            report = {
+                "made_by": "w2wkit invert",
+                "space": None if space is None else str(space),
+                "base": None if base is None else str(base),
+                "format": format,
+                "images": inputs,
+                "files": files,
+                "coefficients": "coefficients.npy",
+                "settings": self.settings,
+                "steps_run": [int(x) for x in self.steps_run],
+                "final_loss": [float(v) for v in self.final_loss()],
+                "seconds": self.seconds,
+                "notices": self.notices,
+            }
+            (tmp / MARKER).write_text(json.dumps(report, indent=2))
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return [dest / f for f in files]
 
     def final_loss(self, window: int = 20) -> np.ndarray:
         """``(n,)`` mean training loss over each image's last ``window`` steps."""
