@@ -63,7 +63,9 @@ def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise W2WError("CUDA was asked for but torch sees no GPU", key="device", hint="--device cpu")
+        raise W2WError(
+            "CUDA was asked for but torch sees no GPU", key="device", hint="--device cpu"
+        )
     return device
 
 
