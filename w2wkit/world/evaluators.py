@@ -120,13 +120,20 @@ def _train_loop(
     net.to(dev).train()
     params = list(net.parameters()) + (list(head.parameters()) if head is not None else [])
     opt = torch.optim.Adam(params, lr=s.lr)
+    total = [s.steps]
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: 0.5 * (1 + np.cos(np.pi * min(1.0, k / max(1, s.steps))))
+        opt, lambda k: 0.5 * (1 + np.cos(np.pi * min(1.0, k / max(1, total[0]))))
     )
     rng = np.random.default_rng(s.seed)
     t0 = time.perf_counter()
     ema, done = None, 0
-    for step in range(s.steps):
+    step = -1
+    while step + 1 < total[0]:
+        step += 1
+        if s.budget_s is not None and step == 30:
+            # shorten the run (and its cosine schedule) to what fits the budget
+            per = (time.perf_counter() - t0) / 30
+            total[0] = max(31, min(total[0], int(30 + (s.budget_s - per * 30) / per)))
         idx = rng.integers(0, len(images), s.batch)
         x = _to_input(images[idx], dev)
         flip = torch.from_numpy(rng.random(s.batch) < 0.5).to(dev)
@@ -138,10 +145,15 @@ def _train_loop(
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         done = step + 1
-        if s.budget_s is not None and time.perf_counter() - t0 > s.budget_s:
+        if s.budget_s is not None and time.perf_counter() - t0 > 1.2 * s.budget_s:
             break
     net.eval()
-    return {"steps": done, "seconds": time.perf_counter() - t0, "loss": ema}
+    return {
+        "steps": done,
+        "planned_steps": s.steps,
+        "seconds": time.perf_counter() - t0,
+        "loss": ema,
+    }
 
 
 def train_attribute_classifier(

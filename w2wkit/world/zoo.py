@@ -602,12 +602,19 @@ def _run_chunks(
             for j in todo
         ]
         seeds = [_model_seed(settings, j) for j in todo]
-        adapters, losses = trainer.train_chunk(imgs, prompt, seeds, prior=prior)
+        left = None if deadline is None else max(1.0, deadline - time.time())
+        adapters, losses = trainer.train_chunk(imgs, prompt, seeds, prior=prior, budget_s=left)
         dt = time.perf_counter() - t0
         for j, ad, ls in zip(todo, adapters, losses, strict=True):
             _write_model(ad, out / f"{j.name}.safetensors", j, prompt, base, settings, float(ls))
             records.append(
-                {"name": j.name, "status": "trained", "loss": float(ls), "seconds": dt / len(todo)}
+                {
+                    "name": j.name,
+                    "status": "trained",
+                    "loss": float(ls),
+                    "seconds": dt / len(todo),
+                    "steps": trainer.steps_done,
+                }
             )
         if on_model is not None:
             on_model(len(todo))
@@ -616,6 +623,9 @@ def _run_chunks(
 
 def _worker(args: tuple) -> list[dict[str, Any]]:
     base, settings, chunks, out_dir, prompt, deadline = args
+    from w2wkit.world.worldbuild import _quiet
+
+    _quiet()
     return _run_chunks(base, settings, chunks, out_dir, prompt, None, None, deadline)
 
 
@@ -691,7 +701,10 @@ def train_zoo(
     seconds = time.time() - t0
     missing = [j.name for j in jobs if not (out / f"{j.name}.safetensors").exists()]
     trained = len(records)
+    steps = [r["steps"] for r in records]
     return {
+        "steps_min": min(steps) if steps else None,
+        "steps_planned": s.steps,
         "trained": trained,
         "skipped": len(done),
         "missing": len(missing),
