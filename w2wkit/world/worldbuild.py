@@ -45,12 +45,12 @@ __all__ = ["PHASE_SHARES", "WorldProfile", "build_world", "profile"]
 
 #: Relative share of the remaining time budget of each timed phase.
 PHASE_SHARES = {
-    "render": 0.05,
-    "vae": 0.06,
-    "unet": 0.42,
-    "zoo": 0.22,
+    "render": 0.04,
+    "vae": 0.05,
+    "unet": 0.50,
+    "zoo": 0.17,
     "heldout": 0.01,
-    "evaluators": 0.12,
+    "evaluators": 0.11,
     "metrics": 0.08,
     "pack": 0.04,
 }

@@ -588,8 +588,25 @@ def _run_chunks(
     on_model: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     trainer = ZooTrainer(base, settings)
+    return _run_chunks_with(
+        trainer, settings, chunks, out_dir, prompt, images, prior, deadline, on_model
+    )
+
+
+def _run_chunks_with(
+    trainer: ZooTrainer,
+    settings: ZooSettings,
+    chunks: list[list[ZooJob]],
+    out_dir: str,
+    prompt: str,
+    images: Callable[[ZooJob], np.ndarray] | None,
+    prior: np.ndarray | None,
+    deadline: float | None,
+    on_model: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    base = trainer.base
     out = Path(out_dir)
-    records = []
+    records: list[dict[str, Any]] = []
     for chunk in chunks:
         if deadline is not None and time.time() > deadline:
             break
@@ -603,7 +620,34 @@ def _run_chunks(
         ]
         seeds = [_model_seed(settings, j) for j in todo]
         left = None if deadline is None else max(1.0, deadline - time.time())
-        adapters, losses = trainer.train_chunk(imgs, prompt, seeds, prior=prior, budget_s=left)
+        oom = False
+        try:
+            adapters, losses = trainer.train_chunk(imgs, prompt, seeds, prior=prior, budget_s=left)
+        except RuntimeError as exc:  # CUDA out of memory: train the chunk in two halves
+            if "out of memory" not in str(exc).lower() or len(todo) < 2:
+                raise
+            oom = True
+        if oom:
+            import gc
+
+            import torch
+
+            trainer.modules = {}
+            gc.collect()
+            torch.cuda.empty_cache()
+            half = len(todo) // 2
+            records += _run_chunks_with(
+                trainer,
+                settings,
+                [todo[:half], todo[half:]],
+                out_dir,
+                prompt,
+                images,
+                prior,
+                deadline,
+                on_model,
+            )
+            continue
         dt = time.perf_counter() - t0
         for j, ad, ls in zip(todo, adapters, losses, strict=True):
             _write_model(ad, out / f"{j.name}.safetensors", j, prompt, base, settings, float(ls))
@@ -676,6 +720,9 @@ def train_zoo(
     todo = [j for j in jobs if j.name not in done]
     device = pick_device(s.device)
     size = _chunk_size(s, device)
+    if todo:  # balanced chunks (1100 models at 1024 -> 550 + 550)
+        n_chunks = -(-len(todo) // size)
+        size = -(-len(todo) // n_chunks)
     chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
     t0 = time.time()
     deadline = t0 + budget_s if budget_s is not None else None
