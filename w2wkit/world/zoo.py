@@ -607,9 +607,12 @@ def _run_chunks_with(
     base = trainer.base
     out = Path(out_dir)
     records: list[dict[str, Any]] = []
+    pending = sum(len(c) for c in chunks)
     for chunk in chunks:
         if deadline is not None and time.time() > deadline:
             break
+        share = len(chunk) / max(1, pending)  # of the time left, for this chunk
+        pending -= len(chunk)
         todo = [j for j in chunk if not (out / f"{j.name}.safetensors").exists()]
         if not todo:
             continue
@@ -619,7 +622,7 @@ def _run_chunks_with(
             for j in todo
         ]
         seeds = [_model_seed(settings, j) for j in todo]
-        left = None if deadline is None else max(1.0, deadline - time.time())
+        left = None if deadline is None else max(1.0, (deadline - time.time()) * share)
         oom = False
         try:
             adapters, losses = trainer.train_chunk(imgs, prompt, seeds, prior=prior, budget_s=left)
