@@ -49,9 +49,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ref.train(imgs[1], "sks person", seed=1)
     anchor = (time.perf_counter() - t0) / a.steps  # seconds per step, one model
-    zt = ZooTrainer(
-        tmp / "base", ZooSettings(steps=a.steps, threads=a.threads, device=a.device)
-    )
+    zt = ZooTrainer(tmp / "base", ZooSettings(steps=a.steps, threads=a.threads, device=a.device))
     zt.train_chunk(imgs[:2], "sks person", [0, 1])  # warm-up
     t0 = time.perf_counter()
     zt.train_chunk(imgs, "sks person", list(range(a.models)))
