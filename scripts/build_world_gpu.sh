@@ -53,6 +53,7 @@ EOF
 
 say "build: profile=$PROFILE device=$DEVICE budget=${BUDGET}s work=$WORK"
 LEFT=$(( WALL - ( $(date +%s) - T0 ) - 15 ))
+[ "$LEFT" -lt 5 ] && LEFT=5
 timeout --signal=TERM --kill-after=5 "$LEFT" "$PY" -m w2wkit.world.worldbuild \
   --out "$WORK" --profile "$PROFILE" --device "$DEVICE" --seed "$SEED" --budget "$BUDGET" \
   2>&1 | tee "$OUT/build_stdout.txt" | grep -v -e "Processor" -e "^$"
