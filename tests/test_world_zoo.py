@@ -111,3 +111,17 @@ def test_train_zoo_files_labels_manifest_resume_diffusers(base: Path, tmp_path: 
     delta = pipe.unet.get_submodule(name).weight.detach() - w0
     np.testing.assert_allclose(delta.numpy(), ad.layers[f"unet.{name}"].delta(), atol=1e-6)
     assert np.abs(ad.layers[f"unet.{name}"].delta()).max() > 0
+
+
+@pytest.mark.slow
+def test_worker_processes_match_inline(base: Path, tmp_path: Path) -> None:
+    zs = ZooSettings(steps=2, batch=2, n_images=2, device="cpu", chunk=1)
+    jobs = zoo_jobs("identity", 4)
+    a = train_zoo(base, jobs, tmp_path / "a", "sks person", zs, progress=False)
+    b = train_zoo(base, jobs, tmp_path / "b", "sks person", zs, workers=2, progress=False)
+    assert a["trained"] == b["trained"] == 4
+    for j in jobs:
+        x = read_adapter(tmp_path / "a" / f"{j.name}.safetensors")
+        y = read_adapter(tmp_path / "b" / f"{j.name}.safetensors")
+        for k, layer in x.layers.items():
+            np.testing.assert_allclose(y.layers[k].up, layer.up, rtol=1e-5, atol=1e-7)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,17 @@ def _render_part(args: tuple) -> np.ndarray:
     gen = _generators(concept)
     out = [gen.render(gen.instance(i, s), n_images, seed=seed, size=size) for i, s in specs]
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+def _start_method() -> str:
+    """``fork`` (fast) unless CUDA is initialised here: then a clean ``forkserver``."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return "forkserver"
+    except Exception:  # pragma: no cover - a torch without cuda
+        pass
+    return os.environ.get("W2WKIT_RENDER_START", "fork")
 
 
 def render_instances(
@@ -53,6 +65,6 @@ def render_instances(
     else:
         parts = np.array_split(np.arange(len(specs)), workers * 4)
         args = [(concept, [specs[k] for k in p], n_images, seed, size) for p in parts if len(p)]
-        with mp.get_context("fork").Pool(workers) as pool:
+        with mp.get_context(_start_method()).Pool(workers) as pool:
             flat = np.concatenate(pool.map(_render_part, args))
     return flat.reshape(len(specs), n_images, size, size, 3)

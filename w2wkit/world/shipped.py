@@ -390,7 +390,9 @@ def pack_world(
         from w2wkit.world.worldbuild import profile as _profile
 
         prof_json = (log or {}).get("profile") or {}
-        prof = _profile(prof_json.get("name", "full"))
+        prof = _profile(
+            prof_json.get("name", "full"), seed=int(prof_json.get("base", {}).get("seed", 0))
+        )
         for key in ("n_identities", "n_dogs"):
             if key in prof_json:
                 setattr(prof, key, int(prof_json[key]))
