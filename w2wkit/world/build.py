@@ -424,6 +424,8 @@ def train_unet(
     sched = make_scheduler()
     gen = torch.Generator().manual_seed(settings.seed + 2)
     rng = np.random.default_rng(settings.seed + 2)
+    unet.to(device)
+    text_encoder.to(device)  # before the optimizer sees the parameters
     emb = text_encoder.get_input_embeddings().weight
     others = [p for p in text_encoder.parameters() if p is not emb]
     opt = torch.optim.AdamW(
