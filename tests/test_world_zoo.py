@@ -125,3 +125,28 @@ def test_worker_processes_match_inline(base: Path, tmp_path: Path) -> None:
         y = read_adapter(tmp_path / "b" / f"{j.name}.safetensors")
         for k, layer in x.layers.items():
             np.testing.assert_allclose(y.layers[k].up, layer.up, rtol=1e-5, atol=1e-7)
+
+
+def test_sample_space_stays_in_the_zoo_span() -> None:
+    from w2wkit.world.worldbuild import _flatten, sample_space
+
+    rng = np.random.default_rng(0)
+    stacks = {
+        "a.to_q": (rng.normal(size=(12, 1, 5)), rng.normal(size=(12, 7, 1))),
+        "a.to_v": (rng.normal(size=(12, 1, 3)), rng.normal(size=(12, 4, 1))),
+    }
+    new = sample_space(stacks, 6, 4, np.random.default_rng(1))
+    assert {t: (a.shape, b.shape) for t, (a, b) in new.items()} == {
+        "a.to_q": ((6, 1, 5), (6, 7, 1)),
+        "a.to_v": ((6, 1, 3), (6, 4, 1)),
+    }
+    x = _flatten(stacks)
+    y = _flatten(new)
+    centred = x - x.mean(0)
+    # independent reference: least squares on the zoo's centred rows
+    coef, *_ = np.linalg.lstsq(centred.T, (y - x.mean(0)).T, rcond=None)
+    np.testing.assert_allclose(centred.T @ coef, (y - x.mean(0)).T, atol=1e-5)
+    vt = np.linalg.svd(centred, full_matrices=False)[2]
+    # only the first 4 principal directions are used
+    resid = (y - x.mean(0)) @ vt[4:].T
+    np.testing.assert_allclose(resid, 0, atol=1e-5)

@@ -542,6 +542,12 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
         )
         if concept == "identity":
             metrics["explained_variance_identity"] = _explained_variance(stacks)
+            try:
+                metrics["sampled_identity_models"] = _sampled_consistency(
+                    pipe, ev, prof, stacks, rng, prompt
+                )
+            except Exception as exc:  # a metric must not sink the build
+                metrics["sampled_identity_models"] = {"error": repr(exc)}
         if budget is not None and time.time() - t0 > budget:
             metrics["truncated"] = True
             break
@@ -588,15 +594,81 @@ def _base_prompting(pipe: Any, ev: Any, prof: WorldProfile, mods: dict) -> dict[
     return out
 
 
-def _explained_variance(stacks: dict) -> dict[str, Any]:
-    """PCA of the flattened factors (A and B of every module, as the paper)."""
-    flat = np.concatenate(
+def _flatten(stacks: dict) -> np.ndarray:
+    """``(M, D)``: per model, every module's A then B, flattened (the paper's layout)."""
+    return np.concatenate(
         [
             np.concatenate([a.reshape(len(a), -1), b.reshape(len(b), -1)], 1)
             for a, b in stacks.values()
         ],
         1,
     ).astype(np.float64)
+
+
+def sample_space(
+    stacks: dict, n: int, k: int, rng: np.random.Generator
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Draw ``n`` new models from the PCA space of ``stacks`` (first ``k`` components).
+
+    Each coefficient is drawn from a normal fitted to the zoo's projections on
+    that component (the paper's sampling); the result has the stacks' layout,
+    ``{target: (A (n, r, in), B (n, out, r))}``.
+    """
+    x = _flatten(stacks)
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    k = max(1, min(k, len(vt)))
+    coef = (x - mean) @ vt[:k].T
+    z = rng.normal(coef.mean(0), coef.std(0) + 1e-12, size=(n, k))
+    w = mean + z @ vt[:k]
+    out, col = {}, 0
+    for t, (a, b) in stacks.items():
+        na, nb = a[0].size, b[0].size
+        out[t] = (
+            w[:, col : col + na].reshape(n, *a.shape[1:]).astype(np.float32),
+            w[:, col + na : col + na + nb].reshape(n, *b.shape[1:]).astype(np.float32),
+        )
+        col += na + nb
+    return out
+
+
+def _sampled_consistency(
+    pipe: Any, ev: Any, prof: WorldProfile, stacks: dict, rng: np.random.Generator, prompt: str
+) -> dict[str, Any]:
+    """Models sampled from the identity space: ID score across seeds, same vs other model."""
+    from w2wkit.world.zoo import load_stacks, sample_images
+
+    n = min(50, max(2, prof.fidelity_models // 4))
+    k = min(1000, len(next(iter(stacks.values()))[0]) - 1)
+    sampled = sample_space(stacks, n, k, rng)
+    mods = load_stacks(pipe, list(sampled), sampled, float(prof.zoo.alpha))
+    per = max(2, prof.fidelity_seeds)
+    idx = np.repeat(np.arange(n), per)
+    imgs = sample_images(
+        pipe,
+        mods,
+        idx.tolist(),
+        [prompt] * len(idx),
+        (np.tile(np.arange(per), n) + 20_000).tolist(),
+        steps=prof.sample_steps,
+        guidance=prof.guidance,
+    )
+    e = ev.embed("identity", imgs)
+    cos = e @ e.T
+    same = (idx[:, None] == idx[None, :]) & ~np.eye(len(idx), dtype=bool)
+    diff = idx[:, None] != idx[None, :]
+    return {
+        "models": n,
+        "components": k,
+        "seeds_per_model": per,
+        "intra_model_id_score": float(cos[same].mean()),
+        "inter_model_id_score": float(cos[diff].mean()),
+    }
+
+
+def _explained_variance(stacks: dict) -> dict[str, Any]:
+    """PCA of the flattened factors (A and B of every module, as the paper)."""
+    flat = _flatten(stacks)
     x = flat - flat.mean(0)
     sv = np.linalg.svd(x, compute_uv=False)
     var = sv**2 / max(1e-30, (sv**2).sum())
