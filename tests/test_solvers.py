@@ -124,10 +124,17 @@ def test_randomized_more_passes_is_more_accurate():
     s = np.linalg.svd(z, compute_uv=False)[:k]
     errs = []
     for q in (0, 1, 2, 4, 6):
-        res = fit_pca(blocks_of(z, 300), *z.shape, k, solver="randomized", n_iter=q)
+        res = fit_pca(
+            blocks_of(z, 300), *z.shape, k, solver="randomized", n_iter=q, n_oversamples=10
+        )
+        assert res.info["block_size"] == k + 10
         errs.append(np.mean(np.abs(res.singular_values - s) / s))
     assert all(a > 5 * b for a, b in itertools.pairwise(errs)), errs
     assert errs[-1] < 1e-6
+    # the default (half-width blocks, 6 passes) on this very flat spectrum
+    res = fit_pca(blocks_of(z, 300), *z.shape, k, solver="randomized")
+    assert res.info["block_size"] < k
+    assert np.mean(np.abs(res.singular_values - s) / s) < 1e-3
 
 
 def test_randomized_checkpoints_equal_separate_runs():
@@ -135,10 +142,16 @@ def test_randomized_checkpoints_equal_separate_runs():
     k = 30
     stream = solvers._Stream(blocks_of(z, 300), *z.shape, None)
     ops = solvers._ops("cpu")
-    results = list(solvers._randomized_checkpoints(stream, k, None, [1, 2], 3, ops))
+    results = list(solvers._randomized_checkpoints(stream, k, [1, 2], 3, ops, block_size=40))
     for q, res in zip((1, 2), results, strict=True):
         alone = fit_pca(
-            blocks_of(z, 300), *z.shape, k, solver="randomized", n_iter=q, random_state=3
+            blocks_of(z, 300),
+            *z.shape,
+            k,
+            solver="randomized",
+            n_iter=q,
+            random_state=3,
+            block_size=40,
         )
         np.testing.assert_allclose(res.singular_values, alone.singular_values, rtol=1e-6)
         assert max_angle(res.components, alone.components) < 1e-4
