@@ -404,6 +404,10 @@ class _NumpyOps:
         c = q.T @ w
         w -= q @ c
 
+    def sub_coef(self, w: np.ndarray, q: np.ndarray, c: np.ndarray) -> None:
+        """``w -= q @ c``."""
+        w -= q @ c
+
     def qr(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Householder QR (robust to rank deficiency)."""
         from scipy.linalg import qr
@@ -422,13 +426,23 @@ class _NumpyOps:
         return g, norms
 
     def cholqr_apply(self, w: np.ndarray, g: np.ndarray, norms: np.ndarray) -> np.ndarray | None:
-        """One Cholesky-QR step ``W D^-1 L^-T`` in place; None if ``g`` is not PD."""
+        """One Cholesky-QR step ``W D^-1 L^-T`` in place.
+
+        Where ``g`` is not numerically positive definite a shift ``s I`` is added
+        (shifted Cholesky QR: the result is not orthonormal yet but well conditioned,
+        and the next round finishes it). None if even that fails.
+        """
         from scipy.linalg import solve_triangular
         from scipy.linalg.blas import strmm
 
-        try:
-            chol = np.linalg.cholesky(g)  # lower, g = L L^T
-        except np.linalg.LinAlgError:
+        chol = None
+        for shift in (0.0, 1e-6, 1e-4, 1e-2):
+            try:
+                chol = np.linalg.cholesky(g + shift * np.eye(g.shape[0]) if shift else g)
+                break
+            except np.linalg.LinAlgError:
+                continue
+        if chol is None:
             return None
         m = solve_triangular(chol, np.eye(g.shape[0]), lower=True, check_finite=False).T
         m /= norms[:, None]  # D^-1 L^-T, upper triangular
@@ -757,25 +771,44 @@ class _BlockKrylov:
             w = w[:, :room]
             w = w.contiguous() if isinstance(ops, _TorchOps) else np.ascontiguousarray(w)
         # Block classical Gram-Schmidt against K, twice or more, each round followed
-        # by a Cholesky QR of the block (Householder QR where that breaks down);
-        # stop once the block entering a round is orthonormal to 1e-2.
+        # by a (shifted) Cholesky QR of the block; stop once the block entering a
+        # round is orthonormal to 1e-2 (then the result is orthonormal to float32
+        # rounding). Householder QR where that does not converge (rank deficiency).
         q = w
         del w
+        done = False
+        j = len(self.basis) - 1
         for round_ in range(4):
-            for qj in self.basis:
-                ops.sub_proj(q, qj)
-            sg = ops.scaled_gram(q)
-            done = (
-                round_ >= 1 and sg is not None and np.max(np.abs(sg[0] - np.eye(len(sg[0])))) < 1e-2
-            )
-            out = None if sg is None else ops.cholqr_apply(q, *sg)
-            if out is None:
-                q, _ = ops.qr(q)
-                done = done or (round_ >= 1 and isinstance(ops, _TorchOps))
+            if round_ == 0 and len(self.products) == len(self.basis):
+                # first round, block Lanczos: W = Z^T Z Q_j lies in span(Q_{j-1}, Q_j,
+                # Q_{j+1}) up to rounding, and Q_i^T W = Y_i^T Y_j comes from the stored
+                # products (N side) -- the full re-orthogonalisation follows.
+                for i in range(max(0, j - 1), j + 1):
+                    ops.sub_coef(
+                        q,
+                        self.basis[i],
+                        ops.matmul(self.products[i].T, self.products[j][:, : q.shape[1]]),
+                    )
             else:
-                q = out
+                for qj in self.basis:
+                    ops.sub_proj(q, qj)
+            sg = ops.scaled_gram(q)
+            if sg is None:
+                break
+            done = round_ >= 1 and np.max(np.abs(sg[0] - np.eye(len(sg[0])))) < 1e-2
+            out = ops.cholqr_apply(q, *sg)
+            if out is None:
+                done = False
+                break
+            q = out
             if done:
                 break
+        if not done:
+            for _ in range(2):
+                q, _ = ops.qr(q)
+                for qj in self.basis:
+                    ops.sub_proj(q, qj)
+            q, _ = ops.qr(q)
         self.basis.append(q)
         return True
 
