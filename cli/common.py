@@ -34,9 +34,7 @@ class W2WGroup(click.Group):
             fail("out of memory; try a smaller --block-size or the randomized solver")
 
 
-force_option = click.option(
-    "--force", is_flag=True, help="Overwrite the output if it exists."
-)
+force_option = click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 allow_pickle_option = click.option(
     "--allow-pickle",
     is_flag=True,

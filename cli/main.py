@@ -12,6 +12,9 @@ from w2wkit.cli.common import W2WGroup
 #: Modules that each add their commands to :data:`cli` through ``register(cli)``.
 COMMAND_MODULES = (
     "w2wkit.cli.cmd_formats",
+    "w2wkit.cli.cmd_space",
+    "w2wkit.cli.cmd_directions",
+    "w2wkit.cli.cmd_render",
 )
 
 

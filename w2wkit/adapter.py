@@ -94,8 +94,8 @@ class LoraLayer:
         down = self.down.reshape(self.rank, -1).astype(np.float32)
         return (np.float32(self.scale) * (up @ down)).reshape(self.delta_shape)
 
-    def validate(self, module: str, path: str | None = None) -> None:
-        """Check shapes agree and values are finite.
+    def validate(self, module: str, path: str | None = None, *, check_finite: bool = True) -> None:
+        """Check shapes agree and (unless ``check_finite`` is false) values are finite.
 
         Raises
         ------
@@ -127,7 +127,7 @@ class LoraLayer:
         if not math.isfinite(float(self.alpha)):
             raise FormatError(f"alpha is {self.alpha}", path=path, key=module)
         for name, arr in (("down", self.down), ("up", self.up)):
-            if not np.isfinite(arr).all():
+            if check_finite and not np.isfinite(arr).all():
                 bad = "NaN" if np.isnan(arr).any() else "Inf"
                 raise FormatError(f"{name} factor contains {bad} values", path=path, key=module)
 
@@ -158,9 +158,9 @@ class DeltaLayer:
         """Return the delta as float32, shape ``delta_shape``."""
         return np.asarray(self.weight, dtype=np.float32)
 
-    def validate(self, module: str, path: str | None = None) -> None:
+    def validate(self, module: str, path: str | None = None, *, check_finite: bool = True) -> None:
         """Raise :class:`FormatError` on NaN/Inf values."""
-        if not np.isfinite(self.weight).all():
+        if check_finite and not np.isfinite(self.weight).all():
             raise FormatError("delta contains NaN or Inf values", path=path, key=module)
 
 
@@ -228,8 +228,14 @@ class Adapter:
         """
         return {module: layer.delta() for module, layer in self.layers.items()}
 
-    def validate(self) -> Adapter:
+    def validate(self, *, check_finite: bool = True) -> Adapter:
         """Validate every layer; return ``self``.
+
+        Parameters
+        ----------
+        check_finite : bool
+            Also reject NaN/Inf values (readers check the raw tensors instead,
+            so the message names the file's own key).
 
         Raises
         ------
@@ -239,7 +245,7 @@ class Adapter:
         if not self.layers:
             raise FormatError("no LoRA layers found", path=self.source)
         for module, layer in self.layers.items():
-            layer.validate(module, self.source)
+            layer.validate(module, self.source, check_finite=check_finite)
         return self
 
     def nbytes(self) -> int:

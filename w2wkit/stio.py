@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -68,7 +69,7 @@ class SafetensorsFile:
         Size of the file.
     """
 
-    __slots__ = ("dtypes", "metadata", "nbytes", "path", "tensors")
+    __slots__ = ("_raw", "dtypes", "metadata", "nbytes", "path", "tensors")
 
     def __init__(
         self,
@@ -77,12 +78,50 @@ class SafetensorsFile:
         dtypes: dict[str, str],
         metadata: dict[str, str],
         nbytes: int,
+        raw: tuple | None = None,
     ) -> None:
         self.path = path
         self.tensors = tensors
         self.dtypes = dtypes
         self.metadata = metadata
         self.nbytes = nbytes
+        self._raw = raw
+
+    def all_finite(self) -> bool:
+        """True when no floating-point tensor holds NaN or Inf.
+
+        Checks the whole data section in one pass when the file has a single
+        float dtype (any byte of any tensor lies in it), else every dtype's
+        tensors together. ``False`` also means "could not tell cheaply".
+        """
+        if self._raw is None:
+            return False
+        buf, start, bf16_raw = self._raw
+        floats = {d for d in self.dtypes.values() if d in _FLOAT_DTYPES}
+        if len(floats) == 1 and len(set(self.dtypes.values())) == 1:
+            (name,) = floats
+            dt = _DTYPES[name]
+            if (len(buf) - start) % dt.itemsize == 0:
+                n = (len(buf) - start) // dt.itemsize
+                return _finite(np.frombuffer(buf, dtype=dt, count=n, offset=start), name)
+        for name in floats:
+            arrays = [
+                (bf16_raw[k] if name == "BF16" else a).reshape(-1)
+                for k, a in self.tensors.items()
+                if self.dtypes[k] == name
+            ]
+            if not _finite(np.concatenate(arrays), name):
+                return False
+        return True
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _finite(arr: np.ndarray, dtype: str) -> bool:
+    if dtype == "BF16":  # raw uint16: exponent bits all set means Inf/NaN
+        return not bool(((arr & np.uint16(0x7F80)) == np.uint16(0x7F80)).any())
+    return bool(np.isfinite(arr).all())
 
 
 def _parse_header(raw: bytes | memoryview, size: int, path: str) -> tuple[dict, int]:
@@ -103,7 +142,9 @@ def _parse_header(raw: bytes | memoryview, size: int, path: str) -> tuple[dict, 
     try:
         header = json.loads(bytes(raw[8 : 8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"not a safetensors file (header is not JSON: {exc})", path=path) from None
+        raise FormatError(
+            f"not a safetensors file (header is not JSON: {exc})", path=path
+        ) from None
     if not isinstance(header, dict):
         raise FormatError("not a safetensors file (header is not a JSON object)", path=path)
     return header, 8 + n
@@ -177,30 +218,50 @@ def read_safetensors(path: str | os.PathLike[str]) -> SafetensorsFile:
     data_len = size - start
     tensors: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
-    for key, info in header.items():
-        try:
+    bf16_raw: dict[str, np.ndarray] = {}
+    # One typed view of the data section per dtype; tensors are slices of it
+    # (cheaper than one numpy constructor per tensor). Unaligned data falls
+    # back to a view per tensor.
+    typed: dict[str, tuple[np.ndarray | None, int]] = {}
+    key = ""
+    try:
+        for key, info in header.items():
             dt_name = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError("malformed tensor entry in header", path=path, key=key) from None
-        dt = _DTYPES.get(dt_name)
-        if dt is None:
-            raise FormatError(f"unsupported dtype {dt_name!r}", path=path, key=key)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if end - begin != count * dt.itemsize or begin < 0 or end > data_len:
-            raise FormatError(
-                f"tensor data out of bounds or truncated (offsets {begin}-{end}, "
-                f"shape {list(shape)} {dt_name}, data section {data_len} bytes)",
-                path=path,
-                key=key,
-            )
-        arr = np.frombuffer(buf, dtype=dt, count=count, offset=start + begin).reshape(shape)
-        if dt_name == "BF16":
-            arr = from_storage(arr, "BF16")
-        tensors[key] = arr
-        dtypes[key] = dt_name
-    return SafetensorsFile(path, tensors, dtypes, meta, size)
+            shape = info["shape"]
+            begin, end = info["data_offsets"]
+            base = typed.get(dt_name)
+            if base is None:
+                dt = _DTYPES.get(dt_name)
+                if dt is None:
+                    raise FormatError(f"unsupported dtype {dt_name!r}", path=path, key=key)
+                size_ = dt.itemsize
+                view = (
+                    np.frombuffer(buf, dtype=dt, count=data_len // size_, offset=start)
+                    if start % size_ == 0
+                    else None
+                )
+                base = typed[dt_name] = (view, size_)
+            view, size_ = base
+            count = math.prod(shape)
+            if not (0 <= begin <= end <= data_len and end - begin == count * size_):
+                raise FormatError(
+                    f"tensor data out of bounds or truncated (offsets {begin}-{end}, "
+                    f"shape {list(shape)} {dt_name}, data section {data_len} bytes)",
+                    path=path,
+                    key=key,
+                )
+            if view is not None and begin % size_ == 0:
+                arr = view[begin // size_ : end // size_].reshape(shape)
+            else:
+                arr = np.ndarray(shape, dtype=_DTYPES[dt_name], buffer=buf, offset=start + begin)
+            if dt_name == "BF16":
+                bf16_raw[key] = arr
+                arr = from_storage(arr, "BF16")
+            tensors[key] = arr
+            dtypes[key] = dt_name
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise FormatError("malformed tensor entry in header", path=path, key=key) from None
+    return SafetensorsFile(path, tensors, dtypes, meta, size, (buf, start, bf16_raw))
 
 
 def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from w2wkit.adapter import Adapter
+from w2wkit.adapter import COMPONENTS, Adapter
 from w2wkit.errors import FormatError
 from w2wkit.stio import SafetensorsFile, read_safetensors
 
@@ -71,6 +71,11 @@ class Source:
     config: dict[str, Any] | None = None
     weights_path: str = ""
     nbytes: int = 0
+    file: SafetensorsFile | None = None
+
+    def all_finite(self) -> bool:
+        """True when every float tensor of the file is known to be finite (one pass)."""
+        return self.file is not None and self.file.all_finite()
 
     @property
     def keys(self) -> list[str]:
@@ -106,7 +111,11 @@ class LoraFormat(Protocol):
     description: ClassVar[str]
 
     def sniff(self, src: Source) -> float:
-        """Confidence in [0, 1] that ``src`` is in this format."""
+        """Confidence in [0, 1] that ``src`` is in this format.
+
+        Must depend only on the key names and on ``src.config is None``
+        (results are cached per key set).
+        """
 
     def read(self, src: Source) -> Adapter:
         """Translate ``src`` into the canonical adapter (not yet validated)."""
@@ -121,7 +130,15 @@ FORMATS: dict[str, LoraFormat] = {}
 def register_format(cls: type) -> type:
     """Class decorator adding a format to :data:`FORMATS` under ``cls.name``."""
     FORMATS[cls.name] = cls()
+    _DETECTED.clear()
     return cls
+
+
+# Detection depends only on the key names and on whether a PEFT config came
+# with them (the sniff contract), so files of one collection, which share
+# their keys, are sniffed once.
+_DETECTED: dict[tuple[bool, tuple[str, ...]], str] = {}
+_DETECTED_MAX = 256
 
 
 def _ensure_loaded() -> None:
@@ -142,13 +159,20 @@ def _torch_pickle(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise FormatError("pickle does not hold a dict of tensors", path=path)
     tensors: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+    names = {
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.float64: "F64",
+    }
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             continue
         dtypes[key] = names.get(value.dtype, "F32")
-        tensors[key] = value.detach().float().numpy() if value.dtype == torch.bfloat16 else (
-            value.detach().numpy()
+        tensors[key] = (
+            value.detach().float().numpy()
+            if value.dtype == torch.bfloat16
+            else (value.detach().numpy())
         )
     return tensors, dtypes
 
@@ -166,7 +190,9 @@ def _peft_folder(path: Path) -> tuple[Path, dict[str, Any]] | None:
     for name in PEFT_WEIGHTS:
         if (path / name).is_file():
             return path / name, config
-    raise FormatError(f"PEFT folder has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}", path=path)
+    raise FormatError(
+        f"PEFT folder has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}", path=path
+    )
 
 
 def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Source:
@@ -217,6 +243,9 @@ def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> 
     else:
         st: SafetensorsFile = read_safetensors(weights)
         tensors, dtypes, meta, nbytes = st.tensors, st.dtypes, st.metadata, st.nbytes
+        if not tensors:
+            raise FormatError("file holds no tensors", path=weights)
+        return Source(str(p), tensors, dtypes, meta, config, str(weights), nbytes, st)
     if not tensors:
         raise FormatError("file holds no tensors", path=weights)
     return Source(str(p), tensors, dtypes, meta, config, str(weights), nbytes)
@@ -231,6 +260,10 @@ def detect_format(src: Source) -> str:
         When no format recognises the keys (the message shows one key).
     """
     _ensure_loaded()
+    signature = (src.config is None, tuple(src.tensors))
+    known = _DETECTED.get(signature)
+    if known is not None:
+        return known
     scores = {name: fmt.sniff(src) for name, fmt in FORMATS.items()}
     best = max(scores, key=lambda n: scores[n])
     if scores[best] <= 0:
@@ -240,6 +273,9 @@ def detect_format(src: Source) -> str:
             path=src.path,
             key=sample,
         )
+    if len(_DETECTED) >= _DETECTED_MAX:
+        _DETECTED.clear()
+    _DETECTED[signature] = best
     return best
 
 
@@ -272,10 +308,28 @@ def read_adapter(
     name = format or detect_format(src)
     if name not in FORMATS:
         raise FormatError(f"unknown format {name!r}; known: {', '.join(sorted(FORMATS))}")
+    if validate:
+        check_finite(src)
     adapter = FORMATS[name].read(src)
     adapter.source = src.path
     adapter.format = name
-    return adapter.validate() if validate else adapter
+    return adapter.validate(check_finite=False) if validate else adapter
+
+
+def check_finite(src: Source) -> None:
+    """Reject NaN/Inf in any floating tensor of ``src``, naming the file's key.
+
+    Raises
+    ------
+    FormatError
+        Naming the file and the first offending key.
+    """
+    if src.all_finite():  # one pass over the data section; per key only on failure
+        return
+    for key, arr in src.tensors.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = "NaN" if np.isnan(arr).any() else "Inf"
+            raise FormatError(f"tensor contains {bad} values", path=src.path, key=key)
 
 
 def provenance_metadata(made_by: str, inputs: Iterable[str] = (), **extra: Any) -> dict[str, str]:
@@ -390,7 +444,9 @@ def discover_lora_files(
         return [p]
     found = []
     peft_dirs = {c.parent for c in p.rglob(PEFT_CONFIG)}
-    for d in sorted(peft_dirs):
+    # a component subfolder (``out/text_encoder``) of a PEFT folder is part of it
+    nested = {d for d in peft_dirs if d.name in COMPONENTS and d.parent in peft_dirs}
+    for d in sorted(peft_dirs - nested):
         found.append(d)
     for f in sorted(p.rglob(pattern or "*")):
         if f.is_file() and f.suffix.lower() in suffixes and f.parent not in peft_dirs:

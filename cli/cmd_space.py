@@ -1,0 +1,320 @@
+"""``w2wkit fit``, ``info``, ``project``, ``sample`` and ``import-w2w``: the weight space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.table import Table
+
+from w2wkit.cli.common import allow_pickle_option, console, force_option
+from w2wkit.errors import SpaceError
+
+#: Folder ``fit`` writes and later commands read when ``--space`` is not given.
+DEFAULT_SPACE = "w2w-space"
+
+space_option = click.option(
+    "--space",
+    "space_path",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_SPACE,
+    show_default=True,
+    help="The space folder (written by `w2wkit fit`).",
+)
+
+
+def _load(path: Path):
+    from w2wkit.space import WeightSpace
+
+    return WeightSpace.load(path)
+
+
+@click.command("fit")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_SPACE,
+    show_default=True,
+    help="Space folder to write.",
+)
+@click.option(
+    "-k",
+    "--components",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Number of principal components (at most N-1; capped to N-1 when left at the default).",
+)
+@click.option(
+    "--representation",
+    type=click.Choice(["factors", "delta"]),
+    default="factors",
+    show_default=True,
+    help="factors: the paper's A/B flattening (one rank and module set); "
+    "delta: gauge-invariant, mixes ranks, alphas and formats.",
+)
+@click.option(
+    "--solver",
+    type=click.Choice(["auto", "exact", "gram", "randomized"]),
+    default="auto",
+    show_default=True,
+    help="PCA solver (factors representation).",
+)
+@click.option("--labels", type=click.Path(path_type=Path), help="CSV/JSON attribute labels.")
+@click.option("--no-standardize", is_flag=True, help="Skip per-coordinate (per-layer) scaling.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of randomized solvers.")
+@force_option
+@allow_pickle_option
+def fit_cmd(
+    source: Path,
+    out: Path,
+    components: int,
+    representation: str,
+    solver: str,
+    labels: Path | None,
+    no_standardize: bool,
+    seed: int,
+    force: bool,
+    allow_pickle: bool,
+) -> None:
+    """Fit a weight space on a folder (or glob) of LoRA files.
+
+    \b
+    Examples:
+      w2wkit fit ./loras/                       # writes ./w2w-space
+      w2wkit fit ./loras/ -o faces -k 500 --labels attrs.csv
+      w2wkit fit "./mixed/*.safetensors" --representation delta
+    """
+    from w2wkit.collection import Collection
+    from w2wkit.space import WeightSpace
+
+    if out.exists() and not force:
+        raise SpaceError("output exists (use --force to overwrite)", path=out)
+    coll = Collection(source, allow_pickle=allow_pickle)
+    k = components
+    default_k = click.get_current_context().get_parameter_source("components")
+    if default_k == click.core.ParameterSource.DEFAULT:
+        k = max(1, min(components, len(coll) - 1))
+    space = WeightSpace(
+        k,
+        representation=representation,
+        solver=solver,
+        standardize=not no_standardize,
+        random_state=seed,
+    )
+    space.fit(coll, labels=labels, progress=True)
+    space.save(out, overwrite=force)
+    ratio = float(np.sum(space.explained_variance_ratio_))
+    console.print(
+        f"wrote {out}: {len(space.manifest_)} models, {space.n_components_} components "
+        f"({representation}), {ratio:.1%} of the variance"
+    )
+
+
+@click.command("info")
+@click.argument("space_path", type=click.Path(path_type=Path), default=DEFAULT_SPACE)
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path),
+    help="Explained-variance plot (PNG); default SPACE/explained_variance.png.",
+)
+def info_cmd(space_path: Path, plot: Path | None) -> None:
+    """Describe a space and plot its explained variance.
+
+    \b
+    Examples:
+      w2wkit info
+      w2wkit info faces --plot faces.png
+    """
+    space = _load(space_path)
+    ratio = np.asarray(space.explained_variance_ratio_)
+    table = Table(title=str(space_path), show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("representation", space.representation),
+        ("models", f"{len(space.manifest_):,}"),
+        ("components", f"{space.n_components_:,}"),
+        ("dimension", f"{space.layout_.dim:,} ({len(space.layout_)} modules)"),
+        ("layout", space.layout_.signature),
+        ("solver", str(space.info_.get("solver_used"))),
+        ("variance kept", f"{ratio.sum():.2%}"),
+        ("first components", ", ".join(f"{r:.2%}" for r in ratio[:5])),
+        ("labels", ", ".join(space.labels_ or {}) or "-"),
+        ("directions", ", ".join(space.directions_) or "-"),
+        ("written by", f"w2wkit {space.info_.get('w2wkit_version')}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = plot or space_path / "explained_variance.png"
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(1, ratio.size + 1)
+    ax.plot(x, np.cumsum(ratio), label="cumulative")
+    ax.bar(x, ratio, color="tab:orange", label="per component")
+    ax.set_xlabel("component")
+    ax.set_ylabel("explained variance ratio")
+    ax.legend()
+    fig.tight_layout()
+    from w2wkit.stio import atomic_path
+
+    with atomic_path(target, overwrite=True, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    console.print(f"plot: {target}")
+
+
+@click.command("project")
+@click.argument("lora", type=click.Path(path_type=Path))
+@space_option
+@click.option(
+    "-n",
+    "--nearest",
+    "n_nearest",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Nearest training models to list.",
+)
+@click.option("--show", type=int, default=8, show_default=True, help="Coefficients to print.")
+@allow_pickle_option
+def project_cmd(
+    lora: Path, space_path: Path, n_nearest: int, show: int, allow_pickle: bool
+) -> None:
+    """Project a LoRA into a space: coefficients, reconstruction error, neighbours.
+
+    \b
+    Example:
+      w2wkit project my_lora.safetensors --space faces
+    """
+    from w2wkit.formats import read_adapter
+
+    space = _load(space_path)
+    ad = read_adapter(lora, allow_pickle=allow_pickle)
+    c = space.transform(ad)
+    err = float(space.residual(ad)[0])
+    z = c[0] / np.where(space.coef_std_ > 0, space.coef_std_, 1.0)
+    console.print(f"{lora}: {c.shape[1]} coefficients, relative reconstruction error {err:.4f}")
+    console.print(
+        "first coefficients (in training std units): " + ", ".join(f"{v:+.2f}" for v in z[:show])
+    )
+    table = Table(title="nearest training models (cosine of coefficients)")
+    for col in ("row", "name", "cosine"):
+        table.add_column(col)
+    for row, name, sim in space.nearest(c, n_nearest)[0]:
+        table.add_row(str(row), name, f"{sim:.4f}")
+    console.print(table)
+
+
+@click.command("sample")
+@space_option
+@click.option("-n", "count", type=int, default=1, show_default=True, help="Models to sample.")
+@click.option(
+    "-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Output folder."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["kohya", "diffusers", "peft"]),
+    default="kohya",
+    show_default=True,
+)
+@click.option("--seed", type=int, default=None, help="Random seed (default: fresh).")
+@click.option(
+    "--temperature", type=float, default=1.0, show_default=True, help="Scale of the sampling std."
+)
+@click.option(
+    "--covariance", type=click.Choice(["diagonal", "full"]), default="diagonal", show_default=True
+)
+@click.option("--rank", type=int, default=None, help="Rank of written layers (delta spaces).")
+@force_option
+def sample_cmd(
+    space_path: Path,
+    count: int,
+    out: Path,
+    fmt: str,
+    seed: int | None,
+    temperature: float,
+    covariance: str,
+    rank: int | None,
+    force: bool,
+) -> None:
+    """Sample new models from a space and write them as LoRA files.
+
+    \b
+    Example:
+      w2wkit sample -n 4 -o samples/ --seed 0 --format diffusers
+    """
+    from rich.progress import track
+
+    from w2wkit.formats import provenance_metadata, write_adapter
+
+    if count < 1:
+        raise SpaceError(f"-n must be positive, got {count}")
+    space = _load(space_path)
+    coefs = space.sample(count, seed=seed, temperature=temperature, covariance=covariance)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in track(range(count), description="writing", transient=True, console=console):
+        ad = space.inverse_transform(coefs[i], rank=rank)[0]
+        name = f"sample_{i:04d}" + ("" if fmt == "peft" else ".safetensors")
+        prov = provenance_metadata(
+            "w2wkit sample", [str(space_path)], seed=seed, temperature=temperature, index=i
+        )
+        write_adapter(ad, out / name, format=fmt, overwrite=force, provenance=prov)
+    np.save(out / "coefficients.npy", coefs)
+    console.print(f"wrote {count} models to {out} ({fmt})")
+
+
+@click.command("import-w2w")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_SPACE,
+    show_default=True,
+)
+@click.option(
+    "-k",
+    "--components",
+    type=int,
+    default=None,
+    help="Components to keep (default: the release's projection width).",
+)
+@force_option
+@allow_pickle_option
+def import_w2w_cmd(
+    folder: Path, out: Path, components: int | None, force: bool, allow_pickle: bool
+) -> None:
+    """Import the official weights2weights release (torch pickles) as a space.
+
+    \b
+    Example:
+      w2wkit import-w2w weights2weights/weights_datasets -o w2w-space --allow-pickle
+    """
+    from w2wkit.importers.w2w import import_w2w
+
+    if out.exists() and not force:
+        raise SpaceError("output exists (use --force to overwrite)", path=out)
+    space = import_w2w(folder, allow_pickle=allow_pickle, n_components=components)
+    space.save(out, overwrite=force)
+    console.print(
+        f"wrote {out}: {len(space.manifest_)} models, {space.n_components_} components, "
+        f"labels: {', '.join(space.labels_ or {}) or '-'}"
+    )
+
+
+def register(cli: click.Group) -> None:
+    """Add the commands of this module to ``cli``."""
+    for cmd in (fit_cmd, info_cmd, project_cmd, sample_cmd, import_w2w_cmd):
+        cli.add_command(cmd)

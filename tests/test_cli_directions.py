@@ -1,0 +1,281 @@
+"""``w2wkit directions`` and ``w2wkit apply`` end to end, bad input included."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+space_mod = pytest.importorskip("w2wkit.space", reason="w2wkit.space (WeightSpace) not merged yet")
+
+from _directions_world import MODULE_SHAPES, planted_collection  # noqa: E402
+
+from w2wkit import directions as D  # noqa: E402
+from w2wkit.cli.main import cli  # noqa: E402
+from w2wkit.formats.registry import read_adapter, write_adapter  # noqa: E402
+
+WeightSpace = space_mod.WeightSpace
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A folder of kohya files, a labels CSV and a fitted space ./w2w-space."""
+    root = tmp_path_factory.mktemp("dirs")
+    adapters, labels, _ = planted_collection(n=60, k=6, seed=1)
+    loras = root / "loras"
+    for i, a in enumerate(adapters):
+        write_adapter(a, loras / f"m{i:03d}.safetensors", format="kohya")
+    rows = ["file,a0,a1,a2,a3"]
+    for i in range(len(adapters)):
+        vals = [labels[n][i] for n in ("a0", "a1", "a2", "a3")]
+        cells = ["" if (i == 4 and j == 2) else f"{v:g}" for j, v in enumerate(vals)]
+        rows.append(f"m{i:03d}.safetensors," + ",".join(cells))
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    WeightSpace(n_components=6).fit(loras).save(root / "bare-space")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(world):
+    """./w2w-space: a copy of the bare space with directions fitted by the CLI."""
+    import shutil
+
+    sp_path = world / "w2w-space"
+    shutil.copytree(world / "bare-space", sp_path)
+    res = CliRunner().invoke(
+        cli, ["directions", str(sp_path), "--labels", str(world / "labels.csv")]
+    )
+    assert res.exit_code == 0, res.output
+    return sp_path
+
+
+def run(args, **kw):
+    return CliRunner().invoke(cli, [str(a) for a in args], **kw)
+
+
+def one_line_error(res):
+    assert res.exit_code != 0
+    text = res.stderr.strip()
+    assert text and "\n" not in text, text
+    assert "Traceback" not in res.output
+    return text
+
+
+def test_directions_fit_and_list(fitted):
+    sp = WeightSpace.load(fitted)
+    assert set(sp.directions_) == {"a0", "a1", "a2", "a3"}
+    d = sp.directions_["a2"]
+    assert d.kind == "pattern" and d.method == "lstsq" and d.info["n_labelled"] == 59
+    res = run(["directions", fitted, "--list"])
+    assert res.exit_code == 0, res.output
+    for word in ("a0", "a3", "lstsq", "pattern", "cosines"):
+        assert word in res.output
+    res = run(["directions", fitted, "--list", "--json"])
+    listed = json.loads(res.output)
+    assert listed["a1"]["score"] == pytest.approx(sp.directions_["a1"].score)
+
+
+def test_directions_method_kind_disentangle(world, tmp_path):
+    import shutil
+
+    sp_path = tmp_path / "sp"
+    shutil.copytree(world / "bare-space", sp_path)
+    args = ["directions", sp_path, "--labels", world / "labels.csv", "--method", "logistic"]
+    res = run([*args, "--kind", "filter", "--disentangle", "a0=a1,a2"])
+    assert res.exit_code == 0, res.output
+    assert "disentangled a0" in res.output and "score" in res.output
+    sp = WeightSpace.load(sp_path)
+    a0 = sp.directions_["a0"]
+    assert a0.method == "logistic" and a0.kind == "filter"
+    assert a0.info["orthogonal_to"] == ["a1", "a2"]
+    for other in ("a1", "a2"):
+        assert abs(a0.vector @ D.direction_vector(sp.directions_[other], "filter")) < 1e-10
+    # disentangle existing directions without refitting
+    res = run(["directions", sp_path, "--disentangle", "a3=a2"])
+    assert res.exit_code == 0, res.output
+    sp = WeightSpace.load(sp_path)
+    assert sp.directions_["a3"].info["orthogonal_to"] == ["a2"]
+    assert sp.directions_["a0"].info["orthogonal_to"] == ["a1", "a2"]
+
+
+def test_apply_as_typed_edits_mean_model_in_cwd(fitted, world, monkeypatch):
+    monkeypatch.chdir(world)
+    res = run(["apply", "--direction", "a2", "--strength", "1.5"])
+    assert res.exit_code == 0, res.output
+    out = world / "mean_a2+1.5.safetensors"
+    assert out.is_file()
+    sp = WeightSpace.load(fitted)
+    edited = read_adapter(out)
+    assert edited.format == "kohya"
+    d = sp.directions_["a2"]
+    np.testing.assert_allclose(
+        sp.transform(edited)[0], sp.coef_mean_ + 1.5 * d.proj_std * d.vector, atol=1e-4
+    )
+    hist = json.loads(edited.metadata[D.EDIT_METADATA_KEY])
+    assert hist[0]["strengths"] == {"a2": 1.5} and hist[0]["input"] == "mean model"
+    assert edited.metadata["w2wkit.made_by"] == "w2wkit apply"
+    # again without --force: refused, file untouched
+    before = out.read_bytes()
+    text = one_line_error(run(["apply", "--direction", "a2", "--strength", "1.5"]))
+    assert "exists" in text and "--force" in text
+    assert out.read_bytes() == before
+    assert run(["apply", "--direction", "a2", "--strength", "1.5", "--force"]).exit_code == 0
+
+
+def test_apply_input_keeps_format_and_moves_exactly(fitted, world, tmp_path):
+    src = world / "loras" / "m007.safetensors"
+    out = tmp_path / "older.safetensors"
+    res = run(
+        ["apply", src, "--direction", "a1", "--strength", "-0.8", "--space", fitted, "-o", out]
+    )
+    assert res.exit_code == 0, res.output
+    sp = WeightSpace.load(fitted)
+    a, e = read_adapter(src), read_adapter(out)
+    assert e.format == a.format == "kohya"
+    d = sp.directions_["a1"]
+    moved = (sp.transform(e)[0] - sp.transform(a)[0]) @ d.vector
+    assert moved == pytest.approx(-0.8 * d.proj_std, rel=1e-6)
+    # several edits at once, another format, residual dropped
+    out2 = tmp_path / "multi.safetensors"
+    res = run(
+        [
+            "apply",
+            src,
+            "--space",
+            fitted,
+            "--edit",
+            "a0=1",
+            "--edit",
+            "a3=-0.5",
+            "--format",
+            "diffusers",
+            "--project",
+            "-o",
+            out2,
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    e2 = read_adapter(out2)
+    assert e2.format == "diffusers"
+    hist = json.loads(e2.metadata[D.EDIT_METADATA_KEY])
+    assert hist[-1]["strengths"] == {"a0": 1.0, "a3": -0.5} and not hist[-1]["keep_residual"]
+
+
+def test_groups_direction(fitted, world, tmp_path):
+    import shutil
+
+    sp_path = tmp_path / "sp"
+    shutil.copytree(fitted, sp_path)
+    y = np.array(
+        [
+            float(line.split(",")[3] or "nan")
+            for line in (world / "labels.csv").read_text().splitlines()[1:]
+        ]
+    )
+    for grp, val in (("A", 0.0), ("B", 1.0)):
+        (tmp_path / grp).mkdir()
+        for i in np.flatnonzero(y == val)[:12]:
+            shutil.copy(world / "loras" / f"m{i:03d}.safetensors", tmp_path / grp)
+    res = run(["directions", sp_path, "--groups", tmp_path / "A", tmp_path / "B", "--name", "g2"])
+    assert res.exit_code == 0, res.output
+    sp = WeightSpace.load(sp_path)
+    assert sp.directions_["g2"].method == "groups"
+    assert sp.directions_["g2"].vector @ sp.directions_["a2"].vector > 0.5
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (
+            ["--direction", "age", "--strength", "1"],
+            "unknown direction 'age'; available: a0, a1, a2, a3",
+        ),
+        (["--direction", "a0", "--strength", "abc"], "not a number"),
+        (["--direction", "a0", "--strength", "nan"], "not finite"),
+        (["--direction", "a0", "--strength", "inf"], "not finite"),
+        (["--direction", "a0"], "needs --strength"),
+        (["--edit", "a0"], "NAME=VALUE"),
+        ([], "nothing to apply"),
+    ],
+)
+def test_apply_bad_input(fitted, world, tmp_path, extra, needle):
+    out = tmp_path / "x.safetensors"
+    res = run(["apply", world / "loras" / "m001.safetensors", "--space", fitted, "-o", out, *extra])
+    assert needle in one_line_error(res)
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_space_and_space_without_directions(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = one_line_error(run(["apply", "--direction", "a0", "--strength", "1"]))
+    assert "./w2w-space" in text and "w2wkit fit" in text and "--space" in text
+    bare = world / "bare-space"
+    text = one_line_error(run(["apply", "--direction", "a0", "--strength", "1", "--space", bare]))
+    assert "no directions" in text
+    assert "no directions" in one_line_error(run(["directions", bare, "--list"]))
+    assert "no labels" in one_line_error(run(["directions", bare]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_labels(world, tmp_path):
+    import shutil
+
+    sp_path = tmp_path / "sp"
+    shutil.copytree(world / "bare-space", sp_path)
+    none = tmp_path / "none.csv"
+    none.write_text("file,beard\nstranger.safetensors,1\nother.safetensors,0\n")
+    assert "no label row" in one_line_error(run(["directions", sp_path, "--labels", none]))
+    one = tmp_path / "one.csv"
+    one.write_text("file,beard\n" + "".join(f"m{i:03d}.safetensors,1\n" for i in range(10)))
+    text = one_line_error(run(["directions", sp_path, "--labels", one]))
+    assert "one class" in text and "beard" in text
+    assert WeightSpace.load(sp_path).directions_ == {}
+
+
+def test_applied_files_load_in_diffusers(fitted, world, tmp_path):
+    torch = pytest.importorskip("torch")
+    from w2wkit.testing import (
+        attention_modules,
+        module_shapes,
+        relative_error,
+        tiny_pipeline,
+        unet_weights,
+    )
+
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline(seed=0)
+    mods = attention_modules(pipe, ("to_q", "to_v"))
+    assert module_shapes(pipe, mods) == MODULE_SHAPES
+    before = unet_weights(pipe, mods)
+    src = world / "loras" / "m010.safetensors"
+    for fmt in ("kohya", "diffusers"):
+        out = tmp_path / f"edit_{fmt}.safetensors"
+        res = run(
+            [
+                "apply",
+                src,
+                "--space",
+                fitted,
+                "--edit",
+                "a0=1.5",
+                "--edit",
+                "a1=-1",
+                "--format",
+                fmt,
+                "-o",
+                out,
+            ]
+        )
+        assert res.exit_code == 0, res.output
+        edited = read_adapter(out)
+        pipe.load_lora_weights(str(out), adapter_name=fmt)
+        pipe.fuse_lora(adapter_names=[fmt])
+        after = unet_weights(pipe, mods)
+        for m in mods:
+            delta = edited[m].delta().astype(np.float64)
+            assert relative_error(after[m] - before[m], delta) <= 1e-4, (fmt, m)
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from _spacehelpers import random_models
+
+from w2wkit.collection import Collection
+from w2wkit.errors import FormatError, LayoutError, SpaceError
+from w2wkit.formats import write_adapter
+from w2wkit.layout import WeightLayout
+
+
+def _write(models, folder, fmt="kohya"):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ad in enumerate(models):
+        p = folder / f"m{i:02d}.safetensors"
+        write_adapter(ad, p, format=fmt)
+        paths.append(p)
+    return paths
+
+
+def test_rows_stream_in_blocks_with_numpy_statistics(tmp_path):
+    models = random_models(9, seed=1)
+    paths = _write(models, tmp_path / "loras")
+    coll = Collection(tmp_path / "loras", cache_dir=tmp_path / "cache")
+    rows = coll.scan_factors()
+    lay = WeightLayout.from_adapter(models[0])
+    expected = np.stack([lay.flatten(m) for m in models])
+    assert isinstance(rows.data, np.memmap)  # cache on disk
+    blocks = list(rows.blocks(block_rows=4))
+    assert [b.shape[0] for b in blocks] == [4, 4, 1]
+    assert all(b.dtype == np.float32 for b in blocks)
+    np.testing.assert_allclose(np.concatenate(blocks), expected, rtol=0, atol=0)
+    np.testing.assert_allclose(rows.mean, expected.astype(np.float64).mean(0), atol=1e-7)
+    np.testing.assert_allclose(rows.var, expected.astype(np.float64).var(0), atol=1e-6)
+    man = coll.manifest
+    assert [e["row"] for e in man] == list(range(9))
+    assert man[3]["name"] == "m03" and man[3]["format"] == "kohya"
+    assert man[3]["sha256"] == hashlib.sha256(paths[3].read_bytes()).hexdigest()
+    rows.close()
+    assert not list((tmp_path / "cache").glob("*/rows.npy"))
+
+
+def test_glob_and_list_sources(tmp_path):
+    paths = _write(random_models(3), tmp_path)
+    assert len(Collection(str(tmp_path / "m0*.safetensors"))) == 3
+    coll = Collection(paths[:2])
+    assert coll.names == ["m00", "m01"]
+
+
+def test_mixed_layouts_list_groups_and_suggest_delta(tmp_path):
+    _write(random_models(3, rank=2) + random_models(2, rank=4), tmp_path)
+    with pytest.raises(LayoutError) as err:
+        Collection(tmp_path).scan_factors()
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "group 1: 3 model(s) [m00, m01, m02]" in msg
+    assert "group 2: 2 model(s) [m03, m04]" in msg and "rank 4" in msg
+    assert "--representation delta" in msg
+
+
+def test_nan_row_names_the_file(tmp_path):
+    models = random_models(3)
+    _write(models, tmp_path)
+    bad = random_models(1)[0]
+    first = next(iter(bad.layers.values()))
+    first.up[0, 0] = np.nan
+    from w2wkit.stio import write_safetensors
+
+    # written raw (writers refuse NaN): kohya keys by hand
+    tensors = {}
+    for m, layer in bad.items():
+        key = "lora_unet_" + m.split(".", 1)[1].replace(".", "_")
+        tensors[key + ".lora_down.weight"] = layer.down
+        tensors[key + ".lora_up.weight"] = layer.up
+        tensors[key + ".alpha"] = np.array(layer.alpha, np.float32)
+    write_safetensors(tmp_path / "zz_bad.safetensors", tensors)
+    with pytest.raises(FormatError, match=r"zz_bad\.safetensors.*NaN"):
+        Collection(tmp_path).scan_factors()
+
+
+def test_single_model_and_empty_folder(tmp_path):
+    _write(random_models(1), tmp_path / "one")
+    with pytest.raises(SpaceError, match="at least 2 models"):
+        Collection(tmp_path / "one").scan_factors()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpaceError, match="no models to fit"):
+        Collection(tmp_path / "empty")
+
+
+def test_delta_scan_accepts_ranks_and_formats(tmp_path):
+    a = random_models(2, rank=2)
+    b = random_models(2, rank=3, seed=5)
+    _write(a, tmp_path / "k", fmt="kohya")
+    _write(b, tmp_path / "d", fmt="diffusers")
+    fac = Collection(tmp_path).scan_deltas()
+    m = next(iter(a[0].layers))
+    assert fac.up[m].shape[1] == 2 + 2 + 3 + 3 and fac.max_rank[m] == 3
+    # files sort as d/m00, d/m01, k/m00, k/m01
+    assert list(fac.owner[m]) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    # model 0's delta is recovered from the stacked factors
+    sel = fac.owner[m] == 0
+    np.testing.assert_allclose(fac.up[m][:, sel] @ fac.down[m][sel], b[0][m].delta(), atol=1e-6)

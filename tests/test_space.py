@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _spacehelpers import adapters_from_rows, layout, planted_rows, principal_angle
+from sklearn.decomposition import PCA
+
+from w2wkit.errors import SpaceError
+from w2wkit.space import WeightSpace
+
+
+def _standardised(x):
+    # independent reference: numpy mean and ddof=0 std (scikit-learn's StandardScaler)
+    return (x - x.mean(0)) / x.std(0)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    lay = layout(rank=2)
+    x = planted_rows(40, lay, true_rank=6, seed=3)
+    return lay, x, adapters_from_rows(x, lay)
+
+
+@pytest.mark.parametrize("solver", ["exact", "auto"])
+def test_noise_free_subspace_matches_numpy_and_sklearn(planted, solver):
+    _lay, x, ads = planted
+    space = WeightSpace(6, solver=solver).fit(ads)
+    z = _standardised(x)
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    assert principal_angle(space.components_, vt[:6]) < 1e-3
+    np.testing.assert_allclose(space.singular_values_, s[:6], rtol=1e-4)
+    sk = PCA(n_components=6, svd_solver="full").fit(z)
+    assert principal_angle(space.components_, sk.components_) < 1e-3
+    np.testing.assert_allclose(space.singular_values_, sk.singular_values_, rtol=1e-4)
+    np.testing.assert_allclose(space.explained_variance_, sk.explained_variance_, rtol=1e-4)
+    np.testing.assert_allclose(
+        space.explained_variance_ratio_, sk.explained_variance_ratio_, rtol=1e-4, atol=1e-7
+    )
+    # coefficients are the scores of the standardised rows
+    np.testing.assert_allclose(
+        np.abs(space.coefficients_), np.abs(sk.transform(z)), rtol=1e-3, atol=1e-4
+    )
+    assert space.scale_.min() > 0
+    assert np.allclose(space.scale_, x.std(0), rtol=1e-5)
+
+
+def test_unstandardised_matches_plain_pca(planted):
+    _, x, ads = planted
+    space = WeightSpace(5, standardize=False, solver="exact").fit(ads)
+    sk = PCA(n_components=5, svd_solver="full").fit(x)
+    assert principal_angle(space.components_, sk.components_) < 1e-3
+    np.testing.assert_allclose(space.singular_values_, sk.singular_values_, rtol=1e-4)
+    np.testing.assert_array_equal(space.scale_, 1.0)
+
+
+def test_randomized_solver_with_noise():
+    lay = layout(rank=2)
+    x = planted_rows(60, lay, true_rank=8, noise=0.05, seed=4)
+    space = WeightSpace(8, solver="randomized", random_state=0).fit(adapters_from_rows(x, lay))
+    s = np.linalg.svd(_standardised(x), compute_uv=False)
+    np.testing.assert_allclose(space.singular_values_, s[:8], rtol=1e-3)
+
+
+def test_transform_inverse_round_trip_and_idempotent_projection(planted):
+    lay, x, ads = planted
+    space = WeightSpace(4, solver="exact").fit(ads)
+    rng = np.random.default_rng(0)
+    c = rng.standard_normal((5, 4)) * space.coef_std_
+    back = space.transform(space.inverse_transform(c))
+    np.testing.assert_allclose(back, c, atol=1e-4 * np.abs(c).max())
+    # inverse_transform(transform(.)) is an orthogonal projection in the standardised metric
+    p1 = space.inverse_transform(space.transform(ads[:3]))
+    p2 = space.inverse_transform(space.transform(p1))
+    for a, b in zip(p1, p2, strict=True):
+        np.testing.assert_allclose(lay.flatten(a), lay.flatten(b), atol=1e-5)
+    z = (x[:3] - space.mean_) / space.scale_
+    zp = (np.stack([lay.flatten(a) for a in p1]) - space.mean_) / space.scale_
+    # residual orthogonal to the components
+    assert np.abs((z - zp) @ space.components_.T).max() < 1e-3
+    # training coefficients are what transform gives
+    np.testing.assert_allclose(space.transform(ads[:5]), space.coefficients_[:5], atol=1e-4)
+
+
+def test_sampled_models_have_the_layout(planted):
+    lay, _, ads = planted
+    space = WeightSpace(4, solver="exact").fit(ads)
+    c = space.sample(300, seed=1)
+    assert c.shape == (300, 4)
+    np.testing.assert_array_equal(c, space.sample(300, seed=1))
+    assert np.all(np.abs(c.std(0) / space.coef_std_ - 1) < 0.15)
+    assert np.allclose(space.sample(3, seed=1, temperature=0.0), space.coef_mean_)
+    full = space.sample(2000, seed=2, covariance="full")
+    np.testing.assert_allclose(full.std(0), space.coef_std_, rtol=0.1)
+    for ad in space.inverse_transform(c[:2]):
+        assert type(lay).from_adapter(ad) == lay
+
+
+def test_nearest_by_cosine(planted):
+    _, _, ads = planted
+    space = WeightSpace(4, solver="exact").fit(ads)
+    hits = space.nearest(space.coefficients_[[7, 12]] * 2.0, n=3)
+    assert [h[0][0] for h in hits] == [7, 12]
+    assert hits[0][0][1] == "model_0007"
+    assert hits[0][0][2] == pytest.approx(1.0)
+    assert hits[0][0][2] >= hits[0][1][2] >= hits[0][2][2]
+
+
+def test_shift(planted):
+    _lay, _, ads = planted
+    space = WeightSpace(4, solver="exact").fit(ads)
+    same = space.shift(ads[0], np.zeros(4))
+    for m, layer in ads[0].items():
+        np.testing.assert_array_equal(same[m].delta(), layer.delta())
+    dc = np.array([1.0, -0.5, 0.0, 0.25])
+    moved = space.shift(ads[0], dc)
+    np.testing.assert_allclose(space.transform(moved)[0], space.coefficients_[0] + dc, atol=1e-4)
+    # the residual outside the subspace is kept ...
+    assert space.residual(moved)[0] > 0.01
+    # ... or dropped
+    proj = space.shift(ads[0], dc, keep_residual=False)
+    assert space.residual(proj)[0] < 1e-3
+
+
+def test_bad_inputs(planted):
+    _, _, ads = planted
+    with pytest.raises(SpaceError, match="exceeds N-1=39"):
+        WeightSpace(40).fit(ads)
+    with pytest.raises(SpaceError, match="at least 2 models"):
+        WeightSpace(1).fit(ads[:1])
+    with pytest.raises(SpaceError, match="unknown representation"):
+        WeightSpace(2, representation="product").fit(ads)
+    with pytest.raises(SpaceError, match="not fitted"):
+        WeightSpace(2).transform(ads[0])
+    space = WeightSpace(3, solver="exact").fit(ads)
+    with pytest.raises(SpaceError, match=r"need \(n, 3\)"):
+        space.inverse_transform(np.zeros((2, 5)))
+    with pytest.raises(SpaceError, match="NaN"):
+        space.inverse_transform(np.full(3, np.nan))
+    with pytest.raises(SpaceError, match="identical"):
+        WeightSpace(1).fit([ads[0], ads[0], ads[0]])
+
+
+def test_constant_coordinates_get_a_positive_floor(planted):
+    lay, x, _ = planted
+    x = x.copy()
+    x[:, :5] = 0.25  # zero variance
+    space = WeightSpace(3, solver="exact").fit(adapters_from_rows(x, lay))
+    assert np.all(space.scale_ > 0) and np.isfinite(space.scale_).all()
+    assert np.all(space.scale_[:5] < 1e-4)
+    assert np.isfinite(space.coefficients_).all()

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _spacehelpers import pad_rank, random_models, regauge, split_alpha
+
+from w2wkit.adapter import Adapter, DeltaLayer
+from w2wkit.collection import Collection
+from w2wkit.errors import LayoutError
+from w2wkit.formats import write_adapter
+from w2wkit.space import WeightSpace, compress_factors
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def models():
+    return random_models(12, rank=2, seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    return WeightSpace(K, representation="delta").fit(models)
+
+
+def _variants(models):
+    out = []
+    for i, ad in enumerate(models):
+        kind = i % 4
+        if kind == 0:
+            out.append(regauge(ad, seed=i))
+        elif kind == 1:
+            out.append(pad_rank(ad, extra=2))
+        elif kind == 2:
+            out.append(split_alpha(ad, factor=4.0))
+        else:
+            out.append(regauge(pad_rank(ad, 1), seed=100 + i))
+    return out
+
+
+def _same_space(a: WeightSpace, b: WeightSpace, tol=1e-5):
+    scale = np.abs(a.coefficients_).max()
+    np.testing.assert_allclose(b.coefficients_, a.coefficients_, atol=tol * scale)
+    np.testing.assert_allclose(b.singular_values_, a.singular_values_, rtol=tol)
+    np.testing.assert_allclose(b.explained_variance_ratio_, a.explained_variance_ratio_, rtol=tol)
+
+
+def test_delta_gram_matches_materialised_deltas(models, reference):
+    # independent reference: PCA of the materialised, per-layer scaled delta matrix
+    x = np.stack(
+        [np.concatenate([layer.delta().ravel() for layer in ad.layers.values()]) for ad in models]
+    ).astype(np.float64)
+    sizes = [layer.delta().size for layer in models[0].layers.values()]
+    bounds = np.cumsum([0, *sizes])
+    xc = x - x.mean(0)
+    for j in range(len(sizes)):
+        block = xc[:, bounds[j] : bounds[j + 1]]
+        xc[:, bounds[j] : bounds[j + 1]] = block / np.sqrt((block**2).sum() / block.size)
+    s = np.linalg.svd(xc, compute_uv=False)
+    np.testing.assert_allclose(reference.singular_values_, s[:K], rtol=1e-5)
+
+
+def test_gauge_ranks_alphas_give_the_same_space(models, reference):
+    space = WeightSpace(K, representation="delta").fit(_variants(models))
+    _same_space(reference, space)
+    c = reference.coefficients_[:3].astype(np.float64)
+    np.testing.assert_allclose(space.transform(models[:3]), c, atol=1e-5 * np.abs(c).max())
+
+
+def test_formats_give_the_same_space(tmp_path, models, reference):
+    for i, ad in enumerate(_variants(models)):
+        fmt = ("kohya", "diffusers", "peft")[i % 3]
+        name = f"m{i:02d}" + ("" if fmt == "peft" else ".safetensors")
+        write_adapter(ad, tmp_path / name, format=fmt)
+    coll = Collection(tmp_path)
+    space = WeightSpace(K, representation="delta").fit(coll)
+    assert {e["format"] for e in space.manifest_} == {"kohya", "diffusers", "peft"}
+    _same_space(reference, space)
+
+
+def test_factors_representation_is_not_gauge_invariant(models):
+    # same ranks and alphas so both collections share one factor layout
+    gauged = [regauge(ad, seed=i) for i, ad in enumerate(models)]
+    a = WeightSpace(K, representation="factors", solver="exact").fit(models)
+    b = WeightSpace(K, representation="factors", solver="exact").fit(gauged)
+    rel = np.abs(a.singular_values_ - b.singular_values_) / a.singular_values_
+    assert rel.max() > 1e-2
+    diff = np.abs(np.abs(a.coefficients_) - np.abs(b.coefficients_)).max()
+    assert diff > 0.1 * np.abs(a.coefficients_).max()
+    # while the delta representation does not move
+    _same_space(
+        WeightSpace(K, representation="delta").fit(models),
+        WeightSpace(K, representation="delta").fit(gauged),
+    )
+
+
+def test_reconstruction_round_trip_and_energy(reference, models):
+    rng = np.random.default_rng(0)
+    c = rng.standard_normal((3, K)) * reference.coef_std_
+    full = reference.inverse_transform(c, rank=24)  # >= N * r: no truncation
+    assert all(e["overall"] == pytest.approx(1.0) for e in reference.last_energy_)
+    np.testing.assert_allclose(reference.transform(full), c, atol=1e-5 * np.abs(c).max())
+    low = reference.inverse_transform(c)  # default: the collection's rank (2)
+    energy = reference.last_energy_
+    m = next(iter(models[0].layers))
+    assert low[0][m].rank == 2 and low[0][m].alpha == 2.0
+    assert 0 < energy[0]["overall"] < 1
+    assert float(low[0].metadata["w2wkit.energy_kept"]) == pytest.approx(energy[0]["overall"])
+    # the rank-2 layer is the best rank-2 approximation (Eckart-Young) of the full one
+    target = full[0][m].delta().astype(np.float64)
+    s = np.linalg.svd(target, compute_uv=False)
+    err = np.linalg.norm(low[0][m].delta() - target) ** 2
+    assert err == pytest.approx(np.sum(s[2:] ** 2), rel=1e-4)
+    assert energy[0]["layers"][m] == pytest.approx(np.sum(s[:2] ** 2) / np.sum(s**2), rel=1e-5)
+    # idempotent projection
+    p1 = reference.inverse_transform(reference.transform(models[:2]), rank=24)
+    p2 = reference.inverse_transform(reference.transform(p1), rank=24)
+    for a, b in zip(p1, p2, strict=True):
+        for mod in a:
+            np.testing.assert_allclose(a[mod].delta(), b[mod].delta(), atol=1e-5)
+
+
+def test_compress_factors_matches_svd():
+    rng = np.random.default_rng(1)
+    up, down = rng.standard_normal((9, 6)), rng.standard_normal((6, 7))
+    u, d, kept, total = compress_factors(up, down, 3)
+    s = np.linalg.svd(up @ down, compute_uv=False)
+    assert total == pytest.approx(np.sum(s**2))
+    assert kept == pytest.approx(np.sum(s[:3] ** 2))
+    assert np.linalg.norm(u @ d - up @ down) ** 2 == pytest.approx(np.sum(s[3:] ** 2))
+    u, d, _, _ = compress_factors(up, down, 10)  # zero-padded beyond the rank
+    assert u.shape == (9, 10) and np.allclose(u @ d, up @ down, atol=1e-5)
+
+
+def test_shift_in_delta_space(reference, models):
+    same = reference.shift(models[0], np.zeros(K))
+    for m, layer in models[0].items():
+        np.testing.assert_array_equal(same[m].delta(), layer.delta())
+    dc = np.array([0.5, -1.0, 0.0, 0.3, 0.1])
+    moved = reference.shift(models[0], dc, rank=30)
+    expect = reference.coefficients_[0] + dc
+    np.testing.assert_allclose(reference.transform(moved)[0], expect, atol=1e-4)
+
+
+def test_lycoris_deltas_and_missing_modules(models):
+    # a LoHa-like exact delta and a model lacking one module join the space
+    first = next(iter(models[0].layers))
+    loha = Adapter(
+        {
+            m: (DeltaLayer(layer.delta(), "loha") if m == first else layer)
+            for m, layer in models[1].items()
+        }
+    )
+    partial = Adapter({m: layer for m, layer in models[2].items() if m != first})
+    space = WeightSpace(3, representation="delta").fit([models[0], loha, partial, *models[3:]])
+    np.testing.assert_allclose(
+        space.transform(models[1]), space.transform(loha), atol=1e-5 * space.coef_std_.max()
+    )
+    bad = Adapter({first: DeltaLayer(np.ones((3, 3), np.float32))})
+    with pytest.raises(LayoutError, match="delta shape"):
+        space.transform(bad)

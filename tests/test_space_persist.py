@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from _spacehelpers import random_models
+
+from w2wkit.errors import DirectionError, SpaceError
+from w2wkit.space import Direction, WeightSpace
+
+
+@pytest.fixture(scope="module", params=["factors", "delta"])
+def fitted(request):
+    models = random_models(10, seed=2)
+    space = WeightSpace(4, representation=request.param, solver="exact").fit(
+        models, labels={"beard": [0, 1] * 5}
+    )
+    v = np.zeros(4)
+    v[1] = 1.0
+    space.directions_["beard"] = Direction("beard", v, "lstsq", score=0.9, info={"n": 10})
+    return space, models
+
+
+def test_save_load_round_trip(tmp_path, fitted):
+    space, models = fitted
+    out = space.save(tmp_path / "sp")
+    assert sorted(p.name for p in out.iterdir()) == ["arrays.safetensors", "space.json"]
+    meta = json.loads((out / "space.json").read_text())
+    assert meta["format_version"] == 1 and meta["representation"] == space.representation
+    assert meta["manifest"][3]["name"] == "model_0003" and meta["labels"] == ["beard"]
+    loaded = WeightSpace.load(out, verify=True)
+    np.testing.assert_array_equal(loaded.coefficients_, space.coefficients_)
+    np.testing.assert_allclose(loaded.transform(models[:2]), space.transform(models[:2]))
+    c = space.sample(2, seed=0)
+    for a, b in zip(loaded.inverse_transform(c), space.inverse_transform(c), strict=True):
+        for m in a:
+            np.testing.assert_array_equal(a[m].delta(), b[m].delta())
+    assert loaded.layout_ == space.layout_
+    np.testing.assert_array_equal(loaded.labels_["beard"], [0, 1] * 5)
+    d = loaded.directions_["beard"]
+    assert d.score == 0.9 and d.info == {"n": 10} and d.vector[1] == 1.0
+    with pytest.raises(SpaceError, match="output exists"):
+        space.save(out)
+    space.save(out, overwrite=True)
+
+
+def test_future_version_and_damage(tmp_path, fitted):
+    space, _ = fitted
+    out = space.save(tmp_path / "sp")
+    meta = json.loads((out / "space.json").read_text())
+    meta["format_version"] = 99
+    (out / "space.json").write_text(json.dumps(meta))
+    with pytest.raises(SpaceError, match=r"format version 99.*newer.*upgrade"):
+        WeightSpace.load(out)
+    meta["format_version"] = 1
+    (out / "space.json").write_text(json.dumps(meta))
+    raw = bytearray((out / "arrays.safetensors").read_bytes())
+    (out / "arrays.safetensors").write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(SpaceError, match="damaged"):
+        WeightSpace.load(out)
+    raw[-3] ^= 0xFF
+    (out / "arrays.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(SpaceError, match=r"SHA-256"):
+        WeightSpace.load(out, verify=True)
+    (out / "space.json").write_text("{not json")
+    with pytest.raises(SpaceError, match=r"space\.json is damaged"):
+        WeightSpace.load(out)
+    with pytest.raises(SpaceError, match="no such space"):
+        WeightSpace.load(tmp_path / "nope")
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_space(tmp_path, fitted):
+    space, _ = fitted
+    precious = tmp_path / "loras"
+    precious.mkdir()
+    (precious / "a.safetensors").write_bytes(b"x")
+    with pytest.raises(SpaceError, match="not a w2wkit space"):
+        space.save(precious, overwrite=True)
+    assert (precious / "a.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_labels_from_files(tmp_path):
+    models = random_models(4, seed=3)
+    space = WeightSpace(2, solver="exact").fit(models)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,beard,age\nmodel_0000.safetensors,1,30\nmodel_0002,no,\n")
+    space.set_labels(csv)
+    np.testing.assert_array_equal(space.labels_["beard"][[0, 2]], [1.0, 0.0])
+    assert np.isnan(space.labels_["beard"][1]) and np.isnan(space.labels_["age"][2])
+    js = tmp_path / "labels.json"
+    js.write_text(json.dumps([{"name": "model_0001", "smile": True}]))
+    space.set_labels(js)
+    assert space.labels_["smile"][1] == 1.0
+    csv.write_text("file,beard\nmodel_0000,1\nstranger.safetensors,0\nother,1\n")
+    with pytest.raises(DirectionError, match=r"2 label row.*stranger\.safetensors, other"):
+        space.set_labels(csv)
+    csv.write_text("file,beard\nmodel_0000,maybe\n")
+    with pytest.raises(DirectionError, match="'maybe' in row 'model_0000', column 'beard'"):
+        space.set_labels(csv)
+    csv.write_text("file,beard\nx,1\n")
+    with pytest.raises(DirectionError, match="no label row names a model"):
+        space.set_labels(csv)

@@ -1,0 +1,449 @@
+"""Many adapters as one data set: :class:`Collection`.
+
+A collection is an ordered list of models (LoRA files, PEFT folders or
+in-memory adapters). It reads them one at a time, never all at once:
+
+- :meth:`Collection.scan_factors` reads every model once, checks that all
+  share one :class:`~w2wkit.layout.WeightLayout` (explaining the groups when
+  they do not), writes the flattened rows to a float32 ``.npy`` memory map on
+  disk and accumulates per-coordinate mean and variance. The returned
+  :class:`FactorRows` streams row blocks from that cache for any number of
+  solver passes with memory bounded by one block.
+- :meth:`Collection.scan_deltas` reads every model once and stacks each
+  module's factors (scale folded into ``up``) for the gauge-invariant delta
+  representation.
+
+Every read records a manifest entry ``{"name", "file", "format", "sha256",
+"row"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from w2wkit.adapter import Adapter, DeltaLayer, LoraLayer
+from w2wkit.errors import FormatError, LayoutError, SpaceError
+from w2wkit.layout import WeightLayout, describe_layout_groups
+
+__all__ = ["Collection", "DeltaFactors", "FactorRows", "file_sha256"]
+
+Progress = Callable[[str, int, int], None]
+
+#: Default bytes per streamed row block.
+BLOCK_BYTES = 64 * 1024 * 1024
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, or of the sorted files of a folder (PEFT adapters)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_names(files: Sequence[Path]) -> list[str]:
+    """Short unique names: paths relative to the common folder, suffix dropped."""
+    if len(files) == 1:
+        return [files[0].stem if files[0].is_file() else files[0].name]
+    try:
+        common = Path(os.path.commonpath([str(f.resolve()) for f in files]))
+    except ValueError:
+        common = None
+    names = []
+    for f in files:
+        rel = f.resolve().relative_to(common) if common else Path(f.name)
+        names.append(str(rel.with_suffix("")) if f.suffix else str(rel))
+    return names
+
+
+@dataclass
+class FactorRows:
+    """Flattened factor rows of a collection, cached on disk.
+
+    Attributes
+    ----------
+    layout : WeightLayout
+        Shared layout of every row.
+    data : numpy.ndarray
+        ``(N, d)`` float32 memory map (or in-memory array).
+    mean : numpy.ndarray
+        ``(d,)`` float64 per-coordinate mean.
+    var : numpy.ndarray
+        ``(d,)`` float64 per-coordinate variance (``ddof=0``).
+    """
+
+    layout: WeightLayout
+    data: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    _cleanup: Any = field(default=None, repr=False)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of models ``N``."""
+        return int(self.data.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Row length ``d``."""
+        return int(self.data.shape[1])
+
+    def default_block_rows(self) -> int:
+        """Rows per block so that one block is about 64 MiB."""
+        return max(1, BLOCK_BYTES // (4 * max(self.dim, 1)))
+
+    def blocks(
+        self,
+        block_rows: int | None = None,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield consecutive float32 row blocks ``(b, d)``, optionally transformed."""
+        b = block_rows or self.default_block_rows()
+        for start in range(0, self.n_rows, b):
+            block = np.asarray(self.data[start : start + b], dtype=np.float32)
+            yield transform(block) if transform is not None else block
+
+    def close(self) -> None:
+        """Drop the disk cache (if it is a temporary one)."""
+        self.data = np.empty((0, self.dim), np.float32)
+        if self._cleanup is not None:
+            self._cleanup()
+
+
+@dataclass
+class DeltaFactors:
+    """Each module's factors stacked over all models (delta representation).
+
+    For module ``m`` the delta of model ``i`` is
+    ``up[m][:, owner[m] == i] @ down[m][owner[m] == i]`` (scale folded into
+    ``up``).
+
+    Attributes
+    ----------
+    modules : list of str
+        Union of the modules of all models, in first-seen order.
+    out_features : dict of str to int
+    in_shape : dict of str to tuple of int
+        Trailing shape of the delta (``(in,)`` or ``(in, kh, kw)``).
+    up : dict of str to numpy.ndarray
+        ``(out, R_m)`` float32, ``R_m`` the summed rank over models.
+    down : dict of str to numpy.ndarray
+        ``(R_m, prod(in_shape))`` float32.
+    owner : dict of str to numpy.ndarray
+        ``(R_m,)`` int64 model index of each stacked rank-one term.
+    max_rank : dict of str to int
+        Largest rank of the module over models.
+    n_models : int
+    """
+
+    modules: list[str]
+    out_features: dict[str, int]
+    in_shape: dict[str, tuple[int, ...]]
+    up: dict[str, np.ndarray]
+    down: dict[str, np.ndarray]
+    owner: dict[str, np.ndarray]
+    max_rank: dict[str, int]
+    n_models: int
+
+
+def layer_factors(layer: LoraLayer | DeltaLayer) -> tuple[np.ndarray, np.ndarray]:
+    """Factors ``(up * scale (out, r), down (r, in_flat))`` with ``up @ down == delta``.
+
+    A :class:`~w2wkit.adapter.DeltaLayer` is factorised exactly by an SVD.
+    """
+    if isinstance(layer, LoraLayer):
+        r = layer.rank
+        up = np.asarray(layer.up, dtype=np.float32).reshape(layer.out_features, r)
+        down = np.asarray(layer.down, dtype=np.float32).reshape(r, -1)
+        return up * np.float32(layer.scale), down
+    w = np.asarray(layer.weight, dtype=np.float64).reshape(layer.weight.shape[0], -1)
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    keep = s > s[0] * 1e-7 if s.size and s[0] > 0 else np.zeros(s.shape, bool)
+    keep[0] = True
+    return (u[:, keep] * s[keep]).astype(np.float32), vt[keep].astype(np.float32)
+
+
+class Collection:
+    """An ordered set of models to fit a space on.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or iterable of them, optional
+        A folder (searched recursively), a glob, one file, or a list of files
+        and PEFT folders (see :func:`w2wkit.formats.discover_lora_files`).
+    adapters : sequence of Adapter, optional
+        In-memory models instead of files.
+    names : sequence of str, optional
+        Names of in-memory adapters (default ``model_0000``...).
+    format : str, optional
+        Force the input format of every file.
+    allow_pickle : bool
+        Also read pickle files.
+    cache_dir : str or os.PathLike, optional
+        Where to put the row cache (default: a temporary folder removed when
+        the rows are closed or garbage-collected).
+
+    Raises
+    ------
+    SpaceError
+        When nothing is found.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
+        *,
+        adapters: Sequence[Adapter] | None = None,
+        names: Sequence[str] | None = None,
+        format: str | None = None,
+        allow_pickle: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.format = format
+        self.allow_pickle = allow_pickle
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self._adapters: list[Adapter] | None = None
+        self.files: list[Path] = []
+        if adapters is not None:
+            self._adapters = list(adapters)
+            if not self._adapters:
+                raise SpaceError("empty list of adapters")
+            self.names = (
+                list(names)
+                if names is not None
+                else [f"model_{i:04d}" for i in range(len(self._adapters))]
+            )
+            if len(self.names) != len(self._adapters):
+                raise SpaceError(f"{len(self.names)} names for {len(self._adapters)} adapters")
+        else:
+            if source is None:
+                raise SpaceError("a collection needs a folder, glob, list of files or adapters")
+            from w2wkit.formats.registry import discover_lora_files
+
+            try:
+                self.files = discover_lora_files(source, allow_pickle=allow_pickle)
+            except FormatError as exc:
+                raise SpaceError(
+                    f"no models to fit: {exc}",
+                    hint="point at a folder of .safetensors LoRA files",
+                ) from None
+            self.names = _model_names(self.files)
+        self.manifest: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_adapters(
+        cls, adapters: Sequence[Adapter], names: Sequence[str] | None = None
+    ) -> Collection:
+        """A collection of in-memory adapters."""
+        return cls(adapters=adapters, names=names)
+
+    def __len__(self) -> int:
+        return len(self._adapters) if self._adapters is not None else len(self.files)
+
+    def __repr__(self) -> str:
+        return f"Collection({len(self)} models)"
+
+    # ---------------------------------------------------------------- reading
+    def read(self, i: int) -> tuple[Adapter, dict[str, Any]]:
+        """Read model ``i`` (validated) with its manifest entry."""
+        name = self.names[i]
+        if self._adapters is not None:
+            ad = self._adapters[i]
+            ad = Adapter(dict(ad.layers), dict(ad.metadata), ad.source or name, ad.format)
+            ad.validate()
+            entry = {
+                "name": name,
+                "file": ad.source if ad.source != name else None,
+                "format": ad.format,
+                "sha256": None,
+                "row": i,
+            }
+            return ad, entry
+        from w2wkit.formats.registry import read_adapter
+
+        path = self.files[i]
+        ad = read_adapter(path, format=self.format, allow_pickle=self.allow_pickle)
+        entry = {
+            "name": name,
+            "file": str(path),
+            "format": ad.format,
+            "sha256": file_sha256(path),
+            "row": i,
+        }
+        return ad, entry
+
+    def iter_adapters(self, progress: Progress | None = None) -> Iterator[tuple[int, Adapter]]:
+        """Read the models one at a time, recording the manifest."""
+        self.manifest = []
+        n = len(self)
+        for i in range(n):
+            ad, entry = self.read(i)
+            self.manifest.append(entry)
+            if progress is not None:
+                progress("read", i + 1, n)
+            yield i, ad
+
+    def _require_models(self, minimum: int = 2) -> None:
+        if len(self) < minimum:
+            where = self.files[0] if self.files else None
+            raise SpaceError(
+                f"a space needs at least {minimum} models, the collection has {len(self)}",
+                path=where,
+            )
+
+    # ----------------------------------------------------------- factor rows
+    def scan_factors(self, *, progress: Progress | None = None) -> FactorRows:
+        """Read every model once: check layouts, cache rows, compute statistics.
+
+        Returns
+        -------
+        FactorRows
+            ``(N, d)`` float32 rows (memory-mapped cache) with mean/variance.
+
+        Raises
+        ------
+        LayoutError
+            When the models do not share one layout; the message lists the
+            groups (which models, which modules/ranks differ) and suggests
+            the delta representation.
+        """
+        self._require_models()
+        n = len(self)
+        layout: WeightLayout | None = None
+        groups: dict[str, list[str]] = {}
+        layouts: dict[str, WeightLayout] = {}
+        data: np.ndarray | None = None
+        cleanup = None
+        total = np.zeros(0)
+        total_sq = np.zeros(0)
+        shift = np.zeros(0)
+        try:
+            for i, ad in self.iter_adapters(progress):
+                lay = WeightLayout.from_adapter(ad)
+                groups.setdefault(lay.signature, []).append(self.names[i])
+                layouts.setdefault(lay.signature, lay)
+                if layout is None:
+                    layout = lay
+                    data, cleanup = self._open_cache(n, layout.dim)
+                    total = np.zeros(layout.dim)
+                    total_sq = np.zeros(layout.dim)
+                if len(groups) > 1:
+                    continue
+                assert data is not None
+                row = layout.flatten(ad)
+                if i == 0:
+                    shift = row.astype(np.float64)  # shifted sums: stable variance
+                data[i] = row
+                diff = row - shift
+                total += diff
+                total_sq += diff * diff
+        except BaseException:
+            if cleanup is not None:
+                cleanup()
+            raise
+        assert layout is not None and data is not None
+        if len(groups) > 1:
+            if cleanup is not None:
+                cleanup()
+            raise LayoutError(
+                f"models do not share one factor layout: {describe_layout_groups(groups, layouts)}",
+                hint="the factors representation needs one rank and module set; "
+                "use --representation delta",
+            )
+        if isinstance(data, np.memmap):
+            data.flush()
+        mean_shift = total / n
+        mean = shift + mean_shift
+        var = np.maximum(total_sq / n - mean_shift**2, 0.0)
+        return FactorRows(layout, data, mean, var, cleanup)
+
+    def _open_cache(self, n: int, d: int) -> tuple[np.ndarray, Callable[[], None] | None]:
+        if n * d * 4 <= 256 * 1024 * 1024 and self.cache_dir is None:
+            return np.empty((n, d), dtype=np.float32), None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix="w2w-rows-", dir=self.cache_dir))
+        else:
+            folder = Path(tempfile.mkdtemp(prefix="w2w-rows-"))
+        arr = np.lib.format.open_memmap(
+            folder / "rows.npy", mode="w+", dtype=np.float32, shape=(n, d)
+        )
+        fin = weakref.finalize(arr, shutil.rmtree, str(folder), True)
+        return arr, fin
+
+    # ----------------------------------------------------------- delta factors
+    def scan_deltas(self, *, progress: Progress | None = None) -> DeltaFactors:
+        """Read every model once and stack each module's factors.
+
+        Models may differ in rank, alpha, format, modules (a module a model
+        lacks counts as a zero delta) and factor gauge; only the delta shape
+        of a module must agree.
+
+        Raises
+        ------
+        LayoutError
+            When two models disagree on the delta shape of a module.
+        """
+        self._require_models()
+        modules: list[str] = []
+        out_f: dict[str, int] = {}
+        in_s: dict[str, tuple[int, ...]] = {}
+        ups: dict[str, list[np.ndarray]] = {}
+        downs: dict[str, list[np.ndarray]] = {}
+        owners: dict[str, list[np.ndarray]] = {}
+        max_rank: dict[str, int] = {}
+        first_of: dict[str, str] = {}
+        for i, ad in self.iter_adapters(progress):
+            for module, layer in ad.items():
+                shape = layer.delta_shape
+                if module not in out_f:
+                    modules.append(module)
+                    out_f[module] = int(shape[0])
+                    in_s[module] = tuple(int(s) for s in shape[1:])
+                    ups[module], downs[module], owners[module] = [], [], []
+                    max_rank[module] = 0
+                    first_of[module] = self.names[i]
+                elif (out_f[module], *in_s[module]) != shape:
+                    raise LayoutError(
+                        f"delta shape {shape} differs from {(out_f[module], *in_s[module])} "
+                        f"of {first_of[module]}",
+                        path=ad.source,
+                        key=module,
+                    )
+                up, down = layer_factors(layer)
+                ups[module].append(up)
+                downs[module].append(down)
+                owners[module].append(np.full(up.shape[1], i, dtype=np.int64))
+                max_rank[module] = max(max_rank[module], up.shape[1])
+        return DeltaFactors(
+            modules=modules,
+            out_features=out_f,
+            in_shape=in_s,
+            up={m: np.concatenate(ups[m], axis=1) for m in modules},
+            down={m: np.concatenate(downs[m], axis=0) for m in modules},
+            owner={m: np.concatenate(owners[m]) for m in modules},
+            max_rank=max_rank,
+            n_models=len(self),
+        )
+
+
+def in_features(shape: tuple[int, ...]) -> int:
+    """Flattened input size of a delta's trailing shape."""
+    return math.prod(shape)

@@ -1,0 +1,26 @@
+"""Built-in concept pack: dog breeds."""
+
+from __future__ import annotations
+
+from w2wkit.concepts.base import ProceduralGenerator, SimplePack
+from w2wkit.world.dogs import DOG_ATTRIBUTES
+
+__all__ = ["PACK"]
+
+
+def _generator() -> ProceduralGenerator:
+    from w2wkit.world.dogs import DogGenerator
+
+    return DogGenerator()
+
+
+PACK = SimplePack(
+    name="dog",
+    instance_prompt="sks dog",
+    class_prompt="dog",
+    attributes=DOG_ATTRIBUTES,
+    n_components=100,
+    n_components_inversion=100,
+    description="dog breeds with breed-level attributes (size, ears, coat, snout, legs)",
+    make_generator=_generator,
+)

@@ -1,0 +1,1 @@
+"""Importers of third-party weight spaces (pickles: explicit opt-in only)."""

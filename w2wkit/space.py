@@ -1,0 +1,921 @@
+"""The weight space: PCA over a collection of LoRAs (:class:`WeightSpace`).
+
+Two representations
+-------------------
+``"factors"`` (the paper's)
+    Each model is the concatenation, per module, of its ``down`` (A) and
+    ``up`` (B) factors (see :class:`~w2wkit.layout.WeightLayout`). Coordinates
+    are standardised (mean and ``ddof=0`` standard deviation over the models;
+    a standard deviation below ``scale_floor`` times the root-mean-square of
+    all of them is raised to that floor, so a scale is never zero, negative or
+    NaN). PCA of the standardised ``(N, d)`` matrix is done by
+    :func:`w2wkit.solvers.fit_pca` from row blocks streamed off a disk cache.
+    Valid when every model shares ranks, modules and the factor gauge (same
+    initialisation seed): a gauge change ``A -> G A, B -> B G^-1`` keeps every
+    delta but moves the point.
+``"delta"`` (gauge-invariant)
+    Each model is its per-layer deltas ``scale * B @ A``. The deltas are never
+    materialised: the inner product of two models is a sum over modules of
+    ``sum((B_i^T B_j) * (A_i A_j^T))`` (r x r products), which gives the
+    ``N x N`` Gram matrix; PCA is kernel PCA on the centred Gram matrix
+    (:func:`w2wkit.solvers.top_eigh`). A component is a combination of the
+    training models (``beta`` weights); the training factors are kept in the
+    space. Reconstruction writes each layer at a chosen rank by a truncated
+    SVD of the implicit delta (QR of the stacked factors, SVD of the small
+    core) and reports the energy kept. ``standardize`` scales each *layer* by
+    the root-mean-square standard deviation of its entries. Cost: the Gram
+    matrix needs ``O(N^2 r^2 (in + out))`` per module and the space holds
+    all training factors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from w2wkit.adapter import Adapter, LoraLayer
+from w2wkit.collection import Collection, DeltaFactors, layer_factors
+from w2wkit.errors import LayoutError, SpaceError
+from w2wkit.layout import WeightLayout
+
+__all__ = ["FORMAT_VERSION", "Direction", "WeightSpace", "compress_factors"]
+
+#: Version of the saved-space format this code writes and the newest it reads.
+FORMAT_VERSION = 1
+ARRAYS_FILE = "arrays.safetensors"
+META_FILE = "space.json"
+REPRESENTATIONS = ("factors", "delta")
+SOLVERS = ("auto", "exact", "gram", "randomized")
+
+
+@dataclass
+class Direction:
+    """A named direction in coefficient space.
+
+    Attributes
+    ----------
+    name : str
+    vector : numpy.ndarray
+        ``(k,)`` float64, unit norm, in the space's coefficient coordinates.
+    method : str
+        ``"lstsq"``, ``"ridge"``, ``"logistic"``, ``"svm"``, ``"groups"``,
+        ``"imported"``...
+    kind : str
+        ``"filter"`` (probe weights) or ``"pattern"`` (class means).
+    score : float, optional
+        Cross-validated accuracy (binary) or R^2 (continuous).
+    proj_mean, proj_std : float
+        Mean and standard deviation of the training coefficients projected on
+        ``vector`` (the calibration unit of an edit).
+    info : dict
+        JSON-serialisable extras.
+    """
+
+    name: str
+    vector: np.ndarray
+    method: str
+    kind: str = "filter"
+    score: float | None = None
+    proj_mean: float = 0.0
+    proj_std: float = 1.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON part (everything but ``vector``)."""
+        return {
+            "name": self.name,
+            "method": self.method,
+            "kind": self.kind,
+            "score": None if self.score is None else float(self.score),
+            "proj_mean": float(self.proj_mean),
+            "proj_std": float(self.proj_std),
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, meta: dict[str, Any], vector: np.ndarray) -> Direction:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            name=str(meta["name"]),
+            vector=np.asarray(vector, dtype=np.float64),
+            method=str(meta.get("method", "imported")),
+            kind=str(meta.get("kind", "filter")),
+            score=meta.get("score"),
+            proj_mean=float(meta.get("proj_mean", 0.0)),
+            proj_std=float(meta.get("proj_std", 1.0)),
+            info=dict(meta.get("info") or {}),
+        )
+
+
+# --------------------------------------------------------------------- helpers
+def compress_factors(
+    up: np.ndarray, down: np.ndarray, rank: int
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Best rank-``rank`` factorisation of ``up @ down`` without forming it.
+
+    Parameters
+    ----------
+    up : numpy.ndarray
+        ``(out, R)``.
+    down : numpy.ndarray
+        ``(R, in)``.
+    rank : int
+        Target rank; the result is zero-padded when the product has lower
+        rank.
+
+    Returns
+    -------
+    new_up : numpy.ndarray
+        ``(out, rank)`` float32.
+    new_down : numpy.ndarray
+        ``(rank, in)`` float32 (singular values split evenly between both).
+    kept : float
+        Squared Frobenius norm of the truncated product.
+    total : float
+        Squared Frobenius norm of ``up @ down``.
+    """
+    out, r_in = up.shape[0], down.shape[1]
+    new_up = np.zeros((out, rank), dtype=np.float32)
+    new_down = np.zeros((rank, r_in), dtype=np.float32)
+    if up.shape[1] == 0:
+        return new_up, new_down, 0.0, 0.0
+    qu, ru = np.linalg.qr(np.asarray(up, dtype=np.float64))
+    qd, rd = np.linalg.qr(np.asarray(down, dtype=np.float64).T)
+    p, s, wt = np.linalg.svd(ru @ rd.T, full_matrices=False)
+    r = min(rank, int(s.size))
+    root = np.sqrt(s[:r])
+    new_up[:, :r] = (qu @ p[:, :r]) * root
+    new_down[:r] = (root[:, None] * wt[:r]) @ qd.T
+    return new_up, new_down, float(np.sum(s[:r] ** 2)), float(np.sum(s**2))
+
+
+def _segment_sum(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Sum the last axis of ``values`` by ``owner`` (sorted) into ``n`` bins."""
+    if values.ndim == 1:
+        return np.bincount(owner, weights=values, minlength=n)
+    out = np.zeros((*values.shape[:-1], n))
+    if owner.size == 0:
+        return out
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    out[..., owner[starts]] = np.add.reduceat(values, starts, axis=-1)
+    return out
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _sign_flip(scores: np.ndarray) -> np.ndarray:
+    """Signs making the largest-magnitude score of each component positive."""
+    idx = np.argmax(np.abs(scores), axis=0)
+    signs = np.sign(scores[idx, np.arange(scores.shape[1])])
+    signs[signs == 0] = 1.0
+    return signs
+
+
+def _as_2d(coefficients: np.ndarray, k: int) -> np.ndarray:
+    c = np.asarray(coefficients, dtype=np.float64)
+    if c.ndim == 1:
+        c = c[None, :]
+    if c.ndim != 2 or c.shape[1] != k:
+        raise SpaceError(f"coefficients have shape {np.shape(coefficients)}, need (n, {k})")
+    if not np.isfinite(c).all():
+        raise SpaceError("coefficients contain NaN or Inf")
+    return c
+
+
+# ------------------------------------------------------------------ the space
+class WeightSpace:
+    """A linear space of models fitted on a collection of LoRAs.
+
+    Parameters
+    ----------
+    n_components : int
+        Number of principal components ``k`` (at most ``N - 1``).
+    representation : {"factors", "delta"}
+        See the module docstring.
+    standardize : bool
+        Factors: per-coordinate standardisation (the paper's). Delta:
+        per-layer scaling.
+    solver : {"auto", "exact", "gram", "randomized"}
+        Factors representation: passed to :func:`w2wkit.solvers.fit_pca`.
+        The delta representation always uses the Gram matrix.
+    random_state : int, optional
+        Seed of randomised solvers.
+    device : str
+        ``"cpu"`` or ``"cuda"`` (solvers only).
+    block_rows : int, optional
+        Rows per streamed block (default: about 64 MiB per block).
+    scale_floor : float
+        Relative floor of the per-coordinate (per-layer) scale.
+
+    Attributes
+    ----------
+    layout_ : WeightLayout
+        Layout of the models the space writes.
+    mean_ : numpy.ndarray or None
+        ``(d,)`` float32 mean row (factors; ``None`` for delta, whose mean is
+        implicit).
+    scale_ : numpy.ndarray
+        ``(d,)`` float32 per-coordinate scale (factors) or ``(L,)`` float64
+        per-layer scale (delta, layers in ``delta_modules_`` order).
+    components_ : numpy.ndarray or None
+        ``(k, d)`` float32 orthonormal rows (factors; ``None`` for delta).
+    singular_values_, explained_variance_, explained_variance_ratio_ : numpy.ndarray
+        ``(k,)`` float64.
+    coefficients_ : numpy.ndarray
+        ``(N, k)`` float32 coefficients of the training models.
+    coef_mean_, coef_std_ : numpy.ndarray
+        ``(k,)`` float64 mean and standard deviation (``ddof=1``) of them.
+    manifest_ : list of dict
+        ``{"name", "file", "format", "sha256", "row"}`` per training model.
+    labels_ : dict of str to numpy.ndarray or None
+        ``attribute -> (N,)`` float64 (NaN missing).
+    directions_ : dict of str to Direction
+    n_components_ : int
+    last_energy_ : list of dict
+        Energy kept by the last delta-mode reconstruction, per adapter:
+        ``{"overall": float, "layers": {module: float}}``.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 1000,
+        *,
+        representation: str = "factors",
+        standardize: bool = True,
+        solver: str = "auto",
+        random_state: int | None = 0,
+        device: str = "cpu",
+        block_rows: int | None = None,
+        scale_floor: float = 1e-6,
+    ) -> None:
+        self.n_components = n_components
+        self.representation = representation
+        self.standardize = standardize
+        self.solver = solver
+        self.random_state = random_state
+        self.device = device
+        self.block_rows = block_rows
+        self.scale_floor = scale_floor
+        self.directions_: dict[str, Direction] = {}
+        self.labels_: dict[str, np.ndarray] | None = None
+        self.last_energy_: list[dict[str, Any]] = []
+        self.info_: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        fitted = f", fitted on {len(self.manifest_)} models" if self.is_fitted else ""
+        return (
+            f"WeightSpace(n_components={self.n_components}, "
+            f"representation={self.representation!r}{fitted})"
+        )
+
+    @property
+    def is_fitted(self) -> bool:
+        """True after :meth:`fit` or :meth:`load`."""
+        return hasattr(self, "coefficients_")
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise SpaceError("the space is not fitted yet; call fit() or WeightSpace.load()")
+
+    def _check_params(self) -> None:
+        if self.representation not in REPRESENTATIONS:
+            raise SpaceError(
+                f"unknown representation {self.representation!r}; use factors or delta"
+            )
+        if self.solver not in SOLVERS:
+            raise SpaceError(f"unknown solver {self.solver!r}; use {', '.join(SOLVERS)}")
+        if not isinstance(self.n_components, int | np.integer) or self.n_components < 1:
+            raise SpaceError(f"n_components must be a positive integer, got {self.n_components}")
+
+    def _check_k(self, n: int, d: int) -> int:
+        k = int(self.n_components)
+        if k > n - 1:
+            raise SpaceError(
+                f"n_components={k} exceeds N-1={n - 1} for a collection of {n} models",
+                hint=f"use --components {n - 1} or fewer",
+            )
+        if k > d:
+            raise SpaceError(f"n_components={k} exceeds the model dimension d={d}")
+        return k
+
+    # -------------------------------------------------------------------- fit
+    def fit(
+        self,
+        collection: Collection | str | os.PathLike[str] | Sequence[Any],
+        *,
+        labels: str | os.PathLike[str] | dict[str, Any] | None = None,
+        progress: bool = False,
+    ) -> WeightSpace:
+        """Fit the space.
+
+        Parameters
+        ----------
+        collection : Collection, path, glob, list of paths or list of Adapter
+            The training models (``N >= 2``).
+        labels : path or dict, optional
+            Attribute labels (CSV/JSON, see :func:`w2wkit.labels.read_labels`)
+            or ``attribute -> (N,)`` values.
+        progress : bool
+            Show rich progress bars.
+
+        Returns
+        -------
+        WeightSpace
+            ``self``.
+        """
+        self._check_params()
+        coll = _as_collection(collection)
+        with _progress_bar(progress) as cb:
+            if self.representation == "factors":
+                self._fit_factors(coll, cb)
+            else:
+                self._fit_delta(coll, cb)
+        self.manifest_ = list(coll.manifest)
+        self.n_components_ = int(self.coefficients_.shape[1])
+        self.coef_mean_ = self.coefficients_.mean(axis=0, dtype=np.float64)
+        self.coef_std_ = self.coefficients_.std(axis=0, ddof=1, dtype=np.float64)
+        self.labels_ = None
+        self.directions_ = {}
+        if labels is not None:
+            self.set_labels(labels)
+        return self
+
+    def set_labels(self, labels: str | os.PathLike[str] | dict[str, Any]) -> None:
+        """Attach attribute labels of the training models (file or dict)."""
+        self._check_fitted()
+        n = len(self.manifest_)
+        if isinstance(labels, dict):
+            out = {}
+            for key, vals in labels.items():
+                arr = np.asarray(vals, dtype=np.float64).reshape(-1)
+                if arr.shape != (n,):
+                    raise SpaceError(f"labels for {key!r} have {arr.size} values, need {n}")
+                out[str(key)] = arr
+            self.labels_ = out
+        else:
+            from w2wkit.labels import read_labels
+
+            self.labels_ = read_labels(labels, self.names_)
+
+    @property
+    def names_(self) -> list[str]:
+        """Names of the training models in row order."""
+        return [str(e["name"]) for e in self.manifest_]
+
+    def _fit_factors(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
+        from w2wkit.solvers import fit_pca
+
+        rows = coll.scan_factors(progress=cb)
+        try:
+            n, d = rows.n_rows, rows.dim
+            k = self._check_k(n, d)
+            std = np.sqrt(rows.var)
+            if self.standardize:
+                rms = float(np.sqrt(np.mean(rows.var))) if d else 0.0
+                floor = max(self.scale_floor * rms, np.finfo(np.float32).tiny)
+                scale = np.maximum(std, floor)
+            else:
+                scale = np.ones(d)
+            mean32 = rows.mean.astype(np.float32)
+            scale32 = scale.astype(np.float32)
+            total_var = float(np.sum(rows.var / scale**2) * n / (n - 1))
+            if total_var <= 0:
+                raise SpaceError("all models are identical: the collection has no variance to fit")
+
+            def standardised(block: np.ndarray) -> np.ndarray:
+                return (block - mean32) / scale32
+
+            def blocks() -> Iterator[np.ndarray]:
+                return rows.blocks(self.block_rows, standardised)
+
+            res = fit_pca(
+                blocks,
+                n,
+                d,
+                k,
+                solver=self.solver,
+                random_state=self.random_state,
+                device=self.device,
+                progress=cb,
+            )
+        finally:
+            rows.close()
+        comps = np.asarray(res.components, dtype=np.float32)
+        scores = np.asarray(res.scores, dtype=np.float32)
+        signs = _sign_flip(scores)
+        self.layout_ = rows.layout
+        self.mean_ = mean32
+        self.scale_ = scale32
+        self.components_ = comps * signs[:, None].astype(np.float32)
+        self.coefficients_ = scores * signs[None, :].astype(np.float32)
+        self.singular_values_ = np.asarray(res.singular_values, dtype=np.float64)
+        self.explained_variance_ = self.singular_values_**2 / (n - 1)
+        self.explained_variance_ratio_ = self.explained_variance_ / total_var
+        self.total_variance_ = total_var
+        self.info_ = {"solver_used": res.solver, "n_passes": int(res.n_passes)}
+
+    # ------------------------------------------------------------ delta mode
+    def _fit_delta(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
+        from w2wkit.solvers import top_eigh
+
+        fac = coll.scan_deltas(progress=cb)
+        n = fac.n_models
+        dim = sum(fac.out_features[m] * math.prod(fac.in_shape[m]) for m in fac.modules)
+        k = self._check_k(n, dim)
+        grams = []
+        ss = np.zeros(len(fac.modules))
+        for j, m in enumerate(fac.modules):
+            g = self._module_gram(fac, m)
+            grams.append(g)
+            ss[j] = np.trace(g) - g.sum() / n  # sum of squares of centred deltas
+            if cb is not None:
+                cb("gram", j + 1, len(fac.modules))
+        numel = np.array(
+            [fac.out_features[m] * math.prod(fac.in_shape[m]) for m in fac.modules], float
+        )
+        sigma = np.sqrt(np.maximum(ss, 0.0) / (n * numel))
+        if self.standardize:
+            rms = float(np.sqrt(np.mean(sigma**2)))
+            if rms <= 0:
+                raise SpaceError("all models are identical: the collection has no variance to fit")
+            sigma = np.maximum(sigma, self.scale_floor * rms)
+        else:
+            sigma = np.ones(len(fac.modules))
+        gram = np.zeros((n, n))
+        for g, s in zip(grams, sigma, strict=True):
+            gram += g / s**2
+        colmean = gram.mean(axis=0)
+        allmean = float(colmean.mean())
+        centred = gram - colmean[None, :] - colmean[:, None] + allmean
+        centred = (centred + centred.T) / 2
+        total_var = float(np.trace(centred)) / (n - 1)
+        if total_var <= 0:
+            raise SpaceError("all models are identical: the collection has no variance to fit")
+        lam, vec = top_eigh(centred, k)
+        lam = np.maximum(np.asarray(lam, dtype=np.float64), 0.0)
+        vec = np.asarray(vec, dtype=np.float64)
+        sv = np.sqrt(lam)
+        scores = vec * sv
+        signs = _sign_flip(scores)
+        vec = vec * signs
+        scores = scores * signs
+        tiny = sv > sv.max() * 1e-10 if sv.size and sv.max() > 0 else np.zeros(k, bool)
+        beta = np.where(tiny, vec / np.where(tiny, sv, 1.0), 0.0)
+        beta -= beta.mean(axis=0, keepdims=True)
+        self.delta_ = fac
+        self.delta_modules_ = list(fac.modules)
+        self.beta_ = beta
+        self.gram_colmean_ = colmean
+        self.gram_mean_ = allmean
+        self.scale_ = sigma
+        self.mean_ = None
+        self.components_ = None
+        self.layout_ = _delta_layout(fac)
+        self.coefficients_ = scores.astype(np.float32)
+        self.singular_values_ = sv
+        self.explained_variance_ = lam / (n - 1)
+        self.explained_variance_ratio_ = self.explained_variance_ / total_var
+        self.total_variance_ = total_var
+        self.info_ = {"solver_used": "gram", "n_passes": 1}
+
+    @staticmethod
+    def _module_gram(fac: DeltaFactors, m: str) -> np.ndarray:
+        up = fac.up[m].astype(np.float64)
+        down = fac.down[m].astype(np.float64)
+        prod = (up.T @ up) * (down @ down.T)  # (R, R) rank-one inner products
+        owner = fac.owner[m]
+        return _segment_sum(_segment_sum(prod, owner, fac.n_models).T, owner, fac.n_models)
+
+    def _cross_gram(self, adapter: Adapter) -> tuple[np.ndarray, float]:
+        """Standardised inner products of ``adapter`` with the training models.
+
+        Returns
+        -------
+        cross : numpy.ndarray
+            ``(N,)`` float64.
+        self_ip : float
+            Standardised squared norm of the adapter (modules of the space only).
+        """
+        fac = self.delta_
+        cross = np.zeros(fac.n_models)
+        self_ip = 0.0
+        for j, m in enumerate(self.delta_modules_):
+            layer = adapter.layers.get(m)
+            if layer is None:
+                continue
+            shape = layer.delta_shape
+            if shape != (fac.out_features[m], *fac.in_shape[m]):
+                raise LayoutError(
+                    f"delta shape {shape} differs from the space's "
+                    f"{(fac.out_features[m], *fac.in_shape[m])}",
+                    path=adapter.source,
+                    key=m,
+                )
+            u, d = layer_factors(layer)
+            u = u.astype(np.float64)
+            d = d.astype(np.float64)
+            w = 1.0 / self.scale_[j] ** 2
+            prod = (u.T @ fac.up[m]) * (d @ fac.down[m].T)  # (r, R)
+            cross += w * _segment_sum(prod.sum(axis=0), fac.owner[m], fac.n_models)
+            self_ip += w * float(np.sum((u.T @ u) * (d @ d.T)))
+        return cross, self_ip
+
+    # ------------------------------------------------------------- transform
+    def transform(self, adapters: Adapter | Sequence[Adapter]) -> np.ndarray:
+        """Coefficients of adapters.
+
+        Parameters
+        ----------
+        adapters : Adapter or sequence of Adapter
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n, k)`` float64.
+        """
+        self._check_fitted()
+        items = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+        out = np.zeros((len(items), self.n_components_))
+        for i, ad in enumerate(items):
+            if self.representation == "factors":
+                z = self._standardised_row(ad)
+                out[i] = self.components_.astype(np.float64) @ z
+            else:
+                cross, _ = self._cross_gram(ad)
+                out[i] = self.beta_.T @ (cross - self.gram_colmean_)
+        return out
+
+    def _standardised_row(self, adapter: Adapter) -> np.ndarray:
+        x = self.layout_.flatten(adapter).astype(np.float64)
+        return (x - self.mean_) / self.scale_.astype(np.float64)
+
+    def residual(self, adapters: Adapter | Sequence[Adapter]) -> np.ndarray:
+        """Relative distance of adapters to the space (standardised metric).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n,)`` float64: ``|z - proj(z)| / |z|`` with ``z`` the centred,
+            standardised model (0 when ``z`` is 0).
+        """
+        self._check_fitted()
+        items = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+        out = np.zeros(len(items))
+        for i, ad in enumerate(items):
+            if self.representation == "factors":
+                z = self._standardised_row(ad)
+                c = self.components_.astype(np.float64) @ z
+                norm2 = float(z @ z)
+            else:
+                cross, self_ip = self._cross_gram(ad)
+                c = self.beta_.T @ (cross - self.gram_colmean_)
+                norm2 = self_ip - 2 * float(cross.mean()) + self.gram_mean_
+            res2 = max(norm2 - float(c @ c), 0.0)
+            out[i] = math.sqrt(res2 / norm2) if norm2 > 0 else 0.0
+        return out
+
+    def inverse_transform(
+        self,
+        coefficients: np.ndarray,
+        *,
+        rank: int | None = None,
+        format_hint: str | None = None,
+    ) -> list[Adapter]:
+        """Models at given coefficients.
+
+        Parameters
+        ----------
+        coefficients : numpy.ndarray
+            ``(n, k)`` or ``(k,)``.
+        rank : int, optional
+            Delta representation: rank of every written layer (default: the
+            largest rank of that module among the training models). Factors:
+            must be ``None`` or the layout's rank.
+        format_hint : str, optional
+            Recorded as the adapters' ``format``.
+
+        Returns
+        -------
+        list of Adapter
+            In delta mode each adapter's metadata holds
+            ``w2wkit.energy_kept`` (overall fraction of squared Frobenius
+            norm kept by the rank truncation) and
+            ``w2wkit.energy_kept_min_layer``; per-layer values are in
+            :attr:`last_energy_`.
+        """
+        self._check_fitted()
+        c = _as_2d(coefficients, self.n_components_)
+        out = []
+        self.last_energy_ = []
+        for row in c:
+            if self.representation == "factors":
+                if rank is not None and any(
+                    self.layout_.rank(m) != rank for m in self.layout_.modules
+                ):
+                    raise SpaceError(
+                        "the factors representation writes the layout's rank; "
+                        "use a delta space to choose the rank"
+                    )
+                x = (row @ self.components_.astype(np.float64)) * self.scale_ + self.mean_
+                ad = self.layout_.unflatten(x.astype(np.float32))
+            else:
+                g = self.beta_ @ row
+                ad, energy = self._delta_adapter(g, rank)
+                self.last_energy_.append(energy)
+            ad.format = format_hint
+            ad.metadata.update(self._provenance())
+            out.append(ad)
+        return out
+
+    def _provenance(self) -> dict[str, str]:
+        from w2wkit import __version__
+
+        return {
+            "w2wkit.version": __version__,
+            "w2wkit.space_representation": self.representation,
+            "w2wkit.layout_signature": self.layout_.signature,
+        }
+
+    def _delta_adapter(
+        self,
+        g: np.ndarray,
+        rank: int | None,
+        *,
+        extra: Adapter | None = None,
+        mean_weight: float = 1.0,
+    ) -> tuple[Adapter, dict[str, Any]]:
+        """Adapter of the implicit model ``sum_i gamma_i x_i`` (+ ``extra``'s deltas)."""
+        fac = self.delta_
+        layers: dict[str, LoraLayer] = {}
+        per_layer: dict[str, float] = {}
+        kept_all = total_all = 0.0
+        modules = list(self.delta_modules_)
+        if extra is not None:
+            modules += [m for m in extra.layers if m not in fac.out_features]
+        for m in modules:
+            ups, downs = [], []
+            if m in fac.out_features:
+                # sum_i gamma_i delta_i: mean (1/N each) plus the components'
+                # combination; the per-layer scale cancels (scaled metric,
+                # unscaled output).
+                gamma = mean_weight / fac.n_models + g
+                ups.append(fac.up[m].astype(np.float64) * gamma[fac.owner[m]])
+                downs.append(fac.down[m].astype(np.float64))
+                out_f, in_shape = fac.out_features[m], fac.in_shape[m]
+                default_rank = fac.max_rank[m]
+            else:
+                layer = extra.layers[m]  # type: ignore[union-attr]
+                out_f, in_shape = layer.delta_shape[0], layer.delta_shape[1:]
+                default_rank = 0
+            if extra is not None and m in extra.layers:
+                u, d = layer_factors(extra.layers[m])
+                ups.append(u.astype(np.float64))
+                downs.append(d.astype(np.float64))
+                default_rank += u.shape[1]
+            r = int(rank) if rank is not None else default_rank
+            up, down, kept, total = compress_factors(
+                np.concatenate(ups, axis=1), np.concatenate(downs, axis=0), r
+            )
+            per_layer[m] = kept / total if total > 0 else 1.0
+            kept_all += kept
+            total_all += total
+            conv = len(in_shape) == 3
+            layers[m] = LoraLayer(
+                down=down.reshape(r, *in_shape),
+                up=up.reshape(out_f, r, 1, 1) if conv else up,
+                alpha=float(r),
+            )
+        overall = kept_all / total_all if total_all > 0 else 1.0
+        energy = {"overall": overall, "layers": per_layer}
+        meta = {
+            "w2wkit.energy_kept": f"{overall:.8f}",
+            "w2wkit.energy_kept_min_layer": f"{min(per_layer.values()):.8f}",
+        }
+        return Adapter(layers, meta), energy
+
+    # ------------------------------------------------------------------- edit
+    def edit(
+        self,
+        adapter: Adapter | None,
+        strengths: Mapping[str, Any],
+        *,
+        keep_residual: bool = True,
+        rank: int | None = None,
+        orthogonal_to: Sequence[str] = (),
+    ) -> Adapter:
+        """Edit along named directions; 1.0 = one training std (see ``directions.edit``)."""
+        from w2wkit.directions import edit
+
+        return edit(
+            self,
+            adapter,
+            strengths,
+            keep_residual=keep_residual,
+            rank=rank,
+            orthogonal_to=orthogonal_to,
+        )
+
+    # ------------------------------------------------------------------ shift
+    def shift(
+        self,
+        adapter: Adapter,
+        delta_coefficients: np.ndarray,
+        *,
+        keep_residual: bool = True,
+        rank: int | None = None,
+    ) -> Adapter:
+        """Move an adapter by a coefficient change.
+
+        Parameters
+        ----------
+        adapter : Adapter
+        delta_coefficients : numpy.ndarray
+            ``(k,)`` change of coefficients.
+        keep_residual : bool
+            Keep the part of the adapter outside the subspace (default).
+            When false the adapter is first projected onto the subspace.
+        rank : int, optional
+            Delta representation: rank of the written layers (default: the
+            adapter's rank plus the space's rank for that module).
+
+        Returns
+        -------
+        Adapter
+            With ``keep_residual`` and a zero change, an adapter whose deltas
+            equal ``adapter``'s exactly.
+        """
+        self._check_fitted()
+        dc = _as_2d(delta_coefficients, self.n_components_)[0]
+        if keep_residual and not dc.any():
+            return Adapter(dict(adapter.layers), dict(adapter.metadata), None, adapter.format)
+        if not keep_residual:
+            c = self.transform(adapter)[0] + dc
+            return self.inverse_transform(c, rank=rank)[0]
+        if self.representation == "factors":
+            x = self.layout_.flatten(adapter).astype(np.float64)
+            x += (dc @ self.components_.astype(np.float64)) * self.scale_
+            out = self.layout_.unflatten(x.astype(np.float32), metadata=dict(adapter.metadata))
+            out.format = adapter.format
+            return out
+        g = self.beta_ @ dc
+        out, energy = self._delta_adapter(g, rank, extra=adapter, mean_weight=0.0)
+        self.last_energy_ = [energy]
+        out.metadata = {**adapter.metadata, **out.metadata}
+        out.format = adapter.format
+        return out
+
+    # --------------------------------------------------------------- sampling
+    def sample(
+        self,
+        n: int,
+        *,
+        seed: int | None = None,
+        temperature: float = 1.0,
+        covariance: str = "diagonal",
+    ) -> np.ndarray:
+        """Draw coefficients of new models.
+
+        Parameters
+        ----------
+        n : int
+            Number of samples.
+        seed : int, optional
+        temperature : float
+            Multiplies the standard deviation.
+        covariance : {"diagonal", "full"}
+            Independent Gaussian per coefficient (the paper's) or a Gaussian
+            with the full covariance of the training coefficients (the same
+            for a fresh PCA fit, whose coefficients are uncorrelated; differs
+            for imported or edited spaces).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n, k)`` float64.
+        """
+        self._check_fitted()
+        if n < 1:
+            raise SpaceError(f"number of samples must be positive, got {n}")
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise SpaceError(f"temperature must be a non-negative number, got {temperature}")
+        rng = np.random.default_rng(seed)
+        z = rng.standard_normal((n, self.n_components_))
+        if covariance == "diagonal":
+            return self.coef_mean_ + temperature * z * self.coef_std_
+        if covariance == "full":
+            cov = np.cov(self.coefficients_.astype(np.float64), rowvar=False)
+            w, v = np.linalg.eigh(np.atleast_2d(cov))
+            root = v * np.sqrt(np.maximum(w, 0.0))
+            return self.coef_mean_ + temperature * z @ root.T
+        raise SpaceError(f"unknown covariance {covariance!r}; use diagonal or full")
+
+    def nearest(self, coefficients: np.ndarray, n: int = 5) -> list[list[tuple[int, str, float]]]:
+        """Nearest training models by cosine similarity of coefficients.
+
+        Returns
+        -------
+        list of list of (row, name, similarity)
+            One list of ``n`` entries per query row, most similar first.
+        """
+        self._check_fitted()
+        c = _as_2d(coefficients, self.n_components_)
+        train = self.coefficients_.astype(np.float64)
+        tn = train / np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-300)
+        qn = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-300)
+        sims = qn @ tn.T
+        n = min(n, train.shape[0])
+        names = self.names_
+        out = []
+        for row in sims:
+            idx = np.argsort(-row, kind="stable")[:n]
+            out.append([(int(i), names[i], float(row[i])) for i in idx])
+        return out
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the space as a folder: ``arrays.safetensors`` + ``space.json``.
+
+        The write is atomic (a temporary folder renamed into place). An
+        existing folder is replaced only with ``overwrite`` and only when it
+        is a w2wkit space.
+
+        Returns
+        -------
+        pathlib.Path
+        """
+        from w2wkit.persist import save_space
+
+        self._check_fitted()
+        return save_space(self, Path(path), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, verify: bool = False) -> WeightSpace:
+        """Load a saved space (arrays memory-mapped when large).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The space folder (or its ``space.json``).
+        verify : bool
+            Also check the SHA-256 of the arrays file.
+
+        Raises
+        ------
+        SpaceError
+            For a missing, damaged or future-version space.
+        """
+        from w2wkit.persist import load_space
+
+        return load_space(cls, Path(path), verify=verify)
+
+
+def _delta_layout(fac: DeltaFactors) -> WeightLayout:
+    rows = []
+    for m in fac.modules:
+        r = fac.max_rank[m]
+        in_shape = fac.in_shape[m]
+        up = (fac.out_features[m], r, 1, 1) if len(in_shape) == 3 else (fac.out_features[m], r)
+        rows.append((m, (r, *in_shape), up, float(r), False))
+    return WeightLayout(rows)
+
+
+def _as_collection(obj: Any) -> Collection:
+    if isinstance(obj, Collection):
+        return obj
+    if isinstance(obj, str | os.PathLike):
+        return Collection(obj)
+    items = list(obj)
+    if items and all(isinstance(a, Adapter) for a in items):
+        return Collection(adapters=items)
+    if not items:
+        raise SpaceError("empty collection: no models to fit")
+    return Collection(items)

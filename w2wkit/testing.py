@@ -1,0 +1,364 @@
+"""Helpers for tests: tiny diffusers pipelines and random adapters.
+
+Everything here is built from configs in memory (no download, no hub id).
+torch, diffusers and transformers are imported inside the functions that need
+them, so importing this module stays cheap.
+
+Functions
+---------
+tiny_pipeline
+    A complete ``StableDiffusionPipeline`` with a few thousand parameters.
+attention_modules
+    Canonical module paths (``unet.down_blocks...attn1.to_q``) of a pipeline's
+    attention projections.
+module_shapes
+    ``module path -> (out, in)`` for those paths.
+random_adapter
+    An :class:`~w2wkit.adapter.Adapter` with random factors.
+unet_weights, weight_deltas
+    Snapshot a pipeline's weights and compare two snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from w2wkit.adapter import Adapter, LoraLayer
+
+__all__ = [
+    "TINY_WORDS",
+    "attention_modules",
+    "component_module",
+    "module_shapes",
+    "random_adapter",
+    "relative_error",
+    "tiny_pipeline",
+    "tiny_tokenizer",
+    "unet_weights",
+    "weight_deltas",
+]
+
+#: Whole words given their own token in the tiny vocabulary.
+TINY_WORDS = ("a", "photo", "of", "sks", "person", "dog", "with", "and", "beard", "glasses")
+
+
+def _byte_unicode() -> list[str]:
+    # The printable stand-ins byte-level BPE uses for the 256 byte values.
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def tiny_tokenizer(folder: str | Path | None = None, words: Iterable[str] = TINY_WORDS) -> Any:
+    """Build a CLIP tokenizer from a tiny byte-level vocabulary.
+
+    The vocabulary holds the 256 byte symbols (alone and word-final), the
+    merges that spell each of ``words`` as one token, and CLIP's start/end
+    tokens. Files are written to ``folder`` (a temporary folder by default)
+    and loaded with ``CLIPTokenizer.from_pretrained``.
+
+    Parameters
+    ----------
+    folder : str or pathlib.Path, optional
+        Where to write ``vocab.json`` and ``merges.txt``.
+    words : iterable of str
+        Lower-case ASCII words that become single tokens.
+
+    Returns
+    -------
+    transformers.CLIPTokenizer
+    """
+    from transformers import CLIPTokenizer
+
+    base = _byte_unicode()
+    vocab: dict[str, int] = {}
+    for sym in base:
+        vocab.setdefault(sym, len(vocab))
+    for sym in base:
+        vocab.setdefault(sym + "</w>", len(vocab))
+    merges: list[str] = []
+    for word in words:
+        # merge left to right: ((w o) r) d</w>
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        cur = pieces[0]
+        for nxt in pieces[1:]:
+            merge = f"{cur} {nxt}"
+            if merge not in merges:
+                merges.append(merge)
+            cur = cur + nxt
+            vocab.setdefault(cur, len(vocab))
+    vocab.setdefault("<|startoftext|>", len(vocab))
+    vocab.setdefault("<|endoftext|>", len(vocab))
+    out = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="w2w-tok-"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer.from_pretrained(str(out), model_max_length=16)
+
+
+def tiny_pipeline(
+    seed: int = 0,
+    layers_per_block: int = 1,
+    block_out_channels: Sequence[int] = (8, 16),
+    cross_attention_dim: int = 12,
+    sample_size: int = 8,
+    text_layers: int = 2,
+    scheduler: str = "ddim",
+) -> Any:
+    """A randomly initialised, complete ``StableDiffusionPipeline``.
+
+    The UNet has cross-attention in every block but the first down block and
+    last up block (``CrossAttnDownBlock2D``/``CrossAttnUpBlock2D``) plus the
+    mid block; the VAE has one down/up level with 4 latent channels; the text
+    encoder is a ``CLIPTextModel`` whose tokenizer comes from
+    :func:`tiny_tokenizer`. ``safety_checker=None``. Deterministic given
+    ``seed``.
+
+    Parameters
+    ----------
+    seed : int
+        ``torch.manual_seed`` applied before each model is built.
+    layers_per_block : int
+        UNet resnet/attention layers per block.
+    block_out_channels : sequence of int
+        UNet channels per level (each a multiple of 4).
+    cross_attention_dim : int
+        Text hidden size and UNet cross-attention width.
+    sample_size : int
+        Latent side (images are 2x larger).
+    text_layers : int
+        CLIP encoder layers.
+    scheduler : {"ddim", "ddpm"}
+        Scheduler class.
+
+    Returns
+    -------
+    diffusers.StableDiffusionPipeline
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    chans = tuple(int(c) for c in block_out_channels)
+    n = len(chans)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=layers_per_block,
+        block_out_channels=chans,
+        down_block_types=("DownBlock2D", *["CrossAttnDownBlock2D"] * (n - 1)),
+        up_block_types=(*["CrossAttnUpBlock2D"] * (n - 1), "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(4, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=sample_size * 2,
+    )
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=2 * cross_attention_dim,
+            num_attention_heads=2,
+            num_hidden_layers=text_layers,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    kwargs = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+    }
+    sched = (
+        DDIMScheduler(**kwargs, set_alpha_to_one=False, steps_offset=1)
+        if scheduler == "ddim"
+        else DDPMScheduler(**kwargs)
+    )
+    for model in (unet, vae, text_encoder):
+        model.eval()
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def component_module(pipe: Any, path: str) -> Any:
+    """The torch module a canonical path names in ``pipe``.
+
+    ``text_encoder.text_model.`` resolves also on text encoders whose
+    ``text_model`` level was flattened away (transformers >= 5).
+    """
+    component, rest = path.split(".", 1)
+    model = getattr(pipe, component)
+    if rest.startswith("text_model.") and not hasattr(model, "text_model"):
+        rest = rest[len("text_model.") :]
+    return model.get_submodule(rest)
+
+
+def attention_modules(
+    pipe: Any,
+    targets: Sequence[str] = ("to_q", "to_v"),
+    component: str = "unet",
+) -> list[str]:
+    """Canonical paths of the attention projections of one component.
+
+    Parameters
+    ----------
+    pipe : diffusers.DiffusionPipeline
+        The pipeline.
+    targets : sequence of str
+        Projection names, e.g. ``("to_q", "to_k", "to_v", "to_out.0")`` for a
+        UNet or ``("q_proj", "v_proj")`` for a CLIP text encoder.
+    component : str
+        ``"unet"``, ``"text_encoder"``...
+
+    Returns
+    -------
+    list of str
+        ``component.<module>`` in the model's module order; text-encoder paths
+        always carry the ``text_model.`` level.
+    """
+    import torch
+
+    model = getattr(pipe, component)
+    out = []
+    flattened = component.startswith("text_encoder") and not hasattr(model, "text_model")
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        if any(name == t or name.endswith("." + t) for t in targets):
+            if "lora_" in name or ".base_layer" in name:
+                continue
+            full = f"text_model.{name}" if flattened else name
+            out.append(f"{component}.{full}")
+    return out
+
+
+def module_shapes(pipe: Any, modules: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """``module path -> weight shape`` (``(out, in)`` for linear layers)."""
+    return {m: tuple(component_module(pipe, m).weight.shape) for m in modules}
+
+
+def random_adapter(
+    module_shapes: Mapping[str, Sequence[int]],
+    rank: int | Mapping[str, int] = 1,
+    alpha: float | Mapping[str, float] | None = None,
+    seed: int = 0,
+    scale: float = 0.1,
+    rslora: bool = False,
+    dtype: str = "F32",
+) -> Adapter:
+    """An adapter with normally distributed factors.
+
+    Parameters
+    ----------
+    module_shapes : mapping of str to sequence of int
+        ``module -> (out, in[, kh, kw])``.
+    rank : int or mapping of str to int
+        Rank per module (one value for all, or per module).
+    alpha : float or mapping of str to float, optional
+        Alpha per module; default equals the rank.
+    seed : int
+        Seed of ``numpy.random.default_rng``.
+    scale : float
+        Standard deviation of the factor entries.
+    rslora : bool
+        Rank-stabilised scaling for every layer.
+    dtype : str
+        Storage dtype recorded on each layer; values are rounded to it.
+
+    Returns
+    -------
+    Adapter
+        Layers in the order of ``module_shapes``; factors float32 with
+        ``down`` of shape ``(r, in[, kh, kw])`` and ``up`` ``(out, r[, 1, 1])``.
+    """
+    from w2wkit.stio import from_storage, to_storage
+
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for module, shape in module_shapes.items():
+        r = int(rank[module] if isinstance(rank, Mapping) else rank)
+        a = alpha[module] if isinstance(alpha, Mapping) else alpha
+        a = float(r if a is None else a)
+        out_f, *rest = (int(s) for s in shape)
+        down = (rng.standard_normal((r, *rest)) * scale).astype(np.float32)
+        up_shape = (out_f, r, 1, 1) if len(rest) == 3 else (out_f, r)
+        up = (rng.standard_normal(up_shape) * scale).astype(np.float32)
+        if dtype != "F32":
+            down = from_storage(to_storage(down, dtype), dtype).astype(np.float32)
+            up = from_storage(to_storage(up, dtype), dtype).astype(np.float32)
+        layers[module] = LoraLayer(down=down, up=up, alpha=a, rslora=rslora, dtype=dtype)
+    return Adapter(layers=layers, metadata={})
+
+
+def unet_weights(pipe: Any, modules: Iterable[str]) -> dict[str, np.ndarray]:
+    """Copy the weight of each named module as a float64 numpy array.
+
+    Works before and after ``fuse_lora`` (a PEFT-wrapped layer's
+    ``base_layer`` is read).
+    """
+    out = {}
+    for m in modules:
+        mod = component_module(pipe, m)
+        mod = getattr(mod, "base_layer", mod)
+        out[m] = mod.weight.detach().double().cpu().numpy().copy()
+    return out
+
+
+def weight_deltas(
+    before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``after - before`` per module (float64)."""
+    return {m: np.asarray(after[m], np.float64) - np.asarray(before[m], np.float64) for m in before}
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius), float64."""
+    a = np.asarray(actual, np.float64)
+    e = np.asarray(expected, np.float64)
+    denom = float(np.linalg.norm(e))
+    return float(np.linalg.norm(a - e)) / (denom if denom > 0 else 1.0)

@@ -1,0 +1,574 @@
+"""The miniature world's base model: definition, training, saving.
+
+The pipeline is made of the standard diffusers/transformers classes that a
+Stable Diffusion 1.x checkpoint uses, only smaller:
+
+- :class:`diffusers.AutoencoderKL`: 32x32 RGB <-> 16x16x4 latents;
+- :class:`diffusers.UNet2DConditionModel` on 16x16x4 latents, cross-attention
+  only at the lowest resolution (8x8) and in the mid block;
+- :class:`transformers.CLIPTextModel` with a :class:`transformers.CLIPTokenizer`
+  written from an offline vocabulary (the caption words plus ``sks``);
+- :class:`diffusers.DDPMScheduler`: scaled_linear betas 0.00085-0.012 over
+  1000 steps, epsilon prediction (as SD1.5 and the paper).
+
+Training (``build_base``): render a captioned dataset of both concepts, train
+the VAE, encode the dataset once, then train the UNet and the text encoder
+together on the captions (10% empty captions for classifier-free guidance).
+``sks`` never occurs in a caption, so its embedding keeps its initial value
+(the "rare token"). The result is a folder that
+``StableDiffusionPipeline.from_pretrained(folder)`` loads offline.
+
+torch, diffusers and transformers are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from w2wkit.errors import W2WError
+
+__all__ = [
+    "BaseSettings",
+    "CaptionedImages",
+    "build_base",
+    "make_pipeline",
+    "make_scheduler",
+    "make_text_encoder",
+    "make_unet",
+    "make_vae",
+    "render_dataset",
+    "save_pipeline",
+    "train_unet",
+    "train_vae",
+]
+
+
+@dataclass
+class BaseSettings:
+    """Sizes and training budget of the base model.
+
+    The defaults are the planned full build; tests pass tiny values.
+
+    Attributes
+    ----------
+    image_size : int
+        Picture side in pixels; latents are ``image_size // 2``.
+    latent_channels : int
+        Channels of the VAE latents.
+    vae_channels : tuple of int
+        ``block_out_channels`` of the VAE (two blocks = one 2x downsampling).
+    unet_channels : tuple of int
+        ``block_out_channels`` of the UNet (attention only in the last block).
+    layers_per_block : int
+        ResNet (and transformer) layers per UNet block.
+    attention_heads : int
+        Attention heads of the UNet's transformer blocks.
+    text_width, text_layers, text_heads, text_positions : int
+        CLIP text encoder: hidden size, layers, heads, max prompt length.
+    concepts : tuple of str
+        Concept packs whose renders and captions make the dataset.
+    n_instances : dict of str to int
+        Instances per concept in the dataset (dogs: at most the catalogue).
+    images_per_instance : dict of str to int
+        Renders per instance.
+    vae_steps, vae_batch, vae_lr, kl_weight : training of the VAE.
+    unet_steps, unet_batch, unet_lr : training of the UNet + text encoder.
+    caption_drop : float
+        Probability of leaving out each attribute phrase of a caption.
+    uncond_prob : float
+        Probability of an empty caption (classifier-free guidance).
+    seed : int
+        Seed of everything (data, initialisation, noise).
+    threads : int
+        torch threads (1 lets two builds share a 2-core machine).
+    """
+
+    image_size: int = 32
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (32, 64)
+    unet_channels: tuple[int, ...] = (64, 128)
+    layers_per_block: int = 1
+    attention_heads: int = 4
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    text_positions: int = 32
+    concepts: tuple[str, ...] = ("identity", "dog")
+    n_instances: dict[str, int] = field(default_factory=lambda: {"identity": 6000, "dog": 240})
+    images_per_instance: dict[str, int] = field(default_factory=lambda: {"identity": 3, "dog": 40})
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-4
+    unet_steps: int = 8000
+    unet_batch: int = 8
+    unet_lr: float = 5e-4
+    caption_drop: float = 0.25
+    uncond_prob: float = 0.1
+    seed: int = 0
+    threads: int = 1
+
+    @classmethod
+    def micro(cls, **changes: Any) -> BaseSettings:
+        """Tiny settings for tests and CI: a few pictures, a few steps (seconds)."""
+        values: dict[str, Any] = {
+            "vae_channels": (8, 16),
+            "unet_channels": (16, 32),
+            "attention_heads": 2,
+            "text_width": 16,
+            "text_layers": 1,
+            "text_heads": 2,
+            "n_instances": {"identity": 6, "dog": 3},
+            "images_per_instance": {"identity": 2, "dog": 2},
+            "vae_steps": 3,
+            "vae_batch": 4,
+            "unet_steps": 3,
+            "unet_batch": 4,
+            "seed": 3,
+        }
+        values.update(changes)
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dictionary of the settings."""
+        return asdict(self)
+
+
+@dataclass
+class CaptionedImages:
+    """Rendered training pictures and where they come from.
+
+    Attributes
+    ----------
+    images : numpy.ndarray
+        Shape ``(n, size, size, 3)``, uint8.
+    owners : list of tuple
+        ``(concept, instance)`` for each picture.
+    """
+
+    images: np.ndarray
+    owners: list[tuple[str, Any]]
+
+    def captions(self, index: np.ndarray, rng: np.random.Generator, drop: float) -> list[str]:
+        """Captions of pictures ``index`` with random phrase dropout."""
+        out = []
+        for i in index:
+            concept, inst = self.owners[int(i)]
+            out.append(_generators(concept).caption(inst, rng, drop))
+        return out
+
+
+_GEN_CACHE: dict[str, Any] = {}
+
+
+def _generators(concept: str) -> Any:
+    if concept not in _GEN_CACHE:
+        from w2wkit.concepts import get_pack
+
+        gen = get_pack(concept).generator()
+        if gen is None:
+            raise W2WError(f"concept '{concept}' has no procedural generator", key="concepts")
+        _GEN_CACHE[concept] = gen
+    return _GEN_CACHE[concept]
+
+
+def render_dataset(settings: BaseSettings) -> CaptionedImages:
+    """Render the captioned training set of the base model.
+
+    Returns
+    -------
+    CaptionedImages
+        ``images`` of shape ``(sum_c n_c * k_c, size, size, 3)``.
+    """
+    imgs, owners = [], []
+    for concept in settings.concepts:
+        gen = _generators(concept)
+        n = int(settings.n_instances.get(concept, 0))
+        if hasattr(gen, "n_breeds"):
+            n = min(n, gen.n_breeds)
+        k = int(settings.images_per_instance.get(concept, 1))
+        # instances of the base set use seed 1000 + seed so that zoo identities
+        # (seed = settings.seed) are not the ones pretraining saw
+        for inst in (
+            gen.instances(n) if hasattr(gen, "n_breeds") else gen.instances(n, 1000 + settings.seed)
+        ):
+            imgs.append(gen.render(inst, k, seed=settings.seed + 77, size=settings.image_size))
+            owners += [(concept, inst)] * k
+    return CaptionedImages(np.concatenate(imgs), owners)
+
+
+def _torch(threads: int) -> Any:
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch
+
+
+def _groups(channels: Sequence[int]) -> int:
+    """Largest group count <= 32 dividing every channel count."""
+    return max(g for g in range(1, 33) if all(c % g == 0 for c in channels))
+
+
+def make_vae(settings: BaseSettings) -> Any:
+    """The AutoencoderKL: ``image_size`` RGB <-> ``image_size // 2`` latents."""
+    from diffusers import AutoencoderKL
+
+    n = len(settings.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(settings.vae_channels),
+        layers_per_block=1,
+        latent_channels=settings.latent_channels,
+        norm_num_groups=_groups(settings.vae_channels),
+        sample_size=settings.image_size,
+        mid_block_add_attention=False,
+    )
+
+
+def make_unet(settings: BaseSettings) -> Any:
+    """The UNet2DConditionModel; cross-attention only in the lowest-resolution block."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(settings.unet_channels)
+    down = ("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",)
+    up = ("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1)
+    return UNet2DConditionModel(
+        sample_size=settings.image_size // 2 ** (len(settings.vae_channels) - 1),
+        in_channels=settings.latent_channels,
+        out_channels=settings.latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(settings.unet_channels),
+        layers_per_block=settings.layers_per_block,
+        cross_attention_dim=settings.text_width,
+        attention_head_dim=settings.attention_heads,
+        norm_num_groups=_groups(settings.unet_channels),
+    )
+
+
+def make_text_encoder(settings: BaseSettings, tokenizer: Any) -> Any:
+    """A small CLIPTextModel matching ``tokenizer``'s vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=settings.text_width,
+        intermediate_size=4 * settings.text_width,
+        num_hidden_layers=settings.text_layers,
+        num_attention_heads=settings.text_heads,
+        max_position_embeddings=settings.text_positions,
+        projection_dim=settings.text_width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def make_scheduler() -> Any:
+    """DDPM, scaled_linear 0.00085-0.012, 1000 steps, epsilon prediction (SD1.5's)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+
+
+def make_tokenizer(settings: BaseSettings, folder: str | os.PathLike[str]) -> Any:
+    """Write the offline vocabulary of ``settings.concepts`` to ``folder`` and load it."""
+    from transformers import CLIPTokenizer
+
+    from w2wkit.world.tokenizer import world_words, write_tokenizer
+
+    write_tokenizer(folder, world_words(settings.concepts), settings.text_positions)
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def _log(progress: Callable[[str], None] | None, text: str) -> None:
+    if progress is not None:
+        progress(text)
+
+
+def train_vae(
+    vae: Any,
+    images: np.ndarray,
+    settings: BaseSettings,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Train the VAE on pictures (MSE reconstruction + ``kl_weight`` * KL).
+
+    Parameters
+    ----------
+    vae : diffusers.AutoencoderKL
+        Trained in place.
+    images : numpy.ndarray
+        Shape ``(n, H, W, 3)`` uint8.
+
+    Returns
+    -------
+    dict
+        ``seconds``, ``seconds_per_step``, final ``mse`` and ``psnr``.
+    """
+    torch = _torch(settings.threads)
+    gen = torch.Generator().manual_seed(settings.seed + 1)
+    rng = np.random.default_rng(settings.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    vae.train()
+    t0 = time.perf_counter()
+    ema = None
+    for step in range(settings.vae_steps):
+        idx = rng.integers(0, len(images), settings.vae_batch)
+        x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        mse = torch.mean((rec - x) ** 2)
+        kl = post.kl().mean() / x[0].numel()
+        loss = mse + settings.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema = mse.item() if ema is None else 0.98 * ema + 0.02 * mse.item()
+        if progress is not None and (step + 1) % 100 == 0:
+            _log(progress, f"vae step {step + 1}/{settings.vae_steps} mse {ema:.5f}")
+    seconds = time.perf_counter() - t0
+    vae.eval()
+    mse = float(ema if ema is not None else np.nan)
+    return {
+        "seconds": seconds,
+        "seconds_per_step": seconds / max(1, settings.vae_steps),
+        "mse": mse,
+        "psnr": float(10 * np.log10(4.0 / mse)) if mse > 0 else float("inf"),
+    }
+
+
+def encode_latents(vae: Any, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Posterior means of ``images`` (unscaled), shape ``(n, C, h, w)`` float32."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch):
+            x = torch.from_numpy(images[s : s + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            out.append(vae.encode(x).latent_dist.mean.numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def train_unet(
+    unet: Any,
+    text_encoder: Any,
+    tokenizer: Any,
+    latents: np.ndarray,
+    data: CaptionedImages,
+    settings: BaseSettings,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Train the UNet and the text encoder on scaled latents and captions.
+
+    Parameters
+    ----------
+    latents : numpy.ndarray
+        Shape ``(n, C, h, w)``, already multiplied by the VAE scaling factor.
+    data : CaptionedImages
+        Owners of the latents (for the captions), same order.
+
+    Returns
+    -------
+    dict
+        ``seconds``, ``seconds_per_step`` and the final smoothed ``loss``.
+    """
+    torch = _torch(settings.threads)
+    sched = make_scheduler()
+    gen = torch.Generator().manual_seed(settings.seed + 2)
+    rng = np.random.default_rng(settings.seed + 2)
+    emb = text_encoder.get_input_embeddings().weight
+    others = [p for p in text_encoder.parameters() if p is not emb]
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "weight_decay": 1e-2},
+            {"params": others, "weight_decay": 1e-2},
+            # no decay on token embeddings: unused tokens (sks) keep their initial value
+            {"params": [emb], "weight_decay": 0.0},
+        ],
+        lr=settings.unet_lr,
+    )
+    warm = max(1, settings.unet_steps // 20)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warm)
+            * (0.5 * (1 + np.cos(np.pi * min(1.0, s / max(1, settings.unet_steps)))))
+        ),
+    )
+    unet.train()
+    text_encoder.train()
+    lat = torch.from_numpy(latents)
+    t0 = time.perf_counter()
+    ema = None
+    for step in range(settings.unet_steps):
+        idx = rng.integers(0, len(lat), settings.unet_batch)
+        caps = data.captions(idx, rng, settings.caption_drop)
+        caps = ["" if rng.random() < settings.uncond_prob else c for c in caps]
+        ids = tokenizer(
+            caps,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        x0 = lat[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        ehs = text_encoder(ids)[0]
+        pred = unet(xt, t, encoder_hidden_states=ehs).sample
+        loss = torch.mean((pred - noise) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
+        opt.step()
+        lr_sched.step()
+        ema = loss.item() if ema is None else 0.99 * ema + 0.01 * loss.item()
+        if progress is not None and (step + 1) % 100 == 0:
+            _log(progress, f"unet step {step + 1}/{settings.unet_steps} loss {ema:.4f}")
+    seconds = time.perf_counter() - t0
+    unet.eval()
+    text_encoder.eval()
+    return {
+        "seconds": seconds,
+        "seconds_per_step": seconds / max(1, settings.unet_steps),
+        "loss": float(ema if ema is not None else np.nan),
+    }
+
+
+def make_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> Any:
+    """Assemble a StableDiffusionPipeline (no safety checker) from the parts."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipe: Any, folder: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Save ``pipe`` atomically (temporary sibling folder, then rename).
+
+    Raises
+    ------
+    W2WError
+        If ``folder`` exists and ``overwrite`` is false.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise W2WError("output folder exists", path=folder, hint="pass overwrite=True / --force")
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def build_base(
+    folder: str | os.PathLike[str],
+    settings: BaseSettings | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Render the dataset, train VAE then UNet + text encoder, save the pipeline.
+
+    Parameters
+    ----------
+    folder : path
+        Output pipeline folder (``StableDiffusionPipeline.from_pretrained``
+        loads it). A ``world_base.json`` log is written inside.
+    settings : BaseSettings, optional
+        Sizes and budget; the defaults are the planned full build.
+    overwrite : bool
+        Replace an existing folder.
+    progress : callable, optional
+        Receives one-line progress messages.
+
+    Returns
+    -------
+    dict
+        The build log: settings, seconds per phase, VAE PSNR, UNet loss,
+        latent scaling factor, parameter counts.
+    """
+    settings = settings or BaseSettings()
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise W2WError("output folder exists", path=folder, hint="pass overwrite=True / --force")
+    torch = _torch(settings.threads)
+    torch.manual_seed(settings.seed)
+    log: dict[str, Any] = {"settings": settings.to_json()}
+    t0 = time.perf_counter()
+    data = render_dataset(settings)
+    log["render"] = {"images": len(data.images), "seconds": time.perf_counter() - t0}
+    _log(progress, f"rendered {len(data.images)} pictures")
+    staging = folder.with_name(f".{folder.name}.tok-{os.getpid()}")
+    try:
+        tokenizer = make_tokenizer(settings, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    vae = make_vae(settings)
+    log["vae"] = train_vae(vae, data.images, settings, progress)
+    t1 = time.perf_counter()
+    raw = encode_latents(vae, data.images)
+    scale = float(1.0 / raw.std())
+    vae.register_to_config(scaling_factor=scale)
+    log["latents"] = {"scaling_factor": scale, "seconds": time.perf_counter() - t1}
+    unet = make_unet(settings)
+    text_encoder = make_text_encoder(settings, tokenizer)
+    log["unet"] = train_unet(unet, text_encoder, tokenizer, raw * scale, data, settings, progress)
+    log["parameters"] = {
+        name: int(sum(p.numel() for p in m.parameters()))
+        for name, m in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))
+    }
+    pipe = make_pipeline(vae, text_encoder, tokenizer, unet)
+    save_pipeline(pipe, folder, overwrite=overwrite)
+    log["seconds"] = time.perf_counter() - t0
+    (folder / "world_base.json").write_text(json.dumps(log, indent=2, default=str))
+    return log
+
+
+def rare_token_unused(data: CaptionedImages, n: int = 2000, seed: int = 0) -> bool:
+    """True if no caption drawn from ``data`` contains the rare token ``sks``."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(data.images), min(n, len(data.images)))
+    return not any("sks" in c.split() for c in data.captions(idx, rng, 0.0))
+
+
+def unet_lora_targets(unet: Any, names: Sequence[str] = ("to_q", "to_v")) -> list[str]:
+    """Module names of the UNet's attention projections called ``names``."""
+    return [n for n, _ in unet.named_modules() if n.rsplit(".", 1)[-1] in names]
