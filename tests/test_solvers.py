@@ -289,3 +289,17 @@ def test_cuda_matches_cpu(solver):
     np.testing.assert_allclose(gpu.singular_values, cpu.singular_values, rtol=1e-4)
     assert max_angle(gpu.components, cpu.components) < 1e-2
     np.testing.assert_allclose(gpu.scores, z @ gpu.components.T.astype(np.float64), atol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["gram", "randomized"])
+def test_torch_backend_matches_numpy(monkeypatch, solver):
+    """The device code path (torch ops), run on torch's CPU device."""
+    pytest.importorskip("torch")
+    z = power_law(300, 700, seed=4)
+    ref = fit_pca(blocks_of(z, 128), *z.shape, 20, solver=solver)
+    monkeypatch.setattr(solvers, "_ops", lambda device: solvers._TorchOps("cpu"))
+    res = fit_pca(blocks_of(z, 128), *z.shape, 20, solver=solver, device="cuda")
+    assert res.info.get("device", "cpu") == "cpu"
+    np.testing.assert_allclose(res.singular_values, ref.singular_values, rtol=1e-4)
+    assert max_angle(res.components, ref.components) < 1e-2
+    np.testing.assert_allclose(res.scores, z @ res.components.T.astype(np.float64), atol=1e-4)
