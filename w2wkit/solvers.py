@@ -37,6 +37,7 @@ The products run in float32 BLAS on the CPU (numpy / OpenBLAS) or, with
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -77,6 +78,8 @@ _EXACT_MAX_ENTRIES = 25_000_000
 _GRAM_STRIPE_BYTES = 1 << 30
 #: row blocks smaller than this are coalesced (BLAS efficiency)
 _MIN_BLOCK_ROWS = 256
+#: read the next block in a background thread while the current one is multiplied
+PREFETCH = os.environ.get("W2WKIT_PREFETCH", "1") != "0"
 
 
 @dataclass
@@ -290,13 +293,13 @@ class _Stream:
         n_rows: int,
         n_cols: int,
         progress: ProgressFn | None,
-        prefetch: bool = True,
+        prefetch: bool | None = None,
     ) -> None:
         self.blocks = blocks
         self.n_rows = n_rows
         self.n_cols = n_cols
         self.progress = progress
-        self.prefetch = prefetch
+        self.prefetch = PREFETCH if prefetch is None else prefetch
         self.n_passes = 0
 
     def passes(self, stage: str) -> Iterator[tuple[int, np.ndarray]]:
