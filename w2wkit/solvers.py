@@ -404,12 +404,19 @@ class _NumpyOps:
 
     def sub_proj(self, w: np.ndarray, q: np.ndarray) -> None:
         """``w -= q @ (q.T @ w)``."""
-        c = q.T @ w
-        w -= q @ c
+        self.sub_coef(w, q, q.T @ w)
 
     def sub_coef(self, w: np.ndarray, q: np.ndarray, c: np.ndarray) -> None:
-        """``w -= q @ c``."""
-        w -= q @ c
+        """``w -= q @ c`` in place (one BLAS call, no temporary)."""
+        from scipy.linalg.blas import sgemm
+
+        c = np.ascontiguousarray(c, dtype=np.float32)
+        if w.flags.c_contiguous and q.flags.c_contiguous:
+            # Fortran view: w.T (l, d) <- w.T - c.T (l, m) @ q.T (m, d)
+            out = sgemm(-1.0, c.T, q.T, beta=1.0, c=w.T, overwrite_c=1)
+            if np.shares_memory(out, w):
+                return
+        w -= q @ c  # pragma: no cover - non-contiguous operands
 
     def qr(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Householder QR (robust to rank deficiency)."""
@@ -510,6 +517,9 @@ class _TorchOps(_NumpyOps):
 
     def sub_proj(self, w: Any, q: Any) -> None:
         w.sub_(q @ (q.T @ w))
+
+    def sub_coef(self, w: Any, q: Any, c: Any) -> None:
+        w.sub_(q @ c)
 
     def qr(self, w: Any) -> tuple[Any, np.ndarray]:
         q, r = self.torch.linalg.qr(w)
