@@ -11,12 +11,19 @@ from typing import Any
 import click
 from rich.table import Table
 
-from w2wkit.cli.common import allow_pickle_option, console, err_console, force_option
+from w2wkit.cli.common import (
+    DEFAULT_SPACE,
+    DTYPES,
+    allow_pickle_option,
+    console,
+    err_console,
+    force_option,
+    output_option,
+    space_option,
+    storage_dtype_option,
+)
 from w2wkit.errors import DirectionError, FormatError, SpaceError
 
-#: The space ``w2wkit fit`` writes when given no ``-o``; every later command's default.
-DEFAULT_SPACE = "w2w-space"
-DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 WRITE_FORMATS = ("kohya", "diffusers", "peft")
 
 
@@ -267,19 +274,10 @@ def _edit_slug(strengths: dict[str, float]) -> str:
     metavar="NAME=STRENGTH",
     help="More edits, applied together (repeatable).",
 )
-@click.option(
-    "--space",
-    "space_path",
-    type=click.Path(path_type=Path),
-    help=f"The space (default: ./{DEFAULT_SPACE}, where `w2wkit fit` writes).",
-)
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(path_type=Path),
-    help="Output file (folder for peft). Default: ./<input stem>_<edits>.safetensors, "
-    "e.g. me_age+1.5.safetensors (mean_age+1.5... without INPUT).",
+@space_option(f"The space (default: ./{DEFAULT_SPACE}, where `w2wkit fit` writes).", default=None)
+@output_option(
+    "Output file (folder for peft). Default: ./<input stem>_<edits>.safetensors, "
+    "e.g. me_age+1.5.safetensors (mean_age+1.5... without INPUT)."
 )
 @click.option(
     "--project",
@@ -298,7 +296,7 @@ def _edit_slug(strengths: dict[str, float]) -> str:
     type=click.Choice(WRITE_FORMATS),
     help="Output format (default: the input's; the space's for the mean model).",
 )
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Storage dtype of the output.")
+@storage_dtype_option("Storage dtype of the output.")
 @click.option("--rank", type=int, help="Output rank per layer (delta spaces).")
 @force_option
 @allow_pickle_option

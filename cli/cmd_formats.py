@@ -11,7 +11,14 @@ import click
 from rich.table import Table
 
 from w2wkit.adapter import Adapter, LoraLayer
-from w2wkit.cli.common import allow_pickle_option, console, force_option
+from w2wkit.cli.common import (
+    DTYPES,
+    allow_pickle_option,
+    console,
+    force_option,
+    output_option,
+    storage_dtype_option,
+)
 from w2wkit.errors import FormatError
 from w2wkit.formats.registry import (
     FORMATS,
@@ -29,7 +36,9 @@ WRITE_FORMATS = sorted(n for n, f in FORMATS.items() if f.writable) or [
     "diffusers",
     "peft",
 ]
-DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+input_format_option = click.option(
+    "--format", "fmt", type=click.Choice(READ_FORMATS), help="Force the input format."
+)
 
 
 def _family(adapter: Adapter) -> str:
@@ -88,7 +97,7 @@ def _fmt_counter(d: dict[str, int]) -> str:
 
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(READ_FORMATS), help="Force the input format.")
+@input_format_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @allow_pickle_option
 def inspect_cmd(path: Path, fmt: str | None, as_json: bool, allow_pickle: bool) -> None:
@@ -154,21 +163,10 @@ def inspect_cmd(path: Path, fmt: str | None, as_json: bool, allow_pickle: bool) 
 
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Output file (kohya, diffusers) or folder (peft).",
-)
+@output_option("Output file (kohya, diffusers) or folder (peft).", required=True)
 @click.option("--to", "to", type=click.Choice(WRITE_FORMATS), required=True, help="Output format.")
-@click.option("--format", "fmt", type=click.Choice(READ_FORMATS), help="Force the input format.")
-@click.option(
-    "--dtype",
-    type=click.Choice(sorted(DTYPES)),
-    help="Storage dtype of the output (default: keep each tensor's own).",
-)
+@input_format_option
+@storage_dtype_option("Storage dtype of the output (default: keep each tensor's own).")
 @force_option
 @allow_pickle_option
 def convert_cmd(

@@ -6,33 +6,29 @@ from pathlib import Path
 
 import click
 
-from w2wkit.cli.common import console, err_console, force_option
+from w2wkit.cli.common import (
+    console,
+    device_option,
+    err_console,
+    force_option,
+    output_option,
+    space_option,
+    torch_dtype_option,
+)
 from w2wkit.errors import W2WError
 
 
 @click.command("invert")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--space",
-    "space_path",
-    type=click.Path(path_type=Path),
-    default="w2w-space",
-    show_default=True,
-    help="The space folder (written by `w2wkit fit`); factors representation.",
-)
+@space_option("The space folder (written by `w2wkit fit`); factors representation.")
 @click.option(
     "--base",
     required=True,
     help="The Stable Diffusion pipeline the space's LoRAs were trained on (diffusers folder, "
     "or a hub id, downloaded).",
 )
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Output folder: one LoRA per image, coefficients.npy, inversion.json.",
+@output_option(
+    "Output folder: one LoRA per image, coefficients.npy, inversion.json.", required=True
 )
 @click.option(
     "--mask",
@@ -73,13 +69,8 @@ from w2wkit.errors import W2WError
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i.")
 @click.option("--no-early-stop", is_flag=True, help="Always run all steps.")
 @click.option("--batch-size", type=int, default=None, help="Images per batch (default: all).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default="float32",
-    show_default=True,
-)
+@device_option
+@torch_dtype_option
 @force_option
 def invert_cmd(
     images: tuple[Path, ...],

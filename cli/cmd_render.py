@@ -8,7 +8,15 @@ from pathlib import Path
 
 import click
 
-from w2wkit.cli.common import allow_pickle_option, console, err_console, force_option
+from w2wkit.cli.common import (
+    allow_pickle_option,
+    console,
+    device_option,
+    err_console,
+    force_option,
+    output_option,
+    torch_dtype_option,
+)
 from w2wkit.errors import FormatError, W2WError
 
 
@@ -58,9 +66,7 @@ def _expand(paths: tuple[Path, ...], allow_pickle: bool) -> list[Path]:
     required=True,
     help="Stable Diffusion 1.x/2.x pipeline: a diffusers folder (or a hub id, downloaded).",
 )
-@click.option(
-    "-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Grid PNG."
-)
+@output_option("Grid PNG.", required=True)
 @click.option(
     "-p",
     "--prompt",
@@ -90,13 +96,8 @@ def _expand(paths: tuple[Path, ...], allow_pickle: bool) -> list[Path]:
     "(0..999; 700-1000 global edits, 400-700 finer ones).",
 )
 @click.option("--include-base", is_flag=True, help="Add a row for the base model.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default="float32",
-    show_default=True,
-)
+@device_option
+@torch_dtype_option
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Images per batch.")
 @click.option("--cell", type=int, help="Grid cell size in pixels (default: image size, >= 96).")
 @click.option("--json", "as_json", is_flag=True, help="Print the settings as JSON at the end.")

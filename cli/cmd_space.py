@@ -8,20 +8,17 @@ import click
 import numpy as np
 from rich.table import Table
 
-from w2wkit.cli.common import allow_pickle_option, console, force_option
+from w2wkit.cli.common import (
+    DEFAULT_SPACE,
+    allow_pickle_option,
+    console,
+    force_option,
+    output_option,
+    space_option,
+)
 from w2wkit.errors import SpaceError
 
-#: Folder ``fit`` writes and later commands read when ``--space`` is not given.
-DEFAULT_SPACE = "w2w-space"
-
-space_option = click.option(
-    "--space",
-    "space_path",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_SPACE,
-    show_default=True,
-    help="The space folder (written by `w2wkit fit`).",
-)
+read_space_option = space_option("The space folder (written by `w2wkit fit`).")
 
 
 def _load(path: Path):
@@ -32,15 +29,7 @@ def _load(path: Path):
 
 @click.command("fit")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_SPACE,
-    show_default=True,
-    help="Space folder to write.",
-)
+@output_option("Space folder to write.", default=DEFAULT_SPACE, show_default=True)
 @click.option(
     "-k",
     "--components",
@@ -175,7 +164,7 @@ def info_cmd(space_path: Path, plot: Path | None) -> None:
 
 @click.command("project")
 @click.argument("lora", type=click.Path(path_type=Path))
-@space_option
+@read_space_option
 @click.option(
     "-n",
     "--nearest",
@@ -216,11 +205,9 @@ def project_cmd(
 
 
 @click.command("sample")
-@space_option
+@read_space_option
 @click.option("-n", "count", type=int, default=1, show_default=True, help="Models to sample.")
-@click.option(
-    "-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Output folder."
-)
+@output_option("Output folder.", required=True)
 @click.option(
     "--format",
     "fmt",
@@ -276,14 +263,7 @@ def sample_cmd(
 
 @click.command("import-w2w")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_SPACE,
-    show_default=True,
-)
+@output_option(default=DEFAULT_SPACE, show_default=True)
 @click.option(
     "-k",
     "--components",

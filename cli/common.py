@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -40,4 +41,42 @@ allow_pickle_option = click.option(
     is_flag=True,
     help="Also read .pt/.pth/.ckpt/.bin pickles (torch.load with weights_only=True). "
     "Only for files you trust.",
+)
+
+#: Folder ``fit`` writes and later commands read when ``--space`` is not given.
+DEFAULT_SPACE = "w2w-space"
+
+
+def space_option(help: str, default: str | None = DEFAULT_SPACE) -> Any:
+    """``--space`` (parameter ``space_path``): the space folder to read."""
+    extra: dict[str, Any] = {} if default is None else {"default": default, "show_default": True}
+    return click.option(
+        "--space", "space_path", type=click.Path(path_type=Path), help=help, **extra
+    )
+
+
+def output_option(help: str | None = None, **kwargs: Any) -> Any:
+    """``-o/--output`` (parameter ``out``), a path; ``kwargs`` go to :func:`click.option`."""
+    return click.option(
+        "-o", "--output", "out", type=click.Path(path_type=Path), help=help, **kwargs
+    )
+
+
+#: ``--dtype`` choices of written LoRA files -> safetensors storage dtype.
+DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+
+
+def storage_dtype_option(help: str) -> Any:
+    """``--dtype`` (one of :data:`DTYPES`): storage dtype of a written LoRA file."""
+    return click.option("--dtype", type=click.Choice(sorted(DTYPES)), help=help)
+
+
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1..."
+)
+torch_dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
 )
