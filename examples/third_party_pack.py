@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 from w2wkit.concepts import AttributeSpec, Instance, SimplePack, get_pack, register_pack
-from w2wkit.world._draw import Nuisance, Sketch, caption_from, compose
+from w2wkit.world._draw import Nuisance, Sketch, caption_of, compose
 
 ATTRS = (
     AttributeSpec("tall", "tall", "two storeys", 0.5, adjective=True),
@@ -58,9 +58,7 @@ class HouseGenerator:
         return out
 
     def caption(self, inst, rng=None, drop=0.0) -> str:
-        adjs = ["tall"] if inst.attributes["tall"] else []
-        phrases = [a.phrase for a in ATTRS[1:] if inst.attributes[a.name]]
-        return caption_from("house", adjs, phrases, rng, drop)
+        return caption_of("house", ATTRS, inst.attributes, rng, drop)
 
 
 PACK = SimplePack(

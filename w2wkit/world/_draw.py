@@ -9,13 +9,27 @@ background, applies the lighting and reduces it to the output size.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["Nuisance", "Sketch", "caption_from", "compose", "mix", "rgba", "shade"]
+if TYPE_CHECKING:
+    from w2wkit.concepts.base import AttributeSpec
+
+__all__ = [
+    "Nuisance",
+    "Sketch",
+    "caption_from",
+    "caption_of",
+    "compose",
+    "mix",
+    "palette_color",
+    "rgba",
+    "shade",
+]
 
 Color = tuple[float, float, float]
 
@@ -39,6 +53,18 @@ def mix(a: Sequence[float], b: Sequence[float], t: float) -> Color:
 def luminance(c: Sequence[float]) -> float:
     """Relative luminance of an RGB colour in [0, 1]."""
     return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+
+
+def palette_color(rng: np.random.Generator, palette: Sequence[Color], sd: float) -> np.ndarray:
+    """A random colour of ``palette`` plus Gaussian jitter ``sd``, clipped to [0, 1].
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(3,)``, float64.
+    """
+    base = np.array(palette[int(rng.integers(len(palette)))])
+    return np.clip(base + rng.normal(0, sd, 3), 0, 1)
 
 
 class Sketch:
@@ -314,3 +340,31 @@ def caption_from(
     if phr:
         text += " with " + (phr[0] if len(phr) == 1 else ", ".join(phr[:-1]) + " and " + phr[-1])
     return text
+
+
+def caption_of(
+    noun: str,
+    specs: Sequence[AttributeSpec],
+    attributes: Mapping[str, bool],
+    rng: np.random.Generator | None,
+    drop: float,
+    skip: Collection[str] = (),
+) -> str:
+    """:func:`caption_from` with the words of an attribute schema.
+
+    Adjective attributes give their ``phrase`` when present and their
+    ``negative`` (if any) when absent; the others give their ``phrase`` when
+    present. Attributes named in ``skip`` are left out.
+    """
+    adjs, phrases = [], []
+    for spec in specs:
+        if spec.name in skip:
+            continue
+        present = attributes[spec.name]
+        if spec.adjective:
+            word = spec.phrase if present else spec.negative
+            if word:
+                adjs.append(word)
+        elif present:
+            phrases.append(spec.phrase)
+    return caption_from(noun, adjs, phrases, rng, drop)

@@ -22,7 +22,7 @@ import numpy as np
 
 from w2wkit.concepts.base import AttributeSpec, Instance
 from w2wkit.errors import W2WError
-from w2wkit.world._draw import Nuisance, Sketch, caption_from, compose, mix, shade
+from w2wkit.world._draw import Nuisance, Sketch, caption_of, compose, mix, palette_color, shade
 
 __all__ = ["DOG_ATTRIBUTES", "DOG_PARAMS", "DogGenerator"]
 
@@ -336,12 +336,8 @@ class DogGenerator:
             nz = Nuisance.draw(
                 rng, shift=0.04, zoom=0.06, rotation=5.0, flip=True, gain=(0.85, 1.1)
             )
-            top = np.clip(
-                np.array(_SKY[int(rng.integers(len(_SKY)))]) + rng.normal(0, 0.05, 3), 0, 1
-            )
-            bot = np.clip(
-                np.array(_GROUND[int(rng.integers(len(_GROUND)))]) + rng.normal(0, 0.05, 3), 0, 1
-            )
+            top = palette_color(rng, _SKY, 0.05)
+            bot = palette_color(rng, _GROUND, 0.05)
             nz = Nuisance(
                 **{
                     **nz.__dict__,
@@ -360,13 +356,4 @@ class DogGenerator:
         self, instance: Instance, rng: np.random.Generator | None = None, drop: float = 0.0
     ) -> str:
         """E.g. ``"a photo of a large dog with floppy ears and a spotted coat"``."""
-        adjs, phrases = [], []
-        for spec in self.attributes:
-            present = instance.attributes[spec.name]
-            if spec.adjective:
-                word = spec.phrase if present else spec.negative
-                if word:
-                    adjs.append(word)
-            elif present:
-                phrases.append(spec.phrase)
-        return caption_from("dog", adjs, phrases, rng, drop)
+        return caption_of("dog", self.attributes, instance.attributes, rng, drop)

@@ -21,7 +21,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from w2wkit.concepts.base import AttributeSpec, Instance
-from w2wkit.world._draw import Nuisance, Sketch, caption_from, compose, luminance, mix, shade
+from w2wkit.world._draw import (
+    Nuisance,
+    Sketch,
+    caption_of,
+    compose,
+    luminance,
+    mix,
+    palette_color,
+    shade,
+)
 
 __all__ = ["IDENTITY_ATTRIBUTES", "IDENTITY_PARAMS", "IdentityGenerator", "face_box"]
 
@@ -142,7 +151,7 @@ def _sample_identity(rng: np.random.Generator) -> tuple[dict[str, bool], dict[st
             mix(hair, _GREY, rng.uniform(0.1, 0.2) if dark_hair else rng.uniform(0.75, 0.95))
         )
     hair = np.clip(hair, 0, 1)
-    eye = np.clip(np.array(_EYES[int(rng.integers(len(_EYES)))]) + rng.normal(0, 0.04, 3), 0, 1)
+    eye = palette_color(rng, _EYES, 0.04)
     frame = np.clip(np.array(_FRAMES[int(rng.integers(len(_FRAMES)))]) + rng.uniform(0, 0.05), 0, 1)
     params = {
         "skin_light": skin_light,
@@ -408,9 +417,7 @@ class IdentityGenerator:
         out = np.empty((n_images, size, size, 3), dtype=np.uint8)
         for i in range(n_images):
             nz = Nuisance.draw(rng, shift=0.05, zoom=0.07, rotation=7.0, gain=(0.88, 1.1))
-            clothes = np.clip(
-                np.array(_CLOTHES[int(rng.integers(len(_CLOTHES)))]) + rng.normal(0, 0.05, 3), 0, 1
-            )
+            clothes = palette_color(rng, _CLOTHES, 0.05)
             smile = float(rng.uniform(-0.2, 1.0))
             raise_ = float(rng.uniform(0.0, 1.0))
             if canonical:
@@ -424,16 +431,6 @@ class IdentityGenerator:
         self, instance: Instance, rng: np.random.Generator | None = None, drop: float = 0.0
     ) -> str:
         """E.g. ``"a photo of an old male person with glasses and a beard"``."""
-        adjs, phrases = [], []
         a = instance.attributes
-        for spec in self.attributes:
-            present = a[spec.name]
-            if spec.name == "dark_hair" and a["bald"]:
-                continue
-            if spec.adjective:
-                word = spec.phrase if present else spec.negative
-                if word:
-                    adjs.append(word)
-            elif present:
-                phrases.append(spec.phrase)
-        return caption_from("person", adjs, phrases, rng, drop)
+        skip = ("dark_hair",) if a["bald"] else ()
+        return caption_of("person", self.attributes, a, rng, drop, skip)
