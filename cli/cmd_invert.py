@@ -14,6 +14,7 @@ from w2wkit.cli.common import (
     output_option,
     space_option,
     torch_dtype_option,
+    write_format_option,
 )
 from w2wkit.errors import W2WError
 
@@ -59,13 +60,7 @@ from w2wkit.errors import W2WError
 )
 @click.option("--prompt", default=None, help="Prompt (default: the concept's, 'sks person').")
 @click.option("--concept", default=None, help="Concept pack (identity, dog, ...) for defaults.")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["kohya", "diffusers", "peft"]),
-    default="kohya",
-    show_default=True,
-)
+@write_format_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i.")
 @click.option("--no-early-stop", is_flag=True, help="Always run all steps.")
 @click.option("--batch-size", type=int, default=None, help="Images per batch (default: all).")

@@ -15,6 +15,7 @@ from w2wkit.cli.common import (
     force_option,
     output_option,
     space_option,
+    write_format_option,
 )
 from w2wkit.errors import SpaceError
 
@@ -208,13 +209,7 @@ def project_cmd(
 @read_space_option
 @click.option("-n", "count", type=int, default=1, show_default=True, help="Models to sample.")
 @output_option("Output folder.", required=True)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["kohya", "diffusers", "peft"]),
-    default="kohya",
-    show_default=True,
-)
+@write_format_option
 @click.option("--seed", type=int, default=None, help="Random seed (default: fresh).")
 @click.option(
     "--temperature", type=float, default=1.0, show_default=True, help="Scale of the sampling std."

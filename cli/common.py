@@ -71,6 +71,13 @@ def storage_dtype_option(help: str) -> Any:
     return click.option("--dtype", type=click.Choice(sorted(DTYPES)), help=help)
 
 
+write_format_option = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["kohya", "diffusers", "peft"]),
+    default="kohya",
+    show_default=True,
+)
 device_option = click.option(
     "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1..."
 )
