@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.errors import W2WError
+from w2wkit.world.tokenizer import token_ids
 
 __all__ = [
     "BaseSettings",
@@ -467,13 +468,7 @@ def train_unet(
         idx = rng.integers(0, len(lat), settings.unet_batch)
         caps = data.captions(idx, rng, settings.caption_drop)
         caps = ["" if rng.random() < settings.uncond_prob else c for c in caps]
-        ids = tokenizer(
-            caps,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
+        ids = token_ids(tokenizer, caps).to(device)
         x0 = lat[torch.from_numpy(idx).to(device)]
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)

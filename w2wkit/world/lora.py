@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.adapter import Adapter, LoraLayer
+from w2wkit.world.tokenizer import token_ids
 
 __all__ = ["LoraSettings", "LoraTrainer"]
 
@@ -98,14 +99,7 @@ class LoraTrainer:
     def _embed(self, prompt: str) -> Any:
         import torch
 
-        tok = self.pipe.tokenizer
-        ids = tok(
-            [prompt],
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = token_ids(self.pipe.tokenizer, [prompt])
         with torch.no_grad():
             return self.pipe.text_encoder(ids)[0]
 

@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "BOS",
@@ -22,6 +23,7 @@ __all__ = [
     "RARE_TOKEN",
     "build_vocabulary",
     "byte_symbols",
+    "token_ids",
     "world_words",
     "write_tokenizer",
 ]
@@ -30,6 +32,30 @@ BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 RARE_TOKEN = "sks"
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+
+
+def token_ids(tokenizer: Any, texts: Sequence[str]) -> Any:
+    """Token ids of ``texts``, padded/truncated to the tokenizer's length.
+
+    Parameters
+    ----------
+    tokenizer : transformers.CLIPTokenizer
+        The pipeline's tokenizer.
+    texts : sequence of str
+        ``n`` prompts.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(n, tokenizer.model_max_length)``, int64 (on the CPU).
+    """
+    return tokenizer(
+        list(texts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def byte_symbols() -> list[str]:
