@@ -41,6 +41,7 @@ import numpy as np
 from w2wkit.adapter import Adapter, LoraLayer
 from w2wkit.errors import W2WError
 from w2wkit.world.lora import LoraSettings
+from w2wkit.world.tokenizer import token_ids
 
 __all__ = [
     "MultiLoraLinear",
@@ -287,14 +288,7 @@ class ZooTrainer:
         import torch
 
         if prompt not in self._ehs:
-            tok = self.pipe.tokenizer
-            ids = tok(
-                [prompt],
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
+            ids = token_ids(self.pipe.tokenizer, [prompt]).to(self.device)
             with torch.no_grad():
                 self._ehs[prompt] = self.pipe.text_encoder(ids)[0]
         return self._ehs[prompt]
@@ -483,13 +477,7 @@ def sample_images(
     out = []
     with torch.no_grad():
         uniq = sorted(set(prompts) | {""})
-        ids = tok(
-            uniq,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(dev)
+        ids = token_ids(tok, uniq).to(dev)
         table = dict(zip(uniq, pipe.text_encoder(ids)[0], strict=True))
         for s0 in range(0, n, batch):
             sl = slice(s0, min(n, s0 + batch))
@@ -580,7 +568,7 @@ def _write_model(
 
 
 def _run_chunks(
-    base: str,
+    trainer: ZooTrainer | str,
     settings: ZooSettings,
     chunks: list[list[ZooJob]],
     out_dir: str,
@@ -590,23 +578,8 @@ def _run_chunks(
     deadline: float | None,
     on_model: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    trainer = ZooTrainer(base, settings)
-    return _run_chunks_with(
-        trainer, settings, chunks, out_dir, prompt, images, prior, deadline, on_model
-    )
-
-
-def _run_chunks_with(
-    trainer: ZooTrainer,
-    settings: ZooSettings,
-    chunks: list[list[ZooJob]],
-    out_dir: str,
-    prompt: str,
-    images: Callable[[ZooJob], np.ndarray] | None,
-    prior: np.ndarray | None,
-    deadline: float | None,
-    on_model: Callable[[int], None] | None = None,
-) -> list[dict[str, Any]]:
+    if not isinstance(trainer, ZooTrainer):  # a base pipeline folder
+        trainer = ZooTrainer(trainer, settings)
     base = trainer.base
     out = Path(out_dir)
     records: list[dict[str, Any]] = []
@@ -642,7 +615,7 @@ def _run_chunks_with(
             gc.collect()
             torch.cuda.empty_cache()
             half = len(todo) // 2
-            records += _run_chunks_with(
+            records += _run_chunks(
                 trainer,
                 settings,
                 [todo[:half], todo[half:]],
