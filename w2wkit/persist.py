@@ -46,6 +46,14 @@ if TYPE_CHECKING:
 __all__ = ["load_space", "save_space"]
 
 FORMAT_NAME = "w2wkit-space"
+#: Per-component statistics, saved under their name (the space holds ``<name>_``).
+_STAT_ARRAYS = (
+    "singular_values",
+    "explained_variance",
+    "explained_variance_ratio",
+    "coef_mean",
+    "coef_std",
+)
 
 
 def _sha256(path: Path) -> str:
@@ -71,13 +79,7 @@ def _arrays_of(space: WeightSpace) -> dict[str, np.ndarray]:
             arrays[f"delta.{i}.up"] = np.asarray(fac.up[m], np.float32)
             arrays[f"delta.{i}.down"] = np.asarray(fac.down[m], np.float32)
             arrays[f"delta.{i}.owner"] = np.asarray(fac.owner[m], np.int64)
-    for name in (
-        "singular_values",
-        "explained_variance",
-        "explained_variance_ratio",
-        "coef_mean",
-        "coef_std",
-    ):
+    for name in _STAT_ARRAYS:
         arrays[name] = np.asarray(getattr(space, name + "_"), np.float64)
     arrays["coefficients"] = np.asarray(space.coefficients_, np.float32)
     for attr, vals in (space.labels_ or {}).items():
@@ -264,13 +266,7 @@ def _build(cls, path: Path, meta: dict, verify: bool, read_safetensors, Directio
         "w2wkit_version": meta.get("w2wkit_version"),
         "created": meta.get("created"),
     }
-    for name in (
-        "singular_values",
-        "explained_variance",
-        "explained_variance_ratio",
-        "coef_mean",
-        "coef_std",
-    ):
+    for name in _STAT_ARRAYS:
         setattr(space, name + "_", arrays[name])
     space.coefficients_ = arrays["coefficients"]
     if space.coefficients_.shape != (n, k) or len(space.manifest_) != n:
