@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.adapter import Adapter
-from w2wkit.errors import FormatError, LayoutError, SpaceError, W2WError
+from w2wkit.errors import FormatError, SpaceError, W2WError
 
 __all__ = [
     "MARKER",
@@ -560,18 +560,14 @@ def _check_space(space: Any) -> None:
 
 def _check_space_pipeline(space: Any, pipe: Any) -> None:
     """One error naming the space's modules the pipeline lacks (or a shape that does not fit)."""
-    from w2wkit.render import _check_against_pipeline, _resolve_module
+    from w2wkit.render import _check_against_pipeline, _require_modules
 
-    modules = space.layout_.modules
-    missing = [m for m in modules if _resolve_module(pipe, m) is None]
-    if missing:
-        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise LayoutError(
-            f"{len(missing)} of the space's {len(modules)} modules are not in the pipeline: "
-            + ", ".join(missing[:3])
-            + more,
-            hint="the space was fitted on LoRAs of another base model",
-        )
+    _require_modules(
+        pipe,
+        space.layout_.modules,
+        "the space's",
+        "the space was fitted on LoRAs of another base model",
+    )
     _check_against_pipeline(pipe, _zero_stack(space, 1))
 
 

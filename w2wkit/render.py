@@ -372,6 +372,22 @@ def stack_adapters(adapters: Sequence[Adapter | None]) -> dict[str, StackedLayer
     return out
 
 
+def _require_modules(pipe: Any, modules: Sequence[str], whose: str, hint: str) -> None:
+    """One :class:`LayoutError` naming (three of) the ``modules`` that ``pipe`` lacks.
+
+    ``whose`` names the modules' owner in the message (``"the space's"``).
+    """
+    missing = [m for m in modules if _resolve_module(pipe, m) is None]
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise LayoutError(
+            f"{len(missing)} of {whose} {len(modules)} modules are not in the pipeline: "
+            + ", ".join(missing[:3])
+            + more,
+            hint=hint,
+        )
+
+
 def _check_against_pipeline(pipe: Any, stacked: Mapping[str, StackedLayer]) -> None:
     import torch
 
@@ -381,15 +397,9 @@ def _check_against_pipeline(pipe: Any, stacked: Mapping[str, StackedLayer]) -> N
             f"adapters target component(s) {', '.join(bad_comp)}; the renderer patches "
             f"{' and '.join(SUPPORTED_COMPONENTS)} only"
         )
-    missing = [m for m in stacked if _resolve_module(pipe, m) is None]
-    if missing:
-        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise LayoutError(
-            f"{len(missing)} of the adapters' {len(stacked)} modules are not in the pipeline: "
-            + ", ".join(missing[:3])
-            + more,
-            hint="the adapters were made for another base model",
-        )
+    _require_modules(
+        pipe, list(stacked), "the adapters'", "the adapters were made for another base model"
+    )
     for module, st in stacked.items():
         mod = _resolve_module(pipe, module)
         if isinstance(mod, torch.nn.Linear):
