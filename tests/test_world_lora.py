@@ -11,18 +11,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from _world_base import micro_base  # noqa: E402
+
 from w2wkit.formats.registry import read_adapter  # noqa: E402
-from w2wkit.world import build as B  # noqa: E402
 from w2wkit.world.identity import IdentityGenerator  # noqa: E402
 from w2wkit.world.lora import LoraSettings, LoraTrainer, instance_jobs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("world") / "base"
-    B.build_base(out, B.BaseSettings.micro(unet_steps=1, vae_steps=1))
-    return out
+    return micro_base(tmp_path_factory)
 
 
 def test_loras_share_init_and_write_standard_files(base: Path, tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from _world_base import micro_base  # noqa: E402
+
 from w2wkit.formats.registry import read_adapter  # noqa: E402
-from w2wkit.world import build as B  # noqa: E402
 from w2wkit.world.lora import LoraSettings, LoraTrainer  # noqa: E402
 from w2wkit.world.zoo import (  # noqa: E402
     ZooSettings,
@@ -28,10 +29,7 @@ from w2wkit.world.zoo import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("world") / "base"
-    B.build_base(out, B.BaseSettings.micro(unet_steps=1, vae_steps=1))
-    return out
+    return micro_base(tmp_path_factory)
 
 
 def test_batched_equals_single_model_training(base: Path) -> None:
