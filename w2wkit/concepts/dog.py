@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from w2wkit.concepts.base import ProceduralGenerator, SimplePack
-from w2wkit.world.dogs import DOG_ATTRIBUTES
+from w2wkit.concepts.base import SimplePack
+from w2wkit.world.dogs import DOG_ATTRIBUTES, DogGenerator
 
 __all__ = ["PACK"]
-
-
-def _generator() -> ProceduralGenerator:
-    from w2wkit.world.dogs import DogGenerator
-
-    return DogGenerator()
 
 
 PACK = SimplePack(
@@ -22,5 +16,5 @@ PACK = SimplePack(
     n_components=100,
     n_components_inversion=100,
     description="dog breeds with breed-level attributes (size, ears, coat, snout, legs)",
-    make_generator=_generator,
+    make_generator=DogGenerator,
 )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from w2wkit.concepts.base import ProceduralGenerator, SimplePack
-from w2wkit.world.identity import IDENTITY_ATTRIBUTES
+from w2wkit.concepts.base import SimplePack
+from w2wkit.world.identity import IDENTITY_ATTRIBUTES, IdentityGenerator, face_box
 
 __all__ = ["PACK", "face_mask"]
 
@@ -24,8 +24,6 @@ def face_mask(images: np.ndarray) -> np.ndarray:
         Shape ``(n, H, W)``, float32 in [0, 1]: 1 inside the face (hair and
         beard included), falling to 0 over a few pixels.
     """
-    from w2wkit.world.identity import face_box
-
     n, h, w = images.shape[:3]
     x0, y0, x1, y1 = face_box(100)
     cx, cy = (x0 + x1) / 200.0, (y0 + y1) / 200.0
@@ -38,12 +36,6 @@ def face_mask(images: np.ndarray) -> np.ndarray:
     return np.broadcast_to(m, (n, h, w)).copy()
 
 
-def _generator() -> ProceduralGenerator:
-    from w2wkit.world.identity import IdentityGenerator
-
-    return IdentityGenerator()
-
-
 PACK = SimplePack(
     name="identity",
     instance_prompt="sks person",
@@ -52,6 +44,6 @@ PACK = SimplePack(
     n_components=1000,
     n_components_inversion=10000,
     description="people's identities (faces) with CelebA-like attributes",
-    make_generator=_generator,
+    make_generator=IdentityGenerator,
     mask_maker=face_mask,
 )
