@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.adapter import Adapter, LoraLayer
+from w2wkit.world.tokenizer import byte_symbols
 
 __all__ = [
     "TINY_WORDS",
@@ -46,19 +47,6 @@ __all__ = [
 
 #: Whole words given their own token in the tiny vocabulary.
 TINY_WORDS = ("a", "photo", "of", "sks", "person", "dog", "with", "and", "beard", "glasses")
-
-
-def _byte_unicode() -> list[str]:
-    # The printable stand-ins byte-level BPE uses for the 256 byte values.
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
 
 
 def tiny_tokenizer(folder: str | Path | None = None, words: Iterable[str] = TINY_WORDS) -> Any:
@@ -82,7 +70,7 @@ def tiny_tokenizer(folder: str | Path | None = None, words: Iterable[str] = TINY
     """
     from transformers import CLIPTokenizer
 
-    base = _byte_unicode()
+    base = byte_symbols()
     vocab: dict[str, int] = {}
     for sym in base:
         vocab.setdefault(sym, len(vocab))
