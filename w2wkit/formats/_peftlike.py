@@ -33,6 +33,7 @@ __all__ = [
     "lora_config_fields",
     "match_keys",
     "pattern_value",
+    "put_lora_factors",
 ]
 
 DORA_MESSAGE = (
@@ -389,3 +390,20 @@ def lora_layers_only(adapter: Adapter, path: str, fmt: str) -> dict[str, LoraLay
 def storage_dtype(layer: LoraLayer, override: str | None) -> str:
     """Storage dtype of a layer's factors."""
     return override or layer.dtype or "F32"
+
+
+def put_lora_factors(
+    tensors: dict[str, np.ndarray],
+    dtypes: dict[str, str],
+    key: str,
+    layer: LoraLayer,
+    override: str | None,
+) -> None:
+    """Store a layer's factors as ``{key}.lora_A.weight`` (down) and ``{key}.lora_B.weight`` (up).
+
+    Both get :func:`storage_dtype` ``(layer, override)`` in ``dtypes``.
+    """
+    dt = storage_dtype(layer, override)
+    for factor, arr in (("lora_A", layer.down), ("lora_B", layer.up)):
+        tensors[f"{key}.{factor}.weight"] = arr
+        dtypes[f"{key}.{factor}.weight"] = dt

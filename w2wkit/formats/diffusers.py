@@ -63,8 +63,8 @@ from w2wkit.formats._peftlike import (
     lora_config_fields,
     lora_layers_only,
     match_keys,
+    put_lora_factors,
     refuse_dora,
-    storage_dtype,
 )
 from w2wkit.formats.registry import Source, WriteOptions, register_format
 from w2wkit.stio import write_safetensors
@@ -183,11 +183,7 @@ class DiffusersFormat:
                 )
             by_comp.setdefault(comp, {})[module] = layer
             names[module] = rest
-            dt = storage_dtype(layer, options.dtype)
-            for factor, arr in (("lora_A", layer.down), ("lora_B", layer.up)):
-                key = f"{module}.{factor}.weight"
-                tensors[key] = arr
-                dtypes[key] = dt
+            put_lora_factors(tensors, dtypes, module, layer, options.dtype)
         config: dict[str, Any] = {}
         for comp, comp_layers in by_comp.items():
             fields = lora_config_fields(comp_layers, names)

@@ -69,8 +69,8 @@ from w2wkit.formats._peftlike import (
     lora_config_fields,
     lora_layers_only,
     match_keys,
+    put_lora_factors,
     refuse_dora,
-    storage_dtype,
 )
 from w2wkit.formats.registry import (
     PEFT_CONFIG,
@@ -243,11 +243,8 @@ class PeftFormat:
                 folder.mkdir(exist_ok=True)
                 tensors, dtypes = {}, {}
                 for module, layer in comp_layers.items():
-                    dt = storage_dtype(layer, options.dtype)
-                    for factor, arr in (("lora_A", layer.down), ("lora_B", layer.up)):
-                        key = f"{_PREFIX}{names[module]}.{factor}.weight"
-                        tensors[key] = arr
-                        dtypes[key] = dt
+                    key = f"{_PREFIX}{names[module]}"
+                    put_lora_factors(tensors, dtypes, key, layer, options.dtype)
                 meta: dict[str, str] = {}
                 if i == 0:
                     meta.update({k: v for k, v in adapter.metadata.items() if k != COMPONENT_KEY})
