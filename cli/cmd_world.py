@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from w2wkit.cli.common import console, force_option
+from w2wkit.cli.common import console, force_option, output_option
 from w2wkit.errors import W2WError
 
 world_path_option = click.option(
@@ -67,7 +67,7 @@ def build_cmd(
 
 @world_group.command("zoo")
 @click.argument("base", type=click.Path(path_type=Path, exists=True))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@output_option(required=True)
 @click.option("--concept", default="identity", show_default=True)
 @click.option("-n", "--count", type=int, default=10, show_default=True, help="Models to train.")
 @click.option("--start", type=int, default=0, show_default=True, help="First instance index.")
@@ -200,7 +200,7 @@ def info_cmd(world_path: Path | None, as_json: bool) -> None:
 
 @world_group.command("export-loras")
 @world_path_option
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@output_option(required=True)
 @click.option("--concept", default="identity", show_default=True)
 @click.option("--format", "fmt", default="diffusers", show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N models.")
