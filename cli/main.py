@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "w2wkit.cli.cmd_formats",
     "w2wkit.cli.cmd_space",
     "w2wkit.cli.cmd_directions",
+    "w2wkit.cli.cmd_render",
 )
 
 
