@@ -546,6 +546,15 @@ def build_micro_world(
 
 
 def _micro_world(folder: Path) -> EvalWorld:
+    try:
+        return _micro_world_unchecked(folder)
+    except (KeyError, TypeError, IndexError) as exc:
+        raise FormatError(
+            f"world.json is incomplete ({type(exc).__name__}: {exc})", path=folder / "world.json"
+        ) from None
+
+
+def _micro_world_unchecked(folder: Path) -> EvalWorld:
     from w2wkit.concepts import get_pack
     from w2wkit.world.lora import LoraSettings
 

@@ -1,0 +1,235 @@
+"""Evaluation: metrics against independent references, a tiny end-to-end run, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from click.testing import CliRunner  # noqa: E402
+
+from w2wkit import evaluate as E  # noqa: E402
+from w2wkit.errors import SpaceError, W2WError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return E.build_micro_world(tmp_path_factory.mktemp("eval") / "micro", n_models=12, n_heldout=3)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_id_score_and_rmse_match_independent_formulas() -> None:
+    from sklearn.metrics import mean_squared_error
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 7)), rng.standard_normal((3, 7))
+    assert E.id_score(a, b) == pytest.approx(cosine_similarity(a, b).mean(), abs=1e-12)
+    np.testing.assert_allclose(E.id_matrix(a, b), cosine_similarity(a, b), atol=1e-12)
+    x = rng.random((4, 8, 8, 3))
+    y = rng.random((4, 8, 8, 3))
+    ref = [np.sqrt(mean_squared_error(x[i].ravel(), y[i].ravel())) for i in range(4)]
+    np.testing.assert_allclose(E.pixel_rmse(x, y), ref, rtol=1e-12)
+    u8 = (x * 255).astype(np.uint8)
+    np.testing.assert_allclose(E.pixel_rmse(u8, u8), 0.0)
+    s = E.summarize([1.0, 3.0, float("nan")])
+    assert s == {"mean": 2.0, "std": 1.0, "n": 2}
+
+
+def test_stylise_styles() -> None:
+    from w2wkit.world.identity import IdentityGenerator
+
+    gen = IdentityGenerator()
+    img = gen.render(gen.instance(0), 2, seed=1)
+    post = E.stylise(img, "posterised")
+    assert post.shape == img.shape and post.dtype == np.uint8
+    # 2 bits per channel: at most 4 levels, multiples of 64
+    assert set(np.unique(post)) <= {0, 64, 128, 192}
+    line = E.stylise(img, "line drawing")
+    assert (line == 255).mean() > 0.5  # mostly white paper
+    assert np.all(line[..., 0] == line[..., 1])  # grey lines
+    painted = E.stylise(img, "painted")
+    assert not np.array_equal(painted, img)
+    with pytest.raises(W2WError, match="unknown style"):
+        E.stylise(img, "cubist")
+
+
+def test_pixel_evaluators_read_attributes_and_identity(tmp_path: Path) -> None:
+    from w2wkit.world.identity import IdentityGenerator
+
+    gen = IdentityGenerator()
+    ev = E.PixelEvaluators.fit(gen, n_attr=300, n_ids=40, per_id=4, seed=321)
+    # independent check on new identities: the generator's ground truth
+    insts = gen.instances(80, seed=4321)
+    imgs = np.concatenate([gen.render(i, 1, seed=9) for i in insts])
+    probs = ev.attribute_probs(imgs)
+    for attr in ("dark_hair", "beard"):
+        j = ev.attributes.index(attr)
+        truth = np.array([i.attributes[attr] for i in insts])
+        acc = np.mean((probs[:, j] > 0.5) == truth)
+        majority = max(truth.mean(), 1 - truth.mean())
+        assert acc > majority, (attr, acc, majority)
+    # identity: same-identity pairs score higher than different-identity pairs
+    a = gen.render(insts[0], 4, seed=1)
+    b = gen.render(insts[1], 4, seed=2)
+    ea, eb = ev.embed(a), ev.embed(b)
+    same = E.id_matrix(ea, ea)[np.triu_indices(4, 1)].mean()
+    assert same > E.id_score(ea, eb)
+    ev.save(tmp_path / "ev.npz")
+    back = E.PixelEvaluators.load(tmp_path / "ev.npz")
+    np.testing.assert_array_equal(back.embed(a), ev.embed(a))
+    (tmp_path / "bad.npz").write_bytes(b"not npz")
+    with pytest.raises(W2WError, match="cannot read evaluators"):
+        E.PixelEvaluators.load(tmp_path / "bad.npz")
+
+
+# ------------------------------------------------------------------ baselines
+
+
+def test_inversion_parametrisation_equals_peft_model(micro: Path) -> None:
+    """The functional LoRA of coefficients c gives the UNet output of peft with those factors."""
+    from torch.func import functional_call
+
+    from w2wkit.baselines import BaselineModels
+
+    w = E.load_eval_world(micro)
+    space = E._fit_space(w.zoo, w.zoo_names, 5, w.labels)
+    models = BaselineModels(w.base, w.lora_settings, device="cpu")
+    tr = models.trainer
+    c = space.coefficients_[3].astype(np.float64) + 0.5
+    ad = space.inverse_transform(c[None])[0]
+    with torch.no_grad():
+        for mod, layer in ad.layers.items():
+            name = mod.removeprefix("unet.")
+            tr.lora_params[f"{name}.lora_A.default.weight"].copy_(torch.from_numpy(layer.down))
+            tr.lora_params[f"{name}.lora_B.default.weight"].copy_(
+                torch.from_numpy(layer.up * (layer.scale / (tr.settings.alpha / tr.settings.rank)))
+            )
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500])
+    ehs = models._embed("sks person").expand(2, -1, -1)
+    with torch.no_grad():
+        ref = tr.pipe.unet(x, t, encoder_hidden_states=ehs).sample
+    # the same through the inversion's parametrisation
+    V = torch.from_numpy(space.components_.astype(np.float32))
+    flat = torch.from_numpy(space.mean_) + torch.from_numpy(space.scale_) * (
+        torch.from_numpy(c.astype(np.float32)) @ V
+    )
+    params = {}
+    for mod in space.layout_.modules:
+        down, up = space.layout_.slots_of(mod)
+        name = mod.removeprefix("unet.")
+        params[f"{name}.lora_A.default.weight"] = flat[down.offset : down.stop].view(down.shape)
+        params[f"{name}.lora_B.default.weight"] = flat[up.offset : up.stop].view(up.shape)
+    with torch.no_grad():
+        out = functional_call(tr.pipe.unet, params, (x, t), {"encoder_hidden_states": ehs}).sample
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # the inversion itself: runs, only the first k coefficients move, loss recorded
+    img = w.generator.render(w.heldout[0], 1, seed=1)
+    res = models.invert(space, img, components=2, steps=3, lr=0.1, mask=w.pack.mask(img))
+    assert res.coefficients.shape == (1, space.n_components_)
+    np.testing.assert_array_equal(res.coefficients[0, 2:], space.coef_mean_[2:])
+    assert np.isfinite(res.losses).all() and res.seconds[0] > 0
+    with pytest.raises(W2WError, match="mask of shape"):
+        models.invert(space, img, steps=1, mask=np.ones((8, 8)))
+
+
+def test_space_pipeline_mismatch_names_modules(micro: Path) -> None:
+    from w2wkit.adapter import Adapter, LoraLayer
+    from w2wkit.baselines import BaselineModels
+    from w2wkit.space import WeightSpace
+
+    w = E.load_eval_world(micro)
+    rng = np.random.default_rng(0)
+    ads = [
+        Adapter({"unet.no_such_block.to_q": LoraLayer(rng.random((1, 8)), rng.random((8, 1)), 1.0)})
+        for _ in range(4)
+    ]
+    space = WeightSpace(n_components=2).fit(ads)
+    models = BaselineModels(w.base, w.lora_settings, device="cpu")
+    with pytest.raises(SpaceError, match=r"no_such_block\.to_q"):
+        models.invert(space, np.zeros((1, 32, 32, 3), np.uint8), steps=1)
+
+
+def test_edit_prompt() -> None:
+    from w2wkit.baselines import edit_prompt
+    from w2wkit.concepts import get_pack
+
+    specs = {a.name: a for a in get_pack("identity").attributes}
+    assert edit_prompt(specs["beard"]) == "a photo of sks person with a beard"
+    assert edit_prompt(specs["old"]) == "a photo of old sks person"
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
+    w = E.load_eval_world(micro)
+    out = tmp_path / "ev"
+    res = E.run_eval(w, "tiny", out, progress=False)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["checks"].keys() == res["checks"].keys()
+    for key in ("space", "inversion", "editing", "ood", "sampling", "scaling", "fidelity"):
+        assert key in saved, key
+    inv = saved["inversion"]
+    for m in ("w2w", "dreambooth_single", "dreambooth_multi"):
+        assert inv[m]["id_score"]["n"] == 2
+        assert -1.0 <= inv[m]["id_score"]["mean"] <= 1.0
+        assert inv[m]["seconds"]["mean"] > 0
+    assert len(saved["editing"]["attributes"]) >= 3
+    assert {r["n_models"] for r in saved["scaling"]["rows"]} == {6, 11}
+    assert saved["fidelity"]["identity"]["n_candidates"] == 6
+    cum = saved["space"]["cumulative"]
+    assert bool(np.all(np.diff(cum) >= 0)) and cum[-1] <= 1 + 1e-9
+    html = (out / "report.html").read_text()
+    assert "Inversion" in html and "Editing" in html and "Targets" in html
+    for rel in list(saved["images"].values()) + list(saved["plots"].values()):
+        assert (out / rel).stat().st_size > 0
+        assert rel in html
+    # deterministic given the seed
+    again = E.run_eval(w, "tiny", tmp_path / "ev2", progress=False, sections=("space", "sampling"))
+    assert again["sampling"]["intra_model_id"] == pytest.approx(saved["sampling"]["intra_model_id"])
+    with pytest.raises(W2WError, match="not empty"):
+        E.run_eval(w, "tiny", out, progress=False)
+
+
+def test_eval_cli(micro: Path, tmp_path: Path) -> None:
+    from w2wkit.cli.main import cli
+
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "--world",
+            str(micro),
+            "--profile",
+            "tiny",
+            "-o",
+            str(out),
+            "--sections",
+            "space,sampling",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "report:" in r.output and (out / "report.html").exists()
+    r = CliRunner().invoke(cli, ["eval", "--world", str(micro), "-o", str(out)])
+    assert r.exit_code == 1 and "not empty" in r.output
+    r = CliRunner().invoke(cli, ["eval", "--sections", "space,colour", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "unknown section(s) colour" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_load_world_errors(tmp_path: Path) -> None:
+    (tmp_path / "world.json").write_text(json.dumps({"format": "w2wkit-micro-world", "zoo": []}))
+    with pytest.raises(W2WError):
+        E.load_eval_world(tmp_path)
