@@ -1,0 +1,107 @@
+"""``w2wkit demo``: runs at its default settings on whatever world this checkout has."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from w2wkit.cli.main import cli
+from w2wkit.demo import load_image, load_mask
+from w2wkit.errors import FormatError, W2WError
+from w2wkit.evaluate import shipped_world_available
+
+HAS_WORLD = shipped_world_available()
+
+
+@pytest.mark.skipif(HAS_WORLD, reason="the shipped world runs the world demo instead")
+def test_demo_default_synthetic(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(cli, ["demo", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "synthetic demo" in r.output  # it says it fell back
+    assert f"report: {out / 'report.html'}" in r.output.replace("\n", "")
+    res = json.loads((out / "demo.json").read_text())
+    # calibrated edits: each direction's projection moved by exactly its strength (in stds)
+    for name, st in res["edit"]["strengths"].items():
+        assert res["edit"]["moved_std"][name] == pytest.approx(st, rel=1e-6)
+    # planted: 24-dimensional signal, so 24 components hold nearly all the variance
+    assert res["explained_variance_first_24"] > 0.95
+    assert len(list((out / "exported").glob("*.safetensors"))) == 5
+    html = (out / "report.html").read_text()
+    assert "No miniature world" in html and "explained_variance.png" in html
+    assert (out / "images" / "explained_variance.png").stat().st_size > 0
+    # the exported files read back as kohya LoRAs of the SD1.5 layout
+    from w2wkit.formats import read_adapter
+
+    ad = read_adapter(out / "exported" / "sample_0.safetensors")
+    assert ad.format == "kohya" and len(ad.layers) == 64
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_WORLD, reason="no shipped miniature world in this checkout")
+def test_demo_default_world(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(cli, ["demo", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "demo.json").read_text())
+    for name in ("samples.png", "edits.png", "inversion.png", "explained_variance.png"):
+        assert (out / "images" / name).stat().st_size > 0
+    assert len(list((out / "loras").glob("*.safetensors"))) >= 4 + 3 + 1
+    loss0, loss1 = res["inversion"]["loss_first_last"]
+    assert np.isfinite(loss0) and np.isfinite(loss1)
+    assert "report:" in r.output
+
+
+def test_demo_synthetic_flag_and_existing_output(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    r = CliRunner().invoke(cli, ["demo", "--synthetic", "-o", str(out)])
+    assert r.exit_code == 1 and "not empty" in r.output and "Traceback" not in r.output
+
+
+def test_image_inputs(tmp_path: Path) -> None:
+    from PIL import Image
+
+    notes: list[str] = []
+    big = np.zeros((48, 64, 3), np.uint8)
+    big[:, 8:56] = 200  # the centre square is uniform 200
+    Image.fromarray(big).save(tmp_path / "big.png")
+    img = load_image(tmp_path / "big.png", 32, notice=notes.append)
+    assert img.shape == (1, 32, 32, 3) and img.dtype == np.uint8
+    assert abs(int(img[0, 16, 16, 0]) - 200) <= 1
+    assert notes and "64x48 resized to 32x32" in notes[0]
+    notes.clear()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "ok.png")
+    load_image(tmp_path / "ok.png", 32, notice=notes.append)
+    assert notes == []
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(FormatError, match="cannot read image") as exc:
+        load_image(tmp_path / "bad.png", 32)
+    assert "bad.png" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(FormatError, match="not found"):
+        load_image(tmp_path / "missing.png", 32)
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "m16.png")
+    with pytest.raises(FormatError, match="mask is 16x16 but the image is 32x32"):
+        load_mask(tmp_path / "m16.png", 32)
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "m32.png")
+    m = load_mask(tmp_path / "m32.png", 32)
+    assert m.shape == (1, 32, 32) and float(m.min()) == 1.0
+
+
+def test_demo_cli_bad_image(tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    if not HAS_WORLD:
+        from w2wkit.demo import run_demo
+
+        with pytest.raises(W2WError):
+            run_demo(tmp_path / "o", image=tmp_path / "bad.png", log=None, progress=False)
+        return
+    r = CliRunner().invoke(
+        cli, ["demo", "--image", str(tmp_path / "bad.png"), "-o", str(tmp_path / "o")]
+    )
+    assert r.exit_code == 1 and "cannot read image" in r.output
