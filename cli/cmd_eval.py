@@ -91,7 +91,7 @@ def eval_cmd(
         w = E.load_eval_world(folder)
         force = True
     else:
-        w = E.load_eval_world(world)
+        w = E.load_eval_world(world, device=device)
     console.print(f"evaluating world {w.name} ({len(w.zoo)} models, profile {profile})")
     res = E.run_eval(w, s, out, sections=wanted, overwrite=force)
     for name, c in res["checks"].items():

@@ -105,9 +105,17 @@ class BaselineModels:
     """
 
     def __init__(self, base: Any, settings: Any, device: str = "auto") -> None:
+        import torch
+
         from w2wkit.world.lora import LoraTrainer
 
         self.trainer = LoraTrainer(base, settings)
+        pipe = self.trainer.pipe
+        # shipped pipelines store float16 weights; diffusers loads the UNet and VAE as
+        # float32 but transformers keeps the text encoder in float16
+        for part in (pipe.text_encoder, pipe.vae):
+            if next(part.parameters()).dtype != torch.float32:
+                part.to(torch.float32)
         self.settings = settings
         self.device = _device(device)
         if self.device != "cpu":

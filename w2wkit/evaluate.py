@@ -323,42 +323,24 @@ class PixelEvaluators:
             raise FormatError(f"cannot read evaluators: {exc}", path=path) from None
 
 
-class _WrappedEvaluators:
-    """Adapts the shipped world's evaluators to :class:`Evaluators`."""
+class _WorldEvaluators:
+    """The shipped world's evaluators (``world.evaluators()``) for one concept."""
 
-    def __init__(self, obj: Any, attributes: Sequence[str]) -> None:
+    def __init__(self, obj: Any, concept: str = "identity") -> None:
         self.obj = obj
-        self.attributes = list(getattr(obj, "attributes", attributes))
-        self.name = str(getattr(obj, "name", type(obj).__name__))
-        self.metrics = dict(getattr(obj, "metrics", {}) or {})
+        self.concept = concept
+        self.attributes = list(obj.attribute_names(concept))
+        self.name = "world evaluators (attribute CNN, identity embedder)"
+        cfg = getattr(obj, "config", {}) or {}
+        self.metrics = {k: v for k, v in cfg.items() if k in ("metrics", "accuracy", "auc")}
 
     def attribute_probs(self, images: np.ndarray) -> np.ndarray:
-        for meth in ("attribute_probs", "predict_proba", "attributes_proba", "classify"):
-            fn = getattr(self.obj, meth, None)
-            if callable(fn):
-                return np.asarray(fn(_u8(images)), dtype=np.float64)
-        clf = getattr(self.obj, "classifier", None)
-        if clf is not None:
-            return np.asarray(_call_first(clf, _u8(images)), dtype=np.float64)
-        raise W2WError("the world's evaluators have no attribute classifier", key="evaluators")
+        """``(n, H, W, 3)`` -> ``(n, A)`` probabilities."""
+        return np.asarray(self.obj.attributes(self.concept, _u8(images)), dtype=np.float64)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        for meth in ("embed", "identity_embedding", "embed_identity"):
-            fn = getattr(self.obj, meth, None)
-            if callable(fn):
-                return np.asarray(fn(_u8(images)), dtype=np.float64)
-        emb = getattr(self.obj, "embedder", None)
-        if emb is not None:
-            return np.asarray(_call_first(emb, _u8(images)), dtype=np.float64)
-        raise W2WError("the world's evaluators have no identity embedder", key="evaluators")
-
-
-def _call_first(obj: Any, images: np.ndarray) -> Any:
-    for meth in ("predict_proba", "embed", "__call__"):
-        fn = getattr(obj, meth, None)
-        if callable(fn):
-            return fn(images)
-    raise W2WError(f"cannot call evaluator {type(obj).__name__}", key="evaluators")
+        """``(n, H, W, 3)`` -> ``(n, D)`` unit embeddings."""
+        return np.asarray(self.obj.embed(self.concept, _u8(images)), dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- stylisation
@@ -588,97 +570,102 @@ def _micro_world_unchecked(folder: Path) -> EvalWorld:
     )
 
 
-def _shipped_world(obj: Any) -> EvalWorld:
-    """Adapt the object ``w2wkit.world.shipped.load_world()`` returns."""
+def _instance_from_name(gen: Any, name: str) -> Any:
+    """``identity-s0-000042`` -> ``gen.instance(42, 0)``."""
+    parts = name.rsplit("-", 2)
+    return gen.instance(int(parts[2]), int(parts[1].lstrip("s")))
+
+
+def _find(d: Any, key: str) -> Any:
+    """First value of ``key`` in a nested dict (depth first)."""
+    if isinstance(d, dict):
+        if key in d:
+            return d[key]
+        for v in d.values():
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _shipped_world(obj: Any, device: str = "cpu") -> EvalWorld:
+    """Adapt a :class:`w2wkit.world.shipped.World` (identity concept)."""
+    from dataclasses import fields
+
     from w2wkit.concepts import get_pack
+    from w2wkit.labels import read_labels
     from w2wkit.world.lora import LoraSettings
 
-    def get(*names: str, default: Any = None) -> Any:
-        for n in names:
-            if isinstance(obj, dict) and n in obj:
-                return obj[n]
-            if hasattr(obj, n):
-                v = getattr(obj, n)
-                return v() if callable(v) and n in ("identity_loras", "loras") else v
-        return default
-
-    pack = get_pack("identity")
+    concept = "identity"
+    pack = get_pack(concept)
     gen = pack.generator()
-    zoo = get("identity_adapters", "identity_loras", "zoo", "loras")
-    if isinstance(zoo, dict) and "identity" in zoo:
-        zoo = zoo["identity"]
-    if zoo is None:
-        raise W2WError("the shipped world has no identity LoRAs", key="world")
-    if isinstance(zoo, dict):
-        names, zoo = list(zoo), list(zoo.values())
-    else:
-        zoo = list(zoo)
-        names = list(
-            get("identity_names", "zoo_names", default=None)
-            or [f"id_{i:05d}" for i in range(len(zoo))]
-        )
-    labels = get("identity_labels", "labels", default={}) or {}
-    if isinstance(labels, dict) and "identity" in labels:
-        labels = labels["identity"]
-    labels = {k: np.asarray(v, dtype=np.float64) for k, v in dict(labels).items()}
-    instances = get("identity_instances", "zoo_instances", default=None)
-    heldout = get("heldout", "heldout_identities", "held_out", default=None)
-    if heldout is None:
-        raise W2WError("the shipped world has no held-out identities", key="world")
+    names = obj.names(concept)
+    zoo = [obj.adapter(concept, i) for i in range(len(names))]
+    try:
+        instances = [_instance_from_name(gen, n) for n in names]
+    except (ValueError, IndexError):
+        instances = None
+    labels: dict[str, np.ndarray] = {}
+    lab = obj.labels_path(concept)
+    if lab.exists():
+        labels = read_labels(lab, names)
+    h = obj.heldout()
+    seeds = h.get("inst_seed", 0)
     heldout = [
-        h if hasattr(h, "attributes") else gen.instance(int(h["index"]), int(h["seed"]))
-        for h in heldout
+        gen.instance(int(ix), int(seeds if np.isscalar(seeds) else seeds[j]))
+        for j, ix in enumerate(h["index"])
     ]
-    ev = get("evaluators", default=None)
-    evaluators: Any
-    if ev is None:
-        evaluators = PixelEvaluators.fit(gen, seed=987)
-    else:
-        evaluators = _WrappedEvaluators(ev, [a.name for a in pack.attributes])
-    ls = get("lora_settings", "identity_lora_settings", default=None)
-    if isinstance(ls, dict):
-        ls = LoraSettings(**{**ls, "targets": tuple(ls.get("targets", ("to_q", "to_v")))})
+    log = obj.build_log
+    zoo_log = log.get("phases", {}).get("zoo", {})
+    found = _find(zoo_log, "settings") or _find(log, "zoo") or {}
+    allowed = {f.name for f in fields(LoraSettings)}
+    values = {k: v for k, v in dict(found).items() if k in allowed}
+    if "targets" in values:
+        values["targets"] = tuple(values["targets"])
+    meta = obj.stack_meta
+    values.setdefault("rank", int(meta.get("rank", 1)))
+    values.setdefault("alpha", float(meta.get("alpha", 1.0)))
+    ev = _WorldEvaluators(obj.evaluators(device=device), concept)
     return EvalWorld(
-        name="shipped",
-        base=Path(get("base", "pipeline", "base_folder")),
+        name=f"shipped ({obj.root})",
+        base=Path(obj.pipeline_dir),
         zoo=zoo,
-        zoo_names=[str(n) for n in names],
-        zoo_instances=list(instances) if instances is not None else None,
+        zoo_names=list(names),
+        zoo_instances=instances,
         labels=labels,
         heldout=heldout,
         generator=gen,
-        evaluators=evaluators,
-        lora_settings=ls or LoraSettings(),
+        evaluators=ev,
+        lora_settings=LoraSettings(**values),
         pack=pack,
-        image_size=int(get("image_size", default=32)),
-        info={
-            "kind": "shipped",
-            "n_models": len(zoo),
-            "evaluators": getattr(evaluators, "metrics", {}),
-        },
+        image_size=32,
+        info={"kind": "shipped", "n_models": len(zoo), "summary": _json_safe(obj.summary())},
     )
 
 
 def shipped_world_available() -> bool:
-    """True when the package holds a shipped miniature world."""
+    """True when a shipped miniature world is found (package folder or ``$W2WKIT_WORLD``)."""
     try:
         from w2wkit.world import shipped  # type: ignore[attr-defined]
     except ImportError:
         return False
-    fn = getattr(shipped, "available", None) or getattr(shipped, "is_available", None)
-    if callable(fn):
-        return bool(fn())
+    try:
+        shipped.world_dir()
+    except W2WError:
+        return False
     return True
 
 
-def load_eval_world(world: str | os.PathLike[str] | None = None) -> EvalWorld:
+def load_eval_world(world: str | os.PathLike[str] | None = None, device: str = "auto") -> EvalWorld:
     """Open a world for evaluation.
 
     Parameters
     ----------
     world : path or None
         A micro world folder (``world.json``), a shipped-world folder, or
-        ``None`` for the world shipped with the package.
+        ``None`` for the world shipped with the package (or ``$W2WKIT_WORLD``).
+    device : str
+        Where the world's evaluators run (``auto``: CUDA if present).
 
     Raises
     ------
@@ -697,8 +684,15 @@ def load_eval_world(world: str | os.PathLike[str] | None = None) -> EvalWorld:
             "`w2wkit eval --world micro`",
             key="world",
         ) from None
-    obj = shipped.load_world() if world is None else shipped.load_world(world)
-    return _shipped_world(obj)
+    return _shipped_world(shipped.load_world(world), device=_eval_device(device))
+
+
+def _eval_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # --------------------------------------------------------------------------- settings
