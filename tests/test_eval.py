@@ -186,6 +186,7 @@ def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
         assert -1.0 <= inv[m]["id_score"]["mean"] <= 1.0
         assert inv[m]["seconds"]["mean"] > 0
     assert len(saved["editing"]["attributes"]) >= 3
+    assert [r["strength"] for r in saved["editing"]["sweep"]] == [1.0, 2.0]
     assert {r["n_models"] for r in saved["scaling"]["rows"]} == {6, 11}
     assert saved["fidelity"]["identity"]["n_candidates"] == 6
     cum = saved["space"]["cumulative"]

@@ -723,7 +723,9 @@ class EvalSettings:
     edit_attributes : tuple of str
         Attributes edited (those with labels).
     edit_strength : float
-        Calibrated strength (training standard deviations).
+        Calibrated strength (training standard deviations) of the headline numbers.
+    edit_sweep : tuple of float
+        Strengths of the w2w success / ID trade-off curve.
     disentangle_threshold : float
         An edit is made orthogonal to every attribute whose label
         correlation with it is at least this in absolute value.
@@ -762,6 +764,7 @@ class EvalSettings:
     n_eval_images: int = 6
     edit_attributes: tuple[str, ...] = ("beard", "glasses", "old")
     edit_strength: float = 2.0
+    edit_sweep: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)
     disentangle_threshold: float = 0.15
     edit_inject_t: float | None = None
     n_samples: int = 8
@@ -795,6 +798,7 @@ PROFILES: dict[str, EvalSettings] = {
         fidelity_candidates=6,
         ood_heldout=1,
         styles=("posterised", "line drawing"),
+        edit_sweep=(1.0,),
         batch_size=16,
     ),
     "quick": EvalSettings(),
@@ -1254,6 +1258,7 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
         m: {"id": [], "success": [], "rmse": []} for m in ("w2w", "prompting", "undisentangled")
     }
     grid, rows = [], []
+    sweep: dict[float, dict[str, list[float]]] = {}
     for attr in attrs:
         others = _correlated(w.labels, attr, s.disentangle_threshold, list(space.directions_))
         col = ev_attrs.index(attr) if attr in ev_attrs else None
@@ -1264,21 +1269,35 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
             if inst.attributes.get(attr, False):
                 continue  # edits add the attribute; identities that have it are skipped
             base = ev.multi[i]
-            w2w, others = _edit_disentangled(space, base, attr, s.edit_strength, others)
+            strengths = sorted({float(x) for x in s.edit_sweep} | {float(s.edit_strength)})
+            sweep_models = []
+            for st in strengths:
+                ad, others = _edit_disentangled(space, base, attr, st, others)
+                sweep_models.append(ad)
+            w2w = sweep_models[strengths.index(float(s.edit_strength))]
             und = edit_undisentangled(space, base, attr, s.edit_strength)
             prompt = (
                 edit_prompt(specs[attr], w.pack.instance_prompt)
                 if attr in specs
                 else f"{ev.prompt} {attr}"
             )
-            plain = ev.render([base, und], desc=f"edit {attr} {i + 1}")
-            kw = {}
+            batch = ev.render([base, und, *sweep_models], desc=f"edit {attr} {i + 1}")
+            plain = batch[:2]
             if s.edit_inject_t is not None:
                 kw = {"edited": [w2w], "inject_t": s.edit_inject_t}
                 edited = ev.render([base], **kw, desc="edit (delayed)")
             else:
-                edited = ev.render([w2w], desc=f"edit {attr} w2w")
+                edited = batch[2 + strengths.index(float(s.edit_strength)) :][:1]
             prompted = ev.render([base], prompts=[prompt], desc=f"edit {attr} prompt")
+            e_base = ev.embed(batch[0, 0])
+            for j, st in enumerate(strengths):
+                imgs_s = batch[2 + j, 0]
+                e = ev.embed(imgs_s)
+                cell = sweep.setdefault(st, {"id": [], "success": []})
+                cell["id"].append(float(np.sum(_unit(e) * _unit(e_base), axis=1).mean()))
+                if col is not None:
+                    pr = w.evaluators.attribute_probs(_u8(imgs_s))[:, col]
+                    cell["success"].append(float((pr > 0.5).mean()))
             ref = plain[0, 0]
             e_ref = ev.embed(ref)
             for name, imgs in (
@@ -1324,6 +1343,10 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
     res["distance"] = (
         "pixel RMSE in [0, 1] between the edited and the unedited model's renders at the same seed"
     )
+    res["sweep"] = [
+        {"strength": st, "id_score": summarize(v["id"]), "success": summarize(v["success"])}
+        for st, v in sorted(sweep.items())
+    ]
     if grid:
         ev.save_grid(
             "editing",
@@ -1610,6 +1633,28 @@ def write_plots(results: dict[str, Any], space: Any, out: Path) -> dict[str, Pat
             axes[j].set_title(label)
         axes[0].legend(fontsize=8)
         save(fig, "editing")
+        if ed.get("sweep"):
+            fig, ax = plt.subplots(figsize=(4.5, 3.4))
+            sw = ed["sweep"]
+            ax.plot(
+                [r["id_score"]["mean"] for r in sw],
+                [r["success"]["mean"] for r in sw],
+                marker="o",
+                label="w2w (strength sweep)",
+            )
+            for r in sw:
+                ax.annotate(
+                    f"{r['strength']:g}", (r["id_score"]["mean"], r["success"]["mean"]), fontsize=7
+                )
+            o = ed["overall"]
+            for meth, mk in (("prompting", "s"), ("undisentangled", "^")):
+                ax.scatter(
+                    o[meth]["id_score"]["mean"], o[meth]["success"]["mean"], marker=mk, label=meth
+                )
+            ax.set_xlabel("ID score to unedited")
+            ax.set_ylabel("attribute success")
+            ax.legend(fontsize=7)
+            save(fig, "editing_tradeoff")
     sc = results.get("scaling")
     if sc and sc["rows"]:
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))

@@ -165,7 +165,15 @@ def write_report(results: Mapping[str, Any], path: str | os.PathLike[str], title
                 ["edit (method)", "ID score to unedited", "attribute success", "pixel RMSE"], rows
             )
         )
+        if ed.get("sweep"):
+            parts.append(
+                table(
+                    ["w2w strength (std)", "ID score to unedited", "attribute success"],
+                    [[x["strength"], x["id_score"], x["success"]] for x in ed["sweep"]],
+                )
+            )
         parts.append(_img(plots.get("editing"), "editing"))
+        parts.append(_img(plots.get("editing_tradeoff"), "editing trade-off"))
         parts.append(_img(imgs.get("editing"), "editing grid"))
     ood = r.get("ood")
     if ood:
