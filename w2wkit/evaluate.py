@@ -801,7 +801,7 @@ PROFILES: dict[str, EvalSettings] = {
         edit_sweep=(1.0,),
         batch_size=16,
     ),
-    "quick": EvalSettings(),
+    "quick": EvalSettings(n_heldout=4, ood_heldout=2, scaling_heldout=2, n_samples=6),
     "full": EvalSettings(
         n_heldout=50,
         inversion_steps=400,
@@ -1061,6 +1061,23 @@ def run_eval(
             "editing": ">= 80% attribute success with a higher ID score than prompting",
         },
     }
+    from w2wkit.report import write_report
+
+    title = f"w2wkit evaluation - {world.name}"
+
+    def publish(ev: _Eval, complete: bool) -> None:
+        """Write results.json and report.html (after every section: a long run leaves
+        its finished sections behind if it is stopped)."""
+        results["complete"] = complete
+        results["checks"] = _checks(results)
+        results["seconds"] = time.perf_counter() - t_start
+        results["images"] = {k: str(p.relative_to(out)) for k, p in ev.images.items()}
+        results["plots"] = {
+            k: str(p.relative_to(out)) for k, p in write_plots(results, ev.space, out).items()
+        }
+        _write_json(out / "results.json", results)
+        write_report(results, out / "report.html", title=title)
+
     with _bar(progress) as bar:
         ev = _Eval(world, s, out, bar)
         ev.say(f"fitting the space on {len(world.zoo)} models")
@@ -1068,6 +1085,7 @@ def run_eval(
         space = _fit_space(world.zoo, world.zoo_names, s.n_components, world.labels)
         ev.space = space
         results["space"] = _section_space(ev, space, time.perf_counter() - t0)
+        publish(ev, False)
         heldout = world.heldout[: s.n_heldout]
         ev.heldout = heldout
         if any(x in sections for x in ("editing", "inversion")):
@@ -1085,16 +1103,8 @@ def run_eval(
                 t0 = time.perf_counter()
                 results[name] = fn(ev)
                 results[name]["seconds"] = time.perf_counter() - t0
-    results["checks"] = _checks(results)
-    results["seconds"] = time.perf_counter() - t_start
-    results["images"] = {k: str(p.relative_to(out)) for k, p in ev.images.items()}
-    from w2wkit.report import write_report
-
-    results["plots"] = {
-        k: str(p.relative_to(out)) for k, p in write_plots(results, ev.space, out).items()
-    }
-    _write_json(out / "results.json", results)
-    write_report(results, out / "report.html", title=f"w2wkit evaluation - {world.name}")
+                publish(ev, False)
+    publish(ev, True)
     return results
 
 

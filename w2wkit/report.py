@@ -86,6 +86,11 @@ def write_report(results: Mapping[str, Any], path: str | os.PathLike[str], title
         f"Total time {fmt(r.get('seconds'), 1)} s. All numbers are mean &plusmn; std over "
         "held-out identities (or models) with n in brackets.</p>"
     )
+    if not r.get("complete", True):
+        parts.append(
+            "<p class=fail>Partial run: the evaluation stopped before all sections finished; "
+            "the sections below are complete.</p>"
+        )
     checks = r.get("checks", {})
     if checks:
         rows = []
