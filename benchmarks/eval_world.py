@@ -64,7 +64,8 @@ def main() -> None:
     # OOD and scaling use their own (smaller) counts
     per_id = 2 * t_db + s.inversion_steps * t_step + 3.0
     ood = len(s.styles) * (s.ood_steps * t_step + t_db + 2.0)
-    scaling = len(s.scaling_sizes) * (s.inversion_steps * t_step + 2.0)
+    n_inv = len(s.scaling_sizes) + len(s.inversion_k_sweep)
+    scaling = n_inv * (s.inversion_steps * t_step + 2.0)
     fixed = 60.0 + 20.0
     spare = args.budget - (time.perf_counter() - t_all) - fixed
     # spend about half on the main held-out set, a quarter each on OOD and scaling

@@ -188,6 +188,7 @@ def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
     assert len(saved["editing"]["attributes"]) >= 3
     assert [r["strength"] for r in saved["editing"]["sweep"]] == [1.0, 2.0]
     assert {r["n_models"] for r in saved["scaling"]["rows"]} == {6, 11}
+    assert [r["components"] for r in saved["scaling"]["components_rows"]] == [2, 6]
     assert saved["fidelity"]["identity"]["n_candidates"] == 6
     cum = saved["space"]["cumulative"]
     assert bool(np.all(np.diff(cum) >= 0)) and cum[-1] <= 1 + 1e-9

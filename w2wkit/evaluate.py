@@ -736,7 +736,9 @@ class EvalSettings:
     scaling_sizes : tuple of int
         Numbers of models in the space (capped at N).
     scaling_heldout : int
-        Held-out identities inverted per space size.
+        Held-out identities inverted per space size (and per ``k`` of the sweep).
+    inversion_k_sweep : tuple of int
+        Numbers of optimised components of the inversion sweep (full space).
     fidelity_candidates : int
         Candidates of the zoo fidelity identification.
     ood_heldout : int
@@ -770,6 +772,7 @@ class EvalSettings:
     n_samples: int = 8
     scaling_sizes: tuple[int, ...] = (50, 200, 1000)
     scaling_heldout: int = 3
+    inversion_k_sweep: tuple[int, ...] = (10, 30, 100, 300, 1000)
     fidelity_candidates: int = 50
     ood_heldout: int = 3
     styles: tuple[str, ...] = STYLES
@@ -795,6 +798,7 @@ PROFILES: dict[str, EvalSettings] = {
         n_samples=3,
         scaling_sizes=(6, 11),
         scaling_heldout=1,
+        inversion_k_sweep=(2, 6),
         fidelity_candidates=6,
         ood_heldout=1,
         styles=("posterised", "line drawing"),
@@ -1514,7 +1518,28 @@ def _section_scaling(ev: _Eval) -> dict[str, Any]:
                 "direction_abs_cos_edit_attributes": summarize(off_sel),
             }
         )
-    return {"rows": rows, "attributes": attrs}
+    # inversion against the number of optimised components, full space
+    k_rows = []
+    ks = sorted({min(int(k), ev.space.n_components_) for k in s.inversion_k_sweep if k >= 1})
+    for k in ks:
+        ids = []
+        for i, inst in enumerate(heldout):
+            img = ev.real(inst, 1, seed=s.seed + 5)
+            inv = ev.models.invert(
+                ev.space,
+                img,
+                prompt=pack.instance_prompt,
+                components=k,
+                steps=s.inversion_steps,
+                lr=s.inversion_lr,
+                mask=pack.mask(img),
+                seed=s.seed + i,
+                progress=ev.task(f"inversion with k={k}: {i + 1}", s.inversion_steps),
+            )
+            imgs = ev.render(ev.space.inverse_transform(inv.coefficients), desc=f"k={k}")
+            ids.append(id_score(ev.embed(imgs[0, 0]), refs[i]))
+        k_rows.append({"components": k, "inversion_id": summarize(ids)})
+    return {"rows": rows, "attributes": attrs, "components_rows": k_rows}
 
 
 def _section_fidelity(ev: _Eval) -> dict[str, Any]:
@@ -1685,4 +1710,17 @@ def write_plots(results: dict[str, Any], space: Any, out: Path) -> dict[str, Pat
         axes[1].set_xlabel("models in the space")
         axes[1].set_title("mean |cos| between directions")
         save(fig, "scaling")
+    if sc and sc.get("components_rows"):
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        kr = sc["components_rows"]
+        ax.errorbar(
+            [r["components"] for r in kr],
+            [r["inversion_id"]["mean"] for r in kr],
+            yerr=[r["inversion_id"]["std"] for r in kr],
+            marker="o",
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("optimised components k")
+        ax.set_ylabel("inversion ID score")
+        save(fig, "inversion_components")
     return plots

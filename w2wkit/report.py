@@ -240,6 +240,15 @@ def write_report(results: Mapping[str, Any], path: str | os.PathLike[str], title
             )
         )
         parts.append(_img(plots.get("scaling"), "scaling"))
+    if sc and sc.get("components_rows"):
+        parts.append("<h3>Inversion vs number of optimised components</h3>")
+        parts.append(
+            table(
+                ["components k", "inversion ID"],
+                [[x["components"], x["inversion_id"]] for x in sc["components_rows"]],
+            )
+        )
+        parts.append(_img(plots.get("inversion_components"), "inversion vs components"))
     fid = r.get("fidelity")
     if fid:
         parts.append("<h2>Zoo fidelity</h2>")
