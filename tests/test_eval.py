@@ -232,6 +232,8 @@ def test_eval_cli(micro: Path, tmp_path: Path) -> None:
 
 
 def test_load_world_errors(tmp_path: Path) -> None:
+    with pytest.raises(W2WError, match="world folder not found"):
+        E.load_eval_world(tmp_path / "nope")
     (tmp_path / "world.json").write_text(json.dumps({"format": "w2wkit-micro-world", "zoo": []}))
     with pytest.raises(W2WError):
         E.load_eval_world(tmp_path)

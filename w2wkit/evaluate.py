@@ -672,6 +672,8 @@ def load_eval_world(world: str | os.PathLike[str] | None = None, device: str = "
     W2WError
         No world there (one line saying what to do).
     """
+    if world is not None and not Path(world).is_dir():
+        raise W2WError("world folder not found", path=world)
     if world is not None and (Path(world) / "world.json").exists():
         meta = json.loads((Path(world) / "world.json").read_text())
         if meta.get("format") == "w2wkit-micro-world":
@@ -1567,7 +1569,7 @@ def _checks(r: dict[str, Any]) -> dict[str, Any]:
         multi = inv["dreambooth_multi"]["id_score"]["mean"]
         single = inv["dreambooth_single"]["id_score"]["mean"]
         out["inversion_w2w_ge_0.93_multi"] = {
-            "value": w2w / multi if multi else None,
+            "value": w2w / multi if multi and multi > 0 else None,
             "target": 0.93,
             "pass": bool(multi and w2w >= 0.93 * multi),
         }
