@@ -55,17 +55,24 @@ def main() -> None:
     t0 = time.perf_counter()
     models.dreambooth(imgs, world.pack.instance_prompt)
     t_db = time.perf_counter() - t0
+    from w2wkit.invert import default_settings, invert
+
     space = E._fit_space(world.zoo[:50], world.zoo_names[:50], 20, {})
     t0 = time.perf_counter()
-    models.invert(space, imgs[:1], steps=50, components=20)
-    t_step = (time.perf_counter() - t0) / 50
+    invert(space, world.base, imgs[:1], steps=50, early_stopping=False, device=device)
+    t_step = (time.perf_counter() - t0) / 50  # one picture alone; batches are cheaper per picture
     del models
+    steps = (
+        s.inversion_steps
+        or default_settings(E._fit_space(world.zoo[:4], world.zoo_names[:4], 2, {})).steps
+    )
+    ood_steps = s.ood_steps or 2 * steps
     # per held-out identity: multi + single DreamBooth, w2w inversion, ~30 renders;
     # OOD and scaling use their own (smaller) counts
-    per_id = 2 * t_db + s.inversion_steps * t_step + 3.0
-    ood = len(s.styles) * (s.ood_steps * t_step + t_db + 2.0)
+    per_id = 2 * t_db + steps * t_step + 3.0
+    ood = len(s.styles) * (ood_steps * t_step + t_db + 2.0)
     n_inv = len(s.scaling_sizes) + len(s.inversion_k_sweep)
-    scaling = n_inv * (s.inversion_steps * t_step + 2.0)
+    scaling = n_inv * (steps * t_step + 2.0)
     fixed = 60.0 + 20.0
     spare = args.budget - (time.perf_counter() - t_all) - fixed
     # spend about half on the main held-out set, a quarter each on OOD and scaling

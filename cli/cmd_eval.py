@@ -154,6 +154,13 @@ def demo_cmd(
         console.print(msg, markup=False, highlight=False)
 
     if synthetic or (world is None and not shipped_world_available()):
+        if image is not None or mask is not None:
+            from w2wkit.errors import W2WError
+
+            raise W2WError(
+                "--image needs a miniature world (none is shipped in this checkout; give --world)",
+                key="image",
+            )
         if not synthetic:
             err_console.print(
                 "no miniature world is shipped in this checkout: running the synthetic demo "

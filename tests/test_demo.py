@@ -10,8 +10,6 @@ import pytest
 from click.testing import CliRunner
 
 from w2wkit.cli.main import cli
-from w2wkit.demo import load_image, load_mask
-from w2wkit.errors import FormatError, W2WError
 from w2wkit.evaluate import shipped_world_available
 
 HAS_WORLD = shipped_world_available()
@@ -65,44 +63,14 @@ def test_demo_synthetic_flag_and_existing_output(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "not empty" in r.output and "Traceback" not in r.output
 
 
-def test_image_inputs(tmp_path: Path) -> None:
-    from PIL import Image
-
-    notes: list[str] = []
-    big = np.zeros((48, 64, 3), np.uint8)
-    big[:, 8:56] = 200  # the centre square is uniform 200
-    Image.fromarray(big).save(tmp_path / "big.png")
-    img = load_image(tmp_path / "big.png", 32, notice=notes.append)
-    assert img.shape == (1, 32, 32, 3) and img.dtype == np.uint8
-    assert abs(int(img[0, 16, 16, 0]) - 200) <= 1
-    assert notes and "64x48 resized to 32x32" in notes[0]
-    notes.clear()
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "ok.png")
-    load_image(tmp_path / "ok.png", 32, notice=notes.append)
-    assert notes == []
-    (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(FormatError, match="cannot read image") as exc:
-        load_image(tmp_path / "bad.png", 32)
-    assert "bad.png" in str(exc.value) and "\n" not in str(exc.value)
-    with pytest.raises(FormatError, match="not found"):
-        load_image(tmp_path / "missing.png", 32)
-    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "m16.png")
-    with pytest.raises(FormatError, match="mask is 16x16 but the image is 32x32"):
-        load_mask(tmp_path / "m16.png", 32)
-    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "m32.png")
-    m = load_mask(tmp_path / "m32.png", 32)
-    assert m.shape == (1, 32, 32) and float(m.min()) == 1.0
-
-
-def test_demo_cli_bad_image(tmp_path: Path) -> None:
-    (tmp_path / "bad.png").write_bytes(b"nope")
-    if not HAS_WORLD:
-        from w2wkit.demo import run_demo
-
-        with pytest.raises(W2WError):
-            run_demo(tmp_path / "o", image=tmp_path / "bad.png", log=None, progress=False)
-        return
-    r = CliRunner().invoke(
-        cli, ["demo", "--image", str(tmp_path / "bad.png"), "-o", str(tmp_path / "o")]
-    )
-    assert r.exit_code == 1 and "cannot read image" in r.output
+def test_demo_image_needs_a_world(tmp_path: Path) -> None:
+    (tmp_path / "me.png").write_bytes(b"nope")
+    args = ["demo", "--image", str(tmp_path / "me.png"), "-o", str(tmp_path / "o")]
+    if HAS_WORLD:
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 1 and "cannot read" in r.output
+    else:
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 1 and "--image needs a miniature world" in r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()

@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 from click.testing import CliRunner  # noqa: E402
 
 from w2wkit import evaluate as E  # noqa: E402
-from w2wkit.errors import SpaceError, W2WError  # noqa: E402
+from w2wkit.errors import W2WError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -95,58 +95,59 @@ def test_pixel_evaluators_read_attributes_and_identity(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ baselines
 
 
-def test_inversion_parametrisation_equals_peft_model(micro: Path) -> None:
-    """The functional LoRA of coefficients c gives the UNet output of peft with those factors."""
-    from torch.func import functional_call
+def test_demo_on_micro_world(micro: Path, tmp_path: Path) -> None:
+    from PIL import Image
 
-    from w2wkit.baselines import BaselineModels
+    from w2wkit.demo import DemoSettings, run_demo
+    from w2wkit.formats import read_adapter
 
     w = E.load_eval_world(micro)
-    space = E._fit_space(w.zoo, w.zoo_names, 5, w.labels)
-    models = BaselineModels(w.base, w.lora_settings, device="cpu")
-    tr = models.trainer
-    c = space.coefficients_[3].astype(np.float64) + 0.5
-    ad = space.inverse_transform(c[None])[0]
-    with torch.no_grad():
-        for mod, layer in ad.layers.items():
-            name = mod.removeprefix("unet.")
-            tr.lora_params[f"{name}.lora_A.default.weight"].copy_(torch.from_numpy(layer.down))
-            tr.lora_params[f"{name}.lora_B.default.weight"].copy_(
-                torch.from_numpy(layer.up * (layer.scale / (tr.settings.alpha / tr.settings.rank)))
-            )
-    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([10, 500])
-    ehs = models._embed("sks person").expand(2, -1, -1)
-    with torch.no_grad():
-        ref = tr.pipe.unet(x, t, encoder_hidden_states=ehs).sample
-    # the same through the inversion's parametrisation
-    V = torch.from_numpy(space.components_.astype(np.float32))
-    flat = torch.from_numpy(space.mean_) + torch.from_numpy(space.scale_) * (
-        torch.from_numpy(c.astype(np.float32)) @ V
+    tiny = DemoSettings(n_components=6, inversion_steps=3, render_steps=2, seeds=2)
+    res = run_demo(tmp_path / "d", world=w, settings=tiny, log=None, progress=False)
+    for name in ("samples.png", "edits.png", "inversion.png", "explained_variance.png"):
+        assert (tmp_path / "d" / "images" / name).stat().st_size > 0
+    assert res["inversion"]["steps"] == 3 and res["inversion"]["recipe"]["n_components"] == 6
+    html = (tmp_path / "d" / "report.html").read_text()
+    assert "images/samples.png" in html and "images/edits.png" in html
+    # the edited files carry the edit record and the space's layout
+    ed = read_adapter(tmp_path / "d" / "loras" / "edit_beard_glasses.safetensors")
+    assert "beard" in ed.metadata["w2wkit.edits"] and len(ed.layers) == len(w.zoo and ed.layers)
+    # a user picture of another size: resized, and the demo says so
+    big = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(big).save(tmp_path / "me.png")
+    notes: list[str] = []
+    run_demo(
+        tmp_path / "u",
+        world=w,
+        settings=tiny,
+        image=tmp_path / "me.png",
+        log=notes.append,
+        progress=False,
     )
-    params = {}
-    for mod in space.layout_.modules:
-        down, up = space.layout_.slots_of(mod)
-        name = mod.removeprefix("unet.")
-        params[f"{name}.lora_A.default.weight"] = flat[down.offset : down.stop].view(down.shape)
-        params[f"{name}.lora_B.default.weight"] = flat[up.offset : up.stop].view(up.shape)
-    with torch.no_grad():
-        out = functional_call(tr.pipe.unet, params, (x, t), {"encoder_hidden_states": ehs}).sample
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    # the inversion itself: runs, only the first k coefficients move, loss recorded
-    img = w.generator.render(w.heldout[0], 1, seed=1)
-    res = models.invert(space, img, components=2, steps=3, lr=0.1, mask=w.pack.mask(img))
-    assert res.coefficients.shape == (1, space.n_components_)
-    np.testing.assert_array_equal(res.coefficients[0, 2:], space.coef_mean_[2:])
-    assert np.isfinite(res.losses).all() and res.seconds[0] > 0
-    with pytest.raises(W2WError, match="mask of shape"):
-        models.invert(space, img, steps=1, mask=np.ones((8, 8)))
+    assert any("64x64 resized" in n for n in notes)
+    # bad input: one line each, nothing written
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(W2WError, match=r"bad\.png") as exc:
+        run_demo(tmp_path / "b", world=w, settings=tiny, image=tmp_path / "bad.png", log=None)
+    assert "\n" not in str(exc.value) and not (tmp_path / "b").exists()
+    Image.fromarray(np.full((5, 7), 255, np.uint8)).save(tmp_path / "m.png")
+    with pytest.raises(W2WError, match="mask"):
+        run_demo(
+            tmp_path / "m",
+            world=w,
+            settings=tiny,
+            image=tmp_path / "me.png",
+            mask=tmp_path / "m.png",
+            log=None,
+            progress=False,
+        )
 
 
-def test_space_pipeline_mismatch_names_modules(micro: Path) -> None:
+def test_space_pipeline_mismatch_names_modules(micro: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
     from w2wkit.adapter import Adapter, LoraLayer
-    from w2wkit.baselines import BaselineModels
-    from w2wkit.space import WeightSpace
+    from w2wkit.demo import DemoSettings, run_demo
 
     w = E.load_eval_world(micro)
     rng = np.random.default_rng(0)
@@ -154,10 +155,15 @@ def test_space_pipeline_mismatch_names_modules(micro: Path) -> None:
         Adapter({"unet.no_such_block.to_q": LoraLayer(rng.random((1, 8)), rng.random((8, 1)), 1.0)})
         for _ in range(4)
     ]
-    space = WeightSpace(n_components=2).fit(ads)
-    models = BaselineModels(w.base, w.lora_settings, device="cpu")
-    with pytest.raises(SpaceError, match=r"no_such_block\.to_q"):
-        models.invert(space, np.zeros((1, 32, 32, 3), np.uint8), steps=1)
+    bad = replace(w, zoo=ads, zoo_names=[f"m{i}" for i in range(4)], labels={})
+    with pytest.raises(W2WError, match=r"no_such_block\.to_q"):
+        run_demo(
+            tmp_path / "d",
+            world=bad,
+            settings=DemoSettings(n_components=2),
+            log=None,
+            progress=False,
+        )
 
 
 def test_edit_prompt() -> None:

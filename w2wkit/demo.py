@@ -29,7 +29,7 @@ import numpy as np
 
 from w2wkit.errors import FormatError, W2WError
 
-__all__ = ["DemoSettings", "load_image", "load_mask", "run_demo", "run_synthetic_demo"]
+__all__ = ["DemoSettings", "run_demo", "run_synthetic_demo"]
 
 
 @dataclass
@@ -46,7 +46,9 @@ class DemoSettings:
         The two edit directions.
     strength : float
         Calibrated edit strength (training standard deviations).
-    inversion_components, inversion_steps, inversion_lr : inversion recipe.
+    inversion_components, inversion_steps, inversion_lr : int, int, float or None
+        Inversion recipe; ``None``: the defaults of ``w2wkit invert``
+        (:func:`w2wkit.invert.default_settings`).
     render_steps, guidance : rendering.
     seed : int
     device : str
@@ -57,80 +59,13 @@ class DemoSettings:
     seeds: int = 4
     directions: tuple[str, str] = ("beard", "glasses")
     strength: float = 2.0
-    inversion_components: int = 1000
-    inversion_steps: int = 150
-    inversion_lr: float = 0.1
+    inversion_components: int | None = None
+    inversion_steps: int | None = None
+    inversion_lr: float | None = None
     render_steps: int = 20
     guidance: float = 3.0
     seed: int = 0
     device: str = "auto"
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def load_image(
-    path: str | os.PathLike[str], size: int, notice: Callable[[str], None] | None = None
-) -> np.ndarray:
-    """Read an RGB picture as ``(1, size, size, 3)`` uint8.
-
-    Raises
-    ------
-    FormatError
-        Unreadable or not an image (one line naming the file).
-
-    Notes
-    -----
-    A picture of another size is resized (centre square crop, then
-    Lanczos) and ``notice`` is told so.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    try:
-        with Image.open(p) as im:
-            im.load()
-            img = im.convert("RGB")
-    except FileNotFoundError:
-        raise FormatError("image not found", path=p) from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise FormatError(f"cannot read image ({type(exc).__name__})", path=p) from None
-    if img.size != (size, size):
-        w, h = img.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
-        if notice is not None:
-            notice(f"{p.name}: {w}x{h} resized to {size}x{size} (centre crop) for the pipeline")
-    return np.asarray(img, dtype=np.uint8)[None]
-
-
-def load_mask(path: str | os.PathLike[str], size: int) -> np.ndarray:
-    """Read a mask (grey, white = keep) as ``(1, size, size)`` float32 in ``[0, 1]``.
-
-    Raises
-    ------
-    FormatError
-        Unreadable, or not of the image's size (``size x size``).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    try:
-        with Image.open(p) as im:
-            im.load()
-            m = im.convert("L")
-    except FileNotFoundError:
-        raise FormatError("mask not found", path=p) from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise FormatError(f"cannot read mask ({type(exc).__name__})", path=p) from None
-    if m.size != (size, size):
-        raise FormatError(
-            f"mask is {m.size[0]}x{m.size[1]} but the image is {size}x{size}",
-            path=p,
-            hint="give a mask of the image's size",
-        )
-    return (np.asarray(m, dtype=np.float32) / 255.0)[None]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -140,6 +75,34 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise W2WError("output folder exists and is not empty (use --force)", path=out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_mask_file(path: Any, sizes: list[tuple[int, int]]) -> None:
+    """A mask file must have the picture's own size or the pipeline's (one line otherwise)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise FormatError("mask not found", path=path) from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise FormatError(f"cannot read the mask ({type(exc).__name__})", path=path) from None
+    if (h, w) not in sizes:
+        want = " or ".join(f"{b}x{a}" for a, b in dict.fromkeys(sizes))
+        raise FormatError(
+            f"mask is {w}x{h}, need {want} (the picture's size or the pipeline's)", path=path
+        )
+
+
+def _inv_progress(ev: Any, desc: str) -> Any:
+    """A callback for :func:`w2wkit.invert.invert` driving the run's progress bar."""
+    cb = ev.task(desc, 1)
+
+    def update(step: int, steps: int, loss: float) -> None:
+        cb(step, steps)
+
+    return update
 
 
 def _say(log: Callable[[str], None] | None, text: str) -> None:
@@ -189,8 +152,10 @@ def run_demo(
         ``None``: the shipped world.
     settings : DemoSettings, optional
     image, mask : path, optional
-        Invert this picture (resized if needed, with a notice) instead of a
-        held-out render; a mask must have the picture's size after resizing.
+        Invert this picture instead of a held-out render (resized to the
+        pipeline's size if needed, with a notice; see
+        :func:`w2wkit.invert.load_images`) with this mask (white = fit;
+        default: the concept's face mask).
     overwrite : bool
     log : callable
         Where progress lines go.
@@ -211,11 +176,14 @@ def run_demo(
     t_all = time.perf_counter()
     out = Path(out_dir)
     w = world if isinstance(world, E.EvalWorld) else E.load_eval_world(world)
-    user_img = user_mask = None
+    user_img = None
     if image is not None:
-        user_img = load_image(image, w.image_size, notice=lambda m: _say(log, f"note: {m}"))
+        from w2wkit.invert import load_images
+
+        size = (w.image_size, w.image_size)
+        user_img, _, orig = load_images(image, size, notice=lambda m: _say(log, f"note: {m}"))
         if mask is not None:
-            user_mask = load_mask(mask, w.image_size)
+            _check_mask_file(mask, [tuple(orig[0]), size])
     elif mask is not None:
         raise W2WError("--mask needs --image", key="mask")
     _check_out(out, overwrite)
@@ -322,30 +290,36 @@ def run_demo(
             step("[3/5] skipped editing: the world has fewer than 2 labelled attributes")
         timings["edit"] = time.perf_counter() - t0
 
-        # 4. inversion of one held-out picture
+        # 4. inversion of one held-out picture (or the user's)
+        from w2wkit.invert import invert
+
         t0 = time.perf_counter()
         inst = w.heldout[0]
-        if user_img is not None:
-            img, m = user_img, user_mask if user_mask is not None else w.pack.mask(user_img)
-            src = Path(image).name  # type: ignore[arg-type]
+        if image is not None:
+            img = E._u8(user_img)
+            src = Path(image).name
+            inv_input: Any = str(image)
+            inv_mask: Any = str(mask) if mask is not None else w.pack.mask(img)
         else:
             img = ev.real(inst, 1, seed=s.seed + 5)
-            m = w.pack.mask(img)
             src = f"held-out identity {inst.index}"
-        step(f"[4/5] inverting one picture ({src}), {s.inversion_steps} steps")
-        k = min(s.inversion_components, space.n_components_)
-        inv = ev.models.invert(
+            inv_input, inv_mask = img, w.pack.mask(img)
+        step(f"[4/5] inverting one picture ({src})")
+        inv = invert(
             space,
-            img,
-            prompt=w.pack.instance_prompt,
-            components=k,
+            ev.renderer.pipe,
+            inv_input,
+            n_components=s.inversion_components,
             steps=s.inversion_steps,
             lr=s.inversion_lr,
-            mask=m,
+            mask=inv_mask,
+            concept=w.pack,
+            device=ev.renderer.device,
             seed=s.seed,
-            progress=ev.task("inversion", s.inversion_steps),
+            progress=_inv_progress(ev, "inversion"),
+            notice=lambda m: None,
         )
-        inv_ad = space.inverse_transform(inv.coefficients)[0]
+        inv_ad = inv.adapters[0]
         write_adapter(inv_ad, out / "loras" / "inverted.safetensors", format="diffusers")
         inv_imgs = ev.render([inv_ad], desc="rendering the inverted model")
         cells = np.concatenate([img / 255.0, inv_imgs[0, 0]])[None]
@@ -354,15 +328,16 @@ def run_demo(
         )
         inv_id = None
         ref_id = None
-        if user_img is None:
+        if image is None:
             refs = ev.embed(ev.real(inst, 6, seed=s.seed + 99))
             inv_id = E.id_score(ev.embed(inv_imgs[0, 0]), refs)
             others = np.concatenate(
                 [ev.embed(ev.real(h, 2, seed=s.seed + 99)) for h in w.heldout[1:6]] or [refs]
             )
             ref_id = E.id_score(refs, others)
-        losses = inv.losses[0]
+        losses = inv.losses[0][np.isfinite(inv.losses[0])]
         q = max(1, len(losses) // 10)
+        k = int(inv.settings["n_components"])
         timings["invert"] = time.perf_counter() - t0
 
     # 5. report
@@ -382,11 +357,12 @@ def run_demo(
         "inversion": {
             "source": src,
             "components": k,
-            "steps": s.inversion_steps,
+            "steps": int(inv.steps_run[0]),
+            "recipe": {k_: inv.settings[k_] for k_ in ("n_components", "lr", "steps")},
             "loss_first_last": [float(losses[:q].mean()), float(losses[-q:].mean())],
             "id_score": inv_id,
             "id_score_other_identities": ref_id,
-            "seconds": float(inv.seconds[0]),
+            "seconds": float(inv.seconds),
         },
         "seconds": {**timings, "total": time.perf_counter() - t_all},
         "settings": asdict(s),
@@ -421,7 +397,7 @@ def run_demo(
         ]
     parts += [
         f"<h2>Inversion</h2><p class=note>{src}: {k} coefficients optimised for "
-        f"{s.inversion_steps} steps ({metrics['inversion']['seconds']:.1f} s); loss "
+        f"{metrics['inversion']['steps']} steps ({metrics['inversion']['seconds']:.1f} s); loss "
         f"{metrics['inversion']['loss_first_last'][0]:.4f} -> "
         f"{metrics['inversion']['loss_first_last'][1]:.4f}.</p>",
         table(

@@ -710,9 +710,11 @@ class EvalSettings:
         Held-out identities evaluated (editing and inversion).
     n_components : int
         Components of the space for sampling and editing (capped at N-1).
-    inversion_components, ood_components : int
-        ``k`` for in-distribution and stylised inputs (capped).
-    inversion_steps, inversion_lr, ood_steps, ood_lr : inversion recipe.
+    inversion_components, ood_components : int or None
+        ``k`` for in-distribution and stylised inputs (capped at the space's).
+    inversion_steps, inversion_lr, ood_steps, ood_lr : int or float or None
+        Inversion recipe; ``None`` takes :func:`w2wkit.invert.default_settings`
+        (standard and ``ood``), the user-facing defaults of ``w2wkit invert``.
     dreambooth_steps : int or None
         DreamBooth baselines' steps (None: the zoo recipe's).
     n_train_images : int
@@ -754,12 +756,12 @@ class EvalSettings:
 
     n_heldout: int = 6
     n_components: int = 1000
-    inversion_components: int = 1000
-    ood_components: int = 200
-    inversion_steps: int = 200
-    inversion_lr: float = 0.1
-    ood_steps: int = 300
-    ood_lr: float = 0.3
+    inversion_components: int | None = None
+    ood_components: int | None = None
+    inversion_steps: int | None = None
+    inversion_lr: float | None = None
+    ood_steps: int | None = None
+    ood_lr: float | None = None
     dreambooth_steps: int | None = None
     n_train_images: int = 10
     render_steps: int = 20
@@ -810,8 +812,6 @@ PROFILES: dict[str, EvalSettings] = {
     "quick": EvalSettings(n_heldout=4, ood_heldout=2, scaling_heldout=2, n_samples=6),
     "full": EvalSettings(
         n_heldout=50,
-        inversion_steps=400,
-        ood_steps=600,
         seeds=8,
         n_eval_images=10,
         n_samples=32,
@@ -934,6 +934,53 @@ class _Eval:
         path = self.out / "images" / f"{key}.png"
         make_grid(np.asarray(images), list(rows), list(cols)).save(path, format="PNG")
         self.images[key] = path
+
+    def invert(
+        self,
+        space: Any,
+        images: np.ndarray,
+        *,
+        ood: bool = False,
+        k: int | None = None,
+        seed: int = 0,
+    ) -> tuple[np.ndarray, float, Any]:
+        """Invert ``images`` ``(n, H, W, 3)`` uint8 in one batch with :func:`w2wkit.invert.invert`.
+
+        Returns
+        -------
+        (numpy.ndarray, float, InversionResult)
+            Coefficients ``(n, k_space)``, wall seconds per image (the batch's
+            time divided by ``n``), the full result.
+        """
+        from w2wkit.invert import invert
+
+        s = self.s
+        if ood:
+            n_comp, steps, lr = s.ood_components, s.ood_steps, s.ood_lr
+        else:
+            n_comp, steps, lr = s.inversion_components, s.inversion_steps, s.inversion_lr
+        if k is not None:
+            n_comp = k
+        if n_comp is not None:
+            n_comp = max(1, min(int(n_comp), int(space.n_components_)))
+        imgs = np.asarray(images)
+        res = invert(
+            space,
+            self.renderer.pipe,
+            imgs,
+            n_components=n_comp,
+            steps=steps,
+            lr=lr,
+            mask=self.w.pack.mask(imgs),
+            concept=self.w.pack,
+            ood=ood,
+            device=self.renderer.device,
+            seed=seed,
+            progress=False,
+            notice=lambda m: None,
+        )
+        self.inversion_settings = dict(res.settings)
+        return res.coefficients, float(res.seconds) / len(imgs), res
 
     def real(self, inst: Any, n: int, seed: int) -> np.ndarray:
         return self.w.generator.render(inst, n, seed=seed, size=self.w.image_size)
@@ -1181,32 +1228,31 @@ def _section_inversion(ev: _Eval) -> dict[str, Any]:
     s, w = ev.s, ev.w
     space = ev.space
     pack = w.pack
-    k = min(s.inversion_components, space.n_components_)
     methods: dict[str, dict[str, list[float]]] = {
         m: {"id": [], "seconds": []} for m in ("w2w", "dreambooth_single", "dreambooth_multi")
     }
     real_same, real_other = [], []
     grid_rows, grid = [], []
     refs = [ev.embed(ev.real(inst, s.n_eval_images, seed=s.seed + 99)) for inst in ev.heldout]
-    for i, inst in enumerate(ev.heldout):
-        img = ev.real(inst, 1, seed=s.seed + 5)
-        mask = pack.mask(img)
-        inv = ev.models.invert(
-            space,
-            img,
-            prompt=pack.instance_prompt,
-            components=k,
-            steps=s.inversion_steps,
-            lr=s.inversion_lr,
-            mask=mask,
-            seed=s.seed + i,
-            progress=ev.task(f"w2w inversion {i + 1}/{len(ev.heldout)}", s.inversion_steps),
+    inputs = np.concatenate([ev.real(inst, 1, seed=s.seed + 5) for inst in ev.heldout])
+    ev.say(f"w2w inversion of {len(inputs)} pictures (one batch)")
+    coefs, sec_w2w, inv = ev.invert(space, inputs, seed=s.seed)
+    w2w_models = space.inverse_transform(coefs)
+    singles, sec_single = [], []
+    cb = ev.task("DreamBooth (single image)", len(inputs))
+    for i in range(len(inputs)):
+        ad, sec = ev.models.dreambooth(
+            inputs[i : i + 1], pack.instance_prompt, seed=s.seed * 17 + i
         )
-        w2w = space.inverse_transform(inv.coefficients)[0]
-        single, sec1 = ev.models.dreambooth(img, pack.instance_prompt, seed=s.seed * 17 + i)
-        models = [w2w, single, ev.multi[i]]
-        secs = [float(inv.seconds[0]), sec1, ev.multi_seconds[i]]
-        imgs = ev.render(models, desc=f"rendering inversions {i + 1}")
+        singles.append(ad)
+        sec_single.append(sec)
+        cb(i + 1, len(inputs))
+    n = len(inputs)
+    imgs_all = ev.render([*w2w_models, *singles, *ev.multi[:n]], desc="rendering inversions")
+    for i, inst in enumerate(ev.heldout):
+        img = inputs[i : i + 1]
+        imgs = imgs_all[[i, n + i, 2 * n + i]]
+        secs = [sec_w2w, sec_single[i], ev.multi_seconds[i]]
         for m, name in enumerate(methods):
             e = ev.embed(imgs[m, 0])
             methods[name]["id"].append(id_score(e, refs[i]))
@@ -1226,7 +1272,7 @@ def _section_inversion(ev: _Eval) -> dict[str, Any]:
                 )[None]
             )
             grid_rows.append(f"identity {inst.index}")
-        results_losses = inv.losses[0]
+    results_losses = inv.losses[0][np.isfinite(inv.losses[0])]
     if grid:
         cols = ["input"] + [
             f"{m} s{j}" for m in ("w2w", "DB-1", "DB-multi") for j in range(min(3, s.seeds))
@@ -1246,7 +1292,12 @@ def _section_inversion(ev: _Eval) -> dict[str, Any]:
         "note": "ID score between real renders of the same identity (upper reference) "
         "and of different identities (chance level)",
     }
-    out["components"] = k
+    out["components"] = inv.settings["n_components"]
+    out["recipe"] = {
+        k_: inv.settings[k_] for k_ in ("n_components", "lr", "steps", "early_stopping")
+    }
+    out["steps_run"] = summarize(inv.steps_run)
+    out["w2w_seconds_note"] = f"batch of {n} pictures; seconds per picture = batch time / {n}"
     out["loss_first_last"] = [
         float(results_losses[: max(1, len(results_losses) // 10)].mean()),
         float(results_losses[-max(1, len(results_losses) // 10) :].mean()),
@@ -1376,36 +1427,37 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
 def _section_ood(ev: _Eval) -> dict[str, Any]:
     s, w, space = ev.s, ev.w, ev.space
     pack = w.pack
-    k = min(s.ood_components, space.n_components_)
-    res: dict[str, Any] = {"components": k, "styles": {}}
+    res: dict[str, Any] = {"styles": {}}
     heldout = ev.heldout[: s.ood_heldout]
     grid, rows = [], []
+    refs = [ev.embed(ev.real(inst, s.n_eval_images, seed=s.seed + 99)) for inst in heldout]
     for style in s.styles:
         vals: dict[str, dict[str, list[float]]] = {
             m: {"id": [], "seconds": []} for m in ("w2w", "dreambooth_single")
         }
-        for i, inst in enumerate(heldout):
-            img = stylise(ev.real(inst, 1, seed=s.seed + 5), style)
-            ref = ev.embed(ev.real(inst, s.n_eval_images, seed=s.seed + 99))
-            inv = ev.models.invert(
-                space,
-                img,
-                prompt=pack.instance_prompt,
-                components=k,
-                steps=s.ood_steps,
-                lr=s.ood_lr,
-                mask=pack.mask(img),
-                seed=s.seed + 50 + i,
-                progress=ev.task(f"w2w inversion ({style}) {i + 1}", s.ood_steps),
+        inputs = stylise(
+            np.concatenate([ev.real(inst, 1, seed=s.seed + 5) for inst in heldout]), style
+        )
+        coefs, sec_w2w, inv = ev.invert(space, inputs, ood=True, seed=s.seed + 50)
+        res["components"] = inv.settings["n_components"]
+        res["recipe"] = {k_: inv.settings[k_] for k_ in ("n_components", "lr", "steps")}
+        models, secs = list(space.inverse_transform(coefs)), []
+        for i in range(len(inputs)):
+            single, sec = ev.models.dreambooth(
+                inputs[i : i + 1], pack.instance_prompt, seed=s.seed * 23 + i
             )
-            w2w = space.inverse_transform(inv.coefficients)[0]
-            single, sec = ev.models.dreambooth(img, pack.instance_prompt, seed=s.seed * 23 + i)
-            imgs = ev.render([w2w, single], desc=f"rendering {style}")
+            models.append(single)
+            secs.append(sec)
+        n = len(inputs)
+        imgs_all = ev.render(models, desc=f"rendering {style}")
+        for i in range(n):
+            imgs = imgs_all[[i, n + i]]
             for m, name in enumerate(vals):
-                vals[name]["id"].append(id_score(ev.embed(imgs[m, 0]), ref))
-            vals["w2w"]["seconds"].append(float(inv.seconds[0]))
-            vals["dreambooth_single"]["seconds"].append(sec)
+                vals[name]["id"].append(id_score(ev.embed(imgs[m, 0]), refs[i]))
+            vals["w2w"]["seconds"].append(sec_w2w)
+            vals["dreambooth_single"]["seconds"].append(secs[i])
             if i == 0:
+                img = inputs[:1]
                 grid.append(
                     np.concatenate([img / 255.0, imgs[:, 0, :2].reshape(-1, *img.shape[1:])])[None]
                 )
@@ -1479,7 +1531,6 @@ def _section_scaling(ev: _Eval) -> dict[str, Any]:
     sizes = sorted({min(int(x), n_all) for x in s.scaling_sizes if min(int(x), n_all) >= 3})
     attrs = [a for a in s.edit_attributes if a in w.labels] or list(w.labels)[:3]
     rows = []
-    pack = w.pack
     heldout = ev.heldout[: s.scaling_heldout]
     refs = [ev.embed(ev.real(inst, s.n_eval_images, seed=s.seed + 99)) for inst in heldout]
     for size in sizes:
@@ -1494,23 +1545,10 @@ def _section_scaling(ev: _Eval) -> dict[str, Any]:
             off_sel = C[np.ix_(sel, sel)][np.triu_indices(len(sel), 1)] if len(sel) >= 2 else off
         else:
             off = off_sel = np.array([np.nan])
-        ids = []
-        k = min(s.inversion_components, sp.n_components_)
-        for i, inst in enumerate(heldout):
-            img = ev.real(inst, 1, seed=s.seed + 5)
-            inv = ev.models.invert(
-                sp,
-                img,
-                prompt=pack.instance_prompt,
-                components=k,
-                steps=s.inversion_steps,
-                lr=s.inversion_lr,
-                mask=pack.mask(img),
-                seed=s.seed + i,
-                progress=ev.task(f"scaling N={size}: inversion {i + 1}", s.inversion_steps),
-            )
-            imgs = ev.render(sp.inverse_transform(inv.coefficients), desc=f"scaling N={size}")
-            ids.append(id_score(ev.embed(imgs[0, 0]), refs[i]))
+        inputs = np.concatenate([ev.real(inst, 1, seed=s.seed + 5) for inst in heldout])
+        coefs, _, _ = ev.invert(sp, inputs, seed=s.seed)
+        imgs = ev.render(sp.inverse_transform(coefs), desc=f"scaling N={size}")
+        ids = [id_score(ev.embed(imgs[i, 0]), refs[i]) for i in range(len(heldout))]
         rows.append(
             {
                 "n_models": size,
@@ -1523,23 +1561,11 @@ def _section_scaling(ev: _Eval) -> dict[str, Any]:
     # inversion against the number of optimised components, full space
     k_rows = []
     ks = sorted({min(int(k), ev.space.n_components_) for k in s.inversion_k_sweep if k >= 1})
+    inputs = np.concatenate([ev.real(inst, 1, seed=s.seed + 5) for inst in heldout])
     for k in ks:
-        ids = []
-        for i, inst in enumerate(heldout):
-            img = ev.real(inst, 1, seed=s.seed + 5)
-            inv = ev.models.invert(
-                ev.space,
-                img,
-                prompt=pack.instance_prompt,
-                components=k,
-                steps=s.inversion_steps,
-                lr=s.inversion_lr,
-                mask=pack.mask(img),
-                seed=s.seed + i,
-                progress=ev.task(f"inversion with k={k}: {i + 1}", s.inversion_steps),
-            )
-            imgs = ev.render(ev.space.inverse_transform(inv.coefficients), desc=f"k={k}")
-            ids.append(id_score(ev.embed(imgs[0, 0]), refs[i]))
+        coefs, _, _ = ev.invert(ev.space, inputs, k=k, seed=s.seed)
+        imgs = ev.render(ev.space.inverse_transform(coefs), desc=f"k={k}")
+        ids = [id_score(ev.embed(imgs[i, 0]), refs[i]) for i in range(len(heldout))]
         k_rows.append({"components": k, "inversion_id": summarize(ids)})
     return {"rows": rows, "attributes": attrs, "components_rows": k_rows}
 
