@@ -62,11 +62,8 @@ def main() -> None:
     invert(space, world.base, imgs[:1], steps=50, early_stopping=False, device=device)
     t_step = (time.perf_counter() - t0) / 50  # one picture alone; batches are cheaper per picture
     del models
-    steps = (
-        s.inversion_steps
-        or default_settings(E._fit_space(world.zoo[:4], world.zoo_names[:4], 2, {})).steps
-    )
-    ood_steps = s.ood_steps or 2 * steps
+    steps = s.inversion_steps or default_settings(space).steps
+    ood_steps = s.ood_steps or default_settings(space, ood=True).steps
     # per held-out identity: multi + single DreamBooth, w2w inversion, ~30 renders;
     # OOD and scaling use their own (smaller) counts
     per_id = 2 * t_db + steps * t_step + 3.0
