@@ -50,7 +50,7 @@ def main() -> None:
 
     models = BaselineModels(world.base, world.lora_settings, device=device)
     inst = world.heldout[-1]
-    imgs = world.generator.render(inst, s.n_train_images, seed=1)
+    imgs = world.generator.render(inst, s.n_train_images or world.lora_settings.n_images, seed=1)
     models.dreambooth(imgs[:2], world.pack.instance_prompt, steps=5)  # warm-up
     t0 = time.perf_counter()
     models.dreambooth(imgs, world.pack.instance_prompt)

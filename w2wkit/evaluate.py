@@ -717,8 +717,8 @@ class EvalSettings:
         (standard and ``ood``), the user-facing defaults of ``w2wkit invert``.
     dreambooth_steps : int or None
         DreamBooth baselines' steps (None: the zoo recipe's).
-    n_train_images : int
-        Pictures of the multi-image DreamBooth baseline.
+    n_train_images : int or None
+        Pictures of the multi-image DreamBooth baseline (None: the zoo recipe's).
     render_steps, guidance : rendering.
     seeds : int
         Renders per model (seeds 0..seeds-1).
@@ -763,7 +763,7 @@ class EvalSettings:
     ood_steps: int | None = None
     ood_lr: float | None = None
     dreambooth_steps: int | None = None
-    n_train_images: int = 10
+    n_train_images: int | None = None
     render_steps: int = 20
     guidance: float = 3.0
     seeds: int = 4
@@ -1216,7 +1216,8 @@ def _train_heldout_models(ev: _Eval, heldout: Sequence[Any]) -> dict[str, Any]:
     ev.multi_seconds: list[float] = []
     cb = ev.task("DreamBooth (multi-image) on held-out identities", len(heldout))
     for i, inst in enumerate(heldout):
-        imgs = ev.real(inst, s.n_train_images, seed=s.seed + 11)
+        n_img = s.n_train_images or int(getattr(ev.w.lora_settings, "n_images", 10))
+        imgs = ev.real(inst, n_img, seed=s.seed + 11)
         ad, sec = ev.models.dreambooth(imgs, ev.w.pack.instance_prompt, seed=s.seed * 31 + i)
         ev.multi.append(ad)
         ev.multi_seconds.append(sec)
