@@ -124,10 +124,17 @@ def test_randomized_more_passes_is_more_accurate():
     s = np.linalg.svd(z, compute_uv=False)[:k]
     errs = []
     for q in (0, 1, 2, 4, 6):
-        res = fit_pca(blocks_of(z, 300), *z.shape, k, solver="randomized", n_iter=q)
+        res = fit_pca(
+            blocks_of(z, 300), *z.shape, k, solver="randomized", n_iter=q, n_oversamples=10
+        )
+        assert res.info["block_size"] == k + 10
         errs.append(np.mean(np.abs(res.singular_values - s) / s))
     assert all(a > 5 * b for a, b in itertools.pairwise(errs)), errs
     assert errs[-1] < 1e-6
+    # the default (half-width blocks, 6 passes) on this very flat spectrum
+    res = fit_pca(blocks_of(z, 300), *z.shape, k, solver="randomized")
+    assert res.info["block_size"] < k
+    assert np.mean(np.abs(res.singular_values - s) / s) < 1e-3
 
 
 def test_randomized_checkpoints_equal_separate_runs():
@@ -135,10 +142,16 @@ def test_randomized_checkpoints_equal_separate_runs():
     k = 30
     stream = solvers._Stream(blocks_of(z, 300), *z.shape, None)
     ops = solvers._ops("cpu")
-    results = list(solvers._randomized_checkpoints(stream, k, None, [1, 2], 3, ops))
+    results = list(solvers._randomized_checkpoints(stream, k, [1, 2], 3, ops, block_size=40))
     for q, res in zip((1, 2), results, strict=True):
         alone = fit_pca(
-            blocks_of(z, 300), *z.shape, k, solver="randomized", n_iter=q, random_state=3
+            blocks_of(z, 300),
+            *z.shape,
+            k,
+            solver="randomized",
+            n_iter=q,
+            random_state=3,
+            block_size=40,
         )
         np.testing.assert_allclose(res.singular_values, alone.singular_values, rtol=1e-6)
         assert max_angle(res.components, alone.components) < 1e-4
@@ -276,3 +289,58 @@ def test_cuda_matches_cpu(solver):
     np.testing.assert_allclose(gpu.singular_values, cpu.singular_values, rtol=1e-4)
     assert max_angle(gpu.components, cpu.components) < 1e-2
     np.testing.assert_allclose(gpu.scores, z @ gpu.components.T.astype(np.float64), atol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["gram", "randomized"])
+def test_torch_backend_matches_numpy(monkeypatch, solver):
+    """The device code path (torch ops), run on torch's CPU device."""
+    pytest.importorskip("torch")
+    z = power_law(300, 700, seed=4)
+    ref = fit_pca(blocks_of(z, 128), *z.shape, 20, solver=solver)
+    monkeypatch.setattr(solvers, "_ops", lambda device: solvers._TorchOps("cpu"))
+    res = fit_pca(blocks_of(z, 128), *z.shape, 20, solver=solver, device="cuda")
+    assert res.info.get("device", "cpu") == "cpu"
+    np.testing.assert_allclose(res.singular_values, ref.singular_values, rtol=1e-4)
+    assert max_angle(res.components, ref.components) < 1e-2
+    np.testing.assert_allclose(res.scores, z @ res.components.T.astype(np.float64), atol=1e-4)
+
+
+def test_krylov_basis_stays_orthonormal_on_a_flat_spectrum():
+    z = power_law(400, 900, seed=12, alpha=0.2, noise=0.2)
+    stream = solvers._Stream(blocks_of(z, 256), *z.shape, None)
+    res = next(solvers._randomized_checkpoints(stream, 30, [8], 0, solvers._ops("cpu")))
+    assert res.info["krylov_dim"] == 9 * res.info["block_size"]
+    # the basis itself: rebuild it through the checkpoint's internals
+    krylov = solvers._BlockKrylov(
+        solvers._Stream(blocks_of(z, 256), *z.shape, None),
+        25,
+        900,
+        np.random.default_rng(0),
+        solvers._ops("cpu"),
+    )
+    for _ in range(8):
+        krylov.full_pass()
+        krylov.extend()
+    k = np.concatenate(krylov.basis, axis=1).astype(np.float64)
+    np.testing.assert_allclose(k.T @ k, np.eye(k.shape[1]), atol=2e-5)
+
+
+def test_errors_raised_by_the_block_function_propagate():
+    z = power_law(600, 50, seed=0)
+
+    def blocks():
+        yield z[:300].astype(np.float32)
+        raise OSError("disk gone")
+
+    for solver in SOLVER_NAMES:
+        with pytest.raises(OSError, match="disk gone"):
+            fit_pca(blocks, 600, 50, 3, solver=solver)
+
+
+def test_prefetch_off_gives_identical_results(monkeypatch):
+    z = power_law(500, 300, seed=13)
+    a = fit_pca(blocks_of(z, 256), *z.shape, 10, solver="randomized", n_iter=2)
+    monkeypatch.setattr(solvers, "PREFETCH", False)
+    b = fit_pca(blocks_of(z, 256), *z.shape, 10, solver="randomized", n_iter=2)
+    np.testing.assert_array_equal(a.singular_values, b.singular_values)
+    np.testing.assert_array_equal(a.components, b.components)

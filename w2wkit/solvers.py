@@ -37,6 +37,7 @@ The products run in float32 BLAS on the CPU (numpy / OpenBLAS) or, with
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -52,7 +53,7 @@ __all__ = [
     "BlockFn",
     "PCAResult",
     "choose_solver",
-    "default_oversamples",
+    "default_block_size",
     "fit_pca",
     "top_eigh",
 ]
@@ -70,13 +71,15 @@ ProgressFn = Callable[[str, int, int], None]
 SOLVERS = ("auto", "exact", "gram", "randomized")
 
 #: default number of full passes (applications of Z^T Z) of the randomized solver
-DEFAULT_N_ITER = 4
+DEFAULT_N_ITER = 6
 #: exact SVD in memory below this many float64 entries (N * d)
 _EXACT_MAX_ENTRIES = 25_000_000
 #: the gram solver's stripe buffer (bytes)
 _GRAM_STRIPE_BYTES = 1 << 30
 #: row blocks smaller than this are coalesced (BLAS efficiency)
 _MIN_BLOCK_ROWS = 256
+#: read the next block in a background thread while the current one is multiplied
+PREFETCH = os.environ.get("W2WKIT_PREFETCH", "1") != "0"
 
 
 @dataclass
@@ -114,21 +117,28 @@ class PCAResult:
 # ----------------------------------------------------------------------------- choice
 
 
-def default_oversamples(n_components: int) -> int:
-    """Default oversampling ``p`` of the randomized solver (block width ``k + p``).
+def default_block_size(n_components: int, n_iter: int = DEFAULT_N_ITER) -> int:
+    """Default block width ``l`` of the randomized solver.
 
     Parameters
     ----------
     n_components : int
         ``k``.
+    n_iter : int
+        Number of full passes; the Krylov basis has ``(n_iter + 1) * l`` columns,
+        which must exceed ``k``.
 
     Returns
     -------
     int
-        ``max(10, min(k // 10, 100))`` -- the Krylov basis, not the block width,
-        is what buys accuracy, so the block stays close to ``k``.
+        ``ceil(k / 2) + max(10, min(50, k // 20))``, at least
+        ``ceil((k + 10) / (n_iter + 1))``. A block of about ``k / 2`` with a deeper
+        Krylov basis buys more accuracy per product than a block of ``k + p``
+        with few passes (measured: see benchmarks/README.md).
     """
-    return int(max(10, min(n_components // 10, 100)))
+    k = int(n_components)
+    width = -(-k // 2) + max(10, min(50, k // 20))
+    return int(max(width, -(-(k + 10) // (int(n_iter) + 1))))
 
 
 def choose_solver(n_rows: int, n_cols: int, n_components: int) -> str:
@@ -156,7 +166,7 @@ def choose_solver(n_rows: int, n_cols: int, n_components: int) -> str:
     if k >= 0.25 * min(n, d) and entries <= 8 * _EXACT_MAX_ENTRIES:
         return "exact"
     # Gram: N^2 d flops (+ N^3 eigh); randomized: ~ (2 * n_iter + 1) * 2 N d l flops.
-    l = k + default_oversamples(k)
+    l = default_block_size(k)
     randomized_flops = (2 * DEFAULT_N_ITER + 1) * 2.0 * n * d * l
     gram_flops = float(n) * n * d + 10.0 * float(n) ** 3
     if n <= 20_000 and gram_flops <= randomized_flops:
@@ -283,13 +293,13 @@ class _Stream:
         n_rows: int,
         n_cols: int,
         progress: ProgressFn | None,
-        prefetch: bool = True,
+        prefetch: bool | None = None,
     ) -> None:
         self.blocks = blocks
         self.n_rows = n_rows
         self.n_cols = n_cols
         self.progress = progress
-        self.prefetch = prefetch
+        self.prefetch = PREFETCH if prefetch is None else prefetch
         self.n_passes = 0
 
     def passes(self, stage: str) -> Iterator[tuple[int, np.ndarray]]:
@@ -394,12 +404,65 @@ class _NumpyOps:
 
     def sub_proj(self, w: np.ndarray, q: np.ndarray) -> None:
         """``w -= q @ (q.T @ w)``."""
-        c = q.T @ w
-        w -= q @ c
+        self.sub_coef(w, q, q.T @ w)
+
+    def sub_coef(self, w: np.ndarray, q: np.ndarray, c: np.ndarray) -> None:
+        """``w -= q @ c`` in place (one BLAS call, no temporary)."""
+        from scipy.linalg.blas import sgemm
+
+        c = np.ascontiguousarray(c, dtype=np.float32)
+        if w.flags.c_contiguous and q.flags.c_contiguous:
+            # Fortran view: w.T (l, d) <- w.T - c.T (l, m) @ q.T (m, d)
+            out = sgemm(-1.0, c.T, q.T, beta=1.0, c=w.T, overwrite_c=1)
+            if np.shares_memory(out, w):
+                return
+        w -= q @ c  # pragma: no cover - non-contiguous operands
 
     def qr(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q, r = np.linalg.qr(w)
+        """Householder QR (robust to rank deficiency)."""
+        from scipy.linalg import qr
+
+        q, r = qr(w, mode="economic", check_finite=False)
         return np.ascontiguousarray(q, dtype=np.float32), np.abs(np.diagonal(r))
+
+    def scaled_gram(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``D^-1 W^T W D^-1`` (float64) and the column norms ``D``; None if a column is 0."""
+        g = (w.T @ w).astype(np.float64)
+        norms = np.sqrt(np.clip(np.diagonal(g), 0.0, None))
+        if not np.all(norms > 0) or not np.all(np.isfinite(g)):
+            return None
+        g /= norms[:, None]
+        g /= norms[None, :]
+        return g, norms
+
+    def cholqr_apply(self, w: np.ndarray, g: np.ndarray, norms: np.ndarray) -> np.ndarray | None:
+        """One Cholesky-QR step ``W D^-1 L^-T`` in place.
+
+        Where ``g`` is not numerically positive definite a shift ``s I`` is added
+        (shifted Cholesky QR: the result is not orthonormal yet but well conditioned,
+        and the next round finishes it). None if even that fails.
+        """
+        from scipy.linalg import solve_triangular
+        from scipy.linalg.blas import strmm
+
+        chol = None
+        for shift in (0.0, 1e-6, 1e-4, 1e-2):
+            try:
+                chol = np.linalg.cholesky(g + shift * np.eye(g.shape[0]) if shift else g)
+                break
+            except np.linalg.LinAlgError:
+                continue
+        if chol is None:
+            return None
+        m = solve_triangular(chol, np.eye(g.shape[0]), lower=True, check_finite=False).T
+        m /= norms[:, None]  # D^-1 L^-T, upper triangular
+        if not np.all(np.isfinite(m)):
+            return None
+        # w (d, l) C-order is w.T (l, d) F-order: w.T <- m^T w.T
+        out = strmm(1.0, m.astype(np.float32), w.T, side=0, lower=0, trans_a=1, overwrite_b=1)
+        if not np.shares_memory(out, w):  # pragma: no cover - scipy copied
+            w[...] = out.T
+        return w
 
     def gram64_add(self, t: np.ndarray, y: np.ndarray) -> None:
         """``t += y.T @ y`` in float64 (t F-contiguous, upper triangle)."""
@@ -455,9 +518,18 @@ class _TorchOps(_NumpyOps):
     def sub_proj(self, w: Any, q: Any) -> None:
         w.sub_(q @ (q.T @ w))
 
+    def sub_coef(self, w: Any, q: Any, c: Any) -> None:
+        w.sub_(q @ c)
+
     def qr(self, w: Any) -> tuple[Any, np.ndarray]:
         q, r = self.torch.linalg.qr(w)
         return q.contiguous(), self.torch.diagonal(r).abs().cpu().numpy()
+
+    def scaled_gram(self, w: Any) -> None:
+        return None  # Householder QR on the device
+
+    def cholqr_apply(self, w: Any, g: np.ndarray, norms: np.ndarray) -> None:  # pragma: no cover
+        return None
 
     def gram64_add(self, t: np.ndarray, y: Any) -> None:
         y64 = y.to(self.torch.float64)
@@ -711,14 +783,42 @@ class _BlockKrylov:
         if w.shape[1] > room:
             w = w[:, :room]
             w = w.contiguous() if isinstance(ops, _TorchOps) else np.ascontiguousarray(w)
-        for _ in range(2):  # classical Gram-Schmidt, twice
-            for qj in self.basis:
-                ops.sub_proj(w, qj)
-        q, rdiag = ops.qr(w)
+        # Block classical Gram-Schmidt against K, twice or more, each round followed
+        # by a (shifted) Cholesky QR of the block; stop once the block entering a
+        # round is orthonormal to 1e-2 (then the result is orthonormal to float32
+        # rounding). Householder QR where that does not converge (rank deficiency).
+        q = w
         del w
-        if rdiag.size and rdiag.min() <= 1e-3 * max(rdiag.max(), np.finfo(np.float32).tiny):
-            # (nearly) dependent columns: the Householder completion may lean on K
+        done = False
+        j = len(self.basis) - 1
+        for round_ in range(4):
+            if round_ == 0 and len(self.products) == len(self.basis):
+                # first round, block Lanczos: W = Z^T Z Q_j lies in span(Q_{j-1}, Q_j,
+                # Q_{j+1}) up to rounding, and Q_i^T W = Y_i^T Y_j comes from the stored
+                # products (N side) -- the full re-orthogonalisation follows.
+                for i in range(max(0, j - 1), j + 1):
+                    ops.sub_coef(
+                        q,
+                        self.basis[i],
+                        ops.matmul(self.products[i].T, self.products[j][:, : q.shape[1]]),
+                    )
+            else:
+                for qj in self.basis:
+                    ops.sub_proj(q, qj)
+            sg = ops.scaled_gram(q)
+            if sg is None:
+                break
+            done = round_ >= 1 and np.max(np.abs(sg[0] - np.eye(len(sg[0])))) < 1e-2
+            out = ops.cholqr_apply(q, *sg)
+            if out is None:
+                done = False
+                break
+            q = out
+            if done:
+                break
+        if not done:
             for _ in range(2):
+                q, _ = ops.qr(q)
                 for qj in self.basis:
                     ops.sub_proj(q, qj)
             q, _ = ops.qr(q)
@@ -770,16 +870,13 @@ def _fit_randomized(
     k: int,
     n_oversamples: int | None,
     n_iter: int | None,
+    block_size: int | None,
     random_state: int | None,
     ops: _NumpyOps,
 ) -> PCAResult:
+    q = DEFAULT_N_ITER if n_iter is None else n_iter
     for result in _randomized_checkpoints(
-        stream,
-        k,
-        n_oversamples,
-        [DEFAULT_N_ITER if n_iter is None else n_iter],
-        random_state,
-        ops,
+        stream, k, [q], random_state, ops, n_oversamples=n_oversamples, block_size=block_size
     ):
         return result
     raise AssertionError("unreachable")  # pragma: no cover
@@ -788,32 +885,45 @@ def _fit_randomized(
 def _randomized_checkpoints(
     stream: _Stream,
     k: int,
-    n_oversamples: int | None,
     n_iters: list[int],
     random_state: int | None,
     ops: _NumpyOps,
+    *,
+    n_oversamples: int | None = None,
+    block_size: int | None = None,
 ) -> Iterator[PCAResult]:
     """Yield the randomized result after each of the increasing ``n_iters`` full passes.
 
     The result for ``n_iter = q`` is identical to a separate run with ``n_iter = q``
-    (same seed): continuing reuses the state, so a run with twice the passes costs only
-    the extra passes (this is how the benchmarks compare against it).
+    (same seed and block size): continuing reuses the state, so a run with twice the
+    passes costs only the extra passes (this is how the benchmarks compare against it).
     """
     import time
 
     n, d = stream.n_rows, stream.n_cols
-    p = default_oversamples(k) if n_oversamples is None else int(n_oversamples)
-    if p < 0:
-        raise SpaceError(f"n_oversamples must be >= 0, got {p}")
-    width = min(k + p, d, n)
+    if not n_iters or any(q < 0 for q in n_iters) or sorted(n_iters) != list(n_iters):
+        raise SpaceError(f"n_iter must be >= 0, got {n_iters}")
+    if block_size is not None:
+        width = int(block_size)
+    elif n_oversamples is not None:
+        if int(n_oversamples) < 0:
+            raise SpaceError(f"n_oversamples must be >= 0, got {n_oversamples}")
+        width = k + int(n_oversamples)
+    else:
+        width = default_block_size(k, n_iters[0])
+    width = min(width, d, n)
+    if width < 1 or (n_iters[0] + 1) * width < k:
+        raise SpaceError(
+            f"block_size={width} with n_iter={n_iters[0]} gives a Krylov basis of "
+            f"{(n_iters[0] + 1) * width} columns, fewer than n_components={k}",
+            hint="raise block_size or n_iter",
+        )
     max_dim = d
     rng = np.random.default_rng(random_state)
-    krylov = _BlockKrylov(stream, width, max_dim, rng, ops)
     t0 = time.perf_counter()
+    krylov = _BlockKrylov(stream, width, max_dim, rng, ops)
     done = 0
     for q in n_iters:
-        if q < 0:
-            raise SpaceError(f"n_iter must be >= 0, got {q}")
         while done < q:
             if krylov.dim >= max_dim:
                 break
@@ -830,8 +940,7 @@ def _randomized_checkpoints(
             total_variance=(krylov.sumsq or 0.0) / max(n - 1, 1),
             info={
                 "n_iter": q,
-                "n_oversamples": p,
-                "block_width": width,
+                "block_size": width,
                 "krylov_dim": krylov.dim,
                 "device": ops.name,
                 "seconds": time.perf_counter() - t0,
@@ -854,6 +963,7 @@ def fit_pca(
     n_iter: int | None = None,
     device: str = "cpu",
     progress: ProgressFn | None = None,
+    block_size: int | None = None,
 ) -> PCAResult:
     """Truncated PCA (SVD) of a matrix streamed in row blocks.
 
@@ -873,16 +983,20 @@ def fit_pca(
         Seed of the randomized solver's test matrix (results are deterministic
         given the seed, the blocks and the device).
     n_oversamples : int, optional
-        Randomized: block width is ``k + n_oversamples``
-        (default :func:`default_oversamples`).
+        Randomized: if given (and ``block_size`` is not), the block width is
+        ``k + n_oversamples`` as in scikit-learn; by default it is
+        :func:`default_block_size` (about ``k / 2``: the Krylov basis of
+        ``(n_iter + 1)`` blocks, not the block, does the oversampling).
     n_iter : int, optional
         Randomized: number of full passes (applications of ``Z^T Z``); the solver
-        reads the data ``n_iter + 1`` times. Default ``DEFAULT_N_ITER`` (4).
+        reads the data ``n_iter + 1`` times. Default ``DEFAULT_N_ITER`` (6).
     device : str
         ``"cpu"`` or ``"cuda"`` (torch products on the GPU; ``gram`` and
         ``randomized`` only).
     progress : callable, optional
         ``progress(stage, done_rows, total_rows)``, called as blocks are consumed.
+    block_size : int, optional
+        Randomized: block width ``l`` (overrides ``n_oversamples``).
 
     Returns
     -------
@@ -910,4 +1024,4 @@ def fit_pca(
         return _fit_exact(stream, k)
     if solver == "gram":
         return _fit_gram(stream, k, ops)
-    return _fit_randomized(stream, k, n_oversamples, n_iter, random_state, ops)
+    return _fit_randomized(stream, k, n_oversamples, n_iter, block_size, random_state, ops)
