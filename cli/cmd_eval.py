@@ -43,6 +43,13 @@ from w2wkit.cli.common import console, err_console, force_option
 @click.option("--heldout", type=int, default=None, help="Held-out identities (profile default).")
 @click.option("--seed", type=int, default=None, help="Seed (profile default 0).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--threads",
+    type=int,
+    default=1,
+    show_default=True,
+    help="torch threads on the CPU (more threads on a small, busy CPU are much slower).",
+)
 @force_option
 def eval_cmd(
     world: str | None,
@@ -52,6 +59,7 @@ def eval_cmd(
     heldout: int | None,
     seed: int | None,
     device: str,
+    threads: int,
     force: bool,
 ) -> None:
     """Evaluate sampling, editing and inversion against baselines on held-out identities.
@@ -73,7 +81,7 @@ def eval_cmd(
     if bad:
         raise W2WError(f"unknown section(s) {', '.join(bad)}; use {', '.join(sorted(known))}")
     s = E.PROFILES[profile]
-    changes = {"device": device}
+    changes = {"device": device, "threads": threads}
     if heldout is not None:
         changes["n_heldout"] = heldout
     if seed is not None:
@@ -119,9 +127,21 @@ def eval_cmd(
 )
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="Invert this picture.")
 @click.option("--mask", type=click.Path(path_type=Path), default=None, help="Mask for --image.")
-@click.option("--steps", type=int, default=None, help="Inversion steps (default 150).")
+@click.option(
+    "--steps",
+    type=int,
+    default=None,
+    help="Inversion steps (default: the recipe of `w2wkit invert`).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--threads",
+    type=int,
+    default=1,
+    show_default=True,
+    help="torch threads on the CPU (more threads on a small, busy CPU are much slower).",
+)
 @force_option
 def demo_cmd(
     out: Path | None,
@@ -132,6 +152,7 @@ def demo_cmd(
     steps: int | None,
     seed: int,
     device: str,
+    threads: int,
     force: bool,
 ) -> None:
     """Fit, sample, edit and invert on the miniature world; write an HTML report.
@@ -168,7 +189,7 @@ def demo_cmd(
             )
         res = run_synthetic_demo(folder, seed=seed, overwrite=force, log=log)
     else:
-        s = replace(DemoSettings(), seed=seed, device=device)
+        s = replace(DemoSettings(), seed=seed, device=device, threads=threads)
         if steps is not None:
             s = replace(s, inversion_steps=steps)
         res = run_demo(

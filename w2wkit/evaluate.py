@@ -709,7 +709,12 @@ class EvalSettings:
     n_heldout : int
         Held-out identities evaluated (editing and inversion).
     n_components : int
-        Components of the space for sampling and editing (capped at N-1).
+        Components of the space for sampling and editing (capped at N-1);
+        200 hold 81% of the variance of the shipped world's 1,100 identities.
+    inversion_space_components : int
+        Components of the space inversion uses (capped at N-1), fitted
+        separately when larger (the paper: 1,000 for editing, 10,000 for
+        inversion).
     inversion_components, ood_components : int or None
         ``k`` for in-distribution and stylised inputs (capped at the space's).
     inversion_steps, inversion_lr, ood_steps, ood_lr : int or float or None
@@ -752,10 +757,14 @@ class EvalSettings:
         Renderer batch.
     seed : int
     device : str
+    threads : int
+        torch threads on the CPU (1: several threads on a small, busy CPU
+        are many times slower than one).
     """
 
     n_heldout: int = 6
-    n_components: int = 1000
+    n_components: int = 200
+    inversion_space_components: int = 1000
     inversion_components: int | None = None
     ood_components: int | None = None
     inversion_steps: int | None = None
@@ -783,6 +792,7 @@ class EvalSettings:
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"
+    threads: int = 1
 
 
 #: Named settings: ``tiny`` (CI, minutes on a micro world), ``quick``, ``full``.
@@ -790,6 +800,7 @@ PROFILES: dict[str, EvalSettings] = {
     "tiny": EvalSettings(
         n_heldout=2,
         n_components=6,
+        inversion_space_components=8,
         inversion_components=6,
         ood_components=4,
         inversion_steps=4,
@@ -1095,14 +1106,26 @@ def run_eval(
     """
     import torch
 
-    s = PROFILES[settings] if isinstance(settings, str) else settings
     if isinstance(settings, str) and settings not in PROFILES:
         raise W2WError(f"unknown profile {settings!r}; use {', '.join(PROFILES)}", key="profile")
+    s = PROFILES[settings] if isinstance(settings, str) else settings
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise W2WError("output folder exists and is not empty (use --force)", path=out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
+    threads = torch.get_num_threads()
+    if _eval_device(s.device) == "cpu" and s.threads:
+        torch.set_num_threads(int(s.threads))
+    try:
+        return _run_eval(world, s, out, sections, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_eval(
+    world: EvalWorld, s: EvalSettings, out: Path, sections: Sequence[str], progress: bool
+) -> dict[str, Any]:
     t_start = time.perf_counter()
     results: dict[str, Any] = {
         "world": {"name": world.name, **_json_safe(world.info), "n_heldout": len(world.heldout)},
@@ -1138,6 +1161,14 @@ def run_eval(
         space = _fit_space(world.zoo, world.zoo_names, s.n_components, world.labels)
         ev.space = space
         results["space"] = _section_space(ev, space, time.perf_counter() - t0)
+        ev.space_inv = space
+        k_inv = min(int(s.inversion_space_components), len(world.zoo) - 1)
+        if k_inv > space.n_components_ and any(
+            x in sections for x in ("inversion", "ood", "scaling")
+        ):
+            ev.say(f"fitting the inversion space ({k_inv} components)")
+            ev.space_inv = _fit_space(world.zoo, world.zoo_names, k_inv, {})
+        results["space"]["inversion_components"] = int(ev.space_inv.n_components_)
         publish(ev, False)
         heldout = world.heldout[: s.n_heldout]
         ev.heldout = heldout
@@ -1227,7 +1258,7 @@ def _train_heldout_models(ev: _Eval, heldout: Sequence[Any]) -> dict[str, Any]:
 
 def _section_inversion(ev: _Eval) -> dict[str, Any]:
     s, w = ev.s, ev.w
-    space = ev.space
+    space = ev.space_inv
     pack = w.pack
     methods: dict[str, dict[str, list[float]]] = {
         m: {"id": [], "seconds": []} for m in ("w2w", "dreambooth_single", "dreambooth_multi")
@@ -1426,7 +1457,7 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
 
 
 def _section_ood(ev: _Eval) -> dict[str, Any]:
-    s, w, space = ev.s, ev.w, ev.space
+    s, w, space = ev.s, ev.w, ev.space_inv
     pack = w.pack
     res: dict[str, Any] = {"styles": {}}
     heldout = ev.heldout[: s.ood_heldout]
@@ -1561,11 +1592,12 @@ def _section_scaling(ev: _Eval) -> dict[str, Any]:
         )
     # inversion against the number of optimised components, full space
     k_rows = []
-    ks = sorted({min(int(k), ev.space.n_components_) for k in s.inversion_k_sweep if k >= 1})
+    sp_inv = ev.space_inv
+    ks = sorted({min(int(k), sp_inv.n_components_) for k in s.inversion_k_sweep if k >= 1})
     inputs = np.concatenate([ev.real(inst, 1, seed=s.seed + 5) for inst in heldout])
     for k in ks:
-        coefs, _, _ = ev.invert(ev.space, inputs, k=k, seed=s.seed)
-        imgs = ev.render(ev.space.inverse_transform(coefs), desc=f"k={k}")
+        coefs, _, _ = ev.invert(sp_inv, inputs, k=k, seed=s.seed)
+        imgs = ev.render(sp_inv.inverse_transform(coefs), desc=f"k={k}")
         ids = [id_score(ev.embed(imgs[i, 0]), refs[i]) for i in range(len(heldout))]
         k_rows.append({"components": k, "inversion_id": summarize(ids)})
     return {"rows": rows, "attributes": attrs, "components_rows": k_rows}
