@@ -178,6 +178,7 @@ def test_edit_prompt() -> None:
 # ------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
     w = E.load_eval_world(micro)
     out = tmp_path / "ev"
