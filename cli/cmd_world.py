@@ -76,6 +76,9 @@ def build_cmd(
 @click.option("--batch", type=int, default=4, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--rank", type=int, default=1, show_default=True)
+@click.option(
+    "--alpha", type=float, default=None, help="LoRA alpha (scale = alpha/rank; default: rank)."
+)
 @click.option("--targets", default="to_q,to_v", show_default=True)
 @click.option("--images", "n_images", type=int, default=10, show_default=True)
 @click.option("--init-seed", type=int, default=0, show_default=True)
@@ -97,6 +100,7 @@ def zoo_cmd(
     batch: int,
     lr: float,
     rank: int,
+    alpha: float | None,
     targets: str,
     n_images: int,
     init_seed: int,
@@ -120,7 +124,7 @@ def zoo_cmd(
     pack = get_pack(concept)  # unknown concept: one line listing the known ones
     s = ZooSettings(
         rank=rank,
-        alpha=float(rank),
+        alpha=float(rank if alpha is None else alpha),
         targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
         steps=steps,
         batch=batch,

@@ -41,7 +41,7 @@ from w2wkit.world.build import BaseSettings, CaptionedImages
 from w2wkit.world.evaluators import EvalSettings
 from w2wkit.world.zoo import ZooSettings
 
-__all__ = ["PHASE_SHARES", "WorldProfile", "build_world", "profile"]
+__all__ = ["FULL_ZOO_RECIPE", "PHASE_SHARES", "WorldProfile", "build_world", "profile"]
 
 #: Relative share of the remaining time budget of each timed phase.
 PHASE_SHARES = {
@@ -53,6 +53,18 @@ PHASE_SHARES = {
     "evaluators": 0.11,
     "metrics": 0.08,
     "pack": 0.04,
+}
+
+#: Zoo recipe of the ``full`` profile, chosen by measurement on the shipped base (see
+#: docs/world.md, "Choosing the zoo recipe"): the paper's scale (alpha 27 at rank 1) and
+#: batch 1, 600 steps at lr 1e-3, LoRA on to_q/to_k/to_v and the feed-forward input.
+FULL_ZOO_RECIPE: dict[str, Any] = {
+    "rank": 1,
+    "alpha": 27.0,
+    "lr": 1e-3,
+    "steps": 600,
+    "batch": 1,
+    "targets": ("to_q", "to_k", "to_v", "proj"),
 }
 
 IDENTITY_PROMPT = "sks person"
@@ -115,14 +127,20 @@ def profile(name: str, seed: int = 0, device: str = "cpu") -> WorldProfile:
         return WorldProfile(
             name="full",
             base=BaseSettings(seed=seed),
-            zoo=ZooSettings(seed=seed, device=device),
+            zoo=ZooSettings(seed=seed, device=device, **FULL_ZOO_RECIPE),
             evals=EvalSettings(steps=3000, batch=256, seed=seed, device=device),
         )
     if name == "micro":
         return WorldProfile(
             name="micro",
             base=BaseSettings.micro(seed=seed),
-            zoo=ZooSettings(steps=3, batch=2, n_images=3, seed=seed, device=device, chunk=4),
+            zoo=ZooSettings(
+                **{**FULL_ZOO_RECIPE, "steps": 3, "batch": 2},
+                n_images=3,
+                seed=seed,
+                device=device,
+                chunk=4,
+            ),
             evals=EvalSettings(width=8, emb_dim=16, steps=20, batch=16, seed=seed, device=device),
             n_identities=6,
             n_dogs=3,

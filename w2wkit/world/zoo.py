@@ -240,6 +240,11 @@ def peft_init(unet: Any, targets: Sequence[str], rank: int, alpha: float, seed: 
     return {t: params[f"{t}.lora_A.default.weight"].detach().clone() for t in targets}
 
 
+def _is_target(name: str, targets: Sequence[str]) -> bool:
+    """Whether module ``name`` is targeted: equal to or ending in ``.<target>`` (as peft)."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 class ZooTrainer:
     """Trains chunks of instance LoRAs on one base pipeline, all at once.
 
@@ -267,9 +272,7 @@ class ZooTrainer:
             m.requires_grad_(False)
             m.eval()
         self.pipe = pipe
-        self.targets = [
-            n for n, _ in pipe.unet.named_modules() if n.rsplit(".", 1)[-1] in s.targets
-        ]
+        self.targets = [n for n, _ in pipe.unet.named_modules() if _is_target(n, s.targets)]
         if not self.targets:
             raise W2WError(
                 f"no UNet module is named {list(s.targets)}", path=self.base, key="targets"
