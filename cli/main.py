@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "w2wkit.cli.cmd_render",
     "w2wkit.cli.cmd_invert",
     "w2wkit.cli.cmd_world",
+    "w2wkit.cli.cmd_eval",
 )
 
 
