@@ -402,6 +402,16 @@ class _NumpyOps:
             return
         w += a.T @ b  # pragma: no cover
 
+    def add_ab(self, c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        """``c += a @ b`` in place (c (m, n), a (m, p), b (p, n), all C-contiguous)."""
+        from scipy.linalg.blas import sgemm
+
+        if c.flags.c_contiguous and a.flags.c_contiguous and b.flags.c_contiguous:
+            out = sgemm(1.0, b.T, a.T, beta=1.0, c=c.T, overwrite_c=1)
+            if np.shares_memory(out, c):
+                return
+        c += a @ b  # pragma: no cover
+
     def sub_proj(self, w: np.ndarray, q: np.ndarray) -> None:
         """``w -= q @ (q.T @ w)``."""
         self.sub_coef(w, q, q.T @ w)
@@ -520,6 +530,9 @@ class _TorchOps(_NumpyOps):
 
     def sub_coef(self, w: Any, q: Any, c: Any) -> None:
         w.sub_(q @ c)
+
+    def add_ab(self, c: Any, a: Any, b: Any) -> None:
+        c.addmm_(a, b)
 
     def qr(self, w: Any) -> tuple[Any, np.ndarray]:
         q, r = self.torch.linalg.qr(w)
@@ -849,15 +862,13 @@ class _BlockKrylov:
         eigvals, g = top_eigh(t, k_eff)
         del t
         sv = np.sqrt(np.clip(eigvals, 0.0, None))
-        comp_t = None
-        scores = None
+        comp_t = ops.zeros((self.stream.n_cols, k_eff))  # K G
+        scores = ops.zeros((n, k_eff))  # (Z K) G
         col = 0
         for q, y, wdt in zip(self.basis, self.products, widths, strict=True):
             gj = ops.put(np.ascontiguousarray(g[col : col + wdt], dtype=np.float32))
-            part_c = ops.matmul(q, gj)
-            part_s = ops.matmul(y, gj)
-            comp_t = part_c if comp_t is None else comp_t + part_c
-            scores = part_s if scores is None else scores + part_s
+            ops.add_ab(comp_t, q, gj)
+            ops.add_ab(scores, y, gj)
             col += wdt
         comp = np.ascontiguousarray(ops.get(comp_t).T)
         scores = np.ascontiguousarray(ops.get(scores))
