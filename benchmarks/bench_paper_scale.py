@@ -173,6 +173,7 @@ def main() -> None:
     width = args.block_size or solvers.default_block_size(args.k, q)
     gflops = gemm_gflops(D_PAPER, width)
 
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     mean = column_mean(shard_blocks(folder), args.n, D_PAPER)
     read_s = time.perf_counter() - t0  # one pass: read + assemble (+ a column sum)
@@ -207,6 +208,7 @@ def main() -> None:
         "floor_s": floor,
         "floor_issue_formula_s": passes * max(read_s, 2 * prod_s),
         "wall_over_floor": wall / floor,
+        "loadavg_1min_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "data_gb": data_gb,
     }
     print(json.dumps(line), flush=True)
