@@ -74,6 +74,8 @@ SOLVERS = ("auto", "exact", "gram", "randomized")
 DEFAULT_N_ITER = 6
 #: exact SVD in memory below this many float64 entries (N * d)
 _EXACT_MAX_ENTRIES = 25_000_000
+#: the gram solver multiplies in float64 up to this many flops (N^2 d), float32 BLAS above
+_GRAM_FLOAT64_MAX_FLOPS = 4e10
 #: the gram solver's stripe buffer (bytes)
 _GRAM_STRIPE_BYTES = 1 << 30
 #: row blocks smaller than this are coalesced (BLAS efficiency)
@@ -599,7 +601,7 @@ def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps) -> PCAResult:
     n, d = stream.n_rows, stream.n_cols
     # float64 products when they are cheap, float32 BLAS (with float64 accumulation
     # across blocks) otherwise.
-    dtype = np.float64 if float(n) * n * d <= 4e10 else np.float32
+    dtype = np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
     stripe_rows = max(1, min(n, _GRAM_STRIPE_BYTES // (d * np.dtype(dtype).itemsize)))
     gram = np.zeros((n, n), dtype=np.float64)
     sumsq = 0.0
