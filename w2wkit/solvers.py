@@ -24,8 +24,13 @@ Solvers
     ``K``) and the products ``Y = Z K`` are kept, so after ``n_iter`` full
     passes and one half pass (``Z`` only) the Rayleigh-Ritz step is an exact
     SVD of ``Z K`` -- singular values, components and scores come without
-    another pass. Memory: ``(N + d) * (n_iter + 1) * l`` float32 plus one
-    ``(d, l)`` accumulator plus the blocks, with ``l = k + oversampling``.
+    another pass. The first orthogonalisation round uses the block Lanczos
+    structure (coefficients ``Y_i^T Y_j`` from the stored products, against
+    the last two blocks), the next rounds are block classical Gram-Schmidt
+    against all of ``K``, each followed by a (shifted) Cholesky QR. Passes:
+    ``n_iter + 1`` (default 6 + 1). Memory: ``(N + d) * (n_iter + 1) * l``
+    float32 plus one ``(d, l)`` accumulator plus about three blocks, with the
+    block width ``l`` about ``k / 2`` (:func:`default_block_size`).
 ``auto``
     :func:`choose_solver`.
 
@@ -173,8 +178,8 @@ def choose_solver(n_rows: int, n_cols: int, n_components: int) -> str:
     gram_flops = float(n) * n * d + 10.0 * float(n) ** 3
     if n <= 20_000 and gram_flops <= randomized_flops:
         return "gram"
-    if k >= 0.5 * min(n, d):
-        return "gram" if n <= 20_000 else "exact"
+    if k >= 0.5 * min(n, d) and n <= 20_000:
+        return "gram"
     return "randomized"
 
 
