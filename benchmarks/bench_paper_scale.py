@@ -181,7 +181,12 @@ def main() -> None:
     t0 = time.perf_counter()
     mean = column_mean(shard_blocks(folder), args.n, D_PAPER)
     read_s = time.perf_counter() - t0  # one pass: read + assemble (+ a column sum)
-    stream = solvers._Stream(shard_blocks(folder, mean), args.n, D_PAPER, None)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if done == total:  # one line per pass, on stderr
+            print(f"{time.perf_counter() - t0:8.1f}s {stage}", file=sys.stderr, flush=True)
+
+    stream = solvers._Stream(shard_blocks(folder, mean), args.n, D_PAPER, progress)
     runs = solvers._randomized_checkpoints(
         stream,
         args.k,
