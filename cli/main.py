@@ -15,6 +15,9 @@ COMMAND_MODULES = (
     "w2wkit.cli.cmd_space",
     "w2wkit.cli.cmd_directions",
     "w2wkit.cli.cmd_render",
+    "w2wkit.cli.cmd_invert",
+    "w2wkit.cli.cmd_world",
+    "w2wkit.cli.cmd_eval",
 )
 
 

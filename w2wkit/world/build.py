@@ -312,8 +312,13 @@ def train_vae(
     images: np.ndarray,
     settings: BaseSettings,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
+    budget_s: float | None = None,
 ) -> dict[str, float]:
     """Train the VAE on pictures (MSE reconstruction + ``kl_weight`` * KL).
+
+    ``budget_s`` stops training early (the steps done are in the log);
+    ``device`` is where the VAE trains (it is moved back to the CPU).
 
     Parameters
     ----------
@@ -330,15 +335,17 @@ def train_vae(
     torch = _torch(settings.threads)
     gen = torch.Generator().manual_seed(settings.seed + 1)
     rng = np.random.default_rng(settings.seed + 1)
+    vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     vae.train()
     t0 = time.perf_counter()
     ema = None
+    done = 0
     for step in range(settings.vae_steps):
         idx = rng.integers(0, len(images), settings.vae_batch)
-        x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = torch.from_numpy(images[idx]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
         rec = vae.decode(z).sample
         mse = torch.mean((rec - x) ** 2)
         kl = post.kl().mean() / x[0].numel()
@@ -347,28 +354,39 @@ def train_vae(
         loss.backward()
         opt.step()
         ema = mse.item() if ema is None else 0.98 * ema + 0.02 * mse.item()
+        done = step + 1
         if progress is not None and (step + 1) % 100 == 0:
             _log(progress, f"vae step {step + 1}/{settings.vae_steps} mse {ema:.5f}")
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            _log(progress, f"vae: time budget reached after {done} steps")
+            break
     seconds = time.perf_counter() - t0
     vae.eval()
+    vae.to("cpu")
     mse = float(ema if ema is not None else np.nan)
     return {
         "seconds": seconds,
-        "seconds_per_step": seconds / max(1, settings.vae_steps),
+        "steps": done,
+        "seconds_per_step": seconds / max(1, done),
         "mse": mse,
         "psnr": float(10 * np.log10(4.0 / mse)) if mse > 0 else float("inf"),
     }
 
 
-def encode_latents(vae: Any, images: np.ndarray, batch: int = 256) -> np.ndarray:
+def encode_latents(
+    vae: Any, images: np.ndarray, batch: int = 256, device: str = "cpu"
+) -> np.ndarray:
     """Posterior means of ``images`` (unscaled), shape ``(n, C, h, w)`` float32."""
     import torch
 
     out = []
+    vae.to(device)
     with torch.no_grad():
         for s in range(0, len(images), batch):
-            x = torch.from_numpy(images[s : s + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            out.append(vae.encode(x).latent_dist.mean.numpy())
+            x = torch.from_numpy(images[s : s + batch]).to(device)
+            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            out.append(vae.encode(x).latent_dist.mean.cpu().numpy())
+    vae.to("cpu")
     return np.concatenate(out).astype(np.float32)
 
 
@@ -380,8 +398,15 @@ def train_unet(
     data: CaptionedImages,
     settings: BaseSettings,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
+    budget_s: float | None = None,
 ) -> dict[str, float]:
     """Train the UNet and the text encoder on scaled latents and captions.
+
+    With ``budget_s``, the step time is measured over the first 50 steps and,
+    if ``unet_steps`` would not fit, the run is shortened to what fits and the
+    warm-up + cosine schedule is compressed to the new length (same recipe,
+    fewer steps; ``steps`` in the log says how many ran).
 
     Parameters
     ----------
@@ -399,6 +424,8 @@ def train_unet(
     sched = make_scheduler()
     gen = torch.Generator().manual_seed(settings.seed + 2)
     rng = np.random.default_rng(settings.seed + 2)
+    unet.to(device)
+    text_encoder.to(device)  # before the optimizer sees the parameters
     emb = text_encoder.get_input_embeddings().weight
     others = [p for p in text_encoder.parameters() if p is not emb]
     opt = torch.optim.AdamW(
@@ -409,21 +436,34 @@ def train_unet(
             {"params": [emb], "weight_decay": 0.0},
         ],
         lr=settings.unet_lr,
+        # the fused kernel is the same AdamW update, in fewer launches (CUDA only)
+        **({"fused": True} if str(device).startswith("cuda") else {}),
     )
+    total = [settings.unet_steps]
     warm = max(1, settings.unet_steps // 20)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: (
-            min(1.0, (s + 1) / warm)
-            * (0.5 * (1 + np.cos(np.pi * min(1.0, s / max(1, settings.unet_steps)))))
+            min(1.0, (s + 1) / warm) * (0.5 * (1 + np.cos(np.pi * min(1.0, s / max(1, total[0])))))
         ),
     )
-    unet.train()
-    text_encoder.train()
-    lat = torch.from_numpy(latents)
+    unet.to(device).train()
+    text_encoder.to(device).train()
+    lat = torch.from_numpy(latents).to(device)
     t0 = time.perf_counter()
     ema = None
-    for step in range(settings.unet_steps):
+    ema_t: Any = None
+    step = -1
+    while step + 1 < total[0]:
+        step += 1
+        if budget_s is not None and step == 50:
+            if str(device).startswith("cuda"):
+                torch.cuda.synchronize()
+            per = (time.perf_counter() - t0) / 50
+            fit = int(50 + (budget_s - (time.perf_counter() - t0)) / per)
+            if fit < total[0]:
+                total[0] = max(51, fit)
+                _log(progress, f"unet: {settings.unet_steps} steps do not fit, running {fit}")
         idx = rng.integers(0, len(lat), settings.unet_batch)
         caps = data.captions(idx, rng, settings.caption_drop)
         caps = ["" if rng.random() < settings.uncond_prob else c for c in caps]
@@ -433,10 +473,11 @@ def train_unet(
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids
-        x0 = lat[idx]
-        noise = torch.randn(x0.shape, generator=gen)
+        ).input_ids.to(device)
+        x0 = lat[torch.from_numpy(idx).to(device)]
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        t = t.to(device)
         xt = sched.add_noise(x0, noise, t)
         ehs = text_encoder(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=ehs).sample
@@ -446,15 +487,25 @@ def train_unet(
         torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
         opt.step()
         lr_sched.step()
-        ema = loss.item() if ema is None else 0.99 * ema + 0.01 * loss.item()
+        # smoothed loss kept on the device: no host sync per step
+        ema_t = loss.detach() if ema_t is None else 0.99 * ema_t + 0.01 * loss.detach()
+        if (step + 1) % 100 == 0 or step + 1 == total[0]:
+            ema = float(ema_t)
         if progress is not None and (step + 1) % 100 == 0:
-            _log(progress, f"unet step {step + 1}/{settings.unet_steps} loss {ema:.4f}")
+            _log(progress, f"unet step {step + 1}/{total[0]} loss {ema:.4f}")
+        if budget_s is not None and step % 50 == 49 and time.perf_counter() - t0 > 1.15 * budget_s:
+            ema = float(ema_t)
+            _log(progress, f"unet: stopped at step {step + 1} (time budget)")
+            break
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    unet.eval()
-    text_encoder.eval()
+    unet.eval().to("cpu")
+    text_encoder.eval().to("cpu")
     return {
         "seconds": seconds,
-        "seconds_per_step": seconds / max(1, settings.unet_steps),
+        "steps": step + 1,
+        "seconds_per_step": seconds / max(1, step + 1),
         "loss": float(ema if ema is not None else np.nan),
     }
 
@@ -504,6 +555,9 @@ def build_base(
     *,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    data: CaptionedImages | None = None,
+    device: str = "cpu",
+    budget_s: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Render the dataset, train VAE then UNet + text encoder, save the pipeline.
 
@@ -518,6 +572,12 @@ def build_base(
         Replace an existing folder.
     progress : callable, optional
         Receives one-line progress messages.
+    data : CaptionedImages, optional
+        The dataset, already rendered (e.g. in parallel); default: rendered here.
+    device : str
+        Where VAE and UNet train (the saved pipeline is on the CPU).
+    budget_s : dict, optional
+        Time budgets ``{"vae": s, "unet": s}`` (see :func:`train_unet`).
 
     Returns
     -------
@@ -533,7 +593,7 @@ def build_base(
     torch.manual_seed(settings.seed)
     log: dict[str, Any] = {"settings": settings.to_json()}
     t0 = time.perf_counter()
-    data = render_dataset(settings)
+    data = data if data is not None else render_dataset(settings)
     log["render"] = {"images": len(data.images), "seconds": time.perf_counter() - t0}
     _log(progress, f"rendered {len(data.images)} pictures")
     staging = folder.with_name(f".{folder.name}.tok-{os.getpid()}")
@@ -542,15 +602,27 @@ def build_base(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     vae = make_vae(settings)
-    log["vae"] = train_vae(vae, data.images, settings, progress)
+    budget_s = budget_s or {}
+    log["device"] = device
+    log["vae"] = train_vae(vae, data.images, settings, progress, device, budget_s.get("vae"))
     t1 = time.perf_counter()
-    raw = encode_latents(vae, data.images)
+    raw = encode_latents(vae, data.images, device=device)
     scale = float(1.0 / raw.std())
     vae.register_to_config(scaling_factor=scale)
     log["latents"] = {"scaling_factor": scale, "seconds": time.perf_counter() - t1}
     unet = make_unet(settings)
     text_encoder = make_text_encoder(settings, tokenizer)
-    log["unet"] = train_unet(unet, text_encoder, tokenizer, raw * scale, data, settings, progress)
+    log["unet"] = train_unet(
+        unet,
+        text_encoder,
+        tokenizer,
+        raw * scale,
+        data,
+        settings,
+        progress,
+        device,
+        budget_s.get("unet"),
+    )
     log["parameters"] = {
         name: int(sum(p.numel() for p in m.parameters()))
         for name, m in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))

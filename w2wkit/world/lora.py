@@ -33,7 +33,8 @@ class LoraSettings:
     Attributes
     ----------
     rank, alpha : LoRA rank and alpha (scale = alpha / rank).
-    targets : names of the UNet projections that get a LoRA.
+    targets : names of the UNet projections that get a LoRA (a module is targeted when its
+        name equals or ends in ``.<target>``, e.g. ``to_q``, ``to_out.0``, ``ff.net.2``).
     steps, batch, lr : AdamW training budget.
     n_images : renders of the instance used for training.
     init_seed : seed of the LoRA initialisation, the same for every model.
@@ -79,7 +80,9 @@ class LoraTrainer:
             m.requires_grad_(False)
             m.eval()
         self.targets = [
-            n for n, _ in pipe.unet.named_modules() if n.rsplit(".", 1)[-1] in s.targets
+            n
+            for n, _ in pipe.unet.named_modules()
+            if any(n == t or n.endswith("." + t) for t in s.targets)
         ]
         torch.manual_seed(s.init_seed)  # same initialisation for every model
         pipe.unet.add_adapter(

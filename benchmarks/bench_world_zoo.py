@@ -1,0 +1,80 @@
+"""Zoo training throughput: batched multi-model trainer vs one model at a time (peft).
+
+Both at the planned base size (``BaseSettings()`` architecture, untrained
+weights: the step time does not depend on them), the zoo recipe's batch of 4,
+one torch thread. The anchor is :class:`w2wkit.world.lora.LoraTrainer` (peft,
+one model per run) measured in the same run. One JSON line per case::
+
+    python benchmarks/bench_world_zoo.py --steps 10 --models 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--models", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "world_zoo.jsonl"))
+    a = ap.parse_args()
+    import torch
+
+    from w2wkit.world import build as B
+    from w2wkit.world.lora import LoraSettings, LoraTrainer
+    from w2wkit.world.zoo import ZooSettings, ZooTrainer, render_job, zoo_jobs
+
+    torch.set_num_threads(a.threads)
+    tmp = Path(tempfile.mkdtemp())
+    s = B.BaseSettings(
+        n_instances={"identity": 4, "dog": 2},
+        images_per_instance={"identity": 1, "dog": 1},
+        vae_steps=1,
+        unet_steps=1,
+    )
+    B.build_base(tmp / "base", s)
+    jobs = zoo_jobs("identity", a.models)
+    imgs = [render_job(j, 10) for j in jobs]
+    rows = []
+    ref = LoraTrainer(tmp / "base", LoraSettings(steps=a.steps, threads=a.threads))
+    ref.train(imgs[0], "sks person", seed=0)  # warm-up
+    t0 = time.perf_counter()
+    ref.train(imgs[1], "sks person", seed=1)
+    anchor = (time.perf_counter() - t0) / a.steps  # seconds per step, one model
+    zt = ZooTrainer(tmp / "base", ZooSettings(steps=a.steps, threads=a.threads, device=a.device))
+    zt.train_chunk(imgs[:2], "sks person", [0, 1])  # warm-up
+    t0 = time.perf_counter()
+    zt.train_chunk(imgs, "sks person", list(range(a.models)))
+    per_model_step = (time.perf_counter() - t0) / a.steps / a.models
+    for name, sec in (("peft_one_model", anchor), ("batched_zoo", per_model_step)):
+        rows.append(
+            {
+                "bench": "world_zoo",
+                "case": name,
+                "models_per_chunk": 1 if name.startswith("peft") else a.models,
+                "steps_measured": a.steps,
+                "seconds_per_model_step": sec,
+                "models_per_hour_at_150_steps": 3600 / (150 * sec),
+                "anchor_seconds_per_model_step": anchor,
+                "ratio_speedup_vs_anchor": anchor / sec,
+                "threads": a.threads,
+                "device": a.device,
+            }
+        )
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out, "a") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+            print(json.dumps(r), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""``w2wkit world ...``: build, inspect, verify and export the miniature world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from w2wkit.cli.common import console, force_option
+from w2wkit.errors import W2WError
+
+world_path_option = click.option(
+    "--world",
+    "world_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="World folder (default: $W2WKIT_WORLD, else the one shipped in the package).",
+)
+
+
+@click.group("world")
+def world_group() -> None:
+    """The miniature world: a tiny diffusion model, its LoRA zoo and evaluators.
+
+    \b
+    Examples:
+      w2wkit world info
+      w2wkit world export-loras -o zoo/ --concept identity && w2wkit fit zoo/
+      w2wkit world verify
+      w2wkit world build --profile micro --out /tmp/world
+    """
+
+
+@world_group.command("build")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Work folder.")
+@click.option("--profile", type=click.Choice(["full", "micro"]), default="full", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--budget", type=float, default=None, help="Total wall-clock seconds (phases scaled)."
+)
+@click.option("--workers", type=int, default=None, help="CPU processes (default: cores - 1).")
+@click.option("--install", is_flag=True, help="Copy the packed world into the package.")
+def build_cmd(
+    out: Path,
+    profile: str,
+    device: str,
+    seed: int,
+    budget: float | None,
+    workers: int | None,
+    install: bool,
+) -> None:
+    """Build the whole world from a seed (resumable; phases skip finished outputs).
+
+    Writes OUT/base, OUT/zoo, OUT/heldout, OUT/evaluators, OUT/metrics.json,
+    OUT/build_log.json and the packed world OUT/shipped.
+    """
+    from w2wkit.world.worldbuild import build_world
+
+    log = build_world(
+        out, profile, seed=seed, device=device, budget_s=budget, workers=workers, install=install
+    )
+    console.print(f"world built in {log.get('elapsed', 0):.1f} s -> {out / 'shipped'}")
+
+
+@world_group.command("zoo")
+@click.argument("base", type=click.Path(path_type=Path, exists=True))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option("--concept", default="identity", show_default=True)
+@click.option("-n", "--count", type=int, default=10, show_default=True, help="Models to train.")
+@click.option("--start", type=int, default=0, show_default=True, help="First instance index.")
+@click.option("--inst-seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=150, show_default=True)
+@click.option("--batch", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--rank", type=int, default=1, show_default=True)
+@click.option(
+    "--alpha", type=float, default=None, help="LoRA alpha (scale = alpha/rank; default: rank)."
+)
+@click.option("--targets", default="to_q,to_v", show_default=True)
+@click.option("--images", "n_images", type=int, default=10, show_default=True)
+@click.option("--init-seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--class-prompt", default=None, help="Enables prior preservation (e.g. 'person').")
+@click.option("--prior-weight", type=float, default=0.0, show_default=True)
+@click.option("--chunk", type=int, default=0, help="Models per batch (0: 8 on CPU, 1024 on CUDA).")
+@click.option("--workers", type=int, default=1, show_default=True, help="CPU processes.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--format", "fmt", default="diffusers", show_default=True)
+def zoo_cmd(
+    base: Path,
+    out: Path,
+    concept: str,
+    count: int,
+    start: int,
+    inst_seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    rank: int,
+    alpha: float | None,
+    targets: str,
+    n_images: int,
+    init_seed: int,
+    seed: int,
+    class_prompt: str | None,
+    prior_weight: float,
+    chunk: int,
+    workers: int,
+    device: str,
+    fmt: str,
+) -> None:
+    """Train one DreamBooth-style LoRA per instance of CONCEPT on the BASE pipeline.
+
+    Many models train at once in one batch; finished files are skipped
+    (resume). Writes OUT/<instance>.safetensors, OUT/labels.csv, OUT/manifest.json.
+    """
+    from w2wkit.concepts import get_pack
+    from w2wkit.world.renders import render_instances
+    from w2wkit.world.zoo import ZooSettings, train_zoo, write_labels, write_manifest, zoo_jobs
+
+    pack = get_pack(concept)  # unknown concept: one line listing the known ones
+    s = ZooSettings(
+        rank=rank,
+        alpha=float(rank if alpha is None else alpha),
+        targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        n_images=n_images,
+        init_seed=init_seed,
+        seed=seed,
+        format=fmt,
+        chunk=chunk,
+        class_prompt=class_prompt,
+        prior_weight=prior_weight,
+        device=device,
+    )
+    jobs = zoo_jobs(pack.name, count, inst_seed=inst_seed, start=start, first=start)
+    prior = None
+    if prior_weight > 0:
+        specs = [(i, inst_seed + 7919) for i in range(64)]
+        prior = render_instances(pack.name, specs, 1, seed + 1).reshape(-1, 32, 32, 3)
+    res = train_zoo(
+        base, jobs, out, pack.instance_prompt, s, workers=workers, prior=prior, progress=True
+    )
+    write_labels(jobs, out / "labels.csv")
+    write_manifest(out, jobs, {"concept": pack.name, "prompt": pack.instance_prompt, "base": base})
+    mph = res["models_per_hour"]
+    console.print(
+        f"{res['trained']} trained, {res['skipped']} skipped, {res['missing']} missing in "
+        f"{res['seconds']:.1f} s" + (f" ({mph:.0f} models/hour on {res['device']})" if mph else "")
+    )
+
+
+@world_group.command("info")
+@world_path_option
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info_cmd(world_path: Path | None, as_json: bool) -> None:
+    """Summarise the shipped world: sizes, counts, build times and metrics."""
+    from w2wkit.world.shipped import load_world
+
+    w = load_world(world_path, verify=False)
+    s = w.summary()
+    if as_json:
+        click.echo(json.dumps(s, indent=1, default=str))
+        return
+    t = Table(title=f"miniature world: {s['root']}", show_header=False)
+    t.add_row("size", f"{(s['total_bytes'] or 0) / 1e6:.1f} MB in {s['files']} files")
+    t.add_row("models", ", ".join(f"{c}: {n}" for c, n in s["models"].items()))
+    t.add_row("LoRA", f"rank {s['rank']} on {s['targets']} UNet modules")
+    t.add_row("held-out identities", str(s["heldout"]))
+    t.add_row("built on", f"{s['device']} {s['gpu'] or ''} (profile {s['profile']})")
+    t.add_row("phase seconds", ", ".join(f"{k} {v}" for k, v in s["seconds"].items()))
+    for concept in s["models"]:
+        ev = s["evaluators"].get(concept, {})
+        if ev:
+            t.add_row(
+                f"evaluators {concept}",
+                f"min attribute accuracy {ev.get('min_attribute_accuracy', float('nan')):.3f}, "
+                f"verification ROC-AUC {ev.get('verification_auc', float('nan')):.3f}",
+            )
+        m = s["metrics"].get(concept, {})
+        if m:
+            t.add_row(
+                f"zoo fidelity {concept}",
+                f"top-1 {m.get('fidelity_top1', float('nan')):.3f} among {m.get('candidates')} "
+                f"({m.get('fidelity_models')} models); ID score intra "
+                f"{m.get('intra_model_id_score') or float('nan'):.3f} / inter "
+                f"{m.get('inter_model_id_score') or float('nan'):.3f}",
+            )
+    ev = s["metrics"].get("explained_variance_identity")
+    if ev:
+        cum = ", ".join(f"{k}: {v:.2f}" for k, v in ev["cumulative_at"].items())
+        t.add_row("identity PCA (cum. var.)", cum)
+    console.print(t)
+
+
+@world_group.command("export-loras")
+@world_path_option
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option("--concept", default="identity", show_default=True)
+@click.option("--format", "fmt", default="diffusers", show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first N models.")
+@force_option
+def export_cmd(
+    world_path: Path | None, out: Path, concept: str, fmt: str, limit: int | None, force: bool
+) -> None:
+    """Write the stacked zoo LoRAs out as ordinary files + labels.csv (for `w2wkit fit`)."""
+    from w2wkit.world.shipped import load_world
+
+    w = load_world(world_path, verify=False)
+    n = len(w.names(concept))
+    models = None if limit is None else list(range(min(limit, n)))
+    files = w.export_loras(out, concept, format=fmt, overwrite=force, models=models)
+    console.print(f"wrote {len(files)} {concept} LoRAs and labels.csv to {out}")
+
+
+@world_group.command("verify")
+@world_path_option
+def verify_cmd(world_path: Path | None) -> None:
+    """Check every shipped file against the manifest's sha256."""
+    from w2wkit.world.shipped import verify_world
+
+    res = verify_world(world_path)
+    console.print(f"ok: {res['files']} files, {(res['total_bytes'] or 0) / 1e6:.1f} MB")
+
+
+def register(cli: click.Group) -> None:
+    """Add ``w2wkit world`` to ``cli``."""
+    cli.add_command(world_group)
+
+
+__all__ = ["W2WError", "register"]

@@ -1,0 +1,76 @@
+"""``w2wkit demo``: runs at its default settings on whatever world this checkout has."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from w2wkit.cli.main import cli
+from w2wkit.evaluate import shipped_world_available
+
+HAS_WORLD = shipped_world_available()
+
+
+def test_demo_synthetic(tmp_path: Path) -> None:
+    """Without a shipped world this is the default demo (and it says so); else --synthetic."""
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(cli, ["demo", "-o", str(out)] + (["--synthetic"] if HAS_WORLD else []))
+    assert r.exit_code == 0, r.output
+    if not HAS_WORLD:
+        assert "synthetic demo" in r.output  # it says it fell back
+    assert f"report: {out / 'report.html'}" in r.output.replace("\n", "")
+    res = json.loads((out / "demo.json").read_text())
+    # calibrated edits: each direction's projection moved by exactly its strength (in stds)
+    for name, st in res["edit"]["strengths"].items():
+        assert res["edit"]["moved_std"][name] == pytest.approx(st, rel=1e-6)
+    # planted: 24-dimensional signal, so 24 components hold nearly all the variance
+    assert res["explained_variance_first_24"] > 0.95
+    assert len(list((out / "exported").glob("*.safetensors"))) == 5
+    html = (out / "report.html").read_text()
+    assert "No miniature world" in html and "explained_variance.png" in html
+    assert (out / "images" / "explained_variance.png").stat().st_size > 0
+    # the exported files read back as kohya LoRAs of the SD1.5 layout
+    from w2wkit.formats import read_adapter
+
+    ad = read_adapter(out / "exported" / "sample_0.safetensors")
+    assert ad.format == "kohya" and len(ad.layers) == 64
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_WORLD, reason="no shipped miniature world in this checkout")
+def test_demo_default_world(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(cli, ["demo", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "demo.json").read_text())
+    for name in ("samples.png", "edits.png", "inversion.png", "explained_variance.png"):
+        assert (out / "images" / name).stat().st_size > 0
+    assert len(list((out / "loras").glob("*.safetensors"))) >= 4 + 3 + 1
+    loss0, loss1 = res["inversion"]["loss_first_last"]
+    assert np.isfinite(loss0) and np.isfinite(loss1)
+    assert "report:" in r.output
+
+
+def test_demo_synthetic_flag_and_existing_output(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    r = CliRunner().invoke(cli, ["demo", "--synthetic", "-o", str(out)])
+    assert r.exit_code == 1 and "not empty" in r.output and "Traceback" not in r.output
+
+
+def test_demo_image_needs_a_world(tmp_path: Path) -> None:
+    (tmp_path / "me.png").write_bytes(b"nope")
+    args = ["demo", "--image", str(tmp_path / "me.png"), "-o", str(tmp_path / "o")]
+    if HAS_WORLD:
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 1 and "cannot read" in r.output
+    else:
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 1 and "--image needs a miniature world" in r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()

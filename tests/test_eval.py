@@ -1,0 +1,261 @@
+"""Evaluation: metrics against independent references, a tiny end-to-end run, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from click.testing import CliRunner  # noqa: E402
+
+from w2wkit import evaluate as E  # noqa: E402
+from w2wkit.errors import W2WError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return E.build_micro_world(tmp_path_factory.mktemp("eval") / "micro", n_models=12, n_heldout=3)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_id_score_and_rmse_match_independent_formulas() -> None:
+    from sklearn.metrics import mean_squared_error
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 7)), rng.standard_normal((3, 7))
+    assert E.id_score(a, b) == pytest.approx(cosine_similarity(a, b).mean(), abs=1e-12)
+    np.testing.assert_allclose(E.id_matrix(a, b), cosine_similarity(a, b), atol=1e-12)
+    x = rng.random((4, 8, 8, 3))
+    y = rng.random((4, 8, 8, 3))
+    ref = [np.sqrt(mean_squared_error(x[i].ravel(), y[i].ravel())) for i in range(4)]
+    np.testing.assert_allclose(E.pixel_rmse(x, y), ref, rtol=1e-12)
+    u8 = (x * 255).astype(np.uint8)
+    np.testing.assert_allclose(E.pixel_rmse(u8, u8), 0.0)
+    s = E.summarize([1.0, 3.0, float("nan")])
+    assert s == {"mean": 2.0, "std": 1.0, "n": 2}
+
+
+def test_stylise_styles() -> None:
+    from w2wkit.world.identity import IdentityGenerator
+
+    gen = IdentityGenerator()
+    img = gen.render(gen.instance(0), 2, seed=1)
+    post = E.stylise(img, "posterised")
+    assert post.shape == img.shape and post.dtype == np.uint8
+    # 2 bits per channel: at most 4 levels, multiples of 64
+    assert set(np.unique(post)) <= {0, 64, 128, 192}
+    line = E.stylise(img, "line drawing")
+    assert (line == 255).mean() > 0.5  # mostly white paper
+    assert np.all(line[..., 0] == line[..., 1])  # grey lines
+    painted = E.stylise(img, "painted")
+    assert not np.array_equal(painted, img)
+    with pytest.raises(W2WError, match="unknown style"):
+        E.stylise(img, "cubist")
+
+
+def test_pixel_evaluators_read_attributes_and_identity(tmp_path: Path) -> None:
+    from w2wkit.world.identity import IdentityGenerator
+
+    gen = IdentityGenerator()
+    ev = E.PixelEvaluators.fit(gen, n_attr=300, n_ids=40, per_id=4, seed=321)
+    # independent check on new identities: the generator's ground truth
+    insts = gen.instances(80, seed=4321)
+    imgs = np.concatenate([gen.render(i, 1, seed=9) for i in insts])
+    probs = ev.attribute_probs(imgs)
+    for attr in ("dark_hair", "beard"):
+        j = ev.attributes.index(attr)
+        truth = np.array([i.attributes[attr] for i in insts])
+        acc = np.mean((probs[:, j] > 0.5) == truth)
+        majority = max(truth.mean(), 1 - truth.mean())
+        assert acc > majority, (attr, acc, majority)
+    # identity: same-identity pairs score higher than different-identity pairs
+    a = gen.render(insts[0], 4, seed=1)
+    b = gen.render(insts[1], 4, seed=2)
+    ea, eb = ev.embed(a), ev.embed(b)
+    same = E.id_matrix(ea, ea)[np.triu_indices(4, 1)].mean()
+    assert same > E.id_score(ea, eb)
+    ev.save(tmp_path / "ev.npz")
+    back = E.PixelEvaluators.load(tmp_path / "ev.npz")
+    np.testing.assert_array_equal(back.embed(a), ev.embed(a))
+    (tmp_path / "bad.npz").write_bytes(b"not npz")
+    with pytest.raises(W2WError, match="cannot read evaluators"):
+        E.PixelEvaluators.load(tmp_path / "bad.npz")
+
+
+# ------------------------------------------------------------------ baselines
+
+
+def test_demo_on_micro_world(micro: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from w2wkit.demo import DemoSettings, run_demo
+    from w2wkit.formats import read_adapter
+
+    w = E.load_eval_world(micro)
+    tiny = DemoSettings(n_components=6, inversion_steps=3, render_steps=2, seeds=2)
+    res = run_demo(tmp_path / "d", world=w, settings=tiny, log=None, progress=False)
+    for name in ("samples.png", "edits.png", "inversion.png", "explained_variance.png"):
+        assert (tmp_path / "d" / "images" / name).stat().st_size > 0
+    assert res["inversion"]["steps"] == 3 and res["inversion"]["recipe"]["n_components"] == 6
+    html = (tmp_path / "d" / "report.html").read_text()
+    assert "images/samples.png" in html and "images/edits.png" in html
+    # the edited files carry the edit record and the space's layout
+    ed = read_adapter(tmp_path / "d" / "loras" / "edit_beard_glasses.safetensors")
+    assert "beard" in ed.metadata["w2wkit.edits"] and len(ed.layers) == len(w.zoo and ed.layers)
+    # a user picture of another size: resized, and the demo says so
+    big = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(big).save(tmp_path / "me.png")
+    notes: list[str] = []
+    run_demo(
+        tmp_path / "u",
+        world=w,
+        settings=tiny,
+        image=tmp_path / "me.png",
+        log=notes.append,
+        progress=False,
+    )
+    assert any("64x64 resized" in n for n in notes)
+    # bad input: one line each, nothing written
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(W2WError, match=r"bad\.png") as exc:
+        run_demo(tmp_path / "b", world=w, settings=tiny, image=tmp_path / "bad.png", log=None)
+    assert "\n" not in str(exc.value) and not (tmp_path / "b").exists()
+    Image.fromarray(np.full((5, 7), 255, np.uint8)).save(tmp_path / "m.png")
+    with pytest.raises(W2WError, match="mask"):
+        run_demo(
+            tmp_path / "m",
+            world=w,
+            settings=tiny,
+            image=tmp_path / "me.png",
+            mask=tmp_path / "m.png",
+            log=None,
+            progress=False,
+        )
+
+
+def test_space_pipeline_mismatch_names_modules(micro: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from w2wkit.adapter import Adapter, LoraLayer
+    from w2wkit.demo import DemoSettings, run_demo
+
+    w = E.load_eval_world(micro)
+    rng = np.random.default_rng(0)
+    ads = [
+        Adapter({"unet.no_such_block.to_q": LoraLayer(rng.random((1, 8)), rng.random((8, 1)), 1.0)})
+        for _ in range(4)
+    ]
+    bad = replace(w, zoo=ads, zoo_names=[f"m{i}" for i in range(4)], labels={})
+    with pytest.raises(W2WError, match=r"no_such_block\.to_q"):
+        run_demo(
+            tmp_path / "d",
+            world=bad,
+            settings=DemoSettings(n_components=2),
+            log=None,
+            progress=False,
+        )
+
+
+def test_edit_prompt() -> None:
+    from w2wkit.baselines import edit_prompt
+    from w2wkit.concepts import get_pack
+
+    specs = {a.name: a for a in get_pack("identity").attributes}
+    assert edit_prompt(specs["beard"]) == "a photo of sks person with a beard"
+    assert edit_prompt(specs["old"]) == "a photo of old sks person"
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
+    w = E.load_eval_world(micro)
+    out = tmp_path / "ev"
+    res = E.run_eval(w, "tiny", out, progress=False)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["checks"].keys() == res["checks"].keys()
+    for key in ("space", "inversion", "editing", "ood", "sampling", "scaling", "fidelity"):
+        assert key in saved, key
+    inv = saved["inversion"]
+    for m in ("w2w", "dreambooth_single", "dreambooth_multi"):
+        assert inv[m]["id_score"]["n"] == 2
+        assert -1.0 <= inv[m]["id_score"]["mean"] <= 1.0
+        assert inv[m]["seconds"]["mean"] > 0
+    assert len(saved["editing"]["attributes"]) >= 3
+    assert [r["strength"] for r in saved["editing"]["sweep"]] == [1.0, 2.0]
+    assert {r["n_models"] for r in saved["scaling"]["rows"]} == {6, 11}
+    assert [r["components"] for r in saved["scaling"]["components_rows"]] == [2, 6]
+    assert saved["fidelity"]["identity"]["n_candidates"] == 6
+    cum = saved["space"]["cumulative"]
+    assert bool(np.all(np.diff(cum) >= 0)) and cum[-1] <= 1 + 1e-9
+    html = (out / "report.html").read_text()
+    assert "Inversion" in html and "Editing" in html and "Targets" in html
+    for rel in list(saved["images"].values()) + list(saved["plots"].values()):
+        assert (out / rel).stat().st_size > 0
+        assert rel in html
+    # deterministic given the seed
+    again = E.run_eval(w, "tiny", tmp_path / "ev2", progress=False, sections=("space", "sampling"))
+    assert again["sampling"]["intra_model_id"] == pytest.approx(saved["sampling"]["intra_model_id"])
+    with pytest.raises(W2WError, match="not empty"):
+        E.run_eval(w, "tiny", out, progress=False)
+
+
+def test_eval_cli(micro: Path, tmp_path: Path) -> None:
+    from w2wkit.cli.main import cli
+
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "--world",
+            str(micro),
+            "--profile",
+            "tiny",
+            "-o",
+            str(out),
+            "--sections",
+            "space,sampling",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "report:" in r.output and (out / "report.html").exists()
+    r = CliRunner().invoke(cli, ["eval", "--world", str(micro), "-o", str(out)])
+    assert r.exit_code == 1 and "not empty" in r.output
+    r = CliRunner().invoke(cli, ["eval", "--sections", "space,colour", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "unknown section(s) colour" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_load_world_errors(tmp_path: Path) -> None:
+    with pytest.raises(W2WError, match="world folder not found"):
+        E.load_eval_world(tmp_path / "nope")
+    (tmp_path / "world.json").write_text(json.dumps({"format": "w2wkit-micro-world", "zoo": []}))
+    with pytest.raises(W2WError):
+        E.load_eval_world(tmp_path)
+
+
+def test_device_training_path_equals_zoo_trainer(micro: Path) -> None:
+    """The DreamBooth loop used on GPUs reproduces LoraTrainer.train (same seeds) exactly."""
+    from w2wkit.baselines import BaselineModels
+
+    w = E.load_eval_world(micro)
+    models = BaselineModels(w.base, w.lora_settings, device="cpu")
+    imgs = w.generator.render(w.heldout[0], 3, seed=1)
+    a, _ = models.dreambooth(imgs, "sks person", seed=3)
+    b = models._train_device(imgs, "sks person", 3, None)
+    for key, layer in a.layers.items():
+        np.testing.assert_array_equal(layer.up, b.layers[key].up)
+        np.testing.assert_array_equal(layer.down, b.layers[key].down)
+        assert layer.up.any()

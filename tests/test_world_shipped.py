@@ -1,0 +1,142 @@
+"""`world build` (micro) end to end: shipped files load, hashes match, resume, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from click.testing import CliRunner  # noqa: E402
+
+from w2wkit.cli.main import cli  # noqa: E402
+from w2wkit.errors import W2WError  # noqa: E402
+from w2wkit.formats.registry import read_adapter  # noqa: E402
+from w2wkit.world.shipped import load_world, verify_world  # noqa: E402
+from w2wkit.world.worldbuild import build_world  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("worldbuild")
+    build_world(out, "micro", device="cpu", workers=1)
+    return out
+
+
+def test_shipped_files_load_and_hashes_match(work: Path) -> None:
+    root = work / "shipped"
+    man = json.loads((root / "manifest.json").read_text())
+    assert {"pipeline/unet/diffusion_pytorch_model.safetensors", "loras.safetensors"} <= set(
+        man["files"]
+    )
+    for rel, info in man["files"].items():
+        assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == info["sha256"]
+    assert man["total_bytes"] == sum((root / r).stat().st_size for r in man["files"])
+    w = load_world(root)
+    assert w.concepts == ["identity", "dog"]
+    assert len(w.names("identity")) == 6 and len(w.names("dog")) == 3
+    # the stacked LoRA of a model is exactly its trained file
+    name = w.names("identity")[2]
+    trained = read_adapter(work / "zoo" / "identity" / f"{name}.safetensors")
+    shipped = w.adapter("identity", name)
+    assert list(shipped.layers) == list(trained.layers)
+    for k, layer in trained.layers.items():
+        np.testing.assert_array_equal(shipped.layers[k].down, layer.down)
+        np.testing.assert_array_equal(shipped.layers[k].up, layer.up)
+    held = w.heldout()
+    assert held["renders"].shape == (3, 3, 32, 32, 3) and len(held["names"]) == 3
+    assert not set(held["names"]) & set(w.names("identity"))
+    assert held["vectors"].shape[1] == len(held["attribute_names"]) + len(held["param_names"])
+    ev = w.evaluators()
+    assert ev.attributes("dog", held["renders"][0]).shape == (3, 8)
+    pipe = w.load_pipeline()
+    assert pipe.unet.dtype == torch.float32
+    img = pipe("a photo of a person", num_inference_steps=2, output_type="np").images
+    assert img.shape == (1, 32, 32, 3)
+    log = w.build_log
+    assert {"base", "zoo", "heldout", "evaluators", "metrics", "pack"} <= set(log["phases"])
+    m = log["phases"]["metrics"]["result"]
+    assert 0.0 <= m["identity"]["fidelity_top1"] <= 1.0
+    assert m["explained_variance_identity"]["models"] == 6
+
+
+def test_export_and_fit_and_cli(work: Path, tmp_path: Path) -> None:
+    root = work / "shipped"
+    r = CliRunner()
+    res = r.invoke(cli, ["world", "export-loras", "--world", str(root), "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    files = sorted((tmp_path / "e").glob("*.safetensors"))
+    assert len(files) == 6 and (tmp_path / "e" / "labels.csv").exists()
+    res = r.invoke(cli, ["fit", str(tmp_path / "e"), "-o", str(tmp_path / "sp"), "-k", "3"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(cli, ["world", "info", "--world", str(root)])
+    assert res.exit_code == 0 and "identity: 6" in res.output, res.output
+    res = r.invoke(cli, ["world", "verify", "--world", str(root)])
+    assert res.exit_code == 0 and "ok" in res.output
+    res = r.invoke(
+        cli,
+        [
+            "world",
+            "export-loras",
+            "--world",
+            str(root),
+            "-o",
+            str(tmp_path / "x"),
+            "--concept",
+            "cat",
+        ],
+    )
+    assert res.exit_code == 1 and "known: identity, dog" in res.output
+
+
+def test_corrupted_file_is_named(work: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "w"
+    shutil.copytree(work / "shipped", copy)
+    target = copy / "evaluators.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(W2WError, match="corrupted") as exc:
+        verify_world(copy)
+    assert "evaluators.safetensors" in str(exc.value)
+    res = CliRunner().invoke(cli, ["world", "verify", "--world", str(copy)])
+    assert res.exit_code == 1 and "evaluators.safetensors" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    with pytest.raises(W2WError, match=r"manifest\.json missing"):
+        load_world(tmp_path / "nothing")
+
+
+def test_interrupted_build_resumes(work: Path) -> None:
+    unet = work / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    t_unet = unet.stat().st_mtime_ns
+    zoo = work / "zoo" / "identity"
+    kept = sorted(zoo.glob("*.safetensors"))[:-1]
+    t_kept = [f.stat().st_mtime_ns for f in kept]
+    # simulate a build stopped inside the zoo phase: one model and the rest missing
+    sorted(zoo.glob("*.safetensors"))[-1].unlink()
+    (zoo / "manifest.json").unlink()
+    for p in ("metrics.json",):
+        (work / p).unlink()
+    shutil.rmtree(work / "shipped")
+    log = build_world(work, "micro", device="cpu", workers=1)
+    zlog = log["phases"]["zoo"]["result"]["identity"]
+    assert zlog["trained"] == 1 and zlog["skipped"] == 5
+    assert unet.stat().st_mtime_ns == t_unet
+    assert [f.stat().st_mtime_ns for f in kept] == t_kept
+    assert log["phases"]["base"].get("resumed") is True
+    assert (work / "shipped" / "manifest.json").exists()
+    verify_world(work / "shipped")
+
+
+def test_unknown_concept_for_zoo_command(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        cli, ["world", "zoo", str(tmp_path), "-o", str(tmp_path / "z"), "--concept", "cat"]
+    )
+    assert res.exit_code == 1 and "identity" in res.output and "dog" in res.output

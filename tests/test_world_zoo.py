@@ -1,0 +1,152 @@
+"""Batched zoo trainer: equals one-model-at-a-time training, standard files, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from w2wkit.formats.registry import read_adapter  # noqa: E402
+from w2wkit.world import build as B  # noqa: E402
+from w2wkit.world.lora import LoraSettings, LoraTrainer  # noqa: E402
+from w2wkit.world.zoo import (  # noqa: E402
+    ZooSettings,
+    ZooTrainer,
+    render_job,
+    train_zoo,
+    write_labels,
+    write_manifest,
+    zoo_jobs,
+)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("world") / "base"
+    B.build_base(out, B.BaseSettings.micro(unet_steps=1, vae_steps=1))
+    return out
+
+
+def test_batched_equals_single_model_training(base: Path) -> None:
+    """Model j of a batch of 3 == LoraTrainer (peft) on model j alone, same draws."""
+    common = {"steps": 6, "batch": 2, "n_images": 3, "init_seed": 5, "lr": 5e-3, "device": "cpu"}
+    zs = ZooSettings(**common)
+    jobs = zoo_jobs("identity", 3)
+    imgs = [render_job(j, 3) for j in jobs]
+    seeds = [11, 22, 33]
+    adapters, losses = ZooTrainer(base, zs).train_chunk(imgs, "sks person", seeds)
+    assert losses.shape == (3,) and np.isfinite(losses).all()
+    ref = LoraTrainer(base, LoraSettings(**{k: v for k, v in common.items() if k != "device"}))
+    for j in (0, 2):
+        single, _ = ref.train(imgs[j], "sks person", seed=seeds[j])
+        assert list(single.layers) == list(adapters[j].layers)
+        worst = 0.0
+        for key, layer in single.layers.items():
+            got = adapters[j].layers[key]
+            scale = np.abs(layer.up).max()
+            assert scale > 0  # trained
+            worst = max(worst, np.abs(got.up - layer.up).max() / scale)
+            # stated tolerance: 1e-4 of the update's size (float32 rounding, 6 Adam steps)
+            np.testing.assert_allclose(got.down, layer.down, rtol=0, atol=1e-4 * scale + 1e-7)
+            np.testing.assert_allclose(got.up, layer.up, rtol=0, atol=1e-4 * scale)
+        assert worst < 1e-4
+    # models of one batch differ (their own pictures and seeds)
+    k = next(iter(adapters[0].layers))
+    assert not np.allclose(adapters[0].layers[k].up, adapters[1].layers[k].up)
+
+
+def test_prior_preservation_runs(base: Path) -> None:
+    zs = ZooSettings(
+        steps=2, batch=2, n_images=2, device="cpu", class_prompt="person", prior_weight=1.0
+    )
+    jobs = zoo_jobs("identity", 2)
+    prior = render_job(zoo_jobs("identity", 1, inst_seed=7)[0], 4)
+    ads, losses = ZooTrainer(base, zs).train_chunk(
+        [render_job(j, 2) for j in jobs], "sks person", [1, 2], prior=prior
+    )
+    assert len(ads) == 2 and np.isfinite(losses).all()
+
+
+def test_train_zoo_files_labels_manifest_resume_diffusers(base: Path, tmp_path: Path) -> None:
+    zs = ZooSettings(steps=2, batch=2, n_images=2, device="cpu", chunk=2)
+    jobs = zoo_jobs("identity", 3) + zoo_jobs("dog", 2, first=3)
+    out = tmp_path / "zoo"
+    # interrupted: only the first chunk (2 models) is there
+    first = train_zoo(base, jobs[:2], out, "sks person", zs, progress=False)
+    assert first["trained"] == 2
+    mt = [(out / f"{j.name}.safetensors").stat().st_mtime_ns for j in jobs[:2]]
+    res = train_zoo(base, jobs[:3], out, "sks person", zs, progress=False)
+    assert res["skipped"] == 2 and res["trained"] == 1 and res["missing"] == 0
+    assert [(out / f"{j.name}.safetensors").stat().st_mtime_ns for j in jobs[:2]] == mt
+    dres = train_zoo(base, jobs[3:], out, "sks dog", zs, progress=False)
+    assert dres["trained"] == 2
+    assert not list(out.glob(".*"))
+    write_labels(jobs[:3], out / "labels.csv")
+    with open(out / "labels.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][0] == "name" and "beard" in rows[0] and len(rows) == 4
+    from w2wkit.world.identity import IdentityGenerator
+
+    inst = IdentityGenerator().instance(1, 0)
+    assert rows[2][rows[0].index("glasses")] == str(int(inst.attributes["glasses"]))
+    man = json.loads(write_manifest(out, jobs, {"prompt": "x"}).read_text())
+    assert len(man["models"]) == 5
+    # diffusers applies exactly the file's delta
+    from diffusers import StableDiffusionPipeline
+
+    f = out / f"{jobs[0].name}.safetensors"
+    ad = read_adapter(f)
+    pipe = StableDiffusionPipeline.from_pretrained(str(base))
+    name = next(iter(ad.layers)).removeprefix("unet.")
+    w0 = pipe.unet.get_submodule(name).weight.detach().clone()
+    pipe.load_lora_weights(str(f))
+    pipe.fuse_lora()
+    delta = pipe.unet.get_submodule(name).weight.detach() - w0
+    np.testing.assert_allclose(delta.numpy(), ad.layers[f"unet.{name}"].delta(), atol=1e-6)
+    assert np.abs(ad.layers[f"unet.{name}"].delta()).max() > 0
+
+
+@pytest.mark.slow
+def test_worker_processes_match_inline(base: Path, tmp_path: Path) -> None:
+    zs = ZooSettings(steps=2, batch=2, n_images=2, device="cpu", chunk=1)
+    jobs = zoo_jobs("identity", 4)
+    a = train_zoo(base, jobs, tmp_path / "a", "sks person", zs, progress=False)
+    b = train_zoo(base, jobs, tmp_path / "b", "sks person", zs, workers=2, progress=False)
+    assert a["trained"] == b["trained"] == 4
+    for j in jobs:
+        x = read_adapter(tmp_path / "a" / f"{j.name}.safetensors")
+        y = read_adapter(tmp_path / "b" / f"{j.name}.safetensors")
+        for k, layer in x.layers.items():
+            np.testing.assert_allclose(y.layers[k].up, layer.up, rtol=1e-5, atol=1e-7)
+
+
+def test_sample_space_stays_in_the_zoo_span() -> None:
+    from w2wkit.world.worldbuild import _flatten, sample_space
+
+    rng = np.random.default_rng(0)
+    stacks = {
+        "a.to_q": (rng.normal(size=(12, 1, 5)), rng.normal(size=(12, 7, 1))),
+        "a.to_v": (rng.normal(size=(12, 1, 3)), rng.normal(size=(12, 4, 1))),
+    }
+    new = sample_space(stacks, 6, 4, np.random.default_rng(1))
+    assert {t: (a.shape, b.shape) for t, (a, b) in new.items()} == {
+        "a.to_q": ((6, 1, 5), (6, 7, 1)),
+        "a.to_v": ((6, 1, 3), (6, 4, 1)),
+    }
+    x = _flatten(stacks)
+    y = _flatten(new)
+    centred = x - x.mean(0)
+    # independent reference: least squares on the zoo's centred rows
+    coef, *_ = np.linalg.lstsq(centred.T, (y - x.mean(0)).T, rcond=None)
+    np.testing.assert_allclose(centred.T @ coef, (y - x.mean(0)).T, atol=1e-5)
+    vt = np.linalg.svd(centred, full_matrices=False)[2]
+    # only the first 4 principal directions are used
+    resid = (y - x.mean(0)) @ vt[4:].T
+    np.testing.assert_allclose(resid, 0, atol=1e-5)

@@ -1,0 +1,265 @@
+"""A self-contained HTML report of an evaluation or a demo run.
+
+The report links the PNG grids and plots that sit next to it (relative
+paths), shows every number as ``mean +- std (n)`` in tables, and lists the
+targets with their measured value and pass/fail. No JavaScript, no external
+resources.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["fmt", "table", "write_html", "write_report"]
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+.pass{color:#17803d;font-weight:bold}.fail{color:#b42318;font-weight:bold}
+img{max-width:100%;image-rendering:pixelated;border:1px solid #ddd;margin:.3em 0}
+.note{color:#555;font-size:.9em}code{background:#f4f4f4;padding:0 .2em}
+"""
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    """Format a number, a ``{"mean", "std", "n"}`` summary or anything else."""
+    if isinstance(v, Mapping) and "mean" in v:
+        m, s = v.get("mean"), v.get("std")
+        if m is None or (isinstance(m, float) and not math.isfinite(m)):
+            return "-"
+        n = v.get("n")
+        text = f"{m:.{digits}f} &plusmn; {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
+        return text + (f" <span class=note>(n={n})</span>" if n is not None else "")
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return "-" if not math.isfinite(v) else f"{v:.{digits}f}"
+    if v is None:
+        return "-"
+    return html.escape(str(v))
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An HTML table; cells go through :func:`fmt`."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(rel: str | None, alt: str) -> str:
+    if not rel:
+        return ""
+    return f'<p><img src="{html.escape(rel)}" alt="{html.escape(alt)}"></p>'
+
+
+def write_html(path: str | os.PathLike[str], title: str, body: str) -> Path:
+    """Write ``body`` inside a minimal HTML page, atomically."""
+    from w2wkit.stio import atomic_path
+
+    page = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
+    out = Path(path)
+    with atomic_path(out, overwrite=True, suffix=".html") as tmp:
+        Path(tmp).write_text(page, encoding="utf-8")
+    return out
+
+
+def write_report(results: Mapping[str, Any], path: str | os.PathLike[str], title: str) -> Path:
+    """The evaluation report (see :func:`w2wkit.evaluate.run_eval`)."""
+    r = results
+    imgs, plots = r.get("images", {}), r.get("plots", {})
+    parts: list[str] = []
+    w = r.get("world", {})
+    parts.append(
+        f"<p>World: <b>{fmt(w.get('name'))}</b>, {fmt(w.get('n_models'))} training models, "
+        f"{fmt(w.get('n_heldout'))} held-out identities. Evaluators: {fmt(r.get('evaluators'))}. "
+        f"Total time {fmt(r.get('seconds'), 1)} s. All numbers are mean &plusmn; std over "
+        "held-out identities (or models) with n in brackets.</p>"
+    )
+    if not r.get("complete", True):
+        parts.append(
+            "<p class=fail>Partial run: the evaluation stopped before all sections finished; "
+            "the sections below are complete.</p>"
+        )
+    checks = r.get("checks", {})
+    if checks:
+        rows = []
+        for name, c in checks.items():
+            ok = c.get("pass")
+            mark = f"<span class={'pass' if ok else 'fail'}>{'pass' if ok else 'miss'}</span>"
+            rows.append(
+                f"<tr><td>{html.escape(name)}</td><td>{fmt(c.get('value'))}</td>"
+                f"<td>{fmt(c.get('target'))}</td><td>{mark}</td></tr>"
+            )
+        parts.append(
+            "<h2>Targets</h2><table><tr><th>check</th><th>measured</th><th>target</th>"
+            f"<th></th></tr>{''.join(rows)}</table>"
+        )
+    sp = r.get("space")
+    if sp:
+        parts.append("<h2>The space</h2>")
+        parts.append(
+            table(
+                ["models", "components", "components for 50% / 80% / 90% of the variance"],
+                [
+                    [
+                        sp["n_models"],
+                        sp["n_components"],
+                        " / ".join(str(v) for v in sp["components_for"].values()),
+                    ]
+                ],
+            )
+        )
+        if sp.get("directions"):
+            parts.append(
+                table(
+                    ["direction", "method", "cross-validated accuracy"],
+                    [[k, v["method"], v["score"]] for k, v in sp["directions"].items()],
+                )
+            )
+        parts.append(_img(plots.get("explained_variance"), "explained variance"))
+    inv = r.get("inversion")
+    if inv:
+        parts.append("<h2>Inversion</h2>")
+        parts.append(
+            "<p class=note>ID score of the model's renders against other renders of the held-out "
+            f"identity (new poses and lighting); w2w uses {inv['components']} components.</p>"
+        )
+        rows = [
+            [label, inv[k]["id_score"], inv[k]["seconds"]]
+            for k, label in (
+                ("w2w", "w2w, 1 image"),
+                ("dreambooth_single", "DreamBooth LoRA, 1 image"),
+                ("dreambooth_multi", "DreamBooth LoRA, multi-image"),
+            )
+        ]
+        ref = inv["reference"]
+        rows.append(["real renders, same identity", ref["real_same_identity"], None])
+        rows.append(["real renders, other identities", ref["real_other_identities"], None])
+        parts.append(table(["method", "ID score", "seconds"], rows))
+        parts.append(_img(plots.get("inversion"), "inversion"))
+        parts.append(_img(imgs.get("inversion"), "inversion grid"))
+    ed = r.get("editing")
+    if ed:
+        parts.append("<h2>Editing</h2>")
+        parts.append(
+            f"<p class=note>Strength {fmt(ed['strength'])} training standard deviations; "
+            "success = the attribute classifier sees the attribute on the edited renders "
+            "(identities that lacked it); "
+            f"distance: {html.escape(ed['distance'])}.</p>"
+        )
+        rows = []
+        for a, v in ed["attributes"].items():
+            for m in ("w2w", "prompting", "undisentangled"):
+                rows.append([f"{a} ({m})", v[m]["id_score"], v[m]["success"], v[m]["pixel_rmse"]])
+        for m in ("w2w", "prompting", "undisentangled"):
+            o = ed["overall"][m]
+            rows.append([f"all ({m})", o["id_score"], o["success"], o["pixel_rmse"]])
+        parts.append(
+            table(
+                ["edit (method)", "ID score to unedited", "attribute success", "pixel RMSE"], rows
+            )
+        )
+        if ed.get("sweep"):
+            parts.append(
+                table(
+                    ["w2w strength (std)", "ID score to unedited", "attribute success"],
+                    [[x["strength"], x["id_score"], x["success"]] for x in ed["sweep"]],
+                )
+            )
+        parts.append(_img(plots.get("editing"), "editing"))
+        parts.append(_img(plots.get("editing_tradeoff"), "editing trade-off"))
+        parts.append(_img(imgs.get("editing"), "editing grid"))
+    ood = r.get("ood")
+    if ood:
+        parts.append("<h2>Out-of-distribution inputs</h2>")
+        rows = [
+            [st, v["w2w"]["id_score"], v["dreambooth_single"]["id_score"], v["w2w"]["seconds"]]
+            for st, v in ood["styles"].items()
+        ]
+        parts.append(table(["style", "w2w ID", "DreamBooth (1 image) ID", "w2w seconds"], rows))
+        parts.append(_img(imgs.get("ood"), "ood grid"))
+    smp = r.get("sampling")
+    if smp:
+        parts.append("<h2>Sampling</h2>")
+        parts.append(
+            table(
+                [
+                    "samples",
+                    "intra-model ID (across seeds)",
+                    "inter-model ID",
+                    "nearest training cosine",
+                    "relative distance to nearest",
+                    "ID to nearest training model",
+                ],
+                [
+                    [
+                        smp["n_samples"],
+                        smp["intra_model_id"],
+                        smp["inter_model_id"],
+                        smp["nearest_training_cosine"],
+                        smp["nearest_training_relative_distance"],
+                        smp["nearest_training_id"],
+                    ]
+                ],
+            )
+        )
+        parts.append(_img(imgs.get("sampling"), "samples"))
+    sc = r.get("scaling")
+    if sc and sc.get("rows"):
+        parts.append("<h2>Scaling</h2>")
+        parts.append(
+            table(
+                [
+                    "models",
+                    "components",
+                    "inversion ID",
+                    "mean |cos| (edit attributes)",
+                    "mean |cos| (all)",
+                ],
+                [
+                    [
+                        x["n_models"],
+                        x["n_components"],
+                        x["inversion_id"],
+                        x["direction_abs_cos_edit_attributes"],
+                        x["direction_abs_cos_all"],
+                    ]
+                    for x in sc["rows"]
+                ],
+            )
+        )
+        parts.append(_img(plots.get("scaling"), "scaling"))
+    if sc and sc.get("components_rows"):
+        parts.append("<h3>Inversion vs number of optimised components</h3>")
+        parts.append(
+            table(
+                ["components k", "inversion ID"],
+                [[x["components"], x["inversion_id"]] for x in sc["components_rows"]],
+            )
+        )
+        parts.append(_img(plots.get("inversion_components"), "inversion vs components"))
+    fid = r.get("fidelity")
+    if fid:
+        parts.append("<h2>Zoo fidelity</h2>")
+        if "identity" in fid:
+            f = fid["identity"]
+            parts.append(
+                table(
+                    ["candidates", "top-1 identification", "chance", "target"],
+                    [[f["n_candidates"], f["top1"], f["chance"], f["target"]]],
+                )
+            )
+        else:
+            parts.append(f"<p>{fmt(fid.get('skipped'))}</p>")
+    return write_html(path, title, "\n".join(parts))

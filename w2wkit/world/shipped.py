@@ -1,0 +1,436 @@
+"""The shipped miniature world: a compact folder the package finds at run time.
+
+Layout (``w2wkit/data/world/`` in the package, or any folder)::
+
+    manifest.json          sha256 and size of every other file, counts
+    build_log.json         settings, times and metrics of the build
+    pipeline/              the base StableDiffusionPipeline, float16 weights
+    loras.safetensors      every zoo LoRA, stacked per concept and module
+    labels_<concept>.csv   ground-truth binary attributes of the zoo models
+    evaluators.safetensors attribute classifiers + identity embedders (float16)
+    evaluators.json
+    heldout.npz            held-out identities: renders, parameters, attributes
+    heldout.json
+
+``loras.safetensors`` holds, for each concept ``c`` and target module ``t``,
+``c.down.t`` of shape ``(M, r, in)`` and ``c.up.t`` of shape ``(M, out, r)``;
+its metadata entry ``w2wkit.world.loras`` (JSON) gives the module order, the
+rank and alpha, and per concept the model names, in order, and the prompt.
+:meth:`World.export_loras` writes them out as ordinary LoRA files.
+
+Everything here is numpy-only except :meth:`World.load_pipeline` and
+:meth:`World.evaluators` (torch, diffusers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from w2wkit.adapter import Adapter, LoraLayer
+from w2wkit.errors import W2WError
+
+__all__ = [
+    "WORLD_ENV",
+    "World",
+    "load_world",
+    "pack_world",
+    "package_world_dir",
+    "verify_world",
+    "world_dir",
+    "write_manifest",
+]
+
+#: Environment variable naming a world folder (overrides the packaged one).
+WORLD_ENV = "W2WKIT_WORLD"
+MANIFEST = "manifest.json"
+LORAS = "loras.safetensors"
+STACK_KEY = "w2wkit.world.loras"
+FORMAT = "w2wkit-world/1"
+
+
+def package_world_dir() -> Path:
+    """``w2wkit/data/world`` inside the installed package."""
+    return Path(__file__).resolve().parent.parent / "data" / "world"
+
+
+def world_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """The world folder: ``path``, else ``$W2WKIT_WORLD``, else the packaged one.
+
+    Raises
+    ------
+    W2WError
+        If there is no manifest there.
+    """
+    if path is not None:
+        root = Path(path)
+    elif os.environ.get(WORLD_ENV):
+        root = Path(os.environ[WORLD_ENV])
+    else:
+        root = package_world_dir()
+    if not (root / MANIFEST).exists():
+        raise W2WError(
+            "no shipped world here (manifest.json missing)",
+            path=root,
+            hint="build one: w2wkit world build --install",
+        )
+    return root
+
+
+def _sha256(path: Path) -> str:
+    from w2wkit.world.zoo import sha256
+
+    return sha256(path)
+
+
+def write_manifest(folder: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+    """Write ``manifest.json`` listing every file of ``folder`` (sha256, bytes)."""
+    from w2wkit.stio import atomic_path
+
+    folder = Path(folder)
+    files = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != MANIFEST and not f.name.startswith("."):
+            rel = f.relative_to(folder).as_posix()
+            files[rel] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    old = {}
+    if (folder / MANIFEST).exists():
+        old = json.loads((folder / MANIFEST).read_text())
+    data = {
+        **{k: v for k, v in old.items() if k != "files"},
+        **(extra or {}),
+        "format": FORMAT,
+        "total_bytes": sum(v["bytes"] for v in files.values()),
+        "files": files,
+    }
+    with atomic_path(folder / MANIFEST, overwrite=True) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=1))
+    return folder / MANIFEST
+
+
+def verify_world(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Check every file of the manifest (present, sha256).
+
+    Returns
+    -------
+    dict
+        ``files`` checked and ``total_bytes``.
+
+    Raises
+    ------
+    W2WError
+        Naming the first missing or corrupted file.
+    """
+    root = world_dir(path)
+    man = json.loads((root / MANIFEST).read_text())
+    for rel, info in man.get("files", {}).items():
+        f = root / rel
+        if not f.exists():
+            raise W2WError("shipped world file is missing", path=f)
+        if _sha256(f) != info["sha256"]:
+            raise W2WError(
+                "shipped world file is corrupted (sha256 does not match the manifest)",
+                path=f,
+                hint="rebuild or restore it (w2wkit world build)",
+            )
+    return {"files": len(man.get("files", {})), "total_bytes": man.get("total_bytes")}
+
+
+class World:
+    """A shipped world folder (see the module docstring).
+
+    Parameters
+    ----------
+    root : path
+        The folder (with ``manifest.json``).
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.manifest = json.loads((self.root / MANIFEST).read_text())
+        self._stack_meta: dict[str, Any] | None = None
+        self._tensors: dict[str, np.ndarray] | None = None
+
+    # -- paths -----------------------------------------------------------
+    @property
+    def pipeline_dir(self) -> Path:
+        """The base pipeline folder (``StableDiffusionPipeline.from_pretrained``)."""
+        return self.root / "pipeline"
+
+    @property
+    def evaluators_dir(self) -> Path:
+        """Folder of ``evaluators.safetensors`` / ``.json`` (the world root)."""
+        return self.root
+
+    @property
+    def build_log(self) -> dict[str, Any]:
+        """The build log (settings, times, metrics)."""
+        p = self.root / "build_log.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def labels_path(self, concept: str) -> Path:
+        """CSV of the ground-truth attributes of ``concept``'s zoo models."""
+        self._check_concept(concept)
+        return self.root / f"labels_{concept}.csv"
+
+    # -- stacked LoRAs ---------------------------------------------------
+    def _load_stack(self) -> None:
+        if self._tensors is None:
+            from w2wkit.stio import read_safetensors
+
+            st = read_safetensors(self.root / LORAS)
+            try:
+                self._stack_meta = json.loads(st.metadata[STACK_KEY])
+            except (KeyError, json.JSONDecodeError):
+                raise W2WError(f"no valid '{STACK_KEY}' metadata", path=self.root / LORAS) from None
+            self._tensors = st.tensors
+
+    @property
+    def stack_meta(self) -> dict[str, Any]:
+        """Metadata of the stacked LoRAs (targets, rank, alpha, per-concept names)."""
+        self._load_stack()
+        assert self._stack_meta is not None
+        return self._stack_meta
+
+    @property
+    def concepts(self) -> list[str]:
+        """Concepts of the zoo (``identity``, ``dog``)."""
+        return list(self.stack_meta["concepts"])
+
+    def _check_concept(self, concept: str) -> None:
+        if concept not in self.concepts:
+            raise W2WError(
+                f"unknown concept '{concept}' (known: {', '.join(self.concepts)})", key="concept"
+            )
+
+    def names(self, concept: str) -> list[str]:
+        """Model names of ``concept``, in stack order."""
+        self._check_concept(concept)
+        return list(self.stack_meta["concepts"][concept]["names"])
+
+    def prompt(self, concept: str) -> str:
+        """Instance prompt the concept's LoRAs were trained with."""
+        self._check_concept(concept)
+        return str(self.stack_meta["concepts"][concept]["prompt"])
+
+    @property
+    def targets(self) -> list[str]:
+        """UNet module names with a LoRA (no ``unet.`` prefix), in order."""
+        return list(self.stack_meta["targets"])
+
+    def stack(self, concept: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{target: (A (M, r, in), B (M, out, r))}`` float32 for ``concept``."""
+        self._check_concept(concept)
+        self._load_stack()
+        assert self._tensors is not None
+        return {
+            t: (
+                np.asarray(self._tensors[f"{concept}.down.{t}"], np.float32),
+                np.asarray(self._tensors[f"{concept}.up.{t}"], np.float32),
+            )
+            for t in self.targets
+        }
+
+    def adapter(self, concept: str, model: int | str) -> Adapter:
+        """One zoo model as an :class:`Adapter` (by position or name)."""
+        names = self.names(concept)
+        if isinstance(model, str):
+            if model not in names:
+                raise W2WError(f"no model named '{model}' in the {concept} zoo", key="model")
+            model = names.index(model)
+        if not 0 <= int(model) < len(names):
+            raise W2WError(f"model {model} is outside 0..{len(names) - 1}", key="model")
+        alpha = float(self.stack_meta["alpha"])
+        layers = {
+            f"unet.{t}": LoraLayer(down=a[model].copy(), up=b[model].copy(), alpha=alpha)
+            for t, (a, b) in self.stack(concept).items()
+        }
+        meta = {
+            "w2wkit.world.concept": concept,
+            "w2wkit.world.instance": names[int(model)],
+            "w2wkit.world.prompt": self.prompt(concept),
+        }
+        return Adapter(layers=layers, metadata=meta)
+
+    def export_loras(
+        self,
+        out: str | os.PathLike[str],
+        concept: str = "identity",
+        *,
+        format: str = "diffusers",
+        overwrite: bool = False,
+        models: Sequence[int] | None = None,
+    ) -> list[Path]:
+        """Write the zoo of ``concept`` as ordinary LoRA files + ``labels.csv``.
+
+        ``w2wkit fit OUT`` then fits a space on them.
+
+        Returns
+        -------
+        list of Path
+            The LoRA files written.
+        """
+        from w2wkit.formats.registry import write_adapter
+
+        names = self.names(concept)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        idx = range(len(names)) if models is None else models
+        written = []
+        for i in idx:
+            path = out / f"{names[i]}.safetensors"
+            write_adapter(self.adapter(concept, i), path, format=format, overwrite=overwrite)
+            written.append(path)
+        lab = self.labels_path(concept)
+        if lab.exists():
+            shutil.copyfile(lab, out / "labels.csv")
+        return written
+
+    # -- other parts -----------------------------------------------------
+    def load_pipeline(self, device: str = "cpu", dtype: str = "float32") -> Any:
+        """The base ``StableDiffusionPipeline`` (weights shipped in float16)."""
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(self.pipeline_dir), torch_dtype=getattr(torch, dtype), local_files_only=True
+        )
+        return pipe.to(device)
+
+    def evaluators(self, device: str = "cpu") -> Any:
+        """The :class:`w2wkit.world.evaluators.Evaluators` of the world."""
+        from w2wkit.world.evaluators import load_evaluators
+
+        return load_evaluators(self.evaluators_dir, device)
+
+    def heldout(self) -> dict[str, Any]:
+        """Held-out identities: arrays of ``heldout.npz`` plus ``heldout.json`` entries."""
+        with np.load(self.root / "heldout.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads((self.root / "heldout.json").read_text())
+        return {**meta, **arrays}
+
+    def verify(self) -> dict[str, Any]:
+        """Check the manifest hashes (see :func:`verify_world`)."""
+        return verify_world(self.root)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, sizes and the headline metrics of the build log."""
+        log = self.build_log
+        phases = log.get("phases", {})
+        metrics = phases.get("metrics", {}).get("result", {})
+        evals = phases.get("evaluators", {}).get("result", {})
+        return {
+            "root": str(self.root),
+            "total_bytes": self.manifest.get("total_bytes"),
+            "files": len(self.manifest.get("files", {})),
+            "models": {c: len(self.names(c)) for c in self.concepts},
+            "targets": len(self.targets),
+            "rank": self.stack_meta.get("rank"),
+            "heldout": len(json.loads((self.root / "heldout.json").read_text())["names"])
+            if (self.root / "heldout.json").exists()
+            else 0,
+            "device": log.get("device"),
+            "gpu": log.get("gpu"),
+            "profile": log.get("profile", {}).get("name"),
+            "seconds": {k: round(v.get("seconds", 0.0), 1) for k, v in phases.items()},
+            "metrics": metrics,
+            "evaluators": evals,
+        }
+
+
+def load_world(path: str | os.PathLike[str] | None = None, verify: bool = True) -> World:
+    """Open the shipped world (``path``, ``$W2WKIT_WORLD`` or the packaged one).
+
+    Parameters
+    ----------
+    verify : bool
+        Check the manifest's sha256 of every file first (about 0.1 s).
+    """
+    root = world_dir(path)
+    if verify:
+        verify_world(root)
+    return World(root)
+
+
+def pack_world(
+    work: str | os.PathLike[str], dest: str | os.PathLike[str], log: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Pack a built work folder (``world build``) into the compact shipped layout.
+
+    Written into a temporary sibling folder, then renamed (atomic); the
+    manifest is written last.
+
+    Returns
+    -------
+    dict
+        Bytes per file and in total.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from w2wkit.stio import write_safetensors
+    from w2wkit.world.worldbuild import DOG_PROMPT, IDENTITY_PROMPT, _load_stacks, _zoo_jobs
+
+    work, dest = Path(work), Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(str(work / "base"), local_files_only=True)
+        pipe.to(torch.float16)
+        pipe.save_pretrained(str(tmp / "pipeline"), safe_serialization=True)
+        # stacked LoRAs
+        from w2wkit.world.worldbuild import profile as _profile
+
+        prof_json = (log or {}).get("profile") or {}
+        prof = _profile(
+            prof_json.get("name", "full"), seed=int(prof_json.get("base", {}).get("seed", 0))
+        )
+        for key in ("n_identities", "n_dogs"):
+            if key in prof_json:
+                setattr(prof, key, int(prof_json[key]))
+        tensors: dict[str, np.ndarray] = {}
+        meta: dict[str, Any] = {"format": "w2wkit-lora-stack/1", "concepts": {}}
+        for concept, jobs in _zoo_jobs(prof).items():
+            stacks, names = _load_stacks(work / "zoo" / concept, jobs)
+            if not names:
+                continue
+            meta["targets"] = list(stacks)
+            first = next(iter(stacks.values()))
+            meta["rank"] = int(first[0].shape[1])
+            meta["alpha"] = float(prof.zoo.alpha)
+            meta["concepts"][concept] = {
+                "names": names,
+                "prompt": IDENTITY_PROMPT if concept == "identity" else DOG_PROMPT,
+                "class_prompt": "person" if concept == "identity" else "dog",
+            }
+            for t, (a, b) in stacks.items():
+                tensors[f"{concept}.down.{t}"] = a
+                tensors[f"{concept}.up.{t}"] = b
+            lab = work / "zoo" / concept / "labels.csv"
+            if lab.exists():
+                shutil.copyfile(lab, tmp / f"labels_{concept}.csv")
+        write_safetensors(tmp / LORAS, tensors, metadata={STACK_KEY: json.dumps(meta)})
+        for name in ("evaluators.safetensors", "evaluators.json"):
+            shutil.copyfile(work / "evaluators" / name, tmp / name)
+        for name in ("heldout.npz", "heldout.json"):
+            shutil.copyfile(work / "heldout" / name, tmp / name)
+        if log is not None:
+            (tmp / "build_log.json").write_text(json.dumps(log, indent=1, default=str))
+        write_manifest(tmp, {"counts": {c: len(v["names"]) for c, v in meta["concepts"].items()}})
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    sizes = {
+        f.relative_to(dest).as_posix(): f.stat().st_size for f in dest.rglob("*") if f.is_file()
+    }
+    return {"bytes": sizes, "total_bytes": sum(sizes.values())}

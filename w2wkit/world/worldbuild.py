@@ -1,0 +1,866 @@
+"""``w2wkit world build``: the whole miniature world from a seed, phase by phase.
+
+Phases (each writes its outputs as soon as it ends and is skipped when they
+exist, so an interrupted build resumes; the build log is rewritten after every
+phase):
+
+1. ``base``: render the captioned dataset (worker processes), train the VAE,
+   then UNet + text encoder (:func:`w2wkit.world.build.build_base`);
+2. ``zoo``: identity and dog-breed LoRAs, all trained in big batches
+   (:mod:`w2wkit.world.zoo`), labels CSVs and manifests;
+3. ``heldout``: identities not in the zoo: parameters and renders;
+4. ``evaluators``: attribute classifiers and identity embedders, with their
+   held-out accuracy / verification ROC-AUC;
+5. ``metrics``: zoo fidelity (top-1 among 50 candidates by ID score), intra-
+   vs inter-model ID score, explained variance of the identity zoo, attribute
+   accuracy of base-model generations;
+6. ``pack``: the compact shipped world (:mod:`w2wkit.world.shipped`).
+
+With a total time budget, each phase gets a share of the time left
+(``PHASE_SHARES``); training loops stop or shorten themselves to fit.
+
+Run without the CLI: ``python -m w2wkit.world.worldbuild --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from w2wkit.errors import W2WError
+from w2wkit.world.build import BaseSettings, CaptionedImages
+from w2wkit.world.evaluators import EvalSettings
+from w2wkit.world.zoo import ZooSettings
+
+__all__ = ["FULL_ZOO_RECIPE", "PHASE_SHARES", "WorldProfile", "build_world", "profile"]
+
+#: Relative share of the remaining time budget of each timed phase.
+PHASE_SHARES = {
+    "render": 0.04,
+    "vae": 0.05,
+    "unet": 0.50,
+    "zoo": 0.17,
+    "heldout": 0.01,
+    "evaluators": 0.11,
+    "metrics": 0.08,
+    "pack": 0.04,
+}
+
+#: Zoo recipe of the ``full`` profile, chosen by measurement on the shipped base (see
+#: docs/world.md, "Choosing the zoo recipe"): the paper's scale (alpha 27 at rank 1) and
+#: batch 1, 600 steps at lr 1e-3, LoRA on to_q/to_k/to_v and the feed-forward input.
+FULL_ZOO_RECIPE: dict[str, Any] = {
+    "rank": 1,
+    "alpha": 27.0,
+    "lr": 1e-3,
+    "steps": 600,
+    "batch": 1,
+    "targets": ("to_q", "to_k", "to_v", "proj"),
+}
+
+IDENTITY_PROMPT = "sks person"
+DOG_PROMPT = "sks dog"
+
+
+@dataclass
+class WorldProfile:
+    """Everything ``world build`` makes, and how big.
+
+    Attributes
+    ----------
+    name : str
+    base : BaseSettings
+    zoo : ZooSettings
+    evals : EvalSettings
+    n_identities, n_dogs : models in the zoo (identities ``0 ..`` of seed
+        ``seed``; breeds of the default catalogue).
+    n_heldout, heldout_images : held-out identities (``n_identities ..``) and renders each.
+    eval_identities, eval_id_images : training set of the identity evaluators
+        (population ``2000 + seed``, never in the zoo or the held-out set).
+    eval_dog_catalogues, eval_dog_images, eval_dog_breeds : dog evaluator
+        training breeds (the first ``eval_dog_breeds`` of catalogues
+        ``seed .. seed + k - 1``, which include the zoo's; the test breeds are
+        catalogue ``99 + seed``).
+    fidelity_models, candidates, fidelity_seeds, ref_images : zoo fidelity test.
+    sample_steps, guidance : DDIM steps and CFG scale of generations.
+    """
+
+    name: str
+    base: BaseSettings
+    zoo: ZooSettings
+    evals: EvalSettings
+    n_identities: int = 1100
+    n_dogs: int = 240
+    n_heldout: int = 100
+    heldout_images: int = 10
+    eval_identities: int = 4000
+    eval_id_images: int = 8
+    eval_dog_catalogues: int = 5
+    eval_dog_images: int = 10
+    eval_dog_breeds: int = 240
+    eval_test_instances: int = 200
+    fidelity_models: int = 200
+    candidates: int = 50
+    fidelity_seeds: int = 2
+    ref_images: int = 4
+    sample_steps: int = 20
+    guidance: float = 3.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return asdict(self)
+
+
+def profile(name: str, seed: int = 0, device: str = "cpu") -> WorldProfile:
+    """``full`` (the documented world) or ``micro`` (seconds, for tests and CI)."""
+    if name == "full":
+        return WorldProfile(
+            name="full",
+            base=BaseSettings(seed=seed),
+            zoo=ZooSettings(seed=seed, device=device, **FULL_ZOO_RECIPE),
+            evals=EvalSettings(steps=3000, batch=256, seed=seed, device=device),
+        )
+    if name == "micro":
+        return WorldProfile(
+            name="micro",
+            base=BaseSettings.micro(seed=seed),
+            zoo=ZooSettings(
+                **{**FULL_ZOO_RECIPE, "steps": 3, "batch": 2},
+                n_images=3,
+                seed=seed,
+                device=device,
+                chunk=4,
+            ),
+            evals=EvalSettings(width=8, emb_dim=16, steps=20, batch=16, seed=seed, device=device),
+            n_identities=6,
+            n_dogs=3,
+            n_heldout=3,
+            heldout_images=3,
+            eval_identities=12,
+            eval_id_images=2,
+            eval_dog_catalogues=1,
+            eval_dog_images=2,
+            eval_dog_breeds=6,
+            eval_test_instances=4,
+            fidelity_models=3,
+            candidates=3,
+            fidelity_seeds=2,
+            ref_images=2,
+            sample_steps=2,
+        )
+    raise W2WError(f"unknown profile '{name}' (known: full, micro)", key="profile")
+
+
+class _Clock:
+    """Total budget split over the phases still to run."""
+
+    def __init__(self, total_s: float | None) -> None:
+        self.t0 = time.time()
+        self.total = total_s
+
+    def left(self) -> float | None:
+        return None if self.total is None else self.total - (time.time() - self.t0)
+
+    def budget(self, phase: str) -> float | None:
+        if self.total is None:
+            return None
+        names = list(PHASE_SHARES)
+        rest = sum(PHASE_SHARES[p] for p in names[names.index(phase) :])
+        return max(1.0, (self.left() or 0.0) * PHASE_SHARES[phase] / rest)
+
+
+def _say(text: str) -> None:
+    print(f"[world {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from w2wkit.stio import atomic_path
+
+    with atomic_path(path, overwrite=True) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=1, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _gen(concept: str) -> Any:
+    from w2wkit.world.build import _generators
+
+    return _generators(concept)
+
+
+# ---------------------------------------------------------------------------
+# phases
+
+
+def _phase_base(out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int) -> dict:
+    from w2wkit.world.build import build_base
+    from w2wkit.world.renders import render_instances
+
+    folder = out / "base"
+    if (folder / "world_base.json").exists():
+        return {"skipped": True, **json.loads((folder / "world_base.json").read_text())}
+    s = prof.base
+    t0 = time.time()
+    imgs, owners = [], []
+    for concept in s.concepts:
+        gen = _gen(concept)
+        n = int(s.n_instances.get(concept, 0))
+        k = int(s.images_per_instance.get(concept, 1))
+        if hasattr(gen, "n_breeds"):
+            insts = gen.instances(min(n, gen.n_breeds))
+        else:
+            insts = gen.instances(n, 1000 + s.seed)
+        arr = render_instances(
+            concept, [(i.index, i.seed) for i in insts], k, s.seed + 77, s.image_size, workers
+        )
+        imgs.append(arr.reshape(-1, *arr.shape[2:]))
+        owners += [(concept, inst) for inst in insts for _ in range(k)]
+    data = CaptionedImages(np.concatenate(imgs), owners)
+    _say(f"base: rendered {len(owners)} pictures in {time.time() - t0:.1f} s ({workers} workers)")
+    budgets: dict[str, float] = {}
+    left = clock.left()
+    if left is not None:
+        names = list(PHASE_SHARES)
+        rest = sum(PHASE_SHARES[p] for p in names[names.index("vae") :])
+        budgets = {
+            "vae": left * PHASE_SHARES["vae"] / rest,
+            "unet": max(10.0, left * PHASE_SHARES["unet"] / rest - 5.0),
+        }
+    log = build_base(
+        folder,
+        s,
+        overwrite=True,
+        progress=_say,
+        data=data,
+        device=device,
+        budget_s=budgets,
+    )
+    log["render"]["seconds"] = time.time() - t0 - log["vae"]["seconds"] - log["unet"]["seconds"]
+    log["render"]["workers"] = workers
+    (folder / "world_base.json").write_text(json.dumps(log, indent=2, default=str))
+    return log
+
+
+def _zoo_jobs(prof: WorldProfile) -> dict[str, list]:
+    from w2wkit.world.zoo import zoo_jobs
+
+    ids = zoo_jobs("identity", prof.n_identities, inst_seed=prof.base.seed)
+    dogs = zoo_jobs("dog", prof.n_dogs, inst_seed=0, first=prof.n_identities)
+    return {"identity": ids, "dog": dogs}
+
+
+def _phase_zoo(out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int) -> dict:
+    from w2wkit.world.renders import render_instances
+    from w2wkit.world.zoo import train_zoo, write_labels, write_manifest
+
+    s = replace(prof.zoo, device=device)
+    jobs = _zoo_jobs(prof)
+    log: dict[str, Any] = {"settings": asdict(s)}
+    budget = clock.budget("zoo")
+    t0 = time.time()
+    total = sum(len(v) for v in jobs.values())
+    for concept, js in jobs.items():
+        folder = out / "zoo" / concept
+        prompt = IDENTITY_PROMPT if concept == "identity" else DOG_PROMPT
+        if (folder / "manifest.json").exists():
+            log[concept] = {"skipped": True}
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = [j for j in js if not (folder / f"{j.name}.safetensors").exists()]
+        tr = time.time()
+        arr = render_instances(
+            concept, [(j.index, j.inst_seed) for j in todo], s.n_images, s.seed, 32, workers
+        )
+        pics = {j.name: arr[k] for k, j in enumerate(todo)}
+        t_render = time.time() - tr
+        share = None
+        if budget is not None:
+            share = max(1.0, budget - (time.time() - t0)) * len(js) / max(1, total)
+            total -= len(js)
+        res = train_zoo(
+            out / "base",
+            js,
+            folder,
+            prompt,
+            s,
+            workers=workers if device == "cpu" else 1,
+            images=lambda j, pics=pics: pics[j.name],
+            budget_s=share,
+            progress=False,
+        )
+        res.pop("records", None)
+        res["render_seconds"] = t_render
+        res["prompt"] = prompt
+        log[concept] = res
+        write_labels(js, folder / "labels.csv")
+        if res["missing"] == 0:
+            write_manifest(
+                folder, js, {"concept": concept, "prompt": prompt, "settings": asdict(s)}
+            )
+        _say(
+            f"zoo {concept}: {res['trained']} trained, {res['missing']} missing, "
+            f"{res['seconds']:.1f} s ({res['models_per_hour'] or 0:.0f} models/h)"
+        )
+    log["seconds"] = time.time() - t0
+    return log
+
+
+def _heldout_specs(prof: WorldProfile) -> list[tuple[int, int]]:
+    return [(prof.n_identities + k, prof.base.seed) for k in range(prof.n_heldout)]
+
+
+def _phase_heldout(out: Path, prof: WorldProfile, workers: int) -> dict:
+    from w2wkit.stio import atomic_path
+    from w2wkit.world.renders import render_instances
+
+    path = out / "heldout" / "heldout.npz"
+    if path.exists():
+        return {"skipped": True}
+    gen = _gen("identity")
+    specs = _heldout_specs(prof)
+    insts = [gen.instance(i, s) for i, s in specs]
+    seed = prof.zoo.seed
+    renders = render_instances("identity", specs, prof.heldout_images, seed, 32, workers)
+    canon = np.stack([gen.render(i, 1, seed=seed, canonical=True)[0] for i in insts])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, overwrite=True) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(
+            fh,
+            renders=renders,
+            canonical=canon,
+            vectors=np.stack([i.vector() for i in insts]).astype(np.float32),
+            attributes=np.stack([i.attribute_vector() for i in insts]),
+        )
+    meta = {
+        "concept": "identity",
+        "names": [i.name for i in insts],
+        "index": [i.index for i in insts],
+        "inst_seed": prof.base.seed,
+        "render_seed": seed,
+        "attribute_names": [a.name for a in gen.attributes],
+        "param_names": list(gen.param_names),
+        "arrays": {
+            "renders": "(n, k, 32, 32, 3) uint8: renders with nuisance (generator.render seed)",
+            "canonical": "(n, 32, 32, 3) uint8: canonical render",
+            "vectors": "(n, n_attributes + n_params) float32: Instance.vector()",
+            "attributes": "(n, n_attributes) int8",
+        },
+    }
+    _write_json(path.with_name("heldout.json"), meta)
+    return {"identities": len(insts), "renders": int(renders.shape[0] * renders.shape[1])}
+
+
+def _eval_data(prof: WorldProfile, concept: str, workers: int) -> dict[str, np.ndarray]:
+    """Training and test renders of one concept's evaluators."""
+    from w2wkit.world.renders import render_instances
+
+    seed = prof.base.seed
+    gen = _gen(concept)
+    if concept == "identity":
+        train = [(i, 2000 + seed) for i in range(prof.eval_identities)]
+        test = _heldout_specs(prof)[: prof.eval_test_instances]
+        k = prof.eval_id_images
+        if len(test) < prof.eval_test_instances:  # more test identities than held out
+            extra = prof.eval_test_instances - len(test)
+            test += [(i, 3000 + seed) for i in range(extra)]
+    else:
+        nb = min(prof.eval_dog_breeds, gen.n_breeds)
+        train = [(i, seed + c) for c in range(prof.eval_dog_catalogues) for i in range(nb)]
+        test = [(i, 99 + seed) for i in range(min(prof.eval_test_instances, gen.n_breeds))]
+        k = prof.eval_dog_images
+    tr = render_instances(concept, train, k, seed + 5, 32, workers)
+    te = render_instances(concept, test, 4, seed + 6, 32, workers)
+    lab = np.stack([gen.instance(i, s).attribute_vector() for i, s in train])
+    tlab = np.stack([gen.instance(i, s).attribute_vector() for i, s in test])
+    return {
+        "x": tr.reshape(-1, 32, 32, 3),
+        "y": np.repeat(lab, k, 0),
+        "cls": np.repeat(np.arange(len(train)), k),
+        "tx": te.reshape(-1, 32, 32, 3),
+        "ty": np.repeat(tlab, 4, 0),
+        "towner": np.repeat(np.arange(len(test)), 4),
+    }
+
+
+def _phase_evaluators(
+    out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int
+) -> dict:
+    from w2wkit.world.evaluators import (
+        Evaluators,
+        roc_auc_verification,
+        save_evaluators,
+        train_attribute_classifier,
+        train_embedder,
+    )
+
+    folder = out / "evaluators"
+    if (folder / "evaluators.json").exists():
+        return {"skipped": True, **json.loads((folder / "evaluators.json").read_text())["metrics"]}
+    t0 = time.time()
+    data = {c: _eval_data(prof, c, workers) for c in ("identity", "dog")}
+    t_render = time.time() - t0
+    budget = clock.budget("evaluators")
+    per = None if budget is None else max(1.0, (budget - t_render) / 4)
+    s = replace(prof.evals, device=device, budget_s=per)
+    nets, metrics = {}, {"render_seconds": t_render}
+    attrs = {c: [a.name for a in _gen(c).attributes] for c in data}
+    for concept, d in data.items():
+        net, log_a = train_attribute_classifier(d["x"], d["y"], s)
+        nets[("attr", concept)] = net
+        emb, log_e = train_embedder(d["x"], d["cls"], s)
+        nets[("emb", concept)] = emb
+        ev = Evaluators(nets, {"attributes": attrs}, device)
+        p = ev.attributes(concept, d["tx"])
+        acc = ((p > 0.5) == (d["ty"] > 0)).mean(0)
+        auc = roc_auc_verification(ev.embed(concept, d["tx"]), d["towner"])
+        metrics[concept] = {
+            "attribute_accuracy": dict(zip(attrs[concept], acc.round(4).tolist(), strict=True)),
+            "min_attribute_accuracy": float(acc.min()),
+            "verification_auc": auc,
+            "train_instances": int(d["cls"].max() + 1),
+            "train_images": len(d["x"]),
+            "test_images": len(d["tx"]),
+            "attr_training": log_a,
+            "emb_training": log_e,
+        }
+        _say(
+            f"evaluators {concept}: min attribute accuracy {acc.min():.3f}, "
+            f"verification ROC-AUC {auc:.3f}"
+        )
+    metrics["seconds"] = time.time() - t0
+    save_evaluators(folder, {k: v.cpu() for k, v in nets.items()}, attrs, s, metrics)
+    return metrics
+
+
+def _load_stacks(folder: Path, jobs: list) -> tuple[dict, list[str]]:
+    """Stack the zoo files of a concept: ``{target: (A (M,r,in), B (M,out,r))}``."""
+    from w2wkit.formats.registry import read_adapter
+
+    names, downs, ups = [], {}, {}
+    for j in jobs:
+        f = folder / f"{j.name}.safetensors"
+        if not f.exists():
+            continue
+        ad = read_adapter(f)
+        names.append(j.name)
+        for key, layer in ad.layers.items():
+            t = key.removeprefix("unet.")
+            downs.setdefault(t, []).append(np.asarray(layer.down, np.float32))
+            ups.setdefault(t, []).append(np.asarray(layer.up, np.float32))
+    return {t: (np.stack(downs[t]), np.stack(ups[t])) for t in downs}, names
+
+
+def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    from w2wkit.world.evaluators import load_evaluators
+    from w2wkit.world.renders import render_instances
+    from w2wkit.world.zoo import load_stacks, sample_images
+
+    path = out / "metrics.json"
+    if path.exists():
+        return {"skipped": True, **json.loads(path.read_text())}
+    t0 = time.time()
+    budget = clock.budget("metrics")
+    ev = load_evaluators(out / "evaluators", device)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "base"), local_files_only=True)
+    pipe.to(device)
+    metrics: dict[str, Any] = {}
+    rng = np.random.default_rng(prof.base.seed + 123)
+    jobs = _zoo_jobs(prof)
+    for concept, js in jobs.items():
+        stacks, names = _load_stacks(out / "zoo" / concept, js)
+        if not names:
+            continue
+        targets = list(stacks)
+        mods = load_stacks(pipe, targets, stacks, float(prof.zoo.alpha))
+        m = len(names)
+        test = rng.permutation(m)[: min(prof.fidelity_models, m)]
+        k = prof.fidelity_seeds
+        prompt = IDENTITY_PROMPT if concept == "identity" else DOG_PROMPT
+        model_index = np.repeat(test, k)
+        seeds = np.tile(np.arange(k), len(test)) + 10_000
+        tg = time.time()
+        gen_imgs = sample_images(
+            pipe,
+            mods,
+            model_index.tolist(),
+            [prompt] * len(model_index),
+            seeds.tolist(),
+            steps=prof.sample_steps,
+            guidance=prof.guidance,
+        )
+        t_gen = time.time() - tg
+        by_name = {j.name: j for j in js}
+        specs = [(by_name[n].index, by_name[n].inst_seed) for n in names]
+        refs = render_instances(concept, specs, prof.ref_images, prof.zoo.seed + 999, 32, workers)
+        ref_emb = ev.embed(concept, refs.reshape(-1, 32, 32, 3)).reshape(m, prof.ref_images, -1)
+        ref_emb = ref_emb.mean(1)
+        ref_emb /= np.linalg.norm(ref_emb, axis=1, keepdims=True)
+        g_emb = ev.embed(concept, gen_imgs).reshape(len(test), k, -1)
+        hits, cands = [], min(prof.candidates, m)
+        for a, mi in enumerate(test):
+            others = rng.choice(np.delete(np.arange(m), mi), cands - 1, replace=False)
+            cand = np.concatenate([[mi], others])
+            score = (g_emb[a] @ ref_emb[cand].T).mean(0)
+            hits.append(int(np.argmax(score) == 0))
+        # consistency across seeds: same model vs different models
+        flat = g_emb.reshape(len(test) * k, -1)
+        cos = flat @ flat.T
+        own = np.repeat(np.arange(len(test)), k)
+        same = (own[:, None] == own[None, :]) & ~np.eye(len(own), dtype=bool)
+        diff = own[:, None] != own[None, :]
+        # attributes read on the generations vs the model's ground truth
+        gen = _gen(concept)
+        truth = np.stack([gen.instance(*specs[i]).attribute_vector() for i in model_index]).astype(
+            bool
+        )
+        pa = ev.attributes(concept, gen_imgs) > 0.5
+        metrics[concept] = {
+            "models": m,
+            "fidelity_top1": float(np.mean(hits)),
+            "fidelity_models": len(test),
+            "candidates": cands,
+            "generations_per_model": k,
+            "id_score_gen_vs_own_refs": float(
+                np.mean([g_emb[a] @ ref_emb[mi] for a, mi in enumerate(test)])
+            ),
+            "intra_model_id_score": float(cos[same].mean()) if same.any() else None,
+            "inter_model_id_score": float(cos[diff].mean()) if diff.any() else None,
+            "attribute_agreement_zoo_generations": dict(
+                zip(
+                    ev.attribute_names(concept),
+                    (pa == truth).mean(0).round(4).tolist(),
+                    strict=True,
+                )
+            ),
+            "generation_seconds": t_gen,
+        }
+        _say(
+            f"metrics {concept}: fidelity top-1 {np.mean(hits):.3f} "
+            f"(of {len(test)} models, {cands} candidates)"
+        )
+        if concept == "identity":
+            metrics["explained_variance_identity"] = _explained_variance(stacks)
+            try:
+                metrics["sampled_identity_models"] = _sampled_consistency(
+                    pipe, ev, prof, stacks, rng, prompt
+                )
+            except Exception as exc:  # a metric must not sink the build
+                metrics["sampled_identity_models"] = {"error": repr(exc)}
+        if budget is not None and time.time() - t0 > budget:
+            metrics["truncated"] = True
+            break
+    # base-model generations with full captions: does the classifier read the prompt?
+    try:
+        metrics["base_prompting"] = _base_prompting(pipe, ev, prof, mods_of(pipe))
+    except Exception as exc:  # a metric must not sink the build
+        metrics["base_prompting"] = {"error": repr(exc)}
+    metrics["seconds"] = time.time() - t0
+    _write_json(path, metrics)
+    return metrics
+
+
+def mods_of(pipe: Any) -> dict[str, Any]:
+    """The multi-LoRA modules installed in ``pipe.unet`` (name -> module)."""
+    return {n: m for n, m in pipe.unet.named_modules() if hasattr(m, "index") and hasattr(m, "A")}
+
+
+def _base_prompting(pipe: Any, ev: Any, prof: WorldProfile, mods: dict) -> dict[str, Any]:
+    from w2wkit.world.zoo import sample_images
+
+    out = {}
+    for concept in ("identity", "dog"):
+        gen = _gen(concept)
+        n = min(prof.fidelity_models, 100)
+        insts = (
+            [gen.instance(i, 3000 + prof.base.seed) for i in range(n)]
+            if concept == "identity"
+            else gen.instances(min(n, gen.n_breeds))
+        )
+        prompts = [gen.caption(i) for i in insts]
+        imgs = sample_images(
+            pipe, mods, None, prompts, list(range(len(prompts))), prof.sample_steps, prof.guidance
+        )
+        truth = np.stack([i.attribute_vector() for i in insts]).astype(bool)
+        acc = ((ev.attributes(concept, imgs) > 0.5) == truth).mean(0)
+        out[concept] = {
+            "images": len(imgs),
+            "attribute_accuracy": dict(
+                zip(ev.attribute_names(concept), acc.round(4).tolist(), strict=True)
+            ),
+            "mean_attribute_accuracy": float(acc.mean()),
+        }
+    return out
+
+
+def _flatten(stacks: dict) -> np.ndarray:
+    """``(M, D)``: per model, every module's A then B, flattened (the paper's layout)."""
+    return np.concatenate(
+        [
+            np.concatenate([a.reshape(len(a), -1), b.reshape(len(b), -1)], 1)
+            for a, b in stacks.values()
+        ],
+        1,
+    ).astype(np.float64)
+
+
+def sample_space(
+    stacks: dict, n: int, k: int, rng: np.random.Generator
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Draw ``n`` new models from the PCA space of ``stacks`` (first ``k`` components).
+
+    Each coefficient is drawn from a normal fitted to the zoo's projections on
+    that component (the paper's sampling); the result has the stacks' layout,
+    ``{target: (A (n, r, in), B (n, out, r))}``.
+    """
+    x = _flatten(stacks)
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    k = max(1, min(k, len(vt)))
+    coef = (x - mean) @ vt[:k].T
+    z = rng.normal(coef.mean(0), coef.std(0) + 1e-12, size=(n, k))
+    w = mean + z @ vt[:k]
+    out, col = {}, 0
+    for t, (a, b) in stacks.items():
+        na, nb = a[0].size, b[0].size
+        out[t] = (
+            w[:, col : col + na].reshape(n, *a.shape[1:]).astype(np.float32),
+            w[:, col + na : col + na + nb].reshape(n, *b.shape[1:]).astype(np.float32),
+        )
+        col += na + nb
+    return out
+
+
+def _sampled_consistency(
+    pipe: Any, ev: Any, prof: WorldProfile, stacks: dict, rng: np.random.Generator, prompt: str
+) -> dict[str, Any]:
+    """Models sampled from the identity space: ID score across seeds, same vs other model."""
+    from w2wkit.world.zoo import load_stacks, sample_images
+
+    n = min(50, max(2, prof.fidelity_models // 4))
+    k = min(1000, len(next(iter(stacks.values()))[0]) - 1)
+    sampled = sample_space(stacks, n, k, rng)
+    mods = load_stacks(pipe, list(sampled), sampled, float(prof.zoo.alpha))
+    per = max(2, prof.fidelity_seeds)
+    idx = np.repeat(np.arange(n), per)
+    imgs = sample_images(
+        pipe,
+        mods,
+        idx.tolist(),
+        [prompt] * len(idx),
+        (np.tile(np.arange(per), n) + 20_000).tolist(),
+        steps=prof.sample_steps,
+        guidance=prof.guidance,
+    )
+    e = ev.embed("identity", imgs)
+    cos = e @ e.T
+    same = (idx[:, None] == idx[None, :]) & ~np.eye(len(idx), dtype=bool)
+    diff = idx[:, None] != idx[None, :]
+    return {
+        "models": n,
+        "components": k,
+        "seeds_per_model": per,
+        "intra_model_id_score": float(cos[same].mean()),
+        "inter_model_id_score": float(cos[diff].mean()),
+    }
+
+
+def _explained_variance(stacks: dict) -> dict[str, Any]:
+    """PCA of the flattened factors (A and B of every module, as the paper)."""
+    flat = _flatten(stacks)
+    x = flat - flat.mean(0)
+    sv = np.linalg.svd(x, compute_uv=False)
+    var = sv**2 / max(1e-30, (sv**2).sum())
+    cum = np.cumsum(var)
+    ks = [k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if k <= len(cum)]
+    return {
+        "dims": int(flat.shape[1]),
+        "models": int(flat.shape[0]),
+        "cumulative_at": {str(k): float(cum[k - 1]) for k in ks},
+        "curve": cum[:200].round(5).tolist(),
+        "components_for_90pct": int(np.searchsorted(cum, 0.9) + 1),
+    }
+
+
+# ---------------------------------------------------------------------------
+
+
+def _quiet() -> None:
+    """Silence the per-load progress bars of diffusers / transformers."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+
+
+def build_world(
+    out: str | os.PathLike[str],
+    profile_name: str = "full",
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    budget_s: float | None = None,
+    workers: int | None = None,
+    pack: bool = True,
+    install: bool = False,
+    prof: WorldProfile | None = None,
+) -> dict[str, Any]:
+    """Build the miniature world into ``out`` (resumable) and pack it.
+
+    Parameters
+    ----------
+    out : path
+        Work folder: ``base/``, ``zoo/``, ``heldout/``, ``evaluators/``,
+        ``metrics.json``, ``build_log.json`` and ``shipped/``.
+    profile_name : str
+        ``full`` or ``micro``.
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    budget_s : float, optional
+        Total wall-clock budget; phases get shares of the time left.
+    workers : int, optional
+        CPU processes for rendering (and zoo training on CPU); default all
+        cores but one.
+    install : bool
+        Copy the packed world into the package (``w2wkit/data/world``).
+
+    Returns
+    -------
+    dict
+        The build log (also ``out/build_log.json``).
+    """
+    import torch
+
+    from w2wkit.world.renders import default_workers
+    from w2wkit.world.zoo import pick_device
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _quiet()
+    device = pick_device(device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    prof = prof or profile(profile_name, seed, device)
+    workers = int(workers or default_workers())
+    if device == "cpu":
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    clock = _Clock(budget_s)
+    log_path = out / "build_log.json"
+    log: dict[str, Any] = json.loads(log_path.read_text()) if log_path.exists() else {}
+    log.update(
+        {
+            "profile": prof.to_json(),
+            "device": device,
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+            "workers": workers,
+            "budget_s": budget_s,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
+    log.setdefault("phases", {})
+
+    def run(name: str, fn: Any) -> None:
+        t = time.time()
+        b = clock.budget(name) if name in PHASE_SHARES else clock.left()
+        _say(f"phase {name}: start" + (f" (budget {b:.0f} s)" if b is not None else ""))
+        try:
+            res = fn()
+        except W2WError:
+            raise
+        prev = log["phases"].get(name)
+        if isinstance(res, dict) and res.get("skipped") and prev:
+            prev["resumed"] = True  # finished in an earlier run: keep its record
+        else:
+            log["phases"][name] = {"seconds": time.time() - t, "result": res}
+        log["elapsed"] = time.time() - clock.t0
+        _write_json(log_path, log)
+        _say(f"phase {name}: done in {time.time() - t:.1f} s (total {log['elapsed']:.1f} s)")
+
+    run("base", lambda: _phase_base(out, prof, device, clock, workers))
+    run("zoo", lambda: _phase_zoo(out, prof, device, clock, workers))
+    run("heldout", lambda: _phase_heldout(out, prof, workers))
+    run("evaluators", lambda: _phase_evaluators(out, prof, device, clock, workers))
+    run("metrics", lambda: _phase_metrics(out, prof, device, clock, workers))
+    if pack:
+        from w2wkit.world.shipped import pack_world, package_world_dir
+
+        def do_pack() -> dict:
+            log["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            return pack_world(out, out / "shipped", log)
+
+        run("pack", do_pack)
+        _write_json(out / "shipped" / "build_log.json", log)
+        from w2wkit.world.shipped import write_manifest
+
+        write_manifest(out / "shipped")
+        if install:
+            dest = package_world_dir()
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(out / "shipped", dest)
+            _say(f"installed the world in {dest}")
+    return log
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m w2wkit.world.worldbuild`` (no CLI dependencies)."""
+    ap = argparse.ArgumentParser(prog="python -m w2wkit.world.worldbuild")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--profile", default="full", choices=["full", "micro"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget", type=float, default=None, help="total seconds")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--install", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        log = build_world(
+            a.out,
+            a.profile,
+            seed=a.seed,
+            device=a.device,
+            budget_s=a.budget,
+            workers=a.workers,
+            install=a.install,
+        )
+    except W2WError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _say(f"world built in {log.get('elapsed', 0):.1f} s -> {Path(a.out) / 'shipped'}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
