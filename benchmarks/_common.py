@@ -23,6 +23,16 @@ def peak_rss_gb() -> float:
     return float("nan")  # pragma: no cover
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM (Linux ``clear_refs``); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:  # pragma: no cover
+        return False
+
+
 def machine() -> dict:
     """A short description of the machine the numbers come from."""
     cpu = platform.processor() or ""

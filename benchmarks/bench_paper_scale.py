@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import column_mean, gemm_gflops, machine, peak_rss_gb, rel_errors
+from _common import column_mean, gemm_gflops, machine, peak_rss_gb, rel_errors, reset_peak_rss
 from _synth import GEN_BLOCK, PowerLawData
 
 CROSS_DIM = 768
@@ -172,11 +172,21 @@ def main() -> None:
 
     width = args.block_size or solvers.default_block_size(args.k, q)
     gflops = gemm_gflops(D_PAPER, width)
+    import gc
 
+    gc.collect()
+    rss_reset = reset_peak_rss()  # the peak of writing the shards is not the solver's
+
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     mean = column_mean(shard_blocks(folder), args.n, D_PAPER)
     read_s = time.perf_counter() - t0  # one pass: read + assemble (+ a column sum)
-    stream = solvers._Stream(shard_blocks(folder, mean), args.n, D_PAPER, None)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if done == total:  # one line per pass, on stderr
+            print(f"{time.perf_counter() - t0:8.1f}s {stage}", file=sys.stderr, flush=True)
+
+    stream = solvers._Stream(shard_blocks(folder, mean), args.n, D_PAPER, progress)
     runs = solvers._randomized_checkpoints(
         stream,
         args.k,
@@ -197,6 +207,7 @@ def main() -> None:
         "case": "w2wkit randomized",
         "wall_s": wall,
         "peak_rss_gb": rss,
+        "peak_rss_reset_before_run": rss_reset,
         "passes": passes,
         "n_iter": q,
         "block_size": res.info["block_size"],
@@ -207,6 +218,7 @@ def main() -> None:
         "floor_s": floor,
         "floor_issue_formula_s": passes * max(read_s, 2 * prod_s),
         "wall_over_floor": wall / floor,
+        "loadavg_1min_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "data_gb": data_gb,
     }
     print(json.dumps(line), flush=True)

@@ -177,14 +177,21 @@ def main() -> None:
     ap.add_argument("--n-iter", type=int, default=None)
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--n-oversamples", type=int, default=None)
-    ap.add_argument("--cases", default="w2wkit,sklearn", help="comma list: w2wkit,sklearn")
+    ap.add_argument(
+        "--cases",
+        default="w2wkit,sklearn",
+        help="comma list of w2wkit, w2wkit@N_ITER, sklearn (the anchor)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the data file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
         fn = {"w2wkit": worker_w2wkit, "sklearn": worker_sklearn, "reference": worker_reference}
-        print(json.dumps(fn[args.worker](args)), flush=True)
+        load0 = os.getloadavg()[0]
+        out = fn[args.worker](args)
+        out["loadavg_1min_start_end"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+        print(json.dumps(out), flush=True)
         return
 
     path, gen_s = ensure_data(args)
@@ -219,8 +226,11 @@ def main() -> None:
 
     results = {}
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
-        out = run_worker(script, [*forward, f"--worker={case}"])
-        sv = np.load(path.with_suffix(f".{case}_sv.npy"))
+        # "w2wkit@Q" runs the w2wkit case with n_iter=Q
+        name, _, q = case.partition("@")
+        extra = [f"--n-iter={q}"] if q else []
+        out = run_worker(script, [*forward, *extra, f"--worker={name}"])
+        sv = np.load(path.with_suffix(f".{name}_sv.npy"))
         out.update(rel_errors(sv, s_ref))
         out["captured_variance_ratio"] = out.pop("captured") / optimum
         out["explained_variance_ratio_sum"] = optimum / total

@@ -179,6 +179,13 @@ def test_gram_with_several_stripes(monkeypatch):
     assert res.n_passes == 9
     np.testing.assert_allclose(res.singular_values, s[:12], rtol=1e-7)
     assert max_angle(res.components, vt[:12]) < 1e-5
+    # float32 products (the large-problem path)
+    monkeypatch.setattr(solvers, "_GRAM_FLOAT64_MAX_FLOPS", 0.0)
+    res32 = fit_pca(blocks_of(z, [50, 260]), *z.shape, 12, solver="gram")
+    assert res32.info["product_dtype"] == "float32"
+    np.testing.assert_allclose(res32.singular_values, s[:12], rtol=1e-5)
+    assert max_angle(res32.components, vt[:12]) < 1e-3
+    np.testing.assert_allclose(res32.scores, z @ res32.components.T.astype(np.float64), atol=1e-4)
 
 
 def test_k_beyond_rank_gives_orthonormal_components():
@@ -295,6 +302,7 @@ def test_cuda_matches_cpu(solver):
 def test_torch_backend_matches_numpy(monkeypatch, solver):
     """The device code path (torch ops), run on torch's CPU device."""
     pytest.importorskip("torch")
+    monkeypatch.setattr(solvers, "_GRAM_FLOAT64_MAX_FLOPS", 0.0)  # float32 products
     z = power_law(300, 700, seed=4)
     ref = fit_pca(blocks_of(z, 128), *z.shape, 20, solver=solver)
     monkeypatch.setattr(solvers, "_ops", lambda device: solvers._TorchOps("cpu"))

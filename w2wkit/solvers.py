@@ -24,8 +24,13 @@ Solvers
     ``K``) and the products ``Y = Z K`` are kept, so after ``n_iter`` full
     passes and one half pass (``Z`` only) the Rayleigh-Ritz step is an exact
     SVD of ``Z K`` -- singular values, components and scores come without
-    another pass. Memory: ``(N + d) * (n_iter + 1) * l`` float32 plus one
-    ``(d, l)`` accumulator plus the blocks, with ``l = k + oversampling``.
+    another pass. The first orthogonalisation round uses the block Lanczos
+    structure (coefficients ``Y_i^T Y_j`` from the stored products, against
+    the last two blocks), the next rounds are block classical Gram-Schmidt
+    against all of ``K``, each followed by a (shifted) Cholesky QR. Passes:
+    ``n_iter + 1`` (default 6 + 1). Memory: ``(N + d) * (n_iter + 1) * l``
+    float32 plus one ``(d, l)`` accumulator plus about three blocks, with the
+    block width ``l`` about ``k / 2`` (:func:`default_block_size`).
 ``auto``
     :func:`choose_solver`.
 
@@ -74,6 +79,8 @@ SOLVERS = ("auto", "exact", "gram", "randomized")
 DEFAULT_N_ITER = 6
 #: exact SVD in memory below this many float64 entries (N * d)
 _EXACT_MAX_ENTRIES = 25_000_000
+#: the gram solver multiplies in float64 up to this many flops (N^2 d), float32 BLAS above
+_GRAM_FLOAT64_MAX_FLOPS = 4e10
 #: the gram solver's stripe buffer (bytes)
 _GRAM_STRIPE_BYTES = 1 << 30
 #: row blocks smaller than this are coalesced (BLAS efficiency)
@@ -171,8 +178,8 @@ def choose_solver(n_rows: int, n_cols: int, n_components: int) -> str:
     gram_flops = float(n) * n * d + 10.0 * float(n) ** 3
     if n <= 20_000 and gram_flops <= randomized_flops:
         return "gram"
-    if k >= 0.5 * min(n, d):
-        return "gram" if n <= 20_000 else "exact"
+    if k >= 0.5 * min(n, d) and n <= 20_000:
+        return "gram"
     return "randomized"
 
 
@@ -402,6 +409,16 @@ class _NumpyOps:
             return
         w += a.T @ b  # pragma: no cover
 
+    def add_ab(self, c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        """``c += a @ b`` in place (c (m, n), a (m, p), b (p, n), all C-contiguous)."""
+        from scipy.linalg.blas import sgemm
+
+        if c.flags.c_contiguous and a.flags.c_contiguous and b.flags.c_contiguous:
+            out = sgemm(1.0, b.T, a.T, beta=1.0, c=c.T, overwrite_c=1)
+            if np.shares_memory(out, c):
+                return
+        c += a @ b  # pragma: no cover
+
     def sub_proj(self, w: np.ndarray, q: np.ndarray) -> None:
         """``w -= q @ (q.T @ w)``."""
         self.sub_coef(w, q, q.T @ w)
@@ -521,6 +538,9 @@ class _TorchOps(_NumpyOps):
     def sub_coef(self, w: Any, q: Any, c: Any) -> None:
         w.sub_(q @ c)
 
+    def add_ab(self, c: Any, a: Any, b: Any) -> None:
+        c.addmm_(a, b)
+
     def qr(self, w: Any) -> tuple[Any, np.ndarray]:
         q, r = self.torch.linalg.qr(w)
         return q.contiguous(), self.torch.diagonal(r).abs().cpu().numpy()
@@ -586,7 +606,7 @@ def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps) -> PCAResult:
     n, d = stream.n_rows, stream.n_cols
     # float64 products when they are cheap, float32 BLAS (with float64 accumulation
     # across blocks) otherwise.
-    dtype = np.float64 if float(n) * n * d <= 4e10 else np.float32
+    dtype = np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
     stripe_rows = max(1, min(n, _GRAM_STRIPE_BYTES // (d * np.dtype(dtype).itemsize)))
     gram = np.zeros((n, n), dtype=np.float64)
     sumsq = 0.0
@@ -849,15 +869,13 @@ class _BlockKrylov:
         eigvals, g = top_eigh(t, k_eff)
         del t
         sv = np.sqrt(np.clip(eigvals, 0.0, None))
-        comp_t = None
-        scores = None
+        comp_t = ops.zeros((self.stream.n_cols, k_eff))  # K G
+        scores = ops.zeros((n, k_eff))  # (Z K) G
         col = 0
         for q, y, wdt in zip(self.basis, self.products, widths, strict=True):
             gj = ops.put(np.ascontiguousarray(g[col : col + wdt], dtype=np.float32))
-            part_c = ops.matmul(q, gj)
-            part_s = ops.matmul(y, gj)
-            comp_t = part_c if comp_t is None else comp_t + part_c
-            scores = part_s if scores is None else scores + part_s
+            ops.add_ab(comp_t, q, gj)
+            ops.add_ab(scores, y, gj)
             col += wdt
         comp = np.ascontiguousarray(ops.get(comp_t).T)
         scores = np.ascontiguousarray(ops.get(scores))
