@@ -85,7 +85,7 @@ def summarize(adapter: Adapter, path: Path) -> dict[str, Any]:
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
         "dtypes": dict(dtypes),
-        "parameters": int(adapter.nbytes() // 4) if dtypes.get("F32") else None,
+        "parameters": adapter.numel(),
         "bytes": int(size),
         "metadata_keys": sorted(adapter.metadata),
     }

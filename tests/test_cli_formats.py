@@ -63,6 +63,7 @@ def test_inspect_table_and_json(good: Path) -> None:
     assert info["ranks"] == {"2": 2}
     assert info["alphas"] == {"1": 1, "2": 1}
     assert info["bytes"] == good.stat().st_size
+    assert info["parameters"] == 2 * 8 + 8 * 2 + 2 * 4 + 8 * 2
 
 
 def test_inspect_folder(good: Path, tmp_path: Path) -> None:

@@ -248,6 +248,16 @@ class Adapter:
             layer.validate(module, self.source, check_finite=check_finite)
         return self
 
+    def numel(self) -> int:
+        """Number of stored values (factor entries, or delta entries for LyCORIS)."""
+        total = 0
+        for layer in self.layers.values():
+            if isinstance(layer, LoraLayer):
+                total += layer.down.size + layer.up.size
+            else:
+                total += layer.weight.size
+        return int(total)
+
     def nbytes(self) -> int:
         """Bytes held by the factor arrays."""
         total = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -458,6 +458,3 @@ def discover_lora_files(
             f"folder holds no LoRA files ({', '.join(suffixes)} or PEFT folders)", path=p
         )
     return sorted(found)
-
-
-FormatReader = Callable[[Source], Adapter]
