@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=os.environ.get("W2W_BENCH_DIR", "/tmp/w2w_bench"))
     ap.add_argument("--block-rows", type=int, default=1024)
-    ap.add_argument("--solver", default="randomized")
+    ap.add_argument("--solver", default="auto")
     ap.add_argument("--n-iter", type=int, default=None)
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--n-oversamples", type=int, default=None)

@@ -188,6 +188,51 @@ def test_gram_with_several_stripes(monkeypatch):
     np.testing.assert_allclose(res32.scores, z @ res32.components.T.astype(np.float64), atol=1e-4)
 
 
+def test_gram_in_memory_is_one_pass():
+    z = power_law(270, 400, seed=9)
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    for flops, dtype, rtol, angle in ((None, "float64", 1e-7, 1e-5), (0.0, "float32", 1e-5, 1e-3)):
+        mp = pytest.MonkeyPatch()
+        if flops is not None:
+            mp.setattr(solvers, "_GRAM_FLOAT64_MAX_FLOPS", flops)
+        res = fit_pca(blocks_of(z, [50, 260]), *z.shape, 12, solver="gram")
+        mp.undo()
+        assert res.info == {"stripes": 1, "product_dtype": dtype}
+        assert res.n_passes == 1
+        np.testing.assert_allclose(res.singular_values, s[:12], rtol=rtol)
+        assert max_angle(res.components, vt[:12]) < angle
+        np.testing.assert_allclose(res.total_variance, (z**2).sum() / 269, rtol=1e-6)
+
+
+def test_krylov_eigh_matches_dense_on_a_slowly_decaying_spectrum():
+    rng = np.random.default_rng(3)
+    n, k = 700, 40
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = 1.0 / np.arange(1, n + 1) + 1e-3 * rng.random(n)  # flat, noisy tail
+    g = (q * lam) @ q.T
+    w, v = top_eigh(g, k, method="krylov")
+    ref = np.sort(lam)[::-1][:k]
+    np.testing.assert_allclose(w, ref, rtol=1e-8)
+    np.testing.assert_allclose(v.T @ v, np.eye(k), atol=1e-10)
+    np.testing.assert_allclose(g @ v, v * w, atol=1e-7)
+    _, vd = top_eigh(g, k, method="dense")
+    np.testing.assert_allclose(np.abs(np.sum(v * vd, axis=0)), 1.0, atol=1e-6)
+    with pytest.raises(SpaceError, match="unknown method 'lobpcg'"):
+        top_eigh(g, k, method="lobpcg")
+
+
+def test_krylov_eigh_survives_an_exhausted_krylov_space():
+    # rank 5 < the Krylov basis: the blocks lose directions, random ones replace them
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((300, 5))
+    g = a @ a.T
+    w, v = top_eigh(g, 12, method="krylov")
+    ref = np.linalg.eigvalsh(g)[::-1][:12]
+    np.testing.assert_allclose(w[:5], ref[:5], rtol=1e-8)
+    np.testing.assert_allclose(w[5:], 0.0, atol=1e-8 * ref[0])
+    np.testing.assert_allclose(v.T @ v, np.eye(12), atol=1e-10)
+
+
 def test_k_beyond_rank_gives_orthonormal_components():
     z = planted(40, 30, rank=3, seed=10)
     for solver in SOLVER_NAMES:
