@@ -35,7 +35,13 @@ def world_group() -> None:
 
 @world_group.command("build")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Work folder.")
-@click.option("--profile", type=click.Choice(["full", "micro"]), default="full", show_default=True)
+@click.option(
+    "--profile",
+    type=click.Choice(["full", "full-gpu", "micro"]),
+    default="full",
+    show_default=True,
+    help="full-gpu: full with the base UNet at batch 64 (for a GPU build).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the miniature world on a GPU machine and pack it for the trip back.
 #
-#   bash scripts/build_world_gpu.sh "$OUT"            # full profile, cuda
+#   bash scripts/build_world_gpu.sh "$OUT"            # full-gpu profile, cuda
 #   PROFILE=micro DEVICE=cpu bash scripts/build_world_gpu.sh /tmp/x   # local check
 #
 # Run from the repository root. Installs nothing from a network: if diffusers
@@ -14,7 +14,7 @@
 # build_stdout.txt.
 set -u
 OUT="${1:?usage: build_world_gpu.sh OUT_DIR}"
-PROFILE="${PROFILE:-full}"
+PROFILE="${PROFILE:-full-gpu}"
 DEVICE="${DEVICE:-cuda}"
 WALL="${WALL:-450}"
 BUDGET="${BUDGET:-$((WALL - 45))}"

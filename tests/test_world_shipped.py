@@ -140,3 +140,19 @@ def test_unknown_concept_for_zoo_command(tmp_path: Path) -> None:
         cli, ["world", "zoo", str(tmp_path), "-o", str(tmp_path / "z"), "--concept", "cat"]
     )
     assert res.exit_code == 1 and "identity" in res.output and "dog" in res.output
+
+
+def test_gpu_profile_only_widens_the_base_batch() -> None:
+    from dataclasses import replace
+
+    from w2wkit.world.worldbuild import GPU_BASE_BATCH, PROFILES, profile
+
+    assert PROFILES == ("full", "full-gpu", "micro")
+    full, gpu = profile("full", seed=3, device="cuda"), profile("full-gpu", seed=3, device="cuda")
+    assert full.base.unet_batch == 8 and gpu.base.unet_batch == GPU_BASE_BATCH == 64
+    assert gpu.name == "full-gpu"
+    # everything else, the zoo recipe included, is the full profile's
+    same = replace(
+        gpu, name="full", base=replace(gpu.base, unet_batch=8, unet_lr=full.base.unet_lr)
+    )
+    assert same == full
