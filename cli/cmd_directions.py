@@ -16,6 +16,7 @@ from w2wkit.cli.common import (
     DTYPES,
     allow_pickle_option,
     console,
+    energy_option,
     err_console,
     force_option,
     output_option,
@@ -298,6 +299,7 @@ def _edit_slug(strengths: dict[str, float]) -> str:
 )
 @storage_dtype_option("Storage dtype of the output.")
 @click.option("--rank", type=int, help="Output rank per layer (delta spaces).")
+@energy_option
 @force_option
 @allow_pickle_option
 def apply_cmd(
@@ -312,6 +314,7 @@ def apply_cmd(
     out_format: str | None,
     dtype: str | None,
     rank: int | None,
+    energy: float | None,
     force: bool,
     allow_pickle: bool,
 ) -> None:
@@ -329,6 +332,7 @@ def apply_cmd(
       w2wkit apply me.safetensors --direction age --strength 1.5 -o older.safetensors
       w2wkit apply me.safetensors --edit age=1.5 --edit beard=-1 --space faces-space
       w2wkit apply me.safetensors --direction beard --strength 2 --keep-orthogonal-to age
+      w2wkit apply me.safetensors --direction age --strength 1.5 --energy 0.999  # delta space
     """
     from w2wkit.directions import edit, get_direction, parse_strength
     from w2wkit.formats.registry import (
@@ -338,6 +342,7 @@ def apply_cmd(
         read_adapter,
         write_adapter,
     )
+    from w2wkit.space import validate_energy
 
     if direction is None and strength is not None:
         raise DirectionError("--strength needs --direction NAME")
@@ -357,6 +362,7 @@ def apply_cmd(
     if input_path is not None and not input_path.exists():
         raise FormatError("no such file or folder", path=input_path)
     spath, space = _load_space(space_path)
+    validate_energy(energy, space.representation)
     for name in strengths:
         get_direction(space, name)  # unknown names fail before any work
     orth = _split_names(keep_orthogonal)
@@ -382,7 +388,13 @@ def apply_cmd(
     if input_path is not None and out.resolve() == input_path.resolve():
         raise FormatError("output is the input; choose another output path", path=out)
     edited = edit(
-        space, adapter, strengths, keep_residual=not project, rank=rank, orthogonal_to=orth
+        space,
+        adapter,
+        strengths,
+        keep_residual=not project,
+        rank=rank,
+        orthogonal_to=orth,
+        energy=energy,
     )
     prov = provenance_metadata(
         "w2wkit apply",
@@ -394,7 +406,14 @@ def apply_cmd(
     )
     what = input_path.name if input_path is not None else "the mean model"
     desc = ", ".join(f"{n} {s:+g}" for n, s in strengths.items())
-    console.print(f"wrote {written} ({fmt}): {what} edited by {desc} std")
+    kept = edited.metadata.get("w2wkit.energy_kept")
+    note = f"; energy kept {float(kept):.6f}, ranks {_rank_range(edited)}" if kept else ""
+    console.print(f"wrote {written} ({fmt}): {what} edited by {desc} std{note}")
+
+
+def _rank_range(adapter: Any) -> str:
+    ranks = sorted({int(layer.rank) for layer in adapter.layers.values()})
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
 
 
 def register(cli: click.Group) -> None:

@@ -12,6 +12,7 @@ from w2wkit.cli.common import (
     DEFAULT_SPACE,
     allow_pickle_option,
     console,
+    energy_option,
     force_option,
     output_option,
     space_option,
@@ -218,6 +219,7 @@ def project_cmd(
     "--covariance", type=click.Choice(["diagonal", "full"]), default="diagonal", show_default=True
 )
 @click.option("--rank", type=int, default=None, help="Rank of written layers (delta spaces).")
+@energy_option
 @force_option
 def sample_cmd(
     space_path: Path,
@@ -228,6 +230,7 @@ def sample_cmd(
     temperature: float,
     covariance: str,
     rank: int | None,
+    energy: float | None,
     force: bool,
 ) -> None:
     """Sample new models from a space and write them as LoRA files.
@@ -239,14 +242,16 @@ def sample_cmd(
     from rich.progress import track
 
     from w2wkit.formats import provenance_metadata, write_adapter
+    from w2wkit.space import validate_energy
 
     if count < 1:
         raise SpaceError(f"-n must be positive, got {count}")
     space = _load(space_path)
+    validate_energy(energy, space.representation)
     coefs = space.sample(count, seed=seed, temperature=temperature, covariance=covariance)
     out.mkdir(parents=True, exist_ok=True)
     for i in track(range(count), description="writing", transient=True, console=console):
-        ad = space.inverse_transform(coefs[i], rank=rank)[0]
+        ad = space.inverse_transform(coefs[i], rank=rank, energy=energy)[0]
         name = f"sample_{i:04d}" + ("" if fmt == "peft" else ".safetensors")
         prov = provenance_metadata(
             "w2wkit sample", [str(space_path)], seed=seed, temperature=temperature, index=i

@@ -36,6 +36,13 @@ class W2WGroup(click.Group):
 
 
 force_option = click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+energy_option = click.option(
+    "--energy",
+    type=float,
+    default=None,
+    help="Delta spaces: per layer, the smallest rank keeping this fraction of the squared "
+    "norm (e.g. 0.999; --rank caps it).",
+)
 allow_pickle_option = click.option(
     "--allow-pickle",
     is_flag=True,

@@ -198,6 +198,8 @@ def test_groups_direction(fitted, world, tmp_path):
         (["--direction", "a0"], "needs --strength"),
         (["--edit", "a0"], "NAME=VALUE"),
         ([], "nothing to apply"),
+        (["--direction", "a0", "--strength", "1", "--energy", "0.9"], "only a delta space"),
+        (["--direction", "a0", "--strength", "1", "--energy", "0"], "energy must lie in (0, 1]"),
     ],
 )
 def test_apply_bad_input(fitted, world, tmp_path, extra, needle):
@@ -279,3 +281,32 @@ def test_applied_files_load_in_diffusers(fitted, world, tmp_path):
             assert relative_error(after[m] - before[m], delta) <= 1e-4, (fmt, m)
         pipe.unfuse_lora()
         pipe.unload_lora_weights()
+
+
+def test_apply_energy_in_a_delta_space(world, tmp_path):
+    sp_path = tmp_path / "delta-space"
+    WeightSpace(n_components=6, representation="delta").fit(world / "loras").save(sp_path)
+    res = run(["directions", sp_path, "--labels", world / "labels.csv"])
+    assert res.exit_code == 0, res.output
+    src = world / "loras" / "m001.safetensors"
+    outs = {}
+    for tag, extra in (("default", []), ("energy", ["--energy", "0.9999"])):
+        out = tmp_path / f"{tag}.safetensors"
+        res = run(["apply", src, "--space", sp_path, "--edit", "a0=2", "-o", out, *extra])
+        assert res.exit_code == 0, res.output
+        assert "energy kept" in res.output
+        outs[tag] = read_adapter(out)
+    kept = {t: float(a.metadata["w2wkit.energy_kept"]) for t, a in outs.items()}
+    assert kept["default"] < 0.9999 <= kept["energy"]
+    sp = WeightSpace.load(sp_path)
+    expect = D.edit_delta(sp, {"a0": 2.0})
+    base = sp.transform(read_adapter(src))[0]
+    errs = {
+        t: np.linalg.norm(sp.transform(a)[0] - base - expect) / np.linalg.norm(expect)
+        for t, a in outs.items()
+    }
+    assert errs["energy"] < 0.01 < errs["default"]
+    bad = tmp_path / "samples"
+    res = run(["sample", "--space", sp_path, "-n", "1", "-o", bad, "--energy", "2"])
+    assert "energy must lie in (0, 1], got 2" in one_line_error(res)
+    assert not bad.exists()

@@ -3,10 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _spacehelpers import pad_rank, random_models, regauge, split_alpha
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from w2wkit.adapter import Adapter, DeltaLayer
 from w2wkit.collection import Collection
-from w2wkit.errors import LayoutError
+from w2wkit.errors import LayoutError, SpaceError
 from w2wkit.formats import write_adapter
 from w2wkit.space import WeightSpace, compress_factors
 
@@ -130,6 +132,60 @@ def test_compress_factors_matches_svd():
     assert np.linalg.norm(u @ d - up @ down) ** 2 == pytest.approx(np.sum(s[3:] ** 2))
     u, d, _, _ = compress_factors(up, down, 10)  # zero-padded beyond the rank
     assert u.shape == (9, 10) and np.allclose(u @ d, up @ down, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(energy=st.floats(0.05, 1.0), seed=st.integers(0, 2**16), cap=st.none() | st.integers(1, 6))
+def test_compress_factors_energy_picks_the_smallest_sufficient_rank(energy, seed, cap):
+    rng = np.random.default_rng(seed)
+    up, down = rng.standard_normal((9, 6)), rng.standard_normal((6, 7))
+    s2 = np.linalg.svd(up @ down, compute_uv=False) ** 2
+    u, d, kept, total = compress_factors(up, down, cap, energy=energy)
+    r = u.shape[1]
+    assert d.shape[0] == r and 1 <= r <= 6
+    need = int(np.argmax(np.cumsum(s2) >= energy * s2.sum() * (1 - 1e-12))) + 1
+    assert r == (need if cap is None else min(need, cap))
+    assert kept == pytest.approx(np.sum(s2[:r]))
+    if cap is None or cap >= need:
+        assert kept >= energy * total * (1 - 1e-9)
+
+
+def test_energy_makes_delta_edits_near_exact(reference, models, tmp_path):
+    dc = np.array([0.5, -1.0, 0.0, 0.3, 0.1])
+    default = reference.shift(models[0], dc)  # adapter rank + space rank: truncated
+    low = reference.last_energy_[0]["overall"]
+    near = reference.shift(models[0], dc, energy=0.99999)
+    kept = reference.last_energy_[0]
+    assert low < 0.99999 <= kept["overall"]
+    assert min(kept["layers"].values()) >= 0.99999 * (1 - 1e-9)
+    exact = reference.coefficients_[0] + dc
+    err_default = np.abs(reference.transform(default)[0] - exact).max()
+    err_near = np.abs(reference.transform(near)[0] - exact).max()
+    assert err_near < 0.1 * err_default
+    ranks = {layer.rank for layer in near.layers.values()}
+    assert max(ranks) > 3  # beyond the default rank where the energy needs it
+    from w2wkit.formats.registry import read_adapter
+
+    for fmt in ("kohya", "diffusers", "peft"):  # per-layer ranks survive every writer
+        path = tmp_path / (fmt if fmt == "peft" else f"{fmt}.safetensors")
+        write_adapter(near, path, format=fmt)
+        back = read_adapter(path)
+        for m, layer in near.layers.items():
+            assert back[m].rank == layer.rank
+            np.testing.assert_allclose(back[m].delta(), layer.delta(), atol=1e-6)
+    capped = reference.shift(models[0], dc, energy=0.99999, rank=3)
+    assert {layer.rank for layer in capped.layers.values()} <= {1, 2, 3}
+    sampled = reference.inverse_transform(np.zeros(K), energy=0.5)[0]
+    assert reference.last_energy_[0]["overall"] >= 0.5
+    assert all(layer.rank >= 1 for layer in sampled.layers.values())
+
+
+def test_energy_is_refused_where_it_means_nothing(reference, models):
+    with pytest.raises(SpaceError, match=r"energy must lie in \(0, 1\], got 1.5"):
+        reference.shift(models[0], np.zeros(K) + 0.1, energy=1.5)
+    factors = WeightSpace(3).fit(models)
+    with pytest.raises(SpaceError, match="only a delta space"):
+        factors.inverse_transform(np.zeros(3), energy=0.9)
 
 
 def test_shift_in_delta_space(reference, models):

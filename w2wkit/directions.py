@@ -1390,6 +1390,7 @@ def edit(
     keep_residual: bool = True,
     rank: int | None = None,
     orthogonal_to: Sequence[str] = (),
+    energy: float | None = None,
 ) -> Adapter:
     """Edit a model along named directions with calibrated strengths.
 
@@ -1410,6 +1411,10 @@ def edit(
         Output rank per layer (``delta`` representation only).
     orthogonal_to : sequence of str
         Directions whose scores must not change (see :func:`edit_delta`).
+    energy : float, optional
+        ``delta`` representation only: per layer, the smallest output rank
+        that keeps this fraction of the edited layer's squared norm (``rank``
+        caps it); e.g. 0.999 makes the edit nearly exact at a chosen cost.
 
     Returns
     -------
@@ -1421,10 +1426,10 @@ def edit(
     record = _edit_record(strengths, keep_residual, orthogonal_to)
     if adapter is None:
         base = np.asarray(getattr(space, "coef_mean_", np.zeros_like(delta)), dtype=np.float64)
-        out = space.inverse_transform((base + delta)[None, :], rank=rank)[0]
+        out = space.inverse_transform((base + delta)[None, :], rank=rank, energy=energy)[0]
         record["input"] = "mean model"
     else:
-        out = space.shift(adapter, delta, keep_residual=keep_residual, rank=rank)
+        out = space.shift(adapter, delta, keep_residual=keep_residual, rank=rank, energy=energy)
         if adapter.metadata.get(EDIT_METADATA_KEY) and not out.metadata.get(EDIT_METADATA_KEY):
             out = out.with_metadata({EDIT_METADATA_KEY: adapter.metadata[EDIT_METADATA_KEY]})
     return _with_edit_metadata(out, record)

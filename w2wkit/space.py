@@ -116,7 +116,7 @@ class Direction:
 
 # --------------------------------------------------------------------- helpers
 def compress_factors(
-    up: np.ndarray, down: np.ndarray, rank: int
+    up: np.ndarray, down: np.ndarray, rank: int | None, energy: float | None = None
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Best rank-``rank`` factorisation of ``up @ down`` without forming it.
 
@@ -126,9 +126,12 @@ def compress_factors(
         ``(out, R)``.
     down : numpy.ndarray
         ``(R, in)``.
-    rank : int
+    rank : int or None
         Target rank; the result is zero-padded when the product has lower
-        rank.
+        rank. With ``energy`` it is an upper bound (None: no bound).
+    energy : float, optional
+        Choose the rank: the smallest one whose truncation keeps at least this
+        fraction of the squared Frobenius norm (at least 1).
 
     Returns
     -------
@@ -142,18 +145,38 @@ def compress_factors(
         Squared Frobenius norm of ``up @ down``.
     """
     out, r_in = up.shape[0], down.shape[1]
-    new_up = np.zeros((out, rank), dtype=np.float32)
-    new_down = np.zeros((rank, r_in), dtype=np.float32)
     if up.shape[1] == 0:
-        return new_up, new_down, 0.0, 0.0
+        r0 = 1 if rank is None else rank
+        return np.zeros((out, r0), np.float32), np.zeros((r0, r_in), np.float32), 0.0, 0.0
     qu, ru = np.linalg.qr(np.asarray(up, dtype=np.float64))
     qd, rd = np.linalg.qr(np.asarray(down, dtype=np.float64).T)
     p, s, wt = np.linalg.svd(ru @ rd.T, full_matrices=False)
+    if energy is not None:
+        cum = np.cumsum(s**2)
+        need = int(np.searchsorted(cum, energy * cum[-1] * (1.0 - 1e-12))) + 1
+        rank = max(1, min(need, int(s.size)) if rank is None else min(need, rank, int(s.size)))
+    if rank is None:
+        raise SpaceError("compress_factors needs a rank or an energy")
+    new_up = np.zeros((out, rank), dtype=np.float32)
+    new_down = np.zeros((rank, r_in), dtype=np.float32)
     r = min(rank, int(s.size))
     root = np.sqrt(s[:r])
     new_up[:, :r] = (qu @ p[:, :r]) * root
     new_down[:r] = (root[:, None] * wt[:r]) @ qd.T
     return new_up, new_down, float(np.sum(s[:r] ** 2)), float(np.sum(s**2))
+
+
+def validate_energy(energy: float | None, representation: str) -> None:
+    """Raise :class:`SpaceError` unless ``energy`` is None or lies in (0, 1] for a delta space."""
+    if energy is None:
+        return
+    if not 0.0 < float(energy) <= 1.0:
+        raise SpaceError(f"energy must lie in (0, 1], got {energy}")
+    if representation != "delta":
+        raise SpaceError(
+            "energy chooses the rank of re-compressed layers: only a delta space has them",
+            hint="a factors space writes the layout's rank exactly",
+        )
 
 
 def _segment_sum(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
@@ -609,6 +632,7 @@ class WeightSpace:
         *,
         rank: int | None = None,
         format_hint: str | None = None,
+        energy: float | None = None,
     ) -> list[Adapter]:
         """Models at given coefficients.
 
@@ -620,6 +644,10 @@ class WeightSpace:
             Delta representation: rank of every written layer (default: the
             largest rank of that module among the training models). Factors:
             must be ``None`` or the layout's rank.
+        energy : float, optional
+            Delta representation: per layer, the smallest rank that keeps this
+            fraction (0 < energy <= 1) of the layer's squared Frobenius norm;
+            ``rank`` then caps it. Layers may get different ranks.
         format_hint : str, optional
             Recorded as the adapters' ``format``.
 
@@ -634,6 +662,7 @@ class WeightSpace:
         """
         self._check_fitted()
         c = _as_2d(coefficients, self.n_components_)
+        validate_energy(energy, self.representation)
         out = []
         self.last_energy_ = []
         for row in c:
@@ -649,8 +678,8 @@ class WeightSpace:
                 ad = self.layout_.unflatten(x.astype(np.float32))
             else:
                 g = self.beta_ @ row
-                ad, energy = self._delta_adapter(g, rank)
-                self.last_energy_.append(energy)
+                ad, kept = self._delta_adapter(g, rank, energy=energy)
+                self.last_energy_.append(kept)
             ad.format = format_hint
             ad.metadata.update(self._provenance())
             out.append(ad)
@@ -672,6 +701,7 @@ class WeightSpace:
         *,
         extra: Adapter | None = None,
         mean_weight: float = 1.0,
+        energy: float | None = None,
     ) -> tuple[Adapter, dict[str, Any]]:
         """Adapter of the implicit model ``sum_i gamma_i x_i`` (+ ``extra``'s deltas)."""
         fac = self.delta_
@@ -701,10 +731,14 @@ class WeightSpace:
                 ups.append(u.astype(np.float64))
                 downs.append(d.astype(np.float64))
                 default_rank += u.shape[1]
-            r = int(rank) if rank is not None else default_rank
+            if energy is not None:
+                r_arg = None if rank is None else int(rank)
+            else:
+                r_arg = int(rank) if rank is not None else default_rank
             up, down, kept, total = compress_factors(
-                np.concatenate(ups, axis=1), np.concatenate(downs, axis=0), r
+                np.concatenate(ups, axis=1), np.concatenate(downs, axis=0), r_arg, energy
             )
+            r = up.shape[1]
             per_layer[m] = kept / total if total > 0 else 1.0
             kept_all += kept
             total_all += total
@@ -731,6 +765,7 @@ class WeightSpace:
         keep_residual: bool = True,
         rank: int | None = None,
         orthogonal_to: Sequence[str] = (),
+        energy: float | None = None,
     ) -> Adapter:
         """Edit along named directions; 1.0 = one training std (see ``directions.edit``)."""
         from w2wkit.directions import edit
@@ -742,6 +777,7 @@ class WeightSpace:
             keep_residual=keep_residual,
             rank=rank,
             orthogonal_to=orthogonal_to,
+            energy=energy,
         )
 
     # ------------------------------------------------------------------ shift
@@ -752,6 +788,7 @@ class WeightSpace:
         *,
         keep_residual: bool = True,
         rank: int | None = None,
+        energy: float | None = None,
     ) -> Adapter:
         """Move an adapter by a coefficient change.
 
@@ -766,6 +803,9 @@ class WeightSpace:
         rank : int, optional
             Delta representation: rank of the written layers (default: the
             adapter's rank plus the space's rank for that module).
+        energy : float, optional
+            Delta representation: per layer, the smallest rank keeping this
+            fraction of the edited layer's squared norm (as ``inverse_transform``).
 
         Returns
         -------
@@ -775,11 +815,12 @@ class WeightSpace:
         """
         self._check_fitted()
         dc = _as_2d(delta_coefficients, self.n_components_)[0]
+        validate_energy(energy, self.representation)
         if keep_residual and not dc.any():
             return Adapter(dict(adapter.layers), dict(adapter.metadata), None, adapter.format)
         if not keep_residual:
             c = self.transform(adapter)[0] + dc
-            return self.inverse_transform(c, rank=rank)[0]
+            return self.inverse_transform(c, rank=rank, energy=energy)[0]
         if self.representation == "factors":
             x = self.layout_.flatten(adapter).astype(np.float64)
             x += (dc @ self.components_.astype(np.float64)) * self.scale_
@@ -787,8 +828,8 @@ class WeightSpace:
             out.format = adapter.format
             return out
         g = self.beta_ @ dc
-        out, energy = self._delta_adapter(g, rank, extra=adapter, mean_weight=0.0)
-        self.last_energy_ = [energy]
+        out, kept = self._delta_adapter(g, rank, extra=adapter, mean_weight=0.0, energy=energy)
+        self.last_energy_ = [kept]
         out.metadata = {**adapter.metadata, **out.metadata}
         out.format = adapter.format
         return out
