@@ -318,7 +318,9 @@ def _krylov_eigh(
         w /= np.linalg.norm(w, axis=0)
         try:
             r = cholesky(w.T @ w, lower=False, check_finite=False)
-            return solve_triangular(r, w.T, trans=1, lower=False, check_finite=False).T
+            # w R^-1 as a GEMM with the small inverse (faster than a tall triangular solve)
+            r_inv = solve_triangular(r, np.eye(r.shape[0]), lower=False, check_finite=False)
+            return w @ r_inv
         except np.linalg.LinAlgError:
             return np.linalg.qr(w)[0]
 
