@@ -19,7 +19,7 @@ Solvers
     (:func:`top_eigh`, ``O(N^2 k)``) rather than LAPACK's ``O(N^3)``
     tridiagonalisation. Exact up to rounding of the products; chosen by
     ``auto`` up to 20k rows where its flops undercut the randomized solver's
-    (at N = 10,000, d = 99,648, k = 1000: 1.6x faster than scikit-learn's
+    (at N = 10,000, d = 99,648, k = 1000: 1.7x faster than scikit-learn's
     randomized PCA with 1e4x smaller singular-value errors).
 ``randomized``
     Streaming out-of-core randomized block Krylov (block Lanczos) method on
@@ -224,7 +224,7 @@ def top_eigh(
         its tridiagonal reduction costs ``~4/3 N^3`` whatever ``k`` is (65 s at
         N = 10,000 on 2 cores). ``"krylov"``: in-memory block Lanczos with full
         re-orthogonalisation (:func:`_krylov_eigh`), ``O(N^2 k)``; at N = 10,000,
-        k = 1000 about 10 s with eigenvalues to ~1e-10 relative on a spectrum
+        k = 1000 about 13-17 s with eigenvalues to ~1e-10 relative on a spectrum
         that decays. ``"auto"``: krylov when ``N >= 4000`` and ``k <= N / 4``.
     product_dtype : dtype
         Precision of the products ``A Q`` of the krylov method (the basis and
