@@ -7,7 +7,8 @@
 # Run from the repository root. Installs nothing from a network: if diffusers
 # is missing and wheels were carried in .whl/, they are unpacked into
 # /tmp/w2w-site. The repo is imported through PYTHONPATH (no CLI needed).
-# Hard wall-clock guard: WALL seconds in total (default 450 = 7.5 min); the
+# Hard wall-clock guard: WALL seconds in total (default 540 = 9 min: fits a 600 s
+# device command after a 1-2 minute machine start in a 15-minute device budget); the
 # build itself gets BUDGET seconds (default WALL - 45) and scales its phases.
 # Output in $OUT: world.tar.part-aa, -ab, ... (each <= 16 MiB, at most 8;
 # reassemble with `cat world.tar.part-* | tar xf -`), build_log.json and
@@ -16,7 +17,7 @@ set -u
 OUT="${1:?usage: build_world_gpu.sh OUT_DIR}"
 PROFILE="${PROFILE:-full-gpu}"
 DEVICE="${DEVICE:-cuda}"
-WALL="${WALL:-450}"
+WALL="${WALL:-540}"
 BUDGET="${BUDGET:-$((WALL - 45))}"
 WORK="${WORK:-/tmp/w2w-world-work}"
 SEED="${SEED:-0}"
