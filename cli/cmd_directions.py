@@ -230,7 +230,10 @@ def directions_cmd(
         d, _ = D.disentangle_direction(space, target, others, labels=y, cv=cv)
         fitted[target] = d
         reports[target] = d.info["disentangled"]
-    space.save(path, overwrite=True)
+    from w2wkit.persist import save_directions
+
+    folder = path.parent if path.is_file() else path  # a space folder or its space.json
+    save_directions(space, folder)
     if as_json:
         click.echo(json.dumps({n: d.to_dict() for n, d in fitted.items()}))
         return

@@ -310,3 +310,60 @@ def test_apply_energy_in_a_delta_space(world, tmp_path):
     res = run(["sample", "--space", sp_path, "-n", "1", "-o", bad, "--energy", "2"])
     assert "energy must lie in (0, 1], got 2" in one_line_error(res)
     assert not bad.exists()
+
+
+def test_directions_are_saved_beside_the_space_untouched(world, tmp_path):
+    import hashlib
+    import shutil
+
+    sp_path = tmp_path / "space"
+    shutil.copytree(world / "bare-space", sp_path)
+
+    def digest(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    before = {n: digest(sp_path / n) for n in ("space.json", "arrays.safetensors")}
+    res = run(["directions", sp_path, "--labels", world / "labels.csv"])
+    assert res.exit_code == 0, res.output
+    assert {n: digest(sp_path / n) for n in before} == before  # the space itself is not rewritten
+    first = sorted(p.name for p in sp_path.glob("directions-*.safetensors"))
+    assert len(first) == 1 and (sp_path / "directions.json").is_file()
+    sp = WeightSpace.load(sp_path)
+    assert sorted(sp.directions_) == ["a0", "a1", "a2", "a3"]
+    # a second run replaces the side file and removes the old arrays file
+    res = run(["directions", sp_path, "--disentangle", "a0=a1"])
+    assert res.exit_code == 0, res.output
+    second = sorted(p.name for p in sp_path.glob("directions-*.safetensors"))
+    assert len(second) == 1 and second != first
+    sp2 = WeightSpace.load(sp_path, verify=True)
+    assert "disentangled" in sp2.directions_["a0"].info
+    np.testing.assert_array_equal(sp2.directions_["a2"].vector, sp.directions_["a2"].vector)
+    # saving elsewhere folds the directions into one self-contained folder
+    sp2.save(tmp_path / "copy")
+    assert not (tmp_path / "copy" / "directions.json").exists()
+    meta = json.loads((tmp_path / "copy" / "space.json").read_text())
+    assert sorted(meta["directions"]) == ["a0", "a1", "a2", "a3"]
+    copy = WeightSpace.load(tmp_path / "copy")
+    np.testing.assert_array_equal(copy.directions_["a0"].vector, sp2.directions_["a0"].vector)
+
+
+def test_damaged_or_foreign_directions_file_is_named(world, fitted, tmp_path):
+    import shutil
+
+    sp_path = tmp_path / "space"
+    shutil.copytree(fitted, sp_path)
+    arrays = next(sp_path.glob("directions-*.safetensors"))
+    raw = bytearray(arrays.read_bytes())
+    raw[-3] ^= 0xFF
+    arrays.write_bytes(bytes(raw))
+    res = run(["info", sp_path])
+    text = one_line_error(res)
+    assert "directions arrays file is damaged" in text and arrays.name in text
+    # a side file copied from another space
+    other = tmp_path / "other"
+    shutil.copytree(fitted, other)
+    WeightSpace(n_components=5).fit(world / "loras").save(tmp_path / "refit")
+    for p in list(other.glob("directions*")):
+        shutil.copy(p, tmp_path / "refit" / p.name)
+    res = run(["info", tmp_path / "refit"])
+    assert "belongs to another space" in one_line_error(res)

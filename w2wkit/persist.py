@@ -17,6 +17,14 @@ sha256, row per training model), ``labels`` (attribute names), ``directions``
 the expected shape of every array), ``source`` (extra provenance, e.g. of an
 imported release).
 
+``w2wkit directions`` adds or replaces directions without rewriting the space:
+``directions.json`` (format ``w2wkit-space-directions``, version 1: the
+SHA-256 of the space's ``arrays.safetensors`` it belongs to, the file name,
+size and SHA-256 of its arrays, ``directions`` name -> ``Direction.to_dict``)
+and ``directions-<sha12>.safetensors`` (``direction.<name>`` (k,) F64). When
+present it holds the space's whole set of directions and supersedes those in
+``space.json``; :meth:`WeightSpace.save` folds them back into one folder.
+
 Arrays: ``mean`` (d,) F32, ``scale`` (d,) F32 [factors] or (L,) F64 [delta],
 ``components`` (k, d) F32 [factors], ``singular_values``,
 ``explained_variance``, ``explained_variance_ratio``, ``coef_mean``,
@@ -43,9 +51,12 @@ from w2wkit.layout import WeightLayout
 if TYPE_CHECKING:
     from w2wkit.space import WeightSpace
 
-__all__ = ["load_space", "save_space"]
+__all__ = ["load_space", "save_directions", "save_space"]
 
 FORMAT_NAME = "w2wkit-space"
+#: The directions side file of a space folder (see :func:`save_directions`).
+DIRECTIONS_FORMAT = "w2wkit-space-directions"
+DIRECTIONS_JSON = "directions.json"
 #: Per-component statistics, saved under their name (the space holds ``<name>_``).
 _STAT_ARRAYS = (
     "singular_values",
@@ -156,6 +167,102 @@ def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Pa
         text = json.dumps(meta, indent=1, allow_nan=True, default=_json_default)
         (tmp / "space.json").write_text(text)
     return path
+
+
+def save_directions(space: WeightSpace, path: Path) -> Path:
+    """Write ``space.directions_`` beside the saved space at ``path``.
+
+    The space's own files are left as they are (at the paper's scale they hold
+    hundreds of MB); the arrays file is named after its content hash and
+    ``directions.json``, written last by an atomic rename, is the commit point,
+    so an interrupted write leaves the previous directions readable. Files of
+    earlier directions are removed afterwards.
+
+    Parameters
+    ----------
+    space : WeightSpace
+        A space loaded from (or saved to) ``path``.
+    path : pathlib.Path
+        The space folder.
+
+    Returns
+    -------
+    pathlib.Path
+        The ``directions.json`` written.
+    """
+    from w2wkit.stio import atomic_path, write_safetensors
+
+    meta_path = path / "space.json"
+    if not meta_path.is_file():
+        raise SpaceError("not a w2wkit space (no space.json)", path=path)
+    try:
+        space_sha = json.loads(meta_path.read_text())["arrays"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SpaceError(f"space.json is damaged ({exc!r})", path=meta_path) from None
+    arrays = {
+        f"direction.{name}": np.asarray(d.vector, np.float64)
+        for name, d in space.directions_.items()
+    }
+    with atomic_path(path / "directions.tmp.safetensors", overwrite=True) as tmp:
+        write_safetensors(tmp, arrays)
+    digest = _sha256(path / "directions.tmp.safetensors")
+    name = f"directions-{digest[:12]}.safetensors"
+    (path / "directions.tmp.safetensors").replace(path / name)
+    meta = {
+        "format": DIRECTIONS_FORMAT,
+        "format_version": 1,
+        "space_arrays_sha256": space_sha,
+        "file": name,
+        "bytes": (path / name).stat().st_size,
+        "sha256": digest,
+        "directions": {n: d.to_dict() for n, d in space.directions_.items()},
+    }
+    text = json.dumps(meta, indent=1, allow_nan=True, default=_json_default)
+    with atomic_path(path / DIRECTIONS_JSON, overwrite=True) as tmp:
+        tmp.write_text(text)
+    for old in path.glob("directions-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+    return path / DIRECTIONS_JSON
+
+
+def _load_directions(path: Path, space_meta: dict, k: int, read_safetensors, Direction) -> dict:
+    """The directions of the side file of ``path`` (see :func:`save_directions`)."""
+    jpath = path / DIRECTIONS_JSON
+    try:
+        meta = json.loads(jpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpaceError(f"directions.json is damaged ({exc})", path=jpath) from None
+    if not isinstance(meta, dict) or meta.get("format") != DIRECTIONS_FORMAT:
+        raise SpaceError("directions.json is not a w2wkit directions file", path=jpath)
+    if meta.get("format_version") != 1:
+        raise SpaceError(
+            f"directions.json has format version {meta.get('format_version')!r}; "
+            "this w2wkit reads version 1",
+            path=jpath,
+            hint="upgrade w2wkit",
+        )
+    if meta.get("space_arrays_sha256") != space_meta["arrays"].get("sha256"):
+        raise SpaceError(
+            "directions.json belongs to another space (its arrays hash differs)",
+            path=jpath,
+            hint="refit the directions with `w2wkit directions`",
+        )
+    f = path / str(meta.get("file"))
+    if not f.is_file():
+        raise SpaceError(f"directions arrays file {meta.get('file')} is missing", path=path)
+    if f.stat().st_size != meta.get("bytes") or _sha256(f) != meta.get("sha256"):
+        raise SpaceError("directions arrays file is damaged (size or SHA-256 mismatch)", path=f)
+    arrays = read_safetensors(f).tensors
+    out = {}
+    for name, dmeta in (meta.get("directions") or {}).items():
+        key = f"direction.{name}"
+        if key not in arrays or arrays[key].shape != (k,):
+            raise SpaceError(f"direction {name!r} is missing or has the wrong shape", path=f)
+        if not np.isfinite(arrays[key]).all():
+            raise SpaceError("array holds NaN or Inf values", path=f, key=key)
+        out[name] = Direction.from_dict(dmeta, arrays[key])
+    return out
 
 
 def _json_default(obj: Any) -> Any:
@@ -310,6 +417,8 @@ def _build(cls, path: Path, meta: dict, verify: bool, read_safetensors, Directio
     space.directions_ = {}
     for name, dmeta in (meta.get("directions") or {}).items():
         space.directions_[name] = Direction.from_dict(dmeta, arrays[f"direction.{name}"])
+    if (path / DIRECTIONS_JSON).is_file():
+        space.directions_ = _load_directions(path, meta, k, read_safetensors, Direction)
     for key, val in arrays.items():
         if val.dtype.kind == "f" and not key.startswith("labels.") and not np.isfinite(val).all():
             raise SpaceError("array holds NaN or Inf values", path=f, key=key)
