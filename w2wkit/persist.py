@@ -229,12 +229,7 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
 def _load_directions(path: Path, space_meta: dict, k: int, read_safetensors, Direction) -> dict:
     """The directions of the side file of ``path`` (see :func:`save_directions`)."""
     jpath = path / DIRECTIONS_JSON
-    try:
-        meta = json.loads(jpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpaceError(f"directions.json is damaged ({exc})", path=jpath) from None
-    if not isinstance(meta, dict) or meta.get("format") != DIRECTIONS_FORMAT:
-        raise SpaceError("directions.json is not a w2wkit directions file", path=jpath)
+    meta = _read_described_json(jpath, DIRECTIONS_FORMAT, "a w2wkit directions file")
     if meta.get("format_version") != 1:
         raise SpaceError(
             f"directions.json has format version {meta.get('format_version')!r}; "
@@ -263,6 +258,17 @@ def _load_directions(path: Path, space_meta: dict, k: int, read_safetensors, Dir
             raise SpaceError("array holds NaN or Inf values", path=f, key=key)
         out[name] = Direction.from_dict(dmeta, arrays[key])
     return out
+
+
+def _read_described_json(path: Path, fmt: str, what: str) -> dict:
+    """A JSON object whose ``format`` is ``fmt``; one clear error otherwise."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpaceError(f"{path.name} is damaged ({exc})", path=path) from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise SpaceError(f"{path.name} is not {what}", path=path)
+    return meta
 
 
 def _json_default(obj: Any) -> Any:
@@ -294,12 +300,7 @@ def load_space(cls: type[WeightSpace], path: Path, *, verify: bool = False) -> W
         raise SpaceError("no such space folder", path=path, hint="fit one with `w2wkit fit`")
     if not meta_path.is_file():
         raise SpaceError("not a w2wkit space (no space.json)", path=path)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpaceError(f"space.json is damaged ({exc})", path=meta_path) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise SpaceError("space.json is not a w2wkit space description", path=meta_path)
+    meta = _read_described_json(meta_path, FORMAT_NAME, "a w2wkit space description")
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise SpaceError(f"space.json has an invalid format_version {version!r}", path=meta_path)
