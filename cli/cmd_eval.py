@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from w2wkit.cli.common import console, err_console, force_option
+from w2wkit.cli.common import console, err_console, force_option, profile_option
 
 
 @click.command("eval")
@@ -18,12 +18,10 @@ from w2wkit.cli.common import console, err_console, force_option
     help="World to evaluate: a world folder, 'micro' (build a small world first, in "
     "OUTPUT/micro-world), or nothing for the shipped miniature world.",
 )
-@click.option(
-    "--profile",
-    type=click.Choice(["tiny", "quick", "full"]),
-    default="quick",
-    show_default=True,
-    help="How much to evaluate (tiny: CI; quick: minutes; full: the paper-style tables).",
+@profile_option(
+    ["tiny", "quick", "full"],
+    "quick",
+    "How much to evaluate (tiny: CI; quick: minutes; full: the paper-style tables).",
 )
 @click.option(
     "-o",

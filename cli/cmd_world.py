@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from w2wkit.cli.common import console, force_option, output_option
+from w2wkit.cli.common import console, force_option, output_option, profile_option
 from w2wkit.errors import W2WError
 
 world_path_option = click.option(
@@ -35,12 +35,10 @@ def world_group() -> None:
 
 @world_group.command("build")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Work folder.")
-@click.option(
-    "--profile",
-    type=click.Choice(["full", "full-gpu", "micro"]),
-    default="full",
-    show_default=True,
-    help="full-gpu: full with the base UNet at batch 64 (for a GPU build).",
+@profile_option(
+    ["full", "full-gpu", "micro"],
+    "full",
+    "full-gpu: full with the base UNet at batch 64 (for a GPU build).",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)

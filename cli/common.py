@@ -36,6 +36,15 @@ class W2WGroup(click.Group):
 
 
 force_option = click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+
+
+def profile_option(choices: list[str], default: str, help: str) -> Any:
+    """``--profile`` with a fixed set of named settings."""
+    return click.option(
+        "--profile", type=click.Choice(choices), default=default, show_default=True, help=help
+    )
+
+
 energy_option = click.option(
     "--energy",
     type=float,
