@@ -53,8 +53,8 @@ __all__ = [
 
 #: Relative share of the remaining time budget of each timed phase. The zoo's share
 #: was raised from 0.17 (unet 0.50) with the 600-step recipe: on the first H100 build the
-#: zoo took 42 s for 150 launch-bound steps per chunk, so 600 steps need ~70-90 s, which
-#: 0.17 of a 495 s budget (~85 s at that point) would have cut short.
+#: zoo ran 100 ms steps of 2,200 samples (42 s); 600 steps of 550 samples are estimated at
+#: ~70-90 s, which 0.17 of a 495 s budget (~85 s at that point) could have cut short.
 PHASE_SHARES = {
     "render": 0.04,
     "vae": 0.05,
