@@ -9,6 +9,14 @@ import click
 
 from w2wkit.cli.common import console, err_console, force_option, profile_option
 
+threads_option = click.option(
+    "--threads",
+    type=int,
+    default=1,
+    show_default=True,
+    help="torch threads on the CPU (more threads on a small, busy CPU are much slower).",
+)
+
 
 @click.command("eval")
 @click.option(
@@ -41,13 +49,7 @@ from w2wkit.cli.common import console, err_console, force_option, profile_option
 @click.option("--heldout", type=int, default=None, help="Held-out identities (profile default).")
 @click.option("--seed", type=int, default=None, help="Seed (profile default 0).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option(
-    "--threads",
-    type=int,
-    default=1,
-    show_default=True,
-    help="torch threads on the CPU (more threads on a small, busy CPU are much slower).",
-)
+@threads_option
 @force_option
 def eval_cmd(
     world: str | None,
@@ -133,13 +135,7 @@ def eval_cmd(
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option(
-    "--threads",
-    type=int,
-    default=1,
-    show_default=True,
-    help="torch threads on the CPU (more threads on a small, busy CPU are much slower).",
-)
+@threads_option
 @force_option
 def demo_cmd(
     out: Path | None,

@@ -17,7 +17,6 @@ export, and a report with plots - no images, and the output says so.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.errors import FormatError, W2WError
+from w2wkit.stio import write_json
 
 __all__ = ["DemoSettings", "run_demo", "run_synthetic_demo"]
 
@@ -437,7 +437,7 @@ def _run_demo(
     ]
     report = write_html(out / "report.html", "w2wkit demo", "\n".join(parts))
     metrics["report"] = str(report)
-    (out / "demo.json").write_text(json.dumps(E._json_safe(metrics), indent=1))
+    write_json(out / "demo.json", metrics, strict=True)
     return metrics
 
 
@@ -568,7 +568,5 @@ def run_synthetic_demo(
     ]
     report = write_html(out / "report.html", "w2wkit demo (synthetic)", "\n".join(parts))
     metrics["report"] = str(report)
-    from w2wkit.evaluate import _json_safe
-
-    (out / "demo.json").write_text(json.dumps(_json_safe(metrics), indent=1))
+    write_json(out / "demo.json", metrics, strict=True)
     return metrics

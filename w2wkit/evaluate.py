@@ -1193,25 +1193,15 @@ def _run_eval(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from w2wkit.stio import atomic_path
+    from w2wkit.stio import write_json
 
-    with atomic_path(path, overwrite=True, suffix=".json") as tmp:
-        Path(tmp).write_text(json.dumps(_json_safe(obj), indent=1))
+    write_json(path, obj, strict=True)
 
 
 def _json_safe(obj: Any) -> Any:
-    def conv(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        return str(o)
+    from w2wkit.stio import json_safe
 
-    text = json.dumps(obj, default=conv)
-    text = text.replace("NaN", "null").replace("-Infinity", "null").replace("Infinity", "null")
-    return json.loads(text)
+    return json_safe(obj)
 
 
 # --------------------------------------------------------------------------- sections

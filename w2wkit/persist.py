@@ -47,6 +47,7 @@ import numpy as np
 from w2wkit.collection import DeltaFactors
 from w2wkit.errors import LayoutError, SpaceError, W2WError
 from w2wkit.layout import WeightLayout
+from w2wkit.stio import json_default
 
 if TYPE_CHECKING:
     from w2wkit.space import WeightSpace
@@ -164,7 +165,7 @@ def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Pa
             "sha256": _sha256(f),
             "shapes": {k: list(v.shape) for k, v in arrays.items()},
         }
-        text = json.dumps(meta, indent=1, allow_nan=True, default=_json_default)
+        text = json.dumps(meta, indent=1, allow_nan=True, default=json_default)
         (tmp / "space.json").write_text(text)
     return path
 
@@ -217,7 +218,7 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
         "sha256": digest,
         "directions": {n: d.to_dict() for n, d in space.directions_.items()},
     }
-    text = json.dumps(meta, indent=1, allow_nan=True, default=_json_default)
+    text = json.dumps(meta, indent=1, allow_nan=True, default=json_default)
     with atomic_path(path / DIRECTIONS_JSON, overwrite=True) as tmp:
         tmp.write_text(text)
     for old in path.glob("directions-*.safetensors"):
@@ -269,16 +270,6 @@ def _read_described_json(path: Path, fmt: str, what: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise SpaceError(f"{path.name} is not {what}", path=path)
     return meta
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
 
 
 def _now() -> str:

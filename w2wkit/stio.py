@@ -29,9 +29,12 @@ __all__ = [
     "SafetensorsFile",
     "atomic_path",
     "from_storage",
+    "json_default",
+    "json_safe",
     "read_header",
     "read_safetensors",
     "to_storage",
+    "write_json",
     "write_safetensors",
 ]
 
@@ -403,3 +406,28 @@ def write_safetensors(
         fh.write(head)
         for raw in blobs:
             fh.write(memoryview(raw).cast("B") if raw.size else b"")
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def json_default(obj: object) -> object:
+    """``json.dumps`` fallback: numpy scalars and arrays as Python values, the rest as text."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def json_safe(obj: object) -> object:
+    """``obj`` as plain JSON values; NaN and infinities become ``None`` (strict JSON)."""
+    text = json.dumps(obj, default=json_default)
+    return json.loads(text, parse_constant=lambda _: None)
+
+
+def write_json(path: str | os.PathLike[str], obj: object, *, strict: bool = False) -> None:
+    """Write ``obj`` as indented JSON atomically (``strict``: NaN/inf as null first)."""
+    text = json.dumps(json_safe(obj) if strict else obj, indent=1, default=json_default)
+    with atomic_path(path, overwrite=True, suffix=".json") as tmp:
+        Path(tmp).write_text(text)

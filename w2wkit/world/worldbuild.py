@@ -213,20 +213,9 @@ def _say(text: str) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from w2wkit.stio import atomic_path
+    from w2wkit.stio import write_json
 
-    with atomic_path(path, overwrite=True) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=1, default=_json_default))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
+    write_json(path, data)
 
 
 def _gen(concept: str) -> Any:
