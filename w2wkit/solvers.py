@@ -226,6 +226,8 @@ def top_eigh(
         re-orthogonalisation (:func:`_krylov_eigh`), ``O(N^2 k)``; at N = 10,000,
         k = 1000 about 13-17 s with eigenvalues to ~1e-10 relative on a spectrum
         that decays. ``"auto"``: krylov when ``N >= 4000`` and ``k <= N / 4``.
+        Both fall back to dense when the Krylov basis (11 blocks of
+        ``max(32, 0.3 k)`` columns) would not fit in N columns.
     product_dtype : dtype
         Precision of the products ``A Q`` of the krylov method (the basis and
         the Rayleigh-Ritz step stay float64). ``float32`` halves their cost and
