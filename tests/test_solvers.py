@@ -302,6 +302,20 @@ def test_progress_reports_every_pass():
     assert len({c[0] for c in finished}) == 2
 
 
+def test_gram_reports_its_steps():
+    z = power_law(300, 500, seed=2)
+    calls = []
+    fit_pca(
+        blocks_of(z, 100),
+        *z.shape,
+        5,
+        solver="gram",
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
+    )
+    done = [c[0] for c in calls if c[1] == c[2]]
+    assert done == ["gram: read", "gram: Z Z^T", "gram: top-k eigenpairs", "gram: components"]
+
+
 def test_choose_solver():
     assert choose_solver(100, 1000, 10) == "exact"
     assert choose_solver(5_000, 99_648, 1000) == "gram"

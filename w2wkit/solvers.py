@@ -47,6 +47,7 @@ The products run in float32 BLAS on the CPU (numpy / OpenBLAS) or, with
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -792,7 +793,8 @@ def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps) -> PCAResult:
             stripe_dev = _gram_rows(gram, stripe, block, lo, offset, ops, stripe_dev, dtype)
         del stripe, stripe_dev
     _symmetrize_from_upper(gram)
-    u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
+    with _stage(stream, "gram: top-k eigenpairs"):
+        u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
     del gram
     # components = diag(1/s) U^T Z, one more pass
     comp = np.zeros((k, d), dtype=np.float64 if dtype == np.float64 else np.float32)
@@ -816,16 +818,29 @@ def _fit_gram_in_memory(stream: _Stream, k: int, dtype: Any) -> PCAResult:
         z[offset : offset + block.shape[0]] = block
     # one symmetric product (numpy sends a @ a.T to BLAS ?syrk: half a GEMM's flops);
     # each entry is one full-length BLAS dot product in the data's dtype
-    gram = (z @ z.T).astype(np.float64, copy=False)
+    with _stage(stream, "gram: Z Z^T"):
+        gram = (z @ z.T).astype(np.float64, copy=False)
     diag = np.diagonal(gram)
     if not np.all(np.isfinite(diag)):  # a NaN/inf row spoils its own diagonal entry
         _check_finite_rows(diag[:, None], 0, "gram")
     sumsq = float(np.sum(diag))
-    u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
+    with _stage(stream, "gram: top-k eigenpairs"):
+        u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
     del gram
-    comp = proj.T.astype(dtype) @ z
+    with _stage(stream, "gram: components"):
+        comp = proj.T.astype(dtype) @ z
     del z
     return _gram_result(comp, good, u, sv, stream, sumsq, n, {"stripes": 1}, dtype)
+
+
+@contextlib.contextmanager
+def _stage(stream: _Stream, name: str) -> Iterator[None]:
+    """Report a step without row progress as 0/1 then 1/1 (rich shows its elapsed time)."""
+    if stream.progress is not None:
+        stream.progress(name, 0, 1)
+    yield
+    if stream.progress is not None:
+        stream.progress(name, 1, 1)
 
 
 def _gram_eigen(
