@@ -310,6 +310,13 @@ def test_apply_energy_in_a_delta_space(world, tmp_path):
     res = run(["sample", "--space", sp_path, "-n", "1", "-o", bad, "--energy", "2"])
     assert "energy must lie in (0, 1], got 2" in one_line_error(res)
     assert not bad.exists()
+    good = tmp_path / "good"
+    res = run(["sample", "--space", sp_path, "-n", "2", "-o", good, "--energy", "0.99"])
+    assert res.exit_code == 0, res.output
+    files = sorted(good.glob("sample_*.safetensors"))
+    assert len(files) == 2
+    for f in files:
+        assert float(read_adapter(f).metadata["w2wkit.energy_kept"]) >= 0.99
 
 
 def test_directions_are_saved_beside_the_space_untouched(world, tmp_path):
