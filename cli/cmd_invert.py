@@ -58,7 +58,12 @@ from w2wkit.errors import W2WError
     help="Out-of-distribution recipe (paintings, sketches): fewer components, larger step, "
     "more steps.",
 )
-@click.option("--prompt", default=None, help="Prompt (default: the concept's, 'sks person').")
+@click.option(
+    "--prompt",
+    default=None,
+    help="Prompt (default: the concept's, 'sks person'; use the one the space's LoRAs were "
+    "trained with, e.g. 'a photo of sks person' for a rebuilt miniature world).",
+)
 @click.option("--concept", default=None, help="Concept pack (identity, dog, ...) for defaults.")
 @write_format_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i.")

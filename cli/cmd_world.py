@@ -87,6 +87,11 @@ def build_cmd(
 @click.option("--images", "n_images", type=int, default=10, show_default=True)
 @click.option("--init-seed", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--prompt",
+    default=None,
+    help="Instance prompt (default: 'a photo of ' + the concept's, e.g. 'a photo of sks person').",
+)
 @click.option("--class-prompt", default=None, help="Enables prior preservation (e.g. 'person').")
 @click.option("--prior-weight", type=float, default=0.0, show_default=True)
 @click.option("--chunk", type=int, default=0, help="Models per batch (0: 8 on CPU, 1024 on CUDA).")
@@ -109,6 +114,7 @@ def zoo_cmd(
     n_images: int,
     init_seed: int,
     seed: int,
+    prompt: str | None,
     class_prompt: str | None,
     prior_weight: float,
     chunk: int,
@@ -147,11 +153,10 @@ def zoo_cmd(
     if prior_weight > 0:
         specs = [(i, inst_seed + 7919) for i in range(64)]
         prior = render_instances(pack.name, specs, 1, seed + 1).reshape(-1, 32, 32, 3)
-    res = train_zoo(
-        base, jobs, out, pack.instance_prompt, s, workers=workers, prior=prior, progress=True
-    )
+    prompt = prompt or f"a photo of {pack.instance_prompt}"
+    res = train_zoo(base, jobs, out, prompt, s, workers=workers, prior=prior, progress=True)
     write_labels(jobs, out / "labels.csv")
-    write_manifest(out, jobs, {"concept": pack.name, "prompt": pack.instance_prompt, "base": base})
+    write_manifest(out, jobs, {"concept": pack.name, "prompt": prompt, "base": base})
     mph = res["models_per_hour"]
     console.print(
         f"{res['trained']} trained, {res['skipped']} skipped, {res['missing']} missing in "

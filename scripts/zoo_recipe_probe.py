@@ -9,8 +9,9 @@ e.g. ``b1s600qkvp 27 1e-3 600 1 to_q,to_k,to_v,proj 12 identity``. The first K i
 seed 0 are trained with :class:`ZooTrainer`; fidelity is the build's test (top-1 among the
 first 50 instances by ID score against the mean of 4 reference renders, 2 generations per
 model). One JSON line is appended to ``$ZOOFIX_OUT/results.jsonl`` (default /tmp/zoofix);
-the factors and generations are saved beside it. Used for docs/world.md ("Choosing the zoo
-recipe").
+the factors and generations are saved beside it. ``$ZOO_PROMPT`` replaces the instance prompt
+(training and generation; default ``sks person`` / ``sks dog``). Used for docs/world.md
+("Choosing the zoo recipe").
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def main(argv: list[str]) -> dict:
     n_cand = 50
     jobs = zoo_jobs(concept, n_cand, inst_seed=0)
     train = jobs[:k_models]
-    prompt = "sks person" if concept == "identity" else "sks dog"
+    prompt = os.environ.get("ZOO_PROMPT") or ("sks person" if concept == "identity" else "sks dog")
     t0 = time.perf_counter()
     adapters, losses = tr.train_chunk(
         [render_job(j, s.n_images, s.seed) for j in train],
@@ -118,6 +119,7 @@ def main(argv: list[str]) -> dict:
         "train_s": dt,
         "models_per_hour": 3600 * k_models / dt,
         "n_modules": len(tr.targets),
+        "prompt": prompt,
     }
     with open(f"{out}/results.jsonl", "a") as fh:
         fh.write(json.dumps(res) + "\n")

@@ -259,3 +259,25 @@ def test_device_training_path_equals_zoo_trainer(micro: Path) -> None:
         np.testing.assert_array_equal(layer.up, b.layers[key].up)
         np.testing.assert_array_equal(layer.down, b.layers[key].down)
         assert layer.up.any()
+
+
+def test_world_records_its_training_prompt(micro: Path, tmp_path: Path) -> None:
+    from w2wkit.formats.registry import read_adapter
+    from w2wkit.world.worldbuild import IDENTITY_PROMPT
+
+    assert IDENTITY_PROMPT == "a photo of sks person"
+    meta = json.loads((micro / "world.json").read_text())
+    assert meta["prompt"] == IDENTITY_PROMPT
+    w = E.load_eval_world(micro)
+    assert w.instance_prompt == IDENTITY_PROMPT
+    # the zoo files were trained with it (provenance in the file)
+    first = read_adapter(micro / meta["zoo"][0]["file"])
+    assert IDENTITY_PROMPT in json.dumps(first.metadata)
+    # a world from before the prompt was recorded falls back to the pack's bare prompt
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(micro, old)
+    del meta["prompt"]
+    (old / "world.json").write_text(json.dumps(meta))
+    assert E.load_eval_world(old).instance_prompt == "sks person"

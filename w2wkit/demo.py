@@ -341,6 +341,7 @@ def _run_demo(
             lr=s.inversion_lr,
             mask=inv_mask,
             concept=w.pack,
+            prompt=w.instance_prompt,
             device=ev.renderer.device,
             seed=s.seed,
             progress=_inv_progress(ev, "inversion"),

@@ -424,6 +424,10 @@ class EvalWorld:
     image_size : int
     info : dict
         Anything worth reporting about the world (sizes, build log).
+    train_prompt : str
+        The prompt the zoo LoRAs were trained with (the shipped world records
+        it); the DreamBooth baselines and inversion use it. Empty: the pack's
+        instance prompt.
     """
 
     name: str
@@ -439,6 +443,12 @@ class EvalWorld:
     pack: Any
     image_size: int = 32
     info: dict[str, Any] = field(default_factory=dict)
+    train_prompt: str = ""
+
+    @property
+    def instance_prompt(self) -> str:
+        """The zoo's training prompt (``train_prompt`` or the pack's instance prompt)."""
+        return self.train_prompt or self.pack.instance_prompt
 
 
 def build_micro_world(
@@ -498,7 +508,9 @@ def build_micro_world(
     insts = gen.instances(n_models, seed=seed)
     if progress:
         progress(f"training {n_models} zoo LoRAs")
-    trainer.train_many(instance_jobs(gen, insts, n_images, seed=seed), out / "zoo", "sks person")
+    from w2wkit.world.worldbuild import IDENTITY_PROMPT
+
+    trainer.train_many(instance_jobs(gen, insts, n_images, seed=seed), out / "zoo", IDENTITY_PROMPT)
     sizes = {"tiny": (200, 40, 4), "small": (1200, 150, 6)}[evaluator_size]
     if progress:
         progress("training pixel evaluators")
@@ -507,6 +519,7 @@ def build_micro_world(
     meta = {
         "format": "w2wkit-micro-world",
         "concept": "identity",
+        "prompt": IDENTITY_PROMPT,
         "seed": seed,
         "image_size": 32,
         "lora_settings": asdict(lora),
@@ -567,6 +580,7 @@ def _micro_world_unchecked(folder: Path) -> EvalWorld:
         pack=pack,
         image_size=int(meta.get("image_size", 32)),
         info={"kind": "micro", "n_models": len(zoo), "evaluators": meta.get("evaluators", {})},
+        train_prompt=str(meta.get("prompt", pack.instance_prompt)),  # older worlds: bare
     )
 
 
@@ -640,6 +654,7 @@ def _shipped_world(obj: Any, device: str = "cpu") -> EvalWorld:
         pack=pack,
         image_size=32,
         info={"kind": "shipped", "n_models": len(zoo), "summary": _json_safe(obj.summary())},
+        train_prompt=obj.prompt(concept),
     )
 
 
@@ -984,6 +999,7 @@ class _Eval:
             lr=lr,
             mask=self.w.pack.mask(imgs),
             concept=self.w.pack,
+            prompt=self.w.instance_prompt,
             ood=ood,
             device=self.renderer.device,
             seed=seed,
@@ -1239,7 +1255,7 @@ def _train_heldout_models(ev: _Eval, heldout: Sequence[Any]) -> dict[str, Any]:
     for i, inst in enumerate(heldout):
         n_img = s.n_train_images or int(getattr(ev.w.lora_settings, "n_images", 10))
         imgs = ev.real(inst, n_img, seed=s.seed + 11)
-        ad, sec = ev.models.dreambooth(imgs, ev.w.pack.instance_prompt, seed=s.seed * 31 + i)
+        ad, sec = ev.models.dreambooth(imgs, ev.w.instance_prompt, seed=s.seed * 31 + i)
         ev.multi.append(ad)
         ev.multi_seconds.append(sec)
         cb(i + 1, len(heldout))
@@ -1247,9 +1263,8 @@ def _train_heldout_models(ev: _Eval, heldout: Sequence[Any]) -> dict[str, Any]:
 
 
 def _section_inversion(ev: _Eval) -> dict[str, Any]:
-    s, w = ev.s, ev.w
+    s = ev.s
     space = ev.space_inv
-    pack = w.pack
     methods: dict[str, dict[str, list[float]]] = {
         m: {"id": [], "seconds": []} for m in ("w2w", "dreambooth_single", "dreambooth_multi")
     }
@@ -1264,7 +1279,7 @@ def _section_inversion(ev: _Eval) -> dict[str, Any]:
     cb = ev.task("DreamBooth (single image)", len(inputs))
     for i in range(len(inputs)):
         ad, sec = ev.models.dreambooth(
-            inputs[i : i + 1], pack.instance_prompt, seed=s.seed * 17 + i
+            inputs[i : i + 1], ev.w.instance_prompt, seed=s.seed * 17 + i
         )
         singles.append(ad)
         sec_single.append(sec)
@@ -1447,8 +1462,7 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
 
 
 def _section_ood(ev: _Eval) -> dict[str, Any]:
-    s, w, space = ev.s, ev.w, ev.space_inv
-    pack = w.pack
+    s, space = ev.s, ev.space_inv
     res: dict[str, Any] = {"styles": {}}
     heldout = ev.heldout[: s.ood_heldout]
     grid, rows = [], []
@@ -1466,7 +1480,7 @@ def _section_ood(ev: _Eval) -> dict[str, Any]:
         models, secs = list(space.inverse_transform(coefs)), []
         for i in range(len(inputs)):
             single, sec = ev.models.dreambooth(
-                inputs[i : i + 1], pack.instance_prompt, seed=s.seed * 23 + i
+                inputs[i : i + 1], ev.w.instance_prompt, seed=s.seed * 23 + i
             )
             models.append(single)
             secs.append(sec)
