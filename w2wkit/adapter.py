@@ -248,25 +248,22 @@ class Adapter:
             layer.validate(module, self.source, check_finite=check_finite)
         return self
 
-    def numel(self) -> int:
-        """Number of stored values (factor entries, or delta entries for LyCORIS)."""
-        total = 0
+    def _stored(self) -> Iterator[np.ndarray]:
+        """The stored arrays: factors of LoRA layers, deltas of LyCORIS ones."""
         for layer in self.layers.values():
             if isinstance(layer, LoraLayer):
-                total += layer.down.size + layer.up.size
+                yield layer.down
+                yield layer.up
             else:
-                total += layer.weight.size
-        return int(total)
+                yield layer.weight
+
+    def numel(self) -> int:
+        """Number of stored values (factor entries, or delta entries for LyCORIS)."""
+        return int(sum(a.size for a in self._stored()))
 
     def nbytes(self) -> int:
         """Bytes held by the factor arrays."""
-        total = 0
-        for layer in self.layers.values():
-            if isinstance(layer, LoraLayer):
-                total += layer.down.nbytes + layer.up.nbytes
-            else:
-                total += layer.weight.nbytes
-        return total
+        return int(sum(a.nbytes for a in self._stored()))
 
     def with_metadata(self, extra: Mapping[str, Any]) -> Adapter:
         """Return a shallow copy with ``extra`` merged into the metadata."""

@@ -191,7 +191,7 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
     pathlib.Path
         The ``directions.json`` written.
     """
-    from w2wkit.stio import atomic_path, write_safetensors
+    from w2wkit.stio import write_json, write_safetensors
 
     meta_path = path / "space.json"
     if not meta_path.is_file():
@@ -204,11 +204,11 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
         f"direction.{name}": np.asarray(d.vector, np.float64)
         for name, d in space.directions_.items()
     }
-    with atomic_path(path / "directions.tmp.safetensors", overwrite=True) as tmp:
-        write_safetensors(tmp, arrays)
-    digest = _sha256(path / "directions.tmp.safetensors")
+    tmp = path / "directions.tmp.safetensors"
+    write_safetensors(tmp, arrays, overwrite=True)  # itself atomic
+    digest = _sha256(tmp)
     name = f"directions-{digest[:12]}.safetensors"
-    (path / "directions.tmp.safetensors").replace(path / name)
+    tmp.replace(path / name)
     meta = {
         "format": DIRECTIONS_FORMAT,
         "format_version": 1,
@@ -218,9 +218,7 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
         "sha256": digest,
         "directions": {n: d.to_dict() for n, d in space.directions_.items()},
     }
-    text = json.dumps(meta, indent=1, allow_nan=True, default=json_default)
-    with atomic_path(path / DIRECTIONS_JSON, overwrite=True) as tmp:
-        tmp.write_text(text)
+    write_json(path / DIRECTIONS_JSON, meta)
     for old in path.glob("directions-*.safetensors"):
         if old.name != name:
             old.unlink()

@@ -196,8 +196,7 @@ def choose_solver(n_rows: int, n_cols: int, n_components: int) -> str:
     l = default_block_size(k)
     dim = (DEFAULT_N_ITER + 1) * l
     randomized_flops = (2 * DEFAULT_N_ITER + 1) * 2.0 * n * d * l + 2.0 * d * dim * dim
-    krylov = n >= _KRYLOV_EIGH_MIN_N and 4 * k <= n
-    eig_flops = 8.0 * n * n * k if krylov else 10.0 * float(n) ** 3
+    eig_flops = 8.0 * n * n * k if _krylov_width(n, k) else 10.0 * float(n) ** 3
     gram_flops = float(n) * n * d + 2.0 * n * k * d + eig_flops
     if n <= 20_000 and gram_flops <= randomized_flops:
         return "gram"
@@ -217,7 +216,8 @@ def top_eigh(
     Parameters
     ----------
     gram : ndarray, shape (N, N)
-        Symmetric PSD (only the lower triangle is read).
+        Symmetric PSD, both triangles filled (the dense method reads only the
+        lower one, the krylov method multiplies by the whole matrix).
     k : int
         Number of eigenpairs, ``1 <= k <= N``.
     method : {"auto", "dense", "krylov"}
@@ -255,10 +255,9 @@ def top_eigh(
     if method not in ("auto", "dense", "krylov"):
         raise SpaceError(f"top_eigh: unknown method {method!r}")
     a = np.asarray(a, dtype=np.float64)
-    if method == "krylov" or (method == "auto" and n >= _KRYLOV_EIGH_MIN_N and 4 * k <= n):
-        width = max(_KRYLOV_MIN_WIDTH, math.ceil(_KRYLOV_WIDTH * k))
-        if (_KRYLOV_DEPTH + 1) * width <= n:
-            return _krylov_eigh(a, k, width, _KRYLOV_DEPTH, product_dtype)
+    width = None if method == "dense" else _krylov_width(n, k, forced=method == "krylov")
+    if width:
+        return _krylov_eigh(a, k, width, _KRYLOV_DEPTH, product_dtype)
     if k == n or n <= 64:
         w, v = eigh(a, lower=True, check_finite=False)
         w, v = w[n - k :], v[:, n - k :]
@@ -268,6 +267,18 @@ def top_eigh(
     v = np.ascontiguousarray(v[:, ::-1])
     _fix_signs(v, axis=0)
     return w, v
+
+
+def _krylov_width(n: int, k: int, forced: bool = False) -> int | None:
+    """Block width of :func:`_krylov_eigh` for an N x N matrix, or None for LAPACK.
+
+    None unless ``forced`` or (``N >= 4000`` and ``k <= N / 4``), and None
+    whenever the basis of ``_KRYLOV_DEPTH + 1`` blocks would not fit in N columns.
+    """
+    if not forced and (n < _KRYLOV_EIGH_MIN_N or 4 * k > n):
+        return None
+    width = max(_KRYLOV_MIN_WIDTH, math.ceil(_KRYLOV_WIDTH * k))
+    return width if (_KRYLOV_DEPTH + 1) * width <= n else None
 
 
 def _krylov_eigh(
@@ -297,10 +308,11 @@ def _krylov_eigh(
 
     Notes
     -----
-    Each new block ``A Q_j`` is orthogonalised against the whole basis twice
-    (block classical Gram-Schmidt) and then QR-factorised; directions lost to
-    rank deficiency (an exhausted Krylov space) are replaced by random ones, so
-    the basis stays orthonormal. The products ``A Q_j`` are kept, so the
+    Each new block ``A Q_j`` is orthogonalised against the last two blocks
+    (the Lanczos recurrence), then twice against the whole basis, each full
+    round followed by a Cholesky QR; directions lost to rank deficiency (an
+    exhausted Krylov space) are replaced by random ones, so the basis stays
+    orthonormal. The products ``A Q_j`` are kept, so the
     Rayleigh-Ritz matrix ``K^T A K`` needs one more product only. The random
     start is fixed (seed 0): the result is deterministic.
     """
@@ -370,9 +382,10 @@ def _krylov_eigh(
             t[hi : hi + width, lo:hi] = off
             t[lo:hi, hi : hi + width] = off.T
         del p
-    w_all, g = eigh(t, driver="evd", check_finite=False)
-    w_all = w_all[: dim - k - 1 : -1].copy()
-    v = np.ascontiguousarray(k_basis @ g[:, : dim - k - 1 : -1])
+    w_all, g = eigh(t, driver="evd", check_finite=False)  # ascending
+    top = np.arange(dim - 1, dim - 1 - k, -1)
+    w_all = w_all[top]
+    v = np.ascontiguousarray(k_basis @ g[:, top])
     _fix_signs(v, axis=0)
     return w_all, v
 

@@ -154,7 +154,7 @@ def compress_factors(
     if energy is not None:
         cum = np.cumsum(s**2)
         need = int(np.searchsorted(cum, energy * cum[-1] * (1.0 - 1e-12))) + 1
-        rank = max(1, min(need, int(s.size)) if rank is None else min(need, rank, int(s.size)))
+        rank = need if rank is None else max(1, min(need, rank))
     if rank is None:
         raise SpaceError("compress_factors needs a rank or an energy")
     new_up = np.zeros((out, rank), dtype=np.float32)
@@ -731,10 +731,10 @@ class WeightSpace:
                 ups.append(u.astype(np.float64))
                 downs.append(d.astype(np.float64))
                 default_rank += u.shape[1]
-            if energy is not None:
-                r_arg = None if rank is None else int(rank)
-            else:
-                r_arg = int(rank) if rank is not None else default_rank
+            # an energy target chooses the rank (a given rank caps it)
+            r_arg: int | None = int(rank) if rank is not None else default_rank
+            if rank is None and energy is not None:
+                r_arg = None
             up, down, kept, total = compress_factors(
                 np.concatenate(ups, axis=1), np.concatenate(downs, axis=0), r_arg, energy
             )

@@ -139,9 +139,10 @@ class WorldProfile:
 
 
 #: ``full-gpu``: the UNet batch of the base (``full``: 8, sized for the 60-minute CPU
-#: budget). On an H100 a step of the miniature UNet costs the same at batch 8 and 64
-#: (33 ms, launch-bound: world v0's build log), so the GPU build sees 8x more
-#: pictures in the same time; the learning rate is raised with the batch.
+#: budget). On an H100 a step of the miniature UNet took 33 ms at batch 8 (world v0's
+#: build log), which is launch-bound, so batch 64 is expected to cost little more per
+#: step (not yet measured) and show the base 8x more pictures; the learning rate is
+#: raised with the batch.
 GPU_BASE_BATCH = 64
 GPU_BASE_LR = 1e-3
 
