@@ -374,3 +374,8 @@ def test_damaged_or_foreign_directions_file_is_named(world, fitted, tmp_path):
         shutil.copy(p, tmp_path / "refit" / p.name)
     res = run(["info", tmp_path / "refit"])
     assert "belongs to another space" in one_line_error(res)
+    # a side file pointing outside its folder
+    meta = json.loads((other / "directions.json").read_text())
+    meta["file"] = "../" + meta["file"]
+    (other / "directions.json").write_text(json.dumps(meta))
+    assert "outside the space" in one_line_error(run(["info", other]))

@@ -242,7 +242,10 @@ def _load_directions(path: Path, space_meta: dict, k: int, read_safetensors, Dir
             path=jpath,
             hint="refit the directions with `w2wkit directions`",
         )
-    f = path / str(meta.get("file"))
+    fname = str(meta.get("file"))
+    if Path(fname).name != fname:  # the side file lives in the space folder, nowhere else
+        raise SpaceError(f"directions.json names a file outside the space: {fname!r}", path=jpath)
+    f = path / fname
     if not f.is_file():
         raise SpaceError(f"directions arrays file {meta.get('file')} is missing", path=path)
     if f.stat().st_size != meta.get("bytes") or _sha256(f) != meta.get("sha256"):
