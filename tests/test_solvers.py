@@ -421,3 +421,71 @@ def test_prefetch_off_gives_identical_results(monkeypatch):
     b = fit_pca(blocks_of(z, 256), *z.shape, 10, solver="randomized", n_iter=2)
     np.testing.assert_array_equal(a.singular_values, b.singular_values)
     np.testing.assert_array_equal(a.components, b.components)
+
+
+@pytest.mark.parametrize("solver", SOLVER_NAMES)
+def test_center_equals_fitting_centred_data(solver, monkeypatch):
+    # a large common offset (like the shared initialisation of LoRA factors) on top
+    # of a small spread: the solver's float64 column sums must recover the centred fit
+    z = power_law(260, 300, seed=5)
+    offset = 50.0 + np.random.default_rng(6).standard_normal(300)
+    raw = (z + offset).astype(np.float32)
+    centred = raw.astype(np.float64) - raw.astype(np.float64).mean(axis=0)
+    plain = fit_pca(blocks_of(centred, 70), *z.shape, 6, solver=solver, block_size=8)
+    monkeypatch.setattr(solvers, "_BULK_MIN_BYTES", 0)  # the memory-map buffers too
+    res = fit_pca(blocks_of(raw, 70), *z.shape, 6, solver=solver, block_size=8, center=True)
+    np.testing.assert_allclose(res.mean, raw.astype(np.float64).mean(axis=0), rtol=1e-12)
+    # float32 rounding of the offset data (eps * 50) bounds the agreement
+    np.testing.assert_allclose(res.singular_values, plain.singular_values, rtol=2e-3)
+    assert max_angle(res.components, plain.components) < 2e-2
+    np.testing.assert_allclose(res.total_variance, plain.total_variance, rtol=1e-3)
+    assert plain.mean is None
+    # exact and the in-memory gram centre in memory; the randomized solver makes one
+    # more pass for the means
+    assert res.n_passes == plain.n_passes + (solver == "randomized")
+
+
+@pytest.mark.parametrize("solver", SOLVER_NAMES)
+def test_center_names_the_nan_row(solver):
+    z = power_law(50, 40, seed=0) + 3.0
+    z[31, 7] = np.inf
+    with pytest.raises(SpaceError, match="row 31 of the data has NaN"):
+        fit_pca(blocks_of(z, 20), 50, 40, 3, solver=solver, center=True)
+
+
+def test_gram_reports_its_centring_step():
+    z = power_law(300, 500, seed=2) + 1.0
+    calls = []
+    fit_pca(
+        blocks_of(z, 100),
+        *z.shape,
+        5,
+        solver="gram",
+        center=True,
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
+    )
+    done = [c[0] for c in calls if c[1] == c[2]]
+    assert done[:3] == ["gram: read", "gram: centre", "gram: Z Z^T"]
+
+
+def test_top_eigh_krylov_takes_a_float32_matrix_as_it_is():
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((600, 300))
+    g64 = a @ a.T
+    g32 = g64.astype(np.float32)
+    w64, v64 = top_eigh(g64, 20, method="krylov")
+    w32, v32 = top_eigh(g32, 20, method="krylov", product_dtype=np.float32)
+    np.testing.assert_allclose(w32, w64, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(np.sum(v32 * v64, axis=0)), 1.0, atol=1e-4)
+    assert g32.dtype == np.float32  # not converted in place
+
+
+def test_bulk_empty_gives_writable_c_arrays(monkeypatch):
+    small = solvers.bulk_empty((3, 4), np.float32)
+    assert small.shape == (3, 4) and small.dtype == np.float32
+    monkeypatch.setattr(solvers, "_BULK_MIN_BYTES", 0)
+    big = solvers.bulk_empty((50, 7), np.float64)
+    assert big.shape == (50, 7) and big.dtype == np.float64
+    assert big.flags.c_contiguous and big.flags.writeable
+    big[:] = 2.5
+    assert float(big.sum()) == 2.5 * 350

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import queue
 import threading
@@ -103,6 +104,8 @@ _KRYLOV_MIN_WIDTH = 32
 _GRAM_STRIPE_BYTES = 4 << 30
 #: row blocks smaller than this are coalesced (BLAS efficiency)
 _MIN_BLOCK_ROWS = 256
+#: buffers at least this large are taken from an anonymous map (:func:`bulk_empty`)
+_BULK_MIN_BYTES = 64 << 20
 #: read the next block in a background thread while the current one is multiplied
 PREFETCH = os.environ.get("W2WKIT_PREFETCH", "1") != "0"
 
@@ -128,6 +131,9 @@ class PCAResult:
         ``sum(Z**2) / (N - 1)`` if the solver knows it, else nan.
     info : dict
         Solver details (oversampling, Krylov dimension, timings ...).
+    mean : ndarray, shape (d,), float64, or None
+        The column means the solver subtracted (``fit_pca(..., center=True)``),
+        else None.
     """
 
     components: np.ndarray
@@ -137,6 +143,7 @@ class PCAResult:
     solver: str
     total_variance: float = math.nan
     info: dict[str, Any] | None = None
+    mean: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- choice
@@ -217,7 +224,8 @@ def top_eigh(
     ----------
     gram : ndarray, shape (N, N)
         Symmetric PSD, both triangles filled (the dense method reads only the
-        lower one, the krylov method multiplies by the whole matrix).
+        lower one, the krylov method multiplies by the whole matrix). A float32
+        matrix is used as it is by the krylov method (no float64 copy).
     k : int
         Number of eigenpairs, ``1 <= k <= N``.
     method : {"auto", "dense", "krylov"}
@@ -254,10 +262,12 @@ def top_eigh(
         raise SpaceError("top_eigh: the matrix has non-finite entries")
     if method not in ("auto", "dense", "krylov"):
         raise SpaceError(f"top_eigh: unknown method {method!r}")
-    a = np.asarray(a, dtype=np.float64)
     width = None if method == "dense" else _krylov_width(n, k, forced=method == "krylov")
     if width:
+        if a.dtype not in (np.float32, np.float64):
+            a = a.astype(np.float64)
         return _krylov_eigh(a, k, width, _KRYLOV_DEPTH, product_dtype)
+    a = np.asarray(a, dtype=np.float64)
     if k == n or n <= 64:
         w, v = eigh(a, lower=True, check_finite=False)
         w, v = w[n - k :], v[:, n - k :]
@@ -288,8 +298,9 @@ def _krylov_eigh(
 
     Parameters
     ----------
-    a : ndarray, shape (N, N), float64
-        Symmetric PSD; read in full (both triangles must hold the matrix).
+    a : ndarray, shape (N, N), float32 or float64
+        Symmetric PSD; read in full (both triangles must hold the matrix). It is
+        only multiplied (in ``product_dtype``), never modified.
     k : int
         Number of eigenpairs.
     width : int
@@ -308,86 +319,120 @@ def _krylov_eigh(
 
     Notes
     -----
-    Each new block ``A Q_j`` is orthogonalised against the last two blocks
-    (the Lanczos recurrence), then twice against the whole basis, each full
-    round followed by a Cholesky QR; directions lost to rank deficiency (an
-    exhausted Krylov space) are replaced by random ones, so the basis stays
-    orthonormal. The products ``A Q_j`` are kept, so the
-    Rayleigh-Ritz matrix ``K^T A K`` needs one more product only. The random
-    start is fixed (seed 0): the result is deterministic.
+    The basis is stored transposed, one basis vector per row (``K^T``, shape
+    ``(dim, N)``), so that every block is a contiguous slab. Each new block
+    ``A Q_j`` is orthogonalised against the last two blocks (the Lanczos
+    recurrence), then twice against the whole basis, each full round followed
+    by a Cholesky QR; directions lost to rank deficiency (an exhausted Krylov
+    space) are replaced by random ones, so the basis stays orthonormal. The
+    products ``A Q_j`` are kept, so the Rayleigh-Ritz matrix ``K^T A K`` needs
+    one more product only. The random start is fixed (seed 0): the result is
+    deterministic.
     """
-    from scipy.linalg import cholesky, eigh, solve_triangular
-
+    # numpy's LAPACK only (no scipy.linalg) inside the loop: numpy and scipy bundle
+    # separate OpenBLAS builds whose idle threads spin ~0.1 s after each call, so
+    # alternating between them cost ~80 ms per switch (measured: 1.5 s of Cholesky
+    # factorisations of 300 x 300 matrices at N = 10,000)
     n = a.shape[0]
     rng = np.random.default_rng(0)
     dim = (depth + 1) * width
-    k_basis = np.empty((n, dim), dtype=np.float64)  # K = [Q_0, Q_1, ...]
-    # float32 copy of K for the full re-orthogonalisation rounds when the products are
-    # float32 anyway (they follow a float64 Lanczos round, so they act on a residual
-    # already small; measured: same eigenvalues, 4 s less at N = 10,000, k = 1000)
+    kt = bulk_empty((dim, n), np.float64)  # K^T: one basis vector per row
+    # float32 copy of K^T for the full re-orthogonalisation rounds when the products
+    # are float32 anyway (they follow a float64 Lanczos round, so they act on a
+    # residual already small; measured: same eigenvalues, 4 s less at N = 10,000)
     low = np.dtype(product_dtype) == np.float32
-    k_low = np.empty((n, dim), dtype=np.float32) if low else k_basis
+    kt_low = bulk_empty((dim, n), np.float32) if low else kt
     t = np.zeros((dim, dim), dtype=np.float64)  # K^T A K, block tridiagonal
 
     def cholqr(w: np.ndarray) -> np.ndarray:
-        w /= np.linalg.norm(w, axis=0)
+        """Orthonormalise the rows of ``w`` (l, N): ``R^-T w`` with ``w w^T = R^T R``."""
+        w /= np.linalg.norm(w, axis=1)[:, None]
         try:
-            r = cholesky(w.T @ w, lower=False, check_finite=False)
-            # w R^-1 as a GEMM with the small inverse (faster than a tall triangular solve)
-            r_inv = solve_triangular(r, np.eye(r.shape[0]), lower=False, check_finite=False)
-            return w @ r_inv
+            lo = np.linalg.cholesky(w @ w.T)  # w w^T = L L^T (L = R^T)
+            # L^-1 w as a GEMM with the small inverse (faster than a wide triangular solve)
+            return np.linalg.inv(lo) @ w
         except np.linalg.LinAlgError:
-            return np.linalg.qr(w)[0]
+            return np.ascontiguousarray(np.linalg.qr(w.T)[0].T)
 
     def next_block(p: np.ndarray, j: int) -> np.ndarray:
-        """Orthonormalise ``A Q_j`` against ``K[:, : (j + 1) l]``."""
+        """Orthonormalise ``(A Q_j)^T`` (rows) against ``K^T[: (j + 1) l]``."""
         lo, hi = max(0, j - 1) * width, (j + 1) * width
-        norms0 = np.linalg.norm(p, axis=0)
-        w = p.copy()
+        norms0 = np.linalg.norm(p, axis=1)
         # round 1 (block Lanczos): A Q_j lies in span(Q_{j-1}, Q_j, Q_{j+1}) in
         # exact arithmetic, so only the last two blocks are removed; round 2 and
         # later: full re-orthogonalisation against K
-        kk = k_basis[:, lo:hi]
-        w -= kk @ (kk.T @ w)
-        kk = k_low[:, :hi]
+        kk = kt[lo:hi]
+        w = p - (p @ kk.T) @ kk
+        kk = kt_low[:hi]
 
         def full_round(w: np.ndarray) -> None:
-            w -= (kk @ (kk.T @ w.astype(kk.dtype, copy=False))).astype(np.float64, copy=False)
+            c = w.astype(kk.dtype, copy=False) @ kk.T
+            w -= (c @ kk).astype(np.float64, copy=False)
 
         full_round(w)
-        lost = np.linalg.norm(w, axis=0) <= 1e-10 * np.maximum(norms0, 1e-300)
+        lost = np.linalg.norm(w, axis=1) <= 1e-10 * np.maximum(norms0, 1e-300)
         if lost.any():  # the Krylov space is exhausted: go on with random directions
-            w[:, lost] = rng.standard_normal((n, int(lost.sum())))
+            w[lost] = rng.standard_normal((int(lost.sum()), n))
             full_round(w)
         w = cholqr(w)
         full_round(w)  # "twice is enough"
         return cholqr(w)
 
     def put(q: np.ndarray, lo: int, hi: int) -> None:
-        k_basis[:, lo:hi] = q
+        kt[lo:hi] = q
         if low:
-            k_low[:, lo:hi] = q
+            kt_low[lo:hi] = q
 
-    put(cholqr(rng.standard_normal((n, width))), 0, width)
-    a_prod = a.astype(product_dtype, copy=False)
+    put(cholqr(rng.standard_normal((width, n))), 0, width)
+    a_prod = a if a.dtype == np.dtype(product_dtype) else a.astype(product_dtype)
     for j in range(depth + 1):
         lo, hi = j * width, (j + 1) * width
-        p = (a_prod @ k_basis[:, lo:hi].astype(a_prod.dtype)).astype(np.float64, copy=False)
-        diag = k_basis[:, lo:hi].T @ p
+        # (A Q_j)^T = Q_j^T A (A symmetric)
+        q_prod = kt_low[lo:hi] if low else kt[lo:hi].astype(a_prod.dtype, copy=False)
+        p = (q_prod @ a_prod).astype(np.float64, copy=False)
+        diag = kt[lo:hi] @ p.T
         t[lo:hi, lo:hi] = 0.5 * (diag + diag.T)
         if j < depth:
             q = next_block(p, j)
             put(q, hi, hi + width)
-            off = q.T @ p  # Q_{j+1}^T A Q_j
+            off = q @ p.T  # Q_{j+1}^T A Q_j
             t[hi : hi + width, lo:hi] = off
             t[lo:hi, hi : hi + width] = off.T
         del p
-    w_all, g = eigh(t, driver="evd", check_finite=False)  # ascending
+    w_all, g = np.linalg.eigh(t)  # ascending (LAPACK ?syevd)
     top = np.arange(dim - 1, dim - 1 - k, -1)
     w_all = w_all[top]
-    v = np.ascontiguousarray(k_basis @ g[:, top])
+    v = np.ascontiguousarray((g[:, top].T @ kt).T)
     _fix_signs(v, axis=0)
     return w_all, v
+
+
+def bulk_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous array in ordinary 4 KiB pages.
+
+    numpy asks the kernel for transparent huge pages on every large array. On
+    the virtual machines this project runs on, first-touching fresh huge pages
+    was measured 2-3x slower than small pages (reading 4 GB into a fresh array:
+    12.6 s vs 4.9 s) while the BLAS products ran at the same speed, so the
+    solvers take their large buffers (>= 64 MiB) from an anonymous memory map
+    instead; smaller ones come from ``np.empty``. The map is released with the
+    array.
+
+    Parameters
+    ----------
+    shape : tuple of int
+    dtype : dtype
+
+    Returns
+    -------
+    ndarray, shape ``shape``
+    """
+    dt = np.dtype(dtype)
+    nbytes = math.prod(shape) * dt.itemsize
+    if nbytes < _BULK_MIN_BYTES:
+        return np.empty(shape, dtype=dt)
+    buf = mmap.mmap(-1, nbytes)
+    return np.frombuffer(buf, dtype=dt).reshape(shape)
 
 
 def _fix_signs(a: np.ndarray, axis: int, other: np.ndarray | None = None) -> None:
@@ -473,6 +518,20 @@ class _Stream:
         self.progress = progress
         self.prefetch = PREFETCH if prefetch is None else prefetch
         self.n_passes = 0
+        #: column means subtracted from every block (:meth:`centre`), float64 (d,)
+        self.mean: np.ndarray | None = None
+        self._shift: np.ndarray | None = None
+
+    def centre(self) -> None:
+        """One pass for the column means; later passes yield centred blocks."""
+        total = np.zeros(self.n_cols, dtype=np.float64)
+        for offset, block in self.passes("column means"):
+            sums = block.sum(axis=0, dtype=np.float64)
+            if not np.all(np.isfinite(sums)):
+                _check_finite_rows(block, offset, "column means")
+            total += sums
+        self.mean = total / self.n_rows
+        self._shift = self.mean.astype(np.float32)
 
     def passes(self, stage: str) -> Iterator[tuple[int, np.ndarray]]:
         """One pass: yields ``(row_offset, block)`` with float32 C-contiguous blocks."""
@@ -513,13 +572,13 @@ class _Stream:
                     continue
                 block = np.concatenate(pending) if len(pending) > 1 else pending[0]
                 pending, pending_rows = [], 0
-            yield done, block
+            yield done, self._centred(block)
             done += block.shape[0]
             if self.progress is not None:
                 self.progress(stage, done, n)
         if pending:
             block = np.concatenate(pending) if len(pending) > 1 else pending[0]
-            yield done, block
+            yield done, self._centred(block)
             done += block.shape[0]
             if self.progress is not None:
                 self.progress(stage, done, n)
@@ -528,6 +587,9 @@ class _Stream:
                 f"the data blocks held {done} rows in pass {self.n_passes}, expected {n}",
                 hint="the block function must yield the same rows on every call",
             )
+
+    def _centred(self, block: np.ndarray) -> np.ndarray:
+        return block if self._shift is None else block - self._shift
 
 
 def _check_finite_rows(y: Any, offset: int, stage: str) -> None:
@@ -741,12 +803,13 @@ def _ops(device: str) -> _NumpyOps:
 # ----------------------------------------------------------------------------- exact
 
 
-def _fit_exact(stream: _Stream, k: int) -> PCAResult:
+def _fit_exact(stream: _Stream, k: int, center: bool) -> PCAResult:
     n, d = stream.n_rows, stream.n_cols
     z = np.empty((n, d), dtype=np.float64)
     for offset, block in stream.passes("exact: read"):
         _check_finite_rows(block, offset, "exact")
         z[offset : offset + block.shape[0]] = block
+    mean = _centre_in_place(z) if center else None
     total = float(np.einsum("ij,ij->", z, z)) / max(n - 1, 1)
     u, s, vt = np.linalg.svd(z, full_matrices=False)
     del z
@@ -761,20 +824,23 @@ def _fit_exact(stream: _Stream, k: int) -> PCAResult:
         solver="exact",
         total_variance=total,
         info={},
+        mean=mean,
     )
 
 
 # ----------------------------------------------------------------------------- gram
 
 
-def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps) -> PCAResult:
+def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps, center: bool) -> PCAResult:
     n, d = stream.n_rows, stream.n_cols
     # float64 products when they are cheap, float32 BLAS (with float64 accumulation
     # across blocks) otherwise.
     dtype = np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
     itemsize = np.dtype(dtype).itemsize
     if n * d * itemsize <= _GRAM_STRIPE_BYTES and not isinstance(ops, _TorchOps):
-        return _fit_gram_in_memory(stream, k, dtype)
+        return _fit_gram_in_memory(stream, k, dtype, center)
+    if center:
+        stream.centre()
     stripe_rows = max(1, min(n, _GRAM_STRIPE_BYTES // (d * itemsize)))
     gram = np.zeros((n, n), dtype=np.float64)
     sumsq = 0.0
@@ -814,36 +880,69 @@ def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps) -> PCAResult:
     for offset, block in stream.passes("gram: components"):
         p = proj[offset : offset + block.shape[0]].astype(comp.dtype)
         comp += p.T @ block.astype(comp.dtype, copy=False)
-    return _gram_result(comp, good, u, sv, stream, sumsq, n, {"stripes": n_stripes}, dtype)
+    return _gram_result(
+        comp, good, u, sv, stream, sumsq, n, {"stripes": n_stripes}, dtype, stream.mean
+    )
 
 
-def _fit_gram_in_memory(stream: _Stream, k: int, dtype: Any) -> PCAResult:
+def _fit_gram_in_memory(stream: _Stream, k: int, dtype: Any, center: bool) -> PCAResult:
     """Gram solver for a matrix that fits in memory: one pass, no second read.
 
-    The rows are read into one array, ``G = Z Z^T`` is one symmetric BLAS
-    product (measured faster than multiplying each block against the rows read
-    before it while reading), and the components ``diag(1/s) U^T Z`` come from
-    the rows in memory. Non-finite rows are found on the diagonal of ``G``.
+    The rows are read into one array (centred there when ``center``), ``G = Z
+    Z^T`` is one symmetric BLAS product in the data's dtype (measured faster
+    than multiplying each block against the rows read before it while
+    reading), its top-k eigenpairs come from :func:`top_eigh` on ``G`` as it
+    is (a float32 ``G`` is not copied to float64), and the components ``diag(1/s)
+    U^T Z`` come from the rows in memory. Non-finite rows are found on the
+    diagonal of ``G`` (or by the centring, which reads every entry first).
     """
     n, d = stream.n_rows, stream.n_cols
-    z = np.empty((n, d), dtype=dtype)
+    z = bulk_empty((n, d), dtype)
     for offset, block in stream.passes("gram: read"):
         z[offset : offset + block.shape[0]] = block
+    mean = None
+    if center:
+        with _stage(stream, "gram: centre"):
+            mean = _centre_in_place(z)
     # one symmetric product (numpy sends a @ a.T to BLAS ?syrk: half a GEMM's flops);
     # each entry is one full-length BLAS dot product in the data's dtype
     with _stage(stream, "gram: Z Z^T"):
-        gram = (z @ z.T).astype(np.float64, copy=False)
+        gram = bulk_empty((n, n), dtype)
+        np.matmul(z, z.T, out=gram)
     diag = np.diagonal(gram)
     if not np.all(np.isfinite(diag)):  # a NaN/inf row spoils its own diagonal entry
         _check_finite_rows(diag[:, None], 0, "gram")
-    sumsq = float(np.sum(diag))
+    sumsq = float(np.sum(diag, dtype=np.float64))
     with _stage(stream, "gram: top-k eigenpairs"):
         u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
     del gram
     with _stage(stream, "gram: components"):
-        comp = proj.T.astype(dtype) @ z
+        comp = bulk_empty((k, d), dtype)
+        np.matmul(proj.T.astype(dtype), z, out=comp)
     del z
-    return _gram_result(comp, good, u, sv, stream, sumsq, n, {"stripes": 1}, dtype)
+    return _gram_result(comp, good, u, sv, stream, sumsq, n, {"stripes": 1}, dtype, mean)
+
+
+def _centre_in_place(z: np.ndarray, rows: int = 256) -> np.ndarray:
+    """Subtract the column means of ``z`` (N, d) in place; returns them, (d,) float64.
+
+    The sums are accumulated in float64 (a float32 running sum over many rows
+    would lose digits of a large common offset, such as the shared
+    initialisation of LoRA factors). A row with NaN or infinite values is named
+    before anything is changed.
+    """
+    n = z.shape[0]
+    total = np.zeros(z.shape[1], dtype=np.float64)
+    for lo in range(0, n, rows):
+        total += z[lo : lo + rows].sum(axis=0, dtype=np.float64)
+    if not np.all(np.isfinite(total)):
+        for lo in range(0, n, rows):
+            _check_finite_rows(z[lo : lo + rows], lo, "centring")
+    mean = total / n
+    mean_z = mean.astype(z.dtype)
+    for lo in range(0, n, rows):
+        z[lo : lo + rows] -= mean_z
+    return mean
 
 
 @contextlib.contextmanager
@@ -880,6 +979,7 @@ def _gram_result(
     n: int,
     info: dict,
     dtype: Any,
+    mean: np.ndarray | None,
 ) -> PCAResult:
     if not good.all():
         comp = _complete_orthonormal(comp.astype(np.float64), good)
@@ -893,6 +993,7 @@ def _gram_result(
         solver="gram",
         total_variance=sumsq / max(n - 1, 1),
         info={**info, "product_dtype": np.dtype(dtype).name},
+        mean=mean,
     )
 
 
@@ -1222,6 +1323,7 @@ def fit_pca(
     device: str = "cpu",
     progress: ProgressFn | None = None,
     block_size: int | None = None,
+    center: bool = False,
 ) -> PCAResult:
     """Truncated PCA (SVD) of a matrix streamed in row blocks.
 
@@ -1230,7 +1332,7 @@ def fit_pca(
     blocks : BlockFn
         ``blocks()`` starts one pass over ``Z`` (N, d) and yields its consecutive
         row blocks, float arrays (b_i, d) with ``sum b_i = N``, in the same order
-        on every call. ``Z`` is not centred by the solver.
+        on every call. ``Z`` is used as given unless ``center``.
     n_rows, n_cols : int
         ``N`` and ``d``.
     n_components : int
@@ -1255,6 +1357,11 @@ def fit_pca(
         ``progress(stage, done_rows, total_rows)``, called as blocks are consumed.
     block_size : int, optional
         Randomized: block width ``l`` (overrides ``n_oversamples``).
+    center : bool
+        Subtract the column means first, as scikit-learn's PCA does; they are
+        returned as ``PCAResult.mean``. The exact and in-memory gram solvers
+        centre the rows they hold in memory (no extra pass), the others make
+        one pass for the means first. Means are summed in float64.
 
     Returns
     -------
@@ -1279,7 +1386,11 @@ def fit_pca(
     ops = _ops(device)
     stream = _Stream(blocks, n, d, progress)
     if solver == "exact":
-        return _fit_exact(stream, k)
+        return _fit_exact(stream, k, center)
     if solver == "gram":
-        return _fit_gram(stream, k, ops)
-    return _fit_randomized(stream, k, n_oversamples, n_iter, block_size, random_state, ops)
+        return _fit_gram(stream, k, ops, center)
+    if center:
+        stream.centre()
+    res = _fit_randomized(stream, k, n_oversamples, n_iter, block_size, random_state, ops)
+    res.mean = stream.mean
+    return res
