@@ -215,7 +215,7 @@ def test_krylov_eigh_matches_dense_on_a_slowly_decaying_spectrum():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(solvers, "_krylov_eigh", lambda *a: calls.append(a[2:4]) or real(*a))
         w, v = top_eigh(g, k, method="krylov")
-    assert calls == [(32, 10)]
+    assert calls == [(32, 11)]
     ref = np.sort(lam)[::-1][:k]
     np.testing.assert_allclose(w, ref, rtol=1e-8)
     np.testing.assert_allclose(v.T @ v, np.eye(k), atol=1e-10)
@@ -227,7 +227,7 @@ def test_krylov_eigh_matches_dense_on_a_slowly_decaying_spectrum():
 
 
 def test_krylov_eigh_survives_an_exhausted_krylov_space(monkeypatch):
-    # rank 5 < the Krylov basis (11 blocks of 32 = 352 <= 400 columns): the blocks lose
+    # rank 5 < the Krylov basis (12 blocks of 32 = 384 <= 400 columns): the blocks lose
     # directions, random ones replace them
     calls = []
     real = solvers._krylov_eigh
@@ -236,7 +236,7 @@ def test_krylov_eigh_survives_an_exhausted_krylov_space(monkeypatch):
     a = rng.standard_normal((400, 5))
     g = a @ a.T
     w, v = top_eigh(g, 12, method="krylov")
-    assert calls == [(32, 10)]
+    assert calls == [(32, 11)]
     ref = np.linalg.eigvalsh(g)[::-1][:12]
     np.testing.assert_allclose(w[:5], ref[:5], rtol=1e-8)
     np.testing.assert_allclose(w[5:], 0.0, atol=1e-8 * ref[0])

@@ -91,12 +91,13 @@ _EXACT_MAX_ENTRIES = 25_000_000
 _GRAM_FLOAT64_MAX_FLOPS = 4e10
 #: top_eigh switches from LAPACK to block Lanczos at this size (when k <= N / 4)
 _KRYLOV_EIGH_MIN_N = 4000
-#: its block width (times k) and number of products: basis of 11 * 0.3 k = 3.3 k
+#: its block width (times k) and number of products: basis of 12 * 0.25 k = 3 k
 #: columns; on a spectrum that flattens into noise at k (benchmarks/_synth.py),
-#: N = 10,000, k = 1000: eigenvalues to 6e-7 mean relative error (0.3 k x 11 blocks
-#: 1e-8, 0.55 k x 7 blocks 5e-6)
-_KRYLOV_WIDTH = 0.3
-_KRYLOV_DEPTH = 10
+#: N = 10,000, k = 1000, float32 G: singular values to 3.3e-6 mean relative error
+#: in 9.0 s (0.3 k x 11 blocks: 5.7e-7 in 10.6 s; 0.3 k x 10: 1.7e-5; 0.35 k x 9:
+#: 1.8e-5; 0.4 k x 8: 3.1e-5; scikit-learn's randomized PCA: 9.8e-3)
+_KRYLOV_WIDTH = 0.25
+_KRYLOV_DEPTH = 11
 _KRYLOV_MIN_WIDTH = 32
 #: the gram solver's stripe buffer (bytes): rows are multiplied against each other
 #: a stripe at a time, one pass over Z per stripe; a matrix that fits in one stripe
@@ -233,10 +234,11 @@ def top_eigh(
         its tridiagonal reduction costs ``~4/3 N^3`` whatever ``k`` is (65 s at
         N = 10,000 on 2 cores). ``"krylov"``: in-memory block Lanczos with full
         re-orthogonalisation (:func:`_krylov_eigh`), ``O(N^2 k)``; at N = 10,000,
-        k = 1000 about 13-17 s with eigenvalues to ~1e-10 relative on a spectrum
-        that decays. ``"auto"``: krylov when ``N >= 4000`` and ``k <= N / 4``.
-        Both fall back to dense when the Krylov basis (11 blocks of
-        ``max(32, 0.3 k)`` columns) would not fit in N columns.
+        k = 1000 about 9 s on a float32 matrix (products in float32), with
+        eigenvalues to ~1e-10 relative on a spectrum that decays and ~1e-5 on
+        one that flattens into noise at k. ``"auto"``: krylov when ``N >= 4000`` and ``k <= N / 4``.
+        Both fall back to dense when the Krylov basis (12 blocks of
+        ``max(32, 0.25 k)`` columns) would not fit in N columns.
     product_dtype : dtype
         Precision of the products ``A Q`` of the krylov method (the basis and
         the Rayleigh-Ritz step stay float64). ``float32`` halves their cost and
@@ -623,6 +625,22 @@ class _NumpyOps:
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a @ b
 
+    def block_matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``a @ b`` for a data block ``a`` (m, d) and a basis block ``b`` (d, l).
+
+        Runs in the same BLAS as :meth:`add_at_b` (scipy's OpenBLAS). numpy and
+        scipy bundle separate OpenBLAS builds whose idle threads spin ~0.1 s
+        after each call, so alternating between them in the per-block loop cost
+        ~80 ms a block (measured: 12 blocks of 1024 x 99,648 at l = 500, 9.8-10.3 s
+        alternating vs 8.9 s in one library).
+        """
+        from scipy.linalg.blas import sgemm
+
+        if a.dtype == b.dtype == np.float32 and a.flags.c_contiguous and b.flags.c_contiguous:
+            # Fortran view: (a @ b).T (l, m) = b.T (l, d) @ a.T (d, m)
+            return sgemm(1.0, b.T, a.T).T
+        return a @ b
+
     def add_at_b(self, w: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         """``w += a.T @ b`` in place (w C-contiguous (d, l), a (m, d), b (m, l))."""
         from scipy.linalg.blas import sgemm
@@ -754,6 +772,9 @@ class _TorchOps(_NumpyOps):
         return self.torch.empty(shape, dtype=self.torch.float32, device=self.device)
 
     def matmul(self, a: Any, b: Any) -> Any:
+        return a @ b
+
+    def block_matmul(self, a: Any, b: Any) -> Any:
         return a @ b
 
     def add_at_b(self, w: Any, a: Any, b: Any) -> None:
@@ -1101,7 +1122,7 @@ class _BlockKrylov:
             zb = ops.put(block)
             rows = slice(offset, offset + block.shape[0])
             if need_y:
-                yb = ops.matmul(zb, q)
+                yb = ops.block_matmul(zb, q)
                 if first:
                     ops.finite_rows(yb, offset, "randomized")
                 y[rows] = yb
@@ -1126,7 +1147,7 @@ class _BlockKrylov:
         for offset, block in self.stream.passes(f"randomized: pass {self.stream.n_passes + 1}"):
             if first:
                 sumsq += float(np.einsum("ij,ij->i", block, block).sum(dtype=np.float64))
-            yb = ops.matmul(ops.put(block), q)
+            yb = ops.block_matmul(ops.put(block), q)
             if first:
                 ops.finite_rows(yb, offset, "randomized")
             y[offset : offset + block.shape[0]] = yb
