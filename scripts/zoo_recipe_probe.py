@@ -10,8 +10,9 @@ seed 0 are trained with :class:`ZooTrainer`; fidelity is the build's test (top-1
 first 50 instances by ID score against the mean of 4 reference renders, 2 generations per
 model). One JSON line is appended to ``$ZOOFIX_OUT/results.jsonl`` (default /tmp/zoofix);
 the factors and generations are saved beside it. ``$ZOO_PROMPT`` replaces the instance prompt
-(training and generation; default ``sks person`` / ``sks dog``). Used for docs/world.md
-("Choosing the zoo recipe").
+(training and generation; default ``sks person`` / ``sks dog``). ``$ZOO_BASE`` names
+another base pipeline folder (default: the shipped world's; e.g. the output of
+``scripts/base_continue_probe.py``). Used for docs/world.md ("Choosing the zoo recipe").
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> dict:
     s = ZooSettings(
         rank=rank, alpha=alpha, lr=lr, steps=steps, batch=batch, targets=targets, device="cpu"
     )
-    tr = ZooTrainer(world.pipeline_dir, s)
+    tr = ZooTrainer(os.environ.get("ZOO_BASE") or world.pipeline_dir, s)
     tr.pipe.to(dtype=torch.float32)  # the shipped pipeline is float16
     tr.init_down = {t: v.float() for t, v in tr.init_down.items()}
     n_cand = 50
@@ -120,6 +121,7 @@ def main(argv: list[str]) -> dict:
         "models_per_hour": 3600 * k_models / dt,
         "n_modules": len(tr.targets),
         "prompt": prompt,
+        "base": os.environ.get("ZOO_BASE") or "shipped",
     }
     with open(f"{out}/results.jsonl", "a") as fh:
         fh.write(json.dumps(res) + "\n")
