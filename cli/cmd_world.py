@@ -36,9 +36,10 @@ def world_group() -> None:
 @world_group.command("build")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Work folder.")
 @profile_option(
-    ["full", "full-gpu", "micro"],
+    ["full", "full-gpu", "full-cpu", "micro"],
     "full",
-    "full-gpu: full with the base UNet at batch 64 (for a GPU build).",
+    "full-gpu: full with the base UNet at batch 64 (for a GPU build); full-cpu: the base on "
+    "2 threads for up to 24,000 steps (with --budget).",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -12,6 +12,9 @@ Usage::
 
     python scripts/base_continue_probe.py OUT [STEPS] [LR] [BATCH] [BUDGET_S]
 
+``$BASE_FROM`` starts from another pipeline folder (e.g. an earlier OUT) instead of the
+shipped base.
+
 Defaults: 20,000 steps (a cap), lr 2.5e-4, batch 8, budget 1500 s (the step count
 is cut to what fits, the schedule compressed: :func:`train_unet`). Threads: 2.
 Not part of a world build: a continued base is not reproducible from the seed
@@ -21,6 +24,7 @@ alone; this only tells whether the build's base training is the lever.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -46,15 +50,21 @@ def main(argv: list[str]) -> dict:
     budget = float(argv[4]) if len(argv) > 4 else 1500.0
     torch.set_num_threads(2)
     world = load_world(verify=False)
+    start = os.environ.get("BASE_FROM") or str(world.pipeline_dir)
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(world.pipeline_dir), torch_dtype=torch.float32, local_files_only=True
+        start, torch_dtype=torch.float32, local_files_only=True
     )
     settings = BaseSettings(unet_steps=steps, unet_lr=lr, unet_batch=batch, threads=2)
     t0 = time.perf_counter()
     data = render_dataset(settings)
     raw = encode_latents(pipe.vae, data.images)
     latents = raw * float(pipe.vae.config.scaling_factor)
-    log = {"render_encode_s": time.perf_counter() - t0, "steps_cap": steps, "lr": lr}
+    log = {
+        "from": start,
+        "render_encode_s": time.perf_counter() - t0,
+        "steps_cap": steps,
+        "lr": lr,
+    }
     log["unet"] = train_unet(
         pipe.unet,
         pipe.text_encoder,

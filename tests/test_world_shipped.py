@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -42,14 +43,17 @@ def test_shipped_files_load_and_hashes_match(work: Path) -> None:
     w = load_world(root)
     assert w.concepts == ["identity", "dog"]
     assert len(w.names("identity")) == 6 and len(w.names("dog")) == 3
-    # the stacked LoRA of a model is exactly its trained file
+    # the stacked LoRA of a model is its trained file, stored in float16
     name = w.names("identity")[2]
     trained = read_adapter(work / "zoo" / "identity" / f"{name}.safetensors")
     shipped = w.adapter("identity", name)
     assert list(shipped.layers) == list(trained.layers)
+    stored = safetensors.numpy.load_file(str(root / "loras.safetensors"))
+    assert {v.dtype for v in stored.values()} == {np.dtype(np.float16)}
     for k, layer in trained.layers.items():
-        np.testing.assert_array_equal(shipped.layers[k].down, layer.down)
-        np.testing.assert_array_equal(shipped.layers[k].up, layer.up)
+        assert shipped.layers[k].down.dtype == np.float32
+        np.testing.assert_array_equal(shipped.layers[k].down, layer.down.astype(np.float16))
+        np.testing.assert_array_equal(shipped.layers[k].up, layer.up.astype(np.float16))
     held = w.heldout()
     assert held["renders"].shape == (3, 3, 32, 32, 3) and len(held["names"]) == 3
     assert not set(held["names"]) & set(w.names("identity"))
@@ -147,7 +151,7 @@ def test_gpu_profile_only_widens_the_base_batch() -> None:
 
     from w2wkit.world.worldbuild import GPU_BASE_BATCH, PROFILES, profile
 
-    assert PROFILES == ("full", "full-gpu", "micro")
+    assert PROFILES == ("full", "full-gpu", "full-cpu", "micro")
     full, gpu = profile("full", seed=3, device="cuda"), profile("full-gpu", seed=3, device="cuda")
     assert full.base.unet_batch == 8 and gpu.base.unet_batch == GPU_BASE_BATCH == 64
     assert gpu.name == "full-gpu"
@@ -156,3 +160,20 @@ def test_gpu_profile_only_widens_the_base_batch() -> None:
         gpu, name="full", base=replace(gpu.base, unet_batch=8, unet_lr=full.base.unet_lr)
     )
     assert same == full
+
+
+def test_cpu_profile_only_changes_the_base_threads_and_steps() -> None:
+    from dataclasses import replace
+
+    from w2wkit.world.worldbuild import CPU_BASE_STEPS, CPU_BASE_THREADS, profile
+
+    full, cpu = profile("full", seed=2), profile("full-cpu", seed=2)
+    assert cpu.base.threads == CPU_BASE_THREADS == 2 and cpu.base.unet_steps == CPU_BASE_STEPS
+    same = replace(
+        cpu,
+        name="full",
+        base=replace(cpu.base, threads=full.base.threads, unet_steps=full.base.unet_steps),
+    )
+    assert same == full
+    # the packed world must stay within 40 MB: 1,000 identities + 200 breeds
+    assert (full.n_identities, full.n_dogs) == (1000, 200)

@@ -411,9 +411,11 @@ def pack_world(
                 "prompt": IDENTITY_PROMPT if concept == "identity" else DOG_PROMPT,
                 "class_prompt": "person" if concept == "identity" else "dog",
             }
+            # float16, as LoRAs are usually shared (rounding 5e-4 relative): a model of the
+            # 28-module zoo recipe is 10,240 numbers, 1,200 models 24.6 MB (49 MB in float32)
             for t, (a, b) in stacks.items():
-                tensors[f"{concept}.down.{t}"] = a
-                tensors[f"{concept}.up.{t}"] = b
+                tensors[f"{concept}.down.{t}"] = a.astype(np.float16)
+                tensors[f"{concept}.up.{t}"] = b.astype(np.float16)
             lab = work / "zoo" / concept / "labels.csv"
             if lab.exists():
                 shutil.copyfile(lab, tmp / f"labels_{concept}.csv")
