@@ -48,6 +48,13 @@ def world_group() -> None:
 )
 @click.option("--workers", type=int, default=None, help="CPU processes (default: cores - 1).")
 @click.option("--install", is_flag=True, help="Copy the packed world into the package.")
+@click.option(
+    "--evaluators-from",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Reuse the evaluators of this world folder instead of training them (they do not "
+    "depend on the base model; the log records the source and hashes).",
+)
 def build_cmd(
     out: Path,
     profile: str,
@@ -56,6 +63,7 @@ def build_cmd(
     budget: float | None,
     workers: int | None,
     install: bool,
+    evaluators_from: Path | None,
 ) -> None:
     """Build the whole world from a seed (resumable; phases skip finished outputs).
 
@@ -65,7 +73,14 @@ def build_cmd(
     from w2wkit.world.worldbuild import build_world
 
     log = build_world(
-        out, profile, seed=seed, device=device, budget_s=budget, workers=workers, install=install
+        out,
+        profile,
+        seed=seed,
+        device=device,
+        budget_s=budget,
+        workers=workers,
+        install=install,
+        evaluators_from=evaluators_from,
     )
     console.print(f"world built in {log.get('elapsed', 0):.1f} s -> {out / 'shipped'}")
 

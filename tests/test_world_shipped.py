@@ -177,3 +177,58 @@ def test_cpu_profile_only_changes_the_base_threads_and_steps() -> None:
     assert same == full
     # the packed world must stay within 40 MB: 1,000 identities + 200 breeds
     assert (full.n_identities, full.n_dogs) == (1000, 200)
+
+
+def test_build_can_reuse_the_evaluators_of_another_world(work: Path, tmp_path: Path) -> None:
+    # a rebuild that resumes base, zoo and held-out set from the first build and takes the
+    # evaluators of its packed world instead of training them
+    second = tmp_path / "second"
+    second.mkdir()
+    for part in ("base", "zoo", "heldout"):
+        shutil.copytree(work / part, second / part)
+    res = CliRunner().invoke(
+        cli,
+        [
+            "world",
+            "build",
+            "--out",
+            str(second),
+            "--profile",
+            "micro",
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--evaluators-from",
+            str(work / "shipped"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    for name in ("evaluators.safetensors", "evaluators.json"):
+        want = (work / "shipped" / name).read_bytes()
+        assert (second / "evaluators" / name).read_bytes() == want
+        assert (second / "shipped" / name).read_bytes() == want
+    rec = json.loads((second / "build_log.json").read_text())["phases"]["evaluators"]["result"]
+    assert rec["reused_from"] == str(work / "shipped")
+    assert set(rec["sha256"]) == {"evaluators.safetensors", "evaluators.json"}
+    assert "identity" in rec and "dog" in rec  # the source's metrics
+
+
+def test_reusing_evaluators_refuses_bad_sources(work: Path, tmp_path: Path) -> None:
+    from w2wkit.world.worldbuild import _reuse_evaluators
+
+    with pytest.raises(W2WError, match="no evaluators to reuse") as info:
+        _reuse_evaluators(tmp_path / "ev", tmp_path)
+    assert "evaluators.safetensors" in str(info.value)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(work / "shipped" / "evaluators.safetensors", other / "evaluators.safetensors")
+    desc = json.loads((work / "shipped" / "evaluators.json").read_text())
+    desc["attributes"]["identity"] = ["beard"]
+    (other / "evaluators.json").write_text(json.dumps(desc))
+    with pytest.raises(W2WError, match="other attributes"):
+        _reuse_evaluators(tmp_path / "ev", other)
+    (other / "evaluators.json").write_text("{not json")
+    with pytest.raises(W2WError, match="not an evaluators description"):
+        _reuse_evaluators(tmp_path / "ev", other)
+    assert not (tmp_path / "ev").exists()  # nothing partial

@@ -441,8 +441,52 @@ def _eval_data(prof: WorldProfile, concept: str, workers: int) -> dict[str, np.n
     }
 
 
+def _reuse_evaluators(folder: Path, source: Path) -> dict:
+    """Copy the evaluators of another world into ``folder``; returns the phase record.
+
+    The evaluators depend on the procedural generators and the seed, not on the
+    base model, so a rebuild of the base and zoo may reuse them. The source must
+    hold ``evaluators.safetensors`` and ``evaluators.json`` for the same concepts
+    and attributes as this code's generators.
+    """
+    from w2wkit.world.zoo import sha256
+
+    names = ("evaluators.safetensors", "evaluators.json")
+    for name in names:
+        if not (source / name).is_file():
+            raise W2WError("no evaluators to reuse here", path=source / name)
+    try:
+        info = json.loads((source / "evaluators.json").read_text())
+        attrs = info["attributes"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise W2WError("not an evaluators description", path=source / "evaluators.json") from None
+    want = {c: [a.name for a in _gen(c).attributes] for c in ("identity", "dog")}
+    if attrs != want:
+        raise W2WError(
+            "the evaluators were trained for other attributes than this version's generators",
+            path=source / "evaluators.json",
+        )
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in names:
+        shutil.copyfile(source / name, tmp / name)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return {
+        "reused_from": str(source),
+        "sha256": {name: sha256(folder / name) for name in names},
+        **info.get("metrics", {}),
+    }
+
+
 def _phase_evaluators(
-    out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int
+    out: Path,
+    prof: WorldProfile,
+    device: str,
+    clock: _Clock,
+    workers: int,
+    reuse: Path | None = None,
 ) -> dict:
     from w2wkit.world.evaluators import (
         Evaluators,
@@ -455,6 +499,8 @@ def _phase_evaluators(
     folder = out / "evaluators"
     if (folder / "evaluators.json").exists():
         return {"skipped": True, **json.loads((folder / "evaluators.json").read_text())["metrics"]}
+    if reuse is not None:
+        return _reuse_evaluators(folder, Path(reuse))
     t0 = time.time()
     data = {c: _eval_data(prof, c, workers) for c in ("identity", "dog")}
     t_render = time.time() - t0
@@ -775,6 +821,7 @@ def build_world(
     pack: bool = True,
     install: bool = False,
     prof: WorldProfile | None = None,
+    evaluators_from: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Build the miniature world into ``out`` (resumable) and pack it.
 
@@ -794,6 +841,11 @@ def build_world(
         cores but one.
     install : bool
         Copy the packed world into the package (``w2wkit/data/world``).
+    evaluators_from : path, optional
+        A folder with ``evaluators.safetensors`` / ``.json`` (a shipped world,
+        or another build's ``evaluators/``) whose evaluators are copied instead
+        of trained (~2 h of CPU): they depend on the generators and the seed,
+        not on the base. The build log records the source and the hashes.
 
     Returns
     -------
@@ -852,7 +904,8 @@ def build_world(
     run("base", lambda: _phase_base(out, prof, device, clock, workers))
     run("zoo", lambda: _phase_zoo(out, prof, device, clock, workers))
     run("heldout", lambda: _phase_heldout(out, prof, workers))
-    run("evaluators", lambda: _phase_evaluators(out, prof, device, clock, workers))
+    reuse = Path(evaluators_from) if evaluators_from is not None else None
+    run("evaluators", lambda: _phase_evaluators(out, prof, device, clock, workers, reuse))
     run("metrics", lambda: _phase_metrics(out, prof, device, clock, workers))
     if pack:
         from w2wkit.world.shipped import pack_world, package_world_dir
@@ -885,6 +938,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="total seconds")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--install", action="store_true")
+    ap.add_argument("--evaluators-from", default=None, help="reuse these evaluators")
     a = ap.parse_args(argv)
     try:
         log = build_world(
@@ -895,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
             budget_s=a.budget,
             workers=a.workers,
             install=a.install,
+            evaluators_from=a.evaluators_from,
         )
     except W2WError as exc:
         print(f"error: {exc}", file=sys.stderr)
