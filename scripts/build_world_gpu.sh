@@ -3,6 +3,9 @@
 #
 #   bash scripts/build_world_gpu.sh "$OUT"            # full-gpu profile, cuda
 #   PROFILE=micro DEVICE=cpu bash scripts/build_world_gpu.sh /tmp/x   # local check
+#   EVALUATORS_FROM=w2wkit/data/world bash scripts/build_world_gpu.sh "$OUT"
+#       # copy the shipped world's evaluators instead of training them (they do not
+#       # depend on the base): their share of the budget goes to the other phases
 #
 # Run from the repository root. Installs nothing from a network: if diffusers
 # is missing and wheels were carried in .whl/, they are unpacked into
@@ -21,6 +24,7 @@ WALL="${WALL:-540}"
 BUDGET="${BUDGET:-$((WALL - 45))}"
 WORK="${WORK:-/tmp/w2w-world-work}"
 SEED="${SEED:-0}"
+EVALUATORS_FROM="${EVALUATORS_FROM:-}"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 say() { echo "[build_world_gpu +$(( $(date +%s) - T0 ))s] $*"; }
@@ -52,12 +56,14 @@ print("  cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torc
 EOF
 [ $? -eq 0 ] || { say "environment check failed"; exit 3; }
 
-say "build: profile=$PROFILE device=$DEVICE budget=${BUDGET}s work=$WORK"
+say "build: profile=$PROFILE device=$DEVICE budget=${BUDGET}s work=$WORK evaluators=${EVALUATORS_FROM:-train}"
+REUSE=()
+[ -n "$EVALUATORS_FROM" ] && REUSE=(--evaluators-from "$EVALUATORS_FROM")
 LEFT=$(( WALL - ( $(date +%s) - T0 ) - 15 ))
 [ "$LEFT" -lt 5 ] && LEFT=5
 timeout --signal=TERM --kill-after=5 "$LEFT" "$PY" -m w2wkit.world.worldbuild \
   --out "$WORK" --profile "$PROFILE" --device "$DEVICE" --seed "$SEED" --budget "$BUDGET" \
-  2>&1 | tee "$OUT/build_stdout.txt" | grep -v -e "Processor" -e "^$"
+  "${REUSE[@]}" 2>&1 | tee "$OUT/build_stdout.txt" | grep -v -e "Processor" -e "^$"
 RC=${PIPESTATUS[0]}
 say "build exit code $RC"
 

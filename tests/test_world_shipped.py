@@ -149,17 +149,31 @@ def test_unknown_concept_for_zoo_command(tmp_path: Path) -> None:
 def test_gpu_profile_only_widens_the_base_batch() -> None:
     from dataclasses import replace
 
-    from w2wkit.world.worldbuild import GPU_BASE_BATCH, PROFILES, profile
+    from w2wkit.world.worldbuild import GPU_BASE_BATCH, GPU_BASE_STEPS, PROFILES, profile
 
     assert PROFILES == ("full", "full-gpu", "full-cpu", "micro")
     full, gpu = profile("full", seed=3, device="cuda"), profile("full-gpu", seed=3, device="cuda")
     assert full.base.unet_batch == 8 and gpu.base.unet_batch == GPU_BASE_BATCH == 64
+    assert gpu.base.unet_steps == GPU_BASE_STEPS
     assert gpu.name == "full-gpu"
     # everything else, the zoo recipe included, is the full profile's
-    same = replace(
-        gpu, name="full", base=replace(gpu.base, unet_batch=8, unet_lr=full.base.unet_lr)
+    base = replace(gpu.base, unet_batch=8, unet_lr=full.base.unet_lr, unet_steps=8000)
+    assert replace(gpu, name="full", base=base) == full
+
+
+def test_reused_evaluators_give_their_time_share_to_the_other_phases() -> None:
+    from w2wkit.world.worldbuild import PHASE_SHARES, _Clock
+
+    plain, free = _Clock(1000.0), _Clock(1000.0, free=("evaluators",))
+    # the UNet's share of the time left at the VAE phase grows by the evaluators' share
+    rest = sum(list(PHASE_SHARES.values())[1:])
+    assert plain.share("unet", "vae") == pytest.approx(PHASE_SHARES["unet"] / rest)
+    assert free.share("unet", "vae") == pytest.approx(
+        PHASE_SHARES["unet"] / (rest - PHASE_SHARES["evaluators"])
     )
-    assert same == full
+    assert free.share("evaluators", "vae") == 0.0
+    assert sum(free.share(p, "render") for p in PHASE_SHARES) == pytest.approx(1.0)
+    assert _Clock(None).budget("unet") is None
 
 
 def test_cpu_profile_only_changes_the_base_threads_and_steps() -> None:

@@ -451,20 +451,25 @@ def train_unet(
     unet.to(device).train()
     text_encoder.to(device).train()
     lat = torch.from_numpy(latents).to(device)
-    t0 = time.perf_counter()
+    t0 = t20 = time.perf_counter()
     ema = None
     ema_t: Any = None
     step = -1
     while step + 1 < total[0]:
         step += 1
-        if budget_s is not None and step == 50:
+        if budget_s is not None and step in (20, 70):
+            # step time from steps 20-70: the first ones carry one-off costs (kernel
+            # selection, allocator growth) that would make the estimate too short
             if str(device).startswith("cuda"):
                 torch.cuda.synchronize()
-            per = (time.perf_counter() - t0) / 50
-            fit = int(50 + (budget_s - (time.perf_counter() - t0)) / per)
-            if fit < total[0]:
-                total[0] = max(51, fit)
-                _log(progress, f"unet: {settings.unet_steps} steps do not fit, running {fit}")
+            if step == 20:
+                t20 = time.perf_counter()
+            else:
+                per = (time.perf_counter() - t20) / 50
+                fit = int(step + (budget_s - (time.perf_counter() - t0)) / per)
+                if fit < total[0]:
+                    total[0] = max(step + 1, fit)
+                    _log(progress, f"unet: {settings.unet_steps} steps do not fit, running {fit}")
         idx = rng.integers(0, len(lat), settings.unet_batch)
         caps = data.captions(idx, rng, settings.caption_drop)
         caps = ["" if rng.random() < settings.uncond_prob else c for c in caps]

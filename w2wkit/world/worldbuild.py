@@ -44,6 +44,7 @@ from w2wkit.world.zoo import ZooSettings
 __all__ = [
     "FULL_ZOO_RECIPE",
     "GPU_BASE_BATCH",
+    "GPU_BASE_STEPS",
     "PHASE_SHARES",
     "PROFILES",
     "WorldProfile",
@@ -148,6 +149,9 @@ class WorldProfile:
 #: raised with the batch.
 GPU_BASE_BATCH = 64
 GPU_BASE_LR = 1e-3
+#: ``full-gpu`` UNet step cap (``full``: 8,000). A ``--budget`` trims the run to the
+#: steps that fit (measured step time), so the cap only matters on a fast card.
+GPU_BASE_STEPS = 12_000
 
 #: ``full-cpu``: the base trained with 2 torch threads (measured on this 2-core VM:
 #: 0.133 s per UNet step of batch 8, against 0.36-0.41 s with one thread on a loaded
@@ -164,8 +168,9 @@ def profile(name: str, seed: int = 0, device: str = "cpu") -> WorldProfile:
     """``full`` (the documented world), ``full-gpu`` or ``micro`` (seconds, for tests and CI).
 
     ``full-gpu`` is ``full`` with the base UNet trained at batch
-    :data:`GPU_BASE_BATCH` (lr :data:`GPU_BASE_LR`): the same steps, 8x the
-    pictures, for a GPU build; on a CPU it would take ~8x the 60-minute budget.
+    :data:`GPU_BASE_BATCH` (lr :data:`GPU_BASE_LR`) for up to
+    :data:`GPU_BASE_STEPS` steps: 8x the pictures a step, for a GPU build; on a
+    CPU it would take ~8x the 60-minute budget.
     ``full-cpu`` is ``full`` with the base trained on :data:`CPU_BASE_THREADS`
     threads for up to :data:`CPU_BASE_STEPS` steps (give ``--budget`` so that
     they fit the hour).
@@ -173,7 +178,9 @@ def profile(name: str, seed: int = 0, device: str = "cpu") -> WorldProfile:
     if name in ("full", "full-gpu", "full-cpu"):
         base = BaseSettings(seed=seed)
         if name == "full-gpu":
-            base = replace(base, unet_batch=GPU_BASE_BATCH, unet_lr=GPU_BASE_LR)
+            base = replace(
+                base, unet_batch=GPU_BASE_BATCH, unet_lr=GPU_BASE_LR, unet_steps=GPU_BASE_STEPS
+            )
         if name == "full-cpu":
             base = replace(base, threads=CPU_BASE_THREADS, unet_steps=CPU_BASE_STEPS)
         return WorldProfile(
@@ -214,11 +221,16 @@ def profile(name: str, seed: int = 0, device: str = "cpu") -> WorldProfile:
 
 
 class _Clock:
-    """Total budget split over the phases still to run."""
+    """Total budget split over the phases still to run.
 
-    def __init__(self, total_s: float | None) -> None:
+    Phases in ``free`` take (almost) no time, e.g. evaluators copied from another
+    world: their share goes to the others.
+    """
+
+    def __init__(self, total_s: float | None, free: tuple[str, ...] = ()) -> None:
         self.t0 = time.time()
         self.total = total_s
+        self.shares = {p: (0.0 if p in free else s) for p, s in PHASE_SHARES.items()}
 
     def left(self) -> float | None:
         return None if self.total is None else self.total - (time.time() - self.t0)
@@ -226,9 +238,13 @@ class _Clock:
     def budget(self, phase: str) -> float | None:
         if self.total is None:
             return None
-        names = list(PHASE_SHARES)
-        rest = sum(PHASE_SHARES[p] for p in names[names.index(phase) :])
-        return max(1.0, (self.left() or 0.0) * PHASE_SHARES[phase] / rest)
+        return max(1.0, (self.left() or 0.0) * self.share(phase, phase))
+
+    def share(self, phase: str, start: str) -> float:
+        """Fraction of the time left at phase ``start`` that ``phase`` gets."""
+        names = list(self.shares)
+        rest = sum(self.shares[p] for p in names[names.index(start) :])
+        return self.shares[phase] / rest
 
 
 def _say(text: str) -> None:
@@ -279,11 +295,9 @@ def _phase_base(out: Path, prof: WorldProfile, device: str, clock: _Clock, worke
     budgets: dict[str, float] = {}
     left = clock.left()
     if left is not None:
-        names = list(PHASE_SHARES)
-        rest = sum(PHASE_SHARES[p] for p in names[names.index("vae") :])
         budgets = {
-            "vae": left * PHASE_SHARES["vae"] / rest,
-            "unet": max(10.0, left * PHASE_SHARES["unet"] / rest - 5.0),
+            "vae": left * clock.share("vae", "vae"),
+            "unet": max(10.0, left * clock.share("unet", "vae") - 5.0),
         }
     log = build_base(
         folder,
@@ -868,7 +882,9 @@ def build_world(
     workers = int(workers or default_workers())
     if device == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    clock = _Clock(budget_s)
+    reuse = Path(evaluators_from) if evaluators_from is not None else None
+    done = out / "evaluators" / "evaluators.json"
+    clock = _Clock(budget_s, free=("evaluators",) if reuse or done.exists() else ())
     log_path = out / "build_log.json"
     log: dict[str, Any] = json.loads(log_path.read_text()) if log_path.exists() else {}
     log.update(
@@ -904,7 +920,6 @@ def build_world(
     run("base", lambda: _phase_base(out, prof, device, clock, workers))
     run("zoo", lambda: _phase_zoo(out, prof, device, clock, workers))
     run("heldout", lambda: _phase_heldout(out, prof, workers))
-    reuse = Path(evaluators_from) if evaluators_from is not None else None
     run("evaluators", lambda: _phase_evaluators(out, prof, device, clock, workers, reuse))
     run("metrics", lambda: _phase_metrics(out, prof, device, clock, workers))
     if pack:
