@@ -166,6 +166,20 @@ def test_space_pipeline_mismatch_names_modules(micro: Path, tmp_path: Path) -> N
         )
 
 
+def test_pick_strength_takes_the_smallest_strength_reaching_the_target() -> None:
+    rows = [
+        {"strength": 4.0, "success": 0.9},
+        {"strength": 1.0, "success": 0.1},
+        {"strength": 2.0, "success": 0.8},
+    ]
+    assert E.pick_strength(rows, 0.8) == (2.0, True)
+    assert E.pick_strength(rows, 0.85) == (4.0, True)
+    # none reaches it: the most successful, the smallest among ties
+    assert E.pick_strength(rows, 0.95) == (4.0, False)
+    ties = [{"strength": 3.0, "success": 0.5}, {"strength": 1.5, "success": 0.5}]
+    assert E.pick_strength(ties, 0.9) == (1.5, False)
+
+
 def test_edit_prompt() -> None:
     from w2wkit.baselines import edit_prompt
     from w2wkit.concepts import get_pack
@@ -194,6 +208,16 @@ def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
         assert inv[m]["seconds"]["mean"] > 0
     assert len(saved["editing"]["attributes"]) >= 3
     assert [r["strength"] for r in saved["editing"]["sweep"]] == [1.0, 2.0]
+    # strengths calibrated per attribute on zoo models (never the held-out identities)
+    assert saved["editing"]["calibrated"] is True
+    zoo = set(w.zoo_names)
+    for attr in saved["editing"]["attributes"].values():
+        cal = attr["calibration"]
+        if cal is None:
+            continue
+        assert set(cal["models"]) <= zoo and len(cal["models"]) <= 2
+        assert [r["strength"] for r in cal["table"]] == [1.0, 2.0]
+        assert attr["strength"] == cal["strength"] == E.pick_strength(cal["table"], 0.8)[0]
     assert {r["n_models"] for r in saved["scaling"]["rows"]} == {6, 11}
     assert [r["components"] for r in saved["scaling"]["components_rows"]] == [2, 6]
     assert saved["fidelity"]["identity"]["n_candidates"] == 6

@@ -3,9 +3,10 @@
 ``run_eval(world, settings, out_dir)`` measures, on held-out identities
 (mean +- std over identities):
 
-* **editing** (>= 3 attributes, strengths calibrated in training standard
-  deviations): ID score of the edited model's renders to the unedited model's
-  renders (same seeds), attribute success rate (the attribute classifier on
+* **editing** (>= 3 attributes, strengths in training standard deviations,
+  calibrated per attribute on zoo models): ID score of the edited model's
+  renders to the unedited model's renders (same seeds), attribute success rate
+  (the attribute classifier on
   the edited renders, for identities that lacked the attribute), and pixel
   RMSE to the unedited renders; w2w (disentangled) vs prompting vs the
   undisentangled direction;
@@ -39,7 +40,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -60,6 +61,7 @@ __all__ = [
     "id_matrix",
     "id_score",
     "load_eval_world",
+    "pick_strength",
     "pixel_rmse",
     "run_eval",
     "stylise",
@@ -747,9 +749,19 @@ class EvalSettings:
     edit_attributes : tuple of str
         Attributes edited (those with labels).
     edit_strength : float
-        Calibrated strength (training standard deviations) of the headline numbers.
+        Strength (training standard deviations) of the headline numbers when
+        ``edit_calibration`` is 0.
     edit_sweep : tuple of float
-        Strengths of the w2w success / ID trade-off curve.
+        Strengths of the w2w success / ID trade-off curve, and the candidates
+        of the calibration.
+    edit_calibration : int
+        Zoo (training) models lacking the attribute on which each attribute's
+        strength is calibrated: the smallest strength of ``edit_sweep`` whose
+        edits the attribute classifier accepts at least ``edit_target`` of the
+        time (else the strength with the highest success). 0: ``edit_strength``
+        for every attribute. The held-out identities are never used for it.
+    edit_target : float
+        Success rate the calibration asks for.
     disentangle_threshold : float
         An edit is made orthogonal to every attribute whose label
         correlation with it is at least this in absolute value.
@@ -794,7 +806,9 @@ class EvalSettings:
     n_eval_images: int = 6
     edit_attributes: tuple[str, ...] = ("beard", "glasses", "old")
     edit_strength: float = 2.0
-    edit_sweep: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)
+    edit_sweep: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+    edit_calibration: int = 8
+    edit_target: float = 0.8
     disentangle_threshold: float = 0.15
     edit_inject_t: float | None = None
     n_samples: int = 8
@@ -833,6 +847,7 @@ PROFILES: dict[str, EvalSettings] = {
         ood_heldout=1,
         styles=("posterised", "line drawing"),
         edit_sweep=(1.0,),
+        edit_calibration=2,
         batch_size=16,
     ),
     "quick": EvalSettings(n_heldout=4, ood_heldout=2, scaling_heldout=2, n_samples=6),
@@ -1344,6 +1359,81 @@ def _section_inversion(ev: _Eval) -> dict[str, Any]:
     return out
 
 
+def pick_strength(table: Sequence[Mapping[str, float]], target: float) -> tuple[float, bool]:
+    """The calibration rule: the smallest strength whose success reaches ``target``.
+
+    Parameters
+    ----------
+    table : sequence of mappings
+        ``{"strength", "success"}`` rows, any order.
+    target : float
+
+    Returns
+    -------
+    strength : float
+        The smallest strength reaching ``target``; if none does, the one with the
+        highest success (the smallest among ties).
+    reached : bool
+    """
+    rows = sorted(table, key=lambda r: r["strength"])
+    for r in rows:
+        if r["success"] >= target:
+            return float(r["strength"]), True
+    top = max(r["success"] for r in rows)
+    return float(next(r["strength"] for r in rows if r["success"] == top)), False
+
+
+def _calibrate_strength(
+    ev: _Eval, attr: str, others: list[str], col: int | None
+) -> dict[str, Any] | None:
+    """Strength of ``attr``'s edits, chosen on zoo models lacking the attribute.
+
+    Returns ``None`` when it cannot be calibrated (calibration off, no classifier
+    output for the attribute, or no zoo model without it).
+    """
+    s, w, space = ev.s, ev.w, ev.space
+    y = w.labels.get(attr)
+    if s.edit_calibration <= 0 or col is None or y is None:
+        return None
+    pool = np.flatnonzero(np.asarray(y) == 0)
+    if not len(pool):
+        return None
+    rng = np.random.default_rng(s.seed + 17)
+    pick = rng.choice(pool, min(int(s.edit_calibration), len(pool)), replace=False)
+    from w2wkit.formats.registry import read_adapter
+
+    strengths = sorted({float(x) for x in s.edit_sweep} | {float(s.edit_strength)})
+    models = []
+    for i in pick:
+        ad = w.zoo[int(i)]
+        ad = read_adapter(ad) if isinstance(ad, (str, os.PathLike)) else ad
+        models.append(ad)  # strength 0: the zoo model itself
+        models += [_edit_disentangled(space, ad, attr, st, others)[0] for st in strengths]
+    seeds = list(range(min(2, s.seeds)))
+    imgs = ev.render(models, seeds=seeds, desc=f"calibrate {attr}")
+    imgs = imgs.reshape(len(pick), 1 + len(strengths), -1, *imgs.shape[-3:])
+    emb = _unit(ev.embed(imgs))
+    probs = w.evaluators.attribute_probs(_u8(imgs.reshape(-1, *imgs.shape[-3:])))[:, col]
+    ok = (probs.reshape(imgs.shape[:3]) > 0.5).mean(axis=(0, 2))
+    table = [
+        {
+            "strength": st,
+            "success": float(ok[j + 1]),
+            "id_score": float(np.sum(emb[:, j + 1] * emb[:, 0], axis=-1).mean()),
+        }
+        for j, st in enumerate(strengths)
+    ]
+    best, reached = pick_strength(table, s.edit_target)
+    return {
+        "strength": best,
+        "reached_target": reached,
+        "target": s.edit_target,
+        "models": [w.zoo_names[int(i)] for i in pick],
+        "seeds": len(seeds),
+        "table": table,
+    }
+
+
 def _section_editing(ev: _Eval) -> dict[str, Any]:
     s, w, space = ev.s, ev.w, ev.space
     specs = {a.name: a for a in w.pack.attributes}
@@ -1356,6 +1446,8 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
     res: dict[str, Any] = {
         "attributes": {},
         "strength": s.edit_strength,
+        "calibrated": s.edit_calibration > 0,
+        "target": s.edit_target,
         "inject_t": s.edit_inject_t,
     }
     pooled: dict[str, dict[str, list[float]]] = {
@@ -1369,17 +1461,19 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
         per: dict[str, dict[str, list[float]]] = {
             m: {"id": [], "success": [], "rmse": []} for m in pooled
         }
+        calib = _calibrate_strength(ev, attr, others, col)
+        strength = calib["strength"] if calib else float(s.edit_strength)
+        strengths = sorted({float(x) for x in s.edit_sweep} | {float(s.edit_strength)})
         for i, inst in enumerate(ev.heldout):
             if inst.attributes.get(attr, False):
                 continue  # edits add the attribute; identities that have it are skipped
             base = ev.multi[i]
-            strengths = sorted({float(x) for x in s.edit_sweep} | {float(s.edit_strength)})
             sweep_models = []
             for st in strengths:
                 ad, others = _edit_disentangled(space, base, attr, st, others)
                 sweep_models.append(ad)
-            w2w = sweep_models[strengths.index(float(s.edit_strength))]
-            und = edit_undisentangled(space, base, attr, s.edit_strength)
+            w2w = sweep_models[strengths.index(strength)]
+            und = edit_undisentangled(space, base, attr, strength)
             prompt = (
                 edit_prompt(specs[attr], w.pack.instance_prompt)
                 if attr in specs
@@ -1391,7 +1485,7 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
                 kw = {"edited": [w2w], "inject_t": s.edit_inject_t}
                 edited = ev.render([base], **kw, desc="edit (delayed)")
             else:
-                edited = batch[2 + strengths.index(float(s.edit_strength)) :][:1]
+                edited = batch[2 + strengths.index(strength) :][:1]
             prompted = ev.render([base], prompts=[prompt], desc=f"edit {attr} prompt")
             e_base = ev.embed(batch[0, 0])
             for j, st in enumerate(strengths):
@@ -1423,6 +1517,8 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
                 rows.append(f"{attr} id{inst.index}")
         res["attributes"][attr] = {
             "orthogonal_to": others,
+            "strength": strength,
+            "calibration": calib,
             "n_identities": len(per["w2w"]["id"]),
             **{
                 m: {

@@ -152,8 +152,18 @@ def write_report(results: Mapping[str, Any], path: str | os.PathLike[str], title
     ed = r.get("editing")
     if ed:
         parts.append("<h2>Editing</h2>")
+        strengths = ", ".join(
+            f"{html.escape(a)} {fmt(v.get('strength', ed['strength']))}"
+            for a, v in ed["attributes"].items()
+        )
+        how = (
+            f"calibrated on zoo models (smallest strength reaching {fmt(ed['target'])} success)"
+            if ed.get("calibrated")
+            else "fixed"
+        )
         parts.append(
-            f"<p class=note>Strength {fmt(ed['strength'])} training standard deviations; "
+            f"<p class=note>Strengths ({how}; training standard deviations): {strengths}; "
+            "the undisentangled direction uses the same strength; "
             "success = the attribute classifier sees the attribute on the edited renders "
             "(identities that lacked it); "
             f"distance: {html.escape(ed['distance'])}.</p>"
@@ -170,6 +180,23 @@ def write_report(results: Mapping[str, Any], path: str | os.PathLike[str], title
                 ["edit (method)", "ID score to unedited", "attribute success", "pixel RMSE"], rows
             )
         )
+        calib = [(a, v["calibration"]) for a, v in ed["attributes"].items() if v.get("calibration")]
+        if calib:
+            parts.append(
+                table(
+                    ["calibration (zoo models)", "strength", "success", "ID score to unedited"],
+                    [
+                        [
+                            f"{a}{' (chosen)' if x['strength'] == c['strength'] else ''}",
+                            x["strength"],
+                            x["success"],
+                            x["id_score"],
+                        ]
+                        for a, c in calib
+                        for x in c["table"]
+                    ],
+                )
+            )
         if ed.get("sweep"):
             parts.append(
                 table(
