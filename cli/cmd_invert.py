@@ -62,7 +62,8 @@ from w2wkit.errors import W2WError
     "--prompt",
     default=None,
     help="Prompt (default: the concept's, 'sks person'; use the one the space's LoRAs were "
-    "trained with, e.g. 'a photo of sks person' for a rebuilt miniature world).",
+    "trained with: 'a photo of sks person' for the shipped miniature world, see "
+    "`w2wkit world info`).",
 )
 @click.option("--concept", default=None, help="Concept pack (identity, dog, ...) for defaults.")
 @write_format_option

@@ -196,6 +196,7 @@ def info_cmd(world_path: Path | None, as_json: bool) -> None:
     t.add_row("size", f"{(s['total_bytes'] or 0) / 1e6:.1f} MB in {s['files']} files")
     t.add_row("models", ", ".join(f"{c}: {n}" for c, n in s["models"].items()))
     t.add_row("LoRA", f"rank {s['rank']} on {s['targets']} UNet modules")
+    t.add_row("training prompts", ", ".join(f"{c}: {p!r}" for c, p in s["prompts"].items()))
     t.add_row("held-out identities", str(s["heldout"]))
     t.add_row("built on", f"{s['device']} {s['gpu'] or ''} (profile {s['profile']})")
     t.add_row("phase seconds", ", ".join(f"{k} {v}" for k, v in s["seconds"].items()))

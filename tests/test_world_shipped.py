@@ -82,6 +82,7 @@ def test_export_and_fit_and_cli(work: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     res = r.invoke(cli, ["world", "info", "--world", str(root)])
     assert res.exit_code == 0 and "identity: 6" in res.output, res.output
+    assert "'a photo of sks person'" in res.output  # the prompt the LoRAs were trained with
     res = r.invoke(cli, ["world", "verify", "--world", str(root)])
     assert res.exit_code == 0 and "ok" in res.output
     res = r.invoke(

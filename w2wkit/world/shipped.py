@@ -331,6 +331,7 @@ class World:
             "total_bytes": self.manifest.get("total_bytes"),
             "files": len(self.manifest.get("files", {})),
             "models": {c: len(self.names(c)) for c in self.concepts},
+            "prompts": {c: self.prompt(c) for c in self.concepts},
             "targets": len(self.targets),
             "rank": self.stack_meta.get("rank"),
             "heldout": len(json.loads((self.root / "heldout.json").read_text())["names"])
