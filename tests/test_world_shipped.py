@@ -247,3 +247,8 @@ def test_reusing_evaluators_refuses_bad_sources(work: Path, tmp_path: Path) -> N
     with pytest.raises(W2WError, match="not an evaluators description"):
         _reuse_evaluators(tmp_path / "ev", other)
     assert not (tmp_path / "ev").exists()  # nothing partial
+    # the build refuses a bad source before its first phase, and writes nothing
+    args = ["--out", str(tmp_path / "b"), "--profile", "micro", "--device", "cpu"]
+    res = CliRunner().invoke(cli, ["world", "build", *args, "--evaluators-from", str(other)])
+    assert res.exit_code == 1 and "evaluators.json" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "b").exists()

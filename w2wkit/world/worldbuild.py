@@ -455,18 +455,18 @@ def _eval_data(prof: WorldProfile, concept: str, workers: int) -> dict[str, np.n
     }
 
 
-def _reuse_evaluators(folder: Path, source: Path) -> dict:
-    """Copy the evaluators of another world into ``folder``; returns the phase record.
+_EVALUATOR_FILES = ("evaluators.safetensors", "evaluators.json")
 
-    The evaluators depend on the procedural generators and the seed, not on the
-    base model, so a rebuild of the base and zoo may reuse them. The source must
-    hold ``evaluators.safetensors`` and ``evaluators.json`` for the same concepts
-    and attributes as this code's generators.
+
+def _check_evaluators_source(source: Path) -> dict:
+    """The description of reusable evaluators in ``source``, or one error naming the file.
+
+    The source must hold ``evaluators.safetensors`` and ``evaluators.json`` for the
+    same concepts and attributes as this code's generators. :func:`build_world`
+    calls it before the first phase, so a bad source fails at once, not after the
+    base and zoo.
     """
-    from w2wkit.world.zoo import sha256
-
-    names = ("evaluators.safetensors", "evaluators.json")
-    for name in names:
+    for name in _EVALUATOR_FILES:
         if not (source / name).is_file():
             raise W2WError("no evaluators to reuse here", path=source / name)
     try:
@@ -480,6 +480,20 @@ def _reuse_evaluators(folder: Path, source: Path) -> dict:
             "the evaluators were trained for other attributes than this version's generators",
             path=source / "evaluators.json",
         )
+    return info
+
+
+def _reuse_evaluators(folder: Path, source: Path) -> dict:
+    """Copy the evaluators of another world into ``folder``; returns the phase record.
+
+    The evaluators depend on the procedural generators and the seed, not on the
+    base model, so a rebuild of the base and zoo may reuse them
+    (:func:`_check_evaluators_source` says which sources qualify).
+    """
+    from w2wkit.world.zoo import sha256
+
+    info = _check_evaluators_source(source)
+    names = _EVALUATOR_FILES
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -872,6 +886,9 @@ def build_world(
     from w2wkit.world.zoo import pick_device
 
     out = Path(out)
+    reuse = Path(evaluators_from) if evaluators_from is not None else None
+    if reuse is not None:  # a bad source fails now, before hours of base and zoo
+        _check_evaluators_source(reuse)
     out.mkdir(parents=True, exist_ok=True)
     _quiet()
     device = pick_device(device)
@@ -882,7 +899,6 @@ def build_world(
     workers = int(workers or default_workers())
     if device == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    reuse = Path(evaluators_from) if evaluators_from is not None else None
     done = out / "evaluators" / "evaluators.json"
     clock = _Clock(budget_s, free=("evaluators",) if reuse or done.exists() else ())
     log_path = out / "build_log.json"
