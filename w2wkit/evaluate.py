@@ -1383,6 +1383,11 @@ def pick_strength(table: Sequence[Mapping[str, float]], target: float) -> tuple[
     return float(next(r["strength"] for r in rows if r["success"] == top)), False
 
 
+def _edit_strengths(s: EvalSettings) -> list[float]:
+    """Strengths of the sweep and of the calibration, sorted (the fixed strength included)."""
+    return sorted({float(x) for x in s.edit_sweep} | {float(s.edit_strength)})
+
+
 def _calibrate_strength(
     ev: _Eval, attr: str, others: list[str], col: int | None
 ) -> dict[str, Any] | None:
@@ -1402,7 +1407,7 @@ def _calibrate_strength(
     pick = rng.choice(pool, min(int(s.edit_calibration), len(pool)), replace=False)
     from w2wkit.formats.registry import read_adapter
 
-    strengths = sorted({float(x) for x in s.edit_sweep} | {float(s.edit_strength)})
+    strengths = _edit_strengths(s)
     models = []
     for i in pick:
         ad = w.zoo[int(i)]
@@ -1463,7 +1468,7 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
         }
         calib = _calibrate_strength(ev, attr, others, col)
         strength = calib["strength"] if calib else float(s.edit_strength)
-        strengths = sorted({float(x) for x in s.edit_sweep} | {float(s.edit_strength)})
+        strengths = _edit_strengths(s)  # the calibrated strength is one of them
         for i, inst in enumerate(ev.heldout):
             if inst.attributes.get(attr, False):
                 continue  # edits add the attribute; identities that have it are skipped
