@@ -158,7 +158,9 @@ def test_gpu_profile_only_widens_the_base_batch() -> None:
     assert gpu.base.unet_steps == GPU_BASE_STEPS
     assert gpu.name == "full-gpu"
     # everything else, the zoo recipe included, is the full profile's
-    base = replace(gpu.base, unet_batch=8, unet_lr=full.base.unet_lr, unet_steps=8000)
+    base = replace(
+        gpu.base, unet_batch=8, unet_lr=full.base.unet_lr, unet_steps=full.base.unet_steps
+    )
     assert replace(gpu, name="full", base=base) == full
 
 
