@@ -61,9 +61,8 @@ from w2wkit.errors import W2WError
 @click.option(
     "--prompt",
     default=None,
-    help="Prompt (default: the concept's, 'sks person'; use the one the space's LoRAs were "
-    "trained with: 'a photo of sks person' for the shipped miniature world, see "
-    "`w2wkit world info`).",
+    help="Prompt (default: the one the space's LoRA files name in their metadata, e.g. 'a "
+    "photo of sks person' for the miniature world; else the concept's, 'sks person').",
 )
 @click.option("--concept", default=None, help="Concept pack (identity, dog, ...) for defaults.")
 @write_format_option

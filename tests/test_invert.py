@@ -206,6 +206,25 @@ def test_result_adapters_and_loss_api(setup):
     assert loss.shape == (2,) and np.isfinite(loss).all()
 
 
+def test_default_prompt_is_the_one_the_space_records(setup):
+    pipe, _, images = setup
+    shapes = module_shapes(pipe, attention_modules(pipe))
+    ads = [random_adapter(shapes, rank=1, alpha=1.0, seed=i, scale=0.5) for i in range(4)]
+    for ad in ads:
+        ad.metadata["w2wkit.world.prompt"] = "a photo of sks person"
+    space = WeightSpace(2).fit(ads)
+    said = []
+    res = invert(space, pipe, images[:1], steps=1, notice=said.append, **_cpu())
+    assert res.settings["prompt"] == "a photo of sks person"
+    assert res.settings["prompt_source"] == "space" and "metadata" in said[0]
+    res = invert(space, pipe, images[:1], steps=1, prompt="sks person", **_cpu())
+    assert (res.settings["prompt"], res.settings["prompt_source"]) == ("sks person", "argument")
+    _, bare, _ = setup  # random adapters without metadata: the concept's, else "sks person"
+    res = invert(bare, pipe, images[:1], steps=1, concept="dog", **_cpu())
+    assert (res.settings["prompt"], res.settings["prompt_source"]) == ("sks dog", "concept")
+    assert invert(bare, pipe, images[:1], steps=1, **_cpu()).settings["prompt"] == "sks person"
+
+
 def test_default_settings(setup):
     _, space, _ = setup
     s = default_settings(space)

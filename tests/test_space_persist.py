@@ -102,3 +102,23 @@ def test_labels_from_files(tmp_path):
     csv.write_text("file,beard\nx,1\n")
     with pytest.raises(DirectionError, match="no label row names a model"):
         space.set_labels(csv)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers", "peft"])
+def test_training_prompt_from_file_metadata(tmp_path, fmt):
+    from w2wkit.formats import write_adapter
+
+    models = random_models(4, seed=5)
+    for i, ad in enumerate(models):
+        ad.metadata["w2wkit.world.prompt"] = "a photo of sks person"
+        name = f"m{i}" + ("" if fmt == "peft" else ".safetensors")
+        write_adapter(ad, tmp_path / "loras" / name, format=fmt)
+    space = WeightSpace(2, solver="exact").fit(sorted((tmp_path / "loras").iterdir()))
+    assert space.training_prompt_ == "a photo of sks person"
+    space.save(tmp_path / "space")
+    assert WeightSpace.load(tmp_path / "space").training_prompt_ == "a photo of sks person"
+    # models that disagree, or one without the key: no recorded prompt
+    models[1].metadata["w2wkit.world.prompt"] = "a photo of sks dog"
+    assert WeightSpace(2, solver="exact").fit(models).training_prompt_ is None
+    del models[1].metadata["w2wkit.world.prompt"]
+    assert WeightSpace(2, solver="exact").fit(models).training_prompt_ is None

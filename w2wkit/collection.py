@@ -14,7 +14,8 @@ in-memory adapters). It reads them one at a time, never all at once:
   representation.
 
 Every read records a manifest entry ``{"name", "file", "format", "sha256",
-"row"}``.
+"row"}``, plus ``"prompt"`` when the file's metadata names the instance prompt
+it was trained with (one of :data:`PROMPT_METADATA_KEYS`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,19 @@ from w2wkit.adapter import Adapter, DeltaLayer, LoraLayer
 from w2wkit.errors import FormatError, LayoutError, SpaceError
 from w2wkit.layout import WeightLayout, describe_layout_groups
 
-__all__ = ["Collection", "DeltaFactors", "FactorRows", "file_sha256"]
+__all__ = ["PROMPT_METADATA_KEYS", "Collection", "DeltaFactors", "FactorRows", "file_sha256"]
+
+#: Metadata keys that carry the instance prompt a LoRA was trained with, in order
+#: of preference (the miniature world's files carry ``w2wkit.world.prompt``).
+PROMPT_METADATA_KEYS = ("w2wkit.instance_prompt", "w2wkit.world.prompt")
+
+
+def _metadata_prompt(metadata: dict[str, Any]) -> str | None:
+    for key in PROMPT_METADATA_KEYS:
+        value = metadata.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
 
 Progress = Callable[[str, int, int], None]
 
@@ -275,6 +288,8 @@ class Collection:
                 "sha256": None,
                 "row": i,
             }
+            if (prompt := _metadata_prompt(ad.metadata)) is not None:
+                entry["prompt"] = prompt
             return ad, entry
         from w2wkit.formats.registry import read_adapter
 
@@ -287,6 +302,8 @@ class Collection:
             "sha256": file_sha256(path),
             "row": i,
         }
+        if (prompt := _metadata_prompt(ad.metadata)) is not None:
+            entry["prompt"] = prompt
         return ad, entry
 
     def iter_adapters(self, progress: Progress | None = None) -> Iterator[tuple[int, Adapter]]:

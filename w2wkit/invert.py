@@ -728,6 +728,23 @@ def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
     return seeds
 
 
+def _default_prompt(prompt: str | None, space: Any, pack: Any) -> tuple[str, str]:
+    """The conditioning prompt and where it came from.
+
+    An explicit ``prompt`` wins; then the prompt every training model of the
+    space names in its metadata (``space.training_prompt_``); then the concept
+    pack's instance prompt; then ``"sks person"``.
+    """
+    if prompt is not None:
+        return str(prompt), "argument"
+    recorded = getattr(space, "training_prompt_", None)
+    if recorded:
+        return str(recorded), "space"
+    if pack is not None:
+        return str(pack.instance_prompt), "concept"
+    return "sks person", "default"
+
+
 def _prepare(
     space: Any,
     pipeline: Any,
@@ -817,8 +834,10 @@ def invert(
         target in latent space after area-downsampling. ``"auto"`` asks the
         concept pack (e.g. the identity pack's face mask).
     prompt : str, optional
-        Conditioning prompt; default the concept pack's instance prompt, else
-        ``"sks person"``.
+        Conditioning prompt. Default: the prompt the space's training models
+        name in their metadata (:attr:`WeightSpace.training_prompt_`, e.g. the
+        miniature world's ``"a photo of sks person"``), else the concept pack's
+        instance prompt, else ``"sks person"``.
     concept : str or ConceptPack, optional
         Supplies the default prompt, component count and ``mask="auto"``.
     ood : bool
@@ -873,7 +892,12 @@ def invert(
         raise W2WError(f"steps must be >= 1, got {steps}", key="steps")
     if not lr > 0:
         raise W2WError(f"lr must be > 0, got {lr}", key="lr")
-    prompt = prompt if prompt is not None else (pack.instance_prompt if pack else "sks person")
+    prompt, prompt_source = _default_prompt(prompt, space, pack)
+    if prompt_source == "space":
+        msg = f"prompt '{prompt}' (the space's training models name it in their metadata)"
+        notices.append(msg)
+        if notice is not None:
+            notice(msg)
     n = len(arr)
     seeds = _seeds(seed, n)
     win = int(window) if window else max(10, steps // 20)
@@ -922,6 +946,7 @@ def invert(
         "steps": steps,
         "ood": bool(ood),
         "prompt": prompt,
+        "prompt_source": prompt_source,
         "seeds": seeds,
         "masked": masks is not None,
         "device": dev,
@@ -1096,7 +1121,7 @@ def inversion_loss(
     *,
     n_samples: int = 16,
     mask: Any = None,
-    prompt: str = "sks person",
+    prompt: str | None = None,
     device: str | None = "auto",
     dtype: Any = "float32",
     seed: int = 1234,
@@ -1130,6 +1155,7 @@ def inversion_loss(
     pipe, arr, _, masks, dev, tdtype = _prepare(
         space, pipeline, images, mask, device, dtype, notices, lambda _m: None, None
     )
+    prompt, _ = _default_prompt(prompt, space, None)
     n = len(arr)
     c = np.asarray(coefficients, np.float64)
     if c.ndim == 1:

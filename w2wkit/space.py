@@ -414,6 +414,21 @@ class WeightSpace:
         """Names of the training models in row order."""
         return [str(e["name"]) for e in self.manifest_]
 
+    @property
+    def training_prompt_(self) -> str | None:
+        """The instance prompt every training model names in its metadata, else ``None``.
+
+        Read from the files' metadata at fit time (see
+        :data:`w2wkit.collection.PROMPT_METADATA_KEYS`); ``None`` when any model
+        lacks it or the models disagree. Inversion uses it as its default prompt.
+        """
+        self._check_fitted()
+        prompts = {e.get("prompt") for e in self.manifest_}
+        if len(prompts) != 1:
+            return None
+        (prompt,) = prompts
+        return str(prompt) if prompt else None
+
     def _fit_factors(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
         from w2wkit.solvers import fit_pca
 
