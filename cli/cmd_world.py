@@ -244,6 +244,90 @@ def export_cmd(
     console.print(f"wrote {len(files)} {concept} LoRAs and labels.csv to {out}")
 
 
+@world_group.command("measure")
+@world_path_option
+@output_option("JSON file of the measured metrics (optional).")
+@click.option(
+    "--concept",
+    "concepts",
+    multiple=True,
+    default=("identity", "dog"),
+    show_default=True,
+    help="Concept(s) to measure.",
+)
+@click.option("--models", type=int, default=200, show_default=True, help="Zoo models tested.")
+@click.option(
+    "--candidates", type=int, default=50, show_default=True, help="Instances matched among."
+)
+@click.option(
+    "--generations", type=int, default=2, show_default=True, help="Pictures per tested model."
+)
+@click.option(
+    "--ref-images",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Procedural reference renders per instance.",
+)
+@click.option("--steps", type=int, default=20, show_default=True, help="DDIM steps.")
+@click.option("--guidance", type=float, default=3.0, show_default=True, help="CFG scale.")
+@click.option("--seed", type=int, default=123, show_default=True, help="Seed of the draws.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Render processes.")
+@force_option
+def measure_cmd(
+    world_path: Path | None,
+    out: Path | None,
+    concepts: tuple[str, ...],
+    models: int,
+    candidates: int,
+    generations: int,
+    ref_images: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    device: str,
+    workers: int,
+    force: bool,
+) -> None:
+    """Measure zoo fidelity again, with other settings (the world is not changed).
+
+    Each tested model renders --generations pictures with its training prompt;
+    it is matched when its own instance scores highest (identity embedding,
+    mean over its pictures) among --candidates instances. The defaults are the
+    build's (its log has the numbers it measured).
+
+    \b
+    Examples:
+      w2wkit world measure --concept identity --generations 8 -o fidelity.json
+    """
+    from w2wkit.stio import write_json
+    from w2wkit.world.measure import FidelitySettings, measure_world
+
+    if out is not None and out.exists() and not force:
+        raise W2WError("exists (give --force to replace it)", path=out)
+    settings = FidelitySettings(
+        models=models,
+        candidates=candidates,
+        generations=generations,
+        ref_images=ref_images,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+    )
+    res = measure_world(
+        world_path,
+        tuple(concepts),
+        settings,
+        device=device,
+        workers=workers,
+        progress=lambda line: console.print(line, soft_wrap=True),
+    )
+    if out is not None:
+        write_json(out, res)
+        console.print(f"wrote {out}")
+
+
 @world_group.command("verify")
 @world_path_option
 def verify_cmd(world_path: Path | None) -> None:

@@ -254,3 +254,32 @@ def test_reusing_evaluators_refuses_bad_sources(work: Path, tmp_path: Path) -> N
     res = CliRunner().invoke(cli, ["world", "build", *args, "--evaluators-from", str(other)])
     assert res.exit_code == 1 and "evaluators.json" in res.output, res.output
     assert "Traceback" not in res.output and not (tmp_path / "b").exists()
+
+
+def test_measure_repeats_the_builds_fidelity_test(work: Path, tmp_path: Path) -> None:
+    from w2wkit.world.measure import FidelitySettings, measure_world
+    from w2wkit.world.worldbuild import fidelity_settings, profile
+
+    built = load_world(work / "shipped").build_log["phases"]["metrics"]["result"]["identity"]
+    s = fidelity_settings(profile("micro"))
+    res = measure_world(work / "shipped", ("identity",), s)["identity"]
+    # same models drawn; generations differ only by the float16 storage of the stack
+    assert res["tested_models"] == built["tested_models"]
+    assert res["fidelity_settings"] == built["fidelity_settings"]
+    assert abs(res["id_score_gen_vs_own_refs"] - built["id_score_gen_vs_own_refs"]) < 0.05
+    more = measure_world(work / "shipped", ("dog",), FidelitySettings(models=2, generations=3))
+    assert more["dog"]["generations_per_model"] == 3 and more["dog"]["candidates"] == 3
+    # CLI: JSON out, refuses to replace it, bad values and concepts are one line
+    r = CliRunner()
+    args = ["world", "measure", "--world", str(work / "shipped"), "--concept", "identity"]
+    out = tmp_path / "m.json"
+    res = r.invoke(cli, [*args, "--models", "2", "--steps", "1", "-o", str(out)])
+    assert res.exit_code == 0 and "fidelity top-1" in res.output, res.output
+    assert json.loads(out.read_text())["identity"]["fidelity_models"] == 2
+    res = r.invoke(cli, [*args, "-o", str(out)])
+    assert res.exit_code == 1 and "--force" in res.output
+    for bad, word in (("--generations=0", "generations"), ("--candidates=1", "candidates")):
+        res = r.invoke(cli, [*args, bad])
+        assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output
+    res = r.invoke(cli, ["world", "measure", "--world", str(work / "shipped"), "--concept", "cat"])
+    assert res.exit_code == 1 and "known: identity, dog" in res.output

@@ -587,8 +587,8 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
     from diffusers import StableDiffusionPipeline
 
     from w2wkit.world.evaluators import load_evaluators
-    from w2wkit.world.renders import render_instances
-    from w2wkit.world.zoo import load_stacks, sample_images
+    from w2wkit.world.measure import zoo_fidelity
+    from w2wkit.world.zoo import load_stacks
 
     path = out / "metrics.json"
     if path.exists():
@@ -607,42 +607,13 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
             continue
         targets = list(stacks)
         mods = load_stacks(pipe, targets, stacks, float(prof.zoo.alpha))
-        m = len(names)
-        test = rng.permutation(m)[: min(prof.fidelity_models, m)]
-        k = prof.fidelity_seeds
         prompt = IDENTITY_PROMPT if concept == "identity" else DOG_PROMPT
-        model_index = np.repeat(test, k)
-        seeds = np.tile(np.arange(k), len(test)) + 10_000
-        tg = time.time()
-        gen_imgs = sample_images(
-            pipe,
-            mods,
-            model_index.tolist(),
-            [prompt] * len(model_index),
-            seeds.tolist(),
-            steps=prof.sample_steps,
-            guidance=prof.guidance,
-        )
-        t_gen = time.time() - tg
         by_name = {j.name: j for j in js}
         specs = [(by_name[n].index, by_name[n].inst_seed) for n in names]
-        refs = render_instances(concept, specs, prof.ref_images, prof.zoo.seed + 999, 32, workers)
-        ref_emb = ev.embed(concept, refs.reshape(-1, 32, 32, 3)).reshape(m, prof.ref_images, -1)
-        ref_emb = ref_emb.mean(1)
-        ref_emb /= np.linalg.norm(ref_emb, axis=1, keepdims=True)
-        g_emb = ev.embed(concept, gen_imgs).reshape(len(test), k, -1)
-        hits, cands = [], min(prof.candidates, m)
-        for a, mi in enumerate(test):
-            others = rng.choice(np.delete(np.arange(m), mi), cands - 1, replace=False)
-            cand = np.concatenate([[mi], others])
-            score = (g_emb[a] @ ref_emb[cand].T).mean(0)
-            hits.append(int(np.argmax(score) == 0))
-        # consistency across seeds: same model vs different models
-        flat = g_emb.reshape(len(test) * k, -1)
-        cos = flat @ flat.T
-        own = np.repeat(np.arange(len(test)), k)
-        same = (own[:, None] == own[None, :]) & ~np.eye(len(own), dtype=bool)
-        diff = own[:, None] != own[None, :]
+        fid, test, gen_imgs = zoo_fidelity(
+            pipe, mods, ev, concept, specs, prompt, fidelity_settings(prof), rng, workers
+        )
+        model_index = np.repeat(test, prof.fidelity_seeds)
         # attributes read on the generations vs the model's ground truth
         gen = _gen(concept)
         truth = np.stack([gen.instance(*specs[i]).attribute_vector() for i in model_index]).astype(
@@ -650,16 +621,7 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
         )
         pa = ev.attributes(concept, gen_imgs) > 0.5
         metrics[concept] = {
-            "models": m,
-            "fidelity_top1": float(np.mean(hits)),
-            "fidelity_models": len(test),
-            "candidates": cands,
-            "generations_per_model": k,
-            "id_score_gen_vs_own_refs": float(
-                np.mean([g_emb[a] @ ref_emb[mi] for a, mi in enumerate(test)])
-            ),
-            "intra_model_id_score": float(cos[same].mean()) if same.any() else None,
-            "inter_model_id_score": float(cos[diff].mean()) if diff.any() else None,
+            **fid,
             "attribute_agreement_zoo_generations": dict(
                 zip(
                     ev.attribute_names(concept),
@@ -667,11 +629,10 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
                     strict=True,
                 )
             ),
-            "generation_seconds": t_gen,
         }
         _say(
-            f"metrics {concept}: fidelity top-1 {np.mean(hits):.3f} "
-            f"(of {len(test)} models, {cands} candidates)"
+            f"metrics {concept}: fidelity top-1 {fid['fidelity_top1']:.3f} "
+            f"(of {fid['fidelity_models']} models, {fid['candidates']} candidates)"
         )
         if concept == "identity":
             metrics["explained_variance_identity"] = _explained_variance(stacks)
@@ -692,6 +653,22 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
     metrics["seconds"] = time.time() - t0
     _write_json(path, metrics)
     return metrics
+
+
+def fidelity_settings(prof: WorldProfile) -> Any:
+    """The profile's zoo-fidelity settings (:class:`w2wkit.world.measure.FidelitySettings`)."""
+    from w2wkit.world.measure import FidelitySettings
+
+    return FidelitySettings(
+        models=prof.fidelity_models,
+        candidates=prof.candidates,
+        generations=prof.fidelity_seeds,
+        ref_images=prof.ref_images,
+        steps=prof.sample_steps,
+        guidance=prof.guidance,
+        seed=prof.base.seed + 123,
+        ref_seed=prof.zoo.seed + 999,
+    )
 
 
 def mods_of(pipe: Any) -> dict[str, Any]:

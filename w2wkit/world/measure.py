@@ -1,0 +1,255 @@
+"""Zoo fidelity: do a zoo model's generations show its own instance?
+
+The miniature world's build measures it once (``metrics`` phase, settings in its
+profile); :func:`measure_world` measures it again on any built or shipped world
+with other settings (``w2wkit world measure``), without changing the world.
+
+Protocol (the issue's "zoo fidelity"): for each of ``models`` zoo models chosen at
+random, render ``generations`` pictures with the model's LoRA and its training
+prompt (DDIM ``steps``, classifier-free guidance ``guidance``, seeds ``10000 ..``);
+render ``ref_images`` procedural pictures of every zoo instance (new nuisance
+draws) and average their identity embeddings into one unit reference per
+instance. The model is matched when its own instance has the highest mean cosine
+score (mean over its generations) among ``candidates`` instances: itself plus
+``candidates - 1`` drawn at random from the other zoo models.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from w2wkit.errors import W2WError
+
+__all__ = ["FidelitySettings", "measure_world", "zoo_fidelity"]
+
+
+@dataclass(frozen=True)
+class FidelitySettings:
+    """Settings of the zoo-fidelity test.
+
+    Attributes
+    ----------
+    models : int
+        Zoo models tested (drawn at random; all when the zoo is smaller).
+    candidates : int
+        Instances each model is matched among (itself included).
+    generations : int
+        Pictures generated per tested model (seeds ``10000 ..``).
+    ref_images : int
+        Procedural reference renders per instance (averaged embedding).
+    steps : int
+        DDIM steps of the generations.
+    guidance : float
+        Classifier-free guidance scale.
+    seed : int
+        Seed of the model and candidate draws.
+    ref_seed : int
+        Seed of the reference renders' nuisance.
+    """
+
+    models: int = 200
+    candidates: int = 50
+    generations: int = 2
+    ref_images: int = 4
+    steps: int = 20
+    guidance: float = 3.0
+    seed: int = 123
+    ref_seed: int = 999
+
+    def check(self) -> None:
+        """Raise :class:`W2WError` naming the first invalid value."""
+        for key in ("models", "generations", "ref_images", "steps"):
+            if int(getattr(self, key)) < 1:
+                raise W2WError(f"{key} must be >= 1, got {getattr(self, key)}", key=key)
+        if int(self.candidates) < 2:
+            raise W2WError(f"candidates must be >= 2, got {self.candidates}", key="candidates")
+        if not float(self.guidance) >= 0:
+            raise W2WError(f"guidance must be >= 0, got {self.guidance}", key="guidance")
+
+
+def zoo_fidelity(
+    pipe: Any,
+    modules: dict[str, Any],
+    evaluators: Any,
+    concept: str,
+    specs: list[tuple[int, int]],
+    prompt: str,
+    settings: FidelitySettings,
+    rng: np.random.Generator,
+    workers: int = 1,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Measure zoo fidelity and seed consistency of stacked zoo models.
+
+    Parameters
+    ----------
+    pipe : StableDiffusionPipeline
+        The base, with the zoo's ``M`` models installed as ``modules``
+        (:func:`w2wkit.world.zoo.load_stacks`).
+    modules : dict
+        The installed multi-LoRA modules.
+    evaluators : w2wkit.world.evaluators.Evaluators
+    concept : str
+    specs : list of (int, int)
+        ``(index, inst_seed)`` of each of the ``M`` models' instance.
+    prompt : str
+        The zoo's training prompt.
+    settings : FidelitySettings
+    rng : numpy.random.Generator
+        Draws the tested models and the candidates.
+    workers : int
+        Processes for the reference renders.
+
+    Returns
+    -------
+    metrics : dict
+        ``fidelity_top1``, ``tested_models`` (stack positions),
+        ``id_score_gen_vs_own_refs``, intra / inter-model ID scores, timings
+        and the settings.
+    tested : numpy.ndarray
+        ``(n,)`` indices of the tested models.
+    generations : numpy.ndarray
+        ``(n * generations, H, W, 3)`` uint8, model-major.
+    """
+    from w2wkit.world.renders import render_instances
+    from w2wkit.world.zoo import sample_images
+
+    settings.check()
+    m = len(specs)
+    if m < 2:
+        raise W2WError(f"the {concept} zoo has {m} model(s); fidelity needs at least 2")
+    test = rng.permutation(m)[: min(settings.models, m)]
+    k = int(settings.generations)
+    model_index = np.repeat(test, k)
+    seeds = np.tile(np.arange(k), len(test)) + 10_000
+    tg = time.time()
+    gen_imgs = sample_images(
+        pipe,
+        modules,
+        model_index.tolist(),
+        [prompt] * len(model_index),
+        seeds.tolist(),
+        steps=int(settings.steps),
+        guidance=float(settings.guidance),
+    )
+    t_gen = time.time() - tg
+    size = int(gen_imgs.shape[1])
+    r = int(settings.ref_images)
+    refs = render_instances(concept, specs, r, settings.ref_seed, size, workers)
+    ref_emb = evaluators.embed(concept, refs.reshape(-1, size, size, 3)).reshape(m, r, -1).mean(1)
+    ref_emb /= np.linalg.norm(ref_emb, axis=1, keepdims=True)
+    g_emb = evaluators.embed(concept, gen_imgs).reshape(len(test), k, -1)
+    hits, cands = [], min(int(settings.candidates), m)
+    for a, mi in enumerate(test):
+        others = rng.choice(np.delete(np.arange(m), mi), cands - 1, replace=False)
+        cand = np.concatenate([[mi], others])
+        score = (g_emb[a] @ ref_emb[cand].T).mean(0)
+        hits.append(int(np.argmax(score) == 0))
+    flat = g_emb.reshape(len(test) * k, -1)
+    cos = flat @ flat.T
+    own = np.repeat(np.arange(len(test)), k)
+    same = (own[:, None] == own[None, :]) & ~np.eye(len(own), dtype=bool)
+    diff = own[:, None] != own[None, :]
+    metrics = {
+        "models": m,
+        "fidelity_top1": float(np.mean(hits)),
+        "fidelity_models": len(test),
+        "tested_models": [int(i) for i in test],
+        "candidates": cands,
+        "generations_per_model": k,
+        "id_score_gen_vs_own_refs": float(
+            np.mean([g_emb[a].mean(0) @ ref_emb[mi] for a, mi in enumerate(test)])
+        ),
+        "intra_model_id_score": float(cos[same].mean()) if same.any() else None,
+        "inter_model_id_score": float(cos[diff].mean()) if diff.any() else None,
+        "generation_seconds": t_gen,
+        "fidelity_settings": asdict(settings),
+    }
+    return metrics, test, gen_imgs
+
+
+def _specs_from_names(concept: str, names: list[str]) -> list[tuple[int, int]]:
+    """``identity-s0-000042`` -> ``(42, 0)``, checked against the generator."""
+    from w2wkit.world.build import _generators
+
+    gen = _generators(concept)
+    specs = []
+    for name in names:
+        try:
+            _, s, ix = name.rsplit("-", 2)
+            spec = (int(ix), int(s.removeprefix("s")))
+        except ValueError:
+            raise W2WError(
+                f"zoo model name '{name}' does not say its instance (expected "
+                f"'{concept}-s<seed>-<index>')",
+                key="names",
+            ) from None
+        if gen.instance(*spec).name != name:
+            raise W2WError(
+                f"zoo model '{name}' is not instance {spec} of the {concept} generator",
+                key="names",
+            )
+        specs.append(spec)
+    return specs
+
+
+def measure_world(
+    world: str | os.PathLike[str] | None = None,
+    concepts: tuple[str, ...] = ("identity", "dog"),
+    settings: FidelitySettings | None = None,
+    device: str = "cpu",
+    workers: int = 1,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Zoo fidelity of a shipped or packed world (default: the shipped one).
+
+    Parameters
+    ----------
+    world : path, optional
+        World folder (``manifest.json``); default :func:`w2wkit.world.shipped.world_dir`.
+    concepts : tuple of str
+    settings : FidelitySettings, optional
+    device : str
+    workers : int
+    progress : callable, optional
+        Receives one line per concept.
+
+    Returns
+    -------
+    dict
+        ``{concept: metrics}`` (see :func:`zoo_fidelity`) plus ``world`` and
+        ``seconds``.
+    """
+    from w2wkit.render import resolve_device
+    from w2wkit.world.shipped import load_world
+    from w2wkit.world.zoo import load_stacks
+
+    s = settings or FidelitySettings()
+    s.check()
+    w = load_world(world)
+    for c in concepts:
+        w._check_concept(c)
+    dev = resolve_device(device)
+    t0 = time.time()
+    pipe = w.load_pipeline(device=dev)
+    ev = w.evaluators(device=dev)
+    rng = np.random.default_rng(s.seed)
+    out: dict[str, Any] = {"world": str(Path(w.root))}
+    for c in concepts:
+        stacks = w.stack(c)
+        specs = _specs_from_names(c, w.names(c))
+        mods = load_stacks(pipe, w.targets, stacks, float(w.stack_meta["alpha"]))
+        metrics, _, _ = zoo_fidelity(pipe, mods, ev, c, specs, w.prompt(c), s, rng, workers)
+        out[c] = metrics
+        if progress is not None:
+            progress(
+                f"{c}: fidelity top-1 {metrics['fidelity_top1']:.3f} "
+                f"({metrics['fidelity_models']} models, {metrics['candidates']} candidates)"
+            )
+    out["seconds"] = time.time() - t0
+    return out
