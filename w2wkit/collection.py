@@ -51,6 +51,7 @@ def _metadata_prompt(metadata: dict[str, Any]) -> str | None:
             return value
     return None
 
+
 Progress = Callable[[str, int, int], None]
 
 #: Default bytes per streamed row block.
