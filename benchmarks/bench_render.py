@@ -26,6 +26,9 @@ Pipelines (random weights, built in code, nothing downloaded):
 * ``small`` - the same classes a size up, close to the miniature world's model:
   32x32 images (16x16x4 latents), UNet channels 32/64 with attention at 8x8,
   CLIP width 32;
+* ``world`` - the shipped miniature world's own pipeline (trained weights,
+  32x32 images) and the first ``--models`` LoRAs of its identity zoo, written
+  out as diffusers files: the issue's "miniature pipeline";
 * ``--sd15`` - full Stable Diffusion 1.5 sizes: the SD1.5 UNet
   (``UNet2DConditionModel`` with block channels 320/640/1280/1280, 2 layers per
   block, 8 attention heads, cross-attention 768 - diffusers' default config with
@@ -155,6 +158,10 @@ def build_pipeline(kind: str, device: str, dtype: Any) -> Any:
 
     if kind == "sd15":
         return sd15_pipeline(device, dtype)
+    if kind == "world":
+        from w2wkit.world.shipped import load_world
+
+        return load_world().load_pipeline(device=device, dtype=str(dtype).replace("torch.", ""))
     if kind == "tiny":
         pipe = tiny_pipeline(seed=0)
     elif kind == "small":
@@ -166,9 +173,18 @@ def build_pipeline(kind: str, device: str, dtype: Any) -> Any:
     return pipe.to(device, dtype)
 
 
-def write_models(pipe: Any, n: int, folder: Path) -> list[Path]:
-    """``n`` rank-1, alpha-27 LoRAs on ``to_q``/``to_v``, written as diffusers files."""
+def write_models(pipe: Any, n: int, folder: Path, kind: str = "tiny") -> list[Path]:
+    """``n`` rank-1 LoRAs on ``to_q``/``to_v``, written as diffusers files.
+
+    Random (alpha 27) for the random pipelines, the zoo's first ``n`` identity
+    models for ``world``.
+    """
     from w2wkit.formats import write_adapter
+
+    if kind == "world":
+        from w2wkit.world.shipped import load_world
+
+        return load_world().export_loras(folder / "zoo", "identity", models=list(range(n)))
     from w2wkit.testing import attention_modules, module_shapes, random_adapter
 
     shapes = module_shapes(pipe, attention_modules(pipe, ("to_q", "to_v")))
@@ -204,7 +220,7 @@ def run_case(args: argparse.Namespace, kind: str) -> dict[str, Any]:
             torch.cuda.synchronize()
 
     with tempfile.TemporaryDirectory(prefix="w2w-bench-render-") as tmp:
-        files = write_models(pipe, args.models, Path(tmp))
+        files = write_models(pipe, args.models, Path(tmp), kind)
         renderer = Renderer(pipe, device=device, dtype=dtype)
         kw = {"steps": steps, "guidance": args.guidance, "height": height, "width": width}
 
@@ -287,7 +303,9 @@ def run_case(args: argparse.Namespace, kind: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pipeline", action="append", choices=["tiny", "small"], help="CPU cases")
+    p.add_argument(
+        "--pipeline", action="append", choices=["tiny", "small", "world"], help="CPU cases"
+    )
     p.add_argument("--sd15", action="store_true", help="full SD1.5-size pipeline (random)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     p.add_argument("--dtype", default=None, help="float32 (cpu default), float16 (cuda default)")
@@ -309,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         args.dtype = "float16" if args.device.startswith("cuda") else "float32"
     if args.steps is None:
         args.steps = 25 if args.sd15 else 10
-    kinds = ["sd15"] if args.sd15 else (args.pipeline or ["tiny", "small"])
+    kinds = ["sd15"] if args.sd15 else (args.pipeline or ["tiny", "small", "world"])
     for kind in kinds:
         print(json.dumps(run_case(args, kind)), flush=True)
 

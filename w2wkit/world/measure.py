@@ -11,7 +11,8 @@ render ``ref_images`` procedural pictures of every zoo instance (new nuisance
 draws) and average their identity embeddings into one unit reference per
 instance. The model is matched when its own instance has the highest mean cosine
 score (mean over its generations) among ``candidates`` instances: itself plus
-``candidates - 1`` drawn at random from the other zoo models.
+``candidates - 1`` drawn at random from the other zoo models. The same match made
+for each generation alone is reported too (``fidelity_top1_per_image``).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def zoo_fidelity(
     Returns
     -------
     metrics : dict
-        ``fidelity_top1``, ``tested_models`` (stack positions),
+        ``fidelity_top1`` (a model's pictures scored together),
+        ``fidelity_top1_per_image`` (each picture alone), ``tested_models``,
         ``id_score_gen_vs_own_refs``, intra / inter-model ID scores, timings
         and the settings.
     tested : numpy.ndarray
@@ -144,12 +146,13 @@ def zoo_fidelity(
     ref_emb = evaluators.embed(concept, refs.reshape(-1, size, size, 3)).reshape(m, r, -1).mean(1)
     ref_emb /= np.linalg.norm(ref_emb, axis=1, keepdims=True)
     g_emb = evaluators.embed(concept, gen_imgs).reshape(len(test), k, -1)
-    hits, cands = [], min(int(settings.candidates), m)
+    hits, single, cands = [], [], min(int(settings.candidates), m)
     for a, mi in enumerate(test):
         others = rng.choice(np.delete(np.arange(m), mi), cands - 1, replace=False)
         cand = np.concatenate([[mi], others])
-        score = (g_emb[a] @ ref_emb[cand].T).mean(0)
-        hits.append(int(np.argmax(score) == 0))
+        per_image = g_emb[a] @ ref_emb[cand].T  # (k, cands)
+        hits.append(int(np.argmax(per_image.mean(0)) == 0))
+        single.extend((np.argmax(per_image, axis=1) == 0).astype(int).tolist())
     flat = g_emb.reshape(len(test) * k, -1)
     cos = flat @ flat.T
     own = np.repeat(np.arange(len(test)), k)
@@ -158,6 +161,7 @@ def zoo_fidelity(
     metrics = {
         "models": m,
         "fidelity_top1": float(np.mean(hits)),
+        "fidelity_top1_per_image": float(np.mean(single)),
         "fidelity_models": len(test),
         "tested_models": [int(i) for i in test],
         "candidates": cands,
