@@ -10,6 +10,9 @@ from rich.table import Table
 
 from w2wkit.cli.common import console, force_option, output_option, profile_option
 from w2wkit.errors import W2WError
+from w2wkit.world.measure import FidelitySettings
+
+_FID = FidelitySettings()  # the measure command's defaults: the full profile's
 
 world_path_option = click.option(
     "--world",
@@ -217,6 +220,19 @@ def info_cmd(world_path: Path | None, as_json: bool) -> None:
                 f"{m.get('intra_model_id_score') or float('nan'):.3f} / inter "
                 f"{m.get('inter_model_id_score') or float('nan'):.3f}",
             )
+    for entry in s["measurements"]:
+        for concept in s["models"]:
+            m = entry.get(concept)
+            if not m:
+                continue
+            f = m.get("fidelity_settings", {})
+            t.add_row(
+                f"zoo fidelity {concept}, re-measured {entry.get('when', '')[:10]}",
+                f"top-1 {m['fidelity_top1']:.3f} among {m['candidates']} "
+                f"({m['fidelity_models']} models, {m['generations_per_model']} pictures each, "
+                f"{f.get('ref_images')} references; one picture alone "
+                f"{m.get('fidelity_top1_per_image', float('nan')):.3f})",
+            )
     ev = s["metrics"].get("explained_variance_identity")
     if ev:
         cum = ", ".join(f"{k}: {v:.2f}" for k, v in ev["cumulative_at"].items())
@@ -255,25 +271,41 @@ def export_cmd(
     show_default=True,
     help="Concept(s) to measure.",
 )
-@click.option("--models", type=int, default=200, show_default=True, help="Zoo models tested.")
 @click.option(
-    "--candidates", type=int, default=50, show_default=True, help="Instances matched among."
+    "--models", type=int, default=_FID.models, show_default=True, help="Zoo models tested."
 )
 @click.option(
-    "--generations", type=int, default=2, show_default=True, help="Pictures per tested model."
+    "--candidates",
+    type=int,
+    default=_FID.candidates,
+    show_default=True,
+    help="Instances matched among.",
+)
+@click.option(
+    "--generations",
+    type=int,
+    default=_FID.generations,
+    show_default=True,
+    help="Pictures per tested model.",
 )
 @click.option(
     "--ref-images",
     type=int,
-    default=4,
+    default=_FID.ref_images,
     show_default=True,
     help="Procedural reference renders per instance.",
 )
-@click.option("--steps", type=int, default=20, show_default=True, help="DDIM steps.")
-@click.option("--guidance", type=float, default=3.0, show_default=True, help="CFG scale.")
-@click.option("--seed", type=int, default=123, show_default=True, help="Seed of the draws.")
+@click.option("--steps", type=int, default=_FID.steps, show_default=True, help="DDIM steps.")
+@click.option("--guidance", type=float, default=_FID.guidance, show_default=True, help="CFG scale.")
+@click.option("--seed", type=int, default=_FID.seed, show_default=True, help="Seed of the draws.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Render processes.")
+@click.option(
+    "--record",
+    is_flag=True,
+    help="Append the result to the world's build log (its 'measurements'; the manifest is "
+    "rewritten so that the world still verifies).",
+)
 @force_option
 def measure_cmd(
     world_path: Path | None,
@@ -288,9 +320,10 @@ def measure_cmd(
     seed: int,
     device: str,
     workers: int,
+    record: bool,
     force: bool,
 ) -> None:
-    """Measure zoo fidelity again, with other settings (the world is not changed).
+    """Measure zoo fidelity again, with other settings (recorded in the world only with --record).
 
     Each tested model renders --generations pictures with its training prompt;
     it is matched when its own instance scores highest (identity embedding,
@@ -302,7 +335,7 @@ def measure_cmd(
       w2wkit world measure --concept identity --generations 8 -o fidelity.json
     """
     from w2wkit.stio import write_json
-    from w2wkit.world.measure import FidelitySettings, measure_world
+    from w2wkit.world.measure import FidelitySettings, measure_world, record_measurement
 
     if out is not None and out.exists() and not force:
         raise W2WError("exists (give --force to replace it)", path=out)
@@ -326,6 +359,9 @@ def measure_cmd(
     if out is not None:
         write_json(out, res)
         console.print(f"wrote {out}")
+    if record:
+        log = record_measurement(world_path, res)
+        console.print(f"recorded in {log}")
 
 
 @world_group.command("verify")

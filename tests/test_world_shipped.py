@@ -283,3 +283,28 @@ def test_measure_repeats_the_builds_fidelity_test(work: Path, tmp_path: Path) ->
         assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output
     res = r.invoke(cli, ["world", "measure", "--world", str(work / "shipped"), "--concept", "cat"])
     assert res.exit_code == 1 and "known: identity, dog" in res.output
+    # --record: the build log gains the measurement, the world still verifies
+    copy = tmp_path / "world"
+    shutil.copytree(work / "shipped", copy)
+    args = ["world", "measure", "--world", str(copy), "--models", "2", "--steps", "1"]
+    res = r.invoke(cli, [*args, "--record"])
+    assert res.exit_code == 0 and "recorded in" in res.output, res.output
+    entry = load_world(copy).build_log["measurements"][-1]
+    assert entry["identity"]["fidelity_models"] == 2 and "dog" in entry and "when" in entry
+    assert r.invoke(cli, ["world", "verify", "--world", str(copy)]).exit_code == 0
+    res = r.invoke(cli, ["world", "info", "--world", str(copy)])
+    assert res.exit_code == 0 and "re-measured" in res.output, res.output
+    # a damaged world is refused before anything is measured or recorded
+    with open(copy / "heldout.json", "a") as fh:
+        fh.write(" ")
+    res = r.invoke(cli, [*args, "--record"])
+    assert res.exit_code == 1 and "heldout.json" in res.output and "Traceback" not in res.output
+    assert len(json.loads((copy / "build_log.json").read_text())["measurements"]) == 1
+
+
+def test_measure_defaults_are_the_full_profiles() -> None:
+    from w2wkit.world.measure import FidelitySettings
+    from w2wkit.world.worldbuild import fidelity_settings, profile
+
+    assert FidelitySettings() == fidelity_settings(profile("full"))
+    assert FidelitySettings() == fidelity_settings(profile("full-gpu"))

@@ -27,7 +27,7 @@ import numpy as np
 
 from w2wkit.errors import W2WError
 
-__all__ = ["FidelitySettings", "measure_world", "zoo_fidelity"]
+__all__ = ["FidelitySettings", "measure_world", "record_measurement", "zoo_fidelity"]
 
 
 @dataclass(frozen=True)
@@ -257,3 +257,38 @@ def measure_world(
             )
     out["seconds"] = time.time() - t0
     return out
+
+
+def record_measurement(world: str | os.PathLike[str] | None, result: dict[str, Any]) -> Path:
+    """Append a :func:`measure_world` result to the world's build log.
+
+    The entry goes to ``build_log.json``'s ``measurements`` list (with the
+    date, torch version and device); the build's own metrics stay as they were
+    measured. ``manifest.json`` is rewritten so that the world still verifies.
+
+    Returns
+    -------
+    pathlib.Path
+        The build log.
+    """
+    import datetime
+    import json
+
+    import torch
+
+    from w2wkit.stio import write_json
+    from w2wkit.world.shipped import verify_world, world_dir, write_manifest
+
+    root = world_dir(world)
+    verify_world(root)  # never re-hash a damaged world into a valid-looking one
+    path = root / "build_log.json"
+    log = json.loads(path.read_text()) if path.exists() else {}
+    entry = {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        **{k: v for k, v in result.items() if k != "world"},
+    }
+    log.setdefault("measurements", []).append(entry)
+    write_json(path, log)
+    write_manifest(root)
+    return path

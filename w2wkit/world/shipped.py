@@ -343,6 +343,7 @@ class World:
             "seconds": {k: round(v.get("seconds", 0.0), 1) for k, v in phases.items()},
             "metrics": metrics,
             "evaluators": evals,
+            "measurements": log.get("measurements", []),
         }
 
 
