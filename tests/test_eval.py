@@ -180,6 +180,29 @@ def test_pick_strength_takes_the_smallest_strength_reaching_the_target() -> None
     assert E.pick_strength(ties, 0.9) == (1.5, False)
 
 
+def test_excluded_by_finds_the_values_that_never_carry_the_attribute() -> None:
+    rng = np.random.default_rng(0)
+    male = rng.integers(0, 2, 400).astype(float)
+    beard = (male == 1) & (rng.random(400) < 0.4)
+    glasses = rng.integers(0, 2, 400).astype(float)
+    labels = {"male": male, "beard": beard.astype(float), "glasses": glasses}
+    assert E.excluded_by(labels, "beard") == {"male": 0.0}
+    assert E.excluded_by(labels, "glasses") == {}
+    # too few models hold the value: no rule (support)
+    few = {**labels, "male": np.where(np.arange(400) < 5, 0.0, 1.0), "beard": labels["beard"]}
+    few["beard"][:5] = 0.0
+    assert "male" not in E.excluded_by(few, "beard")
+    # missing labels are ignored, a rate above the threshold is no rule
+    labels["male"][:10] = np.nan
+    assert E.excluded_by(labels, "beard") == {"male": 0.0}
+    beard2 = labels["beard"].copy()
+    beard2[np.flatnonzero(male == 0)[:20]] = 1.0
+    assert E.excluded_by({**labels, "beard": beard2}, "beard") == {}
+    assert E._plausible({"male": True, "glasses": False}, {"male": 0.0})
+    assert not E._plausible({"male": False}, {"male": 0.0})
+    assert E._plausible({}, {"male": 0.0})  # unknown: kept
+
+
 def test_edit_prompt() -> None:
     from w2wkit.baselines import edit_prompt
     from w2wkit.concepts import get_pack

@@ -762,6 +762,11 @@ class EvalSettings:
         for every attribute. The held-out identities are never used for it.
     edit_target : float
         Success rate the calibration asks for.
+    edit_plausible : bool
+        Edit only models for which the attribute is plausible: not those
+        holding an attribute value under which the zoo never shows it (e.g.
+        no beards on women; :func:`excluded_by`). Applies to the calibration
+        pool and the held-out identities alike; the results list the rule.
     disentangle_threshold : float
         An edit is made orthogonal to every attribute whose label
         correlation with it is at least this in absolute value.
@@ -809,6 +814,7 @@ class EvalSettings:
     edit_sweep: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
     edit_calibration: int = 8
     edit_target: float = 0.8
+    edit_plausible: bool = True
     disentangle_threshold: float = 0.15
     edit_inject_t: float | None = None
     n_samples: int = 8
@@ -1096,6 +1102,36 @@ def _correlated(
         if r >= threshold:
             out.append((r, a))
     return [a for _, a in sorted(out, key=lambda t: -t[0])]
+
+
+def excluded_by(
+    labels: dict[str, np.ndarray], target: str, rate: float = 0.01, support: int = 20
+) -> dict[str, float]:
+    """Attribute values under which ``target`` (almost) never occurs in the zoo.
+
+    ``{attribute: value}`` for every binary attribute whose value ``v`` is held by
+    at least ``support`` zoo models of which at most ``rate`` have ``target``:
+    e.g. ``{"male": 0.0, "lipstick": 1.0}`` for ``beard`` when no woman in the
+    zoo has a beard. Adding ``target`` to such a model asks for a combination
+    the models never show, so edits are calibrated and measured on the other
+    models (see ``EvalSettings.edit_plausible``).
+    """
+    y = labels[target]
+    out: dict[str, float] = {}
+    for a, x in labels.items():
+        if a == target:
+            continue
+        ok = np.isfinite(x) & np.isfinite(y)
+        for v in (0.0, 1.0):
+            sel = ok & (x == v)
+            if sel.sum() >= support and float(np.mean(y[sel] == 1)) <= rate:
+                out[a] = v
+    return out
+
+
+def _plausible(attrs: dict[str, Any], excluded: dict[str, float]) -> bool:
+    """False when an identity's attributes hold one of the ``excluded`` values."""
+    return not any(a in attrs and float(bool(attrs[a])) == v for a, v in excluded.items())
 
 
 def run_eval(
@@ -1400,7 +1436,11 @@ def _calibrate_strength(
     y = w.labels.get(attr)
     if s.edit_calibration <= 0 or col is None or y is None:
         return None
-    pool = np.flatnonzero(np.asarray(y) == 0)
+    keep = np.asarray(y) == 0
+    if s.edit_plausible:
+        for a, v in excluded_by(w.labels, attr).items():
+            keep &= np.asarray(w.labels[a]) != v
+    pool = np.flatnonzero(keep)
     if not len(pool):
         return None
     rng = np.random.default_rng(s.seed + 17)
@@ -1469,9 +1509,14 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
         calib = _calibrate_strength(ev, attr, others, col)
         strength = calib["strength"] if calib else float(s.edit_strength)
         strengths = _edit_strengths(s)  # the calibrated strength is one of them
+        excluded = excluded_by(w.labels, attr) if s.edit_plausible else {}
+        skipped = 0
         for i, inst in enumerate(ev.heldout):
             if inst.attributes.get(attr, False):
                 continue  # edits add the attribute; identities that have it are skipped
+            if not _plausible(inst.attributes, excluded):
+                skipped += 1
+                continue
             base = ev.multi[i]
             sweep_models = []
             for st in strengths:
@@ -1525,6 +1570,8 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
             "strength": strength,
             "calibration": calib,
             "n_identities": len(per["w2w"]["id"]),
+            "excluded_by": excluded,
+            "n_implausible_skipped": skipped,
             **{
                 m: {
                     "id_score": summarize(v["id"]),

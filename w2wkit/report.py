@@ -168,6 +168,18 @@ def write_report(results: Mapping[str, Any], path: str | os.PathLike[str], title
             "(identities that lacked it); "
             f"distance: {html.escape(ed['distance'])}.</p>"
         )
+        rules = [
+            f"{html.escape(a)}: not on models with "
+            + " or ".join(f"{html.escape(k)}={int(x)}" for k, x in v["excluded_by"].items())
+            + f" ({v.get('n_implausible_skipped', 0)} held-out identities skipped)"
+            for a, v in ed["attributes"].items()
+            if v.get("excluded_by")
+        ]
+        if rules:
+            parts.append(
+                "<p class=note>Edits are made where the zoo shows the attribute at all "
+                "(calibration and held-out identities): " + "; ".join(rules) + ".</p>"
+            )
         rows = []
         for a, v in ed["attributes"].items():
             for m in ("w2w", "prompting", "undisentangled"):
