@@ -56,8 +56,8 @@ class FidelitySettings:
 
     models: int = 200
     candidates: int = 50
-    generations: int = 2
-    ref_images: int = 4
+    generations: int = 8
+    ref_images: int = 16
     steps: int = 20
     guidance: float = 3.0
     seed: int = 123
