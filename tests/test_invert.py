@@ -179,6 +179,7 @@ def test_text_encoder_modules_are_trained(setup):
 def test_batch_equals_each_image_alone(setup):
     pipe, space, images = setup
     kw = dict(n_components=5, steps=40, lr=0.3, window=5, patience=2, min_delta=0.05, **_cpu())
+    kw["early_stopping"] = True  # off by default in every recipe
     batch = invert(space, pipe, images[:3], seed=[11, 12, 13], **kw)
     assert batch.steps_run.min() < 40  # early stopping acted (per image)
     for i in range(3):
@@ -226,7 +227,13 @@ def test_default_prompt_is_the_one_the_space_records(setup):
 
 
 def test_default_settings(setup):
-    _, space, _ = setup
+    pipe, space, images = setup
+    # no recipe stops early unless asked
+    assert not any(
+        r.early_stopping for r in (*PAPER_SETTINGS.values(), *MINIATURE_SETTINGS.values())
+    )
+    res = invert(space, pipe, images[:1], steps=30, lr=5.0, window=5, patience=1, **_cpu())
+    assert res.settings["early_stopping"] is False and res.steps_run[0] == 30
     s = default_settings(space)
     assert s.n_components == 5 and s.lr == MINIATURE_SETTINGS["standard"].lr
     assert default_settings(space, ood=True).n_components == 1  # a tenth, at least one

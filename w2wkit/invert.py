@@ -71,11 +71,16 @@ class InversionSettings:
         Adam step size, in coefficient units.
     steps : int
         Maximum optimisation steps per image.
+    early_stopping : bool
+        Whether :func:`invert` stops an image early by default (all recipes:
+        no; on the miniature world, loss-based stopping cut the ID score of
+        inversions, see docs/invert.md).
     """
 
     n_components: int
     lr: float
     steps: int
+    early_stopping: bool = False
 
 
 #: The paper's recipes (SD1.5, 99,648-dimensional identity space): real photos
@@ -90,7 +95,7 @@ PAPER_SETTINGS = {
 #: out-of-distribution inputs a tenth of them with a 10x larger step and twice
 #: the steps, as the paper. See docs/invert.md for how they were chosen.
 MINIATURE_SETTINGS = {
-    "standard": InversionSettings(n_components=1000, lr=0.3, steps=200),
+    "standard": InversionSettings(n_components=1000, lr=0.3, steps=400),
     "ood": InversionSettings(n_components=100, lr=1.0, steps=400),
 }
 
@@ -140,7 +145,9 @@ def default_settings(space: Any, *, ood: bool = False, concept: Any = None) -> I
         ratio = base.n_components / std
         n = min(n, max(1, round(min(k, std) * ratio)))
     n = max(1, min(n, k))
-    return InversionSettings(n_components=n, lr=base.lr, steps=base.steps)
+    return InversionSettings(
+        n_components=n, lr=base.lr, steps=base.steps, early_stopping=base.early_stopping
+    )
 
 
 # --------------------------------------------------------------------------- images
@@ -799,7 +806,7 @@ def invert(
     prompt: str | None = None,
     concept: Any = None,
     ood: bool = False,
-    early_stopping: bool = True,
+    early_stopping: bool | None = None,
     window: int | None = None,
     patience: int = 3,
     min_delta: float = 0.01,
@@ -842,9 +849,10 @@ def invert(
         Supplies the default prompt, component count and ``mask="auto"``.
     ood : bool
         Out-of-distribution recipe (fewer components, 10x step, 2x steps).
-    early_stopping : bool
+    early_stopping : bool, optional
         Stop an image when the mean loss over a window of steps has not
         improved by ``min_delta`` (relative) for ``patience`` windows.
+        Default: the recipe's (off for every built-in recipe).
     window : int, optional
         Steps per window (default ``max(10, steps // 20)``). Timesteps are
         uniform in ``[0, T)`` and stratified per window: the ``W`` steps of a
@@ -887,6 +895,7 @@ def invert(
     if not 1 <= k <= k_space:
         raise SpaceError(f"n_components={k} must be between 1 and the space's k={k_space}")
     steps = rec.steps if steps is None else int(steps)
+    early_stopping = rec.early_stopping if early_stopping is None else bool(early_stopping)
     lr = rec.lr if lr is None else float(lr)
     if steps < 1:
         raise W2WError(f"steps must be >= 1, got {steps}", key="steps")
