@@ -55,8 +55,8 @@ from w2wkit.errors import W2WError
 @click.option(
     "--ood",
     is_flag=True,
-    help="Out-of-distribution recipe (paintings, sketches): fewer components, larger step, "
-    "more steps.",
+    help="Out-of-distribution recipe (paintings, sketches): for SD-sized spaces the paper's "
+    "(fewer components, larger step, more steps); the miniature world's is its standard one.",
 )
 @click.option(
     "--prompt",

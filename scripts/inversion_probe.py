@@ -5,7 +5,8 @@ Usage::
     python scripts/inversion_probe.py OUT.jsonl N_HELDOUT VARIANT [VARIANT ...]
 
 A variant is ``k=999,steps=200,lr=0.3,stop=1,window=10,patience=3,min_delta=0.01``
-(any subset; defaults: the eval's ``full`` profile and the recipe's). The first N
+(any subset; defaults: the eval's ``full`` profile and the recipe's); ``style=painted``
+(``posterised``, ``line_drawing``) stylises the inputs as the eval's OOD section. The first N
 held-out identities of the shipped world are inverted exactly as ``w2wkit eval``'s
 inversion section does (same input picture, mask, prompt, seeds, space of 999
 components) and scored the same way (ID score of the renders against 8 other renders
@@ -21,15 +22,16 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
-def parse(text: str) -> dict[str, float]:
-    out = {}
+def parse(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for part in filter(None, text.split(",")):
         key, value = part.split("=")
-        out[key] = float(value)
+        out[key] = value if key == "style" else float(value)
     return out
 
 
@@ -48,15 +50,18 @@ def main(argv: list[str]) -> None:
     inputs = np.concatenate([ev.real(inst, 1, seed=s.seed + 5) for inst in heldout])
     for text in argv[2:]:
         v = parse(text)
+        pictures = inputs
+        if "style" in v:  # the eval's OOD inputs: stylised, scored against realistic renders
+            pictures = E.stylise(inputs, v["style"].replace("_", " "))
         t0 = time.perf_counter()
         res = invert(
             space,
             ev.renderer.pipe,
-            inputs,
+            pictures,
             n_components=int(v["k"]) if "k" in v else s.inversion_components,
             steps=int(v["steps"]) if "steps" in v else s.inversion_steps,
             lr=v.get("lr", s.inversion_lr),
-            mask=world.pack.mask(inputs),
+            mask=world.pack.mask(pictures),
             concept=world.pack,
             prompt=world.instance_prompt,
             early_stopping=bool(v["stop"]) if "stop" in v else None,
