@@ -3,7 +3,7 @@
 Usage::
 
     OMP_NUM_THREADS=1 python scripts/edit_probe.py OUT.jsonl [K ...] [--kinds pattern,filter]
-        [--all-models]
+        [--all-models] [--inject T] [--attrs beard,glasses,old]
 
 For each K (default 50 100 200) an identity space of K components is fitted on the
 shipped zoo with its labels, directions are fitted (linear probe, the default
@@ -15,8 +15,9 @@ strengths 1, 2, 3, 4, 6, 8, disentangled from the correlated attributes as
 ``w2wkit eval`` does. Every edit is rendered with 4 seeds (20 DDIM steps, CFG 3,
 the world's prompt); success is the classifier's reading of the attribute, ID the
 cosine of identity embeddings to the unedited model's picture of the same seed.
-One JSON line per (K, kind, attribute, strength). Used for docs/eval.md ("Edit
-strengths are calibrated").
+``--inject T`` renders with delayed injection (the unedited model for timesteps
+``t > T``, the edited one after). One JSON line per (K, kind, attribute, strength).
+Used for docs/eval.md ("Edit strengths are calibrated").
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ def main(argv: list[str]) -> None:
         argv = argv[:i] + argv[i + 2 :]
     plausible = "--all-models" not in argv
     argv = [a for a in argv if a != "--all-models"]
+    inject = None
+    if "--inject" in argv:
+        i = argv.index("--inject")
+        inject = float(argv[i + 1])
+        argv = argv[:i] + argv[i + 2 :]
+    attrs = ["beard", "glasses", "old"]
+    if "--attrs" in argv:
+        i = argv.index("--attrs")
+        attrs = argv[i + 1].split(",")
+        argv = argv[:i] + argv[i + 2 :]
     ks = [int(k) for k in argv[1:]] or [50, 100, 200]
     w = load_world()
     names = w.names("identity")
@@ -64,7 +75,7 @@ def main(argv: list[str]) -> None:
         space.set_labels(labels)
         for kind in kinds:
             fit_directions(space, labels, kind=kind, cv=5)
-            for attr in ("beard", "glasses", "old"):
+            for attr in attrs:
                 t0 = time.time()
                 others = _correlated(labels, attr, 0.15, list(space.directions_))
                 keep = labels[attr] == 0
@@ -73,14 +84,19 @@ def main(argv: list[str]) -> None:
                     keep &= labels[a] != v
                 pool = np.flatnonzero(keep)
                 pick = np.random.default_rng(17).choice(pool, 6, replace=False)
-                models = []
+                models, originals = [], []
                 for i in pick:
                     models.append(zoo[int(i)])
                     models += [
                         _edit_disentangled(space, zoo[int(i)], attr, st, others)[0]
                         for st in strengths
                     ]
-                imgs = renderer.render(models, prompt, seeds, steps=20, guidance=3.0).images
+                    originals += [zoo[int(i)]] * (1 + len(strengths))
+                kw = {"steps": 20, "guidance": 3.0}
+                if inject is not None:  # original model while t > inject, edited after
+                    kw.update(edited=models, inject_t=inject)
+                    models = originals
+                imgs = renderer.render(models, prompt, seeds, **kw).images
                 imgs = imgs.reshape(len(pick), 1 + len(strengths), len(seeds), 32, 32, 3)
                 u8 = (imgs * 255).round().clip(0, 255).astype(np.uint8)
                 emb = ev.embed("identity", u8.reshape(-1, 32, 32, 3)).reshape(
@@ -93,6 +109,7 @@ def main(argv: list[str]) -> None:
                         "k": k,
                         "kind": kind,
                         "excluded_by": rule,
+                        "inject_t": inject,
                         "attr": attr,
                         "strength": st,
                         "success": float(ok[:, j].mean()),
