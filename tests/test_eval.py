@@ -258,6 +258,19 @@ def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
         E.run_eval(w, "tiny", out, progress=False)
 
 
+def test_calibration_renders_edits_as_they_are_measured(micro: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    w = E.load_eval_world(micro)
+    # delayed injection below every timestep: the edited models are never used, so the
+    # calibration's renders equal the unedited model's (ID score 1). Rendered without
+    # injection, strength 40 moves this micro world's ID score to ~0.9997.
+    s = replace(E.PROFILES["tiny"], edit_inject_t=-1.0, edit_sweep=(40.0,), edit_strength=40.0)
+    res = E.run_eval(w, s, tmp_path / "ev", progress=False, sections=("space", "editing"))
+    tables = [a["calibration"]["table"] for a in res["editing"]["attributes"].values()]
+    assert tables and all(r["id_score"] == pytest.approx(1.0, abs=1e-6) for t in tables for r in t)
+
+
 def test_eval_cli(micro: Path, tmp_path: Path) -> None:
     from w2wkit.cli.main import cli
 

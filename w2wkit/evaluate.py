@@ -1448,14 +1448,24 @@ def _calibrate_strength(
     from w2wkit.formats.registry import read_adapter
 
     strengths = _edit_strengths(s)
-    models = []
+    models, originals = [], []
     for i in pick:
         ad = w.zoo[int(i)]
         ad = read_adapter(ad) if isinstance(ad, (str, os.PathLike)) else ad
         models.append(ad)  # strength 0: the zoo model itself
         models += [_edit_disentangled(space, ad, attr, st, others)[0] for st in strengths]
+        originals += [ad] * (1 + len(strengths))
     seeds = list(range(min(2, s.seeds)))
-    imgs = ev.render(models, seeds=seeds, desc=f"calibrate {attr}")
+    if s.edit_inject_t is None:
+        imgs = ev.render(models, seeds=seeds, desc=f"calibrate {attr}")
+    else:  # calibrate the edits as they are measured: with delayed injection
+        imgs = ev.render(
+            originals,
+            seeds=seeds,
+            edited=models,
+            inject_t=s.edit_inject_t,
+            desc=f"calibrate {attr}",
+        )
     imgs = imgs.reshape(len(pick), 1 + len(strengths), -1, *imgs.shape[-3:])
     emb = _unit(ev.embed(imgs))
     probs = w.evaluators.attribute_probs(_u8(imgs.reshape(-1, *imgs.shape[-3:])))[:, col]
