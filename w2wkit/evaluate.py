@@ -588,8 +588,9 @@ def _micro_world_unchecked(folder: Path) -> EvalWorld:
 
 def _instance_from_name(gen: Any, name: str) -> Any:
     """``identity-s0-000042`` -> ``gen.instance(42, 0)``."""
-    parts = name.rsplit("-", 2)
-    return gen.instance(int(parts[2]), int(parts[1].lstrip("s")))
+    from w2wkit.world.measure import instance_spec
+
+    return gen.instance(*instance_spec(name))
 
 
 def _find(d: Any, key: str) -> Any:

@@ -177,16 +177,21 @@ def zoo_fidelity(
     return metrics, test, gen_imgs
 
 
+def instance_spec(name: str) -> tuple[int, int]:
+    """``identity-s0-000042`` -> ``(42, 0)`` (index, instance seed); ``ValueError`` if not."""
+    _, s, ix = name.rsplit("-", 2)
+    return int(ix), int(s.removeprefix("s"))
+
+
 def _specs_from_names(concept: str, names: list[str]) -> list[tuple[int, int]]:
-    """``identity-s0-000042`` -> ``(42, 0)``, checked against the generator."""
+    """:func:`instance_spec` of every name, checked against the generator."""
     from w2wkit.world.build import _generators
 
     gen = _generators(concept)
     specs = []
     for name in names:
         try:
-            _, s, ix = name.rsplit("-", 2)
-            spec = (int(ix), int(s.removeprefix("s")))
+            spec = instance_spec(name)
         except ValueError:
             raise W2WError(
                 f"zoo model name '{name}' does not say its instance (expected "
