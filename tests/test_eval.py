@@ -92,6 +92,33 @@ def test_pixel_evaluators_read_attributes_and_identity(tmp_path: Path) -> None:
         E.PixelEvaluators.load(tmp_path / "bad.npz")
 
 
+def test_edit_oracle_draws_the_identity_again_with_the_attribute() -> None:
+    from w2wkit.world.identity import IdentityGenerator
+
+    gen = IdentityGenerator()
+    insts = gen.instances(30, seed=2)
+
+    class Pixels:  # an "embedder" that sees every pixel, a classifier that says yes
+        attributes = ["beard"]
+        name = "pixels"
+
+        def embed(self, x: np.ndarray) -> np.ndarray:
+            return x.reshape(len(x), -1).astype(np.float64) + 1.0
+
+        def attribute_probs(self, x: np.ndarray) -> np.ndarray:
+            return np.full((len(x), 1), 0.9)
+
+    res = E.edit_oracle(Pixels(), gen, insts, ["beard", "glasses"], n_images=2, seed=5)
+    men = [i for i in insts if i.attributes["male"] and not i.attributes["beard"]]
+    assert res["beard"]["n"] == len(men) > 0  # women are never given beards
+    assert res["glasses"]["n"] == sum(not i.attributes["glasses"] for i in insts)
+    assert 0.5 < res["beard"]["id_score"] < 1.0  # the beard changes pixels
+    assert res["beard"]["success"] == 1.0 and np.isnan(res["glasses"]["success"])
+    old = [i for i in insts if i.attributes["old"]]
+    none = E.edit_oracle(Pixels(), gen, old, ["old"], n_images=1)
+    assert none["old"]["n"] == 0 and np.isnan(none["old"]["id_score"])
+
+
 # ------------------------------------------------------------------ baselines
 
 
@@ -241,6 +268,9 @@ def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
         assert set(cal["models"]) <= zoo and len(cal["models"]) <= 2
         assert [r["strength"] for r in cal["table"]] == [1.0, 2.0]
         assert attr["strength"] == cal["strength"] == E.pick_strength(cal["table"], 0.8)[0]
+    for attr in saved["editing"]["attributes"].values():  # the perfect edit, for reference
+        assert 0 <= attr["oracle"]["n"] <= attr["n_identities"]  # no beards on women
+    assert saved["editing"]["overall"]["oracle"]["n"] > 0
     assert {r["n_models"] for r in saved["scaling"]["rows"]} == {6, 11}
     assert [r["components"] for r in saved["scaling"]["components_rows"]] == [2, 6]
     assert saved["fidelity"]["identity"]["n_candidates"] == 6

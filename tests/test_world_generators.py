@@ -185,3 +185,34 @@ def test_captions_name_the_attributes(idgen: IdentityGenerator, doggen: DogGener
     breed = next(b for b in doggen.catalogue if b.attributes["floppy_ears"])
     assert "floppy ears" in doggen.caption(breed)
     assert doggen.caption(breed).split(" with ")[0].endswith("dog")
+
+
+def test_vary_toggles_transient_attributes_and_keeps_the_nuisance(
+    idgen: IdentityGenerator,
+) -> None:
+    from w2wkit.world.identity import TRANSIENT_ATTRIBUTES, plausible
+
+    man = next(i for i in idgen.instances(40) if i.attributes["male"] and not i.attributes["beard"])
+    woman = next(i for i in idgen.instances(40) if not i.attributes["male"])
+    for inst in (man, woman):
+        plain = idgen.render(inst, 6, seed=3)
+        # vary=0 is the plain render (world v1's pictures are unchanged)
+        np.testing.assert_array_equal(idgen.render(inst, 6, seed=3, vary=0.0), plain)
+        # vary=1 toggles every plausible transient attribute in every picture, with the
+        # nuisance of the plain picture: the same pixels as drawing the toggled identity
+        flipped = {
+            k: (not v) if k in TRANSIENT_ATTRIBUTES and plausible(inst.attributes, k) else v
+            for k, v in inst.attributes.items()
+        }
+        other = dataclasses.replace(inst, attributes=flipped)
+        np.testing.assert_array_equal(
+            idgen.render(inst, 6, seed=3, vary=1.0), idgen.render(other, 6, seed=3)
+        )
+        # in between: some pictures toggled, some not; deterministic by seed
+        part = idgen.render(inst, 12, seed=4, vary=0.3)
+        np.testing.assert_array_equal(part, idgen.render(inst, 12, seed=4, vary=0.3))
+        same = [np.array_equal(a, b) for a, b in zip(part, idgen.render(inst, 12, seed=4))]
+        assert 0 < sum(same) < 12
+    # no beard for women, no lipstick for men
+    assert not plausible(woman.attributes, "beard") and plausible(woman.attributes, "lipstick")
+    assert plausible(man.attributes, "beard") and not plausible(man.attributes, "lipstick")

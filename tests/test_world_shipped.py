@@ -308,3 +308,56 @@ def test_measure_defaults_are_the_full_profiles() -> None:
 
     assert FidelitySettings() == fidelity_settings(profile("full"))
     assert FidelitySettings() == fidelity_settings(profile("full-gpu"))
+
+
+def test_retrain_embedder_replaces_only_the_identity_embedder(work: Path, tmp_path: Path) -> None:
+    from w2wkit.world.worldbuild import _profile_from_log, retrain_embedder
+
+    root = tmp_path / "w"
+    shutil.copytree(work / "shipped", root)
+    before = safetensors.numpy.load_file(str(root / "evaluators.safetensors"))
+    # the micro build trained its embedder with transient attributes varied (0.3);
+    # training again without variation gives another embedder
+    res = CliRunner().invoke(
+        cli, ["world", "retrain-embedder", "--world", str(root), "--vary", "0", "--steps", "12"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "verification ROC-AUC" in res.output and "perfect glasses edit" in res.output
+    after = safetensors.numpy.load_file(str(root / "evaluators.safetensors"))
+    assert after.keys() == before.keys()
+    changed = {k for k in after if not np.array_equal(after[k], before[k])}
+    assert changed and all(k.startswith("emb.identity.") for k in changed)
+    verify_world(root)  # the manifest was rewritten
+    log = json.loads((root / "build_log.json").read_text())
+    (rev,) = log["revisions"]
+    assert rev["vary"] == 0.0 and rev["training"]["steps"] == 12
+    assert set(rev["after"]["transient_id"]) == {"beard", "glasses", "lipstick", "old"}
+    info = json.loads((root / "evaluators.json").read_text())
+    assert info["metrics"]["identity"]["verification_auc"] == rev["after"]["verification_auc"]
+    assert info["embedder_settings"]["vary"] == 0.0
+    w = load_world(root)
+    assert w.evaluators().embed("identity", np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 16)
+    assert "revision" in CliRunner().invoke(cli, ["world", "info", "--world", str(root)]).output
+    # the same settings as the build reproduce the build's embedder bit for bit
+    retrain_embedder(root, vary=0.3)
+    again = safetensors.numpy.load_file(str(root / "evaluators.safetensors"))
+    for k in before:
+        np.testing.assert_array_equal(again[k], before[k])
+    # logs of worlds built before the option trained without variation
+    prof = json.loads((root / "build_log.json").read_text())["profile"]
+    prof.pop("eval_id_vary")
+    assert _profile_from_log(prof).eval_id_vary == 0.0
+
+
+def test_retrain_embedder_refuses_bad_input(work: Path, tmp_path: Path) -> None:
+    root = tmp_path / "w"
+    shutil.copytree(work / "shipped", root)
+    res = CliRunner().invoke(cli, ["world", "retrain-embedder", "--world", str(root), "--vary", "2"])
+    assert res.exit_code == 2 and "--vary" in res.output
+    weights = (root / "evaluators.safetensors").read_bytes()
+    (root / "heldout.json").write_text("{}")  # damaged: refused before any work
+    res = CliRunner().invoke(cli, ["world", "retrain-embedder", "--world", str(root)])
+    assert res.exit_code != 0 and "heldout.json" in res.output
+    assert "Traceback" not in res.output
+    assert (root / "evaluators.safetensors").read_bytes() == weights
+    assert not (root / ".retrain-embedder").exists()

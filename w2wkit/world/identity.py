@@ -32,7 +32,14 @@ from w2wkit.world._draw import (
     shade,
 )
 
-__all__ = ["IDENTITY_ATTRIBUTES", "IDENTITY_PARAMS", "IdentityGenerator", "face_box"]
+__all__ = [
+    "IDENTITY_ATTRIBUTES",
+    "IDENTITY_PARAMS",
+    "TRANSIENT_ATTRIBUTES",
+    "IdentityGenerator",
+    "face_box",
+    "plausible",
+]
 
 IDENTITY_ATTRIBUTES: tuple[AttributeSpec, ...] = (
     AttributeSpec("old", "old", "grey hair, forehead and cheek wrinkles", 0.25, True, "young"),
@@ -81,6 +88,11 @@ IDENTITY_PARAMS: tuple[str, ...] = (
     "frame_g",
     "frame_b",
 )
+
+#: Attributes one person shows in some photos and not in others (grooming,
+#: accessories, make-up, age): a face recogniser should see the same identity
+#: through them. ``render(..., vary=p)`` toggles each with probability ``p``.
+TRANSIENT_ATTRIBUTES: tuple[str, ...] = ("beard", "glasses", "lipstick", "old")
 
 _EYES = [
     (0.25, 0.45, 0.75),
@@ -372,6 +384,25 @@ def _draw_face(
         sk.line([(cx - ex + gr, ey), (cx + ex - gr, ey)], frame, width * 0.8)
 
 
+def plausible(attributes: dict[str, bool], name: str) -> bool:
+    """Whether attribute ``name`` may be toggled on this identity (no beards on women,
+    no lipstick on men: the population never shows them)."""
+    if name == "beard":
+        return bool(attributes["male"])
+    if name == "lipstick":
+        return not attributes["male"]
+    return True
+
+
+def _vary(a: dict[str, bool], rng: np.random.Generator, p: float) -> dict[str, bool]:
+    """Toggle each transient attribute with probability ``p`` where plausible."""
+    toggle = rng.random(len(TRANSIENT_ATTRIBUTES)) < p  # always drawn: a fixed stream
+    for name, t in zip(TRANSIENT_ATTRIBUTES, toggle, strict=True):
+        if t and plausible(a, name):
+            a[name] = not a[name]
+    return a
+
+
 class IdentityGenerator:
     """Procedural identities (faces) with CelebA-like attributes.
 
@@ -405,17 +436,26 @@ class IdentityGenerator:
         seed: int = 0,
         size: int = 32,
         canonical: bool = False,
+        vary: float = 0.0,
     ) -> np.ndarray:
         """Pictures of one identity, shape ``(n_images, size, size, 3)`` uint8.
 
         ``canonical=True`` removes the nuisance (centred, upright, even grey
         light and background, neutral expression, grey clothes).
+        ``vary > 0`` toggles each of :data:`TRANSIENT_ATTRIBUTES` per picture
+        with that probability (beards only on men, lipstick only on women), as
+        photos of one person differ: the training set of an identity embedder
+        that should not call a shaved or bespectacled person someone else. The
+        nuisance of each picture is the same as with ``vary=0``.
         """
         rng = np.random.default_rng([int(seed), int(instance.index), int(instance.seed), 0xFACE])
-        a = dict(instance.attributes)
+        vrng = np.random.default_rng([int(seed), int(instance.index), int(instance.seed), 0x7A47])
         p = dict(instance.params)
         out = np.empty((n_images, size, size, 3), dtype=np.uint8)
         for i in range(n_images):
+            a = dict(instance.attributes)
+            if vary > 0:
+                a = _vary(a, vrng, vary)
             nz = Nuisance.draw(rng, shift=0.05, zoom=0.07, rotation=7.0, gain=(0.88, 1.1))
             clothes = palette_color(rng, _CLOTHES, 0.05)
             smile = float(rng.uniform(-0.2, 1.0))

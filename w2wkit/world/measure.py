@@ -27,7 +27,12 @@ import numpy as np
 
 from w2wkit.errors import W2WError
 
-__all__ = ["FidelitySettings", "measure_world", "record_measurement", "zoo_fidelity"]
+__all__ = [
+    "FidelitySettings",
+    "measure_world",
+    "record_measurement",
+    "zoo_fidelity",
+]
 
 
 @dataclass(frozen=True)
@@ -288,9 +293,14 @@ def record_measurement(world: str | os.PathLike[str] | None, result: dict[str, A
     verify_world(root)  # never re-hash a damaged world into a valid-looking one
     path = root / "build_log.json"
     log = json.loads(path.read_text()) if path.exists() else {}
+    from w2wkit.world.evaluators import WEIGHTS
+    from w2wkit.world.zoo import sha256
+
     entry = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
+        # which evaluators scored it (they can be retrained: world retrain-embedder)
+        "evaluators_sha256": sha256(root / WEIGHTS)[:16],
         **{k: v for k, v in result.items() if k != "world"},
     }
     log.setdefault("measurements", []).append(entry)

@@ -21,11 +21,12 @@ def default_workers() -> int:
 
 
 def _render_part(args: tuple) -> np.ndarray:
-    concept, specs, n_images, seed, size = args
+    concept, specs, n_images, seed, size, vary = args
     from w2wkit.world.build import _generators
 
     gen = _generators(concept)
-    out = [gen.render(gen.instance(i, s), n_images, seed=seed, size=size) for i, s in specs]
+    kw = {"vary": vary} if vary else {}
+    out = [gen.render(gen.instance(i, s), n_images, seed=seed, size=size, **kw) for i, s in specs]
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
@@ -47,8 +48,12 @@ def render_instances(
     seed: int = 0,
     size: int = 32,
     workers: int = 1,
+    vary: float = 0.0,
 ) -> np.ndarray:
     """Render ``n_images`` pictures of each instance ``(index, inst_seed)``.
+
+    ``vary`` > 0 is passed to generators that vary transient attributes per
+    picture (identity: ``IdentityGenerator.render(..., vary=)``).
 
     Returns
     -------
@@ -61,10 +66,12 @@ def render_instances(
         return np.zeros((0, n_images, size, size, 3), np.uint8)
     workers = max(1, min(int(workers), len(specs) // 8 or 1))
     if workers == 1:
-        flat = _render_part((concept, specs, n_images, seed, size))
+        flat = _render_part((concept, specs, n_images, seed, size, vary))
     else:
         parts = np.array_split(np.arange(len(specs)), workers * 4)
-        args = [(concept, [specs[k] for k in p], n_images, seed, size) for p in parts if len(p)]
+        args = [
+            (concept, [specs[k] for k in p], n_images, seed, size, vary) for p in parts if len(p)
+        ]
         with mp.get_context(_start_method()).Pool(workers) as pool:
             flat = np.concatenate(pool.map(_render_part, args))
     return flat.reshape(len(specs), n_images, size, size, 3)

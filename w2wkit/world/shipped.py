@@ -344,6 +344,7 @@ class World:
             "metrics": metrics,
             "evaluators": evals,
             "measurements": log.get("measurements", []),
+            "revisions": log.get("revisions", []),
         }
 
 
