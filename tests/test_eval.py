@@ -99,7 +99,7 @@ def test_edit_oracle_draws_the_identity_again_with_the_attribute() -> None:
     insts = gen.instances(30, seed=2)
 
     class Pixels:  # an "embedder" that sees every pixel, a classifier that says yes
-        attributes = ["beard"]
+        attributes = ("beard",)
         name = "pixels"
 
         def embed(self, x: np.ndarray) -> np.ndarray:

@@ -352,7 +352,8 @@ def test_retrain_embedder_replaces_only_the_identity_embedder(work: Path, tmp_pa
 def test_retrain_embedder_refuses_bad_input(work: Path, tmp_path: Path) -> None:
     root = tmp_path / "w"
     shutil.copytree(work / "shipped", root)
-    res = CliRunner().invoke(cli, ["world", "retrain-embedder", "--world", str(root), "--vary", "2"])
+    cmd = ["world", "retrain-embedder", "--world", str(root)]
+    res = CliRunner().invoke(cli, [*cmd, "--vary", "2"])
     assert res.exit_code == 2 and "--vary" in res.output
     weights = (root / "evaluators.safetensors").read_bytes()
     (root / "heldout.json").write_text("{}")  # damaged: refused before any work
