@@ -18,6 +18,21 @@ threads_option = click.option(
 )
 
 
+def _inject_t(text: str) -> float | None:
+    """``--inject-t``: a timestep in [0, 1000] or ``off``."""
+    from w2wkit.errors import W2WError
+
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        t = float(text)
+    except ValueError:
+        t = float("nan")
+    if not 0.0 <= t <= 1000.0:
+        raise W2WError(f"--inject-t must be a timestep in [0, 1000] or 'off', got {text!r}")
+    return t
+
+
 @click.command("eval")
 @click.option(
     "--world",
@@ -48,6 +63,12 @@ threads_option = click.option(
 )
 @click.option("--heldout", type=int, default=None, help="Held-out identities (profile default).")
 @click.option("--seed", type=int, default=None, help="Seed (profile default 0).")
+@click.option(
+    "--inject-t",
+    default=None,
+    help="Delayed injection of w2w edits: the unedited model while t > T, the edited one "
+    "after; a timestep, or 'off' to edit throughout [default: 700].",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @threads_option
 @force_option
@@ -58,6 +79,7 @@ def eval_cmd(
     sections: str,
     heldout: int | None,
     seed: int | None,
+    inject_t: str | None,
     device: str,
     threads: int,
     force: bool,
@@ -86,6 +108,8 @@ def eval_cmd(
         changes["n_heldout"] = heldout
     if seed is not None:
         changes["seed"] = seed
+    if inject_t is not None:
+        changes["edit_inject_t"] = _inject_t(inject_t)
     s = replace(s, **changes)
     if out.exists() and any(out.iterdir()) and not force:
         raise W2WError("output folder exists and is not empty (use --force)", path=out)

@@ -317,10 +317,17 @@ def test_eval_cli(micro: Path, tmp_path: Path) -> None:
             str(out),
             "--sections",
             "space,sampling",
+            "--inject-t",
+            "off",
         ],
     )
     assert r.exit_code == 0, r.output
     assert "report:" in r.output and (out / "report.html").exists()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["edit_inject_t"] is None  # default 700
+    assert E.EvalSettings().edit_inject_t == 700.0
+    r = CliRunner().invoke(cli, ["eval", "--inject-t", "late", "-o", str(tmp_path / "y")])
+    assert r.exit_code == 1 and "--inject-t must be a timestep" in r.output
     r = CliRunner().invoke(cli, ["eval", "--world", str(micro), "-o", str(out)])
     assert r.exit_code == 1 and "not empty" in r.output
     r = CliRunner().invoke(cli, ["eval", "--sections", "space,colour", "-o", str(tmp_path / "x")])
