@@ -112,7 +112,13 @@ def _to_input(images: np.ndarray, device: str) -> Any:
 
 
 def _train_loop(
-    net: Any, head: Any, loss_fn: Any, images: np.ndarray, targets: Any, s: EvalSettings
+    net: Any,
+    head: Any,
+    loss_fn: Any,
+    images: np.ndarray,
+    targets: Any,
+    s: EvalSettings,
+    progress: Any = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -152,6 +158,8 @@ def _train_loop(
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         done = step + 1
+        if progress is not None:
+            progress(done, total[0])
         if s.budget_s is not None and time.perf_counter() - t0 > 1.2 * s.budget_s:
             break
     net.eval()
@@ -193,7 +201,10 @@ def train_attribute_classifier(
 
 
 def train_embedder(
-    images: np.ndarray, classes: np.ndarray, settings: EvalSettings | None = None
+    images: np.ndarray,
+    classes: np.ndarray,
+    settings: EvalSettings | None = None,
+    progress: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train an identity embedder (cosine softmax with additive margin).
 
@@ -203,6 +214,8 @@ def train_embedder(
         ``(n, H, W, 3)`` uint8.
     classes : numpy.ndarray
         ``(n,)`` int identity of each picture (0 .. C-1).
+    progress : callable, optional
+        ``progress(steps_done, steps_planned)`` after every step.
 
     Returns
     -------
@@ -225,7 +238,7 @@ def train_embedder(
         return F.cross_entropy(s.scale * cos, y)
 
     y = torch.as_tensor(np.asarray(classes, np.int64), device=s.device)
-    log = _train_loop(net, head, loss_fn, images, y, s)
+    log = _train_loop(net, head, loss_fn, images, y, s, progress)
     return net, log
 
 

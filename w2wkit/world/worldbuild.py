@@ -885,6 +885,7 @@ def retrain_embedder(
     workers: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train a world's identity embedder again, with transient attributes varied.
 
@@ -911,6 +912,8 @@ def retrain_embedder(
     device : str
     threads : int, optional
         torch threads on the CPU.
+    progress : bool
+        Show a progress bar of the training steps.
 
     Returns
     -------
@@ -963,7 +966,10 @@ def retrain_embedder(
     before["verification_auc"] = roc_auc_verification(old.embed("identity", d["tx"]), d["towner"])
     t_render = time.time() - t0
     _say(f"retrain-embedder: {len(d['xe'])} pictures rendered in {t_render:.0f} s")
-    net, log_e = train_embedder(d["xe"], d["cls"], s)
+    from w2wkit.world.zoo import _Bar
+
+    with _Bar(s.steps, "identity embedder", enabled=progress) as bar:
+        net, log_e = train_embedder(d["xe"], d["cls"], s, lambda done, _: bar.set(done))
     nets = {**old.nets, ("emb", "identity"): net.eval()}
     ev = Evaluators(nets, old.config, device)
     after = {
