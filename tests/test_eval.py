@@ -278,6 +278,7 @@ def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
     assert bool(np.all(np.diff(cum) >= 0)) and cum[-1] <= 1 + 1e-9
     html = (out / "report.html").read_text()
     assert "Inversion" in html and "Editing" in html and "Targets" in html
+    assert "perfect edit" in html
     for rel in list(saved["images"].values()) + list(saved["plots"].values()):
         assert (out / rel).stat().st_size > 0
         assert rel in html

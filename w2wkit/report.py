@@ -184,9 +184,20 @@ def write_report(results: Mapping[str, Any], path: str | os.PathLike[str], title
         for a, v in ed["attributes"].items():
             for m in ("w2w", "prompting", "undisentangled"):
                 rows.append([f"{a} ({m})", v[m]["id_score"], v[m]["success"], v[m]["pixel_rmse"]])
+            orc = v.get("oracle")
+            if orc and orc.get("n"):
+                rows.append([f"{a} (perfect edit)", orc["id_score"], orc["success"], None])
         for m in ("w2w", "prompting", "undisentangled"):
             o = ed["overall"][m]
             rows.append([f"all ({m})", o["id_score"], o["success"], o["pixel_rmse"]])
+        if ed["overall"].get("oracle", {}).get("n"):
+            rows.append(["all (perfect edit)", ed["overall"]["oracle"]["id_score"], None, None])
+            parts.append(
+                "<p class=note>Perfect edit: "
+                + html.escape(ed.get("oracle", ""))
+                + " - the ceiling of the ID score of a successful edit under these evaluators."
+                "</p>"
+            )
         parts.append(
             table(
                 ["edit (method)", "ID score to unedited", "attribute success", "pixel RMSE"], rows
