@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--profile", default="full")
     ap.add_argument("--world", default=None)
     ap.add_argument("--max-heldout", type=int, default=100)
+    ap.add_argument(
+        "--calibrate-on", default=None, choices=("zoo", "heldout"), help="edit calibration pool"
+    )
     args = ap.parse_args()
 
     import torch
@@ -44,6 +47,8 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world = E.load_eval_world(args.world, device=device)
     s = replace(E.PROFILES[args.profile], device=device, batch_size=128 if device != "cpu" else 32)
+    if args.calibrate_on:
+        s = replace(s, edit_calibration_pool=args.calibrate_on)
 
     # timing probe: one DreamBooth (zoo recipe) and one inversion
     from w2wkit.baselines import BaselineModels
@@ -71,9 +76,13 @@ def main() -> None:
     n_inv = len(s.scaling_sizes) + len(s.inversion_k_sweep)
     scaling = n_inv * (steps * t_step + 2.0)
     fixed = 60.0 + 20.0
+    n_avail = len(world.heldout)
+    if s.edit_calibration_pool == "heldout":  # calibration identities: trained, never evaluated
+        fixed += s.edit_calibration_identities * t_db
+        n_avail -= s.edit_calibration_identities
     spare = args.budget - (time.perf_counter() - t_all) - fixed
     # spend about half on the main held-out set, a quarter each on OOD and scaling
-    n = int(max(2, min(args.max_heldout, len(world.heldout), 0.5 * spare / per_id)))
+    n = int(max(2, min(args.max_heldout, n_avail, 0.5 * spare / per_id)))
     n_ood = int(max(1, min(n, 0.25 * spare / ood)))
     n_scale = int(max(1, min(n, 0.25 * spare / scaling)))
     s = replace(s, n_heldout=n, ood_heldout=n_ood, scaling_heldout=n_scale)
@@ -90,7 +99,9 @@ def main() -> None:
     with tarfile.open(args.out / "eval.tar.gz", "w:gz") as tar:
         tar.add(out, arcname="eval")
 
-    def m(x: dict | None) -> float | None:
+    def m(x: dict | float | None) -> float | None:
+        if isinstance(x, float):  # e.g. the perfect edit's mean ID score
+            return x
         return None if not x else x.get("mean")
 
     inv, ed = res.get("inversion", {}), res.get("editing", {}).get("overall", {})

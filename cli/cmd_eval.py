@@ -69,6 +69,13 @@ def _inject_t(text: str) -> float | None:
     help="Delayed injection of w2w edits: the unedited model while t > T, the edited one "
     "after; a timestep, or 'off' to edit throughout [default: 700].",
 )
+@click.option(
+    "--calibrate-on",
+    type=click.Choice(["zoo", "heldout"]),
+    default=None,
+    help="Models the edit strengths are calibrated on: zoo models, or DreamBooth models of "
+    "held-out identities that are not evaluated [default: zoo].",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @threads_option
 @force_option
@@ -80,6 +87,7 @@ def eval_cmd(
     heldout: int | None,
     seed: int | None,
     inject_t: str | None,
+    calibrate_on: str | None,
     device: str,
     threads: int,
     force: bool,
@@ -110,6 +118,8 @@ def eval_cmd(
         changes["seed"] = seed
     if inject_t is not None:
         changes["edit_inject_t"] = _inject_t(inject_t)
+    if calibrate_on is not None:
+        changes["edit_calibration_pool"] = calibrate_on
     s = replace(s, **changes)
     if out.exists() and any(out.iterdir()) and not force:
         raise W2WError("output folder exists and is not empty (use --force)", path=out)

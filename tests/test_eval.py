@@ -302,6 +302,34 @@ def test_calibration_renders_edits_as_they_are_measured(micro: Path, tmp_path: P
     assert tables and all(r["id_score"] == pytest.approx(1.0, abs=1e-6) for t in tables for r in t)
 
 
+def test_calibration_on_heldout_models_never_evaluated(micro: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    w = E.load_eval_world(micro)  # 3 held-out identities
+    s = replace(
+        E.PROFILES["tiny"],
+        n_heldout=1,
+        edit_calibration_pool="heldout",
+        edit_calibration_identities=2,
+    )
+    res = E.run_eval(w, s, tmp_path / "ev", progress=False, sections=("space", "editing"))
+    evaluated = {f"heldout-{w.heldout[0].index}"}
+    pool = {f"heldout-{i.index}" for i in w.heldout[1:]}
+    cals = [a["calibration"] for a in res["editing"]["attributes"].values() if a["calibration"]]
+    assert cals, "nothing was calibrated"
+    for cal in cals:
+        assert cal["pool"] == "heldout"
+        assert set(cal["models"]) <= pool and not set(cal["models"]) & evaluated
+    # the pool may not overlap the evaluated identities; unknown pools are refused
+    for bad, match in (
+        (replace(s, n_heldout=2), "n_heldout \\+ edit_calibration_identities <= 3"),
+        (replace(s, edit_calibration_pool="both"), "must be 'zoo' or 'heldout'"),
+    ):
+        with pytest.raises(W2WError, match=match):
+            E.run_eval(w, bad, tmp_path / "bad", progress=False, sections=("space", "editing"))
+        assert not (tmp_path / "bad").exists()  # refused before any output
+
+
 def test_eval_cli(micro: Path, tmp_path: Path) -> None:
     from w2wkit.cli.main import cli
 
