@@ -217,3 +217,22 @@ def test_vary_toggles_transient_attributes_and_keeps_the_nuisance(
     # no beard for women, no lipstick for men
     assert not plausible(woman.attributes, "beard") and plausible(woman.attributes, "lipstick")
     assert plausible(man.attributes, "beard") and not plausible(man.attributes, "lipstick")
+
+
+def test_edited_identity_follows_the_population_ties(idgen: IdentityGenerator) -> None:
+    from w2wkit.world.identity import _GREY
+
+    young = next(i for i in idgen.instances(40) if not i.attributes["old"])
+    older = idgen.edited(young, "old")
+    assert older.attributes == {**young.attributes, "old": True}
+    hair = [young.params[k] for k in ("hair_r", "hair_g", "hair_b")]
+    grey = [older.params[k] for k in ("hair_r", "hair_g", "hair_b")]
+    to_grey = np.array(_GREY)
+    assert np.linalg.norm(np.array(grey) - to_grey) < np.linalg.norm(np.array(hair) - to_grey)
+    back = idgen.edited(older, "old", False)
+    for k, v in young.params.items():
+        assert back.params[k] == pytest.approx(v, abs=1e-6), k
+    # the classifier-free ground truth: the edit adds grey hair and wrinkles to the picture
+    assert not np.array_equal(idgen.render(young, 1, seed=2), idgen.render(older, 1, seed=2))
+    glasses = idgen.edited(young, "glasses", not young.attributes["glasses"])
+    assert glasses.params == young.params

@@ -359,7 +359,8 @@ def edit_oracle(
 
     For every instance that lacks the attribute (and for which the generator
     calls it plausible: no beards on women), ``n_images`` procedural pictures
-    are drawn with and without it at the same nuisance; the ID score of each
+    are drawn with and without it at the same nuisance (the generator's
+    ``edited(instance, attr)`` when it has one: growing old greys the hair); the ID score of each
     same-seed pair and the classifier's success on the edited pictures are
     averaged. This is the ceiling of the editing ID score under these
     evaluators: an embedder that scores a perfect edit low calls the edited
@@ -393,7 +394,12 @@ def edit_oracle(
             if a.get(attr, True) or not identity.plausible(a, attr):
                 continue
             plain = generator.render(inst, n_images, seed=seed, size=size)
-            edited = Instance(inst.concept, inst.index, inst.seed, {**a, attr: True}, inst.params)
+            if hasattr(generator, "edited"):  # e.g. growing old greys the hair
+                edited = generator.edited(inst, attr, True)
+            else:
+                edited = Instance(
+                    inst.concept, inst.index, inst.seed, {**a, attr: True}, inst.params
+                )
             imgs = generator.render(edited, n_images, seed=seed, size=size)
             e0, e1 = _unit(evaluators.embed(plain)), _unit(evaluators.embed(imgs))
             ids.append(float(np.sum(e0 * e1, axis=1).mean()))

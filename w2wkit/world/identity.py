@@ -425,6 +425,24 @@ class IdentityGenerator:
         attrs, params = _sample_identity(rng)
         return Instance(self.concept, int(index), int(seed), attrs, params)
 
+    def edited(self, instance: Instance, name: str, value: bool = True) -> Instance:
+        """The same identity with attribute ``name`` set to ``value``.
+
+        Where the population ties a parameter to the attribute, it follows:
+        growing old greys the hair as in sampling (to the middle of the
+        sampled range: 15% grey for dark hair, 85% otherwise); becoming young
+        again inverts that. Other attributes change the drawing only.
+        """
+        a = {**instance.attributes, name: bool(value)}
+        p = dict(instance.params)
+        if name == "old" and bool(value) != bool(instance.attributes["old"]):
+            t = 0.15 if a["dark_hair"] else 0.85
+            hair = np.array([p["hair_r"], p["hair_g"], p["hair_b"]])
+            grey = np.asarray(_GREY)
+            hair = hair + t * (grey - hair) if value else (hair - t * grey) / (1.0 - t)
+            p.update(zip(("hair_r", "hair_g", "hair_b"), np.clip(hair, 0, 1).tolist(), strict=True))
+        return Instance(instance.concept, instance.index, instance.seed, a, p)
+
     def instances(self, n: int, seed: int = 0, start: int = 0) -> list[Instance]:
         """Identities ``start`` .. ``start + n - 1``."""
         return [self.instance(i, seed) for i in range(start, start + n)]
