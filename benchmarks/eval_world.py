@@ -79,7 +79,7 @@ def main() -> None:
     n_avail = len(world.heldout)
     if s.edit_calibration_pool == "heldout":  # calibration identities: trained, never evaluated
         fixed += s.edit_calibration_identities * t_db
-        n_avail -= s.edit_calibration_identities
+        n_avail -= s.edit_calibration_identities  # keep the whole pool
     spare = args.budget - (time.perf_counter() - t_all) - fixed
     # spend about half on the main held-out set, a quarter each on OOD and scaling
     n = int(max(2, min(args.max_heldout, n_avail, 0.5 * spare / per_id)))

@@ -73,8 +73,8 @@ def _inject_t(text: str) -> float | None:
     "--calibrate-on",
     type=click.Choice(["zoo", "heldout"]),
     default=None,
-    help="Models the edit strengths are calibrated on: zoo models, or DreamBooth models of "
-    "held-out identities that are not evaluated [default: zoo].",
+    help="Models the edit strengths are calibrated on: DreamBooth models of held-out "
+    "identities that are not evaluated, or zoo models [default: heldout; the tiny profile: zoo].",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @threads_option

@@ -310,7 +310,7 @@ def test_calibration_on_heldout_models_never_evaluated(micro: Path, tmp_path: Pa
         E.PROFILES["tiny"],
         n_heldout=1,
         edit_calibration_pool="heldout",
-        edit_calibration_identities=2,
+        edit_calibration_identities=5,  # capped at the 2 identities left
     )
     res = E.run_eval(w, s, tmp_path / "ev", progress=False, sections=("space", "editing"))
     evaluated = {f"heldout-{w.heldout[0].index}"}
@@ -322,7 +322,7 @@ def test_calibration_on_heldout_models_never_evaluated(micro: Path, tmp_path: Pa
         assert set(cal["models"]) <= pool and not set(cal["models"]) & evaluated
     # the pool may not overlap the evaluated identities; unknown pools are refused
     for bad, match in (
-        (replace(s, n_heldout=2), "n_heldout \\+ edit_calibration_identities <= 3"),
+        (replace(s, n_heldout=3), "beyond the 3 evaluated \\(the world has 3\\)"),
         (replace(s, edit_calibration_pool="both"), "must be 'zoo' or 'heldout'"),
     ):
         with pytest.raises(W2WError, match=match):
@@ -355,6 +355,7 @@ def test_eval_cli(micro: Path, tmp_path: Path) -> None:
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["edit_inject_t"] is None  # default 700
     assert E.EvalSettings().edit_inject_t == 700.0
+    assert E.EvalSettings().edit_calibration_pool == "heldout"
     r = CliRunner().invoke(cli, ["eval", "--inject-t", "late", "-o", str(tmp_path / "y")])
     assert r.exit_code == 1 and "--inject-t must be a timestep" in r.output
     r = CliRunner().invoke(cli, ["eval", "--world", str(micro), "-o", str(out)])

@@ -837,16 +837,17 @@ class EvalSettings:
     edit_target : float
         Success rate the calibration asks for.
     edit_calibration_pool : str
-        Models the strengths are calibrated on: ``"zoo"`` (training models of
-        the space, lacking the attribute) or ``"heldout"`` (multi-image
-        DreamBooth models, trained like the edited ones, of the last
-        ``edit_calibration_identities`` held-out identities: never evaluated;
-        a clear error when they would overlap the ``n_heldout`` evaluated ones).
-        Zoo models lie in the space; held-out models also have a residual
-        outside it, which the edit keeps, and on world v1 reached "old" less
-        often at the same strength (0.43 vs 0.81).
+        Models the strengths are calibrated on: ``"heldout"`` (default;
+        multi-image DreamBooth models, trained like the edited ones, of the
+        last held-out identities, which are never evaluated; an error when
+        the ``n_heldout`` evaluated identities leave none) or ``"zoo"``
+        (training models of the space lacking the attribute). Zoo models lie
+        in the space; held-out models also have a residual outside it, which
+        the edit keeps: on world v1.1 zoo-calibrated strengths gave 0.723
+        success on 16 held-out identities, held-out-calibrated ones 0.816.
     edit_calibration_identities : int
-        Size of the ``"heldout"`` calibration pool.
+        Size of the ``"heldout"`` calibration pool (capped at the held-out
+        identities left after the ``n_heldout`` evaluated ones).
     edit_plausible : bool
         Edit only models for which the attribute is plausible: not those
         holding an attribute value under which the zoo never shows it (e.g.
@@ -902,7 +903,7 @@ class EvalSettings:
     edit_sweep: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
     edit_calibration: int = 8
     edit_target: float = 0.8
-    edit_calibration_pool: str = "zoo"
+    edit_calibration_pool: str = "heldout"
     edit_calibration_identities: int = 16
     edit_plausible: bool = True
     disentangle_threshold: float = 0.15
@@ -944,6 +945,7 @@ PROFILES: dict[str, EvalSettings] = {
         styles=("posterised", "line drawing"),
         edit_sweep=(1.0,),
         edit_calibration=2,
+        edit_calibration_pool="zoo",
         batch_size=16,
     ),
     "quick": EvalSettings(n_heldout=4, ood_heldout=2, scaling_heldout=2, n_samples=6),
@@ -1025,7 +1027,7 @@ class _Eval:
         if getattr(self, "_calib", None) is None:
             s, held = self.s, self.w.heldout
             _check_calibration_pool(s, len(held))
-            k = int(s.edit_calibration_identities)
+            k = _calibration_pool_size(s, len(held))
             pool = held[len(held) - k :]
             cb = self.task("DreamBooth (multi-image) on calibration identities", k)
             n_img = s.n_train_images or int(getattr(self.w.lora_settings, "n_images", 10))
@@ -1547,13 +1549,20 @@ def _check_calibration_pool(s: EvalSettings, n_heldout_available: int) -> None:
             f"edit_calibration_pool must be 'zoo' or 'heldout', got {s.edit_calibration_pool!r}",
             key="edit_calibration_pool",
         )
-    k = int(s.edit_calibration_identities)
-    if s.edit_calibration_pool == "heldout" and (k < 1 or s.n_heldout + k > n_heldout_available):
+    if s.edit_calibration_pool == "heldout" and (
+        s.edit_calibration_identities < 1 or s.n_heldout >= n_heldout_available
+    ):
         raise W2WError(
-            f"edit_calibration_pool='heldout' needs n_heldout + edit_calibration_identities "
-            f"<= {n_heldout_available} held-out identities, got {s.n_heldout} + {k}",
+            f"edit_calibration_pool='heldout' needs held-out identities beyond the "
+            f"{s.n_heldout} evaluated (the world has {n_heldout_available}): evaluate fewer "
+            f"or calibrate on the zoo (--calibrate-on zoo)",
             key="edit_calibration_identities",
         )
+
+
+def _calibration_pool_size(s: EvalSettings, n_heldout_available: int) -> int:
+    """Held-out identities of the calibration pool: the last ones, never evaluated."""
+    return min(int(s.edit_calibration_identities), n_heldout_available - s.n_heldout)
 
 
 def _calibrate_strength(
