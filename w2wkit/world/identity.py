@@ -92,6 +92,9 @@ IDENTITY_PARAMS: tuple[str, ...] = (
 #: Attributes one person shows in some photos and not in others (grooming,
 #: accessories, make-up, age): a face recogniser should see the same identity
 #: through them. ``render(..., vary=p)`` toggles each with probability ``p``.
+#: Toggling ``old`` there changes the drawing only (wrinkles); the grey hair of
+#: old identities is a hair-colour parameter, which :meth:`IdentityGenerator.edited`
+#: changes and the variation (which trained world v1.1's embedder) does not.
 TRANSIENT_ATTRIBUTES: tuple[str, ...] = ("beard", "glasses", "lipstick", "old")
 
 _EYES = [

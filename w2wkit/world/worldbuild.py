@@ -109,7 +109,7 @@ class WorldProfile:
         glasses, lipstick, age) is toggled per training picture of the identity
         embedder (its own renders; the attribute classifier trains on the
         unvaried ones). 0 = world v1's embedder, for which a perfect beard edit
-        scored ID 0.34 against its own unedited picture.
+        scored ID ~0.3 against its own unedited picture (v1.1's: ~0.9).
     eval_dog_catalogues, eval_dog_images, eval_dog_breeds : dog evaluator
         training breeds (the first ``eval_dog_breeds`` of catalogues
         ``seed .. seed + k - 1``, which include the zoo's; the test breeds are
@@ -489,7 +489,7 @@ def _eval_data(
 
 
 def _transient_id(ev: Any, prof: WorldProfile, n: int = 50) -> dict[str, Any]:
-    """Perfect-edit scores (:func:`w2wkit.world.measure.edit_oracle`) on held-out identities."""
+    """Perfect-edit scores (:func:`w2wkit.evaluate.edit_oracle`) on held-out identities."""
     from w2wkit.evaluate import _WorldEvaluators, edit_oracle
 
     gen = _gen("identity")
@@ -895,7 +895,7 @@ def retrain_embedder(
     embedder replaces the old one in ``evaluators.safetensors``; the attribute
     classifiers and the dog embedder are kept bit for bit. ``evaluators.json``
     gets the new metrics, ``build_log.json`` a ``revisions`` entry (old and new
-    verification ROC-AUC and :func:`w2wkit.world.measure.edit_oracle` scores, the
+    verification ROC-AUC and :func:`w2wkit.evaluate.edit_oracle` scores, the
     settings, seconds) and the manifest is rewritten so that the world verifies.
 
     Parameters
