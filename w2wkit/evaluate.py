@@ -948,7 +948,10 @@ PROFILES: dict[str, EvalSettings] = {
         edit_calibration_pool="zoo",
         batch_size=16,
     ),
-    "quick": EvalSettings(n_heldout=4, ood_heldout=2, scaling_heldout=2, n_samples=6),
+    # quick: a smaller held-out calibration pool (6 DreamBooth trainings, ~2.5 min on a CPU)
+    "quick": EvalSettings(
+        n_heldout=4, ood_heldout=2, scaling_heldout=2, n_samples=6, edit_calibration_identities=6
+    ),
     "full": EvalSettings(
         n_heldout=50,
         seeds=8,
