@@ -325,8 +325,11 @@ def test_retrain_embedder_replaces_only_the_identity_embedder(work: Path, tmp_pa
     assert "verification ROC-AUC" in res.output and "perfect glasses edit" in res.output
     after = safetensors.numpy.load_file(str(root / "evaluators.safetensors"))
     assert after.keys() == before.keys()
-    changed = {k for k in after if not np.array_equal(after[k], before[k])}
+    changed = {k for k in after if not np.allclose(after[k], before[k], rtol=2e-3, atol=1e-5)}
     assert changed and all(k.startswith("emb.identity.") for k in changed)
+    for k in after:  # the other evaluators: bit for bit
+        if not k.startswith("emb.identity."):
+            np.testing.assert_array_equal(after[k], before[k])
     verify_world(root)  # the manifest was rewritten
     log = json.loads((root / "build_log.json").read_text())
     (rev,) = log["revisions"]
@@ -338,11 +341,12 @@ def test_retrain_embedder_replaces_only_the_identity_embedder(work: Path, tmp_pa
     w = load_world(root)
     assert w.evaluators().embed("identity", np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 16)
     assert "revision" in CliRunner().invoke(cli, ["world", "info", "--world", str(root)]).output
-    # the same settings as the build reproduce the build's embedder bit for bit
+    # the same settings as the build reproduce the build's embedder (up to float rounding:
+    # another torch thread count sums in another order; stored as float16)
     retrain_embedder(root, vary=0.3)
     again = safetensors.numpy.load_file(str(root / "evaluators.safetensors"))
     for k in before:
-        np.testing.assert_array_equal(again[k], before[k])
+        np.testing.assert_allclose(again[k], before[k], rtol=2e-3, atol=1e-5)
     # logs of worlds built before the option trained without variation
     prof = json.loads((root / "build_log.json").read_text())["profile"]
     prof.pop("eval_id_vary")
