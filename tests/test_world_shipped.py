@@ -291,6 +291,9 @@ def test_measure_repeats_the_builds_fidelity_test(work: Path, tmp_path: Path) ->
     assert res.exit_code == 0 and "recorded in" in res.output, res.output
     entry = load_world(copy).build_log["measurements"][-1]
     assert entry["identity"]["fidelity_models"] == 2 and "dog" in entry and "when" in entry
+    # the entry names the evaluators that scored it
+    weights = (copy / "evaluators.safetensors").read_bytes()
+    assert entry["evaluators_sha256"] == hashlib.sha256(weights).hexdigest()[:16]
     assert r.invoke(cli, ["world", "verify", "--world", str(copy)]).exit_code == 0
     res = r.invoke(cli, ["world", "info", "--world", str(copy)])
     assert res.exit_code == 0 and "re-measured" in res.output, res.output

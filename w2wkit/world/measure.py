@@ -27,12 +27,7 @@ import numpy as np
 
 from w2wkit.errors import W2WError
 
-__all__ = [
-    "FidelitySettings",
-    "measure_world",
-    "record_measurement",
-    "zoo_fidelity",
-]
+__all__ = ["FidelitySettings", "measure_world", "record_measurement", "zoo_fidelity"]
 
 
 @dataclass(frozen=True)
@@ -287,15 +282,14 @@ def record_measurement(world: str | os.PathLike[str] | None, result: dict[str, A
     import torch
 
     from w2wkit.stio import write_json
+    from w2wkit.world.evaluators import WEIGHTS
     from w2wkit.world.shipped import verify_world, world_dir, write_manifest
+    from w2wkit.world.zoo import sha256
 
     root = world_dir(world)
     verify_world(root)  # never re-hash a damaged world into a valid-looking one
     path = root / "build_log.json"
     log = json.loads(path.read_text()) if path.exists() else {}
-    from w2wkit.world.evaluators import WEIGHTS
-    from w2wkit.world.zoo import sha256
-
     entry = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
