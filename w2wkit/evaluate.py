@@ -1774,8 +1774,8 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
         "n": n_orc,
     }
     res["oracle"] = (
-        "a perfect edit: the held-out identity drawn by the generator with the attribute "
-        "added, same nuisance; ID score against the same picture without it"
+        "the held-out identity drawn by the generator with the attribute added (same "
+        "nuisance); ID score against the same picture without it"
     )
     res["sweep"] = [
         {"strength": st, "id_score": summarize(v["id"]), "success": summarize(v["success"])}
