@@ -911,7 +911,10 @@ def retrain_embedder(
         Render processes.
     device : str
     threads : int, optional
-        torch threads on the CPU.
+        torch threads on the CPU during the call (restored after). The result
+        is deterministic given the settings and the thread count; another
+        thread count sums in another order, and Adam turns those roundings
+        into visibly different (equally trained) weights.
     progress : bool
         Show a progress bar of the training steps.
 
@@ -920,6 +923,27 @@ def retrain_embedder(
     dict
         The revision entry.
     """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _retrain_embedder(world, vary, steps, batch, budget_s, workers, device, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _retrain_embedder(
+    world: str | os.PathLike[str] | None,
+    vary: float | None,
+    steps: int | None,
+    batch: int | None,
+    budget_s: float | None,
+    workers: int | None,
+    device: str,
+    progress: bool,
+) -> dict[str, Any]:
     import datetime
 
     import torch
@@ -955,8 +979,6 @@ def retrain_embedder(
         budget_s=budget_s,
         device=device,
     )
-    if threads:
-        torch.set_num_threads(int(threads))
     old = load_evaluators(root, device)
     before = {
         "transient_id": _transient_id(old, prof),
