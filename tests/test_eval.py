@@ -300,6 +300,9 @@ def test_calibration_renders_edits_as_they_are_measured(micro: Path, tmp_path: P
     res = E.run_eval(w, s, tmp_path / "ev", progress=False, sections=("space", "editing"))
     tables = [a["calibration"]["table"] for a in res["editing"]["attributes"].values()]
     assert tables and all(r["id_score"] == pytest.approx(1.0, abs=1e-6) for t in tables for r in t)
+    # so is the strength sweep (the trade-off curve of the report)
+    sweep = res["editing"]["sweep"]
+    assert sweep and all(r["id_score"]["mean"] == pytest.approx(1.0, abs=1e-6) for r in sweep)
 
 
 def test_calibration_on_heldout_models_never_evaluated(micro: Path, tmp_path: Path) -> None:

@@ -1693,24 +1693,24 @@ def _section_editing(ev: _Eval) -> dict[str, Any]:
             for st in strengths:
                 ad, others = _edit_disentangled(space, base, attr, st, others)
                 sweep_models.append(ad)
-            w2w = sweep_models[strengths.index(strength)]
             und = edit_undisentangled(space, base, attr, strength)
             prompt = (
                 edit_prompt(specs[attr], w.pack.instance_prompt)
                 if attr in specs
                 else f"{ev.prompt} {attr}"
             )
-            batch = ev.render([base, und, *sweep_models], desc=f"edit {attr} {i + 1}")
-            plain = batch[:2]
+            plain = ev.render([base, und], desc=f"edit {attr} {i + 1}")
+            # the sweep is rendered as the headline edit is: with delayed injection when set
             if s.edit_inject_t is not None:
-                kw = {"edited": [w2w], "inject_t": s.edit_inject_t}
-                edited = ev.render([base], **kw, desc="edit (delayed)")
+                kw = {"edited": sweep_models, "inject_t": s.edit_inject_t}
+                swept = ev.render([base] * len(sweep_models), **kw, desc="edit (delayed)")
             else:
-                edited = batch[2 + strengths.index(strength) :][:1]
+                swept = ev.render(sweep_models, desc=f"edit {attr} sweep")
+            edited = swept[strengths.index(strength) :][:1]
             prompted = ev.render([base], prompts=[prompt], desc=f"edit {attr} prompt")
-            e_base = ev.embed(batch[0, 0])
+            e_base = ev.embed(plain[0, 0])
             for j, st in enumerate(strengths):
-                imgs_s = batch[2 + j, 0]
+                imgs_s = swept[j, 0]
                 e = ev.embed(imgs_s)
                 cell = sweep.setdefault(st, {"id": [], "success": []})
                 cell["id"].append(float(np.sum(_unit(e) * _unit(e_base), axis=1).mean()))
