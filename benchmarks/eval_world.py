@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/eval_world.py OUT_DIR [--budget SECONDS] [--device auto]
-        [--profile full] [--world PATH]
+        [--profile full] [--world PATH] [--calibrate-on heldout|zoo]
 
 It times one multi-image DreamBooth training and one inversion first, then
 picks the number of held-out identities so that the whole evaluation fits
