@@ -231,7 +231,12 @@ def info_cmd(world_path: Path | None, as_json: bool) -> None:
                 f"top-1 {m['fidelity_top1']:.3f} among {m['candidates']} "
                 f"({m['fidelity_models']} models, {m['generations_per_model']} pictures each, "
                 f"{f.get('ref_images')} references; one picture alone "
-                f"{m.get('fidelity_top1_per_image', float('nan')):.3f})",
+                f"{m.get('fidelity_top1_per_image', float('nan')):.3f})"
+                + (
+                    f"; evaluators {entry['evaluators_sha256'][:8]}"
+                    if entry.get("evaluators_sha256")
+                    else ""
+                ),
             )
     for entry in s["revisions"]:
         b, a = entry.get("before", {}), entry.get("after", {})

@@ -297,6 +297,7 @@ def test_measure_repeats_the_builds_fidelity_test(work: Path, tmp_path: Path) ->
     assert r.invoke(cli, ["world", "verify", "--world", str(copy)]).exit_code == 0
     res = r.invoke(cli, ["world", "info", "--world", str(copy)])
     assert res.exit_code == 0 and "re-measured" in res.output, res.output
+    assert entry["evaluators_sha256"][:8] in res.output  # which evaluators scored it
     # a damaged world is refused before anything is measured or recorded
     with open(copy / "heldout.json", "a") as fh:
         fh.write(" ")
