@@ -108,15 +108,17 @@ def test_edit_oracle_draws_the_identity_again_with_the_attribute() -> None:
         def attribute_probs(self, x: np.ndarray) -> np.ndarray:
             return np.full((len(x), 1), 0.9)
 
-    res = E.edit_oracle(Pixels(), gen, insts, ["beard", "glasses"], n_images=2, seed=5)
-    men = [i for i in insts if i.attributes["male"] and not i.attributes["beard"]]
-    assert res["beard"]["n"] == len(men) > 0  # women are never given beards
-    assert res["glasses"]["n"] == sum(not i.attributes["glasses"] for i in insts)
-    assert 0.5 < res["beard"]["id_score"] < 1.0  # the beard changes pixels
-    assert res["beard"]["success"] == 1.0 and np.isnan(res["glasses"]["success"])
+    men = [i for i in insts if i.attributes["male"]]
+    beard = E.edit_oracle(Pixels(), gen, men, "beard", n_images=2, seed=5)
+    assert beard["n"] == sum(not i.attributes["beard"] for i in men) > 0  # only those lacking it
+    assert 0.5 < beard["id_score"] < 1.0  # the beard changes pixels
+    assert beard["success"] == 1.0
+    glasses = E.edit_oracle(Pixels(), gen, insts, "glasses", n_images=2, seed=5)
+    assert glasses["n"] == sum(not i.attributes["glasses"] for i in insts)
+    assert np.isnan(glasses["success"])  # the classifier has no glasses output
     old = [i for i in insts if i.attributes["old"]]
-    none = E.edit_oracle(Pixels(), gen, old, ["old"], n_images=1)
-    assert none["old"]["n"] == 0 and np.isnan(none["old"]["id_score"])
+    none = E.edit_oracle(Pixels(), gen, old, "old", n_images=1)
+    assert none["n"] == 0 and np.isnan(none["id_score"])
 
 
 # ------------------------------------------------------------------ baselines
@@ -269,7 +271,7 @@ def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
         assert [r["strength"] for r in cal["table"]] == [1.0, 2.0]
         assert attr["strength"] == cal["strength"] == E.pick_strength(cal["table"], 0.8)[0]
     for attr in saved["editing"]["attributes"].values():  # the perfect edit, for reference
-        assert 0 <= attr["oracle"]["n"] <= attr["n_identities"]  # no beards on women
+        assert attr["oracle"]["n"] == attr["n_identities"]  # the same identities
     assert saved["editing"]["overall"]["oracle"]["n"] > 0
     assert {r["n_models"] for r in saved["scaling"]["rows"]} == {6, 11}
     assert [r["components"] for r in saved["scaling"]["components_rows"]] == [2, 6]

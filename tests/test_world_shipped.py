@@ -367,6 +367,9 @@ def test_retrain_embedder_refuses_bad_input(work: Path, tmp_path: Path) -> None:
     cmd = ["world", "retrain-embedder", "--world", str(root)]
     res = CliRunner().invoke(cli, [*cmd, "--vary", "2"])
     assert res.exit_code == 2 and "--vary" in res.output
+    if not torch.cuda.is_available():  # one line, not a traceback
+        res = CliRunner().invoke(cli, [*cmd, "--device", "cuda"])
+        assert res.exit_code == 1 and "CUDA was asked for" in res.output
     weights = (root / "evaluators.safetensors").read_bytes()
     (root / "heldout.json").write_text("{}")  # damaged: refused before any work
     res = CliRunner().invoke(cli, ["world", "retrain-embedder", "--world", str(root)])

@@ -350,21 +350,22 @@ def edit_oracle(
     evaluators: Evaluators,
     generator: Any,
     instances: Sequence[Any],
-    attributes: Sequence[str] | None = None,
+    attr: str,
     n_images: int = 4,
     seed: int = 0,
     size: int = 32,
-) -> dict[str, dict[str, float]]:
-    """What a perfect edit scores: each identity drawn again with one attribute added.
+) -> dict[str, float]:
+    """What a perfect edit scores: each instance drawn again with ``attr`` added.
 
-    For every instance that lacks the attribute (and for which the generator
-    calls it plausible: no beards on women), ``n_images`` procedural pictures
-    are drawn with and without it at the same nuisance (the generator's
-    ``edited(instance, attr)`` when it has one: growing old greys the hair); the ID score of each
-    same-seed pair and the classifier's success on the edited pictures are
-    averaged. This is the ceiling of the editing ID score under these
-    evaluators: an embedder that scores a perfect edit low calls the edited
-    person someone else, and then only an edit that fails keeps the ID score.
+    ``n_images`` procedural pictures of every instance that lacks the
+    attribute are drawn with and without it at the same nuisance (the
+    generator's ``edited(instance, attr)`` when it has one: growing old greys
+    the hair); the ID score of each same-seed pair and the classifier's
+    success on the edited pictures are averaged. Which instances may carry
+    the attribute (no beards on women) is the caller's choice. This is the
+    ceiling of the editing ID score under these evaluators: an embedder that
+    scores a perfect edit low calls the edited person someone else, and then
+    only an edit that fails keeps the ID score.
 
     Parameters
     ----------
@@ -372,50 +373,39 @@ def edit_oracle(
     generator : procedural generator
         ``render(instance, n, seed=, size=)``, e.g. ``IdentityGenerator``.
     instances : sequence of Instance
-    attributes : sequence of str, optional
-        Default: the generator's ``TRANSIENT_ATTRIBUTES`` (identity).
+    attr : str
     n_images, seed, size : int
 
     Returns
     -------
     dict
-        ``{attribute: {"id_score", "success", "n"}}`` (``n`` instances used;
-        ``success`` NaN when the classifier has no such output).
+        ``{"id_score", "success", "n"}`` (``n`` instances used; ``success`` NaN
+        when the classifier has no such output).
     """
     from w2wkit.concepts.base import Instance
-    from w2wkit.world import identity
 
     names = list(evaluators.attributes)
-    out: dict[str, dict[str, float]] = {}
-    for attr in attributes or identity.TRANSIENT_ATTRIBUTES:
-        ids, succ = [], []
-        for inst in instances:
-            a = dict(inst.attributes)
-            if a.get(attr, True) or not identity.plausible(a, attr):
-                continue
-            plain = generator.render(inst, n_images, seed=seed, size=size)
-            if hasattr(generator, "edited"):  # e.g. growing old greys the hair
-                edited = generator.edited(inst, attr, True)
-            else:
-                edited = Instance(
-                    inst.concept, inst.index, inst.seed, {**a, attr: True}, inst.params
-                )
-            imgs = generator.render(edited, n_images, seed=seed, size=size)
-            e0, e1 = _unit(evaluators.embed(plain)), _unit(evaluators.embed(imgs))
-            ids.append(float(np.sum(e0 * e1, axis=1).mean()))
-            if attr in names:
-                p = evaluators.attribute_probs(imgs)[:, names.index(attr)]
-                succ.append(float((p > 0.5).mean()))
-        out[attr] = {
-            **_mean_or_nan(ids, "id_score"),
-            **_mean_or_nan(succ, "success"),
-            "n": len(ids),
-        }
-    return out
-
-
-def _mean_or_nan(values: list[float], key: str) -> dict[str, float]:
-    return {key: float(np.mean(values)) if values else float("nan")}
+    ids, succ = [], []
+    for inst in instances:
+        a = dict(inst.attributes)
+        if a.get(attr, True):
+            continue
+        if hasattr(generator, "edited"):  # e.g. growing old greys the hair
+            edited = generator.edited(inst, attr, True)
+        else:
+            edited = Instance(inst.concept, inst.index, inst.seed, {**a, attr: True}, inst.params)
+        plain = generator.render(inst, n_images, seed=seed, size=size)
+        imgs = generator.render(edited, n_images, seed=seed, size=size)
+        e0, e1 = _unit(evaluators.embed(plain)), _unit(evaluators.embed(imgs))
+        ids.append(float(np.sum(e0 * e1, axis=1).mean()))
+        if attr in names:
+            p = evaluators.attribute_probs(imgs)[:, names.index(attr)]
+            succ.append(float((p > 0.5).mean()))
+    return {
+        "id_score": float(np.mean(ids)) if ids else float("nan"),
+        "success": float(np.mean(succ)) if succ else float("nan"),
+        "n": len(ids),
+    }
 
 
 # --------------------------------------------------------------------------- stylisation
@@ -1800,11 +1790,11 @@ def _oracle(ev: _Eval, attr: str, instances: Sequence[Any]) -> dict[str, float]:
         ev.w.evaluators,
         gen,
         instances,
-        [attr],
+        attr,
         n_images=ev.s.seeds,
         seed=ev.s.seed + 99,
         size=ev.w.image_size,
-    )[attr]
+    )
 
 
 def _section_ood(ev: _Eval) -> dict[str, Any]:

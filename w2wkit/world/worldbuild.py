@@ -491,10 +491,20 @@ def _eval_data(
 def _transient_id(ev: Any, prof: WorldProfile, n: int = 50) -> dict[str, Any]:
     """Perfect-edit scores (:func:`w2wkit.evaluate.edit_oracle`) on held-out identities."""
     from w2wkit.evaluate import _WorldEvaluators, edit_oracle
+    from w2wkit.world.identity import TRANSIENT_ATTRIBUTES, plausible
 
-    gen = _gen("identity")
+    gen, judge = _gen("identity"), _WorldEvaluators(ev, "identity")
     insts = [gen.instance(i, s) for i, s in _heldout_specs(prof)[:n]]
-    return edit_oracle(_WorldEvaluators(ev, "identity"), gen, insts, seed=prof.base.seed + 8)
+    return {
+        attr: edit_oracle(
+            judge,
+            gen,
+            [i for i in insts if plausible(i.attributes, attr)],
+            attr,
+            seed=prof.base.seed + 8,
+        )
+        for attr in TRANSIENT_ATTRIBUTES
+    }
 
 
 _EVALUATOR_FILES = ("evaluators.safetensors", "evaluators.json")
@@ -960,7 +970,9 @@ def _retrain_embedder(
     )
     from w2wkit.world.renders import default_workers
     from w2wkit.world.shipped import verify_world, world_dir, write_manifest
+    from w2wkit.world.zoo import pick_device
 
+    device = pick_device(device)
     root = world_dir(world)
     verify_world(root)
     log_path = root / "build_log.json"
