@@ -385,11 +385,18 @@ def measure_cmd(
 @world_group.command("retrain-embedder")
 @world_path_option
 @click.option(
+    "--concept",
+    type=click.Choice(["identity", "dog"]),
+    default="identity",
+    show_default=True,
+    help="Which embedder to train again.",
+)
+@click.option(
     "--vary",
     type=click.FloatRange(0.0, 1.0),
     default=None,
-    help="Probability of toggling each transient attribute (beard, glasses, lipstick, age) "
-    "per training picture [default: the build profile's, 0.3].",
+    help="Identity only: probability of toggling each transient attribute (beard, glasses, "
+    "lipstick, age) per training picture [default: the build profile's, 0.3].",
 )
 @click.option("--steps", type=click.IntRange(1), default=None, help="Training steps [build's].")
 @click.option("--batch", type=click.IntRange(1), default=None, help="Batch size [build's].")
@@ -399,6 +406,7 @@ def measure_cmd(
 @click.option("--workers", type=click.IntRange(1), default=None, help="Render processes.")
 def retrain_embedder_cmd(
     world_path: Path | None,
+    concept: str,
     vary: float | None,
     steps: int | None,
     batch: int | None,
@@ -407,23 +415,27 @@ def retrain_embedder_cmd(
     device: str,
     workers: int | None,
 ) -> None:
-    """Train the world's identity embedder again with transient attributes varied.
+    """Train one of the world's embedders again.
 
-    The build's training identities and network, pictures drawn with beard,
-    glasses, lipstick and age toggled per picture, so that a perfect edit keeps
-    its ID score. Replaces the embedder in the world (the attribute classifiers
-    and dog evaluators are kept), records old and new metrics in the build log
+    identity (default): the build's training identities and network, pictures
+    drawn with beard, glasses, lipstick and age toggled per picture, so that a
+    perfect edit keeps its ID score. dog: the build's breeds and pictures, for
+    the planned steps (a build's time budget may have cut them short). Replaces
+    that embedder in the world (the attribute classifiers and the other
+    embedder are kept), records old and new metrics in the build log
     ('revisions') and rewrites the manifest.
 
     \b
     Examples:
       w2wkit world retrain-embedder --world ./my-world --threads 2
+      w2wkit world retrain-embedder --concept dog --threads 2
     """
     from w2wkit.world.worldbuild import retrain_embedder
 
     entry = retrain_embedder(
         world_path,
         vary=vary,
+        concept=concept,
         steps=steps,
         batch=batch,
         budget_s=budget,
@@ -433,11 +445,11 @@ def retrain_embedder_cmd(
     )
     b, a = entry["before"], entry["after"]
     console.print(
-        f"identity embedder retrained in {entry['seconds']:.0f} s "
+        f"{concept} embedder retrained in {entry['seconds']:.0f} s "
         f"({entry['training']['steps']} steps): verification ROC-AUC "
         f"{b['verification_auc']:.3f} -> {a['verification_auc']:.3f}"
     )
-    for k, v in a["transient_id"].items():
+    for k, v in a.get("transient_id", {}).items():
         console.print(
             f"  perfect {k} edit, ID score {b['transient_id'][k]['id_score']:.3f} -> "
             f"{v['id_score']:.3f} ({v['n']} identities)"

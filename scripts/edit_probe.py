@@ -51,6 +51,18 @@ def main(argv: list[str]) -> None:
         i = argv.index("--inject")
         inject = float(argv[i + 1])
         argv = argv[:i] + argv[i + 2 :]
+    rep, rank, energy = "factors", None, None
+    for flag in ("--representation", "--rank", "--energy"):
+        if flag in argv:
+            i = argv.index(flag)
+            val = argv[i + 1]
+            argv = argv[:i] + argv[i + 2 :]
+            if flag == "--representation":
+                rep = val
+            elif flag == "--rank":
+                rank = int(val)
+            else:
+                energy = float(val)
     attrs = ["beard", "glasses", "old"]
     if "--attrs" in argv:
         i = argv.index("--attrs")
@@ -69,7 +81,7 @@ def main(argv: list[str]) -> None:
     seeds = [0, 1, 2, 3]
     strengths = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
     for k in ks:
-        space = WeightSpace(n_components=k, random_state=0).fit(
+        space = WeightSpace(n_components=k, representation=rep, random_state=0).fit(
             Collection.from_adapters(zoo, names=names)
         )
         space.set_labels(labels)
@@ -88,7 +100,9 @@ def main(argv: list[str]) -> None:
                 for i in pick:
                     models.append(zoo[int(i)])
                     models += [
-                        _edit_disentangled(space, zoo[int(i)], attr, st, others)[0]
+                        _edit_disentangled(
+                            space, zoo[int(i)], attr, st, others, rank=rank, energy=energy
+                        )[0]
                         for st in strengths
                     ]
                     originals += [zoo[int(i)]] * (1 + len(strengths))
@@ -107,6 +121,9 @@ def main(argv: list[str]) -> None:
                 for j, st in enumerate([0.0, *strengths]):
                     rec = {
                         "k": k,
+                        "representation": rep,
+                        "rank": rank,
+                        "energy": energy,
                         "kind": kind,
                         "excluded_by": rule,
                         "inject_t": inject,

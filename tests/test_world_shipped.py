@@ -361,12 +361,45 @@ def test_retrain_embedder_replaces_only_the_identity_embedder(work: Path, tmp_pa
     assert _profile_from_log(prof).eval_id_vary == 0.0
 
 
+def test_retrain_embedder_dog_replaces_only_the_dog_embedder(work: Path, tmp_path: Path) -> None:
+    root = tmp_path / "w"
+    shutil.copytree(work / "shipped", root)
+    before = safetensors.numpy.load_file(str(root / "evaluators.safetensors"))
+    settings_before = json.loads((root / "evaluators.json").read_text()).get(
+        "embedder_settings", {}
+    )
+    res = CliRunner().invoke(
+        cli,
+        ["world", "retrain-embedder", "--world", str(root), "--concept", "dog", "--steps", "12"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "dog embedder retrained" in res.output and "perfect" not in res.output
+    after = safetensors.numpy.load_file(str(root / "evaluators.safetensors"))
+    changed = {k for k in after if not np.array_equal(after[k], before[k])}
+    assert changed and all(k.startswith("emb.dog.") for k in changed)
+    verify_world(root)
+    (rev,) = json.loads((root / "build_log.json").read_text())["revisions"]
+    assert rev["concept"] == "dog" and rev["vary"] is None and rev["training"]["steps"] == 12
+    assert "transient_id" not in rev["after"] and 0.0 <= rev["after"]["verification_auc"] <= 1.0
+    info = json.loads((root / "evaluators.json").read_text())
+    assert info["metrics"]["dog"]["verification_auc"] == rev["after"]["verification_auc"]
+    # the identity embedder's settings stay recorded beside the dog's
+    assert info["embedder_settings"]["dog"]["steps"] == 12
+    for key in ("identity", "vary"):
+        assert info["embedder_settings"].get(key) == settings_before.get(key)
+
+
 def test_retrain_embedder_refuses_bad_input(work: Path, tmp_path: Path) -> None:
     root = tmp_path / "w"
     shutil.copytree(work / "shipped", root)
     cmd = ["world", "retrain-embedder", "--world", str(root)]
     res = CliRunner().invoke(cli, [*cmd, "--vary", "2"])
     assert res.exit_code == 2 and "--vary" in res.output
+    res = CliRunner().invoke(cli, [*cmd, "--concept", "cat"])
+    assert res.exit_code == 2 and "--concept" in res.output
+    res = CliRunner().invoke(cli, [*cmd, "--concept", "dog", "--vary", "0.3"])
+    assert res.exit_code == 1 and "identity embedder only" in res.output
+    assert "Traceback" not in res.output
     if not torch.cuda.is_available():  # one line, not a traceback
         res = CliRunner().invoke(cli, [*cmd, "--device", "cuda"])
         assert res.exit_code == 1 and "CUDA was asked for" in res.output

@@ -1180,15 +1180,29 @@ def _fit_space(
 
 
 def _edit_disentangled(
-    space: Any, adapter: Any, attr: str, strength: float, others: list[str]
+    space: Any,
+    adapter: Any,
+    attr: str,
+    strength: float,
+    others: list[str],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
 ) -> tuple[Any, list[str]]:
-    """Edit orthogonal to ``others`` (most correlated first); drop the weakest if needed."""
+    """Edit orthogonal to ``others`` (most correlated first); drop the weakest if needed.
+
+    ``rank`` / ``energy``: the written layers of a delta space (see
+    :meth:`w2wkit.space.WeightSpace.edit`); ignored (``None``) for factors.
+    """
     from w2wkit.errors import DirectionError
 
     keep = list(others)[: max(0, int(space.n_components_) - 2)]
     while True:
         try:
-            return space.edit(adapter, {attr: strength}, orthogonal_to=keep), keep
+            edited = space.edit(
+                adapter, {attr: strength}, orthogonal_to=keep, rank=rank, energy=energy
+            )
+            return edited, keep
         except DirectionError:
             if not keep:
                 raise

@@ -889,6 +889,7 @@ def _profile_from_log(d: dict[str, Any]) -> WorldProfile:
 def retrain_embedder(
     world: str | os.PathLike[str] | None = None,
     vary: float | None = None,
+    concept: str = "identity",
     steps: int | None = None,
     batch: int | None = None,
     budget_s: float | None = None,
@@ -897,22 +898,28 @@ def retrain_embedder(
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train a world's identity embedder again, with transient attributes varied.
+    """Train one of a world's embedders again (identity: with transient attributes varied).
 
-    The training identities, pictures per identity, seed and network are the
-    build's (its log's profile); the pictures are drawn with
-    ``eval_id_vary = vary`` (default: this version's profile default). The new
-    embedder replaces the old one in ``evaluators.safetensors``; the attribute
-    classifiers and the dog embedder are kept bit for bit. ``evaluators.json``
-    gets the new metrics, ``build_log.json`` a ``revisions`` entry (old and new
-    verification ROC-AUC and :func:`w2wkit.evaluate.edit_oracle` scores, the
-    settings, seconds) and the manifest is rewritten so that the world verifies.
+    The training instances, pictures per instance, seed and network are the
+    build's (its log's profile). For ``identity`` the pictures are drawn with
+    ``eval_id_vary = vary`` (default: this version's profile default); ``dog``
+    draws them as the build did (a build whose time budget cut the embedder's
+    training short gets it trained to the planned steps). The new embedder
+    replaces the old one in ``evaluators.safetensors``; the attribute
+    classifiers and the other concept's embedder are kept bit for bit.
+    ``evaluators.json`` gets the new metrics, ``build_log.json`` a ``revisions``
+    entry (old and new verification ROC-AUC; for identity also the
+    :func:`w2wkit.evaluate.edit_oracle` scores; the settings, seconds) and the
+    manifest is rewritten so that the world verifies.
 
     Parameters
     ----------
     world : path, optional
         A built or shipped world (default: the shipped one). Verified first.
     vary : float, optional
+        Identity only (an error for ``dog``, whose breeds have no transient
+        attributes).
+    concept : {"identity", "dog"}
     steps, batch : int, optional
         Training steps and batch (default: the build's).
     budget_s : float, optional
@@ -939,7 +946,9 @@ def retrain_embedder(
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _retrain_embedder(world, vary, steps, batch, budget_s, workers, device, progress)
+        return _retrain_embedder(
+            world, vary, concept, steps, batch, budget_s, workers, device, progress
+        )
     finally:
         torch.set_num_threads(before)
 
@@ -947,6 +956,7 @@ def retrain_embedder(
 def _retrain_embedder(
     world: str | os.PathLike[str] | None,
     vary: float | None,
+    concept: str,
     steps: int | None,
     batch: int | None,
     budget_s: float | None,
@@ -972,6 +982,15 @@ def _retrain_embedder(
     from w2wkit.world.shipped import verify_world, world_dir, write_manifest
     from w2wkit.world.zoo import pick_device
 
+    if concept not in ("identity", "dog"):
+        raise W2WError(
+            f"unknown concept {concept!r}; the world has identity and dog", key="concept"
+        )
+    if concept == "dog" and vary is not None:
+        raise W2WError(
+            "vary applies to the identity embedder only (dog breeds have no transient attributes)",
+            key="vary",
+        )
     device = pick_device(device)
     root = world_dir(world)
     verify_world(root)
@@ -983,7 +1002,8 @@ def _retrain_embedder(
     new_vary = WorldProfile.eval_id_vary if vary is None else float(vary)
     if not 0.0 <= new_vary <= 1.0:
         raise W2WError(f"vary must be in [0, 1], got {new_vary}", key="vary")
-    prof = replace(prof, eval_id_vary=new_vary)
+    if concept == "identity":
+        prof = replace(prof, eval_id_vary=new_vary)
     s = replace(
         prof.evals,
         steps=int(steps or prof.evals.steps),
@@ -992,38 +1012,40 @@ def _retrain_embedder(
         device=device,
     )
     old = load_evaluators(root, device)
-    before = {
-        "transient_id": _transient_id(old, prof),
-    }
+    ident = concept == "identity"
+    before: dict[str, Any] = {"transient_id": _transient_id(old, prof)} if ident else {}
     t0 = time.time()
-    d = _eval_data(prof, "identity", workers or default_workers(), classifier=False)
-    before["verification_auc"] = roc_auc_verification(old.embed("identity", d["tx"]), d["towner"])
+    d = _eval_data(prof, concept, workers or default_workers(), classifier=False)
+    before["verification_auc"] = roc_auc_verification(old.embed(concept, d["tx"]), d["towner"])
     t_render = time.time() - t0
     _say(f"retrain-embedder: {len(d['xe'])} pictures rendered in {t_render:.0f} s")
     from w2wkit.world.zoo import _Bar
 
-    with _Bar(s.steps, "identity embedder", enabled=progress) as bar:
+    with _Bar(s.steps, f"{concept} embedder", enabled=progress) as bar:
         net, log_e = train_embedder(d["xe"], d["cls"], s, lambda done, _: bar.set(done))
-    nets = {**old.nets, ("emb", "identity"): net.eval()}
+    nets = {**old.nets, ("emb", concept): net.eval()}
     ev = Evaluators(nets, old.config, device)
-    after = {
-        "verification_auc": roc_auc_verification(ev.embed("identity", d["tx"]), d["towner"]),
-        "transient_id": _transient_id(ev, prof),
+    after: dict[str, Any] = {
+        "verification_auc": roc_auc_verification(ev.embed(concept, d["tx"]), d["towner"]),
     }
+    if ident:
+        after["transient_id"] = _transient_id(ev, prof)
     config = old.config
     metrics = dict(config.get("metrics", {}))
-    metrics["identity"] = {
-        **metrics.get("identity", {}),
+    metrics[concept] = {
+        **metrics.get(concept, {}),
         "verification_auc": after["verification_auc"],
         "emb_training": log_e,
     }
-    metrics["identity_embedder"] = {"vary": new_vary, "transient_id": after["transient_id"]}
+    if ident:
+        metrics["identity_embedder"] = {"vary": new_vary, "transient_id": after["transient_id"]}
     entry = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "what": "identity embedder retrained (world retrain-embedder)",
+        "what": f"{concept} embedder retrained (world retrain-embedder)",
+        "concept": concept,
         "torch": torch.__version__,
         "device": device,
-        "vary": new_vary,
+        "vary": new_vary if ident else None,
         "settings": asdict(s),
         "training": log_e,
         "render_seconds": t_render,
@@ -1049,7 +1071,11 @@ def _retrain_embedder(
             metrics,
         )
         info = json.loads((saved / CONFIG).read_text())
-        info["embedder_settings"] = {"identity": asdict(s), "vary": new_vary}
+        settings = dict(config.get("embedder_settings", {}))
+        settings[concept] = asdict(s)
+        if ident:
+            settings["vary"] = new_vary
+        info["embedder_settings"] = settings
         with atomic_path(saved / CONFIG, overwrite=True) as tmp:
             Path(tmp).write_text(json.dumps(info, indent=1, default=str))
         os.replace(saved / WEIGHTS, root / WEIGHTS)
