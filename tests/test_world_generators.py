@@ -205,7 +205,21 @@ def test_vary_toggles_transient_attributes_and_keeps_the_nuisance(
             for k, v in inst.attributes.items()
         }
         other = dataclasses.replace(inst, attributes=flipped)
+        # flags only (world v1.1's embedder): the toggled flags, the same parameters
         np.testing.assert_array_equal(
+            idgen.render(inst, 6, seed=3, vary=1.0, vary_tied=False),
+            idgen.render(other, 6, seed=3),
+        )
+        # tied (default): each toggle as edited() makes it, so ageing greys the hair too
+        tied = inst
+        for k in TRANSIENT_ATTRIBUTES:
+            if plausible(inst.attributes, k):
+                tied = idgen.edited(tied, k, not tied.attributes[k])
+        assert tied.params != inst.params  # "old" toggled: the hair colour moved
+        np.testing.assert_array_equal(
+            idgen.render(inst, 6, seed=3, vary=1.0), idgen.render(tied, 6, seed=3)
+        )
+        assert not np.array_equal(
             idgen.render(inst, 6, seed=3, vary=1.0), idgen.render(other, 6, seed=3)
         )
         # in between: some pictures toggled, some not; deterministic by seed

@@ -358,7 +358,11 @@ def test_retrain_embedder_replaces_only_the_identity_embedder(work: Path, tmp_pa
     # logs of worlds built before the option trained without variation
     prof = json.loads((root / "build_log.json").read_text())["profile"]
     prof.pop("eval_id_vary")
+    prof.pop("eval_id_vary_tied")
     assert _profile_from_log(prof).eval_id_vary == 0.0
+    # ... and before the tied variation, world v1.1's retrain toggled the flags alone
+    assert not _profile_from_log(prof).eval_id_vary_tied
+    assert rev["vary_tied"] is True and info["embedder_settings"]["vary_tied"] is True
 
 
 def test_retrain_embedder_dog_replaces_only_the_dog_embedder(work: Path, tmp_path: Path) -> None:

@@ -397,13 +397,15 @@ def plausible(attributes: dict[str, bool], name: str) -> bool:
     return True
 
 
-def _vary(a: dict[str, bool], rng: np.random.Generator, p: float) -> dict[str, bool]:
-    """Toggle each transient attribute with probability ``p`` where plausible."""
+def _toggles(a: dict[str, bool], rng: np.random.Generator, p: float) -> list[str]:
+    """The transient attributes to toggle on one picture (each with probability ``p``,
+    where plausible)."""
     toggle = rng.random(len(TRANSIENT_ATTRIBUTES)) < p  # always drawn: a fixed stream
-    for name, t in zip(TRANSIENT_ATTRIBUTES, toggle, strict=True):
-        if t and plausible(a, name):
-            a[name] = not a[name]
-    return a
+    return [
+        name
+        for name, t in zip(TRANSIENT_ATTRIBUTES, toggle, strict=True)
+        if t and plausible(a, name)
+    ]
 
 
 class IdentityGenerator:
@@ -458,6 +460,7 @@ class IdentityGenerator:
         size: int = 32,
         canonical: bool = False,
         vary: float = 0.0,
+        vary_tied: bool = True,
     ) -> np.ndarray:
         """Pictures of one identity, shape ``(n_images, size, size, 3)`` uint8.
 
@@ -467,16 +470,30 @@ class IdentityGenerator:
         with that probability (beards only on men, lipstick only on women), as
         photos of one person differ: the training set of an identity embedder
         that should not call a shaved or bespectacled person someone else. The
-        nuisance of each picture is the same as with ``vary=0``.
+        nuisance of each picture is the same as with ``vary=0``. With
+        ``vary_tied`` (default) a toggle is :meth:`edited`'s, so that ageing
+        also greys the hair as in the population; ``vary_tied=False`` toggles
+        the flag only (wrinkles), as world v1.1's embedder was trained.
         """
         rng = np.random.default_rng([int(seed), int(instance.index), int(instance.seed), 0xFACE])
         vrng = np.random.default_rng([int(seed), int(instance.index), int(instance.seed), 0x7A47])
-        p = dict(instance.params)
         out = np.empty((n_images, size, size, 3), dtype=np.uint8)
         for i in range(n_images):
-            a = dict(instance.attributes)
+            a, p = dict(instance.attributes), dict(instance.params)
             if vary > 0:
-                a = _vary(a, vrng, vary)
+                inst = instance
+                for name in _toggles(a, vrng, vary):
+                    if vary_tied:
+                        inst = self.edited(inst, name, not inst.attributes[name])
+                    else:
+                        inst = Instance(
+                            inst.concept,
+                            inst.index,
+                            inst.seed,
+                            {**inst.attributes, name: not inst.attributes[name]},
+                            inst.params,
+                        )
+                a, p = dict(inst.attributes), dict(inst.params)
             nz = Nuisance.draw(rng, shift=0.05, zoom=0.07, rotation=7.0, gain=(0.88, 1.1))
             clothes = palette_color(rng, _CLOTHES, 0.05)
             smile = float(rng.uniform(-0.2, 1.0))

@@ -21,11 +21,11 @@ def default_workers() -> int:
 
 
 def _render_part(args: tuple) -> np.ndarray:
-    concept, specs, n_images, seed, size, vary = args
+    concept, specs, n_images, seed, size, vary, vary_tied = args
     from w2wkit.world.build import _generators
 
     gen = _generators(concept)
-    kw = {"vary": vary} if vary else {}
+    kw = {"vary": vary, "vary_tied": vary_tied} if vary else {}
     out = [gen.render(gen.instance(i, s), n_images, seed=seed, size=size, **kw) for i, s in specs]
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
@@ -49,11 +49,12 @@ def render_instances(
     size: int = 32,
     workers: int = 1,
     vary: float = 0.0,
+    vary_tied: bool = True,
 ) -> np.ndarray:
     """Render ``n_images`` pictures of each instance ``(index, inst_seed)``.
 
     ``vary`` > 0 is passed to generators that vary transient attributes per
-    picture (identity: ``IdentityGenerator.render(..., vary=)``).
+    picture (identity: ``IdentityGenerator.render(..., vary=, vary_tied=)``).
 
     Returns
     -------
@@ -66,11 +67,13 @@ def render_instances(
         return np.zeros((0, n_images, size, size, 3), np.uint8)
     workers = max(1, min(int(workers), len(specs) // 8 or 1))
     if workers == 1:
-        flat = _render_part((concept, specs, n_images, seed, size, vary))
+        flat = _render_part((concept, specs, n_images, seed, size, vary, vary_tied))
     else:
         parts = np.array_split(np.arange(len(specs)), workers * 4)
         args = [
-            (concept, [specs[k] for k in p], n_images, seed, size, vary) for p in parts if len(p)
+            (concept, [specs[k] for k in p], n_images, seed, size, vary, vary_tied)
+            for p in parts
+            if len(p)
         ]
         with mp.get_context(_start_method()).Pool(workers) as pool:
             flat = np.concatenate(pool.map(_render_part, args))

@@ -110,6 +110,9 @@ class WorldProfile:
         embedder (its own renders; the attribute classifier trains on the
         unvaried ones). 0 = world v1's embedder, for which a perfect beard edit
         scored ID ~0.3 against its own unedited picture (v1.1's: ~0.9).
+    eval_id_vary_tied : toggle as :meth:`IdentityGenerator.edited` does (ageing
+        greys the hair; default) rather than the flag alone (world v1.1's
+        embedder, for which a perfect ageing edit scored ID 0.40).
     eval_dog_catalogues, eval_dog_images, eval_dog_breeds : dog evaluator
         training breeds (the first ``eval_dog_breeds`` of catalogues
         ``seed .. seed + k - 1``, which include the zoo's; the test breeds are
@@ -132,6 +135,7 @@ class WorldProfile:
     eval_identities: int = 4000
     eval_id_images: int = 8
     eval_id_vary: float = 0.3
+    eval_id_vary_tied: bool = True
     eval_dog_catalogues: int = 5
     eval_dog_images: int = 10
     eval_dog_breeds: int = 240
@@ -475,7 +479,9 @@ def _eval_data(
         out["x"] = tr
         out["y"] = np.repeat(lab, k, 0)
     if vary > 0:
-        xe = render_instances(concept, train, k, seed + 7, 32, workers, vary=vary)
+        xe = render_instances(
+            concept, train, k, seed + 7, 32, workers, vary=vary, vary_tied=prof.eval_id_vary_tied
+        )
         out["xe"] = xe.reshape(-1, 32, 32, 3)
     te = render_instances(concept, test, 4, seed + 6, 32, workers)
     tlab = np.stack([gen.instance(i, s).attribute_vector() for i, s in test])
@@ -601,6 +607,7 @@ def _phase_evaluators(
         if concept == "identity":
             metrics["identity_embedder"] = {
                 "vary": prof.eval_id_vary,
+                "vary_tied": prof.eval_id_vary_tied,
                 "transient_id": _transient_id(ev, prof),
             }
         metrics[concept] = {
@@ -883,6 +890,8 @@ def _profile_from_log(d: dict[str, Any]) -> WorldProfile:
     evals = {k: v for k, v in d.get("evals", {}).items() if k in EvalSettings.__dataclass_fields__}
     # worlds built before eval_id_vary existed trained the embedder on unvaried renders
     scalars.setdefault("eval_id_vary", 0.0)
+    # ... and before eval_id_vary_tied, toggled the flags alone
+    scalars.setdefault("eval_id_vary_tied", False)
     return replace(prof, **scalars, evals=replace(prof.evals, **evals))
 
 
@@ -890,6 +899,7 @@ def retrain_embedder(
     world: str | os.PathLike[str] | None = None,
     vary: float | None = None,
     concept: str = "identity",
+    tied: bool | None = None,
     steps: int | None = None,
     batch: int | None = None,
     budget_s: float | None = None,
@@ -920,6 +930,11 @@ def retrain_embedder(
         Identity only (an error for ``dog``, whose breeds have no transient
         attributes).
     concept : {"identity", "dog"}
+    tied : bool, optional
+        Identity only: toggle the transient attributes as
+        :meth:`~w2wkit.world.identity.IdentityGenerator.edited` does (ageing
+        greys the hair). Default: this version's profile default (``True``);
+        ``False`` reproduces world v1.1's embedder (flags only).
     steps, batch : int, optional
         Training steps and batch (default: the build's).
     budget_s : float, optional
@@ -947,7 +962,7 @@ def retrain_embedder(
         torch.set_num_threads(int(threads))
     try:
         return _retrain_embedder(
-            world, vary, concept, steps, batch, budget_s, workers, device, progress
+            world, vary, concept, tied, steps, batch, budget_s, workers, device, progress
         )
     finally:
         torch.set_num_threads(before)
@@ -957,6 +972,7 @@ def _retrain_embedder(
     world: str | os.PathLike[str] | None,
     vary: float | None,
     concept: str,
+    tied: bool | None,
     steps: int | None,
     batch: int | None,
     budget_s: float | None,
@@ -986,7 +1002,7 @@ def _retrain_embedder(
         raise W2WError(
             f"unknown concept {concept!r}; the world has identity and dog", key="concept"
         )
-    if concept == "dog" and vary is not None:
+    if concept == "dog" and (vary is not None or tied is not None):
         raise W2WError(
             "vary applies to the identity embedder only (dog breeds have no transient attributes)",
             key="vary",
@@ -1002,8 +1018,9 @@ def _retrain_embedder(
     new_vary = WorldProfile.eval_id_vary if vary is None else float(vary)
     if not 0.0 <= new_vary <= 1.0:
         raise W2WError(f"vary must be in [0, 1], got {new_vary}", key="vary")
+    new_tied = WorldProfile.eval_id_vary_tied if tied is None else bool(tied)
     if concept == "identity":
-        prof = replace(prof, eval_id_vary=new_vary)
+        prof = replace(prof, eval_id_vary=new_vary, eval_id_vary_tied=new_tied)
     s = replace(
         prof.evals,
         steps=int(steps or prof.evals.steps),
@@ -1038,7 +1055,11 @@ def _retrain_embedder(
         "emb_training": log_e,
     }
     if ident:
-        metrics["identity_embedder"] = {"vary": new_vary, "transient_id": after["transient_id"]}
+        metrics["identity_embedder"] = {
+            "vary": new_vary,
+            "vary_tied": new_tied,
+            "transient_id": after["transient_id"],
+        }
     entry = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "what": f"{concept} embedder retrained (world retrain-embedder)",
@@ -1046,6 +1067,7 @@ def _retrain_embedder(
         "torch": torch.__version__,
         "device": device,
         "vary": new_vary if ident else None,
+        "vary_tied": new_tied if ident else None,
         "settings": asdict(s),
         "training": log_e,
         "render_seconds": t_render,
@@ -1075,6 +1097,7 @@ def _retrain_embedder(
         settings[concept] = asdict(s)
         if ident:
             settings["vary"] = new_vary
+            settings["vary_tied"] = new_tied
         info["embedder_settings"] = settings
         with atomic_path(saved / CONFIG, overwrite=True) as tmp:
             Path(tmp).write_text(json.dumps(info, indent=1, default=str))
