@@ -245,11 +245,17 @@ def info_cmd(world_path: Path | None, as_json: bool) -> None:
             f" -> {v['id_score']:.2f}"
             for k, v in a.get("transient_id", {}).items()
         )
+        how = ""
+        if entry.get("vary") is not None:
+            tied = entry.get("vary_tied")
+            how = f"vary {entry['vary']}" + ("" if tied is None else f" (tied: {tied})") + ", "
+        steps = entry.get("training", {}).get("steps")
         t.add_row(
             f"revision {entry.get('when', '')[:10]}",
-            f"{entry.get('what', '')}: vary {entry.get('vary')}, verification ROC-AUC "
+            f"{entry.get('what', '')}: {how}{steps} steps, verification ROC-AUC "
             f"{b.get('verification_auc', float('nan')):.3f} -> "
-            f"{a.get('verification_auc', float('nan')):.3f}; perfect-edit ID score {oracle}",
+            f"{a.get('verification_auc', float('nan')):.3f}"
+            + (f"; perfect-edit ID score {oracle}" if oracle else ""),
         )
     ev = s["metrics"].get("explained_variance_identity")
     if ev:

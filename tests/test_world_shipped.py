@@ -391,6 +391,8 @@ def test_retrain_embedder_dog_replaces_only_the_dog_embedder(work: Path, tmp_pat
     assert info["embedder_settings"]["dog"]["steps"] == 12
     for key in ("identity", "vary"):
         assert info["embedder_settings"].get(key) == settings_before.get(key)
+    shown = CliRunner().invoke(cli, ["world", "info", "--world", str(root)]).output
+    assert "dog embedder retrained" in shown and "perfect-edit" not in shown
 
 
 def test_retrain_embedder_refuses_bad_input(work: Path, tmp_path: Path) -> None:
