@@ -16,6 +16,7 @@ clothing and expression (smile, raised eyebrows).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -486,13 +487,8 @@ class IdentityGenerator:
                     if vary_tied:
                         inst = self.edited(inst, name, not inst.attributes[name])
                     else:
-                        inst = Instance(
-                            inst.concept,
-                            inst.index,
-                            inst.seed,
-                            {**inst.attributes, name: not inst.attributes[name]},
-                            inst.params,
-                        )
+                        flags = {**inst.attributes, name: not inst.attributes[name]}
+                        inst = dataclasses.replace(inst, attributes=flags)
                 a, p = dict(inst.attributes), dict(inst.params)
             nz = Nuisance.draw(rng, shift=0.05, zoom=0.07, rotation=7.0, gain=(0.88, 1.1))
             clothes = palette_color(rng, _CLOTHES, 0.05)

@@ -1004,7 +1004,8 @@ def _retrain_embedder(
         )
     if concept == "dog" and (vary is not None or tied is not None):
         raise W2WError(
-            "vary applies to the identity embedder only (dog breeds have no transient attributes)",
+            "vary and tied apply to the identity embedder only "
+            "(dog breeds have no transient attributes)",
             key="vary",
         )
     device = pick_device(device)
