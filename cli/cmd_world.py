@@ -236,9 +236,20 @@ def info_cmd(world_path: Path | None, as_json: bool) -> None:
                     f"; evaluators {entry['evaluators_sha256'][:8]}"
                     if entry.get("evaluators_sha256")
                     else ""
-                ),
+                )
+                + (f", LoRAs {entry['loras_sha256'][:8]}" if entry.get("loras_sha256") else ""),
             )
     for entry in s["revisions"]:
+        if entry.get("kind") == "zoo":
+            rb, ra = entry.get("recipe_before", {}), entry.get("recipe", {})
+            changed = ", ".join(f"{k} {rb.get(k)} -> {v}" for k, v in ra.items() if rb.get(k) != v)
+            t.add_row(
+                f"revision {entry.get('when', '')[:10]}",
+                f"{entry.get('what', '')}: {changed or 'recipe unchanged'}; "
+                f"{entry.get('models')} models in {entry.get('seconds', 0):.0f} s on "
+                f"{entry.get('device')}",
+            )
+            continue
         b, a = entry.get("before", {}), entry.get("after", {})
         oracle = ", ".join(
             f"{k} {b.get('transient_id', {}).get(k, {}).get('id_score', float('nan')):.2f}"
@@ -460,6 +471,83 @@ def retrain_embedder_cmd(
             f"  perfect {k} edit, ID score {b['transient_id'][k]['id_score']:.3f} -> "
             f"{v['id_score']:.3f} ({v['n']} identities)"
         )
+
+
+@world_group.command("retrain-zoo")
+@world_path_option
+@click.option(
+    "--concept",
+    type=click.Choice(["identity", "dog"]),
+    default="dog",
+    show_default=True,
+    help="Which concept's zoo to train again.",
+)
+@click.option("--steps", type=click.IntRange(1), default=None, help="Steps per model [build's].")
+@click.option(
+    "--lr", type=click.FloatRange(0.0, min_open=True), default=None, help="Learning rate."
+)
+@click.option("--batch", type=click.IntRange(1), default=None, help="Batch per model [build's].")
+@click.option(
+    "--images", "n_images", type=click.IntRange(1), default=None, help="Renders per model."
+)
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads per worker.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder to train the LoRA files into (kept; resumable) [a temporary one].",
+)
+def retrain_zoo_cmd(
+    world_path: Path | None,
+    concept: str,
+    steps: int | None,
+    lr: float | None,
+    batch: int | None,
+    n_images: int | None,
+    workers: int,
+    threads: int | None,
+    device: str,
+    work: Path | None,
+) -> None:
+    """Train every model of one concept's zoo again with another training budget.
+
+    The same instances, renders, initialisation and seeds as the build; rank,
+    alpha and targets stay the world's. The new factors replace the concept's
+    in loras.safetensors (the other concept is kept), the recipe is recorded
+    in the stack and the build log ('revisions'), and the manifest is
+    rewritten. Measure the result with 'w2wkit world measure'.
+
+    \b
+    Examples:
+      w2wkit world retrain-zoo --concept dog --steps 1200 --workers 2
+      w2wkit world retrain-zoo --world ./my-world --concept dog --device cuda
+    """
+    from w2wkit.world.zoo_revision import retrain_zoo
+
+    entry = retrain_zoo(
+        world_path,
+        concept,
+        steps=steps,
+        lr=lr,
+        batch=batch,
+        n_images=n_images,
+        workers=workers,
+        device=device,
+        threads=threads,
+        work=work,
+    )
+    changed = ", ".join(
+        f"{k} {entry['recipe_before'].get(k)} -> {v}"
+        for k, v in entry["recipe"].items()
+        if entry["recipe_before"].get(k) != v
+    )
+    console.print(
+        f"{concept} zoo retrained: {entry['models']} models in {entry['seconds']:.0f} s "
+        f"({changed or 'recipe unchanged'}); mean training loss "
+        f"{entry['mean_loss'] if entry['mean_loss'] is not None else float('nan'):.4f}"
+    )
 
 
 @world_group.command("verify")

@@ -416,3 +416,114 @@ def test_retrain_embedder_refuses_bad_input(work: Path, tmp_path: Path) -> None:
     assert "Traceback" not in res.output
     assert (root / "evaluators.safetensors").read_bytes() == weights
     assert not (root / ".retrain-embedder").exists()
+
+
+def _stack(root: Path) -> dict[str, np.ndarray]:
+    return safetensors.numpy.load_file(str(root / "loras.safetensors"))
+
+
+def test_retrain_zoo_replaces_only_that_concept(work: Path, tmp_path: Path) -> None:
+    from w2wkit.world.zoo_revision import retrain_zoo
+
+    root = tmp_path / "w"
+    shutil.copytree(work / "shipped", root)
+    before = _stack(root)
+    wdir = tmp_path / "train"
+    res = CliRunner().invoke(
+        cli,
+        ["world", "retrain-zoo", "--world", str(root), "--concept", "dog", "--steps", "5"],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    assert "dog zoo retrained: 3 models" in res.output and "steps 3 -> 5" in res.output
+    after = _stack(root)
+    assert after.keys() == before.keys()
+    changed = {k for k in after if not np.array_equal(after[k], before[k])}
+    assert changed and all(k.startswith("dog.") for k in changed)  # identity: bit for bit
+    assert {after[k].dtype for k in after} == {np.dtype(np.float16)}
+    verify_world(root)  # the manifest was rewritten
+    w = load_world(root)
+    assert w.stack_meta["concepts"]["dog"]["recipe"]["steps"] == 5
+    assert "recipe" not in w.stack_meta["concepts"]["identity"]
+    (rev,) = w.build_log["revisions"]
+    assert rev["kind"] == "zoo" and rev["concept"] == "dog" and rev["models"] == 3
+    assert rev["recipe_before"]["steps"] == 3 and rev["recipe"]["steps"] == 5
+    assert rev["mean_loss"] is not None and rev["trained"] == 3
+    shown = CliRunner().invoke(cli, ["world", "info", "--world", str(root)]).output
+    assert "dog zoo retrained" in shown and "steps 3 ->" in shown  # (the table wraps)
+    # the default work folder is temporary: nothing is left beside the world
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        p.name for p in (work / "shipped").iterdir()
+    )
+    # the stacked model is the trained file (float16); a kept work folder resumes:
+    # finished models are skipped, a missing one is trained again
+    entry = retrain_zoo(root, "dog", steps=5, work=wdir, progress=False)
+    assert entry["trained"] == 3 and entry["recipe_before"]["steps"] == 5
+    files = sorted(wdir.glob("*.safetensors"))
+    assert len(files) == 3 and (wdir / "recipe.json").exists()
+    first = _stack(root)
+    name = load_world(root).names("dog")[1]
+    ad = read_adapter(wdir / f"{name}.safetensors")
+    t = load_world(root).targets[0]
+    np.testing.assert_array_equal(
+        first[f"dog.down.{t}"][1], ad.layers[f"unet.{t}"].down.astype(np.float16)
+    )
+    (wdir / f"{name}.safetensors").unlink()
+    entry = retrain_zoo(root, "dog", steps=5, work=wdir, progress=False)
+    assert entry["trained"] == 1 and entry["skipped"] == 2
+    again = _stack(root)
+    for k in first:  # deterministic per model (the seeds are the model's own)
+        np.testing.assert_allclose(
+            again[k].astype(np.float32), first[k].astype(np.float32), rtol=1e-2, atol=1e-3
+        )
+    # the same recipe trained afresh gives the same models, bit for bit
+    retrain_zoo(root, "dog", steps=5, work=tmp_path / "fresh", threads=1, progress=False)
+    fresh = _stack(root)
+    for k in first:
+        np.testing.assert_array_equal(fresh[k], first[k])
+    verify_world(root)
+
+
+def test_retrain_zoo_refuses_bad_input(work: Path, tmp_path: Path) -> None:
+    from w2wkit.world.zoo_revision import retrain_zoo
+
+    root = tmp_path / "w"
+    shutil.copytree(work / "shipped", root)
+    stack = (root / "loras.safetensors").read_bytes()
+    cmd = ["world", "retrain-zoo", "--world", str(root)]
+    for extra, name in (
+        (["--concept", "cat"], "--concept"),
+        (["--steps", "0"], "--steps"),
+        (["--lr", "0"], "--lr"),
+        (["--images", "0"], "--images"),
+    ):
+        res = CliRunner().invoke(cli, [*cmd, *extra])
+        assert res.exit_code == 2 and name in res.output, res.output
+    for kw, key in (
+        ({"steps": 0}, "steps"),
+        ({"lr": float("nan")}, "lr"),
+        ({"batch": -1}, "batch"),
+    ):
+        with pytest.raises(W2WError, match=key):
+            retrain_zoo(root, "dog", progress=False, **kw)
+    with pytest.raises(W2WError, match="unknown concept"):
+        retrain_zoo(root, "cat", progress=False)
+    # a work folder of another recipe, or with LoRA files of unknown origin, is refused
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "recipe.json").write_text(json.dumps({"world": "elsewhere"}))
+    res = CliRunner().invoke(cli, [*cmd, "--work", str(other)])
+    assert res.exit_code == 1 and "another world or recipe" in res.output
+    assert str(other) in res.output and "Traceback" not in res.output
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "x.safetensors").write_bytes(b"")
+    res = CliRunner().invoke(cli, [*cmd, "--work", str(stray)])
+    assert res.exit_code == 1 and "no recipe.json" in res.output
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(cli, [*cmd, "--device", "cuda"])
+        assert res.exit_code == 1 and "CUDA was asked for" in res.output
+    (root / "heldout.json").write_text("{}")  # damaged: refused before any work
+    res = CliRunner().invoke(cli, cmd)
+    assert res.exit_code == 1 and "heldout.json" in res.output and "Traceback" not in res.output
+    assert (root / "loras.safetensors").read_bytes() == stack

@@ -295,6 +295,8 @@ def record_measurement(world: str | os.PathLike[str] | None, result: dict[str, A
         "torch": torch.__version__,
         # which evaluators scored it (they can be retrained: world retrain-embedder)
         "evaluators_sha256": sha256(root / WEIGHTS)[:16],
+        # ... and which models (a zoo can be retrained: world retrain-zoo)
+        "loras_sha256": sha256(root / "loras.safetensors")[:16],
         **{k: v for k, v in result.items() if k != "world"},
     }
     log.setdefault("measurements", []).append(entry)

@@ -888,11 +888,17 @@ def _profile_from_log(d: dict[str, Any]) -> WorldProfile:
         if k in WorldProfile.__dataclass_fields__ and not isinstance(v, dict)
     }
     evals = {k: v for k, v in d.get("evals", {}).items() if k in EvalSettings.__dataclass_fields__}
+    # the zoo recipe the build ran (a profile's default may have changed since)
+    zoo = {k: v for k, v in d.get("zoo", {}).items() if k in ZooSettings.__dataclass_fields__}
+    if isinstance(zoo.get("targets"), list):
+        zoo["targets"] = tuple(zoo["targets"])
     # worlds built before eval_id_vary existed trained the embedder on unvaried renders
     scalars.setdefault("eval_id_vary", 0.0)
     # ... and before eval_id_vary_tied, toggled the flags alone
     scalars.setdefault("eval_id_vary_tied", False)
-    return replace(prof, **scalars, evals=replace(prof.evals, **evals))
+    return replace(
+        prof, **scalars, evals=replace(prof.evals, **evals), zoo=replace(prof.zoo, **zoo)
+    )
 
 
 def retrain_embedder(

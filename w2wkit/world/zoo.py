@@ -268,7 +268,10 @@ class ZooTrainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.base = str(base)
-        pipe = StableDiffusionPipeline.from_pretrained(self.base, local_files_only=True)
+        # float32 whatever the folder stores (a shipped world's base is float16)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            self.base, local_files_only=True, torch_dtype=torch.float32
+        )
         for m in (pipe.unet, pipe.vae, pipe.text_encoder):
             m.requires_grad_(False)
             m.eval()

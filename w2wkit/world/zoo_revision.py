@@ -1,0 +1,270 @@
+"""Train one concept's zoo of a built or shipped world again, with another recipe.
+
+``w2wkit world retrain-zoo --concept dog --steps 1200`` trains every model of
+the concept again on the world's own base pipeline: the same instances,
+training renders, initialisation and per-model seeds as the build (its log's
+zoo settings), with the training budget changed (``steps``, ``lr``, ``batch``,
+``n_images``). Rank, alpha and targets stay the stack's, so the world keeps one
+layout. The new factors replace the concept's in ``loras.safetensors`` (float16,
+as packed); the other concept's are kept bit for bit. The recipe goes into the
+stack's metadata (``concepts.<c>.recipe``) and a ``revisions`` entry of the
+build log; the manifest is rewritten so that the world verifies.
+
+The models are trained into a work folder first (resumable: finished models
+are skipped on a second call with the same recipe; a folder holding another
+recipe's models is refused). The default work folder is in the system's
+temporary directory and is removed after success.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from w2wkit.errors import W2WError
+
+__all__ = ["RECIPE_KEYS", "retrain_zoo"]
+
+#: ZooSettings fields a zoo revision may change (the rest stay the build's).
+RECIPE_KEYS = ("steps", "lr", "batch", "n_images")
+
+
+def _check_recipe(changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        if key == "lr":
+            if not (np.isfinite(float(value)) and float(value) > 0):
+                raise W2WError(f"lr must be a positive number, got {value}", key="lr")
+        elif int(value) < 1:
+            raise W2WError(f"{key} must be >= 1, got {value}", key=key)
+
+
+def retrain_zoo(
+    world: str | os.PathLike[str] | None = None,
+    concept: str = "dog",
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+    batch: int | None = None,
+    n_images: int | None = None,
+    workers: int = 1,
+    device: str = "cpu",
+    threads: int | None = None,
+    work: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train every model of ``concept`` again and put the new factors in the world.
+
+    Parameters
+    ----------
+    world : path, optional
+        A built or shipped world (default: the shipped one). Verified first.
+    concept : {"identity", "dog"}
+    steps, lr, batch, n_images : optional
+        The recipe's training budget (default: the build's, from its log).
+    workers : int
+        CPU training processes.
+    device : str
+        ``cpu``, ``cuda`` or ``auto``.
+    threads : int, optional
+        torch threads per process (default: the build's zoo setting).
+    work : path, optional
+        Folder the LoRA files are trained into (kept after success). Default:
+        a folder in the temporary directory named after the world, removed
+        after success.
+    progress : bool
+        Show a progress bar of the models.
+
+    Returns
+    -------
+    dict
+        The revision entry (recipe before and after, seconds, models/h, mean
+        training loss).
+
+    Raises
+    ------
+    W2WError
+        For an unknown concept, an invalid recipe value, a damaged world, a
+        world without a build log, or a work folder of another recipe.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        return _retrain_zoo(
+            world, concept, steps, lr, batch, n_images, workers, device, threads, work, progress
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def _retrain_zoo(
+    world: str | os.PathLike[str] | None,
+    concept: str,
+    steps: int | None,
+    lr: float | None,
+    batch: int | None,
+    n_images: int | None,
+    workers: int,
+    device: str,
+    threads: int | None,
+    work: str | os.PathLike[str] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    import torch
+
+    from w2wkit.formats.registry import read_adapter
+    from w2wkit.stio import read_safetensors, write_json, write_safetensors
+    from w2wkit.world.shipped import LORAS, STACK_KEY, load_world, verify_world, world_dir
+    from w2wkit.world.shipped import write_manifest as write_world_manifest
+    from w2wkit.world.worldbuild import _profile_from_log, _zoo_jobs
+    from w2wkit.world.zoo import pick_device, train_zoo
+
+    if concept not in ("identity", "dog"):
+        raise W2WError(
+            f"unknown concept {concept!r}; the world has identity and dog", key="concept"
+        )
+    changes = {
+        k: v
+        for k, v in (("steps", steps), ("lr", lr), ("batch", batch), ("n_images", n_images))
+        if v is not None
+    }
+    _check_recipe(changes)
+    if int(workers) < 1:
+        raise W2WError(f"workers must be >= 1, got {workers}", key="workers")
+    device = pick_device(device)
+    root = world_dir(world)
+    verify_world(root)
+    log_path = root / "build_log.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() else {}
+    if "profile" not in log:
+        raise W2WError("the world has no build log with its profile", path=log_path)
+    prof = _profile_from_log(log["profile"])
+    w = load_world(root, verify=False)
+    w._check_concept(concept)
+    jobs = _zoo_jobs(prof)[concept]
+    names = w.names(concept)
+    if [j.name for j in jobs] != names:
+        raise W2WError(
+            f"the world's {concept} models are not the ones its build log's profile names",
+            path=root / LORAS,
+        )
+    meta = w.stack_meta
+    old_recipe = dict(
+        meta["concepts"][concept].get("recipe") or {k: getattr(prof.zoo, k) for k in RECIPE_KEYS}
+    )
+    s = replace(
+        prof.zoo,
+        **changes,
+        device=device,
+        threads=int(threads or prof.zoo.threads or 1),
+    )
+    if int(s.rank) != int(meta["rank"]) or float(s.alpha) != float(meta["alpha"]):
+        raise W2WError(
+            f"the build log's zoo recipe (rank {s.rank}, alpha {s.alpha}) is not the stack's "
+            f"(rank {meta['rank']}, alpha {meta['alpha']})",
+            path=log_path,
+        )
+    recipe = {k: getattr(s, k) for k in RECIPE_KEYS}
+    ident = {
+        "world": str(root.resolve()),
+        "concept": concept,
+        "settings": {k: v for k, v in asdict(s).items() if k not in ("device", "threads")},
+    }
+    keep = work is not None
+    if work is None:
+        tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
+        work = Path(tempfile.gettempdir()) / f"w2wkit-retrain-zoo-{concept}-{tag}"
+    folder = Path(work)
+    stamp = folder / "recipe.json"
+    if stamp.exists():
+        if json.loads(stamp.read_text()) != json.loads(json.dumps(ident)):
+            raise W2WError(
+                "the work folder holds models of another world or recipe",
+                path=folder,
+                hint="remove it, or pass another --work folder",
+            )
+    elif folder.exists() and any(folder.glob("*.safetensors")):
+        raise W2WError(
+            "the work folder holds LoRA files but no recipe.json",
+            path=folder,
+            hint="remove it, or pass another --work folder",
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, ident)
+    t0 = time.time()
+    res = train_zoo(
+        w.pipeline_dir,
+        jobs,
+        folder,
+        w.prompt(concept),
+        s,
+        workers=int(workers),
+        progress=progress,
+    )
+    if res["missing"]:
+        raise W2WError(f"{res['missing']} model(s) were not trained", path=folder)
+    # the new factors, in the stack's module order
+    st = read_safetensors(root / LORAS)
+    tensors = dict(st.tensors)
+    losses = []
+    downs: dict[str, list[np.ndarray]] = {t: [] for t in w.targets}
+    ups: dict[str, list[np.ndarray]] = {t: [] for t in w.targets}
+    for name in names:
+        ad = read_adapter(folder / f"{name}.safetensors")
+        for t in w.targets:
+            layer = ad.layers.get(f"unet.{t}")
+            if layer is None:
+                raise W2WError(f"trained model has no module {t}", path=folder / f"{name}")
+            downs[t].append(np.asarray(layer.down, np.float32))
+            ups[t].append(np.asarray(layer.up, np.float32))
+        loss = ad.metadata.get("w2wkit.loss") or ad.metadata.get("loss")
+        if loss is not None:
+            losses.append(float(loss))
+    for t in w.targets:
+        for part, arrs in (("down", downs[t]), ("up", ups[t])):
+            key = f"{concept}.{part}.{t}"
+            new = np.stack(arrs).astype(np.float16)
+            if new.shape != tensors[key].shape:
+                raise W2WError(
+                    f"retrained factors have shape {new.shape}, the stack {tensors[key].shape}",
+                    key=key,
+                )
+            tensors[key] = new
+    meta = json.loads(st.metadata[STACK_KEY])
+    meta["concepts"][concept]["recipe"] = recipe
+    seconds = time.time() - t0
+    entry = {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "what": f"{concept} zoo retrained (world retrain-zoo)",
+        "kind": "zoo",
+        "concept": concept,
+        "torch": torch.__version__,
+        "device": device,
+        "workers": int(workers),
+        "models": len(names),
+        "trained": res["trained"],
+        "skipped": res["skipped"],
+        "recipe_before": old_recipe,
+        "recipe": recipe,
+        "settings": asdict(s),
+        "mean_loss": float(np.mean(losses)) if losses else None,
+        "seconds": seconds,
+        "models_per_hour": res["models_per_hour"],
+    }
+    write_safetensors(root / LORAS, tensors, metadata={STACK_KEY: json.dumps(meta)}, overwrite=True)
+    log.setdefault("revisions", []).append(entry)
+    write_json(log_path, log)
+    write_world_manifest(root)
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return entry
