@@ -148,3 +148,24 @@ def test_sample_space_stays_in_the_zoo_span() -> None:
     # only the first 4 principal directions are used
     resid = (y - x.mean(0)) @ vt[4:].T
     np.testing.assert_allclose(resid, 0, atol=1e-5)
+
+
+def test_progress_prints_lines_when_not_a_terminal(capsys: pytest.CaptureFixture) -> None:
+    from w2wkit.world.zoo import _Bar
+
+    with _Bar(4, "zoo (cpu)", every_s=0.0) as bar:
+        bar.advance(1)
+        bar.set(3)
+        bar.advance(1)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("zoo (cpu): 0/4 (0%)") and err[0].endswith("ETA ?")
+    assert err[1].startswith("zoo (cpu): 1/4 (25%)") and "ETA" in err[1]
+    assert err[2].startswith("zoo (cpu): 3/4 (75%)")
+    assert err[-1].startswith("zoo (cpu): 4/4 (100%)") and "ETA 0 s" in err[-1]
+    with _Bar(4, "quiet", every_s=3600.0) as bar:  # throttled: the start and the end
+        for _ in range(4):
+            bar.advance(1)
+    assert capsys.readouterr().err.count("quiet:") == 2
+    with _Bar(4, "off", enabled=False) as bar:
+        bar.advance(4)
+    assert capsys.readouterr().err == ""

@@ -746,46 +746,87 @@ def train_zoo(
 
 
 class _Bar:
-    """A rich progress bar with ETA (a no-op when disabled)."""
+    """A rich progress bar with ETA (a no-op when disabled).
 
-    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
+    When the console is not a terminal (a log file, CI), rich's live bar would
+    show nothing until the end; the bar then prints a plain line at most every
+    ``every_s`` seconds instead (done / total, elapsed, ETA).
+    """
+
+    def __init__(self, total: int, label: str, enabled: bool = True, every_s: float = 30.0) -> None:
         self.total, self.label, self.enabled = total, label, enabled and total > 0
+        self.every_s = float(every_s)
         self._p: Any = None
+        self._lines: Any = None
+        self._done = 0
+        self._t0 = self._last = 0.0
 
     def __enter__(self) -> _Bar:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+        if not self.enabled:
+            return self
+        from rich.console import Console
 
-            self._p = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-            )
-            self._p.__enter__()
-            self._task = self._p.add_task(self.label, total=self.total)
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            self._lines = console
+            self._t0 = time.time()
+            self._line(force=True)  # a log shows that the work started, and its size
+            return self
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._p.__enter__()
+        self._task = self._p.add_task(self.label, total=self.total)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._p is not None:
             self._p.__exit__(*exc)
+        elif self._lines is not None and exc[0] is None:
+            self._line(force=True)
+
+    def _line(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < self.every_s:
+            return
+        self._last = now
+        spent = now - self._t0
+        eta = f"{spent / self._done * (self.total - self._done):.0f} s" if self._done else "?"
+        self._lines.print(
+            f"{self.label}: {self._done}/{self.total} ({100 * self._done / self.total:.0f}%), "
+            f"{spent:.0f} s elapsed, ETA {eta}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def advance(self, n: int) -> None:
         if self._p is not None:
             self._p.advance(self._task, n)
+        elif self._lines is not None:
+            self._done += n
+            self._line()
 
     def set(self, n: int) -> None:
         if self._p is not None:
             self._p.update(self._task, completed=n)
+        elif self._lines is not None:
+            self._done = n
+            self._line()
 
 
 def write_labels(jobs: Sequence[ZooJob], path: str | os.PathLike[str]) -> Path:
