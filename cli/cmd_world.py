@@ -492,6 +492,13 @@ def retrain_embedder_cmd(
 )
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch threads per worker.")
+@click.option(
+    "--chunk",
+    type=click.IntRange(1),
+    default=None,
+    help="Models trained together in one batch [build's; 8 on a CPU]. On a 2-core CPU a "
+    "chunk of 40 trains ~2.5x faster per model than 8.",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option(
     "--work",
@@ -508,6 +515,7 @@ def retrain_zoo_cmd(
     n_images: int | None,
     workers: int,
     threads: int | None,
+    chunk: int | None,
     device: str,
     work: Path | None,
 ) -> None:
@@ -536,6 +544,7 @@ def retrain_zoo_cmd(
         workers=workers,
         device=device,
         threads=threads,
+        chunk=chunk,
         work=work,
     )
     changed = ", ".join(

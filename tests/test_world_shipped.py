@@ -469,7 +469,8 @@ def test_retrain_zoo_replaces_only_that_concept(work: Path, tmp_path: Path) -> N
         first[f"dog.down.{t}"][1], ad.layers[f"unet.{t}"].down.astype(np.float16)
     )
     (wdir / f"{name}.safetensors").unlink()
-    entry = retrain_zoo(root, "dog", steps=5, work=wdir, progress=False)
+    # (how the models are split into chunks is not part of the recipe)
+    entry = retrain_zoo(root, "dog", steps=5, work=wdir, chunk=1, progress=False)
     assert entry["trained"] == 1 and entry["skipped"] == 2
     again = _stack(root)
     for k in first:  # deterministic per model (the seeds are the model's own)
@@ -481,6 +482,10 @@ def test_retrain_zoo_replaces_only_that_concept(work: Path, tmp_path: Path) -> N
     fresh = _stack(root)
     for k in first:
         np.testing.assert_array_equal(fresh[k], first[k])
+    # a later revision starts from the current recipe (steps 5), not the build's
+    entry = retrain_zoo(root, "dog", lr=2e-3, work=tmp_path / "lr", progress=False)
+    assert entry["recipe_before"] == {"steps": 5, "lr": 1e-3, "batch": 2, "n_images": 3}
+    assert entry["recipe"] == {**entry["recipe_before"], "lr": 2e-3}
     verify_world(root)
 
 
@@ -496,6 +501,7 @@ def test_retrain_zoo_refuses_bad_input(work: Path, tmp_path: Path) -> None:
         (["--steps", "0"], "--steps"),
         (["--lr", "0"], "--lr"),
         (["--images", "0"], "--images"),
+        (["--chunk", "0"], "--chunk"),
     ):
         res = CliRunner().invoke(cli, [*cmd, *extra])
         assert res.exit_code == 2 and name in res.output, res.output
@@ -503,6 +509,7 @@ def test_retrain_zoo_refuses_bad_input(work: Path, tmp_path: Path) -> None:
         ({"steps": 0}, "steps"),
         ({"lr": float("nan")}, "lr"),
         ({"batch": -1}, "batch"),
+        ({"chunk": 0}, "chunk"),
     ):
         with pytest.raises(W2WError, match=key):
             retrain_zoo(root, "dog", progress=False, **kw)

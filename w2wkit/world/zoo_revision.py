@@ -59,6 +59,7 @@ def retrain_zoo(
     workers: int = 1,
     device: str = "cpu",
     threads: int | None = None,
+    chunk: int | None = None,
     work: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -70,13 +71,19 @@ def retrain_zoo(
         A built or shipped world (default: the shipped one). Verified first.
     concept : {"identity", "dog"}
     steps, lr, batch, n_images : optional
-        The recipe's training budget (default: the build's, from its log).
+        The recipe's training budget (default: the concept's current one: an
+        earlier revision's, else the build's, from its log).
     workers : int
         CPU training processes.
     device : str
         ``cpu``, ``cuda`` or ``auto``.
     threads : int, optional
         torch threads per process (default: the build's zoo setting).
+    chunk : int, optional
+        Models trained together in one batch (default: the build's setting;
+        0 means 8 on the CPU). Larger chunks are much faster on a CPU: at
+        1,200 steps a chunk of 8 trained ~37 models/h per process here, a chunk
+        of 40 ~92 (two processes side by side).
     work : path, optional
         Folder the LoRA files are trained into (kept after success). Default:
         a folder in the temporary directory named after the world, removed
@@ -101,7 +108,18 @@ def retrain_zoo(
     before = torch.get_num_threads()
     try:
         return _retrain_zoo(
-            world, concept, steps, lr, batch, n_images, workers, device, threads, work, progress
+            world,
+            concept,
+            steps,
+            lr,
+            batch,
+            n_images,
+            workers,
+            device,
+            threads,
+            chunk,
+            work,
+            progress,
         )
     finally:
         torch.set_num_threads(before)
@@ -117,6 +135,7 @@ def _retrain_zoo(
     workers: int,
     device: str,
     threads: int | None,
+    chunk: int | None,
     work: str | os.PathLike[str] | None,
     progress: bool,
 ) -> dict[str, Any]:
@@ -141,6 +160,8 @@ def _retrain_zoo(
     _check_recipe(changes)
     if int(workers) < 1:
         raise W2WError(f"workers must be >= 1, got {workers}", key="workers")
+    if chunk is not None and int(chunk) < 1:
+        raise W2WError(f"chunk must be >= 1, got {chunk}", key="chunk")
     device = pick_device(device)
     root = world_dir(world)
     verify_world(root)
@@ -159,14 +180,15 @@ def _retrain_zoo(
             path=root / LORAS,
         )
     meta = w.stack_meta
-    old_recipe = dict(
-        meta["concepts"][concept].get("recipe") or {k: getattr(prof.zoo, k) for k in RECIPE_KEYS}
-    )
+    # the concept's current recipe: an earlier revision's, else the build's
+    current = dict(meta["concepts"][concept].get("recipe") or {})
+    old_recipe = {k: current.get(k, getattr(prof.zoo, k)) for k in RECIPE_KEYS}
     s = replace(
         prof.zoo,
-        **changes,
+        **{**old_recipe, **changes},
         device=device,
         threads=int(threads or prof.zoo.threads or 1),
+        chunk=int(chunk if chunk is not None else prof.zoo.chunk),
     )
     if int(s.rank) != int(meta["rank"]) or float(s.alpha) != float(meta["alpha"]):
         raise W2WError(
@@ -178,7 +200,8 @@ def _retrain_zoo(
     ident = {
         "world": str(root.resolve()),
         "concept": concept,
-        "settings": {k: v for k, v in asdict(s).items() if k not in ("device", "threads")},
+        # how the work is split does not change the recipe
+        "settings": {k: v for k, v in asdict(s).items() if k not in ("device", "threads", "chunk")},
     }
     keep = work is not None
     if work is None:
