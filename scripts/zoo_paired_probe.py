@@ -15,7 +15,7 @@ reference renders (nuisance seed 999). ``--baseline`` scores the shipped factors
 instances in the same way, so two recipes are compared on the same instances, seeds and
 candidates (a paired comparison). One JSON line per scored zoo goes to
 ``$ZOOFIX_OUT/paired.jsonl`` (default /tmp/zoofix) with the per-model hits. Used for
-docs/world.md ("World v1.3").
+docs/world.md ("Retraining a concept's zoo").
 """
 
 from __future__ import annotations
