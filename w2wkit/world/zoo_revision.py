@@ -95,7 +95,7 @@ def retrain_zoo(
     -------
     dict
         The revision entry (recipe before and after, seconds, models/h, mean
-        training loss).
+        training loss of the models this call trained).
 
     Raises
     ------
@@ -141,11 +141,10 @@ def _retrain_zoo(
 ) -> dict[str, Any]:
     import torch
 
-    from w2wkit.formats.registry import read_adapter
     from w2wkit.stio import read_safetensors, write_json, write_safetensors
     from w2wkit.world.shipped import LORAS, STACK_KEY, load_world, verify_world, world_dir
     from w2wkit.world.shipped import write_manifest as write_world_manifest
-    from w2wkit.world.worldbuild import _profile_from_log, _zoo_jobs
+    from w2wkit.world.worldbuild import _load_stacks, _profile_from_log, _zoo_jobs
     from w2wkit.world.zoo import pick_device, train_zoo
 
     if concept not in ("identity", "dog"):
@@ -236,33 +235,22 @@ def _retrain_zoo(
     )
     if res["missing"]:
         raise W2WError(f"{res['missing']} model(s) were not trained", path=folder)
-    # the new factors, in the stack's module order
+    # the new factors (the build's own stacking), in the stack's module order
+    stacks, _ = _load_stacks(folder, jobs)
     st = read_safetensors(root / LORAS)
     tensors = dict(st.tensors)
-    losses = []
-    downs: dict[str, list[np.ndarray]] = {t: [] for t in w.targets}
-    ups: dict[str, list[np.ndarray]] = {t: [] for t in w.targets}
-    for name in names:
-        ad = read_adapter(folder / f"{name}.safetensors")
-        for t in w.targets:
-            layer = ad.layers.get(f"unet.{t}")
-            if layer is None:
-                raise W2WError(f"trained model has no module {t}", path=folder / f"{name}")
-            downs[t].append(np.asarray(layer.down, np.float32))
-            ups[t].append(np.asarray(layer.up, np.float32))
-        loss = ad.metadata.get("w2wkit.loss") or ad.metadata.get("loss")
-        if loss is not None:
-            losses.append(float(loss))
     for t in w.targets:
-        for part, arrs in (("down", downs[t]), ("up", ups[t])):
+        if t not in stacks:
+            raise W2WError(f"the retrained models have no module {t}", path=folder)
+        for part, arr in zip(("down", "up"), stacks[t], strict=True):
             key = f"{concept}.{part}.{t}"
-            new = np.stack(arrs).astype(np.float16)
-            if new.shape != tensors[key].shape:
+            if arr.shape != tensors[key].shape:
                 raise W2WError(
-                    f"retrained factors have shape {new.shape}, the stack {tensors[key].shape}",
+                    f"retrained factors have shape {arr.shape}, the stack {tensors[key].shape}",
                     key=key,
                 )
-            tensors[key] = new
+            tensors[key] = arr.astype(np.float16)
+    losses = [r["loss"] for r in res["records"]]  # the models trained by this call
     meta = json.loads(st.metadata[STACK_KEY])
     meta["concepts"][concept]["recipe"] = recipe
     seconds = time.time() - t0
