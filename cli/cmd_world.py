@@ -241,8 +241,7 @@ def info_cmd(world_path: Path | None, as_json: bool) -> None:
             )
     for entry in s["revisions"]:
         if entry.get("kind") == "zoo":
-            rb, ra = entry.get("recipe_before", {}), entry.get("recipe", {})
-            changed = ", ".join(f"{k} {rb.get(k)} -> {v}" for k, v in ra.items() if rb.get(k) != v)
+            changed = _recipe_change(entry)
             t.add_row(
                 f"revision {entry.get('when', '')[:10]}",
                 f"{entry.get('what', '')}: {changed or 'recipe unchanged'}; "
@@ -473,6 +472,23 @@ def retrain_embedder_cmd(
         )
 
 
+def _recipe_change(entry: dict) -> str:
+    """``steps 600 -> 1200`` / ``continued for 1200 steps (2400 in all)`` of a zoo revision."""
+    rb, ra = entry.get("recipe_before", {}), entry.get("recipe", {})
+    if entry.get("continued"):
+        return (
+            f"continued for {ra.get('steps')} steps ({entry.get('total_steps')} in all)"
+            + "".join(
+                f", {k} {rb.get(k)} -> {v}"
+                for k, v in ra.items()
+                if k not in ("steps", "continued_from") and rb.get(k) != v
+            )
+        )
+    return ", ".join(
+        f"{k} {rb.get(k)} -> {v}" for k, v in ra.items() if k != "continued_from" and rb.get(k) != v
+    )
+
+
 @world_group.command("retrain-zoo")
 @world_path_option
 @click.option(
@@ -506,6 +522,13 @@ def retrain_embedder_cmd(
     default=None,
     help="Folder to train the LoRA files into (kept; resumable) [a temporary one].",
 )
+@click.option(
+    "--continue",
+    "continue_training",
+    is_flag=True,
+    help="Train the current models STEPS steps further instead of from the shared "
+    "initialisation (recorded as a continuation of the current recipe).",
+)
 def retrain_zoo_cmd(
     world_path: Path | None,
     concept: str,
@@ -518,6 +541,7 @@ def retrain_zoo_cmd(
     chunk: int | None,
     device: str,
     work: Path | None,
+    continue_training: bool,
 ) -> None:
     """Train every model of one concept's zoo again with another training budget.
 
@@ -531,6 +555,7 @@ def retrain_zoo_cmd(
     Examples:
       w2wkit world retrain-zoo --concept dog --steps 1200 --workers 2
       w2wkit world retrain-zoo --world ./my-world --concept dog --device cuda
+      w2wkit world retrain-zoo --concept dog --continue --steps 1200 --workers 2
     """
     from w2wkit.world.zoo_revision import retrain_zoo
 
@@ -546,12 +571,9 @@ def retrain_zoo_cmd(
         threads=threads,
         chunk=chunk,
         work=work,
+        continue_training=continue_training,
     )
-    changed = ", ".join(
-        f"{k} {entry['recipe_before'].get(k)} -> {v}"
-        for k, v in entry["recipe"].items()
-        if entry["recipe_before"].get(k) != v
-    )
+    changed = _recipe_change(entry)
     console.print(
         f"{concept} zoo retrained: {entry['models']} models in {entry['seconds']:.0f} s "
         f"({changed or 'recipe unchanged'}); mean training loss "

@@ -489,6 +489,47 @@ def test_retrain_zoo_replaces_only_that_concept(work: Path, tmp_path: Path) -> N
     verify_world(root)
 
 
+def test_retrain_zoo_continues_the_current_models(work: Path, tmp_path: Path) -> None:
+    from w2wkit.world.zoo_revision import recipe_rounds, retrain_zoo, total_steps
+
+    root = tmp_path / "w"
+    shutil.copytree(work / "shipped", root)
+    before = _stack(root)
+    cmd = ["world", "retrain-zoo", "--world", str(root), "--concept", "dog"]
+    res = CliRunner().invoke(cli, [*cmd, "--continue", "--steps", "2"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "continued for 2 steps (5 in all)" in res.output  # the build trained 3
+    after = _stack(root)
+    lr = load_world(root).stack_meta["concepts"]["dog"]["recipe"]["lr"]
+    for k in after:
+        moved = np.abs(after[k].astype(np.float32) - before[k].astype(np.float32)).max()
+        if k.startswith("identity."):
+            assert moved == 0
+        elif ".up." in k:  # two Adam steps from the shipped factors, not a fresh model
+            assert 0 < moved <= 2 * lr * 1.01 + 1e-3  # (+ float16 rounding)
+    w = load_world(root)
+    recipe = w.stack_meta["concepts"]["dog"]["recipe"]
+    assert recipe["continued_from"] == {"steps": 3, "lr": lr, "batch": 2, "n_images": 3}
+    assert total_steps(recipe) == 5
+    rev = w.build_log["revisions"][-1]
+    assert rev["continued"] and rev["total_steps"] == 5
+    shown = CliRunner().invoke(cli, ["world", "info", "--world", str(root)]).output
+    assert "dog zoo retrained" in shown and "continued" in shown  # (the table wraps)
+    # a second continuation chains the rounds; a retrain from scratch starts the chain anew
+    entry = retrain_zoo(root, "dog", steps=1, continue_training=True, progress=False)
+    assert [r["steps"] for r in recipe_rounds(entry["recipe"])] == [3, 2, 1]
+    assert entry["total_steps"] == 6
+    entry = retrain_zoo(root, "dog", steps=4, progress=False)
+    assert "continued_from" not in entry["recipe"] and entry["total_steps"] == 4
+    assert entry["recipe_before"]["continued_from"]["steps"] == 2
+    # a kept work folder of a from-scratch run does not hold continued models
+    wdir = tmp_path / "train"
+    retrain_zoo(root, "dog", steps=1, work=wdir, progress=False)
+    res = CliRunner().invoke(cli, [*cmd, "--continue", "--work", str(wdir)])
+    assert res.exit_code == 1 and "another world or recipe" in res.output
+    verify_world(root)
+
+
 def test_retrain_zoo_refuses_bad_input(work: Path, tmp_path: Path) -> None:
     from w2wkit.world.zoo_revision import retrain_zoo
 

@@ -14,6 +14,7 @@ pytest.importorskip("peft")
 
 from _world_base import micro_base  # noqa: E402
 
+from w2wkit.errors import W2WError  # noqa: E402
 from w2wkit.formats.registry import read_adapter  # noqa: E402
 from w2wkit.world.lora import LoraSettings, LoraTrainer  # noqa: E402
 from w2wkit.world.zoo import (  # noqa: E402
@@ -23,6 +24,7 @@ from w2wkit.world.zoo import (  # noqa: E402
     train_zoo,
     write_labels,
     write_manifest,
+    write_start,
     zoo_jobs,
 )
 
@@ -123,6 +125,62 @@ def test_worker_processes_match_inline(base: Path, tmp_path: Path) -> None:
         y = read_adapter(tmp_path / "b" / f"{j.name}.safetensors")
         for k, layer in x.layers.items():
             np.testing.assert_allclose(y.layers[k].up, layer.up, rtol=1e-5, atol=1e-7)
+
+
+def test_continued_training_starts_from_the_given_factors(base: Path, tmp_path: Path) -> None:
+    """A continuation round starts every model from its own row and draws apart."""
+    lr = 1e-3
+    zs = ZooSettings(steps=3, batch=2, n_images=2, device="cpu", chunk=1, lr=lr)
+    jobs = zoo_jobs("identity", 3)
+    train_zoo(base, jobs, tmp_path / "a", "sks person", zs, progress=False)
+    first = {j.name: read_adapter(tmp_path / "a" / f"{j.name}.safetensors") for j in jobs}
+    targets = [k.removeprefix("unet.") for k in first[jobs[0].name].layers]
+    names = [j.name for j in jobs][::-1]  # rows in another order than the jobs
+    stacks = {
+        t: (
+            np.stack([first[n].layers[f"unet.{t}"].down for n in names]),
+            np.stack([first[n].layers[f"unet.{t}"].up for n in names]),
+        )
+        for t in targets
+    }
+    start = write_start(tmp_path / "start.safetensors", names, stacks)
+    one = ZooSettings(steps=1, batch=2, n_images=2, device="cpu", chunk=1, lr=lr)
+    kw = {"progress": False, "start": start}
+    train_zoo(base, jobs, tmp_path / "c", "sks person", one, draw_round=1, **kw)
+    train_zoo(base, jobs, tmp_path / "w", "sks person", one, draw_round=1, workers=2, **kw)
+    two = ZooSettings(steps=2, batch=2, n_images=2, device="cpu", chunk=3, lr=lr)
+    train_zoo(base, jobs, tmp_path / "r0", "sks person", two, draw_round=0, **kw)
+    train_zoo(base, jobs, tmp_path / "r1", "sks person", two, draw_round=1, **kw)
+    differ = 0
+    for j in jobs:
+        c = read_adapter(tmp_path / "c" / f"{j.name}.safetensors")
+        w = read_adapter(tmp_path / "w" / f"{j.name}.safetensors")
+        r0 = read_adapter(tmp_path / "r0" / f"{j.name}.safetensors")
+        r1 = read_adapter(tmp_path / "r1" / f"{j.name}.safetensors")
+        for k, layer in first[j.name].layers.items():
+            # Adam's first step from the model's own factors moves each entry by lr at most
+            step = np.abs(c.layers[k].up - layer.up).max()
+            assert 0 < step <= lr * 1.001
+            assert np.abs(c.layers[k].down - layer.down).max() <= lr * 1.001
+            np.testing.assert_allclose(w.layers[k].up, c.layers[k].up, rtol=1e-5, atol=1e-7)
+            differ += not np.allclose(r0.layers[k].up, r1.layers[k].up, rtol=0, atol=1e-6)
+    assert differ  # round 1 draws other pictures, noise and timesteps than round 0
+    # a start file without one of the models is refused, naming it
+    with pytest.raises(W2WError, match=jobs[0].name):
+        write_start(
+            tmp_path / "part.safetensors",
+            names[:2],
+            {t: (a[:2], b[:2]) for t, (a, b) in stacks.items()},
+        )
+        train_zoo(
+            base,
+            jobs,
+            tmp_path / "x",
+            "sks person",
+            one,
+            progress=False,
+            start=tmp_path / "part.safetensors",
+        )
 
 
 def test_sample_space_stays_in_the_zoo_span() -> None:

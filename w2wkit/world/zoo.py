@@ -53,6 +53,7 @@ __all__ = [
     "sample_images",
     "train_zoo",
     "write_labels",
+    "write_start",
     "zoo_jobs",
 ]
 
@@ -322,6 +323,7 @@ class ZooTrainer:
         seeds: Sequence[int],
         prior: np.ndarray | None = None,
         budget_s: float | None = None,
+        start: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> tuple[list[Adapter], np.ndarray]:
         """Train ``M = len(images)`` LoRAs together from the shared initialisation.
 
@@ -338,6 +340,10 @@ class ZooTrainer:
             (used when ``settings.prior_weight > 0``).
         budget_s : float, optional
             Stop early after this many seconds (steps done are recorded).
+        start : dict, optional
+            Factors to continue training from instead of the shared
+            initialisation: target -> ``(A (M, r, in), B (M, out, r))``, one row
+            per model (a fresh Adam state).
 
         Returns
         -------
@@ -354,6 +360,20 @@ class ZooTrainer:
             return [], np.zeros(0)
         self._install(m)
         dev = self.device
+        if start is not None:
+            with torch.no_grad():
+                for t, mod in self.modules.items():
+                    if t not in start:
+                        raise W2WError(f"the start factors have no module {t}", key=t)
+                    a, b_ = (torch.as_tensor(np.asarray(x, np.float32)) for x in start[t])
+                    if a.shape != mod.A.shape or b_.shape != mod.B.shape:
+                        raise W2WError(
+                            f"start factors of shape {tuple(a.shape)} / {tuple(b_.shape)}, "
+                            f"expected {tuple(mod.A.shape)} / {tuple(mod.B.shape)}",
+                            key=t,
+                        )
+                    mod.A.copy_(a.to(mod.A.device, mod.A.dtype))
+                    mod.B.copy_(b_.to(mod.B.device, mod.B.dtype))
         lats = [self.encode(im) for im in images]
         counts = [len(x) for x in lats]
         offsets = torch.tensor(np.concatenate([[0], np.cumsum(counts)[:-1]]), device=dev)
@@ -546,9 +566,50 @@ def _chunk_size(settings: ZooSettings, device: str) -> int:
     return 1024 if device.startswith("cuda") else 8
 
 
-def _model_seed(settings: ZooSettings, job: ZooJob) -> int:
+def _model_seed(settings: ZooSettings, job: ZooJob, draw_round: int = 0) -> int:
     # the same seed LoraTrainer.train_many gives the job at position `number`
-    return settings.seed * 1_000_003 + job.number
+    seed = settings.seed * 1_000_003 + job.number
+    if draw_round:  # a continuation round draws its pictures, noise and timesteps apart
+        # (torch's CPU generator keeps the low 32 bits of a seed: mix within them)
+        seed = (seed + int(draw_round) * 2_654_435_761) % 2**32
+    return seed
+
+
+def write_start(
+    path: str | os.PathLike[str], names: Sequence[str], stacks: dict[str, tuple]
+) -> Path:
+    """Write the factors a zoo continues training from (one file, one row per model).
+
+    Parameters
+    ----------
+    path : path
+        The ``.safetensors`` file to write.
+    names : sequence of str
+        Model names, in the rows' order.
+    stacks : dict
+        Target -> ``(A (M, r, in), B (M, out, r))``.
+    """
+    from w2wkit.stio import write_safetensors
+
+    tensors = {}
+    for t, (a, b) in stacks.items():
+        tensors[f"down.{t}"] = np.ascontiguousarray(a, np.float32)
+        tensors[f"up.{t}"] = np.ascontiguousarray(b, np.float32)
+    write_safetensors(path, tensors, metadata={"names": json.dumps(list(names))}, overwrite=True)
+    return Path(path)
+
+
+def _read_start(path: str | os.PathLike[str]) -> tuple[dict[str, int], dict[str, tuple]]:
+    from w2wkit.stio import read_safetensors
+
+    st = read_safetensors(path)
+    rows = {n: i for i, n in enumerate(json.loads(st.metadata["names"]))}
+    stacks = {
+        k.removeprefix("down."): (v, st.tensors["up." + k.removeprefix("down.")])
+        for k, v in st.tensors.items()
+        if k.startswith("down.")
+    }
+    return rows, stacks
 
 
 def _write_model(
@@ -580,9 +641,12 @@ def _run_chunks(
     prior: np.ndarray | None,
     deadline: float | None,
     on_model: Callable[[int], None] | None = None,
+    start: str | None = None,
+    draw_round: int = 0,
 ) -> list[dict[str, Any]]:
     if not isinstance(trainer, ZooTrainer):  # a base pipeline folder
         trainer = ZooTrainer(trainer, settings)
+    rows, stacks = _read_start(start) if start is not None else ({}, {})
     base = trainer.base
     out = Path(out_dir)
     records: list[dict[str, Any]] = []
@@ -600,11 +664,20 @@ def _run_chunks(
             images(j) if images is not None else render_job(j, settings.n_images, settings.seed)
             for j in todo
         ]
-        seeds = [_model_seed(settings, j) for j in todo]
+        seeds = [_model_seed(settings, j, draw_round) for j in todo]
+        init = None
+        if start is not None:
+            gone = [j.name for j in todo if j.name not in rows]
+            if gone:
+                raise W2WError(f"the start factors have no model {gone[0]}", path=start)
+            sel = [rows[j.name] for j in todo]
+            init = {t: (a[sel], b[sel]) for t, (a, b) in stacks.items()}
         left = None if deadline is None else max(1.0, (deadline - time.time()) * share)
         oom = False
         try:
-            adapters, losses = trainer.train_chunk(imgs, prompt, seeds, prior=prior, budget_s=left)
+            adapters, losses = trainer.train_chunk(
+                imgs, prompt, seeds, prior=prior, budget_s=left, start=init
+            )
         except RuntimeError as exc:  # CUDA out of memory: train the chunk in two halves
             if "out of memory" not in str(exc).lower() or len(todo) < 2:
                 raise
@@ -628,6 +701,8 @@ def _run_chunks(
                 prior,
                 deadline,
                 on_model,
+                start,
+                draw_round,
             )
             continue
         dt = time.perf_counter() - t0
@@ -648,11 +723,13 @@ def _run_chunks(
 
 
 def _worker(args: tuple) -> list[dict[str, Any]]:
-    base, settings, chunks, out_dir, prompt, deadline = args
+    base, settings, chunks, out_dir, prompt, deadline, start, draw_round = args
     from w2wkit.world.worldbuild import _quiet
 
     _quiet()
-    return _run_chunks(base, settings, chunks, out_dir, prompt, None, None, deadline)
+    return _run_chunks(
+        base, settings, chunks, out_dir, prompt, None, None, deadline, None, start, draw_round
+    )
 
 
 def train_zoo(
@@ -667,6 +744,8 @@ def train_zoo(
     prior: np.ndarray | None = None,
     budget_s: float | None = None,
     progress: bool = True,
+    start: str | os.PathLike[str] | None = None,
+    draw_round: int = 0,
 ) -> dict[str, Any]:
     """Train the LoRA of every job (skipping finished files) and write them.
 
@@ -685,6 +764,12 @@ def train_zoo(
         ``settings.n_images`` pictures with ``settings.seed``). Inline only.
     budget_s : float, optional
         No new chunk starts after this many seconds.
+    start : path, optional
+        A file of :func:`write_start`: every model continues training from its
+        row there instead of the shared initialisation.
+    draw_round : int
+        0 for a model's first training; a continuation round ``k >= 1`` seeds
+        the model's picture, noise and timestep draws apart from earlier rounds.
 
     Returns
     -------
@@ -701,6 +786,7 @@ def train_zoo(
     done = {j.name for j in jobs if (out / f"{j.name}.safetensors").exists()}
     todo = [j for j in jobs if j.name not in done]
     device = pick_device(s.device)
+    start = str(start) if start is not None else None
     size = _chunk_size(s, device)
     if todo:  # balanced chunks (1100 models at 1024 -> 550 + 550)
         n_chunks = -(-len(todo) // size)
@@ -713,12 +799,26 @@ def train_zoo(
     with bar:
         if workers <= 1 or device != "cpu" or len(chunks) <= 1:
             records = _run_chunks(
-                str(base), s, chunks, str(out), prompt, images, prior, deadline, bar.advance
+                str(base),
+                s,
+                chunks,
+                str(out),
+                prompt,
+                images,
+                prior,
+                deadline,
+                bar.advance,
+                start,
+                draw_round,
             )
         else:
             ctx = mp.get_context("spawn")
             shares = [chunks[w::workers] for w in range(workers)]
-            args = [(str(base), s, sh, str(out), prompt, deadline) for sh in shares if sh]
+            args = [
+                (str(base), s, sh, str(out), prompt, deadline, start, draw_round)
+                for sh in shares
+                if sh
+            ]
             with ctx.Pool(len(args)) as pool:
                 res = pool.map_async(_worker, args)
                 while not res.ready():

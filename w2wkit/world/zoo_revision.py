@@ -10,6 +10,12 @@ as packed); the other concept's are kept bit for bit. The recipe goes into the
 stack's metadata (``concepts.<c>.recipe``) and a ``revisions`` entry of the
 build log; the manifest is rewritten so that the world verifies.
 
+``--continue`` trains the concept's current models further instead of from
+the shared initialisation (a fresh Adam state; the pictures, noise and
+timesteps are drawn apart from the earlier rounds'). Its recipe names the
+recipe it continued (``continued_from``), so a chain of revisions reads as
+one training budget: ``total_steps`` is the sum.
+
 The models are trained into a work folder first (resumable: finished models
 are skipped on a second call with the same recipe; a folder holding another
 recipe's models is refused). The default work folder is in the system's
@@ -33,10 +39,25 @@ import numpy as np
 
 from w2wkit.errors import W2WError
 
-__all__ = ["RECIPE_KEYS", "retrain_zoo"]
+__all__ = ["RECIPE_KEYS", "recipe_rounds", "retrain_zoo", "total_steps"]
 
 #: ZooSettings fields a zoo revision may change (the rest stay the build's).
 RECIPE_KEYS = ("steps", "lr", "batch", "n_images")
+
+
+def recipe_rounds(recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training rounds of a recipe, first to last (``continued_from`` unrolled)."""
+    chain = []
+    r: dict[str, Any] | None = recipe
+    while r:
+        chain.append({k: v for k, v in r.items() if k != "continued_from"})
+        r = r.get("continued_from")
+    return chain[::-1]
+
+
+def total_steps(recipe: dict[str, Any]) -> int:
+    """Steps a model of this recipe was trained for, over all its rounds."""
+    return int(sum(int(r["steps"]) for r in recipe_rounds(recipe)))
 
 
 def _check_recipe(changes: dict[str, Any]) -> None:
@@ -62,6 +83,7 @@ def retrain_zoo(
     chunk: int | None = None,
     work: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    continue_training: bool = False,
 ) -> dict[str, Any]:
     """Train every model of ``concept`` again and put the new factors in the world.
 
@@ -90,6 +112,10 @@ def retrain_zoo(
         after success.
     progress : bool
         Show a progress bar of the models.
+    continue_training : bool
+        Start every model from its current factors (as stored, float16)
+        instead of the shared initialisation, for ``steps`` more steps; the new
+        recipe records the one it continued (``continued_from``).
 
     Returns
     -------
@@ -120,6 +146,7 @@ def retrain_zoo(
             chunk,
             work,
             progress,
+            continue_training,
         )
     finally:
         torch.set_num_threads(before)
@@ -138,6 +165,7 @@ def _retrain_zoo(
     chunk: int | None,
     work: str | os.PathLike[str] | None,
     progress: bool,
+    continue_training: bool,
 ) -> dict[str, Any]:
     import torch
 
@@ -145,7 +173,7 @@ def _retrain_zoo(
     from w2wkit.world.shipped import LORAS, STACK_KEY, load_world, verify_world, world_dir
     from w2wkit.world.shipped import write_manifest as write_world_manifest
     from w2wkit.world.worldbuild import _load_stacks, _profile_from_log, _zoo_jobs
-    from w2wkit.world.zoo import pick_device, train_zoo
+    from w2wkit.world.zoo import pick_device, train_zoo, write_start
 
     if concept not in ("identity", "dog"):
         raise W2WError(
@@ -182,9 +210,11 @@ def _retrain_zoo(
     # the concept's current recipe: an earlier revision's, else the build's
     current = dict(meta["concepts"][concept].get("recipe") or {})
     old_recipe = {k: current.get(k, getattr(prof.zoo, k)) for k in RECIPE_KEYS}
+    if current.get("continued_from"):
+        old_recipe["continued_from"] = current["continued_from"]
     s = replace(
         prof.zoo,
-        **{**old_recipe, **changes},
+        **{**{k: old_recipe[k] for k in RECIPE_KEYS}, **changes},
         device=device,
         threads=int(threads or prof.zoo.threads or 1),
         chunk=int(chunk if chunk is not None else prof.zoo.chunk),
@@ -195,13 +225,22 @@ def _retrain_zoo(
             f"(rank {meta['rank']}, alpha {meta['alpha']})",
             path=log_path,
         )
-    recipe = {k: getattr(s, k) for k in RECIPE_KEYS}
+    recipe: dict[str, Any] = {k: getattr(s, k) for k in RECIPE_KEYS}
+    draw_round = 0
+    if continue_training:
+        recipe["continued_from"] = old_recipe
+        draw_round = len(recipe_rounds(old_recipe))
     ident = {
         "world": str(root.resolve()),
         "concept": concept,
         # how the work is split does not change the recipe
         "settings": {k: v for k, v in asdict(s).items() if k not in ("device", "threads", "chunk")},
     }
+    if continue_training:  # the models it starts from
+        ident["continue_from"] = {
+            "recipe": old_recipe,
+            "loras_sha256": hashlib.sha256((root / LORAS).read_bytes()).hexdigest(),
+        }
     keep = work is not None
     if work is None:
         tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
@@ -223,6 +262,9 @@ def _retrain_zoo(
         )
     folder.mkdir(parents=True, exist_ok=True)
     write_json(stamp, ident)
+    start = None
+    if continue_training:
+        start = write_start(folder / "start.factors", names, w.stack(concept))
     t0 = time.time()
     res = train_zoo(
         w.pipeline_dir,
@@ -232,6 +274,8 @@ def _retrain_zoo(
         s,
         workers=int(workers),
         progress=progress,
+        start=start,
+        draw_round=draw_round,
     )
     if res["missing"]:
         raise W2WError(f"{res['missing']} model(s) were not trained", path=folder)
@@ -267,6 +311,8 @@ def _retrain_zoo(
         "skipped": res["skipped"],
         "recipe_before": old_recipe,
         "recipe": recipe,
+        "continued": bool(continue_training),
+        "total_steps": total_steps(recipe),
         "settings": asdict(s),
         "mean_loss": float(np.mean(losses)) if losses else None,
         "seconds": seconds,
