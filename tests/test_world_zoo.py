@@ -183,6 +183,26 @@ def test_continued_training_starts_from_the_given_factors(base: Path, tmp_path: 
         )
 
 
+def test_running_chunks_report_their_steps(base: Path, tmp_path: Path) -> None:
+    """Progress inside a chunk: models' worth of steps, reset when its models are written."""
+    from w2wkit.world.zoo import _partial, _run_chunks
+
+    zs = ZooSettings(steps=3, batch=1, n_images=2, device="cpu", chunk=2)
+    jobs = zoo_jobs("identity", 2)
+    seen: list[float] = []
+    _run_chunks(
+        str(base), zs, [jobs], str(tmp_path), "sks person", None, None, None,
+        on_partial=seen.append,
+    )  # fmt: skip
+    np.testing.assert_allclose(seen, [2 / 3, 4 / 3, 2.0, 0.0])
+    # the parent sums the workers' notes; a note not (fully) written yet counts 0
+    notes = [tmp_path / "w0.txt", tmp_path / "w1.txt", tmp_path / "w2.txt", tmp_path / "w3.txt"]
+    notes[0].write_text("1.25")
+    notes[1].write_text("0.5")
+    notes[2].write_text("")
+    assert _partial(notes) == 1.75
+
+
 def test_sample_space_stays_in_the_zoo_span() -> None:
     from w2wkit.world.worldbuild import _flatten, sample_space
 
@@ -211,15 +231,21 @@ def test_sample_space_stays_in_the_zoo_span() -> None:
 def test_progress_prints_lines_when_not_a_terminal(capsys: pytest.CaptureFixture) -> None:
     from w2wkit.world.zoo import _Bar
 
-    with _Bar(4, "zoo (cpu)", every_s=0.0) as bar:
+    with _Bar(4, "zoo (cpu)", every_s=0.0, unit="models") as bar:
         bar.advance(1)
+        bar.partial(1.5)  # a running chunk is 1.5 models' worth of steps in
+        bar.partial(0.0)
         bar.set(3)
+        bar.set(3, 2.0)  # more than is left: counted up to the total
         bar.advance(1)
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("zoo (cpu): 0/4 (0%)") and err[0].endswith("ETA ?")
-    assert err[1].startswith("zoo (cpu): 1/4 (25%)") and "ETA" in err[1]
-    assert err[2].startswith("zoo (cpu): 3/4 (75%)")
-    assert err[-1].startswith("zoo (cpu): 4/4 (100%)") and "ETA 0 s" in err[-1]
+    assert err[0].startswith("zoo (cpu): 0/4 models (0%)") and err[0].endswith("ETA ?")
+    assert err[1].startswith("zoo (cpu): 1/4 models (25%)") and "ETA" in err[1]
+    assert err[2].startswith("zoo (cpu): 1/4 models (62%)")  # the models done stay 1
+    assert err[3].startswith("zoo (cpu): 1/4 models (25%)")
+    assert err[4].startswith("zoo (cpu): 3/4 models (75%)")
+    assert err[5].startswith("zoo (cpu): 3/4 models (100%)")
+    assert err[-1].startswith("zoo (cpu): 4/4 models (100%)") and "ETA 0 s" in err[-1]
     with _Bar(4, "quiet", every_s=3600.0) as bar:  # throttled: the start and the end
         for _ in range(4):
             bar.advance(1)

@@ -1045,7 +1045,7 @@ def _retrain_embedder(
     _say(f"retrain-embedder: {len(d['xe'])} pictures rendered in {t_render:.0f} s")
     from w2wkit.world.zoo import _Bar
 
-    with _Bar(s.steps, f"{concept} embedder", enabled=progress) as bar:
+    with _Bar(s.steps, f"{concept} embedder", enabled=progress, unit="steps") as bar:
         net, log_e = train_embedder(d["xe"], d["cls"], s, lambda done, _: bar.set(done))
     nets = {**old.nets, ("emb", concept): net.eval()}
     ev = Evaluators(nets, old.config, device)

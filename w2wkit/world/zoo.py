@@ -30,6 +30,8 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -324,6 +326,7 @@ class ZooTrainer:
         prior: np.ndarray | None = None,
         budget_s: float | None = None,
         start: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> tuple[list[Adapter], np.ndarray]:
         """Train ``M = len(images)`` LoRAs together from the shared initialisation.
 
@@ -344,6 +347,8 @@ class ZooTrainer:
             Factors to continue training from instead of the shared
             initialisation: target -> ``(A (M, r, in), B (M, out, r))``, one row
             per model (a fresh Adam state).
+        on_step : callable, optional
+            Called with the number of steps done after each step.
 
         Returns
         -------
@@ -432,6 +437,8 @@ class ZooTrainer:
             loss.backward()
             opt.step()
             history.append(inst.detach())
+            if on_step is not None:
+                on_step(len(history))
             if budget_s is not None and time.perf_counter() - t0 > budget_s:
                 break
         set_index(self.modules, None)
@@ -643,6 +650,7 @@ def _run_chunks(
     on_model: Callable[[int], None] | None = None,
     start: str | None = None,
     draw_round: int = 0,
+    on_partial: Callable[[float], None] | None = None,
 ) -> list[dict[str, Any]]:
     if not isinstance(trainer, ZooTrainer):  # a base pipeline folder
         trainer = ZooTrainer(trainer, settings)
@@ -673,10 +681,17 @@ def _run_chunks(
             sel = [rows[j.name] for j in todo]
             init = {t: (a[sel], b[sel]) for t, (a, b) in stacks.items()}
         left = None if deadline is None else max(1.0, (deadline - time.time()) * share)
+        on_step = None
+        if on_partial is not None:
+            m_now, n_steps = len(todo), max(1, settings.steps)
+
+            def on_step(k: int, m_now: int = m_now, n_steps: int = n_steps) -> None:
+                on_partial(m_now * min(k, n_steps) / n_steps)
+
         oom = False
         try:
             adapters, losses = trainer.train_chunk(
-                imgs, prompt, seeds, prior=prior, budget_s=left, start=init
+                imgs, prompt, seeds, prior=prior, budget_s=left, start=init, on_step=on_step
             )
         except RuntimeError as exc:  # CUDA out of memory: train the chunk in two halves
             if "out of memory" not in str(exc).lower() or len(todo) < 2:
@@ -703,6 +718,7 @@ def _run_chunks(
                 on_model,
                 start,
                 draw_round,
+                on_partial,
             )
             continue
         dt = time.perf_counter() - t0
@@ -719,17 +735,50 @@ def _run_chunks(
             )
         if on_model is not None:
             on_model(len(todo))
+        if on_partial is not None:
+            on_partial(0.0)
     return records
 
 
 def _worker(args: tuple) -> list[dict[str, Any]]:
-    base, settings, chunks, out_dir, prompt, deadline, start, draw_round = args
+    base, settings, chunks, out_dir, prompt, deadline, start, draw_round, note = args
     from w2wkit.world.worldbuild import _quiet
 
     _quiet()
+    last = [0.0]
+
+    def on_partial(models: float) -> None:
+        # the share of the running chunk done, for the parent's progress bar
+        now = time.time()
+        if models == 0.0 or now - last[0] >= 2.0:
+            last[0] = now
+            Path(note).write_text(f"{models:.4f}")
+
     return _run_chunks(
-        base, settings, chunks, out_dir, prompt, None, None, deadline, None, start, draw_round
+        base,
+        settings,
+        chunks,
+        out_dir,
+        prompt,
+        None,
+        None,
+        deadline,
+        None,
+        start,
+        draw_round,
+        on_partial,
     )
+
+
+def _partial(notes: Sequence[Path]) -> float:
+    """Models' worth of steps the workers' running chunks have done (their notes)."""
+    total = 0.0
+    for f in notes:
+        try:
+            total += float(f.read_text() or 0.0)
+        except (OSError, ValueError):  # not written yet, or being written
+            pass
+    return total
 
 
 def train_zoo(
@@ -795,7 +844,9 @@ def train_zoo(
     t0 = time.time()
     deadline = t0 + budget_s if budget_s is not None else None
     records: list[dict[str, Any]] = []
-    bar = _Bar(len(todo), f"zoo ({device}, {len(chunks)} chunk(s))", enabled=progress)
+    bar = _Bar(
+        len(todo), f"zoo ({device}, {len(chunks)} chunk(s))", enabled=progress, unit="models"
+    )
     with bar:
         if workers <= 1 or device != "cpu" or len(chunks) <= 1:
             records = _run_chunks(
@@ -810,23 +861,29 @@ def train_zoo(
                 bar.advance,
                 start,
                 draw_round,
+                bar.partial,
             )
         else:
             ctx = mp.get_context("spawn")
             shares = [chunks[w::workers] for w in range(workers)]
+            notes_dir = Path(tempfile.mkdtemp(prefix="w2wkit-zoo-progress-"))
+            notes = [notes_dir / f"worker{w}.txt" for w in range(workers)]
             args = [
-                (str(base), s, sh, str(out), prompt, deadline, start, draw_round)
-                for sh in shares
+                (str(base), s, sh, str(out), prompt, deadline, start, draw_round, str(note))
+                for sh, note in zip(shares, notes, strict=True)
                 if sh
             ]
-            with ctx.Pool(len(args)) as pool:
-                res = pool.map_async(_worker, args)
-                while not res.ready():
-                    res.wait(1.0)
-                    n_now = sum((out / f"{j.name}.safetensors").exists() for j in todo)
-                    bar.set(n_now)
-                for r in res.get():
-                    records.extend(r)
+            try:
+                with ctx.Pool(len(args)) as pool:
+                    res = pool.map_async(_worker, args)
+                    while not res.ready():
+                        res.wait(1.0)
+                        n_now = sum((out / f"{j.name}.safetensors").exists() for j in todo)
+                        bar.set(n_now, _partial(notes))
+                    for r in res.get():
+                        records.extend(r)
+            finally:
+                shutil.rmtree(notes_dir, ignore_errors=True)
     seconds = time.time() - t0
     missing = [j.name for j in jobs if not (out / f"{j.name}.safetensors").exists()]
     trained = len(records)
@@ -850,15 +907,27 @@ class _Bar:
 
     When the console is not a terminal (a log file, CI), rich's live bar would
     show nothing until the end; the bar then prints a plain line at most every
-    ``every_s`` seconds instead (done / total, elapsed, ETA).
+    ``every_s`` seconds instead (done / total, elapsed, ETA). Besides whole
+    units done, the bar counts a fraction in progress (:meth:`partial`: the
+    models' worth of steps a running chunk has done), so a long chunk moves the
+    percentage and the ETA before its models are written.
     """
 
-    def __init__(self, total: int, label: str, enabled: bool = True, every_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        enabled: bool = True,
+        every_s: float = 30.0,
+        unit: str = "",
+    ) -> None:
         self.total, self.label, self.enabled = total, label, enabled and total > 0
+        self.unit = f" {unit}" if unit else ""
         self.every_s = float(every_s)
         self._p: Any = None
         self._lines: Any = None
-        self._done = 0
+        self._done = 0.0
+        self._part = 0.0
         self._t0 = self._last = 0.0
 
     def __enter__(self) -> _Bar:
@@ -906,26 +975,37 @@ class _Bar:
             return
         self._last = now
         spent = now - self._t0
-        eta = f"{spent / self._done * (self.total - self._done):.0f} s" if self._done else "?"
+        done = self._progress()
+        eta = f"{spent / done * (self.total - done):.0f} s" if done > 0 else "?"
         self._lines.print(
-            f"{self.label}: {self._done}/{self.total} ({100 * self._done / self.total:.0f}%), "
-            f"{spent:.0f} s elapsed, ETA {eta}",
+            f"{self.label}: {int(self._done)}/{self.total}{self.unit} "
+            f"({100 * done / self.total:.0f}%), {spent:.0f} s elapsed, ETA {eta}",
             highlight=False,
             soft_wrap=True,
         )
 
     def advance(self, n: int) -> None:
-        if self._p is not None:
-            self._p.advance(self._task, n)
-        elif self._lines is not None:
-            self._done += n
-            self._line()
+        """``n`` more models finished."""
+        self._done += n
+        self._show()
 
-    def set(self, n: int) -> None:
+    def partial(self, models: float) -> None:
+        """The running chunk has done ``models`` models' worth of its steps."""
+        self._part = float(models)
+        self._show()
+
+    def set(self, done: int, part: float = 0.0) -> None:
+        """``done`` models finished, ``part`` models' worth of steps in running chunks."""
+        self._done, self._part = float(done), float(part)
+        self._show()
+
+    def _progress(self) -> float:
+        return max(0.0, min(float(self.total), self._done + self._part))
+
+    def _show(self) -> None:
         if self._p is not None:
-            self._p.update(self._task, completed=n)
+            self._p.update(self._task, completed=self._progress())
         elif self._lines is not None:
-            self._done = n
             self._line()
 
 
