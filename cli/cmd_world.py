@@ -414,6 +414,12 @@ def measure_cmd(
     help="Identity only: probability of toggling each transient attribute (beard, glasses, "
     "lipstick, age) per training picture [default: the build profile's, 0.3].",
 )
+@click.option(
+    "--tied/--flags-only",
+    default=None,
+    help="Identity only: toggle the attributes as an edit does (ageing greys the hair; "
+    "the default) or the flags alone (world v1.1's embedder).",
+)
 @click.option("--steps", type=click.IntRange(1), default=None, help="Training steps [build's].")
 @click.option("--batch", type=click.IntRange(1), default=None, help="Batch size [build's].")
 @click.option("--budget", type=click.FloatRange(1.0), default=None, help="Seconds to fit in.")
@@ -424,6 +430,7 @@ def retrain_embedder_cmd(
     world_path: Path | None,
     concept: str,
     vary: float | None,
+    tied: bool | None,
     steps: int | None,
     batch: int | None,
     budget: float | None,
@@ -452,6 +459,7 @@ def retrain_embedder_cmd(
         world_path,
         vary=vary,
         concept=concept,
+        tied=tied,
         steps=steps,
         batch=batch,
         budget_s=budget,

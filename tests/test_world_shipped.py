@@ -363,6 +363,13 @@ def test_retrain_embedder_replaces_only_the_identity_embedder(work: Path, tmp_pa
     # ... and before the tied variation, world v1.1's retrain toggled the flags alone
     assert not _profile_from_log(prof).eval_id_vary_tied
     assert rev["vary_tied"] is True and info["embedder_settings"]["vary_tied"] is True
+    # --flags-only trains world v1.1's way (the attribute flags toggled alone)
+    cmd = ["world", "retrain-embedder", "--world", str(root), "--steps", "2", "--flags-only"]
+    assert CliRunner().invoke(cli, cmd).exit_code == 0
+    last = json.loads((root / "build_log.json").read_text())["revisions"][-1]
+    assert last["vary_tied"] is False
+    settings = json.loads((root / "evaluators.json").read_text())["embedder_settings"]
+    assert settings["vary_tied"] is False
 
 
 def test_retrain_embedder_dog_replaces_only_the_dog_embedder(work: Path, tmp_path: Path) -> None:
@@ -403,8 +410,9 @@ def test_retrain_embedder_refuses_bad_input(work: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--vary" in res.output
     res = CliRunner().invoke(cli, [*cmd, "--concept", "cat"])
     assert res.exit_code == 2 and "--concept" in res.output
-    res = CliRunner().invoke(cli, [*cmd, "--concept", "dog", "--vary", "0.3"])
-    assert res.exit_code == 1 and "identity embedder only" in res.output
+    for extra in (["--vary", "0.3"], ["--flags-only"], ["--tied"]):
+        res = CliRunner().invoke(cli, [*cmd, "--concept", "dog", *extra])
+        assert res.exit_code == 1 and "identity embedder only" in res.output
     assert "Traceback" not in res.output
     if not torch.cuda.is_available():  # one line, not a traceback
         res = CliRunner().invoke(cli, [*cmd, "--device", "cuda"])
