@@ -591,10 +591,31 @@ def retrain_zoo_cmd(
 
 @world_group.command("verify")
 @world_path_option
-def verify_cmd(world_path: Path | None) -> None:
-    """Check every shipped file against the manifest's sha256."""
-    from w2wkit.world.shipped import verify_world
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Finish an interrupted revision (retrain-zoo / retrain-embedder): keep it if it had "
+    "written every file, else put the files back as they were before it.",
+)
+def verify_cmd(world_path: Path | None, repair: bool) -> None:
+    """Check every shipped file against the manifest's sha256.
 
+    \b
+    Examples:
+      w2wkit world verify
+      w2wkit world verify --world ./my-world --repair
+    """
+    from w2wkit.world.shipped import repair_world, verify_world
+
+    if repair:
+        done = repair_world(world_path)
+        console.print(
+            {
+                "none": "no interrupted revision",
+                "kept": "the interrupted revision had written every file: kept",
+                "restored": "the interrupted revision was undone: files restored",
+            }[done]
+        )
     res = verify_world(world_path)
     console.print(f"ok: {res['files']} files, {(res['total_bytes'] or 0) / 1e6:.1f} MB")
 

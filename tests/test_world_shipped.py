@@ -583,3 +583,67 @@ def test_retrain_zoo_refuses_bad_input(work: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, cmd)
     assert res.exit_code == 1 and "heldout.json" in res.output and "Traceback" not in res.output
     assert (root / "loras.safetensors").read_bytes() == stack
+
+
+def test_an_interrupted_revision_is_undone_or_kept(work: Path, tmp_path: Path) -> None:
+    from w2wkit.world.shipped import BACKUP, repair_world, revision, write_manifest
+
+    root = tmp_path / "w"
+    shutil.copytree(work / "shipped", root)
+    names = ["loras.safetensors", "build_log.json", "manifest.json"]
+    original = {n: (root / n).read_bytes() for n in names}
+    # the body raises: every file is put back and the error goes on
+    with pytest.raises(RuntimeError, match="boom"), revision(root, ["loras.safetensors"]):
+        (root / "loras.safetensors").write_bytes(b"half written")
+        (root / "new.txt").write_text("x")
+        raise RuntimeError("boom")
+    assert {n: (root / n).read_bytes() for n in names} == original
+    assert not (root / BACKUP).exists()
+    (root / "new.txt").unlink()
+    # the process dies half-way (the context is entered and never left): every command that
+    # loads the world names the interruption; --repair restores the files as they were
+    cm = revision(root, ["loras.safetensors"])
+    cm.__enter__()
+    (root / "loras.safetensors").write_bytes(b"half written")
+    (root / "build_log.json").write_text("{}")
+    with pytest.raises(W2WError, match="interrupted"):
+        load_world(root)
+    res = CliRunner().invoke(cli, ["world", "verify", "--world", str(root)])
+    assert res.exit_code == 1 and "--repair" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["world", "verify", "--world", str(root), "--repair"])
+    assert res.exit_code == 0 and "restored" in res.output and "ok:" in res.output
+    assert {n: (root / n).read_bytes() for n in names} == original
+    assert not (root / BACKUP).exists()
+    # it dies after writing every file: --repair keeps the revision
+    cm = revision(root, ["labels_dog.csv"])
+    cm.__enter__()
+    (root / "labels_dog.csv").write_text((root / "labels_dog.csv").read_text() + "\n")
+    write_manifest(root)  # (the backup folder is not listed)
+    assert BACKUP not in (root / "manifest.json").read_text()
+    assert repair_world(root) == "kept"
+    assert (root / "labels_dog.csv").read_text().endswith("\n\n")
+    verify_world(root)
+    # a backup cut short (no journal) means nothing was rewritten
+    (root / BACKUP).mkdir()
+    assert repair_world(root) == "none" and not (root / BACKUP).exists()
+    assert repair_world(root) == "none"
+
+
+def test_retrain_zoo_failing_while_writing_leaves_the_world_as_it_was(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import w2wkit.stio
+    from w2wkit.world.zoo_revision import retrain_zoo
+
+    root = tmp_path / "w"
+    shutil.copytree(work / "shipped", root)
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+
+    def fail(*args: object, **kw: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(w2wkit.stio, "write_json", fail)  # the build log, after the stack
+    with pytest.raises(OSError, match="disk full"):
+        retrain_zoo(root, "dog", steps=1, progress=False)
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
+    verify_world(root)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ __all__ = [
     "load_world",
     "pack_world",
     "package_world_dir",
+    "repair_world",
+    "revision",
     "verify_world",
     "world_dir",
     "write_manifest",
@@ -53,6 +56,9 @@ MANIFEST = "manifest.json"
 LORAS = "loras.safetensors"
 STACK_KEY = "w2wkit.world.loras"
 FORMAT = "w2wkit-world/1"
+#: Folder of the files a revision is rewriting, as they were (removed when it ends).
+BACKUP = ".revision-backup"
+JOURNAL = "journal.json"
 
 
 def package_world_dir() -> Path:
@@ -96,7 +102,8 @@ def write_manifest(folder: str | os.PathLike[str], extra: dict[str, Any] | None 
     folder = Path(folder)
     files = {}
     for f in sorted(folder.rglob("*")):
-        if f.is_file() and f.name != MANIFEST and not f.name.startswith("."):
+        parts = f.relative_to(folder).parts
+        if f.is_file() and f.name != MANIFEST and not any(x.startswith(".") for x in parts):
             rel = f.relative_to(folder).as_posix()
             files[rel] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
     old = {}
@@ -128,6 +135,17 @@ def verify_world(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         Naming the first missing or corrupted file.
     """
     root = world_dir(path)
+    if (root / BACKUP / JOURNAL).exists():
+        raise W2WError(
+            "a revision of this world (world retrain-zoo / retrain-embedder) was interrupted",
+            path=root / BACKUP,
+            hint="'w2wkit world verify --repair' keeps it if it had written everything, "
+            "else puts the files back as they were before it",
+        )
+    return _check_hashes(root)
+
+
+def _check_hashes(root: Path) -> dict[str, Any]:
     man = json.loads((root / MANIFEST).read_text())
     for rel, info in man.get("files", {}).items():
         f = root / rel
@@ -140,6 +158,100 @@ def verify_world(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
                 hint="rebuild or restore it (w2wkit world build)",
             )
     return {"files": len(man.get("files", {})), "total_bytes": man.get("total_bytes")}
+
+
+@contextmanager
+def revision(root: str | os.PathLike[str], files: Sequence[str]) -> Iterator[Path]:
+    """Rewrite some of a world's files so that an interruption can be undone.
+
+    Several files change together in a revision (a retrained stack or
+    evaluators, the build log, the manifest), and no file system replaces
+    several files at once. Before the body runs, ``files``, ``build_log.json``
+    and ``manifest.json`` are copied into ``<root>/.revision-backup/`` and a
+    journal listing them is written last. When the body returns the backup is
+    removed; when it raises, the files are put back and the error goes on. When
+    the process dies instead, the backup stays: :func:`verify_world` (and so
+    every command that loads the world) then names the interruption, and
+    :func:`repair_world` (``w2wkit world verify --repair``) finishes it.
+
+    Parameters
+    ----------
+    root : path
+        The world folder.
+    files : sequence of str
+        Paths relative to ``root`` that the body rewrites (besides the build
+        log and the manifest).
+
+    Yields
+    ------
+    pathlib.Path
+        The world folder.
+    """
+    root = Path(root)
+    backup = root / BACKUP
+    if (backup / JOURNAL).exists():
+        raise W2WError(
+            "an earlier revision of this world was interrupted",
+            path=backup,
+            hint="run 'w2wkit world verify --repair' first",
+        )
+    shutil.rmtree(backup, ignore_errors=True)  # a backup cut short: nothing was rewritten
+    names = [*dict.fromkeys([*files, "build_log.json", MANIFEST])]
+    backup.mkdir()
+    existed = [rel for rel in names if (root / rel).exists()]
+    for rel in existed:
+        (backup / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, backup / rel)
+    journal = {"files": names, "existed": existed}
+    (backup / JOURNAL).write_text(json.dumps(journal))  # written last: the backup is complete
+    try:
+        yield root
+    except BaseException:
+        _restore(root)
+        raise
+    shutil.rmtree(backup)
+
+
+def _restore(root: Path) -> None:
+    from w2wkit.stio import atomic_path
+
+    backup = root / BACKUP
+    if not (backup / JOURNAL).exists():  # already finished (e.g. repaired meanwhile)
+        return
+    journal = json.loads((backup / JOURNAL).read_text())
+    for rel in journal["files"]:
+        if rel in journal["existed"]:  # copied back (a restore cut short can run again)
+            with atomic_path(root / rel, overwrite=True) as tmp:
+                shutil.copy2(backup / rel, tmp)
+        elif (root / rel).exists():  # the revision created it
+            (root / rel).unlink()
+    shutil.rmtree(backup)
+
+
+def repair_world(path: str | os.PathLike[str] | None = None) -> str:
+    """Finish what an interrupted :func:`revision` left.
+
+    Returns
+    -------
+    str
+        ``"none"`` (nothing was interrupted), ``"kept"`` (the revision had
+        written everything, its backup was removed) or ``"restored"`` (its
+        files were put back as they were before it).
+    """
+    root = world_dir(path)
+    backup = root / BACKUP
+    if not backup.exists():
+        return "none"
+    if not (backup / JOURNAL).exists():  # interrupted while backing up: nothing was rewritten
+        shutil.rmtree(backup)
+        return "none"
+    try:
+        _check_hashes(root)
+    except W2WError:
+        _restore(root)
+        return "restored"
+    shutil.rmtree(backup)
+    return "kept"
 
 
 class World:

@@ -1001,7 +1001,7 @@ def _retrain_embedder(
         train_embedder,
     )
     from w2wkit.world.renders import default_workers
-    from w2wkit.world.shipped import verify_world, world_dir, write_manifest
+    from w2wkit.world.shipped import revision, verify_world, world_dir, write_manifest
     from w2wkit.world.zoo import pick_device
 
     if concept not in ("identity", "dog"):
@@ -1108,13 +1108,14 @@ def _retrain_embedder(
         info["embedder_settings"] = settings
         with atomic_path(saved / CONFIG, overwrite=True) as tmp:
             Path(tmp).write_text(json.dumps(info, indent=1, default=str))
-        os.replace(saved / WEIGHTS, root / WEIGHTS)
-        os.replace(saved / CONFIG, root / CONFIG)
+        log.setdefault("revisions", []).append(entry)
+        with revision(root, [WEIGHTS, CONFIG]):  # the four files change together, or not at all
+            os.replace(saved / WEIGHTS, root / WEIGHTS)
+            os.replace(saved / CONFIG, root / CONFIG)
+            write_json(log_path, log)
+            write_manifest(root)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    log.setdefault("revisions", []).append(entry)
-    write_json(log_path, log)
-    write_manifest(root)
     return entry
 
 

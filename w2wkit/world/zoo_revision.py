@@ -170,7 +170,14 @@ def _retrain_zoo(
     import torch
 
     from w2wkit.stio import read_safetensors, write_json, write_safetensors
-    from w2wkit.world.shipped import LORAS, STACK_KEY, load_world, verify_world, world_dir
+    from w2wkit.world.shipped import (
+        LORAS,
+        STACK_KEY,
+        load_world,
+        revision,
+        verify_world,
+        world_dir,
+    )
     from w2wkit.world.shipped import write_manifest as write_world_manifest
     from w2wkit.world.worldbuild import _load_stacks, _profile_from_log, _zoo_jobs
     from w2wkit.world.zoo import pick_device, train_zoo, write_start
@@ -318,10 +325,13 @@ def _retrain_zoo(
         "seconds": seconds,
         "models_per_hour": res["models_per_hour"],
     }
-    write_safetensors(root / LORAS, tensors, metadata={STACK_KEY: json.dumps(meta)}, overwrite=True)
     log.setdefault("revisions", []).append(entry)
-    write_json(log_path, log)
-    write_world_manifest(root)
+    with revision(root, [LORAS]):  # the three files change together, or not at all
+        write_safetensors(
+            root / LORAS, tensors, metadata={STACK_KEY: json.dumps(meta)}, overwrite=True
+        )
+        write_json(log_path, log)
+        write_world_manifest(root)
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
     return entry
