@@ -483,18 +483,12 @@ def retrain_embedder_cmd(
 def _recipe_change(entry: dict) -> str:
     """``steps 600 -> 1200`` / ``continued for 1200 steps (2400 in all)`` of a zoo revision."""
     rb, ra = entry.get("recipe_before", {}), entry.get("recipe", {})
+    skip = {"continued_from", "steps"} if entry.get("continued") else {"continued_from"}
+    parts = [f"{k} {rb.get(k)} -> {v}" for k, v in ra.items() if k not in skip and rb.get(k) != v]
     if entry.get("continued"):
-        return (
-            f"continued for {ra.get('steps')} steps ({entry.get('total_steps')} in all)"
-            + "".join(
-                f", {k} {rb.get(k)} -> {v}"
-                for k, v in ra.items()
-                if k not in ("steps", "continued_from") and rb.get(k) != v
-            )
-        )
-    return ", ".join(
-        f"{k} {rb.get(k)} -> {v}" for k, v in ra.items() if k != "continued_from" and rb.get(k) != v
-    )
+        total = entry.get("total_steps")
+        parts.insert(0, f"continued for {ra.get('steps')} steps ({total} in all)")
+    return ", ".join(parts)
 
 
 @world_group.command("retrain-zoo")
