@@ -181,6 +181,29 @@ def test_continued_training_starts_from_the_given_factors(base: Path, tmp_path: 
             progress=False,
             start=tmp_path / "part.safetensors",
         )
+    # the same with worker processes: refused up front, one W2WError naming the model
+    with pytest.raises(W2WError, match=jobs[0].name):
+        train_zoo(
+            base,
+            jobs,
+            tmp_path / "xw",
+            "sks person",
+            one,
+            progress=False,
+            start=tmp_path / "part.safetensors",
+            workers=2,
+        )
+    assert not list((tmp_path / "xw").glob("*.safetensors"))  # refused before any training
+    with pytest.raises(W2WError, match="not a start-factors file"):  # a LoRA file instead
+        train_zoo(
+            base,
+            jobs,
+            tmp_path / "xl",
+            "sks person",
+            one,
+            progress=False,
+            start=tmp_path / "a" / f"{jobs[0].name}.safetensors",
+        )
 
 
 def test_running_chunks_report_their_steps(base: Path, tmp_path: Path) -> None:

@@ -619,6 +619,21 @@ def _read_start(path: str | os.PathLike[str]) -> tuple[dict[str, int], dict[str,
     return rows, stacks
 
 
+def _check_start(path: str, jobs: Sequence[ZooJob]) -> None:
+    """Refuse a start file that lacks one of ``jobs`` (its header only)."""
+    from w2wkit.stio import read_header
+
+    _, meta = read_header(path)
+    try:
+        names = set(json.loads(meta["names"]))
+    except (KeyError, ValueError) as exc:
+        raise W2WError("not a start-factors file (no model names)", path=path) from exc
+    gone = [j.name for j in jobs if j.name not in names]
+    if gone:
+        more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+        raise W2WError(f"the start factors have no model {gone[0]}{more}", path=path)
+
+
 def _write_model(
     adapter: Adapter, path: Path, job: ZooJob, prompt: str, base: str, s: ZooSettings, loss: float
 ) -> None:
@@ -836,6 +851,8 @@ def train_zoo(
     todo = [j for j in jobs if j.name not in done]
     device = pick_device(s.device)
     start = str(start) if start is not None else None
+    if start is not None and todo:  # refuse before training anything, in any worker mode
+        _check_start(start, todo)
     size = _chunk_size(s, device)
     if todo:  # balanced chunks (1100 models at 1024 -> 550 + 550)
         n_chunks = -(-len(todo) // size)
