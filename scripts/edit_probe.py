@@ -90,7 +90,6 @@ def _shrink(effect: np.ndarray, t: np.ndarray) -> np.ndarray:
 def _script_directions(space, labels: dict[str, np.ndarray], attrs: list[str]) -> None:
     """Store ``attr@joint``, ``attr@joint-shrunk`` and ``attr@pattern-shrunk`` in the space."""
     from w2wkit.directions import calibrate
-    from w2wkit.space import Direction
 
     P = np.asarray(space.coefficients_, dtype=np.float64)
     names = list(labels)
@@ -114,15 +113,9 @@ def _script_directions(space, labels: dict[str, np.ndarray], attrs: list[str]) -
         for kind, vec in vectors.items():
             vec = vec / np.linalg.norm(vec)
             mean, std = calibrate(P, vec)
-            space.directions_[f"{attr}@{kind}"] = Direction(
-                name=f"{attr}@{kind}",
-                vector=vec,
-                method=base.method,
-                kind=base.kind,
-                score=base.score,
-                proj_mean=mean,
-                proj_std=std,
-                info=dict(base.info),
+            name = f"{attr}@{kind}"  # the probe's record, another vector and unit
+            space.directions_[name] = replace(
+                base, name=name, vector=vec, proj_mean=mean, proj_std=std, info=dict(base.info)
             )
 
 
