@@ -123,12 +123,10 @@ FRAME_PARAMS = ("glasses_round", "frame_r", "frame_g", "frame_b")
 HAIR_PARAMS = ("hair_r", "hair_g", "hair_b")
 
 
-def _param_directions(space, which: str) -> list[str]:
-    """Fit ``p_<param>`` probes of the zoo's continuous identity parameters; their names."""
+def _param_directions(space, insts: list, which: str) -> list[str]:
+    """Fit ``p_<param>`` probes of the zoo identities' (``insts``) parameters; their names."""
     from w2wkit.directions import fit_directions
-    from w2wkit.evaluate import load_eval_world
 
-    insts = load_eval_world(device="cpu").zoo_instances
     skip = set(FRAME_PARAMS) | (set(HAIR_PARAMS) if which == "nohair" else set())
     table = {
         f"p_{p}": np.array([inst.params[p] for inst in insts], dtype=np.float64)
@@ -139,13 +137,13 @@ def _param_directions(space, which: str) -> list[str]:
     return list(table)
 
 
-def _heldout_models(attr: str, labels: dict[str, np.ndarray], n: int) -> list:
-    """Multi-image DreamBooth LoRAs of the last held-out identities lacking ``attr``."""
-    from w2wkit.baselines import BaselineModels
-    from w2wkit.evaluate import excluded_by, load_eval_world
+def _heldout_models(ew, attr: str, rule: dict[str, float], n: int) -> list:
+    """Multi-image DreamBooth LoRAs of the last held-out identities of ``ew`` lacking ``attr``.
 
-    ew = load_eval_world(device="cpu")
-    rule = excluded_by(labels, attr)
+    Identities holding a value of ``rule`` (:func:`w2wkit.evaluate.excluded_by`) are skipped.
+    """
+    from w2wkit.baselines import BaselineModels
+
     insts = [
         inst
         for inst in ew.heldout[::-1]
@@ -163,7 +161,7 @@ def _heldout_models(attr: str, labels: dict[str, np.ndarray], n: int) -> list:
 def main(argv: list[str] | None = None) -> None:
     from w2wkit.collection import Collection
     from w2wkit.directions import fit_directions
-    from w2wkit.evaluate import _correlated, _edit_disentangled, excluded_by
+    from w2wkit.evaluate import _correlated, _edit_disentangled, excluded_by, load_eval_world
     from w2wkit.labels import read_labels
     from w2wkit.render import Renderer
     from w2wkit.space import WeightSpace
@@ -181,12 +179,15 @@ def main(argv: list[str] | None = None) -> None:
     prompt = w.prompt("identity")
     seeds = [0, 1, 2, 3]
     inputs: dict[str, list] = {}
+    rules: dict[str, dict[str, float]] = {}
+    ew = load_eval_world(device="cpu") if (a.heldout or a.orth_params) else None
     for attr in a.attrs:
+        rule = {} if a.all_models else excluded_by(labels, attr)
+        rules[attr] = rule
         if a.heldout:
-            inputs[attr] = _heldout_models(attr, labels, a.models)
+            inputs[attr] = _heldout_models(ew, attr, rule, a.models)
             continue
         keep = labels[attr] == 0
-        rule = {} if a.all_models else excluded_by(labels, attr)
         for other, v in rule.items():
             keep &= labels[other] != v
         pick = np.random.default_rng(17).choice(np.flatnonzero(keep), a.models, replace=False)
@@ -196,11 +197,13 @@ def main(argv: list[str] | None = None) -> None:
         space = WeightSpace(n_components=k, representation=a.representation, random_state=0)
         space.fit(Collection.from_adapters(zoo, names=names))
         space.set_labels(labels)
+        params = []
+        if a.orth_params:
+            params = _param_directions(space, ew.zoo_instances, a.orth_params)
         for kind in a.kinds:
             fit_directions(space, labels, kind="filter" if kind == "filter" else "pattern", cv=5)
             if kind in SCRIPT_KINDS:
                 _script_directions(space, labels, a.attrs)
-            params = _param_directions(space, a.orth_params) if a.orth_params else []
             for attr in a.attrs:
                 t0 = time.time()
                 toolkit = [d for d in space.directions_ if "@" not in d and d not in params]
@@ -212,19 +215,15 @@ def main(argv: list[str] | None = None) -> None:
                 models, originals = [], []
                 for ad in inputs[attr]:
                     start = ad
-                    if a.project:
+                    if a.project:  # the model's point in the space, its residual dropped
                         start = space.shift(ad, np.zeros(space.n_components_), keep_residual=False)
                     models.append(start)
-                    for st in a.strengths:
-                        if a.project:
-                            edited = space.edit(
-                                ad, {dname: st}, orthogonal_to=others, keep_residual=False
-                            )
-                        else:
-                            edited = _edit_disentangled(
-                                space, ad, dname, st, others, rank=a.rank, energy=a.energy
-                            )[0]
-                        models.append(edited)
+                    models += [
+                        _edit_disentangled(
+                            space, start, dname, st, others, rank=a.rank, energy=a.energy
+                        )[0]
+                        for st in a.strengths
+                    ]
                     originals += [ad] * n_st
                 kw = {"steps": 20, "guidance": 3.0}
                 if a.inject is not None:  # original model while t > inject, edited after
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                         "kind": kind,
                         "models": "heldout" if a.heldout else "zoo",
                         "project": a.project,
-                        "excluded_by": excluded_by(labels, attr) if not a.all_models else {},
+                        "excluded_by": rules[attr],
                         "inject_t": a.inject,
                         "orth_params": a.orth_params,
                         "attr": attr,
