@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import click
+from rich.text import Text
 
 from w2wkit.cli.common import console, err_console, force_option, profile_option
 
@@ -129,7 +130,7 @@ def eval_cmd(
             console.print(
                 f"building a micro world in {folder} (seconds; numbers only show the machinery)"
             )
-            E.build_micro_world(folder, progress=lambda m: console.print(f"[dim]{m}[/]"))
+            E.build_micro_world(folder, progress=lambda m: console.print(m, style="dim"))
         w = E.load_eval_world(folder)
         force = True
     else:
@@ -137,10 +138,10 @@ def eval_cmd(
     console.print(f"evaluating world {w.name} ({len(w.zoo)} models, profile {profile})")
     res = E.run_eval(w, s, out, sections=wanted, overwrite=force)
     for name, c in res["checks"].items():
-        mark = "[green]pass[/]" if c["pass"] else "[red]miss[/]"
         val = c["value"]
         val = f"{val:.3f}" if isinstance(val, float) else str(val)
-        console.print(f"  {name}: {val} (target {c['target']}) {mark}")
+        mark = ("pass", "green") if c["pass"] else ("miss", "red")
+        console.print(Text.assemble(f"  {name}: {val} (target {c['target']}) ", mark))
     console.print(f"report: {out / 'report.html'}")
 
 

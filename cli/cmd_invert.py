@@ -9,8 +9,8 @@ import click
 from w2wkit.cli.common import (
     console,
     device_option,
-    err_console,
     force_option,
+    note,
     output_option,
     space_option,
     torch_dtype_option,
@@ -127,7 +127,7 @@ def invert_cmd(
         mask = [str(m) for m in masks] if len(masks) > 1 else str(masks[0])
 
     def notice(msg: str) -> None:
-        err_console.print(f"[yellow]note:[/] {msg}", markup=True, soft_wrap=True)
+        note(msg)
 
     allow_download = not Path(base).exists()
     pipeline: object = base

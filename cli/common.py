@@ -2,37 +2,144 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from w2wkit.errors import W2WError
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, markup=False)
+err_console = Console(stderr=True, highlight=False, markup=False)
 
 
-def fail(message: str, code: int = 1) -> None:
-    """Print one error line to stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+#: Environment variable that turns on tracebacks, like ``--debug``.
+DEBUG_ENV = "W2WKIT_DEBUG"
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full; free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exceeded; free space or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EEXIST: "it already exists; pass --force to replace it",
+    errno.EACCES: "permission denied; check the file's permissions",
+    errno.EPERM: "operation not permitted; check the file's permissions",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+    errno.ENAMETOOLONG: "the file name is too long",
+    errno.EMFILE: "too many open files",
+}
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one error line to stderr as plain text (never markup) and exit with ``code``."""
+    line = " ".join(str(message).split())
+    err_console.print(Text.assemble(("error:", "bold red"), " ", line), soft_wrap=True)
     sys.exit(code)
 
 
+def note(message: str, style: str = "yellow") -> None:
+    """Print one ``note:`` line to stderr as plain text (never markup)."""
+    err_console.print(Text.assemble(("note:", style), " ", str(message)), soft_wrap=True)
+
+
+def debug_enabled(ctx: click.Context | None = None) -> bool:
+    """Whether tracebacks are wanted (``--debug`` or ``W2WKIT_DEBUG=1``)."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+        return True
+    root = ctx.find_root() if ctx is not None else None
+    return bool(root is not None and (root.obj or {}).get("debug"))
+
+
+def _flag_for(ctx: click.Context, param: str) -> str:
+    """The command-line spelling of the library parameter ``param`` in the invoked command."""
+    group = ctx.command
+    name = ctx.invoked_subcommand
+    cmd = group.get_command(ctx, name) if isinstance(group, click.Group) and name else None
+    commands = [cmd] if cmd is not None else []
+    if isinstance(cmd, click.Group):
+        commands += [cmd.get_command(ctx, n) for n in cmd.list_commands(ctx)]
+    for c in commands:
+        for p in getattr(c, "params", []):
+            if p.name == param and isinstance(p, click.Option):
+                return "/".join(p.opts)
+    return param
+
+
+def error_message(exc: BaseException) -> str | None:
+    """The one line an expected failure prints, or None for an unexpected one.
+
+    Expected: :class:`W2WError`, :class:`OSError` (disk full, read-only,
+    exists, permission, missing), JSON errors, nesting too deep, numbers too
+    large, and running out of memory.
+    """
+    if isinstance(exc, W2WError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else None
+        what = exc.strerror or str(exc) or type(exc).__name__
+        hint = _OS_HINTS.get(exc.errno or -1)
+        text = f"{where}: {what}" if where is not None else what
+        if exc.filename2 is not None:
+            text = f"{where} -> {exc.filename2}: {what}"
+        return f"{text} ({hint})" if hint and hint != what.lower() else text
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON: {exc}"
+    if isinstance(exc, RecursionError):
+        return "the input is nested too deeply to read (a damaged or hostile JSON file?)"
+    if isinstance(exc, OverflowError):
+        return f"a number in the input is too large: {exc}"
+    if isinstance(exc, MemoryError):
+        detail = str(exc).strip()
+        return (
+            "out of memory"
+            + (f" ({detail})" if detail else "")
+            + ("; try a smaller --block-size or the randomized solver")
+        )
+    return None
+
+
+def handle_exception(exc: BaseException, ctx: click.Context | None = None) -> NoReturn:
+    """Turn ``exc`` into one line and exit 1 (130 for Ctrl-C); re-raise with ``--debug``.
+
+    Click's own exceptions (usage errors, ``--help``, exits) pass through.
+    """
+    if isinstance(exc, click.exceptions.ClickException | click.exceptions.Exit | SystemExit):
+        raise exc
+    if isinstance(exc, click.exceptions.Abort | KeyboardInterrupt):
+        fail("interrupted", code=130)
+    debug = debug_enabled(ctx)
+    message = error_message(exc)
+    if isinstance(exc, W2WError) and exc.param is not None and ctx is not None:
+        flag = _flag_for(ctx, exc.param)
+        message = message.replace(f"parameter {exc.param}", f"option {flag}") if message else None
+    if debug:
+        raise exc
+    if message is None:
+        text = " ".join(str(exc).split())[:300]
+        message = f"internal error: {type(exc).__name__}" + (f": {text}" if text else "")
+        message += " (re-run with --debug for the traceback, and please report it)"
+    fail(message)
+
+
 class W2WGroup(click.Group):
-    """A click group that turns :class:`W2WError` into one line and exit 1."""
+    """A click group whose every failure is one plain-text line and exit 1.
+
+    See :func:`handle_exception`; the group's ``--debug`` (or ``W2WKIT_DEBUG=1``)
+    lets tracebacks through.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except W2WError as exc:
-            fail(str(exc))
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
-        except MemoryError:
-            fail("out of memory; try a smaller --block-size or the randomized solver")
+        except BaseException as exc:  # the CLI's one error path
+            handle_exception(exc, ctx)
 
 
 force_option = click.option("--force", is_flag=True, help="Overwrite the output if it exists.")

@@ -23,7 +23,13 @@ COMMAND_MODULES = (
 
 @click.group(cls=W2WGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="w2wkit")
-def cli() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Print the full traceback of an error (also: W2WKIT_DEBUG=1).",
+)
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """w2wkit: treat a folder of LoRAs as a space of models.
 
     \b
@@ -33,8 +39,10 @@ def cli() -> None:
       w2wkit sample -n 4 -o samples/
       w2wkit apply my_lora.safetensors --direction age --strength 1.5 -o older.safetensors
 
-    Every command has --help with examples.
+    Every command has --help with examples. Errors print one line and exit 1;
+    --debug (or W2WKIT_DEBUG=1) shows the traceback.
     """
+    ctx.ensure_object(dict)["debug"] = debug
 
 
 for _mod in COMMAND_MODULES:

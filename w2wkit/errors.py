@@ -32,6 +32,9 @@ class W2WError(Exception):
         The tensor key, module path or field concerned.
     hint : str, optional
         What the user can do about it.
+    param : str, optional
+        The API parameter at fault; the message then says "parameter NAME",
+        which the command line rewrites to the flag that sets it.
     """
 
     def __init__(
@@ -41,8 +44,10 @@ class W2WError(Exception):
         path: str | os.PathLike[str] | None = None,
         key: str | None = None,
         hint: str | None = None,
+        param: str | None = None,
     ) -> None:
         self.message = message
+        self.param = param
         self.path = None if path is None else os.fspath(path)
         self.key = key
         self.hint = hint
@@ -52,6 +57,8 @@ class W2WError(Exception):
         parts = []
         if self.path is not None:
             parts.append(str(self.path))
+        if self.param is not None:
+            parts.append(f"parameter {self.param}")
         if self.key is not None:
             parts.append(f"key '{self.key}'")
         text = ": ".join([*parts, self.message]) if parts else self.message

@@ -996,7 +996,7 @@ class _Eval:
     # ---- shared tools
     def say(self, text: str) -> None:
         if self.p is not None:
-            self.p.console.print(f"[dim]{text}[/]")
+            self.p.console.print(text, style="dim", markup=False)
 
     def task(self, desc: str, total: int) -> Callable[[int, int], None]:
         if self.p is None:
