@@ -14,6 +14,7 @@ from w2wkit.cli.common import (
     console,
     energy_option,
     force_option,
+    note,
     output_option,
     space_option,
     write_format_option,
@@ -283,11 +284,16 @@ def import_w2w_cmd(
       w2wkit import-w2w weights2weights/weights_datasets -o w2w-space --allow-pickle
     """
     from w2wkit.importers.w2w import import_w2w
+    from w2wkit.space import WeightSpace
+    from w2wkit.stio import atomic_path
 
     if out.exists() and not force:
         raise SpaceError("output exists (use --force to overwrite)", path=out)
-    space = import_w2w(folder, allow_pickle=allow_pickle, n_components=components)
-    space.save(out, overwrite=force)
+    space = import_w2w(folder, allow_pickle=allow_pickle, n_components=components, warn=note)
+    with atomic_path(out, overwrite=force) as staged:
+        space.save(staged)
+        # the space users will load, checked with the loader they use, before it is published
+        WeightSpace.load(staged, verify=True)
     console.print(
         f"wrote {out}: {len(space.manifest_)} models, {space.n_components_} components, "
         f"labels: {', '.join(space.labels_ or {}) or '-'}"

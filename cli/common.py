@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -37,9 +38,14 @@ _OS_HINTS = {
 }
 
 
+#: Terminal escape sequences and control characters, removed from every message
+#: (a file name or tensor key must not be able to drive the terminal).
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one error line to stderr as plain text (never markup) and exit with ``code``."""
-    line = " ".join(str(message).split())
+    line = " ".join(_CONTROL.sub("", str(message)).split())
     err_console.print(Text.assemble(("error:", "bold red"), " ", line), soft_wrap=True)
     sys.exit(code)
 
@@ -57,8 +63,13 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
     return bool(root is not None and (root.obj or {}).get("debug"))
 
 
+#: Library parameter -> the click parameter name that sets it, where they differ.
+PARAM_NAMES = {"n_components": "components", "strength": "strength", "edits": "edit"}
+
+
 def _flag_for(ctx: click.Context, param: str) -> str:
     """The command-line spelling of the library parameter ``param`` in the invoked command."""
+    names = {param, PARAM_NAMES.get(param, param)}
     group = ctx.command
     name = ctx.invoked_subcommand
     cmd = group.get_command(ctx, name) if isinstance(group, click.Group) and name else None
@@ -67,7 +78,7 @@ def _flag_for(ctx: click.Context, param: str) -> str:
         commands += [cmd.get_command(ctx, n) for n in cmd.list_commands(ctx)]
     for c in commands:
         for p in getattr(c, "params", []):
-            if p.name == param and isinstance(p, click.Option):
+            if p.name in names and isinstance(p, click.Option):
                 return "/".join(p.opts)
     return param
 

@@ -157,3 +157,106 @@ def test_incomplete_release(tmp_path):
     (tmp_path / "mean.pt").write_bytes(b"")
     with pytest.raises(SpaceError, match=r"missing weight_dimensions\.pt"):
         import_w2w(tmp_path, allow_pickle=True)
+
+
+# --------------------------------------------------------------------- pickles never run code
+
+
+class _Plant:
+    """A pickle payload that would create ``target`` if its code ever ran."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.target!r}, 'w').close()",))
+
+
+def _evil_release(release, tmp_path, name, *, legacy=False):
+    import shutil
+
+    root = tmp_path / "release"
+    shutil.copytree(release[0], root)
+    target = tmp_path / "PWNED"
+    payload = {"Male": _Plant(target)} if name == "identity_df.pt" else _Plant(target)
+    torch.save(payload, root / name, _use_new_zipfile_serialization=not legacy)
+    return root, target
+
+
+@pytest.mark.parametrize(
+    "name", ["weight_dimensions.pt", "mean.pt", "V.pt", "proj_1000pc.pt", "all_weights.pt"]
+)
+@pytest.mark.parametrize("legacy", [False, True])
+def test_crafted_release_pickle_never_runs(release, tmp_path, name, legacy):
+    from click.testing import CliRunner
+
+    from w2wkit.cli.main import cli
+
+    root, target = _evil_release(release, tmp_path, name, legacy=legacy)
+    res = CliRunner().invoke(
+        cli, ["import-w2w", str(root), "-o", str(tmp_path / "space"), "--allow-pickle"]
+    )
+    assert res.exit_code == 1, res.output
+    assert not target.exists()
+    assert not (tmp_path / "space").exists()
+    line = res.stderr.strip()
+    assert "\n" not in line and name in line and "weights_only" in line
+    assert "exec" in line  # says what the pickle names
+
+
+def test_crafted_label_table_is_skipped_not_loaded(release, tmp_path):
+    from click.testing import CliRunner
+
+    from w2wkit.cli.main import cli
+
+    root, target = _evil_release(release, tmp_path, "identity_df.pt")
+    res = CliRunner().invoke(
+        cli, ["import-w2w", str(root), "-o", str(tmp_path / "space"), "--allow-pickle"]
+    )
+    assert res.exit_code == 0, res.output
+    assert not target.exists()
+    assert "labels skipped" in res.stderr and "builtins.exec" in res.stderr
+    assert WeightSpace.load(tmp_path / "space").labels_ is None
+
+
+def test_label_dataframe_loads_through_the_allow_list(release, tmp_path):
+    pd = pytest.importorskip("pandas")
+    import shutil
+
+    root = tmp_path / "release"
+    shutil.copytree(release[0], root)
+    male = np.where(np.arange(N) % 3 == 0, 1, -1)
+    df = pd.DataFrame(
+        {"Male": male, "Age": np.linspace(20, 60, N), "name": [f"p{i}" for i in range(N)]}
+    )
+    torch.save(df, root / "identity_df.pt")
+    space = import_w2w(root, allow_pickle=True)
+    np.testing.assert_array_equal(space.labels_["Male"], (male + 1) / 2)
+    np.testing.assert_allclose(space.labels_["Age"], np.linspace(20, 60, N))
+    assert space.manifest_[4]["name"] == "p4"
+
+
+@pytest.mark.parametrize("k", ["-2", "0"])
+def test_import_refuses_bad_component_counts(release, tmp_path, k):
+    from click.testing import CliRunner
+
+    from w2wkit.cli.main import cli
+
+    out = tmp_path / "space"
+    res = CliRunner().invoke(
+        cli, ["import-w2w", str(release[0]), "-o", str(out), "--allow-pickle", "-k", k]
+    )
+    assert res.exit_code == 1 and not out.exists()
+    assert "-k/--components" in res.stderr and k in res.stderr
+
+
+def test_import_refuses_non_finite_projections(release, tmp_path):
+    import shutil
+
+    root = tmp_path / "release"
+    shutil.copytree(release[0], root)
+    proj = torch.load(root / "proj_1000pc.pt")
+    proj[3, 1] = float("nan")
+    torch.save(proj, root / "proj_1000pc.pt")
+    with pytest.raises(SpaceError, match=r"proj_1000pc\.pt.*NaN"):
+        import_w2w(root, allow_pickle=True)

@@ -31,7 +31,6 @@ caller must opt in with ``allow_pickle=True``):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.errors import FormatError, SpaceError
+from w2wkit.jsonio import as_float, as_int, field, read_json
 from w2wkit.layout import WeightLayout
 
 __all__ = ["REQUIRED", "import_w2w", "parse_release_key"]
@@ -78,21 +78,140 @@ def parse_release_key(key: str) -> tuple[str, str]:
     raise FormatError("not a LoRA key of the weights2weights release", key=key)
 
 
-def _load(path: Path, *, tensors_only: bool = True, mmap: bool = False) -> Any:
+#: The only globals a label table may name (exact dotted names): the classes and
+#: rebuild helpers of a pandas DataFrame/Series of numbers and strings, across
+#: pandas 1.x-3.x and numpy 1.x/2.x. Nothing here runs code or touches files.
+LABEL_TABLE_GLOBALS = frozenset(
+    {
+        "builtins.slice",
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "pandas.DataFrame",
+        "pandas.Series",
+        "pandas.Index",
+        "pandas.RangeIndex",
+        "pandas.StringDtype",
+        "pandas.arrays.StringArray",
+        "pandas.core.frame.DataFrame",
+        "pandas.core.series.Series",
+        "pandas.core.indexes.base.Index",
+        "pandas.core.indexes.base._new_Index",
+        "pandas.core.indexes.range.RangeIndex",
+        "pandas.core.indexes.numeric.Int64Index",
+        "pandas.core.indexes.numeric.Float64Index",
+        "pandas.core.internals.managers.BlockManager",
+        "pandas.core.internals.managers.SingleBlockManager",
+        "pandas.core.internals.blocks.new_block",
+        "pandas.core.arrays.string_.StringDtype",
+        "pandas.core.arrays.string_.StringArray",
+        "pandas._libs.internals._unpickle_block",
+        "pandas._libs.arrays.__pyx_unpickle_NDArrayBacked",
+    }
+)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _load(path: Path, *, mmap: bool = False) -> Any:
+    """Tensors (and containers of them) from a torch pickle, never running its code.
+
+    Always ``torch.load(weights_only=True)``: a pickle that names anything but
+    tensors, numbers, strings and containers is refused with one line.
+    """
     import torch  # lazy
 
+    _regular_file(path)
     try:
-        if tensors_only:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception:
-        if mmap:
-            return _load(path, tensors_only=tensors_only, mmap=False)
-        if tensors_only and path.name != "identity_df.pt":
-            raise FormatError("cannot load as tensors (weights_only=True)", path=path) from None
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # torch raises many types for bad or unsafe pickles
+        if mmap:  # old (non-zip) pickles cannot be memory-mapped
+            return _load(path, mmap=False)
+        reason = " ".join(_ANSI.sub("", str(exc)).split())
+        unsafe = _unsafe_globals(path) or sorted(set(re.findall(r"GLOBAL ([\w.]+)", reason)))
+        if unsafe:
+            reason = f"it names code objects ({', '.join(unsafe[:4])})"
+        raise FormatError(
+            f"cannot load safely as tensors (weights_only=True): {reason[:200]}",
+            path=path,
+            hint="w2wkit never loads pickles unsafely",
+        ) from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a torch pickle names beyond torch's own safe set (read, never run)."""
+    import torch
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise FormatError(f"cannot load pickle: {exc}", path=path) from None
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a readable checkpoint at all
+        return []
+
+
+def _resolve(name: str) -> Any:
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    obj: Any = importlib.import_module(module)
+    return getattr(obj, attr)
+
+
+def _load_label_table(path: Path, warn: Callable[[str], None]) -> Any | None:
+    """The release's label table, loaded with :data:`LABEL_TABLE_GLOBALS` allowed only.
+
+    Returns None (after ``warn``) when it cannot be read that way; it is never
+    loaded unsafely.
+    """
+    import torch
+
+    _regular_file(path)
+    names = _unsafe_globals(path)
+    foreign = [n for n in names if n not in LABEL_TABLE_GLOBALS]
+    if foreign:
+        warn(
+            f"{path}: labels skipped: the table names objects outside the label-table "
+            f"allow-list ({', '.join(foreign[:4])}); it was not loaded"
+        )
+        return None
+    try:
+        allowed = [_resolve(n) for n in names] + _numpy_dtype_classes()
+    except (ImportError, AttributeError) as exc:
+        warn(f"{path}: labels skipped: the table needs {exc.name or exc} (install pandas?)")
+        return None
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad or unsafe pickles
+        reason = " ".join(_ANSI.sub("", str(exc)).split())[:160]
+        warn(f"{path}: labels skipped: cannot load safely ({reason})")
+        return None
+
+
+def _numpy_dtype_classes() -> list[type]:
+    """numpy's dtype classes of numbers, booleans, strings and objects (numpy >= 1.25)."""
+    return [type(np.dtype(c)) for c in "?bhilqBHILQefdgOUS"]
+
+
+def _regular_file(path: Path) -> None:
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise FormatError(f"cannot read file: {exc.strerror or exc}", path=path) from None
+    if not stat.S_ISREG(mode):
+        raise FormatError("not a regular file (a pipe, device or socket?)", path=path)
+
+
+def _finite_rows(weights: np.ndarray) -> bool:
+    """Whether a (possibly memory-mapped) ``(N, d)`` matrix is finite, read in blocks."""
+    block = max(1, (64 << 20) // max(1, 4 * weights.shape[1]))
+    return all(
+        bool(np.isfinite(weights[s0 : s0 + block]).all())
+        for s0 in range(0, weights.shape[0], block)
+    )
 
 
 def _np(obj: Any, path: Path) -> np.ndarray:
@@ -123,8 +242,13 @@ def _numel_shape(value: Any, key: str, path: Path) -> tuple[int, tuple[int, ...]
     return numel, shape
 
 
-def _labels(obj: Any, n: int, path: Path) -> tuple[dict[str, np.ndarray], list[str] | None]:
-    """Numeric columns of a DataFrame or dict as ``(N,)`` float64 labels."""
+def _labels(
+    obj: Any, n: int, path: Path, warn: Callable[[str], None] | None = None
+) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """Numeric columns of a DataFrame or dict as ``(N,)`` float64 labels.
+
+    NaN marks a missing value; a column holding infinities is skipped (``warn``).
+    """
     columns: dict[str, Any]
     names = None
     if hasattr(obj, "columns") and hasattr(obj, "to_dict"):  # pandas DataFrame
@@ -149,6 +273,10 @@ def _labels(obj: Any, n: int, path: Path) -> tuple[dict[str, np.ndarray], list[s
         if arr.dtype.kind not in "biuf":
             continue
         vals64 = arr.astype(np.float64)
+        if np.isinf(vals64).any():
+            if warn is not None:
+                warn(f"{path}: label column {col!r} skipped: it holds infinite values")
+            continue
         finite = vals64[np.isfinite(vals64)]
         if finite.size and set(np.unique(finite)) <= {-1.0, 1.0}:
             vals64 = np.where(np.isfinite(vals64), (vals64 + 1) / 2, np.nan)
@@ -162,6 +290,7 @@ def import_w2w(
     allow_pickle: bool = False,
     n_components: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Any:
     """Build a :class:`~w2wkit.space.WeightSpace` from the official release.
 
@@ -176,6 +305,9 @@ def import_w2w(
         all of ``V``).
     progress : callable, optional
         ``progress(stage, done, total)``.
+    warn : callable, optional
+        ``warn(message)`` for what is skipped (a label table that cannot be
+        loaded safely); default :func:`warnings.warn`.
 
     Returns
     -------
@@ -188,12 +320,26 @@ def import_w2w(
     Raises
     ------
     SpaceError
-        Without ``allow_pickle``, for missing files or inconsistent shapes.
+        Without ``allow_pickle``, for missing files, inconsistent shapes or
+        non-finite values.
+    FormatError
+        For a file that cannot be loaded as tensors with ``weights_only=True``
+        (every pickle is loaded that way; none is ever loaded unsafely).
     """
     from w2wkit.collection import file_sha256
     from w2wkit.space import WeightSpace
 
     root = Path(folder)
+    if warn is None:
+        import warnings
+
+        def warn(message: str) -> None:
+            warnings.warn(message, stacklevel=3)
+
+    if n_components is not None and (
+        isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1
+    ):
+        raise SpaceError(f"must be a whole number >= 1, got {n_components!r}", param="n_components")
     if not allow_pickle:
         raise SpaceError(
             "the weights2weights release is made of pickles, which can run code when loaded",
@@ -205,12 +351,18 @@ def import_w2w(
     missing = [f for f in REQUIRED if not (root / f).is_file()]
     if missing:
         raise SpaceError(f"not a weights2weights release: missing {', '.join(missing)}", path=root)
-    try:
-        config = json.loads((root / "adapter_config.json").read_text())
-        rank = int(config["r"])
-        alpha = float(config.get("lora_alpha", rank))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise SpaceError(f"adapter_config.json is unusable ({exc})", path=root) from None
+    cfg_path = root / "adapter_config.json"
+    config = read_json(cfg_path, error=SpaceError)
+    rank = as_int(
+        field(config, "r", (int, float), path=cfg_path, error=SpaceError),
+        path=cfg_path,
+        key="r",
+        error=SpaceError,
+        minimum=1,
+    )
+    alpha = as_float(
+        config.get("lora_alpha", rank), path=cfg_path, key="lora_alpha", error=SpaceError
+    )
 
     dims_path = root / "weight_dimensions.pt"
     dims = _load(dims_path)
@@ -261,13 +413,23 @@ def import_w2w(
             raise SpaceError(
                 f"all_weights.pt has shape {list(weights.shape)}, expected (N, {d})", path=root
             )
+    if proj is not None and (proj.ndim != 2 or not np.isfinite(proj).all()):
+        raise SpaceError(
+            "proj_1000pc.pt must be a finite (N, K) matrix"
+            + ("" if proj.ndim != 2 else " (it holds NaN/Inf values)"),
+            path=root / "proj_1000pc.pt",
+        )
+    if weights is not None and not _finite_rows(weights):
+        raise SpaceError("all_weights.pt holds NaN/Inf values", path=root / "all_weights.pt")
     if proj is None and weights is None:
         raise SpaceError(
             "need proj_1000pc.pt or all_weights.pt for the training coefficients", path=root
         )
     k = n_components or (proj.shape[1] if proj is not None else v.shape[1])
     if k > v.shape[1]:
-        raise SpaceError(f"n_components={k} exceeds the {v.shape[1]} columns of V.pt", path=root)
+        raise SpaceError(
+            f"{k} exceeds the {v.shape[1]} columns of V.pt", path=root, param="n_components"
+        )
 
     # negative std entries (the release's bug): move the sign into the components
     sign = np.where(std < 0, -1.0, 1.0)
@@ -304,8 +466,11 @@ def import_w2w(
 
     labels: dict[str, np.ndarray] | None = None
     names = [f"w2w_{i:05d}" for i in range(n)]
-    if (root / "identity_df.pt").is_file():
-        lab, idx_names = _labels(_load(root / "identity_df.pt"), n, root / "identity_df.pt")
+    table = None
+    if (root / "identity_df.pt").exists():
+        table = _load_label_table(root / "identity_df.pt", warn)
+    if table is not None:
+        lab, idx_names = _labels(table, n, root / "identity_df.pt", warn)
         labels = lab or None
         if idx_names and len(set(idx_names)) == n:
             names = idx_names

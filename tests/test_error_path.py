@@ -1,0 +1,117 @@
+"""The command line's one error path: one plain-text line and exit 1, whatever fails."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import pytest
+from _spacehelpers import random_models
+from click.testing import CliRunner
+
+from w2wkit.cli.main import cli
+from w2wkit.formats import write_adapter
+
+
+def _invoke(args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def _one_line(res):
+    assert res.exit_code == 1, (res.exit_code, res.output, res.exception)
+    text = res.stderr.strip()
+    assert text.startswith("error: ") and "\n" not in text, text
+    assert "Traceback" not in res.output
+    return text
+
+
+@pytest.fixture
+def lora(tmp_path):
+    return write_adapter(random_models(1, seed=0)[0], tmp_path / "m.safetensors", format="kohya")
+
+
+@pytest.mark.parametrize("name", ["x[/b]y.safetensors", "[bold]a[/bold].safetensors", "[red]"])
+def test_markup_in_names_is_printed_as_text(tmp_path, name):
+    bad = tmp_path / name
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(b"not a safetensors file at all")
+    text = _one_line(_invoke(["inspect", bad]))
+    assert name in text  # nothing swallowed as markup, nothing crashed
+
+
+def test_control_characters_never_reach_the_terminal(tmp_path):
+    bad = tmp_path / "evil\x1b[2Jname.safetensors"
+    bad.write_bytes(b"junk")
+    text = _one_line(_invoke(["inspect", bad]))
+    assert "\x1b" not in text and "evilname" in text.replace("[2J", "")
+
+
+def _explode(*_a, **_k):
+    raise RuntimeError("a bug [/b] in w2wkit")
+
+
+def test_unexpected_error_is_one_line_without_debug(monkeypatch, lora):
+    import w2wkit.cli.cmd_formats as mod
+
+    monkeypatch.setattr(mod, "summarize", _explode)
+    text = _one_line(_invoke(["inspect", lora]))
+    assert "internal error: RuntimeError: a bug [/b] in w2wkit" in text
+    assert "re-run with --debug" in text
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(monkeypatch, lora, how):
+    import w2wkit.cli.cmd_formats as mod
+
+    monkeypatch.setattr(mod, "summarize", _explode)
+    if how == "flag":
+        res = _invoke(["--debug", "inspect", lora])
+    else:
+        res = _invoke(["inspect", lora], env={"W2WKIT_DEBUG": "1"})
+    assert isinstance(res.exception, RuntimeError)  # re-raised, so a traceback prints
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (errno.ENOSPC, "disk is full"),
+        (errno.EROFS, "read-only"),
+        (errno.EACCES, "permission"),
+        (errno.EEXIST, "--force"),
+    ],
+)
+def test_os_errors_while_writing_are_one_line(monkeypatch, tmp_path, lora, code, words):
+    import os
+
+    import w2wkit.formats.kohya as kohya
+
+    def failing(*_a, **_k):
+        raise OSError(code, os.strerror(code), str(tmp_path / "out.safetensors"))
+
+    monkeypatch.setattr(kohya, "write_safetensors", failing)
+    text = _one_line(
+        _invoke(["convert", lora, "--to", "kohya", "-o", tmp_path / "out.safetensors"])
+    )
+    assert "out.safetensors" in text and words in text
+
+
+def test_output_under_a_file_is_one_line(tmp_path, lora):
+    text = _one_line(_invoke(["convert", lora, "--to", "kohya", "-o", lora / "out.safetensors"]))
+    assert "m.safetensors" in text
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    """The installed entry point, in its own process: one line on stderr, exit 1."""
+    bad = tmp_path / "a[/b].safetensors"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x00" * 7)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from w2wkit.cli.main import main; main()", "inspect", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "a[/b].safetensors" in proc.stderr
+    assert "Traceback" not in proc.stderr
