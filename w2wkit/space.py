@@ -934,7 +934,7 @@ class WeightSpace:
         return save_space(self, Path(path), overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, verify: bool = False) -> WeightSpace:
+    def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> WeightSpace:
         """Load a saved space (arrays memory-mapped when large).
 
         Parameters
@@ -942,7 +942,9 @@ class WeightSpace:
         path : str or os.PathLike
             The space folder (or its ``space.json``).
         verify : bool
-            Also check the SHA-256 of the arrays file.
+            Check the SHA-256 of the arrays file against the one recorded in
+            ``space.json`` (default; hashing costs about as much as reading
+            the file once). ``False`` skips it (the CLI's ``--no-verify``).
 
         Raises
         ------
