@@ -43,6 +43,7 @@ def _load(path: Path, no_verify: bool = False):
 @click.option(
     "-k",
     "--components",
+    "n_components",
     type=int,
     default=1000,
     show_default=True,
@@ -71,7 +72,7 @@ def _load(path: Path, no_verify: bool = False):
 def fit_cmd(
     source: Path,
     out: Path,
-    components: int,
+    n_components: int,
     representation: str,
     solver: str,
     labels: Path | None,
@@ -94,10 +95,10 @@ def fit_cmd(
     if out.exists() and not force:
         raise SpaceError("output exists (use --force to overwrite)", path=out)
     coll = Collection(source, allow_pickle=allow_pickle)
-    k = components
-    default_k = click.get_current_context().get_parameter_source("components")
+    k = n_components
+    default_k = click.get_current_context().get_parameter_source("n_components")
     if default_k == click.core.ParameterSource.DEFAULT:
-        k = max(1, min(components, len(coll) - 1))
+        k = max(1, min(n_components, len(coll) - 1))
     space = WeightSpace(
         k,
         representation=representation,
