@@ -422,6 +422,13 @@ class WeightSpace:
                 arr = np.asarray(vals, dtype=np.float64).reshape(-1)
                 if arr.shape != (n,):
                     raise SpaceError(f"labels for {key!r} have {arr.size} values, need {n}")
+                if np.isinf(arr).any():
+                    row = int(np.flatnonzero(np.isinf(arr))[0])
+                    raise SpaceError(
+                        f"label {key!r} of model {row} is {arr[row]} (NaN marks a missing "
+                        "label; infinite values are refused)",
+                        param="labels",
+                    )
                 out[str(key)] = arr
             self.labels_ = out
         else:
