@@ -17,6 +17,14 @@ sha256, row per training model), ``labels`` (attribute names), ``directions``
 the expected shape of every array), ``source`` (extra provenance, e.g. of an
 imported release).
 
+Loading (:func:`load_space`) reads ``space.json`` strictly (no ``Infinity``,
+no numbers overflowing a float, at most 64 levels of nesting; a ``NaN`` reads
+as ``null``), checks the type of every field it uses, refuses file names that
+leave the folder (``../x``, absolute paths, links leading out) and, unless
+``verify=False`` (the CLI's ``--no-verify``), compares the SHA-256 of
+``arrays.safetensors`` with the one recorded here. Every failure is one
+:class:`~w2wkit.errors.SpaceError` naming the file and the key.
+
 ``w2wkit directions`` adds or replaces directions without rewriting the space:
 ``directions.json`` (format ``w2wkit-space-directions``, version 1: the
 SHA-256 of the space's ``arrays.safetensors`` it belongs to, the file name,
@@ -225,9 +233,7 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
     return path / DIRECTIONS_JSON
 
 
-def _load_directions(
-    path: Path, space_sha: str, k: int, read_safetensors, Direction, verify: bool
-) -> dict:
+def _load_directions(path: Path, space_sha: str, k: int, read_safetensors, Direction) -> dict:
     """The directions of the side file of ``path`` (see :func:`save_directions`)."""
     jpath = path / DIRECTIONS_JSON
     meta = _read_described_json(jpath, DIRECTIONS_FORMAT, "a w2wkit directions file")
@@ -350,12 +356,16 @@ class _Fields:
         return self.get(obj, key, str, where, default)
 
     def mapping(self, obj: dict, key: str, where: str = "", default=...) -> dict:
-        value = self.get(obj, key, (dict, type(None)), where, default)
-        return {} if value is None else value
+        """An object; ``null`` reads as ``{}``."""
+        if key in obj and obj[key] is None:
+            return {}
+        return self.get(obj, key, dict, where, default)
 
     def items(self, obj: dict, key: str, where: str = "", default=...) -> list:
-        value = self.get(obj, key, (list, type(None)), where, default)
-        return [] if value is None else value
+        """A list; ``null`` reads as ``[]``."""
+        if key in obj and obj[key] is None:
+            return []
+        return self.get(obj, key, list, where, default)
 
     def integer(
         self, obj: dict, key: str, where: str = "", default=..., minimum: int | None = None
@@ -672,7 +682,7 @@ def _build(
         vec = arrays[f"direction.{name}"]
         space.directions_[name] = _direction(get, name, dm, vec, Direction, "directions")
     if (path / DIRECTIONS_JSON).is_file():
-        space.directions_ = _load_directions(path, sha, k, read_safetensors, Direction, verify)
+        space.directions_ = _load_directions(path, sha, k, read_safetensors, Direction)
     for key, val in arrays.items():
         if val.dtype.kind == "f" and not key.startswith("labels.") and not np.isfinite(val).all():
             raise SpaceError("array holds NaN or Inf values", path=f, key=key)
