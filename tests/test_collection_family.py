@@ -23,7 +23,11 @@ SD1_ONLY = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (
 SDXL_ONLY = {"unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": (640, 640)}
 
 
-def _adapter(shapes, seed):
+#: What kohya-ss records in an SD1.5 LoRA.
+SD1_META = {"ss_base_model_version": "sd_v1"}
+
+
+def _adapter(shapes, seed, metadata=None):
     rng = np.random.default_rng(seed)
     return Adapter(
         {
@@ -33,7 +37,8 @@ def _adapter(shapes, seed):
                 alpha=1.0,
             )
             for m, (o, i) in shapes.items()
-        }
+        },
+        dict(metadata or {}),
     )
 
 
@@ -64,14 +69,18 @@ def test_an_sgm_named_file_is_sdxl(tmp_path):
     assert set(ad.layers) == set(SHARED)  # the same canonical paths as an SD1 file
     assert model_family(ad, f) == "sdxl"
     g = tmp_path / "sd1.safetensors"
-    write_adapter(_adapter(SHARED, 1), g, format="kohya")
+    write_adapter(_adapter(SHARED, 1, SD1_META), g, format="kohya")
     assert model_family(read_adapter(g), g) == "sd1"
+    h = tmp_path / "plain.safetensors"  # nothing tells: it conflicts with neither
+    write_adapter(_adapter(SHARED, 2), h, format="kohya")
+    assert model_family(read_adapter(h), h) == "sd1 or sdxl"
 
 
 @pytest.mark.parametrize("representation", ["factors", "delta"])
 def test_sd1_and_aliased_sdxl_files_are_not_fitted_together(tmp_path, representation):
     for i in range(3):
-        write_adapter(_adapter(SHARED, i), tmp_path / f"sd1_{i}.safetensors", format="kohya")
+        ad = _adapter(SHARED, i, SD1_META)
+        write_adapter(ad, tmp_path / f"sd1_{i}.safetensors", format="kohya")
     for i in range(2):
         _write_sgm(_adapter(SHARED, 10 + i), tmp_path / f"xl_{i}.safetensors")
     with pytest.raises(LayoutError) as info:
@@ -88,9 +97,13 @@ def test_sd1_and_sdxl_modules_are_not_mixed_in_a_delta_space():
         WeightSpace(2, representation="delta").fit(models)
 
 
-def test_one_family_and_unknown_models_still_fit():
+def test_one_family_and_undecided_models_still_fit(tmp_path):
     from _spacehelpers import random_models
 
-    WeightSpace(2, representation="delta").fit(random_models(4, seed=0))
-    models = [_adapter(SHARED, i) for i in range(4)]
+    WeightSpace(2, representation="delta").fit(random_models(4, seed=0))  # unknown family
+    models = [_adapter(SHARED, i) for i in range(4)]  # could be either
     assert WeightSpace(2).fit(models).n_components_ == 2
+    for i in range(2):  # SDXL files, one of them written without sgm names
+        write_adapter(_adapter(SHARED, i), tmp_path / f"plain_{i}.safetensors", format="kohya")
+        _write_sgm(_adapter(SHARED, 5 + i), tmp_path / f"xl_{i}.safetensors")
+    assert WeightSpace(2).fit(Collection(tmp_path)).n_components_ == 2

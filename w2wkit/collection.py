@@ -93,14 +93,27 @@ def _refuse_empty_layers(ad: Adapter, where: str | os.PathLike[str]) -> None:
 
 
 def model_family(ad: Adapter, path: str | os.PathLike[str] | None = None) -> str:
-    """The base model family of ``ad`` (``"sd1"``, ``"sdxl"`` or ``"unknown"``).
+    """The base model family of ``ad``, as far as it can be told.
 
     Uses the modules' names and delta shapes, the file's metadata and, for a
     kohya ``.safetensors`` file ``path``, whether its UNet keys use sgm block
     names (see :func:`w2wkit.names.guess_family`).
-    """
-    from w2wkit.names import guess_family, kohya_uses_sgm
 
+    Returns
+    -------
+    str
+        ``"sd1"`` or ``"sdxl"``; ``"sd1 or sdxl"`` when every module (and
+        shape) exists in both and nothing else tells them apart; ``"unknown"``
+        when the modules fit neither (e.g. a small test model).
+    """
+    from w2wkit.names import families_fitting, kohya_uses_sgm, metadata_family, sdxl_evidence
+
+    shapes = {m: tuple(layer.delta_shape) for m, layer in ad.items()}
+    fits = families_fitting(shapes)
+    if not fits:
+        return "unknown"
+    if len(fits) == 1:
+        return next(iter(fits))
     sgm = False
     if path is not None and Path(path).suffix.lower() == ".safetensors" and ad.format == "kohya":
         from w2wkit.stio import read_header
@@ -109,8 +122,11 @@ def model_family(ad: Adapter, path: str | os.PathLike[str] | None = None) -> str
             sgm = kohya_uses_sgm(read_header(path)[0])
         except (FormatError, OSError):
             sgm = False
-    shapes = {m: tuple(layer.delta_shape) for m, layer in ad.items()}
-    return guess_family(shapes, sgm_names=sgm, metadata=ad.metadata)
+    if sdxl_evidence(shapes, sgm_names=sgm, metadata=ad.metadata):
+        return "sdxl"
+    if metadata_family(ad.metadata) == "sd1":
+        return "sd1"
+    return "sd1 or sdxl"
 
 
 def _model_names(files: Sequence[Path]) -> list[str]:
@@ -373,7 +389,7 @@ class Collection:
         LayoutError
             Listing each family with its number of models and an example.
         """
-        known = {f for f in self.families if f != "unknown"}
+        known = {f for f in self.families if f in ("sd1", "sdxl")}
         if len(known) < 2:
             return
         groups: dict[str, list[str]] = {}

@@ -42,6 +42,7 @@ __all__ = [
     "SGM_TOP_LEVEL",
     "derive_module_tables",
     "diffusers_to_sgm",
+    "families_fitting",
     "guess_family",
     "is_kohya_name",
     "kohya_to_module",
@@ -51,6 +52,7 @@ __all__ = [
     "module_shape",
     "module_table",
     "module_to_kohya",
+    "sdxl_evidence",
     "sgm_to_diffusers",
     "split_segments",
     "vocabulary",
@@ -221,10 +223,32 @@ def guess_family(
         ``"unknown"`` otherwise (for example a tiny test model). Names
         common to both families with no other evidence resolve to ``"sd1"``.
     """
+    fits = families_fitting(module_paths)
+    sd1, sdxl = "sd1" in fits, "sdxl" in fits
+    if sdxl and (not sd1 or sdxl_evidence(module_paths, sgm_names=sgm_names, metadata=metadata)):
+        return "sdxl"
+    if sd1:
+        return "sd1"
+    return "unknown"
+
+
+def families_fitting(module_paths: Iterable[str] | Mapping[str, Sequence[int]]) -> set[str]:
+    """The families whose full-size model has every module (with that shape, when given).
+
+    Parameters
+    ----------
+    module_paths : iterable of str, or mapping of str to shape
+        As for :func:`guess_family`.
+
+    Returns
+    -------
+    set of str
+        A subset of :data:`FAMILIES`; empty for no modules.
+    """
     shapes = dict(module_paths) if isinstance(module_paths, Mapping) else None
     paths = list(shapes) if shapes is not None else list(module_paths)
     if not paths:
-        return "unknown"
+        return set()
     tables = load_module_tables()
 
     def fits(fam: str) -> bool:
@@ -239,14 +263,23 @@ def guess_family(
                     return False
         return True
 
-    sd1, sdxl = fits("sd1"), fits("sdxl")
-    hint = metadata_family(metadata or {})
-    has_te2 = any(p.startswith("text_encoder_2.") for p in paths)
-    if sdxl and (has_te2 or sgm_names or hint == "sdxl" or not sd1):
-        return "sdxl"
-    if sd1:
-        return "sd1"
-    return "unknown"
+    return {fam for fam in FAMILIES if fam in tables and fits(fam)}
+
+
+def sdxl_evidence(
+    module_paths: Iterable[str] | Mapping[str, Sequence[int]],
+    *,
+    sgm_names: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> bool:
+    """Whether anything besides the module table says SDXL.
+
+    ``text_encoder_2`` modules, sgm UNet names (see :func:`kohya_uses_sgm`) or
+    SDXL training metadata (see :func:`metadata_family`).
+    """
+    paths = list(module_paths)
+    has_te2 = any(str(p).startswith("text_encoder_2.") for p in paths)
+    return has_te2 or sgm_names or metadata_family(metadata or {}) == "sdxl"
 
 
 def metadata_family(metadata: Mapping[str, str]) -> str | None:
