@@ -11,6 +11,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from w2wkit.cli.cmd_space import no_verify_option
 from w2wkit.cli.common import (
     DEFAULT_SPACE,
     DTYPES,
@@ -28,7 +29,7 @@ from w2wkit.errors import DirectionError, FormatError, SpaceError
 WRITE_FORMATS = ("kohya", "diffusers", "peft")
 
 
-def _load_space(path: Path | None):
+def _load_space(path: Path | None, no_verify: bool = False):
     from w2wkit.space import WeightSpace
 
     p = Path(path) if path is not None else Path(DEFAULT_SPACE)
@@ -39,7 +40,7 @@ def _load_space(path: Path | None):
                 hint="run `w2wkit fit DIR` first or pass --space SPACE",
             )
         raise SpaceError("no such space", path=p)
-    return p, WeightSpace.load(p)
+    return p, WeightSpace.load(p, verify=not no_verify)
 
 
 def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
@@ -140,6 +141,7 @@ def cosine_table(space: Any) -> Table:
 @click.option("--list", "list_only", is_flag=True, help="Only list the space's directions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @allow_pickle_option
+@no_verify_option
 def directions_cmd(
     space_path: Path | None,
     labels: Path | None,
@@ -153,6 +155,7 @@ def directions_cmd(
     list_only: bool,
     as_json: bool,
     allow_pickle: bool,
+    no_verify: bool,
 ) -> None:
     """Fit named directions (age, beard, ...) in a space, or list them.
 
@@ -171,7 +174,7 @@ def directions_cmd(
     """
     from w2wkit import directions as D
 
-    path, space = _load_space(space_path)
+    path, space = _load_space(space_path, no_verify)
     if list_only:
         if labels or groups or disentangle_opts:
             raise DirectionError("--list cannot be combined with --labels/--groups/--disentangle")
@@ -305,6 +308,7 @@ def _edit_slug(strengths: dict[str, float]) -> str:
 @energy_option
 @force_option
 @allow_pickle_option
+@no_verify_option
 def apply_cmd(
     input_path: Path | None,
     direction: str | None,
@@ -320,6 +324,7 @@ def apply_cmd(
     energy: float | None,
     force: bool,
     allow_pickle: bool,
+    no_verify: bool,
 ) -> None:
     """Edit a LoRA along named directions with calibrated strengths.
 
@@ -364,7 +369,7 @@ def apply_cmd(
         raise DirectionError(f"--rank must be positive, got {rank}")
     if input_path is not None and not input_path.exists():
         raise FormatError("no such file or folder", path=input_path)
-    spath, space = _load_space(space_path)
+    spath, space = _load_space(space_path, no_verify)
     validate_energy(energy, space.representation)
     for name in strengths:
         get_direction(space, name)  # unknown names fail before any work

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from w2wkit.cli.cmd_space import no_verify_option
 from w2wkit.cli.common import (
     console,
     device_option,
@@ -78,6 +79,7 @@ from w2wkit.errors import W2WError
 @device_option
 @torch_dtype_option
 @force_option
+@no_verify_option
 def invert_cmd(
     images: tuple[Path, ...],
     space_path: Path,
@@ -98,6 +100,7 @@ def invert_cmd(
     device: str,
     dtype: str,
     force: bool,
+    no_verify: bool,
 ) -> None:
     """Invert images into models of a weight space (one LoRA per image).
 
@@ -117,7 +120,7 @@ def invert_cmd(
     _check_output(out, force)  # before the (long) inversion
     if masks and auto_mask:
         raise W2WError("give --mask or --auto-mask, not both", key="--mask")
-    space = WeightSpace.load(space_path)
+    space = WeightSpace.load(space_path, verify=not no_verify)
     mask: object = None
     if auto_mask:
         mask = "auto"

@@ -23,11 +23,19 @@ from w2wkit.errors import SpaceError
 
 read_space_option = space_option("The space folder (written by `w2wkit fit`).")
 
+#: ``--no-verify`` (parameter ``no_verify``) of every command that loads a space.
+no_verify_option = click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Skip the SHA-256 check of the space's arrays file (checked by default; "
+    "about as long as reading the file once).",
+)
 
-def _load(path: Path):
+
+def _load(path: Path, no_verify: bool = False):
     from w2wkit.space import WeightSpace
 
-    return WeightSpace.load(path)
+    return WeightSpace.load(path, verify=not no_verify)
 
 
 @click.command("fit")
@@ -36,6 +44,7 @@ def _load(path: Path):
 @click.option(
     "-k",
     "--components",
+    "n_components",
     type=int,
     default=1000,
     show_default=True,
@@ -64,7 +73,7 @@ def _load(path: Path):
 def fit_cmd(
     source: Path,
     out: Path,
-    components: int,
+    n_components: int,
     representation: str,
     solver: str,
     labels: Path | None,
@@ -87,10 +96,10 @@ def fit_cmd(
     if out.exists() and not force:
         raise SpaceError("output exists (use --force to overwrite)", path=out)
     coll = Collection(source, allow_pickle=allow_pickle)
-    k = components
-    default_k = click.get_current_context().get_parameter_source("components")
+    k = n_components
+    default_k = click.get_current_context().get_parameter_source("n_components")
     if default_k == click.core.ParameterSource.DEFAULT:
-        k = max(1, min(components, len(coll) - 1))
+        k = max(1, min(n_components, len(coll) - 1))
     space = WeightSpace(
         k,
         representation=representation,
@@ -114,7 +123,8 @@ def fit_cmd(
     type=click.Path(path_type=Path),
     help="Explained-variance plot (PNG); default SPACE/explained_variance.png.",
 )
-def info_cmd(space_path: Path, plot: Path | None) -> None:
+@no_verify_option
+def info_cmd(space_path: Path, plot: Path | None, no_verify: bool) -> None:
     """Describe a space and plot its explained variance.
 
     \b
@@ -122,7 +132,7 @@ def info_cmd(space_path: Path, plot: Path | None) -> None:
       w2wkit info
       w2wkit info faces --plot faces.png
     """
-    space = _load(space_path)
+    space = _load(space_path, no_verify)
     ratio = np.asarray(space.explained_variance_ratio_)
     table = Table(title=str(space_path), show_header=False)
     table.add_column("field", style="bold")
@@ -179,8 +189,9 @@ def info_cmd(space_path: Path, plot: Path | None) -> None:
 )
 @click.option("--show", type=int, default=8, show_default=True, help="Coefficients to print.")
 @allow_pickle_option
+@no_verify_option
 def project_cmd(
-    lora: Path, space_path: Path, n_nearest: int, show: int, allow_pickle: bool
+    lora: Path, space_path: Path, n_nearest: int, show: int, allow_pickle: bool, no_verify: bool
 ) -> None:
     """Project a LoRA into a space: coefficients, reconstruction error, neighbours.
 
@@ -190,7 +201,7 @@ def project_cmd(
     """
     from w2wkit.formats import read_adapter
 
-    space = _load(space_path)
+    space = _load(space_path, no_verify)
     ad = read_adapter(lora, allow_pickle=allow_pickle)
     c = space.transform(ad)
     err = float(space.residual(ad)[0])
@@ -222,6 +233,7 @@ def project_cmd(
 @click.option("--rank", type=int, default=None, help="Rank of written layers (delta spaces).")
 @energy_option
 @force_option
+@no_verify_option
 def sample_cmd(
     space_path: Path,
     count: int,
@@ -233,6 +245,7 @@ def sample_cmd(
     rank: int | None,
     energy: float | None,
     force: bool,
+    no_verify: bool,
 ) -> None:
     """Sample new models from a space and write them as LoRA files.
 
@@ -247,7 +260,7 @@ def sample_cmd(
 
     if count < 1:
         raise SpaceError(f"-n must be positive, got {count}")
-    space = _load(space_path)
+    space = _load(space_path, no_verify)
     validate_energy(energy, space.representation)
     coefs = space.sample(count, seed=seed, temperature=temperature, covariance=covariance)
     out.mkdir(parents=True, exist_ok=True)

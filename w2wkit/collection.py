@@ -37,7 +37,14 @@ from w2wkit.adapter import Adapter, DeltaLayer, LoraLayer
 from w2wkit.errors import FormatError, LayoutError, SpaceError
 from w2wkit.layout import WeightLayout, describe_layout_groups
 
-__all__ = ["PROMPT_METADATA_KEYS", "Collection", "DeltaFactors", "FactorRows", "file_sha256"]
+__all__ = [
+    "PROMPT_METADATA_KEYS",
+    "Collection",
+    "DeltaFactors",
+    "FactorRows",
+    "file_sha256",
+    "model_family",
+]
 
 #: Metadata keys that carry the instance prompt a LoRA was trained with, in order
 #: of preference (the miniature world's files carry ``w2wkit.world.prompt``).
@@ -70,6 +77,56 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
             for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def _refuse_empty_layers(ad: Adapter, where: str | os.PathLike[str]) -> None:
+    """Raise :class:`FormatError` for a LoRA layer of rank 0 (no parameters, no delta)."""
+    for module, layer in ad.items():
+        if isinstance(layer, LoraLayer) and layer.rank == 0:
+            raise FormatError(
+                f"layer has rank 0 (down {tuple(layer.down.shape)}, up {tuple(layer.up.shape)}): "
+                "it holds no parameters",
+                path=where,
+                key=module,
+                hint="remove the layer or the file from the collection",
+            )
+
+
+def model_family(ad: Adapter, path: str | os.PathLike[str] | None = None) -> str:
+    """The base model family of ``ad``, as far as it can be told.
+
+    Uses the modules' names and delta shapes, the file's metadata and, for a
+    kohya ``.safetensors`` file ``path``, whether its UNet keys use sgm block
+    names (see :func:`w2wkit.names.guess_family`).
+
+    Returns
+    -------
+    str
+        ``"sd1"`` or ``"sdxl"``; ``"sd1 or sdxl"`` when every module (and
+        shape) exists in both and nothing else tells them apart; ``"unknown"``
+        when the modules fit neither (e.g. a small test model).
+    """
+    from w2wkit.names import families_fitting, kohya_uses_sgm, metadata_family, sdxl_evidence
+
+    shapes = {m: tuple(layer.delta_shape) for m, layer in ad.items()}
+    fits = families_fitting(shapes)
+    if not fits:
+        return "unknown"
+    if len(fits) == 1:
+        return next(iter(fits))
+    sgm = False
+    if path is not None and Path(path).suffix.lower() == ".safetensors" and ad.format == "kohya":
+        from w2wkit.stio import read_header
+
+        try:
+            sgm = kohya_uses_sgm(read_header(path)[0])
+        except (FormatError, OSError):
+            sgm = False
+    if sdxl_evidence(shapes, sgm_names=sgm, metadata=ad.metadata):
+        return "sdxl"
+    if metadata_family(ad.metadata) == "sd1":
+        return "sd1"
+    return "sd1 or sdxl"
 
 
 def _model_names(files: Sequence[Path]) -> list[str]:
@@ -260,6 +317,8 @@ class Collection:
                 ) from None
             self.names = _model_names(self.files)
         self.manifest: list[dict[str, Any]] = []
+        #: Base model family of each model read so far (see :func:`model_family`).
+        self.families: list[str] = []
 
     @classmethod
     def from_adapters(
@@ -282,6 +341,7 @@ class Collection:
             ad = self._adapters[i]
             ad = Adapter(dict(ad.layers), dict(ad.metadata), ad.source or name, ad.format)
             ad.validate()
+            _refuse_empty_layers(ad, name)
             entry = {
                 "name": name,
                 "file": ad.source if ad.source != name else None,
@@ -296,6 +356,7 @@ class Collection:
 
         path = self.files[i]
         ad = read_adapter(path, format=self.format, allow_pickle=self.allow_pickle)
+        _refuse_empty_layers(ad, path)
         entry = {
             "name": name,
             "file": str(path),
@@ -308,15 +369,40 @@ class Collection:
         return ad, entry
 
     def iter_adapters(self, progress: Progress | None = None) -> Iterator[tuple[int, Adapter]]:
-        """Read the models one at a time, recording the manifest."""
+        """Read the models one at a time, recording the manifest and the families."""
         self.manifest = []
+        self.families = []
         n = len(self)
         for i in range(n):
             ad, entry = self.read(i)
             self.manifest.append(entry)
+            self.families.append(model_family(ad, self.files[i] if self.files else None))
             if progress is not None:
                 progress("read", i + 1, n)
             yield i, ad
+
+    def check_one_family(self) -> None:
+        """Refuse models of more than one known base family (after a scan).
+
+        Raises
+        ------
+        LayoutError
+            Listing each family with its number of models and an example.
+        """
+        known = {f for f in self.families if f in ("sd1", "sdxl")}
+        if len(known) < 2:
+            return
+        groups: dict[str, list[str]] = {}
+        for i, fam in enumerate(self.families):
+            groups.setdefault(fam, []).append(str(self.files[i]) if self.files else self.names[i])
+        desc = "; ".join(
+            f"{fam}: {len(items)} model{'s' if len(items) > 1 else ''} (e.g. {items[0]})"
+            for fam, items in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+        )
+        raise LayoutError(
+            f"models of different base model families cannot share a space: {desc}",
+            hint="fit one space per base model (SD1.x or SDXL)",
+        )
 
     def _require_models(self, minimum: int = 2) -> None:
         if len(self) < minimum:
@@ -372,6 +458,7 @@ class Collection:
                 diff = row - shift
                 total += diff
                 total_sq += diff * diff
+            self.check_one_family()
         except BaseException:
             if cleanup is not None:
                 cleanup()
@@ -450,6 +537,7 @@ class Collection:
                 downs[module].append(down)
                 owners[module].append(np.full(up.shape[1], i, dtype=np.int64))
                 max_rank[module] = max(max_rank[module], up.shape[1])
+        self.check_one_family()
         return DeltaFactors(
             modules=modules,
             out_features=out_f,

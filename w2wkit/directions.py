@@ -1299,15 +1299,50 @@ def group_direction_in_space(
     return d
 
 
+#: Largest accepted edit strength, in training standard deviations (edits use a few).
+MAX_STRENGTH = 1e4
+
+
 def parse_strength(value: Any, name: str = "strength") -> float:
-    """A finite float from user input, or a one-line :class:`DirectionError`."""
+    """A finite float of magnitude at most :data:`MAX_STRENGTH`, or a one-line error.
+
+    Raises
+    ------
+    DirectionError
+        Naming the direction (``key``) and the value: not a number, not finite,
+        or absurdly large (it would overflow the written weights).
+    """
+    if isinstance(value, bool):
+        raise DirectionError(f"strength {value!r} is not a number", key=name)
     try:
         s = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DirectionError(f"strength {value!r} is not a number", key=name) from None
     if not math.isfinite(s):
         raise DirectionError(f"strength {value!r} is not finite", key=name)
+    if abs(s) > MAX_STRENGTH:
+        raise DirectionError(
+            f"strength {value!r} is out of range (at most {MAX_STRENGTH:g} training "
+            "standard deviations either way)",
+            key=name,
+            hint="edits use strengths of a few units, e.g. 1.5",
+        )
     return s
+
+
+def _check_finite_edit(adapter: Adapter, strengths: Mapping[str, Any]) -> None:
+    """Refuse an edited model holding NaN/Inf (e.g. the float32 weights overflowed)."""
+    for module, layer in adapter.items():
+        arrays = (layer.down, layer.up) if hasattr(layer, "down") else (layer.weight,)
+        if all(np.isfinite(a).all() for a in arrays):
+            continue
+        desc = ", ".join(f"{n}={parse_strength(v, n):g}" for n, v in strengths.items())
+        raise DirectionError(
+            f"the edit {desc} gives non-finite weights (NaN or Inf) in module {module}; "
+            "nothing was written",
+            key=", ".join(strengths),
+            hint="use a smaller strength",
+        )
 
 
 def edit_delta(
@@ -1424,14 +1459,18 @@ def edit(
     """
     delta = edit_delta(space, strengths, orthogonal_to=orthogonal_to)
     record = _edit_record(strengths, keep_residual, orthogonal_to)
-    if adapter is None:
-        base = np.asarray(getattr(space, "coef_mean_", np.zeros_like(delta)), dtype=np.float64)
-        out = space.inverse_transform((base + delta)[None, :], rank=rank, energy=energy)[0]
-        record["input"] = "mean model"
-    else:
-        out = space.shift(adapter, delta, keep_residual=keep_residual, rank=rank, energy=energy)
+    # overflow is checked on the result (_check_finite_edit), not warned about
+    with np.errstate(over="ignore", invalid="ignore"):
+        if adapter is None:
+            base = np.asarray(getattr(space, "coef_mean_", np.zeros_like(delta)), dtype=np.float64)
+            out = space.inverse_transform((base + delta)[None, :], rank=rank, energy=energy)[0]
+            record["input"] = "mean model"
+        else:
+            out = space.shift(adapter, delta, keep_residual=keep_residual, rank=rank, energy=energy)
+    if adapter is not None:
         if adapter.metadata.get(EDIT_METADATA_KEY) and not out.metadata.get(EDIT_METADATA_KEY):
             out = out.with_metadata({EDIT_METADATA_KEY: adapter.metadata[EDIT_METADATA_KEY]})
+    _check_finite_edit(out, strengths)
     return _with_edit_metadata(out, record)
 
 

@@ -10,9 +10,16 @@ JSON
     ``[{"file": "model.safetensors", "attr": value, ...}, ...]``.
 
 A model is matched by its manifest name (``sub/model``), by its file name
-(``model.safetensors``) or by its stem (``model``). Values may be numbers,
-booleans (``true/false``, ``yes/no``) or missing (empty, ``NA``, ``nan``,
-``null``), which become NaN. Models without a row get NaN.
+(``model.safetensors``) or by its stem (``model``). Values may be finite
+numbers, booleans (``true/false``, ``yes/no``) or missing, which become NaN:
+an empty cell or one of ``NA``, ``nan``, ``n/a``, ``none``, ``null``, ``?``,
+``-`` (any case), or JSON ``null``. Models without a row get NaN.
+
+Refused, with one :class:`~w2wkit.errors.DirectionError` naming the file,
+the row or column and the value: infinite values (``inf``, ``1e400``), a
+column (CSV) or key (JSON) given twice, a row naming a model the collection
+does not have, a model labelled twice, JSON that is not strict (``NaN``
+literals, nesting deeper than 64 levels).
 """
 
 from __future__ import annotations
@@ -43,7 +50,18 @@ def _value(raw: Any, row: str, column: str, path: str) -> float:
     if isinstance(raw, bool):
         return float(raw)
     if isinstance(raw, int | float):
-        return float(raw)
+        value = float(raw)
+        if not math.isfinite(value):
+            raise DirectionError(
+                f"label value {raw!r} in row {row!r}, column {column!r} is not finite",
+                path=path,
+                hint="write a missing value as an empty cell, NA or null",
+            )
+        return value
+    if isinstance(raw, dict | list):
+        raise DirectionError(
+            f"non-numeric label value {raw!r} in row {row!r}, column {column!r}"[:200], path=path
+        )
     text = str(raw).strip()
     low = text.lower()
     if low in _MISSING:
@@ -53,12 +71,19 @@ def _value(raw: Any, row: str, column: str, path: str) -> float:
     if low in _FALSE:
         return 0.0
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise DirectionError(
             f"non-numeric label value {text!r} in row {row!r}, column {column!r}",
             path=path,
         ) from None
+    if not math.isfinite(value):
+        raise DirectionError(
+            f"label value {text!r} in row {row!r}, column {column!r} is not finite",
+            path=path,
+            hint="write a missing value as an empty cell, NA or null",
+        )
+    return value
 
 
 def _strip(key: str) -> str:
@@ -89,10 +114,7 @@ def _matcher(names: list[str]) -> dict[str, int]:
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     text_path = str(path)
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DirectionError(f"cannot parse label JSON: {exc}", path=text_path) from None
+        data = _read_label_json(path)
         if isinstance(data, dict):
             out = []
             for key, val in data.items():
@@ -125,6 +147,15 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if len(rows) < 2:
         raise DirectionError("label CSV needs a header row and at least one row", path=text_path)
     header = [h.strip() for h in rows[0]]
+    first: dict[str, int] = {}
+    for c, h in enumerate(header, start=1):
+        if h in first:
+            raise DirectionError(
+                f"column {h!r} appears twice in the header (columns {first[h]} and {c})",
+                path=text_path,
+                hint="rename or remove one of them",
+            )
+        first[h] = c
     low = [h.lower() for h in header]
     id_col = next((low.index(c) for c in _ID_COLUMNS if c in low), 0)
     out = []
@@ -136,6 +167,30 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         rec = {header[c]: row[c] for c in range(len(header)) if c != id_col}
         out.append((row[id_col].strip(), rec))
     return out
+
+
+def _read_label_json(path: Path) -> Any:
+    """The parsed label JSON: strict (see :mod:`w2wkit.jsonio`), no key given twice."""
+    from w2wkit.jsonio import read_json
+
+    data = read_json(path, what="label JSON", error=DirectionError, expect=None)
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                raise DirectionError(
+                    f"key {key!r} appears twice in one object of the label JSON",
+                    path=path,
+                    hint="each model and each attribute once",
+                )
+            seen[key] = value
+        return seen
+
+    # read_json checked depth and numbers; a second pass finds repeated keys,
+    # which json.loads would silently resolve to the last one
+    json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=pairs)
+    return data
 
 
 def read_labels(path: str | os.PathLike[str], names: list[str]) -> dict[str, np.ndarray]:

@@ -42,13 +42,17 @@ __all__ = [
     "SGM_TOP_LEVEL",
     "derive_module_tables",
     "diffusers_to_sgm",
+    "families_fitting",
     "guess_family",
     "is_kohya_name",
     "kohya_to_module",
+    "kohya_uses_sgm",
     "load_module_tables",
+    "metadata_family",
     "module_shape",
     "module_table",
     "module_to_kohya",
+    "sdxl_evidence",
     "sgm_to_diffusers",
     "split_segments",
     "vocabulary",
@@ -186,6 +190,9 @@ def _family_sets() -> dict[str, frozenset[str]]:
 
 def guess_family(
     module_paths: Iterable[str] | Mapping[str, Sequence[int]],
+    *,
+    sgm_names: bool = False,
+    metadata: Mapping[str, str] | None = None,
 ) -> str:
     """Guess the base model family an adapter's modules belong to.
 
@@ -195,21 +202,53 @@ def guess_family(
         Canonical module paths; when a mapping, the values are the layers'
         delta shapes ``(out, in[, kh, kw])`` and are used to tell apart
         modules whose names exist in both families.
+    sgm_names : bool
+        The file named its UNet modules the sgm/LDM way (``input_blocks``,
+        ``middle_block``, ``output_blocks``; see :func:`kohya_uses_sgm`).
+        kohya-ss writes SDXL files that way and SD1.x files with diffusers
+        names, so a file that fits SDXL is SDXL even when its canonical
+        paths (``input_blocks.4.1...`` -> ``down_blocks.1.attentions.0...``)
+        and shapes also exist in SD1.5.
+    metadata : mapping of str to str, optional
+        The file's metadata; ``ss_base_model_version`` or
+        ``modelspec.architecture`` decide between families the modules both fit.
 
     Returns
     -------
     {"sd1", "sdxl", "unknown"}
         ``"sdxl"`` when every module exists in the SDXL tables (with the
         same shape, when given) and not all of them in the SD1.5 ones, or
-        when ``text_encoder_2`` modules are present and all modules fit
-        SDXL; ``"sd1"`` the other way round; ``"unknown"`` otherwise (for
-        example a tiny test model). Names common to both families without
-        shapes resolve to ``"sd1"`` unless ``text_encoder_2`` is present.
+        when ``text_encoder_2`` modules, sgm names or SDXL metadata are
+        present and all modules fit SDXL; ``"sd1"`` the other way round;
+        ``"unknown"`` otherwise (for example a tiny test model). Names
+        common to both families with no other evidence resolve to ``"sd1"``.
+    """
+    fits = families_fitting(module_paths)
+    sd1, sdxl = "sd1" in fits, "sdxl" in fits
+    if sdxl and (not sd1 or sdxl_evidence(module_paths, sgm_names=sgm_names, metadata=metadata)):
+        return "sdxl"
+    if sd1:
+        return "sd1"
+    return "unknown"
+
+
+def families_fitting(module_paths: Iterable[str] | Mapping[str, Sequence[int]]) -> set[str]:
+    """The families whose full-size model has every module (with that shape, when given).
+
+    Parameters
+    ----------
+    module_paths : iterable of str, or mapping of str to shape
+        As for :func:`guess_family`.
+
+    Returns
+    -------
+    set of str
+        A subset of :data:`FAMILIES`; empty for no modules.
     """
     shapes = dict(module_paths) if isinstance(module_paths, Mapping) else None
     paths = list(shapes) if shapes is not None else list(module_paths)
     if not paths:
-        return "unknown"
+        return set()
     tables = load_module_tables()
 
     def fits(fam: str) -> bool:
@@ -224,13 +263,64 @@ def guess_family(
                     return False
         return True
 
-    sd1, sdxl = fits("sd1"), fits("sdxl")
-    has_te2 = any(p.startswith("text_encoder_2.") for p in paths)
-    if sdxl and (has_te2 or not sd1):
+    return {fam for fam in FAMILIES if fam in tables and fits(fam)}
+
+
+def sdxl_evidence(
+    module_paths: Iterable[str] | Mapping[str, Sequence[int]],
+    *,
+    sgm_names: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> bool:
+    """Whether anything besides the module table says SDXL.
+
+    ``text_encoder_2`` modules, sgm UNet names (see :func:`kohya_uses_sgm`) or
+    SDXL training metadata (see :func:`metadata_family`).
+    """
+    paths = list(module_paths)
+    has_te2 = any(str(p).startswith("text_encoder_2.") for p in paths)
+    return has_te2 or sgm_names or metadata_family(metadata or {}) == "sdxl"
+
+
+def metadata_family(metadata: Mapping[str, str]) -> str | None:
+    """The family a file's training metadata names (kohya-ss, modelspec), if any.
+
+    Parameters
+    ----------
+    metadata : mapping of str to str
+        A LoRA file's metadata.
+
+    Returns
+    -------
+    {"sd1", "sdxl"} or None
+    """
+    version = str(metadata.get("ss_base_model_version", "")).lower()
+    arch = str(metadata.get("modelspec.architecture", "")).lower()
+    if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
         return "sdxl"
-    if sd1:
+    if version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
         return "sd1"
-    return "unknown"
+    return None
+
+
+def kohya_uses_sgm(keys: Iterable[str]) -> bool:
+    """Whether a file's kohya UNet keys use sgm/LDM block names (SDXL files do).
+
+    Parameters
+    ----------
+    keys : iterable of str
+        Tensor keys, e.g. ``lora_unet_input_blocks_4_1_proj_in.lora_down.weight``.
+
+    Returns
+    -------
+    bool
+        True when any ``lora_unet_`` key starts with ``input_blocks``,
+        ``middle_block`` or ``output_blocks``.
+    """
+    heads = ("input_blocks_", "middle_block_", "output_blocks_")
+    return any(
+        k.startswith("lora_unet_") and k[len("lora_unet_") :].startswith(heads) for k in keys
+    )
 
 
 def derive_module_tables() -> dict[str, dict[str, tuple[int, ...]]]:

@@ -17,6 +17,14 @@ sha256, row per training model), ``labels`` (attribute names), ``directions``
 the expected shape of every array), ``source`` (extra provenance, e.g. of an
 imported release).
 
+Loading (:func:`load_space`) reads ``space.json`` strictly (no ``Infinity``,
+no numbers overflowing a float, at most 64 levels of nesting; a ``NaN`` reads
+as ``null``), checks the type of every field it uses, refuses file names that
+leave the folder (``../x``, absolute paths, links leading out) and, unless
+``verify=False`` (the CLI's ``--no-verify``), compares the SHA-256 of
+``arrays.safetensors`` with the one recorded here. Every failure is one
+:class:`~w2wkit.errors.SpaceError` naming the file and the key.
+
 ``w2wkit directions`` adds or replaces directions without rewriting the space:
 ``directions.json`` (format ``w2wkit-space-directions``, version 1: the
 SHA-256 of the space's ``arrays.safetensors`` it belongs to, the file name,
@@ -225,52 +233,97 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
     return path / DIRECTIONS_JSON
 
 
-def _load_directions(path: Path, space_meta: dict, k: int, read_safetensors, Direction) -> dict:
+def _load_directions(path: Path, space_sha: str, k: int, read_safetensors, Direction) -> dict:
     """The directions of the side file of ``path`` (see :func:`save_directions`)."""
     jpath = path / DIRECTIONS_JSON
     meta = _read_described_json(jpath, DIRECTIONS_FORMAT, "a w2wkit directions file")
-    if meta.get("format_version") != 1:
+    get = _Fields(jpath)
+    version = get.integer(meta, "format_version", minimum=0)
+    if version != 1:
         raise SpaceError(
-            f"directions.json has format version {meta.get('format_version')!r}; "
-            "this w2wkit reads version 1",
+            f"directions.json has format version {version!r}; this w2wkit reads version 1",
             path=jpath,
             hint="upgrade w2wkit",
         )
-    if meta.get("space_arrays_sha256") != space_meta["arrays"].get("sha256"):
+    if get.text(meta, "space_arrays_sha256") != space_sha:
         raise SpaceError(
             "directions.json belongs to another space (its arrays hash differs)",
             path=jpath,
             hint="refit the directions with `w2wkit directions`",
         )
-    fname = str(meta.get("file"))
-    if Path(fname).name != fname:  # the side file lives in the space folder, nowhere else
-        raise SpaceError(f"directions.json names a file outside the space: {fname!r}", path=jpath)
-    f = path / fname
+    f = _member(path, get.text(meta, "file"), jpath, "file")
     if not f.is_file():
-        raise SpaceError(f"directions arrays file {meta.get('file')} is missing", path=path)
-    if f.stat().st_size != meta.get("bytes") or _sha256(f) != meta.get("sha256"):
+        raise SpaceError(f"directions arrays file {f.name} is missing", path=path)
+    expected = get.integer(meta, "bytes", minimum=0)
+    sha = get.text(meta, "sha256")
+    # The side file is small (k float64 per direction): always hashed.
+    if f.stat().st_size != expected or _sha256(f) != sha:
         raise SpaceError("directions arrays file is damaged (size or SHA-256 mismatch)", path=f)
     arrays = read_safetensors(f).tensors
     out = {}
-    for name, dmeta in (meta.get("directions") or {}).items():
+    for name, dmeta in get.mapping(meta, "directions", default={}).items():
         key = f"direction.{name}"
         if key not in arrays or arrays[key].shape != (k,):
             raise SpaceError(f"direction {name!r} is missing or has the wrong shape", path=f)
         if not np.isfinite(arrays[key]).all():
             raise SpaceError("array holds NaN or Inf values", path=f, key=key)
-        out[name] = Direction.from_dict(dmeta, arrays[key])
+        out[name] = _direction(get, name, dmeta, arrays[key], Direction, "directions")
     return out
 
 
 def _read_described_json(path: Path, fmt: str, what: str) -> dict:
-    """A JSON object whose ``format`` is ``fmt``; one clear error otherwise."""
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpaceError(f"{path.name} is damaged ({exc})", path=path) from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
+    """A JSON object whose ``format`` is ``fmt``; one clear error otherwise.
+
+    Read strictly (:func:`w2wkit.jsonio.read_json`): no ``NaN``/``Infinity``
+    literals, no numbers overflowing a float, at most 64 levels of nesting.
+    """
+    meta = _strict_json(path)
+    if meta.get("format") != fmt:
         raise SpaceError(f"{path.name} is not {what}", path=path)
     return meta
+
+
+def _strict_json(path: Path) -> dict:
+    """The JSON object in ``path``, read strictly (see :mod:`w2wkit.jsonio`).
+
+    The one exception: a ``NaN`` literal reads as ``null``, because
+    :func:`save_space` (``json.dumps(allow_nan=True)``) spells an undefined
+    direction score that way. ``Infinity`` and numbers overflowing a float are
+    still refused. Every failure is one :class:`SpaceError`
+    (``<name> is damaged: ...``).
+    """
+    import json as _json
+
+    from w2wkit.jsonio import MAX_DEPTH, _depth, _finite_float, read_json
+
+    try:
+        try:
+            return read_json(path, what="the file", error=SpaceError)
+        except SpaceError:
+            raw = path.read_bytes()
+            if b"NaN" not in raw:
+                raise
+
+        def constant(name: str) -> Any:
+            if name == "NaN":
+                return None
+            raise ValueError(f"the non-standard number {name} is not accepted")
+
+        try:
+            obj = _json.loads(
+                raw.decode("utf-8"), parse_constant=constant, parse_float=_finite_float
+            )
+        except (UnicodeDecodeError, RecursionError, ValueError):
+            return read_json(path, what="the file", error=SpaceError)  # raises its error
+        if _depth(obj) > MAX_DEPTH:
+            raise SpaceError(f"the file is nested more than {MAX_DEPTH} levels deep", path=path)
+        if not isinstance(obj, dict):
+            raise SpaceError("the file is not a JSON object", path=path)
+        return obj
+    except SpaceError as exc:
+        raise SpaceError(f"{path.name} is damaged: {exc.message}", path=path) from None
+    except OSError as exc:
+        raise SpaceError(f"cannot read {path.name}: {exc.strerror or exc}", path=path) from None
 
 
 def _now() -> str:
@@ -279,8 +332,164 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def load_space(cls: type[WeightSpace], path: Path, *, verify: bool = False) -> WeightSpace:
-    """Read a space folder written by :func:`save_space`."""
+class _Fields:
+    """Typed reads of the fields of one JSON file; every failure is one :class:`SpaceError`.
+
+    ``where`` prefixes the key in messages (``parameters.n_components``).
+    """
+
+    #: Largest size (in elements along one axis) a space.json may declare.
+    MAX_DIM = 1 << 40
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def get(self, obj: dict, key: str, types, where: str = "", default=...):
+        from w2wkit.jsonio import field
+
+        try:
+            return field(obj, key, types, path=self.path, error=SpaceError, default=default)
+        except SpaceError as exc:
+            raise SpaceError(exc.message, path=self.path, key=where + key) from None
+
+    def text(self, obj: dict, key: str, where: str = "", default=...):
+        return self.get(obj, key, str, where, default)
+
+    def mapping(self, obj: dict, key: str, where: str = "", default=...) -> dict:
+        """An object; ``null`` reads as ``{}``."""
+        if key in obj and obj[key] is None:
+            return {}
+        return self.get(obj, key, dict, where, default)
+
+    def items(self, obj: dict, key: str, where: str = "", default=...) -> list:
+        """A list; ``null`` reads as ``[]``."""
+        if key in obj and obj[key] is None:
+            return []
+        return self.get(obj, key, list, where, default)
+
+    def integer(
+        self, obj: dict, key: str, where: str = "", default=..., minimum: int | None = None
+    ):
+        from w2wkit.jsonio import as_int
+
+        value = self.get(obj, key, int, where, default)
+        if value is None or value is default:
+            return value
+        return as_int(
+            value,
+            path=self.path,
+            key=where + key,
+            error=SpaceError,
+            minimum=minimum,
+            maximum=self.MAX_DIM,
+        )
+
+    def number(self, obj: dict, key: str, where: str = "", default=...):
+        from w2wkit.jsonio import as_float
+
+        value = self.get(obj, key, float, where, default)
+        if value is None or value is default:
+            return value
+        return as_float(value, path=self.path, key=where + key, error=SpaceError)
+
+    def ints(self, value, key: str, lengths: tuple[int, ...], minimum: int = 1) -> tuple:
+        """A list of ``lengths`` integers >= ``minimum`` (a shape)."""
+        from w2wkit.jsonio import as_int
+
+        if not isinstance(value, list) or len(value) not in lengths:
+            raise SpaceError(
+                f"must be a list of {' or '.join(map(str, lengths))} integers, got {value!r}"[:120],
+                path=self.path,
+                key=key,
+            )
+        out = []
+        for v in value:
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise SpaceError(f"must hold integers, got {v!r}"[:80], path=self.path, key=key)
+            out.append(
+                as_int(
+                    v,
+                    path=self.path,
+                    key=key,
+                    error=SpaceError,
+                    minimum=minimum,
+                    maximum=self.MAX_DIM,
+                )
+            )
+        return tuple(out)
+
+
+def _member(folder: Path, name: str, meta_path: Path, key: str) -> Path:
+    """``folder / name``, refused unless it is a plain file name inside ``folder``.
+
+    A space's files must lie in its folder: ``../x``, absolute paths, sub-folders
+    and links that lead out of the folder are refused.
+    """
+    pure = Path(name)
+    if not name or name in (".", "..") or pure.is_absolute() or pure.name != name:
+        raise SpaceError(
+            f"names a file outside the space folder: {name!r}", path=meta_path, key=key
+        )
+    f = folder / name
+    try:
+        inside = f.resolve().parent == folder.resolve()
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside:
+        raise SpaceError(
+            f"{name!r} is a link leading outside the space folder", path=meta_path, key=key
+        )
+    return f
+
+
+def _direction(get: _Fields, name: str, dmeta: Any, vector: np.ndarray, Direction, where: str):
+    """A :class:`Direction` from its checked description (``Direction.to_dict``)."""
+    w = f"{where}.{name}."
+    if not isinstance(dmeta, dict):
+        raise SpaceError("must be an object", path=get.path, key=f"{where}.{name}")
+    get.text(dmeta, "name", w)
+    get.text(dmeta, "method", w, default="imported")
+    get.text(dmeta, "kind", w, default="filter")
+    score = dmeta.get("score")
+    if score is not None:
+        get.number(dmeta, "score", w)
+    get.number(dmeta, "proj_mean", w, default=0.0)
+    std = get.number(dmeta, "proj_std", w, default=1.0)
+    if std < 0:
+        raise SpaceError(f"must be >= 0, got {std}", path=get.path, key=w + "proj_std")
+    get.mapping(dmeta, "info", w, default={})
+    return Direction.from_dict(dmeta, vector)
+
+
+def _layout(get: _Fields, data: Any) -> WeightLayout:
+    """The layout described in space.json, every field type-checked."""
+    if not isinstance(data, dict):
+        raise SpaceError("must be an object", path=get.path, key="layout")
+    mods = get.items(data, "modules", "layout.")
+    rows = []
+    for i, m in enumerate(mods):
+        w = f"layout.modules[{i}]."
+        if not isinstance(m, dict):
+            raise SpaceError("must be an object", path=get.path, key=w[:-1])
+        down = get.ints(get.get(m, "down", list, w), w + "down", (2, 4))
+        up = get.ints(get.get(m, "up", list, w), w + "up", (2, 4))
+        alpha = get.number(m, "alpha", w)
+        rslora = get.get(m, "rslora", (bool, type(None)), w, default=False)
+        rows.append((get.text(m, "module", w), down, up, alpha, bool(rslora)))
+    get.get(data, "signature", (str, type(None)), "layout.", default=None)
+    try:
+        return WeightLayout.from_dict({"modules": mods, "signature": data.get("signature")})
+    except LayoutError as exc:
+        raise SpaceError(f"layout in space.json is damaged: {exc}", path=get.path) from None
+
+
+def load_space(cls: type[WeightSpace], path: Path, *, verify: bool = True) -> WeightSpace:
+    """Read a space folder written by :func:`save_space`.
+
+    Every field of ``space.json`` is type-checked, the files it names must lie
+    in the folder, and (unless ``verify`` is false) the SHA-256 of the arrays
+    file is compared with the one recorded when it was written.
+    """
     from w2wkit import __version__
     from w2wkit.space import FORMAT_VERSION, Direction
     from w2wkit.stio import read_safetensors
@@ -293,6 +502,7 @@ def load_space(cls: type[WeightSpace], path: Path, *, verify: bool = False) -> W
     if not meta_path.is_file():
         raise SpaceError("not a w2wkit space (no space.json)", path=path)
     meta = _read_described_json(meta_path, FORMAT_NAME, "a w2wkit space description")
+    get = _Fields(meta_path)
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise SpaceError(f"space.json has an invalid format_version {version!r}", path=meta_path)
@@ -307,30 +517,40 @@ def load_space(cls: type[WeightSpace], path: Path, *, verify: bool = False) -> W
     if version < 1:
         raise SpaceError(f"unknown space format version {version}", path=meta_path)
     try:
-        return _build(cls, path, meta, verify, read_safetensors, Direction)
+        return _build(cls, path, meta, get, verify, read_safetensors, Direction)
     except SpaceError:
         raise
     except W2WError as exc:
         raise SpaceError(f"space is damaged: {exc}", path=path) from None
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
         raise SpaceError(f"space.json is damaged or incomplete ({exc!r})", path=meta_path) from None
 
 
-def _build(cls, path: Path, meta: dict, verify: bool, read_safetensors, Direction) -> WeightSpace:
-    info = meta["arrays"]
-    f = path / info["file"]
+def _build(
+    cls, path: Path, meta: dict, get: _Fields, verify: bool, read_safetensors, Direction
+) -> WeightSpace:
+    meta_path = get.path
+    info = get.mapping(meta, "arrays")
+    f = _member(path, get.text(info, "file", "arrays."), meta_path, "arrays.file")
+    expected = get.integer(info, "bytes", "arrays.", minimum=0)
+    sha = get.text(info, "sha256", "arrays.")
+    shapes = get.mapping(info, "shapes", "arrays.")
+    for key, shape in shapes.items():
+        get.ints(shape, f"arrays.shapes.{key}", tuple(range(5)), minimum=0)
     if not f.is_file():
-        raise SpaceError(f"arrays file {info['file']} is missing", path=path)
+        raise SpaceError(f"arrays file {f.name} is missing", path=path)
     size = f.stat().st_size
-    if size != int(info["bytes"]):
+    if size != expected:
+        raise SpaceError(f"arrays file is damaged (size {size} bytes, expected {expected})", path=f)
+    if verify and _sha256(f) != sha:
         raise SpaceError(
-            f"arrays file is damaged (size {size} bytes, expected {info['bytes']})", path=f
+            "arrays file is damaged (SHA-256 mismatch)",
+            path=f,
+            hint="restore the space or refit it; --no-verify skips this check",
         )
-    if verify and _sha256(f) != info.get("sha256"):
-        raise SpaceError("arrays file is damaged (SHA-256 mismatch)", path=f)
     st = read_safetensors(f)
     arrays = st.tensors
-    for key, shape in info["shapes"].items():
+    for key, shape in shapes.items():
         if key not in arrays:
             raise SpaceError("array missing from arrays file", path=f, key=key)
         if list(arrays[key].shape) != list(shape):
@@ -339,32 +559,47 @@ def _build(cls, path: Path, meta: dict, verify: bool, read_safetensors, Directio
                 path=f,
                 key=key,
             )
-    params = meta["parameters"]
+    for key in ("coefficients", *_STAT_ARRAYS):
+        if key not in arrays:
+            raise SpaceError("array missing from arrays file", path=f, key=key)
+    params = get.mapping(meta, "parameters")
+    p = "parameters."
+    representation = get.text(meta, "representation")
+    if representation not in ("factors", "delta"):
+        raise SpaceError(f"unknown representation {representation!r}", path=path)
+    random_state = get.get(params, "random_state", (int, str, type(None)), p, default=None)
+    if isinstance(random_state, str):  # a generator object, saved as its repr
+        random_state = None
     space = cls(
-        int(params["n_components"]),
-        representation=meta["representation"],
-        standardize=bool(meta["standardize"]),
-        solver=params.get("solver", "auto"),
-        random_state=params.get("random_state"),
-        device=params.get("device", "cpu"),
-        scale_floor=float(params.get("scale_floor", 1e-6)),
+        get.integer(params, "n_components", p, minimum=1),
+        representation=representation,
+        standardize=get.get(meta, "standardize", bool),
+        solver=get.text(params, "solver", p, default="auto"),
+        random_state=random_state,
+        device=get.text(params, "device", p, default="cpu"),
+        scale_floor=get.number(params, "scale_floor", p, default=1e-6),
     )
-    if space.representation not in ("factors", "delta"):
-        raise SpaceError(f"unknown representation {space.representation!r}", path=path)
-    try:
-        space.layout_ = WeightLayout.from_dict(meta["layout"])
-    except LayoutError as exc:
-        raise SpaceError(f"layout in space.json is damaged: {exc}", path=path) from None
-    n, k = int(meta["n_models"]), int(meta["n_components"])
-    space.manifest_ = list(meta["manifest"])
+    space.layout_ = _layout(get, get.get(meta, "layout", dict))
+    n = get.integer(meta, "n_models", minimum=0)
+    k = get.integer(meta, "n_components", minimum=1)
+    manifest = get.items(meta, "manifest")
+    for i, entry in enumerate(manifest):
+        w = f"manifest[{i}]."
+        if not isinstance(entry, dict):
+            raise SpaceError("must be an object", path=meta_path, key=w[:-1])
+        get.text(entry, "name", w)
+        for opt in ("file", "format", "sha256", "prompt"):
+            get.get(entry, opt, (str, type(None)), w, default=None)
+        get.get(entry, "row", (int, type(None)), w, default=None)
+    space.manifest_ = list(manifest)
     space.n_components_ = k
-    space.total_variance_ = float(meta["total_variance"])
+    space.total_variance_ = get.number(meta, "total_variance")
     space.info_ = {
-        "solver_used": meta.get("solver_used"),
-        "n_passes": meta.get("n_passes"),
-        "source": meta.get("source", {}),
-        "w2wkit_version": meta.get("w2wkit_version"),
-        "created": meta.get("created"),
+        "solver_used": get.get(meta, "solver_used", (str, type(None)), default=None),
+        "n_passes": get.get(meta, "n_passes", (int, type(None)), default=None),
+        "source": get.mapping(meta, "source", default={}),
+        "w2wkit_version": get.get(meta, "w2wkit_version", (str, type(None)), default=None),
+        "created": get.get(meta, "created", (str, type(None)), default=None),
     }
     for name in _STAT_ARRAYS:
         setattr(space, name + "_", arrays[name])
@@ -374,6 +609,9 @@ def _build(cls, path: Path, meta: dict, verify: bool, read_safetensors, Directio
             f"coefficients have shape {space.coefficients_.shape}, expected ({n}, {k})", path=f
         )
     if space.representation == "factors":
+        for key in ("mean", "scale", "components"):
+            if key not in arrays:
+                raise SpaceError("array missing from arrays file", path=f, key=key)
         space.mean_ = arrays["mean"]
         space.scale_ = arrays["scale"]
         space.components_ = arrays["components"]
@@ -383,35 +621,68 @@ def _build(cls, path: Path, meta: dict, verify: bool, read_safetensors, Directio
         if not (np.isfinite(space.scale_).all() and (space.scale_ > 0).all()):
             raise SpaceError("scale has zero, negative or non-finite entries", path=f)
     else:
-        dmeta = meta["delta"]
-        mods = [e["module"] for e in dmeta["modules"]]
+        dmeta = get.mapping(meta, "delta")
+        mods: list[str] = []
+        out_f: dict[str, int] = {}
+        in_s: dict[str, tuple[int, ...]] = {}
+        max_rank: dict[str, int] = {}
+        for i, e in enumerate(get.items(dmeta, "modules", "delta.")):
+            w = f"delta.modules[{i}]."
+            if not isinstance(e, dict):
+                raise SpaceError("must be an object", path=meta_path, key=w[:-1])
+            m = get.text(e, "module", w)
+            if m in out_f:
+                raise SpaceError(f"module {m!r} listed twice", path=meta_path, key=w + "module")
+            mods.append(m)
+            out_f[m] = get.integer(e, "out", w, minimum=1)
+            in_s[m] = get.ints(get.get(e, "in_shape", list, w), w + "in_shape", (1, 3))
+            max_rank[m] = get.integer(e, "max_rank", w, minimum=1)
+        for i in range(len(mods)):
+            for part in ("up", "down", "owner"):
+                if f"delta.{i}.{part}" not in arrays:
+                    raise SpaceError(
+                        "array missing from arrays file", path=f, key=f"delta.{i}.{part}"
+                    )
+        for key in ("beta", "gram_colmean", "scale"):
+            if key not in arrays:
+                raise SpaceError("array missing from arrays file", path=f, key=key)
         fac = DeltaFactors(
             modules=mods,
-            out_features={e["module"]: int(e["out"]) for e in dmeta["modules"]},
-            in_shape={e["module"]: tuple(int(s) for s in e["in_shape"]) for e in dmeta["modules"]},
+            out_features=out_f,
+            in_shape=in_s,
             up={m: arrays[f"delta.{i}.up"] for i, m in enumerate(mods)},
             down={m: arrays[f"delta.{i}.down"] for i, m in enumerate(mods)},
             owner={m: arrays[f"delta.{i}.owner"] for i, m in enumerate(mods)},
-            max_rank={e["module"]: int(e["max_rank"]) for e in dmeta["modules"]},
+            max_rank=max_rank,
             n_models=n,
         )
         space.delta_ = fac
         space.delta_modules_ = mods
         space.beta_ = arrays["beta"]
         space.gram_colmean_ = arrays["gram_colmean"]
-        space.gram_mean_ = float(dmeta["gram_mean"])
+        space.gram_mean_ = get.number(dmeta, "gram_mean", "delta.")
         space.scale_ = arrays["scale"]
         space.mean_ = None
         space.components_ = None
         if space.beta_.shape != (n, k) or space.scale_.shape != (len(mods),):
             raise SpaceError("delta arrays do not match space.json", path=f)
-    labels = list(meta.get("labels") or [])
+    labels = get.items(meta, "labels", default=[])
+    for i, a in enumerate(labels):
+        if not isinstance(a, str):
+            raise SpaceError(
+                f"must be a string, got {a!r}"[:80], path=meta_path, key=f"labels[{i}]"
+            )
+        if f"labels.{a}" not in arrays:
+            raise SpaceError("array missing from arrays file", path=f, key=f"labels.{a}")
     space.labels_ = {a: arrays[f"labels.{a}"] for a in labels} if labels else None
     space.directions_ = {}
-    for name, dmeta in (meta.get("directions") or {}).items():
-        space.directions_[name] = Direction.from_dict(dmeta, arrays[f"direction.{name}"])
+    for name, dm in get.mapping(meta, "directions", default={}).items():
+        if f"direction.{name}" not in arrays:
+            raise SpaceError("array missing from arrays file", path=f, key=f"direction.{name}")
+        vec = arrays[f"direction.{name}"]
+        space.directions_[name] = _direction(get, name, dm, vec, Direction, "directions")
     if (path / DIRECTIONS_JSON).is_file():
-        space.directions_ = _load_directions(path, meta, k, read_safetensors, Direction)
+        space.directions_ = _load_directions(path, sha, k, read_safetensors, Direction)
     for key, val in arrays.items():
         if val.dtype.kind == "f" and not key.startswith("labels.") and not np.isfinite(val).all():
             raise SpaceError("array holds NaN or Inf values", path=f, key=key)

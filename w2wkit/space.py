@@ -45,7 +45,14 @@ from w2wkit.collection import Collection, DeltaFactors, layer_factors
 from w2wkit.errors import LayoutError, SpaceError
 from w2wkit.layout import WeightLayout
 
-__all__ = ["FORMAT_VERSION", "Direction", "WeightSpace", "compress_factors"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Direction",
+    "WeightSpace",
+    "compress_factors",
+    "validate_energy",
+    "validate_rank",
+]
 
 #: Version of the saved-space format this code writes and the newest it reads.
 FORMAT_VERSION = 1
@@ -166,12 +173,23 @@ def compress_factors(
     return new_up, new_down, float(np.sum(s[:r] ** 2)), float(np.sum(s**2))
 
 
+def validate_rank(rank: Any) -> None:
+    """Raise :class:`SpaceError` (``param="rank"``) unless ``rank`` is None or an integer >= 1.
+
+    A rank-0 layer has no parameters: a file of them is a model that changes nothing.
+    """
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1:
+        raise SpaceError(f"must be an integer >= 1, got {rank!r}", param="rank")
+
+
 def validate_energy(energy: float | None, representation: str) -> None:
     """Raise :class:`SpaceError` unless ``energy`` is None or lies in (0, 1] for a delta space."""
     if energy is None:
         return
     if not 0.0 < float(energy) <= 1.0:
-        raise SpaceError(f"energy must lie in (0, 1], got {energy}")
+        raise SpaceError(f"energy must lie in (0, 1], got {energy}", param="energy")
     if representation != "delta":
         raise SpaceError(
             "energy chooses the rank of re-compressed layers: only a delta space has them",
@@ -337,7 +355,9 @@ class WeightSpace:
         if self.solver not in SOLVERS:
             raise SpaceError(f"unknown solver {self.solver!r}; use {', '.join(SOLVERS)}")
         if not isinstance(self.n_components, int | np.integer) or self.n_components < 1:
-            raise SpaceError(f"n_components must be a positive integer, got {self.n_components}")
+            raise SpaceError(
+                f"must be a positive integer, got {self.n_components!r}", param="n_components"
+            )
 
     def _check_k(self, n: int, d: int) -> int:
         k = int(self.n_components)
@@ -402,6 +422,13 @@ class WeightSpace:
                 arr = np.asarray(vals, dtype=np.float64).reshape(-1)
                 if arr.shape != (n,):
                     raise SpaceError(f"labels for {key!r} have {arr.size} values, need {n}")
+                if np.isinf(arr).any():
+                    row = int(np.flatnonzero(np.isinf(arr))[0])
+                    raise SpaceError(
+                        f"label {key!r} of model {row} is {arr[row]} (NaN marks a missing "
+                        "label; infinite values are refused)",
+                        param="labels",
+                    )
                 out[str(key)] = arr
             self.labels_ = out
         else:
@@ -678,6 +705,7 @@ class WeightSpace:
         self._check_fitted()
         c = _as_2d(coefficients, self.n_components_)
         validate_energy(energy, self.representation)
+        validate_rank(rank)
         out = []
         self.last_energy_ = []
         for row in c:
@@ -831,6 +859,7 @@ class WeightSpace:
         self._check_fitted()
         dc = _as_2d(delta_coefficients, self.n_components_)[0]
         validate_energy(energy, self.representation)
+        validate_rank(rank)
         if keep_residual and not dc.any():
             return Adapter(dict(adapter.layers), dict(adapter.metadata), None, adapter.format)
         if not keep_residual:
@@ -880,9 +909,11 @@ class WeightSpace:
         """
         self._check_fitted()
         if n < 1:
-            raise SpaceError(f"number of samples must be positive, got {n}")
+            raise SpaceError(f"must be positive, got {n}", param="n")
         if not (temperature >= 0 and math.isfinite(temperature)):
-            raise SpaceError(f"temperature must be a non-negative number, got {temperature}")
+            raise SpaceError(
+                f"must be a finite number >= 0, got {temperature}", param="temperature"
+            )
         rng = np.random.default_rng(seed)
         z = rng.standard_normal((n, self.n_components_))
         if covariance == "diagonal":
@@ -934,7 +965,7 @@ class WeightSpace:
         return save_space(self, Path(path), overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, verify: bool = False) -> WeightSpace:
+    def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> WeightSpace:
         """Load a saved space (arrays memory-mapped when large).
 
         Parameters
@@ -942,7 +973,9 @@ class WeightSpace:
         path : str or os.PathLike
             The space folder (or its ``space.json``).
         verify : bool
-            Also check the SHA-256 of the arrays file.
+            Check the SHA-256 of the arrays file against the one recorded in
+            ``space.json`` (default; hashing costs about as much as reading
+            the file once). ``False`` skips it (the CLI's ``--no-verify``).
 
         Raises
         ------

@@ -43,6 +43,7 @@ __all__ = [
     "load_world",
     "pack_world",
     "package_world_dir",
+    "read_manifest",
     "repair_world",
     "revision",
     "verify_world",
@@ -145,19 +146,79 @@ def verify_world(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     return _check_hashes(root)
 
 
+def _world_files(root: Path) -> list[str]:
+    """Every file of the world folder that the manifest must list (posix, relative).
+
+    The same set :func:`write_manifest` hashes: all files but ``manifest.json``
+    and anything under a hidden (``.``) name.
+    """
+    out = []
+    for f in sorted(root.rglob("*")):
+        parts = f.relative_to(root).parts
+        if f.is_file() and f.name != MANIFEST and not any(x.startswith(".") for x in parts):
+            out.append(f.relative_to(root).as_posix())
+    return out
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The world's ``manifest.json``, strictly read and type-checked.
+
+    Raises
+    ------
+    W2WError
+        One line naming the manifest for a file that is not JSON, not an
+        object, has a ``files`` entry of the wrong type, or names a file
+        outside the world folder.
+    """
+    from w2wkit.jsonio import as_int, field, read_json
+
+    path = root / MANIFEST
+    man = read_json(path, what="the world manifest", error=W2WError)
+    files = field(man, "files", dict, path=path)
+    for rel, info in files.items():
+        key = f"files.{rel}"
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
+            raise W2WError("names a file outside the world folder", path=path, key=key)
+        if not isinstance(info, dict):
+            raise W2WError(f"must be an object, got {info!r}"[:100], path=path, key=key)
+        sha = info.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64:
+            raise W2WError(
+                f"is not a SHA-256 digest: {sha!r}"[:100], path=path, key=f"{key}.sha256"
+            )
+        if "bytes" in info:
+            as_int(info["bytes"], path=path, key=f"{key}.bytes", error=W2WError, minimum=0)
+    total = man.get("total_bytes")
+    if total is not None:
+        as_int(total, path=path, key="total_bytes", error=W2WError, minimum=0)
+    return man
+
+
 def _check_hashes(root: Path) -> dict[str, Any]:
-    man = json.loads((root / MANIFEST).read_text())
-    for rel, info in man.get("files", {}).items():
+    man = read_manifest(root)
+    files = man["files"]
+    for rel, info in files.items():
         f = root / rel
-        if not f.exists():
+        if not f.is_file():
             raise W2WError("shipped world file is missing", path=f)
-        if _sha256(f) != info["sha256"]:
+        size = info.get("bytes")
+        if (size is not None and f.stat().st_size != int(size)) or _sha256(f) != info["sha256"]:
             raise W2WError(
                 "shipped world file is corrupted (sha256 does not match the manifest)",
                 path=f,
                 hint="rebuild or restore it (w2wkit world build)",
             )
-    return {"files": len(man.get("files", {})), "total_bytes": man.get("total_bytes")}
+    extra = [rel for rel in _world_files(root) if rel not in files]
+    if extra:
+        more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise W2WError(
+            f"file is not listed in the world manifest{more}: added to the world, or its "
+            "entry was removed",
+            path=root / extra[0],
+            hint="restore the world (w2wkit world build) or remove the file",
+        )
+    return {"files": len(files), "total_bytes": man.get("total_bytes")}
 
 
 @contextmanager
@@ -265,7 +326,7 @@ class World:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self.manifest = json.loads((self.root / MANIFEST).read_text())
+        self.manifest = read_manifest(self.root)
         self._stack_meta: dict[str, Any] | None = None
         self._tensors: dict[str, np.ndarray] | None = None
 
