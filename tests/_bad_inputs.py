@@ -135,10 +135,10 @@ def _release(folder: Path, *, n: int = 12, k: int = 4) -> Path:
 
 
 def _world_copy(folder: Path) -> Path:
-    from w2wkit.world.shipped import world_root
+    from w2wkit.world.shipped import world_dir
 
     dest = folder / "world"
-    shutil.copytree(world_root(None), dest)
+    shutil.copytree(world_dir(None), dest)
     return dest
 
 
@@ -424,16 +424,34 @@ def _c_verify_unlisted(f: Path):
 
 
 def _c_mixed_family(f: Path):
-    loras = _loras(f, n=3)
-    sdxl = {
-        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
-        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (640, 640),
+    from w2wkit.adapter import Adapter, LoraLayer
+    from w2wkit.names import module_to_kohya
+
+    rng = np.random.default_rng(0)
+    sd1 = {  # SD1.5 shapes (down_blocks.0 is 320 wide only in SD1)
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320),
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (640, 640),
     }
-    tensors = {}
-    for stem, (o, i) in sdxl.items():
-        tensors[f"{stem}.lora_down.weight"] = np.full((1, i), 0.01, np.float32)
-        tensors[f"{stem}.lora_up.weight"] = np.full((o, 1), 0.01, np.float32)
-        tensors[f"{stem}.alpha"] = np.asarray(1.0, np.float32)
+    loras = f / "loras"
+    loras.mkdir()
+    for i in range(3):
+        ad = Adapter(
+            {
+                m: LoraLayer(
+                    down=rng.standard_normal((1, n_in)).astype(np.float32),
+                    up=rng.standard_normal((n_out, 1)).astype(np.float32),
+                    alpha=1.0,
+                )
+                for m, (n_out, n_in) in sd1.items()
+            }
+        )
+        write_adapter(ad, loras / f"sd1_{i}.safetensors", format="kohya")
+    tensors = {}  # an SDXL file as kohya-ss writes it: sgm UNet names
+    for m in ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]:
+        k = module_to_kohya(m, sgm=True)
+        tensors[f"{k}.lora_down.weight"] = np.full((1, 640), 0.01, np.float32)
+        tensors[f"{k}.lora_up.weight"] = np.full((640, 1), 0.01, np.float32)
+        tensors[f"{k}.alpha"] = np.asarray(1.0, np.float32)
     write_safetensors(loras / "xl.safetensors", tensors)
     return ["fit", loras, "-o", f / "space", "--representation", "delta"], [f / "space"]
 
