@@ -102,11 +102,18 @@ def _arrays_of(space: WeightSpace) -> dict[str, np.ndarray]:
 
 
 def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Path:
-    """Write ``space`` to the folder ``path`` atomically (see module docstring)."""
-    from w2wkit import __version__
-    from w2wkit.space import FORMAT_VERSION
-    from w2wkit.stio import atomic_path, write_safetensors
+    """Write ``space`` to the folder ``path`` atomically (see module docstring).
 
+    The folder is written under a temporary name beside ``path`` and swapped
+    in (:func:`w2wkit.atomic.atomic_path`): a crash leaves the old space or
+    the new one, and the next save repairs what a killed one left.
+    """
+    from w2wkit import __version__
+    from w2wkit.atomic import atomic_path, recover, write_bytes
+    from w2wkit.space import FORMAT_VERSION
+    from w2wkit.stio import write_safetensors
+
+    recover(path)  # a save killed mid-swap: put the old folder back first
     if path.exists():
         if not overwrite:
             raise SpaceError("output exists (use --force to overwrite)", path=path)
@@ -166,7 +173,7 @@ def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Pa
             "shapes": {k: list(v.shape) for k, v in arrays.items()},
         }
         text = json.dumps(meta, indent=1, allow_nan=True, default=json_default)
-        (tmp / "space.json").write_text(text)
+        write_bytes(tmp / "space.json", text.encode("utf-8"))
     return path
 
 
