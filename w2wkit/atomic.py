@@ -75,6 +75,7 @@ __all__ = [
     "atomic_path",
     "is_temporary",
     "recover",
+    "recover_entries",
     "temp_path",
     "write_bytes",
 ]
@@ -365,12 +366,10 @@ def atomic_path(
         other kind (file or folder) of what was written.
     """
     final = Path(path)
+    recover(final)  # first: an interrupted swap may put the old output back
     if os.path.lexists(final) and not overwrite:
         raise FormatError("output exists (use --force to overwrite)", path=final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    recover(final)
-    if os.path.lexists(final) and not overwrite:  # an interrupted swap put the old one back
-        raise FormatError("output exists (use --force to overwrite)", path=final)
     tmp = temp_path(final, suffix)
     try:
         yield tmp
@@ -391,8 +390,24 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = 
 # ----------------------------------------------------------------------------- entries of a folder
 
 
-def _recover_entries(folder: Path, names: Iterable[str]) -> list[str]:
-    """Repair what killed :func:`atomic_entries` writers of ``folder`` left."""
+def recover_entries(folder: str | os.PathLike[str], names: Iterable[str] = ()) -> list[str]:
+    """Repair what killed :func:`atomic_entries` writers of ``folder`` left.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The output folder.
+    names : iterable of str
+        Entries whose own leftovers (:func:`recover`) are repaired too.
+
+    Returns
+    -------
+    list of str
+        One line per action.
+    """
+    folder = Path(folder)
+    if not _is_dir(folder):
+        return []
     listing = os.listdir(folder)
     done: list[str] = []
     dead: dict[str, dict[str, Path]] = {}
@@ -482,7 +497,7 @@ def atomic_entries(
             _step()
             yield tmp
         return
-    _recover_entries(folder, names)
+    recover_entries(folder, names)
     _check_clashes(folder, names, overwrite)
     token = _token()
     stage = folder / f".{STAGE_TAG}-{token}"
