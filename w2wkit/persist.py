@@ -198,8 +198,10 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
     pathlib.Path
         The ``directions.json`` written.
     """
+    from w2wkit.atomic import recover, temp_path
     from w2wkit.stio import write_json, write_safetensors
 
+    recover(path / "directions.safetensors")  # what a killed save left
     meta_path = path / "space.json"
     if not meta_path.is_file():
         raise SpaceError("not a w2wkit space (no space.json)", path=path)
@@ -211,8 +213,8 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
         f"direction.{name}": np.asarray(d.vector, np.float64)
         for name, d in space.directions_.items()
     }
-    tmp = path / "directions.tmp.safetensors"
-    write_safetensors(tmp, arrays, overwrite=True)  # itself atomic
+    tmp = temp_path(path / "directions.safetensors")  # named after its hash below
+    write_safetensors(tmp, arrays)  # itself atomic
     digest = _sha256(tmp)
     name = f"directions-{digest[:12]}.safetensors"
     tmp.replace(path / name)
