@@ -90,9 +90,11 @@ def fit_cmd(
       w2wkit fit ./loras/ -o faces -k 500 --labels attrs.csv
       w2wkit fit "./mixed/*.safetensors" --representation delta
     """
+    from w2wkit.atomic import recover
     from w2wkit.collection import Collection
     from w2wkit.space import WeightSpace
 
+    recover(out)  # a save killed mid-swap: its old folder is back before the check
     if out.exists() and not force:
         raise SpaceError("output exists (use --force to overwrite)", path=out)
     coll = Collection(source, allow_pickle=allow_pickle)
@@ -249,29 +251,36 @@ def sample_cmd(
 ) -> None:
     """Sample new models from a space and write them as LoRA files.
 
+    Writes sample_0000 ... and coefficients.npy into the output folder (other
+    files there are left alone). Every output is checked before anything is
+    written; all are written to a staging folder and published together.
+
     \b
     Example:
       w2wkit sample -n 4 -o samples/ --seed 0 --format diffusers
     """
     from rich.progress import track
 
+    from w2wkit.atomic import atomic_entries, atomic_path
     from w2wkit.formats import provenance_metadata, write_adapter
     from w2wkit.space import validate_energy
 
     if count < 1:
         raise SpaceError(f"-n must be positive, got {count}")
-    space = _load(space_path, no_verify)
-    validate_energy(energy, space.representation)
-    coefs = space.sample(count, seed=seed, temperature=temperature, covariance=covariance)
-    out.mkdir(parents=True, exist_ok=True)
-    for i in track(range(count), description="writing", transient=True, console=console):
-        ad = space.inverse_transform(coefs[i], rank=rank, energy=energy)[0]
-        name = f"sample_{i:04d}" + ("" if fmt == "peft" else ".safetensors")
-        prov = provenance_metadata(
-            "w2wkit sample", [str(space_path)], seed=seed, temperature=temperature, index=i
-        )
-        write_adapter(ad, out / name, format=fmt, overwrite=force, provenance=prov)
-    np.save(out / "coefficients.npy", coefs)
+    names = [f"sample_{i:04d}" + ("" if fmt == "peft" else ".safetensors") for i in range(count)]
+    # entering checks every output (before the space is even read)
+    with atomic_entries(out, [*names, "coefficients.npy"], overwrite=force) as stage:
+        space = _load(space_path, no_verify)
+        validate_energy(energy, space.representation)
+        coefs = space.sample(count, seed=seed, temperature=temperature, covariance=covariance)
+        for i in track(range(count), description="writing", transient=True, console=console):
+            ad = space.inverse_transform(coefs[i], rank=rank, energy=energy)[0]
+            prov = provenance_metadata(
+                "w2wkit sample", [str(space_path)], seed=seed, temperature=temperature, index=i
+            )
+            write_adapter(ad, stage / names[i], format=fmt, provenance=prov)
+        with atomic_path(stage / "coefficients.npy", suffix=".npy") as tmp:
+            np.save(tmp, coefs)
     console.print(f"wrote {count} models to {out} ({fmt})")
 
 
@@ -296,10 +305,12 @@ def import_w2w_cmd(
     Example:
       w2wkit import-w2w weights2weights/weights_datasets -o w2w-space --allow-pickle
     """
+    from w2wkit.atomic import recover
     from w2wkit.importers.w2w import import_w2w
     from w2wkit.space import WeightSpace
     from w2wkit.stio import atomic_path
 
+    recover(out)  # a save killed mid-swap: its old folder is back before the check
     if out.exists() and not force:
         raise SpaceError("output exists (use --force to overwrite)", path=out)
     space = import_w2w(folder, allow_pickle=allow_pickle, n_components=components, warn=note)

@@ -110,3 +110,39 @@ def test_bad_input_is_one_line(tmp_path, loras, args, needle):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "error:" in lines[0], res.output
     assert needle in res.output
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_sample_checks_every_output_first_and_publishes_at_once(tmp_path, loras, fmt):
+    assert _run(["fit", str(loras), "-o", "sp"], tmp_path).exit_code == 0
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    (out / "coefficients.npy").write_bytes(b"old")
+    args = ["sample", "--space", "sp", "-n", "3", "-o", "s", "--seed", "2", "--format", fmt]
+    res = _run(args, tmp_path)  # only coefficients.npy clashes: it used to be overwritten
+    assert res.exit_code == 1 and "coefficients.npy: output exists" in res.output, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["coefficients.npy", "keep.txt"]
+    assert (out / "coefficients.npy").read_bytes() == b"old"
+    (out / "coefficients.npy").unlink()
+    second = "sample_0001" + ("" if fmt == "peft" else ".safetensors")
+    (out / second).write_bytes(b"old")  # the second one clashes: nothing is written before it
+    res = _run(args, tmp_path)
+    assert res.exit_code == 1 and f"{second}: output exists" in res.output, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", second]
+    res = _run([*args, "--force"], tmp_path)  # a file replaced by a PEFT folder: refused whole
+    if fmt == "peft":
+        assert res.exit_code == 1 and "output exists and is a file" in res.output, res.output
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt", second]
+        (out / second).unlink()
+        res = _run([*args, "--force"], tmp_path)
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in out.iterdir())
+    stem = [f"sample_000{i}" + ("" if fmt == "peft" else ".safetensors") for i in range(3)]
+    assert names == sorted(["coefficients.npy", "keep.txt", *stem])
+    assert (out / "keep.txt").read_text() == "mine"
+    assert np.load(out / "coefficients.npy").shape[0] == 3
+    assert len(read_adapter(out / second).layers) == 4
+    res = _run([*args, "--force"], tmp_path)  # again over its own outputs (folders for PEFT)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == names

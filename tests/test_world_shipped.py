@@ -101,6 +101,23 @@ def test_export_and_fit_and_cli(work: Path, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "known: identity, dog" in res.output
 
 
+def test_export_checks_every_output_first(work: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "labels.csv").write_text("mine")  # only labels.csv clashes: it used to be overwritten
+    (out / "keep.txt").write_text("mine")
+    args = ["world", "export-loras", "--world", str(work / "shipped"), "-o", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and "labels.csv: output exists" in res.output, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "labels.csv"]
+    assert (out / "labels.csv").read_text() == "mine"
+    res = CliRunner().invoke(cli, [*args, "--force"])
+    assert res.exit_code == 0, res.output
+    assert len(list(out.glob("*.safetensors"))) == 6 and (out / "keep.txt").read_text() == "mine"
+    assert (out / "labels.csv").read_text() != "mine"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_corrupted_file_is_named(work: Path, tmp_path: Path) -> None:
     copy = tmp_path / "w"
     shutil.copytree(work / "shipped", copy)

@@ -465,7 +465,9 @@ class InversionResult:
     ) -> list[Path]:
         """Write one LoRA per image, ``coefficients.npy`` and ``inversion.json`` to ``out``.
 
-        The folder is written to a temporary sibling and renamed into place.
+        The folder is written to a temporary sibling and swapped into place
+        (:func:`w2wkit.atomic.atomic_path`): a crash leaves the old folder or
+        the new one, whole.
         An existing folder is replaced only with ``overwrite`` and only if it
         is empty or holds an ``inversion.json`` (was written here).
 
@@ -491,18 +493,18 @@ class InversionResult:
             The output exists (without ``overwrite``) or is not ours.
         """
         import json
-        import shutil
-        import tempfile
 
+        from w2wkit.atomic import atomic_path, recover, write_bytes
         from w2wkit.formats import provenance_metadata, write_adapter
 
         dest = Path(out)
+        recover(dest)  # an earlier save killed mid-swap: put its old folder back first
         _check_output(dest, overwrite)
         names = _unique_names(self.names or [f"image_{i:03d}" for i in range(len(self.adapters))])
         inputs = [str(x) for x in inputs] or list(names)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        try:
+        # checked above: an existing folder may be replaced (it is empty, or ours and overwrite)
+        with atomic_path(dest, overwrite=dest.exists()) as tmp:
+            tmp.mkdir()
             files = []
             for i, (name, ad) in enumerate(zip(names, self.adapters, strict=True)):
                 fname = name if format == "peft" else f"{name}.safetensors"
@@ -521,7 +523,8 @@ class InversionResult:
                 prov = provenance_metadata("w2wkit invert", srcs, **extra)
                 write_adapter(ad, tmp / fname, format=format, provenance=prov)
                 files.append(fname)
-            np.save(tmp / "coefficients.npy", self.coefficients)
+            with atomic_path(tmp / "coefficients.npy", suffix=".npy") as npy:
+                np.save(npy, self.coefficients)
             report = {
                 "made_by": "w2wkit invert",
                 "space": None if space is None else str(space),
@@ -536,13 +539,7 @@ class InversionResult:
                 "seconds": self.seconds,
                 "notices": self.notices,
             }
-            (tmp / MARKER).write_text(json.dumps(report, indent=2))
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.rename(dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            write_bytes(tmp / MARKER, json.dumps(report, indent=2).encode("utf-8"))
         return [dest / f for f in files]
 
     def final_loss(self, window: int = 20) -> np.ndarray:

@@ -110,11 +110,18 @@ def _arrays_of(space: WeightSpace) -> dict[str, np.ndarray]:
 
 
 def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Path:
-    """Write ``space`` to the folder ``path`` atomically (see module docstring)."""
-    from w2wkit import __version__
-    from w2wkit.space import FORMAT_VERSION
-    from w2wkit.stio import atomic_path, write_safetensors
+    """Write ``space`` to the folder ``path`` atomically (see module docstring).
 
+    The folder is written under a temporary name beside ``path`` and swapped
+    in (:func:`w2wkit.atomic.atomic_path`): a crash leaves the old space or
+    the new one, and the next save repairs what a killed one left.
+    """
+    from w2wkit import __version__
+    from w2wkit.atomic import atomic_path, recover, write_bytes
+    from w2wkit.space import FORMAT_VERSION
+    from w2wkit.stio import write_safetensors
+
+    recover(path)  # a save killed mid-swap: put the old folder back first
     if path.exists():
         if not overwrite:
             raise SpaceError("output exists (use --force to overwrite)", path=path)
@@ -174,7 +181,7 @@ def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Pa
             "shapes": {k: list(v.shape) for k, v in arrays.items()},
         }
         text = json.dumps(meta, indent=1, allow_nan=True, default=json_default)
-        (tmp / "space.json").write_text(text)
+        write_bytes(tmp / "space.json", text.encode("utf-8"))
     return path
 
 
@@ -199,8 +206,10 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
     pathlib.Path
         The ``directions.json`` written.
     """
+    from w2wkit.atomic import recover, temp_path
     from w2wkit.stio import write_json, write_safetensors
 
+    recover(path / "directions.safetensors")  # what a killed save left
     meta_path = path / "space.json"
     if not meta_path.is_file():
         raise SpaceError("not a w2wkit space (no space.json)", path=path)
@@ -212,8 +221,8 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
         f"direction.{name}": np.asarray(d.vector, np.float64)
         for name, d in space.directions_.items()
     }
-    tmp = path / "directions.tmp.safetensors"
-    write_safetensors(tmp, arrays, overwrite=True)  # itself atomic
+    tmp = temp_path(path / "directions.safetensors")  # named after its hash below
+    write_safetensors(tmp, arrays)  # itself atomic
     digest = _sha256(tmp)
     name = f"directions-{digest[:12]}.safetensors"
     tmp.replace(path / name)

@@ -11,18 +11,17 @@ Writes are atomic: a temporary file in the target folder, then ``os.replace``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from w2wkit.atomic import atomic_path
 from w2wkit.errors import FormatError
 
 __all__ = [
@@ -312,50 +311,6 @@ def to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
     if dtype not in _DTYPES:
         raise FormatError(f"unsupported storage dtype {dtype!r}")
     return np.ascontiguousarray(arr, dtype=_DTYPES[dtype])
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False, suffix: str = ""):
-    """Yield a temporary path next to ``path``; move it into place on success.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Final destination (file or folder).
-    overwrite : bool
-        Allow replacing an existing destination.
-    suffix : str
-        Suffix of the temporary name.
-
-    Raises
-    ------
-    FormatError
-        When ``path`` exists and ``overwrite`` is false.
-    """
-    final = Path(path)
-    if final.exists() and not overwrite:
-        raise FormatError("output exists (use --force to overwrite)", path=final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    try:
-        yield Path(tmp)
-        if final.is_dir() and not Path(tmp).is_dir():
-            raise FormatError("output exists and is a folder", path=final)
-        if final.is_dir():
-            import shutil
-
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.isdir(tmp):
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_safetensors(

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from w2wkit.atomic import recover, temp_path
 from w2wkit.errors import W2WError
 from w2wkit.world.tokenizer import token_ids
 
@@ -537,15 +538,10 @@ def save_pipeline(pipe: Any, folder: str | os.PathLike[str], overwrite: bool = F
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise W2WError("output folder exists", path=folder, hint="pass overwrite=True / --force")
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    from w2wkit.atomic import atomic_path
+
+    with atomic_path(folder, overwrite=overwrite) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -587,6 +583,7 @@ def build_base(
     """
     settings = settings or BaseSettings()
     folder = Path(folder)
+    recover(folder)  # what a killed build left beside it (staging folders, a cut swap)
     if folder.exists() and not overwrite:
         raise W2WError("output folder exists", path=folder, hint="pass overwrite=True / --force")
     torch = _torch(settings.threads)
@@ -596,7 +593,7 @@ def build_base(
     data = data if data is not None else render_dataset(settings)
     log["render"] = {"images": len(data.images), "seconds": time.perf_counter() - t0}
     _log(progress, f"rendered {len(data.images)} pictures")
-    staging = folder.with_name(f".{folder.name}.tok-{os.getpid()}")
+    staging = temp_path(folder, ".tok")  # removed below, or by the next build if killed
     try:
         tokenizer = make_tokenizer(settings, staging)
     finally:

@@ -442,28 +442,32 @@ class World:
     ) -> list[Path]:
         """Write the zoo of ``concept`` as ordinary LoRA files + ``labels.csv``.
 
-        ``w2wkit fit OUT`` then fits a space on them.
+        ``w2wkit fit OUT`` then fits a space on them. Every output is checked
+        before anything is written (an existing one is refused without
+        ``overwrite``); the files are staged and published together
+        (:func:`w2wkit.atomic.atomic_entries`).
 
         Returns
         -------
         list of Path
             The LoRA files written.
         """
+        from w2wkit.atomic import atomic_entries
         from w2wkit.formats.registry import write_adapter
 
         names = self.names(concept)
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        idx = range(len(names)) if models is None else models
-        written = []
-        for i in idx:
-            path = out / f"{names[i]}.safetensors"
-            write_adapter(self.adapter(concept, i), path, format=format, overwrite=overwrite)
-            written.append(path)
+        idx = list(range(len(names)) if models is None else dict.fromkeys(models))
+        files = [f"{names[i]}.safetensors" for i in idx]
         lab = self.labels_path(concept)
-        if lab.exists():
-            shutil.copyfile(lab, out / "labels.csv")
-        return written
+        extra = ["labels.csv"] if lab.exists() else []
+        # every file is checked first, written to a staging folder, then published at once
+        with atomic_entries(out, [*files, *extra], overwrite=overwrite) as stage:
+            for i, fname in zip(idx, files, strict=True):
+                write_adapter(self.adapter(concept, i), stage / fname, format=format)
+            if extra:
+                shutil.copyfile(lab, stage / "labels.csv")
+        return [out / f for f in files]
 
     # -- other parts -----------------------------------------------------
     def load_pipeline(self, device: str = "cpu", dtype: str = "float32") -> Any:
@@ -540,8 +544,8 @@ def pack_world(
 ) -> dict[str, Any]:
     """Pack a built work folder (``world build``) into the compact shipped layout.
 
-    Written into a temporary sibling folder, then renamed (atomic); the
-    manifest is written last.
+    Written into a temporary sibling folder, then swapped in
+    (:func:`w2wkit.atomic.atomic_path`); the manifest is written last.
 
     Returns
     -------
@@ -551,14 +555,13 @@ def pack_world(
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from w2wkit.atomic import atomic_path
     from w2wkit.stio import write_safetensors
     from w2wkit.world.worldbuild import DOG_PROMPT, IDENTITY_PROMPT, _load_stacks, _zoo_jobs
 
     work, dest = Path(work), Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_path(dest, overwrite=True) as tmp:
+        tmp.mkdir()
         pipe = StableDiffusionPipeline.from_pretrained(str(work / "base"), local_files_only=True)
         pipe.to(torch.float16)
         pipe.save_pretrained(str(tmp / "pipeline"), safe_serialization=True)
@@ -603,11 +606,6 @@ def pack_world(
         if log is not None:
             (tmp / "build_log.json").write_text(json.dumps(log, indent=1, default=str))
         write_manifest(tmp, {"counts": {c: len(v["names"]) for c, v in meta["concepts"].items()}})
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     sizes = {
         f.relative_to(dest).as_posix(): f.stat().st_size for f in dest.rglob("*") if f.is_file()
     }

@@ -552,13 +552,12 @@ def _reuse_evaluators(folder: Path, source: Path) -> dict:
 
     info = _check_evaluators_source(source)
     names = _EVALUATOR_FILES
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in names:
-        shutil.copyfile(source / name, tmp / name)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    from w2wkit.atomic import atomic_path
+
+    with atomic_path(folder, overwrite=True) as tmp:
+        tmp.mkdir()
+        for name in names:
+            shutil.copyfile(source / name, tmp / name)
     return {
         "reused_from": str(source),
         "sha256": {name: sha256(folder / name) for name in names},
@@ -1232,10 +1231,11 @@ def build_world(
 
         write_manifest(out / "shipped")
         if install:
+            from w2wkit.atomic import atomic_path
+
             dest = package_world_dir()
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.copytree(out / "shipped", dest)
+            with atomic_path(dest, overwrite=True) as tmp:
+                shutil.copytree(out / "shipped", tmp)
             _say(f"installed the world in {dest}")
     return log
 
