@@ -104,3 +104,27 @@ def test_delta_scan_accepts_ranks_and_formats(tmp_path):
     # model 0's delta is recovered from the stacked factors
     sel = fac.owner[m] == 0
     np.testing.assert_allclose(fac.up[m][:, sel] @ fac.down[m][sel], b[0][m].delta(), atol=1e-6)
+
+
+def test_row_caches_of_killed_fits_are_removed(tmp_path):
+    import os
+
+    _write(random_models(3, seed=2), tmp_path / "loras")
+    cache = tmp_path / "cache"
+    dead = _dead_pid()
+    (cache / f"w2w-rows-{dead}-abc").mkdir(parents=True)  # a killed fit's cache
+    (cache / f"w2w-rows-{dead}-abc" / "rows.npy").write_bytes(b"x" * 64)
+    (cache / f"w2w-rows-{os.getpid()}-live").mkdir()  # a running fit's cache
+    rows = Collection(tmp_path / "loras", cache_dir=cache).scan_factors()
+    names = sorted(p.name for p in cache.iterdir())
+    assert f"w2w-rows-{dead}-abc" not in names
+    assert f"w2w-rows-{os.getpid()}-live" in names
+    rows.close()
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

@@ -221,6 +221,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: Public name: other modules tag their scratch space with pids too.
+process_alive = _alive
+
+
 def _token() -> str:
     return f"{os.getpid()}-{secrets.token_hex(4)}"
 

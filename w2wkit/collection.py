@@ -482,11 +482,10 @@ class Collection:
     def _open_cache(self, n: int, d: int) -> tuple[np.ndarray, Callable[[], None] | None]:
         if n * d * 4 <= 256 * 1024 * 1024 and self.cache_dir is None:
             return np.empty((n, d), dtype=np.float32), None
-        if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix="w2w-rows-", dir=self.cache_dir))
-        else:
-            folder = Path(tempfile.mkdtemp(prefix="w2w-rows-"))
+        parent = Path(self.cache_dir or tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_row_caches(parent)
+        folder = Path(tempfile.mkdtemp(prefix=f"{ROW_CACHE_PREFIX}{os.getpid()}-", dir=parent))
         arr = np.lib.format.open_memmap(
             folder / "rows.npy", mode="w+", dtype=np.float32, shape=(n, d)
         )
@@ -553,3 +552,17 @@ class Collection:
 def in_features(shape: tuple[int, ...]) -> int:
     """Flattened input size of a delta's trailing shape."""
     return math.prod(shape)
+
+
+#: Name prefix of the row caches a fit spills to disk: ``w2w-rows-PID-RANDOM``.
+ROW_CACHE_PREFIX = "w2w-rows-"
+
+
+def _remove_dead_row_caches(parent: Path) -> None:
+    """Delete row caches left in ``parent`` by fits whose process was killed."""
+    from w2wkit.atomic import process_alive
+
+    for entry in parent.glob(f"{ROW_CACHE_PREFIX}*-*"):
+        pid = entry.name[len(ROW_CACHE_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)

@@ -507,6 +507,10 @@ def load_space(cls: type[WeightSpace], path: Path, *, verify: bool = True) -> We
         path = path.parent
     meta_path = path / "space.json"
     if not path.exists():
+        from w2wkit.atomic import recover
+
+        recover(path)  # a swap cut between its renames (off Linux): put the old folder back
+    if not path.exists():
         raise SpaceError("no such space folder", path=path, hint="fit one with `w2wkit fit`")
     if not meta_path.is_file():
         raise SpaceError("not a w2wkit space (no space.json)", path=path)
