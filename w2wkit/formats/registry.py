@@ -20,7 +20,7 @@ import numpy as np
 
 from w2wkit.adapter import COMPONENTS, Adapter
 from w2wkit.errors import FormatError
-from w2wkit.stio import SafetensorsFile, read_safetensors
+from w2wkit.stio import SafetensorsFile, check_regular_file, read_safetensors
 
 __all__ = [
     "FORMATS",
@@ -177,9 +177,17 @@ def _torch_pickle(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, dtypes
 
 
+def _is_file(path: Path) -> bool:
+    """True for a regular file, False when nothing is there; refuses FIFOs, devices, folders."""
+    if not os.path.lexists(path):
+        return False
+    check_regular_file(path)
+    return True
+
+
 def _peft_folder(path: Path) -> tuple[Path, dict[str, Any]] | None:
     cfg = path / PEFT_CONFIG
-    if not cfg.is_file():
+    if not _is_file(cfg):
         return None
     try:
         config = json.loads(cfg.read_text())
@@ -188,7 +196,7 @@ def _peft_folder(path: Path) -> tuple[Path, dict[str, Any]] | None:
     if not isinstance(config, dict):
         raise FormatError(f"{PEFT_CONFIG} is not a JSON object", path=cfg)
     for name in PEFT_WEIGHTS:
-        if (path / name).is_file():
+        if _is_file(path / name):
             return path / name, config
     raise FormatError(
         f"PEFT folder has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}", path=path
@@ -226,9 +234,10 @@ def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> 
             )
         weights, config = found
     else:
+        check_regular_file(p)  # a FIFO or a device is refused before it is opened
         weights = p
         sibling = p.parent / PEFT_CONFIG
-        if p.name in PEFT_WEIGHTS and sibling.is_file():
+        if p.name in PEFT_WEIGHTS and _is_file(sibling):
             config = _peft_folder(p.parent)[1]  # type: ignore[index]
     if weights.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
@@ -237,9 +246,9 @@ def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> 
                 path=weights,
                 hint="convert it to .safetensors, or pass --allow-pickle if you trust it",
             )
+        nbytes = check_regular_file(weights)
         tensors, dtypes = _torch_pickle(str(weights))
         meta: dict[str, str] = {}
-        nbytes = weights.stat().st_size
     else:
         st: SafetensorsFile = read_safetensors(weights)
         tensors, dtypes, meta, nbytes = st.tensors, st.dtypes, st.metadata, st.nbytes
@@ -433,6 +442,8 @@ def discover_lora_files(
     p = Path(path)
     if p.is_file():
         return [p]
+    if p.exists() and not p.is_dir():
+        check_regular_file(p)  # a FIFO, device or socket: refused, never opened
     if not p.exists():
         import glob
 
