@@ -573,7 +573,8 @@ def to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
         return (rounded >> 16).astype(np.uint16)
     if dtype not in _DTYPES:
         raise FormatError(f"unsupported storage dtype {dtype!r}")
-    return np.ascontiguousarray(arr, dtype=_DTYPES[dtype])
+    with np.errstate(over="ignore"):  # overflow is reported by the writer's check
+        return np.ascontiguousarray(arr, dtype=_DTYPES[dtype])
 
 
 @contextlib.contextmanager
@@ -627,8 +628,13 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     dtypes: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    finite: bool = False,
 ) -> None:
     """Write tensors to a safetensors file atomically.
+
+    Values are checked after they are narrowed to their storage dtype: a
+    finite value that would be stored as Inf (above 65504 in ``F16``, 1e300 in
+    ``F32``) is refused, naming the key, and nothing is written.
 
     Parameters
     ----------
@@ -643,6 +649,14 @@ def write_safetensors(
         float types).
     overwrite : bool
         Replace an existing file.
+    finite : bool
+        Refuse any NaN/Inf value in a float tensor, not only those made by
+        narrowing (LoRA files: a non-finite factor breaks every image).
+
+    Raises
+    ------
+    FormatError
+        Naming ``path`` and the key, for a value that is not finite as stored.
     """
     dtypes = dict(dtypes or {})
     header: dict[str, object] = {}
@@ -654,6 +668,8 @@ def write_safetensors(
         arr = np.asarray(arr)
         st = dtypes.get(key) or _NP_TO_ST.get(arr.dtype, "F32")
         raw = to_storage(arr, st)
+        if st in _FLOAT_DTYPES and (finite or raw.dtype.itemsize < arr.dtype.itemsize):
+            _check_stored(arr, raw, st, finite, path, key)
         header[key] = {
             "dtype": st,
             "shape": list(arr.shape),
@@ -668,6 +684,42 @@ def write_safetensors(
         fh.write(head)
         for raw in blobs:
             fh.write(memoryview(raw).cast("B") if raw.size else b"")
+
+
+_LARGEST = {"F16": 65504.0, "BF16": 3.3895313892515355e38, "F32": 3.4028234663852886e38}
+
+
+def _check_stored(
+    arr: np.ndarray,
+    raw: np.ndarray,
+    dtype: str,
+    finite: bool,
+    path: str | os.PathLike[str],
+    key: str,
+) -> None:
+    """Refuse non-finite stored values: all of them (``finite``) or those narrowing made."""
+    if _finite(raw.reshape(-1), dtype):
+        return
+    src = np.asarray(arr)
+    if src.dtype.kind == "f":
+        made = ~np.isfinite(from_storage(raw, dtype)) & np.isfinite(src)
+        if made.any():
+            value = float(np.max(np.abs(src[made])))
+            raise FormatError(
+                f"{value:g} does not fit {dtype} (largest finite value "
+                f"{_LARGEST.get(dtype, float('inf')):g}); it would be written as Inf",
+                path=path,
+                key=key,
+                hint="store it in a wider dtype, e.g. F32",
+            )
+    if finite:
+        wide = from_storage(raw, dtype)
+        bad = "NaN" if np.isnan(wide).any() else "Inf"
+        raise FormatError(
+            f"tensor holds {bad} values; refusing to write a non-finite file",
+            path=path,
+            key=key,
+        )
 
 
 # ----------------------------------------------------------------------------- JSON
