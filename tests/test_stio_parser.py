@@ -264,3 +264,29 @@ def test_character_device_is_refused():
             read_safetensors("/dev/null")
         res = CliRunner().invoke(cli, ["inspect", "/dev/null"])
     assert res.exit_code == 1 and "character device" in res.output, res.output
+
+
+@pytest.mark.parametrize(
+    ("meta", "words"),
+    [
+        (_obj(("k", '"\\ud800"')), "safetensors parser"),
+        (_obj(("k", "1")), "strings to strings"),
+        (_obj(("k", '"1"'), ("k", '"2"')), "appears twice"),
+        ("[" * 100 + "]" * 100, "strings to strings"),
+    ],
+    ids=["lone_surrogate", "number", "duplicate", "deep"],
+)
+def test_metadata_is_checked_when_the_tensor_entries_were_seen_before(tmp_path, meta, words):
+    entries = ("a", A)
+    first = _file(tmp_path, _raw(_obj(("__metadata__", _obj(("k", '"v"'))), entries), F32x2), "1")
+    other = _file(tmp_path, _raw(_obj(("__metadata__", _obj(("k", '"w"'))), entries), F32x2), "2")
+    assert read_safetensors(first).metadata == {"k": "v"}
+    assert read_safetensors(other).metadata == {"k": "w"}  # its own metadata, same entries
+    bad = _file(tmp_path, _raw(_obj(("__metadata__", meta), entries), F32x2), "3")
+    with pytest.raises(FormatError, match=words):
+        read_safetensors(bad)
+    longer = _file(
+        tmp_path, _raw(_obj(("__metadata__", _obj(("k", '"x"'))), entries), F32x2 + b"more"), "4"
+    )
+    with pytest.raises(FormatError, match="4 bytes after"):
+        read_safetensors(longer)

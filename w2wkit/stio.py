@@ -393,7 +393,31 @@ def _reference_check(fd: int, path: str) -> None:
         raise FormatError(f"rejected by the safetensors parser: {text}", path=path) from None
 
 
-_LAYOUTS: dict[tuple[bytes, int], _Layout] = {}
+_LAYOUTS: dict[tuple, _Layout] = {}
+_META_PREFIX = '{"__metadata__":'
+_META_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+
+
+def _split_metadata(head: bytes) -> tuple[dict[str, str], str] | None:
+    """``(metadata, rest of the header)`` when the header starts with valid metadata.
+
+    Writers put ``__metadata__`` first. Metadata that is not plainly valid
+    (or not first) gives ``None``: the whole header then goes through both
+    parsers, which report what is wrong.
+    """
+    if not head.startswith(b'{"__metadata__":{'):
+        return None
+    try:
+        text = head.decode("utf-8")
+        meta, end = _META_DECODER.raw_decode(text, len(_META_PREFIX))
+        if not all(type(v) is str for v in meta.values()):
+            return None
+        for k, v in meta.items():  # lone surrogates: not text in UTF-8 (or to the reference)
+            k.encode("utf-8")
+            v.encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeError and JSONDecodeError included
+        return None
+    return meta, text[end:]
 
 
 def _check_length(prefix: bytes, size: int, path: str) -> int:
@@ -425,12 +449,23 @@ def _layout(head: bytes, size: int, fd: int, path: str) -> _Layout:
     layout = _LAYOUTS.get(key)
     if layout is not None:
         return layout
+    # Files of one training run share their tensor entries but not their
+    # metadata: valid metadata first, then tensor entries already validated
+    # behind other valid metadata at the same offsets, make a valid header.
+    split = _split_metadata(head) if len(head) <= _CACHE_HEADER_MAX else None
+    if split is not None:
+        rest_key = (split[1], size, len(head))
+        base = _LAYOUTS.get(rest_key)
+        if base is not None:
+            return _Layout(base.header, split[0], base.start, base.entries, base.dtypes)
     layout = _parse_layout(head, size, path)
     _reference_check(fd, path)
     if len(head) <= _CACHE_HEADER_MAX:
         if len(_LAYOUTS) >= _CACHE_ENTRIES:
             _LAYOUTS.clear()
         _LAYOUTS[key] = layout
+        if split is not None:
+            _LAYOUTS[rest_key] = layout
     return layout
 
 
