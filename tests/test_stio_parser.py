@@ -290,3 +290,14 @@ def test_metadata_is_checked_when_the_tensor_entries_were_seen_before(tmp_path, 
     )
     with pytest.raises(FormatError, match="4 bytes after"):
         read_safetensors(longer)
+
+
+def test_memory_mapped_read_validates_the_same(tmp_path, monkeypatch):
+    import w2wkit.stio as stio
+
+    monkeypatch.setattr(stio, "_MMAP_THRESHOLD", 1)
+    header, data, _ = DAMAGED["aliased"]
+    with pytest.raises(FormatError, match="overlaps"):
+        read_safetensors(_file(tmp_path, _raw(header, data)))
+    ok = _file(tmp_path, _raw(_obj(("a", A)), F32x2), "ok.safetensors")
+    assert read_safetensors(ok).tensors["a"].tolist() == [1.5, -2.0]

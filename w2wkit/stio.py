@@ -1,12 +1,20 @@
 """Reading and writing safetensors files without torch.
 
-The reader validates the header strictly (so a truncated or foreign file gets
-one clear error naming it), reads the file with one ``read`` call (or a
-memory map for large files) and returns numpy views. ``BF16`` tensors are
-widened to float32 exactly; the storage dtype of every tensor is returned so
-writers can narrow them back bit-identically.
+Reading: only regular files are opened (a FIFO or a device is refused after
+an ``os.stat``, before any ``open``). The header is validated by the
+``safetensors`` package's own parser (``safe_open`` on the same open file)
+and by the same rules here, with messages naming the key, plus what the
+reference parser lets through: duplicate keys and deep nesting. A header's
+validated layout is remembered by its tensor entries and the file size, so
+the files of one collection are parsed once. Every tensor is a numpy view of
+one ``read`` of the file (a memory map for large files). What the package
+lacks is kept here: ``BF16`` widened to float32 exactly, the storage dtype of
+every tensor (so writers can narrow back bit-identically), a one-pass
+NaN/Inf check of the data section.
 
-Writes are atomic: a temporary file in the target folder, then ``os.replace``.
+Writing: values are checked after narrowing to their storage dtype (nothing
+finite becomes Inf; LoRA writers refuse any NaN/Inf), then written atomically:
+a temporary file in the target folder, then ``os.replace``.
 """
 
 from __future__ import annotations
