@@ -301,3 +301,65 @@ def test_memory_mapped_read_validates_the_same(tmp_path, monkeypatch):
         read_safetensors(_file(tmp_path, _raw(header, data)))
     ok = _file(tmp_path, _raw(_obj(("a", A)), F32x2), "ok.safetensors")
     assert read_safetensors(ok).tensors["a"].tolist() == [1.5, -2.0]
+
+
+def test_mutated_files_never_pass_what_the_reference_parser_refuses(tmp_path):
+    """400 random mutations of a valid file: one FormatError or a file both parsers accept."""
+    import random
+
+    from safetensors import deserialize
+
+    rng = random.Random(18)
+    base = tmp_path / "base.safetensors"
+    write_safetensors(
+        base,
+        {
+            "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "b": np.ones(3, np.float16),
+            "c": np.zeros((2, 2), np.float32),
+        },
+        metadata={"k": "v"},
+        dtypes={"c": "BF16"},
+    )
+    raw0 = base.read_bytes()
+    n0 = struct.unpack("<Q", raw0[:8])[0]
+    head0, data0 = raw0[8 : 8 + n0].decode(), raw0[8 + n0 :]
+    tokens = ["0", "4", "8", "24", "-1", "1e400", "NaN", '"F32"', '"X"', "[]", "{}", "null"]
+    tokens += [",", ":", "{", "}", "[", "]", '"__metadata__"', '"\\ud800"', '"a"']
+    accepted = 0
+    for i in range(400):
+        kind = i % 4
+        if kind == 0:  # a token spliced into the header
+            j = rng.randrange(len(head0))
+            text = head0[:j] + rng.choice(tokens) + head0[j + rng.randrange(6) :]
+            raw = struct.pack("<Q", len(text.encode())) + text.encode() + data0
+        elif kind == 1:  # data cut short or extended
+            raw = raw0[: rng.randrange(len(raw0))] if i % 8 == 1 else raw0 + bytes(i % 7 + 1)
+        elif kind == 2:  # other offsets and shapes
+            header = json.loads(head0)
+            key = rng.choice("abc")
+            header[key]["data_offsets"] = [rng.randrange(40), rng.randrange(40)]
+            if rng.random() < 0.3:
+                header[key]["shape"] = [rng.randrange(5) for _ in range(rng.randrange(3))]
+            text = json.dumps(header)
+            raw = struct.pack("<Q", len(text)) + text.encode() + data0
+        else:  # entries reordered, sometimes one repeated
+            items = list(json.loads(head0).items())
+            rng.shuffle(items)
+            if rng.random() < 0.5:
+                items.append(rng.choice(items))
+            text = _obj(*((k, json.dumps(v)) for k, v in items))
+            raw = struct.pack("<Q", len(text)) + text.encode() + data0
+        path = _file(tmp_path, raw, f"m{i % 5}.safetensors")
+        try:
+            deserialize(raw)
+            reference_ok = True
+        except Exception:
+            reference_ok = False
+        try:
+            read_safetensors(path)
+        except FormatError:
+            continue
+        assert reference_ok, raw[:300]
+        accepted += 1
+    assert accepted > 20  # the mutations are not all fatal
