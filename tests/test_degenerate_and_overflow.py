@@ -235,7 +235,7 @@ def test_convert_to_fp16_refuses_values_above_65504(tmp_path, to):
     src = _kohya_file(tmp_path, 70000.0)
     out = tmp_path / ("out" if to == "peft" else "out.safetensors")
     res = _cli("convert", src, "--to", to, "--dtype", "fp16", "-o", out)
-    _one_line_error(res, "70000 does not fit F16", "lora_", "Inf")
+    _one_line_error(res, "70000 does not fit F16", "lora_", "Inf", "option --dtype")
     assert not out.exists()
     assert not list(tmp_path.glob(".out*"))  # no temporary left either
     # the same file in fp32 or bf16 is fine
@@ -250,7 +250,7 @@ def test_up_factor_in_the_down_factors_dtype_is_refused(tmp_path, to):
     assert read_safetensors(src).dtypes[f"{K}.lora_up.weight"] == "F32"
     out = tmp_path / ("out" if to == "peft" else "out.safetensors")
     res = _cli("convert", src, "--to", to, "-o", out)
-    _one_line_error(res, "does not fit F16", "Inf")
+    _one_line_error(res, "does not fit F16", "Inf", "down factor's dtype", "option --dtype")
     assert not out.exists()
 
 

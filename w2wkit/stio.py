@@ -35,6 +35,7 @@ from w2wkit import jsonio
 from w2wkit.errors import FormatError
 
 __all__ = [
+    "NarrowingError",
     "SafetensorsFile",
     "atomic_path",
     "check_regular_file",
@@ -729,6 +730,10 @@ def write_safetensors(
             fh.write(memoryview(raw).cast("B") if raw.size else b"")
 
 
+class NarrowingError(FormatError):
+    """A finite value that its storage dtype would hold as Inf."""
+
+
 _LARGEST = {"F16": 65504.0, "BF16": 3.3895313892515355e38, "F32": 3.4028234663852886e38}
 
 
@@ -748,7 +753,7 @@ def _check_stored(
         made = ~np.isfinite(from_storage(raw, dtype)) & np.isfinite(src)
         if made.any():
             value = float(np.max(np.abs(src[made])))
-            raise FormatError(
+            raise NarrowingError(
                 f"{value:g} does not fit {dtype} (largest finite value "
                 f"{_LARGEST.get(dtype, float('inf')):g}); it would be written as Inf",
                 path=path,

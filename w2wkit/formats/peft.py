@@ -270,4 +270,4 @@ class PeftFormat:
                     )
                 except FormatError as exc:  # name the output, not its temporary folder
                     where = path / WEIGHTS_NAME if i == 0 else path / comp / WEIGHTS_NAME
-                    raise FormatError(exc.message, path=where, key=exc.key, hint=exc.hint) from None
+                    raise type(exc)(exc.message, path=where, key=exc.key, hint=exc.hint) from None

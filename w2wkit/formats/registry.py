@@ -20,7 +20,12 @@ import numpy as np
 
 from w2wkit.adapter import COMPONENTS, Adapter
 from w2wkit.errors import FormatError
-from w2wkit.stio import SafetensorsFile, check_regular_file, read_safetensors
+from w2wkit.stio import (
+    NarrowingError,
+    SafetensorsFile,
+    check_regular_file,
+    read_safetensors,
+)
 
 __all__ = [
     "FORMATS",
@@ -400,6 +405,13 @@ def write_adapter(
     -------
     pathlib.Path
         The written path.
+
+    Raises
+    ------
+    FormatError
+        For an unknown format, an existing output, or a layer the format
+        cannot hold; :class:`~w2wkit.stio.NarrowingError` (``param="dtype"``)
+        for a value the storage dtype would hold as Inf. Nothing is written.
     """
     _ensure_loaded()
     fmt = FORMATS.get(format)
@@ -409,7 +421,21 @@ def write_adapter(
     out = Path(path)
     if out.exists() and not overwrite:
         raise FormatError("output exists (use --force to overwrite)", path=out)
-    fmt.write(adapter, out, WriteOptions(dtype, overwrite, dict(provenance or {})))
+    try:
+        fmt.write(adapter, out, WriteOptions(dtype, overwrite, dict(provenance or {})))
+    except NarrowingError as exc:
+        why = (
+            "both factors of a layer are stored in its down factor's dtype"
+            if dtype is None
+            else f"parameter dtype is {dtype}"
+        )
+        raise NarrowingError(
+            exc.message,
+            path=exc.path,
+            key=exc.key,
+            param="dtype",
+            hint=f"{why}; choose a wider storage dtype, e.g. F32",
+        ) from None
     return out
 
 
