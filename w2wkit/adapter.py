@@ -22,10 +22,39 @@ import numpy as np
 
 from w2wkit.errors import FormatError
 
-__all__ = ["COMPONENTS", "Adapter", "DeltaLayer", "LoraLayer"]
+__all__ = ["COMPONENTS", "Adapter", "DeltaLayer", "LoraLayer", "degenerate_factors"]
 
 #: Component prefixes a module path may start with.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+
+
+def degenerate_factors(down_shape: tuple[int, ...], up_shape: tuple[int, ...]) -> str | None:
+    """Why LoRA factors of these shapes make no usable layer, or ``None``.
+
+    A layer of rank 0, or with any zero-size dimension, changes nothing and
+    makes the scale ``alpha / r`` undefined; it is refused on read.
+
+    Parameters
+    ----------
+    down_shape : tuple of int
+        Shape of the A factor, ``(r, in[, kh, kw])``.
+    up_shape : tuple of int
+        Shape of the B factor, ``(out, r[, 1, 1])``.
+
+    Returns
+    -------
+    str or None
+        The reason, for a message ("rank 0 ...", "zero-size ...").
+    """
+    down_shape, up_shape = tuple(down_shape), tuple(up_shape)
+    if (down_shape and down_shape[0] == 0) or (len(up_shape) > 1 and up_shape[1] == 0):
+        return (
+            f"degenerate layer of rank 0 (down {down_shape}, up {up_shape}): it changes "
+            "nothing and its scale alpha/r is undefined"
+        )
+    if 0 in down_shape or 0 in up_shape:
+        return f"degenerate layer with a zero-size dimension (down {down_shape}, up {up_shape})"
+    return None
 
 
 @dataclass
@@ -110,6 +139,9 @@ class LoraLayer:
                 path=path,
                 key=module,
             )
+        why = degenerate_factors(self.down.shape, self.up.shape)
+        if why is not None:
+            raise FormatError(why, path=path, key=module)
         r_up = self.up.shape[1]
         if r_up != self.down.shape[0]:
             raise FormatError(
@@ -159,7 +191,21 @@ class DeltaLayer:
         return np.asarray(self.weight, dtype=np.float32)
 
     def validate(self, module: str, path: str | None = None, *, check_finite: bool = True) -> None:
-        """Raise :class:`FormatError` on NaN/Inf values."""
+        """Raise :class:`FormatError` for a delta that cannot be a layer.
+
+        That is: not 2-D/4-D, a zero-size dimension, or (unless
+        ``check_finite`` is false) NaN/Inf values.
+        """
+        if self.weight.ndim not in (2, 4):
+            raise FormatError(
+                f"delta must be 2-D or 4-D, got shape {self.delta_shape}", path=path, key=module
+            )
+        if 0 in self.weight.shape:
+            raise FormatError(
+                f"degenerate layer: delta has a zero-size dimension {self.delta_shape}",
+                path=path,
+                key=module,
+            )
         if check_finite and not np.isfinite(self.weight).all():
             raise FormatError("delta contains NaN or Inf values", path=path, key=module)
 

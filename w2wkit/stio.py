@@ -1,32 +1,43 @@
 """Reading and writing safetensors files without torch.
 
-The reader validates the header strictly (so a truncated or foreign file gets
-one clear error naming it), reads the file with one ``read`` call (or a
-memory map for large files) and returns numpy views. ``BF16`` tensors are
-widened to float32 exactly; the storage dtype of every tensor is returned so
-writers can narrow them back bit-identically.
+Reading: only regular files are opened (a FIFO or a device is refused after
+an ``os.stat``, before any ``open``). The header is validated by the
+``safetensors`` package's own parser (``safe_open`` on the same open file)
+and by the same rules here, with messages naming the key, plus what the
+reference parser lets through: duplicate keys and deep nesting. A header's
+validated layout is remembered by its tensor entries and the file size, so
+the files of one collection are parsed once. Every tensor is a numpy view of
+one ``read`` of the file (a memory map for large files). What the package
+lacks is kept here: ``BF16`` widened to float32 exactly, the storage dtype of
+every tensor (so writers can narrow back bit-identically), a one-pass
+NaN/Inf check of the data section.
 
-Writes are atomic: a temporary file in the target folder, then ``os.replace``.
+Writing: values are checked after narrowing to their storage dtype (nothing
+finite becomes Inf; LoRA writers refuse any NaN/Inf), then written atomically:
+a temporary file in the target folder, then ``os.replace``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from w2wkit import jsonio
 from w2wkit.atomic import atomic_path
 from w2wkit.errors import FormatError
 
 __all__ = [
+    "NarrowingError",
     "SafetensorsFile",
     "atomic_path",
+    "check_regular_file",
     "from_storage",
     "json_default",
     "json_safe",
@@ -49,9 +60,15 @@ _DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
+_ITEMSIZE = {name: dt.itemsize for name, dt in _DTYPES.items()}
 _NP_TO_ST = {np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("float16"): "F16"}
 _MAX_HEADER = 100 * 1024 * 1024
 _MMAP_THRESHOLD = 64 * 1024 * 1024
+#: Headers up to this size have their validated layout cached (the files of a
+#: collection usually share their header byte for byte); at most this many.
+_CACHE_HEADER_MAX = 256 * 1024
+_CACHE_ENTRIES = 64
+_FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else None
 
 
 class SafetensorsFile:
@@ -126,7 +143,292 @@ def _finite(arr: np.ndarray, dtype: str) -> bool:
     return bool(np.isfinite(arr).all())
 
 
-def _parse_header(raw: bytes | memoryview, size: int, path: str) -> tuple[dict, int]:
+# ----------------------------------------------------------------------------- opening
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_regular_file(path: str | os.PathLike[str], *, what: str = "file") -> int:
+    """Refuse anything but an existing regular file, without opening it.
+
+    FIFOs, devices and sockets would block a reader or never end (``/dev/zero``);
+    they are told apart with :func:`os.stat` (which follows links) before any
+    ``open``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+    what : str
+        What the file is, for the message ("file", "safetensors file", ...).
+
+    Returns
+    -------
+    int
+        The file's size in bytes.
+
+    Raises
+    ------
+    FormatError
+        Naming ``path``: missing, unreadable, a folder, or not a regular file.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FormatError("no such file", path=path) from None
+    except (OSError, ValueError) as exc:  # ValueError: NUL in the path
+        reason = getattr(exc, "strerror", None) or exc
+        raise FormatError(f"cannot read file: {reason}", path=path) from None
+    _check_mode(st.st_mode, path, what)
+    return st.st_size
+
+
+def _check_mode(mode: int, path: str | os.PathLike[str], what: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise FormatError(f"is a folder, not a {what}", path=path)
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise FormatError(f"is {kind}, not a regular {what}; refusing to read it", path=path)
+
+
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)  # a FIFO swapped in after the stat cannot block the open
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
+def _open_regular(path: str) -> tuple[int, int]:
+    """``(fd, size)`` of the regular file ``path``; refuses others before opening them."""
+    check_regular_file(path, what="safetensors file")
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise FormatError(f"cannot read file: {exc.strerror or exc}", path=path) from None
+    try:
+        st = os.fstat(fd)
+        _check_mode(st.st_mode, path, "safetensors file")  # replaced since the stat
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+# ----------------------------------------------------------------------------- header
+
+
+class _Layout:
+    """A validated header: where every tensor lies (a function of the header and file size).
+
+    ``entries`` holds ``(key, dtype, lo, hi, shape, offset)`` in header order:
+    elements ``lo:hi`` of the dtype's view of the data section, or, when that
+    view would be misaligned, ``offset`` (bytes from the start of the file).
+    """
+
+    __slots__ = ("dtypes", "entries", "header", "metadata", "start")
+
+    def __init__(
+        self, header: dict, metadata: dict[str, str], start: int, entries: tuple, dtypes: tuple
+    ) -> None:
+        self.header = header
+        self.metadata = metadata
+        self.start = start
+        self.entries = entries
+        self.dtypes = dtypes
+
+
+class _Duplicate(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Duplicate(k)
+            seen.add(k)
+    return obj
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"the non-standard number {name} is not JSON")
+
+
+def _depth(obj: object) -> int:
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, d = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _is_count(x: object) -> bool:
+    return type(x) is int and x >= 0
+
+
+_TOO_DEEP = f"not a safetensors file (header is nested more than {jsonio.MAX_DEPTH} levels deep)"
+_ENTRY_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
+
+
+def _parse_layout(head: bytes, size: int, path: str) -> _Layout:
+    """Parse and check a header strictly (the checks of the reference parser, with messages)."""
+    try:
+        header = json.loads(
+            head.decode("utf-8"), object_pairs_hook=_unique_pairs, parse_constant=_no_constant
+        )
+    except _Duplicate as exc:
+        raise FormatError("key appears twice in the header", path=path, key=exc.key) from None
+    except UnicodeDecodeError:
+        raise FormatError("not a safetensors file (header is not UTF-8)", path=path) from None
+    except RecursionError:
+        raise FormatError(_TOO_DEEP, path=path) from None
+    except ValueError as exc:  # JSONDecodeError included
+        raise FormatError(
+            f"not a safetensors file (header is not JSON: {exc})", path=path
+        ) from None
+    if not isinstance(header, dict):
+        raise FormatError("not a safetensors file (header is not a JSON object)", path=path)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError("__metadata__ must map strings to strings", path=path)
+    start = 8 + len(head)
+    data_len = size - start
+    spans = []
+    entries = []
+    for key, info in header.items():
+        try:
+            name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            itemsize = _ITEMSIZE[name]
+        except (KeyError, TypeError, ValueError):
+            raise _entry_error(key, info, path) from None
+        if type(begin) is not int or type(end) is not int or type(shape) is not list:
+            raise _entry_error(key, info, path)
+        count = itemsize
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise _entry_error(key, info, path)
+            count *= d
+        if begin < 0 or end - begin != count or end > data_len:
+            raise FormatError(
+                f"tensor data out of bounds or truncated (offsets {begin}-{end}, "
+                f"shape {list(shape)} {name}, data section {data_len} bytes)",
+                path=path,
+                key=key,
+            )
+        if len(info) > 3 and _depth(info) > jsonio.MAX_DEPTH - 1:
+            raise FormatError(_TOO_DEEP, path=path)
+        spans.append((begin, end, key))
+        if start % itemsize == 0 and begin % itemsize == 0:
+            entries.append((key, name, begin // itemsize, end // itemsize, tuple(shape), None))
+        else:
+            entries.append((key, name, 0, 0, tuple(shape), start + begin))
+    # The tensors must tile the data section: no overlap (aliased data), no
+    # gap, nothing after the last one.
+    spans.sort()
+    pos, prev = 0, None
+    for begin, end, key in spans:
+        if begin < pos:
+            raise FormatError(
+                f"tensor data overlaps that of {prev!r} (offsets {begin}-{end}, "
+                f"{prev!r} ends at {pos})",
+                path=path,
+                key=key,
+            )
+        if begin > pos:
+            raise FormatError(
+                f"gap of {begin - pos} bytes before this tensor's data (offsets {begin}-{end}, "
+                f"the previous data ends at {pos})",
+                path=path,
+                key=key,
+            )
+        pos, prev = end, key
+    if pos != data_len:
+        raise FormatError(
+            f"{data_len - pos} bytes after the last tensor's data (data section "
+            f"{data_len} bytes, tensors cover {pos})",
+            path=path,
+        )
+    dtypes = tuple(dict.fromkeys(e[1] for e in entries))
+    return _Layout(header, meta, start, tuple(entries), dtypes)
+
+
+def _entry_error(key: str, info: object, path: str) -> FormatError:
+    """The error for a tensor entry that is not ``{dtype, shape, data_offsets}``."""
+    if not isinstance(info, dict) or not _ENTRY_FIELDS <= info.keys():
+        return FormatError(
+            "malformed tensor entry in header (needs dtype, shape, data_offsets)",
+            path=path,
+            key=key,
+        )
+    name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(name, str) or name not in _DTYPES:
+        return FormatError(f"unsupported dtype {name!r}", path=path, key=key)
+    if not (isinstance(shape, list) and all(map(_is_count, shape))):
+        return FormatError(f"malformed shape {shape!r}", path=path, key=key)
+    return FormatError(f"malformed data_offsets {offsets!r}", path=path, key=key)
+
+
+def _reference_check(fd: int, path: str) -> None:
+    """Have the ``safetensors`` package's own parser validate the open file's header.
+
+    It reads the header from the same open file (``/proc/self/fd``, where
+    there is one), checks it with the rules of the format and maps nothing.
+    """
+    from safetensors import safe_open
+
+    target = f"{_FD_DIR}/{fd}" if _FD_DIR else path
+    try:
+        with safe_open(target, framework="numpy"):
+            pass
+    except OSError as exc:
+        raise FormatError(f"cannot read file: {exc.strerror or exc}", path=path) from None
+    except Exception as exc:  # safetensors_rust.SafetensorError
+        text = " ".join(str(exc).split())
+        raise FormatError(f"rejected by the safetensors parser: {text}", path=path) from None
+
+
+_LAYOUTS: dict[tuple, _Layout] = {}
+_META_PREFIX = '{"__metadata__":'
+_META_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+
+
+def _split_metadata(head: bytes) -> tuple[dict[str, str], str] | None:
+    """``(metadata, rest of the header)`` when the header starts with valid metadata.
+
+    Writers put ``__metadata__`` first. Metadata that is not plainly valid
+    (or not first) gives ``None``: the whole header then goes through both
+    parsers, which report what is wrong.
+    """
+    if not head.startswith(b'{"__metadata__":{'):
+        return None
+    try:
+        text = head.decode("utf-8")
+        meta, end = _META_DECODER.raw_decode(text, len(_META_PREFIX))
+        if not all(type(v) is str for v in meta.values()):
+            return None
+        for k, v in meta.items():  # lone surrogates: not text in UTF-8 (or to the reference)
+            k.encode("utf-8")
+            v.encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeError and JSONDecodeError included
+        return None
+    return meta, text[end:]
+
+
+def _check_length(prefix: bytes, size: int, path: str) -> int:
     if size < 8:
         raise FormatError(
             "not a safetensors file (shorter than its 8-byte header length)"
@@ -134,26 +436,49 @@ def _parse_header(raw: bytes | memoryview, size: int, path: str) -> tuple[dict, 
             else "file is empty",
             path=path,
         )
-    (n,) = struct.unpack("<Q", bytes(raw[:8]))
+    (n,) = struct.unpack("<Q", prefix[:8])
     if n == 0 or n > _MAX_HEADER:
         raise FormatError(f"not a safetensors file (header length {n} is invalid)", path=path)
     if 8 + n > size:
         raise FormatError(
             f"truncated safetensors header (needs {n} bytes, file has {size - 8})", path=path
         )
-    try:
-        header = json.loads(bytes(raw[8 : 8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(
-            f"not a safetensors file (header is not JSON: {exc})", path=path
-        ) from None
-    if not isinstance(header, dict):
-        raise FormatError("not a safetensors file (header is not a JSON object)", path=path)
-    return header, 8 + n
+    return n
+
+
+def _layout(head: bytes, size: int, fd: int, path: str) -> _Layout:
+    """The validated layout of a header, from the cache or by both parsers.
+
+    Validity is a function of the header bytes and the file size alone, so a
+    header seen before (files of one collection share theirs) is not parsed
+    again.
+    """
+    key = (head, size)
+    layout = _LAYOUTS.get(key)
+    if layout is not None:
+        return layout
+    # Files of one training run share their tensor entries but not their
+    # metadata: valid metadata first, then tensor entries already validated
+    # behind other valid metadata at the same offsets, make a valid header.
+    split = _split_metadata(head) if len(head) <= _CACHE_HEADER_MAX else None
+    if split is not None:
+        rest_key = (split[1], size, len(head))
+        base = _LAYOUTS.get(rest_key)
+        if base is not None:
+            return _Layout(base.header, split[0], base.start, base.entries, base.dtypes)
+    layout = _parse_layout(head, size, path)
+    _reference_check(fd, path)
+    if len(head) <= _CACHE_HEADER_MAX:
+        if len(_LAYOUTS) >= _CACHE_ENTRIES:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+        if split is not None:
+            _LAYOUTS[rest_key] = layout
+    return layout
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict], dict[str, str]]:
-    """Read only the header of a safetensors file.
+    """Read and validate only the header of a safetensors file.
 
     Returns
     -------
@@ -162,36 +487,37 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict], dict[str
     metadata : dict of str to str
     """
     path = os.fspath(path)
+    fd, size = _open_regular(path)
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            head = fh.read(8)
-            if len(head) == 8:
-                (n,) = struct.unpack("<Q", head)
-                if 0 < n <= _MAX_HEADER:
-                    head += fh.read(n)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            prefix = fh.read(8)
+            n = _check_length(prefix, size, path)
+            head = fh.read(n)
+        if len(head) != n:
+            raise FormatError("file changed while it was read", path=path)
+        layout = _layout(head, size, fd, path)
     except OSError as exc:
         raise FormatError(f"cannot read file: {exc.strerror or exc}", path=path) from None
-    header, _ = _parse_header(head, size, path)
-    meta = header.pop("__metadata__", None) or {}
-    return header, _check_metadata(meta, path)
-
-
-def _check_metadata(meta: object, path: str) -> dict[str, str]:
-    if not isinstance(meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-    ):
-        raise FormatError("__metadata__ must map strings to strings", path=path)
-    return dict(meta)
+    finally:
+        os.close(fd)
+    return {k: dict(v) for k, v in layout.header.items()}, dict(layout.metadata)
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> SafetensorsFile:
     """Read and validate a whole safetensors file.
 
+    The header is validated by the ``safetensors`` package's own parser and,
+    with messages that name the key, by the same rules here: unique keys,
+    known dtypes, offsets that match each shape and tile the data section
+    exactly (no overlapping/aliased data, no gaps, no trailing bytes).
+    Tensors are views of one read of the file (a memory map above 64 MiB);
+    ``BF16`` is widened to float32 and every storage dtype is kept.
+
     Parameters
     ----------
     path : str or os.PathLike
-        The file.
+        The file. Anything but a regular file (a FIFO, a device, a socket) is
+        refused without being opened.
 
     Returns
     -------
@@ -200,70 +526,50 @@ def read_safetensors(path: str | os.PathLike[str]) -> SafetensorsFile:
     Raises
     ------
     FormatError
-        When the file is unreadable, empty, truncated, not safetensors, or a
-        tensor's offsets do not fit its dtype and shape.
+        Naming the file (and key) when it is unreadable, empty, truncated,
+        not a regular file, or not a valid safetensors file.
     """
     path = os.fspath(path)
+    fd, size = _open_regular(path)
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size >= _MMAP_THRESHOLD:
-                buf: bytes | mmap.mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            else:
+        if size >= _MMAP_THRESHOLD:
+            buf: bytes | mmap.mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        else:
+            with os.fdopen(os.dup(fd), "rb") as fh:
                 buf = fh.read()
-    except IsADirectoryError:
-        raise FormatError("is a folder, not a safetensors file", path=path) from None
+        size = len(buf)
+        n = _check_length(bytes(buf[:8]), size, path)
+        layout = _layout(bytes(buf[8 : 8 + n]), size, fd, path)
     except OSError as exc:
         raise FormatError(f"cannot read file: {exc.strerror or exc}", path=path) from None
-    header, start = _parse_header(buf if isinstance(buf, bytes) else memoryview(buf), size, path)
-    meta = _check_metadata(header.pop("__metadata__", None) or {}, path)
+    finally:
+        os.close(fd)
+    start = layout.start
     data_len = size - start
+    views = {}
+    for name in layout.dtypes:
+        dt = _DTYPES[name]
+        views[name] = (
+            np.frombuffer(buf, dtype=dt, count=data_len // dt.itemsize, offset=start)
+            if start % dt.itemsize == 0
+            else None
+        )
     tensors: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     bf16_raw: dict[str, np.ndarray] = {}
-    # One typed view of the data section per dtype; tensors are slices of it
-    # (cheaper than one numpy constructor per tensor). Unaligned data falls
-    # back to a view per tensor.
-    typed: dict[str, tuple[np.ndarray | None, int]] = {}
-    key = ""
-    try:
-        for key, info in header.items():
-            dt_name = info["dtype"]
-            shape = info["shape"]
-            begin, end = info["data_offsets"]
-            base = typed.get(dt_name)
-            if base is None:
-                dt = _DTYPES.get(dt_name)
-                if dt is None:
-                    raise FormatError(f"unsupported dtype {dt_name!r}", path=path, key=key)
-                size_ = dt.itemsize
-                view = (
-                    np.frombuffer(buf, dtype=dt, count=data_len // size_, offset=start)
-                    if start % size_ == 0
-                    else None
-                )
-                base = typed[dt_name] = (view, size_)
-            view, size_ = base
-            count = math.prod(shape)
-            if not (0 <= begin <= end <= data_len and end - begin == count * size_):
-                raise FormatError(
-                    f"tensor data out of bounds or truncated (offsets {begin}-{end}, "
-                    f"shape {list(shape)} {dt_name}, data section {data_len} bytes)",
-                    path=path,
-                    key=key,
-                )
-            if view is not None and begin % size_ == 0:
-                arr = view[begin // size_ : end // size_].reshape(shape)
-            else:
-                arr = np.ndarray(shape, dtype=_DTYPES[dt_name], buffer=buf, offset=start + begin)
-            if dt_name == "BF16":
-                bf16_raw[key] = arr
-                arr = from_storage(arr, "BF16")
-            tensors[key] = arr
-            dtypes[key] = dt_name
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise FormatError("malformed tensor entry in header", path=path, key=key) from None
-    return SafetensorsFile(path, tensors, dtypes, meta, size, (buf, start, bf16_raw))
+    for key, name, lo, hi, shape, offset in layout.entries:
+        if offset is None:
+            arr = views[name][lo:hi].reshape(shape)
+        else:
+            arr = np.ndarray(shape, dtype=_DTYPES[name], buffer=buf, offset=offset)
+        if name == "BF16":
+            bf16_raw[key] = arr
+            arr = from_storage(arr, "BF16")
+        tensors[key] = arr
+        dtypes[key] = name
+    return SafetensorsFile(
+        path, tensors, dtypes, dict(layout.metadata), size, (buf, start, bf16_raw)
+    )
 
 
 def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
@@ -310,7 +616,8 @@ def to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
         return (rounded >> 16).astype(np.uint16)
     if dtype not in _DTYPES:
         raise FormatError(f"unsupported storage dtype {dtype!r}")
-    return np.ascontiguousarray(arr, dtype=_DTYPES[dtype])
+    with np.errstate(over="ignore"):  # overflow is reported by the writer's check
+        return np.ascontiguousarray(arr, dtype=_DTYPES[dtype])
 
 
 def write_safetensors(
@@ -320,8 +627,13 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     dtypes: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    finite: bool = False,
 ) -> None:
     """Write tensors to a safetensors file atomically.
+
+    Values are checked after they are narrowed to their storage dtype: a
+    finite value that would be stored as Inf (above 65504 in ``F16``, 1e300 in
+    ``F32``) is refused, naming the key, and nothing is written.
 
     Parameters
     ----------
@@ -336,6 +648,14 @@ def write_safetensors(
         float types).
     overwrite : bool
         Replace an existing file.
+    finite : bool
+        Refuse any NaN/Inf value in a float tensor, not only those made by
+        narrowing (LoRA files: a non-finite factor breaks every image).
+
+    Raises
+    ------
+    FormatError
+        Naming ``path`` and the key, for a value that is not finite as stored.
     """
     dtypes = dict(dtypes or {})
     header: dict[str, object] = {}
@@ -347,6 +667,8 @@ def write_safetensors(
         arr = np.asarray(arr)
         st = dtypes.get(key) or _NP_TO_ST.get(arr.dtype, "F32")
         raw = to_storage(arr, st)
+        if st in _FLOAT_DTYPES and (finite or raw.dtype.itemsize < arr.dtype.itemsize):
+            _check_stored(arr, raw, st, finite, path, key)
         header[key] = {
             "dtype": st,
             "shape": list(arr.shape),
@@ -361,6 +683,46 @@ def write_safetensors(
         fh.write(head)
         for raw in blobs:
             fh.write(memoryview(raw).cast("B") if raw.size else b"")
+
+
+class NarrowingError(FormatError):
+    """A finite value that its storage dtype would hold as Inf."""
+
+
+_LARGEST = {"F16": 65504.0, "BF16": 3.3895313892515355e38, "F32": 3.4028234663852886e38}
+
+
+def _check_stored(
+    arr: np.ndarray,
+    raw: np.ndarray,
+    dtype: str,
+    finite: bool,
+    path: str | os.PathLike[str],
+    key: str,
+) -> None:
+    """Refuse non-finite stored values: all of them (``finite``) or those narrowing made."""
+    if _finite(raw.reshape(-1), dtype):
+        return
+    src = np.asarray(arr)
+    if src.dtype.kind == "f":
+        made = ~np.isfinite(from_storage(raw, dtype)) & np.isfinite(src)
+        if made.any():
+            value = float(np.max(np.abs(src[made])))
+            raise NarrowingError(
+                f"{value:g} does not fit {dtype} (largest finite value "
+                f"{_LARGEST.get(dtype, float('inf')):g}); it would be written as Inf",
+                path=path,
+                key=key,
+                hint="store it in a wider dtype, e.g. F32",
+            )
+    if finite:
+        wide = from_storage(raw, dtype)
+        bad = "NaN" if np.isnan(wide).any() else "Inf"
+        raise FormatError(
+            f"tensor holds {bad} values; refusing to write a non-finite file",
+            path=path,
+            key=key,
+        )
 
 
 # ----------------------------------------------------------------------------- JSON

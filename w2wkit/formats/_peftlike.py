@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from w2wkit.adapter import Adapter, DeltaLayer, LoraLayer
+from w2wkit.adapter import Adapter, DeltaLayer, LoraLayer, degenerate_factors
 from w2wkit.errors import FormatError
 from w2wkit.formats.registry import Source
 
@@ -296,6 +296,9 @@ def assemble(
                 path=src.path,
                 key=slot["up"],
             )
+        why = degenerate_factors(down.shape, up.shape)
+        if why is not None:
+            raise FormatError(why, path=src.path, key=slot["down"])
         alpha_t = None
         if "alpha" in slot:
             arr = np.asarray(src.tensors[slot["alpha"]])

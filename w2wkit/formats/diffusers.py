@@ -193,4 +193,11 @@ class DiffusersFormat:
         meta.setdefault("format", "pt")
         meta.update(options.provenance)
         meta[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
-        write_safetensors(path, tensors, metadata=meta, dtypes=dtypes, overwrite=options.overwrite)
+        write_safetensors(
+            path,
+            tensors,
+            metadata=meta,
+            dtypes=dtypes,
+            overwrite=options.overwrite,
+            finite=True,
+        )

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from w2wkit.adapter import Adapter, LoraLayer
+from w2wkit.adapter import Adapter, LoraLayer, degenerate_factors
 from w2wkit.errors import FormatError
 from w2wkit.formats.registry import Source, WriteOptions, register_format
 from w2wkit.names import guess_family, is_kohya_name, kohya_to_module, module_to_kohya
@@ -163,6 +163,9 @@ def lora_layer(src: Source, kname: str, roles: dict[str, str]) -> LoraLayer:
             path=src.path,
             key=up_key,
         )
+    why = degenerate_factors(down.shape, up.shape)
+    if why is not None:
+        raise FormatError(why, path=src.path, key=down_key)
     alpha = read_alpha(src, roles.get("alpha"))
     return LoraLayer(
         down,
@@ -266,5 +269,10 @@ class KohyaFormat:
             tensors[f"{kname}.alpha"], dtypes[f"{kname}.alpha"] = _alpha_array(alpha)
         metadata = {**adapter.metadata, **options.provenance}
         write_safetensors(
-            path, tensors, metadata=metadata, dtypes=dtypes, overwrite=options.overwrite
+            path,
+            tensors,
+            metadata=metadata,
+            dtypes=dtypes,
+            overwrite=options.overwrite,
+            finite=True,
         )

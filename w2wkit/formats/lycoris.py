@@ -30,11 +30,29 @@ Files may also hold plain LoRA/LoCon layers (``lora_down``/``lora_up``);
 they are read as :class:`~w2wkit.adapter.LoraLayer`. Convolution deltas
 stored flattened (``(out, in*kh*kw)``) are reshaped with the module tables
 when the module is known.
+
+Expansion bound
+---------------
+A Kronecker or Hadamard product turns a few numbers into many, so a tiny
+file can ask for gigabytes. Before any delta is computed, the size of every
+delta is worked out from the factor shapes, and the file is refused (naming
+it and its largest module) when the deltas together would take more than
+``max(EXPAND_FLOOR, EXPAND_RATIO * file size)`` bytes as float32, that is
+more than 1 GiB and more than 8192 bytes of delta per byte of file. Real
+LyCORIS files stay well inside it: over every Linear/Conv module of the SD1.5
+or SDXL UNet, fp16 LoKr files with LyCORIS' default split (``factor=-1``)
+come to 4,200-7,100 bytes per byte at rank 1-4 of the second factor, 1,800
+with both factors whole, and 64 with ``factor=8``; LoHa at rank 1 to about
+1,200 (Tucker convolutions 5,700). What it refuses is a file like a rank-1
+decomposition of *both* Kronecker factors over every module (35,000), or a
+170 kB file claiming a 2.5 GB delta. While a module is computed it also
+takes a few times its float32 size in float64 temporaries.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +70,21 @@ from w2wkit.formats.kohya import (
 from w2wkit.formats.registry import Source, WriteOptions, register_format
 from w2wkit.names import guess_family, load_module_tables
 
-__all__ = ["LOHA_SUFFIXES", "LOKR_SUFFIXES", "LycorisFormat", "loha_delta", "lokr_delta"]
+__all__ = [
+    "EXPAND_FLOOR",
+    "EXPAND_RATIO",
+    "LOHA_SUFFIXES",
+    "LOKR_SUFFIXES",
+    "LycorisFormat",
+    "expanded_size",
+    "loha_delta",
+    "lokr_delta",
+]
+
+#: Deltas of a file may always take this many bytes (float32) ...
+EXPAND_FLOOR = 1 << 30
+#: ... or this many times the file's size, whichever is larger.
+EXPAND_RATIO = 8192
 
 #: LoHa suffix -> role.
 LOHA_SUFFIXES: dict[str, str] = {
@@ -167,6 +199,87 @@ def lokr_delta(
     return np.kron(w1, w2) * scale
 
 
+#: Dimensions LyCORIS writes for each factor.
+_NDIMS = {
+    **dict.fromkeys(("w1a", "w2a", "k1", "k1a", "k1b", "k2a"), (2,)),
+    **dict.fromkeys(("w1b", "w2b", "k2b", "k2"), (2, 4)),
+    **dict.fromkeys(("t1", "t2", "kt2"), (4,)),
+}
+_ROLE_KEY = {role: suffix for suffix, role in {**LOHA_SUFFIXES, **LOKR_SUFFIXES}.items()}
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    return math.prod(int(d) for d in shape)
+
+
+def expanded_size(kind: str, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Number of entries of a LoHa/LoKr delta, from its factor shapes alone.
+
+    Parameters
+    ----------
+    kind : {"loha", "lokr"}
+    shapes : dict of str to tuple of int
+        Role (``"w1a"``, ``"t1"``, ``"k1"``, ``"k2b"``, ...) -> factor shape.
+
+    Returns
+    -------
+    int
+        Entries of the delta (factors that do not fit together in other ways
+        are refused when the delta is computed).
+
+    Raises
+    ------
+    ValueError
+        For a factor whose number of dimensions LyCORIS never writes.
+    """
+    for role, shape in shapes.items():
+        if len(shape) not in _NDIMS[role]:
+            raise ValueError(f"{_ROLE_KEY[role]} has shape {shape}")
+    if kind == "loha":
+        sides = []
+        for i in ("1", "2"):
+            wa, wb, t = shapes[f"w{i}a"], shapes[f"w{i}b"], shapes.get(f"t{i}")
+            if t is not None:  # (a, b, kh, kw) x (a, out) x (b, in) -> (out, in, kh, kw)
+                side = (wa[-1] if wa else 1, wb[-1] if wb else 1, *t[2:])
+            else:  # (out, r) @ (r, in[, kh, kw])
+                side = (wa[0] if wa else 1, _size(wb[1:]))
+            sides.append(side)
+        a, b = sides
+        n = max(len(a), len(b))
+        a = (1,) * (n - len(a)) + tuple(a)
+        b = (1,) * (n - len(b)) + tuple(b)
+        return _size(tuple(max(x, y) for x, y in zip(a, b, strict=True)))
+    if "k1" in shapes:
+        n1 = _size(shapes["k1"])
+    else:
+        n1 = (shapes["k1a"][0] if shapes["k1a"] else 1) * _size(shapes["k1b"][1:])
+    if "k2" in shapes:
+        n2 = _size(shapes["k2"])
+    elif "kt2" in shapes:
+        w2a, w2b = shapes["k2a"], shapes["k2b"]
+        n2 = (w2a[-1] if w2a else 1) * (w2b[-1] if w2b else 1) * _size(shapes["kt2"][2:])
+    else:
+        n2 = (shapes["k2a"][0] if shapes["k2a"] else 1) * _size(shapes["k2b"][1:])
+    return n1 * n2
+
+
+def _check_expansion(src: Source, planned: list[tuple[str, int]]) -> None:
+    """Refuse before allocating when the deltas are out of proportion to the file."""
+    total = sum(n for _, n in planned) * 4
+    limit = max(EXPAND_FLOOR, EXPAND_RATIO * src.nbytes)
+    if total <= limit:
+        return
+    kname, largest = max(planned, key=lambda p: p[1])
+    raise FormatError(
+        f"LyCORIS layers would expand to {total / 2**30:.1f} GiB of float32 deltas from a "
+        f"{src.nbytes / 1e3:,.0f} kB file, out of proportion to it (limit: the larger of "
+        f"{EXPAND_FLOOR / 2**30:g} GiB and {EXPAND_RATIO} x the file size); this module alone "
+        f"expands to {largest:,} values",
+        path=src.path,
+        key=kname,
+    )
+
+
 def _known_shape(module: str, family: str) -> tuple[int, ...] | None:
     tables = load_module_tables()
     order = [family] if family in tables else []
@@ -209,6 +322,26 @@ class LycorisFormat:
         groups = group_kohya_keys(src, _ALL, _REFUSED)
         modules = {kname: kohya_module(kname, src.path) for kname in groups}
         family = guess_family(modules.values())
+        planned = []
+        for kname, roles in groups.items():
+            shapes = {r: tuple(src.tensors[k].shape) for r, k in roles.items() if r != "alpha"}
+            if "down" in roles or "up" in roles:
+                continue
+            try:
+                if any(r in shapes for r in ("w1a", "w1b", "w2a", "w2b", "t1", "t2")):
+                    if all(n in shapes for n in ("w1a", "w1b", "w2a", "w2b")):
+                        planned.append((kname, expanded_size("loha", shapes)))
+                elif ("k1" in shapes or {"k1a", "k1b"} <= shapes.keys()) and (
+                    "k2" in shapes or {"k2a", "k2b"} <= shapes.keys()
+                ):
+                    planned.append((kname, expanded_size("lokr", shapes)))
+            except ValueError as exc:
+                raise FormatError(
+                    f"LyCORIS factors do not fit together: {exc}",
+                    path=src.path,
+                    key=next(iter(roles.values())),
+                ) from None
+        _check_expansion(src, planned)
         layers: dict[str, LoraLayer | DeltaLayer] = {}
         for kname, roles in groups.items():
             module = modules[kname]

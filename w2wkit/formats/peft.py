@@ -264,4 +264,10 @@ class PeftFormat:
                     **lora_config_fields(comp_layers, names),
                 }
                 (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-                write_safetensors(folder / WEIGHTS_NAME, tensors, metadata=meta, dtypes=dtypes)
+                try:
+                    write_safetensors(
+                        folder / WEIGHTS_NAME, tensors, metadata=meta, dtypes=dtypes, finite=True
+                    )
+                except FormatError as exc:  # name the output, not its temporary folder
+                    where = path / WEIGHTS_NAME if i == 0 else path / comp / WEIGHTS_NAME
+                    raise type(exc)(exc.message, path=where, key=exc.key, hint=exc.hint) from None

@@ -20,7 +20,12 @@ import numpy as np
 
 from w2wkit.adapter import COMPONENTS, Adapter
 from w2wkit.errors import FormatError
-from w2wkit.stio import SafetensorsFile, read_safetensors
+from w2wkit.stio import (
+    NarrowingError,
+    SafetensorsFile,
+    check_regular_file,
+    read_safetensors,
+)
 
 __all__ = [
     "FORMATS",
@@ -177,9 +182,17 @@ def _torch_pickle(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, dtypes
 
 
+def _is_file(path: Path) -> bool:
+    """True for a regular file, False when nothing is there; refuses FIFOs, devices, folders."""
+    if not os.path.lexists(path):
+        return False
+    check_regular_file(path)
+    return True
+
+
 def _peft_folder(path: Path) -> tuple[Path, dict[str, Any]] | None:
     cfg = path / PEFT_CONFIG
-    if not cfg.is_file():
+    if not _is_file(cfg):
         return None
     try:
         config = json.loads(cfg.read_text())
@@ -188,7 +201,7 @@ def _peft_folder(path: Path) -> tuple[Path, dict[str, Any]] | None:
     if not isinstance(config, dict):
         raise FormatError(f"{PEFT_CONFIG} is not a JSON object", path=cfg)
     for name in PEFT_WEIGHTS:
-        if (path / name).is_file():
+        if _is_file(path / name):
             return path / name, config
     raise FormatError(
         f"PEFT folder has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}", path=path
@@ -226,9 +239,10 @@ def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> 
             )
         weights, config = found
     else:
+        check_regular_file(p)  # a FIFO or a device is refused before it is opened
         weights = p
         sibling = p.parent / PEFT_CONFIG
-        if p.name in PEFT_WEIGHTS and sibling.is_file():
+        if p.name in PEFT_WEIGHTS and _is_file(sibling):
             config = _peft_folder(p.parent)[1]  # type: ignore[index]
     if weights.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
@@ -237,9 +251,9 @@ def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> 
                 path=weights,
                 hint="convert it to .safetensors, or pass --allow-pickle if you trust it",
             )
+        nbytes = check_regular_file(weights)
         tensors, dtypes = _torch_pickle(str(weights))
         meta: dict[str, str] = {}
-        nbytes = weights.stat().st_size
     else:
         st: SafetensorsFile = read_safetensors(weights)
         tensors, dtypes, meta, nbytes = st.tensors, st.dtypes, st.metadata, st.nbytes
@@ -391,6 +405,13 @@ def write_adapter(
     -------
     pathlib.Path
         The written path.
+
+    Raises
+    ------
+    FormatError
+        For an unknown format, an existing output, or a layer the format
+        cannot hold; :class:`~w2wkit.stio.NarrowingError` (``param="dtype"``)
+        for a value the storage dtype would hold as Inf. Nothing is written.
     """
     _ensure_loaded()
     fmt = FORMATS.get(format)
@@ -400,7 +421,21 @@ def write_adapter(
     out = Path(path)
     if out.exists() and not overwrite:
         raise FormatError("output exists (use --force to overwrite)", path=out)
-    fmt.write(adapter, out, WriteOptions(dtype, overwrite, dict(provenance or {})))
+    try:
+        fmt.write(adapter, out, WriteOptions(dtype, overwrite, dict(provenance or {})))
+    except NarrowingError as exc:
+        why = (
+            "both factors of a layer are stored in its down factor's dtype"
+            if dtype is None
+            else f"parameter dtype is {dtype}"
+        )
+        raise NarrowingError(
+            exc.message,
+            path=exc.path,
+            key=exc.key,
+            param="dtype",
+            hint=f"{why}; choose a wider storage dtype, e.g. F32",
+        ) from None
     return out
 
 
@@ -433,6 +468,8 @@ def discover_lora_files(
     p = Path(path)
     if p.is_file():
         return [p]
+    if p.exists() and not p.is_dir():
+        check_regular_file(p)  # a FIFO, device or socket: refused, never opened
     if not p.exists():
         import glob
 
