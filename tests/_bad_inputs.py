@@ -181,11 +181,8 @@ def _c_markup_name(f: Path):
 
 def _c_deep_header(f: Path):
     hdr, body = _raw(_lora(f))
-    key = _first_tensor(hdr)
-    text = json.dumps(hdr).replace(
-        '"__metadata__"', '"deep": ' + "[" * 5000 + "]" * 5000 + ', "__metadata__"', 1
-    )
-    del key
+    hdr["__metadata__"] = {"deep": "@"}
+    text = json.dumps(hdr).replace('"@"', "[" * 5000 + "]" * 5000, 1)
     return ["inspect", _write_raw(f / "deep.safetensors", text, body)], []
 
 
@@ -374,11 +371,11 @@ def _c_duplicate(f: Path):
 
 
 def _c_lokr_bomb(f: Path):
-    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj"
-    tensors = {
-        f"{stem}.lokr_w1": np.ones((640, 640), np.float16),
-        f"{stem}.lokr_w2_a": np.ones((16, 1), np.float16),
-        f"{stem}.lokr_w2_b": np.ones((1, 16), np.float16),
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {  # kron(50 x 50, 500 x 500 of rank 1): a 25,000 x 25,000 delta (2.5 GB)
+        f"{stem}.lokr_w1": np.ones((50, 50), np.float16),
+        f"{stem}.lokr_w2_a": np.ones((500, 1), np.float16),
+        f"{stem}.lokr_w2_b": np.ones((1, 500), np.float16),
         f"{stem}.alpha": np.asarray(1.0, np.float16),
     }
     src = f / "bomb.safetensors"
@@ -570,7 +567,7 @@ CASES: list[Case] = [
         "garbage written",
         "convert --dtype fp16 of a value above 65504",
         _c_fp16,
-        ("fp16",),
+        ("--dtype", "65504"),
     ),
     Case("edit-1e300", "garbage written", "apply --edit male=1e300", _c_edit_overflow, ("male",)),
     Case("import-k", "garbage written", "import-w2w -k -2", _c_import_k, ("-k/--components",)),

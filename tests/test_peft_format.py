@@ -165,7 +165,7 @@ def test_non_finite_values(tmp_path):
 @pytest.mark.parametrize(
     ("config_text", "needle"),
     [
-        ("{not json", "cannot parse adapter_config.json"),
+        ("{not json", "adapter_config.json is not valid JSON"),
         ("[1, 2]", "not a JSON object"),
         (json.dumps({"r": "two"}), "r must be a number"),
         (json.dumps({"r": 2, "peft_type": "LOHA"}), "LOHA"),

@@ -20,6 +20,7 @@ import numpy as np
 
 from w2wkit.adapter import COMPONENTS, Adapter
 from w2wkit.errors import FormatError
+from w2wkit.jsonio import read_json
 from w2wkit.stio import (
     NarrowingError,
     SafetensorsFile,
@@ -194,12 +195,7 @@ def _peft_folder(path: Path) -> tuple[Path, dict[str, Any]] | None:
     cfg = path / PEFT_CONFIG
     if not _is_file(cfg):
         return None
-    try:
-        config = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FormatError(f"cannot parse {PEFT_CONFIG}: {exc}", path=cfg) from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{PEFT_CONFIG} is not a JSON object", path=cfg)
+    config = read_json(cfg, what=PEFT_CONFIG, error=FormatError)
     for name in PEFT_WEIGHTS:
         if _is_file(path / name):
             return path / name, config
