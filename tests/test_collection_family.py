@@ -107,3 +107,16 @@ def test_one_family_and_undecided_models_still_fit(tmp_path):
         write_adapter(_adapter(SHARED, i), tmp_path / f"plain_{i}.safetensors", format="kohya")
         _write_sgm(_adapter(SHARED, 5 + i), tmp_path / f"xl_{i}.safetensors")
     assert WeightSpace(2).fit(Collection(tmp_path)).n_components_ == 2
+
+
+def test_convert_keeps_an_sgm_named_sdxl_file_sdxl(tmp_path):
+    """Read back and written again, the aliased SDXL file keeps its sgm (SDXL) names."""
+    from w2wkit.stio import read_safetensors
+
+    f = tmp_path / "xl.safetensors"
+    _write_sgm(_adapter(SHARED, 0), f)
+    out = write_adapter(read_adapter(f), tmp_path / "again.safetensors", format="kohya")
+    keys = set(read_safetensors(out).tensors)
+    assert keys == set(read_safetensors(f).tensors)
+    assert all("input_blocks" in k for k in keys)
+    assert model_family(read_adapter(out), out) == "sdxl"

@@ -28,7 +28,13 @@ import numpy as np
 from w2wkit.adapter import Adapter, LoraLayer, degenerate_factors
 from w2wkit.errors import FormatError
 from w2wkit.formats.registry import Source, WriteOptions, register_format
-from w2wkit.names import guess_family, is_kohya_name, kohya_to_module, module_to_kohya
+from w2wkit.names import (
+    guess_family,
+    is_kohya_name,
+    kohya_to_module,
+    kohya_uses_sgm,
+    module_to_kohya,
+)
 from w2wkit.stio import write_safetensors
 
 __all__ = ["REFUSED_SUFFIXES", "SUFFIXES", "KohyaFormat", "group_kohya_keys", "kohya_module"]
@@ -51,6 +57,10 @@ REFUSED_SUFFIXES: dict[str, str] = {
 
 #: Suffixes of LyCORIS algorithms other than LoRA/LoCon (read by ``lycoris``).
 LYCORIS_SUFFIX_PREFIXES = ("hada_", "lokr_")
+
+#: Metadata key recording that a kohya file named its UNet modules the sgm way
+#: (an SDXL file as kohya-ss writes it); written back so the family survives.
+UNET_NAMES_KEY = "w2wkit.unet_names"
 
 
 def group_kohya_keys(
@@ -221,7 +231,12 @@ class KohyaFormat:
         layers = {}
         for kname, roles in groups.items():
             layers[kohya_module(kname, src.path)] = lora_layer(src, kname, roles)
-        return Adapter(layers, dict(src.metadata))
+        metadata = dict(src.metadata)
+        if kohya_uses_sgm(groups):
+            # kohya-ss names SDXL UNets the sgm way; remember it, since the canonical paths
+            # of SDXL's input_blocks.4/5 coincide with SD1.5 paths and shapes
+            metadata[UNET_NAMES_KEY] = "sgm"
+        return Adapter(layers, metadata)
 
     def write(self, adapter: Adapter, path: Path, options: WriteOptions) -> None:
         """Write ``adapter`` as a kohya file (sgm names for SDXL).
@@ -248,7 +263,11 @@ class KohyaFormat:
                     hint="re-factorise it (e.g. through a WeightSpace in delta representation)",
                 )
             shapes[module] = layer.delta_shape
-        family = guess_family(shapes)
+        family = guess_family(
+            shapes,
+            sgm_names=adapter.metadata.get(UNET_NAMES_KEY) == "sgm",
+            metadata=adapter.metadata,
+        )
         sgm = family == "sdxl"
         dual = sgm or any(m.startswith("text_encoder_2.") for m in shapes)
         tensors: dict[str, np.ndarray] = {}
@@ -268,6 +287,7 @@ class KohyaFormat:
             dtypes[f"{kname}.lora_up.weight"] = dtype
             tensors[f"{kname}.alpha"], dtypes[f"{kname}.alpha"] = _alpha_array(alpha)
         metadata = {**adapter.metadata, **options.provenance}
+        metadata.pop(UNET_NAMES_KEY, None)  # the key names themselves say it in the file
         write_safetensors(
             path,
             tensors,
