@@ -107,9 +107,7 @@ def write_manifest(folder: str | os.PathLike[str], extra: dict[str, Any] | None 
         if f.is_file() and f.name != MANIFEST and not any(x.startswith(".") for x in parts):
             rel = f.relative_to(folder).as_posix()
             files[rel] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
-    old = {}
-    if (folder / MANIFEST).exists():
-        old = json.loads((folder / MANIFEST).read_text())
+    old = read_manifest(folder) if (folder / MANIFEST).exists() else {}
     data = {
         **{k: v for k, v in old.items() if k != "files"},
         **(extra or {}),
