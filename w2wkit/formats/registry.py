@@ -155,10 +155,9 @@ def _ensure_loaded() -> None:
 def _torch_pickle(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     import torch  # lazy: only for explicit pickle opt-in
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for bad pickles
-        raise FormatError(f"cannot load pickle with weights_only=True: {exc}", path=path) from None
+    from w2wkit.pickles import load_tensors
+
+    obj = load_tensors(path, what="LoRA pickle")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -42,6 +42,8 @@ import numpy as np
 from w2wkit.errors import FormatError, SpaceError
 from w2wkit.jsonio import as_float, as_int, field, read_json
 from w2wkit.layout import WeightLayout
+from w2wkit.pickles import load_tensors, resolve_globals, unsafe_globals
+from w2wkit.stio import check_regular_file
 
 __all__ = ["REQUIRED", "import_w2w", "parse_release_key"]
 
@@ -112,50 +114,9 @@ LABEL_TABLE_GLOBALS = frozenset(
 )
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
 def _load(path: Path, *, mmap: bool = False) -> Any:
-    """Tensors (and containers of them) from a torch pickle, never running its code.
-
-    Always ``torch.load(weights_only=True)``: a pickle that names anything but
-    tensors, numbers, strings and containers is refused with one line.
-    """
-    import torch  # lazy
-
-    _regular_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch raises many types for bad or unsafe pickles
-        if mmap:  # old (non-zip) pickles cannot be memory-mapped
-            return _load(path, mmap=False)
-        reason = " ".join(_ANSI.sub("", str(exc)).split())
-        unsafe = _unsafe_globals(path) or sorted(set(re.findall(r"GLOBAL ([\w.]+)", reason)))
-        if unsafe:
-            reason = f"it names code objects ({', '.join(unsafe[:4])})"
-        raise FormatError(
-            f"cannot load safely as tensors (weights_only=True): {reason[:200]}",
-            path=path,
-            hint="w2wkit never loads pickles unsafely",
-        ) from None
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """The globals a torch pickle names beyond torch's own safe set (read, never run)."""
-    import torch
-
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # not a readable checkpoint at all
-        return []
-
-
-def _resolve(name: str) -> Any:
-    import importlib
-
-    module, _, attr = name.rpartition(".")
-    obj: Any = importlib.import_module(module)
-    return getattr(obj, attr)
+    """Tensors (and containers of them) from a release file, never running its code."""
+    return load_tensors(path, mmap=mmap, what="release file")
 
 
 def _load_label_table(path: Path, warn: Callable[[str], None]) -> Any | None:
@@ -164,10 +125,8 @@ def _load_label_table(path: Path, warn: Callable[[str], None]) -> Any | None:
     Returns None (after ``warn``) when it cannot be read that way; it is never
     loaded unsafely.
     """
-    import torch
-
-    _regular_file(path)
-    names = _unsafe_globals(path)
+    check_regular_file(path, what="label table")
+    names = unsafe_globals(path)
     foreign = [n for n in names if n not in LABEL_TABLE_GLOBALS]
     if foreign:
         warn(
@@ -176,33 +135,20 @@ def _load_label_table(path: Path, warn: Callable[[str], None]) -> Any | None:
         )
         return None
     try:
-        allowed = [_resolve(n) for n in names] + _numpy_dtype_classes()
+        allowed = resolve_globals(names) + _numpy_dtype_classes()
     except (ImportError, AttributeError) as exc:
         warn(f"{path}: labels skipped: the table needs {exc.name or exc} (install pandas?)")
         return None
     try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for bad or unsafe pickles
-        reason = " ".join(_ANSI.sub("", str(exc)).split())[:160]
-        warn(f"{path}: labels skipped: cannot load safely ({reason})")
+        return load_tensors(path, allowed=allowed, what="label table")
+    except FormatError as exc:
+        warn(f"{path}: labels skipped: {exc.message}")
         return None
 
 
 def _numpy_dtype_classes() -> list[type]:
     """numpy's dtype classes of numbers, booleans, strings and objects (numpy >= 1.25)."""
     return [type(np.dtype(c)) for c in "?bhilqBHILQefdgOUS"]
-
-
-def _regular_file(path: Path) -> None:
-    import stat
-
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise FormatError(f"cannot read file: {exc.strerror or exc}", path=path) from None
-    if not stat.S_ISREG(mode):
-        raise FormatError("not a regular file (a pipe, device or socket?)", path=path)
 
 
 def _finite_rows(weights: np.ndarray) -> bool:
