@@ -54,7 +54,7 @@ def _rank0(ad: Adapter) -> Adapter:
 def test_fit_refuses_rank_zero_layers(rep):
     models = random_models(5, seed=1)
     models[2] = _rank0(models[2])
-    with pytest.raises(FormatError, match=r"model_0002: key 'unet\..*': layer has rank 0"):
+    with pytest.raises(FormatError, match=r"model_0002: key 'unet\..*': degenerate .* rank 0"):
         WeightSpace(2, representation=rep).fit(models)
 
 

@@ -79,19 +79,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _refuse_empty_layers(ad: Adapter, where: str | os.PathLike[str]) -> None:
-    """Raise :class:`FormatError` for a LoRA layer of rank 0 (no parameters, no delta)."""
-    for module, layer in ad.items():
-        if isinstance(layer, LoraLayer) and layer.rank == 0:
-            raise FormatError(
-                f"layer has rank 0 (down {tuple(layer.down.shape)}, up {tuple(layer.up.shape)}): "
-                "it holds no parameters",
-                path=where,
-                key=module,
-                hint="remove the layer or the file from the collection",
-            )
-
-
 def model_family(ad: Adapter, path: str | os.PathLike[str] | None = None) -> str:
     """The base model family of ``ad``, as far as it can be told.
 
@@ -340,8 +327,7 @@ class Collection:
         if self._adapters is not None:
             ad = self._adapters[i]
             ad = Adapter(dict(ad.layers), dict(ad.metadata), ad.source or name, ad.format)
-            ad.validate()
-            _refuse_empty_layers(ad, name)
+            ad.validate()  # rank-0 and other degenerate layers too
             entry = {
                 "name": name,
                 "file": ad.source if ad.source != name else None,
@@ -356,7 +342,6 @@ class Collection:
 
         path = self.files[i]
         ad = read_adapter(path, format=self.format, allow_pickle=self.allow_pickle)
-        _refuse_empty_layers(ad, path)
         entry = {
             "name": name,
             "file": str(path),
