@@ -24,7 +24,7 @@ from w2wkit.cli.common import (
     space_option,
     storage_dtype_option,
 )
-from w2wkit.errors import DirectionError, FormatError, SpaceError
+from w2wkit.errors import OUTPUT_EXISTS, DirectionError, FormatError, SpaceError
 
 WRITE_FORMATS = ("kohya", "diffusers", "peft")
 
@@ -392,7 +392,7 @@ def apply_cmd(
     if out is None:
         out = Path(f"{stem}_{_edit_slug(strengths)}" + ("" if fmt == "peft" else ".safetensors"))
     if out.exists() and not force:
-        raise FormatError("output exists (use --force to overwrite)", path=out)
+        raise FormatError(OUTPUT_EXISTS, path=out)
     if input_path is not None and out.resolve() == input_path.resolve():
         raise FormatError("output is the input; choose another output path", path=out)
     edited = edit(

@@ -17,7 +17,7 @@ from w2wkit.cli.common import (
     output_option,
     torch_dtype_option,
 )
-from w2wkit.errors import FormatError, W2WError
+from w2wkit.errors import OUTPUT_EXISTS, FormatError, W2WError
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -142,7 +142,7 @@ def render_cmd(
     from w2wkit.render import Renderer
 
     if out.exists() and not force:
-        raise FormatError("output exists (use --force to overwrite)", path=out)
+        raise FormatError(OUTPUT_EXISTS, path=out)
     if not loras and not include_base:
         raise W2WError("give at least one LoRA (or --include-base)", key="LORA")
     if edited and inject_t is None:

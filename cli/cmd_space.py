@@ -19,7 +19,7 @@ from w2wkit.cli.common import (
     space_option,
     write_format_option,
 )
-from w2wkit.errors import SpaceError
+from w2wkit.errors import OUTPUT_EXISTS, SpaceError
 
 read_space_option = space_option("The space folder (written by `w2wkit fit`).")
 
@@ -96,7 +96,7 @@ def fit_cmd(
 
     recover(out)  # a save killed mid-swap: its old folder is back before the check
     if out.exists() and not force:
-        raise SpaceError("output exists (use --force to overwrite)", path=out)
+        raise SpaceError(OUTPUT_EXISTS, path=out)
     coll = Collection(source, allow_pickle=allow_pickle)
     k = n_components
     default_k = click.get_current_context().get_parameter_source("n_components")
@@ -312,7 +312,7 @@ def import_w2w_cmd(
 
     recover(out)  # a save killed mid-swap: its old folder is back before the check
     if out.exists() and not force:
-        raise SpaceError("output exists (use --force to overwrite)", path=out)
+        raise SpaceError(OUTPUT_EXISTS, path=out)
     space = import_w2w(folder, allow_pickle=allow_pickle, n_components=components, warn=note)
     with atomic_path(out, overwrite=force) as staged:
         space.save(staged)

@@ -64,11 +64,19 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
 
 
 #: Library parameter -> the click parameter name that sets it, where they differ.
-PARAM_NAMES = {"n_components": "components", "strength": "strength", "edits": "edit"}
+PARAM_NAMES = {
+    "n_components": "components",
+    "edits": "edit",
+    "overwrite": "force",
+    "verify": "no_verify",
+}
+
+#: A reference to an API parameter inside a library message: `name` or `name=value`.
+_API_REF = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`]*))?`")
 
 
-def _flag_for(ctx: click.Context, param: str) -> str:
-    """The command-line spelling of the library parameter ``param`` in the invoked command."""
+def _option_for(ctx: click.Context, param: str) -> click.Option | None:
+    """The option of the invoked command that sets the library parameter ``param``."""
     names = {param, PARAM_NAMES.get(param, param)}
     group = ctx.command
     name = ctx.invoked_subcommand
@@ -79,8 +87,39 @@ def _flag_for(ctx: click.Context, param: str) -> str:
     for c in commands:
         for p in getattr(c, "params", []):
             if p.name in names and isinstance(p, click.Option):
-                return "/".join(p.opts)
-    return param
+                return p
+    return None
+
+
+def _flag_for(ctx: click.Context, param: str) -> str:
+    """The command-line spelling of the library parameter ``param`` in the invoked command."""
+    opt = _option_for(ctx, param)
+    return "/".join(opt.opts) if opt is not None else param
+
+
+def cli_wording(message: str, ctx: click.Context, param: str | None = None) -> str:
+    """A library message in the invoked command's terms.
+
+    "parameter NAME" (from ``W2WError(param=NAME)``) becomes "option FLAG", and
+    every backticked reference to an API parameter, `` `name` `` or
+    `` `name=value` ``, becomes the flag that sets it (``--force`` for
+    `` `overwrite=True` ``, ``--representation delta`` for
+    `` `representation="delta"` ``). References to parameters the command has
+    no option for are left as they are.
+    """
+    if param is not None:
+        message = message.replace(f"parameter {param}", f"option {_flag_for(ctx, param)}")
+
+    def flag(m: re.Match[str]) -> str:
+        opt = _option_for(ctx, m[1])
+        if opt is None:
+            return m[0]
+        long = max(opt.opts, key=len)
+        if opt.is_flag or m[2] is None:
+            return long
+        return f"{long} {m[2].strip().strip(chr(34) + chr(39))}"
+
+    return _API_REF.sub(flag, message)
 
 
 def error_message(exc: BaseException) -> str | None:
@@ -127,9 +166,8 @@ def handle_exception(exc: BaseException, ctx: click.Context | None = None) -> No
         fail("interrupted", code=130)
     debug = debug_enabled(ctx)
     message = error_message(exc)
-    if isinstance(exc, W2WError) and exc.param is not None and ctx is not None:
-        flag = _flag_for(ctx, exc.param)
-        message = message.replace(f"parameter {exc.param}", f"option {flag}") if message else None
+    if isinstance(exc, W2WError) and message is not None and ctx is not None:
+        message = cli_wording(message, ctx, exc.param)
     if debug:
         raise exc
     if message is None:

@@ -115,3 +115,31 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "a[/b].safetensors" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_library_messages_speak_of_parameters_and_the_cli_of_flags(tmp_path, lora):
+    from w2wkit.errors import FormatError
+    from w2wkit.formats import read_adapter
+
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"old")
+    with pytest.raises(FormatError) as info:  # the API: the parameter that allows it
+        write_adapter(read_adapter(lora), out, format="kohya")
+    assert "`overwrite=True`" in str(info.value) and "--force" not in str(info.value)
+    text = _one_line(_invoke(["convert", lora, "--to", "kohya", "-o", out]))  # the CLI: its flag
+    assert "--force" in text and "overwrite" not in text
+
+
+def test_cli_wording_maps_references_to_the_invoked_commands_flags():
+    import click
+
+    from w2wkit.cli.common import cli_wording
+
+    ctx = click.Context(cli)
+    ctx.invoked_subcommand = "fit"
+    assert cli_wording('use `representation="delta"`', ctx) == "use --representation delta"
+    assert cli_wording("pass `overwrite=True`", ctx) == "pass --force"
+    assert cli_wording("parameter n_components: too big", ctx, "n_components") == (
+        "option -k/--components: too big"
+    )
+    assert cli_wording("set `no_such_thing=3`", ctx) == "set `no_such_thing=3`"

@@ -68,7 +68,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from w2wkit.errors import FormatError
+from w2wkit.errors import OUTPUT_EXISTS, FormatError
 
 __all__ = [
     "atomic_entries",
@@ -156,9 +156,9 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
         if _renameat2(src, dst, _RENAME_NOREPLACE):
             return
     except FileExistsError:
-        raise FormatError("output exists (use --force to overwrite)", path=dst) from None
+        raise FormatError(OUTPUT_EXISTS, path=dst) from None
     if os.path.lexists(dst):
-        raise FormatError("output exists (use --force to overwrite)", path=dst)
+        raise FormatError(OUTPUT_EXISTS, path=dst)
     os.rename(src, dst)
 
 
@@ -310,7 +310,7 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
         raise FormatError("the writer produced no output", path=final)
     exists = os.path.lexists(final)
     if exists and not overwrite:
-        raise FormatError("output exists (use --force to overwrite)", path=final)
+        raise FormatError(OUTPUT_EXISTS, path=final)
     if exists and _kind(tmp) != _kind(final):
         raise FormatError(f"output exists and is a {_kind(final)}", path=final)
     _fsync_tree(tmp)
@@ -372,7 +372,7 @@ def atomic_path(
     final = Path(path)
     recover(final)  # first: an interrupted swap may put the old output back
     if os.path.lexists(final) and not overwrite:
-        raise FormatError("output exists (use --force to overwrite)", path=final)
+        raise FormatError(OUTPUT_EXISTS, path=final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final, suffix)
     try:
@@ -534,4 +534,4 @@ def _check_clashes(folder: Path, names: Iterable[str], overwrite: bool) -> None:
         return
     for name in names:
         if os.path.lexists(folder / name):
-            raise FormatError("output exists (use --force to overwrite)", path=folder / name)
+            raise FormatError(OUTPUT_EXISTS, path=folder / name)

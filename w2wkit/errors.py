@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "OUTPUT_EXISTS",
     "DirectionError",
     "FormatError",
     "LayoutError",
@@ -81,3 +82,7 @@ class SpaceError(W2WError):
 
 class DirectionError(W2WError):
     """A direction, a label file or an edit request is invalid."""
+
+
+#: The message of every refusal to replace an existing output (the CLI names ``--force``).
+OUTPUT_EXISTS = "output exists (pass `overwrite=True` to replace it)"

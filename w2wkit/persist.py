@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from w2wkit.collection import DeltaFactors
-from w2wkit.errors import LayoutError, SpaceError, W2WError
+from w2wkit.errors import OUTPUT_EXISTS, LayoutError, SpaceError, W2WError
 from w2wkit.layout import WeightLayout
 from w2wkit.stio import json_default
 
@@ -124,7 +124,7 @@ def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Pa
     recover(path)  # a save killed mid-swap: put the old folder back first
     if path.exists():
         if not overwrite:
-            raise SpaceError("output exists (use --force to overwrite)", path=path)
+            raise SpaceError(OUTPUT_EXISTS, path=path)
         if not path.is_dir() or not (path / "space.json").is_file():
             raise SpaceError(
                 "output exists and is not a w2wkit space; refusing to replace it", path=path

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.adapter import Adapter, LoraLayer
-from w2wkit.errors import FormatError, LayoutError, W2WError
+from w2wkit.errors import OUTPUT_EXISTS, FormatError, LayoutError, W2WError
 
 __all__ = [
     "DTYPES",
@@ -606,7 +606,7 @@ class RenderResult:
 
         out = Path(path)
         if out.exists() and not overwrite:
-            raise FormatError("output exists (use --force to overwrite)", path=out)
+            raise FormatError(OUTPUT_EXISTS, path=out)
         img = self.grid(cell=cell)
         with atomic_path(out, overwrite=overwrite, suffix=".png") as tmp:
             img.save(tmp, format="PNG")

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from w2wkit.adapter import COMPONENTS, Adapter
-from w2wkit.errors import FormatError
+from w2wkit.errors import OUTPUT_EXISTS, FormatError
 from w2wkit.jsonio import read_json
 from w2wkit.stio import (
     NarrowingError,
@@ -415,7 +415,7 @@ def write_adapter(
         raise FormatError(f"cannot write format {format!r}; writable: {', '.join(writable)}")
     out = Path(path)
     if out.exists() and not overwrite:
-        raise FormatError("output exists (use --force to overwrite)", path=out)
+        raise FormatError(OUTPUT_EXISTS, path=out)
     try:
         fmt.write(adapter, out, WriteOptions(dtype, overwrite, dict(provenance or {})))
     except NarrowingError as exc:
