@@ -143,3 +143,14 @@ def test_cli_wording_maps_references_to_the_invoked_commands_flags():
         "option -k/--components: too big"
     )
     assert cli_wording("set `no_such_thing=3`", ctx) == "set `no_such_thing=3`"
+
+
+def test_out_of_memory_names_the_file(monkeypatch, lora):
+    import w2wkit.formats.registry as registry
+
+    def exhausted(*_a, **_k):
+        raise MemoryError
+
+    monkeypatch.setattr(registry, "detect_format", exhausted)
+    text = _one_line(_invoke(["inspect", lora]))
+    assert "m.safetensors" in text and "out of memory" in text

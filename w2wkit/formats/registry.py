@@ -311,18 +311,29 @@ def read_adapter(
     Returns
     -------
     Adapter
+
+    Raises
+    ------
+    FormatError
+        Naming the file for anything wrong with it, including running out of
+        memory while reading it.
     """
     _ensure_loaded()
-    src = load_source(path, allow_pickle=allow_pickle)
-    name = format or detect_format(src)
-    if name not in FORMATS:
-        raise FormatError(f"unknown format {name!r}; known: {', '.join(sorted(FORMATS))}")
-    if validate:
-        check_finite(src)
-    adapter = FORMATS[name].read(src)
-    adapter.source = src.path
-    adapter.format = name
-    return adapter.validate(check_finite=False) if validate else adapter
+    try:
+        src = load_source(path, allow_pickle=allow_pickle)
+        name = format or detect_format(src)
+        if name not in FORMATS:
+            raise FormatError(f"unknown format {name!r}; known: {', '.join(sorted(FORMATS))}")
+        if validate:
+            check_finite(src)
+        adapter = FORMATS[name].read(src)
+        adapter.source = src.path
+        adapter.format = name
+        return adapter.validate(check_finite=False) if validate else adapter
+    except MemoryError:
+        raise FormatError(
+            "out of memory while reading this file", path=path, hint="free memory or read fewer"
+        ) from None
 
 
 def check_finite(src: Source) -> None:
