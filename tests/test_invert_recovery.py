@@ -25,6 +25,10 @@ from w2wkit.space import WeightSpace  # noqa: E402
 N_MODELS = 6
 
 
+#: Trains a toy world of models first (about 20 s): the full lane runs it.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def toy():
     torch.set_num_threads(1)

@@ -98,6 +98,7 @@ def _probe_accuracy(X: np.ndarray, Y: np.ndarray, n_train: int) -> tuple[np.ndar
     return np.array(acc), np.array(base)
 
 
+@pytest.mark.slow  # 30 s of rendering and classifying: the full lane runs it
 def test_identity_labels_match_pictures(idgen: IdentityGenerator) -> None:
     """A linear probe on the pixels reads every attribute from canonical renders.
 
