@@ -245,20 +245,23 @@ def _c_shape_overflow(f: Path):
     return ["inspect", _write_raw(f / "big.safetensors", text, body)], []
 
 
+def _rank0_tensors(alpha: bool = True) -> dict[str, np.ndarray]:
+    """kohya tensors of rank-0 layers (down ``(0, in)``, up ``(out, 0)``) over SHAPES."""
+    tensors = {}
+    for m, (o, i) in SHAPES.items():
+        stem = "lora_unet_" + m.split(".", 1)[1].replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"] = np.zeros((0, i), np.float32)
+        tensors[f"{stem}.lora_up.weight"] = np.zeros((o, 0), np.float32)
+        if alpha:
+            tensors[f"{stem}.alpha"] = np.asarray(1.0, np.float32)
+    return tensors
+
+
 def _c_rank0_fit(f: Path):
     loras = f / "loras"
     loras.mkdir()
     for i in range(3):
-        ad = random_models(1, seed=i)[0]
-        hdr = {k: v for k, v in ad.layers.items()}
-        del hdr
-        tensors = {}
-        for m, (o, i_) in SHAPES.items():
-            stem = "lora_unet_" + m.split(".", 1)[1].replace(".", "_")
-            tensors[f"{stem}.lora_down.weight"] = np.zeros((0, i_), np.float32)
-            tensors[f"{stem}.lora_up.weight"] = np.zeros((o, 0), np.float32)
-            tensors[f"{stem}.alpha"] = np.asarray(1.0, np.float32)
-        write_safetensors(loras / f"r{i}.safetensors", tensors)
+        write_safetensors(loras / f"r{i}.safetensors", _rank0_tensors())
     return ["fit", loras, "-o", f / "space"], [f / "space"]
 
 
@@ -324,13 +327,8 @@ def _c_sample_rank0(f: Path):
 
 
 def _c_rank0_file(f: Path):
-    tensors = {}
-    for m, (o, i) in SHAPES.items():
-        stem = "lora_unet_" + m.split(".", 1)[1].replace(".", "_")
-        tensors[f"{stem}.lora_down.weight"] = np.zeros((0, i), np.float32)
-        tensors[f"{stem}.lora_up.weight"] = np.zeros((o, 0), np.float32)
     src = f / "rank0.safetensors"
-    write_safetensors(src, tensors)
+    write_safetensors(src, _rank0_tensors(alpha=False))
     out = f / "out.safetensors"
     return ["convert", src, "--to", "diffusers", "-o", out], [out]
 

@@ -215,6 +215,14 @@ def valid_space(tmp_path_factory):
     return root / "space", folder
 
 
+def _fresh_space(valid_space, tmp_path):
+    """A copy of the valid space for one example to damage."""
+    space = tmp_path / "space"
+    shutil.rmtree(space, ignore_errors=True)
+    shutil.copytree(valid_space[0], space)
+    return space
+
+
 def _mutate_json_file(path, data):
     obj = json.loads(path.read_text())
     # walk to a random container and replace or drop one of its entries
@@ -247,10 +255,7 @@ def _mutate_json_file(path, data):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_space_json(tmp_path, valid_space, data):
-    src, _ = valid_space
-    space = tmp_path / "space"
-    shutil.rmtree(space, ignore_errors=True)
-    shutil.copytree(src, space)
+    space = _fresh_space(valid_space, tmp_path)
     _mutate_json_file(space / "space.json", data)
     _run(["info", space])
     out = tmp_path / "samples"
@@ -271,10 +276,7 @@ LABEL_CELLS = st.sampled_from(["1", "0", "0.5", "", "nan", "inf", "-inf", "1e400
 @FUZZ
 @given(data=st.data())
 def test_fuzz_labels(tmp_path, valid_space, data):
-    src, _ = valid_space
-    space = tmp_path / "space"
-    shutil.rmtree(space, ignore_errors=True)
-    shutil.copytree(src, space)
+    space = _fresh_space(valid_space, tmp_path)
     cols = data.draw(
         st.lists(st.sampled_from(["file", "beard", "age", "beard", "name"]), min_size=1, max_size=4)
     )

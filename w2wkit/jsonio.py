@@ -38,6 +38,19 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in items:
+        if k in out:
+            raise _RepeatedKey(k)
+        out[k] = v
+    return out
+
+
 def _depth(obj: Any) -> int:
     """Nesting depth of ``obj`` (iterative, so no recursion limit is hit)."""
     deepest = 0
@@ -60,6 +73,7 @@ def parse_json(
     what: str = "JSON",
     error: type[W2WError] = W2WError,
     key: str | None = None,
+    unique_keys: bool = False,
 ) -> Any:
     """Parse ``text`` strictly; every failure is one ``error`` naming ``path``.
 
@@ -75,6 +89,8 @@ def parse_json(
         The error class raised.
     key : str, optional
         The metadata key the text came from, for the message.
+    unique_keys : bool
+        Refuse an object that gives one key twice (``json`` keeps the last).
 
     Returns
     -------
@@ -90,7 +106,14 @@ def parse_json(
     try:
         if isinstance(text, bytes | bytearray | memoryview):
             text = bytes(text).decode("utf-8")
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        hook = _unique_pairs if unique_keys else None
+        obj = json.loads(
+            text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=hook
+        )
+    except _RepeatedKey as exc:
+        raise error(
+            f"{what} gives the key {exc.args[0]!r} twice in one object", path=path, key=key
+        ) from None
     except UnicodeDecodeError:
         raise error(f"{what} is not UTF-8 text", path=path, key=key) from None
     except RecursionError:
@@ -108,6 +131,7 @@ def read_json(
     what: str | None = None,
     error: type[W2WError] = W2WError,
     expect: type | None = dict,
+    unique_keys: bool = False,
 ) -> Any:
     """Read and strictly parse the JSON file ``path``.
 
@@ -121,6 +145,8 @@ def read_json(
         The error class raised.
     expect : type or None
         The type the top-level value must have (default: an object).
+    unique_keys : bool
+        Refuse an object that gives one key twice.
 
     Returns
     -------
@@ -134,7 +160,7 @@ def read_json(
         raise error(f"{what} is missing", path=path) from None
     except OSError as exc:
         raise error(f"cannot read {what}: {exc.strerror or exc}", path=path) from None
-    obj = parse_json(raw, path=path, what=what, error=error)
+    obj = parse_json(raw, path=path, what=what, error=error, unique_keys=unique_keys)
     if expect is not None and not isinstance(obj, expect):
         kind = "a JSON object" if expect is dict else f"a JSON {expect.__name__}"
         raise error(f"{what} is not {kind}", path=path)

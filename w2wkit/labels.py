@@ -25,7 +25,6 @@ literals, nesting deeper than 64 levels).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from pathlib import Path
@@ -50,14 +49,7 @@ def _value(raw: Any, row: str, column: str, path: str) -> float:
     if isinstance(raw, bool):
         return float(raw)
     if isinstance(raw, int | float):
-        value = float(raw)
-        if not math.isfinite(value):
-            raise DirectionError(
-                f"label value {raw!r} in row {row!r}, column {column!r} is not finite",
-                path=path,
-                hint="write a missing value as an empty cell, NA or null",
-            )
-        return value
+        return _finite_label(float(raw), raw, row, column, path)
     if isinstance(raw, dict | list):
         raise DirectionError(
             f"non-numeric label value {raw!r} in row {row!r}, column {column!r}"[:200], path=path
@@ -77,9 +69,14 @@ def _value(raw: Any, row: str, column: str, path: str) -> float:
             f"non-numeric label value {text!r} in row {row!r}, column {column!r}",
             path=path,
         ) from None
+    return _finite_label(value, text, row, column, path)
+
+
+def _finite_label(value: float, raw: object, row: object, column: str, path: object) -> float:
+    """``value``, or one error naming the row, column and the value as written."""
     if not math.isfinite(value):
         raise DirectionError(
-            f"label value {text!r} in row {row!r}, column {column!r} is not finite",
+            f"label value {raw!r} in row {row!r}, column {column!r} is not finite",
             path=path,
             hint="write a missing value as an empty cell, NA or null",
         )
@@ -173,24 +170,7 @@ def _read_label_json(path: Path) -> Any:
     """The parsed label JSON: strict (see :mod:`w2wkit.jsonio`), no key given twice."""
     from w2wkit.jsonio import read_json
 
-    data = read_json(path, what="label JSON", error=DirectionError, expect=None)
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: dict[str, Any] = {}
-        for key, value in items:
-            if key in seen:
-                raise DirectionError(
-                    f"key {key!r} appears twice in one object of the label JSON",
-                    path=path,
-                    hint="each model and each attribute once",
-                )
-            seen[key] = value
-        return seen
-
-    # read_json checked depth and numbers; a second pass finds repeated keys,
-    # which json.loads would silently resolve to the last one
-    json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=pairs)
-    return data
+    return read_json(path, what="label JSON", error=DirectionError, expect=None, unique_keys=True)
 
 
 def read_labels(path: str | os.PathLike[str], names: list[str]) -> dict[str, np.ndarray]:
