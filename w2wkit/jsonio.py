@@ -21,14 +21,28 @@ from typing import Any
 
 from w2wkit.errors import W2WError
 
-__all__ = ["MAX_DEPTH", "as_float", "as_int", "field", "parse_json", "read_json"]
+__all__ = [
+    "MAX_DEPTH",
+    "as_float",
+    "as_int",
+    "depth",
+    "field",
+    "parse_json",
+    "read_json",
+    "reject_constant",
+]
 
 #: Deepest nesting of arrays/objects accepted; no file w2wkit reads comes near it.
 MAX_DEPTH = 64
 
 
-def _reject_constant(name: str) -> Any:
+def reject_constant(name: str) -> Any:
+    """``parse_constant`` hook of :func:`json.loads`: refuse ``NaN``/``Infinity``."""
     raise ValueError(f"the non-standard number {name} is not accepted")
+
+
+def _nan_as_none(name: str) -> Any:
+    return None if name == "NaN" else reject_constant(name)
 
 
 def _finite_float(text: str) -> float:
@@ -51,7 +65,7 @@ def _unique_pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _depth(obj: Any) -> int:
+def depth(obj: Any) -> int:
     """Nesting depth of ``obj`` (iterative, so no recursion limit is hit)."""
     deepest = 0
     stack: list[tuple[Any, int]] = [(obj, 1)]
@@ -74,6 +88,7 @@ def parse_json(
     error: type[W2WError] = W2WError,
     key: str | None = None,
     unique_keys: bool = False,
+    nan_as_null: bool = False,
 ) -> Any:
     """Parse ``text`` strictly; every failure is one ``error`` naming ``path``.
 
@@ -91,6 +106,9 @@ def parse_json(
         The metadata key the text came from, for the message.
     unique_keys : bool
         Refuse an object that gives one key twice (``json`` keeps the last).
+    nan_as_null : bool
+        Read a ``NaN`` literal as ``None`` (how ``json.dumps`` writes an
+        undefined float); ``Infinity`` is refused all the same.
 
     Returns
     -------
@@ -107,8 +125,9 @@ def parse_json(
         if isinstance(text, bytes | bytearray | memoryview):
             text = bytes(text).decode("utf-8")
         hook = _unique_pairs if unique_keys else None
+        constant = _nan_as_none if nan_as_null else reject_constant
         obj = json.loads(
-            text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=hook
+            text, parse_constant=constant, parse_float=_finite_float, object_pairs_hook=hook
         )
     except _RepeatedKey as exc:
         raise error(
@@ -120,7 +139,7 @@ def parse_json(
         raise error(f"{what} is nested too deeply", path=path, key=key) from None
     except (json.JSONDecodeError, ValueError) as exc:
         raise error(f"{what} is not valid JSON ({exc})", path=path, key=key) from None
-    if _depth(obj) > MAX_DEPTH:
+    if depth(obj) > MAX_DEPTH:
         raise error(f"{what} is nested more than {MAX_DEPTH} levels deep", path=path, key=key)
     return obj
 
@@ -132,6 +151,7 @@ def read_json(
     error: type[W2WError] = W2WError,
     expect: type | None = dict,
     unique_keys: bool = False,
+    nan_as_null: bool = False,
 ) -> Any:
     """Read and strictly parse the JSON file ``path``.
 
@@ -147,6 +167,8 @@ def read_json(
         The type the top-level value must have (default: an object).
     unique_keys : bool
         Refuse an object that gives one key twice.
+    nan_as_null : bool
+        Read ``NaN`` literals as ``None`` (see :func:`parse_json`).
 
     Returns
     -------
@@ -160,7 +182,9 @@ def read_json(
         raise error(f"{what} is missing", path=path) from None
     except OSError as exc:
         raise error(f"cannot read {what}: {exc.strerror or exc}", path=path) from None
-    obj = parse_json(raw, path=path, what=what, error=error, unique_keys=unique_keys)
+    obj = parse_json(
+        raw, path=path, what=what, error=error, unique_keys=unique_keys, nan_as_null=nan_as_null
+    )
     if expect is not None and not isinstance(obj, expect):
         kind = "a JSON object" if expect is dict else f"a JSON {expect.__name__}"
         raise error(f"{what} is not {kind}", path=path)

@@ -301,38 +301,14 @@ def _strict_json(path: Path) -> dict:
     still refused. Every failure is one :class:`SpaceError`
     (``<name> is damaged: ...``).
     """
-    import json as _json
-
-    from w2wkit.jsonio import MAX_DEPTH, _depth, _finite_float, read_json
+    from w2wkit.jsonio import read_json
 
     try:
-        try:
-            return read_json(path, what="the file", error=SpaceError)
-        except SpaceError:
-            raw = path.read_bytes()
-            if b"NaN" not in raw:
-                raise
-
-        def constant(name: str) -> Any:
-            if name == "NaN":
-                return None
-            raise ValueError(f"the non-standard number {name} is not accepted")
-
-        try:
-            obj = _json.loads(
-                raw.decode("utf-8"), parse_constant=constant, parse_float=_finite_float
-            )
-        except (UnicodeDecodeError, RecursionError, ValueError):
-            return read_json(path, what="the file", error=SpaceError)  # raises its error
-        if _depth(obj) > MAX_DEPTH:
-            raise SpaceError(f"the file is nested more than {MAX_DEPTH} levels deep", path=path)
-        if not isinstance(obj, dict):
-            raise SpaceError("the file is not a JSON object", path=path)
-        return obj
+        return read_json(
+            path, what="the file", error=SpaceError, unique_keys=True, nan_as_null=True
+        )
     except SpaceError as exc:
         raise SpaceError(f"{path.name} is damaged: {exc.message}", path=path) from None
-    except OSError as exc:
-        raise SpaceError(f"cannot read {path.name}: {exc.strerror or exc}", path=path) from None
 
 
 def _now() -> str:

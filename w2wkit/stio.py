@@ -262,20 +262,6 @@ def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
     return obj
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"the non-standard number {name} is not JSON")
-
-
-def _depth(obj: object) -> int:
-    deepest, stack = 0, [(obj, 1)]
-    while stack:
-        item, d = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, d)
-            stack.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
 def _is_count(x: object) -> bool:
     return type(x) is int and x >= 0
 
@@ -288,7 +274,9 @@ def _parse_layout(head: bytes, size: int, path: str) -> _Layout:
     """Parse and check a header strictly (the checks of the reference parser, with messages)."""
     try:
         header = json.loads(
-            head.decode("utf-8"), object_pairs_hook=_unique_pairs, parse_constant=_no_constant
+            head.decode("utf-8"),
+            object_pairs_hook=_unique_pairs,
+            parse_constant=jsonio.reject_constant,
         )
     except _Duplicate as exc:
         raise FormatError("key appears twice in the header", path=path, key=exc.key) from None
@@ -329,7 +317,7 @@ def _parse_layout(head: bytes, size: int, path: str) -> _Layout:
                 path=path,
                 key=key,
             )
-        if len(info) > 3 and _depth(info) > jsonio.MAX_DEPTH - 1:
+        if len(info) > 3 and jsonio.depth(info) > jsonio.MAX_DEPTH - 1:
             raise FormatError(_TOO_DEEP, path=path)
         spans.append((begin, end, key))
         if start % itemsize == 0 and begin % itemsize == 0:
@@ -403,7 +391,9 @@ def _reference_check(fd: int, path: str) -> None:
 
 _LAYOUTS: dict[tuple, _Layout] = {}
 _META_PREFIX = '{"__metadata__":'
-_META_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+_META_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_pairs, parse_constant=jsonio.reject_constant
+)
 
 
 def _split_metadata(head: bytes) -> tuple[dict[str, str], str] | None:
