@@ -18,7 +18,6 @@ torch, diffusers and peft are imported inside the functions.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +25,7 @@ import numpy as np
 
 from w2wkit.adapter import Adapter
 
-__all__ = ["BaselineModels", "edit_prompt", "edit_undisentangled", "train_dreambooth"]
+__all__ = ["BaselineModels", "edit_prompt", "edit_undisentangled"]
 
 
 def edit_prompt(
@@ -194,14 +193,3 @@ def _adapter_from(trainer: Any, settings: Any) -> Adapter:
         b = trainer.lora_params[f"{name}.lora_B.default.weight"].detach().cpu().numpy().copy()
         layers[f"unet.{name}"] = LoraLayer(down=a, up=b, alpha=float(settings.alpha))
     return Adapter(layers=layers, metadata={})
-
-
-def train_dreambooth(
-    models: BaselineModels,
-    images: Sequence[np.ndarray] | np.ndarray,
-    prompt: str = "sks person",
-    seed: int = 0,
-    steps: int | None = None,
-) -> tuple[Adapter, float]:
-    """Convenience wrapper of :meth:`BaselineModels.dreambooth`."""
-    return models.dreambooth(np.asarray(images), prompt, seed=seed, steps=steps)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -353,8 +353,3 @@ def _layout_diff(ref: WeightLayout, other: WeightLayout) -> str:
         if a[0].shape != b[0].shape or a[1].shape != b[1].shape:
             return f"{m}: down {b[0].shape} vs {a[0].shape}"
     return "differs"
-
-
-def layouts_agree(layouts: Iterable[WeightLayout]) -> bool:
-    """True when every layout has the same signature."""
-    return len({lay.signature for lay in layouts}) <= 1

@@ -49,7 +49,6 @@ __all__ = [
     "kohya_uses_sgm",
     "load_module_tables",
     "metadata_family",
-    "module_shape",
     "module_table",
     "module_to_kohya",
     "sdxl_evidence",
@@ -176,11 +175,6 @@ def module_table(family: str) -> dict[str, tuple[int, ...]]:
     if family not in tables:
         raise FormatError(f"unknown model family {family!r}; known: {', '.join(tables)}")
     return tables[family]
-
-
-def module_shape(path: str, family: str) -> tuple[int, ...] | None:
-    """Weight shape of ``path`` in ``family``'s model, or ``None`` if absent."""
-    return module_table(family).get(path)
 
 
 @functools.cache

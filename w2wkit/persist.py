@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -676,9 +675,3 @@ def _build(
         if val.dtype.kind == "f" and not key.startswith("labels.") and not np.isfinite(val).all():
             raise SpaceError("array holds NaN or Inf values", path=f, key=key)
     return space
-
-
-def remove_space(path: Path) -> None:
-    """Delete a space folder (only if it looks like one)."""
-    if (path / "space.json").is_file():
-        shutil.rmtree(path)
