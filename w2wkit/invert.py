@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.adapter import Adapter
-from w2wkit.errors import FormatError, SpaceError, W2WError
+from w2wkit.errors import OUTPUT_EXISTS, FormatError, SpaceError, W2WError
 
 __all__ = [
     "MARKER",
@@ -385,7 +385,7 @@ def load_masks(
 
 # --------------------------------------------------------------------------- result
 
-#: What marks a folder as written by :meth:`InversionResult.save` (``--force`` may replace it).
+#: What marks a folder as written by :meth:`InversionResult.save` (``overwrite`` may replace it).
 MARKER = "inversion.json"
 
 
@@ -409,7 +409,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise FormatError("output exists and is not a folder", path=out)
     if any(out.iterdir()):
         if not overwrite:
-            raise FormatError("output folder exists (use --force to overwrite)", path=out)
+            raise FormatError(OUTPUT_EXISTS, path=out)
         if not (out / MARKER).is_file():
             raise FormatError(
                 f"output folder is not empty and was not written by w2wkit invert (no {MARKER}); "
@@ -560,7 +560,7 @@ def _check_space(space: Any) -> None:
     if space.representation != "factors" or space.components_ is None:
         raise SpaceError(
             f"inversion needs a factors space (this one is {space.representation!r})",
-            hint="fit the collection with --representation factors",
+            hint='fit one with `WeightSpace(representation="factors").fit()`',
         )
 
 
@@ -894,7 +894,9 @@ def invert(
     k_space = int(space.n_components_)
     k = rec.n_components if n_components is None else int(n_components)
     if not 1 <= k <= k_space:
-        raise SpaceError(f"n_components={k} must be between 1 and the space's k={k_space}")
+        raise SpaceError(
+            f"{k} must be between 1 and the space's k={k_space}", param="n_components"
+        )
     steps = rec.steps if steps is None else int(steps)
     early_stopping = rec.early_stopping if early_stopping is None else bool(early_stopping)
     lr = rec.lr if lr is None else float(lr)

@@ -86,7 +86,9 @@ def resolve_device(device: str | None = "auto") -> str:
     dev = str(device)
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise W2WError(
-            f"device '{dev}' asked for but torch sees no CUDA GPU", hint="use --device cpu"
+            f"'{dev}' asked for but torch sees no CUDA GPU",
+            param="device",
+            hint='use `device="cpu"`',
         )
     return dev
 
@@ -108,7 +110,7 @@ def _torch_dtype(dtype: str | Any) -> Any:
     name = DTYPES.get(str(dtype).lower())
     if name is None:
         raise W2WError(
-            f"unknown dtype '{dtype}'", key="dtype", hint="use float32, float16 or bfloat16"
+            f"unknown dtype '{dtype}'", param="dtype", hint="use float32, float16 or bfloat16"
         )
     return getattr(torch, name)
 

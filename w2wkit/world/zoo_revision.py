@@ -259,13 +259,13 @@ def _retrain_zoo(
             raise W2WError(
                 "the work folder holds models of another world or recipe",
                 path=folder,
-                hint="remove it, or pass another --work folder",
+                hint="remove it, or pass another `work` folder",
             )
     elif folder.exists() and any(folder.glob("*.safetensors")):
         raise W2WError(
             "the work folder holds LoRA files but no recipe.json",
             path=folder,
-            hint="remove it, or pass another --work folder",
+            hint="remove it, or pass another `work` folder",
         )
     folder.mkdir(parents=True, exist_ok=True)
     write_json(stamp, ident)
