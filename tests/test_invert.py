@@ -387,6 +387,6 @@ def test_save_names_duplicates_and_refuses_foreign_folders(setup, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("x")
-    with pytest.raises(FormatError, match="not written by w2wkit invert"):
+    with pytest.raises(FormatError, match="not written by an inversion"):
         res.save(foreign, overwrite=True)
     assert (foreign / "keep.txt").exists()

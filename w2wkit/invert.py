@@ -412,7 +412,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
             raise FormatError(OUTPUT_EXISTS, path=out)
         if not (out / MARKER).is_file():
             raise FormatError(
-                f"output folder is not empty and was not written by w2wkit invert (no {MARKER}); "
+                f"output folder is not empty and was not written by an inversion (no {MARKER}); "
                 "refusing to replace it",
                 path=out,
             )
@@ -894,9 +894,7 @@ def invert(
     k_space = int(space.n_components_)
     k = rec.n_components if n_components is None else int(n_components)
     if not 1 <= k <= k_space:
-        raise SpaceError(
-            f"{k} must be between 1 and the space's k={k_space}", param="n_components"
-        )
+        raise SpaceError(f"{k} must be between 1 and the space's k={k_space}", param="n_components")
     steps = rec.steps if steps is None else int(steps)
     early_stopping = rec.early_stopping if early_stopping is None else bool(early_stopping)
     lr = rec.lr if lr is None else float(lr)
