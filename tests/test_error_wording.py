@@ -368,3 +368,20 @@ def test_the_source_check_finds_a_flag():
     tree = ast.parse('raise W2WError("use --force")\nf(hint=f"pass --labels {x}")')
     texts = [t for _, t in _message_strings(tree)]
     assert len([t for t in texts if FLAG.search(t)]) == 2
+
+
+def test_cli_wording_of_calls_and_of_parameters_the_command_lacks():
+    import click
+
+    from w2wkit.cli.common import API_COMMANDS, cli_wording
+
+    ctx = click.Context(cli)
+    ctx.invoked_subcommand = "fit"  # no --device, no --method
+    assert cli_wording("parameter device: no GPU", ctx, "device") == "parameter device: no GPU"
+    assert cli_wording("run `repair_world()` first", ctx) == (
+        "run `w2wkit world verify --repair` first"
+    )
+    assert cli_wording("see `something_else()`", ctx) == "see `something_else()`"
+    for call, command in API_COMMANDS.items():  # every mapped call names a real command
+        words = command.split()
+        assert words[0] == "w2wkit" and cli.get_command(None, words[1]) is not None, call
