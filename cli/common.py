@@ -168,7 +168,7 @@ def error_message(exc: BaseException) -> str | None:
         return (
             "out of memory"
             + (f" ({detail})" if detail else "")
-            + ("; try a smaller --block-size or the randomized solver")
+            + "; free memory or give smaller inputs (for `w2wkit fit`, try --solver randomized)"
         )
     return None
 

@@ -385,3 +385,26 @@ def test_cli_wording_of_calls_and_of_parameters_the_command_lacks():
     for call, command in API_COMMANDS.items():  # every mapped call names a real command
         words = command.split()
         assert words[0] == "w2wkit" and cli.get_command(None, words[1]) is not None, call
+
+
+def _all_flags(group) -> set[str]:
+    import click
+
+    flags = set()
+    for name in group.list_commands(None):
+        cmd = group.get_command(None, name)
+        if isinstance(cmd, click.Group):
+            flags |= _all_flags(cmd)
+        flags |= {o for p in cmd.params for o in getattr(p, "opts", []) + p.secondary_opts}
+    return flags
+
+
+@pytest.mark.parametrize(
+    "exc", [MemoryError("12 GiB"), OSError(17, "File exists", "out"), OSError(28, "No space")]
+)
+def test_the_clis_own_hints_name_flags_that_exist(exc):
+    from w2wkit.cli.common import error_message
+
+    text = error_message(exc)
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
+    assert named <= _all_flags(cli), (text, named - _all_flags(cli))
