@@ -67,6 +67,7 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
 PARAM_NAMES = {
     "n_components": "components",
     "edits": "edit",
+    "mask": "masks",
     "overwrite": "force",
     "verify": "no_verify",
 }

@@ -269,6 +269,17 @@ def _layout_in_project(tmp, space, mp) -> Case:
     )
 
 
+def _measure_candidates(tmp, space, mp) -> Case:
+    from w2wkit.world.measure import FidelitySettings
+
+    return Case(
+        lambda: FidelitySettings(candidates=1).check(),
+        ["world", "measure", "--candidates", "1"],
+        ["parameter candidates: must be >= 2, got 1"],
+        ["option --candidates: must be >= 2, got 1"],
+    )
+
+
 CASES = {
     f.__name__.lstrip("_"): f
     for f in (
@@ -288,6 +299,7 @@ CASES = {
         _work_folder,
         _inversion_output,
         _layout_in_project,
+        _measure_candidates,
     )
 }
 
@@ -382,6 +394,15 @@ def test_cli_wording_of_calls_and_of_parameters_the_command_lacks():
         "run `w2wkit world verify --repair` first"
     )
     assert cli_wording("see `something_else()`", ctx) == "see `something_else()`"
+    ctx.invoked_subcommand = "invert"  # its --mask sets `masks`, --steps sets `steps`
+    assert cli_wording("parameter mask: 3 masks", ctx, "mask") == "option --mask: 3 masks"
+    assert cli_wording("parameter steps: must be >= 1", ctx, "steps") == (
+        "option --steps: must be >= 1"
+    )
+    ctx.invoked_subcommand = "render"
+    assert cli_wording("needs both `edited` models and `inject_t`", ctx, "inject_t") == (
+        "needs both --edited models and --inject-after"
+    )
     for call, command in API_COMMANDS.items():  # every mapped call names a real command
         words = command.split()
         assert words[0] == "w2wkit" and cli.get_command(None, words[1]) is not None, call

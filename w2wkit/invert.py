@@ -355,7 +355,7 @@ def load_masks(
     items = _as_items(mask, image=False)
     if len(items) not in (1, n_images):
         raise W2WError(
-            f"{len(items)} masks for {n_images} images; give one, or one per image", key="mask"
+            f"{len(items)} masks for {n_images} images; give one, or one per image", param="mask"
         )
     out = np.zeros((n_images, *size), np.float32)
     for j in range(n_images):
@@ -376,7 +376,7 @@ def load_masks(
         pil = _to_pil(item, j, "L")
         m = _resize_any(pil, size)
         if not np.isfinite(m).all() or m.min() < 0 or m.max() > 1:
-            raise W2WError("mask values must lie in [0, 1]", key="mask")
+            raise W2WError("mask values must lie in [0, 1]", param="mask")
         if m.max() <= 0:
             raise W2WError("mask is all zero (nothing to fit)", key=f"mask #{j}")
         out[j] = m
@@ -730,7 +730,9 @@ def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
         return [int(seed) + i for i in range(n)]
     seeds = [int(s) for s in seed]
     if len(seeds) != n:
-        raise W2WError(f"{len(seeds)} seeds for {n} images; give one, or one per image", key="seed")
+        raise W2WError(
+            f"{len(seeds)} seeds for {n} images; give one, or one per image", param="seed"
+        )
     return seeds
 
 
@@ -899,9 +901,9 @@ def invert(
     early_stopping = rec.early_stopping if early_stopping is None else bool(early_stopping)
     lr = rec.lr if lr is None else float(lr)
     if steps < 1:
-        raise W2WError(f"steps must be >= 1, got {steps}", key="steps")
+        raise W2WError(f"must be >= 1, got {steps}", param="steps")
     if not lr > 0:
-        raise W2WError(f"lr must be > 0, got {lr}", key="lr")
+        raise W2WError(f"must be > 0, got {lr}", param="lr")
     prompt, prompt_source = _default_prompt(prompt, space, pack)
     if prompt_source == "space":
         msg = f"prompt '{prompt}' (the space's training models name it in their metadata)"
