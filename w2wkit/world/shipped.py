@@ -136,7 +136,7 @@ def verify_world(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     root = world_dir(path)
     if (root / BACKUP / JOURNAL).exists():
         raise W2WError(
-            "a revision of this world (world retrain-zoo / retrain-embedder) was interrupted",
+            "a revision of this world (a retrained zoo or embedder) was interrupted",
             path=root / BACKUP,
             hint="`repair_world()` keeps it if it had written everything, "
             "else puts the files back as they were before it",
