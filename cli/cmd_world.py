@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from w2wkit.cli.common import console, force_option, output_option, profile_option
+from w2wkit.cli.common import W2WGroup, console, force_option, output_option, profile_option
 from w2wkit.errors import W2WError
 from w2wkit.world.measure import FidelitySettings
 
@@ -23,7 +23,7 @@ world_path_option = click.option(
 )
 
 
-@click.group("world")
+@click.group("world", cls=W2WGroup)  # errors are worded in the invoked world command's flags
 def world_group() -> None:
     """The miniature world: a tiny diffusion model, its LoRA zoo and evaluators.
 

@@ -67,12 +67,27 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
 PARAM_NAMES = {
     "n_components": "components",
     "edits": "edit",
+    "mask": "masks",
     "overwrite": "force",
     "verify": "no_verify",
 }
 
+#: Library calls a message may point to (backticked, exactly as here) -> the command that
+#: does the same from the command line.
+API_COMMANDS = {
+    "WeightSpace.fit()": "w2wkit fit",
+    'WeightSpace(representation="factors").fit()': "w2wkit fit --representation factors",
+    "fit_directions()": "w2wkit directions --labels FILE",
+    "build_world(install=True)": "w2wkit world build --install",
+    "build_world()": "w2wkit world build",
+    "repair_world()": "w2wkit world verify --repair",
+}
+
 #: A reference to an API parameter inside a library message: `name` or `name=value`.
 _API_REF = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`]*))?`")
+
+#: Backticked text inside a library message (a call of :data:`API_COMMANDS`, or not).
+_BACKTICKED = re.compile(r"`([^`]+)`")
 
 
 def _option_for(ctx: click.Context, param: str) -> click.Option | None:
@@ -91,10 +106,10 @@ def _option_for(ctx: click.Context, param: str) -> click.Option | None:
     return None
 
 
-def _flag_for(ctx: click.Context, param: str) -> str:
-    """The command-line spelling of the library parameter ``param`` in the invoked command."""
+def _flag_for(ctx: click.Context, param: str) -> str | None:
+    """The command-line spelling of ``param`` in the invoked command (None: it has no option)."""
     opt = _option_for(ctx, param)
-    return "/".join(opt.opts) if opt is not None else param
+    return "/".join(opt.opts) if opt is not None else None
 
 
 def cli_wording(message: str, ctx: click.Context, param: str | None = None) -> str:
@@ -104,11 +119,15 @@ def cli_wording(message: str, ctx: click.Context, param: str | None = None) -> s
     every backticked reference to an API parameter, `` `name` `` or
     `` `name=value` ``, becomes the flag that sets it (``--force`` for
     `` `overwrite=True` ``, ``--representation delta`` for
-    `` `representation="delta"` ``). References to parameters the command has
-    no option for are left as they are.
+    `` `representation="delta"` ``), and a library call of :data:`API_COMMANDS`
+    (`` `repair_world()` ``) becomes its command (`` `w2wkit world verify --repair` ``).
+    References the command has no option for are left as they are.
     """
-    if param is not None:
-        message = message.replace(f"parameter {param}", f"option {_flag_for(ctx, param)}")
+    if param is not None and (spelling := _flag_for(ctx, param)) is not None:
+        message = message.replace(f"parameter {param}", f"option {spelling}")
+    message = _BACKTICKED.sub(
+        lambda m: f"`{API_COMMANDS[m[1]]}`" if m[1] in API_COMMANDS else m[0], message
+    )
 
     def flag(m: re.Match[str]) -> str:
         opt = _option_for(ctx, m[1])
@@ -150,7 +169,7 @@ def error_message(exc: BaseException) -> str | None:
         return (
             "out of memory"
             + (f" ({detail})" if detail else "")
-            + ("; try a smaller --block-size or the randomized solver")
+            + "; free memory or give smaller inputs (for `w2wkit fit`, try --solver randomized)"
         )
     return None
 

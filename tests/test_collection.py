@@ -59,7 +59,7 @@ def test_mixed_layouts_list_groups_and_suggest_delta(tmp_path):
     assert "\n" not in msg
     assert "group 1: 3 model(s) [m00, m01, m02]" in msg
     assert "group 2: 2 model(s) [m03, m04]" in msg and "rank 4" in msg
-    assert "--representation delta" in msg
+    assert '`representation="delta"`' in msg and "--" not in msg
 
 
 def test_nan_row_names_the_file(tmp_path):

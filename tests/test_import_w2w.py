@@ -83,7 +83,7 @@ def release(tmp_path_factory, base_pipe):
 
 def test_import_needs_opt_in(release):
     root = release[0]
-    with pytest.raises(SpaceError, match=r"pickles.*--allow-pickle"):
+    with pytest.raises(SpaceError, match=r"pickles.*`allow_pickle=True`"):
         import_w2w(root)
 
 

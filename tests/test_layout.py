@@ -71,7 +71,7 @@ def test_mismatch_is_named():
 
 def test_delta_layers_are_refused_with_a_hint():
     ad = Adapter({"unet.x.to_q": DeltaLayer(np.ones((4, 4), np.float32), "loha")})
-    with pytest.raises(LayoutError, match="representation delta"):
+    with pytest.raises(LayoutError, match='use `representation="delta"`'):
         WeightLayout.from_adapter(ad)
 
 

@@ -66,7 +66,7 @@ def test_micro_build_loads_in_diffusers(tmp_path: Path) -> None:
     ref = diffusers.UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
     for (n1, p1), (n2, p2) in zip(unet.named_parameters(), ref.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
-    with pytest.raises(W2WError, match="output folder exists"):
+    with pytest.raises(W2WError, match="output exists"):
         B.build_base(out, MICRO)
 
 

@@ -455,7 +455,7 @@ class Collection:
             raise LayoutError(
                 f"models do not share one factor layout: {describe_layout_groups(groups, layouts)}",
                 hint="the factors representation needs one rank and module set; "
-                "use --representation delta",
+                'use `representation="delta"`',
             )
         if isinstance(data, np.memmap):
             data.flush()

@@ -268,7 +268,8 @@ def _fit_weights(
     if task != "binary":
         raise DirectionError(
             f"probe {method!r} needs a binary label; this one is continuous",
-            hint="use --method lstsq or ridge",
+            param="method",
+            hint='use `method="lstsq"` or `method="ridge"`',
         )
     # logistic / svm: standardise the coefficients so that C means the same
     # for every component, then map the weights back to raw coordinates.
@@ -1005,7 +1006,7 @@ def get_direction(space: WeightSpace, name: str) -> Direction:
     if not dirs:
         raise DirectionError(
             "the space has no directions",
-            hint="fit some with `w2wkit directions SPACE --labels FILE`",
+            hint="fit some with `fit_directions()`",
         )
     if name not in dirs:
         raise DirectionError(f"unknown direction {name!r}; available: {available(space)}")
@@ -1044,7 +1045,7 @@ def _resolve_labels(
         if not got:
             raise DirectionError(
                 "no labels: the space was fitted without labels and none were given",
-                hint="pass --labels FILE",
+                hint="pass them as `labels`",
             )
         return {k: np.asarray(v, dtype=np.float64) for k, v in got.items()}
     if isinstance(labels, str | os.PathLike):

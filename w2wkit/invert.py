@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.adapter import Adapter
-from w2wkit.errors import FormatError, SpaceError, W2WError
+from w2wkit.errors import OUTPUT_EXISTS, FormatError, SpaceError, W2WError
 
 __all__ = [
     "MARKER",
@@ -355,7 +355,7 @@ def load_masks(
     items = _as_items(mask, image=False)
     if len(items) not in (1, n_images):
         raise W2WError(
-            f"{len(items)} masks for {n_images} images; give one, or one per image", key="mask"
+            f"{len(items)} masks for {n_images} images; give one, or one per image", param="mask"
         )
     out = np.zeros((n_images, *size), np.float32)
     for j in range(n_images):
@@ -376,7 +376,7 @@ def load_masks(
         pil = _to_pil(item, j, "L")
         m = _resize_any(pil, size)
         if not np.isfinite(m).all() or m.min() < 0 or m.max() > 1:
-            raise W2WError("mask values must lie in [0, 1]", key="mask")
+            raise W2WError("mask values must lie in [0, 1]", param="mask")
         if m.max() <= 0:
             raise W2WError("mask is all zero (nothing to fit)", key=f"mask #{j}")
         out[j] = m
@@ -385,7 +385,7 @@ def load_masks(
 
 # --------------------------------------------------------------------------- result
 
-#: What marks a folder as written by :meth:`InversionResult.save` (``--force`` may replace it).
+#: What marks a folder as written by :meth:`InversionResult.save` (``overwrite`` may replace it).
 MARKER = "inversion.json"
 
 
@@ -409,10 +409,10 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise FormatError("output exists and is not a folder", path=out)
     if any(out.iterdir()):
         if not overwrite:
-            raise FormatError("output folder exists (use --force to overwrite)", path=out)
+            raise FormatError(OUTPUT_EXISTS, path=out)
         if not (out / MARKER).is_file():
             raise FormatError(
-                f"output folder is not empty and was not written by w2wkit invert (no {MARKER}); "
+                f"output folder is not empty and was not written by an inversion (no {MARKER}); "
                 "refusing to replace it",
                 path=out,
             )
@@ -560,7 +560,7 @@ def _check_space(space: Any) -> None:
     if space.representation != "factors" or space.components_ is None:
         raise SpaceError(
             f"inversion needs a factors space (this one is {space.representation!r})",
-            hint="fit the collection with --representation factors",
+            hint='fit one with `WeightSpace(representation="factors").fit()`',
         )
 
 
@@ -730,7 +730,9 @@ def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
         return [int(seed) + i for i in range(n)]
     seeds = [int(s) for s in seed]
     if len(seeds) != n:
-        raise W2WError(f"{len(seeds)} seeds for {n} images; give one, or one per image", key="seed")
+        raise W2WError(
+            f"{len(seeds)} seeds for {n} images; give one, or one per image", param="seed"
+        )
     return seeds
 
 
@@ -894,14 +896,14 @@ def invert(
     k_space = int(space.n_components_)
     k = rec.n_components if n_components is None else int(n_components)
     if not 1 <= k <= k_space:
-        raise SpaceError(f"n_components={k} must be between 1 and the space's k={k_space}")
+        raise SpaceError(f"{k} must be between 1 and the space's k={k_space}", param="n_components")
     steps = rec.steps if steps is None else int(steps)
     early_stopping = rec.early_stopping if early_stopping is None else bool(early_stopping)
     lr = rec.lr if lr is None else float(lr)
     if steps < 1:
-        raise W2WError(f"steps must be >= 1, got {steps}", key="steps")
+        raise W2WError(f"must be >= 1, got {steps}", param="steps")
     if not lr > 0:
-        raise W2WError(f"lr must be > 0, got {lr}", key="lr")
+        raise W2WError(f"must be > 0, got {lr}", param="lr")
     prompt, prompt_source = _default_prompt(prompt, space, pack)
     if prompt_source == "space":
         msg = f"prompt '{prompt}' (the space's training models name it in their metadata)"

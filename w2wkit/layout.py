@@ -126,7 +126,7 @@ class WeightLayout:
                     "representation needs LoRA factors",
                     path=adapter.source,
                     key=module,
-                    hint="use --representation delta",
+                    hint='use `representation="delta"`',
                 )
             rows.append((module, layer.down.shape, layer.up.shape, layer.alpha, layer.rslora))
         return cls(rows)
@@ -187,7 +187,7 @@ class WeightLayout:
             raise LayoutError(
                 f"does not match the layout ({diff})",
                 path=where,
-                hint="use --representation delta for collections of different ranks or modules",
+                hint='use `representation="delta"` for collections of different ranks or modules',
             )
 
     def difference(self, adapter: Adapter) -> str | None:

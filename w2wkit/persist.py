@@ -257,7 +257,7 @@ def _load_directions(path: Path, space_sha: str, k: int, read_safetensors, Direc
         raise SpaceError(
             "directions.json belongs to another space (its arrays hash differs)",
             path=jpath,
-            hint="refit the directions with `w2wkit directions`",
+            hint="refit the directions with `fit_directions()`",
         )
     f = _member(path, get.text(meta, "file"), jpath, "file")
     if not f.is_file():
@@ -486,7 +486,7 @@ def load_space(cls: type[WeightSpace], path: Path, *, verify: bool = True) -> We
 
         recover(path)  # a swap cut between its renames (off Linux): put the old folder back
     if not path.exists():
-        raise SpaceError("no such space folder", path=path, hint="fit one with `w2wkit fit`")
+        raise SpaceError("no such space folder", path=path, hint="fit one with `WeightSpace.fit()`")
     if not meta_path.is_file():
         raise SpaceError("not a w2wkit space (no space.json)", path=path)
     meta = _read_described_json(meta_path, FORMAT_NAME, "a w2wkit space description")
@@ -534,7 +534,7 @@ def _build(
         raise SpaceError(
             "arrays file is damaged (SHA-256 mismatch)",
             path=f,
-            hint="restore the space or refit it; --no-verify skips this check",
+            hint="restore the space or refit it; `verify=False` skips this check",
         )
     st = read_safetensors(f)
     arrays = st.tensors

@@ -86,7 +86,9 @@ def resolve_device(device: str | None = "auto") -> str:
     dev = str(device)
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise W2WError(
-            f"device '{dev}' asked for but torch sees no CUDA GPU", hint="use --device cpu"
+            f"'{dev}' asked for but torch sees no CUDA GPU",
+            param="device",
+            hint='use `device="cpu"`',
         )
     return dev
 
@@ -108,7 +110,7 @@ def _torch_dtype(dtype: str | Any) -> Any:
     name = DTYPES.get(str(dtype).lower())
     if name is None:
         raise W2WError(
-            f"unknown dtype '{dtype}'", key="dtype", hint="use float32, float16 or bfloat16"
+            f"unknown dtype '{dtype}'", param="dtype", hint="use float32, float16 or bfloat16"
         )
     return getattr(torch, name)
 
@@ -779,7 +781,7 @@ class Renderer:
             if len(edits) != len(originals):
                 raise W2WError(
                     f"{len(edits)} edited models for {len(originals)} models; give one each",
-                    key="edited",
+                    param="edited",
                 )
         return originals, edits, names
 
@@ -864,16 +866,16 @@ class Renderer:
         prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
         seeds = [int(seeds)] if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
         if not prompts:
-            raise W2WError("give at least one prompt", key="prompts")
+            raise W2WError("give at least one prompt", param="prompts")
         if not seeds:
-            raise W2WError("give at least one seed", key="seeds")
+            raise W2WError("give at least one seed", param="seeds")
         if steps < 1:
-            raise W2WError(f"steps must be >= 1, got {steps}", key="steps")
+            raise W2WError(f"must be >= 1, got {steps}", param="steps")
         if batch_size < 1:
-            raise W2WError(f"batch size must be >= 1, got {batch_size}", key="batch_size")
+            raise W2WError(f"must be >= 1, got {batch_size}", param="batch_size")
         if (edited is None) != (inject_t is None):
             raise W2WError(
-                "delayed injection needs both edited models and inject_t", key="inject_t"
+                "delayed injection needs both `edited` models and `inject_t`", param="inject_t"
             )
         originals, edits, row_names = self.prepare(
             models, edited=edited, space=space, allow_pickle=allow_pickle
@@ -881,7 +883,7 @@ class Renderer:
         if names is not None:
             row_names = [str(n) for n in names]
             if len(row_names) != len(originals):
-                raise W2WError(f"{len(row_names)} names for {len(originals)} models", key="names")
+                raise W2WError(f"{len(row_names)} names for {len(originals)} models", param="names")
         n_models = len(originals)
         bank_models = originals + (edits or [])
         stacked = self.check(bank_models)
@@ -893,7 +895,7 @@ class Renderer:
         height = int(height or unet.config.sample_size * vsf)
         width = int(width or unet.config.sample_size * vsf)
         if height % vsf or width % vsf:
-            raise W2WError(f"image size {height}x{width} must be a multiple of {vsf}", key="size")
+            raise W2WError(f"image size {height}x{width} must be a multiple of {vsf}", param="size")
         cfg = guidance > 1.0 and unet.config.time_cond_proj_dim is None
         lat_shape = (unet.config.in_channels, height // vsf, width // vsf)
 

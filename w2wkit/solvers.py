@@ -750,8 +750,9 @@ class _TorchOps(_NumpyOps):
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise SpaceError(
-                f"device '{device}' was requested but torch sees no GPU",
-                hint="use device='cpu'",
+                f"'{device}' asked for but torch sees no GPU",
+                param="device",
+                hint='use `device="cpu"`',
             )
         self.torch = torch
         self.device = torch.device(device)
@@ -1296,7 +1297,7 @@ def _randomized_checkpoints(
         raise SpaceError(
             f"block_size={width} with n_iter={n_iters[0]} gives a Krylov basis of "
             f"{(n_iters[0] + 1) * width} columns, fewer than n_components={k}",
-            hint="raise block_size or n_iter",
+            hint="raise `block_size` or `n_iter`",
         )
     max_dim = d
     rng = np.random.default_rng(random_state)

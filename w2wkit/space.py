@@ -363,11 +363,12 @@ class WeightSpace:
         k = int(self.n_components)
         if k > n - 1:
             raise SpaceError(
-                f"n_components={k} exceeds N-1={n - 1} for a collection of {n} models",
-                hint=f"use --components {n - 1} or fewer",
+                f"{k} exceeds N-1={n - 1} for a collection of {n} models",
+                param="n_components",
+                hint=f"use `n_components={n - 1}` or fewer",
             )
         if k > d:
-            raise SpaceError(f"n_components={k} exceeds the model dimension d={d}")
+            raise SpaceError(f"{k} exceeds the model dimension d={d}", param="n_components")
         return k
 
     # -------------------------------------------------------------------- fit

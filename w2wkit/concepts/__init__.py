@@ -113,7 +113,7 @@ def register_pack(pack: ConceptPack, *, overwrite: bool = False) -> ConceptPack:
     pack = _as_pack(pack, f"register_pack({getattr(pack, 'name', pack)!r})")
     if pack.name in _RUNTIME and not overwrite:
         raise ConceptError(
-            f"concept pack '{pack.name}' is already registered", hint="pass overwrite=True"
+            f"concept pack '{pack.name}' is already registered", hint="pass `overwrite=True`"
         )
     _RUNTIME[pack.name] = pack
     return pack

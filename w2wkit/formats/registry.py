@@ -244,7 +244,7 @@ def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> 
             raise FormatError(
                 "pickle files can run code when loaded; refusing",
                 path=weights,
-                hint="convert it to .safetensors, or pass --allow-pickle if you trust it",
+                hint="convert it to .safetensors, or pass `allow_pickle=True` if you trust it",
             )
         nbytes = check_regular_file(weights)
         tensors, dtypes = _torch_pickle(str(weights))

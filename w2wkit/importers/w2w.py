@@ -290,7 +290,7 @@ def import_w2w(
         raise SpaceError(
             "the weights2weights release is made of pickles, which can run code when loaded",
             path=root,
-            hint="pass --allow-pickle if you trust these files",
+            hint="pass `allow_pickle=True` if you trust these files",
         )
     if not root.is_dir():
         raise SpaceError("release folder not found", path=root)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.atomic import recover, temp_path
-from w2wkit.errors import W2WError
+from w2wkit.errors import OUTPUT_EXISTS, W2WError
 from w2wkit.world.tokenizer import token_ids
 
 __all__ = [
@@ -537,7 +537,7 @@ def save_pipeline(pipe: Any, folder: str | os.PathLike[str], overwrite: bool = F
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
-        raise W2WError("output folder exists", path=folder, hint="pass overwrite=True / --force")
+        raise W2WError(OUTPUT_EXISTS, path=folder)
     from w2wkit.atomic import atomic_path
 
     with atomic_path(folder, overwrite=overwrite) as tmp:
@@ -585,7 +585,7 @@ def build_base(
     folder = Path(folder)
     recover(folder)  # what a killed build left beside it (staging folders, a cut swap)
     if folder.exists() and not overwrite:
-        raise W2WError("output folder exists", path=folder, hint="pass overwrite=True / --force")
+        raise W2WError(OUTPUT_EXISTS, path=folder)
     torch = _torch(settings.threads)
     torch.manual_seed(settings.seed)
     log: dict[str, Any] = {"settings": settings.to_json()}

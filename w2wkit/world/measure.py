@@ -67,11 +67,11 @@ class FidelitySettings:
         """Raise :class:`W2WError` naming the first invalid value."""
         for key in ("models", "generations", "ref_images", "steps"):
             if int(getattr(self, key)) < 1:
-                raise W2WError(f"{key} must be >= 1, got {getattr(self, key)}", key=key)
+                raise W2WError(f"must be >= 1, got {getattr(self, key)}", param=key)
         if int(self.candidates) < 2:
-            raise W2WError(f"candidates must be >= 2, got {self.candidates}", key="candidates")
+            raise W2WError(f"must be >= 2, got {self.candidates}", param="candidates")
         if not float(self.guidance) >= 0:
-            raise W2WError(f"guidance must be >= 0, got {self.guidance}", key="guidance")
+            raise W2WError(f"must be >= 0, got {self.guidance}", param="guidance")
 
 
 def zoo_fidelity(

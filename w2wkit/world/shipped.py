@@ -85,7 +85,7 @@ def world_dir(path: str | os.PathLike[str] | None = None) -> Path:
         raise W2WError(
             "no shipped world here (manifest.json missing)",
             path=root,
-            hint="build one: w2wkit world build --install",
+            hint="build one with `build_world(install=True)`",
         )
     return root
 
@@ -136,9 +136,9 @@ def verify_world(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     root = world_dir(path)
     if (root / BACKUP / JOURNAL).exists():
         raise W2WError(
-            "a revision of this world (world retrain-zoo / retrain-embedder) was interrupted",
+            "a revision of this world (a retrained zoo or embedder) was interrupted",
             path=root / BACKUP,
-            hint="'w2wkit world verify --repair' keeps it if it had written everything, "
+            hint="`repair_world()` keeps it if it had written everything, "
             "else puts the files back as they were before it",
         )
     return _check_hashes(root)
@@ -205,7 +205,7 @@ def _check_hashes(root: Path) -> dict[str, Any]:
             raise W2WError(
                 "shipped world file is corrupted (sha256 does not match the manifest)",
                 path=f,
-                hint="rebuild or restore it (w2wkit world build)",
+                hint="restore it, or rebuild the world with `build_world()`",
             )
     extra = [rel for rel in _world_files(root) if rel not in files]
     if extra:
@@ -214,7 +214,7 @@ def _check_hashes(root: Path) -> dict[str, Any]:
             f"file is not listed in the world manifest{more}: added to the world, or its "
             "entry was removed",
             path=root / extra[0],
-            hint="restore the world (w2wkit world build) or remove the file",
+            hint="remove the file, or restore or rebuild the world with `build_world()`",
         )
     return {"files": len(files), "total_bytes": man.get("total_bytes")}
 
@@ -252,7 +252,7 @@ def revision(root: str | os.PathLike[str], files: Sequence[str]) -> Iterator[Pat
         raise W2WError(
             "an earlier revision of this world was interrupted",
             path=backup,
-            hint="run 'w2wkit world verify --repair' first",
+            hint="run `repair_world()` first",
         )
     shutil.rmtree(backup, ignore_errors=True)  # a backup cut short: nothing was rewritten
     names = [*dict.fromkeys([*files, "build_log.json", MANIFEST])]

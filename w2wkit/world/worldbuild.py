@@ -1023,7 +1023,7 @@ def _retrain_embedder(
     prof = _profile_from_log(log["profile"])
     new_vary = WorldProfile.eval_id_vary if vary is None else float(vary)
     if not 0.0 <= new_vary <= 1.0:
-        raise W2WError(f"vary must be in [0, 1], got {new_vary}", key="vary")
+        raise W2WError(f"must be in [0, 1], got {new_vary}", param="vary")
     new_tied = WorldProfile.eval_id_vary_tied if tied is None else bool(tied)
     if concept == "identity":
         prof = replace(prof, eval_id_vary=new_vary, eval_id_vary_tied=new_tied)

@@ -68,7 +68,9 @@ def pick_device(device: str = "auto") -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise W2WError(
-            "CUDA was asked for but torch sees no GPU", key="device", hint="--device cpu"
+            f"'{device}' asked for but torch sees no GPU",
+            param="device",
+            hint='use `device="cpu"`',
         )
     return device
 

@@ -64,9 +64,9 @@ def _check_recipe(changes: dict[str, Any]) -> None:
     for key, value in changes.items():
         if key == "lr":
             if not (np.isfinite(float(value)) and float(value) > 0):
-                raise W2WError(f"lr must be a positive number, got {value}", key="lr")
+                raise W2WError(f"must be a positive number, got {value}", param="lr")
         elif int(value) < 1:
-            raise W2WError(f"{key} must be >= 1, got {value}", key=key)
+            raise W2WError(f"must be >= 1, got {value}", param=key)
 
 
 def retrain_zoo(
@@ -193,9 +193,9 @@ def _retrain_zoo(
     }
     _check_recipe(changes)
     if int(workers) < 1:
-        raise W2WError(f"workers must be >= 1, got {workers}", key="workers")
+        raise W2WError(f"must be >= 1, got {workers}", param="workers")
     if chunk is not None and int(chunk) < 1:
-        raise W2WError(f"chunk must be >= 1, got {chunk}", key="chunk")
+        raise W2WError(f"must be >= 1, got {chunk}", param="chunk")
     device = pick_device(device)
     root = world_dir(world)
     verify_world(root)
@@ -259,13 +259,13 @@ def _retrain_zoo(
             raise W2WError(
                 "the work folder holds models of another world or recipe",
                 path=folder,
-                hint="remove it, or pass another --work folder",
+                hint="remove it, or pass another `work` folder",
             )
     elif folder.exists() and any(folder.glob("*.safetensors")):
         raise W2WError(
             "the work folder holds LoRA files but no recipe.json",
             path=folder,
-            hint="remove it, or pass another --work folder",
+            hint="remove it, or pass another `work` folder",
         )
     folder.mkdir(parents=True, exist_ok=True)
     write_json(stamp, ident)
