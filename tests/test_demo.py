@@ -60,7 +60,8 @@ def test_demo_synthetic_flag_and_existing_output(tmp_path: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("x")
     r = CliRunner().invoke(cli, ["demo", "--synthetic", "-o", str(out)])
-    assert r.exit_code == 1 and "not empty" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "output exists (pass --force" in r.output, r.output
+    assert "Traceback" not in r.output and (out / "keep.txt").read_text() == "x"
 
 
 def test_demo_image_needs_a_world(tmp_path: Path) -> None:

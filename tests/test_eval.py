@@ -364,7 +364,7 @@ def test_eval_cli(micro: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["eval", "--inject-t", "late", "-o", str(tmp_path / "y")])
     assert r.exit_code == 1 and "--inject-t must be a timestep" in r.output
     r = CliRunner().invoke(cli, ["eval", "--world", str(micro), "-o", str(out)])
-    assert r.exit_code == 1 and "not empty" in r.output
+    assert r.exit_code == 1 and "output exists (pass --force to replace it)" in r.output
     r = CliRunner().invoke(cli, ["eval", "--sections", "space,colour", "-o", str(tmp_path / "x")])
     assert r.exit_code == 1 and "unknown section(s) colour" in r.output
     assert "Traceback" not in r.output
