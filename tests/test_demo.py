@@ -18,8 +18,14 @@ HAS_WORLD = shipped_world_available()
 def test_demo_synthetic(tmp_path: Path) -> None:
     """Without a shipped world this is the default demo (and it says so); else --synthetic."""
     out = tmp_path / "demo"
-    r = CliRunner().invoke(cli, ["demo", "-o", str(out)] + (["--synthetic"] if HAS_WORLD else []))
+    (out / "images").mkdir(parents=True)  # an old report: --force replaces it whole
+    (out / "images" / "old_grid.png").write_bytes(b"old")
+    (out / "report.html").write_text("old")
+    args = ["demo", "-o", str(out), "--force"] + (["--synthetic"] if HAS_WORLD else [])
+    r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
+    assert not (out / "images" / "old_grid.png").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temporary left
     if not HAS_WORLD:
         assert "synthetic demo" in r.output  # it says it fell back
     assert f"report: {out / 'report.html'}" in r.output.replace("\n", "")

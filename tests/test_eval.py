@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -413,3 +414,79 @@ def test_world_records_its_training_prompt(micro: Path, tmp_path: Path) -> None:
     del meta["prompt"]
     (old / "world.json").write_text(json.dumps(meta))
     assert E.load_eval_world(old).instance_prompt == "sks person"
+
+
+def test_eval_report_is_replaced_whole_and_keeps_the_world_built_in_it(
+    micro: Path, tmp_path: Path
+) -> None:
+    """--force: nothing of the old report survives; OUTPUT/micro-world is reused and kept."""
+    from w2wkit.cli.main import cli
+
+    out = tmp_path / "ev"
+    shutil.copytree(micro, out / "micro-world")
+    (out / "images").mkdir()
+    (out / "images" / "stale.png").write_bytes(b"a grid of the old report")
+    (out / "results.json").write_text('{"old": true}')
+    args = ["eval", "--world", "micro", "--profile", "tiny", "-o", str(out), "--sections", "space"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and "output exists (pass --force" in r.output
+    r = CliRunner().invoke(cli, [*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert "building a micro world" not in r.output  # the world in the output was reused
+    assert not (out / "images" / "stale.png").exists()
+    res = json.loads((out / "results.json").read_text())
+    assert "old" not in res and res["complete"] and "space" in res
+    meta = json.loads((micro / "world.json").read_text())
+    for z in meta["zoo"]:  # the world is still there, whole
+        assert (out / "micro-world" / z["file"]).read_bytes() == (micro / z["file"]).read_bytes()
+    assert E.load_eval_world(out / "micro-world").name.startswith("micro")
+    assert [p.name for p in tmp_path.iterdir()] == ["ev"]  # no temporary left
+
+
+def test_eval_stopped_early_publishes_its_finished_sections(
+    micro: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each publication is a whole report: the old one is gone, the finished sections are in."""
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "stale.txt").write_text("old report")
+
+    def stop(ev: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "_section_sampling", stop)
+    w = E.load_eval_world(micro)
+    with pytest.raises(KeyboardInterrupt):
+        E.run_eval(w, "tiny", out, sections=("space", "sampling"), progress=False, overwrite=True)
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"] is False and "space" in res
+    assert "Partial run" in (out / "report.html").read_text()
+    assert all((out / rel).exists() for rel in res["plots"].values())
+    assert not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ev"]  # the working folder is removed
+
+
+def test_demo_mask_needs_image_in_the_callers_terms(micro: Path, tmp_path: Path) -> None:
+    from w2wkit.cli.main import cli
+    from w2wkit.demo import run_demo
+
+    with pytest.raises(W2WError, match="`mask` needs `image`"):
+        run_demo(tmp_path / "d", world=micro, mask=tmp_path / "m.png", log=None, progress=False)
+    r = CliRunner().invoke(
+        cli,
+        [
+            "demo",
+            "--world",
+            str(micro),
+            "--mask",
+            str(tmp_path / "m.png"),
+            "-o",
+            str(tmp_path / "d"),
+        ],
+    )
+    assert r.exit_code == 1 and "--mask needs --image" in r.output, r.output
+    assert not (tmp_path / "d").exists()
+    (tmp_path / "f").write_text("a file")
+    r = CliRunner().invoke(cli, ["demo", "--synthetic", "--force", "-o", str(tmp_path / "f")])
+    assert r.exit_code == 1 and "output exists and is not a folder" in r.output, r.output
+    assert (tmp_path / "f").read_text() == "a file"

@@ -75,6 +75,8 @@ def _may_replace(final: Path, overwrite: bool) -> bool:
     from w2wkit.errors import OUTPUT_EXISTS, FormatError
 
     recover(final)
+    if os.path.lexists(final) and not (final.is_dir() and not final.is_symlink()):
+        raise FormatError("output exists and is not a folder", path=final)
     if not os.path.lexists(final) or overwrite:
         return overwrite
     if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
