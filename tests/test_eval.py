@@ -194,6 +194,7 @@ def test_space_pipeline_mismatch_names_modules(micro: Path, tmp_path: Path) -> N
             log=None,
             progress=False,
         )
+    assert list(tmp_path.iterdir()) == []  # a failed demo leaves no folder, no temporary
 
 
 def test_pick_strength_takes_the_smallest_strength_reaching_the_target() -> None:
@@ -288,7 +289,7 @@ def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
     # deterministic given the seed
     again = E.run_eval(w, "tiny", tmp_path / "ev2", progress=False, sections=("space", "sampling"))
     assert again["sampling"]["intra_model_id"] == pytest.approx(saved["sampling"]["intra_model_id"])
-    with pytest.raises(W2WError, match="not empty"):
+    with pytest.raises(W2WError, match=r"output exists \(pass `overwrite=True`"):
         E.run_eval(w, "tiny", out, progress=False)
 
 
