@@ -491,3 +491,52 @@ def test_demo_mask_needs_image_in_the_callers_terms(micro: Path, tmp_path: Path)
     r = CliRunner().invoke(cli, ["demo", "--synthetic", "--force", "-o", str(tmp_path / "f")])
     assert r.exit_code == 1 and "output exists and is not a folder" in r.output, r.output
     assert (tmp_path / "f").read_text() == "a file"
+
+
+@pytest.mark.slow
+def test_eval_killed_at_every_step_leaves_a_whole_report(micro: Path, tmp_path: Path) -> None:
+    """SIGKILL at every atomic step of ``run_eval --force``: the old report or a whole new one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+        }
+
+    def whole_new(folder: Path) -> bool:
+        res = json.loads((folder / "results.json").read_text())
+        refs = [*res["images"].values(), *res["plots"].values()]
+        assert all((folder / r).stat().st_size > 0 for r in refs)
+        assert "Partial run" in (folder / "report.html").read_text() or res["complete"]
+        return "space" in res and not (folder / "stale.txt").exists()
+
+    w = E.load_eval_world(micro)
+    old = tmp_path / "old"
+    E.run_eval(w, "tiny", old, sections=("space",), progress=False)
+    (old / "stale.txt").write_text("old report")
+    code = (
+        "import sys; from w2wkit import evaluate as E; "
+        "E.run_eval(E.load_eval_world(sys.argv[1]), 'tiny', sys.argv[2], sections=('space',), "
+        "progress=False, overwrite=True)"
+    )
+    seen, k = [], 0
+    while True:
+        k += 1
+        out = tmp_path / f"k{k}" / "ev"
+        shutil.copytree(old, out)
+        env = {**os.environ, "W2WKIT_TEST_DIE_AFTER": str(k)}
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(micro), str(out)], env=env, capture_output=True
+        )
+        if proc.returncode == 0:
+            break  # k is past the last step
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+        seen.append("old" if files(out) == files(old) else "new" if whole_new(out) else "mix")
+        E.run_eval(w, "tiny", out, sections=("space",), progress=False, overwrite=True)
+        assert whole_new(out) and json.loads((out / "results.json").read_text())["complete"]
+        assert [p.name for p in out.parent.iterdir()] == ["ev"], f"step {k}: temporaries left"
+        shutil.rmtree(out.parent)
+    assert "mix" not in seen and seen[0] == "old" and seen[-1] == "new", seen
