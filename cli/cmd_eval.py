@@ -104,7 +104,7 @@ def eval_cmd(
     from dataclasses import replace
 
     from w2wkit import evaluate as E
-    from w2wkit.errors import W2WError
+    from w2wkit.errors import OUTPUT_EXISTS, W2WError
 
     wanted = [x.strip() for x in sections.split(",") if x.strip()]
     known = {"space", "inversion", "editing", "ood", "sampling", "scaling", "fidelity"}
@@ -122,8 +122,8 @@ def eval_cmd(
     if calibrate_on is not None:
         changes["edit_calibration_pool"] = calibrate_on
     s = replace(s, **changes)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise W2WError("output folder exists and is not empty (use --force)", path=out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise W2WError(OUTPUT_EXISTS, path=out)  # before building a micro world in it
     if world == "micro":
         folder = out / "micro-world"
         if not (folder / "world.json").exists():

@@ -18,8 +18,14 @@ HAS_WORLD = shipped_world_available()
 def test_demo_synthetic(tmp_path: Path) -> None:
     """Without a shipped world this is the default demo (and it says so); else --synthetic."""
     out = tmp_path / "demo"
-    r = CliRunner().invoke(cli, ["demo", "-o", str(out)] + (["--synthetic"] if HAS_WORLD else []))
+    (out / "images").mkdir(parents=True)  # an old report: --force replaces it whole
+    (out / "images" / "old_grid.png").write_bytes(b"old")
+    (out / "report.html").write_text("old")
+    args = ["demo", "-o", str(out), "--force"] + (["--synthetic"] if HAS_WORLD else [])
+    r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
+    assert not (out / "images" / "old_grid.png").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temporary left
     if not HAS_WORLD:
         assert "synthetic demo" in r.output  # it says it fell back
     assert f"report: {out / 'report.html'}" in r.output.replace("\n", "")
@@ -60,7 +66,8 @@ def test_demo_synthetic_flag_and_existing_output(tmp_path: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("x")
     r = CliRunner().invoke(cli, ["demo", "--synthetic", "-o", str(out)])
-    assert r.exit_code == 1 and "not empty" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "output exists (pass --force" in r.output, r.output
+    assert "Traceback" not in r.output and (out / "keep.txt").read_text() == "x"
 
 
 def test_demo_image_needs_a_world(tmp_path: Path) -> None:

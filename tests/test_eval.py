@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,7 @@ def test_space_pipeline_mismatch_names_modules(micro: Path, tmp_path: Path) -> N
             log=None,
             progress=False,
         )
+    assert list(tmp_path.iterdir()) == []  # a failed demo leaves no folder, no temporary
 
 
 def test_pick_strength_takes_the_smallest_strength_reaching_the_target() -> None:
@@ -287,7 +289,7 @@ def test_eval_tiny_end_to_end(micro: Path, tmp_path: Path) -> None:
     # deterministic given the seed
     again = E.run_eval(w, "tiny", tmp_path / "ev2", progress=False, sections=("space", "sampling"))
     assert again["sampling"]["intra_model_id"] == pytest.approx(saved["sampling"]["intra_model_id"])
-    with pytest.raises(W2WError, match="not empty"):
+    with pytest.raises(W2WError, match=r"output exists \(pass `overwrite=True`"):
         E.run_eval(w, "tiny", out, progress=False)
 
 
@@ -364,7 +366,7 @@ def test_eval_cli(micro: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["eval", "--inject-t", "late", "-o", str(tmp_path / "y")])
     assert r.exit_code == 1 and "--inject-t must be a timestep" in r.output
     r = CliRunner().invoke(cli, ["eval", "--world", str(micro), "-o", str(out)])
-    assert r.exit_code == 1 and "not empty" in r.output
+    assert r.exit_code == 1 and "output exists (pass --force to replace it)" in r.output
     r = CliRunner().invoke(cli, ["eval", "--sections", "space,colour", "-o", str(tmp_path / "x")])
     assert r.exit_code == 1 and "unknown section(s) colour" in r.output
     assert "Traceback" not in r.output
@@ -413,3 +415,128 @@ def test_world_records_its_training_prompt(micro: Path, tmp_path: Path) -> None:
     del meta["prompt"]
     (old / "world.json").write_text(json.dumps(meta))
     assert E.load_eval_world(old).instance_prompt == "sks person"
+
+
+def test_eval_report_is_replaced_whole_and_keeps_the_world_built_in_it(
+    micro: Path, tmp_path: Path
+) -> None:
+    """--force: nothing of the old report survives; OUTPUT/micro-world is reused and kept."""
+    from w2wkit.cli.main import cli
+
+    out = tmp_path / "ev"
+    shutil.copytree(micro, out / "micro-world")
+    (out / "images").mkdir()
+    (out / "images" / "stale.png").write_bytes(b"a grid of the old report")
+    (out / "results.json").write_text('{"old": true}')
+    args = ["eval", "--world", "micro", "--profile", "tiny", "-o", str(out), "--sections", "space"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and "output exists (pass --force" in r.output
+    r = CliRunner().invoke(cli, [*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert "building a micro world" not in r.output  # the world in the output was reused
+    assert not (out / "images" / "stale.png").exists()
+    res = json.loads((out / "results.json").read_text())
+    assert "old" not in res and res["complete"] and "space" in res
+    meta = json.loads((micro / "world.json").read_text())
+    for z in meta["zoo"]:  # the world is still there, whole
+        assert (out / "micro-world" / z["file"]).read_bytes() == (micro / z["file"]).read_bytes()
+    assert E.load_eval_world(out / "micro-world").name.startswith("micro")
+    assert [p.name for p in tmp_path.iterdir()] == ["ev"]  # no temporary left
+
+
+def test_eval_stopped_early_publishes_its_finished_sections(
+    micro: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each publication is a whole report: the old one is gone, the finished sections are in."""
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "stale.txt").write_text("old report")
+
+    def stop(ev: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "_section_sampling", stop)
+    w = E.load_eval_world(micro)
+    with pytest.raises(KeyboardInterrupt):
+        E.run_eval(w, "tiny", out, sections=("space", "sampling"), progress=False, overwrite=True)
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"] is False and "space" in res
+    assert "Partial run" in (out / "report.html").read_text()
+    assert all((out / rel).exists() for rel in res["plots"].values())
+    assert not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ev"]  # the working folder is removed
+
+
+def test_demo_mask_needs_image_in_the_callers_terms(micro: Path, tmp_path: Path) -> None:
+    from w2wkit.cli.main import cli
+    from w2wkit.demo import run_demo
+
+    with pytest.raises(W2WError, match="`mask` needs `image`"):
+        run_demo(tmp_path / "d", world=micro, mask=tmp_path / "m.png", log=None, progress=False)
+    r = CliRunner().invoke(
+        cli,
+        [
+            "demo",
+            "--world",
+            str(micro),
+            "--mask",
+            str(tmp_path / "m.png"),
+            "-o",
+            str(tmp_path / "d"),
+        ],
+    )
+    assert r.exit_code == 1 and "--mask needs --image" in r.output, r.output
+    assert not (tmp_path / "d").exists()
+    (tmp_path / "f").write_text("a file")
+    r = CliRunner().invoke(cli, ["demo", "--synthetic", "--force", "-o", str(tmp_path / "f")])
+    assert r.exit_code == 1 and "output exists and is not a folder" in r.output, r.output
+    assert (tmp_path / "f").read_text() == "a file"
+
+
+@pytest.mark.slow
+def test_eval_killed_at_every_step_leaves_a_whole_report(micro: Path, tmp_path: Path) -> None:
+    """SIGKILL at every atomic step of ``run_eval --force``: the old report or a whole new one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+        }
+
+    def whole_new(folder: Path) -> bool:
+        res = json.loads((folder / "results.json").read_text())
+        refs = [*res["images"].values(), *res["plots"].values()]
+        assert all((folder / r).stat().st_size > 0 for r in refs)
+        assert "Partial run" in (folder / "report.html").read_text() or res["complete"]
+        return "space" in res and not (folder / "stale.txt").exists()
+
+    w = E.load_eval_world(micro)
+    old = tmp_path / "old"
+    E.run_eval(w, "tiny", old, sections=("space",), progress=False)
+    (old / "stale.txt").write_text("old report")
+    code = (
+        "import sys; from w2wkit import evaluate as E; "
+        "E.run_eval(E.load_eval_world(sys.argv[1]), 'tiny', sys.argv[2], sections=('space',), "
+        "progress=False, overwrite=True)"
+    )
+    seen, k = [], 0
+    while True:
+        k += 1
+        out = tmp_path / f"k{k}" / "ev"
+        shutil.copytree(old, out)
+        env = {**os.environ, "W2WKIT_TEST_DIE_AFTER": str(k)}
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(micro), str(out)], env=env, capture_output=True
+        )
+        if proc.returncode == 0:
+            break  # k is past the last step
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+        seen.append("old" if files(out) == files(old) else "new" if whole_new(out) else "mix")
+        E.run_eval(w, "tiny", out, sections=("space",), progress=False, overwrite=True)
+        assert whole_new(out) and json.loads((out / "results.json").read_text())["complete"]
+        assert [p.name for p in out.parent.iterdir()] == ["ev"], f"step {k}: temporaries left"
+        shutil.rmtree(out.parent)
+    assert "mix" not in seen and seen[0] == "old" and seen[-1] == "new", seen

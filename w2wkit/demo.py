@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.errors import FormatError, W2WError
+from w2wkit.report import report_folder
 from w2wkit.stio import write_json
 
 __all__ = ["DemoSettings", "run_demo", "run_synthetic_demo"]
@@ -76,12 +77,6 @@ class DemoSettings:
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise W2WError("output folder exists and is not empty (use --force)", path=out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def _check_mask_file(path: Any, sizes: list[tuple[int, int]]) -> None:
     """A mask file must have the picture's own size or the pipeline's (one line otherwise)."""
     from PIL import Image, UnidentifiedImageError
@@ -108,6 +103,14 @@ def _inv_progress(ev: Any, desc: str) -> Any:
         cb(step, steps)
 
     return update
+
+
+def _repoint(space: Any, stage: Path, final: Path) -> None:
+    """The space's record of its training files: under ``final``, where they will be."""
+    for entry in space.manifest_:
+        f = entry.get("file")
+        if isinstance(f, str) and Path(f).is_relative_to(stage):
+            entry["file"] = str(final / Path(f).relative_to(stage))
 
 
 def _say(log: Callable[[str], None] | None, text: str) -> None:
@@ -169,6 +172,13 @@ def run_demo(
     -------
     dict
         Metrics and paths (also ``out_dir/demo.json``).
+
+    Notes
+    -----
+    ``out_dir`` is written as a whole, in a staging folder published once
+    (:func:`w2wkit.report.report_folder`): an existing report (replaced only
+    with ``overwrite``; an empty folder always) stays as it was until the
+    new one is complete.
     """
     import torch
 
@@ -187,16 +197,17 @@ def run_demo(
         if mask is not None:
             _check_mask_file(mask, [tuple(orig[0]), size])
     elif mask is not None:
-        raise W2WError("--mask needs --image", key="mask")
-    _check_out(out, overwrite)
-    (out / "images").mkdir(exist_ok=True)
-    (out / "loras").mkdir(exist_ok=True)
+        raise W2WError("`mask` needs `image`")
     torch.manual_seed(s.seed)
     threads = torch.get_num_threads()
     if E._eval_device(s.device) == "cpu" and s.threads:
         torch.set_num_threads(int(s.threads))
     try:
-        return _run_demo(w, s, out, image, mask, user_img, log, progress, t_all)
+        # the whole folder is the output: written in a staging folder, published once
+        with report_folder(out, overwrite=overwrite) as stage:
+            (stage / "images").mkdir()
+            (stage / "loras").mkdir()
+            return _run_demo(w, s, stage, out, image, mask, user_img, log, progress, t_all)
     finally:
         torch.set_num_threads(threads)
 
@@ -205,6 +216,7 @@ def _run_demo(
     w: Any,
     s: DemoSettings,
     out: Path,
+    final: Path,
     image: Any,
     mask: Any,
     user_img: Any,
@@ -242,7 +254,7 @@ def _run_demo(
         _explained_variance_plot(
             space, out / "images" / "explained_variance.png", f"{len(w.zoo)} identity LoRAs"
         )
-        space.save(out / "space", overwrite=True)
+        space.save(out / "space")
 
         # 2. sampling
         t0 = time.perf_counter()
@@ -436,8 +448,8 @@ def _run_demo(
         "<p class=note>LoRA files written: <code>loras/</code>; "
         "the space: <code>space/</code>.</p>",
     ]
-    report = write_html(out / "report.html", "w2wkit demo", "\n".join(parts))
-    metrics["report"] = str(report)
+    write_html(out / "report.html", "w2wkit demo", "\n".join(parts))
+    metrics["report"] = str(final / "report.html")
     write_json(out / "demo.json", metrics, strict=True)
     return metrics
 
@@ -466,7 +478,27 @@ def run_synthetic_demo(
     -------
     dict
         Metrics and paths (also ``out_dir/demo.json``).
+
+    Notes
+    -----
+    ``out_dir`` is written as a whole, like :func:`run_demo`'s.
     """
+    t_all = time.perf_counter()
+    out = Path(out_dir)
+    with report_folder(out, overwrite=overwrite) as stage:
+        return _run_synthetic_demo(stage, out, n_models, seed, log, progress, t_all)
+
+
+def _run_synthetic_demo(
+    out: Path,
+    final: Path,
+    n_models: int,
+    seed: int,
+    log: Callable[[str], None] | None,
+    progress: bool,
+    t_all: float,
+) -> dict[str, Any]:
+    """:func:`run_synthetic_demo` into the staging folder ``out`` (published as ``final``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -478,11 +510,8 @@ def run_synthetic_demo(
     from w2wkit.space import WeightSpace
     from w2wkit.synthetic import planted_collection
 
-    t_all = time.perf_counter()
-    out = Path(out_dir)
-    _check_out(out, overwrite)
-    (out / "images").mkdir(exist_ok=True)
-    (out / "exported").mkdir(exist_ok=True)
+    (out / "images").mkdir()
+    (out / "exported").mkdir()
     _say(log, f"[1/5] writing a planted collection of {n_models} SD1.5-layout LoRA files")
     t0 = time.perf_counter()
     planted = planted_collection(out / "loras", n_models, seed=seed, progress=progress)
@@ -513,7 +542,8 @@ def run_synthetic_demo(
     for i, ad in enumerate(space.inverse_transform(coef)):
         write_adapter(ad, out / "exported" / f"sample_{i}.safetensors", format="kohya")
     near = space.nearest(coef, n=1)
-    space.save(out / "space", overwrite=True)
+    _repoint(space, out, final)
+    space.save(out / "space")
     _say(log, "[5/5] writing the report")
     _explained_variance_plot(space, out / "images" / "explained_variance.png", "planted collection")
     fig, ax = plt.subplots(figsize=(4, 3.4))
@@ -567,7 +597,7 @@ def run_synthetic_demo(
         ),
         "<p class=note>Files: <code>exported/</code> (kohya), the space: <code>space/</code>.</p>",
     ]
-    report = write_html(out / "report.html", "w2wkit demo (synthetic)", "\n".join(parts))
-    metrics["report"] = str(report)
+    write_html(out / "report.html", "w2wkit demo (synthetic)", "\n".join(parts))
+    metrics["report"] = str(final / "report.html")
     write_json(out / "demo.json", metrics, strict=True)
     return metrics

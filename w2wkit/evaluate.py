@@ -1288,11 +1288,24 @@ def run_eval(
         Which parts to run.
     progress : bool
         rich progress bars.
+    overwrite : bool
+        Replace an existing, non-empty ``out_dir``.
 
     Returns
     -------
     dict
         The results (also in ``results.json``).
+
+    Notes
+    -----
+    The report is written in a working folder and published as a whole
+    (:class:`w2wkit.report.ReportSnapshots`) after the space and after every
+    section, marked partial until the last: ``out_dir`` always holds one
+    complete report - the old one, or the new one as of its last finished
+    section (a run stopped early keeps its finished sections) - and nothing
+    of the old report survives the first publication. A world that lives
+    inside ``out_dir`` (``w2wkit eval --world micro`` builds one in
+    ``out_dir/micro-world``) is kept in every publication.
     """
     import torch
 
@@ -1301,23 +1314,46 @@ def run_eval(
     s = PROFILES[settings] if isinstance(settings, str) else settings
     if "editing" in sections:
         _check_calibration_pool(s, len(world.heldout))
+    from w2wkit.report import ReportSnapshots
+
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise W2WError("output folder exists and is not empty (use --force)", path=out)
-    out.mkdir(parents=True, exist_ok=True)
+    report = ReportSnapshots(out, overwrite=overwrite, carry=_world_entries(world, out))
     torch.manual_seed(s.seed)
     threads = torch.get_num_threads()
     if _eval_device(s.device) == "cpu" and s.threads:
         torch.set_num_threads(int(s.threads))
     try:
-        return _run_eval(world, s, out, sections, progress)
+        return _run_eval(world, s, report, sections, progress)
     finally:
         torch.set_num_threads(threads)
+        report.close()
+
+
+def _world_entries(world: EvalWorld, out: Path) -> list[str]:
+    """Entries of ``out`` that hold the world's own files (a world built in the output)."""
+    try:
+        root = out.resolve()
+    except OSError:
+        return []
+    names = []
+    for p in [world.base, *[z for z in world.zoo if isinstance(z, (str, os.PathLike))]]:
+        try:
+            rel = Path(p).resolve().relative_to(root)
+        except (ValueError, OSError, TypeError):
+            continue
+        if rel.parts and rel.parts[0] not in names:
+            names.append(rel.parts[0])
+    return names
 
 
 def _run_eval(
-    world: EvalWorld, s: EvalSettings, out: Path, sections: Sequence[str], progress: bool
+    world: EvalWorld,
+    s: EvalSettings,
+    report: Any,
+    sections: Sequence[str],
+    progress: bool,
 ) -> dict[str, Any]:
+    out = report.work
     t_start = time.perf_counter()
     results: dict[str, Any] = {
         "world": {"name": world.name, **_json_safe(world.info), "n_heldout": len(world.heldout)},
@@ -1345,6 +1381,7 @@ def _run_eval(
         }
         _write_json(out / "results.json", results)
         write_report(results, out / "report.html", title=title)
+        report.publish()
 
     with _bar(progress) as bar:
         ev = _Eval(world, s, out, bar)

@@ -8,14 +8,23 @@ resources.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import math
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fmt", "table", "write_html", "write_report"]
+__all__ = [
+    "ReportSnapshots",
+    "fmt",
+    "report_folder",
+    "table",
+    "write_html",
+    "write_report",
+]
 
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -52,6 +61,126 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+# --------------------------------------------------------------------------- report folders
+
+
+def _may_replace(final: Path, overwrite: bool) -> bool:
+    """Whether the report folder ``final`` may be written (an empty folder may, always).
+
+    Leftovers of killed writers are repaired first (:func:`w2wkit.atomic.recover`).
+    """
+    from w2wkit.atomic import recover
+    from w2wkit.errors import OUTPUT_EXISTS, FormatError
+
+    recover(final)
+    if os.path.lexists(final) and not (final.is_dir() and not final.is_symlink()):
+        raise FormatError("output exists and is not a folder", path=final)
+    if not os.path.lexists(final) or overwrite:
+        return overwrite
+    if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
+        return True  # e.g. a folder made by mkdtemp: nothing to keep
+    raise FormatError(OUTPUT_EXISTS, path=final)
+
+
+@contextlib.contextmanager
+def report_folder(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a whole report folder in a staging folder and publish it once.
+
+    The caller writes every file of the report into the yielded (existing,
+    empty) folder. When the block ends, the staging folder takes the name
+    ``path`` in one step (an existing report is exchanged with it and then
+    deleted, see :func:`w2wkit.atomic.atomic_path`): nothing of an old report
+    survives, and a run that fails or is killed leaves the old report as it
+    was; its staging folder is removed at once, or, after ``SIGKILL``, by the
+    next write of ``path``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The report folder.
+    overwrite : bool
+        Replace an existing, non-empty ``path`` (an empty folder is always
+        replaced).
+
+    Yields
+    ------
+    pathlib.Path
+        The staging folder ``.NAME.w2wtmp-PID-TOKEN`` beside ``path``.
+
+    Raises
+    ------
+    FormatError
+        ``path`` exists, is not an empty folder, and ``overwrite`` is false.
+    """
+    from w2wkit.atomic import atomic_path
+
+    final = Path(path)
+    with atomic_path(final, overwrite=_may_replace(final, overwrite)) as tmp:
+        tmp.mkdir()
+        yield tmp
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class ReportSnapshots:
+    """A report folder written over a long run and published after each part.
+
+    Everything is written into a working folder (``.NAME.w2wtmp-PID-TOKEN``
+    beside the report, removed by :meth:`close`, or after ``SIGKILL`` by the
+    next write of the report). :meth:`publish` copies it into a fresh
+    staging folder and swaps that in as a whole (:func:`report_folder`), so
+    the report folder is at every moment a complete report: the old one, or
+    the new one as of its last :meth:`publish` - never a mix, never a file
+    of the old one beside the new.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The report folder.
+    overwrite : bool
+        Replace an existing, non-empty ``path`` (checked here, before any work).
+    carry : sequence of str
+        Entries of the existing ``path`` that are not part of the report but
+        must stay (e.g. a world built in it that the run reads): each
+        snapshot gets them as hard links (copies where links fail) of what
+        the published folder holds.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, overwrite: bool = False, carry: Sequence[str] = ()
+    ) -> None:
+        from w2wkit.atomic import temp_path
+
+        self.final = Path(path)
+        self.carry = [c for c in carry if (self.final / c).exists()]
+        _may_replace(self.final, overwrite)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.work = temp_path(self.final)
+        self.work.mkdir()
+
+    def publish(self) -> None:
+        """Swap a copy of the working folder (and the carried entries) in as the report."""
+        from w2wkit.atomic import atomic_path
+
+        with atomic_path(self.final, overwrite=True) as tmp:
+            shutil.copytree(self.work, tmp, symlinks=True)
+            for name in self.carry:
+                src, dst = self.final / name, tmp / name
+                if src.is_dir() and not src.is_symlink():
+                    shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(os.fspath(src), os.fspath(dst))
+
+    def close(self) -> None:
+        """Remove the working folder."""
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 def _img(rel: str | None, alt: str) -> str:
