@@ -70,6 +70,7 @@ PARAM_NAMES = {
     "mask": "masks",
     "overwrite": "force",
     "verify": "no_verify",
+    "edit_calibration_pool": "calibrate_on",
 }
 
 #: Library calls a message may point to (backticked, exactly as here) -> the command that

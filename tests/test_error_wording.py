@@ -337,14 +337,7 @@ def test_a_world_command_is_worded_in_its_own_flags(monkeypatch, tmp_path):
 # ------------------------------------------------------------------ the source
 
 #: Messages of the library that may still spell a flag, each with the reason.
-ALLOWED = {
-    # demo.py and evaluate.py are reworded on another branch (issue 18); drop these after it.
-    ("demo.py", "output folder exists and is not empty (use --force)"),
-    ("demo.py", "--mask needs --image"),
-    ("evaluate.py", "output folder exists and is not empty (use --force)"),
-    ("evaluate.py", "(--calibrate-on zoo)"),
-    ("evaluate.py", "`w2wkit eval --world micro`"),
-}
+ALLOWED: set[tuple[str, str]] = set()
 
 PACKAGE = Path(__file__).resolve().parents[1] / "w2wkit"
 

@@ -763,8 +763,8 @@ def load_eval_world(world: str | os.PathLike[str] | None = None, device: str = "
         from w2wkit.world import shipped  # type: ignore[attr-defined]
     except ImportError:
         raise W2WError(
-            "no miniature world: this checkout has no shipped world; build a micro one with "
-            "`w2wkit eval --world micro`",
+            "no miniature world: this checkout has no shipped world; evaluate a micro one "
+            'with `world="micro"`',
             key="world",
         ) from None
     return _shipped_world(shipped.load_world(world), device=_eval_device(device))
@@ -1599,7 +1599,7 @@ def _check_calibration_pool(s: EvalSettings, n_heldout_available: int) -> None:
         raise W2WError(
             f"edit_calibration_pool='heldout' needs held-out identities beyond the "
             f"{s.n_heldout} evaluated (the world has {n_heldout_available}): evaluate fewer "
-            f"or calibrate on the zoo (--calibrate-on zoo)",
+            f'or calibrate on the zoo (`edit_calibration_pool="zoo"`)',
             key="edit_calibration_identities",
         )
 
