@@ -187,6 +187,10 @@ def run_demo(
     s = settings or DemoSettings()
     t_all = time.perf_counter()
     out = Path(out_dir)
+    if image is not None:  # a picture that cannot be read is refused before the world loads
+        from w2wkit.invert import open_image
+
+        open_image(image)
     w = world if isinstance(world, E.EvalWorld) else E.load_eval_world(world)
     user_img = None
     if image is not None:

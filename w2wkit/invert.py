@@ -51,6 +51,7 @@ __all__ = [
     "invert",
     "load_images",
     "load_masks",
+    "open_image",
 ]
 
 ImageLike = str | os.PathLike[str] | np.ndarray | Any  # Any: PIL.Image.Image
@@ -186,6 +187,17 @@ def _fit_to(img: Any, size: tuple[int, int]) -> Any:
     if img.size != (w, h):
         img = img.resize((w, h), Image.LANCZOS)
     return img
+
+
+def open_image(item: Any, mode: str = "RGB") -> Any:
+    """Decode one picture (a path, PIL image or ``(H, W[, C])`` array) as a PIL image.
+
+    Raises
+    ------
+    FormatError
+        Naming the file, for a missing or undecodable picture.
+    """
+    return _to_pil(item, 0, mode)
 
 
 def _to_pil(item: Any, i: int, mode: str) -> Any:
