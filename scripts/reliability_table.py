@@ -38,7 +38,8 @@ def main() -> int:
         clean = res.exit_code == case.exit_code and "internal error" not in err
         refused += clean
         cell = err.replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| {case.group} | {case.what} | `` {cmd} `` | {res.exit_code} | `` {cell} `` |")
+        code = res.exit_code
+        rows.append(f"| {case.group} | {case.what} | `` {cmd} `` | {code} | `` {cell} `` |")
     print("\n".join(rows))
     print(f"\n{refused} of {len(CASES)} bad inputs handled as promised.", file=sys.stderr)
     return 0 if refused == len(CASES) else 1
