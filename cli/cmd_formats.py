@@ -166,7 +166,10 @@ def inspect_cmd(path: Path, fmt: str | None, as_json: bool, allow_pickle: bool) 
 @output_option("Output file (kohya, diffusers) or folder (peft).", required=True)
 @click.option("--to", "to", type=click.Choice(WRITE_FORMATS), required=True, help="Output format.")
 @input_format_option
-@storage_dtype_option("Storage dtype of the output (default: keep each tensor's own).")
+@storage_dtype_option(
+    "Storage dtype of the output (default: per layer, the dtype its down factor had; "
+    "both factors are stored in it)."
+)
 @force_option
 @allow_pickle_option
 def convert_cmd(
