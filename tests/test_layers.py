@@ -1,12 +1,12 @@
 """Imports point down: every module of ``w2wkit/`` and ``cli/`` against one layer table.
 
 The table (:data:`LAYERS`) is the README's "What is where" table (a test compares them). A
-module may import
-modules of its own layer or of a lower one, and no two modules may import each other
-directly or through others (no cycle). The evaluation/world wing still breaks both rules in
-places that other steps of issue 19 remove; each such import is listed in :data:`KNOWN` with
-its reason. The test fails on a violation that is not listed *and* on a listed one that no
-longer occurs, so the list only shrinks. The core (layers 0-4) and the CLI have none.
+module may import modules of its own layer or of a lower one, and no two modules may import
+each other, directly or through others (no cycle). The evaluation/world wing still breaks
+both rules in places that other steps of issue 19 remove; each such import is listed in
+:data:`KNOWN` with its reason. The test fails on a violation that is not listed *and* on a
+listed one that no longer occurs, so the list only shrinks. The core (layers 0-4) and the
+CLI have none.
 
 What counts as an import
 ------------------------
