@@ -10,9 +10,10 @@ from click.testing import CliRunner
 from w2wkit import directions as D
 from w2wkit.adapter import Adapter, LoraLayer
 from w2wkit.cli.main import cli
+from w2wkit.directions import Direction
 from w2wkit.errors import DirectionError, FormatError, SpaceError
 from w2wkit.formats import write_adapter
-from w2wkit.space import Direction, WeightSpace
+from w2wkit.space import WeightSpace
 
 
 @pytest.fixture(scope="module")

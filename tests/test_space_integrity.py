@@ -142,7 +142,7 @@ def test_deep_nesting_gives_one_space_error(copy):
 def test_a_nan_score_written_by_save_still_loads(saved, tmp_path):
     import numpy as np
 
-    from w2wkit.space import Direction
+    from w2wkit.directions import Direction
 
     space = WeightSpace.load(saved)
     space.directions_["odd"] = Direction("odd", np.eye(3)[0], "lstsq", score=float("nan"))

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from _spacehelpers import random_models
 
+from w2wkit.directions import Direction
 from w2wkit.errors import DirectionError, SpaceError
-from w2wkit.space import Direction, WeightSpace
+from w2wkit.space import WeightSpace
 
 
 @pytest.fixture(scope="module", params=["factors", "delta"])

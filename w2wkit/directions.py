@@ -3,8 +3,12 @@
 The pure core of this module works on plain arrays: a matrix of space
 coefficients ``P`` of shape ``(N, k)`` (one row per training model) and a
 label vector ``y`` of shape ``(N,)`` where ``NaN`` marks a missing label.
-The space-level functions (:func:`fit_directions`, :func:`edit`, ...) wrap it
-around a fitted :class:`~w2wkit.space.WeightSpace`.
+The space-level functions (:func:`fit_directions`, :func:`disentangle_direction`,
+...) wrap it around a fitted :class:`~w2wkit.space.WeightSpace`. The
+:class:`Direction` record, the strength unit (:func:`calibrate`),
+:func:`disentangle` and the edits (:func:`edit`, :func:`edit_delta`) are
+defined in :mod:`w2wkit.edits`, below the space (``WeightSpace.edit`` and its
+saved file use them), and re-exported here.
 
 Two kinds of direction come out of every probe (see ``docs/directions.md``):
 
@@ -39,18 +43,38 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from w2wkit.edits import (  # the part the space itself uses; re-exported here
+    _EPS,
+    EDIT_METADATA_KEY,
+    MAX_STRENGTH,
+    Direction,
+    _as_matrix,
+    _directions,
+    _readout,
+    _require_fitted,
+    _unit,
+    available,
+    calibrate,
+    disentangle,
+    edit,
+    edit_delta,
+    get_direction,
+    parse_strength,
+)
 from w2wkit.errors import DirectionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from w2wkit.adapter import Adapter
-    from w2wkit.space import Direction, WeightSpace
+    from w2wkit.space import WeightSpace
 
 __all__ = [
     "DEFAULT_KIND",
     "DEFAULT_METHOD",
     "EDIT_METADATA_KEY",
     "KINDS",
+    "MAX_STRENGTH",
     "PROBES",
+    "Direction",
     "DisentangleReport",
     "PlantedWorld",
     "ProbeResult",
@@ -87,8 +111,6 @@ KINDS = ("filter", "pattern")
 DEFAULT_METHOD = "lstsq"
 #: Default kind, chosen by the spill-over measurement in docs/directions.md.
 DEFAULT_KIND = "pattern"
-
-_EPS = 1e-12
 
 
 # ---------------------------------------------------------------------------
@@ -205,23 +227,6 @@ def _check_kind(kind: str) -> None:
 def _check_method(method: str) -> None:
     if method not in PROBES:
         raise DirectionError(f"unknown probe {method!r}; choose one of {', '.join(PROBES)}")
-
-
-def _as_matrix(P: np.ndarray) -> np.ndarray:
-    P = np.asarray(P, dtype=np.float64)
-    if P.ndim != 2:
-        raise DirectionError(f"coefficients must be a matrix (N, k), got shape {P.shape}")
-    if not np.isfinite(P).all():
-        raise DirectionError("coefficients contain NaN or infinite values")
-    return P
-
-
-def _unit(v: np.ndarray, what: str = "direction") -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64).reshape(-1)
-    n = float(np.linalg.norm(v))
-    if not math.isfinite(n) or n <= _EPS:
-        raise DirectionError(f"{what} is zero or not finite")
-    return v / n
 
 
 def _ridge_alphas(Pc: np.ndarray) -> np.ndarray:
@@ -545,68 +550,6 @@ def cosine_matrix(vectors: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     return C
 
 
-def _orthonormal_basis(others: np.ndarray, rtol: float) -> np.ndarray:
-    """Orthonormal basis ``(k, r)`` of the span of the rows of ``others`` (m, k)."""
-    from scipy.linalg import qr
-
-    A = np.asarray(others, dtype=np.float64).T  # (k, m)
-    if A.size == 0:
-        return np.zeros((A.shape[0], 0))
-    norms = np.linalg.norm(A, axis=0)
-    A = A[:, norms > _EPS] / norms[norms > _EPS]
-    if A.shape[1] == 0:
-        return np.zeros((A.shape[0], 0))
-    Q, R, _ = qr(A, mode="economic", pivoting=True)
-    diag = np.abs(np.diag(R))
-    rank = int(np.sum(diag > rtol * diag[0]))
-    return Q[:, :rank]
-
-
-def disentangle(
-    vector: np.ndarray, others: np.ndarray | Sequence[np.ndarray], *, rtol: float = 1e-10
-) -> np.ndarray:
-    """Remove from a direction its components along a set of others, at once.
-
-    The direction is projected onto the orthogonal complement of the span of
-    ``others``, whose orthonormal basis comes from a column-pivoted QR
-    (near-dependent members are dropped by ``rtol`` on ``|R_ii|``). The
-    projection is applied twice ("twice is enough"), so the result is
-    orthogonal to every member to rounding error even when they are nearly
-    collinear.
-
-    Parameters
-    ----------
-    vector : numpy.ndarray
-        Shape ``(k,)``.
-    others : array_like
-        Shape ``(m, k)``; need not be orthogonal or normalised.
-    rtol : float
-        Relative rank tolerance of the QR.
-
-    Returns
-    -------
-    numpy.ndarray
-        Unit vector, shape ``(k,)``.
-
-    Raises
-    ------
-    DirectionError
-        When the direction lies (numerically) in the span of the others.
-    """
-    v = _unit(vector)
-    O = np.atleast_2d(np.asarray(others, dtype=np.float64))
-    if O.shape[1] != v.shape[0]:
-        raise DirectionError(f"directions have {O.shape[1]} entries, expected {v.shape[0]}")
-    Q = _orthonormal_basis(O, rtol)
-    r = v - Q @ (Q.T @ v)
-    r = r - Q @ (Q.T @ r)
-    if np.linalg.norm(r) < 1e-8:
-        raise DirectionError(
-            "direction lies in the span of the directions it is kept orthogonal to"
-        )
-    return r / np.linalg.norm(r)
-
-
 def disentangle_sequential(
     vector: np.ndarray, others: np.ndarray | Sequence[np.ndarray]
 ) -> np.ndarray:
@@ -678,34 +621,6 @@ def disentangle_report(
 # ---------------------------------------------------------------------------
 # calibration, groups
 # ---------------------------------------------------------------------------
-
-
-def calibrate(P: np.ndarray, vector: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation of the projections ``P @ vector``.
-
-    Parameters
-    ----------
-    P : numpy.ndarray
-        Training coefficients, shape ``(N, k)``.
-    vector : numpy.ndarray
-        Unit direction, shape ``(k,)``.
-
-    Returns
-    -------
-    mean, std : float
-        ``std`` uses ``ddof=1``; it is the unit of edit strength.
-
-    Raises
-    ------
-    DirectionError
-        When the training models do not vary along the direction.
-    """
-    P = _as_matrix(P)
-    proj = P @ np.asarray(vector, dtype=np.float64)
-    std = float(proj.std(ddof=1)) if proj.size > 1 else 0.0
-    if not std > _EPS * max(1.0, float(np.abs(P).max())):
-        raise DirectionError("the training models do not vary along this direction")
-    return float(proj.mean()), std
 
 
 def group_direction(
@@ -972,47 +887,6 @@ def spillover(
 # ---------------------------------------------------------------------------
 
 
-def _require_fitted(space: WeightSpace) -> np.ndarray:
-    P = getattr(space, "coefficients_", None)
-    if P is None:
-        raise DirectionError("the space is not fitted (no training coefficients)")
-    return np.asarray(P, dtype=np.float64)
-
-
-def _directions(space: WeightSpace) -> dict[str, Direction]:
-    d = getattr(space, "directions_", None)
-    if d is None:
-        d = {}
-        space.directions_ = d
-    return d
-
-
-def available(space: WeightSpace) -> str:
-    """Comma-separated names of the space's directions (for messages)."""
-    names = sorted(_directions(space))
-    return ", ".join(names) if names else "none"
-
-
-def get_direction(space: WeightSpace, name: str) -> Direction:
-    """Look a direction up by name.
-
-    Raises
-    ------
-    DirectionError
-        When the space has no directions or none of that name (the message
-        lists the available ones).
-    """
-    dirs = _directions(space)
-    if not dirs:
-        raise DirectionError(
-            "the space has no directions",
-            hint="fit some with `fit_directions()`",
-        )
-    if name not in dirs:
-        raise DirectionError(f"unknown direction {name!r}; available: {available(space)}")
-    return dirs[name]
-
-
 def direction_vector(direction: Direction, kind: str | None = None) -> np.ndarray:
     """A direction's unit vector of a kind, shape ``(k,)``.
 
@@ -1026,15 +900,6 @@ def direction_vector(direction: Direction, kind: str | None = None) -> np.ndarra
     if other is None:
         raise DirectionError(f"direction {direction.name!r} has no stored {kind} vector")
     return np.asarray(other, dtype=np.float64)
-
-
-def _readout(direction: Direction) -> np.ndarray:
-    # What keeps another attribute unchanged is orthogonality to its probe
-    # weights (its score is p @ filter); directions without a probe (groups,
-    # imported) use their own vector.
-    if "filter" in direction.info:
-        return np.asarray(direction.info["filter"], dtype=np.float64)
-    return np.asarray(direction.vector, dtype=np.float64)
 
 
 def _resolve_labels(
@@ -1065,7 +930,7 @@ def make_direction(
     *,
     kind: str = DEFAULT_KIND,
 ) -> Direction:
-    """Turn a :class:`ProbeResult` into a calibrated :class:`~w2wkit.space.Direction`.
+    """Turn a :class:`ProbeResult` into a calibrated :class:`Direction`.
 
     Parameters
     ----------
@@ -1076,8 +941,6 @@ def make_direction(
     kind : str
         Which vector to edit along; the other is kept in ``info``.
     """
-    from w2wkit.space import Direction
-
     _check_kind(kind)
     vec = result.vector(kind)
     mean, std = calibrate(P, vec)
@@ -1219,8 +1082,6 @@ def disentangle_direction(
         scores before/after.
     report : DisentangleReport
     """
-    from w2wkit.space import Direction
-
     P = _require_fitted(space)
     d = get_direction(space, name)
     others = [o for o in others if o != name]
@@ -1298,181 +1159,6 @@ def group_direction_in_space(
     if store:
         _directions(space)[name] = d
     return d
-
-
-#: Largest accepted edit strength, in training standard deviations (edits use a few).
-MAX_STRENGTH = 1e4
-
-
-def parse_strength(value: Any, name: str = "strength") -> float:
-    """A finite float of magnitude at most :data:`MAX_STRENGTH`, or a one-line error.
-
-    Raises
-    ------
-    DirectionError
-        Naming the direction (``key``) and the value: not a number, not finite,
-        or absurdly large (it would overflow the written weights).
-    """
-    if isinstance(value, bool):
-        raise DirectionError(f"strength {value!r} is not a number", key=name)
-    try:
-        s = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise DirectionError(f"strength {value!r} is not a number", key=name) from None
-    if not math.isfinite(s):
-        raise DirectionError(f"strength {value!r} is not finite", key=name)
-    if abs(s) > MAX_STRENGTH:
-        raise DirectionError(
-            f"strength {value!r} is out of range (at most {MAX_STRENGTH:g} training "
-            "standard deviations either way)",
-            key=name,
-            hint="edits use strengths of a few units, e.g. 1.5",
-        )
-    return s
-
-
-def _check_finite_edit(adapter: Adapter, strengths: Mapping[str, Any]) -> None:
-    """Refuse an edited model holding NaN/Inf (e.g. the float32 weights overflowed)."""
-    for module, layer in adapter.items():
-        arrays = (layer.down, layer.up) if hasattr(layer, "down") else (layer.weight,)
-        if all(np.isfinite(a).all() for a in arrays):
-            continue
-        desc = ", ".join(f"{n}={parse_strength(v, n):g}" for n, v in strengths.items())
-        raise DirectionError(
-            f"the edit {desc} gives non-finite weights (NaN or Inf) in module {module}; "
-            "nothing was written",
-            key=", ".join(strengths),
-            hint="use a smaller strength",
-        )
-
-
-def edit_delta(
-    space: WeightSpace,
-    strengths: Mapping[str, Any],
-    *,
-    orthogonal_to: Sequence[str] = (),
-) -> np.ndarray:
-    """The coefficient change of a calibrated edit.
-
-    ``delta = sum_name strength * proj_std(name) * vector(name)``: strength
-    1.0 moves a model by one standard deviation of the training models'
-    projections on that direction.
-
-    Parameters
-    ----------
-    space : WeightSpace
-    strengths : mapping of str to float
-        Direction name -> strength.
-    orthogonal_to : sequence of str
-        Directions whose scores the edit must leave unchanged: each edited
-        direction is disentangled from them on the fly (and re-calibrated).
-
-    Returns
-    -------
-    numpy.ndarray
-        Shape ``(k,)``, float64.
-    """
-    if not strengths:
-        raise DirectionError("no edit given", hint="name a direction and a strength")
-    P = _require_fitted(space)
-    delta = np.zeros(P.shape[1])
-    for name, raw in strengths.items():
-        s = parse_strength(raw, name)
-        d = get_direction(space, name)
-        vec, std = np.asarray(d.vector, dtype=np.float64), float(d.proj_std)
-        keep = [o for o in orthogonal_to if o != name]
-        if keep:
-            vec = disentangle(vec, [_readout(get_direction(space, o)) for o in keep])
-            std = calibrate(P, vec)[1]
-        delta += s * std * vec
-    return delta
-
-
-def _edit_record(
-    strengths: Mapping[str, Any], keep_residual: bool, orthogonal_to: Sequence[str]
-) -> dict[str, Any]:
-    rec: dict[str, Any] = {
-        "strengths": {k: parse_strength(v, k) for k, v in strengths.items()},
-        "keep_residual": bool(keep_residual),
-        "unit": "std of training projections",
-    }
-    if orthogonal_to:
-        rec["orthogonal_to"] = list(orthogonal_to)
-    return rec
-
-
-def _with_edit_metadata(adapter: Adapter, record: dict[str, Any]) -> Adapter:
-    history: list[Any] = []
-    prev = adapter.metadata.get(EDIT_METADATA_KEY)
-    if prev:
-        try:
-            loaded = json.loads(prev)
-            history = loaded if isinstance(loaded, list) else [loaded]
-        except ValueError:
-            history = []
-    history.append(record)
-    return adapter.with_metadata({EDIT_METADATA_KEY: json.dumps(history)})
-
-
-#: Metadata key holding the list of edits applied to an adapter (JSON).
-EDIT_METADATA_KEY = "w2wkit.edits"
-
-
-def edit(
-    space: WeightSpace,
-    adapter: Adapter | None,
-    strengths: Mapping[str, Any],
-    *,
-    keep_residual: bool = True,
-    rank: int | None = None,
-    orthogonal_to: Sequence[str] = (),
-    energy: float | None = None,
-) -> Adapter:
-    """Edit a model along named directions with calibrated strengths.
-
-    Parameters
-    ----------
-    space : WeightSpace
-        A fitted space holding the directions.
-    adapter : Adapter or None
-        The model to edit; ``None`` edits the space's mean model
-        (coefficients ``coef_mean_``).
-    strengths : mapping of str to float
-        ``{"age": 1.5, "beard": -1.0}``; 1.0 = one standard deviation of
-        the training models' projections on that direction.
-    keep_residual : bool
-        Keep the part of the model outside the space (default); ``False``
-        projects it onto the space first.
-    rank : int, optional
-        Output rank per layer (``delta`` representation only).
-    orthogonal_to : sequence of str
-        Directions whose scores must not change (see :func:`edit_delta`).
-    energy : float, optional
-        ``delta`` representation only: per layer, the smallest output rank
-        that keeps this fraction of the edited layer's squared norm (``rank``
-        caps it); e.g. 0.999 makes the edit nearly exact at a chosen cost.
-
-    Returns
-    -------
-    Adapter
-        The edited adapter; ``metadata["w2wkit.edits"]`` is a JSON list of
-        the edits applied so far (this one appended).
-    """
-    delta = edit_delta(space, strengths, orthogonal_to=orthogonal_to)
-    record = _edit_record(strengths, keep_residual, orthogonal_to)
-    # overflow is checked on the result (_check_finite_edit), not warned about
-    with np.errstate(over="ignore", invalid="ignore"):
-        if adapter is None:
-            base = np.asarray(getattr(space, "coef_mean_", np.zeros_like(delta)), dtype=np.float64)
-            out = space.inverse_transform((base + delta)[None, :], rank=rank, energy=energy)[0]
-            record["input"] = "mean model"
-        else:
-            out = space.shift(adapter, delta, keep_residual=keep_residual, rank=rank, energy=energy)
-    if adapter is not None:
-        if adapter.metadata.get(EDIT_METADATA_KEY) and not out.metadata.get(EDIT_METADATA_KEY):
-            out = out.with_metadata({EDIT_METADATA_KEY: adapter.metadata[EDIT_METADATA_KEY]})
-    _check_finite_edit(out, strengths)
-    return _with_edit_metadata(out, record)
 
 
 def _json_safe(obj: Any) -> Any:

@@ -52,14 +52,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from w2wkit.collection import DeltaFactors
+from w2wkit.edits import Direction
 from w2wkit.errors import OUTPUT_EXISTS, LayoutError, SpaceError, W2WError
 from w2wkit.layout import WeightLayout
 from w2wkit.stio import json_default
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the space imports this module, never the reverse
     from w2wkit.space import WeightSpace
 
-__all__ = ["load_space", "save_directions", "save_space"]
+__all__ = ["FORMAT_VERSION", "load_space", "save_directions", "save_space"]
+
+#: Version of the saved-space format this code writes and the newest it reads.
+FORMAT_VERSION = 1
 
 FORMAT_NAME = "w2wkit-space"
 #: The directions side file of a space folder (see :func:`save_directions`).
@@ -117,7 +121,6 @@ def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Pa
     """
     from w2wkit import __version__
     from w2wkit.atomic import atomic_path, recover, write_bytes
-    from w2wkit.space import FORMAT_VERSION
     from w2wkit.stio import write_safetensors
 
     recover(path)  # a save killed mid-swap: put the old folder back first
@@ -241,7 +244,7 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
     return path / DIRECTIONS_JSON
 
 
-def _load_directions(path: Path, space_sha: str, k: int, read_safetensors, Direction) -> dict:
+def _load_directions(path: Path, space_sha: str, k: int, read_safetensors) -> dict:
     """The directions of the side file of ``path`` (see :func:`save_directions`)."""
     jpath = path / DIRECTIONS_JSON
     meta = _read_described_json(jpath, DIRECTIONS_FORMAT, "a w2wkit directions file")
@@ -275,7 +278,7 @@ def _load_directions(path: Path, space_sha: str, k: int, read_safetensors, Direc
             raise SpaceError(f"direction {name!r} is missing or has the wrong shape", path=f)
         if not np.isfinite(arrays[key]).all():
             raise SpaceError("array holds NaN or Inf values", path=f, key=key)
-        out[name] = _direction(get, name, dmeta, arrays[key], Direction, "directions")
+        out[name] = _direction(get, name, dmeta, arrays[key], "directions")
     return out
 
 
@@ -426,7 +429,7 @@ def _member(folder: Path, name: str, meta_path: Path, key: str) -> Path:
     return f
 
 
-def _direction(get: _Fields, name: str, dmeta: Any, vector: np.ndarray, Direction, where: str):
+def _direction(get: _Fields, name: str, dmeta: Any, vector: np.ndarray, where: str) -> Direction:
     """A :class:`Direction` from its checked description (``Direction.to_dict``)."""
     w = f"{where}.{name}."
     if not isinstance(dmeta, dict):
@@ -475,7 +478,6 @@ def load_space(cls: type[WeightSpace], path: Path, *, verify: bool = True) -> We
     file is compared with the one recorded when it was written.
     """
     from w2wkit import __version__
-    from w2wkit.space import FORMAT_VERSION, Direction
     from w2wkit.stio import read_safetensors
 
     if path.is_file() and path.name == "space.json":
@@ -505,7 +507,7 @@ def load_space(cls: type[WeightSpace], path: Path, *, verify: bool = True) -> We
     if version < 1:
         raise SpaceError(f"unknown space format version {version}", path=meta_path)
     try:
-        return _build(cls, path, meta, get, verify, read_safetensors, Direction)
+        return _build(cls, path, meta, get, verify, read_safetensors)
     except SpaceError:
         raise
     except W2WError as exc:
@@ -515,7 +517,7 @@ def load_space(cls: type[WeightSpace], path: Path, *, verify: bool = True) -> We
 
 
 def _build(
-    cls, path: Path, meta: dict, get: _Fields, verify: bool, read_safetensors, Direction
+    cls, path: Path, meta: dict, get: _Fields, verify: bool, read_safetensors
 ) -> WeightSpace:
     meta_path = get.path
     info = get.mapping(meta, "arrays")
@@ -668,9 +670,9 @@ def _build(
         if f"direction.{name}" not in arrays:
             raise SpaceError("array missing from arrays file", path=f, key=f"direction.{name}")
         vec = arrays[f"direction.{name}"]
-        space.directions_[name] = _direction(get, name, dm, vec, Direction, "directions")
+        space.directions_[name] = _direction(get, name, dm, vec, "directions")
     if (path / DIRECTIONS_JSON).is_file():
-        space.directions_ = _load_directions(path, sha, k, read_safetensors, Direction)
+        space.directions_ = _load_directions(path, sha, k, read_safetensors)
     for key, val in arrays.items():
         if val.dtype.kind == "f" and not key.startswith("labels.") and not np.isfinite(val).all():
             raise SpaceError("array holds NaN or Inf values", path=f, key=key)

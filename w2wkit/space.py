@@ -34,7 +34,6 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,83 +41,22 @@ import numpy as np
 
 from w2wkit.adapter import Adapter, LoraLayer
 from w2wkit.collection import Collection, DeltaFactors, layer_factors
+from w2wkit.edits import Direction, edit
 from w2wkit.errors import LayoutError, SpaceError
 from w2wkit.layout import WeightLayout
+from w2wkit.persist import FORMAT_VERSION, load_space, save_space
 
 __all__ = [
-    "FORMAT_VERSION",
-    "Direction",
+    "FORMAT_VERSION",  # defined in w2wkit.persist (the space's file), re-exported
+    "Direction",  # defined in w2wkit.edits, public home w2wkit.directions; re-exported
     "WeightSpace",
     "compress_factors",
     "validate_energy",
     "validate_rank",
 ]
 
-#: Version of the saved-space format this code writes and the newest it reads.
-FORMAT_VERSION = 1
-ARRAYS_FILE = "arrays.safetensors"
-META_FILE = "space.json"
 REPRESENTATIONS = ("factors", "delta")
 SOLVERS = ("auto", "exact", "gram", "randomized")
-
-
-@dataclass
-class Direction:
-    """A named direction in coefficient space.
-
-    Attributes
-    ----------
-    name : str
-    vector : numpy.ndarray
-        ``(k,)`` float64, unit norm, in the space's coefficient coordinates.
-    method : str
-        ``"lstsq"``, ``"ridge"``, ``"logistic"``, ``"svm"``, ``"groups"``,
-        ``"imported"``...
-    kind : str
-        ``"filter"`` (probe weights) or ``"pattern"`` (class means).
-    score : float, optional
-        Cross-validated accuracy (binary) or R^2 (continuous).
-    proj_mean, proj_std : float
-        Mean and standard deviation of the training coefficients projected on
-        ``vector`` (the calibration unit of an edit).
-    info : dict
-        JSON-serialisable extras.
-    """
-
-    name: str
-    vector: np.ndarray
-    method: str
-    kind: str = "filter"
-    score: float | None = None
-    proj_mean: float = 0.0
-    proj_std: float = 1.0
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON part (everything but ``vector``)."""
-        return {
-            "name": self.name,
-            "method": self.method,
-            "kind": self.kind,
-            "score": None if self.score is None else float(self.score),
-            "proj_mean": float(self.proj_mean),
-            "proj_std": float(self.proj_std),
-            "info": self.info,
-        }
-
-    @classmethod
-    def from_dict(cls, meta: dict[str, Any], vector: np.ndarray) -> Direction:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            name=str(meta["name"]),
-            vector=np.asarray(vector, dtype=np.float64),
-            method=str(meta.get("method", "imported")),
-            kind=str(meta.get("kind", "filter")),
-            score=meta.get("score"),
-            proj_mean=float(meta.get("proj_mean", 0.0)),
-            proj_std=float(meta.get("proj_std", 1.0)),
-            info=dict(meta.get("info") or {}),
-        )
 
 
 # --------------------------------------------------------------------- helpers
@@ -811,9 +749,7 @@ class WeightSpace:
         orthogonal_to: Sequence[str] = (),
         energy: float | None = None,
     ) -> Adapter:
-        """Edit along named directions; 1.0 = one training std (see ``directions.edit``)."""
-        from w2wkit.directions import edit
-
+        """Edit along named directions; 1.0 = one training std (see :func:`w2wkit.edits.edit`)."""
         return edit(
             self,
             adapter,
@@ -960,8 +896,6 @@ class WeightSpace:
         -------
         pathlib.Path
         """
-        from w2wkit.persist import save_space
-
         self._check_fitted()
         return save_space(self, Path(path), overwrite=overwrite)
 
@@ -983,8 +917,6 @@ class WeightSpace:
         SpaceError
             For a missing, damaged or future-version space.
         """
-        from w2wkit.persist import load_space
-
         return load_space(cls, Path(path), verify=verify)
 
 
