@@ -46,9 +46,8 @@ def _load(path: Path, no_verify: bool = False):
     "--components",
     "n_components",
     type=int,
-    default=1000,
-    show_default=True,
-    help="Number of principal components (at most N-1; capped to N-1 when left at the default).",
+    default=None,
+    help="Number of principal components, at most N-1 (default: the paper's 1000, capped at N-1).",
 )
 @click.option(
     "--representation",
@@ -98,12 +97,8 @@ def fit_cmd(
     if out.exists() and not force:
         raise SpaceError(OUTPUT_EXISTS, path=out)
     coll = Collection(source, allow_pickle=allow_pickle)
-    k = n_components
-    default_k = click.get_current_context().get_parameter_source("n_components")
-    if default_k == click.core.ParameterSource.DEFAULT:
-        k = max(1, min(n_components, len(coll) - 1))
     space = WeightSpace(
-        k,
+        n_components,
         representation=representation,
         solver=solver,
         standardize=not no_standardize,

@@ -140,7 +140,7 @@ def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Pa
         "representation": space.representation,
         "standardize": bool(space.standardize),
         "parameters": {
-            "n_components": int(space.n_components),
+            "n_components": None if space.n_components is None else int(space.n_components),
             "solver": space.solver,
             "random_state": space.random_state,
             "device": space.device,
@@ -560,8 +560,13 @@ def _build(
     random_state = get.get(params, "random_state", (int, str, type(None)), p, default=None)
     if isinstance(random_state, str):  # a generator object, saved as its repr
         random_state = None
+    asked_k = (  # null: the space chose its own (n_components=None)
+        None
+        if params.get("n_components", 0) is None
+        else get.integer(params, "n_components", p, minimum=1)
+    )
     space = cls(
-        get.integer(params, "n_components", p, minimum=1),
+        asked_k,
         representation=representation,
         standardize=get.get(meta, "standardize", bool),
         solver=get.text(params, "solver", p, default="auto"),

@@ -47,6 +47,7 @@ from w2wkit.layout import WeightLayout
 from w2wkit.persist import FORMAT_VERSION, load_space, save_space
 
 __all__ = [
+    "DEFAULT_COMPONENTS",
     "FORMAT_VERSION",  # defined in w2wkit.persist (the space's file), re-exported
     "Direction",  # defined in w2wkit.edits, public home w2wkit.directions; re-exported
     "WeightSpace",
@@ -191,13 +192,20 @@ def _as_2d(coefficients: np.ndarray, k: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ the space
+#: Components of a space when ``n_components`` is not given (the paper's 1000),
+#: capped at ``N - 1`` by :class:`WeightSpace`.
+DEFAULT_COMPONENTS = 1000
+
+
 class WeightSpace:
     """A linear space of models fitted on a collection of LoRAs.
 
     Parameters
     ----------
-    n_components : int
-        Number of principal components ``k`` (at most ``N - 1``).
+    n_components : int or None
+        Number of principal components ``k`` (at most ``N - 1``). ``None``
+        (the default): the paper's :data:`DEFAULT_COMPONENTS` (1000), capped at
+        ``N - 1`` and at the model dimension ``d``.
     representation : {"factors", "delta"}
         See the module docstring.
     standardize : bool
@@ -246,7 +254,7 @@ class WeightSpace:
 
     def __init__(
         self,
-        n_components: int = 1000,
+        n_components: int | None = None,
         *,
         representation: str = "factors",
         standardize: bool = True,
@@ -292,12 +300,20 @@ class WeightSpace:
             )
         if self.solver not in SOLVERS:
             raise SpaceError(f"unknown solver {self.solver!r}; use {', '.join(SOLVERS)}")
-        if not isinstance(self.n_components, int | np.integer) or self.n_components < 1:
+        if self.n_components is None:
+            return
+        if (
+            isinstance(self.n_components, bool)
+            or not isinstance(self.n_components, int | np.integer)
+            or self.n_components < 1
+        ):
             raise SpaceError(
                 f"must be a positive integer, got {self.n_components!r}", param="n_components"
             )
 
     def _check_k(self, n: int, d: int) -> int:
+        if self.n_components is None:  # the one place the N-1 policy lives
+            return max(1, min(DEFAULT_COMPONENTS, n - 1, d))
         k = int(self.n_components)
         if k > n - 1:
             raise SpaceError(
