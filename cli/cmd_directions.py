@@ -24,9 +24,11 @@ from w2wkit.cli.common import (
     space_option,
     storage_dtype_option,
 )
+from w2wkit.directions import KINDS, PROBES
 from w2wkit.errors import OUTPUT_EXISTS, DirectionError, FormatError, SpaceError
+from w2wkit.formats.registry import writable_formats
 
-WRITE_FORMATS = ("kohya", "diffusers", "peft")
+WRITE_FORMATS = writable_formats()
 
 
 def _load_space(path: Path | None, no_verify: bool = False):
@@ -108,14 +110,14 @@ def cosine_table(space: Any) -> Table:
 )
 @click.option(
     "--method",
-    type=click.Choice(["lstsq", "ridge", "logistic", "svm"]),
+    type=click.Choice(PROBES),
     default="lstsq",
     show_default=True,
     help="Probe: least squares (the paper's), ridge, logistic regression, linear SVM.",
 )
 @click.option(
     "--kind",
-    type=click.Choice(["pattern", "filter"]),
+    type=click.Choice(sorted(KINDS, reverse=True)),
     default="pattern",
     show_default=True,
     help="Edit along the population's pattern (less spill-over, see docs/directions.md) "

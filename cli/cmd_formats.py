@@ -26,16 +26,13 @@ from w2wkit.formats.registry import (
     discover_lora_files,
     provenance_metadata,
     read_adapter,
+    writable_formats,
     write_adapter,
 )
 
 _ensure_loaded()
 READ_FORMATS = sorted(FORMATS)
-WRITE_FORMATS = sorted(n for n, f in FORMATS.items() if f.writable) or [
-    "kohya",
-    "diffusers",
-    "peft",
-]
+WRITE_FORMATS = writable_formats()
 input_format_option = click.option(
     "--format", "fmt", type=click.Choice(READ_FORMATS), help="Force the input format."
 )

@@ -20,6 +20,8 @@ from w2wkit.cli.common import (
     write_format_option,
 )
 from w2wkit.errors import OUTPUT_EXISTS, SpaceError
+from w2wkit.solvers import SOLVERS
+from w2wkit.space import REPRESENTATIONS
 
 read_space_option = space_option("The space folder (written by `w2wkit fit`).")
 
@@ -51,7 +53,7 @@ def _load(path: Path, no_verify: bool = False):
 )
 @click.option(
     "--representation",
-    type=click.Choice(["factors", "delta"]),
+    type=click.Choice(REPRESENTATIONS),
     default="factors",
     show_default=True,
     help="factors: the paper's A/B flattening (one rank and module set); "
@@ -59,7 +61,7 @@ def _load(path: Path, no_verify: bool = False):
 )
 @click.option(
     "--solver",
-    type=click.Choice(["auto", "exact", "gram", "randomized"]),
+    type=click.Choice(SOLVERS),
     default="auto",
     show_default=True,
     help="PCA solver (factors representation).",

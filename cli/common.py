@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from w2wkit.errors import W2WError
+from w2wkit.formats.registry import writable_formats
 
 console = Console(highlight=False, markup=False)
 err_console = Console(stderr=True, highlight=False, markup=False)
@@ -266,7 +267,7 @@ def storage_dtype_option(help: str) -> Any:
 write_format_option = click.option(
     "--format",
     "fmt",
-    type=click.Choice(["kohya", "diffusers", "peft"]),
+    type=click.Choice(writable_formats()),
     default="kohya",
     show_default=True,
 )

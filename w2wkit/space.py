@@ -45,6 +45,7 @@ from w2wkit.edits import Direction, edit
 from w2wkit.errors import LayoutError, SpaceError
 from w2wkit.layout import WeightLayout
 from w2wkit.persist import FORMAT_VERSION, load_space, save_space
+from w2wkit.solvers import SOLVERS
 
 __all__ = [
     "DEFAULT_COMPONENTS",
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 REPRESENTATIONS = ("factors", "delta")
-SOLVERS = ("auto", "exact", "gram", "randomized")
 
 
 # --------------------------------------------------------------------- helpers

@@ -380,6 +380,12 @@ def provenance_metadata(made_by: str, inputs: Iterable[str] = (), **extra: Any) 
     return meta
 
 
+def writable_formats() -> list[str]:
+    """Names of the formats w2wkit can write (built-in and registered), sorted."""
+    _ensure_loaded()
+    return sorted(n for n, f in FORMATS.items() if f.writable)
+
+
 def write_adapter(
     adapter: Adapter,
     path: str | os.PathLike[str],
@@ -422,7 +428,7 @@ def write_adapter(
     _ensure_loaded()
     fmt = FORMATS.get(format)
     if fmt is None or not fmt.writable:
-        writable = sorted(n for n, f in FORMATS.items() if f.writable)
+        writable = writable_formats()
         raise FormatError(f"cannot write format {format!r}; writable: {', '.join(writable)}")
     out = Path(path)
     if out.exists() and not overwrite:
