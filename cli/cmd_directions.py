@@ -15,6 +15,8 @@ from w2wkit.cli.cmd_space import no_verify_option
 from w2wkit.cli.common import (
     DEFAULT_SPACE,
     DTYPES,
+    EditType,
+    StrengthType,
     allow_pickle_option,
     console,
     energy_option,
@@ -274,13 +276,14 @@ def _edit_slug(strengths: dict[str, float]) -> str:
 @click.option(
     "--strength",
     "strength",
+    type=StrengthType(),
     help="Calibrated strength: 1.0 = one standard deviation of the training models.",
 )
 @click.option(
     "--edit",
     "edits",
+    type=EditType(),
     multiple=True,
-    metavar="NAME=STRENGTH",
     help="More edits, applied together (repeatable).",
 )
 @space_option(f"The space (default: ./{DEFAULT_SPACE}, where `w2wkit fit` writes).", default=None)
@@ -314,8 +317,8 @@ def _edit_slug(strengths: dict[str, float]) -> str:
 def apply_cmd(
     input_path: Path | None,
     direction: str | None,
-    strength: str | None,
-    edits: tuple[str, ...],
+    strength: float | None,
+    edits: tuple[tuple[str, float], ...],
     space_path: Path | None,
     out: Path | None,
     project: bool,
@@ -344,7 +347,7 @@ def apply_cmd(
       w2wkit apply me.safetensors --direction beard --strength 2 --keep-orthogonal-to age
       w2wkit apply me.safetensors --direction age --strength 1.5 --energy 0.999  # delta space
     """
-    from w2wkit.directions import edit, get_direction, parse_strength
+    from w2wkit.directions import edit, get_direction
     from w2wkit.formats.registry import (
         FORMATS,
         _ensure_loaded,
@@ -359,14 +362,14 @@ def apply_cmd(
     if direction is not None and strength is None:
         raise DirectionError(f"--direction {direction} needs --strength S (e.g. 1.5)")
     pairs = [(direction, strength)] if direction is not None else []
-    pairs += _parse_pairs(edits, "--edit")
+    pairs += list(edits)
     if not pairs:
         raise DirectionError(
             "nothing to apply: give --direction NAME --strength S or --edit NAME=S"
         )
     strengths: dict[str, float] = {}
-    for name, raw in pairs:
-        strengths[name] = strengths.get(name, 0.0) + parse_strength(raw, name)
+    for name, value in pairs:
+        strengths[name] = strengths.get(name, 0.0) + value
     if rank is not None and rank < 1:
         raise DirectionError(f"--rank must be positive, got {rank}")
     if input_path is not None and not input_path.exists():

@@ -280,3 +280,40 @@ torch_dtype_option = click.option(
     default="float32",
     show_default=True,
 )
+
+
+class StrengthType(click.ParamType):
+    """A calibrated edit strength, parsed once: finite, at most ``MAX_STRENGTH`` in size.
+
+    A bad value is a :class:`~w2wkit.errors.DirectionError` (one line, exit 1).
+    """
+
+    name = "strength"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        from w2wkit.edits import check_strength, parse_strength
+
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return check_strength(value)
+        return parse_strength(value)
+
+
+class EditType(click.ParamType):
+    """``NAME=STRENGTH``, parsed once into ``(name, strength)``."""
+
+    name = "NAME=STRENGTH"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, float]:
+        from w2wkit.edits import parse_strength
+        from w2wkit.errors import DirectionError
+
+        if isinstance(value, tuple):
+            return value
+        name, sep, rest = str(value).partition("=")
+        if not sep or not name.strip() or not rest.strip():
+            raise DirectionError(f"--edit expects NAME=STRENGTH, got {value!r}")
+        return name.strip(), parse_strength(rest, name.strip())

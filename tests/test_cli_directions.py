@@ -196,7 +196,7 @@ def test_groups_direction(fitted, world, tmp_path):
         (["--direction", "a0", "--strength", "nan"], "not finite"),
         (["--direction", "a0", "--strength", "inf"], "not finite"),
         (["--direction", "a0"], "needs --strength"),
-        (["--edit", "a0"], "NAME=VALUE"),
+        (["--edit", "a0"], "NAME=STRENGTH"),
         ([], "nothing to apply"),
         (["--direction", "a0", "--strength", "1", "--energy", "0.9"], "only a delta space"),
         (["--direction", "a0", "--strength", "1", "--energy", "0"], "energy must lie in (0, 1]"),

@@ -129,3 +129,27 @@ def test_an_edit_that_overflows_is_refused_before_writing(spaces, rep):
     assert np.isfinite(
         D.edit(space, None, {"male": 1.5})[next(iter(space.layout_.modules))].up
     ).all()
+
+
+@pytest.mark.parametrize("value", ["1.5", None, True, [1.5]])
+def test_the_api_takes_numbers_only(spaces, value):
+    """``edit()`` takes numbers; text is parsed once, by the caller (the CLI's type)."""
+    space, _ = spaces["factors"]
+    with pytest.raises(
+        DirectionError, match=r"parameter strengths: key 'male': strength .* is not a number"
+    ):
+        D.edit(space, None, {"male": value})
+    assert D.edit(space, None, {"male": np.float32(1.5)}).metadata["w2wkit.edits"]
+
+
+def test_the_cli_parses_a_strength_once(spaces, tmp_path, monkeypatch):
+    import w2wkit.edits as E
+
+    calls = []
+    real = E.parse_strength
+    monkeypatch.setattr(E, "parse_strength", lambda *a, **k: calls.append(a) or real(*a, **k))
+    _, path = spaces["factors"]
+    out = tmp_path / "edited.safetensors"
+    res = _cli(["apply", "--space", path, "--edit", "male=1.5", "-o", out])
+    assert res.exit_code == 0, res.output
+    assert calls == [("1.5", "male")]

@@ -36,6 +36,7 @@ __all__ = [
     "Direction",
     "available",
     "calibrate",
+    "check_strength",
     "disentangle",
     "edit",
     "edit_delta",
@@ -281,8 +282,11 @@ def _readout(direction: Direction) -> np.ndarray:
 MAX_STRENGTH = 1e4
 
 
-def parse_strength(value: Any, name: str = "strength") -> float:
-    """A finite float of magnitude at most :data:`MAX_STRENGTH`, or a one-line error.
+def check_strength(value: Any, name: str = "strength") -> float:
+    """``value`` as a strength: a real number, finite, at most :data:`MAX_STRENGTH` in size.
+
+    The API takes numbers; text is parsed by the caller (the command line
+    parses ``--strength``/``--edit`` once, see ``w2wkit.cli.common``).
 
     Raises
     ------
@@ -290,12 +294,9 @@ def parse_strength(value: Any, name: str = "strength") -> float:
         Naming the direction (``key``) and the value: not a number, not finite,
         or absurdly large (it would overflow the written weights).
     """
-    if isinstance(value, bool):
-        raise DirectionError(f"strength {value!r} is not a number", key=name)
-    try:
-        s = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise DirectionError(f"strength {value!r} is not a number", key=name) from None
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise DirectionError(f"strength {value!r} is not a number", key=name, param="strengths")
+    s = float(value)
     if not math.isfinite(s):
         raise DirectionError(f"strength {value!r} is not finite", key=name)
     if abs(s) > MAX_STRENGTH:
@@ -308,13 +309,32 @@ def parse_strength(value: Any, name: str = "strength") -> float:
     return s
 
 
+def parse_strength(text: str, name: str = "strength") -> float:
+    """A strength written as text (``"1.5"``, ``"-2"``), checked by :func:`check_strength`.
+
+    Raises
+    ------
+    DirectionError
+        Naming the direction and the text as written.
+    """
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise DirectionError(f"strength {text!r} is not a number", key=name) from None
+    try:
+        return check_strength(value, name)
+    except DirectionError as exc:  # say it with the text the user wrote
+        message = exc.message.replace(repr(value), repr(str(text)))
+        raise DirectionError(message, key=name, hint=exc.hint) from None
+
+
 def _check_finite_edit(adapter: Adapter, strengths: Mapping[str, Any]) -> None:
     """Refuse an edited model holding NaN/Inf (e.g. the float32 weights overflowed)."""
     for module, layer in adapter.items():
         arrays = (layer.down, layer.up) if hasattr(layer, "down") else (layer.weight,)
         if all(np.isfinite(a).all() for a in arrays):
             continue
-        desc = ", ".join(f"{n}={parse_strength(v, n):g}" for n, v in strengths.items())
+        desc = ", ".join(f"{n}={v:g}" for n, v in strengths.items())
         raise DirectionError(
             f"the edit {desc} gives non-finite weights (NaN or Inf) in module {module}; "
             "nothing was written",
@@ -325,7 +345,7 @@ def _check_finite_edit(adapter: Adapter, strengths: Mapping[str, Any]) -> None:
 
 def edit_delta(
     space: WeightSpace,
-    strengths: Mapping[str, Any],
+    strengths: Mapping[str, float],
     *,
     orthogonal_to: Sequence[str] = (),
 ) -> np.ndarray:
@@ -354,7 +374,7 @@ def edit_delta(
     P = _require_fitted(space)
     delta = np.zeros(P.shape[1])
     for name, raw in strengths.items():
-        s = parse_strength(raw, name)
+        s = check_strength(raw, name)
         d = get_direction(space, name)
         vec, std = np.asarray(d.vector, dtype=np.float64), float(d.proj_std)
         keep = [o for o in orthogonal_to if o != name]
@@ -369,7 +389,7 @@ def _edit_record(
     strengths: Mapping[str, Any], keep_residual: bool, orthogonal_to: Sequence[str]
 ) -> dict[str, Any]:
     rec: dict[str, Any] = {
-        "strengths": {k: parse_strength(v, k) for k, v in strengths.items()},
+        "strengths": {k: float(v) for k, v in strengths.items()},
         "keep_residual": bool(keep_residual),
         "unit": "std of training projections",
     }
@@ -398,7 +418,7 @@ EDIT_METADATA_KEY = "w2wkit.edits"
 def edit(
     space: WeightSpace,
     adapter: Adapter | None,
-    strengths: Mapping[str, Any],
+    strengths: Mapping[str, float],
     *,
     keep_residual: bool = True,
     rank: int | None = None,
@@ -416,7 +436,8 @@ def edit(
         (coefficients ``coef_mean_``).
     strengths : mapping of str to float
         ``{"age": 1.5, "beard": -1.0}``; 1.0 = one standard deviation of
-        the training models' projections on that direction.
+        the training models' projections on that direction. Numbers only
+        (see :func:`check_strength`); text is parsed by the caller.
     keep_residual : bool
         Keep the part of the model outside the space (default); ``False``
         projects it onto the space first.
