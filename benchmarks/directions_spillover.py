@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 
-from w2wkit.directions import KINDS, PROBES, fit_probe, make_planted, spillover
+from w2wkit.probes import KINDS, PROBES, fit_probe
+from w2wkit.synthetic import make_planted, spillover
 
 WORLDS = {
     "readout": {"world": "readout"},

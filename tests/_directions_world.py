@@ -4,7 +4,7 @@ Models are rank-1 LoRAs on the attention projections of
 ``w2wkit.testing.tiny_pipeline()`` (shapes hard-coded here so that only the
 diffusers test has to build the pipeline). Their flattened factors are
 ``mean + Z @ basis + noise`` where ``Z`` are the coefficients of a planted
-world (:func:`w2wkit.directions.make_planted`), so the labels of that world
+world (:func:`w2wkit.synthetic.make_planted`), so the labels of that world
 are linear in planted directions of the models.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from w2wkit.adapter import Adapter, LoraLayer
-from w2wkit.directions import make_planted
+from w2wkit.synthetic import make_planted
 
 _BLOCKS = (
     "unet.down_blocks.1.attentions.0",

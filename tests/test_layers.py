@@ -66,6 +66,7 @@ LAYERS: dict[str, int] = {
     "w2wkit.importers": 3,
     # 4 - learning directions (probes, disentanglement); synthetic collections
     "w2wkit.directions": 4,
+    "w2wkit.probes": 4,
     "w2wkit.synthetic": 4,
     # 5 - concept packs
     "w2wkit.concepts": 5,

@@ -32,8 +32,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "EDIT_METADATA_KEY",
+    "EPS",
     "MAX_STRENGTH",
     "Direction",
+    "as_matrix",
     "available",
     "calibrate",
     "check_strength",
@@ -42,9 +44,10 @@ __all__ = [
     "edit_delta",
     "get_direction",
     "parse_strength",
+    "unit_vector",
 ]
 
-_EPS = 1e-12
+EPS = 1e-12
 
 
 @dataclass
@@ -111,7 +114,7 @@ class Direction:
 # ---------------------------------------------------------------------------
 
 
-def _as_matrix(P: np.ndarray) -> np.ndarray:
+def as_matrix(P: np.ndarray) -> np.ndarray:
     P = np.asarray(P, dtype=np.float64)
     if P.ndim != 2:
         raise DirectionError(f"coefficients must be a matrix (N, k), got shape {P.shape}")
@@ -120,10 +123,10 @@ def _as_matrix(P: np.ndarray) -> np.ndarray:
     return P
 
 
-def _unit(v: np.ndarray, what: str = "direction") -> np.ndarray:
+def unit_vector(v: np.ndarray, what: str = "direction") -> np.ndarray:
     v = np.asarray(v, dtype=np.float64).reshape(-1)
     n = float(np.linalg.norm(v))
-    if not math.isfinite(n) or n <= _EPS:
+    if not math.isfinite(n) or n <= EPS:
         raise DirectionError(f"{what} is zero or not finite")
     return v / n
 
@@ -136,7 +139,7 @@ def _orthonormal_basis(others: np.ndarray, rtol: float) -> np.ndarray:
     if A.size == 0:
         return np.zeros((A.shape[0], 0))
     norms = np.linalg.norm(A, axis=0)
-    A = A[:, norms > _EPS] / norms[norms > _EPS]
+    A = A[:, norms > EPS] / norms[norms > EPS]
     if A.shape[1] == 0:
         return np.zeros((A.shape[0], 0))
     Q, R, _ = qr(A, mode="economic", pivoting=True)
@@ -176,7 +179,7 @@ def disentangle(
     DirectionError
         When the direction lies (numerically) in the span of the others.
     """
-    v = _unit(vector)
+    v = unit_vector(vector)
     O = np.atleast_2d(np.asarray(others, dtype=np.float64))
     if O.shape[1] != v.shape[0]:
         raise DirectionError(f"directions have {O.shape[1]} entries, expected {v.shape[0]}")
@@ -210,10 +213,10 @@ def calibrate(P: np.ndarray, vector: np.ndarray) -> tuple[float, float]:
     DirectionError
         When the training models do not vary along the direction.
     """
-    P = _as_matrix(P)
+    P = as_matrix(P)
     proj = P @ np.asarray(vector, dtype=np.float64)
     std = float(proj.std(ddof=1)) if proj.size > 1 else 0.0
-    if not std > _EPS * max(1.0, float(np.abs(P).max())):
+    if not std > EPS * max(1.0, float(np.abs(P).max())):
         raise DirectionError("the training models do not vary along this direction")
     return float(proj.mean()), std
 
