@@ -148,7 +148,7 @@ def zoo_cmd(
     """
     from w2wkit.concepts import get_pack
     from w2wkit.world.renders import render_instances
-    from w2wkit.world.zoo import ZooSettings, train_zoo, write_labels, write_manifest, zoo_jobs
+    from w2wkit.world.zoo import ZooSettings, train_zoo, write_labels, write_zoo_manifest, zoo_jobs
 
     pack = get_pack(concept)  # unknown concept: one line listing the known ones
     s = ZooSettings(
@@ -175,7 +175,7 @@ def zoo_cmd(
     prompt = prompt or f"a photo of {pack.instance_prompt}"
     res = train_zoo(base, jobs, out, prompt, s, workers=workers, prior=prior, progress=True)
     write_labels(jobs, out / "labels.csv")
-    write_manifest(out, jobs, {"concept": pack.name, "prompt": prompt, "base": base})
+    write_zoo_manifest(out, jobs, {"concept": pack.name, "prompt": prompt, "base": base})
     mph = res["models_per_hour"]
     console.print(
         f"{res['trained']} trained, {res['skipped']} skipped, {res['missing']} missing in "

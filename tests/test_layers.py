@@ -108,7 +108,6 @@ KNOWN: dict[tuple[str, str], str] = {
     ("w2wkit.world.zoo", "w2wkit.world.worldbuild"): _WORLD_KNOT + ": zoo takes worldbuild._quiet",
     ("w2wkit.world.shipped", "w2wkit.world.worldbuild"): _WORLD_KNOT
     + ": shipped takes prompts, _zoo_jobs, _load_stacks, profile",
-    ("w2wkit.world.shipped", "w2wkit.world.zoo"): _WORLD_KNOT + ": shipped takes zoo's sha256",
     ("w2wkit.world.measure", "w2wkit.world.shipped"): _WORLD_KNOT + ": measure loads the world",
     ("w2wkit.world.measure", "w2wkit.world.zoo"): _WORLD_KNOT
     + ": measure samples with zoo's sampler",

@@ -23,8 +23,8 @@ from w2wkit.world.zoo import (  # noqa: E402
     render_job,
     train_zoo,
     write_labels,
-    write_manifest,
     write_start,
+    write_zoo_manifest,
     zoo_jobs,
 )
 
@@ -96,7 +96,7 @@ def test_train_zoo_files_labels_manifest_resume_diffusers(base: Path, tmp_path: 
 
     inst = IdentityGenerator().instance(1, 0)
     assert rows[2][rows[0].index("glasses")] == str(int(inst.attributes["glasses"]))
-    man = json.loads(write_manifest(out, jobs, {"prompt": "x"}).read_text())
+    man = json.loads(write_zoo_manifest(out, jobs, {"prompt": "x"}).read_text())
     assert len(man["models"]) == 5
     # diffusers applies exactly the file's delta
     from diffusers import StableDiffusionPipeline

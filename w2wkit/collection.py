@@ -20,7 +20,6 @@ it was trained with (one of :data:`PROMPT_METADATA_KEYS`).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -36,6 +35,7 @@ import numpy as np
 from w2wkit.adapter import Adapter, DeltaLayer, LoraLayer
 from w2wkit.errors import FormatError, LayoutError, SpaceError
 from w2wkit.layout import WeightLayout, describe_layout_groups
+from w2wkit.stio import file_sha256  # re-exported: the collection's file hash
 
 __all__ = [
     "PROMPT_METADATA_KEYS",
@@ -63,20 +63,6 @@ Progress = Callable[[str, int, int], None]
 
 #: Default bytes per streamed row block.
 BLOCK_BYTES = 64 * 1024 * 1024
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, or of the sorted files of a folder (PEFT adapters)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for f in files:
-        if p.is_dir():
-            h.update(str(f.relative_to(p)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def model_family(ad: Adapter, path: str | os.PathLike[str] | None = None) -> str:

@@ -44,7 +44,6 @@ F64, ``direction.<name>`` (k,) F64; delta spaces add ``beta`` (N, k) F64,
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +54,7 @@ from w2wkit.collection import DeltaFactors
 from w2wkit.edits import Direction
 from w2wkit.errors import OUTPUT_EXISTS, LayoutError, SpaceError, W2WError
 from w2wkit.layout import WeightLayout
-from w2wkit.stio import json_default
+from w2wkit.stio import file_sha256, json_default
 
 if TYPE_CHECKING:  # annotations only: the space imports this module, never the reverse
     from w2wkit.space import WeightSpace
@@ -77,14 +76,6 @@ _STAT_ARRAYS = (
     "coef_mean",
     "coef_std",
 )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _arrays_of(space: WeightSpace) -> dict[str, np.ndarray]:
@@ -179,7 +170,7 @@ def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Pa
         meta["arrays"] = {
             "file": "arrays.safetensors",
             "bytes": f.stat().st_size,
-            "sha256": _sha256(f),
+            "sha256": file_sha256(f),
             "shapes": {k: list(v.shape) for k, v in arrays.items()},
         }
         text = json.dumps(meta, indent=1, allow_nan=True, default=json_default)
@@ -225,7 +216,7 @@ def save_directions(space: WeightSpace, path: Path) -> Path:
     }
     tmp = temp_path(path / "directions.safetensors")  # named after its hash below
     write_safetensors(tmp, arrays)  # itself atomic
-    digest = _sha256(tmp)
+    digest = file_sha256(tmp)
     name = f"directions-{digest[:12]}.safetensors"
     tmp.replace(path / name)
     meta = {
@@ -268,7 +259,7 @@ def _load_directions(path: Path, space_sha: str, k: int, read_safetensors) -> di
     expected = get.integer(meta, "bytes", minimum=0)
     sha = get.text(meta, "sha256")
     # The side file is small (k float64 per direction): always hashed.
-    if f.stat().st_size != expected or _sha256(f) != sha:
+    if f.stat().st_size != expected or file_sha256(f) != sha:
         raise SpaceError("directions arrays file is damaged (size or SHA-256 mismatch)", path=f)
     arrays = read_safetensors(f).tensors
     out = {}
@@ -532,7 +523,7 @@ def _build(
     size = f.stat().st_size
     if size != expected:
         raise SpaceError(f"arrays file is damaged (size {size} bytes, expected {expected})", path=f)
-    if verify and _sha256(f) != sha:
+    if verify and file_sha256(f) != sha:
         raise SpaceError(
             "arrays file is damaged (SHA-256 mismatch)",
             path=f,

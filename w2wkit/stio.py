@@ -38,6 +38,7 @@ __all__ = [
     "SafetensorsFile",
     "atomic_path",
     "check_regular_file",
+    "file_sha256",
     "from_storage",
     "json_default",
     "json_safe",
@@ -738,3 +739,24 @@ def write_json(path: str | os.PathLike[str], obj: object, *, strict: bool = Fals
     text = json.dumps(json_safe(obj) if strict else obj, indent=1, default=json_default)
     with atomic_path(path, overwrite=True, suffix=".json") as tmp:
         Path(tmp).write_text(text)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, or of the sorted files of a folder (names included).
+
+    The one hash of w2wkit: spaces, collections, the world's manifest and the
+    zoo use it. A folder (a PEFT adapter) hashes each file's path relative to
+    it, then its bytes, in sorted order.
+    """
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -281,10 +281,10 @@ def record_measurement(world: str | os.PathLike[str] | None, result: dict[str, A
 
     import torch
 
+    from w2wkit.stio import file_sha256 as sha256
     from w2wkit.stio import write_json
     from w2wkit.world.evaluators import WEIGHTS
     from w2wkit.world.shipped import verify_world, world_dir, write_manifest
-    from w2wkit.world.zoo import sha256
 
     root = world_dir(world)
     verify_world(root)  # never re-hash a damaged world into a valid-looking one

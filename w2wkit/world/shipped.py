@@ -36,6 +36,7 @@ import numpy as np
 
 from w2wkit.adapter import Adapter, LoraLayer
 from w2wkit.errors import W2WError
+from w2wkit.stio import file_sha256
 
 __all__ = [
     "WORLD_ENV",
@@ -90,12 +91,6 @@ def world_dir(path: str | os.PathLike[str] | None = None) -> Path:
     return root
 
 
-def _sha256(path: Path) -> str:
-    from w2wkit.world.zoo import sha256
-
-    return sha256(path)
-
-
 def write_manifest(folder: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
     """Write ``manifest.json`` listing every file of ``folder`` (sha256, bytes)."""
     from w2wkit.stio import atomic_path
@@ -106,7 +101,7 @@ def write_manifest(folder: str | os.PathLike[str], extra: dict[str, Any] | None 
         parts = f.relative_to(folder).parts
         if f.is_file() and f.name != MANIFEST and not any(x.startswith(".") for x in parts):
             rel = f.relative_to(folder).as_posix()
-            files[rel] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+            files[rel] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
     old = read_manifest(folder) if (folder / MANIFEST).exists() else {}
     data = {
         **{k: v for k, v in old.items() if k != "files"},
@@ -201,7 +196,7 @@ def _check_hashes(root: Path) -> dict[str, Any]:
         if not f.is_file():
             raise W2WError("shipped world file is missing", path=f)
         size = info.get("bytes")
-        if (size is not None and f.stat().st_size != int(size)) or _sha256(f) != info["sha256"]:
+        if (size is not None and f.stat().st_size != int(size)) or file_sha256(f) != info["sha256"]:
             raise W2WError(
                 "shipped world file is corrupted (sha256 does not match the manifest)",
                 path=f,

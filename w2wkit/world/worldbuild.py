@@ -337,7 +337,7 @@ def _zoo_jobs(prof: WorldProfile) -> dict[str, list]:
 
 def _phase_zoo(out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int) -> dict:
     from w2wkit.world.renders import render_instances
-    from w2wkit.world.zoo import train_zoo, write_labels, write_manifest
+    from w2wkit.world.zoo import train_zoo, write_labels, write_zoo_manifest
 
     s = replace(prof.zoo, device=device)
     jobs = _zoo_jobs(prof)
@@ -380,7 +380,7 @@ def _phase_zoo(out: Path, prof: WorldProfile, device: str, clock: _Clock, worker
         log[concept] = res
         write_labels(js, folder / "labels.csv")
         if res["missing"] == 0:
-            write_manifest(
+            write_zoo_manifest(
                 folder, js, {"concept": concept, "prompt": prompt, "settings": asdict(s)}
             )
         _say(
@@ -548,7 +548,7 @@ def _reuse_evaluators(folder: Path, source: Path) -> dict:
     base model, so a rebuild of the base and zoo may reuse them
     (:func:`_check_evaluators_source` says which sources qualify).
     """
-    from w2wkit.world.zoo import sha256
+    from w2wkit.stio import file_sha256 as sha256
 
     info = _check_evaluators_source(source)
     names = _EVALUATOR_FILES

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -42,6 +41,7 @@ import numpy as np
 
 from w2wkit.adapter import Adapter, LoraLayer
 from w2wkit.errors import W2WError
+from w2wkit.stio import file_sha256
 from w2wkit.world.lora import LoraSettings
 from w2wkit.world.tokenizer import token_ids
 
@@ -1044,19 +1044,13 @@ def write_labels(jobs: Sequence[ZooJob], path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(
+def write_zoo_manifest(
     folder: str | os.PathLike[str], jobs: Sequence[ZooJob], info: dict[str, Any]
 ) -> Path:
-    """``manifest.json``: settings, one entry per model (file, sha256, instance)."""
+    """The zoo folder's ``manifest.json``: settings, one entry per model (file, sha256, instance).
+
+    Not the shipped world's manifest (:func:`w2wkit.world.shipped.write_manifest`).
+    """
     from w2wkit.stio import atomic_path
 
     folder = Path(folder)
@@ -1068,7 +1062,7 @@ def write_manifest(
                 {
                     "name": j.name,
                     "file": f.name,
-                    "sha256": sha256(f),
+                    "sha256": file_sha256(f),
                     "concept": j.concept,
                     "index": j.index,
                     "inst_seed": j.inst_seed,
