@@ -19,10 +19,9 @@ from w2wkit import evaluate as E  # noqa: E402
 from w2wkit.errors import W2WError  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    return E.build_micro_world(tmp_path_factory.mktemp("eval") / "micro", n_models=12, n_heldout=3)
+@pytest.fixture
+def micro(eval_micro_world: Path) -> Path:
+    return eval_micro_world  # shared (tests/conftest.py): read only
 
 
 # ------------------------------------------------------------------ metrics

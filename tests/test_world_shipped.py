@@ -23,12 +23,9 @@ from w2wkit.world.shipped import load_world, verify_world  # noqa: E402
 from w2wkit.world.worldbuild import build_world  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("worldbuild")
-    build_world(out, "micro", device="cpu", workers=1)
-    return out
+@pytest.fixture
+def work(micro_world: Path) -> Path:
+    return micro_world  # shared (tests/conftest.py): read only, copy it to change it
 
 
 def test_shipped_files_load_and_hashes_match(work: Path) -> None:
@@ -135,7 +132,11 @@ def test_corrupted_file_is_named(work: Path, tmp_path: Path) -> None:
         load_world(tmp_path / "nothing")
 
 
-def test_interrupted_build_resumes(work: Path) -> None:
+def test_interrupted_build_resumes(micro_world: Path, tmp_path: Path) -> None:
+    # on a copy (copytree keeps the modification times the resume is judged by): this test
+    # deletes and rebuilds part of the build, which the other tests here read
+    work = tmp_path / "build"
+    shutil.copytree(micro_world, work)
     unet = work / "base" / "unet" / "diffusion_pytorch_model.safetensors"
     t_unet = unet.stat().st_mtime_ns
     zoo = work / "zoo" / "identity"

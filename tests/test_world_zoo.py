@@ -12,7 +12,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from _world_base import micro_base  # noqa: E402
 
 from w2wkit.errors import W2WError  # noqa: E402
 from w2wkit.formats.registry import read_adapter  # noqa: E402
@@ -29,9 +28,9 @@ from w2wkit.world.zoo import (  # noqa: E402
 )
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return micro_base(tmp_path_factory)
+@pytest.fixture
+def base(micro_base: Path) -> Path:
+    return micro_base  # shared (tests/conftest.py): read only
 
 
 def test_batched_equals_single_model_training(base: Path) -> None:
