@@ -48,14 +48,17 @@ def _one_thread_per_worker() -> Iterator[None]:
 
 
 def _pipe_fingerprint(pipe: Any) -> str:
-    """sha256 over every parameter and buffer of the pipeline's models, and its scheduler."""
+    """sha256 over every parameter and buffer of the pipeline's models, and its scheduler's
+    settings."""
     h = hashlib.sha256()
     for name in ("unet", "vae", "text_encoder"):
         model = getattr(pipe, name)
         for key, t in model.state_dict().items():
             h.update(key.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    h.update(repr(dict(pipe.scheduler.config)).encode())
+    # (save_pretrained adds ``_class_name`` and ``_diffusers_version``: metadata, not settings)
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    h.update(repr(sorted(config.items())).encode())
     return h.hexdigest()
 
 

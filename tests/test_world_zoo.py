@@ -126,6 +126,8 @@ def test_worker_processes_match_inline(base: Path, tmp_path: Path) -> None:
             np.testing.assert_allclose(y.layers[k].up, layer.up, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # starts worker processes twice (each imports torch): ~15 s; the fast lane
+# continues models through test_world_shipped.py::test_retrain_zoo_continues_the_current_models
 def test_continued_training_starts_from_the_given_factors(base: Path, tmp_path: Path) -> None:
     """A continuation round starts every model from its own row and draws apart."""
     lr = 1e-3
