@@ -237,18 +237,12 @@ def test_bad_labels(world, tmp_path):
     assert WeightSpace.load(sp_path).directions_ == {}
 
 
-def test_applied_files_load_in_diffusers(fitted, world, tmp_path):
-    torch = pytest.importorskip("torch")
-    from w2wkit.testing import (
-        attention_modules,
-        module_shapes,
-        relative_error,
-        tiny_pipeline,
-        unet_weights,
-    )
+def test_applied_files_load_in_diffusers(fitted, world, tmp_path, tiny_pipe):
+    import copy
 
-    torch.set_num_threads(1)
-    pipe = tiny_pipeline(seed=0)
+    from w2wkit.testing import attention_modules, module_shapes, relative_error, unet_weights
+
+    pipe = copy.deepcopy(tiny_pipe)  # LoRAs are loaded into it below
     mods = attention_modules(pipe, ("to_q", "to_v"))
     assert module_shapes(pipe, mods) == MODULE_SHAPES
     before = unet_weights(pipe, mods)

@@ -70,6 +70,18 @@ def test_demo_synthetic_flag_and_existing_output(tmp_path: Path) -> None:
     assert "Traceback" not in r.output and (out / "keep.txt").read_text() == "x"
 
 
+def test_demo_image_unreadable_on_a_micro_world(tmp_path: Path, micro_world: Path) -> None:
+    """The fast lane's version of the next test: the micro world (9 LoRAs) loads in a second."""
+    (tmp_path / "me.png").write_bytes(b"nope")
+    args = ["demo", "--world", str(micro_world / "shipped"), "--image", str(tmp_path / "me.png")]
+    r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "cannot read" in r.output and "me.png" in r.output, r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
+# with the shipped world this loads its 1,000 LoRAs first (about 40 s on one CPU core)
+@(pytest.mark.slow if HAS_WORLD else lambda f: f)
 def test_demo_image_needs_a_world(tmp_path: Path) -> None:
     (tmp_path / "me.png").write_bytes(b"nope")
     args = ["demo", "--image", str(tmp_path / "me.png"), "-o", str(tmp_path / "o")]

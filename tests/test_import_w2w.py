@@ -19,7 +19,6 @@ from w2wkit.testing import (  # noqa: E402
     attention_modules,
     module_shapes,
     relative_error,
-    tiny_pipeline,
     unet_weights,
 )
 
@@ -27,17 +26,11 @@ N, K = 30, 6
 
 
 @pytest.fixture(scope="module")
-def base_pipe():
-    torch.set_num_threads(1)
-    return tiny_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def release(tmp_path_factory, base_pipe):
+def release(tmp_path_factory, tiny_pipe):
     """A miniature release: rank 1, alpha 27, to_q/to_v, PEFT key names."""
     root = tmp_path_factory.mktemp("w2w_release")
-    mods = attention_modules(base_pipe, ("to_q", "to_v"))
-    shapes = module_shapes(base_pipe, mods)
+    mods = attention_modules(tiny_pipe, ("to_q", "to_v"))
+    shapes = module_shapes(tiny_pipe, mods)
     order = sorted(mods, key=lambda m: ("down" not in m, "mid" not in m, m))  # down, mid, up
     dims = {}
     for m in order:
@@ -115,7 +108,7 @@ def test_imported_space_reproduces_the_release(release, tmp_path):
     np.testing.assert_allclose(loaded.transform(models), proj[:4], rtol=1e-4, atol=1e-4)
 
 
-def test_exported_models_use_paper_peft_names_and_load_in_diffusers(release, tmp_path, base_pipe):
+def test_exported_models_use_paper_peft_names_and_load_in_diffusers(release, tmp_path, tiny_pipe):
     root, _, _, mods = release
     space = import_w2w(root, allow_pickle=True)
     ad = space.inverse_transform(space.sample(1, seed=3))[0]
@@ -130,10 +123,10 @@ def test_exported_models_use_paper_peft_names_and_load_in_diffusers(release, tmp
         np.testing.assert_allclose(back[m].delta(), ad[m].delta(), rtol=1e-6)
     # and the diffusers loader applies exactly these deltas
     f = write_adapter(ad, tmp_path / "sample.safetensors", format="diffusers")
-    pipe = copy.deepcopy(base_pipe)
+    pipe = copy.deepcopy(tiny_pipe)
     pipe.load_lora_weights(str(f))
     pipe.fuse_lora()
-    before, after = unet_weights(base_pipe, mods), unet_weights(pipe, mods)
+    before, after = unet_weights(tiny_pipe, mods), unet_weights(pipe, mods)
     for m in mods:
         assert relative_error(after[m] - before[m], ad[m].delta().astype(np.float64)) < 1e-4
 

@@ -23,7 +23,6 @@ from w2wkit.testing import (  # noqa: E402
     module_shapes,
     random_adapter,
     relative_error,
-    tiny_pipeline,
     unet_weights,
 )
 
@@ -33,23 +32,17 @@ KOHYA_SKIP = "kohya format module (w2wkit/formats/kohya.py) not merged into this
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-@pytest.fixture(scope="module")
-def base_pipe():
-    torch.set_num_threads(1)
-    return tiny_pipeline(seed=0)
-
-
 @pytest.fixture
-def pipe(base_pipe):
-    return copy.deepcopy(base_pipe)
+def pipe(tiny_pipe):
+    return copy.deepcopy(tiny_pipe)
 
 
 @pytest.fixture(scope="module")
-def mixed_adapter(base_pipe):
+def mixed_adapter(tiny_pipe):
     """UNet + text-encoder adapter with mixed ranks and alpha != r."""
-    unet_mods = attention_modules(base_pipe, UNET_TARGETS)
-    te_mods = attention_modules(base_pipe, ("q_proj", "v_proj"), "text_encoder")
-    shapes = module_shapes(base_pipe, unet_mods + te_mods)
+    unet_mods = attention_modules(tiny_pipe, UNET_TARGETS)
+    te_mods = attention_modules(tiny_pipe, ("q_proj", "v_proj"), "text_encoder")
+    shapes = module_shapes(tiny_pipe, unet_mods + te_mods)
     ranks = {m: (1, 2, 3)[i % 3] for i, m in enumerate(shapes)}
     alphas = {m: (0.5, 3.0, 2.0, 7.25)[i % 4] for i, m in enumerate(shapes)}
     return random_adapter(shapes, rank=ranks, alpha=alphas, seed=3, scale=0.3)
@@ -75,7 +68,7 @@ def _assert_fused(pipe_before, pipe_after, adapter, modules=None):
     ],
 )
 def test_written_file_loads_in_diffusers_with_exact_delta(
-    tmp_path, base_pipe, pipe, fmt, mixed_adapter
+    tmp_path, tiny_pipe, pipe, fmt, mixed_adapter
 ):
     adapter = mixed_adapter
     if fmt == "kohya":
@@ -84,33 +77,33 @@ def test_written_file_loads_in_diffusers_with_exact_delta(
         # module (wrong scale), and kohya text-encoder keys fail to load
         # ("Could not automatically infer state dict type"). So the kohya case is
         # UNet-only with one alpha != r and mixed ranks.
-        unet_mods = attention_modules(base_pipe, UNET_TARGETS)
-        shapes = module_shapes(base_pipe, unet_mods)
+        unet_mods = attention_modules(tiny_pipe, UNET_TARGETS)
+        shapes = module_shapes(tiny_pipe, unet_mods)
         ranks = {m: (1, 2, 3)[i % 3] for i, m in enumerate(shapes)}
         adapter = random_adapter(shapes, rank=ranks, alpha=3.0, seed=4, scale=0.3)
     path = tmp_path / f"lora_{fmt}.safetensors"
     write_adapter(adapter, path, format=fmt)
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora()
-    _assert_fused(base_pipe, pipe, adapter)
+    _assert_fused(tiny_pipe, pipe, adapter)
 
 
-def test_rslora_and_uniform_alpha_diffusers(tmp_path, base_pipe, pipe):
-    mods = attention_modules(base_pipe, ("to_q", "to_v"))
-    ad = random_adapter(module_shapes(base_pipe, mods), rank=4, alpha=2.0, seed=5, rslora=True)
+def test_rslora_and_uniform_alpha_diffusers(tmp_path, tiny_pipe, pipe):
+    mods = attention_modules(tiny_pipe, ("to_q", "to_v"))
+    ad = random_adapter(module_shapes(tiny_pipe, mods), rank=4, alpha=2.0, seed=5, rslora=True)
     path = tmp_path / "rs.safetensors"
     write_adapter(ad, path, format="diffusers")
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora()
-    _assert_fused(base_pipe, pipe, ad)
+    _assert_fused(tiny_pipe, pipe, ad)
 
 
 @pytest.fixture(scope="module")
-def trained_unet(base_pipe):
+def trained_unet(tiny_pipe):
     """A LoRA trained a few steps with peft on the tiny UNet (r=2, alpha=4)."""
     from peft import LoraConfig
 
-    unet = copy.deepcopy(base_pipe.unet)
+    unet = copy.deepcopy(tiny_pipe.unet)
     torch.manual_seed(7)
     unet.add_adapter(
         LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
@@ -133,7 +126,7 @@ def trained_unet(base_pipe):
 
 @pytest.mark.parametrize("with_metadata", [True, False])
 def test_peft_trained_lora_saved_by_diffusers_reads_with_diffusers_delta(
-    tmp_path, base_pipe, pipe, trained_unet, with_metadata
+    tmp_path, tiny_pipe, pipe, trained_unet, with_metadata
 ):
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
@@ -153,8 +146,8 @@ def test_peft_trained_lora_saved_by_diffusers_reads_with_diffusers_delta(
     assert {layer.alpha for layer in adapter.layers.values()} == ({4.0} if with_metadata else {2.0})
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora()
-    _assert_fused(base_pipe, pipe, adapter)
-    assert len(adapter) == len(attention_modules(base_pipe, ("to_q", "to_v")))
+    _assert_fused(tiny_pipe, pipe, adapter)
+    assert len(adapter) == len(attention_modules(tiny_pipe, ("to_q", "to_v")))
     if with_metadata:
         # and it is the delta the trained model itself applies
         merged = copy.deepcopy(trained_unet)
@@ -163,25 +156,25 @@ def test_peft_trained_lora_saved_by_diffusers_reads_with_diffusers_delta(
             rest = m.split(".", 1)[1]
             w = merged.get_submodule(rest)
             w = getattr(w, "base_layer", w).weight.detach().double().numpy()
-            base = base_pipe.unet.get_submodule(rest).weight.detach().double().numpy()
+            base = tiny_pipe.unet.get_submodule(rest).weight.detach().double().numpy()
             assert relative_error(w, base + adapter[m].delta()) <= 1e-6
 
 
-def test_peft_folder_loads_in_peft_with_exact_delta(tmp_path, base_pipe, mixed_adapter):
+def test_peft_folder_loads_in_peft_with_exact_delta(tmp_path, tiny_pipe, mixed_adapter):
     from peft import PeftModel
 
     out = tmp_path / "peft_lora"
     write_adapter(mixed_adapter, out, format="peft")
-    unet = PeftModel.from_pretrained(copy.deepcopy(base_pipe.unet), str(out)).merge_and_unload()
+    unet = PeftModel.from_pretrained(copy.deepcopy(tiny_pipe.unet), str(out)).merge_and_unload()
     te = PeftModel.from_pretrained(
-        copy.deepcopy(base_pipe.text_encoder), str(out), subfolder="text_encoder"
+        copy.deepcopy(tiny_pipe.text_encoder), str(out), subfolder="text_encoder"
     ).merge_and_unload()
-    after = copy.copy(base_pipe)
+    after = copy.copy(tiny_pipe)
     after.unet, after.text_encoder = unet, te
-    _assert_fused(base_pipe, after, mixed_adapter)
+    _assert_fused(tiny_pipe, after, mixed_adapter)
 
 
-def test_peft_folder_loads_with_set_peft_model_state_dict(tmp_path, base_pipe, mixed_adapter):
+def test_peft_folder_loads_with_set_peft_model_state_dict(tmp_path, tiny_pipe, mixed_adapter):
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -196,7 +189,7 @@ def test_peft_folder_loads_with_set_peft_model_state_dict(tmp_path, base_pipe, m
             if k not in ("peft_type",)
         }
     )
-    unet = inject_adapter_in_model(config, copy.deepcopy(base_pipe.unet))
+    unet = inject_adapter_in_model(config, copy.deepcopy(tiny_pipe.unet))
     sd = {
         k.removeprefix("base_model.model."): v
         for k, v in load_file(out / "adapter_model.safetensors").items()
@@ -207,10 +200,10 @@ def test_peft_folder_loads_with_set_peft_model_state_dict(tmp_path, base_pipe, m
         for module in unet.modules():
             if hasattr(module, "merge") and hasattr(module, "lora_A"):
                 module.merge()
-    after = copy.copy(base_pipe)
+    after = copy.copy(tiny_pipe)
     after.unet = unet
     unet_mods = [m for m in mixed_adapter if m.startswith("unet.")]
-    _assert_fused(base_pipe, after, mixed_adapter, unet_mods)
+    _assert_fused(tiny_pipe, after, mixed_adapter, unet_mods)
 
 
 @pytest.mark.parametrize(

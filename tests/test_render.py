@@ -42,14 +42,8 @@ SEEDS = [0, 7]
 
 
 @pytest.fixture(scope="module")
-def base_pipe():
-    torch.set_num_threads(1)
-    return tiny_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def renderer(base_pipe):
-    return Renderer(copy.deepcopy(base_pipe), device="cpu")
+def renderer(tiny_pipe):
+    return Renderer(copy.deepcopy(tiny_pipe), device="cpu")
 
 
 def _adapters(pipe, modules, n=3, alphas=(1.0, 27.0, 3.0), ranks=(1, 1, 1), scale=0.5):
@@ -105,36 +99,36 @@ def _assert_distinct(images):
         assert float(np.abs(images[i] - images[0]).max()) > 0.01
 
 
-def test_batch_of_models_equals_each_model_alone(base_pipe, renderer):
+def test_batch_of_models_equals_each_model_alone(tiny_pipe, renderer):
     # different alphas and one rank-2 model (zero-padded in the stack)
-    mods = attention_modules(base_pipe, ("to_q", "to_k", "to_v", "to_out.0"))
-    ads = _adapters(base_pipe, mods, n=3, ranks=(1, 2, 1))
+    mods = attention_modules(tiny_pipe, ("to_q", "to_k", "to_v", "to_out.0"))
+    ads = _adapters(tiny_pipe, mods, n=3, ranks=(1, 2, 1))
     res = renderer.render(ads, PROMPTS, SEEDS, steps=STEPS, guidance=5.0, batch_size=5)
     assert res.images.shape == (3, 2, 2, 16, 16, 3)
     _assert_distinct(res.images)
-    _assert_rows_match(res, [_fused(base_pipe, a) for a in ads])
+    _assert_rows_match(res, [_fused(tiny_pipe, a) for a in ads])
 
 
-def test_image_does_not_depend_on_batch_composition(base_pipe, renderer):
-    mods = attention_modules(base_pipe)
-    a, b, c = _adapters(base_pipe, mods, n=3)
+def test_image_does_not_depend_on_batch_composition(tiny_pipe, renderer):
+    mods = attention_modules(tiny_pipe)
+    a, b, c = _adapters(tiny_pipe, mods, n=3)
     alone = renderer.render([b], PROMPTS[:1], SEEDS, steps=STEPS, batch_size=1).images[0]
     mixed = renderer.render([a, b, None, c], PROMPTS[:1], SEEDS, steps=STEPS, batch_size=8)
     assert float(np.abs(mixed.images[1] - alone).max()) < 1e-5
     assert mixed.names[2] == "base"
     # the base row is the untouched pipeline
-    base = _reference(base_pipe, PROMPTS[0], SEEDS[1], guidance=7.5)
+    base = _reference(tiny_pipe, PROMPTS[0], SEEDS[1], guidance=7.5)
     assert float(np.abs(mixed.images[2, 0, 1] - base).max()) < TOL
 
 
-def test_matches_diffusers_load_lora_weights(tmp_path, base_pipe, renderer):
+def test_matches_diffusers_load_lora_weights(tmp_path, tiny_pipe, renderer):
     from w2wkit.formats import write_adapter
 
-    mods = attention_modules(base_pipe, ("to_q", "to_v"))
-    ads = _adapters(base_pipe, mods, n=2, alphas=(4.0, 0.5))
+    mods = attention_modules(tiny_pipe, ("to_q", "to_v"))
+    ads = _adapters(tiny_pipe, mods, n=2, alphas=(4.0, 0.5))
     res = renderer.render(ads, PROMPTS[:1], SEEDS[:1], steps=STEPS, guidance=5.0)
     _assert_distinct(res.images)
-    pipe = copy.deepcopy(base_pipe)
+    pipe = copy.deepcopy(tiny_pipe)
     for i, ad in enumerate(ads):
         path = tmp_path / f"m{i}.safetensors"
         write_adapter(ad, path, format="diffusers")
@@ -144,7 +138,7 @@ def test_matches_diffusers_load_lora_weights(tmp_path, base_pipe, renderer):
         assert float(np.abs(ref - res.images[i, 0, 0]).max()) < TOL
 
 
-def test_no_guidance_and_stochastic_scheduler(base_pipe):
+def test_no_guidance_and_stochastic_scheduler(tiny_pipe):
     # DDPM draws fresh noise at every step from each sample's own generator
     pipe = tiny_pipeline(seed=0, scheduler="ddpm")
     mods = attention_modules(pipe)
@@ -156,28 +150,28 @@ def test_no_guidance_and_stochastic_scheduler(base_pipe):
         _assert_rows_match(res, [_fused(pipe, a) for a in ads], guidance=guidance)
 
 
-def test_text_encoder_and_conv_layers(base_pipe, renderer):
+def test_text_encoder_and_conv_layers(tiny_pipe, renderer):
     convs = [
         f"unet.{n}"
-        for n, m in base_pipe.unet.named_modules()
+        for n, m in tiny_pipe.unet.named_modules()
         if isinstance(m, torch.nn.Conv2d) and n.endswith(("conv1", "proj_in"))
     ]
-    unet = attention_modules(base_pipe, ("to_q", "to_v")) + convs
-    te = attention_modules(base_pipe, ("q_proj", "v_proj"), "text_encoder")
+    unet = attention_modules(tiny_pipe, ("to_q", "to_v")) + convs
+    te = attention_modules(tiny_pipe, ("q_proj", "v_proj"), "text_encoder")
     assert any(m.endswith("conv1") for m in unet) and any(m.endswith("proj_in") for m in unet)
-    ads = _adapters(base_pipe, unet + te, n=2, ranks=(2, 1), scale=0.3)
-    assert component_module(base_pipe, unet[-1]).weight.ndim == 4
+    ads = _adapters(tiny_pipe, unet + te, n=2, ranks=(2, 1), scale=0.3)
+    assert component_module(tiny_pipe, unet[-1]).weight.ndim == 4
     res = renderer.render(ads, PROMPTS, SEEDS[:1], steps=STEPS, guidance=5.0)
     _assert_distinct(res.images)
-    _assert_rows_match(res, [_fused(base_pipe, a) for a in ads])
+    _assert_rows_match(res, [_fused(tiny_pipe, a) for a in ads])
 
 
 @pytest.mark.parametrize("te", [False, True])
-def test_delayed_injection(base_pipe, renderer, te):
-    mods = attention_modules(base_pipe, ("to_q", "to_k", "to_v"))
+def test_delayed_injection(tiny_pipe, renderer, te):
+    mods = attention_modules(tiny_pipe, ("to_q", "to_k", "to_v"))
     if te:
-        mods += attention_modules(base_pipe, ("q_proj", "v_proj"), "text_encoder")
-    orig, edit = _adapters(base_pipe, mods, n=2, scale=0.5)
+        mods += attention_modules(tiny_pipe, ("q_proj", "v_proj"), "text_encoder")
+    orig, edit = _adapters(tiny_pipe, mods, n=2, scale=0.5)
     kw = {"steps": 4, "guidance": 5.0}
     plain = renderer.render([orig, edit], PROMPTS[:1], SEEDS, **kw).images
     _assert_distinct(plain)
@@ -190,7 +184,7 @@ def test_delayed_injection(base_pipe, renderer, te):
     # an intermediate T: diffusers with the weights swapped in place mid-way
     t_inject = 500
     mid = renderer.render([orig], PROMPTS[:1], SEEDS, edited=[edit], inject_t=t_inject, **kw)
-    pipe = _fused(base_pipe, orig)
+    pipe = _fused(tiny_pipe, orig)
     pipe.scheduler.set_timesteps(4)
     ts = [int(t) for t in pipe.scheduler.timesteps]
     assert ts[0] > t_inject >= ts[-1]  # the switch happens inside the run
@@ -206,7 +200,7 @@ def test_delayed_injection(base_pipe, renderer, te):
         embeds = {}
         if te:
             # prompt embeddings of the edited text encoder, used after the switch
-            pe = _fused(base_pipe, edit)
+            pe = _fused(tiny_pipe, edit)
             embeds["pos"], embeds["neg"] = pe.encode_prompt(PROMPTS[0], "cpu", 1, True, None)
 
         def swap(pp, i, t, cb, state=state, embeds=embeds):
@@ -233,11 +227,11 @@ def test_delayed_injection(base_pipe, renderer, te):
         assert float(np.abs(mid.images[0, 0, si] - plain[1, 0, si]).max()) > 0.01
 
 
-def test_low_precision_runs_close_to_float32(base_pipe):
-    mods = attention_modules(base_pipe)
-    ads = _adapters(base_pipe, mods, n=2)
-    ref = Renderer(copy.deepcopy(base_pipe), device="cpu").render(ads, PROMPTS[:1], SEEDS[:1])
-    low = Renderer(copy.deepcopy(base_pipe), device="cpu", dtype="bf16").render(
+def test_low_precision_runs_close_to_float32(tiny_pipe):
+    mods = attention_modules(tiny_pipe)
+    ads = _adapters(tiny_pipe, mods, n=2)
+    ref = Renderer(copy.deepcopy(tiny_pipe), device="cpu").render(ads, PROMPTS[:1], SEEDS[:1])
+    low = Renderer(copy.deepcopy(tiny_pipe), device="cpu", dtype="bf16").render(
         ads, PROMPTS[:1], SEEDS[:1]
     )
     assert low.info["dtype"] == "bfloat16"
@@ -245,20 +239,20 @@ def test_low_precision_runs_close_to_float32(base_pipe):
     assert float(np.abs(low.images - ref.images).mean()) < 0.05
 
 
-def test_pipeline_left_unpatched(base_pipe, renderer):
-    mods = attention_modules(base_pipe)
+def test_pipeline_left_unpatched(tiny_pipe, renderer):
+    mods = attention_modules(tiny_pipe)
     before = {n: type(m) for n, m in renderer.pipe.unet.named_modules()}
-    renderer.render(_adapters(base_pipe, mods, n=2), PROMPTS[:1], SEEDS[:1], steps=1)
+    renderer.render(_adapters(tiny_pipe, mods, n=2), PROMPTS[:1], SEEDS[:1], steps=1)
     after = {n: type(m) for n, m in renderer.pipe.unet.named_modules()}
     assert before == after
 
 
-def test_grid_png(tmp_path, base_pipe, renderer):
+def test_grid_png(tmp_path, tiny_pipe, renderer):
     from PIL import Image
 
-    mods = attention_modules(base_pipe)
+    mods = attention_modules(tiny_pipe)
     res = renderer.render(
-        _adapters(base_pipe, mods, n=2), PROMPTS, SEEDS, steps=1, names=["alice", "bob"]
+        _adapters(tiny_pipe, mods, n=2), PROMPTS, SEEDS, steps=1, names=["alice", "bob"]
     )
     out = res.save_grid(tmp_path / "grid.png")
     img = Image.open(out)
@@ -272,24 +266,24 @@ def test_grid_png(tmp_path, base_pipe, renderer):
 # ------------------------------------------------------------------ bad input
 
 
-def test_different_module_sets_refused(base_pipe, renderer):
-    a = _adapters(base_pipe, attention_modules(base_pipe, ("to_q", "to_v")), n=1)[0]
-    b = _adapters(base_pipe, attention_modules(base_pipe, ("to_q",)), n=1)[0]
+def test_different_module_sets_refused(tiny_pipe, renderer):
+    a = _adapters(tiny_pipe, attention_modules(tiny_pipe, ("to_q", "to_v")), n=1)[0]
+    b = _adapters(tiny_pipe, attention_modules(tiny_pipe, ("to_q",)), n=1)[0]
     b.source = "b.safetensors"
     with pytest.raises(LayoutError, match=r"b\.safetensors.*different modules.*to_v"):
         renderer.render([a, b], PROMPTS[:1], SEEDS[:1], steps=1)
 
 
-def test_delta_layers_refused(base_pipe):
-    a = _adapters(base_pipe, attention_modules(base_pipe), n=1)[0]
+def test_delta_layers_refused(tiny_pipe):
+    a = _adapters(tiny_pipe, attention_modules(tiny_pipe), n=1)[0]
     m = next(iter(a.layers))
     d = Adapter({m: DeltaLayer(a.layers[m].delta(), kind="loha")}, source="l.safetensors")
     with pytest.raises(LayoutError, match="loha"):
         stack_adapters([d])
 
 
-def test_modules_missing_from_pipeline(base_pipe, renderer):
-    shapes = module_shapes(base_pipe, attention_modules(base_pipe))
+def test_modules_missing_from_pipeline(tiny_pipe, renderer):
+    shapes = module_shapes(tiny_pipe, attention_modules(tiny_pipe))
     shapes["unet.mid_block.attentions.7.transformer_blocks.0.attn1.to_q"] = (16, 16)
     shapes["unet.nowhere.to_v"] = (16, 16)
     ad = random_adapter(shapes, seed=1)
@@ -297,9 +291,9 @@ def test_modules_missing_from_pipeline(base_pipe, renderer):
         renderer.render([ad], PROMPTS[:1], SEEDS[:1], steps=1)
 
 
-def test_shape_mismatch_and_sdxl_components(base_pipe, renderer):
-    mods = attention_modules(base_pipe)
-    shapes = module_shapes(base_pipe, mods)
+def test_shape_mismatch_and_sdxl_components(tiny_pipe, renderer):
+    mods = attention_modules(tiny_pipe)
+    shapes = module_shapes(tiny_pipe, mods)
     shapes[mods[0]] = (shapes[mods[0]][0], shapes[mods[0]][1] + 1)
     with pytest.raises(LayoutError, match="does not fit"):
         renderer.render([random_adapter(shapes)], PROMPTS[:1], SEEDS[:1], steps=1)
@@ -308,14 +302,14 @@ def test_shape_mismatch_and_sdxl_components(base_pipe, renderer):
         renderer.render([ad], PROMPTS[:1], SEEDS[:1], steps=1)
 
 
-def test_bad_arguments(base_pipe, renderer):
-    a = _adapters(base_pipe, attention_modules(base_pipe), n=1)[0]
+def test_bad_arguments(tiny_pipe, renderer):
+    a = _adapters(tiny_pipe, attention_modules(tiny_pipe), n=1)[0]
     with pytest.raises(W2WError, match="edited"):
         renderer.render([a], PROMPTS[:1], edited=[a, a], inject_t=500, steps=1)
     with pytest.raises(W2WError, match="inject_t"):
         renderer.render([a], PROMPTS[:1], edited=[a], steps=1)
     with pytest.raises(W2WError, match="dtype"):
-        Renderer(base_pipe, dtype="int8")
+        Renderer(tiny_pipe, dtype="int8")
     with pytest.raises(W2WError, match="coefficients"):
         renderer.render(np.zeros((2, 3)), PROMPTS[:1])
 
@@ -337,10 +331,10 @@ def test_unreadable_pipeline_folder(tmp_path):
         load_pipeline("runwayml/stable-diffusion-v1-5")
 
 
-def test_pipeline_folder_and_coefficients(tmp_path, base_pipe):
-    base_pipe.save_pretrained(tmp_path / "pipe")
-    mods = attention_modules(base_pipe)
-    ads = _adapters(base_pipe, mods, n=2)
+def test_pipeline_folder_and_coefficients(tmp_path, tiny_pipe):
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    mods = attention_modules(tiny_pipe)
+    ads = _adapters(tiny_pipe, mods, n=2)
 
     class LinearSpace:  # anything with inverse_transform((n, k)) -> adapters
         def inverse_transform(self, coef):
@@ -348,7 +342,7 @@ def test_pipeline_folder_and_coefficients(tmp_path, base_pipe):
 
     r = Renderer(tmp_path / "pipe", device="cpu")
     res = r.render(np.eye(2)[::-1], PROMPTS[:1], SEEDS[:1], steps=2, space=LinearSpace())
-    ref = Renderer(copy.deepcopy(base_pipe), device="cpu").render(
+    ref = Renderer(copy.deepcopy(tiny_pipe), device="cpu").render(
         ads[::-1], PROMPTS[:1], SEEDS[:1], steps=2
     )
     assert float(np.abs(res.images - ref.images).max()) < 1e-5
@@ -361,13 +355,13 @@ def test_import_does_not_load_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_per_sample_lora_gradients_match_fused_weights(base_pipe):
+def test_per_sample_lora_gradients_match_fused_weights(tiny_pipe):
     """The hook inversion uses: differentiable per-sample factors, checked by autograd."""
     from torch.func import functional_call
 
     from w2wkit.render import per_sample_lora
 
-    pipe = copy.deepcopy(base_pipe)
+    pipe = copy.deepcopy(tiny_pipe)
     unet = pipe.unet
     mods = attention_modules(pipe, ("to_q", "to_v"))
     ads = _adapters(pipe, mods, n=2, alphas=(1.0, 27.0))

@@ -18,17 +18,13 @@ from w2wkit.testing import (  # noqa: E402
     attention_modules,
     module_shapes,
     random_adapter,
-    tiny_pipeline,
 )
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    torch.set_num_threads(1)
+def world(tmp_path_factory, tiny_pipe, tiny_pipe_dir):
     root = tmp_path_factory.mktemp("render-cli")
-    pipe = tiny_pipeline(seed=0)
-    pipe.save_pretrained(root / "pipe")
-    shapes = module_shapes(pipe, attention_modules(pipe))
+    shapes = module_shapes(tiny_pipe, attention_modules(tiny_pipe))
     files = []
     for i in range(3):
         f = root / "loras" / f"m{i}.safetensors"
@@ -41,7 +37,7 @@ def world(tmp_path_factory):
     odd = dict(shapes)
     odd["unet.down_blocks.9.attentions.0.transformer_blocks.0.attn1.to_q"] = (16, 16)
     write_adapter(random_adapter(odd, seed=5), other, format="diffusers")
-    return {"root": root, "pipe": root / "pipe", "files": files, "edit": edit, "other": other}
+    return {"root": root, "pipe": tiny_pipe_dir, "files": files, "edit": edit, "other": other}
 
 
 def _run(args):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,17 @@ MICRO = B.BaseSettings.micro()
 def test_micro_build_loads_in_diffusers(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     out = tmp_path / "base"
+    t0 = time.perf_counter()
     log = B.build_base(out, MICRO)
-    assert json.loads((out / "world_base.json").read_text())["unet"]["seconds"] > 0
+    wall = time.perf_counter() - t0
+    rec = json.loads((out / "world_base.json").read_text())
+    # the recorded timings: what the call returned, inside the call's own wall time, and
+    # per step = total / the steps it ran (the micro settings: no time budget, all steps)
+    for phase, steps in (("vae", MICRO.vae_steps), ("unet", MICRO.unet_steps)):
+        assert rec[phase]["seconds"] == log[phase]["seconds"]
+        assert rec[phase]["steps"] == steps
+        assert rec[phase]["seconds_per_step"] * steps == pytest.approx(rec[phase]["seconds"])
+    assert 0 < rec["vae"]["seconds"] + rec["unet"]["seconds"] < wall
     assert np.isfinite(log["vae"]["mse"]) and np.isfinite(log["unet"]["loss"])
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
     unet = pipe.unet

@@ -11,16 +11,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from _world_base import micro_base  # noqa: E402
 
 from w2wkit.formats.registry import read_adapter  # noqa: E402
 from w2wkit.world.identity import IdentityGenerator  # noqa: E402
 from w2wkit.world.lora import LoraSettings, LoraTrainer, instance_jobs  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return micro_base(tmp_path_factory)
+@pytest.fixture
+def base(micro_base: Path) -> Path:
+    return micro_base  # shared (tests/conftest.py): read only
 
 
 def test_loras_share_init_and_write_standard_files(base: Path, tmp_path: Path) -> None:

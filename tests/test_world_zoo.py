@@ -12,7 +12,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from _world_base import micro_base  # noqa: E402
 
 from w2wkit.errors import W2WError  # noqa: E402
 from w2wkit.formats.registry import read_adapter  # noqa: E402
@@ -29,9 +28,9 @@ from w2wkit.world.zoo import (  # noqa: E402
 )
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return micro_base(tmp_path_factory)
+@pytest.fixture
+def base(micro_base: Path) -> Path:
+    return micro_base  # shared (tests/conftest.py): read only
 
 
 def test_batched_equals_single_model_training(base: Path) -> None:
@@ -127,6 +126,8 @@ def test_worker_processes_match_inline(base: Path, tmp_path: Path) -> None:
             np.testing.assert_allclose(y.layers[k].up, layer.up, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # starts worker processes twice (each imports torch): ~15 s; the fast lane
+# continues models through test_world_shipped.py::test_retrain_zoo_continues_the_current_models
 def test_continued_training_starts_from_the_given_factors(base: Path, tmp_path: Path) -> None:
     """A continuation round starts every model from its own row and draws apart."""
     lr = 1e-3
