@@ -413,9 +413,17 @@ class World:
         if not 0 <= int(model) < len(names):
             raise W2WError(f"model {model} is outside 0..{len(names) - 1}", key="model")
         alpha = float(self.stack_meta["alpha"])
+        self._load_stack()
+        assert self._tensors is not None
+        i = int(model)
+        # widen this model's rows only (the stacks hold every model, in float16)
         layers = {
-            f"unet.{t}": LoraLayer(down=a[model].copy(), up=b[model].copy(), alpha=alpha)
-            for t, (a, b) in self.stack(concept).items()
+            f"unet.{t}": LoraLayer(
+                down=np.asarray(self._tensors[f"{concept}.down.{t}"][i], np.float32),
+                up=np.asarray(self._tensors[f"{concept}.up.{t}"][i], np.float32),
+                alpha=alpha,
+            )
+            for t in self.targets
         }
         meta = {
             "w2wkit.world.concept": concept,
