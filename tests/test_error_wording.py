@@ -204,14 +204,14 @@ def _interrupted_revision(tmp, space, mp) -> Case:
 
 
 def _zoo_device(tmp, space, mp) -> Case:
-    from w2wkit.world.zoo import pick_device
+    from w2wkit.render import resolve_device
 
     _no_gpu(mp)
     return Case(
-        lambda: pick_device("cuda"),
+        lambda: resolve_device("cuda"),
         ["world", "retrain-zoo", "--device", "cuda"],
-        ["parameter device: 'cuda' asked for but torch sees no GPU", 'use `device="cpu"`'],
-        ["option --device: 'cuda' asked for but torch sees no GPU", "use --device cpu"],
+        ["parameter device: 'cuda' asked for but torch sees no CUDA GPU", 'use `device="cpu"`'],
+        ["option --device: 'cuda' asked for but torch sees no CUDA GPU", "use --device cpu"],
     )
 
 

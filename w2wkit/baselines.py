@@ -86,7 +86,9 @@ class BaselineModels:
             if next(part.parameters()).dtype != torch.float32:
                 part.to(torch.float32)
         self.settings = settings
-        self.device = _device(device)
+        from w2wkit.render import resolve_device
+
+        self.device = resolve_device(device)
         if self.device != "cpu":
             self.trainer.pipe.to(self.device)
             for name, p in self.trainer.pipe.unet.named_parameters():
@@ -174,14 +176,6 @@ class BaselineModels:
         ).input_ids.to(self.device)
         with torch.no_grad():
             return self.trainer.pipe.text_encoder(ids)[0]
-
-
-def _device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 def _adapter_from(trainer: Any, settings: Any) -> Adapter:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.errors import FormatError, W2WError
+from w2wkit.render import resolve_device
 from w2wkit.report import report_folder
 from w2wkit.stio import write_json
 
@@ -204,7 +205,7 @@ def run_demo(
         raise W2WError("`mask` needs `image`")
     torch.manual_seed(s.seed)
     threads = torch.get_num_threads()
-    if E._eval_device(s.device) == "cpu" and s.threads:
+    if resolve_device(s.device) == "cpu" and s.threads:
         torch.set_num_threads(int(s.threads))
     try:
         # the whole folder is the output: written in a staging folder, published once

@@ -49,6 +49,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from w2wkit.errors import FormatError, W2WError
+from w2wkit.render import resolve_device
 
 __all__ = [
     "PROFILES",
@@ -767,15 +768,7 @@ def load_eval_world(world: str | os.PathLike[str] | None = None, device: str = "
             'with `world="micro"`',
             key="world",
         ) from None
-    return _shipped_world(shipped.load_world(world), device=_eval_device(device))
-
-
-def _eval_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return _shipped_world(shipped.load_world(world), device=resolve_device(device))
 
 
 # --------------------------------------------------------------------------- settings
@@ -1320,7 +1313,7 @@ def run_eval(
     report = ReportSnapshots(out, overwrite=overwrite, carry=_world_entries(world, out))
     torch.manual_seed(s.seed)
     threads = torch.get_num_threads()
-    if _eval_device(s.device) == "cpu" and s.threads:
+    if resolve_device(s.device) == "cpu" and s.threads:
         torch.set_num_threads(int(s.threads))
     try:
         return _run_eval(world, s, report, sections, progress)

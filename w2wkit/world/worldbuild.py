@@ -989,6 +989,7 @@ def _retrain_embedder(
 
     import torch
 
+    from w2wkit.render import resolve_device
     from w2wkit.stio import atomic_path, write_json
     from w2wkit.world.evaluators import (
         CONFIG,
@@ -1001,7 +1002,6 @@ def _retrain_embedder(
     )
     from w2wkit.world.renders import default_workers
     from w2wkit.world.shipped import revision, verify_world, world_dir, write_manifest
-    from w2wkit.world.zoo import pick_device
 
     if concept not in ("identity", "dog"):
         raise W2WError(
@@ -1013,7 +1013,7 @@ def _retrain_embedder(
             "(dog breeds have no transient attributes)",
             key="vary",
         )
-    device = pick_device(device)
+    device = resolve_device(device)
     root = world_dir(world)
     verify_world(root)
     log_path = root / "build_log.json"
@@ -1162,8 +1162,8 @@ def build_world(
     """
     import torch
 
+    from w2wkit.render import resolve_device
     from w2wkit.world.renders import default_workers
-    from w2wkit.world.zoo import pick_device
 
     out = Path(out)
     reuse = Path(evaluators_from) if evaluators_from is not None else None
@@ -1171,7 +1171,7 @@ def build_world(
         _check_evaluators_source(reuse)
     out.mkdir(parents=True, exist_ok=True)
     _quiet()
-    device = pick_device(device)
+    device = resolve_device(device)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

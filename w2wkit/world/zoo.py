@@ -41,6 +41,7 @@ import numpy as np
 
 from w2wkit.adapter import Adapter, LoraLayer
 from w2wkit.errors import W2WError
+from w2wkit.render import resolve_device
 from w2wkit.stio import file_sha256
 from w2wkit.world.lora import LoraSettings
 from w2wkit.world.tokenizer import token_ids
@@ -51,28 +52,12 @@ __all__ = [
     "ZooSettings",
     "ZooTrainer",
     "install_multi_lora",
-    "pick_device",
     "sample_images",
     "train_zoo",
     "write_labels",
     "write_start",
     "zoo_jobs",
 ]
-
-
-def pick_device(device: str = "auto") -> str:
-    """``"cuda"`` when asked for or (``auto``) available, else ``"cpu"``."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise W2WError(
-            f"'{device}' asked for but torch sees no GPU",
-            param="device",
-            hint='use `device="cpu"`',
-        )
-    return device
 
 
 @dataclass
@@ -268,7 +253,7 @@ class ZooTrainer:
         self.settings = s = settings or ZooSettings()
         if s.threads:
             torch.set_num_threads(s.threads)
-        self.device = pick_device(s.device)
+        self.device = resolve_device(s.device)
         if self.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -848,7 +833,7 @@ def train_zoo(
         raise W2WError("zoo jobs have duplicate names", key="jobs")
     done = {j.name for j in jobs if (out / f"{j.name}.safetensors").exists()}
     todo = [j for j in jobs if j.name not in done]
-    device = pick_device(s.device)
+    device = resolve_device(s.device)
     start = str(start) if start is not None else None
     if start is not None and todo:  # refuse before training anything, in any worker mode
         _check_start(start, todo)

@@ -169,6 +169,7 @@ def _retrain_zoo(
 ) -> dict[str, Any]:
     import torch
 
+    from w2wkit.render import resolve_device
     from w2wkit.stio import read_safetensors, write_json, write_safetensors
     from w2wkit.world.shipped import (
         LORAS,
@@ -180,7 +181,7 @@ def _retrain_zoo(
     )
     from w2wkit.world.shipped import write_manifest as write_world_manifest
     from w2wkit.world.worldbuild import _load_stacks, _profile_from_log, _zoo_jobs
-    from w2wkit.world.zoo import pick_device, train_zoo, write_start
+    from w2wkit.world.zoo import train_zoo, write_start
 
     if concept not in ("identity", "dog"):
         raise W2WError(
@@ -196,7 +197,7 @@ def _retrain_zoo(
         raise W2WError(f"must be >= 1, got {workers}", param="workers")
     if chunk is not None and int(chunk) < 1:
         raise W2WError(f"must be >= 1, got {chunk}", param="chunk")
-    device = pick_device(device)
+    device = resolve_device(device)
     root = world_dir(world)
     verify_world(root)
     log_path = root / "build_log.json"
