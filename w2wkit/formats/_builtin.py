@@ -1,10 +1,18 @@
-"""Imports every built-in format module so each registers itself."""
+"""The built-in LoRA formats, as an explicit list (no registration by import)."""
 
-import importlib
+from __future__ import annotations
 
-for _name in ("kohya", "diffusers", "peft", "legacy", "lycoris"):
-    try:
-        importlib.import_module(f"w2wkit.formats.{_name}")
-    except ModuleNotFoundError as exc:  # pragma: no cover - during development only
-        if exc.name != f"w2wkit.formats.{_name}":
-            raise
+from w2wkit.formats.diffusers import DiffusersFormat
+from w2wkit.formats.kohya import KohyaFormat
+from w2wkit.formats.legacy import LegacyAttnProcsFormat
+from w2wkit.formats.lycoris import LycorisFormat
+from w2wkit.formats.peft import PeftFormat
+
+#: The formats w2wkit ships, in the order ties in detection are broken.
+BUILTIN_FORMATS = (
+    KohyaFormat(),
+    DiffusersFormat(),
+    PeftFormat(),
+    LegacyAttnProcsFormat(),
+    LycorisFormat(),
+)

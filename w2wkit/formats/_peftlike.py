@@ -20,7 +20,7 @@ import numpy as np
 
 from w2wkit.adapter import Adapter, DeltaLayer, LoraLayer, degenerate_factors
 from w2wkit.errors import FormatError
-from w2wkit.formats.registry import Source
+from w2wkit.formats.base import Source
 
 __all__ = [
     "DORA_MESSAGE",

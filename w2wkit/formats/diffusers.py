@@ -66,7 +66,7 @@ from w2wkit.formats._peftlike import (
     put_lora_factors,
     refuse_dora,
 )
-from w2wkit.formats.registry import Source, WriteOptions, register_format
+from w2wkit.formats.base import Source, WriteOptions
 from w2wkit.stio import write_safetensors
 
 __all__ = ["METADATA_KEY", "DiffusersFormat"]
@@ -122,7 +122,6 @@ def _check_extra_keys(src: Source, unmatched: list[str]) -> None:
         raise FormatError("unexpected key for the diffusers LoRA format", path=src.path, key=key)
 
 
-@register_format
 class DiffusersFormat:
     """diffusers ``unet.``/``text_encoder.`` LoRA files."""
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from w2wkit.adapter import Adapter, LoraLayer, degenerate_factors
 from w2wkit.errors import FormatError
-from w2wkit.formats.registry import Source, WriteOptions, register_format
+from w2wkit.formats.base import Source, WriteOptions
 from w2wkit.names import (
     guess_family,
     is_kohya_name,
@@ -197,7 +197,6 @@ def _alpha_array(alpha: float) -> tuple[np.ndarray, str]:
     return np.array(alpha, dtype=np.float64), "F64"
 
 
-@register_format
 class KohyaFormat:
     """kohya-ss ``lora_down``/``lora_up``/``alpha`` files (SD1.x and SDXL)."""
 

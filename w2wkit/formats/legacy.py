@@ -23,7 +23,7 @@ from pathlib import Path
 from w2wkit.adapter import Adapter
 from w2wkit.errors import FormatError
 from w2wkit.formats._peftlike import KeyRule, assemble, match_keys, refuse_dora
-from w2wkit.formats.registry import Source, WriteOptions, register_format
+from w2wkit.formats.base import Source, WriteOptions
 
 __all__ = ["LegacyAttnProcsFormat"]
 
@@ -48,7 +48,6 @@ RULES: tuple[KeyRule, ...] = (
 )
 
 
-@register_format
 class LegacyAttnProcsFormat:
     """diffusers attention-processor LoRA weights (``...processor.to_q_lora.down.weight``)."""
 

@@ -59,6 +59,7 @@ import numpy as np
 
 from w2wkit.adapter import Adapter, DeltaLayer, LoraLayer
 from w2wkit.errors import FormatError
+from w2wkit.formats.base import Source, WriteOptions
 from w2wkit.formats.kohya import (
     REFUSED_SUFFIXES,
     SUFFIXES,
@@ -67,7 +68,6 @@ from w2wkit.formats.kohya import (
     lora_layer,
     read_alpha,
 )
-from w2wkit.formats.registry import Source, WriteOptions, register_format
 from w2wkit.names import guess_family, load_module_tables
 
 __all__ = [
@@ -291,7 +291,6 @@ def _known_shape(module: str, family: str) -> tuple[int, ...] | None:
     return None
 
 
-@register_format
 class LycorisFormat:
     """LyCORIS LoHa / LoKr files (read-only; layers become exact deltas)."""
 

@@ -72,12 +72,11 @@ from w2wkit.formats._peftlike import (
     put_lora_factors,
     refuse_dora,
 )
-from w2wkit.formats.registry import (
+from w2wkit.formats.base import (
     PEFT_CONFIG,
     Source,
     WriteOptions,
     load_source,
-    register_format,
 )
 from w2wkit.stio import atomic_path, write_safetensors
 
@@ -176,7 +175,6 @@ def _read_one(src: Source, component_hint: str | None = None) -> Adapter:
     return assemble(src, canon, alpha_for=alpha_for, metadata=meta)
 
 
-@register_format
 class PeftFormat:
     """PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``)."""
 

@@ -1,9 +1,13 @@
 """Format registry: detection, reading and writing of LoRA files.
 
-A format is a class registered with :func:`register_format`. It answers three
-questions about a :class:`Source` (the parsed file): ``sniff`` (how sure it is
-that the keys are its own, 0..1), ``read`` (the canonical :class:`Adapter`) and,
-for writable formats, ``write``. Formats translate keys with tables of
+The formats are an explicit list (``w2wkit.formats._builtin.BUILTIN_FORMATS``),
+plus what installed packages declare in the ``w2wkit.formats`` entry-point
+group, plus :func:`register_format` at run time; :data:`FORMATS` fills itself
+on first read, and importing a format module registers nothing. A format
+answers three questions about a :class:`Source` (the parsed file, see
+:mod:`w2wkit.formats.base`): ``sniff`` (how sure it is that the keys are its
+own, 0..1), ``read`` (the canonical :class:`Adapter`) and, for writable
+formats, ``write``. Formats translate keys with tables of
 patterns (see :mod:`w2wkit.names`), never with chains of string replaces.
 """
 
@@ -12,23 +16,20 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any
 
 import numpy as np
 
 from w2wkit.adapter import COMPONENTS, Adapter
 from w2wkit.errors import OUTPUT_EXISTS, FormatError
-from w2wkit.jsonio import read_json
 from w2wkit.stio import (
     NarrowingError,
-    SafetensorsFile,
     check_regular_file,
-    read_safetensors,
 )
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "FORMATS",
     "LoraFormat",
     "Source",
@@ -42,102 +43,67 @@ __all__ = [
     "write_adapter",
 ]
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-LORA_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+from w2wkit.formats.base import (  # re-exported: the registry's public types
+    LORA_SUFFIXES,
+    PEFT_CONFIG,
+    LoraFormat,
+    Source,
+    WriteOptions,
+    load_source,
+)
 
 
-@dataclass
-class Source:
-    """A LoRA file (or PEFT folder) parsed into raw tensors.
+#: Every known format by name: the built-in list, the ``w2wkit.formats`` entry
+#: points of installed packages, and formats registered at run time. Filled on
+#: first use (:func:`_ensure_loaded`); importing a format module registers nothing.
+class _Formats(dict):
+    """A dict that fills itself (:func:`_ensure_loaded`) before its first read."""
 
-    Attributes
-    ----------
-    path : str
-        The file or folder the user named.
-    tensors : dict of str to numpy.ndarray
-        Raw tensors by key (bfloat16 widened to float32).
-    dtypes : dict of str to str
-        Storage dtype per key.
-    metadata : dict of str to str
-        safetensors ``__metadata__``.
-    config : dict, optional
-        A PEFT ``adapter_config.json`` when the source is a PEFT folder.
-    weights_path : str
-        The weights file actually read.
-    nbytes : int
-        Size of the weights file.
+    def _filled(self) -> _Formats:
+        _ensure_loaded()
+        return self
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self._filled(), key)
+
+    def __getitem__(self, key: str) -> LoraFormat:
+        return dict.__getitem__(self._filled(), key)
+
+    def __iter__(self):  # type: ignore[override]
+        return dict.__iter__(self._filled())
+
+    def __len__(self) -> int:
+        return dict.__len__(self._filled())
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.get(self._filled(), key, default)
+
+    def items(self):  # type: ignore[override]
+        return dict.items(self._filled())
+
+    def keys(self):  # type: ignore[override]
+        return dict.keys(self._filled())
+
+    def values(self):  # type: ignore[override]
+        return dict.values(self._filled())
+
+
+FORMATS: dict[str, LoraFormat] = _Formats()
+
+#: Entry-point group through which other packages add formats (a class or instance).
+ENTRY_POINT_GROUP = "w2wkit.formats"
+
+
+def register_format(fmt: type | LoraFormat) -> type | LoraFormat:
+    """Add a format (a class, instantiated, or an instance) under its ``name``.
+
+    Usable as a class decorator by third-party code; the built-in formats are
+    an explicit list instead (``w2wkit.formats._builtin.BUILTIN_FORMATS``).
     """
-
-    path: str
-    tensors: dict[str, np.ndarray]
-    dtypes: dict[str, str]
-    metadata: dict[str, str]
-    config: dict[str, Any] | None = None
-    weights_path: str = ""
-    nbytes: int = 0
-    file: SafetensorsFile | None = None
-
-    def all_finite(self) -> bool:
-        """True when every float tensor of the file is known to be finite (one pass)."""
-        return self.file is not None and self.file.all_finite()
-
-    @property
-    def keys(self) -> list[str]:
-        """Tensor keys in file order."""
-        return list(self.tensors)
-
-
-@dataclass
-class WriteOptions:
-    """Options shared by every writer.
-
-    Attributes
-    ----------
-    dtype : str, optional
-        Storage dtype for every tensor (``"F32"``, ``"F16"``, ``"BF16"``);
-        default keeps each layer's own.
-    overwrite : bool
-        Replace an existing output.
-    provenance : dict of str to str
-        Extra metadata recording what made the file; merged into the header.
-    """
-
-    dtype: str | None = None
-    overwrite: bool = False
-    provenance: dict[str, str] = field(default_factory=dict)
-
-
-class LoraFormat(Protocol):
-    """What a registered format provides."""
-
-    name: ClassVar[str]
-    writable: ClassVar[bool]
-    description: ClassVar[str]
-
-    def sniff(self, src: Source) -> float:
-        """Confidence in [0, 1] that ``src`` is in this format.
-
-        Must depend only on the key names and on ``src.config is None``
-        (results are cached per key set).
-        """
-
-    def read(self, src: Source) -> Adapter:
-        """Translate ``src`` into the canonical adapter (not yet validated)."""
-
-    def write(self, adapter: Adapter, path: Path, options: WriteOptions) -> None:
-        """Write ``adapter`` to ``path`` atomically (writable formats only)."""
-
-
-FORMATS: dict[str, LoraFormat] = {}
-
-
-def register_format(cls: type) -> type:
-    """Class decorator adding a format to :data:`FORMATS` under ``cls.name``."""
-    FORMATS[cls.name] = cls()
+    _ensure_loaded()
+    FORMATS[fmt.name] = fmt() if isinstance(fmt, type) else fmt
     _DETECTED.clear()
-    return cls
+    return fmt
 
 
 # Detection depends only on the key names and on whether a PEFT config came
@@ -147,117 +113,36 @@ _DETECTED: dict[tuple[bool, tuple[str, ...]], str] = {}
 _DETECTED_MAX = 256
 
 
+_LOADED = False
+
+
 def _ensure_loaded() -> None:
-    # Import the built-in format modules for their registration side effect.
-    from w2wkit.formats import _builtin  # noqa: F401
+    """Fill :data:`FORMATS` once: the built-in list, then installed entry points."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from w2wkit.formats._builtin import BUILTIN_FORMATS
 
+    for fmt in BUILTIN_FORMATS:
+        dict.setdefault(FORMATS, fmt.name, fmt)
+    from importlib.metadata import entry_points
 
-def _torch_pickle(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    import torch  # lazy: only for explicit pickle opt-in
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            fmt = obj() if isinstance(obj, type) else obj
+            name = str(fmt.name)
+        except Exception as exc:  # a broken third-party package must not break reading
+            import warnings
 
-    from w2wkit.pickles import load_tensors
-
-    obj = load_tensors(path, what="LoRA pickle")
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise FormatError("pickle does not hold a dict of tensors", path=path)
-    tensors: dict[str, np.ndarray] = {}
-    dtypes: dict[str, str] = {}
-    names = {
-        torch.float32: "F32",
-        torch.float16: "F16",
-        torch.bfloat16: "BF16",
-        torch.float64: "F64",
-    }
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
+            warnings.warn(
+                f"LoRA format entry point {ep.name!r} ({ep.value}) failed to load: {exc}",
+                stacklevel=2,
+            )
             continue
-        dtypes[key] = names.get(value.dtype, "F32")
-        tensors[key] = (
-            value.detach().float().numpy()
-            if value.dtype == torch.bfloat16
-            else (value.detach().numpy())
-        )
-    return tensors, dtypes
-
-
-def _is_file(path: Path) -> bool:
-    """True for a regular file, False when nothing is there; refuses FIFOs, devices, folders."""
-    if not os.path.lexists(path):
-        return False
-    check_regular_file(path)
-    return True
-
-
-def _peft_folder(path: Path) -> tuple[Path, dict[str, Any]] | None:
-    cfg = path / PEFT_CONFIG
-    if not _is_file(cfg):
-        return None
-    config = read_json(cfg, what=PEFT_CONFIG, error=FormatError)
-    for name in PEFT_WEIGHTS:
-        if _is_file(path / name):
-            return path / name, config
-    raise FormatError(
-        f"PEFT folder has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}", path=path
-    )
-
-
-def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Source:
-    """Parse a LoRA file or PEFT folder into raw tensors.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        A ``.safetensors`` file, a pickle file (with ``allow_pickle``), or a
-        PEFT folder holding ``adapter_config.json``.
-    allow_pickle : bool
-        Permit ``.pt/.pth/.ckpt/.bin`` files, loaded with
-        ``torch.load(weights_only=True)``.
-
-    Raises
-    ------
-    FormatError
-        For a missing, unreadable or non-LoRA file.
-    """
-    p = Path(path)
-    config = None
-    if not p.exists():
-        raise FormatError("no such file or folder", path=p)
-    if p.is_dir():
-        found = _peft_folder(p)
-        if found is None:
-            raise FormatError(
-                f"folder is not a PEFT adapter (no {PEFT_CONFIG}); "
-                "pass a file, or use a collection for a folder of LoRA files",
-                path=p,
-            )
-        weights, config = found
-    else:
-        check_regular_file(p)  # a FIFO or a device is refused before it is opened
-        weights = p
-        sibling = p.parent / PEFT_CONFIG
-        if p.name in PEFT_WEIGHTS and _is_file(sibling):
-            config = _peft_folder(p.parent)[1]  # type: ignore[index]
-    if weights.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise FormatError(
-                "pickle files can run code when loaded; refusing",
-                path=weights,
-                hint="convert it to .safetensors, or pass `allow_pickle=True` if you trust it",
-            )
-        nbytes = check_regular_file(weights)
-        tensors, dtypes = _torch_pickle(str(weights))
-        meta: dict[str, str] = {}
-    else:
-        st: SafetensorsFile = read_safetensors(weights)
-        tensors, dtypes, meta, nbytes = st.tensors, st.dtypes, st.metadata, st.nbytes
-        if not tensors:
-            raise FormatError("file holds no tensors", path=weights)
-        return Source(str(p), tensors, dtypes, meta, config, str(weights), nbytes, st)
-    if not tensors:
-        raise FormatError("file holds no tensors", path=weights)
-    return Source(str(p), tensors, dtypes, meta, config, str(weights), nbytes)
+        dict.setdefault(FORMATS, name, fmt)
+    _DETECTED.clear()
 
 
 def detect_format(src: Source) -> str:
