@@ -24,8 +24,9 @@ Every ``import`` and ``from ... import`` statement anywhere in a module, parsed 
   a higher layer's types) but not for the cycle rule: they never run, so a type-only back
   reference (``persist`` annotating ``WeightSpace`` while ``space`` imports ``persist``)
   cannot form an import cycle.
-- Imports by a computed name (``importlib.import_module(f"...")``: the formats registry
-  loading its built-in formats, concept packs named by entry points) are not seen.
+- Imports by a computed name (entry points: third-party formats and concept packs) are not
+  seen. The built-in formats are an explicit list (``w2wkit.formats._builtin``), so the
+  registry's imports of them are.
 """
 
 from __future__ import annotations
