@@ -44,16 +44,22 @@ _OS_HINTS = {
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
+def _one_line(message: object) -> str:
+    """``message`` as one line of plain text, without control characters."""
+    return " ".join(_CONTROL.sub("", str(message)).split())
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one error line to stderr as plain text (never markup) and exit with ``code``."""
-    line = " ".join(_CONTROL.sub("", str(message)).split())
-    err_console.print(Text.assemble(("error:", "bold red"), " ", line), soft_wrap=True)
+    err_console.print(
+        Text.assemble(("error:", "bold red"), " ", _one_line(message)), soft_wrap=True
+    )
     sys.exit(code)
 
 
 def note(message: str, style: str = "yellow") -> None:
-    """Print one ``note:`` line to stderr as plain text (never markup)."""
-    err_console.print(Text.assemble(("note:", style), " ", str(message)), soft_wrap=True)
+    """Print one ``note:`` line to stderr as plain text (never markup, no control characters)."""
+    err_console.print(Text.assemble(("note:", style), " ", _one_line(message)), soft_wrap=True)
 
 
 def debug_enabled(ctx: click.Context | None = None) -> bool:
@@ -153,12 +159,12 @@ def error_message(exc: BaseException) -> str | None:
     if isinstance(exc, W2WError):
         return str(exc)
     if isinstance(exc, OSError):
-        where = exc.filename if exc.filename is not None else None
         what = exc.strerror or str(exc) or type(exc).__name__
         hint = _OS_HINTS.get(exc.errno or -1)
+        where = exc.filename
+        if where is not None and exc.filename2 is not None:
+            where = f"{where} -> {exc.filename2}"
         text = f"{where}: {what}" if where is not None else what
-        if exc.filename2 is not None:
-            text = f"{where} -> {exc.filename2}: {what}"
         return f"{text} ({hint})" if hint and hint != what.lower() else text
     if isinstance(exc, json.JSONDecodeError):
         return f"not valid JSON: {exc}"

@@ -154,3 +154,11 @@ def test_out_of_memory_names_the_file(monkeypatch, lora):
     monkeypatch.setattr(registry, "detect_format", exhausted)
     text = _one_line(_invoke(["inspect", lora]))
     assert "m.safetensors" in text and "out of memory" in text
+
+
+def test_notes_carry_no_control_characters(capsys):
+    from w2wkit.cli.common import note
+
+    note("label table\x1b[2J at evil\x07path skipped")
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "evilpath" in err
