@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -99,12 +100,12 @@ def load_tensors(
 
     check_regular_file(path, what=what)
     allowed = list(allowed)
+    # only zip checkpoints can be memory-mapped; legacy pickles are read whole
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for bad or unsafe pickles
-        if mmap:  # legacy (non-zip) pickles cannot be memory-mapped
-            return load_tensors(path, mmap=False, allowed=allowed, what=what)
         reason = " ".join(_ANSI.sub("", str(exc)).split())
         named = unsafe_globals(path) or sorted(set(re.findall(r"GLOBAL ([\w.]+)", reason)))
         if named:
