@@ -166,7 +166,7 @@ def info_cmd(space_path: Path, plot: Path | None, no_verify: bool) -> None:
     ax.set_ylabel("explained variance ratio")
     ax.legend()
     fig.tight_layout()
-    from w2wkit.stio import atomic_path
+    from w2wkit.atomic import atomic_path
 
     with atomic_path(target, overwrite=True, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -302,10 +302,9 @@ def import_w2w_cmd(
     Example:
       w2wkit import-w2w weights2weights/weights_datasets -o w2w-space --allow-pickle
     """
-    from w2wkit.atomic import recover
+    from w2wkit.atomic import atomic_path, recover
     from w2wkit.importers.w2w import import_w2w
     from w2wkit.space import WeightSpace
-    from w2wkit.stio import atomic_path
 
     recover(out)  # a save killed mid-swap: its old folder is back before the check
     if out.exists() and not force:

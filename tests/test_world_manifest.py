@@ -74,3 +74,22 @@ def test_a_damaged_manifest_is_one_line(world, text, expect):
         verify_world(world)
     line = _verify_cli(world)
     assert "manifest.json" in line and expect in line
+
+
+@pytest.mark.parametrize("model", [5000, -1])
+def test_export_refuses_a_model_outside_the_zoo(tmp_path, model):
+    from w2wkit.world.shipped import load_world
+
+    with pytest.raises(W2WError, match=r"model .* is outside 0\.\."):
+        load_world(verify=False).export_loras(tmp_path / "out", "dog", models=[0, model])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_zoo_adapter_owns_its_arrays():
+    from w2wkit.world.shipped import load_world
+
+    w = load_world(verify=False)
+    a = w.adapter("dog", 1)
+    layer = next(iter(a.layers.values()))
+    layer.down[...] = 7.0
+    assert not (next(iter(w.adapter("dog", 1).layers.values())).down == 7.0).all()

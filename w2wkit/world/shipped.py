@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -96,12 +97,10 @@ def write_manifest(folder: str | os.PathLike[str], extra: dict[str, Any] | None 
     from w2wkit.stio import atomic_path
 
     folder = Path(folder)
-    files = {}
-    for f in sorted(folder.rglob("*")):
-        parts = f.relative_to(folder).parts
-        if f.is_file() and f.name != MANIFEST and not any(x.startswith(".") for x in parts):
-            rel = f.relative_to(folder).as_posix()
-            files[rel] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
+    files = {
+        rel: {"sha256": file_sha256(folder / rel), "bytes": (folder / rel).stat().st_size}
+        for rel in _world_files(folder)
+    }
     old = read_manifest(folder) if (folder / MANIFEST).exists() else {}
     data = {
         **{k: v for k, v in old.items() if k != "files"},
@@ -176,7 +175,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
         if not isinstance(info, dict):
             raise W2WError(f"must be an object, got {info!r}"[:100], path=path, key=key)
         sha = info.get("sha256")
-        if not isinstance(sha, str) or len(sha) != 64:
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise W2WError(
                 f"is not a SHA-256 digest: {sha!r}"[:100], path=path, key=f"{key}.sha256"
             )
@@ -419,8 +418,8 @@ class World:
         # widen this model's rows only (the stacks hold every model, in float16)
         layers = {
             f"unet.{t}": LoraLayer(
-                down=np.asarray(self._tensors[f"{concept}.down.{t}"][i], np.float32),
-                up=np.asarray(self._tensors[f"{concept}.up.{t}"][i], np.float32),
+                down=np.array(self._tensors[f"{concept}.down.{t}"][i], np.float32),
+                up=np.array(self._tensors[f"{concept}.up.{t}"][i], np.float32),
                 alpha=alpha,
             )
             for t in self.targets
@@ -459,6 +458,11 @@ class World:
         names = self.names(concept)
         out = Path(out)
         idx = list(range(len(names)) if models is None else dict.fromkeys(models))
+        for i in idx:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(names):
+                raise W2WError(
+                    f"model {i!r} is outside 0..{len(names) - 1}", key="models", param="models"
+                )
         files = [f"{names[i]}.safetensors" for i in idx]
         lab = self.labels_path(concept)
         extra = ["labels.csv"] if lab.exists() else []
