@@ -123,8 +123,7 @@ def test_row_caches_of_killed_fits_are_removed(tmp_path):
 
 
 def _dead_pid() -> int:
-    import subprocess
+    """A pid no process can have (above the kernel's limit), so it is never reused."""
+    from pathlib import Path
 
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
+    return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1

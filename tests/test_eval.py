@@ -479,9 +479,12 @@ def test_eval_stopped_early_publishes_its_finished_sections(
 
 
 def test_demo_mask_needs_image_in_the_callers_terms(micro: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
     from w2wkit.cli.main import cli
     from w2wkit.demo import run_demo
 
+    Image.new("L", (8, 8), 255).save(tmp_path / "m.png")  # a real mask: only the image lacks
     with pytest.raises(W2WError, match="`mask` needs `image`"):
         run_demo(tmp_path / "d", world=micro, mask=tmp_path / "m.png", log=None, progress=False)
     r = CliRunner().invoke(

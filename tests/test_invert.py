@@ -361,7 +361,7 @@ def test_cli_writes_one_lora_per_image(files, tmp_path, fmt):
         assert json.loads(ad.metadata["w2wkit.inversion"])["seed"] == 5 + i
     # an existing output needs --force; then it is replaced
     res = CliRunner().invoke(cli, args)
-    assert res.exit_code == 1 and "--force" in res.output
+    assert res.exit_code == 1 and "output exists (pass --force to replace it)" in res.output
     assert _run([*args, "--force", "--ood"]).exit_code == 0
 
 
