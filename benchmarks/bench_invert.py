@@ -14,7 +14,7 @@ Cases:
 
 * ``tiny`` - ``w2wkit.testing.tiny_pipeline`` (16x16 images).
 * ``miniature`` - the miniature world's base-model architecture
-  (``w2wkit.world.build.BaseSettings()``: 32x32 images, UNet (64, 128), 16
+  (``w2wkit.world.base_model.BaseSettings()``: 32x32 images, UNet (64, 128), 16
   ``to_q``/``to_v`` targets) with random weights.
 * ``--sd15`` - full Stable Diffusion 1.5 sizes with random weights (the
   pipeline of ``bench_render.py``: diffusers' default SD1.5 UNet config) and a
@@ -56,13 +56,13 @@ def miniature_pipeline(device: str, dtype: Any) -> Any:
     """The miniature world's base architecture with random weights."""
     import torch
 
-    from w2wkit.world import build
+    from w2wkit.world import base_model
 
-    s = build.BaseSettings()
+    s = base_model.BaseSettings()
     torch.manual_seed(0)
-    tok = build.make_tokenizer(s, tempfile.mkdtemp(prefix="w2w-mini-tok-"))
-    pipe = build.make_pipeline(
-        build.make_vae(s), build.make_text_encoder(s, tok), tok, build.make_unet(s)
+    tok = base_model.make_tokenizer(s, tempfile.mkdtemp(prefix="w2w-mini-tok-"))
+    pipe = base_model.make_pipeline(
+        base_model.make_vae(s), base_model.make_text_encoder(s, tok), tok, base_model.make_unet(s)
     )
     return pipe.to(device, dtype)
 

@@ -28,7 +28,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from w2wkit.world import build as B
+    from w2wkit.world import base_model as B
     from w2wkit.world.lora import LoraSettings, LoraTrainer
     from w2wkit.world.zoo import ZooSettings, ZooTrainer, render_job, zoo_jobs
 

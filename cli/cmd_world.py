@@ -73,7 +73,7 @@ def build_cmd(
     Writes OUT/base, OUT/zoo, OUT/heldout, OUT/evaluators, OUT/metrics.json,
     OUT/build_log.json and the packed world OUT/shipped.
     """
-    from w2wkit.world.worldbuild import build_world
+    from w2wkit.world.builder import build_world
 
     log = build_world(
         out,
@@ -147,7 +147,7 @@ def zoo_cmd(
     (resume). Writes OUT/<instance>.safetensors, OUT/labels.csv, OUT/manifest.json.
     """
     from w2wkit.concepts import get_pack
-    from w2wkit.world.renders import render_instances
+    from w2wkit.world.pictures import render_instances
     from w2wkit.world.zoo import ZooSettings, train_zoo, write_labels, write_zoo_manifest, zoo_jobs
 
     pack = get_pack(concept)  # unknown concept: one line listing the known ones
@@ -453,7 +453,7 @@ def retrain_embedder_cmd(
       w2wkit world retrain-embedder --world ./my-world --threads 2
       w2wkit world retrain-embedder --concept dog --threads 2
     """
-    from w2wkit.world.worldbuild import retrain_embedder
+    from w2wkit.world.builder import retrain_embedder
 
     entry = retrain_embedder(
         world_path,
@@ -559,7 +559,7 @@ def retrain_zoo_cmd(
       w2wkit world retrain-zoo --world ./my-world --concept dog --device cuda
       w2wkit world retrain-zoo --concept dog --continue --steps 1200 --workers 2
     """
-    from w2wkit.world.zoo_revision import retrain_zoo
+    from w2wkit.world.retrain import retrain_zoo
 
     entry = retrain_zoo(
         world_path,

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 from w2wkit.concepts import AttributeSpec, Instance, SimplePack, get_pack, register_pack
-from w2wkit.world._draw import Nuisance, Sketch, caption_of, compose
+from w2wkit.concepts.drawing import Nuisance, Sketch, caption_of, compose
 
 ATTRS = (
     AttributeSpec("tall", "tall", "two storeys", 0.5, adjective=True),

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> dict:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from w2wkit.world.build import (
+    from w2wkit.world.base_model import (
         BaseSettings,
         encode_latents,
         render_dataset,

@@ -61,7 +61,7 @@ REUSE=()
 [ -n "$EVALUATORS_FROM" ] && REUSE=(--evaluators-from "$EVALUATORS_FROM")
 LEFT=$(( WALL - ( $(date +%s) - T0 ) - 15 ))
 [ "$LEFT" -lt 5 ] && LEFT=5
-timeout --signal=TERM --kill-after=5 "$LEFT" "$PY" -m w2wkit.world.worldbuild \
+timeout --signal=TERM --kill-after=5 "$LEFT" "$PY" -m w2wkit.world.builder \
   --out "$WORK" --profile "$PROFILE" --device "$DEVICE" --seed "$SEED" --budget "$BUDGET" \
   "${REUSE[@]}" 2>&1 | tee "$OUT/build_stdout.txt" | grep -v -e "Processor" -e "^$"
 RC=${PIPESTATUS[0]}

@@ -7,7 +7,7 @@
 #
 # Run from the repository root; the repo is imported through PYTHONPATH (carried .whl/
 # wheels are unpacked when diffusers is missing, as in build_world_gpu.sh). The shipped
-# world is copied to $WORK, its zoo of CONCEPT retrained (w2wkit.world.zoo_revision,
+# world is copied to $WORK, its zoo of CONCEPT retrained (w2wkit.world.retrain,
 # the CLI's `world retrain-zoo`), both concepts measured (`world measure` settings, the
 # measurement recorded in the build log) and the changed files split into $OUT:
 # world-files.tar.part-aa, ... (loras.safetensors, build_log.json, manifest.json);
@@ -36,7 +36,7 @@ export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 rm -rf "$WORK" && cp -r w2wkit/data/world "$WORK"
 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/retrain_stdout.txt" | grep -v -e "^Loading" -e "^$"
 import json, os, sys
-from w2wkit.world.zoo_revision import retrain_zoo
+from w2wkit.world.retrain import retrain_zoo
 from w2wkit.world.measure import FidelitySettings, measure_world, record_measurement
 w, c, dev = os.environ["WORK"], os.environ["CONCEPT"], os.environ["DEVICE"]
 entry = retrain_zoo(w, c, steps=int(os.environ["STEPS"]), device=dev, progress=True)

@@ -67,7 +67,7 @@ def main() -> None:
     import torch
 
     from w2wkit.world.measure import _specs_from_names
-    from w2wkit.world.renders import render_instances
+    from w2wkit.world.pictures import render_instances
     from w2wkit.world.shipped import load_world
     from w2wkit.world.zoo import ZooJob, ZooSettings, ZooTrainer, _model_seed, render_job
 

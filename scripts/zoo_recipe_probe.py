@@ -29,7 +29,7 @@ def main(argv: list[str]) -> dict:
     """Train, generate, measure; returns the result record."""
     import torch
 
-    from w2wkit.world.renders import render_instances
+    from w2wkit.world.pictures import render_instances
     from w2wkit.world.shipped import load_world
     from w2wkit.world.zoo import (
         ZooSettings,

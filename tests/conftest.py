@@ -121,7 +121,7 @@ def tiny_pipe_dir(tiny_pipe: Any, tmp_path_factory: pytest.TempPathFactory) -> P
 def micro_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A micro world base pipeline folder (1 UNet and 1 VAE step). Read only."""
     pytest.importorskip("torch")
-    from w2wkit.world import build as B
+    from w2wkit.world import base_model as B
 
     out = tmp_path_factory.mktemp("world") / "base"
     B.build_base(out, B.BaseSettings.micro(unet_steps=1, vae_steps=1))
@@ -139,7 +139,7 @@ def micro_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from w2wkit.world.worldbuild import build_world
+    from w2wkit.world.builder import build_world
 
     out = tmp_path_factory.mktemp("worldbuild")
     build_world(out, "micro", device="cpu", workers=1)

@@ -229,7 +229,7 @@ def _render_device(tmp, space, mp) -> Case:
 
 
 def _work_folder(tmp, space, mp) -> Case:
-    from w2wkit.world.zoo_revision import retrain_zoo
+    from w2wkit.world.retrain import retrain_zoo
 
     (tmp / "work").mkdir()
     (tmp / "work" / "recipe.json").write_text('{"another": "recipe"}')
@@ -323,7 +323,7 @@ def test_the_library_names_parameters_and_the_cli_its_flags(name, tmp_path, spac
 
 def test_a_world_command_is_worded_in_its_own_flags(monkeypatch, tmp_path):
     """``world build`` has no ``--force`` (``world export-loras`` has): the reference stays."""
-    import w2wkit.world.worldbuild as wb
+    import w2wkit.world.builder as wb
 
     def refuse(*_a, **_k):
         raise W2WError(OUTPUT_EXISTS, path=tmp_path)

@@ -46,7 +46,7 @@ def test_id_score_and_rmse_match_independent_formulas() -> None:
 
 
 def test_stylise_styles() -> None:
-    from w2wkit.world.identity import IdentityGenerator
+    from w2wkit.concepts.identity.generator import IdentityGenerator
 
     gen = IdentityGenerator()
     img = gen.render(gen.instance(0), 2, seed=1)
@@ -64,7 +64,7 @@ def test_stylise_styles() -> None:
 
 
 def test_pixel_evaluators_read_attributes_and_identity(tmp_path: Path) -> None:
-    from w2wkit.world.identity import IdentityGenerator
+    from w2wkit.concepts.identity.generator import IdentityGenerator
 
     gen = IdentityGenerator()
     ev = E.PixelEvaluators.fit(gen, n_attr=300, n_ids=40, per_id=4, seed=321)
@@ -93,7 +93,7 @@ def test_pixel_evaluators_read_attributes_and_identity(tmp_path: Path) -> None:
 
 
 def test_edit_oracle_draws_the_identity_again_with_the_attribute() -> None:
-    from w2wkit.world.identity import IdentityGenerator
+    from w2wkit.concepts.identity.generator import IdentityGenerator
 
     gen = IdentityGenerator()
     insts = gen.instances(30, seed=2)
@@ -408,7 +408,7 @@ def test_device_training_path_equals_zoo_trainer(micro: Path) -> None:
 
 def test_world_records_its_training_prompt(micro: Path, tmp_path: Path) -> None:
     from w2wkit.formats.registry import read_adapter
-    from w2wkit.world.worldbuild import IDENTITY_PROMPT
+    from w2wkit.world.builder import IDENTITY_PROMPT
 
     assert IDENTITY_PROMPT == "a photo of sks person"
     meta = json.loads((micro / "world.json").read_text())

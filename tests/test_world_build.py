@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from w2wkit.errors import W2WError  # noqa: E402
-from w2wkit.world import build as B  # noqa: E402
+from w2wkit.world import base_model as B  # noqa: E402
 
 MICRO = B.BaseSettings.micro()
 

@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from w2wkit.concepts.identity.generator import IdentityGenerator  # noqa: E402
 from w2wkit.errors import W2WError  # noqa: E402
 from w2wkit.world.evaluators import (  # noqa: E402
     EvalSettings,
@@ -19,8 +20,7 @@ from w2wkit.world.evaluators import (  # noqa: E402
     train_attribute_classifier,
     train_embedder,
 )
-from w2wkit.world.identity import IdentityGenerator  # noqa: E402
-from w2wkit.world.renders import render_instances  # noqa: E402
+from w2wkit.world.pictures import render_instances  # noqa: E402
 
 
 @pytest.fixture(scope="module")

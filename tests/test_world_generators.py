@@ -9,9 +9,9 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from w2wkit.concepts.base import Instance
+from w2wkit.concepts.dog.generator import DogGenerator
+from w2wkit.concepts.identity.generator import IdentityGenerator
 from w2wkit.errors import W2WError
-from w2wkit.world.dogs import DogGenerator
-from w2wkit.world.identity import IdentityGenerator
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_captions_name_the_attributes(idgen: IdentityGenerator, doggen: DogGener
 def test_vary_toggles_transient_attributes_and_keeps_the_nuisance(
     idgen: IdentityGenerator,
 ) -> None:
-    from w2wkit.world.identity import TRANSIENT_ATTRIBUTES, plausible
+    from w2wkit.concepts.identity.generator import TRANSIENT_ATTRIBUTES, plausible
 
     man = next(i for i in idgen.instances(40) if i.attributes["male"] and not i.attributes["beard"])
     woman = next(i for i in idgen.instances(40) if not i.attributes["male"])
@@ -235,7 +235,7 @@ def test_vary_toggles_transient_attributes_and_keeps_the_nuisance(
 
 
 def test_edited_identity_follows_the_population_ties(idgen: IdentityGenerator) -> None:
-    from w2wkit.world.identity import _GREY
+    from w2wkit.concepts.identity.generator import _GREY
 
     young = next(i for i in idgen.instances(40) if not i.attributes["old"])
     older = idgen.edited(young, "old")

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 
+from w2wkit.concepts.identity.generator import IdentityGenerator  # noqa: E402
 from w2wkit.formats.registry import read_adapter  # noqa: E402
-from w2wkit.world.identity import IdentityGenerator  # noqa: E402
 from w2wkit.world.lora import LoraSettings, LoraTrainer, instance_jobs  # noqa: E402
 
 

@@ -19,8 +19,8 @@ from click.testing import CliRunner  # noqa: E402
 from w2wkit.cli.main import cli  # noqa: E402
 from w2wkit.errors import W2WError  # noqa: E402
 from w2wkit.formats.registry import read_adapter  # noqa: E402
+from w2wkit.world.builder import build_world  # noqa: E402
 from w2wkit.world.shipped import load_world, verify_world  # noqa: E402
-from w2wkit.world.worldbuild import build_world  # noqa: E402
 
 
 @pytest.fixture
@@ -168,7 +168,7 @@ def test_unknown_concept_for_zoo_command(tmp_path: Path) -> None:
 def test_gpu_profile_only_widens_the_base_batch() -> None:
     from dataclasses import replace
 
-    from w2wkit.world.worldbuild import GPU_BASE_BATCH, GPU_BASE_STEPS, PROFILES, profile
+    from w2wkit.world.builder import GPU_BASE_BATCH, GPU_BASE_STEPS, PROFILES, profile
 
     assert PROFILES == ("full", "full-gpu", "full-cpu", "micro")
     full, gpu = profile("full", seed=3, device="cuda"), profile("full-gpu", seed=3, device="cuda")
@@ -183,7 +183,7 @@ def test_gpu_profile_only_widens_the_base_batch() -> None:
 
 
 def test_reused_evaluators_give_their_time_share_to_the_other_phases() -> None:
-    from w2wkit.world.worldbuild import PHASE_SHARES, _Clock
+    from w2wkit.world.builder import PHASE_SHARES, _Clock
 
     plain, free = _Clock(1000.0), _Clock(1000.0, free=("evaluators",))
     # the UNet's share of the time left at the VAE phase grows by the evaluators' share
@@ -200,7 +200,7 @@ def test_reused_evaluators_give_their_time_share_to_the_other_phases() -> None:
 def test_cpu_profile_only_changes_the_base_threads_and_steps() -> None:
     from dataclasses import replace
 
-    from w2wkit.world.worldbuild import CPU_BASE_STEPS, CPU_BASE_THREADS, profile
+    from w2wkit.world.builder import CPU_BASE_STEPS, CPU_BASE_THREADS, profile
 
     full, cpu = profile("full", seed=2), profile("full-cpu", seed=2)
     assert cpu.base.threads == CPU_BASE_THREADS == 2 and cpu.base.unet_steps == CPU_BASE_STEPS
@@ -250,7 +250,7 @@ def test_build_can_reuse_the_evaluators_of_another_world(work: Path, tmp_path: P
 
 
 def test_reusing_evaluators_refuses_bad_sources(work: Path, tmp_path: Path) -> None:
-    from w2wkit.world.worldbuild import _reuse_evaluators
+    from w2wkit.world.builder import _reuse_evaluators
 
     with pytest.raises(W2WError, match="no evaluators to reuse") as info:
         _reuse_evaluators(tmp_path / "ev", tmp_path)
@@ -275,8 +275,8 @@ def test_reusing_evaluators_refuses_bad_sources(work: Path, tmp_path: Path) -> N
 
 
 def test_measure_repeats_the_builds_fidelity_test(work: Path, tmp_path: Path) -> None:
+    from w2wkit.world.builder import fidelity_settings, profile
     from w2wkit.world.measure import FidelitySettings, measure_world
-    from w2wkit.world.worldbuild import fidelity_settings, profile
 
     built = load_world(work / "shipped").build_log["phases"]["metrics"]["result"]["identity"]
     s = fidelity_settings(profile("micro"))
@@ -329,15 +329,15 @@ def test_measure_repeats_the_builds_fidelity_test(work: Path, tmp_path: Path) ->
 
 
 def test_measure_defaults_are_the_full_profiles() -> None:
+    from w2wkit.world.builder import fidelity_settings, profile
     from w2wkit.world.measure import FidelitySettings
-    from w2wkit.world.worldbuild import fidelity_settings, profile
 
     assert FidelitySettings() == fidelity_settings(profile("full"))
     assert FidelitySettings() == fidelity_settings(profile("full-gpu"))
 
 
 def test_retrain_embedder_replaces_only_the_identity_embedder(work: Path, tmp_path: Path) -> None:
-    from w2wkit.world.worldbuild import _profile_from_log, retrain_embedder
+    from w2wkit.world.builder import _profile_from_log, retrain_embedder
 
     root = tmp_path / "w"
     shutil.copytree(work / "shipped", root)
@@ -456,7 +456,7 @@ def _stack(root: Path) -> dict[str, np.ndarray]:
 
 
 def test_retrain_zoo_replaces_only_that_concept(work: Path, tmp_path: Path) -> None:
-    from w2wkit.world.zoo_revision import retrain_zoo
+    from w2wkit.world.retrain import retrain_zoo
 
     root = tmp_path / "w"
     shutil.copytree(work / "shipped", root)
@@ -523,7 +523,7 @@ def test_retrain_zoo_replaces_only_that_concept(work: Path, tmp_path: Path) -> N
 
 
 def test_retrain_zoo_continues_the_current_models(work: Path, tmp_path: Path) -> None:
-    from w2wkit.world.zoo_revision import recipe_rounds, retrain_zoo, total_steps
+    from w2wkit.world.retrain import recipe_rounds, retrain_zoo, total_steps
 
     root = tmp_path / "w"
     shutil.copytree(work / "shipped", root)
@@ -564,7 +564,7 @@ def test_retrain_zoo_continues_the_current_models(work: Path, tmp_path: Path) ->
 
 
 def test_retrain_zoo_refuses_bad_input(work: Path, tmp_path: Path) -> None:
-    from w2wkit.world.zoo_revision import retrain_zoo
+    from w2wkit.world.retrain import retrain_zoo
 
     root = tmp_path / "w"
     shutil.copytree(work / "shipped", root)
@@ -658,7 +658,7 @@ def test_retrain_zoo_failing_while_writing_leaves_the_world_as_it_was(
     work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import w2wkit.stio
-    from w2wkit.world.zoo_revision import retrain_zoo
+    from w2wkit.world.retrain import retrain_zoo
 
     root = tmp_path / "w"
     shutil.copytree(work / "shipped", root)

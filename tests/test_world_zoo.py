@@ -91,7 +91,7 @@ def test_train_zoo_files_labels_manifest_resume_diffusers(base: Path, tmp_path: 
     with open(out / "labels.csv") as fh:
         rows = list(csv.reader(fh))
     assert rows[0][0] == "name" and "beard" in rows[0] and len(rows) == 4
-    from w2wkit.world.identity import IdentityGenerator
+    from w2wkit.concepts.identity.generator import IdentityGenerator
 
     inst = IdentityGenerator().instance(1, 0)
     assert rows[2][rows[0].index("glasses")] == str(int(inst.attributes["glasses"]))
@@ -228,7 +228,7 @@ def test_running_chunks_report_their_steps(base: Path, tmp_path: Path) -> None:
 
 
 def test_sample_space_stays_in_the_zoo_span() -> None:
-    from w2wkit.world.worldbuild import _flatten, sample_space
+    from w2wkit.world.builder import _flatten, sample_space
 
     rng = np.random.default_rng(0)
     stacks = {

@@ -546,7 +546,7 @@ def build_micro_world(
     import torch
 
     from w2wkit.concepts import get_pack
-    from w2wkit.world import build as B
+    from w2wkit.world import base_model as B
     from w2wkit.world.lora import LoraSettings, LoraTrainer, instance_jobs
 
     out = Path(folder)
@@ -574,7 +574,7 @@ def build_micro_world(
     insts = gen.instances(n_models, seed=seed)
     if progress:
         progress(f"training {n_models} zoo LoRAs")
-    from w2wkit.world.worldbuild import IDENTITY_PROMPT
+    from w2wkit.world.builder import IDENTITY_PROMPT
 
     trainer.train_many(instance_jobs(gen, insts, n_images, seed=seed), out / "zoo", IDENTITY_PROMPT)
     sizes = {"tiny": (200, 40, 4), "small": (1200, 150, 6)}[evaluator_size]

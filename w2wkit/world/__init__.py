@@ -1,26 +1,19 @@
-"""The miniature world: procedural concepts, a tiny diffusion model, its LoRA zoo.
+"""The miniature world: a tiny diffusion model, its LoRA zoo and evaluators.
 
-The generators (:mod:`w2wkit.world.identity`, :mod:`w2wkit.world.dogs`) need
-only numpy and Pillow. :mod:`w2wkit.world.build` (the base pipeline and its
-training) and :mod:`w2wkit.world.lora` (per-instance LoRA training) import
-torch, diffusers and peft, and are loaded only when used.
+The procedural pictures come from the concept packs' generators
+(:func:`w2wkit.concepts.get_pack` ``(name).generator()``); this package never
+names a concept. Modules, by what they hold:
+
+- :mod:`~w2wkit.world.base_model`: the miniature base pipeline and its training;
+- :mod:`~w2wkit.world.pictures`: procedural pictures of many instances, in worker processes;
+- :mod:`~w2wkit.world.tokenizer`: the world's small word-level tokenizer;
+- :mod:`~w2wkit.world.lora`, :mod:`~w2wkit.world.zoo`: one LoRA per instance, and many at once;
+- :mod:`~w2wkit.world.evaluators`: attribute classifiers and identity embedders;
+- :mod:`~w2wkit.world.measure`: zoo fidelity;
+- :mod:`~w2wkit.world.profiles`: what a build makes, and how big;
+- :mod:`~w2wkit.world.builder`: the whole build, phase by phase;
+- :mod:`~w2wkit.world.retrain`: a built world's zoo or embedder trained again;
+- :mod:`~w2wkit.world.shipped`: the packed world, its manifest and :func:`load_world`.
+
+torch, diffusers and peft are imported inside the functions that need them.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_LAZY = {
-    "IdentityGenerator": "w2wkit.world.identity",
-    "DogGenerator": "w2wkit.world.dogs",
-    "Nuisance": "w2wkit.world._draw",
-}
-
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'w2wkit.world' has no attribute {name!r}")

@@ -5,7 +5,7 @@ exist, so an interrupted build resumes; the build log is rewritten after every
 phase):
 
 1. ``base``: render the captioned dataset (worker processes), train the VAE,
-   then UNet + text encoder (:func:`w2wkit.world.build.build_base`);
+   then UNet + text encoder (:func:`w2wkit.world.base_model.build_base`);
 2. ``zoo``: identity and dog-breed LoRAs, all trained in big batches
    (:mod:`w2wkit.world.zoo`), labels CSVs and manifests;
 3. ``heldout``: identities not in the zoo: parameters and renders;
@@ -19,7 +19,7 @@ phase):
 With a total time budget, each phase gets a share of the time left
 (``PHASE_SHARES``); training loops stop or shorten themselves to fit.
 
-Run without the CLI: ``python -m w2wkit.world.worldbuild --out DIR``.
+Run without the CLI: ``python -m w2wkit.world.builder --out DIR``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.errors import W2WError
-from w2wkit.world.build import BaseSettings, CaptionedImages
+from w2wkit.world.base_model import BaseSettings, CaptionedImages
 from w2wkit.world.evaluators import EvalSettings
 from w2wkit.world.zoo import ZooSettings
 
@@ -271,7 +271,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _gen(concept: str) -> Any:
-    from w2wkit.world.build import _generators
+    from w2wkit.world.base_model import _generators
 
     return _generators(concept)
 
@@ -281,8 +281,8 @@ def _gen(concept: str) -> Any:
 
 
 def _phase_base(out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int) -> dict:
-    from w2wkit.world.build import build_base
-    from w2wkit.world.renders import render_instances
+    from w2wkit.world.base_model import build_base
+    from w2wkit.world.pictures import render_instances
 
     folder = out / "base"
     if (folder / "world_base.json").exists():
@@ -336,7 +336,7 @@ def _zoo_jobs(prof: WorldProfile) -> dict[str, list]:
 
 
 def _phase_zoo(out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int) -> dict:
-    from w2wkit.world.renders import render_instances
+    from w2wkit.world.pictures import render_instances
     from w2wkit.world.zoo import train_zoo, write_labels, write_zoo_manifest
 
     s = replace(prof.zoo, device=device)
@@ -397,7 +397,7 @@ def _heldout_specs(prof: WorldProfile) -> list[tuple[int, int]]:
 
 def _phase_heldout(out: Path, prof: WorldProfile, workers: int) -> dict:
     from w2wkit.stio import atomic_path
-    from w2wkit.world.renders import render_instances
+    from w2wkit.world.pictures import render_instances
 
     path = out / "heldout" / "heldout.npz"
     if path.exists():
@@ -464,7 +464,7 @@ def _eval_data(
     ``xe``/``cls`` the embedder: for identities with ``eval_id_vary > 0`` its own
     renders with transient attributes varied per picture.
     """
-    from w2wkit.world.renders import render_instances
+    from w2wkit.world.pictures import render_instances
 
     seed = prof.base.seed
     gen = _gen(concept)
@@ -496,8 +496,8 @@ def _eval_data(
 
 def _transient_id(ev: Any, prof: WorldProfile, n: int = 50) -> dict[str, Any]:
     """Perfect-edit scores (:func:`w2wkit.evaluate.edit_oracle`) on held-out identities."""
+    from w2wkit.concepts.identity.generator import TRANSIENT_ATTRIBUTES, plausible
     from w2wkit.evaluate import _WorldEvaluators, edit_oracle
-    from w2wkit.world.identity import TRANSIENT_ATTRIBUTES, plausible
 
     gen, judge = _gen("identity"), _WorldEvaluators(ev, "identity")
     insts = [gen.instance(i, s) for i, s in _heldout_specs(prof)[:n]]
@@ -937,7 +937,7 @@ def retrain_embedder(
     concept : {"identity", "dog"}
     tied : bool, optional
         Identity only: toggle the transient attributes as
-        :meth:`~w2wkit.world.identity.IdentityGenerator.edited` does (ageing
+        :meth:`~w2wkit.concepts.identity.generator.IdentityGenerator.edited` does (ageing
         greys the hair). Default: this version's profile default (``True``);
         ``False`` reproduces world v1.1's embedder (flags only).
     steps, batch : int, optional
@@ -1000,7 +1000,7 @@ def _retrain_embedder(
         save_evaluators,
         train_embedder,
     )
-    from w2wkit.world.renders import default_workers
+    from w2wkit.world.pictures import default_workers
     from w2wkit.world.shipped import revision, verify_world, world_dir, write_manifest
 
     if concept not in ("identity", "dog"):
@@ -1163,7 +1163,7 @@ def build_world(
     import torch
 
     from w2wkit.render import resolve_device
-    from w2wkit.world.renders import default_workers
+    from w2wkit.world.pictures import default_workers
 
     out = Path(out)
     reuse = Path(evaluators_from) if evaluators_from is not None else None
@@ -1241,8 +1241,8 @@ def build_world(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m w2wkit.world.worldbuild`` (no CLI dependencies)."""
-    ap = argparse.ArgumentParser(prog="python -m w2wkit.world.worldbuild")
+    """``python -m w2wkit.world.builder`` (no CLI dependencies)."""
+    ap = argparse.ArgumentParser(prog="python -m w2wkit.world.builder")
     ap.add_argument("--out", required=True)
     ap.add_argument("--profile", default="full", choices=list(PROFILES))
     ap.add_argument("--device", default="auto")

@@ -118,7 +118,7 @@ def zoo_fidelity(
     generations : numpy.ndarray
         ``(n * generations, H, W, 3)`` uint8, model-major.
     """
-    from w2wkit.world.renders import render_instances
+    from w2wkit.world.pictures import render_instances
     from w2wkit.world.zoo import sample_images
 
     settings.check()
@@ -185,7 +185,7 @@ def instance_spec(name: str) -> tuple[int, int]:
 
 def _specs_from_names(concept: str, names: list[str]) -> list[tuple[int, int]]:
     """:func:`instance_spec` of every name, checked against the generator."""
-    from w2wkit.world.build import _generators
+    from w2wkit.world.base_model import _generators
 
     gen = _generators(concept)
     specs = []

@@ -22,7 +22,7 @@ def default_workers() -> int:
 
 def _render_part(args: tuple) -> np.ndarray:
     concept, specs, n_images, seed, size, vary, vary_tied = args
-    from w2wkit.world.build import _generators
+    from w2wkit.world.base_model import _generators
 
     gen = _generators(concept)
     kw = {"vary": vary, "vary_tied": vary_tied} if vary else {}

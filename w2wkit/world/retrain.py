@@ -171,6 +171,7 @@ def _retrain_zoo(
 
     from w2wkit.render import resolve_device
     from w2wkit.stio import read_safetensors, write_json, write_safetensors
+    from w2wkit.world.builder import _load_stacks, _profile_from_log, _zoo_jobs
     from w2wkit.world.shipped import (
         LORAS,
         STACK_KEY,
@@ -180,7 +181,6 @@ def _retrain_zoo(
         world_dir,
     )
     from w2wkit.world.shipped import write_manifest as write_world_manifest
-    from w2wkit.world.worldbuild import _load_stacks, _profile_from_log, _zoo_jobs
     from w2wkit.world.zoo import train_zoo, write_start
 
     if concept not in ("identity", "dog"):

@@ -562,7 +562,7 @@ def pack_world(
 
     from w2wkit.atomic import atomic_path
     from w2wkit.stio import write_safetensors
-    from w2wkit.world.worldbuild import DOG_PROMPT, IDENTITY_PROMPT, _load_stacks, _zoo_jobs
+    from w2wkit.world.builder import DOG_PROMPT, IDENTITY_PROMPT, _load_stacks, _zoo_jobs
 
     work, dest = Path(work), Path(dest)
     with atomic_path(dest, overwrite=True) as tmp:
@@ -571,7 +571,7 @@ def pack_world(
         pipe.to(torch.float16)
         pipe.save_pretrained(str(tmp / "pipeline"), safe_serialization=True)
         # stacked LoRAs
-        from w2wkit.world.worldbuild import profile as _profile
+        from w2wkit.world.builder import profile as _profile
 
         prof_json = (log or {}).get("profile") or {}
         prof = _profile(

@@ -115,7 +115,7 @@ def zoo_jobs(concept: str, n: int, inst_seed: int = 0, start: int = 0, first: in
 
     ``first`` is the zoo number of the first job (noise seeds follow it).
     """
-    from w2wkit.world.build import _generators
+    from w2wkit.world.base_model import _generators
 
     gen = _generators(concept)
     out = []
@@ -127,7 +127,7 @@ def zoo_jobs(concept: str, n: int, inst_seed: int = 0, start: int = 0, first: in
 
 def render_job(job: ZooJob, n_images: int, seed: int = 0, size: int = 32) -> np.ndarray:
     """Training renders of a job's instance, shape ``(n_images, size, size, 3)`` uint8."""
-    from w2wkit.world.build import _generators
+    from w2wkit.world.base_model import _generators
 
     gen = _generators(job.concept)
     return gen.render(gen.instance(job.index, job.inst_seed), n_images, seed=seed, size=size)
@@ -741,7 +741,7 @@ def _run_chunks(
 
 def _worker(args: tuple) -> list[dict[str, Any]]:
     base, settings, chunks, out_dir, prompt, deadline, start, draw_round, note = args
-    from w2wkit.world.worldbuild import _quiet
+    from w2wkit.world.builder import _quiet
 
     _quiet()
     last = [0.0]
@@ -1013,7 +1013,7 @@ class _Bar:
 def write_labels(jobs: Sequence[ZooJob], path: str | os.PathLike[str]) -> Path:
     """Labels CSV of the jobs' ground-truth binary attributes (``name`` column first)."""
     from w2wkit.stio import atomic_path
-    from w2wkit.world.build import _generators
+    from w2wkit.world.base_model import _generators
 
     rows, header = [], None
     for j in jobs:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from w2wkit.concepts.base import SimplePack
-from w2wkit.world.dogs import DOG_ATTRIBUTES, DogGenerator
+from w2wkit.concepts.dog.generator import DOG_ATTRIBUTES, DogGenerator
 
 __all__ = ["PACK"]
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from w2wkit.concepts.base import AttributeSpec, Instance
+from w2wkit.concepts.drawing import Nuisance, Sketch, caption_of, compose, mix, palette_color, shade
 from w2wkit.errors import W2WError
-from w2wkit.world._draw import Nuisance, Sketch, caption_of, compose, mix, palette_color, shade
 
 __all__ = ["DOG_ATTRIBUTES", "DOG_PARAMS", "DogGenerator"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from w2wkit.concepts.base import SimplePack
-from w2wkit.world.identity import IDENTITY_ATTRIBUTES, IdentityGenerator, face_box
+from w2wkit.concepts.identity.generator import IDENTITY_ATTRIBUTES, IdentityGenerator, face_box
 
 __all__ = ["PACK", "face_mask"]
 

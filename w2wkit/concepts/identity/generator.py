@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from w2wkit.concepts.base import AttributeSpec, Instance
-from w2wkit.world._draw import (
+from w2wkit.concepts.drawing import (
     Nuisance,
     Sketch,
     caption_of,
