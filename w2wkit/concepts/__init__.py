@@ -43,6 +43,7 @@ __all__ = [
     "Instance",
     "ProceduralGenerator",
     "SimplePack",
+    "full_prompt",
     "get_pack",
     "list_packs",
     "register_pack",
@@ -160,3 +161,22 @@ def get_pack(name: str | ConceptPack) -> ConceptPack:
         f"unknown concept '{name}'",
         hint=f"known concepts: {', '.join(list_packs())}",
     )
+
+
+def full_prompt(pack: str | ConceptPack) -> str:
+    """The instance prompt said in the pack's sentence: ``"a photo of sks person"``.
+
+    The miniature world's zoo LoRAs are trained with it (its base model's
+    captions all start with "a photo of"), and the evaluation prompts with it.
+
+    Parameters
+    ----------
+    pack : str or ConceptPack
+        A pack or its registry name. A pack without ``prompt_template`` (an
+        older third-party one) gets ``"a photo of {}"``.
+
+    >>> full_prompt("dog")
+    'a photo of sks dog'
+    """
+    p = get_pack(pack)
+    return str(getattr(p, "prompt_template", "a photo of {}")).format(p.instance_prompt)

@@ -194,6 +194,15 @@ class ConceptPack(Protocol):
         Default number of principal components for inversion.
     description : str
         One line for listings.
+    prompt_template : str
+        The sentence the instance prompt is said in (``"a photo of {}"``):
+        :func:`w2wkit.concepts.full_prompt` fills it in. The miniature world
+        trains its zoo with the full prompt, and the evaluation prompts with it.
+    transient_attributes : tuple of str
+        Attributes one instance shows in some pictures and not in others
+        (identity: beard, glasses, lipstick, age); an embedder of the concept
+        should see the same instance through them. Empty when there are none
+        (dog breeds).
     """
 
     name: str
@@ -203,11 +212,20 @@ class ConceptPack(Protocol):
     n_components: int
     n_components_inversion: int
     description: str
+    prompt_template: str
+    transient_attributes: tuple[str, ...]
 
     def mask(self, images: np.ndarray) -> np.ndarray | None:
         """Region that matters, shape ``(n, H, W)`` float in [0, 1], or None.
 
         ``images`` has shape ``(n, H, W, 3)``.
+        """
+        ...
+
+    def plausible(self, attributes: Mapping[str, bool], name: str) -> bool:
+        """Whether attribute ``name`` may be toggled on an instance with ``attributes``.
+
+        False where the population never shows the result (no beards on women).
         """
         ...
 
@@ -231,6 +249,11 @@ class SimplePack:
         Zero-argument factory returning the procedural generator.
     mask_maker : callable, optional
         ``images (n, H, W, 3) -> mask (n, H, W)``.
+    prompt_template, transient_attributes
+        See :class:`ConceptPack` (defaults: ``"a photo of {}"``, none).
+    plausibility : callable, optional
+        ``(attributes, name) -> bool``, see :meth:`ConceptPack.plausible`
+        (default: every toggle is plausible).
     """
 
     name: str
@@ -242,10 +265,17 @@ class SimplePack:
     description: str = ""
     make_generator: Callable[[], ProceduralGenerator] | None = None
     mask_maker: MaskMaker | None = None
+    prompt_template: str = "a photo of {}"
+    transient_attributes: tuple[str, ...] = ()
+    plausibility: Callable[[Mapping[str, bool], str], bool] | None = None
 
     def mask(self, images: np.ndarray) -> np.ndarray | None:
         """See :meth:`ConceptPack.mask`."""
         return None if self.mask_maker is None else self.mask_maker(images)
+
+    def plausible(self, attributes: Mapping[str, bool], name: str) -> bool:
+        """See :meth:`ConceptPack.plausible`."""
+        return True if self.plausibility is None else bool(self.plausibility(attributes, name))
 
     def generator(self) -> ProceduralGenerator | None:
         """See :meth:`ConceptPack.generator`."""

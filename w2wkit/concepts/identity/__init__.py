@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from w2wkit.concepts.base import SimplePack
-from w2wkit.concepts.identity.generator import IDENTITY_ATTRIBUTES, IdentityGenerator, face_box
+from w2wkit.concepts.identity.generator import (
+    IDENTITY_ATTRIBUTES,
+    TRANSIENT_ATTRIBUTES,
+    IdentityGenerator,
+    face_box,
+    plausible,
+)
 
 __all__ = ["PACK", "face_mask"]
 
@@ -46,4 +52,6 @@ PACK = SimplePack(
     description="people's identities (faces) with CelebA-like attributes",
     make_generator=IdentityGenerator,
     mask_maker=face_mask,
+    transient_attributes=TRANSIENT_ATTRIBUTES,
+    plausibility=plausible,
 )
