@@ -10,6 +10,7 @@ from rich.table import Table
 
 from w2wkit.cli.common import W2WGroup, console, force_option, output_option, profile_option
 from w2wkit.errors import W2WError
+from w2wkit.world import CONCEPTS, HELDOUT_CONCEPT
 from w2wkit.world.measure import FidelitySettings
 
 _FID = FidelitySettings()  # the measure command's defaults: the full profile's
@@ -91,7 +92,7 @@ def build_cmd(
 @world_group.command("zoo")
 @click.argument("base", type=click.Path(path_type=Path, exists=True))
 @output_option(required=True)
-@click.option("--concept", default="identity", show_default=True)
+@click.option("--concept", default=HELDOUT_CONCEPT, show_default=True)
 @click.option("-n", "--count", type=int, default=10, show_default=True, help="Models to train.")
 @click.option("--start", type=int, default=0, show_default=True, help="First instance index.")
 @click.option("--inst-seed", type=int, default=0, show_default=True)
@@ -146,7 +147,7 @@ def zoo_cmd(
     Many models train at once in one batch; finished files are skipped
     (resume). Writes OUT/<instance>.safetensors, OUT/labels.csv, OUT/manifest.json.
     """
-    from w2wkit.concepts import get_pack
+    from w2wkit.concepts import full_prompt, get_pack
     from w2wkit.world.pictures import render_instances
     from w2wkit.world.zoo import ZooSettings, train_zoo, write_labels, write_zoo_manifest, zoo_jobs
 
@@ -172,7 +173,7 @@ def zoo_cmd(
     if prior_weight > 0:
         specs = [(i, inst_seed + 7919) for i in range(64)]
         prior = render_instances(pack.name, specs, 1, seed + 1).reshape(-1, 32, 32, 3)
-    prompt = prompt or f"a photo of {pack.instance_prompt}"
+    prompt = prompt or full_prompt(pack)
     res = train_zoo(base, jobs, out, prompt, s, workers=workers, prior=prior, progress=True)
     write_labels(jobs, out / "labels.csv")
     write_zoo_manifest(out, jobs, {"concept": pack.name, "prompt": prompt, "base": base})
@@ -267,17 +268,17 @@ def info_cmd(world_path: Path | None, as_json: bool) -> None:
             f"{a.get('verification_auc', float('nan')):.3f}"
             + (f"; perfect-edit ID score {oracle}" if oracle else ""),
         )
-    ev = s["metrics"].get("explained_variance_identity")
+    ev = s["metrics"].get(f"explained_variance_{HELDOUT_CONCEPT}")
     if ev:
         cum = ", ".join(f"{k}: {v:.2f}" for k, v in ev["cumulative_at"].items())
-        t.add_row("identity PCA (cum. var.)", cum)
+        t.add_row(f"{HELDOUT_CONCEPT} PCA (cum. var.)", cum)
     console.print(t)
 
 
 @world_group.command("export-loras")
 @world_path_option
 @output_option(required=True)
-@click.option("--concept", default="identity", show_default=True)
+@click.option("--concept", default=HELDOUT_CONCEPT, show_default=True)
 @click.option("--format", "fmt", default="diffusers", show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N models.")
 @force_option
@@ -301,7 +302,7 @@ def export_cmd(
     "--concept",
     "concepts",
     multiple=True,
-    default=("identity", "dog"),
+    default=CONCEPTS,
     show_default=True,
     help="Concept(s) to measure.",
 )
@@ -402,8 +403,8 @@ def measure_cmd(
 @world_path_option
 @click.option(
     "--concept",
-    type=click.Choice(["identity", "dog"]),
-    default="identity",
+    type=click.Choice(list(CONCEPTS)),
+    default=HELDOUT_CONCEPT,
     show_default=True,
     help="Which embedder to train again.",
 )
@@ -453,7 +454,7 @@ def retrain_embedder_cmd(
       w2wkit world retrain-embedder --world ./my-world --threads 2
       w2wkit world retrain-embedder --concept dog --threads 2
     """
-    from w2wkit.world.builder import retrain_embedder
+    from w2wkit.world.retrain import retrain_embedder
 
     entry = retrain_embedder(
         world_path,
@@ -495,8 +496,8 @@ def _recipe_change(entry: dict) -> str:
 @world_path_option
 @click.option(
     "--concept",
-    type=click.Choice(["identity", "dog"]),
-    default="dog",
+    type=click.Choice(list(CONCEPTS)),
+    default=CONCEPTS[-1],  # the zoo retrained so far
     show_default=True,
     help="Which concept's zoo to train again.",
 )

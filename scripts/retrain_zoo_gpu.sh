@@ -37,6 +37,7 @@ rm -rf "$WORK" && cp -r w2wkit/data/world "$WORK"
 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/retrain_stdout.txt" | grep -v -e "^Loading" -e "^$"
 import json, os, sys
 from w2wkit.world.retrain import retrain_zoo
+from w2wkit.world import CONCEPTS
 from w2wkit.world.measure import FidelitySettings, measure_world, record_measurement
 w, c, dev = os.environ["WORK"], os.environ["CONCEPT"], os.environ["DEVICE"]
 entry = retrain_zoo(w, c, steps=int(os.environ["STEPS"]), device=dev, progress=True)
@@ -45,7 +46,7 @@ res = measure_world(w, settings=FidelitySettings(models=int(os.environ["MODELS"]
                     workers=min(8, os.cpu_count() or 1), progress=print)
 record_measurement(w, res)
 print("measure:", json.dumps({k: {m: res[k][m] for m in ("fidelity_top1", "fidelity_top1_per_image")}
-                              for k in ("identity", "dog")}))
+                              for k in CONCEPTS}))
 PYEOF
 RC=${PIPESTATUS[0]}
 rm -f "$OUT"/world-files.tar.part-*

@@ -29,6 +29,7 @@ def main(argv: list[str]) -> dict:
     """Train, generate, measure; returns the result record."""
     import torch
 
+    from w2wkit.concepts import get_pack
     from w2wkit.world.pictures import render_instances
     from w2wkit.world.shipped import load_world
     from w2wkit.world.zoo import (
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> dict:
     n_cand = 50
     jobs = zoo_jobs(concept, n_cand, inst_seed=0)
     train = jobs[:k_models]
-    prompt = os.environ.get("ZOO_PROMPT") or ("sks person" if concept == "identity" else "sks dog")
+    prompt = os.environ.get("ZOO_PROMPT") or get_pack(concept).instance_prompt
     t0 = time.perf_counter()
     adapters, losses = tr.train_chunk(
         [render_job(j, s.n_images, s.seed) for j in train],

@@ -407,9 +407,10 @@ def test_device_training_path_equals_zoo_trainer(micro: Path) -> None:
 
 
 def test_world_records_its_training_prompt(micro: Path, tmp_path: Path) -> None:
+    from w2wkit.concepts import full_prompt
     from w2wkit.formats.registry import read_adapter
-    from w2wkit.world.builder import IDENTITY_PROMPT
 
+    IDENTITY_PROMPT = full_prompt("identity")
     assert IDENTITY_PROMPT == "a photo of sks person"
     meta = json.loads((micro / "world.json").read_text())
     assert meta["prompt"] == IDENTITY_PROMPT

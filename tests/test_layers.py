@@ -90,25 +90,10 @@ CORE_TOP = 4
 CLI = LAYERS["w2wkit.cli"]
 
 _WB_EVAL = "the world build checks its embedder with evaluate's _WorldEvaluators and edit_oracle"
-_VIA_WB = "on the cycle that world.builder -> w2wkit.evaluate closes"
-_WORLD_KNOT = "the builder and its phase modules (zoo, measure, shipped) import each other"
 
 #: Violations still to remove (issue 19), (importer, imported) -> why it is there.
 KNOWN: dict[tuple[str, str], str] = {
     ("w2wkit.world.builder", "w2wkit.evaluate"): _WB_EVAL,
-    ("w2wkit.evaluate", "w2wkit.world.builder"): _VIA_WB + " (evaluate takes IDENTITY_PROMPT)",
-    ("w2wkit.evaluate", "w2wkit.world.measure"): _VIA_WB + " (evaluate takes instance_spec)",
-    ("w2wkit.evaluate", "w2wkit.world.shipped"): _VIA_WB + " (evaluate loads the world)",
-    ("w2wkit.world.zoo", "w2wkit.world.builder"): _WORLD_KNOT + ": zoo takes builder._quiet",
-    ("w2wkit.world.shipped", "w2wkit.world.builder"): _WORLD_KNOT
-    + ": shipped takes prompts, _zoo_jobs, _load_stacks, profile",
-    ("w2wkit.world.measure", "w2wkit.world.shipped"): _WORLD_KNOT + ": measure loads the world",
-    ("w2wkit.world.measure", "w2wkit.world.zoo"): _WORLD_KNOT
-    + ": measure samples with zoo's sampler",
-    ("w2wkit.world.builder", "w2wkit.world.zoo"): _WORLD_KNOT + ": the build trains the zoo",
-    ("w2wkit.world.builder", "w2wkit.world.measure"): _WORLD_KNOT + ": the build measures fidelity",
-    ("w2wkit.world.builder", "w2wkit.world.shipped"): _WORLD_KNOT
-    + ": the build writes the manifest",
 }
 
 

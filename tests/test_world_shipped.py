@@ -168,7 +168,7 @@ def test_unknown_concept_for_zoo_command(tmp_path: Path) -> None:
 def test_gpu_profile_only_widens_the_base_batch() -> None:
     from dataclasses import replace
 
-    from w2wkit.world.builder import GPU_BASE_BATCH, GPU_BASE_STEPS, PROFILES, profile
+    from w2wkit.world.profiles import GPU_BASE_BATCH, GPU_BASE_STEPS, PROFILES, profile
 
     assert PROFILES == ("full", "full-gpu", "full-cpu", "micro")
     full, gpu = profile("full", seed=3, device="cuda"), profile("full-gpu", seed=3, device="cuda")
@@ -200,7 +200,7 @@ def test_reused_evaluators_give_their_time_share_to_the_other_phases() -> None:
 def test_cpu_profile_only_changes_the_base_threads_and_steps() -> None:
     from dataclasses import replace
 
-    from w2wkit.world.builder import CPU_BASE_STEPS, CPU_BASE_THREADS, profile
+    from w2wkit.world.profiles import CPU_BASE_STEPS, CPU_BASE_THREADS, profile
 
     full, cpu = profile("full", seed=2), profile("full-cpu", seed=2)
     assert cpu.base.threads == CPU_BASE_THREADS == 2 and cpu.base.unet_steps == CPU_BASE_STEPS
@@ -275,8 +275,8 @@ def test_reusing_evaluators_refuses_bad_sources(work: Path, tmp_path: Path) -> N
 
 
 def test_measure_repeats_the_builds_fidelity_test(work: Path, tmp_path: Path) -> None:
-    from w2wkit.world.builder import fidelity_settings, profile
-    from w2wkit.world.measure import FidelitySettings, measure_world
+    from w2wkit.world.measure import FidelitySettings, fidelity_settings, measure_world
+    from w2wkit.world.profiles import profile
 
     built = load_world(work / "shipped").build_log["phases"]["metrics"]["result"]["identity"]
     s = fidelity_settings(profile("micro"))
@@ -329,15 +329,16 @@ def test_measure_repeats_the_builds_fidelity_test(work: Path, tmp_path: Path) ->
 
 
 def test_measure_defaults_are_the_full_profiles() -> None:
-    from w2wkit.world.builder import fidelity_settings, profile
-    from w2wkit.world.measure import FidelitySettings
+    from w2wkit.world.measure import FidelitySettings, fidelity_settings
+    from w2wkit.world.profiles import profile
 
     assert FidelitySettings() == fidelity_settings(profile("full"))
     assert FidelitySettings() == fidelity_settings(profile("full-gpu"))
 
 
 def test_retrain_embedder_replaces_only_the_identity_embedder(work: Path, tmp_path: Path) -> None:
-    from w2wkit.world.builder import _profile_from_log, retrain_embedder
+    from w2wkit.world.profiles import profile_from_log
+    from w2wkit.world.retrain import retrain_embedder
 
     root = tmp_path / "w"
     shutil.copytree(work / "shipped", root)
@@ -381,9 +382,9 @@ def test_retrain_embedder_replaces_only_the_identity_embedder(work: Path, tmp_pa
     prof = json.loads((root / "build_log.json").read_text())["profile"]
     prof.pop("eval_id_vary")
     prof.pop("eval_id_vary_tied")
-    assert _profile_from_log(prof).eval_id_vary == 0.0
+    assert profile_from_log(prof).eval_id_vary == 0.0
     # ... and before the tied variation, world v1.1's retrain toggled the flags alone
-    assert not _profile_from_log(prof).eval_id_vary_tied
+    assert not profile_from_log(prof).eval_id_vary_tied
     assert rev["vary_tied"] is True and info["embedder_settings"]["vary_tied"] is True
     # --flags-only trains world v1.1's way (the attribute flags toggled alone)
     cmd = ["world", "retrain-embedder", "--world", str(root), "--steps", "2", "--flags-only"]

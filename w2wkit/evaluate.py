@@ -574,7 +574,9 @@ def build_micro_world(
     insts = gen.instances(n_models, seed=seed)
     if progress:
         progress(f"training {n_models} zoo LoRAs")
-    from w2wkit.world.builder import IDENTITY_PROMPT
+    from w2wkit.concepts import full_prompt
+
+    IDENTITY_PROMPT = full_prompt(pack)
 
     trainer.train_many(instance_jobs(gen, insts, n_images, seed=seed), out / "zoo", IDENTITY_PROMPT)
     sizes = {"tiny": (200, 40, 4), "small": (1200, 150, 6)}[evaluator_size]

@@ -17,3 +17,13 @@ names a concept. Modules, by what they hold:
 
 torch, diffusers and peft are imported inside the functions that need them.
 """
+
+__all__ = ["CONCEPTS", "HELDOUT_CONCEPT"]
+
+#: The concept packs the miniature world is made of, in build order (the zoo's models
+#: of the first come first). The one place in ``world/`` that names concepts: the rest
+#: asks their packs (:func:`w2wkit.concepts.get_pack`) for generator, prompt and rules.
+CONCEPTS: tuple[str, ...] = ("identity", "dog")
+#: The concept with held-out instances: its evaluators are tested on them, and the build
+#: measures the PCA of its zoo, models sampled from it and perfect transient edits.
+HELDOUT_CONCEPT: str = "identity"

@@ -36,6 +36,7 @@ import numpy as np
 
 from w2wkit.atomic import recover, temp_path
 from w2wkit.errors import OUTPUT_EXISTS, W2WError
+from w2wkit.world import CONCEPTS
 from w2wkit.world.tokenizer import token_ids
 
 __all__ = [
@@ -104,9 +105,13 @@ class BaseSettings:
     text_layers: int = 2
     text_heads: int = 2
     text_positions: int = 32
-    concepts: tuple[str, ...] = ("identity", "dog")
-    n_instances: dict[str, int] = field(default_factory=lambda: {"identity": 6000, "dog": 240})
-    images_per_instance: dict[str, int] = field(default_factory=lambda: {"identity": 3, "dog": 40})
+    concepts: tuple[str, ...] = CONCEPTS
+    n_instances: dict[str, int] = field(
+        default_factory=lambda: dict(zip(CONCEPTS, (6000, 240), strict=True))
+    )
+    images_per_instance: dict[str, int] = field(
+        default_factory=lambda: dict(zip(CONCEPTS, (3, 40), strict=True))
+    )
     vae_steps: int = 1500
     vae_batch: int = 16
     vae_lr: float = 1e-3
@@ -129,8 +134,8 @@ class BaseSettings:
             "text_width": 16,
             "text_layers": 1,
             "text_heads": 2,
-            "n_instances": {"identity": 6, "dog": 3},
-            "images_per_instance": {"identity": 2, "dog": 2},
+            "n_instances": dict(zip(CONCEPTS, (6, 3), strict=True)),
+            "images_per_instance": dict(zip(CONCEPTS, (2, 2), strict=True)),
             "vae_steps": 3,
             "vae_batch": 4,
             "unet_steps": 3,
@@ -641,3 +646,22 @@ def rare_token_unused(data: CaptionedImages, n: int = 2000, seed: int = 0) -> bo
 def unet_lora_targets(unet: Any, names: Sequence[str] = ("to_q", "to_v")) -> list[str]:
     """Module names of the UNet's attention projections called ``names``."""
     return [n for n, _ in unet.named_modules() if n.rsplit(".", 1)[-1] in names]
+
+
+def _quiet() -> None:
+    """Silence the per-load progress bars of diffusers / transformers."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass

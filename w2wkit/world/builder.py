@@ -19,7 +19,14 @@ phase):
 With a total time budget, each phase gets a share of the time left
 (``PHASE_SHARES``); training loops stop or shorten themselves to fit.
 
-Run without the CLI: ``python -m w2wkit.world.builder --out DIR``.
+The settings of a build are its profile (:mod:`w2wkit.world.profiles`);
+retraining a built world's zoo or embedder is :mod:`w2wkit.world.retrain`.
+
+Run without the CLI: ``python -m w2wkit.world.builder --out DIR`` (:func:`main`).
+``w2wkit world build`` takes the same flags; this second, argparse command line
+stays because ``scripts/build_world_gpu.sh`` runs the build from a bare checkout
+on ``PYTHONPATH``, where the click CLI (``cli/``, installed as ``w2wkit.cli``)
+cannot be imported.
 """
 
 from __future__ import annotations
@@ -30,28 +37,20 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from w2wkit.concepts import full_prompt, get_pack
 from w2wkit.errors import W2WError
-from w2wkit.world.base_model import BaseSettings, CaptionedImages
-from w2wkit.world.evaluators import EvalSettings
-from w2wkit.world.zoo import ZooSettings
+from w2wkit.world import CONCEPTS, HELDOUT_CONCEPT
+from w2wkit.world.base_model import CaptionedImages, _quiet
+from w2wkit.world.measure import fidelity_settings
+from w2wkit.world.profiles import PROFILES, WorldProfile, profile, zoo_jobs_for
 
-__all__ = [
-    "FULL_ZOO_RECIPE",
-    "GPU_BASE_BATCH",
-    "GPU_BASE_STEPS",
-    "PHASE_SHARES",
-    "PROFILES",
-    "WorldProfile",
-    "build_world",
-    "profile",
-    "retrain_embedder",
-]
+__all__ = ["PHASE_SHARES", "build_world", "main", "mods_of", "sample_space"]
 
 #: Relative share of the remaining time budget of each timed phase. The zoo's share
 #: was raised from 0.17 (unet 0.50) with the 600-step recipe: on the first H100 build the
@@ -67,170 +66,6 @@ PHASE_SHARES = {
     "metrics": 0.08,
     "pack": 0.04,
 }
-
-#: Zoo recipe of the ``full`` profile, chosen by measurement on the shipped base (see
-#: docs/world.md, "Choosing the zoo recipe"): the paper's scale (alpha 27 at rank 1) and
-#: batch 1, 600 steps at lr 1e-3, LoRA on to_q/to_k/to_v and the feed-forward input.
-FULL_ZOO_RECIPE: dict[str, Any] = {
-    "rank": 1,
-    "alpha": 27.0,
-    "lr": 1e-3,
-    "steps": 600,
-    "batch": 1,
-    "targets": ("to_q", "to_k", "to_v", "proj"),
-}
-
-#: Instance prompts of the zoo (training, and the build's fidelity test). The base
-#: model's captions all start with "a photo of"; training the LoRAs with the bare
-#: "sks person" (the first build) put them off that distribution. Measured on the
-#: shipped base (docs/world.md, "Choosing the zoo recipe"): own ID score 0.43 -> 0.53
-#: and intra / inter ID 0.14 / 0.23 -> 0.31 / 0.19 for identities, fidelity 0.08 ->
-#: 0.42 for dogs. The shipped world records the prompt its LoRAs were trained with.
-IDENTITY_PROMPT = "a photo of sks person"
-DOG_PROMPT = "a photo of sks dog"
-
-
-@dataclass
-class WorldProfile:
-    """Everything ``world build`` makes, and how big.
-
-    Attributes
-    ----------
-    name : str
-    base : BaseSettings
-    zoo : ZooSettings
-    evals : EvalSettings
-    n_identities, n_dogs : models in the zoo (identities ``0 ..`` of seed
-        ``seed``; breeds of the default catalogue).
-    n_heldout, heldout_images : held-out identities (``n_identities ..``) and renders each.
-    eval_identities, eval_id_images : training set of the identity evaluators
-        (population ``2000 + seed``, never in the zoo or the held-out set).
-    eval_id_vary : probability with which each transient attribute (beard,
-        glasses, lipstick, age) is toggled per training picture of the identity
-        embedder (its own renders; the attribute classifier trains on the
-        unvaried ones). 0 = world v1's embedder, for which a perfect beard edit
-        scored ID ~0.3 against its own unedited picture (v1.1's: ~0.9).
-    eval_id_vary_tied : toggle as :meth:`IdentityGenerator.edited` does (ageing
-        greys the hair; default) rather than the flag alone (world v1.1's
-        embedder, for which a perfect ageing edit scored ID 0.40).
-    eval_dog_catalogues, eval_dog_images, eval_dog_breeds : dog evaluator
-        training breeds (the first ``eval_dog_breeds`` of catalogues
-        ``seed .. seed + k - 1``, which include the zoo's; the test breeds are
-        catalogue ``99 + seed``).
-    fidelity_models, candidates, fidelity_seeds, ref_images : zoo fidelity test.
-    sample_steps, guidance : DDIM steps and CFG scale of generations.
-    """
-
-    name: str
-    base: BaseSettings
-    zoo: ZooSettings
-    evals: EvalSettings
-    # 1,000 + 200 models (the issue's minimum): with the 28-module zoo recipe a model is
-    # 10,240 numbers (20 KiB in float16), so 1,200 models are 24.6 MB and the packed
-    # world ~39 MB of the 40 MB allowed (1,340 models would be ~41 MB)
-    n_identities: int = 1000
-    n_dogs: int = 200
-    n_heldout: int = 100
-    heldout_images: int = 10
-    eval_identities: int = 4000
-    eval_id_images: int = 8
-    eval_id_vary: float = 0.3
-    eval_id_vary_tied: bool = True
-    eval_dog_catalogues: int = 5
-    eval_dog_images: int = 10
-    eval_dog_breeds: int = 240
-    eval_test_instances: int = 200
-    fidelity_models: int = 200
-    candidates: int = 50
-    # 8 pictures per model and 16 references per instance (world v1 was measured with 2
-    # and 4): on the same 50 v1 models top-1 rose from 0.68 to 0.76-0.78 (docs/world.md)
-    fidelity_seeds: int = 8
-    ref_images: int = 16
-    sample_steps: int = 20
-    guidance: float = 3.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dictionary."""
-        return asdict(self)
-
-
-#: ``full-gpu``: the UNet batch of the base (``full``: 8, sized for the 60-minute CPU
-#: budget). On an H100 a step of the miniature UNet took 33 ms at batch 8 (world v0's
-#: build log), which is launch-bound, so batch 64 is expected to cost little more per
-#: step (not yet measured) and show the base 8x more pictures; the learning rate is
-#: raised with the batch.
-GPU_BASE_BATCH = 64
-GPU_BASE_LR = 1e-3
-#: ``full-gpu`` UNet step cap (``full``: 8,000). A ``--budget`` trims the run to the
-#: steps that fit (measured step time), so the cap only matters on a fast card.
-GPU_BASE_STEPS = 12_000
-
-#: ``full-cpu``: the base trained with 2 torch threads (measured on this 2-core VM:
-#: 0.133 s per UNet step of batch 8, against 0.36-0.41 s with one thread on a loaded
-#: machine) and up to this many UNet steps, which a ``--budget`` trims to what fits.
-#: Continuing the shipped base by 11,209 such steps lifted zoo fidelity from 0.42 to
-#: 0.54 (identities) and 0.46 to 0.58 (dogs) in the recipe probe (docs/world.md).
-CPU_BASE_THREADS = 2
-CPU_BASE_STEPS = 24_000
-
-PROFILES = ("full", "full-gpu", "full-cpu", "micro")
-
-
-def profile(name: str, seed: int = 0, device: str = "cpu") -> WorldProfile:
-    """``full`` (the documented world), ``full-gpu`` or ``micro`` (seconds, for tests and CI).
-
-    ``full-gpu`` is ``full`` with the base UNet trained at batch
-    :data:`GPU_BASE_BATCH` (lr :data:`GPU_BASE_LR`) for up to
-    :data:`GPU_BASE_STEPS` steps: 8x the pictures a step, for a GPU build; on a
-    CPU it would take ~8x the 60-minute budget.
-    ``full-cpu`` is ``full`` with the base trained on :data:`CPU_BASE_THREADS`
-    threads for up to :data:`CPU_BASE_STEPS` steps (give ``--budget`` so that
-    they fit the hour).
-    """
-    if name in ("full", "full-gpu", "full-cpu"):
-        base = BaseSettings(seed=seed)
-        if name == "full-gpu":
-            base = replace(
-                base, unet_batch=GPU_BASE_BATCH, unet_lr=GPU_BASE_LR, unet_steps=GPU_BASE_STEPS
-            )
-        if name == "full-cpu":
-            base = replace(base, threads=CPU_BASE_THREADS, unet_steps=CPU_BASE_STEPS)
-        return WorldProfile(
-            name=name,
-            base=base,
-            zoo=ZooSettings(seed=seed, device=device, **FULL_ZOO_RECIPE),
-            evals=EvalSettings(steps=3000, batch=256, seed=seed, device=device),
-        )
-    if name == "micro":
-        return WorldProfile(
-            name="micro",
-            base=BaseSettings.micro(seed=seed),
-            zoo=ZooSettings(
-                **{**FULL_ZOO_RECIPE, "steps": 3, "batch": 2},
-                n_images=3,
-                seed=seed,
-                device=device,
-                chunk=4,
-            ),
-            evals=EvalSettings(width=8, emb_dim=16, steps=20, batch=16, seed=seed, device=device),
-            n_identities=6,
-            n_dogs=3,
-            n_heldout=3,
-            heldout_images=3,
-            eval_identities=12,
-            eval_id_images=2,
-            eval_dog_catalogues=1,
-            eval_dog_images=2,
-            eval_dog_breeds=6,
-            eval_test_instances=4,
-            fidelity_models=3,
-            candidates=3,
-            fidelity_seeds=2,
-            ref_images=2,
-            sample_steps=2,
-        )
-    raise W2WError(f"unknown profile '{name}' (known: {', '.join(PROFILES)})", key="profile")
 
 
 class _Clock:
@@ -327,27 +162,19 @@ def _phase_base(out: Path, prof: WorldProfile, device: str, clock: _Clock, worke
     return log
 
 
-def _zoo_jobs(prof: WorldProfile) -> dict[str, list]:
-    from w2wkit.world.zoo import zoo_jobs
-
-    ids = zoo_jobs("identity", prof.n_identities, inst_seed=prof.base.seed)
-    dogs = zoo_jobs("dog", prof.n_dogs, inst_seed=0, first=prof.n_identities)
-    return {"identity": ids, "dog": dogs}
-
-
 def _phase_zoo(out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int) -> dict:
     from w2wkit.world.pictures import render_instances
     from w2wkit.world.zoo import train_zoo, write_labels, write_zoo_manifest
 
     s = replace(prof.zoo, device=device)
-    jobs = _zoo_jobs(prof)
+    jobs = zoo_jobs_for(prof)
     log: dict[str, Any] = {"settings": asdict(s)}
     budget = clock.budget("zoo")
     t0 = time.time()
     total = sum(len(v) for v in jobs.values())
     for concept, js in jobs.items():
         folder = out / "zoo" / concept
-        prompt = IDENTITY_PROMPT if concept == "identity" else DOG_PROMPT
+        prompt = full_prompt(concept)
         if (folder / "manifest.json").exists():
             log[concept] = {"skipped": True}
             continue
@@ -402,11 +229,11 @@ def _phase_heldout(out: Path, prof: WorldProfile, workers: int) -> dict:
     path = out / "heldout" / "heldout.npz"
     if path.exists():
         return {"skipped": True}
-    gen = _gen("identity")
+    gen = _gen(HELDOUT_CONCEPT)
     specs = _heldout_specs(prof)
     insts = [gen.instance(i, s) for i, s in specs]
     seed = prof.zoo.seed
-    renders = render_instances("identity", specs, prof.heldout_images, seed, 32, workers)
+    renders = render_instances(HELDOUT_CONCEPT, specs, prof.heldout_images, seed, 32, workers)
     canon = np.stack([gen.render(i, 1, seed=seed, canonical=True)[0] for i in insts])
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, overwrite=True) as tmp, open(tmp, "wb") as fh:
@@ -418,7 +245,7 @@ def _phase_heldout(out: Path, prof: WorldProfile, workers: int) -> dict:
             attributes=np.stack([i.attribute_vector() for i in insts]),
         )
     meta = {
-        "concept": "identity",
+        "concept": HELDOUT_CONCEPT,
         "names": [i.name for i in insts],
         "index": [i.index for i in insts],
         "inst_seed": prof.base.seed,
@@ -442,7 +269,7 @@ def _eval_specs(
     """Training instances, test instances and training pictures each of an evaluator."""
     seed = prof.base.seed
     gen = _gen(concept)
-    if concept == "identity":
+    if concept == HELDOUT_CONCEPT:
         train = [(i, 2000 + seed) for i in range(prof.eval_identities)]
         test = _heldout_specs(prof)[: prof.eval_test_instances]
         if len(test) < prof.eval_test_instances:  # more test identities than held out
@@ -470,7 +297,7 @@ def _eval_data(
     gen = _gen(concept)
     train, test, k = _eval_specs(prof, concept)
     out: dict[str, np.ndarray] = {}
-    vary = prof.eval_id_vary if concept == "identity" else 0.0
+    vary = prof.eval_id_vary if get_pack(concept).transient_attributes else 0.0
     if classifier or vary <= 0:
         tr = render_instances(concept, train, k, seed + 5, 32, workers).reshape(-1, 32, 32, 3)
         out["xe"] = tr
@@ -495,21 +322,24 @@ def _eval_data(
 
 
 def _transient_id(ev: Any, prof: WorldProfile, n: int = 50) -> dict[str, Any]:
-    """Perfect-edit scores (:func:`w2wkit.evaluate.edit_oracle`) on held-out identities."""
-    from w2wkit.concepts.identity.generator import TRANSIENT_ATTRIBUTES, plausible
+    """Perfect-edit scores (:func:`w2wkit.evaluate.edit_oracle`) on held-out instances.
+
+    One score per transient attribute of the held-out concept's pack.
+    """
     from w2wkit.evaluate import _WorldEvaluators, edit_oracle
 
-    gen, judge = _gen("identity"), _WorldEvaluators(ev, "identity")
+    pack = get_pack(HELDOUT_CONCEPT)
+    gen, judge = _gen(HELDOUT_CONCEPT), _WorldEvaluators(ev, HELDOUT_CONCEPT)
     insts = [gen.instance(i, s) for i, s in _heldout_specs(prof)[:n]]
     return {
         attr: edit_oracle(
             judge,
             gen,
-            [i for i in insts if plausible(i.attributes, attr)],
+            [i for i in insts if pack.plausible(i.attributes, attr)],
             attr,
             seed=prof.base.seed + 8,
         )
-        for attr in TRANSIENT_ATTRIBUTES
+        for attr in pack.transient_attributes
     }
 
 
@@ -532,7 +362,7 @@ def _check_evaluators_source(source: Path) -> dict:
         attrs = info["attributes"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise W2WError("not an evaluators description", path=source / "evaluators.json") from None
-    want = {c: [a.name for a in _gen(c).attributes] for c in ("identity", "dog")}
+    want = {c: [a.name for a in _gen(c).attributes] for c in CONCEPTS}
     if attrs != want:
         raise W2WError(
             "the evaluators were trained for other attributes than this version's generators",
@@ -587,7 +417,7 @@ def _phase_evaluators(
     if reuse is not None:
         return _reuse_evaluators(folder, Path(reuse))
     t0 = time.time()
-    data = {c: _eval_data(prof, c, workers) for c in ("identity", "dog")}
+    data = {c: _eval_data(prof, c, workers) for c in CONCEPTS}
     t_render = time.time() - t0
     budget = clock.budget("evaluators")
     per = None if budget is None else max(1.0, (budget - t_render) / 4)
@@ -603,8 +433,8 @@ def _phase_evaluators(
         p = ev.attributes(concept, d["tx"])
         acc = ((p > 0.5) == (d["ty"] > 0)).mean(0)
         auc = roc_auc_verification(ev.embed(concept, d["tx"]), d["towner"])
-        if concept == "identity":
-            metrics["identity_embedder"] = {
+        if get_pack(concept).transient_attributes:
+            metrics[f"{concept}_embedder"] = {
                 "vary": prof.eval_id_vary,
                 "vary_tied": prof.eval_id_vary_tied,
                 "transient_id": _transient_id(ev, prof),
@@ -628,29 +458,12 @@ def _phase_evaluators(
     return metrics
 
 
-def _load_stacks(folder: Path, jobs: list) -> tuple[dict, list[str]]:
-    """Stack the zoo files of a concept: ``{target: (A (M,r,in), B (M,out,r))}``."""
-    from w2wkit.formats.registry import read_adapter
-
-    names, downs, ups = [], {}, {}
-    for j in jobs:
-        f = folder / f"{j.name}.safetensors"
-        if not f.exists():
-            continue
-        ad = read_adapter(f)
-        names.append(j.name)
-        for key, layer in ad.layers.items():
-            t = key.removeprefix("unet.")
-            downs.setdefault(t, []).append(np.asarray(layer.down, np.float32))
-            ups.setdefault(t, []).append(np.asarray(layer.up, np.float32))
-    return {t: (np.stack(downs[t]), np.stack(ups[t])) for t in downs}, names
-
-
 def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from w2wkit.world.evaluators import load_evaluators
     from w2wkit.world.measure import zoo_fidelity
+    from w2wkit.world.shipped import read_stacks
     from w2wkit.world.zoo import load_stacks
 
     path = out / "metrics.json"
@@ -663,14 +476,14 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
     pipe.to(device)
     metrics: dict[str, Any] = {}
     rng = np.random.default_rng(prof.base.seed + 123)
-    jobs = _zoo_jobs(prof)
+    jobs = zoo_jobs_for(prof)
     for concept, js in jobs.items():
-        stacks, names = _load_stacks(out / "zoo" / concept, js)
+        stacks, names = read_stacks(out / "zoo" / concept, js)
         if not names:
             continue
         targets = list(stacks)
         mods = load_stacks(pipe, targets, stacks, float(prof.zoo.alpha))
-        prompt = IDENTITY_PROMPT if concept == "identity" else DOG_PROMPT
+        prompt = full_prompt(concept)
         by_name = {j.name: j for j in js}
         specs = [(by_name[n].index, by_name[n].inst_seed) for n in names]
         fid, test, gen_imgs = zoo_fidelity(
@@ -697,14 +510,14 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
             f"metrics {concept}: fidelity top-1 {fid['fidelity_top1']:.3f} "
             f"(of {fid['fidelity_models']} models, {fid['candidates']} candidates)"
         )
-        if concept == "identity":
-            metrics["explained_variance_identity"] = _explained_variance(stacks)
+        if concept == HELDOUT_CONCEPT:
+            metrics[f"explained_variance_{concept}"] = _explained_variance(stacks)
             try:
-                metrics["sampled_identity_models"] = _sampled_consistency(
-                    pipe, ev, prof, stacks, rng, prompt
+                metrics[f"sampled_{concept}_models"] = _sampled_consistency(
+                    pipe, ev, prof, stacks, rng, prompt, concept
                 )
             except Exception as exc:  # a metric must not sink the build
-                metrics["sampled_identity_models"] = {"error": repr(exc)}
+                metrics[f"sampled_{concept}_models"] = {"error": repr(exc)}
         if budget is not None and time.time() - t0 > budget:
             metrics["truncated"] = True
             break
@@ -718,22 +531,6 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
     return metrics
 
 
-def fidelity_settings(prof: WorldProfile) -> Any:
-    """The profile's zoo-fidelity settings (:class:`w2wkit.world.measure.FidelitySettings`)."""
-    from w2wkit.world.measure import FidelitySettings
-
-    return FidelitySettings(
-        models=prof.fidelity_models,
-        candidates=prof.candidates,
-        generations=prof.fidelity_seeds,
-        ref_images=prof.ref_images,
-        steps=prof.sample_steps,
-        guidance=prof.guidance,
-        seed=prof.base.seed + 123,
-        ref_seed=prof.zoo.seed + 999,
-    )
-
-
 def mods_of(pipe: Any) -> dict[str, Any]:
     """The multi-LoRA modules installed in ``pipe.unet`` (name -> module)."""
     return {n: m for n, m in pipe.unet.named_modules() if hasattr(m, "index") and hasattr(m, "A")}
@@ -743,13 +540,13 @@ def _base_prompting(pipe: Any, ev: Any, prof: WorldProfile, mods: dict) -> dict[
     from w2wkit.world.zoo import sample_images
 
     out = {}
-    for concept in ("identity", "dog"):
+    for concept in CONCEPTS:
         gen = _gen(concept)
         n = min(prof.fidelity_models, 100)
         insts = (
-            [gen.instance(i, 3000 + prof.base.seed) for i in range(n)]
-            if concept == "identity"
-            else gen.instances(min(n, gen.n_breeds))
+            gen.instances(min(n, gen.n_breeds))
+            if hasattr(gen, "n_breeds")  # a catalogue (breeds), else a seeded population
+            else [gen.instance(i, 3000 + prof.base.seed) for i in range(n)]
         )
         prompts = [gen.caption(i) for i in insts]
         imgs = sample_images(
@@ -806,9 +603,15 @@ def sample_space(
 
 
 def _sampled_consistency(
-    pipe: Any, ev: Any, prof: WorldProfile, stacks: dict, rng: np.random.Generator, prompt: str
+    pipe: Any,
+    ev: Any,
+    prof: WorldProfile,
+    stacks: dict,
+    rng: np.random.Generator,
+    prompt: str,
+    concept: str,
 ) -> dict[str, Any]:
-    """Models sampled from the identity space: ID score across seeds, same vs other model."""
+    """Models sampled from a concept's space: ID score across seeds, same vs other model."""
     from w2wkit.world.zoo import load_stacks, sample_images
 
     n = min(50, max(2, prof.fidelity_models // 4))
@@ -826,7 +629,7 @@ def _sampled_consistency(
         steps=prof.sample_steps,
         guidance=prof.guidance,
     )
-    e = ev.embed("identity", imgs)
+    e = ev.embed(concept, imgs)
     cos = e @ e.T
     same = (idx[:, None] == idx[None, :]) & ~np.eye(len(idx), dtype=bool)
     diff = idx[:, None] != idx[None, :]
@@ -857,265 +660,6 @@ def _explained_variance(stacks: dict) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-
-
-def _quiet() -> None:
-    """Silence the per-load progress bars of diffusers / transformers."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        from transformers.utils import logging as tlog
-
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
-
-
-def _profile_from_log(d: dict[str, Any]) -> WorldProfile:
-    """The :class:`WorldProfile` a build log records (fields this version lacks dropped)."""
-    prof = profile(d["name"], seed=int(d["base"]["seed"]))
-    scalars = {
-        k: v
-        for k, v in d.items()
-        if k in WorldProfile.__dataclass_fields__ and not isinstance(v, dict)
-    }
-    evals = {k: v for k, v in d.get("evals", {}).items() if k in EvalSettings.__dataclass_fields__}
-    # the zoo recipe the build ran (a profile's default may have changed since)
-    zoo = {k: v for k, v in d.get("zoo", {}).items() if k in ZooSettings.__dataclass_fields__}
-    if isinstance(zoo.get("targets"), list):
-        zoo["targets"] = tuple(zoo["targets"])
-    # worlds built before eval_id_vary existed trained the embedder on unvaried renders
-    scalars.setdefault("eval_id_vary", 0.0)
-    # ... and before eval_id_vary_tied, toggled the flags alone
-    scalars.setdefault("eval_id_vary_tied", False)
-    return replace(
-        prof, **scalars, evals=replace(prof.evals, **evals), zoo=replace(prof.zoo, **zoo)
-    )
-
-
-def retrain_embedder(
-    world: str | os.PathLike[str] | None = None,
-    vary: float | None = None,
-    concept: str = "identity",
-    tied: bool | None = None,
-    steps: int | None = None,
-    batch: int | None = None,
-    budget_s: float | None = None,
-    workers: int | None = None,
-    device: str = "cpu",
-    threads: int | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train one of a world's embedders again (identity: with transient attributes varied).
-
-    The training instances, pictures per instance, seed and network are the
-    build's (its log's profile). For ``identity`` the pictures are drawn with
-    ``eval_id_vary = vary`` (default: this version's profile default); ``dog``
-    draws them as the build did (a build whose time budget cut the embedder's
-    training short gets it trained to the planned steps). The new embedder
-    replaces the old one in ``evaluators.safetensors``; the attribute
-    classifiers and the other concept's embedder are kept bit for bit.
-    ``evaluators.json`` gets the new metrics, ``build_log.json`` a ``revisions``
-    entry (old and new verification ROC-AUC; for identity also the
-    :func:`w2wkit.evaluate.edit_oracle` scores; the settings, seconds) and the
-    manifest is rewritten so that the world verifies.
-
-    Parameters
-    ----------
-    world : path, optional
-        A built or shipped world (default: the shipped one). Verified first.
-    vary : float, optional
-        Identity only (an error for ``dog``, whose breeds have no transient
-        attributes).
-    concept : {"identity", "dog"}
-    tied : bool, optional
-        Identity only: toggle the transient attributes as
-        :meth:`~w2wkit.concepts.identity.generator.IdentityGenerator.edited` does (ageing
-        greys the hair). Default: this version's profile default (``True``);
-        ``False`` reproduces world v1.1's embedder (flags only).
-    steps, batch : int, optional
-        Training steps and batch (default: the build's).
-    budget_s : float, optional
-        Shorten the training to fit (the steps done are recorded).
-    workers : int, optional
-        Render processes.
-    device : str
-    threads : int, optional
-        torch threads on the CPU during the call (restored after). The result
-        is deterministic given the settings and the thread count; another
-        thread count sums in another order, and Adam turns those roundings
-        into visibly different (equally trained) weights.
-    progress : bool
-        Show a progress bar of the training steps.
-
-    Returns
-    -------
-    dict
-        The revision entry.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        return _retrain_embedder(
-            world, vary, concept, tied, steps, batch, budget_s, workers, device, progress
-        )
-    finally:
-        torch.set_num_threads(before)
-
-
-def _retrain_embedder(
-    world: str | os.PathLike[str] | None,
-    vary: float | None,
-    concept: str,
-    tied: bool | None,
-    steps: int | None,
-    batch: int | None,
-    budget_s: float | None,
-    workers: int | None,
-    device: str,
-    progress: bool,
-) -> dict[str, Any]:
-    import datetime
-
-    import torch
-
-    from w2wkit.render import resolve_device
-    from w2wkit.stio import atomic_path, write_json
-    from w2wkit.world.evaluators import (
-        CONFIG,
-        WEIGHTS,
-        Evaluators,
-        load_evaluators,
-        roc_auc_verification,
-        save_evaluators,
-        train_embedder,
-    )
-    from w2wkit.world.pictures import default_workers
-    from w2wkit.world.shipped import revision, verify_world, world_dir, write_manifest
-
-    if concept not in ("identity", "dog"):
-        raise W2WError(
-            f"unknown concept {concept!r}; the world has identity and dog", key="concept"
-        )
-    if concept == "dog" and (vary is not None or tied is not None):
-        raise W2WError(
-            "vary and tied apply to the identity embedder only "
-            "(dog breeds have no transient attributes)",
-            key="vary",
-        )
-    device = resolve_device(device)
-    root = world_dir(world)
-    verify_world(root)
-    log_path = root / "build_log.json"
-    if not log_path.exists() or "profile" not in json.loads(log_path.read_text()):
-        raise W2WError("the world has no build log with its profile", path=log_path)
-    log = json.loads(log_path.read_text())
-    prof = _profile_from_log(log["profile"])
-    new_vary = WorldProfile.eval_id_vary if vary is None else float(vary)
-    if not 0.0 <= new_vary <= 1.0:
-        raise W2WError(f"must be in [0, 1], got {new_vary}", param="vary")
-    new_tied = WorldProfile.eval_id_vary_tied if tied is None else bool(tied)
-    if concept == "identity":
-        prof = replace(prof, eval_id_vary=new_vary, eval_id_vary_tied=new_tied)
-    s = replace(
-        prof.evals,
-        steps=int(steps or prof.evals.steps),
-        batch=int(batch or prof.evals.batch),
-        budget_s=budget_s,
-        device=device,
-    )
-    old = load_evaluators(root, device)
-    ident = concept == "identity"
-    before: dict[str, Any] = {"transient_id": _transient_id(old, prof)} if ident else {}
-    t0 = time.time()
-    d = _eval_data(prof, concept, workers or default_workers(), classifier=False)
-    before["verification_auc"] = roc_auc_verification(old.embed(concept, d["tx"]), d["towner"])
-    t_render = time.time() - t0
-    _say(f"retrain-embedder: {len(d['xe'])} pictures rendered in {t_render:.0f} s")
-    from w2wkit.world.zoo import _Bar
-
-    with _Bar(s.steps, f"{concept} embedder", enabled=progress, unit="steps") as bar:
-        net, log_e = train_embedder(d["xe"], d["cls"], s, lambda done, _: bar.set(done))
-    nets = {**old.nets, ("emb", concept): net.eval()}
-    ev = Evaluators(nets, old.config, device)
-    after: dict[str, Any] = {
-        "verification_auc": roc_auc_verification(ev.embed(concept, d["tx"]), d["towner"]),
-    }
-    if ident:
-        after["transient_id"] = _transient_id(ev, prof)
-    config = old.config
-    metrics = dict(config.get("metrics", {}))
-    metrics[concept] = {
-        **metrics.get(concept, {}),
-        "verification_auc": after["verification_auc"],
-        "emb_training": log_e,
-    }
-    if ident:
-        metrics["identity_embedder"] = {
-            "vary": new_vary,
-            "vary_tied": new_tied,
-            "transient_id": after["transient_id"],
-        }
-    entry = {
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "what": f"{concept} embedder retrained (world retrain-embedder)",
-        "concept": concept,
-        "torch": torch.__version__,
-        "device": device,
-        "vary": new_vary if ident else None,
-        "vary_tied": new_tied if ident else None,
-        "settings": asdict(s),
-        "training": log_e,
-        "render_seconds": t_render,
-        "seconds": time.time() - t0,
-        "before": before,
-        "after": after,
-    }
-    # write the new evaluators next to the old ones, then swap both files in
-    tmp_dir = root / ".retrain-embedder"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    try:
-        saved = save_evaluators(
-            tmp_dir,
-            {k: v.cpu() for k, v in nets.items()},
-            config["attributes"],
-            EvalSettings(
-                **{
-                    k: v
-                    for k, v in config["settings"].items()
-                    if k in EvalSettings.__dataclass_fields__
-                }
-            ),
-            metrics,
-        )
-        info = json.loads((saved / CONFIG).read_text())
-        settings = dict(config.get("embedder_settings", {}))
-        settings[concept] = asdict(s)
-        if ident:
-            settings["vary"] = new_vary
-            settings["vary_tied"] = new_tied
-        info["embedder_settings"] = settings
-        with atomic_path(saved / CONFIG, overwrite=True) as tmp:
-            Path(tmp).write_text(json.dumps(info, indent=1, default=str))
-        log.setdefault("revisions", []).append(entry)
-        with revision(root, [WEIGHTS, CONFIG]):  # the four files change together, or not at all
-            os.replace(saved / WEIGHTS, root / WEIGHTS)
-            os.replace(saved / CONFIG, root / CONFIG)
-            write_json(log_path, log)
-            write_manifest(root)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return entry
 
 
 def build_world(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.errors import W2WError
+from w2wkit.world import HELDOUT_CONCEPT
 
 __all__ = [
     "EvalSettings",
@@ -316,7 +317,7 @@ class Evaluators:
         e = self._run(self._net("emb", concept), images)
         return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
-    def id_score(self, a: np.ndarray, b: np.ndarray, concept: str = "identity") -> np.ndarray:
+    def id_score(self, a: np.ndarray, b: np.ndarray, concept: str = HELDOUT_CONCEPT) -> np.ndarray:
         """ID score: cosine of embeddings, matrix ``(len(a), len(b))``.
 
         ``a`` and ``b`` are uint8 pictures ``(n, H, W, 3)`` or embeddings ``(n, d)``.

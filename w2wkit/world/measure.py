@@ -26,8 +26,15 @@ from typing import Any
 import numpy as np
 
 from w2wkit.errors import W2WError
+from w2wkit.world import CONCEPTS
 
-__all__ = ["FidelitySettings", "measure_world", "record_measurement", "zoo_fidelity"]
+__all__ = [
+    "FidelitySettings",
+    "fidelity_settings",
+    "measure_world",
+    "record_measurement",
+    "zoo_fidelity",
+]
 
 
 @dataclass(frozen=True)
@@ -209,7 +216,7 @@ def _specs_from_names(concept: str, names: list[str]) -> list[tuple[int, int]]:
 
 def measure_world(
     world: str | os.PathLike[str] | None = None,
-    concepts: tuple[str, ...] = ("identity", "dog"),
+    concepts: tuple[str, ...] = CONCEPTS,
     settings: FidelitySettings | None = None,
     device: str = "cpu",
     workers: int = 1,
@@ -303,3 +310,20 @@ def record_measurement(world: str | os.PathLike[str] | None, result: dict[str, A
     write_json(path, log)
     write_manifest(root)
     return path
+
+
+def fidelity_settings(prof: Any) -> FidelitySettings:
+    """A build profile's zoo-fidelity settings.
+
+    ``prof`` is a :class:`w2wkit.world.profiles.WorldProfile`.
+    """
+    return FidelitySettings(
+        models=prof.fidelity_models,
+        candidates=prof.candidates,
+        generations=prof.fidelity_seeds,
+        ref_images=prof.ref_images,
+        steps=prof.sample_steps,
+        guidance=prof.guidance,
+        seed=prof.base.seed + 123,
+        ref_seed=prof.zoo.seed + 999,
+    )

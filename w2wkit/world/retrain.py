@@ -1,4 +1,11 @@
-"""Train one concept's zoo of a built or shipped world again, with another recipe.
+"""A built or shipped world's zoo or embedder, trained again.
+
+:func:`retrain_zoo` and :func:`retrain_embedder` both verify the world first,
+train from its build log's profile, swap the new weights in together with a
+``revisions`` entry of the build log and the rewritten manifest
+(:func:`w2wkit.world.shipped.revision`), and keep everything else bit for bit.
+
+The zoo: one concept's zoo trained again, with another recipe.
 
 ``w2wkit world retrain-zoo --concept dog --steps 1200`` trains every model of
 the concept again on the world's own base pipeline: the same instances,
@@ -37,9 +44,13 @@ from typing import Any
 
 import numpy as np
 
+from w2wkit.concepts import get_pack
 from w2wkit.errors import W2WError
+from w2wkit.world import CONCEPTS, HELDOUT_CONCEPT
+from w2wkit.world.evaluators import EvalSettings
+from w2wkit.world.profiles import WorldProfile, profile_from_log
 
-__all__ = ["RECIPE_KEYS", "recipe_rounds", "retrain_zoo", "total_steps"]
+__all__ = ["RECIPE_KEYS", "recipe_rounds", "retrain_embedder", "retrain_zoo", "total_steps"]
 
 #: ZooSettings fields a zoo revision may change (the rest stay the build's).
 RECIPE_KEYS = ("steps", "lr", "batch", "n_images")
@@ -60,6 +71,13 @@ def total_steps(recipe: dict[str, Any]) -> int:
     return int(sum(int(r["steps"]) for r in recipe_rounds(recipe)))
 
 
+def _check_concept(concept: str) -> None:
+    if concept not in CONCEPTS:
+        raise W2WError(
+            f"unknown concept {concept!r}; the world has {' and '.join(CONCEPTS)}", key="concept"
+        )
+
+
 def _check_recipe(changes: dict[str, Any]) -> None:
     for key, value in changes.items():
         if key == "lr":
@@ -71,7 +89,7 @@ def _check_recipe(changes: dict[str, Any]) -> None:
 
 def retrain_zoo(
     world: str | os.PathLike[str] | None = None,
-    concept: str = "dog",
+    concept: str = CONCEPTS[-1],
     *,
     steps: int | None = None,
     lr: float | None = None,
@@ -91,7 +109,8 @@ def retrain_zoo(
     ----------
     world : path, optional
         A built or shipped world (default: the shipped one). Verified first.
-    concept : {"identity", "dog"}
+    concept : str
+        One of :data:`w2wkit.world.CONCEPTS`.
     steps, lr, batch, n_images : optional
         The recipe's training budget (default: the concept's current one: an
         earlier revision's, else the build's, from its log).
@@ -171,11 +190,12 @@ def _retrain_zoo(
 
     from w2wkit.render import resolve_device
     from w2wkit.stio import read_safetensors, write_json, write_safetensors
-    from w2wkit.world.builder import _load_stacks, _profile_from_log, _zoo_jobs
+    from w2wkit.world.profiles import zoo_jobs_for
     from w2wkit.world.shipped import (
         LORAS,
         STACK_KEY,
         load_world,
+        read_stacks,
         revision,
         verify_world,
         world_dir,
@@ -183,10 +203,7 @@ def _retrain_zoo(
     from w2wkit.world.shipped import write_manifest as write_world_manifest
     from w2wkit.world.zoo import train_zoo, write_start
 
-    if concept not in ("identity", "dog"):
-        raise W2WError(
-            f"unknown concept {concept!r}; the world has identity and dog", key="concept"
-        )
+    _check_concept(concept)
     changes = {
         k: v
         for k, v in (("steps", steps), ("lr", lr), ("batch", batch), ("n_images", n_images))
@@ -204,10 +221,10 @@ def _retrain_zoo(
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     if "profile" not in log:
         raise W2WError("the world has no build log with its profile", path=log_path)
-    prof = _profile_from_log(log["profile"])
+    prof = profile_from_log(log["profile"])
     w = load_world(root, verify=False)
     w._check_concept(concept)
-    jobs = _zoo_jobs(prof)[concept]
+    jobs = zoo_jobs_for(prof)[concept]
     names = w.names(concept)
     if [j.name for j in jobs] != names:
         raise W2WError(
@@ -288,7 +305,7 @@ def _retrain_zoo(
     if res["missing"]:
         raise W2WError(f"{res['missing']} model(s) were not trained", path=folder)
     # the new factors (the build's own stacking), in the stack's module order
-    stacks, _ = _load_stacks(folder, jobs)
+    stacks, _ = read_stacks(folder, jobs)
     st = read_safetensors(root / LORAS)
     tensors = dict(st.tensors)
     for t in w.targets:
@@ -335,4 +352,222 @@ def _retrain_zoo(
         write_world_manifest(root)
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
+    return entry
+
+
+def retrain_embedder(
+    world: str | os.PathLike[str] | None = None,
+    vary: float | None = None,
+    concept: str = HELDOUT_CONCEPT,
+    tied: bool | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    budget_s: float | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one of a world's embedders again (identity: with transient attributes varied).
+
+    The training instances, pictures per instance, seed and network are the
+    build's (its log's profile). For ``identity`` the pictures are drawn with
+    ``eval_id_vary = vary`` (default: this version's profile default); ``dog``
+    draws them as the build did (a build whose time budget cut the embedder's
+    training short gets it trained to the planned steps). The new embedder
+    replaces the old one in ``evaluators.safetensors``; the attribute
+    classifiers and the other concept's embedder are kept bit for bit.
+    ``evaluators.json`` gets the new metrics, ``build_log.json`` a ``revisions``
+    entry (old and new verification ROC-AUC; for identity also the
+    :func:`w2wkit.evaluate.edit_oracle` scores; the settings, seconds) and the
+    manifest is rewritten so that the world verifies.
+
+    Parameters
+    ----------
+    world : path, optional
+        A built or shipped world (default: the shipped one). Verified first.
+    vary : float, optional
+        A concept with transient attributes only (an error for ``dog``, whose
+        breeds have none).
+    concept : str
+        One of :data:`w2wkit.world.CONCEPTS` (default: the held-out concept).
+    tied : bool, optional
+        A concept with transient attributes only: toggle them as
+        :meth:`~w2wkit.concepts.identity.generator.IdentityGenerator.edited` does (ageing
+        greys the hair). Default: this version's profile default (``True``);
+        ``False`` reproduces world v1.1's embedder (flags only).
+    steps, batch : int, optional
+        Training steps and batch (default: the build's).
+    budget_s : float, optional
+        Shorten the training to fit (the steps done are recorded).
+    workers : int, optional
+        Render processes.
+    device : str
+    threads : int, optional
+        torch threads on the CPU during the call (restored after). The result
+        is deterministic given the settings and the thread count; another
+        thread count sums in another order, and Adam turns those roundings
+        into visibly different (equally trained) weights.
+    progress : bool
+        Show a progress bar of the training steps.
+
+    Returns
+    -------
+    dict
+        The revision entry.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _retrain_embedder(
+            world, vary, concept, tied, steps, batch, budget_s, workers, device, progress
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def _retrain_embedder(
+    world: str | os.PathLike[str] | None,
+    vary: float | None,
+    concept: str,
+    tied: bool | None,
+    steps: int | None,
+    batch: int | None,
+    budget_s: float | None,
+    workers: int | None,
+    device: str,
+    progress: bool,
+) -> dict[str, Any]:
+    import datetime
+
+    import torch
+
+    from w2wkit.render import resolve_device
+    from w2wkit.stio import atomic_path, write_json
+    from w2wkit.world.builder import _eval_data, _say, _transient_id
+    from w2wkit.world.evaluators import (
+        CONFIG,
+        WEIGHTS,
+        Evaluators,
+        load_evaluators,
+        roc_auc_verification,
+        save_evaluators,
+        train_embedder,
+    )
+    from w2wkit.world.pictures import default_workers
+    from w2wkit.world.shipped import revision, verify_world, world_dir, write_manifest
+
+    _check_concept(concept)
+    ident = bool(get_pack(concept).transient_attributes)
+    if not ident and (vary is not None or tied is not None):
+        varied = [c for c in CONCEPTS if get_pack(c).transient_attributes]
+        raise W2WError(
+            f"vary and tied apply to the {' and '.join(varied)} embedder only "
+            f"({concept} has no transient attributes)",
+            key="vary",
+        )
+    device = resolve_device(device)
+    root = world_dir(world)
+    verify_world(root)
+    log_path = root / "build_log.json"
+    if not log_path.exists() or "profile" not in json.loads(log_path.read_text()):
+        raise W2WError("the world has no build log with its profile", path=log_path)
+    log = json.loads(log_path.read_text())
+    prof = profile_from_log(log["profile"])
+    new_vary = WorldProfile.eval_id_vary if vary is None else float(vary)
+    if not 0.0 <= new_vary <= 1.0:
+        raise W2WError(f"must be in [0, 1], got {new_vary}", param="vary")
+    new_tied = WorldProfile.eval_id_vary_tied if tied is None else bool(tied)
+    if ident:
+        prof = replace(prof, eval_id_vary=new_vary, eval_id_vary_tied=new_tied)
+    s = replace(
+        prof.evals,
+        steps=int(steps or prof.evals.steps),
+        batch=int(batch or prof.evals.batch),
+        budget_s=budget_s,
+        device=device,
+    )
+    old = load_evaluators(root, device)
+    before: dict[str, Any] = {"transient_id": _transient_id(old, prof)} if ident else {}
+    t0 = time.time()
+    d = _eval_data(prof, concept, workers or default_workers(), classifier=False)
+    before["verification_auc"] = roc_auc_verification(old.embed(concept, d["tx"]), d["towner"])
+    t_render = time.time() - t0
+    _say(f"retrain-embedder: {len(d['xe'])} pictures rendered in {t_render:.0f} s")
+    from w2wkit.world.zoo import _Bar
+
+    with _Bar(s.steps, f"{concept} embedder", enabled=progress, unit="steps") as bar:
+        net, log_e = train_embedder(d["xe"], d["cls"], s, lambda done, _: bar.set(done))
+    nets = {**old.nets, ("emb", concept): net.eval()}
+    ev = Evaluators(nets, old.config, device)
+    after: dict[str, Any] = {
+        "verification_auc": roc_auc_verification(ev.embed(concept, d["tx"]), d["towner"]),
+    }
+    if ident:
+        after["transient_id"] = _transient_id(ev, prof)
+    config = old.config
+    metrics = dict(config.get("metrics", {}))
+    metrics[concept] = {
+        **metrics.get(concept, {}),
+        "verification_auc": after["verification_auc"],
+        "emb_training": log_e,
+    }
+    if ident:
+        metrics[f"{concept}_embedder"] = {
+            "vary": new_vary,
+            "vary_tied": new_tied,
+            "transient_id": after["transient_id"],
+        }
+    entry = {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "what": f"{concept} embedder retrained (world retrain-embedder)",
+        "concept": concept,
+        "torch": torch.__version__,
+        "device": device,
+        "vary": new_vary if ident else None,
+        "vary_tied": new_tied if ident else None,
+        "settings": asdict(s),
+        "training": log_e,
+        "render_seconds": t_render,
+        "seconds": time.time() - t0,
+        "before": before,
+        "after": after,
+    }
+    # write the new evaluators next to the old ones, then swap both files in
+    tmp_dir = root / ".retrain-embedder"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        saved = save_evaluators(
+            tmp_dir,
+            {k: v.cpu() for k, v in nets.items()},
+            config["attributes"],
+            EvalSettings(
+                **{
+                    k: v
+                    for k, v in config["settings"].items()
+                    if k in EvalSettings.__dataclass_fields__
+                }
+            ),
+            metrics,
+        )
+        info = json.loads((saved / CONFIG).read_text())
+        settings = dict(config.get("embedder_settings", {}))
+        settings[concept] = asdict(s)
+        if ident:
+            settings["vary"] = new_vary
+            settings["vary_tied"] = new_tied
+        info["embedder_settings"] = settings
+        with atomic_path(saved / CONFIG, overwrite=True) as tmp:
+            Path(tmp).write_text(json.dumps(info, indent=1, default=str))
+        log.setdefault("revisions", []).append(entry)
+        with revision(root, [WEIGHTS, CONFIG]):  # the four files change together, or not at all
+            os.replace(saved / WEIGHTS, root / WEIGHTS)
+            os.replace(saved / CONFIG, root / CONFIG)
+            write_json(log_path, log)
+            write_manifest(root)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return entry

@@ -38,6 +38,7 @@ import numpy as np
 from w2wkit.adapter import Adapter, LoraLayer
 from w2wkit.errors import W2WError
 from w2wkit.stio import file_sha256
+from w2wkit.world import HELDOUT_CONCEPT
 
 __all__ = [
     "WORLD_ENV",
@@ -46,6 +47,7 @@ __all__ = [
     "pack_world",
     "package_world_dir",
     "read_manifest",
+    "read_stacks",
     "repair_world",
     "revision",
     "verify_world",
@@ -434,7 +436,7 @@ class World:
     def export_loras(
         self,
         out: str | os.PathLike[str],
-        concept: str = "identity",
+        concept: str = HELDOUT_CONCEPT,
         *,
         format: str = "diffusers",
         overwrite: bool = False,
@@ -561,8 +563,9 @@ def pack_world(
     from diffusers import StableDiffusionPipeline
 
     from w2wkit.atomic import atomic_path
+    from w2wkit.concepts import full_prompt, get_pack
     from w2wkit.stio import write_safetensors
-    from w2wkit.world.builder import DOG_PROMPT, IDENTITY_PROMPT, _load_stacks, _zoo_jobs
+    from w2wkit.world.profiles import profile, zoo_jobs_for
 
     work, dest = Path(work), Path(dest)
     with atomic_path(dest, overwrite=True) as tmp:
@@ -571,10 +574,8 @@ def pack_world(
         pipe.to(torch.float16)
         pipe.save_pretrained(str(tmp / "pipeline"), safe_serialization=True)
         # stacked LoRAs
-        from w2wkit.world.builder import profile as _profile
-
         prof_json = (log or {}).get("profile") or {}
-        prof = _profile(
+        prof = profile(
             prof_json.get("name", "full"), seed=int(prof_json.get("base", {}).get("seed", 0))
         )
         for key in ("n_identities", "n_dogs"):
@@ -582,8 +583,8 @@ def pack_world(
                 setattr(prof, key, int(prof_json[key]))
         tensors: dict[str, np.ndarray] = {}
         meta: dict[str, Any] = {"format": "w2wkit-lora-stack/1", "concepts": {}}
-        for concept, jobs in _zoo_jobs(prof).items():
-            stacks, names = _load_stacks(work / "zoo" / concept, jobs)
+        for concept, jobs in zoo_jobs_for(prof).items():
+            stacks, names = read_stacks(work / "zoo" / concept, jobs)
             if not names:
                 continue
             meta["targets"] = list(stacks)
@@ -592,8 +593,8 @@ def pack_world(
             meta["alpha"] = float(prof.zoo.alpha)
             meta["concepts"][concept] = {
                 "names": names,
-                "prompt": IDENTITY_PROMPT if concept == "identity" else DOG_PROMPT,
-                "class_prompt": "person" if concept == "identity" else "dog",
+                "prompt": full_prompt(concept),
+                "class_prompt": get_pack(concept).class_prompt,
             }
             # float16, as LoRAs are usually shared (rounding 5e-4 relative): a model of the
             # 28-module zoo recipe is 10,240 numbers, 1,200 models 24.6 MB (49 MB in float32)
@@ -615,3 +616,26 @@ def pack_world(
         f.relative_to(dest).as_posix(): f.stat().st_size for f in dest.rglob("*") if f.is_file()
     }
     return {"bytes": sizes, "total_bytes": sum(sizes.values())}
+
+
+def read_stacks(folder: Path, jobs: Sequence[Any]) -> tuple[dict, list[str]]:
+    """Stack the zoo files of a concept: ``{target: (A (M,r,in), B (M,out,r))}``.
+
+    ``jobs`` are the concept's :class:`w2wkit.world.zoo.ZooJob` s; a job without
+    its file in ``folder`` is left out. Returns the stacks (float32) and the
+    names of the models stacked, in job order.
+    """
+    from w2wkit.formats.registry import read_adapter
+
+    names, downs, ups = [], {}, {}
+    for j in jobs:
+        f = folder / f"{j.name}.safetensors"
+        if not f.exists():
+            continue
+        ad = read_adapter(f)
+        names.append(j.name)
+        for key, layer in ad.layers.items():
+            t = key.removeprefix("unet.")
+            downs.setdefault(t, []).append(np.asarray(layer.down, np.float32))
+            ups.setdefault(t, []).append(np.asarray(layer.up, np.float32))
+    return {t: (np.stack(downs[t]), np.stack(ups[t])) for t in downs}, names

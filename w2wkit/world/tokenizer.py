@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from w2wkit.world import CONCEPTS
+
 __all__ = [
     "BOS",
     "EOS",
@@ -71,7 +73,7 @@ def byte_symbols() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def world_words(packs: Sequence[str] = ("identity", "dog"), extra: Iterable[str] = ()) -> list[str]:
+def world_words(packs: Sequence[str] = CONCEPTS, extra: Iterable[str] = ()) -> list[str]:
     """Words of the captions and prompts of the given concept packs, plus ``sks``.
 
     Parameters

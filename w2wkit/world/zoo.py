@@ -741,7 +741,7 @@ def _run_chunks(
 
 def _worker(args: tuple) -> list[dict[str, Any]]:
     base, settings, chunks, out_dir, prompt, deadline, start, draw_round, note = args
-    from w2wkit.world.builder import _quiet
+    from w2wkit.world.base_model import _quiet
 
     _quiet()
     last = [0.0]
