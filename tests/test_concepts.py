@@ -129,3 +129,80 @@ def test_register_pack_at_run_time(monkeypatch: pytest.MonkeyPatch) -> None:
 
     with pytest.raises(ConceptError, match="lacks instance_prompt"):
         register_pack(NotAPack())
+
+
+def test_packs_own_their_prompt_and_edit_rules() -> None:
+    from w2wkit.concepts import SimplePack, full_prompt
+
+    assert full_prompt("identity") == "a photo of sks person"
+    assert full_prompt(get_pack("dog")) == "a photo of sks dog"
+    custom = SimplePack("car", "sks car", "car", prompt_template="a drawing of {}, side view")
+    assert full_prompt(custom) == "a drawing of sks car, side view"
+    ident, dog = get_pack("identity"), get_pack("dog")
+    assert ident.transient_attributes == ("beard", "glasses", "lipstick", "old")
+    assert dog.transient_attributes == () and custom.transient_attributes == ()
+    gen = ident.generator()
+    woman = next(i for i in gen.instances(20) if not i.attributes["male"])
+    man = next(i for i in gen.instances(20) if i.attributes["male"])
+    assert not ident.plausible(woman.attributes, "beard") and ident.plausible(
+        man.attributes, "beard"
+    )
+    assert ident.plausible(woman.attributes, "lipstick") and not ident.plausible(
+        man.attributes, "lipstick"
+    )
+    assert ident.plausible(man.attributes, "glasses")
+    breed = dog.generator().instance(0)
+    assert all(dog.plausible(breed.attributes, a.name) for a in dog.attributes)
+
+
+def test_an_older_pack_without_a_template_gets_the_photo_sentence() -> None:
+    from w2wkit.concepts import full_prompt
+
+    class Minimal:  # a third-party pack written before prompt_template existed
+        name, instance_prompt, class_prompt = "boat", "sks boat", "boat"
+        attributes, n_components, n_components_inversion = (), 10, 10
+
+    assert full_prompt(Minimal()) == "a photo of sks boat"
+
+
+def _concept_names_in(path: Path) -> list[str]:
+    """Where a module names a built-in concept: a string that is exactly a pack's name, or an
+    import of a pack's own module."""
+    import ast
+
+    names = {"identity", "dog"}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and node.value in names:
+            found.append(f"{path.name}:{node.lineno}: {node.value!r}")
+        if isinstance(node, ast.ImportFrom) and node.module:
+            parts = node.module.split(".")
+            if parts[:2] == ["w2wkit", "concepts"] and len(parts) > 2 and parts[2] in names:
+                found.append(f"{path.name}:{node.lineno}: from {node.module}")
+    return found
+
+
+def test_no_code_outside_the_packs_names_a_concept(tmp_path: Path) -> None:
+    """world/ and the CLI ask the packs; the world's composition is named once."""
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from w2wkit.concepts.identity.generator import plausible\n"
+        "from w2wkit.concepts import get_pack\n"
+        "x = 'dog' if y == 'dogs' else 'identity card'\n"
+    )
+    assert [h.split(": ", 1)[1] for h in _concept_names_in(bad)] == [
+        "from w2wkit.concepts.identity.generator",
+        "'dog'",
+    ]
+    world_init = ROOT / "w2wkit" / "world" / "__init__.py"
+    files = [
+        *sorted((ROOT / "w2wkit" / "world").glob("*.py")),
+        *sorted((ROOT / "cli").glob("*.py")),
+    ]
+    found = [hit for f in files if f != world_init for hit in _concept_names_in(f)]
+    assert not found, "\n".join(found)
+    # the one allowed place names them
+    assert len(_concept_names_in(world_init)) == 3
+    from w2wkit.world import CONCEPTS, HELDOUT_CONCEPT
+
+    assert set(CONCEPTS) <= set(list_packs()) and HELDOUT_CONCEPT in CONCEPTS
