@@ -37,6 +37,7 @@ import numpy as np
 from w2wkit.atomic import recover, temp_path
 from w2wkit.errors import OUTPUT_EXISTS, W2WError
 from w2wkit.world import CONCEPTS
+from w2wkit.world.pictures import generator
 from w2wkit.world.tokenizer import token_ids
 
 __all__ = [
@@ -170,22 +171,8 @@ class CaptionedImages:
         out = []
         for i in index:
             concept, inst = self.owners[int(i)]
-            out.append(_generators(concept).caption(inst, rng, drop))
+            out.append(generator(concept).caption(inst, rng, drop))
         return out
-
-
-_GEN_CACHE: dict[str, Any] = {}
-
-
-def _generators(concept: str) -> Any:
-    if concept not in _GEN_CACHE:
-        from w2wkit.concepts import get_pack
-
-        gen = get_pack(concept).generator()
-        if gen is None:
-            raise W2WError(f"concept '{concept}' has no procedural generator", key="concepts")
-        _GEN_CACHE[concept] = gen
-    return _GEN_CACHE[concept]
 
 
 def render_dataset(settings: BaseSettings) -> CaptionedImages:
@@ -198,7 +185,7 @@ def render_dataset(settings: BaseSettings) -> CaptionedImages:
     """
     imgs, owners = [], []
     for concept in settings.concepts:
-        gen = _generators(concept)
+        gen = generator(concept)
         n = int(settings.n_instances.get(concept, 0))
         if hasattr(gen, "n_breeds"):
             n = min(n, gen.n_breeds)

@@ -106,9 +106,9 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _gen(concept: str) -> Any:
-    from w2wkit.world.base_model import _generators
+    from w2wkit.world.pictures import generator
 
-    return _generators(concept)
+    return generator(concept)
 
 
 # ---------------------------------------------------------------------------

@@ -192,9 +192,9 @@ def instance_spec(name: str) -> tuple[int, int]:
 
 def _specs_from_names(concept: str, names: list[str]) -> list[tuple[int, int]]:
     """:func:`instance_spec` of every name, checked against the generator."""
-    from w2wkit.world.base_model import _generators
+    from w2wkit.world.pictures import generator
 
-    gen = _generators(concept)
+    gen = generator(concept)
     specs = []
     for name in names:
         try:

@@ -1,4 +1,4 @@
-"""Rendering many instances of a concept, in parallel worker processes when asked.
+"""Procedural pictures: the packs' generators, and many instances rendered in worker processes.
 
 numpy/Pillow only (the workers are forked before torch touches a GPU).
 """
@@ -9,10 +9,34 @@ import multiprocessing as mp
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["default_workers", "render_instances"]
+from w2wkit.errors import W2WError
+
+__all__ = ["default_workers", "generator", "render_instances"]
+
+_GEN_CACHE: dict[str, Any] = {}
+
+
+def generator(concept: str) -> Any:
+    """The procedural generator of ``concept``'s pack, made once per process.
+
+    Raises
+    ------
+    W2WError
+        If the pack has no procedural generator (or :class:`~w2wkit.concepts.ConceptError`
+        if there is no such pack).
+    """
+    if concept not in _GEN_CACHE:
+        from w2wkit.concepts import get_pack
+
+        gen = get_pack(concept).generator()
+        if gen is None:
+            raise W2WError(f"concept '{concept}' has no procedural generator", key="concepts")
+        _GEN_CACHE[concept] = gen
+    return _GEN_CACHE[concept]
 
 
 def default_workers() -> int:
@@ -22,9 +46,7 @@ def default_workers() -> int:
 
 def _render_part(args: tuple) -> np.ndarray:
     concept, specs, n_images, seed, size, vary, vary_tied = args
-    from w2wkit.world.base_model import _generators
-
-    gen = _generators(concept)
+    gen = generator(concept)
     kw = {"vary": vary, "vary_tied": vary_tied} if vary else {}
     out = [gen.render(gen.instance(i, s), n_images, seed=seed, size=size, **kw) for i, s in specs]
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)

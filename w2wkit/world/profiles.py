@@ -230,12 +230,12 @@ def zoo_jobs_for(prof: WorldProfile) -> dict[str, list]:
     0.43 -> 0.53 and intra / inter ID 0.14 / 0.23 -> 0.31 / 0.19 for identities,
     fidelity 0.08 -> 0.42 for dogs. The shipped world records the prompt.
     """
-    from w2wkit.world.base_model import _generators
+    from w2wkit.world.pictures import generator
     from w2wkit.world.zoo import zoo_jobs
 
     out, first = {}, 0
     for concept, n in prof.models().items():
-        seed = 0 if hasattr(_generators(concept), "n_breeds") else prof.base.seed
+        seed = 0 if hasattr(generator(concept), "n_breeds") else prof.base.seed
         out[concept] = zoo_jobs(concept, n, inst_seed=seed, first=first)
         first += n
     return out

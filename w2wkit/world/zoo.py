@@ -115,9 +115,9 @@ def zoo_jobs(concept: str, n: int, inst_seed: int = 0, start: int = 0, first: in
 
     ``first`` is the zoo number of the first job (noise seeds follow it).
     """
-    from w2wkit.world.base_model import _generators
+    from w2wkit.world.pictures import generator
 
-    gen = _generators(concept)
+    gen = generator(concept)
     out = []
     for k in range(n):
         inst = gen.instance(start + k, inst_seed)
@@ -127,9 +127,9 @@ def zoo_jobs(concept: str, n: int, inst_seed: int = 0, start: int = 0, first: in
 
 def render_job(job: ZooJob, n_images: int, seed: int = 0, size: int = 32) -> np.ndarray:
     """Training renders of a job's instance, shape ``(n_images, size, size, 3)`` uint8."""
-    from w2wkit.world.base_model import _generators
+    from w2wkit.world.pictures import generator
 
-    gen = _generators(job.concept)
+    gen = generator(job.concept)
     return gen.render(gen.instance(job.index, job.inst_seed), n_images, seed=seed, size=size)
 
 
@@ -1013,11 +1013,11 @@ class _Bar:
 def write_labels(jobs: Sequence[ZooJob], path: str | os.PathLike[str]) -> Path:
     """Labels CSV of the jobs' ground-truth binary attributes (``name`` column first)."""
     from w2wkit.stio import atomic_path
-    from w2wkit.world.base_model import _generators
+    from w2wkit.world.pictures import generator
 
     rows, header = [], None
     for j in jobs:
-        inst = _generators(j.concept).instance(j.index, j.inst_seed)
+        inst = generator(j.concept).instance(j.index, j.inst_seed)
         if header is None:
             header = ["name", *inst.attributes.keys()]
         rows.append([j.name, *(int(v) for v in inst.attributes.values())])
