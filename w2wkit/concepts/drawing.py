@@ -1,5 +1,8 @@
 """Drawing helpers shared by the procedural generators (numpy + Pillow).
 
+The built-in packs draw with them, and a third-party pack may too
+(``examples/third_party_pack.py``).
+
 Shapes are given in normalised picture coordinates (0..1 on both axes, y
 down); a :class:`Sketch` draws them supersampled on a transparent layer, and
 :func:`compose` places the layer (rotation, scale, shift), puts it on a
