@@ -78,7 +78,7 @@ LAYERS: dict[str, int] = {
     "w2wkit.world": 7,
     "w2wkit.testing": 7,
     # 8 - evaluation, baselines, report, demo
-    "w2wkit.evaluate": 8,
+    "w2wkit.evaluation": 8,
     "w2wkit.baselines": 8,
     "w2wkit.report": 8,
     "w2wkit.demo": 8,
@@ -92,8 +92,6 @@ CLI = LAYERS["w2wkit.cli"]
 _PACK_GEN = (
     "a concept pack imports its procedural generator from world/ (packs own their generators)"
 )
-_WB_EVAL = "the world build checks its embedder with evaluate's _WorldEvaluators and edit_oracle"
-_VIA_WB = "on the cycle that world.worldbuild -> w2wkit.evaluate closes"
 _WORLD_KNOT = "worldbuild and its phase modules (zoo, measure, shipped) import each other"
 
 #: Violations still to remove (issue 19), (importer, imported) -> why it is there.
@@ -102,10 +100,6 @@ KNOWN: dict[tuple[str, str], str] = {
     ("w2wkit.concepts.dog", "w2wkit.world.dogs"): _PACK_GEN,
     ("w2wkit.concepts.identity", "w2wkit.world"): _PACK_GEN,
     ("w2wkit.concepts.identity", "w2wkit.world.identity"): _PACK_GEN,
-    ("w2wkit.world.worldbuild", "w2wkit.evaluate"): _WB_EVAL,
-    ("w2wkit.evaluate", "w2wkit.world.worldbuild"): _VIA_WB + " (evaluate takes IDENTITY_PROMPT)",
-    ("w2wkit.evaluate", "w2wkit.world.measure"): _VIA_WB + " (evaluate takes instance_spec)",
-    ("w2wkit.evaluate", "w2wkit.world.shipped"): _VIA_WB + " (evaluate loads the world)",
     ("w2wkit.world.zoo", "w2wkit.world.worldbuild"): _WORLD_KNOT + ": zoo takes worldbuild._quiet",
     ("w2wkit.world.shipped", "w2wkit.world.worldbuild"): _WORLD_KNOT
     + ": shipped takes prompts, _zoo_jobs, _load_stacks, profile",

@@ -495,11 +495,11 @@ def _eval_data(
 
 
 def _transient_id(ev: Any, prof: WorldProfile, n: int = 50) -> dict[str, Any]:
-    """Perfect-edit scores (:func:`w2wkit.evaluate.edit_oracle`) on held-out identities."""
-    from w2wkit.evaluate import _WorldEvaluators, edit_oracle
+    """Perfect-edit scores (:func:`w2wkit.world.oracle.edit_oracle`) on held-out identities."""
+    from w2wkit.world.oracle import WorldEvaluators, edit_oracle
     from w2wkit.world.identity import TRANSIENT_ATTRIBUTES, plausible
 
-    gen, judge = _gen("identity"), _WorldEvaluators(ev, "identity")
+    gen, judge = _gen("identity"), WorldEvaluators(ev, "identity")
     insts = [gen.instance(i, s) for i, s in _heldout_specs(prof)[:n]]
     return {
         attr: edit_oracle(
@@ -924,7 +924,7 @@ def retrain_embedder(
     classifiers and the other concept's embedder are kept bit for bit.
     ``evaluators.json`` gets the new metrics, ``build_log.json`` a ``revisions``
     entry (old and new verification ROC-AUC; for identity also the
-    :func:`w2wkit.evaluate.edit_oracle` scores; the settings, seconds) and the
+    :func:`w2wkit.world.oracle.edit_oracle` scores; the settings, seconds) and the
     manifest is rewritten so that the world verifies.
 
     Parameters
