@@ -496,8 +496,8 @@ def _eval_data(
 
 def _transient_id(ev: Any, prof: WorldProfile, n: int = 50) -> dict[str, Any]:
     """Perfect-edit scores (:func:`w2wkit.world.oracle.edit_oracle`) on held-out identities."""
-    from w2wkit.world.oracle import WorldEvaluators, edit_oracle
     from w2wkit.world.identity import TRANSIENT_ATTRIBUTES, plausible
+    from w2wkit.world.oracle import WorldEvaluators, edit_oracle
 
     gen, judge = _gen("identity"), WorldEvaluators(ev, "identity")
     insts = [gen.instance(i, s) for i, s in _heldout_specs(prof)[:n]]
