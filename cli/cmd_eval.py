@@ -107,7 +107,7 @@ def eval_cmd(
     from w2wkit.errors import OUTPUT_EXISTS, W2WError
 
     wanted = [x.strip() for x in sections.split(",") if x.strip()]
-    known = {"space", "inversion", "editing", "ood", "sampling", "scaling", "fidelity"}
+    known = set(E.SECTIONS)
     bad = [x for x in wanted if x not in known]
     if bad:
         raise W2WError(f"unknown section(s) {', '.join(bad)}; use {', '.join(sorted(known))}")
