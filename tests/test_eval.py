@@ -407,17 +407,17 @@ def test_device_training_path_equals_zoo_trainer(micro: Path) -> None:
 
 
 def test_world_records_its_training_prompt(micro: Path, tmp_path: Path) -> None:
+    from w2wkit.evaluation.worlds import PHOTO_PROMPT
     from w2wkit.formats.registry import read_adapter
-    from w2wkit.world.worldbuild import IDENTITY_PROMPT
 
-    assert IDENTITY_PROMPT == "a photo of sks person"
+    prompt = "a photo of sks person"  # the shipped world's zoo prompt too
     meta = json.loads((micro / "world.json").read_text())
-    assert meta["prompt"] == IDENTITY_PROMPT
+    assert meta["prompt"] == prompt
     w = E.load_eval_world(micro)
-    assert w.instance_prompt == IDENTITY_PROMPT
+    assert w.instance_prompt == prompt == PHOTO_PROMPT.format(w.pack.instance_prompt)
     # the zoo files were trained with it (provenance in the file)
     first = read_adapter(micro / meta["zoo"][0]["file"])
-    assert IDENTITY_PROMPT in json.dumps(first.metadata)
+    assert prompt in json.dumps(first.metadata)
     # a world from before the prompt was recorded falls back to the pack's bare prompt
     import shutil
 
