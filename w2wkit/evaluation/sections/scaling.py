@@ -18,7 +18,8 @@ def run(ev: EvalContext) -> dict[str, Any]:
     Parameters
     ----------
     ev : EvalContext
-        With ``space_inv`` and ``heldout``.
+        Its world's zoo and labels are refitted per N; its ``space_inv`` gives the
+        sweep over ``k``, its ``heldout`` the inverted identities.
 
     Returns
     -------
