@@ -39,7 +39,7 @@ def main() -> None:
 
     import torch
 
-    from w2wkit import evaluate as E
+    from w2wkit import evaluation as E
 
     t_all = time.perf_counter()
     device = args.device
@@ -62,7 +62,7 @@ def main() -> None:
     t_db = time.perf_counter() - t0
     from w2wkit.invert import default_settings, invert
 
-    space = E._fit_space(world.zoo[:50], world.zoo_names[:50], 20, {})
+    space = E.fit_space(world.zoo[:50], world.zoo_names[:50], 20, {})
     t0 = time.perf_counter()
     invert(space, world.base, imgs[:1], steps=50, early_stopping=False, device=device)
     t_step = (time.perf_counter() - t0) / 50  # one picture alone; batches are cheaper per picture

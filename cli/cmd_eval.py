@@ -103,11 +103,11 @@ def eval_cmd(
     """
     from dataclasses import replace
 
-    from w2wkit import evaluate as E
+    from w2wkit import evaluation as E
     from w2wkit.errors import OUTPUT_EXISTS, W2WError
 
     wanted = [x.strip() for x in sections.split(",") if x.strip()]
-    known = {"space", "inversion", "editing", "ood", "sampling", "scaling", "fidelity"}
+    known = set(E.SECTIONS)
     bad = [x for x in wanted if x not in known]
     if bad:
         raise W2WError(f"unknown section(s) {', '.join(bad)}; use {', '.join(sorted(known))}")
@@ -196,7 +196,7 @@ def demo_cmd(
     from dataclasses import replace
 
     from w2wkit.demo import DemoSettings, run_demo, run_synthetic_demo
-    from w2wkit.evaluate import shipped_world_available
+    from w2wkit.evaluation import shipped_world_available
 
     folder = out if out is not None else Path(tempfile.mkdtemp(prefix="w2w-demo-"))
 

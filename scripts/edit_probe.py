@@ -12,7 +12,7 @@ shipped zoo with its labels and, for each attribute (default ``beard``, ``glasse
 ``old``), ``--models`` models lacking the attribute are edited at each strength (in
 training standard deviations). By default they are zoo models (seed 17; only models
 for which the attribute is plausible, as the eval's calibration pool:
-:func:`w2wkit.evaluate.excluded_by`; ``--all-models`` drops that rule). ``--heldout``
+:func:`w2wkit.evaluation.excluded_by`; ``--all-models`` drops that rule). ``--heldout``
 edits multi-image DreamBooth LoRAs of the *last* held-out identities instead (trained
 here with the zoo recipe, as ``w2wkit eval`` trains its edit inputs); ``--project``
 edits their projection onto the space (``keep_residual=False``) while the ID score is
@@ -140,7 +140,7 @@ def _param_directions(space, insts: list, which: str) -> list[str]:
 def _heldout_models(ew, attr: str, rule: dict[str, float], n: int) -> list:
     """Multi-image DreamBooth LoRAs of the last held-out identities of ``ew`` lacking ``attr``.
 
-    Identities holding a value of ``rule`` (:func:`w2wkit.evaluate.excluded_by`) are skipped.
+    Identities holding a value of ``rule`` (:func:`w2wkit.evaluation.excluded_by`) are skipped.
     """
     from w2wkit.baselines import BaselineModels
 
@@ -161,7 +161,12 @@ def _heldout_models(ew, attr: str, rule: dict[str, float], n: int) -> list:
 def main(argv: list[str] | None = None) -> None:
     from w2wkit.collection import Collection
     from w2wkit.directions import fit_directions
-    from w2wkit.evaluate import _correlated, _edit_disentangled, excluded_by, load_eval_world
+    from w2wkit.evaluation import (
+        correlated_attributes,
+        edit_disentangled,
+        excluded_by,
+        load_eval_world,
+    )
     from w2wkit.labels import read_labels
     from w2wkit.render import Renderer
     from w2wkit.space import WeightSpace
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             for attr in a.attrs:
                 t0 = time.time()
                 toolkit = [d for d in space.directions_ if "@" not in d and d not in params]
-                others = _correlated(labels, attr, 0.15, toolkit)
+                others = correlated_attributes(labels, attr, 0.15, toolkit)
                 if kind.startswith("joint"):  # a joint effect holds the others fixed itself
                     others = []
                 others = others + params
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                         start = space.shift(ad, np.zeros(space.n_components_), keep_residual=False)
                     models.append(start)
                     models += [
-                        _edit_disentangled(
+                        edit_disentangled(
                             space, start, dname, st, others, rank=a.rank, energy=a.energy
                         )[0]
                         for st in a.strengths

@@ -36,15 +36,15 @@ def parse(text: str) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    from w2wkit import evaluate as E
+    from w2wkit import evaluation as E
     from w2wkit.invert import invert
 
     out_path, n = argv[0], int(argv[1])
     world = E.load_eval_world(None, device="cpu")
     s = replace(E.PROFILES["full"], device="cpu", batch_size=32, n_heldout=n)
-    ev = E._Eval(world, s, Path(tempfile.mkdtemp(prefix="w2w-invprobe-")), None)
+    ev = E.EvalContext(world, s, Path(tempfile.mkdtemp(prefix="w2w-invprobe-")), None)
     k_inv = min(int(s.inversion_space_components), len(world.zoo) - 1)
-    space = E._fit_space(world.zoo, world.zoo_names, k_inv, {})
+    space = E.fit_space(world.zoo, world.zoo_names, k_inv, {})
     heldout = world.heldout[:n]
     refs = [ev.embed(ev.real(inst, s.n_eval_images, seed=s.seed + 99)) for inst in heldout]
     inputs = np.concatenate([ev.real(inst, 1, seed=s.seed + 5) for inst in heldout])

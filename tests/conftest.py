@@ -148,11 +148,11 @@ def micro_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def eval_micro_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``evaluate.build_micro_world`` with 12 zoo models and 3 held-out ones. Read only."""
+    """``evaluation.build_micro_world`` with 12 zoo models and 3 held-out ones. Read only."""
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
-    from w2wkit import evaluate as E
+    from w2wkit import evaluation as E
 
     out = tmp_path_factory.mktemp("eval") / "micro"
     E.build_micro_world(out, n_models=12, n_heldout=3)

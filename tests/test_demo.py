@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from w2wkit.cli.main import cli
-from w2wkit.evaluate import shipped_world_available
+from w2wkit.evaluation import shipped_world_available
 
 HAS_WORLD = shipped_world_available()
 

@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 
 from click.testing import CliRunner  # noqa: E402
 
-from w2wkit import evaluate as E  # noqa: E402
+from w2wkit import evaluation as E  # noqa: E402
 from w2wkit.errors import W2WError  # noqa: E402
 
 
@@ -228,9 +228,9 @@ def test_excluded_by_finds_the_values_that_never_carry_the_attribute() -> None:
     beard2 = labels["beard"].copy()
     beard2[np.flatnonzero(male == 0)[:20]] = 1.0
     assert E.excluded_by({**labels, "beard": beard2}, "beard") == {}
-    assert E._plausible({"male": True, "glasses": False}, {"male": 0.0})
-    assert not E._plausible({"male": False}, {"male": 0.0})
-    assert E._plausible({}, {"male": 0.0})  # unknown: kept
+    assert E.plausible({"male": True, "glasses": False}, {"male": 0.0})
+    assert not E.plausible({"male": False}, {"male": 0.0})
+    assert E.plausible({}, {"male": 0.0})  # unknown: kept
 
 
 def test_edit_prompt() -> None:
@@ -407,18 +407,17 @@ def test_device_training_path_equals_zoo_trainer(micro: Path) -> None:
 
 
 def test_world_records_its_training_prompt(micro: Path, tmp_path: Path) -> None:
-    from w2wkit.concepts import full_prompt
+    from w2wkit.evaluation.worlds import PHOTO_PROMPT
     from w2wkit.formats.registry import read_adapter
 
-    IDENTITY_PROMPT = full_prompt("identity")
-    assert IDENTITY_PROMPT == "a photo of sks person"
+    prompt = "a photo of sks person"  # the shipped world's zoo prompt too
     meta = json.loads((micro / "world.json").read_text())
-    assert meta["prompt"] == IDENTITY_PROMPT
+    assert meta["prompt"] == prompt
     w = E.load_eval_world(micro)
-    assert w.instance_prompt == IDENTITY_PROMPT
+    assert w.instance_prompt == prompt == PHOTO_PROMPT.format(w.pack.instance_prompt)
     # the zoo files were trained with it (provenance in the file)
     first = read_adapter(micro / meta["zoo"][0]["file"])
-    assert IDENTITY_PROMPT in json.dumps(first.metadata)
+    assert prompt in json.dumps(first.metadata)
     # a world from before the prompt was recorded falls back to the pack's bare prompt
     import shutil
 
@@ -467,7 +466,9 @@ def test_eval_stopped_early_publishes_its_finished_sections(
     def stop(ev: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(E, "_section_sampling", stop)
+    from w2wkit.evaluation.sections import sampling
+
+    monkeypatch.setattr(sampling, "run", stop)
     w = E.load_eval_world(micro)
     with pytest.raises(KeyboardInterrupt):
         E.run_eval(w, "tiny", out, sections=("space", "sampling"), progress=False, overwrite=True)
@@ -533,7 +534,7 @@ def test_eval_killed_at_every_step_leaves_a_whole_report(micro: Path, tmp_path: 
     E.run_eval(w, "tiny", old, sections=("space",), progress=False)
     (old / "stale.txt").write_text("old report")
     code = (
-        "import sys; from w2wkit import evaluate as E; "
+        "import sys; from w2wkit import evaluation as E; "
         "E.run_eval(E.load_eval_world(sys.argv[1]), 'tiny', sys.argv[2], sections=('space',), "
         "progress=False, overwrite=True)"
     )

@@ -78,7 +78,7 @@ LAYERS: dict[str, int] = {
     "w2wkit.world": 7,
     "w2wkit.testing": 7,
     # 8 - evaluation, baselines, report, demo
-    "w2wkit.evaluate": 8,
+    "w2wkit.evaluation": 8,
     "w2wkit.baselines": 8,
     "w2wkit.report": 8,
     "w2wkit.demo": 8,
@@ -89,12 +89,8 @@ LAYERS: dict[str, int] = {
 CORE_TOP = 4
 CLI = LAYERS["w2wkit.cli"]
 
-_WB_EVAL = "the world build checks its embedder with evaluate's _WorldEvaluators and edit_oracle"
-
-#: Violations still to remove (issue 19), (importer, imported) -> why it is there.
-KNOWN: dict[tuple[str, str], str] = {
-    ("w2wkit.world.builder", "w2wkit.evaluate"): _WB_EVAL,
-}
+#: Violations still to remove, (importer, imported) -> why it is there (none are left).
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:

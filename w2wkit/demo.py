@@ -183,7 +183,7 @@ def run_demo(
     """
     import torch
 
-    from w2wkit import evaluate as E
+    from w2wkit import evaluation as E
 
     s = settings or DemoSettings()
     t_all = time.perf_counter()
@@ -229,7 +229,7 @@ def _run_demo(
     progress: bool,
     t_all: float,
 ) -> dict[str, Any]:
-    from w2wkit import evaluate as E
+    from w2wkit import evaluation as E
     from w2wkit.formats import write_adapter
     from w2wkit.render import make_grid
     from w2wkit.report import table, write_html
@@ -244,8 +244,8 @@ def _run_demo(
         device=s.device,
         batch_size=32,
     )
-    with E._bar(progress) as bar:
-        ev = E._Eval(w, es, out, bar)
+    with E.progress_bar(progress) as bar:
+        ev = E.EvalContext(w, es, out, bar)
         ev.images = {}
 
         def step(text: str) -> None:
@@ -254,7 +254,7 @@ def _run_demo(
         # 1. the space
         t0 = time.perf_counter()
         step(f"[1/5] fitting the identity space on {len(w.zoo)} LoRAs")
-        space = E._fit_space(w.zoo, w.zoo_names, s.n_components, w.labels)
+        space = E.fit_space(w.zoo, w.zoo_names, s.n_components, w.labels)
         timings["fit"] = time.perf_counter() - t0
         _explained_variance_plot(
             space, out / "images" / "explained_variance.png", f"{len(w.zoo)} identity LoRAs"
@@ -319,11 +319,11 @@ def _run_demo(
             ).save(out / "images" / "edits.png")
             attrs = list(w.evaluators.attributes)
             e0 = ev.embed(ed_imgs[0, 0])
-            p0 = w.evaluators.attribute_probs(E._u8(ed_imgs[0, 0]))
+            p0 = w.evaluators.attribute_probs(E.to_uint8(ed_imgs[0, 0]))
             for k, name in enumerate(edits, start=1):
                 e = ev.embed(ed_imgs[k, 0])
-                p = w.evaluators.attribute_probs(E._u8(ed_imgs[k, 0]))
-                cells = [name, float(np.sum(E._unit(e) * E._unit(e0), axis=1).mean())]
+                p = w.evaluators.attribute_probs(E.to_uint8(ed_imgs[k, 0]))
+                cells = [name, float(np.sum(E.unit(e) * E.unit(e0), axis=1).mean())]
                 for x in (a, b):
                     j = attrs.index(x) if x in attrs else None
                     cells.append(
@@ -340,7 +340,7 @@ def _run_demo(
         t0 = time.perf_counter()
         inst = w.heldout[0]
         if image is not None:
-            img = E._u8(user_img)
+            img = E.to_uint8(user_img)
             src = Path(image).name
             inv_input: Any = str(image)
             inv_mask: Any = str(mask) if mask is not None else w.pack.mask(img)

@@ -204,7 +204,7 @@ def write_html(path: str | os.PathLike[str], title: str, body: str) -> Path:
 
 
 def write_report(results: Mapping[str, Any], path: str | os.PathLike[str], title: str) -> Path:
-    """The evaluation report (see :func:`w2wkit.evaluate.run_eval`)."""
+    """The evaluation report (see :func:`w2wkit.evaluation.run_eval`)."""
     r = results
     imgs, plots = r.get("images", {}), r.get("plots", {})
     parts: list[str] = []

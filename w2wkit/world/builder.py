@@ -322,14 +322,14 @@ def _eval_data(
 
 
 def _transient_id(ev: Any, prof: WorldProfile, n: int = 50) -> dict[str, Any]:
-    """Perfect-edit scores (:func:`w2wkit.evaluate.edit_oracle`) on held-out instances.
+    """Perfect-edit scores (:func:`w2wkit.world.oracle.edit_oracle`) on held-out instances.
 
     One score per transient attribute of the held-out concept's pack.
     """
-    from w2wkit.evaluate import _WorldEvaluators, edit_oracle
+    from w2wkit.world.oracle import WorldEvaluators, edit_oracle
 
     pack = get_pack(HELDOUT_CONCEPT)
-    gen, judge = _gen(HELDOUT_CONCEPT), _WorldEvaluators(ev, HELDOUT_CONCEPT)
+    gen, judge = _gen(HELDOUT_CONCEPT), WorldEvaluators(ev, HELDOUT_CONCEPT)
     insts = [gen.instance(i, s) for i, s in _heldout_specs(prof)[:n]]
     return {
         attr: edit_oracle(

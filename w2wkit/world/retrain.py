@@ -379,7 +379,7 @@ def retrain_embedder(
     classifiers and the other concept's embedder are kept bit for bit.
     ``evaluators.json`` gets the new metrics, ``build_log.json`` a ``revisions``
     entry (old and new verification ROC-AUC; for identity also the
-    :func:`w2wkit.evaluate.edit_oracle` scores; the settings, seconds) and the
+    :func:`w2wkit.world.oracle.edit_oracle` scores; the settings, seconds) and the
     manifest is rewritten so that the world verifies.
 
     Parameters
