@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from w2wkit.diffusion.quiet import quiet
 from w2wkit.errors import W2WError
 from w2wkit.world.build import BaseSettings, CaptionedImages
 from w2wkit.world.evaluators import EvalSettings
@@ -647,11 +648,10 @@ def _load_stacks(folder: Path, jobs: list) -> tuple[dict, list[str]]:
 
 
 def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int) -> dict:
-    from diffusers import StableDiffusionPipeline
-
+    from w2wkit.diffusion.bank import stack_factors
+    from w2wkit.diffusion.sampler import Renderer
     from w2wkit.world.evaluators import load_evaluators
     from w2wkit.world.measure import zoo_fidelity
-    from w2wkit.world.zoo import load_stacks
 
     path = out / "metrics.json"
     if path.exists():
@@ -659,8 +659,7 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
     t0 = time.time()
     budget = clock.budget("metrics")
     ev = load_evaluators(out / "evaluators", device)
-    pipe = StableDiffusionPipeline.from_pretrained(str(out / "base"), local_files_only=True)
-    pipe.to(device)
+    renderer = Renderer(out / "base", device=device)
     metrics: dict[str, Any] = {}
     rng = np.random.default_rng(prof.base.seed + 123)
     jobs = _zoo_jobs(prof)
@@ -668,13 +667,12 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
         stacks, names = _load_stacks(out / "zoo" / concept, js)
         if not names:
             continue
-        targets = list(stacks)
-        mods = load_stacks(pipe, targets, stacks, float(prof.zoo.alpha))
+        bank = stack_factors(stacks, float(prof.zoo.alpha))
         prompt = IDENTITY_PROMPT if concept == "identity" else DOG_PROMPT
         by_name = {j.name: j for j in js}
         specs = [(by_name[n].index, by_name[n].inst_seed) for n in names]
         fid, test, gen_imgs = zoo_fidelity(
-            pipe, mods, ev, concept, specs, prompt, fidelity_settings(prof), rng, workers
+            renderer, bank, ev, concept, specs, prompt, fidelity_settings(prof), rng, workers
         )
         model_index = np.repeat(test, prof.fidelity_seeds)
         # attributes read on the generations vs the model's ground truth
@@ -701,7 +699,7 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
             metrics["explained_variance_identity"] = _explained_variance(stacks)
             try:
                 metrics["sampled_identity_models"] = _sampled_consistency(
-                    pipe, ev, prof, stacks, rng, prompt
+                    renderer, ev, prof, stacks, rng, prompt
                 )
             except Exception as exc:  # a metric must not sink the build
                 metrics["sampled_identity_models"] = {"error": repr(exc)}
@@ -710,7 +708,7 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
             break
     # base-model generations with full captions: does the classifier read the prompt?
     try:
-        metrics["base_prompting"] = _base_prompting(pipe, ev, prof, mods_of(pipe))
+        metrics["base_prompting"] = _base_prompting(renderer, ev, prof)
     except Exception as exc:  # a metric must not sink the build
         metrics["base_prompting"] = {"error": repr(exc)}
     metrics["seconds"] = time.time() - t0
@@ -734,13 +732,8 @@ def fidelity_settings(prof: WorldProfile) -> Any:
     )
 
 
-def mods_of(pipe: Any) -> dict[str, Any]:
-    """The multi-LoRA modules installed in ``pipe.unet`` (name -> module)."""
-    return {n: m for n, m in pipe.unet.named_modules() if hasattr(m, "index") and hasattr(m, "A")}
-
-
-def _base_prompting(pipe: Any, ev: Any, prof: WorldProfile, mods: dict) -> dict[str, Any]:
-    from w2wkit.world.zoo import sample_images
+def _base_prompting(renderer: Any, ev: Any, prof: WorldProfile) -> dict[str, Any]:
+    from w2wkit.world.measure import generate
 
     out = {}
     for concept in ("identity", "dog"):
@@ -752,8 +745,8 @@ def _base_prompting(pipe: Any, ev: Any, prof: WorldProfile, mods: dict) -> dict[
             else gen.instances(min(n, gen.n_breeds))
         )
         prompts = [gen.caption(i) for i in insts]
-        imgs = sample_images(
-            pipe, mods, None, prompts, list(range(len(prompts))), prof.sample_steps, prof.guidance
+        imgs = generate(
+            renderer, None, None, prompts, np.arange(len(prompts)), fidelity_settings(prof)
         )
         truth = np.stack([i.attribute_vector() for i in insts]).astype(bool)
         acc = ((ev.attributes(concept, imgs) > 0.5) == truth).mean(0)
@@ -806,26 +799,25 @@ def sample_space(
 
 
 def _sampled_consistency(
-    pipe: Any, ev: Any, prof: WorldProfile, stacks: dict, rng: np.random.Generator, prompt: str
+    renderer: Any,
+    ev: Any,
+    prof: WorldProfile,
+    stacks: dict,
+    rng: np.random.Generator,
+    prompt: str,
 ) -> dict[str, Any]:
     """Models sampled from the identity space: ID score across seeds, same vs other model."""
-    from w2wkit.world.zoo import load_stacks, sample_images
+    from w2wkit.diffusion.bank import stack_factors
+    from w2wkit.world.measure import generate
 
     n = min(50, max(2, prof.fidelity_models // 4))
     k = min(1000, len(next(iter(stacks.values()))[0]) - 1)
     sampled = sample_space(stacks, n, k, rng)
-    mods = load_stacks(pipe, list(sampled), sampled, float(prof.zoo.alpha))
+    bank = stack_factors(sampled, float(prof.zoo.alpha))
     per = max(2, prof.fidelity_seeds)
     idx = np.repeat(np.arange(n), per)
-    imgs = sample_images(
-        pipe,
-        mods,
-        idx.tolist(),
-        [prompt] * len(idx),
-        (np.tile(np.arange(per), n) + 20_000).tolist(),
-        steps=prof.sample_steps,
-        guidance=prof.guidance,
-    )
+    seeds = np.tile(np.arange(per), n) + 20_000
+    imgs = generate(renderer, bank, idx, prompt, seeds, fidelity_settings(prof))
     e = ev.embed("identity", imgs)
     cos = e @ e.T
     same = (idx[:, None] == idx[None, :]) & ~np.eye(len(idx), dtype=bool)
@@ -857,25 +849,6 @@ def _explained_variance(stacks: dict) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-
-
-def _quiet() -> None:
-    """Silence the per-load progress bars of diffusers / transformers."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        from transformers.utils import logging as tlog
-
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
 
 
 def _profile_from_log(d: dict[str, Any]) -> WorldProfile:
@@ -1042,9 +1015,9 @@ def _retrain_embedder(
     before["verification_auc"] = roc_auc_verification(old.embed(concept, d["tx"]), d["towner"])
     t_render = time.time() - t0
     _say(f"retrain-embedder: {len(d['xe'])} pictures rendered in {t_render:.0f} s")
-    from w2wkit.world.zoo import _Bar
+    from w2wkit.progress import Bar
 
-    with _Bar(s.steps, f"{concept} embedder", enabled=progress, unit="steps") as bar:
+    with Bar(s.steps, f"{concept} embedder", enabled=progress, unit="steps") as bar:
         net, log_e = train_embedder(d["xe"], d["cls"], s, lambda done, _: bar.set(done))
     nets = {**old.nets, ("emb", concept): net.eval()}
     ev = Evaluators(nets, old.config, device)
@@ -1118,6 +1091,7 @@ def _retrain_embedder(
     return entry
 
 
+@quiet()  # diffusers/transformers output off for the build, restored after it
 def build_world(
     out: str | os.PathLike[str],
     profile_name: str = "full",
@@ -1170,7 +1144,6 @@ def build_world(
     if reuse is not None:  # a bad source fails now, before hours of base and zoo
         _check_evaluators_source(reuse)
     out.mkdir(parents=True, exist_ok=True)
-    _quiet()
     device = resolve_device(device)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
