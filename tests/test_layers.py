@@ -44,11 +44,12 @@ SOURCES = {"w2wkit": "w2wkit", "cli": "w2wkit.cli"}
 
 #: Layer of each module; a package entry covers its submodules unless they have their own.
 LAYERS: dict[str, int] = {
-    # 0 - foundations: version, errors, strict JSON, atomic output
+    # 0 - foundations: version, errors, strict JSON, atomic output, the progress bar
     "w2wkit": 0,
     "w2wkit.errors": 0,
     "w2wkit.jsonio": 0,
     "w2wkit.atomic": 0,
+    "w2wkit.progress": 0,
     # 1 - LoRA files <-> canonical Adapter
     "w2wkit.adapter": 1,
     "w2wkit.stio": 1,
@@ -71,7 +72,8 @@ LAYERS: dict[str, int] = {
     "w2wkit.synthetic": 4,
     # 5 - concept packs
     "w2wkit.concepts": 5,
-    # 6 - diffusion engine: renderer, inversion
+    # 6 - diffusion engine (pipelines, LoRA bank, sampler, DreamBooth loop); renderer, inversion
+    "w2wkit.diffusion": 6,
     "w2wkit.render": 6,
     "w2wkit.invert": 6,
     # 7 - the miniature world (never imports the evaluation); tiny test pipelines
@@ -106,13 +108,9 @@ KNOWN: dict[tuple[str, str], str] = {
     ("w2wkit.evaluate", "w2wkit.world.worldbuild"): _VIA_WB + " (evaluate takes IDENTITY_PROMPT)",
     ("w2wkit.evaluate", "w2wkit.world.measure"): _VIA_WB + " (evaluate takes instance_spec)",
     ("w2wkit.evaluate", "w2wkit.world.shipped"): _VIA_WB + " (evaluate loads the world)",
-    ("w2wkit.world.zoo", "w2wkit.world.worldbuild"): _WORLD_KNOT + ": zoo takes worldbuild._quiet",
     ("w2wkit.world.shipped", "w2wkit.world.worldbuild"): _WORLD_KNOT
     + ": shipped takes prompts, _zoo_jobs, _load_stacks, profile",
     ("w2wkit.world.measure", "w2wkit.world.shipped"): _WORLD_KNOT + ": measure loads the world",
-    ("w2wkit.world.measure", "w2wkit.world.zoo"): _WORLD_KNOT
-    + ": measure samples with zoo's sampler",
-    ("w2wkit.world.worldbuild", "w2wkit.world.zoo"): _WORLD_KNOT + ": the build trains the zoo",
     ("w2wkit.world.worldbuild", "w2wkit.world.measure"): _WORLD_KNOT
     + ": the build measures fidelity",
     ("w2wkit.world.worldbuild", "w2wkit.world.shipped"): _WORLD_KNOT
