@@ -44,12 +44,13 @@ SOURCES = {"w2wkit": "w2wkit", "cli": "w2wkit.cli"}
 
 #: Layer of each module; a package entry covers its submodules unless they have their own.
 LAYERS: dict[str, int] = {
-    # 0 - foundations: version, errors, strict JSON, atomic output, the progress bar
+    # 0 - foundations: version, errors, strict JSON, atomic output, progress bar, device resolver
     "w2wkit": 0,
     "w2wkit.errors": 0,
     "w2wkit.jsonio": 0,
     "w2wkit.atomic": 0,
     "w2wkit.progress": 0,
+    "w2wkit.devices": 0,
     # 1 - LoRA files <-> canonical Adapter
     "w2wkit.adapter": 1,
     "w2wkit.stio": 1,

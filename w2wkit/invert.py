@@ -767,8 +767,8 @@ def _prepare(
     notice: Callable[[str], None] | None,
     concept: Any,
 ) -> tuple[Any, np.ndarray, list[str], np.ndarray | None, str, Any]:
-    from w2wkit.diffusion.device import resolve_device
-    from w2wkit.diffusion.device import torch_dtype as _torch_dtype
+    from w2wkit.devices import resolve_device
+    from w2wkit.devices import torch_dtype as _torch_dtype
     from w2wkit.diffusion.pipeline import load_pipeline
 
     _check_space(space)

@@ -4,7 +4,7 @@ The renderer lives in the diffusion engine (:mod:`w2wkit.diffusion`): the
 sampler (:class:`Renderer`) in :mod:`w2wkit.diffusion.sampler`, the per-sample
 LoRA bank in :mod:`w2wkit.diffusion.bank`, pipeline loading in
 :mod:`w2wkit.diffusion.pipeline` and the device resolver in
-:mod:`w2wkit.diffusion.device`. This module keeps the names people import
+:mod:`w2wkit.devices`. This module keeps the names people import
 (``from w2wkit.render import Renderer, make_grid, resolve_device``).
 
 Importing it is cheap (torch and diffusers load when a function needs them).
@@ -12,13 +12,13 @@ Importing it is cheap (torch and diffusers load when a function needs them).
 
 from __future__ import annotations
 
+from w2wkit.devices import DTYPES, resolve_device
 from w2wkit.diffusion.bank import (
     LoraBank,
     StackedLayer,
     per_sample_lora,
     stack_adapters,
 )
-from w2wkit.diffusion.device import DTYPES, resolve_device
 from w2wkit.diffusion.pipeline import load_pipeline
 from w2wkit.diffusion.sampler import Renderer, RenderResult, make_grid, render
 

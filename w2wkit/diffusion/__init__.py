@@ -3,7 +3,6 @@
 =================  ==========================================================
 module             job
 =================  ==========================================================
-``device``         the device and dtype resolver (``resolve_device``)
 ``quiet``          the quiet context (diffusers/transformers output off, restored)
 ``pipeline``       opening a pipeline folder: SD1.x/SD2.x/SDXL, dtype, device, offload
 ``bank``           the per-sample LoRA bank (frozen: rendering, inversion;
@@ -14,14 +13,16 @@ module             job
 ``dreambooth``     the DreamBooth LoRA loop, many models in one batch
 =================  ==========================================================
 
-The renderer (:mod:`w2wkit.render`), inversion (:mod:`w2wkit.invert`), the
-miniature world's zoo and LoRA trainer, its fidelity measurement and the
-baselines are clients of these modules. Every module imports torch, diffusers
+The device and dtype resolver is :mod:`w2wkit.devices` (at the lowest layer, so
+that the solvers share it), re-exported here. The renderer (:mod:`w2wkit.render`),
+inversion (:mod:`w2wkit.invert`), the miniature world's zoo and LoRA trainer,
+its fidelity measurement and the baselines are clients of these modules. Every module imports torch, diffusers
 and peft inside its functions: importing the engine is cheap.
 """
 
 from __future__ import annotations
 
+from w2wkit.devices import DTYPES, resolve_device, torch_dtype
 from w2wkit.diffusion.bank import (
     LoraBank,
     StackedLayer,
@@ -30,7 +31,6 @@ from w2wkit.diffusion.bank import (
     stack_adapters,
     stack_factors,
 )
-from w2wkit.diffusion.device import DTYPES, resolve_device, torch_dtype
 from w2wkit.diffusion.dreambooth import DreamBooth
 from w2wkit.diffusion.loss import denoising_loss
 from w2wkit.diffusion.pipeline import load_pipeline, pipeline_kind

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from w2wkit.adapter import Adapter
+from w2wkit.devices import resolve_device
 from w2wkit.diffusion.bank import LoraBank, install_bank, lora_init
-from w2wkit.diffusion.device import resolve_device
 from w2wkit.diffusion.loss import denoising_loss
 from w2wkit.diffusion.pipeline import load_pipeline
 from w2wkit.diffusion.schedule import alphas_cumprod, noisy

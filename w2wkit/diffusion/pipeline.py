@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from w2wkit.diffusion.device import resolve_device, torch_device, torch_dtype
+from w2wkit.devices import resolve_device, torch_device, torch_dtype
 from w2wkit.diffusion.quiet import quiet
 from w2wkit.errors import FormatError, W2WError
 

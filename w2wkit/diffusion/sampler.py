@@ -36,13 +36,13 @@ from typing import Any
 import numpy as np
 
 from w2wkit.adapter import Adapter
+from w2wkit.devices import resolve_device, torch_dtype
 from w2wkit.diffusion.bank import (
     StackedLayer,
     check_against_pipeline,
     per_sample_lora,
     stack_adapters,
 )
-from w2wkit.diffusion.device import resolve_device, torch_dtype
 from w2wkit.diffusion.pipeline import load_pipeline
 from w2wkit.diffusion.schedule import sampling_scheduler
 from w2wkit.errors import OUTPUT_EXISTS, FormatError, W2WError

@@ -278,8 +278,8 @@ def measure_world(
         ``{concept: metrics}`` (see :func:`zoo_fidelity`) plus ``world`` and
         ``seconds``.
     """
+    from w2wkit.devices import resolve_device
     from w2wkit.diffusion.bank import stack_factors
-    from w2wkit.diffusion.device import resolve_device
     from w2wkit.diffusion.sampler import Renderer
     from w2wkit.world.shipped import load_world
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.adapter import Adapter
-from w2wkit.diffusion.device import resolve_device
+from w2wkit.devices import resolve_device
 from w2wkit.diffusion.dreambooth import DreamBooth
 from w2wkit.diffusion.quiet import quiet
 from w2wkit.errors import W2WError

@@ -1,4 +1,8 @@
-"""The one device and dtype resolver of w2wkit (torch is imported when called)."""
+"""The one device and dtype resolver of w2wkit (torch is imported when called).
+
+At the lowest layer so that every torch user can take it: the solvers (a fit on a GPU), the
+diffusion engine (:mod:`w2wkit.diffusion`, which re-exports it) and everything above.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +25,15 @@ DTYPES = {
 }
 
 
-def resolve_device(device: str | None = "auto") -> str:
+def resolve_device(device: str | None = "auto", *, error: type[W2WError] = W2WError) -> str:
     """``"auto"``/``None`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``.
+
+    Parameters
+    ----------
+    device : str or None
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    error : type
+        The :class:`W2WError` subclass raised (the solvers raise ``SpaceError``).
 
     Raises
     ------
@@ -35,7 +46,7 @@ def resolve_device(device: str | None = "auto") -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     dev = str(device)
     if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise W2WError(
+        raise error(
             f"'{dev}' asked for but torch sees no CUDA GPU",
             param="device",
             hint='use `device="cpu"`',
