@@ -16,8 +16,9 @@ module             job
 The device and dtype resolver is :mod:`w2wkit.devices` (at the lowest layer, so
 that the solvers share it), re-exported here. The renderer (:mod:`w2wkit.render`),
 inversion (:mod:`w2wkit.invert`), the miniature world's zoo and LoRA trainer,
-its fidelity measurement and the baselines are clients of these modules. Every module imports torch, diffusers
-and peft inside its functions: importing the engine is cheap.
+its fidelity measurement and the baselines are clients of these modules. Every
+module imports torch, diffusers and peft inside its functions: importing the
+engine is cheap.
 """
 
 from __future__ import annotations
