@@ -15,6 +15,7 @@ pytest.importorskip("peft")
 
 from w2wkit.errors import W2WError  # noqa: E402
 from w2wkit.formats.registry import read_adapter  # noqa: E402
+from w2wkit.testing import peft_dreambooth  # noqa: E402
 from w2wkit.world.lora import LoraSettings, LoraTrainer  # noqa: E402
 from w2wkit.world.zoo import (  # noqa: E402
     ZooSettings,
@@ -33,59 +34,6 @@ def base(micro_base: Path) -> Path:
     return micro_base  # shared (tests/conftest.py): read only
 
 
-def _peft_dreambooth(base: Path, s: LoraSettings, images: np.ndarray, prompt: str, seed: int):
-    """The reference: one model, a peft adapter, diffusers' add_noise, AdamW, as
-    diffusers' ``train_dreambooth_lora.py`` does it (no code shared with the engine)."""
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-
-    from w2wkit.adapter import Adapter, LoraLayer
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(base), torch_dtype=torch.float32)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-    targets = [
-        n for n, _ in pipe.unet.named_modules() if any(n.endswith("." + t) for t in s.targets)
-    ]
-    torch.manual_seed(s.init_seed)
-    pipe.unet.add_adapter(
-        LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=targets, init_lora_weights=True)
-    )
-    params = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
-    for p in params.values():
-        p.requires_grad_(True)
-    tok = pipe.tokenizer
-    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
-    with torch.no_grad():
-        ehs = pipe.text_encoder(ids.input_ids)[0]
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        lat = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-    sched = pipe.scheduler
-    gen = torch.Generator().manual_seed(int(seed))
-    opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=0.0)
-    for _ in range(s.steps):
-        idx = torch.randint(0, len(lat), (s.batch,), generator=gen)
-        x0 = lat[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (s.batch,), generator=gen)
-        pred = pipe.unet(
-            sched.add_noise(x0, noise, t), t, encoder_hidden_states=ehs.expand(s.batch, -1, -1)
-        ).sample
-        loss = torch.mean((pred - noise) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    layers = {
-        f"unet.{n}": LoraLayer(
-            down=params[f"{n}.lora_A.default.weight"].detach().numpy().copy(),
-            up=params[f"{n}.lora_B.default.weight"].detach().numpy().copy(),
-            alpha=float(s.alpha),
-        )
-        for n in targets
-    }
-    return Adapter(layers=layers, metadata={})
-
-
 def test_batched_equals_single_model_training(base: Path) -> None:
     """Model j of a batch of 3 == a peft DreamBooth loop on model j alone, same draws; and the
     engine's one-model trainer (LoraTrainer) gives the same."""
@@ -99,7 +47,7 @@ def test_batched_equals_single_model_training(base: Path) -> None:
     assert losses.shape == (3,) and np.isfinite(losses).all()
     one = LoraTrainer(base, ls)
     for j in (0, 2):
-        single = _peft_dreambooth(base, ls, imgs[j], "sks person", seeds[j])
+        single, _ = peft_dreambooth(base, ls, imgs[j], "sks person", seeds[j])
         alone, _ = one.train(imgs[j], "sks person", seed=seeds[j])
         for key, layer in alone.layers.items():  # the same loop with M = 1 (float rounding)
             tol = 1e-4 * np.abs(layer.up).max()
