@@ -154,8 +154,8 @@ class DreamBooth:
         factors = {}
         for t in self.targets:
             down = self.init_down[t]
-            out_f = self.pipe.unet.get_submodule(t)
-            out_f = getattr(out_f, "base_layer", out_f).out_features
+            layer = self.pipe.unet.get_submodule(t)
+            out_f = getattr(layer, "base_layer", layer).weight.shape[0]  # Linear or Conv2d
             factors[f"unet.{t}"] = (
                 down.unsqueeze(0).expand(n_models, *down.shape),
                 torch.zeros(n_models, out_f, self.rank),
