@@ -69,7 +69,7 @@ def miniature_pipeline(device: str, dtype: Any) -> Any:
 
 def build_pipeline(kind: str, device: str, dtype: Any) -> Any:
     """``tiny``, ``miniature`` or ``sd15``."""
-    from w2wkit.render import _quiet
+    from w2wkit.diffusion import quiet as _quiet
     from w2wkit.testing import tiny_pipeline
 
     with _quiet():
@@ -132,8 +132,9 @@ def random_space(pipe: Any, k: int, seed: int = 0, alpha: float = 1.0) -> Any:
 def run_case(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     import torch
 
+    from w2wkit.diffusion import resolve_device
+    from w2wkit.diffusion import torch_dtype as _torch_dtype
     from w2wkit.invert import invert
-    from w2wkit.render import _torch_dtype, resolve_device
 
     device = resolve_device(args.device)
     dtype = _torch_dtype(args.dtype or ("float32" if device == "cpu" else "bfloat16"))

@@ -200,7 +200,9 @@ def write_models(pipe: Any, n: int, folder: Path, kind: str = "tiny") -> list[Pa
 def run_case(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     import torch
 
-    from w2wkit.render import Renderer, _quiet, _torch_dtype, resolve_device
+    from w2wkit.diffusion import Renderer, resolve_device
+    from w2wkit.diffusion import quiet as _quiet
+    from w2wkit.diffusion import torch_dtype as _torch_dtype
 
     device = resolve_device(args.device)
     dtype = _torch_dtype(args.dtype)

@@ -2,8 +2,9 @@
 
 Both at the planned base size (``BaseSettings()`` architecture, untrained
 weights: the step time does not depend on them), the zoo recipe's batch of 4,
-one torch thread. The anchor is :class:`w2wkit.world.lora.LoraTrainer` (peft,
-one model per run) measured in the same run. One JSON line per case::
+one torch thread. The anchor is :func:`w2wkit.testing.peft_dreambooth` (a peft
+adapter, diffusers' ``add_noise``, one model per run, its loop timed alone)
+measured in the same run. One JSON line per case::
 
     python benchmarks/bench_world_zoo.py --steps 10 --models 8
 """
@@ -28,8 +29,9 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
+    from w2wkit.testing import peft_dreambooth
     from w2wkit.world import base_model as B
-    from w2wkit.world.lora import LoraSettings, LoraTrainer
+    from w2wkit.world.lora import LoraSettings
     from w2wkit.world.zoo import ZooSettings, ZooTrainer, render_job, zoo_jobs
 
     torch.set_num_threads(a.threads)
@@ -44,11 +46,10 @@ def main() -> None:
     jobs = zoo_jobs("identity", a.models)
     imgs = [render_job(j, 10) for j in jobs]
     rows = []
-    ref = LoraTrainer(tmp / "base", LoraSettings(steps=a.steps, threads=a.threads))
-    ref.train(imgs[0], "sks person", seed=0)  # warm-up
-    t0 = time.perf_counter()
-    ref.train(imgs[1], "sks person", seed=1)
-    anchor = (time.perf_counter() - t0) / a.steps  # seconds per step, one model
+    ls = LoraSettings(steps=a.steps, threads=a.threads)
+    peft_dreambooth(tmp / "base", ls, imgs[0], "sks person", seed=0)  # warm-up
+    _, seconds = peft_dreambooth(tmp / "base", ls, imgs[1], "sks person", seed=1)
+    anchor = seconds / a.steps  # seconds per step, one model
     zt = ZooTrainer(tmp / "base", ZooSettings(steps=a.steps, threads=a.threads, device=a.device))
     zt.train_chunk(imgs[:2], "sks person", [0, 1])  # warm-up
     t0 = time.perf_counter()

@@ -42,9 +42,9 @@ def main() -> None:
     from w2wkit import evaluation as E
 
     t_all = time.perf_counter()
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from w2wkit.devices import resolve_device
+
+    device = resolve_device(args.device)
     world = E.load_eval_world(args.world, device=device)
     s = replace(E.PROFILES[args.profile], device=device, batch_size=128 if device != "cpu" else 32)
     if args.calibrate_on:

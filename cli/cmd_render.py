@@ -12,7 +12,6 @@ from w2wkit.cli.common import (
     allow_pickle_option,
     console,
     device_option,
-    err_console,
     force_option,
     output_option,
     torch_dtype_option,
@@ -167,24 +166,18 @@ def render_cmd(
     originals, edit_ads, names = renderer.prepare(models, edited=edits, allow_pickle=allow_pickle)
     renderer.check(originals + (edit_ads or []))
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from w2wkit.progress import Bar
 
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("rendering", total=None)
+    prompt_list = list(prompts) or ["a photo of sks person"]
+    total = len(originals) * len(prompt_list) * len(seed_list)
+    with Bar(total, "rendering", unit="images", transient=True) as bar:
 
         def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            bar.set(done)
 
         result = renderer.render(
             originals,
-            list(prompts) or ["a photo of sks person"],
+            prompt_list,
             seed_list,
             steps=steps,
             guidance=guidance,

@@ -30,16 +30,17 @@ import numpy as np
 
 
 def _score(pipe, stacks, alpha, targets, ev, concept, prompt, refs_emb, test, cands):
-    from w2wkit.world.zoo import load_stacks, sample_images, set_index
+    from w2wkit.diffusion import Renderer, stack_factors
+    from w2wkit.world.measure import FidelitySettings, generate
 
-    mods = load_stacks(pipe, targets, stacks, alpha)
+    renderer = Renderer(pipe, device=str(pipe.unet.device))
+    bank = stack_factors({t: stacks[t] for t in targets}, alpha)
     k = 8
-    model = np.repeat(np.arange(len(test)), k).tolist()
-    seeds = (np.tile(np.arange(k), len(test)) + 10_000).tolist()
+    model = np.repeat(np.arange(len(test)), k)
+    seeds = np.tile(np.arange(k), len(test)) + 10_000
     t0 = time.time()
-    gen = sample_images(pipe, mods, model, [prompt] * len(model), seeds, steps=20, guidance=3.0)
+    gen = generate(renderer, bank, model, prompt, seeds, FidelitySettings(steps=20, guidance=3.0))
     t_gen = time.time() - t0
-    set_index(mods, None)
     g = ev.embed(concept, gen).reshape(len(test), k, -1)
     hits, single, own = [], [], []
     for a, mi in enumerate(test):

@@ -30,16 +30,15 @@ def main(argv: list[str]) -> dict:
     import torch
 
     from w2wkit.concepts import get_pack
+    from w2wkit.diffusion import Renderer, stack_factors
+    from w2wkit.world.measure import FidelitySettings, generate
     from w2wkit.world.pictures import render_instances
     from w2wkit.world.shipped import load_world
     from w2wkit.world.zoo import (
         ZooSettings,
         ZooTrainer,
         _model_seed,
-        load_stacks,
         render_job,
-        sample_images,
-        set_index,
         zoo_jobs,
     )
 
@@ -85,12 +84,13 @@ def main(argv: list[str]) -> dict:
         **{f"A|{t}": v[0] for t, v in stacks.items()},
         **{f"B|{t}": v[1] for t, v in stacks.items()},
     )
-    set_index(tr.modules, None)
-    mods = load_stacks(tr.pipe, tr.targets, stacks, alpha)
+    tr.release()
+    renderer = Renderer(tr.pipe, device="cpu")
     k = 2
-    model = np.repeat(np.arange(k_models), k).tolist()
-    seeds = (np.tile(np.arange(k), k_models) + 10_000).tolist()
-    gen = sample_images(tr.pipe, mods, model, [prompt] * len(model), seeds)
+    model = np.repeat(np.arange(k_models), k)
+    seeds = np.tile(np.arange(k), k_models) + 10_000
+    bank = stack_factors(stacks, alpha)
+    gen = generate(renderer, bank, model, prompt, seeds, FidelitySettings())
     ev = world.evaluators("cpu")
     refs = render_instances(concept, [(j.index, j.inst_seed) for j in jobs], 4, s.seed + 999, 32, 1)
     ref = ev.embed(concept, refs.reshape(-1, 32, 32, 3)).reshape(n_cand, 4, -1).mean(1)

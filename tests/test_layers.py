@@ -44,11 +44,13 @@ SOURCES = {"w2wkit": "w2wkit", "cli": "w2wkit.cli"}
 
 #: Layer of each module; a package entry covers its submodules unless they have their own.
 LAYERS: dict[str, int] = {
-    # 0 - foundations: version, errors, strict JSON, atomic output
+    # 0 - foundations: version, errors, strict JSON, atomic output, progress bar, device resolver
     "w2wkit": 0,
     "w2wkit.errors": 0,
     "w2wkit.jsonio": 0,
     "w2wkit.atomic": 0,
+    "w2wkit.progress": 0,
+    "w2wkit.devices": 0,
     # 1 - LoRA files <-> canonical Adapter
     "w2wkit.adapter": 1,
     "w2wkit.stio": 1,
@@ -71,7 +73,8 @@ LAYERS: dict[str, int] = {
     "w2wkit.synthetic": 4,
     # 5 - concept packs
     "w2wkit.concepts": 5,
-    # 6 - diffusion engine: renderer, inversion
+    # 6 - diffusion engine (pipelines, LoRA bank, sampler, DreamBooth loop); renderer, inversion
+    "w2wkit.diffusion": 6,
     "w2wkit.render": 6,
     "w2wkit.invert": 6,
     # 7 - the miniature world (never imports the evaluation); tiny test pipelines

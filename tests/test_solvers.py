@@ -350,7 +350,7 @@ def test_cuda_request_without_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     z = power_law(50, 40, seed=0)
-    with pytest.raises(SpaceError, match="torch sees no GPU"):
+    with pytest.raises(SpaceError, match="torch sees no CUDA GPU"):
         fit_pca(blocks_of(z, 10), 50, 40, 3, solver="randomized", device="cuda")
 
 

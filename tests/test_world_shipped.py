@@ -156,6 +156,10 @@ def test_interrupted_build_resumes(micro_world: Path, tmp_path: Path) -> None:
     assert log["phases"]["base"].get("resumed") is True
     assert (work / "shipped" / "manifest.json").exists()
     verify_world(work / "shipped")
+    # the metrics phase rendered through the engine's sampler without a swallowed error
+    metrics = json.loads((work / "metrics.json").read_text())
+    for key in ("base_prompting", "sampled_identity_models"):
+        assert "error" not in metrics[key], metrics[key]
 
 
 def test_unknown_concept_for_zoo_command(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ used for early stopping are comparable.
 Several images are inverted in one batch: every image has its own coefficient
 vector, its own random stream (timesteps and noise), its own Adam state and its
 own early stopping, and the UNet applies each sample's LoRA through
-:func:`w2wkit.render.per_sample_lora`. A batch therefore gives each image the
+:func:`w2wkit.diffusion.bank.per_sample_lora`. A batch therefore gives each image the
 result it would get alone (up to float rounding of batched matmuls).
 
 torch and diffusers are imported inside the functions that need them.
@@ -578,19 +578,19 @@ def _check_space(space: Any) -> None:
 
 def _check_space_pipeline(space: Any, pipe: Any) -> None:
     """One error naming the space's modules the pipeline lacks (or a shape that does not fit)."""
-    from w2wkit.render import _check_against_pipeline, _require_modules
+    from w2wkit.diffusion.bank import check_against_pipeline, require_modules
 
-    _require_modules(
+    require_modules(
         pipe,
         space.layout_.modules,
         "the space's",
         "the space was fitted on LoRAs of another base model",
     )
-    _check_against_pipeline(pipe, _zero_stack(space, 1))
+    check_against_pipeline(pipe, _zero_stack(space, 1))
 
 
 def _zero_stack(space: Any, n: int) -> dict[str, Any]:
-    from w2wkit.render import StackedLayer
+    from w2wkit.diffusion.bank import StackedLayer
 
     lay = space.layout_
     out = {}
@@ -619,6 +619,8 @@ class _Problem:
         dtype: Any,
     ) -> None:
         import torch
+
+        from w2wkit.diffusion.schedule import alphas_cumprod, prediction_type
 
         self.pipe = pipe
         self.device = device
@@ -650,15 +652,8 @@ class _Problem:
         self.te_patched = any(m.startswith("text_encoder.") for m in lay.modules)
         sched = pipe.scheduler
         self.T = int(sched.config.num_train_timesteps)
-        self.alphas_cumprod = torch.as_tensor(
-            np.asarray(sched.alphas_cumprod, dtype=np.float64), dtype=torch.float64
-        )
-        self.prediction_type = getattr(sched.config, "prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise W2WError(
-                f"scheduler prediction type {self.prediction_type!r} is not supported "
-                "(epsilon or v_prediction)"
-            )
+        self.alphas_cumprod = alphas_cumprod(sched, device)
+        self.prediction_type = prediction_type(sched)
         vae = pipe.vae
         sf = float(vae.config.scaling_factor)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -714,27 +709,23 @@ class _Problem:
         """Per-image loss ``(n,)`` for images ``rows`` with draws ``t (n,)``, ``noise``."""
         import torch
 
+        from w2wkit.diffusion.loss import denoising_loss
+        from w2wkit.diffusion.schedule import noisy, target
+
         n = coef.shape[0]
         self.set_models(patch, coef)
         lat = self.latents.index_select(0, rows)
-        a = self.alphas_cumprod.index_select(0, t.cpu()).to(self.device)
-        a = a.float().view(n, 1, 1, 1)
-        noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
-        target = (
-            noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * lat
-        )
+        acp = self.alphas_cumprod
+        x_t = noisy(lat, noise, t, acp)
+        want = target(lat, noise, t, acp, self.prediction_type)
         patch.set_index("unet", torch.arange(n, device=self.device))
         emb = self.embeddings(patch, n)
         pred = self.pipe.unet(
-            noisy.to(self.dtype), t.to(self.device), encoder_hidden_states=emb, return_dict=False
-        )[0].float()
+            x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=emb, return_dict=False
+        )[0]
         patch.set_index("unet", None)
-        err = (pred - target) ** 2
-        if self.masks is None:
-            return err.mean(dim=(1, 2, 3))
-        m = self.masks.index_select(0, rows)
-        c = err.shape[1]
-        return (err * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * c)
+        mask = None if self.masks is None else self.masks.index_select(0, rows)
+        return denoising_loss(pred, want, mask)
 
 
 def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
@@ -776,7 +767,9 @@ def _prepare(
     notice: Callable[[str], None] | None,
     concept: Any,
 ) -> tuple[Any, np.ndarray, list[str], np.ndarray | None, str, Any]:
-    from w2wkit.render import _torch_dtype, load_pipeline, resolve_device
+    from w2wkit.devices import resolve_device
+    from w2wkit.devices import torch_dtype as _torch_dtype
+    from w2wkit.diffusion.pipeline import load_pipeline
 
     _check_space(space)
     dev = resolve_device(device)
@@ -1011,45 +1004,31 @@ def _json(obj: Any) -> str:
 
 
 class _ProgressBar:
+    """The inversion's progress: the one :class:`w2wkit.progress.Bar` (with the loss) and/or a
+    callback ``progress(step, steps, loss)``."""
+
     def __init__(self, progress: Any, total: int) -> None:
+        from w2wkit.progress import Bar
+
         self.callback = progress if callable(progress) else None
-        self.rich = progress is True
-        self.total = total
-        self._bar: Any = None
-        self._task: Any = None
+        self.bar = Bar(
+            total,
+            "inverting",
+            enabled=progress is True,
+            unit="steps",
+            transient=True,
+            fields={"loss": "-"},
+        )
 
     def __enter__(self) -> _ProgressBar:
-        if self.rich:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                "loss {task.fields[loss]}",
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self._bar.__enter__()
-            self._task = self._bar.add_task("inverting", total=self.total, loss="-")
+        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
+        self.bar.__exit__(*exc)
 
     def update(self, advance: int, step: int, steps: int, loss: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=advance, loss=f"{loss:.4f}")
+        self.bar.update(advance, loss=f"{loss:.4f}")
         if self.callback is not None:
             self.callback(step, steps, loss)
 
@@ -1069,7 +1048,7 @@ def _optimise(
     """Adam on the coefficients of ``rows``; per-image state, draws and stopping."""
     import torch
 
-    from w2wkit.render import per_sample_lora
+    from w2wkit.diffusion.bank import per_sample_lora
 
     n, k, dev = len(rows), problem.k, problem.device
     beta1, beta2, eps = 0.9, 0.999, 1e-8
@@ -1173,7 +1152,7 @@ def inversion_loss(
     """
     import torch
 
-    from w2wkit.render import per_sample_lora
+    from w2wkit.diffusion.bank import per_sample_lora
 
     notices: list[str] = []
     pipe, arr, _, masks, dev, tdtype = _prepare(

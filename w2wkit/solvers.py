@@ -748,12 +748,9 @@ class _TorchOps(_NumpyOps):
     def __init__(self, device: str) -> None:
         import torch
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise SpaceError(
-                f"'{device}' asked for but torch sees no GPU",
-                param="device",
-                hint='use `device="cpu"`',
-            )
+        from w2wkit.devices import resolve_device
+
+        device = resolve_device(device, error=SpaceError)
         self.torch = torch
         self.device = torch.device(device)
         self.name = str(self.device)

@@ -162,14 +162,11 @@ def planted_collection(
     signal = float(np.sqrt((spectrum**2).sum()) * 0.02)
     files: list[Path] = []
     suffix = "" if fmt == "peft" else ".safetensors"
-    bar = None
-    if progress:
-        from rich.progress import Progress
+    from w2wkit.progress import Bar
 
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("writing planted LoRAs", total=n_models)
-    try:
+    with Bar(
+        n_models, "writing planted LoRAs", enabled=progress, unit="models", transient=True
+    ) as bar:
         for i in range(n_models):
             flat = init + (latent[i] @ basis).astype(np.float32)
             flat += rng.standard_normal(d).astype(np.float32) * (noise * signal)
@@ -185,11 +182,7 @@ def planted_collection(
             prov = provenance_metadata("w2wkit.synthetic.planted_collection", seed=seed, row=i)
             write_adapter(Adapter(layers), path, format=fmt, overwrite=True, provenance=prov)
             files.append(path)
-            if bar is not None:
-                bar.advance(task)
-    finally:
-        if bar is not None:
-            bar.stop()
+            bar.advance(1)
     labels_path = out.parent / f"{out.name}-labels.csv"
     with open(labels_path, "w", newline="") as fh:
         writer = csv.writer(fh)

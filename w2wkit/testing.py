@@ -37,6 +37,7 @@ __all__ = [
     "attention_modules",
     "component_module",
     "module_shapes",
+    "peft_dreambooth",
     "random_adapter",
     "relative_error",
     "tiny_pipeline",
@@ -350,3 +351,87 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     e = np.asarray(expected, np.float64)
     denom = float(np.linalg.norm(e))
     return float(np.linalg.norm(a - e)) / (denom if denom > 0 else 1.0)
+
+
+def peft_dreambooth(
+    base: str | Path, settings: Any, images: np.ndarray, prompt: str, seed: int
+) -> tuple[Adapter, float]:
+    """A reference DreamBooth LoRA loop for one model, sharing no code with the engine.
+
+    In the style of diffusers' ``train_dreambooth_lora.py``: a peft adapter on the UNet
+    (after ``torch.manual_seed(settings.init_seed)``), diffusers' ``add_noise``, AdamW
+    without weight decay; each step draws ``batch`` picture indices, the noise and
+    ``batch`` timesteps from one generator seeded with ``seed``. The tests check the
+    engine's batched trainer against it; ``benchmarks/bench_world_zoo.py`` uses it as
+    the one-model-at-a-time anchor.
+
+    Parameters
+    ----------
+    base : path
+        A ``StableDiffusionPipeline`` folder.
+    settings : LoraSettings
+        ``rank``, ``alpha``, ``targets``, ``steps``, ``batch``, ``lr``, ``init_seed``.
+    images : numpy.ndarray
+        ``(n, H, W, 3)`` uint8.
+    prompt : str
+    seed : int
+
+    Returns
+    -------
+    adapter : Adapter
+        ``unet.<module>`` -> LoraLayer.
+    seconds : float
+        Wall time of the training loop alone (not the loading).
+    """
+    import time
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    s = settings
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), torch_dtype=torch.float32)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+    targets = [
+        n for n, _ in pipe.unet.named_modules() if any(n.endswith("." + t) for t in s.targets)
+    ]
+    torch.manual_seed(s.init_seed)
+    pipe.unet.add_adapter(
+        LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=targets, init_lora_weights=True)
+    )
+    params = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    for p in params.values():
+        p.requires_grad_(True)
+    tok = pipe.tokenizer
+    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ehs = pipe.text_encoder(ids.input_ids)[0]
+        x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        lat = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    sched = pipe.scheduler
+    gen = torch.Generator().manual_seed(int(seed))
+    opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=0.0)
+    for _ in range(s.steps):
+        idx = torch.randint(0, len(lat), (s.batch,), generator=gen)
+        x0 = lat[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (s.batch,), generator=gen)
+        pred = pipe.unet(
+            sched.add_noise(x0, noise, t), t, encoder_hidden_states=ehs.expand(s.batch, -1, -1)
+        ).sample
+        loss = torch.mean((pred - noise) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    seconds = time.perf_counter() - t0
+    layers = {
+        f"unet.{n}": LoraLayer(
+            down=params[f"{n}.lora_A.default.weight"].detach().numpy().copy(),
+            up=params[f"{n}.lora_B.default.weight"].detach().numpy().copy(),
+            alpha=float(s.alpha),
+        )
+        for n in targets
+    }
+    return Adapter(layers=layers, metadata={}), seconds

@@ -633,22 +633,3 @@ def rare_token_unused(data: CaptionedImages, n: int = 2000, seed: int = 0) -> bo
 def unet_lora_targets(unet: Any, names: Sequence[str] = ("to_q", "to_v")) -> list[str]:
     """Module names of the UNet's attention projections called ``names``."""
     return [n for n, _ in unet.named_modules() if n.rsplit(".", 1)[-1] in names]
-
-
-def _quiet() -> None:
-    """Silence the per-load progress bars of diffusers / transformers."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        from transformers.utils import logging as tlog
-
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass

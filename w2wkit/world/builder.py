@@ -44,13 +44,14 @@ from typing import Any
 import numpy as np
 
 from w2wkit.concepts import full_prompt, get_pack
+from w2wkit.diffusion.quiet import quiet
 from w2wkit.errors import W2WError
 from w2wkit.world import CONCEPTS, HELDOUT_CONCEPT
-from w2wkit.world.base_model import CaptionedImages, _quiet
+from w2wkit.world.base_model import CaptionedImages
 from w2wkit.world.measure import fidelity_settings
 from w2wkit.world.profiles import PROFILES, WorldProfile, profile, zoo_jobs_for
 
-__all__ = ["PHASE_SHARES", "build_world", "main", "mods_of", "sample_space"]
+__all__ = ["PHASE_SHARES", "build_world", "main", "sample_space"]
 
 #: Relative share of the remaining time budget of each timed phase. The zoo's share
 #: was raised from 0.17 (unet 0.50) with the 600-step recipe: on the first H100 build the
@@ -459,12 +460,11 @@ def _phase_evaluators(
 
 
 def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, workers: int) -> dict:
-    from diffusers import StableDiffusionPipeline
-
+    from w2wkit.diffusion.bank import stack_factors
+    from w2wkit.diffusion.sampler import Renderer
     from w2wkit.world.evaluators import load_evaluators
     from w2wkit.world.measure import zoo_fidelity
     from w2wkit.world.shipped import read_stacks
-    from w2wkit.world.zoo import load_stacks
 
     path = out / "metrics.json"
     if path.exists():
@@ -472,8 +472,7 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
     t0 = time.time()
     budget = clock.budget("metrics")
     ev = load_evaluators(out / "evaluators", device)
-    pipe = StableDiffusionPipeline.from_pretrained(str(out / "base"), local_files_only=True)
-    pipe.to(device)
+    renderer = Renderer(out / "base", device=device)
     metrics: dict[str, Any] = {}
     rng = np.random.default_rng(prof.base.seed + 123)
     jobs = zoo_jobs_for(prof)
@@ -481,13 +480,12 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
         stacks, names = read_stacks(out / "zoo" / concept, js)
         if not names:
             continue
-        targets = list(stacks)
-        mods = load_stacks(pipe, targets, stacks, float(prof.zoo.alpha))
+        bank = stack_factors(stacks, float(prof.zoo.alpha))
         prompt = full_prompt(concept)
         by_name = {j.name: j for j in js}
         specs = [(by_name[n].index, by_name[n].inst_seed) for n in names]
         fid, test, gen_imgs = zoo_fidelity(
-            pipe, mods, ev, concept, specs, prompt, fidelity_settings(prof), rng, workers
+            renderer, bank, ev, concept, specs, prompt, fidelity_settings(prof), rng, workers
         )
         model_index = np.repeat(test, prof.fidelity_seeds)
         # attributes read on the generations vs the model's ground truth
@@ -514,7 +512,7 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
             metrics[f"explained_variance_{concept}"] = _explained_variance(stacks)
             try:
                 metrics[f"sampled_{concept}_models"] = _sampled_consistency(
-                    pipe, ev, prof, stacks, rng, prompt, concept
+                    renderer, ev, prof, stacks, rng, prompt, concept
                 )
             except Exception as exc:  # a metric must not sink the build
                 metrics[f"sampled_{concept}_models"] = {"error": repr(exc)}
@@ -523,7 +521,7 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
             break
     # base-model generations with full captions: does the classifier read the prompt?
     try:
-        metrics["base_prompting"] = _base_prompting(pipe, ev, prof, mods_of(pipe))
+        metrics["base_prompting"] = _base_prompting(renderer, ev, prof)
     except Exception as exc:  # a metric must not sink the build
         metrics["base_prompting"] = {"error": repr(exc)}
     metrics["seconds"] = time.time() - t0
@@ -531,13 +529,8 @@ def _phase_metrics(out: Path, prof: WorldProfile, device: str, clock: _Clock, wo
     return metrics
 
 
-def mods_of(pipe: Any) -> dict[str, Any]:
-    """The multi-LoRA modules installed in ``pipe.unet`` (name -> module)."""
-    return {n: m for n, m in pipe.unet.named_modules() if hasattr(m, "index") and hasattr(m, "A")}
-
-
-def _base_prompting(pipe: Any, ev: Any, prof: WorldProfile, mods: dict) -> dict[str, Any]:
-    from w2wkit.world.zoo import sample_images
+def _base_prompting(renderer: Any, ev: Any, prof: WorldProfile) -> dict[str, Any]:
+    from w2wkit.world.measure import generate
 
     out = {}
     for concept in CONCEPTS:
@@ -549,8 +542,8 @@ def _base_prompting(pipe: Any, ev: Any, prof: WorldProfile, mods: dict) -> dict[
             else [gen.instance(i, 3000 + prof.base.seed) for i in range(n)]
         )
         prompts = [gen.caption(i) for i in insts]
-        imgs = sample_images(
-            pipe, mods, None, prompts, list(range(len(prompts))), prof.sample_steps, prof.guidance
+        imgs = generate(
+            renderer, None, None, prompts, np.arange(len(prompts)), fidelity_settings(prof)
         )
         truth = np.stack([i.attribute_vector() for i in insts]).astype(bool)
         acc = ((ev.attributes(concept, imgs) > 0.5) == truth).mean(0)
@@ -603,7 +596,7 @@ def sample_space(
 
 
 def _sampled_consistency(
-    pipe: Any,
+    renderer: Any,
     ev: Any,
     prof: WorldProfile,
     stacks: dict,
@@ -612,23 +605,17 @@ def _sampled_consistency(
     concept: str,
 ) -> dict[str, Any]:
     """Models sampled from a concept's space: ID score across seeds, same vs other model."""
-    from w2wkit.world.zoo import load_stacks, sample_images
+    from w2wkit.diffusion.bank import stack_factors
+    from w2wkit.world.measure import generate
 
     n = min(50, max(2, prof.fidelity_models // 4))
     k = min(1000, len(next(iter(stacks.values()))[0]) - 1)
     sampled = sample_space(stacks, n, k, rng)
-    mods = load_stacks(pipe, list(sampled), sampled, float(prof.zoo.alpha))
+    bank = stack_factors(sampled, float(prof.zoo.alpha))
     per = max(2, prof.fidelity_seeds)
     idx = np.repeat(np.arange(n), per)
-    imgs = sample_images(
-        pipe,
-        mods,
-        idx.tolist(),
-        [prompt] * len(idx),
-        (np.tile(np.arange(per), n) + 20_000).tolist(),
-        steps=prof.sample_steps,
-        guidance=prof.guidance,
-    )
+    seeds = np.tile(np.arange(per), n) + 20_000
+    imgs = generate(renderer, bank, idx, prompt, seeds, fidelity_settings(prof))
     e = ev.embed(concept, imgs)
     cos = e @ e.T
     same = (idx[:, None] == idx[None, :]) & ~np.eye(len(idx), dtype=bool)
@@ -662,6 +649,7 @@ def _explained_variance(stacks: dict) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
+@quiet()  # diffusers/transformers output off for the build, restored after it
 def build_world(
     out: str | os.PathLike[str],
     profile_name: str = "full",
@@ -714,7 +702,6 @@ def build_world(
     if reuse is not None:  # a bad source fails now, before hours of base and zoo
         _check_evaluators_source(reuse)
     out.mkdir(parents=True, exist_ok=True)
-    _quiet()
     device = resolve_device(device)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True

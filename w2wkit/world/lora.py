@@ -5,7 +5,8 @@ The paper's recipe, scaled down: one LoRA per instance (identity, breed) on
 of every attention module of the UNet, and the **same initialisation seed for
 every model** (so the factors of different models are comparable). Written as
 standard LoRA files through :func:`w2wkit.formats.write_adapter`. Resumable:
-finished models are skipped and every file is written atomically.
+finished models are skipped and every file is written atomically. The training
+loop is the diffusion engine's (:mod:`w2wkit.diffusion.dreambooth`).
 
 torch, diffusers and peft are imported inside the functions.
 """
@@ -21,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from w2wkit.adapter import Adapter, LoraLayer
-from w2wkit.world.tokenizer import token_ids
+from w2wkit.adapter import Adapter
 
 __all__ = ["LoraSettings", "LoraTrainer"]
 
@@ -36,7 +36,7 @@ class LoraSettings:
     rank, alpha : LoRA rank and alpha (scale = alpha / rank).
     targets : names of the UNet projections that get a LoRA (a module is targeted when its
         name equals or ends in ``.<target>``, e.g. ``to_q``, ``to_out.0``, ``ff.net.2``).
-    steps, batch, lr : AdamW training budget.
+    steps, batch, lr : Adam training budget (no weight decay).
     n_images : renders of the instance used for training.
     init_seed : seed of the LoRA initialisation, the same for every model.
     seed : seed of renders and noise (combined with the instance index).
@@ -58,50 +58,46 @@ class LoraSettings:
 
 
 class LoraTrainer:
-    """Trains instance LoRAs on one base pipeline, reusing the loaded models.
+    """Trains instance LoRAs one at a time on one base pipeline, reusing the loaded models.
+
+    A client of the engine's DreamBooth loop
+    (:class:`w2wkit.diffusion.dreambooth.DreamBooth`) with one model per batch;
+    the zoo (:class:`w2wkit.world.zoo.ZooTrainer`) runs the same loop with many.
 
     Parameters
     ----------
     base : path
         Folder of the base pipeline (``StableDiffusionPipeline`` layout).
     settings : LoraSettings, optional
+    device : str
+        ``cpu``, ``cuda`` or ``auto``.
     """
 
-    def __init__(self, base: str | os.PathLike[str], settings: LoraSettings | None = None) -> None:
+    def __init__(
+        self,
+        base: str | os.PathLike[str],
+        settings: LoraSettings | None = None,
+        device: str = "cpu",
+    ) -> None:
         import torch
-        from diffusers import StableDiffusionPipeline
-        from peft import LoraConfig
+
+        from w2wkit.diffusion.dreambooth import DreamBooth
 
         self.settings = s = settings or LoraSettings()
         torch.set_num_threads(s.threads)
         self.base = str(base)
-        pipe = StableDiffusionPipeline.from_pretrained(self.base, local_files_only=True)
-        self.pipe = pipe
-        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-            m.requires_grad_(False)
-            m.eval()
-        self.targets = [
-            n
-            for n, _ in pipe.unet.named_modules()
-            if any(n == t or n.endswith("." + t) for t in s.targets)
-        ]
-        torch.manual_seed(s.init_seed)  # same initialisation for every model
-        pipe.unet.add_adapter(
-            LoraConfig(
-                r=s.rank, lora_alpha=s.alpha, target_modules=self.targets, init_lora_weights=True
-            )
+        self.engine = DreamBooth(
+            base,
+            targets=s.targets,
+            rank=s.rank,
+            alpha=s.alpha,
+            init_seed=s.init_seed,
+            device=device,
         )
-        self.lora_params = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
-        for p in self.lora_params.values():
-            p.requires_grad_(True)
-        self.init_state = {n: p.detach().clone() for n, p in self.lora_params.items()}
-
-    def _embed(self, prompt: str) -> Any:
-        import torch
-
-        ids = token_ids(self.pipe.tokenizer, [prompt])
-        with torch.no_grad():
-            return self.pipe.text_encoder(ids)[0]
+        self.device = self.engine.device
+        self.pipe = self.engine.pipe
+        self.targets = self.engine.targets
+        self.engine.install(1)  # the shared initialisation, before any training
 
     def train(self, images: np.ndarray, prompt: str, seed: int = 0) -> tuple[Adapter, float]:
         """Train one LoRA from the shared initialisation.
@@ -122,45 +118,15 @@ class LoraTrainer:
         loss : float
             Mean loss of the last 20% of steps.
         """
-        import torch
-
         s = self.settings
-        with torch.no_grad():
-            for n, p in self.lora_params.items():
-                p.copy_(self.init_state[n])
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            lat = self.pipe.vae.encode(x).latent_dist.mean * self.pipe.vae.config.scaling_factor
-        ehs = self._embed(prompt)
-        sched = self.pipe.scheduler
-        gen = torch.Generator().manual_seed(int(seed))
-        opt = torch.optim.AdamW(list(self.lora_params.values()), lr=s.lr, weight_decay=0.0)
-        losses = []
-        unet = self.pipe.unet
-        for _ in range(s.steps):
-            idx = torch.randint(0, len(lat), (s.batch,), generator=gen)
-            x0 = lat[idx]
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, sched.config.num_train_timesteps, (s.batch,), generator=gen)
-            pred = unet(
-                sched.add_noise(x0, noise, t), t, encoder_hidden_states=ehs.expand(s.batch, -1, -1)
-            ).sample
-            loss = torch.mean((pred - noise) ** 2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        tail = losses[int(0.8 * len(losses)) :] or losses
-        return self.to_adapter(), float(np.mean(tail))
+        adapters, losses = self.engine.train(
+            [np.asarray(images)], prompt, [int(seed)], steps=s.steps, batch=s.batch, lr=s.lr
+        )
+        return adapters[0], float(losses[0])
 
     def to_adapter(self) -> Adapter:
         """The current LoRA weights as an :class:`Adapter` (module order of the UNet)."""
-        s = self.settings
-        layers: dict[str, LoraLayer] = {}
-        for name in self.targets:
-            a = self.lora_params[f"{name}.lora_A.default.weight"].detach().numpy().copy()
-            b = self.lora_params[f"{name}.lora_B.default.weight"].detach().numpy().copy()
-            layers[f"unet.{name}"] = LoraLayer(down=a, up=b, alpha=float(s.alpha))
-        return Adapter(layers=layers, metadata={})
+        return self.engine.adapters()[0]
 
     def train_many(
         self,

@@ -6,7 +6,9 @@ with other settings (``w2wkit world measure``), without changing the world.
 
 Protocol (the issue's "zoo fidelity"): for each of ``models`` zoo models chosen at
 random, render ``generations`` pictures with the model's LoRA and its training
-prompt (DDIM ``steps``, classifier-free guidance ``guidance``, seeds ``10000 ..``);
+prompt (DDIM ``steps``, classifier-free guidance ``guidance``, seeds ``10000 ..``;
+rendered by the engine's sampler, :meth:`w2wkit.diffusion.sampler.Renderer.sample`,
+the one the evaluation renders with);
 render ``ref_images`` procedural pictures of every zoo instance (new nuisance
 draws) and average their identity embeddings into one unit reference per
 instance. The model is matched when its own instance has the highest mean cosine
@@ -59,6 +61,11 @@ class FidelitySettings:
         Seed of the model and candidate draws.
     ref_seed : int
         Seed of the reference renders' nuisance.
+    scheduler : str
+        Sampling scheduler of the generations (a name of
+        :data:`w2wkit.diffusion.schedule.SCHEDULERS`).
+    batch_size : int
+        Pictures per UNet call.
     """
 
     models: int = 200
@@ -69,10 +76,12 @@ class FidelitySettings:
     guidance: float = 3.0
     seed: int = 123
     ref_seed: int = 999
+    scheduler: str = "ddim"
+    batch_size: int = 256
 
     def check(self) -> None:
         """Raise :class:`W2WError` naming the first invalid value."""
-        for key in ("models", "generations", "ref_images", "steps"):
+        for key in ("models", "generations", "ref_images", "steps", "batch_size"):
             if int(getattr(self, key)) < 1:
                 raise W2WError(f"must be >= 1, got {getattr(self, key)}", param=key)
         if int(self.candidates) < 2:
@@ -82,8 +91,8 @@ class FidelitySettings:
 
 
 def zoo_fidelity(
-    pipe: Any,
-    modules: dict[str, Any],
+    renderer: Any,
+    bank: dict[str, Any],
     evaluators: Any,
     concept: str,
     specs: list[tuple[int, int]],
@@ -96,11 +105,11 @@ def zoo_fidelity(
 
     Parameters
     ----------
-    pipe : StableDiffusionPipeline
-        The base, with the zoo's ``M`` models installed as ``modules``
-        (:func:`w2wkit.world.zoo.load_stacks`).
-    modules : dict
-        The installed multi-LoRA modules.
+    renderer : w2wkit.diffusion.sampler.Renderer
+        The sampler on the zoo's base pipeline.
+    bank : dict of str to StackedLayer
+        The zoo's ``M`` models stacked
+        (:func:`w2wkit.diffusion.bank.stack_factors` of the world's stacks).
     evaluators : w2wkit.world.evaluators.Evaluators
     concept : str
     specs : list of (int, int)
@@ -126,7 +135,6 @@ def zoo_fidelity(
         ``(n * generations, H, W, 3)`` uint8, model-major.
     """
     from w2wkit.world.pictures import render_instances
-    from w2wkit.world.zoo import sample_images
 
     settings.check()
     m = len(specs)
@@ -137,15 +145,7 @@ def zoo_fidelity(
     model_index = np.repeat(test, k)
     seeds = np.tile(np.arange(k), len(test)) + 10_000
     tg = time.time()
-    gen_imgs = sample_images(
-        pipe,
-        modules,
-        model_index.tolist(),
-        [prompt] * len(model_index),
-        seeds.tolist(),
-        steps=int(settings.steps),
-        guidance=float(settings.guidance),
-    )
+    gen_imgs = generate(renderer, bank, model_index, prompt, seeds, settings)
     t_gen = time.time() - tg
     size = int(gen_imgs.shape[1])
     r = int(settings.ref_images)
@@ -182,6 +182,50 @@ def zoo_fidelity(
         "fidelity_settings": asdict(settings),
     }
     return metrics, test, gen_imgs
+
+
+def generate(
+    renderer: Any,
+    bank: dict[str, Any] | None,
+    model_index: np.ndarray | None,
+    prompt: str | list[str],
+    seeds: np.ndarray,
+    settings: FidelitySettings,
+) -> np.ndarray:
+    """The fidelity protocol's generations: one picture per (model, seed), uint8.
+
+    Parameters
+    ----------
+    renderer : w2wkit.diffusion.sampler.Renderer
+    bank : dict of str to StackedLayer, or None
+        Stacked models; ``None`` (with ``model_index=None``) renders the base.
+    model_index : numpy.ndarray or None
+        ``(n,)`` model of each picture.
+    prompt : str or list of str
+        One prompt for all, or ``(n,)``.
+    seeds : numpy.ndarray
+        ``(n,)`` noise seeds.
+    settings : FidelitySettings
+        ``steps``, ``guidance``, ``scheduler``, ``batch_size``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, H, W, 3)`` uint8.
+    """
+    n = len(seeds)
+    prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+    imgs = renderer.sample(
+        bank,
+        None if model_index is None else np.asarray(model_index).tolist(),
+        prompts,
+        np.asarray(seeds).tolist(),
+        steps=int(settings.steps),
+        guidance=float(settings.guidance),
+        scheduler=settings.scheduler,
+        batch_size=int(settings.batch_size),
+    )
+    return np.round(imgs * 255.0).astype(np.uint8)
 
 
 def instance_spec(name: str) -> tuple[int, int]:
@@ -241,9 +285,10 @@ def measure_world(
         ``{concept: metrics}`` (see :func:`zoo_fidelity`) plus ``world`` and
         ``seconds``.
     """
-    from w2wkit.render import resolve_device
+    from w2wkit.devices import resolve_device
+    from w2wkit.diffusion.bank import stack_factors
+    from w2wkit.diffusion.sampler import Renderer
     from w2wkit.world.shipped import load_world
-    from w2wkit.world.zoo import load_stacks
 
     s = settings or FidelitySettings()
     s.check()
@@ -252,15 +297,15 @@ def measure_world(
         w._check_concept(c)
     dev = resolve_device(device)
     t0 = time.time()
-    pipe = w.load_pipeline(device=dev)
+    renderer = Renderer(w.load_pipeline(device=dev), device=dev)
     ev = w.evaluators(device=dev)
     rng = np.random.default_rng(s.seed)
     out: dict[str, Any] = {"world": str(Path(w.root))}
     for c in concepts:
         stacks = w.stack(c)
         specs = _specs_from_names(c, w.names(c))
-        mods = load_stacks(pipe, w.targets, stacks, float(w.stack_meta["alpha"]))
-        metrics, _, _ = zoo_fidelity(pipe, mods, ev, c, specs, w.prompt(c), s, rng, workers)
+        bank = stack_factors(stacks, float(w.stack_meta["alpha"]))
+        metrics, _, _ = zoo_fidelity(renderer, bank, ev, c, specs, w.prompt(c), s, rng, workers)
         out[c] = metrics
         if progress is not None:
             progress(

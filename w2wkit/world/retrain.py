@@ -497,9 +497,9 @@ def _retrain_embedder(
     before["verification_auc"] = roc_auc_verification(old.embed(concept, d["tx"]), d["towner"])
     t_render = time.time() - t0
     _say(f"retrain-embedder: {len(d['xe'])} pictures rendered in {t_render:.0f} s")
-    from w2wkit.world.zoo import _Bar
+    from w2wkit.progress import Bar
 
-    with _Bar(s.steps, f"{concept} embedder", enabled=progress, unit="steps") as bar:
+    with Bar(s.steps, f"{concept} embedder", enabled=progress, unit="steps") as bar:
         net, log_e = train_embedder(d["xe"], d["cls"], s, lambda done, _: bar.set(done))
     nets = {**old.nets, ("emb", concept): net.eval()}
     ev = Evaluators(nets, old.config, device)

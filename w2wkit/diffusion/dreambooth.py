@@ -1,0 +1,319 @@
+"""The one DreamBooth LoRA loop: many models trained in one batch, each as if alone.
+
+:class:`DreamBooth` loads a base pipeline once and trains ``M`` LoRAs at a
+time in a trainable :class:`~w2wkit.diffusion.bank.LoraBank` (``M = 1`` is the
+classic one-model loop). A batch mixes the samples of all ``M`` models and each
+sample goes through its own model's factors::
+
+    out[s] = W x[s] + (alpha / r) * B[m(s)] @ A[m(s)] @ x[s]
+
+The loss is the sum over models of each model's own mean loss, so each model's
+gradient is exactly the gradient it would get alone (the UNet has no
+batch-coupling layer). Adam is elementwise, so one optimizer over the stacked
+tensors is ``M`` independent optimizers (no weight decay, no clipping). Every
+model starts from the same initialisation (peft's: ``A`` from
+``torch.manual_seed(init_seed)``, ``B = 0``), the paper's shared seed.
+
+Random draws: model ``j`` has its own ``torch.Generator`` seeded with
+``seeds[j]``; each step it draws, in this order, ``batch`` picture indices,
+the noise ``(batch, C, h, w)`` and ``batch`` timesteps (then the same three for
+its prior-preservation samples). So a model's training does not depend on which
+other models share its batch (``tests/test_world_zoo.py`` checks a batch of 3
+against a one-model peft loop).
+
+torch, diffusers and peft are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from w2wkit.adapter import Adapter
+from w2wkit.devices import resolve_device
+from w2wkit.diffusion.bank import LoraBank, install_bank, lora_init
+from w2wkit.diffusion.loss import denoising_loss
+from w2wkit.diffusion.pipeline import load_pipeline
+from w2wkit.diffusion.schedule import alphas_cumprod, noisy
+from w2wkit.errors import W2WError
+
+__all__ = ["DreamBooth", "is_target"]
+
+
+def is_target(name: str, targets: Sequence[str]) -> bool:
+    """Whether module ``name`` is targeted: equal to or ending in ``.<target>`` (as peft)."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class DreamBooth:
+    """A base pipeline loaded once, training batches of LoRAs of one recipe.
+
+    Parameters
+    ----------
+    base : path or diffusers pipeline
+        The base pipeline (a folder is opened in float32 whatever it stores).
+    targets : sequence of str
+        UNet module names (or name endings) that get a LoRA (``to_q``, ``to_v``).
+    rank, alpha : int, float
+        LoRA rank and alpha (scale ``alpha / rank``).
+    init_seed : int
+        Seed of the shared initialisation.
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+
+    Attributes
+    ----------
+    pipe : diffusers pipeline
+        Frozen (no grad, eval mode), on ``device``.
+    targets : list of str
+        The UNet's targeted module names.
+    init_down : dict of str to torch.Tensor
+        The shared initial ``A`` ``(r, in)`` per target.
+    bank : LoraBank or None
+        The bank of the last :meth:`train` call.
+    steps_done : int
+        Steps the last :meth:`train` call ran (fewer than asked when its time
+        budget ran out).
+    """
+
+    def __init__(
+        self,
+        base: str | os.PathLike[str] | Any,
+        *,
+        targets: Sequence[str] = ("to_q", "to_v"),
+        rank: int = 1,
+        alpha: float = 1.0,
+        init_seed: int = 0,
+        device: str = "auto",
+    ) -> None:
+        import torch
+
+        self.device = resolve_device(device)
+        self.base = str(base) if isinstance(base, (str, os.PathLike)) else type(base).__name__
+        # float32 whatever the folder stores (a shipped world's base is float16)
+        pipe = load_pipeline(base, device="cpu", dtype=torch.float32)
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+        self.pipe = pipe
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.targets = [n for n, _ in pipe.unet.named_modules() if is_target(n, targets)]
+        if not self.targets:
+            raise W2WError(
+                f"no UNet module is named {list(targets)}", path=self.base, key="targets"
+            )
+        self.init_down = lora_init(pipe.unet, self.targets, self.rank, self.alpha, init_seed)
+        pipe.to(self.device)
+        self.bank: LoraBank | None = None
+        self.steps_done = 0
+        self._ehs: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- inputs
+    def embed(self, prompt: str) -> Any:
+        """Text-encoder hidden states of ``prompt``, shape ``(1, L, D)`` (cached)."""
+        import torch
+
+        if prompt not in self._ehs:
+            tok = self.pipe.tokenizer
+            ids = tok(
+                [prompt],
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            with torch.no_grad():
+                self._ehs[prompt] = self.pipe.text_encoder(ids)[0]
+        return self._ehs[prompt]
+
+    def encode(self, images: np.ndarray) -> Any:
+        """Scaled VAE latents (posterior means) of uint8 pictures ``(n, H, W, 3)``."""
+        import torch
+
+        vae = self.pipe.vae
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(images), 512):
+                x = torch.from_numpy(np.asarray(images[s : s + 512])).to(self.device)
+                x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+        return torch.cat(out)
+
+    # ---------------------------------------------------------------- the bank
+    def install(self, n_models: int) -> LoraBank:
+        """A fresh trainable bank of ``n_models`` rows at the shared initialisation."""
+        import torch
+
+        if self.bank is not None:
+            self.bank.remove()
+            self.bank = None
+        factors = {}
+        for t in self.targets:
+            down = self.init_down[t]
+            layer = self.pipe.unet.get_submodule(t)
+            out_f = getattr(layer, "base_layer", layer).weight.shape[0]  # Linear or Conv2d
+            factors[f"unet.{t}"] = (
+                down.unsqueeze(0).expand(n_models, *down.shape),
+                torch.zeros(n_models, out_f, self.rank),
+            )
+        self.bank = install_bank(
+            self.pipe,
+            factors,
+            self.device,
+            torch.float32,
+            scale=self.alpha / self.rank,
+            trainable=True,
+        )
+        return self.bank
+
+    def release(self) -> None:
+        """Remove the bank (the pipeline is the bare base again) and free its memory."""
+        if self.bank is not None:
+            self.bank.remove()
+            self.bank = None
+
+    def adapters(self) -> list[Adapter]:
+        """The current factors of the bank's models as Adapters (UNet module order)."""
+        if self.bank is None:
+            return []
+        return self.bank.adapters(alpha=self.alpha)
+
+    # ---------------------------------------------------------------- training
+    def train(
+        self,
+        images: Sequence[np.ndarray],
+        prompt: str,
+        seeds: Sequence[int],
+        *,
+        steps: int,
+        batch: int,
+        lr: float,
+        prior: np.ndarray | None = None,
+        class_prompt: str | None = None,
+        prior_weight: float = 0.0,
+        budget_s: float | None = None,
+        start: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> tuple[list[Adapter], np.ndarray]:
+        """Train ``M = len(images)`` LoRAs together from the shared initialisation.
+
+        Parameters
+        ----------
+        images : sequence of numpy.ndarray
+            Per model, its pictures ``(n_j, H, W, 3)`` uint8.
+        prompt : str
+            Instance prompt (``"a photo of sks person"``).
+        seeds : sequence of int
+            Per model, the seed of its picture / noise / timestep draws.
+        steps, batch, lr : int, int, float
+            Adam steps, samples per model and step, learning rate.
+        prior : numpy.ndarray, optional
+            Pool of class pictures ``(p, H, W, 3)`` for prior preservation
+            (used when ``prior_weight > 0``), with ``class_prompt``.
+        budget_s : float, optional
+            Stop early after this many seconds (:attr:`steps_done` says where).
+        start : dict, optional
+            Factors to continue training from instead of the shared
+            initialisation: target -> ``(A (M, r, in), B (M, out, r))``, one row
+            per model (a fresh Adam state).
+        on_step : callable, optional
+            Called with the number of steps done after each step.
+
+        Returns
+        -------
+        adapters : list of Adapter
+            One per model, ``unet.<module>`` -> LoraLayer.
+        losses : numpy.ndarray
+            ``(M,)``: mean instance loss of each model over the last 20% of steps.
+        """
+        import torch
+
+        m = len(images)
+        if m == 0:
+            return [], np.zeros(0)
+        if len(seeds) != m:
+            raise W2WError(f"{len(seeds)} seeds for {m} models", param="seeds")
+        bank = self.install(m)
+        dev = self.device
+        if start is not None:
+            for t in self.targets:
+                if t not in start:
+                    raise W2WError(f"the start factors have no module {t}", key=t)
+                w = bank.wrappers[f"unet.{t}"]
+                a, b_ = (np.asarray(x, np.float32) for x in start[t])
+                if a.shape != tuple(w.lora_down.shape) or b_.shape != tuple(w.lora_up.shape):
+                    raise W2WError(
+                        f"start factors of shape {a.shape} / {b_.shape}, expected "
+                        f"{tuple(w.lora_down.shape)} / {tuple(w.lora_up.shape)}",
+                        key=t,
+                    )
+                bank.set_factors(f"unet.{t}", a, b_)
+        lats = [self.encode(im) for im in images]
+        counts = [len(x) for x in lats]
+        offsets = torch.tensor(np.concatenate([[0], np.cumsum(counts)[:-1]]), device=dev)
+        lat = torch.cat(lats)
+        use_prior = prior_weight > 0 and prior is not None and len(prior) > 0
+        plat = self.encode(prior) if use_prior else None
+        ehs = self.embed(prompt)
+        cls_ehs = self.embed(class_prompt or "") if use_prior else None
+        n_t = self.pipe.scheduler.config.num_train_timesteps
+        acp = alphas_cumprod(self.pipe.scheduler, dev)
+        gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
+        opt = torch.optim.Adam(bank.parameters(), lr=lr, weight_decay=0.0)
+        b = int(batch)
+        owner = torch.arange(m, device=dev).repeat_interleave(b)
+        shape = (b, *lat.shape[1:])
+        n_rows = 2 * m * b if use_prior else m * b
+        index = torch.cat([owner, owner]) if use_prior else owner
+        ehs_all = (
+            torch.cat([ehs.expand(m * b, -1, -1), cls_ehs.expand(m * b, -1, -1)])
+            if use_prior
+            else ehs.expand(n_rows, -1, -1)
+        )
+        history = []
+        t0 = time.perf_counter()
+        unet = self.pipe.unet
+        for _step in range(int(steps)):
+            idx, noise, tt, pidx, pnoise, ptt = [], [], [], [], [], []
+            for j, g in enumerate(gens):  # each model's own draws, in a fixed order
+                idx.append(torch.randint(0, counts[j], (b,), generator=g))
+                noise.append(torch.randn(shape, generator=g))
+                tt.append(torch.randint(0, n_t, (b,), generator=g))
+                if use_prior:
+                    pidx.append(torch.randint(0, len(plat), (b,), generator=g))
+                    pnoise.append(torch.randn(shape, generator=g))
+                    ptt.append(torch.randint(0, n_t, (b,), generator=g))
+            rows = (torch.stack(idx).to(dev) + offsets[:, None]).reshape(-1)
+            x0 = lat[rows]
+            nz = torch.cat(noise).to(dev)
+            t = torch.cat(tt).to(dev)
+            if use_prior:
+                x0 = torch.cat([x0, plat[torch.cat(pidx).to(dev)]])
+                nz = torch.cat([nz, torch.cat(pnoise).to(dev)])
+                t = torch.cat([t, torch.cat(ptt).to(dev)])
+            bank.set_index("unet", index)
+            pred = unet(noisy(x0, nz, t, acp), t, encoder_hidden_states=ehs_all).sample
+            per = denoising_loss(pred, nz)
+            inst = per[: m * b].view(m, b).mean(1)
+            loss = inst.sum()
+            if use_prior:
+                loss = loss + prior_weight * per[m * b :].view(m, b).mean(1).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append(inst.detach())
+            if on_step is not None:
+                on_step(len(history))
+            if budget_s is not None and time.perf_counter() - t0 > budget_s:
+                break
+        bank.set_index("unet", None)
+        self.steps_done = len(history)
+        if not history:
+            return self.adapters(), np.full(m, np.nan)
+        hist = torch.stack(history).cpu().numpy()
+        tail = hist[int(0.8 * len(hist)) :] if len(hist) > 1 else hist
+        return self.adapters(), tail.mean(0)

@@ -1,0 +1,192 @@
+"""The one progress bar of w2wkit: rich, with rate and ETA, and plain lines in a log.
+
+:class:`Bar` is what every long job shows (zoo training, embedder training,
+inversion). On a terminal it is a rich live bar (description, bar, done/total,
+rate, elapsed, ETA, optional fields such as the loss). When the console is not
+a terminal (a log file, CI) a live bar would show nothing until the end; the
+bar then prints a plain line at most every ``every_s`` seconds instead (done /
+total, percent, elapsed, rate, ETA).
+
+Besides whole units done, the bar counts a fraction in progress
+(:meth:`Bar.partial`, e.g. the models' worth of steps a running chunk has
+done), so a long unit moves the percentage and the ETA before it finishes.
+
+rich is imported when a bar is entered; importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+__all__ = ["Bar", "rate_text"]
+
+
+def rate_text(done: float, seconds: float, unit: str = "") -> str:
+    """``"12.5 models/s"`` or ``"380 models/h"`` (per hour below one per second); ``"?"``.
+
+    Parameters
+    ----------
+    done : float
+        Units done in ``seconds``.
+    seconds : float
+    unit : str
+        Unit name, e.g. ``"models"`` (default: ``"it"``).
+    """
+    unit = unit or "it"
+    if done <= 0 or seconds <= 0:
+        return f"? {unit}/s"
+    per_s = done / seconds
+    if per_s >= 1.0:
+        return f"{per_s:.1f} {unit}/s"
+    return f"{per_s * 3600:.0f} {unit}/h"
+
+
+class Bar:
+    """A progress bar with rate and ETA (a no-op when disabled).
+
+    Parameters
+    ----------
+    total : int
+        Units of the whole job.
+    label : str
+        Description shown before the bar.
+    enabled : bool
+        ``False`` (or ``total <= 0``) shows nothing.
+    every_s : float
+        Seconds between plain lines when the console is not a terminal.
+    unit : str
+        Unit name shown with the counts and the rate (``"models"``).
+    transient : bool
+        Remove the live bar when done (a terminal only).
+    fields : dict, optional
+        Extra values shown after the counts (``{"loss": "-"}``), updated by
+        :meth:`update`.
+
+    Examples
+    --------
+    >>> with Bar(10, "work", enabled=False) as bar:
+    ...     bar.advance(10)
+    """
+
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        enabled: bool = True,
+        every_s: float = 30.0,
+        unit: str = "",
+        transient: bool = False,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
+        self.total, self.label, self.enabled = total, label, enabled and total > 0
+        self.unit = f" {unit}" if unit else ""
+        self._unit_name = unit
+        self.every_s = float(every_s)
+        self.transient = transient
+        self.fields = dict(fields or {})
+        self._p: Any = None
+        self._lines: Any = None
+        self._task: Any = None
+        self._done = 0.0
+        self._part = 0.0
+        self._t0 = self._last = 0.0
+
+    def __enter__(self) -> Bar:
+        if not self.enabled:
+            return self
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        self._t0 = time.time()
+        if not console.is_terminal:
+            self._lines = console
+            self._line(force=True)  # a log shows that the work started, and its size
+            return self
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
+
+        unit = self._unit_name
+
+        class _Rate(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                spent = task.elapsed or 0.0
+                return Text(rate_text(task.completed, spent, unit), style="progress.data.speed")
+
+        extra = [TextColumn(f"{k} {{task.fields[{k}]}}") for k in self.fields]
+        self._p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            *extra,
+            _Rate(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=self.transient,
+        )
+        self._p.__enter__()
+        self._task = self._p.add_task(self.label, total=self.total, **self.fields)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._p is not None:
+            self._p.__exit__(*exc)
+        elif self._lines is not None and exc[0] is None:
+            self._line(force=True)
+
+    def _line(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < self.every_s:
+            return
+        self._last = now
+        spent = now - self._t0
+        done = self._progress()
+        eta = f"{spent / done * (self.total - done):.0f} s" if done > 0 else "?"
+        extra = "".join(f", {k} {v}" for k, v in self.fields.items())
+        self._lines.print(
+            f"{self.label}: {int(self._done)}/{self.total}{self.unit} "
+            f"({100 * done / self.total:.0f}%){extra}, {spent:.0f} s elapsed, "
+            f"{rate_text(done, spent, self._unit_name)}, ETA {eta}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    def advance(self, n: float = 1) -> None:
+        """``n`` more units finished."""
+        self._done += n
+        self._show()
+
+    def update(self, advance: float = 0, **fields: Any) -> None:
+        """Advance by ``advance`` units and set shown ``fields`` (``loss="0.1234"``)."""
+        self.fields.update(fields)
+        self._done += advance
+        self._show()
+
+    def partial(self, units: float) -> None:
+        """The running unit(s) have done ``units`` units' worth of their work."""
+        self._part = float(units)
+        self._show()
+
+    def set(self, done: float, part: float = 0.0) -> None:
+        """``done`` units finished, ``part`` units' worth of work in running ones."""
+        self._done, self._part = float(done), float(part)
+        self._show()
+
+    def _progress(self) -> float:
+        return max(0.0, min(float(self.total), self._done + self._part))
+
+    def _show(self) -> None:
+        if self._p is not None:
+            self._p.update(self._task, completed=self._progress(), **self.fields)
+        elif self._lines is not None:
+            self._line()
