@@ -71,6 +71,7 @@ from w2wkit.formats._peftlike import (
     match_keys,
     put_lora_factors,
     refuse_dora,
+    text_encoder_by_width,
 )
 from w2wkit.formats.base import (
     PEFT_CONFIG,
@@ -136,6 +137,27 @@ def _check_config(src: Source) -> dict[str, Any]:
     return cfg
 
 
+def _delta_shapes(
+    src: Source, matched: dict[str, tuple[str | None, str, str]], keys: set[str]
+) -> dict[str, tuple[int, ...]]:
+    """``text_encoder.<module> -> (out, in[, kh, kw])`` of the modules of ``keys``."""
+    parts: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key in keys:
+        _, module, factor = matched[key]
+        parts.setdefault(module, {})[factor] = tuple(src.tensors[key].shape)
+    out = {}
+    for module, f in parts.items():
+        if "down" in f and "up" in f and len(f["down"]) >= 2 and len(f["up"]) >= 2:
+            out[canonical_module("text_encoder", module)] = (f["up"][0], *f["down"][1:])
+    return out
+
+
+def _component_from_folder(src: Source) -> str | None:
+    """The component a PEFT folder's own name says (``.../text_encoder_2``), if any."""
+    name = Path(src.weights_path).parent.name
+    return name if name in COMPONENTS else None
+
+
 def _read_one(src: Source, component_hint: str | None = None) -> Adapter:
     refuse_dora(src)
     cfg = _check_config(src) if src.config is not None else None
@@ -145,10 +167,12 @@ def _read_one(src: Source, component_hint: str | None = None) -> Adapter:
         msg = "unexpected key for the PEFT LoRA format"
         raise FormatError(msg, path=src.path, key=unmatched[0])
     component = src.metadata.get(COMPONENT_KEY) or component_hint
+    if component is None and src.config is not None:
+        component = _component_from_folder(src)
     if component is not None and component not in COMPONENTS:
         raise FormatError(f"unknown component {component!r}", path=src.path, key=COMPONENT_KEY)
-    canon = {}
-    for key, (_, module, factor) in matched.items():
+    guessed: dict[str, str] = {}
+    for key, (_, module, _factor) in matched.items():
         comp = component or guess_component(module)
         if comp is None:
             raise FormatError(
@@ -157,6 +181,19 @@ def _read_one(src: Source, component_hint: str | None = None) -> Adapter:
                 key=key,
                 hint=f"add a '{COMPONENT_KEY}' entry to the safetensors header",
             )
+        guessed[key] = comp
+    if component is None and any(c.startswith("text_encoder") for c in guessed.values()):
+        # no header entry and no component folder name: a CLIP-L and an OpenCLIP-bigG
+        # text encoder share their module names, so their widths decide
+        texts = {k for k, c in guessed.items() if c.startswith("text_encoder")}
+        second = "text_encoder_2" in {guessed[k] for k in texts}
+        shapes = _delta_shapes(src, matched, texts)
+        which = text_encoder_by_width(shapes, "text_encoder_2" if second else "text_encoder")
+        for k in texts:
+            guessed[k] = which
+    canon = {}
+    for key, (_, module, factor) in matched.items():
+        comp = guessed[key]
         canon[key] = (comp, canonical_module(comp, module), factor)
 
     def alpha_for(module: str, rank: int, alpha_t: float | None) -> tuple[float, bool]:
@@ -205,9 +242,17 @@ class PeftFormat:
         folder = Path(src.weights_path).parent
         if src.config is None:
             return adapter
+        root = Path(src.path)
+        if root.is_dir() and root.resolve() != folder.resolve():
+            # the training layout: ``root/unet/``, ``root/text_encoder/``... and no
+            # adapter at the top; ``src`` is its first component folder
+            folder = root
         for comp in COMPONENTS:
             sub = folder / comp
-            if not (sub / PEFT_CONFIG).is_file():
+            if (
+                not (sub / PEFT_CONFIG).is_file()
+                or sub.resolve() == Path(src.weights_path).parent.resolve()
+            ):
                 continue
             part = _read_one(load_source(sub), component_hint=comp)
             for module, layer in part.layers.items():

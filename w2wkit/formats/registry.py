@@ -49,6 +49,7 @@ from w2wkit.formats.base import (  # re-exported: the registry's public types
     LoraFormat,
     Source,
     WriteOptions,
+    component_subfolders,
     load_source,
 )
 
@@ -374,13 +375,16 @@ def discover_lora_files(
         if not hits:
             raise FormatError("no such file, folder or glob match", path=p)
         return hits
-    if (p / PEFT_CONFIG).is_file():
+    if (p / PEFT_CONFIG).is_file() or component_subfolders(p):
         return [p]
     found = []
     peft_dirs = {c.parent for c in p.rglob(PEFT_CONFIG)}
-    # a component subfolder (``out/text_encoder``) of a PEFT folder is part of it
-    nested = {d for d in peft_dirs if d.name in COMPONENTS and d.parent in peft_dirs}
-    for d in sorted(peft_dirs - nested):
+    # a component subfolder (``out/text_encoder``) of a PEFT folder is part of it, and
+    # component folders side by side with no adapter above them (``run/unet``,
+    # ``run/text_encoder``: the training layout) are one adapter, their parent
+    nested = {d for d in peft_dirs if d.name in COMPONENTS}
+    layouts = {d.parent for d in nested if d.parent not in peft_dirs}
+    for d in sorted((peft_dirs - nested) | layouts):
         found.append(d)
     for f in sorted(p.rglob(pattern or "*")):
         if f.is_file() and f.suffix.lower() in suffixes and f.parent not in peft_dirs:
