@@ -21,10 +21,14 @@ from w2wkit.cli.common import (
     console,
     energy_option,
     err_console,
+    for_option,
     force_option,
+    keep_alphas_option,
+    output_format,
     output_option,
     space_option,
     storage_dtype_option,
+    write_options,
 )
 from w2wkit.directions import KINDS, PROBES
 from w2wkit.errors import OUTPUT_EXISTS, DirectionError, FormatError, SpaceError
@@ -306,8 +310,11 @@ def _edit_slug(strengths: dict[str, float]) -> str:
     "--format",
     "out_format",
     type=click.Choice(WRITE_FORMATS),
-    help="Output format (default: the input's; the space's for the mean model).",
+    help="Output format (default: the --for loader's; else the input's; the space's for "
+    "the mean model).",
 )
+@for_option
+@keep_alphas_option
 @storage_dtype_option("Storage dtype of the output.")
 @click.option("--rank", type=int, help="Output rank per layer (delta spaces).")
 @energy_option
@@ -324,6 +331,8 @@ def apply_cmd(
     project: bool,
     keep_orthogonal: str | None,
     out_format: str | None,
+    target: str | None,
+    keep_alphas: bool,
     dtype: str | None,
     rank: int | None,
     energy: float | None,
@@ -383,6 +392,8 @@ def apply_cmd(
         get_direction(space, name)
     _ensure_loaded()
     adapter = None
+    if out_format is None and target is not None:
+        out_format = output_format(None, target)
     if input_path is not None:
         adapter = read_adapter(input_path, allow_pickle=allow_pickle)
         fmt = out_format or adapter.format or "kohya"
@@ -415,7 +426,13 @@ def apply_cmd(
         space=spath.name,
     )
     written = write_adapter(
-        edited, out, format=fmt, dtype=DTYPES.get(dtype or ""), overwrite=force, provenance=prov
+        edited,
+        out,
+        format=fmt,
+        dtype=DTYPES.get(dtype or ""),
+        overwrite=force,
+        provenance=prov,
+        **write_options(target, keep_alphas),
     )
     what = input_path.name if input_path is not None else "the mean model"
     desc = ", ".join(f"{n} {s:+g}" for n, s in strengths.items())

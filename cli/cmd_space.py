@@ -13,11 +13,15 @@ from w2wkit.cli.common import (
     allow_pickle_option,
     console,
     energy_option,
+    for_option,
     force_option,
+    keep_alphas_option,
     note,
+    output_format,
     output_option,
     space_option,
     write_format_option,
+    write_options,
 )
 from w2wkit.errors import OUTPUT_EXISTS, SpaceError
 from w2wkit.solvers import SOLVERS
@@ -222,6 +226,8 @@ def project_cmd(
 @click.option("-n", "count", type=int, default=1, show_default=True, help="Models to sample.")
 @output_option("Output folder.", required=True)
 @write_format_option
+@for_option
+@keep_alphas_option
 @click.option("--seed", type=int, default=None, help="Random seed (default: fresh).")
 @click.option(
     "--temperature", type=float, default=1.0, show_default=True, help="Scale of the sampling std."
@@ -237,7 +243,9 @@ def sample_cmd(
     space_path: Path,
     count: int,
     out: Path,
-    fmt: str,
+    fmt: str | None,
+    target: str | None,
+    keep_alphas: bool,
     seed: int | None,
     temperature: float,
     covariance: str,
@@ -264,6 +272,8 @@ def sample_cmd(
 
     if count < 1:
         raise SpaceError(f"-n must be positive, got {count}")
+    fmt = output_format(fmt, target)
+    opts = write_options(target, keep_alphas)
     names = [f"sample_{i:04d}" + ("" if fmt == "peft" else ".safetensors") for i in range(count)]
     # entering checks every output (before the space is even read)
     with atomic_entries(out, [*names, "coefficients.npy"], overwrite=force) as stage:
@@ -275,7 +285,9 @@ def sample_cmd(
             prov = provenance_metadata(
                 "w2wkit sample", [str(space_path)], seed=seed, temperature=temperature, index=i
             )
-            write_adapter(ad, stage / names[i], format=fmt, provenance=prov)
+            if i > 0:  # the same notes for every sample: say them once
+                opts["warn"] = lambda message: None
+            write_adapter(ad, stage / names[i], format=fmt, provenance=prov, **opts)
         with atomic_path(stage / "coefficients.npy", suffix=".npy") as tmp:
             np.save(tmp, coefs)
     console.print(f"wrote {count} models to {out} ({fmt})")

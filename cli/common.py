@@ -274,9 +274,50 @@ write_format_option = click.option(
     "--format",
     "fmt",
     type=click.Choice(writable_formats()),
-    default="kohya",
-    show_default=True,
+    default=None,
+    help="Output format [default: the one the --for loader reads completely, else kohya].",
 )
+
+#: ``--for`` loaders (see w2wkit.formats.targets.TARGETS).
+TARGET_CHOICES = ("comfyui", "a1111", "kohya-scripts", "diffusers", "peft")
+
+for_option = click.option(
+    "--for",
+    "target",
+    type=click.Choice(TARGET_CHOICES),
+    default=None,
+    help="The program that will load the output: picks the format it reads completely "
+    "(comfyui, a1111, kohya-scripts: kohya; diffusers; peft) and warns about anything "
+    "it would drop.",
+)
+keep_alphas_option = click.option(
+    "--keep-alphas",
+    is_flag=True,
+    help="kohya output: keep each module's own alpha (by default per-module alphas are "
+    "folded into the factors, same deltas, so diffusers scales them right too).",
+)
+
+
+def output_format(fmt: str | None, target: str | None, default: str = "kohya") -> str:
+    """The format to write: ``--format``, else the ``--for`` loader's, else ``default``."""
+    if fmt is not None:
+        return fmt
+    if target is not None:
+        from w2wkit.formats.targets import target_format
+
+        return target_format(target)
+    return default
+
+
+def write_options(target: str | None, keep_alphas: bool) -> dict[str, Any]:
+    """``write_adapter`` keywords of ``--for`` and ``--keep-alphas`` (notes go to stderr)."""
+
+    def warn(message: str) -> None:
+        note(message.replace("`keep_alphas=True`", "--keep-alphas"))
+
+    return {"target": target, "keep_alphas": keep_alphas, "warn": warn}
+
+
 device_option = click.option(
     "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1..."
 )

@@ -276,10 +276,13 @@ def write_adapter(
     adapter: Adapter,
     path: str | os.PathLike[str],
     *,
-    format: str = "kohya",
+    format: str | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
     provenance: dict[str, str] | None = None,
+    target: str | None = None,
+    keep_alphas: bool | None = None,
+    warn: Any = None,
 ) -> Path:
     """Write an adapter in a writable format, atomically.
 
@@ -289,8 +292,23 @@ def write_adapter(
         What to write.
     path : str or os.PathLike
         Output file (kohya, diffusers) or folder (peft).
-    format : str
-        ``"kohya"``, ``"diffusers"`` or ``"peft"``.
+    format : str, optional
+        ``"kohya"``, ``"diffusers"`` or ``"peft"``; default the format
+        ``target``'s loader reads completely (see
+        :data:`w2wkit.formats.targets.TARGETS`), else ``"kohya"``.
+    target : str, optional
+        The loader the file is for: ``"comfyui"``, ``"a1111"``,
+        ``"kohya-scripts"``, ``"diffusers"`` or ``"peft"``. Picks the format;
+        when ``format`` is also given and that loader reads it only in part,
+        ``warn`` is called with one line naming the loader and the modules.
+    keep_alphas : bool, optional
+        kohya output only. ``False`` folds per-module alphas into the factors
+        (every layer gets the most common alpha; the deltas are unchanged),
+        which diffusers' kohya converter would otherwise mis-scale; ``True``
+        writes each module's own alpha. Default: fold when ``target`` is
+        given, keep otherwise. ``warn`` is told when layers were folded.
+    warn : callable, optional
+        ``warn(message)`` for the notes above; default :func:`warnings.warn`.
     dtype : str, optional
         Storage dtype override (``"F32"``, ``"F16"``, ``"BF16"``).
     overwrite : bool
@@ -312,6 +330,18 @@ def write_adapter(
         for a value the storage dtype would hold as Inf. Nothing is written.
     """
     _ensure_loaded()
+    from w2wkit.formats.targets import LOADERS, fold_alphas, loader_gaps, target_format
+
+    if warn is None:
+        import warnings
+
+        def warn(message: str) -> None:
+            warnings.warn(message, stacklevel=3)
+
+    if format is None:
+        format = target_format(target) if target is not None else "kohya"
+    elif target is not None:
+        target_format(target)  # an unknown target fails before anything is written
     fmt = FORMATS.get(format)
     if fmt is None or not fmt.writable:
         writable = writable_formats()
@@ -319,6 +349,18 @@ def write_adapter(
     out = Path(path)
     if out.exists() and not overwrite:
         raise FormatError(OUTPUT_EXISTS, path=out)
+    if format == "kohya" and (not keep_alphas if keep_alphas is not None else target is not None):
+        adapter, folded = fold_alphas(adapter)
+        if folded:
+            warn(
+                f"{folded} of {len(adapter)} modules had an alpha other than the most common "
+                f"one; folded into their up factors (deltas unchanged) so that "
+                f"{LOADERS['diffusers']} applies them like every other loader "
+                "(keep them with `keep_alphas=True`)"
+            )
+    if target is not None:
+        for gap in loader_gaps(adapter, format, target):
+            warn(gap.message(format))
     try:
         fmt.write(adapter, out, WriteOptions(dtype, overwrite, dict(provenance or {})))
     except NarrowingError as exc:
