@@ -41,8 +41,9 @@ Metadata
 in ``rank_pattern``/``alpha_pattern`` for the modules that differ,
 ``target_modules`` the full module names). Text-encoder module names are
 written without the ``text_model.`` level (the transformers >= 5 flattened
-``CLIPTextModel``; the reader accepts both). The adapter's own metadata and
-the provenance entries go to the top-level safetensors header, next to
+``CLIPTextModel``; the reader accepts both), except those of
+``text_encoder_2``, whose ``CLIPTextModelWithProjection`` kept the level.
+The adapter's own metadata and the provenance entries go to the top-level safetensors header, next to
 ``format: pt`` and ``w2wkit.component``; the reader drops those two again.
 
 DoRA (``use_dora: true`` or ``lora_magnitude_vector`` keys) is refused: it is
@@ -271,7 +272,10 @@ class PeftFormat:
         by_comp: dict[str, dict[str, Any]] = {}
         names: dict[str, str] = {}
         for module, layer in layers.items():
-            comp, rest = external_module(module, flatten_text=True)
+            # CLIPTextModel lost its text_model level in transformers 5,
+            # CLIPTextModelWithProjection (SDXL's second encoder) kept it
+            second = module.startswith("text_encoder_2.")
+            comp, rest = external_module(module, flatten_text=not second)
             if comp not in COMPONENTS:
                 raise FormatError(f"unknown component {comp!r}", path=path, key=module)
             by_comp.setdefault(comp, {})[module] = layer

@@ -206,13 +206,16 @@ def loader_gaps(adapter: Adapter, fmt: str, target: str) -> list[Gap]:
             mixed = mixed_alphas(adapter)
             if mixed is not None:
                 add(
-                    mixed[1],
-                    f"get a wrong scale (their alpha differs from the most common one, "
-                    f"{mixed[0]:g}; diffusers' kohya converter mis-scales them)",
+                    [m for m in mixed[1] if _ATTN_PROJ.match(m)],
+                    f"get a wrong scale (attention projections whose alpha differs from the "
+                    f"most common one, {mixed[0]:g}: diffusers' kohya converter names their "
+                    "alpha_pattern entries after the old attention processors, which match "
+                    "no module)",
                 )
             add(
-                [m for m in mods if m.startswith("text_encoder")],
-                "are not loaded (kohya text-encoder keys fail in diffusers' converter)",
+                [m for m in mods if m.startswith("text_encoder") and ".self_attn." in m],
+                "are not loaded (diffusers' kohya converter renames text-encoder attention "
+                "projections to keys transformers >= 5 no longer has)",
             )
         return gaps
     if fmt == "diffusers":
@@ -229,6 +232,10 @@ def loader_gaps(adapter: Adapter, fmt: str, target: str) -> list[Gap]:
             for m, la in adapter.items()
             if isinstance(la, LoraLayer) and (la.rslora or float(la.alpha) != la.rank)
         ]
+        add(
+            [m for m in mods if m.endswith(".text_projection")],
+            "are not loaded (text_projection is mapped only under kohya names)",
+        )
         add(scaled, "get scale 1 instead of alpha/r (lora_adapter_metadata is not read)")
         return gaps
     # kohya files
