@@ -43,8 +43,9 @@ in ``rank_pattern``/``alpha_pattern`` for the modules that differ,
 written without the ``text_model.`` level (the transformers >= 5 flattened
 ``CLIPTextModel``; the reader accepts both), except those of
 ``text_encoder_2``, whose ``CLIPTextModelWithProjection`` kept the level.
-The adapter's own metadata and the provenance entries go to the top-level safetensors header, next to
-``format: pt`` and ``w2wkit.component``; the reader drops those two again.
+The adapter's own metadata and the provenance entries go to the top-level
+safetensors header, next to ``format: pt`` and ``w2wkit.component``; the
+reader drops those two again.
 
 DoRA (``use_dora: true`` or ``lora_magnitude_vector`` keys) is refused: it is
 not an additive delta.
