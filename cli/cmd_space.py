@@ -11,6 +11,7 @@ from rich.table import Table
 from w2wkit.cli.common import (
     DEFAULT_SPACE,
     allow_pickle_option,
+    byte_progress,
     console,
     energy_option,
     for_option,
@@ -301,18 +302,36 @@ def sample_cmd(
     "--components",
     type=int,
     default=None,
-    help="Components to keep (default: the release's projection width).",
+    help="Components to keep (default: the release's projection width; more are computed "
+    "from all_weights.pt).",
+)
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="all_weights.pt or its folder, when it is not under FOLDER "
+    "(default: FOLDER/weights_datasets/identities/).",
 )
 @force_option
 @allow_pickle_option
 def import_w2w_cmd(
-    folder: Path, out: Path, components: int | None, force: bool, allow_pickle: bool
+    folder: Path,
+    out: Path,
+    components: int | None,
+    weights: Path | None,
+    force: bool,
+    allow_pickle: bool,
 ) -> None:
     """Import the official weights2weights release (torch pickles) as a space.
 
+    FOLDER is the release as downloaded (holding files/ and
+    weights_datasets/identities/all_weights.pt), or its files/ folder (give
+    all_weights.pt with --weights, or leave it out: the stored projection is used).
+
     \b
-    Example:
-      w2wkit import-w2w weights2weights/weights_datasets -o w2w-space --allow-pickle
+    Examples:
+      w2wkit import-w2w weights2weights -o w2w-space --allow-pickle
+      w2wkit import-w2w weights2weights/files --weights /data/all_weights.pt --allow-pickle -k 10000
     """
     from w2wkit.atomic import atomic_path, recover
     from w2wkit.importers.w2w import import_w2w
@@ -321,7 +340,15 @@ def import_w2w_cmd(
     recover(out)  # a save killed mid-swap: its old folder is back before the check
     if out.exists() and not force:
         raise SpaceError(OUTPUT_EXISTS, path=out)
-    space = import_w2w(folder, allow_pickle=allow_pickle, n_components=components, warn=note)
+    with byte_progress("reading all_weights.pt") as advance:
+        space = import_w2w(
+            folder,
+            weights=weights,
+            allow_pickle=allow_pickle,
+            n_components=components,
+            warn=note,
+            progress=lambda stage, done, total: advance(done, total),
+        )
     with atomic_path(out, overwrite=force) as staged:
         space.save(staged)
         # the space users will load, checked with the loader they use, before it is published
