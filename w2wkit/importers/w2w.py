@@ -664,7 +664,7 @@ def import_w2w(
             path=root,
             param="n_components",
             hint="download weights_datasets/identities/all_weights.pt into the release root, "
-            "or name it with `weights=...`",
+            "or pass its path with `weights`",
         )
 
     # negative std entries (the release's bug): move the sign into the components
