@@ -159,3 +159,47 @@ def test_unreadable_label_table_imports_without_labels(release, tmp_path):
     notes: list[str] = []
     space = import_w2w(copy, allow_pickle=True, warn=notes.append)
     assert space.labels_ is None and any("labels skipped" in n for n in notes)
+
+
+def test_saved_w2wmodel_reads_in_inspect_convert_and_project(release, tmp_path):
+    """``w2wmodel.pt`` (their LoRAw2w state: proj, mean, std, v) behind --allow-pickle."""
+    from collections import OrderedDict
+
+    from w2wkit.formats import read_adapter
+
+    root, _x, _z, v, proj = release
+    rel = tmp_path / "weights2weights"
+    shutil.copytree(root, rel)
+    (rel / "outputs").mkdir()
+    model = rel / "outputs" / "w2wmodel.pt"
+    coef = proj[3:4]
+    t = torch.from_numpy
+    state = OrderedDict(
+        proj=t(coef.copy()),
+        mean=torch.load(rel / "files" / "mean.pt"),
+        std=torch.load(rel / "files" / "std.pt"),
+        v=t(v[:, :K].copy()),
+    )
+    torch.save(state, model)
+    space = import_w2w(rel, allow_pickle=True)
+    expected = space.inverse_transform(coef)[0]
+    ad = read_adapter(model, allow_pickle=True)
+    assert ad.format == "w2w-model" and set(ad.layers) == set(expected.layers)
+    for m, la in expected.items():
+        np.testing.assert_allclose(ad[m].delta(), la.delta(), rtol=1e-4, atol=1e-7)
+    run = CliRunner().invoke
+    res = run(cli, ["inspect", str(model)])
+    assert res.exit_code == 1 and "pickle" in res.stderr and "--allow-pickle" in res.stderr
+    res = run(cli, ["inspect", str(model), "--allow-pickle", "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"format": "w2w-model"' in res.output
+    out = tmp_path / "for_comfy.safetensors"
+    res = run(cli, ["convert", str(model), "--for", "comfyui", "-o", str(out), "--allow-pickle"])
+    assert res.exit_code == 0, res.output
+    back = read_adapter(out)
+    for m, la in expected.items():
+        np.testing.assert_allclose(back[m].delta(), la.delta(), rtol=1e-4, atol=1e-7)
+    space.save(tmp_path / "space")
+    res = run(cli, ["project", str(model), "--space", str(tmp_path / "space"), "--allow-pickle"])
+    assert res.exit_code == 0, res.output
+    assert "relative reconstruction error 0.0000" in res.output

@@ -39,7 +39,6 @@ all files, or the two folders separately (``weights=``).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,17 +47,16 @@ from typing import Any
 import numpy as np
 
 from w2wkit.errors import FormatError, SpaceError
+from w2wkit.formats.w2wmodel import DEFAULT_ALPHA, parse_release_key
 from w2wkit.jsonio import as_float, as_int, field, read_json
 from w2wkit.layout import WeightLayout
 from w2wkit.pickles import load_tensors, resolve_globals, unsafe_globals
 from w2wkit.stio import check_regular_file
 
-__all__ = ["REQUIRED", "find_release", "import_w2w", "parse_release_key"]
+__all__ = ["DEFAULT_ALPHA", "REQUIRED", "find_release", "import_w2w", "parse_release_key"]
 
 REQUIRED = ("weight_dimensions.pt", "mean.pt", "std.pt", "V.pt")
 
-#: alpha of the weights2weights LoRAs when the release has no adapter_config.json.
-DEFAULT_ALPHA = 27.0
 
 #: Where the release keeps all_weights.pt, relative to its root.
 WEIGHTS_SUBPATHS = ("weights_datasets/identities", "weights_datasets", "files", ".")
@@ -86,37 +84,6 @@ ID_COLUMNS = frozenset(
         "celeb_id",
     }
 )
-
-_PEFT = re.compile(
-    r"^(?:base_model\.model\.)?(?P<path>.+?)\.lora_(?P<f>[AB])(?:\.(?!weight$)[^.]+)?\.weight$"
-)
-_KOHYA = re.compile(
-    r"^(?P<path>lora_(?:unet|te|te1|te2)_.+?)[._]lora[._](?P<f>A|B|down|up)(?:\.[^.]+)?\.weight$"
-)
-
-
-def parse_release_key(key: str) -> tuple[str, str]:
-    """Canonical ``(module path, factor)`` of a release key.
-
-    Raises
-    ------
-    FormatError
-        For a key that is neither a PEFT nor a kohya-style LoRA key.
-    """
-    m = _KOHYA.match(key)
-    if m:
-        from w2wkit.names import kohya_to_module
-
-        factor = "down" if m["f"] in ("A", "down") else "up"
-        return kohya_to_module(m["path"]), factor
-    m = _PEFT.match(key)
-    if m:
-        path = m["path"]
-        if not path.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
-            path = "unet." + path  # the release's PEFT model is the UNet
-        return path, "down" if m["f"] == "A" else "up"
-    raise FormatError("not a LoRA key of the weights2weights release", key=key)
-
 
 #: The only globals a label table may name (exact dotted names): the classes and
 #: rebuild helpers of a pandas DataFrame/Series of numbers and strings, across
