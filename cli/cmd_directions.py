@@ -27,6 +27,7 @@ from w2wkit.cli.common import (
     output_format,
     output_option,
     space_option,
+    space_path_from,
     storage_dtype_option,
     write_options,
 )
@@ -107,7 +108,8 @@ def cosine_table(space: Any) -> Table:
 
 
 @click.command("directions")
-@click.argument("space_path", metavar="[SPACE]", required=False, type=click.Path(path_type=Path))
+@click.argument("space_arg", metavar="[SPACE]", required=False, type=click.Path(path_type=Path))
+@space_option(f"The space (default: ./{DEFAULT_SPACE}, where `w2wkit fit` writes).", default=None)
 @click.option(
     "--labels",
     type=click.Path(path_type=Path),
@@ -151,6 +153,7 @@ def cosine_table(space: Any) -> Table:
 @allow_pickle_option
 @no_verify_option
 def directions_cmd(
+    space_arg: Path | None,
     space_path: Path | None,
     labels: Path | None,
     method: str,
@@ -175,13 +178,14 @@ def directions_cmd(
     \b
     Examples:
       w2wkit directions --labels labels.csv
-      w2wkit directions my-space --labels labels.csv --method logistic
+      w2wkit directions --space my-space --labels labels.csv --method logistic
       w2wkit directions --labels labels.csv --disentangle beard=male,age
       w2wkit directions --groups plain/ bearded/ --name beard
       w2wkit directions --list
     """
     from w2wkit import directions as D
 
+    space_path = space_path_from(space_arg, space_path)
     path, space = _load_space(space_path, no_verify)
     if list_only:
         if labels or groups or disentangle_opts:
@@ -190,7 +194,7 @@ def directions_cmd(
             raise DirectionError(
                 "the space has no directions",
                 path=path,
-                hint="fit some with `w2wkit directions SPACE --labels FILE`",
+                hint="fit some with `w2wkit directions --space SPACE --labels FILE`",
             )
         if as_json:
             click.echo(json.dumps({n: d.to_dict() for n, d in space.directions_.items()}))

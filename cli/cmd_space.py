@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -20,7 +21,9 @@ from w2wkit.cli.common import (
     note,
     output_format,
     output_option,
+    quiet_enabled,
     space_option,
+    space_path_from,
     write_format_option,
     write_options,
 )
@@ -111,7 +114,7 @@ def fit_cmd(
         standardize=not no_standardize,
         random_state=seed,
     )
-    space.fit(coll, labels=labels, progress=True)
+    space.fit(coll, labels=labels, progress=not quiet_enabled())
     space.save(out, overwrite=force)
     ratio = float(np.sum(space.explained_variance_ratio_))
     console.print(
@@ -120,24 +123,105 @@ def fit_cmd(
     )
 
 
+def variance_marks(ratio: np.ndarray, levels: tuple[float, ...] = (0.9, 0.99)) -> dict[float, int]:
+    """Fewest components whose cumulative explained-variance ratio reaches each level.
+
+    Parameters
+    ----------
+    ratio : numpy.ndarray
+        ``(k,)`` explained-variance ratios (fractions of the total variance).
+    levels : tuple of float
+        Fractions to mark.
+
+    Returns
+    -------
+    dict of float to int
+        ``level -> components`` (1-based) for the levels the kept components reach.
+    """
+    cum = np.cumsum(np.asarray(ratio, dtype=np.float64))
+    return {lv: int(np.searchsorted(cum, lv) + 1) for lv in levels if cum.size and cum[-1] >= lv}
+
+
+def variance_figure(ratio: np.ndarray, n_models: int, title: str = "") -> Any:
+    """The explained-variance plot: per-component and cumulative ratio, 90%/99% marked.
+
+    Parameters
+    ----------
+    ratio : numpy.ndarray
+        ``(k,)`` explained-variance ratios.
+    n_models : int
+        N, the models the space was fitted on (in the title).
+    title : str
+        The space's name.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Log x-axis when k >= 1000.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratio = np.asarray(ratio, dtype=np.float64)
+    k = ratio.size
+    x = np.arange(1, k + 1)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    cum = np.cumsum(ratio)
+    ax.plot(x, cum, color="tab:blue", label="cumulative")
+    if k <= 200:
+        ax.bar(x, ratio, color="tab:orange", label="per component")
+    else:
+        ax.plot(x, ratio, color="tab:orange", label="per component")
+    for level, comps in variance_marks(ratio).items():
+        ax.axvline(comps, color="grey", linestyle="--", linewidth=0.8)
+        ax.annotate(
+            f"{level:.0%}: {comps}",
+            (comps, level),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize=8,
+        )
+    if k >= 1000:
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("component" + (" (log scale)" if k >= 1000 else ""))
+    ax.set_ylabel("explained variance ratio")
+    head = f"{title}: " if title else ""
+    ax.set_title(
+        f"{head}explained variance, N={n_models:,}, k={k:,} ({cum[-1]:.1%} kept)"
+        if k
+        else f"{head}explained variance, N={n_models:,}, k=0"
+    )
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    return fig
+
+
 @click.command("info")
-@click.argument("space_path", type=click.Path(path_type=Path), default=DEFAULT_SPACE)
+@click.argument("space_arg", metavar="[SPACE]", required=False, type=click.Path(path_type=Path))
+@space_option(f"The space folder (default: ./{DEFAULT_SPACE}).", default=None)
 @click.option(
     "--plot",
     type=click.Path(path_type=Path),
     help="Explained-variance plot (PNG); default SPACE/explained_variance.png.",
 )
 @no_verify_option
-def info_cmd(space_path: Path, plot: Path | None, no_verify: bool) -> None:
+def info_cmd(
+    space_arg: Path | None, space_path: Path | None, plot: Path | None, no_verify: bool
+) -> None:
     """Describe a space and plot its explained variance.
 
     \b
     Examples:
       w2wkit info
-      w2wkit info faces --plot faces.png
+      w2wkit info --space faces --plot faces.png
     """
+    space_path = space_path_from(space_arg, space_path) or Path(DEFAULT_SPACE)
     space = _load(space_path, no_verify)
     ratio = np.asarray(space.explained_variance_ratio_)
+    marks = variance_marks(ratio)
     table = Table(title=str(space_path), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -150,6 +234,10 @@ def info_cmd(space_path: Path, plot: Path | None, no_verify: bool) -> None:
         ("solver", str(space.info_.get("solver_used"))),
         ("variance kept", f"{ratio.sum():.2%}"),
         ("first components", ", ".join(f"{r:.2%}" for r in ratio[:5])),
+        (
+            "components for 90% / 99%",
+            " / ".join(str(marks.get(lv, f">{ratio.size}")) for lv in (0.9, 0.99)),
+        ),
         ("labels", ", ".join(space.labels_ or {}) or "-"),
         ("directions", ", ".join(space.directions_) or "-"),
         ("written by", f"w2wkit {space.info_.get('w2wkit_version')}"),
@@ -157,24 +245,14 @@ def info_cmd(space_path: Path, plot: Path | None, no_verify: bool) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    target = plot or space_path / "explained_variance.png"
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = np.arange(1, ratio.size + 1)
-    ax.plot(x, np.cumsum(ratio), label="cumulative")
-    ax.bar(x, ratio, color="tab:orange", label="per component")
-    ax.set_xlabel("component")
-    ax.set_ylabel("explained variance ratio")
-    ax.legend()
-    fig.tight_layout()
     from w2wkit.atomic import atomic_path
 
+    target = plot or space_path / "explained_variance.png"
+    fig = variance_figure(ratio, len(space.manifest_), title=space_path.name or str(space_path))
     with atomic_path(target, overwrite=True, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
     console.print(f"plot: {target}")
 
@@ -281,7 +359,13 @@ def sample_cmd(
         space = _load(space_path, no_verify)
         validate_energy(energy, space.representation)
         coefs = space.sample(count, seed=seed, temperature=temperature, covariance=covariance)
-        for i in track(range(count), description="writing", transient=True, console=console):
+        for i in track(
+            range(count),
+            description="writing",
+            transient=True,
+            console=console,
+            disable=quiet_enabled(),
+        ):
             ad = space.inverse_transform(coefs[i], rank=rank, energy=energy)[0]
             prov = provenance_metadata(
                 "w2wkit sample", [str(space_path)], seed=seed, temperature=temperature, index=i

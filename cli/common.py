@@ -312,6 +312,17 @@ def space_option(help: str, default: str | None = DEFAULT_SPACE) -> Any:
     )
 
 
+def space_path_from(positional: Path | None, option: Path | None) -> Path | None:
+    """The space of a command that also takes it as an argument (older spelling).
+
+    ``--space`` is the one way every command names the space; ``info`` and
+    ``directions`` still accept it as their argument. Both at once must agree.
+    """
+    if positional is not None and option is not None and Path(positional) != Path(option):
+        raise click.UsageError(f"two spaces given: {positional} and --space {option}")
+    return option if option is not None else positional
+
+
 def output_option(help: str | None = None, **kwargs: Any) -> Any:
     """``-o/--output`` (parameter ``out``), a path; ``kwargs`` go to :func:`click.option`."""
     return click.option(
