@@ -59,7 +59,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     Every command has --help with examples and takes -q/--quiet and -v/--verbose.
     Errors print one line and exit 1; --debug (or W2WKIT_DEBUG=1) shows the
-    traceback. Shell completion: see the README ("Shell completion").
+    traceback. Shell completion (bash): eval "$(_W2WKIT_COMPLETE=bash_source w2wkit)"
+    (zsh: zsh_source, fish: fish_source).
     """
     obj = ctx.ensure_object(dict)
     obj["debug"] = debug
