@@ -89,7 +89,14 @@ def _tensors(path):
     return {} if path.is_dir() else dict(read_safetensors(path).tensors)
 
 
-@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize(
+    "target",
+    [
+        # a1111 and kohya-scripts get the same kohya file as comfyui (only the notes differ)
+        pytest.param(t, marks=pytest.mark.slow) if t in ("a1111", "kohya-scripts") else t
+        for t in TARGETS
+    ],
+)
 def test_emulated_loaders_agree_with_w2wkit(tmp_path, full_size, target):
     """ComfyUI, A1111 and sd-scripts rules, on a file written --for each target."""
     family, adapter = full_size
