@@ -156,6 +156,10 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None] | N
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log file or a pipe gets no bar (and no stray newline)
+        yield None
+        return
     # one bar, on stderr, for the phase under way: a new phase replaces the last one's
     # bar (solvers report many short passes), and nothing is left when the fit ends
     with Progress(
@@ -164,7 +168,7 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None] | N
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         transient=True,
-        console=Console(stderr=True),
+        console=console,
     ) as bar:
         tasks: dict[str, Any] = {}
 

@@ -349,18 +349,19 @@ def write_adapter(
     out = Path(path)
     if out.exists() and not overwrite:
         raise FormatError(OUTPUT_EXISTS, path=out)
+    notes: list[str] = []  # said once the file is written
+    folded = 0
     if format == "kohya" and (not keep_alphas if keep_alphas is not None else target is not None):
         adapter, folded = fold_alphas(adapter)
         if folded:
-            warn(
+            notes.append(
                 f"{folded} of {len(adapter)} modules had an alpha other than the most common "
                 f"one; folded into their up factors (deltas unchanged) so that "
                 f"{LOADERS['diffusers']} applies them like every other loader "
                 "(keep them with `keep_alphas=True`)"
             )
     if target is not None:
-        for gap in loader_gaps(adapter, format, target):
-            warn(gap.message(format))
+        notes += [gap.message(format) for gap in loader_gaps(adapter, format, target)]
     try:
         fmt.write(adapter, out, WriteOptions(dtype, overwrite, dict(provenance or {})))
     except NarrowingError as exc:
@@ -369,13 +370,16 @@ def write_adapter(
             if dtype is None
             else f"parameter dtype is {dtype}"
         )
+        also = " (or keep the per-module alphas, `keep_alphas=True`)" if folded else ""
         raise NarrowingError(
             exc.message,
             path=exc.path,
             key=exc.key,
             param="dtype",
-            hint=f"{why}; choose a wider storage dtype, e.g. F32",
+            hint=f"{why}; choose a wider storage dtype, e.g. F32{also}",
         ) from None
+    for note in notes:
+        warn(note)
     return out
 
 
