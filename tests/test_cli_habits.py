@@ -131,3 +131,13 @@ def test_convert_for_notes_and_folds(tmp_path):
     assert "ComfyUI" in res.stderr and "to_q" in res.stderr
     res = run(cli, ["convert", str(src), "-o", str(tmp_path / "x.safetensors")])
     assert res.exit_code == 2 and "--to FORMAT or --for LOADER" in res.output
+
+
+@pytest.mark.parametrize(("target", "fmt"), [("comfyui", "kohya"), ("diffusers", "diffusers")])
+def test_sample_for_a_loader_writes_its_format(space_dir, tmp_path, target, fmt):
+    out = tmp_path / "samples"
+    res = CliRunner().invoke(
+        cli, ["sample", "--space", str(space_dir), "-n", "2", "-o", str(out), "--for", target]
+    )
+    assert res.exit_code == 0, res.output
+    assert read_adapter(out / "sample_0001.safetensors").format == fmt
