@@ -404,7 +404,7 @@ class StrengthType(click.ParamType):
     A bad value is a :class:`~w2wkit.errors.DirectionError` (one line, exit 1).
     """
 
-    name = "strength"
+    name = "float"  # a number (shown as FLOAT in --help), checked finite and bounded
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
