@@ -102,9 +102,11 @@ class W2WModelFormat:
     description = "weights2weights saved model (w2wmodel.pt: proj, mean, std, v; read only)"
 
     def sniff(self, src: Source) -> float:
-        """1 when the keys are exactly ``proj``, ``mean``, ``std`` and ``v`` (any prefix)."""
-        roles = {_role(k) for k in src.tensors}
-        return 1.0 if roles == set(_KEYS) and len(src.tensors) == 4 else 0.0
+        """1 for exactly ``proj``, ``mean``, ``std``, ``v`` (any prefix); 0.9 with other keys."""
+        roles = [_role(k) for k in src.tensors]
+        if sorted(r for r in roles if r is not None) != sorted(_KEYS):
+            return 0.0
+        return 1.0 if len(roles) == 4 else 0.9
 
     def read(self, src: Source) -> Adapter:
         """The LoRA the saved coefficients make, cut by the release's ``weight_dimensions.pt``.
@@ -117,7 +119,11 @@ class W2WModelFormat:
         from w2wkit.jsonio import read_json
         from w2wkit.pickles import load_tensors
 
-        t = {_role(k): np.asarray(v, dtype=np.float64) for k, v in src.tensors.items()}
+        t = {
+            _role(k): np.asarray(v, dtype=np.float64)
+            for k, v in src.tensors.items()
+            if _role(k) is not None
+        }
         proj, mean, std, v = (t[k] for k in _KEYS)
         proj = proj.reshape(1, -1) if proj.ndim == 1 else proj
         d, k = mean.size, proj.shape[-1]
