@@ -345,3 +345,34 @@ def test_unfolded_alphas_are_misscaled_by_diffusers(tmp_path, tiny):
     assert any("scale" in g.reason for g in gaps)
     after = _weights(_diffusers_load(pipe, path), unet_only.layers)
     _check(_weights(pipe, unet_only.layers), after, unet_only, gaps)
+
+
+def test_sgm_named_sdxl_kohya_loads_in_diffusers(tmp_path, tiny):
+    """SDXL kohya files use sgm names (w2wkit.names with the tiny UNet's 1 layer per block)."""
+    from safetensors.numpy import save_file
+
+    from w2wkit.formats.targets import fold_alphas
+    from w2wkit.names import module_to_kohya
+
+    family, pipe, adapter = tiny
+    if family != "sdxl":
+        pytest.skip("sgm names are SDXL's")
+    unet, _ = fold_alphas(type(adapter)({m: la for m, la in adapter.items() if m[:5] == "unet."}))
+    tensors = {}
+    for m, la in unet.items():
+        k = module_to_kohya(
+            m,
+            sgm=True,
+            dual_text_encoders=True,
+            layers_per_block=1,
+            up_block_attention=(True, False),
+        )
+        assert k.startswith(
+            ("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks")
+        )
+        tensors |= {f"{k}.lora_down.weight": la.down, f"{k}.lora_up.weight": la.up}
+        tensors[f"{k}.alpha"] = np.array(la.alpha, np.float32)
+    path = tmp_path / "sgm.safetensors"
+    save_file(tensors, str(path))
+    after = _weights(_diffusers_load(pipe, path), unet.layers)
+    _check(_weights(pipe, unet.layers), after, unet, [])
