@@ -21,10 +21,15 @@ from w2wkit.cli.common import (
     console,
     energy_option,
     err_console,
+    for_option,
     force_option,
+    keep_alphas_option,
+    output_format,
     output_option,
     space_option,
+    space_path_from,
     storage_dtype_option,
+    write_options,
 )
 from w2wkit.directions import KINDS, PROBES
 from w2wkit.errors import OUTPUT_EXISTS, DirectionError, FormatError, SpaceError
@@ -103,7 +108,8 @@ def cosine_table(space: Any) -> Table:
 
 
 @click.command("directions")
-@click.argument("space_path", metavar="[SPACE]", required=False, type=click.Path(path_type=Path))
+@click.argument("space_arg", metavar="[SPACE]", required=False, type=click.Path(path_type=Path))
+@space_option(f"The space (default: ./{DEFAULT_SPACE}, where `w2wkit fit` writes).", default=None)
 @click.option(
     "--labels",
     type=click.Path(path_type=Path),
@@ -147,6 +153,7 @@ def cosine_table(space: Any) -> Table:
 @allow_pickle_option
 @no_verify_option
 def directions_cmd(
+    space_arg: Path | None,
     space_path: Path | None,
     labels: Path | None,
     method: str,
@@ -171,13 +178,14 @@ def directions_cmd(
     \b
     Examples:
       w2wkit directions --labels labels.csv
-      w2wkit directions my-space --labels labels.csv --method logistic
+      w2wkit directions --space my-space --labels labels.csv --method logistic
       w2wkit directions --labels labels.csv --disentangle beard=male,age
       w2wkit directions --groups plain/ bearded/ --name beard
       w2wkit directions --list
     """
     from w2wkit import directions as D
 
+    space_path = space_path_from(space_arg, space_path)
     path, space = _load_space(space_path, no_verify)
     if list_only:
         if labels or groups or disentangle_opts:
@@ -186,7 +194,7 @@ def directions_cmd(
             raise DirectionError(
                 "the space has no directions",
                 path=path,
-                hint="fit some with `w2wkit directions SPACE --labels FILE`",
+                hint="fit some with `w2wkit directions --space SPACE --labels FILE`",
             )
         if as_json:
             click.echo(json.dumps({n: d.to_dict() for n, d in space.directions_.items()}))
@@ -306,8 +314,11 @@ def _edit_slug(strengths: dict[str, float]) -> str:
     "--format",
     "out_format",
     type=click.Choice(WRITE_FORMATS),
-    help="Output format (default: the input's; the space's for the mean model).",
+    help="Output format (default: the --for loader's; else the input's; the space's for "
+    "the mean model).",
 )
+@for_option
+@keep_alphas_option
 @storage_dtype_option("Storage dtype of the output.")
 @click.option("--rank", type=int, help="Output rank per layer (delta spaces).")
 @energy_option
@@ -324,6 +335,8 @@ def apply_cmd(
     project: bool,
     keep_orthogonal: str | None,
     out_format: str | None,
+    target: str | None,
+    keep_alphas: bool,
     dtype: str | None,
     rank: int | None,
     energy: float | None,
@@ -383,6 +396,8 @@ def apply_cmd(
         get_direction(space, name)
     _ensure_loaded()
     adapter = None
+    if out_format is None and target is not None:
+        out_format = output_format(None, target)
     if input_path is not None:
         adapter = read_adapter(input_path, allow_pickle=allow_pickle)
         fmt = out_format or adapter.format or "kohya"
@@ -415,7 +430,13 @@ def apply_cmd(
         space=spath.name,
     )
     written = write_adapter(
-        edited, out, format=fmt, dtype=DTYPES.get(dtype or ""), overwrite=force, provenance=prov
+        edited,
+        out,
+        format=fmt,
+        dtype=DTYPES.get(dtype or ""),
+        overwrite=force,
+        provenance=prov,
+        **write_options(target, keep_alphas),
     )
     what = input_path.name if input_path is not None else "the mean model"
     desc = ", ".join(f"{n} {s:+g}" for n, s in strengths.items())

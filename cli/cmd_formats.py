@@ -15,9 +15,13 @@ from w2wkit.cli.common import (
     DTYPES,
     allow_pickle_option,
     console,
+    for_option,
     force_option,
+    keep_alphas_option,
+    output_format,
     output_option,
     storage_dtype_option,
+    write_options,
 )
 from w2wkit.errors import FormatError
 from w2wkit.formats.registry import (
@@ -161,7 +165,14 @@ def inspect_cmd(path: Path, fmt: str | None, as_json: bool, allow_pickle: bool) 
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @output_option("Output file (kohya, diffusers) or folder (peft).", required=True)
-@click.option("--to", "to", type=click.Choice(WRITE_FORMATS), required=True, help="Output format.")
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(WRITE_FORMATS),
+    help="Output format [default: the one the --for loader reads completely].",
+)
+@for_option
+@keep_alphas_option
 @input_format_option
 @storage_dtype_option(
     "Storage dtype of the output (default: per layer, the dtype its down factor had; "
@@ -172,7 +183,9 @@ def inspect_cmd(path: Path, fmt: str | None, as_json: bool, allow_pickle: bool) 
 def convert_cmd(
     src: Path,
     out: Path,
-    to: str,
+    to: str | None,
+    target: str | None,
+    keep_alphas: bool,
     fmt: str | None,
     dtype: str | None,
     force: bool,
@@ -180,14 +193,20 @@ def convert_cmd(
 ) -> None:
     """Convert a LoRA between kohya, diffusers and PEFT formats.
 
-    Deltas are kept exactly (alpha included); the output records where it came
-    from in its metadata.
+    Deltas are kept exactly; the output records where it came from in its
+    metadata. --for LOADER writes what that program reads completely. kohya
+    output gets one alpha for all modules (per-module alphas are folded into
+    the factors, which diffusers would otherwise mis-scale) unless --keep-alphas.
 
     \b
     Examples:
+      w2wkit convert my_lora.safetensors --for comfyui -o for_comfyui.safetensors
       w2wkit convert my_lora.safetensors --to diffusers -o my_lora_diffusers.safetensors
-      w2wkit convert ./peft_adapter/ --to kohya -o for_comfyui.safetensors
+      w2wkit convert ./peft_adapter/ --to kohya -o for_a1111.safetensors
     """
+    if to is None and target is None:
+        raise click.UsageError("give --to FORMAT or --for LOADER")
+    to = output_format(to, target)
     if src.resolve() == out.resolve():
         raise FormatError("output is the input file; choose another output path", path=out)
     adapter = read_adapter(src, format=fmt, allow_pickle=allow_pickle)
@@ -201,7 +220,13 @@ def convert_cmd(
         )
     prov = provenance_metadata("w2wkit convert", [str(src)], source_format=adapter.format)
     written = write_adapter(
-        adapter, out, format=to, dtype=DTYPES.get(dtype or ""), overwrite=force, provenance=prov
+        adapter,
+        out,
+        format=to,
+        dtype=DTYPES.get(dtype or ""),
+        overwrite=force,
+        provenance=prov,
+        **write_options(target, keep_alphas),
     )
     console.print(f"wrote {written} ({to}, {len(adapter)} modules, from {adapter.format})")
 

@@ -10,8 +10,10 @@ from w2wkit.cli.cmd_space import no_verify_option
 from w2wkit.cli.common import (
     console,
     device_option,
+    for_option,
     force_option,
     note,
+    output_format,
     output_option,
     space_option,
     torch_dtype_option,
@@ -67,6 +69,7 @@ from w2wkit.errors import W2WError
 )
 @click.option("--concept", default=None, help="Concept pack (identity, dog, ...) for defaults.")
 @write_format_option
+@for_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i.")
 @click.option(
     "--early-stop/--no-early-stop",
@@ -93,7 +96,8 @@ def invert_cmd(
     ood: bool,
     prompt: str | None,
     concept: str | None,
-    fmt: str,
+    fmt: str | None,
+    target: str | None,
     seed: int,
     early_stop: bool | None,
     batch_size: int | None,
@@ -118,6 +122,7 @@ def invert_cmd(
     from w2wkit.space import WeightSpace
 
     _check_output(out, force)  # before the (long) inversion
+    fmt = output_format(fmt, target)
     if masks and auto_mask:
         raise W2WError("give --mask or --auto-mask, not both", key="--mask")
     space = WeightSpace.load(space_path, verify=not no_verify)
@@ -157,6 +162,11 @@ def invert_cmd(
         progress=True,
         notice=notice,
     )
+    if target is not None and result.adapters:
+        from w2wkit.formats.targets import loader_gaps
+
+        for gap in loader_gaps(result.adapters[0], fmt, target):
+            note(gap.message(fmt))
     result.save(
         out,
         format=fmt,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -11,13 +12,20 @@ from rich.table import Table
 from w2wkit.cli.common import (
     DEFAULT_SPACE,
     allow_pickle_option,
+    byte_progress,
     console,
     energy_option,
+    for_option,
     force_option,
+    keep_alphas_option,
     note,
+    output_format,
     output_option,
+    quiet_enabled,
     space_option,
+    space_path_from,
     write_format_option,
+    write_options,
 )
 from w2wkit.errors import OUTPUT_EXISTS, SpaceError
 from w2wkit.solvers import SOLVERS
@@ -106,7 +114,7 @@ def fit_cmd(
         standardize=not no_standardize,
         random_state=seed,
     )
-    space.fit(coll, labels=labels, progress=True)
+    space.fit(coll, labels=labels, progress=not quiet_enabled())
     space.save(out, overwrite=force)
     ratio = float(np.sum(space.explained_variance_ratio_))
     console.print(
@@ -115,24 +123,105 @@ def fit_cmd(
     )
 
 
+def variance_marks(ratio: np.ndarray, levels: tuple[float, ...] = (0.9, 0.99)) -> dict[float, int]:
+    """Fewest components whose cumulative explained-variance ratio reaches each level.
+
+    Parameters
+    ----------
+    ratio : numpy.ndarray
+        ``(k,)`` explained-variance ratios (fractions of the total variance).
+    levels : tuple of float
+        Fractions to mark.
+
+    Returns
+    -------
+    dict of float to int
+        ``level -> components`` (1-based) for the levels the kept components reach.
+    """
+    cum = np.cumsum(np.asarray(ratio, dtype=np.float64))
+    return {lv: int(np.searchsorted(cum, lv) + 1) for lv in levels if cum.size and cum[-1] >= lv}
+
+
+def variance_figure(ratio: np.ndarray, n_models: int, title: str = "") -> Any:
+    """The explained-variance plot: per-component and cumulative ratio, 90%/99% marked.
+
+    Parameters
+    ----------
+    ratio : numpy.ndarray
+        ``(k,)`` explained-variance ratios.
+    n_models : int
+        N, the models the space was fitted on (in the title).
+    title : str
+        The space's name.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Log x-axis when k >= 1000.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratio = np.asarray(ratio, dtype=np.float64)
+    k = ratio.size
+    x = np.arange(1, k + 1)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    cum = np.cumsum(ratio)
+    ax.plot(x, cum, color="tab:blue", label="cumulative")
+    if k <= 200:
+        ax.bar(x, ratio, color="tab:orange", label="per component")
+    else:
+        ax.plot(x, ratio, color="tab:orange", label="per component")
+    for level, comps in variance_marks(ratio).items():
+        ax.axvline(comps, color="grey", linestyle="--", linewidth=0.8)
+        ax.annotate(
+            f"{level:.0%}: {comps}",
+            (comps, level),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize=8,
+        )
+    if k >= 1000:
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("component" + (" (log scale)" if k >= 1000 else ""))
+    ax.set_ylabel("explained variance ratio")
+    head = f"{title}: " if title else ""
+    ax.set_title(
+        f"{head}explained variance, N={n_models:,}, k={k:,} ({cum[-1]:.1%} kept)"
+        if k
+        else f"{head}explained variance, N={n_models:,}, k=0"
+    )
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    return fig
+
+
 @click.command("info")
-@click.argument("space_path", type=click.Path(path_type=Path), default=DEFAULT_SPACE)
+@click.argument("space_arg", metavar="[SPACE]", required=False, type=click.Path(path_type=Path))
+@space_option(f"The space folder (default: ./{DEFAULT_SPACE}).", default=None)
 @click.option(
     "--plot",
     type=click.Path(path_type=Path),
     help="Explained-variance plot (PNG); default SPACE/explained_variance.png.",
 )
 @no_verify_option
-def info_cmd(space_path: Path, plot: Path | None, no_verify: bool) -> None:
+def info_cmd(
+    space_arg: Path | None, space_path: Path | None, plot: Path | None, no_verify: bool
+) -> None:
     """Describe a space and plot its explained variance.
 
     \b
     Examples:
       w2wkit info
-      w2wkit info faces --plot faces.png
+      w2wkit info --space faces --plot faces.png
     """
+    space_path = space_path_from(space_arg, space_path) or Path(DEFAULT_SPACE)
     space = _load(space_path, no_verify)
     ratio = np.asarray(space.explained_variance_ratio_)
+    marks = variance_marks(ratio)
     table = Table(title=str(space_path), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -145,6 +234,10 @@ def info_cmd(space_path: Path, plot: Path | None, no_verify: bool) -> None:
         ("solver", str(space.info_.get("solver_used"))),
         ("variance kept", f"{ratio.sum():.2%}"),
         ("first components", ", ".join(f"{r:.2%}" for r in ratio[:5])),
+        (
+            "components for 90% / 99%",
+            " / ".join(str(marks.get(lv, f">{ratio.size}")) for lv in (0.9, 0.99)),
+        ),
         ("labels", ", ".join(space.labels_ or {}) or "-"),
         ("directions", ", ".join(space.directions_) or "-"),
         ("written by", f"w2wkit {space.info_.get('w2wkit_version')}"),
@@ -152,24 +245,14 @@ def info_cmd(space_path: Path, plot: Path | None, no_verify: bool) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    target = plot or space_path / "explained_variance.png"
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = np.arange(1, ratio.size + 1)
-    ax.plot(x, np.cumsum(ratio), label="cumulative")
-    ax.bar(x, ratio, color="tab:orange", label="per component")
-    ax.set_xlabel("component")
-    ax.set_ylabel("explained variance ratio")
-    ax.legend()
-    fig.tight_layout()
     from w2wkit.atomic import atomic_path
 
+    target = plot or space_path / "explained_variance.png"
+    fig = variance_figure(ratio, len(space.manifest_), title=space_path.name or str(space_path))
     with atomic_path(target, overwrite=True, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
     console.print(f"plot: {target}")
 
@@ -222,6 +305,8 @@ def project_cmd(
 @click.option("-n", "count", type=int, default=1, show_default=True, help="Models to sample.")
 @output_option("Output folder.", required=True)
 @write_format_option
+@for_option
+@keep_alphas_option
 @click.option("--seed", type=int, default=None, help="Random seed (default: fresh).")
 @click.option(
     "--temperature", type=float, default=1.0, show_default=True, help="Scale of the sampling std."
@@ -237,7 +322,9 @@ def sample_cmd(
     space_path: Path,
     count: int,
     out: Path,
-    fmt: str,
+    fmt: str | None,
+    target: str | None,
+    keep_alphas: bool,
     seed: int | None,
     temperature: float,
     covariance: str,
@@ -264,18 +351,28 @@ def sample_cmd(
 
     if count < 1:
         raise SpaceError(f"-n must be positive, got {count}")
+    fmt = output_format(fmt, target)
+    opts = write_options(target, keep_alphas)
     names = [f"sample_{i:04d}" + ("" if fmt == "peft" else ".safetensors") for i in range(count)]
     # entering checks every output (before the space is even read)
     with atomic_entries(out, [*names, "coefficients.npy"], overwrite=force) as stage:
         space = _load(space_path, no_verify)
         validate_energy(energy, space.representation)
         coefs = space.sample(count, seed=seed, temperature=temperature, covariance=covariance)
-        for i in track(range(count), description="writing", transient=True, console=console):
+        for i in track(
+            range(count),
+            description="writing",
+            transient=True,
+            console=console,
+            disable=quiet_enabled(),
+        ):
             ad = space.inverse_transform(coefs[i], rank=rank, energy=energy)[0]
             prov = provenance_metadata(
                 "w2wkit sample", [str(space_path)], seed=seed, temperature=temperature, index=i
             )
-            write_adapter(ad, stage / names[i], format=fmt, provenance=prov)
+            if i > 0:  # the same notes for every sample: say them once
+                opts["warn"] = lambda message: None
+            write_adapter(ad, stage / names[i], format=fmt, provenance=prov, **opts)
         with atomic_path(stage / "coefficients.npy", suffix=".npy") as tmp:
             np.save(tmp, coefs)
     console.print(f"wrote {count} models to {out} ({fmt})")
@@ -289,18 +386,36 @@ def sample_cmd(
     "--components",
     type=int,
     default=None,
-    help="Components to keep (default: the release's projection width).",
+    help="Components to keep (default: the release's projection width; more are computed "
+    "from all_weights.pt).",
+)
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="all_weights.pt or its folder, when it is not under FOLDER "
+    "(default: FOLDER/weights_datasets/identities/).",
 )
 @force_option
 @allow_pickle_option
 def import_w2w_cmd(
-    folder: Path, out: Path, components: int | None, force: bool, allow_pickle: bool
+    folder: Path,
+    out: Path,
+    components: int | None,
+    weights: Path | None,
+    force: bool,
+    allow_pickle: bool,
 ) -> None:
     """Import the official weights2weights release (torch pickles) as a space.
 
+    FOLDER is the release as downloaded (holding files/ and
+    weights_datasets/identities/all_weights.pt), or its files/ folder (give
+    all_weights.pt with --weights, or leave it out: the stored projection is used).
+
     \b
-    Example:
-      w2wkit import-w2w weights2weights/weights_datasets -o w2w-space --allow-pickle
+    Examples:
+      w2wkit import-w2w weights2weights -o w2w-space --allow-pickle
+      w2wkit import-w2w weights2weights/files --weights /data/all_weights.pt --allow-pickle -k 10000
     """
     from w2wkit.atomic import atomic_path, recover
     from w2wkit.importers.w2w import import_w2w
@@ -309,7 +424,15 @@ def import_w2w_cmd(
     recover(out)  # a save killed mid-swap: its old folder is back before the check
     if out.exists() and not force:
         raise SpaceError(OUTPUT_EXISTS, path=out)
-    space = import_w2w(folder, allow_pickle=allow_pickle, n_components=components, warn=note)
+    with byte_progress("reading all_weights.pt") as advance:
+        space = import_w2w(
+            folder,
+            weights=weights,
+            allow_pickle=allow_pickle,
+            n_components=components,
+            warn=note,
+            progress=lambda stage, done, total: advance(done, total),
+        )
     with atomic_path(out, overwrite=force) as staged:
         space.save(staged)
         # the space users will load, checked with the loader they use, before it is published

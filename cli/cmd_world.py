@@ -8,8 +8,17 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from w2wkit.cli.common import W2WGroup, console, force_option, output_option, profile_option
+from w2wkit.cli.common import (
+    W2WGroup,
+    console,
+    for_option,
+    force_option,
+    output_format,
+    output_option,
+    profile_option,
+)
 from w2wkit.errors import W2WError
+from w2wkit.formats.registry import writable_formats
 from w2wkit.world import CONCEPTS, HELDOUT_CONCEPT
 from w2wkit.world.measure import FidelitySettings
 
@@ -279,14 +288,29 @@ def info_cmd(world_path: Path | None, as_json: bool) -> None:
 @world_path_option
 @output_option(required=True)
 @click.option("--concept", default=HELDOUT_CONCEPT, show_default=True)
-@click.option("--format", "fmt", default="diffusers", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(writable_formats()),
+    default=None,
+    help="Output format [default: the --for loader's, else diffusers].",
+)
+@for_option
 @click.option("--limit", type=int, default=None, help="Only the first N models.")
 @force_option
 def export_cmd(
-    world_path: Path | None, out: Path, concept: str, fmt: str, limit: int | None, force: bool
+    world_path: Path | None,
+    out: Path,
+    concept: str,
+    fmt: str | None,
+    target: str | None,
+    limit: int | None,
+    force: bool,
 ) -> None:
     """Write the stacked zoo LoRAs out as ordinary files + labels.csv (for `w2wkit fit`)."""
     from w2wkit.world.shipped import load_world
+
+    fmt = output_format(fmt, target, default="diffusers")
 
     w = load_world(world_path, verify=False)
     n = len(w.names(concept))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -204,12 +206,68 @@ def handle_exception(exc: BaseException, ctx: click.Context | None = None) -> No
     fail(message)
 
 
+def verbosity() -> int:
+    """-1 with ``-q``, 0 by default, 1+ with ``-v`` (``-vv``...), for the running command."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return int(((root.obj if root is not None else None) or {}).get("verbosity", 0))
+
+
+def quiet_enabled() -> bool:
+    """Whether ``-q/--quiet`` was given (no progress bars, no result lines on stdout)."""
+    return verbosity() < 0
+
+
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if not value:
+        return
+    root = ctx.find_root()
+    obj = root.ensure_object(dict)
+    level = -1 if param.name == "quiet" else int(value)
+    obj["verbosity"] = level
+    console.quiet = level < 0
+    if level > 0:
+        import logging
+
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("w2wkit").setLevel(logging.INFO if level == 1 else logging.DEBUG)
+
+
+def verbosity_options() -> list[click.Option]:
+    """``-q/--quiet`` and ``-v/--verbose``, as every command (and the group) takes them."""
+    return [
+        click.Option(
+            ["-q", "--quiet"],
+            is_flag=True,
+            expose_value=False,
+            is_eager=True,
+            callback=_set_verbosity,
+            help="Only errors and warnings: no progress bars or result lines.",
+        ),
+        click.Option(
+            ["-v", "--verbose"],
+            count=True,
+            expose_value=False,
+            is_eager=True,
+            callback=_set_verbosity,
+            help="More detail (w2wkit's log at INFO; -vv: DEBUG).",
+        ),
+    ]
+
+
 class W2WGroup(click.Group):
     """A click group whose every failure is one plain-text line and exit 1.
 
     See :func:`handle_exception`; the group's ``--debug`` (or ``W2WKIT_DEBUG=1``)
-    lets tracebacks through.
+    lets tracebacks through. Every command added gets ``-q/--quiet`` and
+    ``-v/--verbose`` (:func:`verbosity_options`).
     """
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        have = {o for p in cmd.params for o in getattr(p, "opts", [])}
+        if not have & {"-q", "--quiet", "-v", "--verbose"}:
+            cmd.params.extend(verbosity_options())
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -254,6 +312,17 @@ def space_option(help: str, default: str | None = DEFAULT_SPACE) -> Any:
     )
 
 
+def space_path_from(positional: Path | None, option: Path | None) -> Path | None:
+    """The space of a command that also takes it as an argument (older spelling).
+
+    ``--space`` is the one way every command names the space; ``info`` and
+    ``directions`` still accept it as their argument. Both at once must agree.
+    """
+    if positional is not None and option is not None and Path(positional) != Path(option):
+        raise click.UsageError(f"two spaces given: {positional} and --space {option}")
+    return option if option is not None else positional
+
+
 def output_option(help: str | None = None, **kwargs: Any) -> Any:
     """``-o/--output`` (parameter ``out``), a path; ``kwargs`` go to :func:`click.option`."""
     return click.option(
@@ -274,9 +343,50 @@ write_format_option = click.option(
     "--format",
     "fmt",
     type=click.Choice(writable_formats()),
-    default="kohya",
-    show_default=True,
+    default=None,
+    help="Output format [default: the one the --for loader reads completely, else kohya].",
 )
+
+#: ``--for`` loaders (see w2wkit.formats.targets.TARGETS).
+TARGET_CHOICES = ("comfyui", "a1111", "kohya-scripts", "diffusers", "peft")
+
+for_option = click.option(
+    "--for",
+    "target",
+    type=click.Choice(TARGET_CHOICES),
+    default=None,
+    help="The program that will load the output: picks the format it reads completely "
+    "(comfyui, a1111, kohya-scripts: kohya; diffusers; peft) and warns about anything "
+    "it would drop.",
+)
+keep_alphas_option = click.option(
+    "--keep-alphas",
+    is_flag=True,
+    help="kohya output: keep each module's own alpha (by default per-module alphas are "
+    "folded into the factors, same deltas, so diffusers scales them right too).",
+)
+
+
+def output_format(fmt: str | None, target: str | None, default: str = "kohya") -> str:
+    """The format to write: ``--format``, else the ``--for`` loader's, else ``default``."""
+    if fmt is not None:
+        return fmt
+    if target is not None:
+        from w2wkit.formats.targets import target_format
+
+        return target_format(target)
+    return default
+
+
+def write_options(target: str | None, keep_alphas: bool) -> dict[str, Any]:
+    """``write_adapter`` keywords of ``--for`` and ``--keep-alphas`` (notes go to stderr)."""
+
+    def warn(message: str) -> None:
+        note(message.replace("`keep_alphas=True`", "--keep-alphas"))
+
+    return {"target": target, "keep_alphas": keep_alphas, "warn": warn}
+
+
 device_option = click.option(
     "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1..."
 )
@@ -294,7 +404,7 @@ class StrengthType(click.ParamType):
     A bad value is a :class:`~w2wkit.errors.DirectionError` (one line, exit 1).
     """
 
-    name = "strength"
+    name = "float"  # a number (shown as FLOAT in --help), checked finite and bounded
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
@@ -323,3 +433,43 @@ class EditType(click.ParamType):
         if not sep or not name.strip() or not rest.strip():
             raise DirectionError(f"--edit expects NAME=STRENGTH, got {value!r}")
         return name.strip(), parse_strength(rest, name.strip())
+
+
+@contextlib.contextmanager
+def byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """One transient rich bar (bytes, rate, ETA), shown from the first ``advance(done, total)``.
+
+    Nothing is drawn when ``advance`` is never called, when stderr is not a
+    terminal, or with ``-q``; the bar is removed when the block ends.
+    """
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=quiet_enabled(),
+    )
+    task: list[Any] = []
+
+    def advance(done: int, total: int) -> None:
+        if not task:
+            progress.start()
+            task.append(progress.add_task(description, total=total))
+        progress.update(task[0], completed=done, total=total)
+
+    try:
+        yield advance
+    finally:
+        if task:
+            progress.stop()

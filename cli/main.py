@@ -7,7 +7,7 @@ import importlib
 import click
 
 from w2wkit import __version__
-from w2wkit.cli.common import W2WGroup
+from w2wkit.cli.common import W2WGroup, _set_verbosity, console
 
 #: Modules that each add their commands to :data:`cli` through ``register(cli)``.
 COMMAND_MODULES = (
@@ -28,6 +28,24 @@ COMMAND_MODULES = (
     is_flag=True,
     help="Print the full traceback of an error (also: W2WKIT_DEBUG=1).",
 )
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, p, v: _set_verbosity(ctx, p, v),
+    help="Only errors and warnings (also after the command name).",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, p, v: _set_verbosity(ctx, p, v),
+    help="More detail; -vv for debug output (also after the command name).",
+)
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """w2wkit: treat a folder of LoRAs as a space of models.
@@ -39,10 +57,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
       w2wkit sample -n 4 -o samples/
       w2wkit apply my_lora.safetensors --direction age --strength 1.5 -o older.safetensors
 
-    Every command has --help with examples. Errors print one line and exit 1;
-    --debug (or W2WKIT_DEBUG=1) shows the traceback.
+    Every command has --help with examples and takes -q/--quiet and -v/--verbose.
+    Errors print one line and exit 1; --debug (or W2WKIT_DEBUG=1) shows the
+    traceback. Shell completion (bash): eval "$(_W2WKIT_COMPLETE=bash_source w2wkit)"
+    (zsh: zsh_source, fish: fish_source).
     """
-    ctx.ensure_object(dict)["debug"] = debug
+    obj = ctx.ensure_object(dict)
+    obj["debug"] = debug
+    console.quiet = obj.get("verbosity", 0) < 0  # -q of an earlier run in this process is gone
 
 
 for _mod in COMMAND_MODULES:

@@ -54,7 +54,7 @@ def test_importing_a_format_module_registers_nothing():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split("\n")
     assert lines[0] == "0"  # nothing until the registry is read
-    assert lines[1] == "['diffusers', 'kohya', 'legacy', 'lycoris', 'peft']"
+    assert lines[1] == "['diffusers', 'kohya', 'legacy', 'lycoris', 'peft', 'w2w-model']"
 
 
 def test_entry_points_add_formats_and_a_broken_one_only_warns(fresh_registry, monkeypatch):
@@ -68,7 +68,7 @@ def test_entry_points_add_formats_and_a_broken_one_only_warns(fresh_registry, mo
     )
     with pytest.warns(UserWarning, match=r"'broken' .* failed to load: no module named toyx"):
         names = sorted(fresh_registry.FORMATS)
-    assert names == ["diffusers", "kohya", "legacy", "lycoris", "peft", "toy"]
+    assert names == ["diffusers", "kohya", "legacy", "lycoris", "peft", "toy", "w2w-model"]
     assert isinstance(fresh_registry.FORMATS["toy"], ToyFormat)
     assert "toy" not in fresh_registry.writable_formats()
 

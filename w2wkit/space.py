@@ -153,21 +153,31 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None] | N
     if not enabled:
         yield None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log file or a pipe gets no bar (and no stray newline)
+        yield None
+        return
+    # one bar, on stderr, for the phase under way: a new phase replaces the last one's
+    # bar (solvers report many short passes), and nothing is left when the fit ends
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         transient=True,
+        console=console,
     ) as bar:
         tasks: dict[str, Any] = {}
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
+                for old in tasks.values():
+                    bar.update(old, visible=False)
                 tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+            bar.update(tasks[stage], completed=done, total=total, visible=True)
 
         yield update
 

@@ -7,6 +7,7 @@ from w2wkit.formats.kohya import KohyaFormat
 from w2wkit.formats.legacy import LegacyAttnProcsFormat
 from w2wkit.formats.lycoris import LycorisFormat
 from w2wkit.formats.peft import PeftFormat
+from w2wkit.formats.w2wmodel import W2WModelFormat
 
 #: The formats w2wkit ships, in the order ties in detection are broken.
 BUILTIN_FORMATS = (
@@ -15,4 +16,5 @@ BUILTIN_FORMATS = (
     PeftFormat(),
     LegacyAttnProcsFormat(),
     LycorisFormat(),
+    W2WModelFormat(),
 )

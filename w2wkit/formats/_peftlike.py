@@ -34,6 +34,7 @@ __all__ = [
     "match_keys",
     "pattern_value",
     "put_lora_factors",
+    "text_encoder_by_width",
 ]
 
 DORA_MESSAGE = (
@@ -59,6 +60,8 @@ _UNET_HEADS = frozenset(
 )
 #: First segments that identify a CLIP text encoder module.
 _TEXT_HEADS = frozenset({"text_model", "encoder", "embeddings", "final_layer_norm"})
+#: Text-encoder modules that sit beside ``text_model``, not inside it.
+_TOP_LEVEL_TEXT = frozenset({"text_projection"})
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,50 @@ def guess_component(module: str) -> str | None:
         return "unet"
     if head in _TEXT_HEADS:
         return "text_encoder"
+    if head in _TOP_LEVEL_TEXT:
+        return "text_encoder_2"  # only CLIPTextModelWithProjection (SDXL's second) has it
     return None
+
+
+def text_encoder_by_width(
+    modules: Mapping[str, Sequence[int]], component: str = "text_encoder"
+) -> str:
+    """Which SDXL text encoder a set of text-encoder layers fits, by their widths.
+
+    Parameters
+    ----------
+    modules : mapping of str to shape
+        Canonical paths (under ``component``) -> delta shapes ``(out, in[, ...])``.
+    component : str
+        The component the paths were guessed to belong to.
+
+    Returns
+    -------
+    str
+        ``"text_encoder_2"`` when every layer has the shape of the full-size
+        OpenCLIP ViT-bigG/14 module of that name and not the CLIP ViT-L/14 one
+        (e.g. ``q_proj`` 1280 x 1280, not 768 x 768), else ``component``.
+    """
+    from w2wkit.names import module_table
+
+    if not modules or component not in ("text_encoder", "text_encoder_2"):
+        return component
+    table = module_table("sdxl")
+
+    def fits(comp: str) -> bool:
+        for path, shape in modules.items():
+            rest = path.split(".", 1)[1]
+            ref = table.get(f"{comp}.{rest}")
+            got = tuple(int(s) for s in shape)
+            if ref is None or (got != ref and got != (ref[0], int(np.prod(ref[1:])))):
+                return False
+        return True
+
+    if fits("text_encoder_2") and not fits("text_encoder"):
+        return "text_encoder_2"
+    if fits("text_encoder") and not fits("text_encoder_2"):
+        return "text_encoder"
+    return component
 
 
 def canonical_module(component: str, module: str) -> str:
@@ -154,7 +200,11 @@ def canonical_module(component: str, module: str) -> str:
     transformers >= 5 flattened ``CLIPTextModel`` (no ``text_model`` level);
     canonical paths keep the level so files from either layout agree.
     """
-    if component.startswith("text_encoder") and not module.startswith("text_model."):
+    if (
+        component.startswith("text_encoder")
+        and not module.startswith("text_model.")
+        and module.split(".", 1)[0] not in _TOP_LEVEL_TEXT
+    ):
         module = f"text_model.{module}"
     return f"{component}.{module}"
 

@@ -19,6 +19,7 @@ from w2wkit.jsonio import read_json
 from w2wkit.stio import SafetensorsFile, check_regular_file, read_safetensors
 
 __all__ = [
+    "LAYOUT_COMPONENTS",
     "LORA_SUFFIXES",
     "PEFT_CONFIG",
     "PEFT_WEIGHTS",
@@ -26,6 +27,7 @@ __all__ = [
     "LoraFormat",
     "Source",
     "WriteOptions",
+    "component_subfolders",
     "load_source",
 ]
 
@@ -168,6 +170,26 @@ def _peft_folder(path: Path) -> tuple[Path, dict[str, Any]] | None:
     )
 
 
+#: Component subfolders of the diffusers/PEFT training layout, in reading order.
+LAYOUT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+
+
+def component_subfolders(path: Path) -> list[Path]:
+    """PEFT adapters in ``path/unet``, ``path/text_encoder``... when ``path`` has none itself.
+
+    The layout PEFT's DreamBooth example (and other training scripts) save: one
+    ``save_pretrained`` folder per pipeline component, nothing at the top.
+    """
+    if _is_file(path / PEFT_CONFIG):
+        return []
+    return [path / c for c in LAYOUT_COMPONENTS if _is_file(path / c / PEFT_CONFIG)]
+
+
+def _component_folders(path: Path) -> tuple[Path, dict[str, Any]] | None:
+    subs = component_subfolders(path)
+    return _peft_folder(subs[0]) if subs else None
+
+
 def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Source:
     """Parse a LoRA file or PEFT folder into raw tensors.
 
@@ -191,6 +213,8 @@ def load_source(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> 
         raise FormatError("no such file or folder", path=p)
     if p.is_dir():
         found = _peft_folder(p)
+        if found is None:
+            found = _component_folders(p)
         if found is None:
             raise FormatError(
                 f"folder is not a PEFT adapter (no {PEFT_CONFIG}); "

@@ -27,6 +27,7 @@ import numpy as np
 
 from w2wkit.adapter import Adapter, LoraLayer, degenerate_factors
 from w2wkit.errors import FormatError
+from w2wkit.formats._peftlike import text_encoder_by_width
 from w2wkit.formats.base import Source, WriteOptions
 from w2wkit.names import (
     guess_family,
@@ -197,6 +198,27 @@ def _alpha_array(alpha: float) -> tuple[np.ndarray, str]:
     return np.array(alpha, dtype=np.float64), "F64"
 
 
+def _refuse_second_encoder_as_first(shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Refuse ``text_encoder`` layers that have the widths of SDXL's second text encoder.
+
+    Written as ``lora_te_``/``lora_te1_`` (the CLIP ViT-L/14 encoder's prefixes) no
+    loader applies them: ComfyUI leaves them unloaded or hits shape mismatches,
+    sd-scripts drops them silently (``strict=False``).
+    """
+    te1 = {m: s for m, s in shapes.items() if m.startswith("text_encoder.")}
+    if te1 and text_encoder_by_width(te1) == "text_encoder_2":
+        first = next(iter(te1))
+        raise FormatError(
+            f"{len(te1)} text-encoder layers have the widths of SDXL's second text encoder "
+            "(OpenCLIP ViT-bigG, 1280) but are labelled text_encoder; written under "
+            "lora_te_/lora_te1_ no loader would apply them",
+            path=path,
+            key=first,
+            hint="read them as text_encoder_2 (a PEFT folder named text_encoder_2, "
+            "or a 'w2wkit.component' header entry)",
+        )
+
+
 class KohyaFormat:
     """kohya-ss ``lora_down``/``lora_up``/``alpha`` files (SD1.x and SDXL)."""
 
@@ -267,6 +289,7 @@ class KohyaFormat:
             sgm_names=adapter.metadata.get(UNET_NAMES_KEY) == "sgm",
             metadata=adapter.metadata,
         )
+        _refuse_second_encoder_as_first(shapes, path)
         sgm = family == "sdxl"
         dual = sgm or any(m.startswith("text_encoder_2.") for m in shapes)
         tensors: dict[str, np.ndarray] = {}

@@ -41,9 +41,11 @@ Metadata
 in ``rank_pattern``/``alpha_pattern`` for the modules that differ,
 ``target_modules`` the full module names). Text-encoder module names are
 written without the ``text_model.`` level (the transformers >= 5 flattened
-``CLIPTextModel``; the reader accepts both). The adapter's own metadata and
-the provenance entries go to the top-level safetensors header, next to
-``format: pt`` and ``w2wkit.component``; the reader drops those two again.
+``CLIPTextModel``; the reader accepts both), except those of
+``text_encoder_2``, whose ``CLIPTextModelWithProjection`` kept the level.
+The adapter's own metadata and the provenance entries go to the top-level
+safetensors header, next to ``format: pt`` and ``w2wkit.component``; the
+reader drops those two again.
 
 DoRA (``use_dora: true`` or ``lora_magnitude_vector`` keys) is refused: it is
 not an additive delta.
@@ -71,6 +73,7 @@ from w2wkit.formats._peftlike import (
     match_keys,
     put_lora_factors,
     refuse_dora,
+    text_encoder_by_width,
 )
 from w2wkit.formats.base import (
     PEFT_CONFIG,
@@ -136,6 +139,27 @@ def _check_config(src: Source) -> dict[str, Any]:
     return cfg
 
 
+def _delta_shapes(
+    src: Source, matched: dict[str, tuple[str | None, str, str]], keys: set[str]
+) -> dict[str, tuple[int, ...]]:
+    """``text_encoder.<module> -> (out, in[, kh, kw])`` of the modules of ``keys``."""
+    parts: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key in keys:
+        _, module, factor = matched[key]
+        parts.setdefault(module, {})[factor] = tuple(src.tensors[key].shape)
+    out = {}
+    for module, f in parts.items():
+        if "down" in f and "up" in f and len(f["down"]) >= 2 and len(f["up"]) >= 2:
+            out[canonical_module("text_encoder", module)] = (f["up"][0], *f["down"][1:])
+    return out
+
+
+def _component_from_folder(src: Source) -> str | None:
+    """The component a PEFT folder's own name says (``.../text_encoder_2``), if any."""
+    name = Path(src.weights_path).parent.name
+    return name if name in COMPONENTS else None
+
+
 def _read_one(src: Source, component_hint: str | None = None) -> Adapter:
     refuse_dora(src)
     cfg = _check_config(src) if src.config is not None else None
@@ -145,10 +169,12 @@ def _read_one(src: Source, component_hint: str | None = None) -> Adapter:
         msg = "unexpected key for the PEFT LoRA format"
         raise FormatError(msg, path=src.path, key=unmatched[0])
     component = src.metadata.get(COMPONENT_KEY) or component_hint
+    if component is None and src.config is not None:
+        component = _component_from_folder(src)
     if component is not None and component not in COMPONENTS:
         raise FormatError(f"unknown component {component!r}", path=src.path, key=COMPONENT_KEY)
-    canon = {}
-    for key, (_, module, factor) in matched.items():
+    guessed: dict[str, str] = {}
+    for key, (_, module, _factor) in matched.items():
         comp = component or guess_component(module)
         if comp is None:
             raise FormatError(
@@ -157,6 +183,19 @@ def _read_one(src: Source, component_hint: str | None = None) -> Adapter:
                 key=key,
                 hint=f"add a '{COMPONENT_KEY}' entry to the safetensors header",
             )
+        guessed[key] = comp
+    if component is None and any(c.startswith("text_encoder") for c in guessed.values()):
+        # no header entry and no component folder name: a CLIP-L and an OpenCLIP-bigG
+        # text encoder share their module names, so their widths decide
+        texts = {k for k, c in guessed.items() if c.startswith("text_encoder")}
+        second = "text_encoder_2" in {guessed[k] for k in texts}
+        shapes = _delta_shapes(src, matched, texts)
+        which = text_encoder_by_width(shapes, "text_encoder_2" if second else "text_encoder")
+        for k in texts:
+            guessed[k] = which
+    canon = {}
+    for key, (_, module, factor) in matched.items():
+        comp = guessed[key]
         canon[key] = (comp, canonical_module(comp, module), factor)
 
     def alpha_for(module: str, rank: int, alpha_t: float | None) -> tuple[float, bool]:
@@ -205,9 +244,17 @@ class PeftFormat:
         folder = Path(src.weights_path).parent
         if src.config is None:
             return adapter
+        root = Path(src.path)
+        if root.is_dir() and root.resolve() != folder.resolve():
+            # the training layout: ``root/unet/``, ``root/text_encoder/``... and no
+            # adapter at the top; ``src`` is its first component folder
+            folder = root
         for comp in COMPONENTS:
             sub = folder / comp
-            if not (sub / PEFT_CONFIG).is_file():
+            if (
+                not (sub / PEFT_CONFIG).is_file()
+                or sub.resolve() == Path(src.weights_path).parent.resolve()
+            ):
                 continue
             part = _read_one(load_source(sub), component_hint=comp)
             for module, layer in part.layers.items():
@@ -226,7 +273,10 @@ class PeftFormat:
         by_comp: dict[str, dict[str, Any]] = {}
         names: dict[str, str] = {}
         for module, layer in layers.items():
-            comp, rest = external_module(module, flatten_text=True)
+            # CLIPTextModel lost its text_model level in transformers 5,
+            # CLIPTextModelWithProjection (SDXL's second encoder) kept it
+            second = module.startswith("text_encoder_2.")
+            comp, rest = external_module(module, flatten_text=not second)
             if comp not in COMPONENTS:
                 raise FormatError(f"unknown component {comp!r}", path=path, key=module)
             by_comp.setdefault(comp, {})[module] = layer

@@ -49,6 +49,7 @@ from w2wkit.formats.base import (  # re-exported: the registry's public types
     LoraFormat,
     Source,
     WriteOptions,
+    component_subfolders,
     load_source,
 )
 
@@ -275,10 +276,13 @@ def write_adapter(
     adapter: Adapter,
     path: str | os.PathLike[str],
     *,
-    format: str = "kohya",
+    format: str | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
     provenance: dict[str, str] | None = None,
+    target: str | None = None,
+    keep_alphas: bool | None = None,
+    warn: Any = None,
 ) -> Path:
     """Write an adapter in a writable format, atomically.
 
@@ -288,8 +292,23 @@ def write_adapter(
         What to write.
     path : str or os.PathLike
         Output file (kohya, diffusers) or folder (peft).
-    format : str
-        ``"kohya"``, ``"diffusers"`` or ``"peft"``.
+    format : str, optional
+        ``"kohya"``, ``"diffusers"`` or ``"peft"``; default the format
+        ``target``'s loader reads completely (see
+        :data:`w2wkit.formats.targets.TARGETS`), else ``"kohya"``.
+    target : str, optional
+        The loader the file is for: ``"comfyui"``, ``"a1111"``,
+        ``"kohya-scripts"``, ``"diffusers"`` or ``"peft"``. Picks the format;
+        when ``format`` is also given and that loader reads it only in part,
+        ``warn`` is called with one line naming the loader and the modules.
+    keep_alphas : bool, optional
+        kohya output only. ``False`` folds per-module alphas into the factors
+        (every layer gets the most common alpha; the deltas are unchanged),
+        which diffusers' kohya converter would otherwise mis-scale; ``True``
+        writes each module's own alpha. Default: fold when ``target`` is
+        given, keep otherwise. ``warn`` is told when layers were folded.
+    warn : callable, optional
+        ``warn(message)`` for the notes above; default :func:`warnings.warn`.
     dtype : str, optional
         Storage dtype override (``"F32"``, ``"F16"``, ``"BF16"``).
     overwrite : bool
@@ -311,6 +330,18 @@ def write_adapter(
         for a value the storage dtype would hold as Inf. Nothing is written.
     """
     _ensure_loaded()
+    from w2wkit.formats.targets import LOADERS, fold_alphas, loader_gaps, target_format
+
+    if warn is None:
+        import warnings
+
+        def warn(message: str) -> None:
+            warnings.warn(message, stacklevel=3)
+
+    if format is None:
+        format = target_format(target) if target is not None else "kohya"
+    elif target is not None:
+        target_format(target)  # an unknown target fails before anything is written
     fmt = FORMATS.get(format)
     if fmt is None or not fmt.writable:
         writable = writable_formats()
@@ -318,6 +349,19 @@ def write_adapter(
     out = Path(path)
     if out.exists() and not overwrite:
         raise FormatError(OUTPUT_EXISTS, path=out)
+    notes: list[str] = []  # said once the file is written
+    folded = 0
+    if format == "kohya" and (not keep_alphas if keep_alphas is not None else target is not None):
+        adapter, folded = fold_alphas(adapter)
+        if folded:
+            notes.append(
+                f"{folded} of {len(adapter)} modules had an alpha other than the most common "
+                f"one; folded into their up factors (deltas unchanged) so that "
+                f"{LOADERS['diffusers']} applies them like every other loader "
+                "(keep them with `keep_alphas=True`)"
+            )
+    if target is not None:
+        notes += [gap.message(format) for gap in loader_gaps(adapter, format, target)]
     try:
         fmt.write(adapter, out, WriteOptions(dtype, overwrite, dict(provenance or {})))
     except NarrowingError as exc:
@@ -326,13 +370,16 @@ def write_adapter(
             if dtype is None
             else f"parameter dtype is {dtype}"
         )
+        also = " (or keep the per-module alphas, `keep_alphas=True`)" if folded else ""
         raise NarrowingError(
             exc.message,
             path=exc.path,
             key=exc.key,
             param="dtype",
-            hint=f"{why}; choose a wider storage dtype, e.g. F32",
+            hint=f"{why}; choose a wider storage dtype, e.g. F32{also}",
         ) from None
+    for note in notes:
+        warn(note)
     return out
 
 
@@ -374,13 +421,16 @@ def discover_lora_files(
         if not hits:
             raise FormatError("no such file, folder or glob match", path=p)
         return hits
-    if (p / PEFT_CONFIG).is_file():
+    if (p / PEFT_CONFIG).is_file() or component_subfolders(p):
         return [p]
     found = []
     peft_dirs = {c.parent for c in p.rglob(PEFT_CONFIG)}
-    # a component subfolder (``out/text_encoder``) of a PEFT folder is part of it
-    nested = {d for d in peft_dirs if d.name in COMPONENTS and d.parent in peft_dirs}
-    for d in sorted(peft_dirs - nested):
+    # a component subfolder (``out/text_encoder``) of a PEFT folder is part of it, and
+    # component folders side by side with no adapter above them (``run/unet``,
+    # ``run/text_encoder``: the training layout) are one adapter, their parent
+    nested = {d for d in peft_dirs if d.name in COMPONENTS}
+    layouts = {d.parent for d in nested if d.parent not in peft_dirs}
+    for d in sorted((peft_dirs - nested) | layouts):
         found.append(d)
     for f in sorted(p.rglob(pattern or "*")):
         if f.is_file() and f.suffix.lower() in suffixes and f.parent not in peft_dirs:

@@ -26,59 +26,64 @@ caller must opt in with ``allow_pickle=True``):
     Attribute table (a pandas DataFrame, or a dict of columns); numeric and
     boolean columns become labels (CelebA's -1/1 become 0/1).
 ``adapter_config.json``
-    PEFT config: ``r``, ``lora_alpha``, ``target_modules``.
+    PEFT config: ``r``, ``lora_alpha``, ``target_modules`` (optional: without
+    it the rank comes from ``weight_dimensions.pt`` and alpha is 27, the value
+    the weights2weights code trains and samples with; a warning says so).
+
+As downloaded, the release splits these files: ``files/`` holds everything
+but ``all_weights.pt``, which sits in ``weights_datasets/identities/``.
+:func:`import_w2w` takes that root folder (and finds both), one folder holding
+all files, or the two folders separately (``weights=``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from w2wkit.errors import FormatError, SpaceError
+from w2wkit.formats.w2wmodel import DEFAULT_ALPHA, parse_release_key
 from w2wkit.jsonio import as_float, as_int, field, read_json
 from w2wkit.layout import WeightLayout
 from w2wkit.pickles import load_tensors, resolve_globals, unsafe_globals
 from w2wkit.stio import check_regular_file
 
-__all__ = ["REQUIRED", "import_w2w", "parse_release_key"]
+__all__ = ["DEFAULT_ALPHA", "REQUIRED", "find_release", "import_w2w", "parse_release_key"]
 
-REQUIRED = ("weight_dimensions.pt", "mean.pt", "std.pt", "V.pt", "adapter_config.json")
+REQUIRED = ("weight_dimensions.pt", "mean.pt", "std.pt", "V.pt")
 
-_PEFT = re.compile(
-    r"^(?:base_model\.model\.)?(?P<path>.+?)\.lora_(?P<f>[AB])(?:\.(?!weight$)[^.]+)?\.weight$"
+
+#: Where the release keeps all_weights.pt, relative to its root.
+WEIGHTS_SUBPATHS = ("weights_datasets/identities", "weights_datasets", "files", ".")
+
+#: Label-table columns that identify rows rather than describe them: never labels.
+ID_COLUMNS = frozenset(
+    {
+        "file",
+        "files",
+        "filename",
+        "file_name",
+        "name",
+        "names",
+        "identity",
+        "id",
+        "ids",
+        "index",
+        "idx",
+        "path",
+        "image",
+        "image_id",
+        "img",
+        "unnamed: 0",
+        "level_0",
+        "celeb_id",
+    }
 )
-_KOHYA = re.compile(
-    r"^(?P<path>lora_(?:unet|te|te1|te2)_.+?)[._]lora[._](?P<f>A|B|down|up)(?:\.[^.]+)?\.weight$"
-)
-
-
-def parse_release_key(key: str) -> tuple[str, str]:
-    """Canonical ``(module path, factor)`` of a release key.
-
-    Raises
-    ------
-    FormatError
-        For a key that is neither a PEFT nor a kohya-style LoRA key.
-    """
-    m = _KOHYA.match(key)
-    if m:
-        from w2wkit.names import kohya_to_module
-
-        factor = "down" if m["f"] in ("A", "down") else "up"
-        return kohya_to_module(m["path"]), factor
-    m = _PEFT.match(key)
-    if m:
-        path = m["path"]
-        if not path.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
-            path = "unet." + path  # the release's PEFT model is the UNet
-        return path, "down" if m["f"] == "A" else "up"
-    raise FormatError("not a LoRA key of the weights2weights release", key=key)
-
 
 #: The only globals a label table may name (exact dotted names): the classes and
 #: rebuild helpers of a pandas DataFrame/Series of numbers and strings, across
@@ -119,11 +124,129 @@ def _load(path: Path, *, mmap: bool = False) -> Any:
     return load_tensors(path, mmap=mmap, what="release file")
 
 
-def _load_label_table(path: Path, warn: Callable[[str], None]) -> Any | None:
-    """The release's label table, loaded with :data:`LABEL_TABLE_GLOBALS` allowed only.
+class _Stub:
+    """Stands in for a pandas class or rebuild helper while a label table is unpickled.
 
-    Returns None (after ``warn``) when it cannot be read that way; it is never
-    loaded unsafely.
+    It only records what the pickle hands it (constructor arguments and state);
+    nothing of pandas is imported or run. :func:`_decode_frame` reads the columns
+    out of the recorded tree.
+    """
+
+    _name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _stub_globals(names: list[str]) -> list[Any]:
+    """Recording stand-ins named exactly like the pandas ``names`` (torch allows by name)."""
+    out: list[Any] = []
+    for dotted in names:
+        module, _, name = dotted.rpartition(".")
+        if not dotted.startswith("pandas."):
+            continue
+        if name[:1].isupper():
+            out.append(
+                type(name, (_Stub,), {"__module__": module, "__qualname__": name, "_name": dotted})
+            )
+            continue
+        result = type(
+            f"{name}_result",
+            (_Stub,),
+            {"__module__": module, "__qualname__": f"{name}_result", "_name": dotted},
+        )
+
+        def helper(*args: Any, _result: type = result) -> Any:
+            return _result(*args)
+
+        helper.__module__, helper.__qualname__, helper.__name__ = module, name, name
+        out += [helper, result]
+    return out
+
+
+def _stub_array(obj: Any) -> np.ndarray:
+    """The numpy array a recorded pandas array or index holds."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    if isinstance(obj, _Stub):
+        if obj._name.endswith("_new_Index"):
+            d = obj.args[1]
+            if "data" in d:
+                return _stub_array(d["data"])
+            return np.arange(int(d.get("start", 0)), int(d["stop"]), int(d.get("step", 1)))
+        for part in (*(obj.state if isinstance(obj.state, tuple) else ()), *obj.args):
+            if isinstance(part, np.ndarray | _Stub):
+                try:
+                    return _stub_array(part)
+                except ValueError:
+                    continue
+        if isinstance(obj.state, dict):
+            for value in obj.state.values():
+                if isinstance(value, np.ndarray):
+                    return value
+    raise ValueError(f"cannot read {getattr(obj, '_name', type(obj).__name__)} as an array")
+
+
+@dataclass
+class _Table:
+    """A label table read without pandas: columns by name, and the row index."""
+
+    columns: dict[str, np.ndarray]
+    index: list[Any]
+
+
+def _decode_frame(obj: Any) -> _Table:
+    """Columns of a recorded ``DataFrame`` (pandas 1.x-3.x block layouts).
+
+    Raises
+    ------
+    ValueError
+        When the recorded tree is not a DataFrame this understands.
+    """
+    if not (isinstance(obj, _Stub) and isinstance(obj.state, dict) and "_mgr" in obj.state):
+        raise ValueError("not a DataFrame")
+    mgr = obj.state["_mgr"]
+    blocks: list[tuple[Any, Any]] = []
+    if isinstance(mgr, _Stub) and len(mgr.args) == 2:  # pandas >= 3: (blocks, axes)
+        raw_blocks, axes = mgr.args
+        for b in raw_blocks:
+            blocks.append((b.args[0], b.args[1]))
+    elif isinstance(mgr, _Stub) and isinstance(mgr.state, tuple) and len(mgr.state) == 4:
+        extra = mgr.state[3]["0.14.1"]  # pandas 1.x/2.x __getstate__
+        axes = extra["axes"]
+        blocks = [(b["values"], b["mgr_locs"]) for b in extra["blocks"]]
+    else:
+        raise ValueError("unknown DataFrame layout")
+    names = [str(c) for c in _stub_array(axes[0])]
+    index = list(_stub_array(axes[1]))
+    columns: dict[str, np.ndarray] = {}
+    for values, place in blocks:
+        where = np.arange(len(names))[place] if isinstance(place, slice) else np.asarray(place)
+        arr = _stub_array(values)
+        arr = arr.reshape(1, -1) if arr.ndim == 1 else arr
+        if arr.shape[0] != where.size:
+            raise ValueError("block shape does not match its columns")
+        for row, col in zip(arr, where, strict=True):
+            columns[names[int(col)]] = row
+    return _Table(columns, index)
+
+
+def _load_label_table(path: Path, warn: Callable[[str], None]) -> Any | None:
+    """The release's label table, read safely, without pandas when it can be.
+
+    The pickle's pandas objects are replaced by recording stand-ins
+    (:func:`_stub_globals`), whose columns :func:`_decode_frame` reads; if that
+    fails, pandas itself (when installed) with :data:`LABEL_TABLE_GLOBALS`
+    allowed only. Returns None (after ``warn``) when neither works; the table is
+    never loaded unsafely.
     """
     check_regular_file(path, what="label table")
     names = unsafe_globals(path)
@@ -134,6 +257,13 @@ def _load_label_table(path: Path, warn: Callable[[str], None]) -> Any | None:
             f"allow-list ({', '.join(foreign[:4])}); it was not loaded"
         )
         return None
+    numpy_names = [n for n in names if not n.startswith("pandas.")]
+    try:
+        basic = resolve_globals(numpy_names) + _numpy_dtype_classes()
+        raw = load_tensors(path, allowed=basic + _stub_globals(names), what="label table")
+        return raw if isinstance(raw, dict) else _decode_frame(raw)
+    except (FormatError, ValueError, TypeError, KeyError, IndexError, AttributeError, ImportError):
+        pass  # not a layout the stand-ins understand: try pandas itself
     try:
         allowed = resolve_globals(names) + _numpy_dtype_classes()
     except (ImportError, AttributeError) as exc:
@@ -151,13 +281,53 @@ def _numpy_dtype_classes() -> list[type]:
     return [type(np.dtype(c)) for c in "?bhilqBHILQefdgOUS"]
 
 
-def _finite_rows(weights: np.ndarray) -> bool:
-    """Whether a (possibly memory-mapped) ``(N, d)`` matrix is finite, read in blocks."""
-    block = max(1, (64 << 20) // max(1, 4 * weights.shape[1]))
-    return all(
-        bool(np.isfinite(weights[s0 : s0 + block]).all())
-        for s0 in range(0, weights.shape[0], block)
-    )
+def _scan_weights(
+    weights: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    comps: np.ndarray | None,
+    path: Path,
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[np.ndarray | None, float]:
+    """One pass over ``all_weights.pt`` (memory-mapped): finiteness, total variance, coefficients.
+
+    Parameters
+    ----------
+    weights : numpy.ndarray
+        ``(N, d)`` flattened models.
+    mean, scale : numpy.ndarray
+        ``(d,)`` standardisation.
+    comps : numpy.ndarray, optional
+        ``(k, d)`` components; when given, the ``(N, k)`` coefficients are computed.
+    path : pathlib.Path
+        Named in errors.
+    progress : callable, optional
+        ``progress("weights", bytes read, total bytes)`` after each block.
+
+    Returns
+    -------
+    coef : numpy.ndarray or None
+        ``(N, k)`` float32 coefficients, when ``comps`` is given.
+    total_sq : float
+        Sum of squares of the standardised rows.
+    """
+    n, d = weights.shape
+    block = max(1, (64 << 20) // max(1, 4 * d))
+    coef = np.zeros((n, comps.shape[0]), np.float32) if comps is not None else None
+    total_sq = 0.0
+    row_bytes = d * weights.dtype.itemsize
+    for s0 in range(0, n, block):
+        chunk = np.asarray(weights[s0 : s0 + block], dtype=np.float64)
+        if not np.isfinite(chunk).all():
+            bad = s0 + int(np.nonzero(~np.isfinite(chunk).all(axis=1))[0][0])
+            raise SpaceError(f"all_weights.pt holds NaN/Inf values (row {bad})", path=path)
+        z = (chunk - mean) / scale
+        total_sq += float(np.sum(z * z))
+        if coef is not None:
+            coef[s0 : s0 + block] = z @ comps.T
+        if progress is not None:
+            progress("weights", min(s0 + block, n) * row_bytes, n * row_bytes)
+    return coef, total_sq
 
 
 def _np(obj: Any, path: Path) -> np.ndarray:
@@ -197,7 +367,11 @@ def _labels(
     """
     columns: dict[str, Any]
     names = None
-    if hasattr(obj, "columns") and hasattr(obj, "to_dict"):  # pandas DataFrame
+    if isinstance(obj, _Table):  # read without pandas
+        columns = obj.columns
+        if obj.index and not all(isinstance(i, int | np.integer) for i in obj.index):
+            names = [str(i) for i in obj.index]
+    elif hasattr(obj, "columns") and hasattr(obj, "to_dict"):  # pandas DataFrame
         columns = {str(c): obj[c].to_numpy() for c in obj.columns}
         idx = list(obj.index)
         if idx and not all(isinstance(i, int | np.integer) for i in idx):
@@ -213,8 +387,11 @@ def _labels(
         arr = np.asarray(vals.numpy() if hasattr(vals, "numpy") else vals)
         if arr.shape != (n,):
             continue
-        if col.lower() in ("file", "name", "identity", "id") and arr.dtype.kind in "OUS":
-            names = [str(v) for v in arr]
+        key = col.strip().lower()
+        if key in ID_COLUMNS or key.startswith("unnamed"):
+            # identifies rows (a file name, an id, a numeric file index): never a label
+            if arr.dtype.kind in "OUS" and names is None:
+                names = [str(v) for v in arr]
             continue
         if arr.dtype.kind not in "biuf":
             continue
@@ -230,9 +407,65 @@ def _labels(
     return labels, names
 
 
+def find_release(
+    folder: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None
+) -> tuple[Path, Path | None]:
+    """The folder of the release's small files and its ``all_weights.pt`` (if any).
+
+    Parameters
+    ----------
+    folder : path-like
+        The release root as downloaded (holding ``files/`` and
+        ``weights_datasets/identities/``), or the folder of the small files.
+    weights : path-like, optional
+        ``all_weights.pt`` or the folder holding it, when it is elsewhere.
+
+    Returns
+    -------
+    files : pathlib.Path
+        Folder holding ``weight_dimensions.pt``, ``mean.pt``...
+    all_weights : pathlib.Path or None
+
+    Raises
+    ------
+    SpaceError
+        For a missing folder or file, or a folder that is not a release.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise SpaceError("release folder not found", path=root)
+    files = root
+    if not (root / REQUIRED[0]).is_file() and (root / "files" / REQUIRED[0]).is_file():
+        files = root / "files"
+    missing = [f for f in REQUIRED if not (files / f).is_file()]
+    if missing:
+        raise SpaceError(
+            f"not a weights2weights release: missing {', '.join(missing)}",
+            path=root,
+            hint="give the release root (with files/ and weights_datasets/) or its files/ folder",
+        )
+    found: Path | None = None
+    if weights is not None:
+        w = Path(weights)
+        found = w / "all_weights.pt" if w.is_dir() else w
+        if not found.is_file():
+            raise SpaceError("all_weights.pt not found", path=found, param="weights")
+    else:
+        for base in (root, files):
+            for sub in WEIGHTS_SUBPATHS:
+                cand = base / sub / "all_weights.pt"
+                if cand.is_file():
+                    found = cand
+                    break
+            if found is not None:
+                break
+    return files, found
+
+
 def import_w2w(
     folder: str | os.PathLike[str],
     *,
+    weights: str | os.PathLike[str] | None = None,
     allow_pickle: bool = False,
     n_components: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -243,14 +476,19 @@ def import_w2w(
     Parameters
     ----------
     folder : str or os.PathLike
-        Folder holding the release files (see the module docstring).
+        The release root as downloaded (``files/`` + ``weights_datasets/``),
+        or the folder holding the small files (see the module docstring).
+    weights : str or os.PathLike, optional
+        ``all_weights.pt`` (or its folder) when it is not under ``folder``.
     allow_pickle : bool
         Must be true: the release is made of pickles.
     n_components : int, optional
         Components to keep (default: the width of ``proj_1000pc.pt``, else
-        all of ``V``).
+        all of ``V``). More than the stored projection holds are computed
+        from ``all_weights.pt``.
     progress : callable, optional
-        ``progress(stage, done, total)``.
+        ``progress(stage, done, total)``: ``"weights"`` with bytes of
+        ``all_weights.pt`` read.
     warn : callable, optional
         ``warn(message)`` for what is skipped (a label table that cannot be
         loaded safely); default :func:`warnings.warn`.
@@ -266,8 +504,8 @@ def import_w2w(
     Raises
     ------
     SpaceError
-        Without ``allow_pickle``, for missing files, inconsistent shapes or
-        non-finite values.
+        Without ``allow_pickle``, for missing files, inconsistent shapes,
+        non-finite values, or more components than the release can give.
     FormatError
         For a file that cannot be loaded as tensors with ``weights_only=True``
         (every pickle is loaded that way; none is ever loaded unsafely).
@@ -275,7 +513,6 @@ def import_w2w(
     from w2wkit.collection import file_sha256
     from w2wkit.space import WeightSpace
 
-    root = Path(folder)
     if warn is None:
         import warnings
 
@@ -289,26 +526,10 @@ def import_w2w(
     if not allow_pickle:
         raise SpaceError(
             "the weights2weights release is made of pickles, which can run code when loaded",
-            path=root,
+            path=Path(folder),
             hint="pass `allow_pickle=True` if you trust these files",
         )
-    if not root.is_dir():
-        raise SpaceError("release folder not found", path=root)
-    missing = [f for f in REQUIRED if not (root / f).is_file()]
-    if missing:
-        raise SpaceError(f"not a weights2weights release: missing {', '.join(missing)}", path=root)
-    cfg_path = root / "adapter_config.json"
-    config = read_json(cfg_path, error=SpaceError)
-    rank = as_int(
-        field(config, "r", (int, float), path=cfg_path, error=SpaceError),
-        path=cfg_path,
-        key="r",
-        error=SpaceError,
-        minimum=1,
-    )
-    alpha = as_float(
-        config.get("lora_alpha", rank), path=cfg_path, key="lora_alpha", error=SpaceError
-    )
+    root, weights_path = find_release(folder, weights)
 
     dims_path = root / "weight_dimensions.pt"
     dims = _load(dims_path)
@@ -321,6 +542,29 @@ def import_w2w(
         numel, shape = _numel_shape(value, str(key), dims_path)
         modules.setdefault(module, {})[factor] = shape
         order.append((module, factor, numel))
+
+    cfg_path = root / "adapter_config.json"
+    if cfg_path.is_file():
+        config = read_json(cfg_path, error=SpaceError)
+        rank = as_int(
+            field(config, "r", (int, float), path=cfg_path, error=SpaceError),
+            path=cfg_path,
+            key="r",
+            error=SpaceError,
+            minimum=1,
+        )
+        alpha = as_float(
+            config.get("lora_alpha", rank), path=cfg_path, key="lora_alpha", error=SpaceError
+        )
+    else:
+        first = next(iter(modules.values()))
+        rank = int(first.get("down", first.get("up", (1, 1)))[0])
+        alpha = DEFAULT_ALPHA
+        config = {"r": rank, "lora_alpha": alpha, "peft_type": "LORA"}
+        warn(
+            f"{root}: no adapter_config.json; rank {rank} from weight_dimensions.pt and "
+            f"alpha {alpha:g} (the weights2weights code's)"
+        )
     rows = []
     for module, fac in modules.items():
         if set(fac) != {"down", "up"}:
@@ -349,32 +593,45 @@ def import_w2w(
     if not (np.isfinite(mean).all() and np.isfinite(std).all() and np.isfinite(v).all()):
         raise SpaceError("mean, std or V hold NaN/Inf values", path=root)
 
+    proj_path = next(iter(sorted(root.glob("proj_*pc.pt"))), root / "proj_1000pc.pt")
     proj = None
-    if (root / "proj_1000pc.pt").is_file():
-        proj = _np(_load(root / "proj_1000pc.pt"), root / "proj_1000pc.pt")
-    weights = None
-    if (root / "all_weights.pt").is_file():
-        weights = _np(_load(root / "all_weights.pt", mmap=True), root / "all_weights.pt")
-        if weights.ndim != 2 or weights.shape[1] != d:
+    if proj_path.is_file():
+        proj = _np(_load(proj_path), proj_path)
+    weights_arr = None
+    if weights_path is not None:
+        weights_arr = _np(_load(weights_path, mmap=True), weights_path)
+        if weights_arr.ndim != 2 or weights_arr.shape[1] != d:
             raise SpaceError(
-                f"all_weights.pt has shape {list(weights.shape)}, expected (N, {d})", path=root
+                f"all_weights.pt has shape {list(weights_arr.shape)}, expected (N, {d})",
+                path=weights_path,
             )
     if proj is not None and (proj.ndim != 2 or not np.isfinite(proj).all()):
         raise SpaceError(
-            "proj_1000pc.pt must be a finite (N, K) matrix"
+            f"{proj_path.name} must be a finite (N, K) matrix"
             + ("" if proj.ndim != 2 else " (it holds NaN/Inf values)"),
-            path=root / "proj_1000pc.pt",
+            path=proj_path,
         )
-    if weights is not None and not _finite_rows(weights):
-        raise SpaceError("all_weights.pt holds NaN/Inf values", path=root / "all_weights.pt")
-    if proj is None and weights is None:
+    if proj is None and weights_arr is None:
         raise SpaceError(
-            "need proj_1000pc.pt or all_weights.pt for the training coefficients", path=root
+            "need proj_1000pc.pt or all_weights.pt for the training coefficients",
+            path=root,
+            hint="all_weights.pt is in the release's weights_datasets/identities/",
         )
     k = n_components or (proj.shape[1] if proj is not None else v.shape[1])
     if k > v.shape[1]:
         raise SpaceError(
-            f"{k} exceeds the {v.shape[1]} columns of V.pt", path=root, param="n_components"
+            f"{k} components asked, but V.pt holds {v.shape[1]}",
+            path=root / "V.pt",
+            param="n_components",
+        )
+    if weights_arr is None and proj is not None and k > proj.shape[1]:
+        raise SpaceError(
+            f"{k} components asked, but {proj_path.name} holds the coefficients of "
+            f"{proj.shape[1]}; more need all_weights.pt, which was not found",
+            path=root,
+            param="n_components",
+            hint="download weights_datasets/identities/all_weights.pt into the release root, "
+            "or pass its path with `weights`",
         )
 
     # negative std entries (the release's bug): move the sign into the components
@@ -384,31 +641,27 @@ def import_w2w(
     scale = np.maximum(scale, max(1e-6 * rms, float(np.finfo(np.float32).tiny)))
     comps = (v[:, :k].astype(np.float64) * sign[:, None]).T
     # the release's coefficients used the original std; zero-std entries are re-scaled
-    if proj is not None and k <= proj.shape[1]:
-        coef = proj[:, :k].astype(np.float32)
-    else:
-        assert weights is not None
-        coef = np.zeros((weights.shape[0], k), np.float32)
-        block = max(1, (64 << 20) // (4 * d))
-        for s0 in range(0, weights.shape[0], block):
-            z = (weights[s0 : s0 + block].astype(np.float64) - mean) / scale
-            coef[s0 : s0 + block] = z @ comps.T
-            if progress is not None:
-                progress("project", min(s0 + block, weights.shape[0]), weights.shape[0])
+    need_coef = proj is None or k > proj.shape[1]
+    total_var = float(d)  # standardised coordinates have unit variance each
+    coef = proj[:, :k].astype(np.float32) if not need_coef else None
+    if weights_arr is not None:
+        scanned, total_sq = _scan_weights(
+            weights_arr, mean, scale, comps if need_coef else None, weights_path, progress
+        )
+        if need_coef:
+            coef = scanned
+        if weights_arr.shape[0] < 2:
+            raise SpaceError("the release has fewer than 2 models", path=weights_path)
+        total_var = total_sq / (weights_arr.shape[0] - 1)
+    assert coef is not None  # proj or all_weights.pt, checked above
     n = coef.shape[0]
-    if weights is not None and weights.shape[0] != n:
-        raise SpaceError(f"all_weights.pt has {weights.shape[0]} rows, proj has {n}", path=root)
+    if weights_arr is not None and weights_arr.shape[0] != n:
+        raise SpaceError(
+            f"all_weights.pt has {weights_arr.shape[0]} rows, {proj_path.name} has {n}",
+            path=weights_path,
+        )
     if n < 2:
         raise SpaceError("the release has fewer than 2 models", path=root)
-    if weights is not None:
-        total_sq = 0.0
-        block = max(1, (64 << 20) // (4 * d))
-        for s0 in range(0, n, block):
-            z = (weights[s0 : s0 + block].astype(np.float64) - mean) / scale
-            total_sq += float(np.sum(z * z))
-        total_var = total_sq / (n - 1)
-    else:
-        total_var = float(d)  # standardised coordinates have unit variance each
 
     labels: dict[str, np.ndarray] | None = None
     names = [f"w2w_{i:05d}" for i in range(n)]
@@ -416,7 +669,12 @@ def import_w2w(
     if (root / "identity_df.pt").exists():
         table = _load_label_table(root / "identity_df.pt", warn)
     if table is not None:
-        lab, idx_names = _labels(table, n, root / "identity_df.pt", warn)
+        try:
+            lab, idx_names = _labels(table, n, root / "identity_df.pt", warn)
+        except (FormatError, TypeError, ValueError, AttributeError, KeyError) as exc:
+            msg = exc.message if isinstance(exc, FormatError) else f"{type(exc).__name__}: {exc}"
+            warn(f"{root / 'identity_df.pt'}: labels skipped: {msg}")
+            lab, idx_names = {}, None
         labels = lab or None
         if idx_names and len(set(idx_names)) == n:
             names = idx_names
@@ -436,23 +694,27 @@ def import_w2w(
     space.coef_mean_ = coef64.mean(axis=0)
     space.coef_std_ = np.sqrt(ev)
     space.n_components_ = k
-    weights_file = "all_weights.pt" if weights is not None else "proj_1000pc.pt"
+    weights_file = "all_weights.pt" if weights_arr is not None else proj_path.name
     space.manifest_ = [
         {"name": names[i], "file": weights_file, "format": "w2w-release", "sha256": None, "row": i}
         for i in range(n)
     ]
     space.labels_ = labels
     space.directions_ = {}
-    hashes = {}
+    hashes: dict[str, Any] = {}
     small = [f for f in sorted(root.iterdir()) if f.is_file() and f.suffix in (".pt", ".json")]
     for f in small:
-        hashes[f.name] = file_sha256(f)
+        if f.name != "all_weights.pt":  # 26 GB: named by size, not hashed
+            hashes[f.name] = file_sha256(f)
+    if weights_path is not None:
+        hashes["all_weights.pt"] = {"bytes": weights_path.stat().st_size}
     space.info_ = {
         "solver_used": "imported",
         "n_passes": 0,
         "source": {
             "kind": "weights2weights release",
             "folder": str(root),
+            "all_weights": str(weights_path) if weights_path is not None else None,
             "files": hashes,
             "negative_std_entries": int((std < 0).sum()),
             "zero_std_entries": int((std == 0).sum()),
