@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -115,6 +116,13 @@ def fit_cmd(
     )
 
 
+def _strength_rows(space: Any) -> list[tuple[str, str]]:
+    """One row per direction: its calibrated strength, or that it is uncalibrated."""
+    from w2wkit.edits import describe_strength
+
+    return [(f"  {n}", describe_strength(d)) for n, d in space.directions_.items()]
+
+
 @click.command("info")
 @click.argument("space_path", type=click.Path(path_type=Path), default=DEFAULT_SPACE)
 @click.option(
@@ -147,6 +155,7 @@ def info_cmd(space_path: Path, plot: Path | None, no_verify: bool) -> None:
         ("first components", ", ".join(f"{r:.2%}" for r in ratio[:5])),
         ("labels", ", ".join(space.labels_ or {}) or "-"),
         ("directions", ", ".join(space.directions_) or "-"),
+        *_strength_rows(space),
         ("written by", f"w2wkit {space.info_.get('w2wkit_version')}"),
     ]
     for key, value in rows:

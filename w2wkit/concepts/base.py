@@ -231,6 +231,10 @@ class SimplePack:
         Zero-argument factory returning the procedural generator.
     mask_maker : callable, optional
         ``images (n, H, W, 3) -> mask (n, H, W)``.
+    plausible_rule : callable, optional
+        ``(attributes, name) -> bool``: whether attribute ``name`` may be added
+        to an instance with these attributes (the population never shows some
+        combinations). Default: every edit is plausible.
     """
 
     name: str
@@ -242,6 +246,20 @@ class SimplePack:
     description: str = ""
     make_generator: Callable[[], ProceduralGenerator] | None = None
     mask_maker: MaskMaker | None = None
+    plausible_rule: Callable[[Mapping[str, bool], str], bool] | None = None
+
+    def plausible(self, attributes: Mapping[str, bool], name: str) -> bool:
+        """Whether adding attribute ``name`` to an instance with ``attributes`` is plausible.
+
+        Calibration and demos edit only such instances. A rule that needs an
+        attribute the caller does not know counts the edit as plausible.
+        """
+        if self.plausible_rule is None:
+            return True
+        try:
+            return bool(self.plausible_rule(attributes, name))
+        except KeyError:
+            return True
 
     def mask(self, images: np.ndarray) -> np.ndarray | None:
         """See :meth:`ConceptPack.mask`."""

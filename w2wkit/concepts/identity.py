@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from w2wkit.concepts.base import SimplePack
-from w2wkit.world.identity import IDENTITY_ATTRIBUTES, IdentityGenerator, face_box
+from w2wkit.world.identity import IDENTITY_ATTRIBUTES, IdentityGenerator, face_box, plausible
 
 __all__ = ["PACK", "face_mask"]
 
@@ -46,4 +46,5 @@ PACK = SimplePack(
     description="people's identities (faces) with CelebA-like attributes",
     make_generator=IdentityGenerator,
     mask_maker=face_mask,
+    plausible_rule=plausible,
 )
