@@ -67,7 +67,7 @@ def open_backend(
         space, where = world_space(
             world, concept, calibrate=calibrate, renderer=renderer if calibrate else None, log=log
         )
-        description = f"Space: the shipped world's {concept} zoo ({where})."
+        description = f"Space: the {concept} zoo of the world {world.root} (kept in {where})."
     else:
         space = WeightSpace.load(Path(space_path))
         description = f"Space: {space_path}."
