@@ -353,7 +353,8 @@ def _edit_slug(strengths: dict[str, float]) -> str:
     "--strength",
     "strength",
     type=StrengthType(),
-    help="Calibrated strength: 1.0 = one standard deviation of the training models.",
+    help="Strength: 1.0 = one standard deviation of the training models. Default for a "
+    "calibrated direction: its calibrated strength (`directions --calibrate`).",
 )
 @click.option(
     "--edit",
@@ -436,7 +437,23 @@ def apply_cmd(
     if direction is None and strength is not None:
         raise DirectionError("--strength needs --direction NAME")
     if direction is not None and strength is None:
-        raise DirectionError(f"--direction {direction} needs --strength S (e.g. 1.5)")
+        # a calibrated direction's default strength is its calibrated one
+        from w2wkit.edits import calibration_of
+
+        _, probe = _load_space(space_path, no_verify)
+        found = probe.directions_.get(direction)
+        rec = calibration_of(found) if found is not None else None
+        if rec is None:
+            raise DirectionError(
+                f"--direction {direction} needs --strength S (e.g. 1.5)",
+                hint="or calibrate it once: `w2wkit directions --calibrate`",
+            )
+        strength = float(rec["strength"])
+        console.print(
+            f"{direction}: the calibrated strength {strength:g} "
+            f"({float(rec['success']):.0%} success when calibrated)",
+            highlight=False,
+        )
     pairs = [(direction, strength)] if direction is not None else []
     pairs += list(edits)
     if not pairs:

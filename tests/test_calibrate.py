@@ -119,6 +119,17 @@ def test_the_cli_lists_calibration(micro: dict[str, Any], tmp_path: Path) -> Non
     res = runner.invoke(cli, ["info", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output
     assert "calibrated" in res.output
+    # apply: a calibrated direction's default strength is the calibrated one
+    out = tmp_path / "edited.safetensors"
+    args = ["apply", "--space", str(tmp_path / "s"), "--direction", "male", "-o", str(out)]
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    from w2wkit.formats.registry import read_adapter
+
+    history = json.loads(read_adapter(out).metadata["w2wkit.edits"])
+    assert history[-1]["strengths"] == {"male": strength}
+    res = runner.invoke(cli, [*args[:4], "old", "-o", str(tmp_path / "o.safetensors")])
+    assert res.exit_code == 1 and "needs --strength" in res.output
 
 
 def test_measure_edit_refuses_unknown_attribute(micro: dict[str, Any]) -> None:
