@@ -26,10 +26,10 @@ def space_concept(space: Any, world: Any, concept: str | None) -> str:
 
 def space_models(space: Any, world: Any, concept: str) -> Any:
     """Row -> model: the world's zoo model of that name, else the training file / the space's."""
-    from w2wkit.calibrate import _default_models
+    from w2wkit.calibrate import training_models
 
     known = set(world.names(concept))
-    fallback = _default_models(space)
+    fallback = training_models(space)
     names = list(space.names_)
 
     def get(i: int) -> Any:

@@ -40,6 +40,7 @@ __all__ = [
     "calibrate_directions",
     "candidates",
     "measure_edit",
+    "training_models",
 ]
 
 
@@ -200,7 +201,7 @@ def candidates(
     return out, implausible
 
 
-def _default_models(space: Any) -> ModelSource:
+def training_models(space: Any) -> ModelSource:
     """Row -> Adapter: the training file when it is readable, else the model in the space."""
     from w2wkit.formats.registry import read_adapter
 
@@ -300,7 +301,7 @@ def measure_edit(
     if not rows:
         raise DirectionError(f"no model to measure {name!r} on", key=name)
     col = classifier.attributes.index(name)
-    get = models or _default_models(space)
+    get = models or training_models(space)
     originals = [get(int(i)) for i in rows]
     seeds = list(range(int(s.seeds)))
     kw: dict[str, Any] = {
