@@ -299,7 +299,8 @@ def strength_range(direction: Direction) -> dict[str, Any]:
         "high": CALIBRATED_RANGE * s,
         "default": s,
         "calibrated": True,
-        "unit": f"calibrated: {s:g} sd = {float(rec.get('success', 0.0)):.0%} success",
+        "unit": f"calibrated: {s:g} sd = {float(rec.get('success', 0.0)):.0%} success"
+        + ("" if rec.get("reached", True) else " (target missed)"),
     }
 
 
