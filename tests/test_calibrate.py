@@ -146,7 +146,7 @@ def test_measure_edit_refuses_unknown_attribute(micro: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_stored_strength_reaches_its_success_on_other_models() -> None:
+def test_stored_strength_reaches_its_success_on_other_models(tmp_path: Path) -> None:
     """Shipped world, ``beard``: calibrated on 6 zoo men, checked on 6 others (~2 min).
 
     The micro worlds' classifiers see their near-noise renders as having the
@@ -162,7 +162,7 @@ def test_stored_strength_reaches_its_success_on_other_models() -> None:
 
     torch.set_num_threads(1)
     w = load_world()
-    space, _ = world_space(w, "identity", calibrate=False, n_components=200, folder=None)
+    space, _ = world_space(w, "identity", calibrate=False, n_components=200, folder=tmp_path / "s")
     r = Renderer(w.pipeline_dir, device="cpu")
     clf = ConceptClassifier(w.evaluators(), "identity")
     models = world_models(w, "identity", space)
