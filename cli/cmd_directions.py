@@ -75,7 +75,9 @@ def directions_table(space: Any, title: str, names: list[str] | None = None) -> 
     dirs = space.directions_
     names = names if names is not None else list(dirs)
     table = Table(title=title)
-    for col in ("name", "method", "kind", "task", "n", "score", "std", "orthogonal to"):
+    from w2wkit.edits import describe_strength
+
+    for col in ("name", "method", "kind", "task", "n", "score", "std", "orthogonal to", "strength"):
         table.add_column(col, justify="right" if col in ("n", "score", "std") else "left")
     for n in names:
         d = dirs[n]
@@ -88,6 +90,7 @@ def directions_table(space: Any, title: str, names: list[str] | None = None) -> 
             _fmt(d.score),
             _fmt(d.proj_std, ".4g"),
             ", ".join(d.info.get("orthogonal_to", [])) or "-",
+            describe_strength(d),
         )
     return table
 
@@ -149,6 +152,40 @@ def cosine_table(space: Any) -> Table:
 @click.option("--name", "group_name", help="Name of the --groups direction.")
 @click.option("--cv", default=5, show_default=True, help="Folds of the cross-validated score.")
 @click.option("--list", "list_only", is_flag=True, help="Only list the space's directions.")
+@click.option(
+    "--calibrate",
+    "calibrate",
+    is_flag=True,
+    help="Measure each direction's visible strength: the smallest strength at which the "
+    "world's attribute classifier sees the attribute on >= --target of the pictures of "
+    "training models lacking it (renders; stored in the space).",
+)
+@click.option(
+    "--world",
+    "world_path",
+    type=click.Path(path_type=Path),
+    help="World whose classifier (and pipeline) --calibrate uses (default: the shipped one).",
+)
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    help="Pipeline folder to render with for --calibrate (default: the world's).",
+)
+@click.option(
+    "--concept",
+    help="Concept pack (classifier, plausibility rule); default: the world's concept "
+    "whose models the space was fitted on.",
+)
+@click.option("--target", default=0.8, show_default=True, help="Success --calibrate asks for.")
+@click.option(
+    "--calibration-models",
+    default=8,
+    show_default=True,
+    help="Training models lacking the attribute that --calibrate edits.",
+)
+@click.option("--seeds", default=2, show_default=True, help="Pictures per model (--calibrate).")
+@click.option("--steps", default=20, show_default=True, help="Sampler steps (--calibrate).")
+@click.option("--device", default="auto", show_default=True, help="Device for --calibrate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @allow_pickle_option
 @no_verify_option
@@ -164,6 +201,15 @@ def directions_cmd(
     group_name: str | None,
     cv: int,
     list_only: bool,
+    calibrate: bool,
+    world_path: Path | None,
+    base: Path | None,
+    concept: str | None,
+    target: float,
+    calibration_models: int,
+    seeds: int,
+    steps: int,
+    device: str,
     as_json: bool,
     allow_pickle: bool,
     no_verify: bool,
@@ -182,6 +228,7 @@ def directions_cmd(
       w2wkit directions --labels labels.csv --disentangle beard=male,age
       w2wkit directions --groups plain/ bearded/ --name beard
       w2wkit directions --list
+      w2wkit directions --calibrate              # visible strengths, with the world's classifier
     """
     from w2wkit import directions as D
 
@@ -201,6 +248,35 @@ def directions_cmd(
             return
         console.print(directions_table(space, f"directions in {path}"))
         console.print(cosine_table(space))
+        return
+    if calibrate:
+        if labels or groups or disentangle_opts:
+            raise DirectionError(
+                "--calibrate cannot be combined with --labels/--groups/--disentangle",
+                hint="fit the directions first, then calibrate them",
+            )
+        from w2wkit.cli.calibration import calibrate_space
+
+        results = calibrate_space(
+            space,
+            path,
+            world_path=world_path,
+            base=base,
+            concept=concept,
+            names=_split_names(names) or None,
+            target=target,
+            n_models=calibration_models,
+            seeds=seeds,
+            steps=steps,
+            device=device,
+        )
+        if as_json:
+            click.echo(json.dumps(results))
+            return
+        console.print(directions_table(space, f"calibrated directions in {path}"))
+        for n, r in results.items():
+            if isinstance(r, str):
+                console.print(f"{n}: {r}")
         return
     dis: dict[str, list[str]] = {}
     for name, others in _parse_pairs(disentangle_opts, "--disentangle"):
@@ -285,7 +361,8 @@ def _edit_slug(strengths: dict[str, float]) -> str:
     "--strength",
     "strength",
     type=StrengthType(),
-    help="Calibrated strength: 1.0 = one standard deviation of the training models.",
+    help="Strength: 1.0 = one standard deviation of the training models. Default for a "
+    "calibrated direction: its calibrated strength (`directions --calibrate`).",
 )
 @click.option(
     "--edit",
@@ -373,7 +450,23 @@ def apply_cmd(
     if direction is None and strength is not None:
         raise DirectionError("--strength needs --direction NAME")
     if direction is not None and strength is None:
-        raise DirectionError(f"--direction {direction} needs --strength S (e.g. 1.5)")
+        # a calibrated direction's default strength is its calibrated one
+        from w2wkit.edits import calibration_of
+
+        _, probe = _load_space(space_path, no_verify)
+        found = probe.directions_.get(direction)
+        rec = calibration_of(found) if found is not None else None
+        if rec is None:
+            raise DirectionError(
+                f"--direction {direction} needs --strength S (e.g. 1.5)",
+                hint="or calibrate it once: `w2wkit directions --calibrate`",
+            )
+        strength = float(rec["strength"])
+        console.print(
+            f"{direction}: the calibrated strength {strength:g} "
+            f"({float(rec['success']):.0%} success when calibrated)",
+            highlight=False,
+        )
     pairs = [(direction, strength)] if direction is not None else []
     pairs += list(edits)
     if not pairs:

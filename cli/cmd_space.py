@@ -199,6 +199,13 @@ def variance_figure(ratio: np.ndarray, n_models: int, title: str = "") -> Any:
     return fig
 
 
+def _strength_rows(space: Any) -> list[tuple[str, str]]:
+    """One row per direction: its calibrated strength, or that it is uncalibrated."""
+    from w2wkit.edits import describe_strength
+
+    return [(f"  {n}", describe_strength(d)) for n, d in space.directions_.items()]
+
+
 @click.command("info")
 @click.argument("space_arg", metavar="[SPACE]", required=False, type=click.Path(path_type=Path))
 @space_option(f"The space folder (default: ./{DEFAULT_SPACE}).", default=None)
@@ -240,6 +247,7 @@ def info_cmd(
         ),
         ("labels", ", ".join(space.labels_ or {}) or "-"),
         ("directions", ", ".join(space.directions_) or "-"),
+        *_strength_rows(space),
         ("written by", f"w2wkit {space.info_.get('w2wkit_version')}"),
     ]
     for key, value in rows:

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "w2wkit.cli.cmd_invert",
     "w2wkit.cli.cmd_world",
     "w2wkit.cli.cmd_eval",
+    "w2wkit.cli.cmd_ui",
 )
 
 

@@ -80,11 +80,13 @@ LAYERS: dict[str, int] = {
     # 7 - the miniature world (never imports the evaluation); tiny test pipelines
     "w2wkit.world": 7,
     "w2wkit.testing": 7,
-    # 8 - evaluation, baselines, report, demo
+    # 8 - evaluation, baselines, report, demo; calibrated strengths; the web app
     "w2wkit.evaluation": 8,
     "w2wkit.baselines": 8,
     "w2wkit.report": 8,
     "w2wkit.demo": 8,
+    "w2wkit.calibrate": 8,
+    "w2wkit.ui": 8,
     # 9 - command line
     "w2wkit.cli": 9,
 }

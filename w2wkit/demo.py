@@ -48,7 +48,8 @@ class DemoSettings:
     directions : tuple of str
         The two edit directions.
     strength : float
-        Calibrated edit strength (training standard deviations).
+        Edit strength (training standard deviations) of a direction that cannot
+        be calibrated (each direction's calibrated strength otherwise).
     inversion_components, inversion_steps, inversion_lr : int, int, float or None
         Inversion recipe; ``None``: the defaults of ``w2wkit invert``
         (:func:`w2wkit.invert.default_settings`).
@@ -136,6 +137,41 @@ def _explained_variance_plot(space: Any, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _calibrated(
+    space: Any, names: Any, ev: Any, w: Any, s: DemoSettings, models: Any, step: Any
+) -> dict[str, float]:
+    """Each direction's calibrated strength (``s.strength`` where it cannot be calibrated)."""
+    from w2wkit.calibrate import CalibrationSettings, calibrate_direction
+
+    cs = CalibrationSettings(
+        n_models=4,
+        seeds=2,
+        steps=s.render_steps,
+        guidance=s.guidance,
+        strengths=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0),
+        seed=s.seed,
+    )
+    out = {}
+    for n in names:
+        try:
+            rec = calibrate_direction(
+                space,
+                n,
+                ev.renderer,
+                w.evaluators,
+                pack=w.pack,
+                settings=cs,
+                models=models,
+                prompt=ev.prompt,
+            )
+            out[n] = float(rec["strength"])
+            step(f"      {n}: calibrated strength {out[n]:g} ({rec['success']:.0%} success)")
+        except W2WError as exc:
+            out[n] = float(s.strength)
+            step(f"      {n}: uncalibrated ({exc.message}); strength {s.strength}")
+    return out
 
 
 # --------------------------------------------------------------------------- world demo
@@ -289,26 +325,33 @@ def _run_demo(
         dirs = [d for d in s.directions if d in space.directions_]
         dirs += [d for d in space.directions_ if d not in dirs][: max(0, 2 - len(dirs))]
         edit_rows: list[list[Any]] = []
+        st: dict[str, float] = {}
         if len(dirs) >= 2:
             a, b = dirs[:2]
-            # a training model that has neither attribute, so the edits add them
-            row = 0
-            for i in range(len(w.zoo)):
-                if all(w.labels.get(x, np.zeros(len(w.zoo)))[i] == 0 for x in (a, b)):
-                    row = i
-                    break
             from w2wkit.formats import read_adapter
 
-            base_ad = (
-                w.zoo[row]
-                if not isinstance(w.zoo[row], (str, os.PathLike))
-                else read_adapter(w.zoo[row])
-            )
-            step(f"[3/5] editing {w.zoo_names[row]} along {a} and {b} (strength {s.strength})")
+            def zoo_model(i: int) -> Any:
+                m = w.zoo[int(i)]
+                return read_adapter(m) if isinstance(m, (str, os.PathLike)) else m
+
+            # visible strengths: calibrated with the world's classifier (w2wkit.calibrate)
+            st = _calibrated(space, (a, b), ev, w, s, zoo_model, step)
+            # a training model lacking both attributes, for which the pack finds both plausible
+            row = 0
+            for i in range(len(w.zoo)):
+                attrs = {x: bool(v[i]) for x, v in w.labels.items() if np.isfinite(v[i])}
+                plausible = getattr(w.pack, "plausible", lambda _a, _n: True)
+                if all(w.labels.get(x, np.zeros(len(w.zoo)))[i] == 0 for x in (a, b)) and all(
+                    plausible(attrs, x) for x in (a, b)
+                ):
+                    row = i
+                    break
+            base_ad = zoo_model(row)
+            step(f"[3/5] editing {w.zoo_names[row]} along {a} ({st[a]:g}) and {b} ({st[b]:g})")
             edits = {
-                f"+{a}": space.edit(base_ad, {a: s.strength}),
-                f"+{b}": space.edit(base_ad, {b: s.strength}),
-                f"+{a} +{b}": space.edit(base_ad, {a: s.strength, b: s.strength}),
+                f"+{a}": space.edit(base_ad, {a: st[a]}),
+                f"+{b}": space.edit(base_ad, {b: st[b]}),
+                f"+{a} +{b}": space.edit(base_ad, {a: st[a], b: st[b]}),
             }
             for name, ad in edits.items():
                 stem = name.replace("+", "").replace(" ", "_")
@@ -398,7 +441,15 @@ def _run_demo(
             "inter_model_id": E.summarize(inter),
             "nearest_training": [[r[0][1], r[0][2]] for r in near],
         },
-        "edits": {"directions": dirs[:2], "strength": s.strength, "rows": edit_rows},
+        "edits": {
+            "directions": dirs[:2],
+            "strength": s.strength,
+            "strengths": st,
+            "calibration": {
+                d: space.directions_[d].info.get("calibration") for d in dirs[:2] if edit_rows
+            },
+            "rows": edit_rows,
+        },
         "inversion": {
             "source": src,
             "components": k,
@@ -434,9 +485,13 @@ def _run_demo(
     ]
     if edit_rows:
         parts += [
-            f"<h2>Edits</h2><p class=note>Strength {s.strength} = {s.strength} training standard "
-            "deviations along each direction; ID score to the original's renders (same seeds); "
-            "attribute probability (classifier) before -> after.</p>",
+            "<h2>Edits</h2><p class=note>Strengths "
+            + ", ".join(f"{d} {v:g}" for d, v in st.items())
+            + " training standard deviations: each direction's calibrated strength (the smallest "
+            "at which the classifier sees the attribute on >= 80% of zoo models lacking it; "
+            f"{s.strength} where it could not be calibrated), on a model lacking both for which "
+            "the concept pack finds both plausible; ID score to the original's renders (same "
+            "seeds); attribute probability (classifier) before -> after.</p>",
             table(["edit", "ID to original", *[f"p({d})" for d in dirs[:2]]], edit_rows),
             "<p><img src='images/edits.png'></p>",
         ]

@@ -38,13 +38,17 @@ __all__ = [
     "as_matrix",
     "available",
     "calibrate",
+    "calibration_of",
     "check_strength",
+    "describe_strength",
     "disentangle",
     "edit",
     "edit_delta",
     "get_direction",
     "parse_strength",
+    "strength_range",
     "unit_vector",
+    "vector_digest",
 ]
 
 EPS = 1e-12
@@ -219,6 +223,104 @@ def calibrate(P: np.ndarray, vector: np.ndarray) -> tuple[float, float]:
     if not std > EPS * max(1.0, float(np.abs(P).max())):
         raise DirectionError("the training models do not vary along this direction")
     return float(proj.mean()), std
+
+
+# ---------------------------------------------------------------------------
+# measured (visible) calibration of a direction
+# ---------------------------------------------------------------------------
+
+#: Key of ``Direction.info`` holding a measured calibration (see ``w2wkit.calibrate``).
+CALIBRATION_KEY = "calibration"
+#: Slider half-range of an uncalibrated direction, in training standard deviations.
+UNCALIBRATED_RANGE = 3.0
+#: Slider half-range of a calibrated direction, as a multiple of its calibrated strength.
+CALIBRATED_RANGE = 1.5
+
+
+def vector_digest(vector: np.ndarray) -> str:
+    """A short hash of a direction's vector, shape ``(k,)`` (12 hex digits).
+
+    A calibration records the digest of the vector it measured, so a direction
+    refitted or disentangled later is not shown with a stale strength.
+    """
+    import hashlib
+
+    v = np.ascontiguousarray(np.asarray(vector, dtype="<f8").reshape(-1))
+    return hashlib.sha256(v.tobytes()).hexdigest()[:12]
+
+
+def calibration_of(direction: Direction) -> dict[str, Any] | None:
+    """The measured calibration of ``direction``, or ``None``.
+
+    ``None`` when the direction was never calibrated (only the 1-sd unit is
+    known), when the record is malformed, or when it was measured on another
+    vector (the direction changed since).
+
+    Returns
+    -------
+    dict or None
+        ``{"strength", "success", "target", "reached", "id_score", ...}``; see
+        :func:`w2wkit.calibrate.calibrate_direction`.
+    """
+    rec = direction.info.get(CALIBRATION_KEY)
+    if not isinstance(rec, dict):
+        return None
+    s = rec.get("strength")
+    if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s) or s <= 0:
+        return None
+    if rec.get("vector") != vector_digest(direction.vector):
+        return None
+    return rec
+
+
+def strength_range(direction: Direction) -> dict[str, Any]:
+    """The range of strengths to offer for ``direction`` (sliders, defaults).
+
+    Returns
+    -------
+    dict
+        ``{"low", "high", "default", "calibrated", "unit"}``: for a calibrated
+        direction ``+-1.5 x`` its calibrated strength, ``default`` the calibrated
+        strength; otherwise ``+-3`` training standard deviations and ``default``
+        1.0, with ``calibrated`` False and ``unit`` saying so.
+    """
+    rec = calibration_of(direction)
+    if rec is None:
+        return {
+            "low": -UNCALIBRATED_RANGE,
+            "high": UNCALIBRATED_RANGE,
+            "default": 1.0,
+            "calibrated": False,
+            "unit": "uncalibrated: 1 = one training standard deviation",
+        }
+    s = float(rec["strength"])
+    return {
+        "low": -CALIBRATED_RANGE * s,
+        "high": CALIBRATED_RANGE * s,
+        "default": s,
+        "calibrated": True,
+        "unit": f"calibrated: {s:g} sd = {float(rec.get('success', 0.0)):.0%} success"
+        + ("" if rec.get("reached", True) else " (target missed)"),
+    }
+
+
+def describe_strength(direction: Direction) -> str:
+    """One line for listings: the calibrated strength and what it does, or "uncalibrated".
+
+    e.g. ``"3 sd: 81% success (target 80%), ID 0.63"`` or
+    ``"uncalibrated (1 = 1 sd)"``.
+    """
+    rec = calibration_of(direction)
+    if rec is None:
+        return "uncalibrated (1 = 1 sd)"
+    text = f"{float(rec['strength']):g} sd: {float(rec.get('success', 0.0)):.0%} success"
+    target = rec.get("target")
+    if isinstance(target, int | float):
+        text += f" (target {float(target):.0%}{'' if rec.get('reached') else ', missed'})"
+    idv = rec.get("id_score")
+    if isinstance(idv, int | float) and not isinstance(idv, bool):
+        text += f", ID {float(idv):.2f}"
+    return text
 
 
 # ---------------------------------------------------------------------------

@@ -274,8 +274,16 @@ class SimplePack:
         return None if self.mask_maker is None else self.mask_maker(images)
 
     def plausible(self, attributes: Mapping[str, bool], name: str) -> bool:
-        """See :meth:`ConceptPack.plausible`."""
-        return True if self.plausibility is None else bool(self.plausibility(attributes, name))
+        """See :meth:`ConceptPack.plausible`.
+
+        A rule that needs an attribute the caller does not know counts the edit as plausible.
+        """
+        if self.plausibility is None:
+            return True
+        try:
+            return bool(self.plausibility(attributes, name))
+        except KeyError:
+            return True
 
     def generator(self) -> ProceduralGenerator | None:
         """See :meth:`ConceptPack.generator`."""

@@ -1,0 +1,142 @@
+"""``w2wkit ui``: time from releasing a slider to the 4 new edited pictures shown in the page.
+
+Serves the app over the shipped world (its calibrated identity space, built once
+into the cache folder by ``w2wkit ui``), opens it in headless Debian chromium
+(Playwright), samples a model, then moves a direction's slider ``--repeat``
+times, timing each from the mouse release until the page shows the new edited
+pictures. Anchor, in the same process: the renderer alone drawing the same 4
+pictures of the edited model (``Renderer.render``, what the page must do at the
+least). Prints one JSON line: the page's median seconds, the anchor's, the ratio.
+
+    .venv/bin/python benchmarks/bench_ui.py --repeat 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--steps", type=int, default=20, help="sampler steps (the page's default)")
+    ap.add_argument("--direction", default=None, help="default: the space's first")
+    ap.add_argument("--screenshot", type=Path, help="save a PNG of the page after the last move")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from playwright.sync_api import sync_playwright
+
+    from w2wkit.ui.app import serve
+    from w2wkit.ui.backend import Session, View
+    from w2wkit.ui.open import open_backend
+
+    backend = open_backend(device="cpu", log=lambda m: print(m, file=sys.stderr))
+    names = [n for n, _ in backend.directions()]
+    name = args.direction or names[0]
+    rng = dict(backend.directions())[name]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    app = serve(backend, port=port, block=False)
+    page_times: list[float] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=shutil.which("chromium"), headless=True, args=["--no-sandbox"]
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(300_000)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#steps input").fill(str(args.steps))
+            page.locator("#sample").click()
+            page.wait_for_function(
+                "() => document.querySelector('#status').innerText.includes('sampled')"
+            )
+            page.wait_for_selector("#edited img")
+            box = page.locator(f"#dir-{name} input[type=range]").bounding_box()
+            y = box["y"] + box["height"] / 2
+            for i in range(args.repeat):
+                before = page.locator("#edited img").first.get_attribute("src")
+                frac = 0.6 + 0.35 * (i % 2)  # alternate two strengths: each move is new
+                page.mouse.move(box["x"] + box["width"] / 2, y)
+                page.mouse.down()
+                page.mouse.move(box["x"] + box["width"] * frac, y, steps=3)
+                t0 = time.perf_counter()
+                page.mouse.up()
+                page.wait_for_function(
+                    "b => { const i = document.querySelector('#edited img');"
+                    " return i && i.src !== b && i.complete; }",
+                    arg=before,
+                    polling=10,
+                )
+                page_times.append(time.perf_counter() - t0)
+            if args.screenshot:
+                page.screenshot(path=str(args.screenshot), full_page=True)
+            browser.close()
+    finally:
+        app.close()
+
+    # anchor: the renderer alone, the same 4 pictures of an edited model
+    session = Session()
+    backend.sample(session, 0, 1.0)
+    view = View(prompt=backend.prompt, steps=args.steps)
+    edited = backend.edited(session, {name: rng["default"]})
+    backend.renderer.render([edited], prompts=view.prompt, seeds=list(view.seeds), steps=1)
+    anchor: list[float] = []
+
+    def renders() -> None:
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            backend.renderer.render(
+                [edited],
+                prompts=view.prompt,
+                seeds=list(view.seeds),
+                steps=view.steps,
+                guidance=view.guidance,
+            )
+            anchor.append(time.perf_counter() - t0)
+
+    # in a worker thread, as the page renders (on a loaded CPU the main thread's OpenMP
+    # pool measured 4-8x slower than a worker thread's: 22-42 s vs 5.1-5.6 s)
+    worker = threading.Thread(target=renders)
+    worker.start()
+    worker.join()
+    med, amed = statistics.median(page_times), statistics.median(anchor)
+    print(
+        json.dumps(
+            {
+                "bench": "ui_slider_to_pictures",
+                "pictures": len(view.seeds),
+                "steps": args.steps,
+                "threads": args.threads,
+                "direction": name,
+                "page_seconds": page_times,
+                "page_median_s": round(med, 3),
+                "anchor": "Renderer.render of the 4 edited pictures, same process, a worker thread",
+                "anchor_median_s": round(amed, 3),
+                "ratio_page_over_anchor": round(med / amed, 3),
+                "target_s": 2.0,
+                "machine": machine(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
