@@ -332,6 +332,7 @@ class WeightSpace:
         *,
         labels: str | os.PathLike[str] | dict[str, Any] | None = None,
         progress: bool = False,
+        profile: bool = False,
     ) -> WeightSpace:
         """Fit the space.
 
@@ -344,14 +345,23 @@ class WeightSpace:
             or ``attribute -> (N,)`` values.
         progress : bool
             Show rich progress bars.
+        profile : bool
+            Also measure this machine's rates (:func:`w2wkit.floor.measure_rates`,
+            about a second) and record, in ``info_["profile"]``, the wall time
+            of each phase of the fit next to its floor
+            (:meth:`w2wkit.floor.Profile.as_dict`). The phase times alone are
+            always in ``info_["timings"]``.
 
         Returns
         -------
         WeightSpace
             ``self``.
         """
+        import time
+
         self._check_params()
         coll = _as_collection(collection)
+        t0 = time.perf_counter()
         with _progress_bar(progress) as cb:
             if self.representation == "factors":
                 self._fit_factors(coll, cb)
@@ -365,6 +375,9 @@ class WeightSpace:
         self.directions_ = {}
         if labels is not None:
             self.set_labels(labels)
+        self.info_["wall_seconds"] = time.perf_counter() - t0
+        if profile:
+            self.info_["profile"] = self._profile(coll)
         return self
 
     def set_labels(self, labels: str | os.PathLike[str] | dict[str, Any]) -> None:
@@ -411,10 +424,60 @@ class WeightSpace:
         (prompt,) = prompts
         return str(prompt) if prompt else None
 
-    def _fit_factors(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
-        from w2wkit.solvers import fit_pca
+    def _profile(self, coll: Collection) -> dict[str, Any]:
+        """The last fit's phases next to their floor (see :mod:`w2wkit.floor`)."""
+        from w2wkit.floor import Profile, fit_floor, measure_rates
 
-        rows = coll.scan_factors(progress=cb)
+        prof = Profile()
+        for name, secs in self.info_.get("timings", {}).items():
+            prof.add(name, secs)
+        files = [str(f) for f in coll.files]
+        rates = measure_rates(files)
+        n = len(self.manifest_)
+        file_bytes = None
+        if files:
+            file_bytes = float(sum(os.path.getsize(f) for f in files if os.path.isfile(f)))
+        if self.representation == "factors":
+            floor = fit_floor(
+                self.info_["solver_used"],
+                n,
+                self.layout_.dim,
+                self.n_components_,
+                rates,
+                file_bytes=file_bytes,
+            )
+        else:
+            from w2wkit.floor import delta_floor
+
+            floor = delta_floor(self.delta_, self.n_components_, rates, file_bytes=file_bytes)
+        prof.set_floor(floor, rates)
+        out = prof.as_dict()
+        out["wall_seconds_total"] = self.info_.get("wall_seconds")
+        return out
+
+    def _in_memory(self, n: int, d: int) -> bool:
+        """Whether a factors fit of ``n`` rows of ``d`` holds them in memory (gram/exact)."""
+        from w2wkit.solvers import _GRAM_STRIPE_BYTES, choose_solver
+
+        if self.device not in ("cpu", "", None) or 4 * n * d > _GRAM_STRIPE_BYTES:
+            return False
+        try:
+            k = self._check_k(n, d)
+        except SpaceError:
+            return False
+        solver = choose_solver(n, d, k) if self.solver == "auto" else self.solver
+        return solver == "gram"
+
+    def _fit_factors(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
+        import time
+
+        from w2wkit.solvers import fit_pca, fit_pca_array
+
+        t0 = time.perf_counter()
+        rows = coll.scan_factors(progress=cb, in_memory=self._in_memory)
+        timings = {"read": time.perf_counter() - t0 - rows.stats_seconds}
+        if rows.stats_seconds:
+            timings["standardize"] = rows.stats_seconds
         try:
             n, d = rows.n_rows, rows.dim
             k = self._check_k(n, d)
@@ -437,31 +500,62 @@ class WeightSpace:
             def blocks() -> Iterator[np.ndarray]:
                 return rows.blocks(self.block_rows, standardised)
 
-            res = fit_pca(
-                blocks,
-                n,
-                d,
-                k,
-                solver=self.solver,
-                random_state=self.random_state,
-                device=self.device,
-                progress=cb,
-            )
+            if rows.in_memory:
+                # standardise the rows in place (one pass, no copy) and multiply them as
+                # they are
+                t1 = time.perf_counter()
+                inv32 = (1.0 / scale).astype(np.float32)
+                z = rows.data
+                step = max(1, (16 << 20) // max(4 * d, 1))
+                for lo in range(0, n, step):
+                    blk = z[lo : lo + step]
+                    blk -= mean32
+                    blk *= inv32
+                timings["standardize"] = timings.get("standardize", 0.0) + (
+                    time.perf_counter() - t1
+                )
+                del z, blk
+                res = fit_pca_array(
+                    rows.data,
+                    k,
+                    solver=self.solver,
+                    random_state=self.random_state,
+                    device=self.device,
+                    progress=cb,
+                )
+            else:
+                res = fit_pca(
+                    blocks,
+                    n,
+                    d,
+                    k,
+                    solver=self.solver,
+                    random_state=self.random_state,
+                    device=self.device,
+                    progress=cb,
+                )
         finally:
             rows.close()
+        for name, secs in (res.info or {}).get("timings", {}).items():
+            timings[name] = timings.get(name, 0.0) + secs
         comps = np.asarray(res.components, dtype=np.float32)
         scores = np.asarray(res.scores, dtype=np.float32)
         signs = _sign_flip(scores)
         self.layout_ = rows.layout
         self.mean_ = mean32
         self.scale_ = scale32
-        self.components_ = comps * signs[:, None].astype(np.float32)
+        comps *= signs[:, None].astype(np.float32)  # in place: the solver's array
+        self.components_ = comps
         self.coefficients_ = scores * signs[None, :].astype(np.float32)
         self.singular_values_ = np.asarray(res.singular_values, dtype=np.float64)
         self.explained_variance_ = self.singular_values_**2 / (n - 1)
         self.explained_variance_ratio_ = self.explained_variance_ / total_var
         self.total_variance_ = total_var
-        self.info_ = {"solver_used": res.solver, "n_passes": int(res.n_passes)}
+        self.info_ = {
+            "solver_used": res.solver,
+            "n_passes": int(res.n_passes),
+            "timings": timings,
+        }
 
     # ------------------------------------------------------------ delta mode
     def _fit_delta(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
