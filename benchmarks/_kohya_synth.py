@@ -19,11 +19,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _synth import GEN_BLOCK, PowerLawData  # noqa: E402
+from _synth import GEN_BLOCK, PowerLawData
 
-from w2wkit.adapter import Adapter, LoraLayer  # noqa: E402
-from w2wkit.formats import write_adapter  # noqa: E402
-from w2wkit.synthetic import sd15_qv_shapes  # noqa: E402
+from w2wkit.adapter import Adapter, LoraLayer
+from w2wkit.formats import write_adapter
+from w2wkit.synthetic import sd15_qv_shapes
 
 D_QV = 99_648
 
@@ -103,7 +103,7 @@ def write_delta_collection(
         alpha = float(rng.choice([1.0, r / 2, float(r)]))
         mix = rng.standard_normal((n_latent, r)).astype(np.float32)
         layers = {}
-        for m, (fout, fin) in shapes.items():
+        for m, (_, fin) in shapes.items():
             bd, bu = bases[m]
             down = (mix.T @ bd) + np.float32(0.1) * rng.standard_normal((r, fin), dtype=np.float32)
             up = (bu @ mix) * np.float32(r / alpha / r)

@@ -565,14 +565,13 @@ class WeightSpace:
         n = fac.n_models
         dim = sum(fac.out_features[m] * math.prod(fac.in_shape[m]) for m in fac.modules)
         k = self._check_k(n, dim)
-        grams = []
-        ss = np.zeros(len(fac.modules))
-        for j, m in enumerate(fac.modules):
-            g = self._module_gram(fac, m)
-            grams.append(g)
-            ss[j] = np.trace(g) - g.sum() / n  # sum of squares of centred deltas
-            if cb is not None:
-                cb("gram", j + 1, len(fac.modules))
+        import time
+
+        t0 = time.perf_counter()
+        # sum of squares of the centred deltas per module, without its N x N Gram:
+        # sum_i |delta_i|^2 - |sum_i delta_i|^2 / N (the summed delta is one dense
+        # out x in product, far cheaper than the R x R factor products)
+        ss = np.array([_module_centred_ss(fac, m) for m in fac.modules])
         numel = np.array(
             [fac.out_features[m] * math.prod(fac.in_shape[m]) for m in fac.modules], float
         )
@@ -584,9 +583,15 @@ class WeightSpace:
             sigma = np.maximum(sigma, self.scale_floor * rms)
         else:
             sigma = np.ones(len(fac.modules))
+        # the kernel, one module at a time in blocks of models (memory: the N x N
+        # kernel and one block product, never a module's R x R products or its Gram)
         gram = np.zeros((n, n))
-        for g, s in zip(grams, sigma, strict=True):
-            gram += g / s**2
+        for j, (m, s) in enumerate(zip(fac.modules, sigma, strict=True)):
+            _add_module_gram(gram, fac, m, 1.0 / s**2)
+            if cb is not None:
+                cb("gram", j + 1, len(fac.modules))
+        timings = {"gram": time.perf_counter() - t0}
+        t0 = time.perf_counter()
         colmean = gram.mean(axis=0)
         allmean = float(colmean.mean())
         centred = gram - colmean[None, :] - colmean[:, None] + allmean
@@ -595,6 +600,7 @@ class WeightSpace:
         if total_var <= 0:
             raise SpaceError("all models are identical: the collection has no variance to fit")
         lam, vec = top_eigh(centred, k)
+        timings["eigen"] = time.perf_counter() - t0
         lam = np.maximum(np.asarray(lam, dtype=np.float64), 0.0)
         vec = np.asarray(vec, dtype=np.float64)
         sv = np.sqrt(lam)
@@ -619,7 +625,7 @@ class WeightSpace:
         self.explained_variance_ = lam / (n - 1)
         self.explained_variance_ratio_ = self.explained_variance_ / total_var
         self.total_variance_ = total_var
-        self.info_ = {"solver_used": "gram", "n_passes": 1}
+        self.info_ = {"solver_used": "gram", "n_passes": 1, "timings": timings}
 
     @staticmethod
     def _module_gram(fac: DeltaFactors, m: str) -> np.ndarray:
@@ -1028,6 +1034,69 @@ class WeightSpace:
             For a missing, damaged or future-version space.
         """
         return load_space(cls, Path(path), verify=verify)
+
+
+#: columns (stacked rank-one terms) per block of the blocked module Gram
+_GRAM_BLOCK_TERMS = 2048
+
+
+def _model_blocks(owner: np.ndarray, terms: int | None = None) -> list[tuple[int, int]]:
+    """Split the sorted ``owner`` (R,) into column ranges of whole models, about ``terms``
+    (default :data:`_GRAM_BLOCK_TERMS`) each."""
+    terms = _GRAM_BLOCK_TERMS if terms is None else terms
+    if owner.size == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    bounds = [0]
+    for st in starts[1:]:
+        if st - bounds[-1] >= terms:
+            bounds.append(int(st))
+    bounds.append(int(owner.size))
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+
+
+def _add_module_gram(gram: np.ndarray, fac: DeltaFactors, m: str, weight: float) -> None:
+    """``gram += weight * G_m`` with ``G_m[i, j] = <delta_i, delta_j>`` of module ``m``.
+
+    Blocks of models (about :data:`_GRAM_BLOCK_TERMS` rank-one terms) are
+    multiplied pairwise, ``(U_a^T U_b) * (D_a D_b^T)`` summed per pair of owners,
+    so the temporaries are bounded by two blocks whatever N and the ranks are.
+    """
+    up, down, owner = fac.up[m], fac.down[m], fac.owner[m]
+    blocks = _model_blocks(owner)
+    for a, (a0, a1) in enumerate(blocks):
+        ua = up[:, a0:a1].astype(np.float64)
+        da = down[a0:a1].astype(np.float64)
+        oa = owner[a0:a1]
+        for b0, b1 in blocks[a:]:
+            ub = up[:, b0:b1].astype(np.float64) if b0 != a0 else ua
+            db = down[b0:b1].astype(np.float64) if b0 != a0 else da
+            ob = owner[b0:b1]
+            prod = (ua.T @ ub) * (da @ db.T)
+            ia, ib = oa[0], ob[0]
+            ja, jb = oa[-1] + 1, ob[-1] + 1
+            blk = _segment_sum(_segment_sum(prod, ob - ib, jb - ib).T, oa - ia, ja - ia)
+            # blk is (models of b, models of a)
+            gram[ib:jb, ia:ja] += weight * blk
+            if b0 != a0:
+                gram[ia:ja, ib:jb] += weight * blk.T
+
+
+def _module_centred_ss(fac: DeltaFactors, m: str) -> float:
+    """``sum_i |delta_i - mean|^2`` of module ``m`` (Frobenius), without any Gram."""
+    up, down, owner = fac.up[m], fac.down[m], fac.owner[m]
+    n = fac.n_models
+    if owner.size == 0:
+        return 0.0
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    ends = np.r_[starts[1:], owner.size]
+    self_ss = 0.0
+    for s0, s1 in zip(starts, ends, strict=True):
+        u = up[:, s0:s1].astype(np.float64)
+        d = down[s0:s1].astype(np.float64)
+        self_ss += float(np.sum((u.T @ u) * (d @ d.T)))
+    total = up.astype(np.float64) @ down.astype(np.float64)  # sum_i delta_i, (out, in)
+    return self_ss - float(np.sum(total * total)) / n
 
 
 def _delta_layout(fac: DeltaFactors) -> WeightLayout:
