@@ -20,6 +20,7 @@ it was trained with (one of :data:`PROMPT_METADATA_KEYS`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -43,6 +44,7 @@ __all__ = [
     "DeltaFactors",
     "FactorRows",
     "file_sha256",
+    "memory_budget",
     "model_family",
 ]
 
@@ -163,8 +165,10 @@ class FactorRows:
         return int(self.data.shape[1])
 
     def default_block_rows(self) -> int:
-        """Rows per block so that one block is about 64 MiB."""
-        return max(1, BLOCK_BYTES // (4 * max(self.dim, 1)))
+        """Rows per block so that one block is about 64 MiB (less under a memory cap:
+        an eighth of :func:`memory_budget`, a block and its transformed copies in flight)."""
+        size = min(BLOCK_BYTES, memory_budget() // 8)
+        return max(1, size // (4 * max(self.dim, 1)))
 
     def blocks(
         self,
@@ -491,8 +495,6 @@ class Collection:
                 hint="the factors representation needs one rank and module set; "
                 'use `representation="delta"`',
             )
-        if isinstance(data, np.memmap):
-            data.flush()
         stats_seconds = 0.0
         if in_memory:
             import time
@@ -531,7 +533,11 @@ class Collection:
                     data = rows()
                     if got is not None and data is not None:
                         raw, digest = got
-                        meta = fast.row(self.files[i], raw, data[i])
+                        direct = isinstance(data, np.ndarray)
+                        target = data[i] if direct else np.empty(data.shape[1], np.float32)
+                        meta = fast.row(self.files[i], raw, target)
+                        if meta is not None and not direct:
+                            data[i] = target
                         if meta is not None:
                             entry: dict[str, Any] = {
                                 "name": self.names[i],
@@ -579,17 +585,15 @@ class Collection:
         return fast
 
     def _open_cache(self, n: int, d: int) -> tuple[np.ndarray, Callable[[], None] | None]:
-        if n * d * 4 <= 256 * 1024 * 1024 and self.cache_dir is None:
+        if n * d * 4 <= min(256 << 20, memory_budget()) and self.cache_dir is None:
             return np.empty((n, d), dtype=np.float32), None
         parent = Path(self.cache_dir or tempfile.gettempdir())
         parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_row_caches(parent)
         folder = Path(tempfile.mkdtemp(prefix=f"{ROW_CACHE_PREFIX}{os.getpid()}-", dir=parent))
-        arr = np.lib.format.open_memmap(
-            folder / "rows.npy", mode="w+", dtype=np.float32, shape=(n, d)
-        )
-        fin = weakref.finalize(arr, shutil.rmtree, str(folder), True)
-        return arr, fin
+        arr = _RowFile(folder / "rows.npy", n, d)
+        fin = weakref.finalize(arr, _close_and_remove, arr.fd, str(folder))
+        return arr, fin  # type: ignore[return-value]
 
     # ----------------------------------------------------------- delta factors
     def scan_deltas(self, *, progress: Progress | None = None) -> DeltaFactors:
@@ -646,6 +650,106 @@ class Collection:
             max_rank=max_rank,
             n_models=len(self),
         )
+
+
+def memory_budget() -> int:
+    """Bytes a fit may hold its data in: 40% of what the process may still take.
+
+    That is the head room under its address-space limit (``RLIMIT_AS``, when one
+    is set) and the memory the kernel reports available (``MemAvailable``).
+    """
+    budget = math.inf
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            used = 0
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmSize:"):
+                        used = int(line.split()[1]) * 1024
+            budget = min(budget, 0.4 * max(soft - used, 0))
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    budget = min(budget, 0.4 * int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    return int(max(min(budget, 1 << 62), 1 << 20))
+
+
+def _close_and_remove(fd: int, folder: str) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class _RowFile:
+    """An ``(N, d)`` float32 ``.npy`` file of rows, written and read with plain I/O.
+
+    Unlike a memory map, it takes no address space beyond the rows being read or
+    written (a fit under a memory cap -- ``RLIMIT_AS`` -- can stream a cache far
+    larger than the cap) and its pages do not count as the process's resident
+    memory. ``rows[i] = row`` writes a row, ``rows[lo:hi]`` reads a fresh
+    ``(hi - lo, d)`` array, ``rows[i]`` one row.
+    """
+
+    def __init__(self, path: Path, n: int, d: int) -> None:
+        self.path = Path(path)
+        self.shape = (int(n), int(d))
+        self.dtype = np.dtype(np.float32)
+        header = {"descr": "<f4", "fortran_order": False, "shape": self.shape}
+        with open(self.path, "wb") as fh:
+            np.lib.format.write_array_header_2_0(fh, header)
+            self.offset = fh.tell()
+            fh.truncate(self.offset + 4 * n * d)
+        self.fd = os.open(self.path, os.O_RDWR)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __setitem__(self, i: int, row: np.ndarray) -> None:
+        buf = np.ascontiguousarray(row, dtype="<f4")
+        if buf.shape != (self.shape[1],):
+            raise ValueError(f"row of shape {buf.shape}, need ({self.shape[1]},)")
+        view = memoryview(buf).cast("B")
+        at = self.offset + 4 * self.shape[1] * int(i)
+        while view:
+            done = os.pwrite(self.fd, view, at)
+            view, at = view[done:], at + done
+
+    def __getitem__(self, key: int | slice) -> np.ndarray:
+        n, d = self.shape
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(n)
+            if step != 1:
+                raise IndexError("row slices must be contiguous")
+            rows = max(0, hi - lo)
+        else:
+            lo = int(key) + (n if int(key) < 0 else 0)
+            if not 0 <= lo < n:
+                raise IndexError(key)
+            rows = 1
+        out = np.empty((rows, d), dtype=np.float32)
+        view = memoryview(out).cast("B")
+        at = self.offset + 4 * d * lo
+        while view:
+            got = os.preadv(self.fd, [view], at)
+            if got <= 0:
+                raise OSError(f"{self.path}: short read")
+            view, at = view[got:], at + got
+        return out if isinstance(key, slice) else out[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[0 : self.shape[0]]
+        return out if dtype is None else out.astype(dtype)
+
+    def flush(self) -> None:
+        """Nothing to do: every write went to the file."""
 
 
 class _KohyaRows:

@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from w2wkit.collection import memory_budget as _memory_budget
 from w2wkit.errors import SpaceError
 from w2wkit.floor import KRYLOV_DEPTH, KRYLOV_MIN_WIDTH, KRYLOV_WIDTH, krylov_basis_columns
 
@@ -197,7 +198,8 @@ def choose_solver(n_rows: int, n_cols: int, n_components: int) -> str:
     """
     n, d, k = int(n_rows), int(n_cols), int(n_components)
     entries = n * d
-    if entries <= _EXACT_MAX_ENTRIES and n * n * d <= 4 * _GRAM_FLOAT64_MAX_FLOPS:
+    small = entries <= _EXACT_MAX_ENTRIES and n * n * d <= 4 * _GRAM_FLOAT64_MAX_FLOPS
+    if small and 8 * entries <= memory_budget():
         return "exact"
     # Gram: N^2 d (one symmetric product) + 2 N k d (components) + the eigenproblem
     # (block Lanczos ~ 8 N^2 k, or ~ 10 N^3 dense); randomized: (2 n_iter + 1)
@@ -216,6 +218,11 @@ def choose_solver(n_rows: int, n_cols: int, n_components: int) -> str:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def memory_budget() -> int:
+    """:func:`w2wkit.collection.memory_budget` capped at the gram stripe size (4 GiB)."""
+    return min(_memory_budget(), _GRAM_STRIPE_BYTES)
 
 
 def top_eigh(
@@ -578,6 +585,8 @@ class _Stream:
         n, d = self.n_rows, self.n_cols
         if self.progress is not None:
             self.progress(stage, 0, n)
+        # small blocks are coalesced for BLAS efficiency, within the memory budget
+        min_rows = min(_MIN_BLOCK_ROWS, max(1, memory_budget() // (16 * 4 * max(d, 1))))
         index = -1
         for index, raw in enumerate(source):
             block = np.asarray(raw)
@@ -598,10 +607,10 @@ class _Stream:
                 )
             if block.shape[0] == 0:
                 continue
-            if pending or block.shape[0] < _MIN_BLOCK_ROWS:
+            if pending or block.shape[0] < min_rows:
                 pending.append(block)
                 pending_rows += block.shape[0]
-                if pending_rows < _MIN_BLOCK_ROWS:
+                if pending_rows < min_rows:
                     continue
                 block = np.concatenate(pending) if len(pending) > 1 else pending[0]
                 pending, pending_rows = [], 0
@@ -891,11 +900,12 @@ def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps, center: bool) -> PCAResul
     # across blocks) otherwise.
     dtype = np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
     itemsize = np.dtype(dtype).itemsize
-    if n * d * itemsize <= _GRAM_STRIPE_BYTES and not isinstance(ops, _TorchOps):
+    budget = memory_budget()
+    if n * d * itemsize <= budget and not isinstance(ops, _TorchOps):
         return _fit_gram_in_memory(stream, k, dtype, center)
     if center:
         stream.centre()
-    stripe_rows = max(1, min(n, _GRAM_STRIPE_BYTES // (d * itemsize)))
+    stripe_rows = max(1, min(n, budget // (d * itemsize)))
     gram = np.zeros((n, n), dtype=np.float64)
     sumsq = 0.0
     n_stripes = math.ceil(n / stripe_rows)

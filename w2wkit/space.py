@@ -457,9 +457,9 @@ class WeightSpace:
 
     def _in_memory(self, n: int, d: int) -> bool:
         """Whether a factors fit of ``n`` rows of ``d`` holds them in memory (gram/exact)."""
-        from w2wkit.solvers import _GRAM_STRIPE_BYTES, choose_solver
+        from w2wkit.solvers import choose_solver, memory_budget
 
-        if self.device not in ("cpu", "", None) or 4 * n * d > _GRAM_STRIPE_BYTES:
+        if self.device not in ("cpu", "", None) or 4 * n * d > memory_budget():
             return False
         try:
             k = self._check_k(n, d)
