@@ -76,6 +76,10 @@ class Rates:
     eigh_flops_per_s : float
         Dense symmetric eigensolver (scipy ``evr`` on float32), counted with
         :func:`eigen_cost`'s dense formula.
+    dsyrk_flops_per_s : float
+        float64 ``A A^T`` (the gram solver's products below
+        :data:`GRAM_FLOAT64_MAX_FLOPS`); nan when not measured (then half the
+        float32 rate is assumed).
     """
 
     read_bytes_per_s: float
@@ -83,6 +87,7 @@ class Rates:
     gemm_flops_per_s: float
     syrk_flops_per_s: float
     eigh_flops_per_s: float
+    dsyrk_flops_per_s: float = math.nan
 
     def as_dict(self) -> dict[str, float]:
         """The rates as a plain dict."""
@@ -96,6 +101,8 @@ _CACHE: dict[Any, Any] = {}
 KRYLOV_WIDTH = 0.25
 KRYLOV_DEPTH = 11
 KRYLOV_MIN_WIDTH = 32
+#: the gram solver forms ``Z Z^T`` (and ``U^T Z``) in float64 up to this many flops (N^2 d)
+GRAM_FLOAT64_MAX_FLOPS = 2e11
 
 
 def krylov_basis_columns(n: int, k: int) -> int:
@@ -198,7 +205,10 @@ def measure_rates(paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool
         c = rng.standard_normal((1024, 8192), dtype=np.float32)
         c @ c.T
         syrk = 1024.0 * 1024 * 8192 / _best_time(lambda: c @ c.T)
-        del a, b, c
+        c64 = c.astype(np.float64)
+        c64 @ c64.T
+        dsyrk = 1024.0 * 1024 * 8192 / _best_time(lambda: c64 @ c64.T)
+        del a, b, c, c64
         # dense eigensolver: top quarter of a 1000 x 1000 float32 matrix
         n = 1000
         x = rng.standard_normal((n, n), dtype=np.float32)
@@ -209,14 +219,14 @@ def measure_rates(paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool
             repeats=2,
         )
         eig_rate = _dense_eigen_flops(n, n // 4) / t_eig
-        _CACHE[key] = (copy_rate, gemm, syrk, eig_rate)
-    copy_rate, gemm, syrk, eig_rate = _CACHE[key]
+        _CACHE[key] = (copy_rate, gemm, syrk, eig_rate, dsyrk)
+    copy_rate, gemm, syrk, eig_rate, dsyrk = _CACHE[key]
     files = tuple(os.fspath(p) for p in list(paths)[:256])
     rkey = ("read", files)
     if refresh or rkey not in _CACHE:
         rate = read_rate(files) if files else math.nan
         _CACHE[rkey] = rate if math.isfinite(rate) and rate > 0 else copy_rate / 2
-    return Rates(_CACHE[rkey], copy_rate, gemm, syrk, eig_rate)
+    return Rates(_CACHE[rkey], copy_rate, gemm, syrk, eig_rate, dsyrk)
 
 
 def _dense_eigen_flops(n: int, k: int) -> float:
@@ -306,11 +316,15 @@ def fit_floor(
     phases.append(PhaseFloor("standardize", traffic, 0.0, traffic / rates.copy_bytes_per_s))
     if solver == "gram":
         g = float(n) * n * d
-        phases.append(PhaseFloor("gram", data, g, g / rates.syrk_flops_per_s))
+        wide = g <= GRAM_FLOAT64_MAX_FLOPS  # float64 products: half the float32 rates
+        d64 = rates.dsyrk_flops_per_s
+        syrk = (d64 if math.isfinite(d64) else rates.syrk_flops_per_s / 2) if wide else None
+        slow = (syrk / rates.syrk_flops_per_s) if syrk else 1.0
+        phases.append(PhaseFloor("gram", data, g, g / (syrk or rates.syrk_flops_per_s)))
         _, ef, es = eigen_cost(n, k, rates)
         phases.append(PhaseFloor("eigen", 8.0 * n * n, ef, es))
         cf = 2.0 * n * k * d
-        phases.append(PhaseFloor("components", data, cf, cf / rates.gemm_flops_per_s))
+        phases.append(PhaseFloor("components", data, cf, cf / (rates.gemm_flops_per_s * slow)))
     elif solver == "randomized":
         q = int(n_iter)
         width = block_size or (-(-k // 2) + max(10, min(50, k // 20)))
@@ -458,11 +472,7 @@ def delta_floor(
     flops = 0.0
     fbytes = 0.0
     for m in factors.modules:
-        r = (
-            factors.total_rank[m]
-            if hasattr(factors, "total_rank")
-            else int(factors.up[m].shape[1])
-        )
+        r = factors.total_rank[m] if hasattr(factors, "total_rank") else int(factors.up[m].shape[1])
         size = int(factors.out_features[m]) + math.prod(factors.in_shape[m])
         flops += float(r) * r * size
         fbytes += 4.0 * r * size

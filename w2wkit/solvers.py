@@ -62,7 +62,13 @@ import numpy as np
 
 from w2wkit.collection import memory_budget as _memory_budget
 from w2wkit.errors import SpaceError
-from w2wkit.floor import KRYLOV_DEPTH, KRYLOV_MIN_WIDTH, KRYLOV_WIDTH, krylov_basis_columns
+from w2wkit.floor import (
+    GRAM_FLOAT64_MAX_FLOPS,
+    KRYLOV_DEPTH,
+    KRYLOV_MIN_WIDTH,
+    KRYLOV_WIDTH,
+    krylov_basis_columns,
+)
 
 __all__ = [
     "SOLVERS",
@@ -92,7 +98,7 @@ DEFAULT_N_ITER = 6
 #: exact SVD in memory below this many float64 entries (N * d)
 _EXACT_MAX_ENTRIES = 25_000_000
 #: the gram solver multiplies in float64 up to this many flops (N^2 d), float32 BLAS above
-_GRAM_FLOAT64_MAX_FLOPS = 4e10
+_GRAM_FLOAT64_MAX_FLOPS = GRAM_FLOAT64_MAX_FLOPS
 #: below this size top_eigh("auto") takes LAPACK without measuring anything
 _KRYLOV_EIGH_MIN_N = 1000
 #: its block width (times k) and number of products: basis of 12 * 0.25 k = 3 k
@@ -974,13 +980,26 @@ def _fit_gram_in_memory(stream: _Stream, k: int, dtype: Any, center: bool) -> PC
 def _gram_core(
     stream: _Stream, z: np.ndarray, k: int, dtype: Any, mean: np.ndarray | None
 ) -> PCAResult:
-    """The in-memory gram solver on the rows ``z`` (N, d) of ``dtype`` (used, not copied)."""
+    """The in-memory gram solver on the rows ``z`` (N, d) (used, not copied).
+
+    ``dtype`` is the precision of the products; float32 rows with float64
+    products are widened a column stripe at a time (no float64 copy of ``z``).
+    """
     n, d = z.shape
+    widen = z.dtype != np.dtype(dtype)
+    step = max(256, (32 << 20) // (8 * n))
     # one symmetric product (numpy sends a @ a.T to BLAS ?syrk: half a GEMM's flops);
     # each entry is one full-length BLAS dot product in the data's dtype
     with _stage(stream, "gram: Z Z^T", "gram"):
         gram = bulk_empty((n, n), dtype)
-        np.matmul(z, z.T, out=gram)
+        if widen:
+            gram[...] = 0.0
+            for lo in range(0, d, step):
+                part = z[:, lo : lo + step].astype(dtype)
+                gram += part @ part.T
+            del part
+        else:
+            np.matmul(z, z.T, out=gram)
     diag = np.diagonal(gram)
     if not np.all(np.isfinite(diag)):  # a NaN/inf row spoils its own diagonal entry
         _check_finite_rows(diag[:, None], 0, "gram")
@@ -989,8 +1008,14 @@ def _gram_core(
         u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
     del gram
     with _stage(stream, "gram: components", "components"):
-        comp = bulk_empty((k, d), dtype)
-        np.matmul(proj.T.astype(dtype), z, out=comp)
+        if widen:
+            comp = bulk_empty((k, d), z.dtype)
+            left = np.ascontiguousarray(proj.T, dtype=dtype)
+            for lo in range(0, d, step):
+                comp[:, lo : lo + step] = left @ z[:, lo : lo + step].astype(dtype)
+        else:
+            comp = bulk_empty((k, d), dtype)
+            np.matmul(proj.T.astype(dtype), z, out=comp)
         del z
         return _gram_result(comp, good, u, sv, stream, sumsq, n, {"stripes": 1}, dtype, mean)
 
@@ -1540,8 +1565,7 @@ def fit_pca_array(
         and a.flags.c_contiguous
     ):
         stream = _Stream(lambda: iter(()), n, d, progress)
-        rows = a if dtype == np.float32 else a.astype(np.float64)
-        return _gram_core(stream, rows, k, dtype, None)
+        return _gram_core(stream, a, k, dtype, None)
     step = max(_MIN_BLOCK_ROWS, (64 << 20) // max(4 * d, 1))
 
     def blocks() -> Iterator[np.ndarray]:
