@@ -78,6 +78,46 @@ def worker_w2wkit(folder: Path, k: int) -> dict:
     }
 
 
+def worker_delta(folder: Path, k: int) -> dict:
+    from w2wkit.collection import Collection
+    from w2wkit.space import WeightSpace
+
+    t = time.perf_counter()
+    space = WeightSpace(k, representation="delta").fit(Collection(folder))
+    wall = time.perf_counter() - t
+    rss = peak_rss_gb()
+    prof = space._profile(Collection(folder))
+    return {
+        "wall_s": wall,
+        "peak_rss_gb": rss,
+        "sv": space.singular_values_.tolist(),
+        "floor_s": prof["floor_seconds"],
+        "profile": prof,
+    }
+
+
+def delta_subset_error(folder: Path, n_sub: int, k: int) -> float:
+    """Max relative singular-value error of a delta fit on the first ``n_sub`` files
+    against the SVD of their materialised, per-layer scaled deltas (float64)."""
+    from w2wkit.collection import Collection
+    from w2wkit.formats.registry import read_adapter
+    from w2wkit.space import WeightSpace
+
+    files = sorted(folder.glob("*.safetensors"))[:n_sub]
+    space = WeightSpace(k, representation="delta").fit(Collection(files))
+    ads = [read_adapter(f) for f in files]
+    # the materialised kernel, one module at a time (a module's dense deltas in memory)
+    gram = np.zeros((len(ads), len(ads)))
+    for m in space.delta_modules_:
+        x = np.stack([ad.layers[m].delta().astype(np.float64).ravel() for ad in ads])
+        x -= x.mean(0)
+        gram += (x @ x.T) / ((x**2).sum() / x.size)
+        del x
+    w = np.linalg.eigvalsh(gram)[::-1][:k]
+    s = np.sqrt(np.clip(w, 0, None))
+    return float(np.max(np.abs(space.singular_values_ - s) / s))
+
+
 def reference(folder: Path, k: int) -> dict:
     """Exact float64 singular values of the centred and of the standardised rows (cached)."""
     cache = folder / f"reference_k{k}.json"
@@ -107,18 +147,47 @@ def reference(folder: Path, k: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, nargs="+", default=[1000, 3000])
+    ap.add_argument("--n", type=int, nargs="*", default=[1000, 3000])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--root", type=Path, default=Path("/tmp/w2w-bench-fit"))
-    ap.add_argument("--worker", choices=("user", "w2wkit"))
+    ap.add_argument("--worker", choices=("user", "w2wkit", "delta"))
+    ap.add_argument("--delta", type=int, nargs="*", default=[], help="delta case sizes")
+    ap.add_argument("--delta-ranks", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--folder", type=Path)
     ap.add_argument("--k", type=int)
     a = ap.parse_args()
     if a.worker:
-        fn = worker_user if a.worker == "user" else worker_w2wkit
+        fn = {"user": worker_user, "w2wkit": worker_w2wkit, "delta": worker_delta}[a.worker]
         print(json.dumps(fn(a.folder, a.k)))
         return
-    from _kohya_synth import write_factor_collection
+    from _kohya_synth import write_delta_collection, write_factor_collection
+
+    for n in a.delta:
+        k = min(1000, n - 1)
+        folder = a.root / f"delta_{n}_r{'-'.join(map(str, a.delta_ranks))}"
+        t = time.perf_counter()
+        write_delta_collection(folder, n, ranks=tuple(a.delta_ranks), attention_only=True)
+        gen_s = time.perf_counter() - t
+        w = run_worker(__file__, ["--worker", "delta", "--folder", str(folder), "--k", str(k)])
+        err = delta_subset_error(folder, 24, 10)
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        line = {
+            "case": "fit_files_delta",
+            "n": n,
+            "k": k,
+            "ranks": a.delta_ranks,
+            "modules": "SD1.5 attention q/k/v/out (128)",
+            "files_gb": size / 1e9,
+            "gen_s": gen_s,
+            "w2wkit_s": w["wall_s"],
+            "w2wkit_rss_gb": w["peak_rss_gb"],
+            "floor_s": w["floor_s"],
+            "wall_over_floor": w["wall_s"] / w["floor_s"],
+            "subset24_max_rel_sv_err_vs_materialised": err,
+            "phases": w["profile"]["phases"],
+            "machine": machine(),
+        }
+        print(json.dumps(line), flush=True)
 
     for n in a.n:
         k = min(1000, n - 1)
