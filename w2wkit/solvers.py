@@ -15,9 +15,13 @@ Solvers
     them to the components. A matrix of up to 4 GiB is read into memory in one
     pass and multiplied by one symmetric BLAS product (``?syrk``, N^2 d flops);
     larger ones are done stripe by stripe (one pass per stripe, one more for
-    the components). The eigenpairs come from an in-memory block Lanczos
-    (:func:`top_eigh`, ``O(N^2 k)``) rather than LAPACK's ``O(N^3)``
-    tridiagonalisation. Exact up to rounding of the products; chosen by
+    the components). The eigenpairs come from LAPACK (``?syevd`` for most of the
+    spectrum, ``?syevr`` for a top subset) or an in-memory block Lanczos
+    (:func:`top_eigh`, ``O(N^2 k)``), whichever :func:`w2wkit.floor.eigen_cost`
+    finds cheaper at the rates measured on this machine. Products are float64 up
+    to ``N^2 d = 2e11`` (float32 rows are widened a column stripe at a time),
+    float32 above. :func:`fit_pca_array` runs it on rows already in memory
+    without a copy. Exact up to rounding of the products; chosen by
     ``auto`` up to 20k rows where its flops undercut the randomized solver's
     (at N = 10,000, d = 99,648, k = 1000: 2.2x faster than scikit-learn's
     randomized PCA with 3e3x smaller singular-value errors).
@@ -38,7 +42,13 @@ Solvers
     float32 plus one ``(d, l)`` accumulator plus about three blocks, with the
     block width ``l`` about ``k / 2`` (:func:`default_block_size`).
 ``auto``
-    :func:`choose_solver`.
+    :func:`choose_solver`: ``exact`` only for small matrices that fit the memory
+    budget (:func:`memory_budget`), else ``gram`` or ``randomized`` by flops.
+
+Memory: whatever a solver holds (the rows, a stripe, coalesced blocks) stays
+within :func:`memory_budget` -- 40% of the head room under ``RLIMIT_AS`` and of
+``MemAvailable``, 4 GiB at most -- so a fit streams a collection larger than the
+process may hold.
 
 The products run in float32 BLAS on the CPU (numpy / OpenBLAS) or, with
 ``device="cuda"``, in torch on the GPU. Everything that squares the data
