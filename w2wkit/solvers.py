@@ -988,12 +988,21 @@ def _fit_gram_in_memory(stream: _Stream, k: int, dtype: Any, center: bool) -> PC
 
 
 def _gram_core(
-    stream: _Stream, z: np.ndarray, k: int, dtype: Any, mean: np.ndarray | None
+    stream: _Stream,
+    z: np.ndarray,
+    k: int,
+    dtype: Any,
+    mean: np.ndarray | None,
+    overwrite: bool = False,
 ) -> PCAResult:
     """The in-memory gram solver on the rows ``z`` (N, d) (used, not copied).
 
     ``dtype`` is the precision of the products; float32 rows with float64
     products are widened a column stripe at a time (no float64 copy of ``z``).
+    With ``overwrite`` the components are written over the first ``k`` rows of
+    ``z`` a column stripe at a time (stripe ``j`` of the components needs stripe
+    ``j`` of the rows only) and the memory of the other rows is given back:
+    the peak is the rows alone, not the rows plus the components.
     """
     n, d = z.shape
     widen = z.dtype != np.dtype(dtype)
@@ -1018,7 +1027,15 @@ def _gram_core(
         u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
     del gram
     with _stage(stream, "gram: components", "components"):
-        if widen:
+        if overwrite and z.dtype == np.float32 and z.flags.c_contiguous:
+            left = np.ascontiguousarray(proj.T, dtype=dtype)
+            cstep = max(256, (64 << 20) // (8 * n))
+            for lo in range(0, d, cstep):
+                part = z[:, lo : lo + cstep]
+                z[:k, lo : lo + cstep] = left @ (part.astype(dtype) if widen else part)
+            comp = z[:k]
+            _release_rows(z, k)
+        elif widen:
             comp = bulk_empty((k, d), z.dtype)
             left = np.ascontiguousarray(proj.T, dtype=dtype)
             for lo in range(0, d, step):
@@ -1028,6 +1045,23 @@ def _gram_core(
             np.matmul(proj.T.astype(dtype), z, out=comp)
         del z
         return _gram_result(comp, good, u, sv, stream, sumsq, n, {"stripes": 1}, dtype, mean)
+
+
+def _release_rows(z: np.ndarray, keep: int) -> None:
+    """Give the pages of rows ``keep:`` of ``z`` back to the kernel, when ``z`` is
+    a whole anonymous map (:func:`bulk_empty`); the rows' contents are lost."""
+    base = z
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is None or not hasattr(base, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if np.frombuffer(base, dtype=np.uint8, count=1).ctypes.data != z.ctypes.data:
+        return  # z is not at the start of the map
+    page = mmap.PAGESIZE
+    start = -(-keep * z.shape[1] * z.itemsize // page) * page
+    if start < len(base):
+        with contextlib.suppress(OSError, ValueError):
+            base.madvise(mmap.MADV_DONTNEED, start, len(base) - start)
 
 
 def _centre_in_place(z: np.ndarray, rows: int = 256) -> np.ndarray:
@@ -1540,6 +1574,7 @@ def fit_pca_array(
     random_state: int | None = 0,
     device: str = "cpu",
     progress: ProgressFn | None = None,
+    overwrite: bool = False,
 ) -> PCAResult:
     """Truncated PCA (SVD) of rows already in memory, without copying them.
 
@@ -1553,6 +1588,10 @@ def fit_pca_array(
         As :func:`fit_pca`.
     random_state, device, progress
         As :func:`fit_pca`.
+    overwrite : bool
+        ``z`` may be overwritten: the gram solver writes the components over its
+        first ``k`` rows (``components`` is then a view of ``z``) and gives the
+        memory of the other rows back when ``z`` is an anonymous map.
 
     Returns
     -------
@@ -1575,7 +1614,7 @@ def fit_pca_array(
         and a.flags.c_contiguous
     ):
         stream = _Stream(lambda: iter(()), n, d, progress)
-        return _gram_core(stream, a, k, dtype, None)
+        return _gram_core(stream, a, k, dtype, None, overwrite=overwrite)
     step = max(_MIN_BLOCK_ROWS, (64 << 20) // max(4 * d, 1))
 
     def blocks() -> Iterator[np.ndarray]:

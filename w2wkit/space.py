@@ -518,6 +518,7 @@ class WeightSpace:
                 res = fit_pca_array(
                     rows.data,
                     k,
+                    overwrite=True,
                     solver=self.solver,
                     random_state=self.random_state,
                     device=self.device,
