@@ -77,6 +77,11 @@ def _load(path: Path, no_verify: bool = False):
 @click.option("--labels", type=click.Path(path_type=Path), help="CSV/JSON attribute labels.")
 @click.option("--no-standardize", is_flag=True, help="Skip per-coordinate (per-layer) scaling.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of randomized solvers.")
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Print the wall time of each phase next to its hardware floor (rates measured here).",
+)
 @force_option
 @allow_pickle_option
 def fit_cmd(
@@ -88,6 +93,7 @@ def fit_cmd(
     labels: Path | None,
     no_standardize: bool,
     seed: int,
+    profile: bool,
     force: bool,
     allow_pickle: bool,
 ) -> None:
@@ -114,13 +120,22 @@ def fit_cmd(
         standardize=not no_standardize,
         random_state=seed,
     )
-    space.fit(coll, labels=labels, progress=not quiet_enabled())
+    space.fit(coll, labels=labels, progress=not quiet_enabled(), profile=profile)
     space.save(out, overwrite=force)
     ratio = float(np.sum(space.explained_variance_ratio_))
     console.print(
         f"wrote {out}: {len(space.manifest_)} models, {space.n_components_} components "
         f"({representation}), {ratio:.1%} of the variance"
     )
+    if profile:
+        from w2wkit.floor import profile_table
+
+        table = Table(title=f"fit profile (solver {space.info_.get('solver_used')})")
+        for col in ("phase", "wall", "floor", "wall / floor"):
+            table.add_column(col, justify="left" if col == "phase" else "right")
+        for row in profile_table(space.info_["profile"]):
+            table.add_row(*row)
+        console.print(table)
 
 
 def variance_marks(ratio: np.ndarray, levels: tuple[float, ...] = (0.9, 0.99)) -> dict[float, int]:

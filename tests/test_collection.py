@@ -29,7 +29,7 @@ def test_rows_stream_in_blocks_with_numpy_statistics(tmp_path):
     rows = coll.scan_factors()
     lay = WeightLayout.from_adapter(models[0])
     expected = np.stack([lay.flatten(m) for m in models])
-    assert isinstance(rows.data, np.memmap)  # cache on disk
+    assert not isinstance(rows.data, np.ndarray)  # cache on disk (plain reads and writes)
     blocks = list(rows.blocks(block_rows=4))
     assert [b.shape[0] for b in blocks] == [4, 4, 1]
     assert all(b.dtype == np.float32 for b in blocks)
@@ -127,3 +127,62 @@ def _dead_pid() -> int:
     from pathlib import Path
 
     return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+
+
+def test_kohya_rows_copied_from_file_bytes_equal_the_reader(tmp_path, monkeypatch):
+    # the fast path (rows copied straight from files laid out like the first) gives the
+    # reader's rows, manifest and families; files it cannot vouch for (another alpha,
+    # other metadata is fine) go through the reader; a NaN is refused by the reader
+    from w2wkit.adapter import Adapter, LoraLayer
+
+    models = random_models(7, seed=3)
+    m5 = models[5]
+    models[5] = Adapter(
+        {
+            name: LoraLayer(layer.down, layer.up / 2, alpha=layer.alpha * 2)
+            for name, layer in m5.layers.items()
+        },
+        {"w2wkit.instance_prompt": "a photo of sks person"},
+    )
+    models[2] = Adapter(dict(models[2].layers), {"ss_note": "other metadata"})
+    _write(models, tmp_path / "loras")
+    calls = []
+    orig = Collection.read
+
+    def counting_read(self, i):
+        calls.append(i)
+        return orig(self, i)
+
+    monkeypatch.setattr(Collection, "read", counting_read)
+    fast_coll = Collection(tmp_path / "loras")
+    fast = fast_coll.scan_factors(in_memory=True)
+    assert calls == [0, 5]  # the template, and the file with another alpha
+    monkeypatch.setattr(Collection, "_kohya_template", lambda self, i, ad: None)
+    slow_coll = Collection(tmp_path / "loras")
+    slow = slow_coll.scan_factors()
+    np.testing.assert_array_equal(fast.data, np.asarray(slow.data))
+    np.testing.assert_allclose(fast.mean, slow.mean, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(fast.var, slow.var, rtol=1e-9, atol=1e-15)
+    assert fast_coll.manifest == slow_coll.manifest
+    assert fast_coll.families == slow_coll.families
+    assert fast_coll.manifest[5]["prompt"] == "a photo of sks person"
+    assert (
+        fast_coll.manifest[3]["sha256"]
+        == hashlib.sha256((tmp_path / "loras" / "m03.safetensors").read_bytes()).hexdigest()
+    )
+    assert fast.in_memory and not slow.in_memory
+
+
+def test_kohya_fast_path_leaves_bad_values_to_the_reader(tmp_path):
+    models = random_models(3, seed=4)
+    paths = _write(models[:2], tmp_path / "loras")
+    # write_adapter refuses a NaN: write one into a copy of a valid file's data bytes
+    name = next(iter(models[1].layers))
+    src = paths[1].read_bytes()
+    first = np.asarray(models[1].layers[name].down, dtype=np.float32).tobytes()[:8]
+    at = src.rfind(first)
+    assert at > 0
+    bad = src[:at] + np.float32(np.nan).tobytes() + src[at + 4 :]
+    (tmp_path / "loras" / "m02.safetensors").write_bytes(bad)
+    with pytest.raises(FormatError, match="m02"):
+        Collection(tmp_path / "loras").scan_factors(in_memory=True)

@@ -63,6 +63,7 @@ LAYERS: dict[str, int] = {
     "w2wkit.labels": 2,
     # 3 - the space: solvers, its saved file, named directions and edits, the w2w importer
     "w2wkit.solvers": 3,
+    "w2wkit.floor": 3,
     "w2wkit.edits": 3,
     "w2wkit.persist": 3,
     "w2wkit.space": 3,

@@ -197,7 +197,11 @@ def test_gram_in_memory_is_one_pass():
             mp.setattr(solvers, "_GRAM_FLOAT64_MAX_FLOPS", flops)
         res = fit_pca(blocks_of(z, [50, 260]), *z.shape, 12, solver="gram")
         mp.undo()
-        assert res.info == {"stripes": 1, "product_dtype": dtype}
+        assert {k: v for k, v in res.info.items() if k != "timings"} == {
+            "stripes": 1,
+            "product_dtype": dtype,
+        }
+        assert set(res.info["timings"]) == {"read", "gram", "eigen", "components"}
         assert res.n_passes == 1
         np.testing.assert_allclose(res.singular_values, s[:12], rtol=rtol)
         assert max_angle(res.components, vt[:12]) < angle
@@ -489,3 +493,20 @@ def test_bulk_empty_gives_writable_c_arrays(monkeypatch):
     assert big.flags.c_contiguous and big.flags.writeable
     big[:] = 2.5
     assert float(big.sum()) == 2.5 * 350
+
+
+def test_fit_pca_array_in_place_components_equal_the_copying_path():
+    from w2wkit.collection import _anon_empty
+    from w2wkit.solvers import fit_pca_array
+
+    z64 = power_law(300, 60_000, seed=5)
+    _, s, vt = np.linalg.svd(z64, full_matrices=False)
+    ref = fit_pca_array(z64.astype(np.float32), 8, solver="gram")
+    z = _anon_empty(z64.shape)  # an anonymous map: the other rows' pages are given back
+    z[...] = z64
+    res = fit_pca_array(z, 8, solver="gram", overwrite=True)
+    assert np.shares_memory(res.components, z)  # written over the rows, no new buffer
+    np.testing.assert_array_equal(res.components, ref.components)
+    np.testing.assert_array_equal(res.singular_values, ref.singular_values)
+    np.testing.assert_allclose(res.singular_values, s[:8], rtol=1e-7)
+    assert max_angle(res.components, vt[:8]) < 1e-5

@@ -215,3 +215,20 @@ def test_lycoris_deltas_and_missing_modules(models):
     bad = Adapter({first: DeltaLayer(np.ones((3, 3), np.float32))})
     with pytest.raises(LayoutError, match="delta shape"):
         space.transform(bad)
+
+
+def test_blocked_kernel_equals_one_block(tmp_path, models, reference, monkeypatch):
+    # mixed ranks from files, the kernel built from blocks of ~3 rank-one terms (many
+    # block pairs, blocks cutting through no model) equals the one-block kernel
+    import w2wkit.space as space_mod
+
+    for i, ad in enumerate(_variants(models)):
+        write_adapter(ad, tmp_path / f"m{i:02d}.safetensors", format="kohya")
+    one = WeightSpace(K, representation="delta").fit(Collection(tmp_path))
+    assert len(space_mod._model_blocks(one.delta_.owner[one.delta_modules_[0]])) == 1
+    monkeypatch.setattr(space_mod, "_GRAM_BLOCK_TERMS", 3)
+    blocked = WeightSpace(K, representation="delta").fit(Collection(tmp_path))
+    assert len(space_mod._model_blocks(blocked.delta_.owner[blocked.delta_modules_[0]])) > 3
+    _same_space(one, blocked, tol=1e-9)
+    _same_space(reference, blocked)
+    assert set(blocked.info_["timings"]) == {"read", "gram", "eigen"}

@@ -15,9 +15,13 @@ Solvers
     them to the components. A matrix of up to 4 GiB is read into memory in one
     pass and multiplied by one symmetric BLAS product (``?syrk``, N^2 d flops);
     larger ones are done stripe by stripe (one pass per stripe, one more for
-    the components). The eigenpairs come from an in-memory block Lanczos
-    (:func:`top_eigh`, ``O(N^2 k)``) rather than LAPACK's ``O(N^3)``
-    tridiagonalisation. Exact up to rounding of the products; chosen by
+    the components). The eigenpairs come from LAPACK (``?syevd`` for most of the
+    spectrum, ``?syevr`` for a top subset) or an in-memory block Lanczos
+    (:func:`top_eigh`, ``O(N^2 k)``), whichever :func:`w2wkit.floor.eigen_cost`
+    finds cheaper at the rates measured on this machine. Products are float64 up
+    to ``N^2 d = 2e11`` (float32 rows are widened a column stripe at a time),
+    float32 above. :func:`fit_pca_array` runs it on rows already in memory
+    without a copy. Exact up to rounding of the products; chosen by
     ``auto`` up to 20k rows where its flops undercut the randomized solver's
     (at N = 10,000, d = 99,648, k = 1000: 2.2x faster than scikit-learn's
     randomized PCA with 3e3x smaller singular-value errors).
@@ -38,7 +42,13 @@ Solvers
     float32 plus one ``(d, l)`` accumulator plus about three blocks, with the
     block width ``l`` about ``k / 2`` (:func:`default_block_size`).
 ``auto``
-    :func:`choose_solver`.
+    :func:`choose_solver`: ``exact`` only for small matrices that fit the memory
+    budget (:func:`memory_budget`), else ``gram`` or ``randomized`` by flops.
+
+Memory: whatever a solver holds (the rows, a stripe, coalesced blocks) stays
+within :func:`memory_budget` -- 40% of the head room under ``RLIMIT_AS`` and of
+``MemAvailable``, 4 GiB at most -- so a fit streams a collection larger than the
+process may hold.
 
 The products run in float32 BLAS on the CPU (numpy / OpenBLAS) or, with
 ``device="cuda"``, in torch on the GPU. Everything that squares the data
@@ -53,13 +63,22 @@ import mmap
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from w2wkit.collection import memory_budget as _memory_budget
 from w2wkit.errors import SpaceError
+from w2wkit.floor import (
+    GRAM_FLOAT64_MAX_FLOPS,
+    KRYLOV_DEPTH,
+    KRYLOV_MIN_WIDTH,
+    KRYLOV_WIDTH,
+    krylov_basis_columns,
+)
 
 __all__ = [
     "SOLVERS",
@@ -68,6 +87,7 @@ __all__ = [
     "choose_solver",
     "default_block_size",
     "fit_pca",
+    "fit_pca_array",
     "top_eigh",
 ]
 
@@ -88,17 +108,17 @@ DEFAULT_N_ITER = 6
 #: exact SVD in memory below this many float64 entries (N * d)
 _EXACT_MAX_ENTRIES = 25_000_000
 #: the gram solver multiplies in float64 up to this many flops (N^2 d), float32 BLAS above
-_GRAM_FLOAT64_MAX_FLOPS = 4e10
-#: top_eigh switches from LAPACK to block Lanczos at this size (when k <= N / 4)
-_KRYLOV_EIGH_MIN_N = 4000
+_GRAM_FLOAT64_MAX_FLOPS = GRAM_FLOAT64_MAX_FLOPS
+#: below this size top_eigh("auto") takes LAPACK without measuring anything
+_KRYLOV_EIGH_MIN_N = 1000
 #: its block width (times k) and number of products: basis of 12 * 0.25 k = 3 k
 #: columns; on a spectrum that flattens into noise at k (benchmarks/_synth.py),
 #: N = 10,000, k = 1000, float32 G: singular values to 3.3e-6 mean relative error
 #: in 9.0 s (0.3 k x 11 blocks: 5.7e-7 in 10.6 s; 0.3 k x 10: 1.7e-5; 0.35 k x 9:
 #: 1.8e-5; 0.4 k x 8: 3.1e-5; scikit-learn's randomized PCA: 9.8e-3)
-_KRYLOV_WIDTH = 0.25
-_KRYLOV_DEPTH = 11
-_KRYLOV_MIN_WIDTH = 32
+_KRYLOV_WIDTH = KRYLOV_WIDTH
+_KRYLOV_DEPTH = KRYLOV_DEPTH
+_KRYLOV_MIN_WIDTH = KRYLOV_MIN_WIDTH
 #: the gram solver's stripe buffer (bytes): rows are multiplied against each other
 #: a stripe at a time, one pass over Z per stripe; a matrix that fits in one stripe
 #: takes one pass and one symmetric product (BLAS ?syrk, half the flops of a GEMM)
@@ -194,9 +214,8 @@ def choose_solver(n_rows: int, n_cols: int, n_components: int) -> str:
     """
     n, d, k = int(n_rows), int(n_cols), int(n_components)
     entries = n * d
-    if entries <= _EXACT_MAX_ENTRIES:
-        return "exact"
-    if k >= 0.25 * min(n, d) and entries <= 8 * _EXACT_MAX_ENTRIES:
+    small = entries <= _EXACT_MAX_ENTRIES and n * n * d <= 4 * _GRAM_FLOAT64_MAX_FLOPS
+    if small and 8 * entries <= memory_budget():
         return "exact"
     # Gram: N^2 d (one symmetric product) + 2 N k d (components) + the eigenproblem
     # (block Lanczos ~ 8 N^2 k, or ~ 10 N^3 dense); randomized: (2 n_iter + 1)
@@ -204,7 +223,8 @@ def choose_solver(n_rows: int, n_cols: int, n_components: int) -> str:
     l = default_block_size(k)
     dim = (DEFAULT_N_ITER + 1) * l
     randomized_flops = (2 * DEFAULT_N_ITER + 1) * 2.0 * n * d * l + 2.0 * d * dim * dim
-    eig_flops = 8.0 * n * n * k if _krylov_width(n, k) else 10.0 * float(n) ** 3
+    m = krylov_basis_columns(n, k)
+    eig_flops = 2.0 * n * n * m + 4.0 * n * m * m if m else 4.0 / 3.0 * float(n) ** 3
     gram_flops = float(n) * n * d + 2.0 * n * k * d + eig_flops
     if n <= 20_000 and gram_flops <= randomized_flops:
         return "gram"
@@ -214,6 +234,11 @@ def choose_solver(n_rows: int, n_cols: int, n_components: int) -> str:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def memory_budget() -> int:
+    """:func:`w2wkit.collection.memory_budget` capped at the gram stripe size (4 GiB)."""
+    return min(_memory_budget(), _GRAM_STRIPE_BYTES)
 
 
 def top_eigh(
@@ -236,14 +261,17 @@ def top_eigh(
         re-orthogonalisation (:func:`_krylov_eigh`), ``O(N^2 k)``; at N = 10,000,
         k = 1000 about 9 s on a float32 matrix (products in float32), with
         eigenvalues to ~1e-10 relative on a spectrum that decays and ~1e-5 on
-        one that flattens into noise at k. ``"auto"``: krylov when ``N >= 4000`` and ``k <= N / 4``.
-        Both fall back to dense when the Krylov basis (12 blocks of
+        one that flattens into noise at k. ``"auto"``: the cheaper of the two
+        by :func:`w2wkit.floor.eigen_cost` at the rates measured on this machine
+        (:func:`w2wkit.floor.measure_rates`, once per process), dense below
+        N = 1000. krylov falls back to dense when its basis (12 blocks of
         ``max(32, 0.25 k)`` columns) would not fit in N columns.
     product_dtype : dtype
         Precision of the products ``A Q`` of the krylov method (the basis and
         the Rayleigh-Ritz step stay float64). ``float32`` halves their cost and
         adds errors of ~1e-6 of the largest eigenvalue: use it for matrices that
-        were themselves formed by float32 products.
+        were themselves formed by float32 products. With ``float32`` a float32
+        matrix is also solved by the dense method in float32 (``ssyevr``).
 
     Returns
     -------
@@ -264,19 +292,28 @@ def top_eigh(
         raise SpaceError("top_eigh: the matrix has non-finite entries")
     if method not in ("auto", "dense", "krylov"):
         raise SpaceError(f"top_eigh: unknown method {method!r}")
+    if method == "auto" and n >= _KRYLOV_EIGH_MIN_N and krylov_basis_columns(n, k):
+        from w2wkit.floor import eigen_cost, measure_rates
+
+        method = eigen_cost(n, k, measure_rates())[0]
     width = None if method == "dense" else _krylov_width(n, k, forced=method == "krylov")
     if width:
         if a.dtype not in (np.float32, np.float64):
             a = a.astype(np.float64)
         return _krylov_eigh(a, k, width, _KRYLOV_DEPTH, product_dtype)
-    a = np.asarray(a, dtype=np.float64)
-    if k == n or n <= 64:
-        w, v = eigh(a, lower=True, check_finite=False)
+    # a float32 matrix formed by float32 products is solved in float32 (half the
+    # memory traffic of the tridiagonal reduction; its rounding is below the products')
+    low = np.dtype(product_dtype) == np.float32 and a.dtype == np.float32
+    a = np.asarray(a, dtype=np.float32 if low else np.float64)
+    if 2 * k >= n or n <= 64:
+        # most of the spectrum: divide and conquer on all of it (measured at N = 1000,
+        # k = 999: 1.0 s against 4.0 s for MRRR's subset; at k = 250 MRRR wins)
+        w, v = eigh(a, lower=True, driver="evd", check_finite=False)
         w, v = w[n - k :], v[:, n - k :]
     else:
         w, v = eigh(a, lower=True, subset_by_index=[n - k, n - 1], driver="evr", check_finite=False)
-    w = w[::-1].copy()
-    v = np.ascontiguousarray(v[:, ::-1])
+    w = w[::-1].astype(np.float64)
+    v = np.ascontiguousarray(v[:, ::-1], dtype=np.float64)
     _fix_signs(v, axis=0)
     return w, v
 
@@ -284,10 +321,10 @@ def top_eigh(
 def _krylov_width(n: int, k: int, forced: bool = False) -> int | None:
     """Block width of :func:`_krylov_eigh` for an N x N matrix, or None for LAPACK.
 
-    None unless ``forced`` or (``N >= 4000`` and ``k <= N / 4``), and None
-    whenever the basis of ``_KRYLOV_DEPTH + 1`` blocks would not fit in N columns.
+    None unless ``forced`` (top_eigh has chosen krylov by cost), and None whenever
+    the basis of ``_KRYLOV_DEPTH + 1`` blocks would not fit in N columns.
     """
-    if not forced and (n < _KRYLOV_EIGH_MIN_N or 4 * k > n):
+    if not forced:
         return None
     width = max(_KRYLOV_MIN_WIDTH, math.ceil(_KRYLOV_WIDTH * k))
     return width if (_KRYLOV_DEPTH + 1) * width <= n else None
@@ -523,11 +560,17 @@ class _Stream:
         #: column means subtracted from every block (:meth:`centre`), float64 (d,)
         self.mean: np.ndarray | None = None
         self._shift: np.ndarray | None = None
+        #: seconds per phase (``read``, ``gram``, ``eigen``, ``components``, ``passes`` ...)
+        self.timings: dict[str, float] = {}
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        """Add ``seconds`` to ``phase`` in :attr:`timings`."""
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
     def centre(self) -> None:
         """One pass for the column means; later passes yield centred blocks."""
         total = np.zeros(self.n_cols, dtype=np.float64)
-        for offset, block in self.passes("column means"):
+        for offset, block in self.passes("column means", phase="standardize"):
             sums = block.sum(axis=0, dtype=np.float64)
             if not np.all(np.isfinite(sums)):
                 _check_finite_rows(block, offset, "column means")
@@ -535,8 +578,19 @@ class _Stream:
         self.mean = total / self.n_rows
         self._shift = self.mean.astype(np.float32)
 
-    def passes(self, stage: str) -> Iterator[tuple[int, np.ndarray]]:
-        """One pass: yields ``(row_offset, block)`` with float32 C-contiguous blocks."""
+    def passes(self, stage: str, phase: str = "passes") -> Iterator[tuple[int, np.ndarray]]:
+        """One pass: yields ``(row_offset, block)`` with float32 C-contiguous blocks.
+
+        The pass's wall time (reading and the caller's work on the blocks) is
+        added to ``timings[phase]``.
+        """
+        t0 = time.perf_counter()
+        try:
+            yield from self._pass(stage)
+        finally:
+            self.add_time(phase, time.perf_counter() - t0)
+
+    def _pass(self, stage: str) -> Iterator[tuple[int, np.ndarray]]:
         self.n_passes += 1
         source = iter(self.blocks())
         if self.prefetch:
@@ -547,6 +601,8 @@ class _Stream:
         n, d = self.n_rows, self.n_cols
         if self.progress is not None:
             self.progress(stage, 0, n)
+        # small blocks are coalesced for BLAS efficiency, within the memory budget
+        min_rows = min(_MIN_BLOCK_ROWS, max(1, memory_budget() // (16 * 4 * max(d, 1))))
         index = -1
         for index, raw in enumerate(source):
             block = np.asarray(raw)
@@ -567,10 +623,10 @@ class _Stream:
                 )
             if block.shape[0] == 0:
                 continue
-            if pending or block.shape[0] < _MIN_BLOCK_ROWS:
+            if pending or block.shape[0] < min_rows:
                 pending.append(block)
                 pending_rows += block.shape[0]
-                if pending_rows < _MIN_BLOCK_ROWS:
+                if pending_rows < min_rows:
                     continue
                 block = np.concatenate(pending) if len(pending) > 1 else pending[0]
                 pending, pending_rows = [], 0
@@ -825,12 +881,13 @@ def _ops(device: str) -> _NumpyOps:
 def _fit_exact(stream: _Stream, k: int, center: bool) -> PCAResult:
     n, d = stream.n_rows, stream.n_cols
     z = np.empty((n, d), dtype=np.float64)
-    for offset, block in stream.passes("exact: read"):
+    for offset, block in stream.passes("exact: read", "read"):
         _check_finite_rows(block, offset, "exact")
         z[offset : offset + block.shape[0]] = block
     mean = _centre_in_place(z) if center else None
     total = float(np.einsum("ij,ij->", z, z)) / max(n - 1, 1)
-    u, s, vt = np.linalg.svd(z, full_matrices=False)
+    with _stage(stream, "exact: SVD", "svd"):
+        u, s, vt = np.linalg.svd(z, full_matrices=False)
     del z
     vt = np.ascontiguousarray(vt[:k])
     scores = u[:, :k] * s[:k]
@@ -842,7 +899,7 @@ def _fit_exact(stream: _Stream, k: int, center: bool) -> PCAResult:
         n_passes=stream.n_passes,
         solver="exact",
         total_variance=total,
-        info={},
+        info={"timings": stream.timings},
         mean=mean,
     )
 
@@ -856,11 +913,12 @@ def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps, center: bool) -> PCAResul
     # across blocks) otherwise.
     dtype = np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
     itemsize = np.dtype(dtype).itemsize
-    if n * d * itemsize <= _GRAM_STRIPE_BYTES and not isinstance(ops, _TorchOps):
+    budget = memory_budget()
+    if n * d * itemsize <= budget and not isinstance(ops, _TorchOps):
         return _fit_gram_in_memory(stream, k, dtype, center)
     if center:
         stream.centre()
-    stripe_rows = max(1, min(n, _GRAM_STRIPE_BYTES // (d * itemsize)))
+    stripe_rows = max(1, min(n, budget // (d * itemsize)))
     gram = np.zeros((n, n), dtype=np.float64)
     sumsq = 0.0
     n_stripes = math.ceil(n / stripe_rows)
@@ -868,7 +926,7 @@ def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps, center: bool) -> PCAResul
         lo, hi = s_index * stripe_rows, min(n, (s_index + 1) * stripe_rows)
         stripe = np.empty((hi - lo, d), dtype=dtype)
         stripe_dev = None
-        for offset, block in stream.passes(f"gram: stripe {s_index + 1}/{n_stripes}"):
+        for offset, block in stream.passes(f"gram: stripe {s_index + 1}/{n_stripes}", "gram"):
             end = offset + block.shape[0]
             if s_index == 0:
                 _check_finite_rows(block, offset, "gram")
@@ -891,12 +949,12 @@ def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps, center: bool) -> PCAResul
             stripe_dev = _gram_rows(gram, stripe, block, lo, offset, ops, stripe_dev, dtype)
         del stripe, stripe_dev
     _symmetrize_from_upper(gram)
-    with _stage(stream, "gram: top-k eigenpairs"):
+    with _stage(stream, "gram: top-k eigenpairs", "eigen"):
         u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
     del gram
     # components = diag(1/s) U^T Z, one more pass
     comp = np.zeros((k, d), dtype=np.float64 if dtype == np.float64 else np.float32)
-    for offset, block in stream.passes("gram: components"):
+    for offset, block in stream.passes("gram: components", "components"):
         p = proj[offset : offset + block.shape[0]].astype(comp.dtype)
         comp += p.T @ block.astype(comp.dtype, copy=False)
     return _gram_result(
@@ -917,29 +975,90 @@ def _fit_gram_in_memory(stream: _Stream, k: int, dtype: Any, center: bool) -> PC
     """
     n, d = stream.n_rows, stream.n_cols
     z = bulk_empty((n, d), dtype)
-    for offset, block in stream.passes("gram: read"):
+    for offset, block in stream.passes("gram: read", "read"):
         z[offset : offset + block.shape[0]] = block
     mean = None
     if center:
-        with _stage(stream, "gram: centre"):
+        with _stage(stream, "gram: centre", "standardize"):
             mean = _centre_in_place(z)
+    return _gram_core(stream, z, k, dtype, mean)
+
+
+def _gram_core(
+    stream: _Stream,
+    z: np.ndarray,
+    k: int,
+    dtype: Any,
+    mean: np.ndarray | None,
+    overwrite: bool = False,
+) -> PCAResult:
+    """The in-memory gram solver on the rows ``z`` (N, d) (used, not copied).
+
+    ``dtype`` is the precision of the products; float32 rows with float64
+    products are widened a column stripe at a time (no float64 copy of ``z``).
+    With ``overwrite`` the components are written over the first ``k`` rows of
+    ``z`` a column stripe at a time (stripe ``j`` of the components needs stripe
+    ``j`` of the rows only) and the memory of the other rows is given back:
+    the peak is the rows alone, not the rows plus the components.
+    """
+    n, d = z.shape
+    widen = z.dtype != np.dtype(dtype)
+    step = max(256, (32 << 20) // (8 * n))
     # one symmetric product (numpy sends a @ a.T to BLAS ?syrk: half a GEMM's flops);
     # each entry is one full-length BLAS dot product in the data's dtype
-    with _stage(stream, "gram: Z Z^T"):
+    with _stage(stream, "gram: Z Z^T", "gram"):
         gram = bulk_empty((n, n), dtype)
-        np.matmul(z, z.T, out=gram)
+        if widen:
+            gram[...] = 0.0
+            for lo in range(0, d, step):
+                part = z[:, lo : lo + step].astype(dtype)
+                gram += part @ part.T
+            del part
+        else:
+            np.matmul(z, z.T, out=gram)
     diag = np.diagonal(gram)
     if not np.all(np.isfinite(diag)):  # a NaN/inf row spoils its own diagonal entry
         _check_finite_rows(diag[:, None], 0, "gram")
     sumsq = float(np.sum(diag, dtype=np.float64))
-    with _stage(stream, "gram: top-k eigenpairs"):
+    with _stage(stream, "gram: top-k eigenpairs", "eigen"):
         u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
     del gram
-    with _stage(stream, "gram: components"):
-        comp = bulk_empty((k, d), dtype)
-        np.matmul(proj.T.astype(dtype), z, out=comp)
-    del z
-    return _gram_result(comp, good, u, sv, stream, sumsq, n, {"stripes": 1}, dtype, mean)
+    with _stage(stream, "gram: components", "components"):
+        if overwrite and z.dtype == np.float32 and z.flags.c_contiguous:
+            left = np.ascontiguousarray(proj.T, dtype=dtype)
+            cstep = max(256, (64 << 20) // (8 * n))
+            for lo in range(0, d, cstep):
+                part = z[:, lo : lo + cstep]
+                z[:k, lo : lo + cstep] = left @ (part.astype(dtype) if widen else part)
+            comp = z[:k]
+            _release_rows(z, k)
+        elif widen:
+            comp = bulk_empty((k, d), z.dtype)
+            left = np.ascontiguousarray(proj.T, dtype=dtype)
+            for lo in range(0, d, step):
+                comp[:, lo : lo + step] = left @ z[:, lo : lo + step].astype(dtype)
+        else:
+            comp = bulk_empty((k, d), dtype)
+            np.matmul(proj.T.astype(dtype), z, out=comp)
+        del z
+        return _gram_result(comp, good, u, sv, stream, sumsq, n, {"stripes": 1}, dtype, mean)
+
+
+def _release_rows(z: np.ndarray, keep: int) -> None:
+    """Give the pages of rows ``keep:`` of ``z`` back to the kernel, when ``z`` is
+    a whole anonymous map (:func:`bulk_empty`); the rows' contents are lost."""
+    base = z
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is None or not hasattr(base, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if np.frombuffer(base, dtype=np.uint8, count=1).ctypes.data != z.ctypes.data:
+        return  # z is not at the start of the map
+    page = mmap.PAGESIZE
+    start = -(-keep * z.shape[1] * z.itemsize // page) * page
+    if start < len(base):
+        with contextlib.suppress(OSError, ValueError):
+            base.madvise(mmap.MADV_DONTNEED, start, len(base) - start)
 
 
 def _centre_in_place(z: np.ndarray, rows: int = 256) -> np.ndarray:
@@ -965,11 +1084,16 @@ def _centre_in_place(z: np.ndarray, rows: int = 256) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _stage(stream: _Stream, name: str) -> Iterator[None]:
-    """Report a step without row progress as 0/1 then 1/1 (rich shows its elapsed time)."""
+def _stage(stream: _Stream, name: str, phase: str) -> Iterator[None]:
+    """Report a step without row progress as 0/1 then 1/1 (rich shows its elapsed time);
+    its wall time is added to ``stream.timings[phase]``."""
     if stream.progress is not None:
         stream.progress(name, 0, 1)
-    yield
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stream.add_time(phase, time.perf_counter() - t0)
     if stream.progress is not None:
         stream.progress(name, 1, 1)
 
@@ -981,7 +1105,9 @@ def _gram_eigen(
     non-zero singular values and the singular values ``s`` (k,) of ``G = Z Z^T``."""
     eigvals, u = top_eigh(gram, k, product_dtype=dtype)
     sv = np.sqrt(np.clip(eigvals, 0.0, None))
-    tol = sv[0] * max(n, d) * np.finfo(np.float32).eps if sv[0] > 0 else 0.0
+    # singular values this small are rounding of G; larger ones are kept when their
+    # component comes out with unit norm (checked in _gram_result)
+    tol = sv[0] * np.finfo(np.float32).eps if sv[0] > 0 else 0.0
     good = sv > tol
     inv = np.zeros_like(sv)
     inv[good] = 1.0 / sv[good]
@@ -1000,6 +1126,11 @@ def _gram_result(
     dtype: Any,
     mean: np.ndarray | None,
 ) -> PCAResult:
+    # a component is U^T Z / s: its norm is 1 when s is an accurate singular value.
+    # Rows for singular values lost in the rounding of G (the data's rank is < k)
+    # come out with another norm: only those are replaced (no pass over good rows).
+    norms = np.sqrt(np.einsum("ij,ij->i", comp, comp, dtype=np.float64))
+    good = good & (np.abs(norms - 1.0) < 1e-2)
     if not good.all():
         comp = _complete_orthonormal(comp.astype(np.float64), good)
     scores = u * sv[None, :]
@@ -1011,7 +1142,7 @@ def _gram_result(
         n_passes=stream.n_passes,
         solver="gram",
         total_variance=sumsq / max(n - 1, 1),
-        info={**info, "product_dtype": np.dtype(dtype).name},
+        info={**info, "product_dtype": np.dtype(dtype).name, "timings": stream.timings},
         mean=mean,
     )
 
@@ -1049,7 +1180,11 @@ def _gram_rows(
 
 
 def _complete_orthonormal(comp: np.ndarray, good: np.ndarray) -> np.ndarray:
-    """Replace rows for (numerically) zero singular values by an orthonormal completion."""
+    """Replace rows for (numerically) zero singular values by an orthonormal completion.
+
+    Only the rows to replace are orthonormalised (a QR of ``(d, m)`` for ``m``
+    bad rows): data of full rank has none, and then this costs nothing.
+    """
     if good.all():
         return comp
     d = comp.shape[1]
@@ -1155,6 +1290,13 @@ class _BlockKrylov:
 
     def extend(self) -> bool:
         """Orthonormalise the pending ``W`` against ``K``; False if ``K`` is full."""
+        t0 = time.perf_counter()
+        try:
+            return self._extend()
+        finally:
+            self.stream.add_time("passes", time.perf_counter() - t0)
+
+    def _extend(self) -> bool:
         ops = self.ops
         w, self.pending = self.pending, None
         room = self.max_dim - self.dim
@@ -1207,9 +1349,16 @@ class _BlockKrylov:
 
     def ritz(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rayleigh-Ritz: exact SVD of ``Z K``; returns (components, s, scores)."""
-        ops = self.ops
         if len(self.products) < len(self.basis):
             self.half_pass()
+        t0 = time.perf_counter()
+        try:
+            return self._ritz(k)
+        finally:
+            self.stream.add_time("ritz", time.perf_counter() - t0)
+
+    def _ritz(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ops = self.ops
         widths = [int(q.shape[1]) for q in self.basis]
         dim = sum(widths)
         n = self.stream.n_rows
@@ -1276,8 +1425,6 @@ def _randomized_checkpoints(
     (same seed and block size): continuing reuses the state, so a run with twice the
     passes costs only the extra passes (this is how the benchmarks compare against it).
     """
-    import time
-
     n, d = stream.n_rows, stream.n_cols
     if not n_iters or any(q < 0 for q in n_iters) or sorted(n_iters) != list(n_iters):
         raise SpaceError(f"n_iter must be >= 0, got {n_iters}")
@@ -1322,6 +1469,7 @@ def _randomized_checkpoints(
                 "krylov_dim": krylov.dim,
                 "device": ops.name,
                 "seconds": time.perf_counter() - t0,
+                "timings": dict(stream.timings),
             },
         )
 
@@ -1413,3 +1561,70 @@ def fit_pca(
     res = _fit_randomized(stream, k, n_oversamples, n_iter, block_size, random_state, ops)
     res.mean = stream.mean
     return res
+
+
+def fit_pca_array(
+    z: np.ndarray,
+    n_components: int,
+    *,
+    solver: str = "auto",
+    random_state: int | None = 0,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+    overwrite: bool = False,
+) -> PCAResult:
+    """Truncated PCA (SVD) of rows already in memory, without copying them.
+
+    Parameters
+    ----------
+    z : ndarray, shape (N, d), float32
+        The (centred, scaled) data. The gram solver multiplies it as it is.
+    n_components : int
+        ``k``.
+    solver : {"auto", "exact", "gram", "randomized"}
+        As :func:`fit_pca`.
+    random_state, device, progress
+        As :func:`fit_pca`.
+    overwrite : bool
+        ``z`` may be overwritten: the gram solver writes the components over its
+        first ``k`` rows (``components`` is then a view of ``z``) and gives the
+        memory of the other rows back when ``z`` is an anonymous map.
+
+    Returns
+    -------
+    PCAResult
+        As :func:`fit_pca` (``mean`` is None: ``z`` is used as given).
+    """
+    a = np.asarray(z)
+    if a.ndim != 2:
+        raise SpaceError(f"fit_pca_array needs a 2-d array, got shape {a.shape}")
+    n, d = a.shape
+    k = int(n_components)
+    if solver == "auto" and n >= 1 and d >= 1 and 1 <= k <= min(n, d):
+        solver = choose_solver(n, d, k)
+    dtype = np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
+    if (
+        solver == "gram"
+        and device in ("cpu", "", None)
+        and 1 <= k <= min(n, d)
+        and a.dtype == np.float32
+        and a.flags.c_contiguous
+    ):
+        stream = _Stream(lambda: iter(()), n, d, progress)
+        return _gram_core(stream, a, k, dtype, None, overwrite=overwrite)
+    step = max(_MIN_BLOCK_ROWS, (64 << 20) // max(4 * d, 1))
+
+    def blocks() -> Iterator[np.ndarray]:
+        for lo in range(0, n, step):
+            yield a[lo : lo + step]
+
+    return fit_pca(
+        blocks,
+        n,
+        d,
+        k,
+        solver=solver,
+        random_state=random_state,
+        device=device,
+        progress=progress,
+    )

@@ -342,6 +342,7 @@ class WeightSpace:
         *,
         labels: str | os.PathLike[str] | dict[str, Any] | None = None,
         progress: bool = False,
+        profile: bool = False,
     ) -> WeightSpace:
         """Fit the space.
 
@@ -354,14 +355,23 @@ class WeightSpace:
             or ``attribute -> (N,)`` values.
         progress : bool
             Show rich progress bars.
+        profile : bool
+            Also measure this machine's rates (:func:`w2wkit.floor.measure_rates`,
+            about a second) and record, in ``info_["profile"]``, the wall time
+            of each phase of the fit next to its floor
+            (:meth:`w2wkit.floor.Profile.as_dict`). The phase times alone are
+            always in ``info_["timings"]``.
 
         Returns
         -------
         WeightSpace
             ``self``.
         """
+        import time
+
         self._check_params()
         coll = _as_collection(collection)
+        t0 = time.perf_counter()
         with _progress_bar(progress) as cb:
             if self.representation == "factors":
                 self._fit_factors(coll, cb)
@@ -375,6 +385,9 @@ class WeightSpace:
         self.directions_ = {}
         if labels is not None:
             self.set_labels(labels)
+        self.info_["wall_seconds"] = time.perf_counter() - t0
+        if profile:
+            self.info_["profile"] = self._profile(coll)
         return self
 
     def set_labels(self, labels: str | os.PathLike[str] | dict[str, Any]) -> None:
@@ -421,10 +434,60 @@ class WeightSpace:
         (prompt,) = prompts
         return str(prompt) if prompt else None
 
-    def _fit_factors(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
-        from w2wkit.solvers import fit_pca
+    def _profile(self, coll: Collection) -> dict[str, Any]:
+        """The last fit's phases next to their floor (see :mod:`w2wkit.floor`)."""
+        from w2wkit.floor import Profile, fit_floor, measure_rates
 
-        rows = coll.scan_factors(progress=cb)
+        prof = Profile()
+        for name, secs in self.info_.get("timings", {}).items():
+            prof.add(name, secs)
+        files = [str(f) for f in coll.files]
+        rates = measure_rates(files)
+        n = len(self.manifest_)
+        file_bytes = None
+        if files:
+            file_bytes = float(sum(os.path.getsize(f) for f in files if os.path.isfile(f)))
+        if self.representation == "factors":
+            floor = fit_floor(
+                self.info_["solver_used"],
+                n,
+                self.layout_.dim,
+                self.n_components_,
+                rates,
+                file_bytes=file_bytes,
+            )
+        else:
+            from w2wkit.floor import delta_floor
+
+            floor = delta_floor(self.delta_, self.n_components_, rates, file_bytes=file_bytes)
+        prof.set_floor(floor, rates)
+        out = prof.as_dict()
+        out["wall_seconds_total"] = self.info_.get("wall_seconds")
+        return out
+
+    def _in_memory(self, n: int, d: int) -> bool:
+        """Whether a factors fit of ``n`` rows of ``d`` holds them in memory (gram/exact)."""
+        from w2wkit.solvers import choose_solver, memory_budget
+
+        if self.device not in ("cpu", "", None) or 4 * n * d > memory_budget():
+            return False
+        try:
+            k = self._check_k(n, d)
+        except SpaceError:
+            return False
+        solver = choose_solver(n, d, k) if self.solver == "auto" else self.solver
+        return solver == "gram"
+
+    def _fit_factors(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
+        import time
+
+        from w2wkit.solvers import fit_pca, fit_pca_array
+
+        t0 = time.perf_counter()
+        rows = coll.scan_factors(progress=cb, in_memory=self._in_memory)
+        timings = {"read": time.perf_counter() - t0 - rows.stats_seconds}
+        if rows.stats_seconds:
+            timings["standardize"] = rows.stats_seconds
         try:
             n, d = rows.n_rows, rows.dim
             k = self._check_k(n, d)
@@ -447,48 +510,81 @@ class WeightSpace:
             def blocks() -> Iterator[np.ndarray]:
                 return rows.blocks(self.block_rows, standardised)
 
-            res = fit_pca(
-                blocks,
-                n,
-                d,
-                k,
-                solver=self.solver,
-                random_state=self.random_state,
-                device=self.device,
-                progress=cb,
-            )
+            if rows.in_memory:
+                # standardise the rows in place (one pass, no copy) and multiply them as
+                # they are
+                t1 = time.perf_counter()
+                inv32 = (1.0 / scale).astype(np.float32)
+                z = rows.data
+                step = max(1, (16 << 20) // max(4 * d, 1))
+                for lo in range(0, n, step):
+                    blk = z[lo : lo + step]
+                    blk -= mean32
+                    blk *= inv32
+                timings["standardize"] = timings.get("standardize", 0.0) + (
+                    time.perf_counter() - t1
+                )
+                del z, blk
+                res = fit_pca_array(
+                    rows.data,
+                    k,
+                    overwrite=True,
+                    solver=self.solver,
+                    random_state=self.random_state,
+                    device=self.device,
+                    progress=cb,
+                )
+            else:
+                res = fit_pca(
+                    blocks,
+                    n,
+                    d,
+                    k,
+                    solver=self.solver,
+                    random_state=self.random_state,
+                    device=self.device,
+                    progress=cb,
+                )
         finally:
             rows.close()
+        for name, secs in (res.info or {}).get("timings", {}).items():
+            timings[name] = timings.get(name, 0.0) + secs
         comps = np.asarray(res.components, dtype=np.float32)
         scores = np.asarray(res.scores, dtype=np.float32)
         signs = _sign_flip(scores)
         self.layout_ = rows.layout
         self.mean_ = mean32
         self.scale_ = scale32
-        self.components_ = comps * signs[:, None].astype(np.float32)
+        comps *= signs[:, None].astype(np.float32)  # in place: the solver's array
+        self.components_ = comps
         self.coefficients_ = scores * signs[None, :].astype(np.float32)
         self.singular_values_ = np.asarray(res.singular_values, dtype=np.float64)
         self.explained_variance_ = self.singular_values_**2 / (n - 1)
         self.explained_variance_ratio_ = self.explained_variance_ / total_var
         self.total_variance_ = total_var
-        self.info_ = {"solver_used": res.solver, "n_passes": int(res.n_passes)}
+        self.info_ = {
+            "solver_used": res.solver,
+            "n_passes": int(res.n_passes),
+            "timings": timings,
+        }
 
     # ------------------------------------------------------------ delta mode
     def _fit_delta(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
+        import time
+
         from w2wkit.solvers import top_eigh
 
+        t_read = time.perf_counter()
         fac = coll.scan_deltas(progress=cb)
+        t_read = time.perf_counter() - t_read
         n = fac.n_models
         dim = sum(fac.out_features[m] * math.prod(fac.in_shape[m]) for m in fac.modules)
         k = self._check_k(n, dim)
-        grams = []
-        ss = np.zeros(len(fac.modules))
-        for j, m in enumerate(fac.modules):
-            g = self._module_gram(fac, m)
-            grams.append(g)
-            ss[j] = np.trace(g) - g.sum() / n  # sum of squares of centred deltas
-            if cb is not None:
-                cb("gram", j + 1, len(fac.modules))
+        t0 = time.perf_counter()
+        # sum of squares of the centred deltas per module, without its N x N Gram:
+        # sum_i |delta_i|^2 - |sum_i delta_i|^2 / N (the summed delta is one dense
+        # out x in product, far cheaper than the R x R factor products)
+        ss = np.array([_module_centred_ss(fac, m) for m in fac.modules])
         numel = np.array(
             [fac.out_features[m] * math.prod(fac.in_shape[m]) for m in fac.modules], float
         )
@@ -500,9 +596,15 @@ class WeightSpace:
             sigma = np.maximum(sigma, self.scale_floor * rms)
         else:
             sigma = np.ones(len(fac.modules))
+        # the kernel, one module at a time in blocks of models (memory: the N x N
+        # kernel and one block product, never a module's R x R products or its Gram)
         gram = np.zeros((n, n))
-        for g, s in zip(grams, sigma, strict=True):
-            gram += g / s**2
+        for j, (m, s) in enumerate(zip(fac.modules, sigma, strict=True)):
+            _add_module_gram(gram, fac, m, 1.0 / s**2)
+            if cb is not None:
+                cb("gram", j + 1, len(fac.modules))
+        timings = {"read": t_read, "gram": time.perf_counter() - t0}
+        t0 = time.perf_counter()
         colmean = gram.mean(axis=0)
         allmean = float(colmean.mean())
         centred = gram - colmean[None, :] - colmean[:, None] + allmean
@@ -511,6 +613,7 @@ class WeightSpace:
         if total_var <= 0:
             raise SpaceError("all models are identical: the collection has no variance to fit")
         lam, vec = top_eigh(centred, k)
+        timings["eigen"] = time.perf_counter() - t0
         lam = np.maximum(np.asarray(lam, dtype=np.float64), 0.0)
         vec = np.asarray(vec, dtype=np.float64)
         sv = np.sqrt(lam)
@@ -535,7 +638,7 @@ class WeightSpace:
         self.explained_variance_ = lam / (n - 1)
         self.explained_variance_ratio_ = self.explained_variance_ / total_var
         self.total_variance_ = total_var
-        self.info_ = {"solver_used": "gram", "n_passes": 1}
+        self.info_ = {"solver_used": "gram", "n_passes": 1, "timings": timings}
 
     @staticmethod
     def _module_gram(fac: DeltaFactors, m: str) -> np.ndarray:
@@ -944,6 +1047,69 @@ class WeightSpace:
             For a missing, damaged or future-version space.
         """
         return load_space(cls, Path(path), verify=verify)
+
+
+#: columns (stacked rank-one terms) per block of the blocked module Gram
+_GRAM_BLOCK_TERMS = 2048
+
+
+def _model_blocks(owner: np.ndarray, terms: int | None = None) -> list[tuple[int, int]]:
+    """Split the sorted ``owner`` (R,) into column ranges of whole models, about ``terms``
+    (default :data:`_GRAM_BLOCK_TERMS`) each."""
+    terms = _GRAM_BLOCK_TERMS if terms is None else terms
+    if owner.size == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    bounds = [0]
+    for st in starts[1:]:
+        if st - bounds[-1] >= terms:
+            bounds.append(int(st))
+    bounds.append(int(owner.size))
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+
+
+def _add_module_gram(gram: np.ndarray, fac: DeltaFactors, m: str, weight: float) -> None:
+    """``gram += weight * G_m`` with ``G_m[i, j] = <delta_i, delta_j>`` of module ``m``.
+
+    Blocks of models (about :data:`_GRAM_BLOCK_TERMS` rank-one terms) are
+    multiplied pairwise, ``(U_a^T U_b) * (D_a D_b^T)`` summed per pair of owners,
+    so the temporaries are bounded by two blocks whatever N and the ranks are.
+    """
+    up, down, owner = fac.up[m], fac.down[m], fac.owner[m]
+    blocks = _model_blocks(owner)
+    for a, (a0, a1) in enumerate(blocks):
+        ua = up[:, a0:a1].astype(np.float64)
+        da = down[a0:a1].astype(np.float64)
+        oa = owner[a0:a1]
+        for b0, b1 in blocks[a:]:
+            ub = up[:, b0:b1].astype(np.float64) if b0 != a0 else ua
+            db = down[b0:b1].astype(np.float64) if b0 != a0 else da
+            ob = owner[b0:b1]
+            prod = (ua.T @ ub) * (da @ db.T)
+            ia, ib = oa[0], ob[0]
+            ja, jb = oa[-1] + 1, ob[-1] + 1
+            blk = _segment_sum(_segment_sum(prod, ob - ib, jb - ib).T, oa - ia, ja - ia)
+            # blk is (models of b, models of a)
+            gram[ib:jb, ia:ja] += weight * blk
+            if b0 != a0:
+                gram[ia:ja, ib:jb] += weight * blk.T
+
+
+def _module_centred_ss(fac: DeltaFactors, m: str) -> float:
+    """``sum_i |delta_i - mean|^2`` of module ``m`` (Frobenius), without any Gram."""
+    up, down, owner = fac.up[m], fac.down[m], fac.owner[m]
+    n = fac.n_models
+    if owner.size == 0:
+        return 0.0
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    ends = np.r_[starts[1:], owner.size]
+    self_ss = 0.0
+    for s0, s1 in zip(starts, ends, strict=True):
+        u = up[:, s0:s1].astype(np.float64)
+        d = down[s0:s1].astype(np.float64)
+        self_ss += float(np.sum((u.T @ u) * (d @ d.T)))
+    total = up.astype(np.float64) @ down.astype(np.float64)  # sum_i delta_i, (out, in)
+    return self_ss - float(np.sum(total * total)) / n
 
 
 def _delta_layout(fac: DeltaFactors) -> WeightLayout:

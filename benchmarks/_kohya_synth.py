@@ -1,0 +1,128 @@
+"""Synthetic kohya LoRA collections for the end-to-end ``fit`` benchmarks.
+
+``factors``: rank-1 LoRAs on ``to_q``/``to_v`` of every SD1.5 attention module
+(the paper's layout, d = 99,648), whose flattened factors are one row of
+:class:`_synth.PowerLawData` (a power law that flattens into noise around k)
+plus one shared initialisation (the common offset real LoRA factors have).
+
+``delta``: LoRAs of mixed ranks (drawn from a list) and alphas over a list of
+modules (real SD1.5 names), factors drawn from a low-dimensional latent model so
+the collection has structure to find.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _synth import GEN_BLOCK, PowerLawData
+
+from w2wkit.adapter import Adapter, LoraLayer
+from w2wkit.formats import write_adapter
+from w2wkit.synthetic import sd15_qv_shapes
+
+D_QV = 99_648
+
+
+def write_factor_collection(folder: Path, n: int, k: int, seed: int = 0) -> list[Path]:
+    """Write ``n`` rank-1 kohya files (``model_00000.safetensors`` ...); skip existing ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = sd15_qv_shapes()
+    gen = PowerLawData(n, D_QV, k, seed=seed)
+    init_rng = np.random.default_rng([seed, 7])
+    # shared initialisation: ten times the rows' typical entry size
+    typical = float(np.sqrt(np.mean(gen.block(0)[:64] ** 2)))
+    init = init_rng.standard_normal(D_QV).astype(np.float32) * np.float32(10 * typical)
+    files = []
+    for b in range(gen.n_blocks()):
+        paths = [folder / f"model_{b * GEN_BLOCK + i:05d}.safetensors" for i in range(GEN_BLOCK)]
+        paths = paths[: min(GEN_BLOCK, n - b * GEN_BLOCK)]
+        files += paths
+        if all(p.exists() for p in paths):
+            continue
+        z = gen.block(b) + init
+        for row, path in zip(z, paths, strict=True):
+            layers = {}
+            off = 0
+            for module, (out_f, in_f) in shapes.items():
+                down = row[off : off + in_f].reshape(1, in_f).copy()
+                off += in_f
+                up = row[off : off + out_f].reshape(out_f, 1).copy()
+                off += out_f
+                layers[module] = LoraLayer(down=down, up=up, alpha=1.0)
+            write_adapter(Adapter(layers), path, format="kohya", overwrite=True)
+    return files
+
+
+def sd15_linear_shapes(attention_only: bool = False) -> dict[str, tuple[int, int]]:
+    """``unet.<module> -> (out, in)`` of the SD1.5 UNet's attention (and feed-forward) linears."""
+    from w2wkit.names import module_table
+
+    keep = (".to_q", ".to_k", ".to_v", ".to_out.0")
+    if not attention_only:
+        keep += (".ff.net.0.proj", ".ff.net.2", ".proj_in", ".proj_out")
+    out = {}
+    for path, shape in module_table("sd1").items():
+        if path.startswith("unet.") and path.endswith(keep) and len(shape) == 2:
+            out[path] = (int(shape[0]), int(shape[1]))
+    return out
+
+
+def write_delta_collection(
+    folder: Path,
+    n: int,
+    ranks: tuple[int, ...] = (4, 8, 16, 32, 64),
+    seed: int = 0,
+    attention_only: bool = False,
+    n_latent: int = 16,
+) -> list[Path]:
+    """Write ``n`` kohya files of mixed ranks and alphas over SD1.5 linears; skip existing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = sd15_linear_shapes(attention_only)
+    rng0 = np.random.default_rng([seed, 0])
+    # per module a latent basis of down rows (n_latent, in) and up columns (out, n_latent)
+    bases = {
+        m: (
+            rng0.standard_normal((n_latent, fin), dtype=np.float32) / np.float32(np.sqrt(fin)),
+            rng0.standard_normal((fout, n_latent), dtype=np.float32) * np.float32(0.01),
+        )
+        for m, (fout, fin) in shapes.items()
+    }
+    files = []
+    for i in range(n):
+        path = folder / f"lora_{i:05d}.safetensors"
+        files.append(path)
+        if path.exists():
+            continue
+        rng = np.random.default_rng([seed, 1, i])
+        r = int(rng.choice(ranks))
+        alpha = float(rng.choice([1.0, r / 2, float(r)]))
+        mix = rng.standard_normal((n_latent, r)).astype(np.float32)
+        layers = {}
+        for m, (_, fin) in shapes.items():
+            bd, bu = bases[m]
+            down = (mix.T @ bd) + np.float32(0.1) * rng.standard_normal((r, fin), dtype=np.float32)
+            up = (bu @ mix) * np.float32(r / alpha / r)
+            layers[m] = LoraLayer(down=down, up=up, alpha=alpha)
+        write_adapter(Adapter(layers), path, format="kohya", overwrite=True)
+    return files
+
+
+if __name__ == "__main__":  # pragma: no cover - a manual helper
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind", choices=("factors", "delta"))
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--n", type=int, required=True)
+    ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--attention-only", action="store_true")
+    a = ap.parse_args()
+    if a.kind == "factors":
+        write_factor_collection(a.folder, a.n, min(a.k, a.n - 1))
+    else:
+        write_delta_collection(a.folder, a.n, attention_only=a.attention_only)

@@ -1,0 +1,234 @@
+"""Benchmark: ``fit`` end to end from kohya files, w2wkit vs the script a user would write.
+
+For each N: N rank-1 SD1.5 kohya LoRAs (the paper's layout, d = 99,648) are
+written to a folder (``_kohya_synth.write_factor_collection``: a power law that
+flattens into noise around k, plus a shared initialisation), k = min(1000, N-1).
+Two contenders run in fresh processes, in interleaved rounds:
+
+``w2wkit``
+    ``WeightSpace(k).fit(Collection(folder), profile=True)`` (what ``w2wkit fit
+    DIR -k K --profile`` does, without writing the space): wall time, peak RSS,
+    its floor (:mod:`w2wkit.floor`, rates measured in the same process) and the
+    singular values.
+``user``
+    a ``safetensors.numpy.load_file`` loop, ``np.stack``, scikit-learn
+    ``PCA(n_components=k, svd_solver="randomized")`` with its defaults.
+
+Accuracy: relative error of the top-k singular values against an exact float64
+reference computed once per folder (eigenvalues of the float64 Gram matrix of
+the centred rows; w2wkit standardises each coordinate, so its reference is that
+of the standardised rows). Ratios are against the user script measured in the
+same run.
+
+    python benchmarks/bench_fit_files.py --n 1000 3000 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine, peak_rss_gb, rel_errors, run_worker
+
+
+def _user_rows(folder: Path) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    rows = []
+    for f in files:
+        t = load_file(str(f))
+        rows.append(np.concatenate([t[key].ravel() for key in sorted(t) if "alpha" not in key]))
+    return np.stack(rows)
+
+
+def worker_user(folder: Path, k: int) -> dict:
+    from sklearn.decomposition import PCA
+
+    t = time.perf_counter()
+    x = _user_rows(folder)
+    pca = PCA(n_components=k, svd_solver="randomized", random_state=0).fit(x)
+    wall = time.perf_counter() - t
+    return {"wall_s": wall, "peak_rss_gb": peak_rss_gb(), "sv": pca.singular_values_.tolist()}
+
+
+def worker_w2wkit(folder: Path, k: int) -> dict:
+    from w2wkit.collection import Collection
+    from w2wkit.space import WeightSpace
+
+    t = time.perf_counter()
+    space = WeightSpace(k).fit(Collection(folder))
+    wall = time.perf_counter() - t
+    rss = peak_rss_gb()
+    prof = space._profile(Collection(folder))  # rates measured after the timed fit
+    return {
+        "wall_s": wall,
+        "peak_rss_gb": rss,
+        "sv": space.singular_values_.tolist(),
+        "solver": space.info_["solver_used"],
+        "floor_s": prof["floor_seconds"],
+        "profile": prof,
+    }
+
+
+def worker_delta(folder: Path, k: int) -> dict:
+    from w2wkit.collection import Collection
+    from w2wkit.space import WeightSpace
+
+    t = time.perf_counter()
+    space = WeightSpace(k, representation="delta").fit(Collection(folder))
+    wall = time.perf_counter() - t
+    rss = peak_rss_gb()
+    prof = space._profile(Collection(folder))
+    return {
+        "wall_s": wall,
+        "peak_rss_gb": rss,
+        "sv": space.singular_values_.tolist(),
+        "floor_s": prof["floor_seconds"],
+        "profile": prof,
+    }
+
+
+def delta_subset_error(folder: Path, n_sub: int, k: int) -> float:
+    """Max relative singular-value error of a delta fit on the first ``n_sub`` files
+    against the SVD of their materialised, per-layer scaled deltas (float64)."""
+    from w2wkit.collection import Collection
+    from w2wkit.formats.registry import read_adapter
+    from w2wkit.space import WeightSpace
+
+    files = sorted(folder.glob("*.safetensors"))[:n_sub]
+    space = WeightSpace(k, representation="delta").fit(Collection(files))
+    ads = [read_adapter(f) for f in files]
+    # the materialised kernel, one module at a time (a module's dense deltas in memory)
+    gram = np.zeros((len(ads), len(ads)))
+    for m in space.delta_modules_:
+        x = np.stack([ad.layers[m].delta().astype(np.float64).ravel() for ad in ads])
+        x -= x.mean(0)
+        gram += (x @ x.T) / ((x**2).sum() / x.size)
+        del x
+    w = np.linalg.eigvalsh(gram)[::-1][:k]
+    s = np.sqrt(np.clip(w, 0, None))
+    return float(np.max(np.abs(space.singular_values_ - s) / s))
+
+
+def reference(folder: Path, k: int) -> dict:
+    """Exact float64 singular values of the centred and of the standardised rows (cached)."""
+    cache = folder / f"reference_k{k}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from w2wkit.collection import Collection
+
+    rows = Collection(folder).scan_factors(in_memory=True)
+    x = rows.data
+    n = x.shape[0]
+    mean = rows.mean
+    std = np.sqrt(rows.var)
+    out = {}
+    for name, scale in (("centred", None), ("standardised", std)):
+        g = np.zeros((n, n))
+        # float64 Gram in column stripes (bounded memory): G += Xc[:, j] Xc[:, j]^T
+        for lo in range(0, x.shape[1], 4096):
+            blk = x[:, lo : lo + 4096].astype(np.float64) - mean[lo : lo + 4096]
+            if scale is not None:
+                blk /= np.maximum(scale[lo : lo + 4096], 1e-30)
+            g += blk @ blk.T
+        w = np.linalg.eigvalsh(g)[::-1][:k]
+        out[name] = np.sqrt(np.clip(w, 0, None)).tolist()
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, nargs="*", default=[1000, 3000])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--root", type=Path, default=Path("/tmp/w2w-bench-fit"))
+    ap.add_argument("--worker", choices=("user", "w2wkit", "delta"))
+    ap.add_argument("--delta", type=int, nargs="*", default=[], help="delta case sizes")
+    ap.add_argument("--delta-ranks", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--folder", type=Path)
+    ap.add_argument("--k", type=int)
+    a = ap.parse_args()
+    if a.worker:
+        fn = {"user": worker_user, "w2wkit": worker_w2wkit, "delta": worker_delta}[a.worker]
+        print(json.dumps(fn(a.folder, a.k)))
+        return
+    from _kohya_synth import write_delta_collection, write_factor_collection
+
+    for n in a.delta:
+        k = min(1000, n - 1)
+        folder = a.root / f"delta_{n}_r{'-'.join(map(str, a.delta_ranks))}"
+        t = time.perf_counter()
+        write_delta_collection(folder, n, ranks=tuple(a.delta_ranks), attention_only=True)
+        gen_s = time.perf_counter() - t
+        w = run_worker(__file__, ["--worker", "delta", "--folder", str(folder), "--k", str(k)])
+        err = delta_subset_error(folder, 24, 10)
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        line = {
+            "case": "fit_files_delta",
+            "n": n,
+            "k": k,
+            "ranks": a.delta_ranks,
+            "modules": "SD1.5 attention q/k/v/out (128)",
+            "files_gb": size / 1e9,
+            "gen_s": gen_s,
+            "w2wkit_s": w["wall_s"],
+            "w2wkit_rss_gb": w["peak_rss_gb"],
+            "floor_s": w["floor_s"],
+            "wall_over_floor": w["wall_s"] / w["floor_s"],
+            "subset24_max_rel_sv_err_vs_materialised": err,
+            "phases": w["profile"]["phases"],
+            "machine": machine(),
+        }
+        print(json.dumps(line), flush=True)
+
+    for n in a.n:
+        k = min(1000, n - 1)
+        folder = a.root / f"factors_{n}"
+        t = time.perf_counter()
+        write_factor_collection(folder, n, k)
+        gen_s = time.perf_counter() - t
+        ref = reference(folder, k)
+        for r in range(a.rounds):
+            res = {}
+            for who in ("w2wkit", "user"):
+                args = ["--worker", who, "--folder", str(folder), "--k", str(k)]
+                res[who] = run_worker(__file__, args)
+            e_w = rel_errors(np.array(res["w2wkit"]["sv"]), np.array(ref["standardised"]))
+            e_u = rel_errors(np.array(res["user"]["sv"]), np.array(ref["centred"]))
+            w, u = res["w2wkit"], res["user"]
+            line = {
+                "case": "fit_files_factors",
+                "n": n,
+                "d": 99_648,
+                "k": k,
+                "round": r,
+                "gen_s": gen_s,
+                "w2wkit_s": w["wall_s"],
+                "user_s": u["wall_s"],
+                "speedup": u["wall_s"] / w["wall_s"],
+                "w2wkit_rss_gb": w["peak_rss_gb"],
+                "user_rss_gb": u["peak_rss_gb"],
+                "rss_ratio": w["peak_rss_gb"] / u["peak_rss_gb"],
+                "w2wkit_err": e_w,
+                "user_err": e_u,
+                "accuracy_gain": e_u["mean_rel_err"] / max(e_w["mean_rel_err"], 1e-300),
+                "floor_s": w["floor_s"],
+                "wall_over_floor": w["wall_s"] / w["floor_s"],
+                "solver": w["solver"],
+                "phases": w["profile"]["phases"],
+                "rates": w["profile"]["rates"],
+                "machine": machine(),
+            }
+            print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""A factors fit of a collection larger than the process's memory cap (RLIMIT_AS) succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from w2wkit.collection import Collection
+from w2wkit.space import WeightSpace
+from w2wkit.synthetic import planted_collection
+
+#: one rank-1 module of 2 x 90,000 numbers: 240 models are 173 MB of float32 rows
+SHAPES = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (90_000, 90_000)}
+N = 240
+CAP_EXTRA = 80 << 20  # address space allowed beyond what the imports took: < half the data
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np, scipy.linalg, scipy.linalg.blas
+    from w2wkit.collection import Collection
+    from w2wkit.space import WeightSpace
+    from w2wkit.solvers import memory_budget
+
+    # BLAS libraries take their buffers at their first call: before the cap
+    a = np.ones((300, 300))
+    a @ a
+    a.astype(np.float32) @ a.astype(np.float32)
+    np.linalg.eigh(a)
+    scipy.linalg.eigh(a, driver="evd")
+    scipy.linalg.blas.sgemm(1.0, a.astype(np.float32), a.astype(np.float32))
+
+    def vm():
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+
+    cap = vm() + int(sys.argv[2])
+    resource.setrlimit(resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
+    try:
+        np.empty(int(sys.argv[3]), dtype=np.uint8).fill(1)  # the data at once: refused
+        refused = False
+    except MemoryError:
+        refused = True
+    space = WeightSpace(int(sys.argv[4])).fit(Collection(sys.argv[1]))
+    print(json.dumps({"refused": refused, "sv": space.singular_values_.tolist(),
+                      "solver": space.info_["solver_used"], "passes": space.info_["n_passes"],
+                      "budget": memory_budget()}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_factors_fit_larger_than_the_memory_cap(tmp_path):
+    folder = tmp_path / "loras"
+    planted_collection(folder, N, shapes=SHAPES, n_latent=6)
+    data_bytes = 4 * N * 2 * 90_000
+    assert data_bytes > 1.9 * CAP_EXTRA
+    k = 5
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(CAP_EXTRA), str(data_bytes), str(k)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["refused"]  # the cap is real: the rows at once do not fit under it
+    assert got["passes"] > 1  # streamed from the row cache, more than one pass
+    ref = WeightSpace(k).fit(Collection(folder))
+    np.testing.assert_allclose(got["sv"], ref.singular_values_, rtol=1e-5)

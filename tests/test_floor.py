@@ -1,0 +1,134 @@
+"""The floor model (w2wkit.floor): exact counts on small cases, and `fit --profile`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from w2wkit.floor import (
+    Profile,
+    Rates,
+    delta_floor,
+    eigen_cost,
+    fit_floor,
+    krylov_basis_columns,
+    measure_rates,
+    profile_table,
+)
+
+# round rates so that the seconds are easy to check by hand
+RATES = Rates(
+    read_bytes_per_s=1e9,
+    copy_bytes_per_s=1e10,
+    gemm_flops_per_s=1e11,
+    syrk_flops_per_s=5e10,
+    eigh_flops_per_s=1e9,
+)
+
+
+def test_gram_floor_counts():
+    n, d, k = 100, 1000, 10
+    phases = {p.name: p for p in fit_floor("gram", n, d, k, RATES, file_bytes=500_000)}
+    assert list(phases) == ["read", "standardize", "gram", "eigen", "components"]
+    assert phases["read"].bytes == 500_000 and phases["read"].seconds == pytest.approx(5e-4)
+    assert phases["standardize"].bytes == 3 * 4 * n * d
+    assert phases["gram"].flops == n * n * d  # one symmetric product
+    # small enough for float64 products: the float64 rate (not measured here: half)
+    assert phases["gram"].seconds == pytest.approx(n * n * d / 2.5e10)
+    big = {p.name: p for p in fit_floor("gram", 2000, 100_000, k, RATES)}
+    assert big["gram"].seconds == pytest.approx(2000**2 * 100_000 / 5e10)  # float32
+    # N = 100 is too small for the Krylov basis: the dense solver, 4/3 N^3 + 2 N^2 k
+    assert krylov_basis_columns(n, k) == 0
+    dense = 4 / 3 * n**3 + 2 * n * n * k
+    assert phases["eigen"].flops == pytest.approx(dense)
+    assert phases["eigen"].seconds == pytest.approx(dense / 1e9)
+    assert phases["components"].flops == 2 * n * k * d
+    # without file sizes the read is the float32 rows
+    assert fit_floor("gram", n, d, k, RATES)[0].bytes == 4 * n * d
+
+
+def test_randomized_floor_counts():
+    n, d, k = 1000, 5000, 20
+    phases = {p.name: p for p in fit_floor("randomized", n, d, k, RATES, n_iter=3, block_size=15)}
+    p = phases["passes"]
+    assert p.bytes == 4 * 4 * n * d  # n_iter + 1 reads
+    assert p.flops == 3 * 4 * n * d * 15 + 2 * n * d * 15  # 3 full passes + a half pass
+    per_read = 4 * n * d / 1e9
+    expect = 3 * max(per_read, 4 * n * d * 15 / 1e11) + max(per_read, 2 * n * d * 15 / 1e11)
+    assert p.seconds == pytest.approx(expect)
+
+
+def test_eigen_cost_picks_the_cheaper_method():
+    # the basis fits (12 blocks of 32 columns) and the dense solve is slow: krylov
+    n, k = 4000, 20
+    m = krylov_basis_columns(n, k)
+    assert m == 12 * 32
+    method, _, seconds = eigen_cost(n, k, RATES)
+    assert method == "krylov"
+    assert seconds < (4 / 3 * n**3 + 2 * n * n * k) / 1e9
+    # a fast dense solver wins
+    fast = Rates(1e9, 1e10, 1e9, 1e9, 1e13)
+    assert eigen_cost(n, k, fast)[0] == "dense"
+
+
+def test_delta_floor_counts():
+    from types import SimpleNamespace
+
+    fac = SimpleNamespace(
+        modules=["a", "b"],
+        out_features={"a": 8, "b": 4},
+        in_shape={"a": (6,), "b": (2, 3, 3)},
+        total_rank={"a": 10, "b": 5},
+        n_models=3,
+    )
+    phases = {p.name: p for p in delta_floor(fac, 2, RATES)}
+    assert phases["gram"].flops == 10 * 10 * (8 + 6) + 5 * 5 * (4 + 18)
+    assert phases["read"].bytes == 4 * (10 * 14 + 5 * 22)
+
+
+def test_profile_multiples_and_table():
+    prof = Profile()
+    prof.add("read", 2.0)
+    with prof.phase("gram"):
+        pass
+    prof.add("gram", 1.0)
+    floor = fit_floor("gram", 10, 100, 2, RATES)
+    prof.set_floor(floor, RATES)
+    out = prof.as_dict()
+    read = out["phases"][0]
+    assert read["phase"] == "read" and read["multiple"] == pytest.approx(2.0 / floor[0].seconds)
+    assert out["floor_seconds"] == pytest.approx(sum(p.seconds for p in floor))
+    rows = profile_table(out)
+    assert rows[-1][0] == "total" and [r[0] for r in rows[:-1]] == ["read", "gram"]
+
+
+def test_measured_rates_are_positive_and_cached(tmp_path):
+    f = tmp_path / "x.bin"
+    f.write_bytes(np.ones(1 << 18, np.float32).tobytes())
+    r1 = measure_rates([f])
+    r2 = measure_rates([f])
+    assert r1 == r2  # cached per process
+    for v in r1.as_dict().values():
+        assert math.isfinite(v) and v > 0
+
+
+def test_fit_profile_prints_phases(tmp_path):
+    from click.testing import CliRunner
+
+    from w2wkit.cli.main import cli
+    from w2wkit.synthetic import planted_collection
+
+    shapes = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (40, 30)}
+    planted_collection(tmp_path / "loras", 12, shapes=shapes, n_latent=4)
+    res = CliRunner().invoke(
+        cli,
+        [
+            *("fit", str(tmp_path / "loras"), "-o", str(tmp_path / "sp"), "-k", "3"),
+            *("--profile", "--solver", "gram"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    for phase in ("read", "standardize", "gram", "eigen", "components", "total", "wall / floor"):
+        assert phase in res.output

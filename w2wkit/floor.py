@@ -1,0 +1,485 @@
+"""The hardware floor of a fit: compulsory bytes and flops per phase, and their time here.
+
+A fit of ``N`` models of ``d`` numbers with ``k`` components must at least read
+the files once and do the products its algorithm is made of. This module counts
+them per phase (:func:`fit_floor`), measures the rates of this machine
+(:func:`measure_rates`: sequential read of the files, float32 GEMM and SYRK, the
+dense symmetric eigensolver; measured once per process, in about a second, and
+cached) and turns counts into seconds. A fit with ``profile`` (``w2wkit fit
+--profile``) reports its wall time per phase next to that floor
+(:func:`profile_table`).
+
+The counts (flops are multiply-adds counted as two, as LAPACK's do)
+--------------------------------------------------------------------
+``read``
+    Every file's bytes once (``file_bytes``; ``4 N d`` when not given).
+``standardize``
+    One pass over the ``(N, d)`` float32 rows in memory: mean, variance and the
+    in-place ``(x - mean) / scale`` (``3 * 4 N d`` bytes of memory traffic, at
+    the measured memory-copy rate).
+``gram``
+    ``Z Z^T`` by one symmetric product: ``N^2 d`` flops (``?syrk``, half a GEMM).
+``eigen``
+    Top-``k`` eigenpairs of the ``N x N`` Gram matrix, the cheaper of a dense
+    solve (tridiagonal reduction ``4/3 N^3`` plus back-transformation of ``k``
+    vectors ``2 N^2 k``, at the measured dense-eigensolver rate) and the block
+    Lanczos of :func:`w2wkit.solvers.top_eigh` (``2 N^2 m`` for its ``m = 3k``
+    basis plus its orthogonalisation ``4 N m^2``, at the GEMM rate) when it applies.
+``components``
+    ``U^T Z``: ``2 N k d`` flops.
+``passes`` (randomized solver)
+    ``n_iter + 1`` reads of the row cache and ``(2 n_iter + 1) 2 N d l`` flops;
+    a pass costs the larger of its read and its products (they overlap).
+
+The floor of the whole fit is the sum of its phases' floors (they run one after
+another).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "PhaseFloor",
+    "Profile",
+    "Rates",
+    "delta_floor",
+    "eigen_cost",
+    "fit_floor",
+    "krylov_basis_columns",
+    "measure_rates",
+    "profile_table",
+]
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Rates measured on this machine.
+
+    Attributes
+    ----------
+    read_bytes_per_s : float
+        Sequential read of the files (page cache when they are cached).
+    copy_bytes_per_s : float
+        Memory traffic of a streaming numpy pass (read + write bytes per second).
+    gemm_flops_per_s : float
+        float32 GEMM of a data block with a basis block.
+    syrk_flops_per_s : float
+        float32 ``A A^T`` (counted as ``n^2 m`` flops for ``A`` (n, m)).
+    eigh_flops_per_s : float
+        Dense symmetric eigensolver (scipy ``evr`` on float32), counted with
+        :func:`eigen_cost`'s dense formula.
+    dsyrk_flops_per_s : float
+        float64 ``A A^T`` (the gram solver's products below
+        :data:`GRAM_FLOAT64_MAX_FLOPS`); nan when not measured (then half the
+        float32 rate is assumed).
+    """
+
+    read_bytes_per_s: float
+    copy_bytes_per_s: float
+    gemm_flops_per_s: float
+    syrk_flops_per_s: float
+    eigh_flops_per_s: float
+    dsyrk_flops_per_s: float = math.nan
+
+    def as_dict(self) -> dict[str, float]:
+        """The rates as a plain dict."""
+        return asdict(self)
+
+
+_CACHE: dict[Any, Any] = {}
+
+#: block Lanczos of :func:`w2wkit.solvers.top_eigh`: block width (times k, at least
+#: ``KRYLOV_MIN_WIDTH``) and number of products; the basis has ``KRYLOV_DEPTH + 1`` blocks
+KRYLOV_WIDTH = 0.25
+KRYLOV_DEPTH = 11
+KRYLOV_MIN_WIDTH = 32
+#: the gram solver forms ``Z Z^T`` (and ``U^T Z``) in float64 up to this many flops (N^2 d)
+GRAM_FLOAT64_MAX_FLOPS = 2e11
+
+
+def krylov_basis_columns(n: int, k: int) -> int:
+    """Columns of the block Lanczos basis for the top ``k`` of an ``n x n`` matrix; 0 if it
+    would not fit in ``n`` columns (then only the dense solver applies)."""
+    width = max(KRYLOV_MIN_WIDTH, math.ceil(KRYLOV_WIDTH * k))
+    dim = (KRYLOV_DEPTH + 1) * width
+    return dim if dim <= n else 0
+
+
+def _best_time(fn: Any, repeats: int = 3) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return max(best, 1e-9)
+
+
+def read_rate(paths: Sequence[str | os.PathLike[str]], max_bytes: int = 64 << 20) -> float:
+    """Sequential read rate (bytes/s) of whole files, up to ``max_bytes`` of them.
+
+    The files are read with plain unbuffered reads into one reused buffer (as
+    the fit reads them); a file that cannot be read is skipped. Returns nan when
+    nothing could be read.
+    """
+    sizes: list[tuple[str, int]] = []
+    total = 0
+    for p in paths:
+        try:
+            size = os.stat(p).st_size
+        except OSError:
+            continue
+        if size <= 0:
+            continue
+        sizes.append((os.fspath(p), size))
+        total += size
+        if total >= max_bytes:
+            break
+    if not sizes:
+        return math.nan
+    buf = bytearray(max(s for _, s in sizes))
+    view = memoryview(buf)
+
+    def read_all() -> int:
+        got = 0
+        for path, size in sizes:
+            try:
+                with open(path, "rb", buffering=0) as fh:
+                    while True:
+                        r = fh.readinto(view[: size + 1])
+                        if not r:
+                            break
+                        got += r
+                        if r <= size:
+                            break
+            except OSError:
+                continue
+        return got
+
+    read_all()  # the first read may come from disk; the fit's reads are the later ones
+    t = time.perf_counter()
+    got = read_all()
+    return got / max(time.perf_counter() - t, 1e-9)
+
+
+def measure_rates(paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool = False) -> Rates:
+    """Measure (once per process) the rates the floor is made of.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Files whose sequential read rate is measured (the first 64 MiB of
+        them). Without paths the read rate is the memory-copy rate.
+    refresh : bool
+        Measure again instead of using the cached rates.
+
+    Returns
+    -------
+    Rates
+        The compute rates are cached for the process; the read rate per set of
+        first files.
+    """
+    from scipy.linalg import eigh
+
+    key = "compute"
+    if refresh or key not in _CACHE:
+        rng = np.random.default_rng(0)
+        # memory traffic: an in-place streaming update of a 64 MiB array
+        big = np.ones(16 << 20, dtype=np.float32)
+        copy_t = _best_time(lambda: np.subtract(big, np.float32(1.0), out=big))
+        copy_rate = 2 * big.nbytes / copy_t
+        del big
+        # GEMM with a data block's shape class (tall-skinny times wide)
+        a = rng.standard_normal((512, 8192), dtype=np.float32)
+        b = rng.standard_normal((8192, 512), dtype=np.float32)
+        a @ b
+        gemm = 2.0 * 512 * 8192 * 512 / _best_time(lambda: a @ b)
+        # SYRK: numpy sends a @ a.T to ?syrk
+        c = rng.standard_normal((1024, 8192), dtype=np.float32)
+        c @ c.T
+        syrk = 1024.0 * 1024 * 8192 / _best_time(lambda: c @ c.T)
+        c64 = c.astype(np.float64)
+        c64 @ c64.T
+        dsyrk = 1024.0 * 1024 * 8192 / _best_time(lambda: c64 @ c64.T)
+        del a, b, c, c64
+        # dense eigensolver: top quarter of a 1000 x 1000 float32 matrix
+        n = 1000
+        x = rng.standard_normal((n, n), dtype=np.float32)
+        g = x @ x.T
+        sub = [n - n // 4, n - 1]
+        t_eig = _best_time(
+            lambda: eigh(g, lower=True, subset_by_index=sub, driver="evr", check_finite=False),
+            repeats=2,
+        )
+        eig_rate = _dense_eigen_flops(n, n // 4) / t_eig
+        _CACHE[key] = (copy_rate, gemm, syrk, eig_rate, dsyrk)
+    copy_rate, gemm, syrk, eig_rate, dsyrk = _CACHE[key]
+    files = tuple(os.fspath(p) for p in list(paths)[:256])
+    rkey = ("read", files)
+    if refresh or rkey not in _CACHE:
+        rate = read_rate(files) if files else math.nan
+        _CACHE[rkey] = rate if math.isfinite(rate) and rate > 0 else copy_rate / 2
+    return Rates(_CACHE[rkey], copy_rate, gemm, syrk, eig_rate, dsyrk)
+
+
+def _dense_eigen_flops(n: int, k: int) -> float:
+    return 4.0 / 3.0 * n**3 + 2.0 * n * n * k
+
+
+def eigen_cost(n: int, k: int, rates: Rates) -> tuple[str, float, float]:
+    """The cheaper top-``k`` eigensolver of an ``n x n`` matrix at ``rates``.
+
+    Returns
+    -------
+    method : str
+        ``"dense"`` or ``"krylov"`` (the methods of :func:`w2wkit.solvers.top_eigh`).
+    flops : float
+    seconds : float
+    """
+    dense_flops = _dense_eigen_flops(n, k)
+    best = ("dense", dense_flops, dense_flops / rates.eigh_flops_per_s)
+    m = krylov_basis_columns(n, k)
+    if m:
+        # products A Q (2 n^2 m), two orthogonalisation rounds against the basis
+        # (~4 n m^2 on average), the Ritz step (dense m x m) and the vectors (2 n m k)
+        kry = 2.0 * n * n * m + 4.0 * n * m * m + 2.0 * n * m * k
+        seconds = kry / rates.gemm_flops_per_s + _dense_eigen_flops(m, m) / rates.eigh_flops_per_s
+        if seconds < best[2]:
+            best = ("krylov", kry + _dense_eigen_flops(m, m), seconds)
+    return best
+
+
+@dataclass
+class PhaseFloor:
+    """One phase of a fit: its compulsory work and its floor time.
+
+    Attributes
+    ----------
+    name : str
+    bytes : float
+        Bytes the phase must read (files or memory).
+    flops : float
+    seconds : float
+        ``max(bytes / rate, flops / rate)`` at the measured rates.
+    """
+
+    name: str
+    bytes: float
+    flops: float
+    seconds: float
+
+
+def fit_floor(
+    solver: str,
+    n: int,
+    d: int,
+    k: int,
+    rates: Rates,
+    *,
+    file_bytes: float | None = None,
+    n_iter: int = 6,
+    block_size: int | None = None,
+) -> list[PhaseFloor]:
+    """Compulsory bytes, flops and floor seconds per phase of a factors fit.
+
+    Parameters
+    ----------
+    solver : {"gram", "randomized", "exact"}
+        The solver the fit uses (after ``auto``).
+    n, d, k : int
+        Models, row length, components.
+    rates : Rates
+    file_bytes : float, optional
+        Total size of the files (default ``4 n d``).
+    n_iter : int
+        Randomized solver: full passes.
+    block_size : int, optional
+        Randomized solver: block width (default about ``k / 2 + min(50, k / 20)``).
+
+    Returns
+    -------
+    list of PhaseFloor
+        In the order the fit runs them; see the module docstring.
+    """
+    n, d, k = int(n), int(d), int(k)
+    data = 4.0 * n * d
+    fb = data if file_bytes is None else float(file_bytes)
+    phases = [PhaseFloor("read", fb, 0.0, fb / rates.read_bytes_per_s)]
+    traffic = 3.0 * data
+    phases.append(PhaseFloor("standardize", traffic, 0.0, traffic / rates.copy_bytes_per_s))
+    if solver == "gram":
+        g = float(n) * n * d
+        wide = g <= GRAM_FLOAT64_MAX_FLOPS  # float64 products: half the float32 rates
+        d64 = rates.dsyrk_flops_per_s
+        syrk = (d64 if math.isfinite(d64) else rates.syrk_flops_per_s / 2) if wide else None
+        slow = (syrk / rates.syrk_flops_per_s) if syrk else 1.0
+        phases.append(PhaseFloor("gram", data, g, g / (syrk or rates.syrk_flops_per_s)))
+        _, ef, es = eigen_cost(n, k, rates)
+        phases.append(PhaseFloor("eigen", 8.0 * n * n, ef, es))
+        cf = 2.0 * n * k * d
+        phases.append(PhaseFloor("components", data, cf, cf / (rates.gemm_flops_per_s * slow)))
+    elif solver == "randomized":
+        q = int(n_iter)
+        width = block_size or (-(-k // 2) + max(10, min(50, k // 20)))
+        width = min(width, n, d)
+        per_pass_read = data / rates.read_bytes_per_s
+        # pass 1..q: Z Q and Z^T Y (4 N d l); the last half pass: Z Q (2 N d l)
+        seconds = 0.0
+        flops = 0.0
+        for j in range(q + 1):
+            f = (2.0 if j == q else 4.0) * n * d * width
+            flops += f
+            seconds += max(per_pass_read, f / rates.gemm_flops_per_s)
+        phases.append(PhaseFloor("passes", (q + 1) * data, flops, seconds))
+        dim = (q + 1) * width
+        # Ritz step: (Z K)^T (Z K) and its eigenproblem, the outputs K G and (Z K) G
+        rf = float(n) * dim * dim + 2.0 * (n + d) * dim * k
+        phases.append(
+            PhaseFloor(
+                "ritz",
+                0.0,
+                rf + _dense_eigen_flops(dim, k),
+                rf / rates.gemm_flops_per_s + _dense_eigen_flops(dim, k) / rates.eigh_flops_per_s,
+            )
+        )
+    else:  # exact: one float64 SVD of the rows (~4 N^2 d + 8 N^3 at a quarter of GEMM)
+        f = 4.0 * n * n * d + 8.0 * float(n) ** 3
+        phases.append(PhaseFloor("svd", 2 * data, f, f / (rates.gemm_flops_per_s / 4)))
+    return phases
+
+
+@dataclass
+class Profile:
+    """Wall time per phase of one fit, next to its floor.
+
+    Attributes
+    ----------
+    phases : dict of str to float
+        Seconds per phase, in the order they ran.
+    floor : list of PhaseFloor
+        The floor of the same phases (empty until :meth:`set_floor`).
+    rates : Rates or None
+    """
+
+    phases: dict[str, float] = field(default_factory=dict)
+    floor: list[PhaseFloor] = field(default_factory=list)
+    rates: Rates | None = None
+    _t0: float = field(default_factory=time.perf_counter, repr=False)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to phase ``name``."""
+        self.phases[name] = self.phases.get(name, 0.0) + float(seconds)
+
+    def phase(self, name: str) -> _PhaseTimer:
+        """Context manager timing one phase: ``with profile.phase("gram"): ...``."""
+        return _PhaseTimer(self, name)
+
+    def set_floor(self, floor: list[PhaseFloor], rates: Rates) -> None:
+        """Record the floor the phases are compared with."""
+        self.floor = list(floor)
+        self.rates = rates
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: phases with wall, floor and multiple; totals; the rates."""
+        floors = {p.name: p for p in self.floor}
+        rows = []
+        for name, secs in self.phases.items():
+            f = floors.get(name)
+            rows.append(
+                {
+                    "phase": name,
+                    "seconds": secs,
+                    "floor_seconds": None if f is None else f.seconds,
+                    "multiple": None if f is None or f.seconds <= 0 else secs / f.seconds,
+                    "bytes": None if f is None else f.bytes,
+                    "flops": None if f is None else f.flops,
+                }
+            )
+        wall = sum(self.phases.values())
+        floor = sum(p.seconds for p in self.floor)
+        return {
+            "phases": rows,
+            "wall_seconds": wall,
+            "floor_seconds": floor,
+            "multiple": wall / floor if floor > 0 else None,
+            "rates": None if self.rates is None else self.rates.as_dict(),
+        }
+
+
+class _PhaseTimer:
+    def __init__(self, profile: Profile, name: str) -> None:
+        self.profile, self.name = profile, name
+
+    def __enter__(self) -> None:
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.profile.add(self.name, time.perf_counter() - self.t)
+
+
+def profile_table(profile: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Rows ``(phase, wall, floor, multiple)`` of a :meth:`Profile.as_dict`, as text."""
+
+    def fmt(x: float | None, unit: str = " s") -> str:
+        return "-" if x is None else f"{x:.2f}{unit}"
+
+    out = [
+        (r["phase"], fmt(r["seconds"]), fmt(r["floor_seconds"]), fmt(r["multiple"], "x"))
+        for r in profile["phases"]
+    ]
+    out.append(
+        (
+            "total",
+            fmt(profile["wall_seconds"]),
+            fmt(profile["floor_seconds"]),
+            fmt(profile["multiple"], "x"),
+        )
+    )
+    return out
+
+
+def delta_floor(
+    factors: Any, k: int, rates: Rates, *, file_bytes: float | None = None
+) -> list[PhaseFloor]:
+    """Compulsory work of a delta-representation fit (kernel PCA on the factor Gram).
+
+    Parameters
+    ----------
+    factors : object
+        Has ``modules``, ``out_features`` (module -> int), ``in_shape`` (module ->
+        tuple), ``n_models`` and either ``total_rank`` (module -> summed rank over
+        the models) or ``up`` (module -> (out, R) array).
+    k : int
+    rates : Rates
+    file_bytes : float, optional
+        Total size of the files (default: the float32 factors).
+
+    Returns
+    -------
+    list of PhaseFloor
+        ``read`` (the files once), ``gram`` (per module ``R^2 (in + out)`` flops:
+        the two symmetric factor products whose entrywise product, summed per
+        pair of models, is the kernel) and ``eigen`` (:func:`eigen_cost`).
+    """
+    n = int(factors.n_models)
+    flops = 0.0
+    fbytes = 0.0
+    for m in factors.modules:
+        r = factors.total_rank[m] if hasattr(factors, "total_rank") else int(factors.up[m].shape[1])
+        size = int(factors.out_features[m]) + math.prod(factors.in_shape[m])
+        flops += float(r) * r * size
+        fbytes += 4.0 * r * size
+    fb = fbytes if file_bytes is None else float(file_bytes)
+    _, ef, es = eigen_cost(n, k, rates)
+    return [
+        PhaseFloor("read", fb, 0.0, fb / rates.read_bytes_per_s),
+        PhaseFloor("gram", fbytes, flops, flops / rates.syrk_flops_per_s),
+        PhaseFloor("eigen", 8.0 * n * n, ef, es),
+    ]
