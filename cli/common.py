@@ -437,39 +437,19 @@ class EditType(click.ParamType):
 
 @contextlib.contextmanager
 def byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """One transient rich bar (bytes, rate, ETA), shown from the first ``advance(done, total)``.
+    """One transient bar (bytes, rate, ETA), shown from the first ``advance(done, total)``.
 
     Nothing is drawn when ``advance`` is never called, when stderr is not a
     terminal, or with ``-q``; the bar is removed when the block ends.
     """
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from w2wkit.progress import Tasks
 
-    progress = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-        disable=quiet_enabled(),
-    )
-    task: list[Any] = []
+    with Tasks(not quiet_enabled(), unit="B", terminal_only=True) as tasks:
+        bar: list[Callable[[int, int], None]] = []
 
-    def advance(done: int, total: int) -> None:
-        if not task:
-            progress.start()
-            task.append(progress.add_task(description, total=total))
-        progress.update(task[0], completed=done, total=total)
+        def advance(done: int, total: int) -> None:
+            if not bar:
+                bar.append(tasks.task(description, total))
+            bar[0](done, total)
 
-    try:
         yield advance
-    finally:
-        if task:
-            progress.stop()

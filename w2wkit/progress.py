@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["Bar", "rate_text"]
+__all__ = ["Bar", "Tasks", "rate_text"]
 
 
 def rate_text(done: float, seconds: float, unit: str = "") -> str:
@@ -190,3 +190,160 @@ class Bar:
             self._p.update(self._task, completed=self._progress(), **self.fields)
         elif self._lines is not None:
             self._line()
+
+
+class Tasks:
+    """Several bars at once (or one per phase), each with rate and ETA; a no-op when disabled.
+
+    The multi-task form of :class:`Bar`, for jobs made of parts: the fit's
+    phases, the evaluation's sections, a byte count. On a terminal it is one
+    rich live display on stderr; elsewhere (a log file, CI) it prints a plain
+    line per task when it starts and when it ends, and at most every
+    ``every_s`` seconds in between.
+
+    Parameters
+    ----------
+    enabled : bool
+        ``False`` shows nothing; :meth:`task` then returns a callback that does nothing.
+    transient : bool
+        Remove each bar when its task is done, and the display when the block ends.
+    one_at_a_time : bool
+        A new task hides the bars of the earlier ones (one bar for the phase under way).
+    unit : str
+        Unit of the counts and the rate (``"B"`` shows bytes).
+    terminal_only : bool
+        Show nothing (not even plain lines) when stderr is not a terminal.
+    every_s : float
+        Seconds between plain lines of one task.
+
+    Examples
+    --------
+    >>> with Tasks(enabled=False) as tasks:
+    ...     step = tasks.task("reading", 10)
+    ...     step(10, 10)
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        transient: bool = True,
+        one_at_a_time: bool = False,
+        unit: str = "",
+        terminal_only: bool = False,
+        every_s: float = 30.0,
+    ) -> None:
+        self.enabled, self.transient, self.one_at_a_time = enabled, transient, one_at_a_time
+        self.unit, self.terminal_only, self.every_s = unit, terminal_only, float(every_s)
+        self.console: Any = None
+        self._p: Any = None
+        self._ids: list[Any] = []
+
+    def __enter__(self) -> Tasks:
+        if not self.enabled:
+            return self
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        if not self.console.is_terminal:
+            if self.terminal_only:
+                self.enabled = False
+            return self
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.text import Text
+
+        unit = self.unit
+
+        class _Rate(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                spent = task.elapsed or 0.0
+                return Text(rate_text(task.completed, spent, unit), style="progress.data.speed")
+
+        counts = (
+            [DownloadColumn(), TransferSpeedColumn()]
+            if unit == "B"
+            else [MofNCompleteColumn(), _Rate()]
+        )
+        self._p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            *counts,
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=self.transient,
+        )
+        self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._p is not None:
+            self._p.__exit__(*exc)
+
+    def task(self, description: str, total: int) -> Any:
+        """Start a task of ``total`` units; returns ``callback(done, total)``.
+
+        The callback sets the units done (and the total, which may change). A
+        task whose ``done`` reaches ``total`` is finished: with ``transient`` its
+        bar disappears.
+        """
+        if not self.enabled:
+            return lambda done, tot: None
+        if self._p is None:  # plain lines
+            return self._line_task(description, total)
+        p = self._p
+        if self.one_at_a_time:
+            for old in self._ids:
+                p.update(old, visible=False)
+        tid = p.add_task(description, total=total)
+        self._ids.append(tid)
+
+        def update(done: int, tot: int) -> None:
+            p.update(tid, completed=done, total=tot, visible=True)
+            if self.transient and tot and done >= tot and tid in p.task_ids:
+                p.remove_task(tid)
+                self._ids.remove(tid)
+
+        return update
+
+    def _line_task(self, description: str, total: int) -> Any:
+        t0 = time.time()
+        last = [t0]
+        state = {"ended": False}
+        unit = self.unit
+
+        def say(done: float, tot: float) -> None:
+            spent = time.time() - t0
+            eta = f"{spent / done * (tot - done):.0f} s" if done > 0 else "?"
+            pct = f" ({100 * done / tot:.0f}%)" if tot else ""
+            self.console.print(
+                f"{description}: {done:.0f}/{tot:.0f}{' ' + unit if unit else ''}{pct}, "
+                f"{spent:.0f} s elapsed, {rate_text(done, spent, unit)}, ETA {eta}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+
+        say(0, total)
+
+        def update(done: int, tot: int) -> None:
+            now = time.time()
+            end = bool(tot) and done >= tot
+            if end and not state["ended"]:
+                state["ended"] = True
+                say(done, tot)
+            elif not end and now - last[0] >= self.every_s:
+                last[0] = now
+                say(done, tot)
+
+        return update

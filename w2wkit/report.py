@@ -431,13 +431,14 @@ def write_report(results: Mapping[str, Any], path: str | os.PathLike[str], title
     fid = r.get("fidelity")
     if fid:
         parts.append("<h2>Zoo fidelity</h2>")
-        if "identity" in fid:
-            f = fid["identity"]
+        rows = [
+            [concept, f["n_candidates"], f["top1"], f["chance"], f["target"]]
+            for concept, f in fid.items()
+            if isinstance(f, dict) and "top1" in f
+        ]
+        if rows:
             parts.append(
-                table(
-                    ["candidates", "top-1 identification", "chance", "target"],
-                    [[f["n_candidates"], f["top1"], f["chance"], f["target"]]],
-                )
+                table(["concept", "candidates", "top-1 identification", "chance", "target"], rows)
             )
         else:
             parts.append(f"<p>{fmt(fid.get('skipped'))}</p>")

@@ -150,34 +150,20 @@ def _segment_sum(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    # one bar, on stderr, for the phase under way (a new phase hides the last one's; the
+    # solvers report many short passes); nothing on a log or a pipe, nothing left at the end
+    from w2wkit.progress import Tasks
 
-    console = Console(stderr=True)
-    if not console.is_terminal:  # a log file or a pipe gets no bar (and no stray newline)
-        yield None
-        return
-    # one bar, on stderr, for the phase under way: a new phase replaces the last one's
-    # bar (solvers report many short passes), and nothing is left when the fit ends
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=True,
-        console=console,
-    ) as bar:
-        tasks: dict[str, Any] = {}
+    with Tasks(enabled, one_at_a_time=True, terminal_only=True) as tasks:
+        if not tasks.enabled:
+            yield None
+            return
+        bars: dict[str, Callable[[int, int], None]] = {}
 
         def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                for old in tasks.values():
-                    bar.update(old, visible=False)
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total, visible=True)
+            if stage not in bars:
+                bars[stage] = tasks.task(stage, total)
+            bars[stage](done, total)
 
         yield update
 

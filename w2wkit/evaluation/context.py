@@ -28,7 +28,7 @@ class EvalContext:
     s : EvalSettings
     out : pathlib.Path
         Output folder; grids go to ``out/images``.
-    progress : rich.progress.Progress or None
+    progress : w2wkit.progress.Tasks or None
         From :func:`~w2wkit.evaluation.progress.progress_bar` (None: silent).
 
     Attributes
@@ -36,7 +36,7 @@ class EvalContext:
     w : EvalWorld
     s : EvalSettings
     out : pathlib.Path
-    p : rich.progress.Progress or None
+    p : w2wkit.progress.Tasks or None
     images : dict of str to pathlib.Path
         Grids saved by :meth:`save_grid`, by key.
     plots : dict of str to pathlib.Path
@@ -84,14 +84,7 @@ class EvalContext:
         """
         if self.p is None:
             return lambda done, tot: None
-        tid = self.p.add_task(desc, total=total)
-
-        def cb(done: int, tot: int) -> None:
-            self.p.update(tid, completed=done, total=tot)
-            if done >= tot:
-                self.p.remove_task(tid)
-
-        return cb
+        return self.p.task(desc, total)
 
     def calibration_models(self) -> list[tuple[Any, str, Any]]:
         """``(instance, name, adapter)`` of the held-out calibration pool, trained once.

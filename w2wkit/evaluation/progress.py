@@ -1,8 +1,4 @@
-"""The evaluation's progress display (one rich ``Progress`` per run).
-
-Kept minimal on purpose: one progress helper for the whole toolkit is due, and
-this one is meant to be swapped for it.
-"""
+"""The evaluation's progress display: the toolkit's one multi-task bar, per run."""
 
 from __future__ import annotations
 
@@ -15,7 +11,7 @@ __all__ = ["progress_bar"]
 
 @contextmanager
 def progress_bar(enabled: bool) -> Iterator[Any]:
-    """A transient rich progress display for the tasks of one run (rate shown as done/total, ETA).
+    """The run's progress display: a :class:`w2wkit.progress.Tasks` (rate and ETA per task).
 
     Parameters
     ----------
@@ -24,27 +20,14 @@ def progress_bar(enabled: bool) -> Iterator[Any]:
 
     Yields
     ------
-    rich.progress.Progress or None
-        Add tasks with ``add_task(description, total=n)``; they show the
-        description, a bar, ``done/total``, elapsed time and time remaining.
+    w2wkit.progress.Tasks or None
+        ``task(description, total)`` returns ``callback(done, total)``; its
+        ``console`` prints notes. Bars show on a terminal only.
     """
     if not enabled:
         yield None
         return
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from w2wkit.progress import Tasks
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-    ) as p:
-        yield p
+    with Tasks(True, transient=True, terminal_only=True) as tasks:
+        yield tasks

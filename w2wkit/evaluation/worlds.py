@@ -21,6 +21,7 @@ import numpy as np
 from w2wkit.errors import FormatError, W2WError
 from w2wkit.evaluation.evaluators import PixelEvaluators, WorldEvaluators
 from w2wkit.render import resolve_device
+from w2wkit.world import HELDOUT_CONCEPT
 
 __all__ = [
     "EVAL_CONCEPT",
@@ -34,8 +35,8 @@ __all__ = [
 #: The concept pack the evaluation measures: micro worlds are built for it, the
 #: shipped world's models of it are evaluated, and micro worlds written before
 #: ``world.json`` named a concept are read as it (the paper's tables are about
-#: identities).
-EVAL_CONCEPT = "identity"
+#: identities): the world's held-out concept.
+EVAL_CONCEPT = HELDOUT_CONCEPT
 
 #: Training prompt around a pack's ``instance_prompt`` (``"a photo of sks person"``):
 #: the micro world's zoo LoRAs are trained with it and the evaluation renders with it.
