@@ -19,8 +19,8 @@ from rich.text import Text
 from w2wkit.errors import W2WError
 from w2wkit.formats.registry import writable_formats
 
-console = Console(highlight=False, markup=False)
-err_console = Console(stderr=True, highlight=False, markup=False)
+console = Console(highlight=False, markup=False, soft_wrap=True)  # lines whole (paths intact)
+err_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 
 #: Environment variable that turns on tracebacks, like ``--debug``.

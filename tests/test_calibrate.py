@@ -88,12 +88,18 @@ def test_calibration_is_stored_saved_and_shown(micro: dict[str, Any], tmp_path: 
     assert strength_range(back.directions_["male"])["calibrated"] is False
 
 
-def test_the_cli_lists_calibration(micro: dict[str, Any], tmp_path: Path) -> None:
+def test_the_cli_lists_calibration(
+    micro: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import copy
 
     from click.testing import CliRunner
 
+    from w2wkit.cli import common
     from w2wkit.cli.main import cli
+
+    # a wide table whatever the worker's console settled on (rows are matched whole)
+    monkeypatch.setattr(common.console, "_width", 300)
 
     space = copy.deepcopy(micro["space"])
     calibrate_direction(

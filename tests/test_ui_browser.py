@@ -80,8 +80,18 @@ def _open(browser: Any, url: str) -> Any:
     page.set_default_timeout(TIMEOUT)
     page.goto(url)
     page.wait_for_selector("#status")
-    page.locator("#steps input").fill("4")  # tiny renders
+    _fill(page, "steps", "4")  # tiny renders
     return page
+
+
+def _fill(page: Any, elem: str, value: str) -> None:
+    """Type ``value`` into a number box and leave it (Gradio takes the value on blur)."""
+    box = page.locator(f"#{elem} input")
+    box.fill(value)
+    box.press("Tab")
+    page.wait_for_function(
+        "([e, v]) => document.querySelector(`#${e} input`).value === v", arg=[elem, value]
+    )
 
 
 def _status(page: Any) -> str:
@@ -101,7 +111,7 @@ def _src(page: Any, elem: str) -> str | None:
 
 
 def _sample(page: Any, seed: int) -> None:
-    page.locator("#sample-seed input").fill(str(seed))
+    _fill(page, "sample-seed", str(seed))
     page.locator("#sample").click()
     _wait_status(page, f"seed {seed},")
     page.wait_for_selector("#edited img")
@@ -139,7 +149,7 @@ def test_page_sample_invert_edit_download(served: dict, browser: Any, tmp_path: 
     page.get_by_role("tab", name="Invert a picture").click()
     page.locator("#picture input[type=file]").set_input_files(str(pic))
     page.get_by_text("inversion settings").click()
-    page.locator("#inv-steps input").fill("5")
+    _fill(page, "inv-steps", "5")
     page.locator("#invert").click()
     text = _wait_status(page, "inverted picture held.png")
     assert "5 steps" in text

@@ -184,7 +184,7 @@ def candidates(
         raise DirectionError(
             f"the space has no labels for {name!r}, so no model is known to lack it",
             key=name,
-            hint="fit the space with --labels",
+            hint="fit the space with `labels`",
         )
     pack = _pack(pack)
     rule = getattr(pack, "plausible", None)

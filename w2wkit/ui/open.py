@@ -57,12 +57,14 @@ def open_backend(
 
     world = world if world is not None else _world(log)
     if base is None and world is None:
-        raise W2WError("no pipeline: pass --base PIPELINE", param="base")
+        raise W2WError("no pipeline: pass `base` (a pipeline folder)", param="base")
     renderer = Renderer(base or world.pipeline_dir, device=device)
     concept = None
     if space_path is None:
         if world is None:
-            raise W2WError("no space: pass --space SPACE (there is no shipped world)")
+            raise W2WError(
+                "no space: pass `space_path` (there is no shipped world)", param="space_path"
+            )
         concept = default_concept(world)
         space, where = world_space(
             world, concept, calibrate=calibrate, renderer=renderer if calibrate else None, log=log
@@ -88,7 +90,7 @@ def open_backend(
     if not text and pack is not None:
         text = f"a photo of {pack.instance_prompt}"
     if not text:
-        raise W2WError("the space's models name no prompt: pass --prompt", param="prompt")
+        raise W2WError("the space's models name no prompt: pass `prompt`", param="prompt")
     if not space.directions_:
         description += " It has no directions: fit some with `w2wkit directions`."
     return Backend(
