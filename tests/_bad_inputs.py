@@ -307,6 +307,11 @@ def _c_import_k(f: Path):
     return ["import-w2w", root, "-o", f / "space", "--allow-pickle", "-k", "-2"], [f / "space"]
 
 
+def _c_import_k_over(f: Path):
+    root = _release(f)  # 4 stored components, no all_weights.pt to recompute more from
+    return ["import-w2w", root, "-o", f / "space", "--allow-pickle", "-k", "10"], [f / "space"]
+
+
 def _c_import_nan(f: Path):
     import torch
 
@@ -569,6 +574,13 @@ CASES: list[Case] = [
     ),
     Case("edit-1e300", "garbage written", "apply --edit male=1e300", _c_edit_overflow, ("male",)),
     Case("import-k", "garbage written", "import-w2w -k -2", _c_import_k, ("-k/--components",)),
+    Case(
+        "import-k-over",
+        "garbage written",
+        "import-w2w -k 10 of a release that stores 4 components and no weights file",
+        _c_import_k_over,
+        ("-k/--components", "V.pt", "holds 4"),
+    ),
     Case(
         "import-nan",
         "garbage written",
