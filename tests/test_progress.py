@@ -45,3 +45,27 @@ def test_rate_text_switches_to_per_hour_below_one_per_second() -> None:
     assert rate_text(30, 10, "models") == "3.0 models/s"
     assert rate_text(1, 10, "models") == "360 models/h"
     assert rate_text(0, 10) == "? it/s"
+
+
+def test_tasks_print_start_and_end_lines_off_a_terminal(capsys: pytest.CaptureFixture) -> None:
+    from w2wkit.progress import Tasks
+
+    with Tasks(every_s=3600.0, unit="models") as tasks:
+        a = tasks.task("fit", 4)
+        b = tasks.task("read", 2)
+        for i in range(1, 5):
+            a(i, 4)
+        b(2, 2)
+        b(2, 2)  # a finished task says so once
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("fit: 0/4 models (0%)") and err[0].endswith("ETA ?")
+    assert err[1].startswith("read: 0/2 models (0%)")
+    assert err[2].startswith("fit: 4/4 models (100%)") and "ETA 0 s" in err[2]
+    assert err[3].startswith("read: 2/2 models (100%)")
+    assert len(err) == 4
+    # terminal-only bars and disabled ones print nothing off a terminal
+    for kwargs in ({"terminal_only": True}, {"enabled": False}):
+        with Tasks(**kwargs) as tasks:
+            step = tasks.task("quiet", 3)
+            step(3, 3)
+        assert capsys.readouterr().err == ""

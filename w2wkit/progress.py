@@ -42,6 +42,73 @@ def rate_text(done: float, seconds: float, unit: str = "") -> str:
     return f"{per_s * 3600:.0f} {unit}/h"
 
 
+def _live(console: Any, unit: str, transient: bool, fields: dict[str, Any] | None = None) -> Any:
+    """A rich ``Progress``: description, bar, counts, fields, rate, elapsed, ETA.
+
+    ``unit="B"`` shows the counts as bytes and the rate as a transfer speed.
+    """
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            spent = task.elapsed or 0.0
+            return Text(rate_text(task.completed, spent, unit), style="progress.data.speed")
+
+    counts = [DownloadColumn()] if unit == "B" else [MofNCompleteColumn()]
+    extra = [TextColumn(f"{k} {{task.fields[{k}]}}") for k in fields or {}]
+    rate = TransferSpeedColumn() if unit == "B" else _Rate()
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        *counts,
+        *extra,
+        rate,
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
+def _plain(
+    console: Any,
+    label: str,
+    done: float,
+    total: float,
+    unit: str,
+    spent: float,
+    extra: str = "",
+    count: float | None = None,
+) -> None:
+    """One plain progress line (a log): done/total, percent, elapsed, rate, ETA.
+
+    ``count`` is the number of whole units shown (default ``done``; a bar that
+    counts work in progress shows fewer finished units than its percentage).
+    """
+    eta = f"{spent / done * (total - done):.0f} s" if done > 0 else "?"
+    pct = f" ({100 * done / total:.0f}%)" if total else ""
+    shown = done if count is None else count
+    console.print(
+        f"{label}: {int(shown)}/{total:.0f}{' ' + unit if unit else ''}{pct}{extra}, "
+        f"{spent:.0f} s elapsed, {rate_text(done, spent, unit)}, ETA {eta}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
 class Bar:
     """A progress bar with rate and ETA (a no-op when disabled).
 
@@ -103,37 +170,7 @@ class Bar:
             self._lines = console
             self._line(force=True)  # a log shows that the work started, and its size
             return self
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            ProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.text import Text
-
-        unit = self._unit_name
-
-        class _Rate(ProgressColumn):
-            def render(self, task: Any) -> Text:
-                spent = task.elapsed or 0.0
-                return Text(rate_text(task.completed, spent, unit), style="progress.data.speed")
-
-        extra = [TextColumn(f"{k} {{task.fields[{k}]}}") for k in self.fields]
-        self._p = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            *extra,
-            _Rate(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=self.transient,
-        )
+        self._p = _live(console, self._unit_name, self.transient, self.fields)
         self._p.__enter__()
         self._task = self._p.add_task(self.label, total=self.total, **self.fields)
         return self
@@ -149,17 +186,10 @@ class Bar:
         if not force and now - self._last < self.every_s:
             return
         self._last = now
-        spent = now - self._t0
-        done = self._progress()
-        eta = f"{spent / done * (self.total - done):.0f} s" if done > 0 else "?"
         extra = "".join(f", {k} {v}" for k, v in self.fields.items())
-        self._lines.print(
-            f"{self.label}: {int(self._done)}/{self.total}{self.unit} "
-            f"({100 * done / self.total:.0f}%){extra}, {spent:.0f} s elapsed, "
-            f"{rate_text(done, spent, self._unit_name)}, ETA {eta}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        done = self._progress()
+        spent = now - self._t0
+        _plain(self._lines, self.label, done, self.total, self._unit_name, spent, extra, self._done)
 
     def advance(self, n: float = 1) -> None:
         """``n`` more units finished."""
@@ -248,41 +278,7 @@ class Tasks:
             if self.terminal_only:
                 self.enabled = False
             return self
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            MofNCompleteColumn,
-            Progress,
-            ProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-        from rich.text import Text
-
-        unit = self.unit
-
-        class _Rate(ProgressColumn):
-            def render(self, task: Any) -> Text:
-                spent = task.elapsed or 0.0
-                return Text(rate_text(task.completed, spent, unit), style="progress.data.speed")
-
-        counts = (
-            [DownloadColumn(), TransferSpeedColumn()]
-            if unit == "B"
-            else [MofNCompleteColumn(), _Rate()]
-        )
-        self._p = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            *counts,
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=self.transient,
-        )
+        self._p = _live(self.console, self.unit, self.transient)
         self._p.__enter__()
         return self
 
@@ -323,16 +319,7 @@ class Tasks:
         unit = self.unit
 
         def say(done: float, tot: float) -> None:
-            spent = time.time() - t0
-            eta = f"{spent / done * (tot - done):.0f} s" if done > 0 else "?"
-            pct = f" ({100 * done / tot:.0f}%)" if tot else ""
-            self.console.print(
-                f"{description}: {done:.0f}/{tot:.0f}{' ' + unit if unit else ''}{pct}, "
-                f"{spent:.0f} s elapsed, {rate_text(done, spent, unit)}, ETA {eta}",
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
+            _plain(self.console, description, done, tot, unit, time.time() - t0)
 
         say(0, total)
 
