@@ -337,13 +337,16 @@ def _run(args):
     return CliRunner().invoke(cli, args, catch_exceptions=False)
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+@pytest.mark.parametrize("fmt", ["kohya", "peft", "for:diffusers"])
 def test_cli_writes_one_lora_per_image(files, tmp_path, fmt):
     root, paths, mask = files
     out = tmp_path / "out"
     args = ["invert", *map(str, paths), "--space", str(root / "space"), "--base"]
     args += [str(root / "pipe"), "-o", str(out), "--steps", "3", "-k", "3", "--device", "cpu"]
-    args += ["--mask", str(mask), "--format", fmt, "--seed", "5"]
+    target = fmt.removeprefix("for:") if fmt.startswith("for:") else None
+    args += ["--mask", str(mask), "--seed", "5"]
+    args += ["--for", target] if target else ["--format", fmt]
+    fmt = target or fmt  # --for diffusers writes diffusers files
     res = _run(args)
     assert res.exit_code == 0, res.output
     assert "wrote 2 models" in res.output
@@ -354,6 +357,7 @@ def test_cli_writes_one_lora_per_image(files, tmp_path, fmt):
     space = WeightSpace.load(root / "space")
     for i, name in enumerate(["face0", "face1"]):
         ad = read_adapter(out / (name if fmt == "peft" else f"{name}.safetensors"))
+        assert ad.format == fmt
         want = space.inverse_transform(coef[i])[0]
         for m, layer in want.layers.items():
             np.testing.assert_allclose(ad.layers[m].delta(), layer.delta(), atol=1e-6)
