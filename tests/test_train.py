@@ -290,3 +290,35 @@ def test_manifest_input(tiny_pipe_dir, people, tmp_path):
     bad = people.parent / "bad.jsonl"
     bad.write_text('{"instance": "ann"}\n')
     _one_line_error(_train(bad, tiny_pipe_dir, tmp_path / "o2"), "row 1", "picture")
+
+
+def test_out_of_memory_halves_the_batch(trained, people, tiny_pipe_dir, tmp_path, monkeypatch):
+    import w2wkit
+    from w2wkit.diffusion.dreambooth import DreamBooth
+
+    assert w2wkit.train is train  # the API name
+    real = DreamBooth.train
+    sizes = []
+
+    def tight(self, images, *a, **kw):
+        sizes.append(len(images))
+        if len(images) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, images, *a, **kw)
+
+    monkeypatch.setattr(DreamBooth, "train", tight)
+    notes = []
+    out = tmp_path / "oom"
+    plan = train(
+        people, tiny_pipe_dir, out, RECIPE, models_per_batch=6, device="cpu", warn=notes.append
+    )
+    assert sizes == [6, 3, 1, 1, 1, 1, 1, 1]
+    assert plan.models_per_batch == 1 and plan.written == NAMES
+    assert [n for n in notes if "out of memory" in n] == [
+        "out of memory: models per batch halved to 3",
+        "out of memory: models per batch halved to 1",
+    ]
+    for n in NAMES:
+        fa, fb = factors(trained / f"{n}.safetensors"), factors(out / f"{n}.safetensors")
+        for k in fa:
+            np.testing.assert_allclose(fa[k][1], fb[k][1], rtol=1e-4, atol=1e-6)

@@ -780,7 +780,7 @@ def train(
                     torch.cuda.empty_cache()
                 mpb = max(1, mpb // 2)
                 plan.models_per_batch = mpb
-                warn(f"out of memory: {mpb} models per batch from now on")
+                warn(f"out of memory: models per batch halved to {mpb}")
                 continue
             trainer.release()
             for inst, ad, loss in zip(chunk, adapters, losses, strict=True):
