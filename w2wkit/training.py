@@ -340,7 +340,9 @@ def load_pictures(
                 rgb = im.convert("RGB")
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             if skip_bad:
-                warn(f"skipped an unreadable picture: {p}")
+                if f"skip:{p}" not in said:
+                    said.add(f"skip:{p}")
+                    warn(f"skipped an unreadable picture: {p}")
                 continue
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FormatError(
@@ -723,7 +725,7 @@ def train(
             chunk = todo[:mpb]
             imgs = [pics(i) for i in chunk]  # also checks every picture of the first batch
             for i in todo[mpb:]:
-                pics(i)
+                load_pictures(i, size, skip_bad=skip_bad_images, warn=warn, said=said)
             warm = min(3, recipe.steps)
             trainer.train(
                 imgs,
@@ -747,8 +749,11 @@ def train(
             plan.estimated_s = plan.seconds_per_step * recipe.steps * plan.batches
         return plan
 
-    for i in todo:  # every picture is checked before the first model trains
-        pics(i)
+    for k, i in enumerate(todo):  # every picture is checked before the first model trains
+        if k < mpb:
+            pics(i)  # the first batch's, kept
+        else:
+            load_pictures(i, size, skip_bad=skip_bad_images, warn=warn, said=said)
     out.mkdir(parents=True, exist_ok=True)
     if labels is not None:
         with atomic_path(out / "labels.csv", overwrite=True) as tmp:
@@ -783,6 +788,8 @@ def train(
                 warn(f"out of memory: models per batch halved to {mpb}")
                 continue
             trainer.release()
+            for inst in chunk:  # pictures are held for the running batch only
+                pictures.pop(inst.name, None)
             for inst, ad, loss in zip(chunk, adapters, losses, strict=True):
                 finite = math.isfinite(float(loss)) and all(
                     np.isfinite(layer.down).all() and np.isfinite(layer.up).all()
