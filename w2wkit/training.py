@@ -346,7 +346,9 @@ def load_pictures(
                 continue
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FormatError(
-                f"unreadable picture ({reason})", path=p, hint="or pass --skip-bad-images"
+                f"unreadable picture ({reason})",
+                path=p,
+                hint="or skip it with `skip_bad_images=True`",
             ) from None
         w, h = rgb.size
         if (w, h) != (size, size):
@@ -394,7 +396,7 @@ def check_pipeline_folder(path: str | os.PathLike[str]) -> Path:
         raise FormatError(f"unreadable model_index.json: {exc}", path=index) from None
     if pipeline_kind(folder) == "sdxl":
         raise W2WError(
-            "the pipeline is SDXL (two text encoders, size conditioning); `w2wkit train` "
+            "the pipeline is SDXL (two text encoders, size conditioning); training "
             "supports Stable Diffusion 1.x/2.x pipelines for now",
             path=folder,
             param="base",
@@ -641,7 +643,7 @@ def train(
             raise W2WError(
                 f"the output folder holds models of another {' and '.join(what)}",
                 path=out,
-                hint="write elsewhere, or pass --force to train them again",
+                hint="write elsewhere, or pass `overwrite=True` to train them again",
             )
         old = None
     elif (
@@ -653,7 +655,7 @@ def train(
             raise W2WError(
                 "the output folder holds LoRA files without a training manifest",
                 path=out,
-                hint="write elsewhere, or pass --force to replace them",
+                hint="write elsewhere, or pass `overwrite=True` to replace them",
             )
     models: dict[str, Any] = dict(old["models"]) if old else {}
     seeds = {i.name: recipe.seed * 1_000_003 + k for k, i in enumerate(insts)}
