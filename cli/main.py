@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "w2wkit.cli.cmd_world",
     "w2wkit.cli.cmd_eval",
     "w2wkit.cli.cmd_ui",
+    "w2wkit.cli.cmd_train",
 )
 
 

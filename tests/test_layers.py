@@ -78,6 +78,7 @@ LAYERS: dict[str, int] = {
     "w2wkit.diffusion": 6,
     "w2wkit.render": 6,
     "w2wkit.invert": 6,
+    "w2wkit.training": 6,
     # 7 - the miniature world (never imports the evaluation); tiny test pipelines
     "w2wkit.world": 7,
     "w2wkit.testing": 7,

@@ -24,6 +24,7 @@ _LAZY = {
     "WeightLayout": "w2wkit.layout",
     "Collection": "w2wkit.collection",
     "WeightSpace": "w2wkit.space",
+    "train": "w2wkit.training",
 }
 
 __all__ = ["__version__", *_LAZY]

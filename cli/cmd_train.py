@@ -1,0 +1,150 @@
+"""``w2wkit train``: one DreamBooth LoRA per instance folder, many models per batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from w2wkit.cli.common import (
+    console,
+    device_option,
+    note,
+    output_option,
+    quiet_enabled,
+    write_format_option,
+)
+from w2wkit.errors import W2WError
+
+
+@click.command("train")
+@click.argument("instances", type=click.Path(path_type=Path))
+@click.option("--base", required=True, help="Stable Diffusion 1.x/2.x pipeline folder.")
+@output_option("Output folder (one LoRA per instance + train_manifest.json).", required=True)
+@click.option("--rank", default=1, show_default=True, type=int, help="LoRA rank.")
+@click.option("--alpha", default=1.0, show_default=True, type=float, help="LoRA alpha.")
+@click.option(
+    "--targets",
+    default="to_q,to_k,to_v,to_out.0",
+    show_default=True,
+    help="UNet modules (names or name endings, comma-separated) that get a LoRA.",
+)
+@click.option("--steps", default=400, show_default=True, type=int, help="Steps per model.")
+@click.option("--batch", default=1, show_default=True, type=int, help="Pictures per model/step.")
+@click.option("--lr", default=5e-4, show_default=True, type=float, help="Learning rate (Adam).")
+@click.option(
+    "--instance-prompt",
+    default="a photo of sks person",
+    show_default=True,
+    help="Prompt of every training picture (with the rare token sks).",
+)
+@click.option("--resolution", type=int, help="Training picture side (default: the pipeline's).")
+@click.option(
+    "--models-per-batch",
+    default="auto",
+    show_default=True,
+    help="Models trained together, or auto (from free memory; halved on out-of-memory).",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the draws.")
+@click.option(
+    "--init-seed", default=0, show_default=True, type=int, help="Shared initialisation seed."
+)
+@write_format_option
+@device_option
+@click.option("--skip-bad-images", is_flag=True, help="Skip unreadable pictures (say which).")
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan and an estimated time; train nothing."
+)
+@click.option("--force", is_flag=True, help="Train again into a folder of another recipe.")
+def train_cmd(
+    instances: Path,
+    base: str,
+    out: Path,
+    rank: int,
+    alpha: float,
+    targets: str,
+    steps: int,
+    batch: int,
+    lr: float,
+    instance_prompt: str,
+    resolution: int | None,
+    models_per_batch: str,
+    seed: int,
+    init_seed: int,
+    fmt: str | None,
+    device: str,
+    skip_bad_images: bool,
+    dry_run: bool,
+    force: bool,
+) -> None:
+    """Train one LoRA per instance of INSTANCES on the --base pipeline.
+
+    INSTANCES is a folder of instance folders (pictures; an optional caption
+    .txt per picture; an optional labels.csv at the top, copied into the
+    output) or a CSV/JSONL manifest with the columns instance, picture,
+    caption. Every model gets the same recipe (the paper's by default: rank 1,
+    one shared initialisation, the UNet's attention projections), many models
+    share a batch, each trained exactly as if alone. A killed run continues
+    where it stopped when run again.
+
+    \b
+    Examples:
+      w2wkit train ./people --base ./sd15 -o ./people-loras --dry-run
+      w2wkit train ./people --base ./sd15 -o ./people-loras --steps 800
+      w2wkit fit ./people-loras -o people-space --labels ./people-loras/labels.csv
+    """
+    from w2wkit.training import Recipe, train
+
+    mpb: int | str = models_per_batch.strip().lower()
+    if mpb != "auto":
+        try:
+            mpb = int(mpb)
+        except ValueError:
+            raise W2WError(
+                f"bad value {models_per_batch!r}", key="--models-per-batch", hint="a number or auto"
+            ) from None
+    recipe = Recipe(
+        rank=rank,
+        alpha=alpha,
+        targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        instance_prompt=instance_prompt,
+        resolution=resolution,
+        init_seed=init_seed,
+        seed=seed,
+    )
+    plan = train(
+        instances,
+        base,
+        out,
+        recipe,
+        models_per_batch=mpb,
+        format=fmt or "kohya",
+        device=device,
+        skip_bad_images=skip_bad_images,
+        overwrite=force,
+        dry_run=dry_run,
+        progress=not quiet_enabled(),
+        warn=note,
+    )
+    if dry_run:
+        console.print(plan.describe())
+        return
+    console.print(
+        f"wrote {len(plan.written)} LoRAs to {out} ({plan.done} were done before"
+        + (
+            f", {len(plan.failed_names)} diverged: {', '.join(plan.failed_names)}"
+            if plan.failed_names
+            else ""
+        )
+        + ")"
+    )
+    if plan.failed_names:
+        raise SystemExit(1)
+
+
+def register(cli: click.Group) -> None:
+    """Add ``train`` to the command group."""
+    cli.add_command(train_cmd)

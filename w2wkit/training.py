@@ -1,0 +1,833 @@
+"""``w2wkit.train``: a dataset of DreamBooth LoRAs from folders of the user's own pictures.
+
+One model per instance (a person, a product, a pet), all trained with one recipe on one
+base pipeline through the diffusion engine's
+:class:`~w2wkit.diffusion.dreambooth.DreamBooth` loop: many models share one batch, each
+trained exactly as if alone (its own picture / noise / timestep draws, its own mean
+loss, the paper's shared initialisation).
+
+Input
+-----
+- a folder of instance folders (``people/alice/*.jpg``...); a picture may have a caption
+  in a ``.txt`` of the same stem; a ``labels.csv`` at the top is copied into the output
+  (``w2wkit fit OUT --labels OUT/labels.csv`` works right away);
+- or a CSV/JSONL manifest with the columns ``instance``, ``picture`` (relative to the
+  manifest) and optionally ``caption``.
+
+Output (``OUT``)
+----------------
+One LoRA per instance (``<instance>.safetensors``, or a folder for ``peft``), each
+written atomically, and ``train_manifest.json`` (rewritten atomically after each model):
+the recipe, the base pipeline's identity (a hash of its ``model_index.json`` and UNet
+config), and per model its seed, final loss, file and sha256, or ``failed`` for a
+diverged model (never written). A killed run resumes where it stopped; an ``OUT`` made
+with another recipe is refused unless ``overwrite``.
+
+Per-picture captions are read and recorded; training uses the instance prompt (the
+paper's recipe), which the engine's loop takes for every sample.
+
+torch, diffusers and PIL are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from w2wkit.errors import FormatError, W2WError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MANIFEST",
+    "Instance",
+    "Recipe",
+    "TrainPlan",
+    "base_identity",
+    "check_pipeline_folder",
+    "check_targets",
+    "load_pictures",
+    "read_instances",
+    "train",
+]
+
+#: Picture file suffixes read from instance folders.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: The manifest written into the output folder.
+MANIFEST = "train_manifest.json"
+
+
+@dataclass
+class Recipe:
+    """How every model of the dataset is trained (the paper's recipe by default).
+
+    Attributes
+    ----------
+    rank, alpha : int, float
+        LoRA rank and alpha (scale ``alpha / rank``).
+    targets : tuple of str
+        UNet module names (or name endings) that get a LoRA: the attention projections.
+    steps, batch, lr : int, int, float
+        Adam steps, pictures per model and step, learning rate.
+    instance_prompt : str
+        The prompt of every training sample, with the rare token ``sks``.
+    resolution : int or None
+        Side of the (square) training pictures; None: the pipeline's native size.
+    init_seed : int
+        The shared initialisation seed of every model.
+    seed : int
+        Seed of the per-model draws (model ``j`` of the sorted instances: ``seed * 1000003 + j``).
+    """
+
+    rank: int = 1
+    alpha: float = 1.0
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    steps: int = 400
+    batch: int = 1
+    lr: float = 5e-4
+    instance_prompt: str = "a photo of sks person"
+    resolution: int | None = None
+    init_seed: int = 0
+    seed: int = 0
+
+    def check(self) -> None:
+        """Refuse a value no training can use (one line naming the parameter)."""
+        for name in ("rank", "steps", "batch"):
+            if int(getattr(self, name)) < 1:
+                raise W2WError(f"{name} must be at least 1", param=name)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise W2WError(f"lr must be a positive number, got {self.lr}", param="lr")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise W2WError(f"alpha must be a positive number, got {self.alpha}", param="alpha")
+        if self.resolution is not None and int(self.resolution) < 8:
+            raise W2WError("resolution must be at least 8 pixels", param="resolution")
+        if not self.targets:
+            raise W2WError("no target modules given", param="targets")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (targets as a list)."""
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+
+@dataclass
+class Instance:
+    """One model to train: its name, its pictures and their captions."""
+
+    name: str
+    pictures: list[Path]
+    captions: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class TrainPlan:
+    """What a run will do (``dry_run`` returns it without training).
+
+    Attributes
+    ----------
+    models, done, failed, todo : int
+        Instances in the input; already written; marked failed; left to train.
+    steps : int
+        Steps per model.
+    models_per_batch, batches : int
+        Models trained together; batches left.
+    seconds_per_step : float or None
+        Measured by a short warm-up (``dry_run`` only).
+    estimated_s : float or None
+        ``batches * steps * seconds_per_step``.
+    written, failed_names : list of str
+        Models written by this run; models that diverged.
+    """
+
+    models: int
+    done: int
+    failed: int
+    todo: int
+    steps: int
+    models_per_batch: int
+    batches: int
+    seconds_per_step: float | None = None
+    estimated_s: float | None = None
+    written: list[str] = field(default_factory=list)
+    failed_names: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """The plan in a few lines of text."""
+        lines = [
+            f"models: {self.models} ({self.done} done, {self.failed} failed, {self.todo} to train)",
+            f"steps per model: {self.steps}",
+            f"models per batch: {self.models_per_batch}, batches: {self.batches}",
+        ]
+        if self.estimated_s is not None and self.seconds_per_step is not None:
+            lines.append(
+                f"estimated time: {_duration(self.estimated_s)} "
+                f"({self.seconds_per_step * 1000:.1f} ms per batch step, measured)"
+            )
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+# --------------------------------------------------------------------------- input
+
+
+def _caption(picture: Path) -> str | None:
+    txt = picture.with_suffix(".txt")
+    if txt.is_file():
+        try:
+            return txt.read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FormatError(f"cannot read the caption: {exc}", path=txt) from None
+    return None
+
+
+def _check_names(names: Sequence[str], where: Path) -> None:
+    seen: dict[str, str] = {}
+    for n in names:
+        if not n or n.startswith(".") or any(c in n for c in '/\\:*?"<>|'):
+            raise W2WError(f"bad instance name {n!r}", path=where)
+        key = n.casefold()
+        if key in seen:
+            raise W2WError(
+                f"duplicate instance name: {seen[key]!r} and {n!r} would write the same file",
+                path=where,
+            )
+        seen[key] = n
+
+
+def read_instances(source: str | os.PathLike[str]) -> tuple[list[Instance], Path | None]:
+    """The instances of a folder of instance folders or of a CSV/JSONL manifest.
+
+    Parameters
+    ----------
+    source : path
+        A folder (one sub-folder of pictures per instance, optional ``labels.csv``) or a
+        ``.csv``/``.jsonl`` manifest (``instance``, ``picture``, optional ``caption``).
+
+    Returns
+    -------
+    instances : list of Instance
+        Sorted by name.
+    labels : pathlib.Path or None
+        The folder's ``labels.csv``.
+
+    Raises
+    ------
+    FormatError, W2WError
+        A missing source, an instance without pictures, duplicate names, a bad manifest.
+    """
+    src = Path(source)
+    if src.is_dir():
+        folders = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise FormatError("no instance folders inside", path=src)
+        _check_names([p.name for p in folders], src)
+        out = []
+        for f in folders:
+            pics = sorted(
+                p for p in f.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not pics:
+                raise FormatError(
+                    "instance folder without pictures",
+                    path=f,
+                    hint=f"put {', '.join(IMAGE_SUFFIXES[:3])} files in it or remove it",
+                )
+            out.append(Instance(f.name, pics, [_caption(p) for p in pics]))
+        labels = src / "labels.csv"
+        return out, (labels if labels.is_file() else None)
+    if not src.exists():
+        raise FormatError("no such folder or manifest", path=src)
+    rows = _manifest_rows(src)
+    groups: dict[str, Instance] = {}
+    for i, r in enumerate(rows):
+        name = str(r.get("instance") or "").strip()
+        pic = str(r.get("picture") or "").strip()
+        if not name or not pic:
+            raise FormatError(f"row {i + 1} needs 'instance' and 'picture'", path=src)
+        p = Path(pic) if Path(pic).is_absolute() else src.parent / pic
+        cap = r.get("caption")
+        inst = groups.setdefault(name, Instance(name, [], []))
+        inst.pictures.append(p)
+        inst.captions.append(str(cap).strip() if cap not in (None, "") else None)
+    if not groups:
+        raise FormatError("the manifest lists no pictures", path=src)
+    _check_names(list(groups), src)
+    return [groups[k] for k in sorted(groups)], None
+
+
+def _manifest_rows(src: Path) -> list[dict[str, Any]]:
+    try:
+        text = src.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(f"cannot read the manifest: {exc}", path=src) from None
+    if src.suffix.lower() == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise FormatError(f"line {i + 1} is not JSON", path=src) from None
+            if not isinstance(row, dict):
+                raise FormatError(f"line {i + 1} is not a JSON object", path=src)
+            rows.append(row)
+        return rows
+    if src.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or not {"instance", "picture"} <= set(reader.fieldnames):
+            raise FormatError("a manifest CSV needs the columns instance, picture", path=src)
+        return list(reader)
+    raise FormatError(
+        "the input must be a folder of instance folders or a .csv/.jsonl manifest", path=src
+    )
+
+
+def load_pictures(
+    inst: Instance,
+    size: int,
+    *,
+    skip_bad: bool = False,
+    warn: Callable[[str], None] | None = None,
+    said: set[str] | None = None,
+) -> np.ndarray:
+    """An instance's pictures as ``(n, size, size, 3)`` uint8, resized and center-cropped.
+
+    Parameters
+    ----------
+    inst : Instance
+    size : int
+        Side of the square training pictures.
+    skip_bad : bool
+        Skip an unreadable picture (told through ``warn``) instead of refusing it.
+    warn : callable, optional
+        ``warn(message)`` for notes (a skipped picture; resizing, said once per ``said``).
+    said : set of str, optional
+        Notes already given (shared between calls so that each is said once).
+
+    Raises
+    ------
+    FormatError
+        An unreadable picture (naming it), or no readable picture left.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    said = said if said is not None else set()
+    warn = warn or (lambda m: None)
+    out = []
+    for p in inst.pictures:
+        try:
+            with Image.open(p) as im:
+                im.load()
+                rgb = im.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+            if skip_bad:
+                if f"skip:{p}" not in said:
+                    said.add(f"skip:{p}")
+                    warn(f"skipped an unreadable picture: {p}")
+                continue
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FormatError(
+                f"unreadable picture ({reason})",
+                path=p,
+                hint="or skip it with `skip_bad_images=True`",
+            ) from None
+        w, h = rgb.size
+        if (w, h) != (size, size):
+            if "resize" not in said:
+                said.add("resize")
+                warn(
+                    f"pictures are resized and center-cropped to {size}x{size} "
+                    f"(first: {p.name} is {w}x{h})"
+                )
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            rgb = rgb.resize((nw, nh), Image.Resampling.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            rgb = rgb.crop((left, top, left + size, top + size))
+        out.append(np.asarray(rgb, dtype=np.uint8))
+    if not out:
+        raise FormatError(f"instance {inst.name!r} has no readable picture left", path=None)
+    return np.stack(out)
+
+
+# --------------------------------------------------------------------------- the base pipeline
+
+
+def check_pipeline_folder(path: str | os.PathLike[str]) -> Path:
+    """Refuse a pipeline folder with a missing part (naming it) or an SDXL one.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder.
+    """
+    from w2wkit.diffusion.pipeline import pipeline_kind
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FormatError("pipeline folder not found", path=folder, param="base")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FormatError(
+            "incomplete pipeline folder: model_index.json is missing", path=folder, param="base"
+        )
+    try:
+        meta = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"unreadable model_index.json: {exc}", path=index) from None
+    if pipeline_kind(folder) == "sdxl":
+        raise W2WError(
+            "the pipeline is SDXL (two text encoders, size conditioning); training "
+            "supports Stable Diffusion 1.x/2.x pipelines for now",
+            path=folder,
+            param="base",
+        )
+    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        entry = meta.get(comp)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] is not None):
+            raise FormatError(
+                f"incomplete pipeline folder: model_index.json names no {comp}", path=index
+            )
+        sub = folder / comp
+        if not sub.is_dir() or not any(sub.iterdir()):
+            raise FormatError(f"incomplete pipeline folder: {comp}/ is missing", path=sub)
+    for comp in ("unet", "vae", "text_encoder"):
+        sub = folder / comp
+        if not (sub / "config.json").is_file():
+            raise FormatError(
+                f"incomplete pipeline folder: {comp}/config.json is missing", path=sub
+            )
+        if not any(p.suffix in (".safetensors", ".bin") for p in sub.iterdir()):
+            raise FormatError(f"incomplete pipeline folder: {comp} has no weights", path=sub)
+    return folder
+
+
+def base_identity(path: str | os.PathLike[str]) -> str:
+    """sha256 of the pipeline's ``model_index.json`` and ``unet/config.json`` (hex)."""
+    h = hashlib.sha256()
+    for rel in ("model_index.json", "unet/config.json"):
+        p = Path(path) / rel
+        h.update(rel.encode() + b"\0")
+        h.update(p.read_bytes() if p.is_file() else b"")
+    return h.hexdigest()
+
+
+def check_targets(module_names: Sequence[str], targets: Sequence[str]) -> list[str]:
+    """The UNet modules ``targets`` name; refuse targets no module has, with near matches.
+
+    Parameters
+    ----------
+    module_names : sequence of str
+        The UNet's module names (``named_modules``).
+    targets : sequence of str
+        Names or name endings (``to_q``, ``attn1.to_out.0``).
+
+    Raises
+    ------
+    W2WError
+        Listing the absent targets and the near matches among the UNet's name endings.
+    """
+    from w2wkit.diffusion.dreambooth import is_target
+
+    absent = [t for t in targets if not any(is_target(n, [t]) for n in module_names)]
+    if absent:
+        endings = set()
+        for n in module_names:
+            parts = n.split(".")
+            for k in range(1, min(3, len(parts)) + 1):
+                endings.add(".".join(parts[-k:]))
+        near = sorted({m for t in absent for m in difflib.get_close_matches(t, endings, 3)})
+        raise W2WError(
+            f"target module(s) absent from the UNet: {', '.join(absent)}"
+            + (f"; near matches: {', '.join(near)}" if near else ""),
+            param="targets",
+        )
+    return [n for n in module_names if is_target(n, targets)]
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    from w2wkit.jsonio import read_json
+
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        raise FormatError("not a w2wkit training manifest", path=path)
+    return data
+
+
+def _write_manifest(out: Path, data: dict[str, Any]) -> None:
+    from w2wkit.atomic import atomic_path
+
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    with atomic_path(out / MANIFEST, overwrite=True) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+
+
+def _file_name(name: str, fmt: str) -> str:
+    return name if fmt == "peft" else f"{name}.safetensors"
+
+
+def _die_hook(count: int) -> None:
+    """Test hook: ``W2WKIT_TEST_TRAIN_DIE_AFTER=k`` kills the run after its k-th model."""
+    k = os.environ.get("W2WKIT_TEST_TRAIN_DIE_AFTER", "")
+    if k.isdigit() and int(k) > 0 and count >= int(k):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
+
+
+def _auto_models_per_batch(trainer: Any, pics: np.ndarray, recipe: Recipe, todo: int) -> int:
+    """From free memory on CUDA (one measured step of one model), 8 on the CPU."""
+    import torch
+
+    if not str(trainer.device).startswith("cuda"):
+        return max(1, min(8, todo))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    trainer.train([pics], recipe.instance_prompt, [0], steps=1, batch=recipe.batch, lr=recipe.lr)
+    trainer.release()
+    per = max(1, torch.cuda.max_memory_allocated() - before)
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, min(todo, int(0.8 * free / per)))
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _step_progress(bar: Any, done: int, n: int, steps: int) -> Callable[[int], None]:
+    def on_step(k: int) -> None:
+        bar.set(done, n * k / steps)
+
+    return on_step
+
+
+def train(
+    instances: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    recipe: Recipe | None = None,
+    *,
+    models_per_batch: int | str = "auto",
+    format: str = "kohya",
+    device: str = "auto",
+    skip_bad_images: bool = False,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> TrainPlan:
+    """Train one LoRA per instance into ``out`` (resuming a killed run of the same recipe).
+
+    Parameters
+    ----------
+    instances : path
+        A folder of instance folders, or a CSV/JSONL manifest (see the module docs).
+    base : path
+        A Stable Diffusion 1.x/2.x pipeline folder.
+    out : path
+        Output folder: one LoRA per instance, ``train_manifest.json``, ``labels.csv``.
+    recipe : Recipe, optional
+        The paper's recipe by default.
+    models_per_batch : int or "auto"
+        Models trained together (``auto``: from free memory; halved on out-of-memory).
+    format : str
+        Any writable w2wkit format (``kohya``, ``diffusers``, ``peft``...).
+    device : str
+        ``auto``, ``cpu``, ``cuda``...
+    skip_bad_images : bool
+        Skip unreadable pictures instead of refusing them.
+    overwrite : bool
+        Start over in an ``out`` that holds models of another recipe or base.
+    dry_run : bool
+        Measure a short warm-up and return the plan without writing anything.
+    progress : bool
+        Show a progress bar (models, models/h, ETA).
+    warn : callable, optional
+        ``warn(message)`` for notes (resizing, skipped pictures, diverged models,
+        out-of-memory halving); default: nothing.
+
+    Returns
+    -------
+    TrainPlan
+        The plan; after training, with ``written`` and ``failed_names``.
+
+    Raises
+    ------
+    W2WError
+        Bad input (one line naming the file, key or parameter); nothing half-written.
+    """
+    import torch
+
+    from w2wkit.atomic import atomic_path
+    from w2wkit.diffusion.dreambooth import DreamBooth
+    from w2wkit.diffusion.pipeline import load_pipeline
+    from w2wkit.formats.registry import provenance_metadata, writable_formats, write_adapter
+    from w2wkit.progress import Bar
+    from w2wkit.stio import file_sha256
+
+    recipe = recipe or Recipe()
+    recipe.check()
+    warn = warn or (lambda m: None)
+    if format not in writable_formats():
+        raise W2WError(
+            f"unknown output format {format!r}; writable: {', '.join(writable_formats())}",
+            param="format",
+        )
+    mpb_auto = models_per_batch == "auto"
+    if not mpb_auto:
+        try:
+            mpb = int(models_per_batch)
+        except (TypeError, ValueError):
+            raise W2WError(
+                f"models per batch must be a number or auto, got {models_per_batch!r}",
+                param="models_per_batch",
+            ) from None
+        if mpb < 1:
+            raise W2WError("models per batch must be at least 1", param="models_per_batch")
+    insts, labels = read_instances(instances)
+    base_dir = check_pipeline_folder(base)
+    identity = base_identity(base_dir)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FormatError("the output must be a folder", path=out)
+    settings = {
+        "recipe": recipe.as_dict(),
+        "base": {"path": str(base_dir), "sha256": identity},
+        "format": format,
+    }
+    old = _read_manifest(out) if out.is_dir() else None
+    if old is not None and (
+        old.get("recipe") != settings["recipe"]
+        or (old.get("base") or {}).get("sha256") != identity
+        or old.get("format") != format
+    ):
+        if not overwrite:
+            what = [
+                k
+                for k, same in (
+                    ("recipe", old.get("recipe") == settings["recipe"]),
+                    ("base model", (old.get("base") or {}).get("sha256") == identity),
+                    ("format", old.get("format") == format),
+                )
+                if not same
+            ]
+            raise W2WError(
+                f"the output folder holds models of another {' and '.join(what)}",
+                path=out,
+                hint="write elsewhere, or pass `overwrite=True` to train them again",
+            )
+        old = None
+    elif (
+        old is None
+        and out.is_dir()
+        and any((out / _file_name(i.name, format)).exists() for i in insts)
+    ):
+        if not overwrite:
+            raise W2WError(
+                "the output folder holds LoRA files without a training manifest",
+                path=out,
+                hint="write elsewhere, or pass `overwrite=True` to replace them",
+            )
+    models: dict[str, Any] = dict(old["models"]) if old else {}
+    seeds = {i.name: recipe.seed * 1_000_003 + k for k, i in enumerate(insts)}
+
+    def finished(name: str) -> bool:
+        e = models.get(name)
+        if not isinstance(e, dict):
+            return False
+        if e.get("status") == "failed":
+            return True
+        f = out / str(e.get("file", ""))
+        return e.get("status") == "done" and f.exists() and file_sha256(f) == e.get("sha256")
+
+    todo = [i for i in insts if not finished(i.name)]
+    n_done = sum(1 for i in insts if finished(i.name) and models[i.name]["status"] == "done")
+    n_failed = sum(1 for i in insts if finished(i.name) and models[i.name]["status"] == "failed")
+
+    # the pipeline and the targets (before any picture is decoded for a long run)
+    pipe = load_pipeline(base_dir, device="cpu", dtype=torch.float32)
+    names = [n for n, _ in pipe.unet.named_modules()]
+    check_targets(names, recipe.targets)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = int(recipe.resolution or pipe.unet.config.sample_size * vae_scale)
+    if size % vae_scale:
+        raise W2WError(
+            f"resolution {size} is not a multiple of the VAE's factor {vae_scale}",
+            param="resolution",
+        )
+    said: set[str] = set()
+    if any(c for i in insts for c in i.captions):
+        warn(
+            "captions are recorded in the manifest; every sample is trained with the instance "
+            f"prompt {recipe.instance_prompt!r}"
+        )
+    trainer = DreamBooth(
+        pipe,
+        targets=recipe.targets,
+        rank=recipe.rank,
+        alpha=recipe.alpha,
+        init_seed=recipe.init_seed,
+        device=device,
+    )
+    if str(trainer.device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False  # as if alone: same numerics per model
+    pictures: dict[str, np.ndarray] = {}
+
+    def pics(inst: Instance) -> np.ndarray:
+        if inst.name not in pictures:
+            pictures[inst.name] = load_pictures(
+                inst, size, skip_bad=skip_bad_images, warn=warn, said=said
+            )
+        return pictures[inst.name]
+
+    if todo and mpb_auto:
+        mpb = _auto_models_per_batch(trainer, pics(todo[0]), recipe, len(todo))
+    elif not todo:
+        mpb = max(1, mpb if not mpb_auto else 1)
+    plan = TrainPlan(
+        models=len(insts),
+        done=n_done,
+        failed=n_failed,
+        todo=len(todo),
+        steps=recipe.steps,
+        models_per_batch=mpb,
+        batches=math.ceil(len(todo) / mpb) if todo else 0,
+    )
+    if dry_run:
+        if todo:
+            chunk = todo[:mpb]
+            imgs = [pics(i) for i in chunk]  # also checks every picture of the first batch
+            for i in todo[mpb:]:
+                load_pictures(i, size, skip_bad=skip_bad_images, warn=warn, said=said)
+            warm = min(3, recipe.steps)
+            trainer.train(
+                imgs,
+                recipe.instance_prompt,
+                [0] * len(chunk),
+                steps=1,
+                batch=recipe.batch,
+                lr=recipe.lr,
+            )  # first step: allocation, caches
+            t0 = time.perf_counter()
+            trainer.train(
+                imgs,
+                recipe.instance_prompt,
+                [0] * len(chunk),
+                steps=warm,
+                batch=recipe.batch,
+                lr=recipe.lr,
+            )
+            trainer.release()
+            plan.seconds_per_step = (time.perf_counter() - t0) / warm
+            plan.estimated_s = plan.seconds_per_step * recipe.steps * plan.batches
+        return plan
+
+    for k, i in enumerate(todo):  # every picture is checked before the first model trains
+        if k < mpb:
+            pics(i)  # the first batch's, kept
+        else:
+            load_pictures(i, size, skip_bad=skip_bad_images, warn=warn, said=said)
+    out.mkdir(parents=True, exist_ok=True)
+    if labels is not None:
+        with atomic_path(out / "labels.csv", overwrite=True) as tmp:
+            shutil.copyfile(labels, tmp)
+    manifest = {**settings, "models": models, "w2wkit": "train"}
+    _write_manifest(out, manifest)
+    written = 0
+    queue = list(todo)
+    with Bar(len(insts), "train", enabled=progress, unit="models", fields={"loss": "-"}) as bar:
+        bar.set(n_done + n_failed)
+        while queue:
+            chunk = queue[:mpb]
+            base_done = len(insts) - len(queue)
+            try:
+                adapters, losses = trainer.train(
+                    [pics(i) for i in chunk],
+                    recipe.instance_prompt,
+                    [seeds[i.name] for i in chunk],
+                    steps=recipe.steps,
+                    batch=recipe.batch,
+                    lr=recipe.lr,
+                    on_step=_step_progress(bar, base_done, len(chunk), recipe.steps),
+                )
+            except RuntimeError as exc:
+                if not _is_oom(exc) or mpb == 1:
+                    raise
+                trainer.release()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                mpb = max(1, mpb // 2)
+                plan.models_per_batch = mpb
+                warn(f"out of memory: models per batch halved to {mpb}")
+                continue
+            trainer.release()
+            for inst in chunk:  # pictures are held for the running batch only
+                pictures.pop(inst.name, None)
+            for inst, ad, loss in zip(chunk, adapters, losses, strict=True):
+                finite = math.isfinite(float(loss)) and all(
+                    np.isfinite(layer.down).all() and np.isfinite(layer.up).all()
+                    for layer in ad.layers.values()
+                )
+                entry: dict[str, Any] = {
+                    "seed": seeds[inst.name],
+                    "pictures": [str(p) for p in inst.pictures],
+                    "captions": inst.captions,
+                }
+                if not finite:
+                    entry.update(status="failed", reason="diverged (non-finite loss or weights)")
+                    plan.failed_names.append(inst.name)
+                    warn(f"model {inst.name!r} diverged (non-finite loss); marked failed")
+                else:
+                    fname = _file_name(inst.name, format)
+                    ad.metadata = provenance_metadata(
+                        "w2wkit train",
+                        [str(p) for p in inst.pictures],
+                        prompt=recipe.instance_prompt,
+                        instance=inst.name,
+                        seed=str(seeds[inst.name]),
+                    )
+                    write_adapter(ad, out / fname, format=format, overwrite=True)
+                    entry.update(
+                        status="done",
+                        file=fname,
+                        sha256=file_sha256(out / fname),
+                        loss=float(loss),
+                    )
+                    plan.written.append(inst.name)
+                models[inst.name] = entry
+                _write_manifest(out, manifest)
+                written += 1
+                bar.update(0, loss=f"{float(loss):.4f}")
+                _die_hook(written)
+            queue = queue[len(chunk) :]
+            bar.set(len(insts) - len(queue))
+    return plan
