@@ -570,7 +570,11 @@ class WeightSpace:
         # sum of squares of the centred deltas per module, without its N x N Gram:
         # sum_i |delta_i|^2 - |sum_i delta_i|^2 / N (the summed delta is one dense
         # out x in product, far cheaper than the R x R factor products)
-        ss = np.array([_module_centred_ss(fac, m) for m in fac.modules])
+        from w2wkit.collection import memory_budget
+
+        # what the kernel and its centred copy leave of the budget, for the blocks
+        budget = max(memory_budget() - 3 * 8 * n * n, 64 << 20)
+        ss = np.array([_module_centred_ss(fac, m, budget) for m in fac.modules])
         numel = np.array(
             [fac.out_features[m] * math.prod(fac.in_shape[m]) for m in fac.modules], float
         )
@@ -586,7 +590,7 @@ class WeightSpace:
         # kernel and one block product, never a module's R x R products or its Gram)
         gram = np.zeros((n, n))
         for j, (m, s) in enumerate(zip(fac.modules, sigma, strict=True)):
-            _add_module_gram(gram, fac, m, 1.0 / s**2)
+            _add_module_gram(gram, fac, m, 1.0 / s**2, budget)
             if cb is not None:
                 cb("gram", j + 1, len(fac.modules))
         timings = {"read": t_read, "gram": time.perf_counter() - t0}
@@ -663,8 +667,9 @@ class WeightSpace:
             u = u.astype(np.float64)
             d = d.astype(np.float64)
             w = 1.0 / self.scale_[j] ** 2
-            prod = (u.T @ fac.up[m]) * (d @ fac.down[m].T)  # (r, R)
-            cross += w * _segment_sum(prod.sum(axis=0), fac.owner[m], fac.n_models)
+            up, down, owner = fac.block(m, 0, len(fac.segments(m)))  # one module at a time
+            prod = (u.T @ up) * (d @ down.T)  # (r, R)
+            cross += w * _segment_sum(prod.sum(axis=0), owner, fac.n_models)
             self_ip += w * float(np.sum((u.T @ u) * (d @ d.T)))
         return cross, self_ip
 
@@ -815,8 +820,9 @@ class WeightSpace:
                 # combination; the per-layer scale cancels (scaled metric,
                 # unscaled output).
                 gamma = mean_weight / fac.n_models + g
-                ups.append(fac.up[m].astype(np.float64) * gamma[fac.owner[m]])
-                downs.append(fac.down[m].astype(np.float64))
+                up, down, owner = fac.block(m, 0, len(fac.segments(m)))
+                ups.append(up.astype(np.float64) * gamma[owner])
+                downs.append(down.astype(np.float64))
                 out_f, in_shape = fac.out_features[m], fac.in_shape[m]
                 default_rank = fac.max_rank[m]
             else:
@@ -1054,47 +1060,110 @@ def _model_blocks(owner: np.ndarray, terms: int | None = None) -> list[tuple[int
     return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
-def _add_module_gram(gram: np.ndarray, fac: DeltaFactors, m: str, weight: float) -> None:
+def _segment_blocks(fac: DeltaFactors, m: str, terms: int) -> list[tuple[int, int]]:
+    """Split module ``m``'s segments (whole models) into ranges of about ``terms`` terms."""
+    bounds = [0]
+    acc = 0
+    segs = fac.segments(m)
+    for j, (_, r, _) in enumerate(segs):
+        if acc >= terms:
+            bounds.append(j)
+            acc = 0
+        acc += r
+    bounds.append(len(segs))
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i]]
+
+
+def _block_terms(fac: DeltaFactors, m: str, budget: int) -> int:
+    """Rank-one terms per block: two float64 blocks and their product within ``budget``."""
+    width = fac.out_features[m] + math.prod(fac.in_shape[m])
+    # 2 blocks x (T x width) float64 + T x T float64 products (x2 temporaries)
+    t = int((-(2 * width) + math.sqrt(4 * width**2 + 4 * 2 * budget / 8)) / 2 / 2)
+    return max(1, min(_GRAM_BLOCK_TERMS, t))
+
+
+def _add_module_gram(
+    gram: np.ndarray, fac: DeltaFactors, m: str, weight: float, budget: int | None = None
+) -> None:
     """``gram += weight * G_m`` with ``G_m[i, j] = <delta_i, delta_j>`` of module ``m``.
 
-    Blocks of models (about :data:`_GRAM_BLOCK_TERMS` rank-one terms) are
-    multiplied pairwise, ``(U_a^T U_b) * (D_a D_b^T)`` summed per pair of owners,
-    so the temporaries are bounded by two blocks whatever N and the ranks are.
+    Blocks of models (whole models, about :data:`_GRAM_BLOCK_TERMS` rank-one terms,
+    fewer when ``budget`` bytes are tight) are multiplied pairwise,
+    ``(U_a^T U_b) * (D_a D_b^T)`` summed per pair of owners, so the temporaries
+    are bounded by two blocks whatever N and the ranks are. A module whose
+    float64 stack fits in a quarter of the budget is read once; a larger one is
+    read a block at a time from the factor store (block ``a`` held, the blocks
+    ``b >= a`` read in turn).
     """
-    up, down, owner = fac.up[m], fac.down[m], fac.owner[m]
-    blocks = _model_blocks(owner)
-    for a, (a0, a1) in enumerate(blocks):
-        ua = up[:, a0:a1].astype(np.float64)
-        da = down[a0:a1].astype(np.float64)
-        oa = owner[a0:a1]
-        for b0, b1 in blocks[a:]:
-            ub = up[:, b0:b1].astype(np.float64) if b0 != a0 else ua
-            db = down[b0:b1].astype(np.float64) if b0 != a0 else da
-            ob = owner[b0:b1]
+    from w2wkit.collection import memory_budget
+
+    budget = memory_budget() if budget is None else budget
+    blocks = _segment_blocks(fac, m, _block_terms(fac, m, budget // 2))
+    whole = fac.spill is None or 2 * fac.factor_bytes(m) <= budget // 4
+    if whole and blocks:
+        up, down, owner = fac.block(m, 0, blocks[-1][1])
+        base = fac.segments(m)
+        col = np.cumsum([0] + [r for _, r, _ in base])
+
+    def get(j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lo, hi = blocks[j]
+        if whole:
+            c0, c1 = col[lo], col[hi]
+            return up[:, c0:c1], down[c0:c1], owner[c0:c1]
+        return fac.block(m, lo, hi)
+
+    for a in range(len(blocks)):
+        ua, da, oa = get(a)
+        ua = ua.astype(np.float64)
+        da = da.astype(np.float64)
+        for b in range(a, len(blocks)):
+            if b == a:
+                ub, db, ob = ua, da, oa
+            else:
+                ub, db, ob = get(b)
+                ub = ub.astype(np.float64)
+                db = db.astype(np.float64)
             prod = (ua.T @ ub) * (da @ db.T)
             ia, ib = oa[0], ob[0]
             ja, jb = oa[-1] + 1, ob[-1] + 1
+            # model indices within a block are increasing but may skip models
+            # that lack the module: segment over the index range
             blk = _segment_sum(_segment_sum(prod, ob - ib, jb - ib).T, oa - ia, ja - ia)
             # blk is (models of b, models of a)
             gram[ib:jb, ia:ja] += weight * blk
-            if b0 != a0:
+            if b != a:
                 gram[ia:ja, ib:jb] += weight * blk.T
 
 
-def _module_centred_ss(fac: DeltaFactors, m: str) -> float:
-    """``sum_i |delta_i - mean|^2`` of module ``m`` (Frobenius), without any Gram."""
-    up, down, owner = fac.up[m], fac.down[m], fac.owner[m]
+def _module_centred_ss(fac: DeltaFactors, m: str, budget: int | None = None) -> float:
+    """``sum_i |delta_i - mean|^2`` of module ``m`` (Frobenius), without any Gram.
+
+    ``sum_i |delta_i|^2`` (summed by the scan, or per model here) minus
+    ``|sum_i delta_i|^2 / N``, the summed delta a dense ``(out, in)`` float64
+    matrix built from blocks of models.
+    """
+    from w2wkit.collection import memory_budget
+
+    budget = memory_budget() if budget is None else budget
     n = fac.n_models
-    if owner.size == 0:
+    blocks = _segment_blocks(fac, m, _block_terms(fac, m, budget // 2))
+    if not blocks:
         return 0.0
-    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    ends = np.r_[starts[1:], owner.size]
-    self_ss = 0.0
-    for s0, s1 in zip(starts, ends, strict=True):
-        u = up[:, s0:s1].astype(np.float64)
-        d = down[s0:s1].astype(np.float64)
-        self_ss += float(np.sum((u.T @ u) * (d @ d.T)))
-    total = up.astype(np.float64) @ down.astype(np.float64)  # sum_i delta_i, (out, in)
+    self_ss = fac.self_ss.get(m) if fac.self_ss is not None else None
+    total = np.zeros((fac.out_features[m], math.prod(fac.in_shape[m])))
+    acc = 0.0
+    for lo, hi in blocks:
+        up, down, owner = fac.block(m, lo, hi)
+        u = up.astype(np.float64)
+        d = down.astype(np.float64)
+        total += u @ d
+        if self_ss is None:
+            starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            ends = np.r_[starts[1:], owner.size]
+            for s0, s1 in zip(starts, ends, strict=True):
+                acc += float(np.sum((u[:, s0:s1].T @ u[:, s0:s1]) * (d[s0:s1] @ d[s0:s1].T)))
+    if self_ss is None:
+        self_ss = acc
     return self_ss - float(np.sum(total * total)) / n
 
 
