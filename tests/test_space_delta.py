@@ -232,3 +232,79 @@ def test_blocked_kernel_equals_one_block(tmp_path, models, reference, monkeypatc
     _same_space(one, blocked, tol=1e-9)
     _same_space(reference, blocked)
     assert set(blocked.info_["timings"]) == {"read", "gram", "eigen"}
+
+
+def _mixed_module_sets(models):
+    # mixed ranks, alphas and gauges, and two models that lack a module each
+    out = _variants(models)
+    mods = list(models[0].layers)
+    out[3] = Adapter({m: layer for m, layer in out[3].items() if m != mods[0]})
+    out[6] = Adapter({m: layer for m, layer in out[6].items() if m != mods[-1]})
+    return out
+
+
+@pytest.mark.parametrize("tight", [False, True])
+def test_spilled_fit_from_files_equals_in_memory(tmp_path, models, monkeypatch, tight):
+    # a fit from files keeps the factors in a spill file and reads them back in blocks;
+    # every result (coefficients, projection, reconstruction, samples, save/load) equals
+    # the fit of the same adapters held in memory
+    import w2wkit.collection as coll_mod
+
+    mixed = _mixed_module_sets(models)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for i, ad in enumerate(mixed):
+        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya")
+    mem = WeightSpace(K, representation="delta").fit(mixed)
+    assert mem.delta_.spill is None
+    reads = []
+    if tight:
+        # a budget of a few kB: blocks of a model or so, no module read whole
+        monkeypatch.setattr(coll_mod, "memory_budget", lambda: 4096)
+        original = coll_mod._FactorSpill.read
+
+        def counted(self, module, width, lo, hi):
+            reads.append((module, lo, hi))
+            return original(self, module, width, lo, hi)
+
+        monkeypatch.setattr(coll_mod._FactorSpill, "read", counted)
+    fil = WeightSpace(K, representation="delta").fit(Collection(folder, cache_dir=tmp_path))
+    spill = fil.delta_.spill
+    assert spill is not None and spill.path.is_file()
+    assert spill.path.parent.parent == tmp_path
+    if tight:
+        assert all(hi - lo < len(mixed) for _, lo, hi in reads[: len(mixed)])
+        assert len(reads) > 4 * len(fil.delta_modules_)
+    monkeypatch.undo()
+    _same_space(mem, fil, tol=1e-6)
+    np.testing.assert_allclose(fil.scale_, mem.scale_, rtol=1e-6)
+    np.testing.assert_allclose(fil.transform(models), mem.transform(models), atol=1e-4)
+    coeffs = mem.sample(3, seed=1)
+    np.testing.assert_allclose(fil.sample(3, seed=1), coeffs)
+    for a, b in zip(fil.inverse_transform(coeffs), mem.inverse_transform(coeffs), strict=True):
+        assert set(a.layers) == set(b.layers)
+        for m in a.layers:
+            np.testing.assert_allclose(a.layers[m].delta(), b.layers[m].delta(), atol=1e-5)
+    # the modules some models lack count as zero: the rank of each stack is the models' sum
+    m0 = models[0].layers
+    first = next(iter(m0))
+    assert fil.delta_.total_rank[first] == sum(
+        layer_factors_rank(ad, first) for ad in mixed if first in ad.layers
+    )
+    saved = fil.save(tmp_path / "space")
+    back = WeightSpace.load(saved)
+    assert back.delta_.spill is None
+    np.testing.assert_allclose(back.transform(models), mem.transform(models), atol=1e-4)
+    a = back.inverse_transform(coeffs)[0]
+    b = mem.inverse_transform(coeffs)[0]
+    for m in a.layers:
+        np.testing.assert_allclose(a.layers[m].delta(), b.layers[m].delta(), atol=1e-5)
+    path = spill.path
+    fil.delta_.close()
+    assert not path.exists()
+
+
+def layer_factors_rank(ad, m):
+    from w2wkit.collection import layer_factors
+
+    return layer_factors(ad.layers[m])[0].shape[1]

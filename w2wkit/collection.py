@@ -244,9 +244,7 @@ class DeltaFactors:
             return []
         starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
         ends = np.r_[starts[1:], owner.size]
-        return [
-            (int(owner[a]), int(b - a), int(a)) for a, b in zip(starts, ends, strict=True)
-        ]
+        return [(int(owner[a]), int(b - a), int(a)) for a, b in zip(starts, ends, strict=True)]
 
     @property
     def total_rank(self) -> dict[str, int]:

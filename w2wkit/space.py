@@ -573,7 +573,8 @@ class WeightSpace:
         from w2wkit.collection import memory_budget
 
         # what the kernel and its centred copy leave of the budget, for the blocks
-        budget = max(memory_budget() - 3 * 8 * n * n, 64 << 20)
+        budget = memory_budget()
+        budget = max(budget - 3 * 8 * n * n, budget // 4)
         ss = np.array([_module_centred_ss(fac, m, budget) for m in fac.modules])
         numel = np.array(
             [fac.out_features[m] * math.prod(fac.in_shape[m]) for m in fac.modules], float
