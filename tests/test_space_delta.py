@@ -308,3 +308,26 @@ def layer_factors_rank(ad, m):
     from w2wkit.collection import layer_factors
 
     return layer_factors(ad.layers[m])[0].shape[1]
+
+
+def test_sketched_kernel_when_the_kernel_does_not_fit(tmp_path, models, monkeypatch):
+    # a budget below the N x N kernel: the randomized eigensolver applies the kernel,
+    # rebuilt from the spilled factors each pass; with k + p >= N its range is the whole
+    # centred space, so the result equals the exact kernel's
+    import w2wkit.collection as coll_mod
+
+    mixed = _mixed_module_sets(models)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for i, ad in enumerate(mixed):
+        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya")
+    mem = WeightSpace(K, representation="delta").fit(mixed)
+    monkeypatch.setattr(coll_mod, "memory_budget", lambda: 3 * 8 * len(mixed) ** 2 - 1)
+    sk = WeightSpace(K, representation="delta").fit(Collection(folder))
+    monkeypatch.undo()
+    assert sk.info_["solver_used"] == "gram-sketch" and sk.info_["n_passes"] > 1
+    assert mem.info_["solver_used"] == "gram"
+    _same_space(mem, sk, tol=1e-6)
+    np.testing.assert_allclose(sk.gram_colmean_, mem.gram_colmean_, rtol=1e-6)
+    np.testing.assert_allclose(sk.beta_, mem.beta_, atol=1e-6 * np.abs(mem.beta_).max())
+    np.testing.assert_allclose(sk.transform(models), mem.transform(models), atol=1e-4)

@@ -587,24 +587,40 @@ class WeightSpace:
             sigma = np.maximum(sigma, self.scale_floor * rms)
         else:
             sigma = np.ones(len(fac.modules))
-        # the kernel, one module at a time in blocks of models (memory: the N x N
-        # kernel and one block product, never a module's R x R products or its Gram)
-        gram = np.zeros((n, n))
-        for j, (m, s) in enumerate(zip(fac.modules, sigma, strict=True)):
-            _add_module_gram(gram, fac, m, 1.0 / s**2, budget)
-            if cb is not None:
-                cb("gram", j + 1, len(fac.modules))
-        timings = {"read": t_read, "gram": time.perf_counter() - t0}
-        t0 = time.perf_counter()
-        colmean = gram.mean(axis=0)
-        allmean = float(colmean.mean())
-        centred = gram - colmean[None, :] - colmean[:, None] + allmean
-        centred = (centred + centred.T) / 2
-        total_var = float(np.trace(centred)) / (n - 1)
-        if total_var <= 0:
-            raise SpaceError("all models are identical: the collection has no variance to fit")
-        lam, vec = top_eigh(centred, k)
-        timings["eigen"] = time.perf_counter() - t0
+        weights = 1.0 / sigma**2
+        whole_budget = memory_budget()
+        if 3 * 8 * n * n <= whole_budget:
+            # the kernel, one module at a time in blocks of models (memory: the N x N
+            # kernel and one block product, never a module's R x R products or its Gram)
+            gram = np.zeros((n, n))
+            for j, (m, w) in enumerate(zip(fac.modules, weights, strict=True)):
+                _add_module_gram(gram, fac, m, w, budget)
+                if cb is not None:
+                    cb("gram", j + 1, len(fac.modules))
+            timings = {"read": t_read, "gram": time.perf_counter() - t0}
+            t0 = time.perf_counter()
+            colmean = gram.mean(axis=0)
+            allmean = float(colmean.mean())
+            centred = gram - colmean[None, :] - colmean[:, None] + allmean
+            del gram
+            centred = (centred + centred.T) / 2
+            total_var = float(np.trace(centred)) / (n - 1)
+            if total_var <= 0:
+                raise SpaceError("all models are identical: the collection has no variance to fit")
+            lam, vec = top_eigh(centred, k)
+            del centred
+            timings["eigen"] = time.perf_counter() - t0
+            solver, passes = "gram", 1
+        else:
+            # the N x N kernel does not fit: a randomized eigensolver that applies the
+            # kernel to N x (k + p) blocks, the kernel rebuilt from the factors each pass
+            total_var = float(np.sum(np.maximum(ss, 0.0) * weights)) / (n - 1)
+            if total_var <= 0:
+                raise SpaceError("all models are identical: the collection has no variance to fit")
+            lam, vec, colmean, passes = _sketched_kernel_eigh(fac, weights, k, budget, cb)
+            allmean = float(colmean.mean())
+            timings = {"read": t_read, "gram": time.perf_counter() - t0, "eigen": 0.0}
+            solver = "gram-sketch"
         lam = np.maximum(np.asarray(lam, dtype=np.float64), 0.0)
         vec = np.asarray(vec, dtype=np.float64)
         sv = np.sqrt(lam)
@@ -629,7 +645,7 @@ class WeightSpace:
         self.explained_variance_ = lam / (n - 1)
         self.explained_variance_ratio_ = self.explained_variance_ / total_var
         self.total_variance_ = total_var
-        self.info_ = {"solver_used": "gram", "n_passes": 1, "timings": timings}
+        self.info_ = {"solver_used": solver, "n_passes": passes, "timings": timings}
 
     @staticmethod
     def _module_gram(fac: DeltaFactors, m: str) -> np.ndarray:
@@ -1083,10 +1099,12 @@ def _block_terms(fac: DeltaFactors, m: str, budget: int) -> int:
     return max(1, min(_GRAM_BLOCK_TERMS, t))
 
 
-def _add_module_gram(
-    gram: np.ndarray, fac: DeltaFactors, m: str, weight: float, budget: int | None = None
-) -> None:
-    """``gram += weight * G_m`` with ``G_m[i, j] = <delta_i, delta_j>`` of module ``m``.
+def _module_gram_blocks(
+    fac: DeltaFactors, m: str, budget: int | None = None
+) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
+    """Blocks ``(ia, ja, ib, jb, G_m[ib:jb, ia:ja])`` of module ``m``'s Gram, ``ib >= ia``
+    (``G_m[i, j] = <delta_i, delta_j>``; the blocks with ``ib > ia`` stand for their
+    transposes too).
 
     Blocks of models (whole models, about :data:`_GRAM_BLOCK_TERMS` rank-one terms,
     fewer when ``budget`` bytes are tight) are multiplied pairwise,
@@ -1130,10 +1148,93 @@ def _add_module_gram(
             # model indices within a block are increasing but may skip models
             # that lack the module: segment over the index range
             blk = _segment_sum(_segment_sum(prod, ob - ib, jb - ib).T, oa - ia, ja - ia)
-            # blk is (models of b, models of a)
-            gram[ib:jb, ia:ja] += weight * blk
-            if b != a:
-                gram[ia:ja, ib:jb] += weight * blk.T
+            yield int(ia), int(ja), int(ib), int(jb), blk  # (models of b, models of a)
+
+
+def _add_module_gram(
+    gram: np.ndarray, fac: DeltaFactors, m: str, weight: float, budget: int | None = None
+) -> None:
+    """``gram += weight * G_m`` (see :func:`_module_gram_blocks`)."""
+    for ia, ja, ib, jb, blk in _module_gram_blocks(fac, m, budget):
+        gram[ib:jb, ia:ja] += weight * blk
+        if ib != ia:
+            gram[ia:ja, ib:jb] += weight * blk.T
+
+
+def _kernel_apply(fac: DeltaFactors, weights: np.ndarray, x: np.ndarray, budget: int) -> np.ndarray:
+    """``K @ x`` for the kernel ``K = sum_m weights[m] G_m``, never holding ``K``.
+
+    ``x`` is ``(N, c)``; returns ``(N, c)`` float64.
+    """
+    out = np.zeros_like(x, dtype=np.float64)
+    for m, w in zip(fac.modules, weights, strict=True):
+        for ia, ja, ib, jb, blk in _module_gram_blocks(fac, m, budget):
+            out[ib:jb] += w * (blk @ x[ia:ja])
+            if ib != ia:
+                out[ia:ja] += w * (blk.T @ x[ib:jb])
+    return out
+
+
+#: Extra columns and power iterations of the sketched kernel eigensolver.
+_SKETCH_OVERSAMPLE = 10
+_SKETCH_POWER = 2
+
+
+def _sketched_kernel_eigh(
+    fac: DeltaFactors,
+    weights: np.ndarray,
+    k: int,
+    budget: int,
+    cb: Callable[[str, int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Top ``k`` eigenpairs of the centred kernel ``H K H`` by a randomized range finder.
+
+    Each pass rebuilds the kernel's blocks from the factors and applies them to an
+    ``N x (k + p)`` block (memory: that block and one kernel block, not N x N).
+
+    Returns
+    -------
+    lam : numpy.ndarray
+        ``(k,)`` eigenvalues, descending.
+    vec : numpy.ndarray
+        ``(N, k)`` orthonormal eigenvectors.
+    colmean : numpy.ndarray
+        ``(N,)`` column means of ``K``.
+    passes : int
+        Passes over the factors.
+    """
+    n = fac.n_models
+    c = min(n - 1, k + _SKETCH_OVERSAMPLE)  # the centred range has N - 1 dimensions
+    rng = np.random.default_rng(0)
+    passes = _SKETCH_POWER + 2
+    omega = rng.standard_normal((n, c))
+    omega -= omega.mean(axis=0)
+    # first pass: K @ [H omega, 1/N]: the sketch and the kernel's column means
+    y = _kernel_apply(fac, weights, np.column_stack([omega, np.full(n, 1.0 / n)]), budget)
+    colmean = y[:, -1].copy()
+    y = y[:, :-1]
+    y -= y.mean(axis=0)
+    if cb is not None:
+        cb("gram", 1, passes)
+    for it in range(_SKETCH_POWER):
+        q, _ = np.linalg.qr(y)
+        q -= q.mean(axis=0)
+        y = _kernel_apply(fac, weights, q, budget)
+        y -= y.mean(axis=0)
+        if cb is not None:
+            cb("gram", 2 + it, passes)
+    q, _ = np.linalg.qr(y)
+    q -= q.mean(axis=0)  # in the centred range: H q = q up to rounding
+    q, _ = np.linalg.qr(q)
+    q -= q.mean(axis=0)
+    z = _kernel_apply(fac, weights, q, budget)
+    z -= z.mean(axis=0)
+    if cb is not None:
+        cb("gram", passes, passes)
+    b = q.T @ z
+    lam, v = np.linalg.eigh((b + b.T) / 2)
+    order = np.argsort(lam)[::-1][:k]
+    return lam[order], q @ v[:, order], colmean, passes
 
 
 def _module_centred_ss(fac: DeltaFactors, m: str, budget: int | None = None) -> float:
