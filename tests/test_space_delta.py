@@ -331,3 +331,34 @@ def test_sketched_kernel_when_the_kernel_does_not_fit(tmp_path, models, monkeypa
     np.testing.assert_allclose(sk.gram_colmean_, mem.gram_colmean_, rtol=1e-6)
     np.testing.assert_allclose(sk.beta_, mem.beta_, atol=1e-6 * np.abs(mem.beta_).max())
     np.testing.assert_allclose(sk.transform(models), mem.transform(models), atol=1e-4)
+
+
+def test_sketched_kernel_finds_a_planted_spectrum(monkeypatch):
+    # N = 60 models near a 3-dimensional family (k + p < N - 1: a genuine sketch): the
+    # randomized eigensolver's top values and coefficients equal the exact kernel's
+    import w2wkit.collection as coll_mod
+    from w2wkit.adapter import LoraLayer
+
+    rng = np.random.default_rng(3)
+    shapes = {"a": (12, 10), "b": (8, 14)}
+    base = {
+        m: (rng.standard_normal((o, 2)), rng.standard_normal((3, 2, i)))
+        for m, (o, i) in shapes.items()
+    }
+    ads = []
+    for _ in range(60):
+        w = rng.standard_normal(3)
+        layers = {}
+        for m, (_o, i) in shapes.items():
+            up, downs = base[m]
+            down = np.einsum("l,lri->ri", w, downs) + 0.1 * rng.standard_normal((2, i))
+            layers[m] = LoraLayer(down=down.astype(np.float32), up=up.astype(np.float32), alpha=2.0)
+        ads.append(Adapter(layers))
+    exact = WeightSpace(3, representation="delta").fit(ads)
+    monkeypatch.setattr(coll_mod, "memory_budget", lambda: 3 * 8 * 60**2 - 1)
+    sk = WeightSpace(3, representation="delta").fit(ads)
+    assert sk.info_["solver_used"] == "gram-sketch"
+    np.testing.assert_allclose(sk.singular_values_, exact.singular_values_, rtol=1e-6)
+    np.testing.assert_allclose(
+        sk.coefficients_, exact.coefficients_, atol=1e-5 * np.abs(exact.coefficients_).max()
+    )
