@@ -362,3 +362,15 @@ def test_sketched_kernel_finds_a_planted_spectrum(monkeypatch):
     np.testing.assert_allclose(
         sk.coefficients_, exact.coefficients_, atol=1e-5 * np.abs(exact.coefficients_).max()
     )
+
+
+def test_spill_folder_that_cannot_be_made_is_one_error(tmp_path, models):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for i, ad in enumerate(models[:4]):
+        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya")
+    with pytest.raises(SpaceError, match="spill file") as err:
+        WeightSpace(2, representation="delta").fit(Collection(folder, cache_dir=blocker / "cache"))
+    assert str(err.value.path) == str(blocker / "cache")

@@ -762,7 +762,15 @@ class _FactorSpill:
 
     def __init__(self, folder: Path | None = None) -> None:
         parent = Path(folder) if folder is not None else Path(tempfile.gettempdir())
-        self.folder = Path(tempfile.mkdtemp(prefix="w2wkit-deltas-", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix="w2wkit-deltas-", dir=parent))
+        except OSError as exc:
+            raise SpaceError(
+                f"cannot create the delta factor spill file: {exc.strerror or exc}",
+                path=parent,
+                hint="point cache_dir at a writable folder",
+            ) from None
         self.path = self.folder / "factors.f32"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.size = 0
@@ -775,9 +783,16 @@ class _FactorSpill:
         view = memoryview(rows).cast("B")
         at = self.size
         self.segments.setdefault(module, []).append((int(i), int(up.shape[1]), at))
-        while view:
-            done = os.pwrite(self.fd, view, at)
-            view, at = view[done:], at + done
+        try:
+            while view:
+                done = os.pwrite(self.fd, view, at)
+                view, at = view[done:], at + done
+        except OSError as exc:
+            raise SpaceError(
+                f"cannot write the delta factor spill file: {exc.strerror or exc}",
+                path=self.path,
+                hint="free disk space or point cache_dir at a larger disk",
+            ) from None
         self.size = at
 
     def read(self, module: str, width: int, lo: int, hi: int) -> np.ndarray:
