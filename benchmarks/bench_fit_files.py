@@ -153,6 +153,9 @@ def main() -> None:
     ap.add_argument("--worker", choices=("user", "w2wkit", "delta"))
     ap.add_argument("--delta", type=int, nargs="*", default=[], help="delta case sizes")
     ap.add_argument("--delta-ranks", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument(
+        "--delta-ffn", action="store_true", help="delta case: attention and feed-forward linears"
+    )
     ap.add_argument("--folder", type=Path)
     ap.add_argument("--k", type=int)
     a = ap.parse_args()
@@ -164,9 +167,12 @@ def main() -> None:
 
     for n in a.delta:
         k = min(1000, n - 1)
-        folder = a.root / f"delta_{n}_r{'-'.join(map(str, a.delta_ranks))}"
+        tag = "_ffn" if a.delta_ffn else ""
+        folder = a.root / f"delta_{n}_r{'-'.join(map(str, a.delta_ranks))}{tag}"
         t = time.perf_counter()
-        write_delta_collection(folder, n, ranks=tuple(a.delta_ranks), attention_only=True)
+        write_delta_collection(
+            folder, n, ranks=tuple(a.delta_ranks), attention_only=not a.delta_ffn
+        )
         gen_s = time.perf_counter() - t
         w = run_worker(__file__, ["--worker", "delta", "--folder", str(folder), "--k", str(k)])
         err = delta_subset_error(folder, 24, 10)
@@ -176,7 +182,11 @@ def main() -> None:
             "n": n,
             "k": k,
             "ranks": a.delta_ranks,
-            "modules": "SD1.5 attention q/k/v/out (128)",
+            "modules": (
+                "SD1.5 attention q/k/v/out + feed-forward (160)"
+                if a.delta_ffn
+                else "SD1.5 attention q/k/v/out (128)"
+            ),
             "files_gb": size / 1e9,
             "gen_s": gen_s,
             "w2wkit_s": w["wall_s"],

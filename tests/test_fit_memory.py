@@ -49,10 +49,12 @@ CHILD = textwrap.dedent(
         refused = False
     except MemoryError:
         refused = True
-    space = WeightSpace(int(sys.argv[4])).fit(Collection(sys.argv[1]))
+    rep = sys.argv[5] if len(sys.argv) > 5 else "factors"
+    space = WeightSpace(int(sys.argv[4]), representation=rep).fit(Collection(sys.argv[1]))
     print(json.dumps({"refused": refused, "sv": space.singular_values_.tolist(),
                       "solver": space.info_["solver_used"], "passes": space.info_["n_passes"],
-                      "budget": memory_budget()}))
+                      "budget": memory_budget(),
+                      "coefficients": space.coefficients_[:, :2].tolist()}))
     """
 )
 
@@ -78,3 +80,80 @@ def test_factors_fit_larger_than_the_memory_cap(tmp_path):
     assert got["passes"] > 1  # streamed from the row cache, more than one pass
     ref = WeightSpace(k).fit(Collection(folder))
     np.testing.assert_allclose(got["sv"], ref.singular_values_, rtol=1e-5)
+
+
+#: two 1,000 x 1,000 modules (the second missing from every fifth model), ranks 4-64
+DELTA_MODULES = (
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k",
+)
+DELTA_N = 300
+DELTA_CAP_EXTRA = 48 << 20
+
+
+def _write_delta_collection(folder):
+    from w2wkit.adapter import Adapter, LoraLayer
+    from w2wkit.formats import write_adapter
+
+    rng = np.random.default_rng(5)
+    latent = rng.standard_normal((4, 1000, 8)).astype(np.float32)  # shared structure
+    folder.mkdir()
+    total = 0
+    for i in range(DELTA_N):
+        layers = {}
+        for j, m in enumerate(DELTA_MODULES):
+            if j == 1 and i % 5 == 0:
+                continue
+            r = int(rng.choice([4, 8, 16, 32, 64]))
+            w = rng.standard_normal(4).astype(np.float32)
+            up = np.einsum("l,lor->or", w, latent)[:, : min(r, 8)]
+            up = np.concatenate([up, 0.1 * rng.standard_normal((1000, r - up.shape[1]))], 1)
+            down = rng.standard_normal((r, 1000)).astype(np.float32) / 30
+            alpha = float(rng.choice([1.0, r / 2, float(r)]))
+            layers[m] = LoraLayer(down=down, up=up.astype(np.float32), alpha=alpha)
+            total += 4 * r * 2000
+        write_adapter(Adapter(layers), folder / f"m{i:03d}.safetensors", format="kohya")
+    return total
+
+
+@pytest.mark.slow
+def test_delta_fit_larger_than_the_memory_cap(tmp_path):
+    folder = tmp_path / "loras"
+    data_bytes = _write_delta_collection(folder)
+    assert data_bytes > 2 * DELTA_CAP_EXTRA
+    k = 6
+    env = {
+        **os.environ,
+        "MALLOC_ARENA_MAX": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "TMPDIR": str(tmp_path),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(folder),
+            str(DELTA_CAP_EXTRA),
+            str(data_bytes),
+            str(k),
+            "delta",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["refused"]  # the factors at once do not fit under the cap
+    assert got["solver"] == "gram"
+    ref = WeightSpace(k, representation="delta").fit(Collection(folder))
+    np.testing.assert_allclose(got["sv"], ref.singular_values_, rtol=1e-6)
+    np.testing.assert_allclose(
+        got["coefficients"],
+        ref.coefficients_[:, :2],
+        atol=1e-5 * float(np.abs(ref.coefficients_).max()),
+    )
+    # the spill file went with the child
+    assert not list(tmp_path.glob("w2wkit-deltas-*"))

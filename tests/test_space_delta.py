@@ -232,3 +232,145 @@ def test_blocked_kernel_equals_one_block(tmp_path, models, reference, monkeypatc
     _same_space(one, blocked, tol=1e-9)
     _same_space(reference, blocked)
     assert set(blocked.info_["timings"]) == {"read", "gram", "eigen"}
+
+
+def _mixed_module_sets(models):
+    # mixed ranks, alphas and gauges, and two models that lack a module each
+    out = _variants(models)
+    mods = list(models[0].layers)
+    out[3] = Adapter({m: layer for m, layer in out[3].items() if m != mods[0]})
+    out[6] = Adapter({m: layer for m, layer in out[6].items() if m != mods[-1]})
+    return out
+
+
+@pytest.mark.parametrize("tight", [False, True])
+def test_spilled_fit_from_files_equals_in_memory(tmp_path, models, monkeypatch, tight):
+    # a fit from files keeps the factors in a spill file and reads them back in blocks;
+    # every result (coefficients, projection, reconstruction, samples, save/load) equals
+    # the fit of the same adapters held in memory
+    import w2wkit.collection as coll_mod
+
+    mixed = _mixed_module_sets(models)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for i, ad in enumerate(mixed):
+        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya")
+    mem = WeightSpace(K, representation="delta").fit(mixed)
+    assert mem.delta_.spill is None
+    reads = []
+    if tight:
+        # a budget of a few kB: blocks of a model or so, no module read whole
+        monkeypatch.setattr(coll_mod, "memory_budget", lambda: 4096)
+        original = coll_mod._FactorSpill.read
+
+        def counted(self, module, width, lo, hi):
+            reads.append((module, lo, hi))
+            return original(self, module, width, lo, hi)
+
+        monkeypatch.setattr(coll_mod._FactorSpill, "read", counted)
+    fil = WeightSpace(K, representation="delta").fit(Collection(folder, cache_dir=tmp_path))
+    spill = fil.delta_.spill
+    assert spill is not None and spill.path.is_file()
+    assert spill.path.parent.parent == tmp_path
+    if tight:
+        assert all(hi - lo < len(mixed) for _, lo, hi in reads[: len(mixed)])
+        assert len(reads) > 4 * len(fil.delta_modules_)
+    monkeypatch.undo()
+    _same_space(mem, fil, tol=1e-6)
+    np.testing.assert_allclose(fil.scale_, mem.scale_, rtol=1e-6)
+    np.testing.assert_allclose(fil.transform(models), mem.transform(models), atol=1e-4)
+    coeffs = mem.sample(3, seed=1)
+    np.testing.assert_allclose(fil.sample(3, seed=1), coeffs)
+    for a, b in zip(fil.inverse_transform(coeffs), mem.inverse_transform(coeffs), strict=True):
+        assert set(a.layers) == set(b.layers)
+        for m in a.layers:
+            np.testing.assert_allclose(a.layers[m].delta(), b.layers[m].delta(), atol=1e-5)
+    # the modules some models lack count as zero: the rank of each stack is the models' sum
+    m0 = models[0].layers
+    first = next(iter(m0))
+    assert fil.delta_.total_rank[first] == sum(
+        layer_factors_rank(ad, first) for ad in mixed if first in ad.layers
+    )
+    saved = fil.save(tmp_path / "space")
+    back = WeightSpace.load(saved)
+    assert back.delta_.spill is None
+    np.testing.assert_allclose(back.transform(models), mem.transform(models), atol=1e-4)
+    a = back.inverse_transform(coeffs)[0]
+    b = mem.inverse_transform(coeffs)[0]
+    for m in a.layers:
+        np.testing.assert_allclose(a.layers[m].delta(), b.layers[m].delta(), atol=1e-5)
+    path = spill.path
+    fil.delta_.close()
+    assert not path.exists()
+
+
+def layer_factors_rank(ad, m):
+    from w2wkit.collection import layer_factors
+
+    return layer_factors(ad.layers[m])[0].shape[1]
+
+
+def test_sketched_kernel_when_the_kernel_does_not_fit(tmp_path, models, monkeypatch):
+    # a budget below the N x N kernel: the randomized eigensolver applies the kernel,
+    # rebuilt from the spilled factors each pass; with k + p >= N its range is the whole
+    # centred space, so the result equals the exact kernel's
+    import w2wkit.collection as coll_mod
+
+    mixed = _mixed_module_sets(models)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for i, ad in enumerate(mixed):
+        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya")
+    mem = WeightSpace(K, representation="delta").fit(mixed)
+    monkeypatch.setattr(coll_mod, "memory_budget", lambda: 3 * 8 * len(mixed) ** 2 - 1)
+    sk = WeightSpace(K, representation="delta").fit(Collection(folder))
+    monkeypatch.undo()
+    assert sk.info_["solver_used"] == "gram-sketch" and sk.info_["n_passes"] > 1
+    assert mem.info_["solver_used"] == "gram"
+    _same_space(mem, sk, tol=1e-6)
+    np.testing.assert_allclose(sk.gram_colmean_, mem.gram_colmean_, rtol=1e-6)
+    np.testing.assert_allclose(sk.beta_, mem.beta_, atol=1e-6 * np.abs(mem.beta_).max())
+    np.testing.assert_allclose(sk.transform(models), mem.transform(models), atol=1e-4)
+
+
+def test_sketched_kernel_finds_a_planted_spectrum(monkeypatch):
+    # N = 60 models near a 3-dimensional family (k + p < N - 1: a genuine sketch): the
+    # randomized eigensolver's top values and coefficients equal the exact kernel's
+    import w2wkit.collection as coll_mod
+    from w2wkit.adapter import LoraLayer
+
+    rng = np.random.default_rng(3)
+    shapes = {"a": (12, 10), "b": (8, 14)}
+    base = {
+        m: (rng.standard_normal((o, 2)), rng.standard_normal((3, 2, i)))
+        for m, (o, i) in shapes.items()
+    }
+    ads = []
+    for _ in range(60):
+        w = rng.standard_normal(3)
+        layers = {}
+        for m, (_o, i) in shapes.items():
+            up, downs = base[m]
+            down = np.einsum("l,lri->ri", w, downs) + 0.1 * rng.standard_normal((2, i))
+            layers[m] = LoraLayer(down=down.astype(np.float32), up=up.astype(np.float32), alpha=2.0)
+        ads.append(Adapter(layers))
+    exact = WeightSpace(3, representation="delta").fit(ads)
+    monkeypatch.setattr(coll_mod, "memory_budget", lambda: 3 * 8 * 60**2 - 1)
+    sk = WeightSpace(3, representation="delta").fit(ads)
+    assert sk.info_["solver_used"] == "gram-sketch"
+    np.testing.assert_allclose(sk.singular_values_, exact.singular_values_, rtol=1e-6)
+    np.testing.assert_allclose(
+        sk.coefficients_, exact.coefficients_, atol=1e-5 * np.abs(exact.coefficients_).max()
+    )
+
+
+def test_spill_folder_that_cannot_be_made_is_one_error(tmp_path, models):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for i, ad in enumerate(models[:4]):
+        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya")
+    with pytest.raises(SpaceError, match="spill file") as err:
+        WeightSpace(2, representation="delta").fit(Collection(folder, cache_dir=blocker / "cache"))
+    assert str(err.value.path) == str(blocker / "cache")

@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,12 @@ class DeltaFactors:
     ``up[m][:, owner[m] == i] @ down[m][owner[m] == i]`` (scale folded into
     ``up``).
 
+    The stacks are either arrays in memory or, for a collection read from
+    files, a spill file written once by :meth:`Collection.scan_deltas`
+    (``spill``): then ``up``, ``down`` and ``owner`` read one module on access
+    and :meth:`block` reads the factors of a range of models, so nothing holds
+    the whole store in memory.
+
     Attributes
     ----------
     modules : list of str
@@ -203,25 +209,81 @@ class DeltaFactors:
     out_features : dict of str to int
     in_shape : dict of str to tuple of int
         Trailing shape of the delta (``(in,)`` or ``(in, kh, kw)``).
-    up : dict of str to numpy.ndarray
+    up : mapping of str to numpy.ndarray
         ``(out, R_m)`` float32, ``R_m`` the summed rank over models.
-    down : dict of str to numpy.ndarray
+    down : mapping of str to numpy.ndarray
         ``(R_m, prod(in_shape))`` float32.
-    owner : dict of str to numpy.ndarray
-        ``(R_m,)`` int64 model index of each stacked rank-one term.
+    owner : mapping of str to numpy.ndarray
+        ``(R_m,)`` int64 model index of each stacked rank-one term (sorted).
     max_rank : dict of str to int
         Largest rank of the module over models.
     n_models : int
+    spill : _FactorSpill or None
+        The spill file behind the mappings (``None``: arrays in memory).
+    self_ss : dict of str to float or None
+        ``sum_i |delta_i|^2`` per module, summed by the scan.
     """
 
     modules: list[str]
     out_features: dict[str, int]
     in_shape: dict[str, tuple[int, ...]]
-    up: dict[str, np.ndarray]
-    down: dict[str, np.ndarray]
-    owner: dict[str, np.ndarray]
+    up: Mapping[str, np.ndarray]
+    down: Mapping[str, np.ndarray]
+    owner: Mapping[str, np.ndarray]
     max_rank: dict[str, int]
     n_models: int
+    spill: _FactorSpill | None = None
+    self_ss: dict[str, float] | None = None
+
+    def segments(self, m: str) -> list[tuple[int, int, int]]:
+        """``(model, rank, start)`` of each model holding module ``m``, in model order."""
+        if self.spill is not None:
+            return self.spill.segments.get(m, [])
+        owner = np.asarray(self.owner[m])
+        if owner.size == 0:
+            return []
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        ends = np.r_[starts[1:], owner.size]
+        return [(int(owner[a]), int(b - a), int(a)) for a, b in zip(starts, ends, strict=True)]
+
+    @property
+    def total_rank(self) -> dict[str, int]:
+        """``R_m``: the summed rank of each module over models."""
+        return {m: sum(r for _, r, _ in self.segments(m)) for m in self.modules}
+
+    def factor_bytes(self, m: str) -> int:
+        """Bytes of module ``m``'s float32 stack (up and down)."""
+        width = self.out_features[m] + math.prod(self.in_shape[m])
+        return 4 * width * sum(r for _, r, _ in self.segments(m))
+
+    def block(self, m: str, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Factors of the segments ``lo:hi`` of module ``m`` (see :meth:`segments`).
+
+        Returns
+        -------
+        up : numpy.ndarray
+            ``(out, R)`` float32.
+        down : numpy.ndarray
+            ``(R, in_flat)`` float32.
+        owner : numpy.ndarray
+            ``(R,)`` int64 model index of each column/row.
+        """
+        segs = self.segments(m)[lo:hi]
+        owner = _segment_owner(segs)
+        out_f = self.out_features[m]
+        if self.spill is None:
+            c0 = segs[0][2] if segs else 0
+            c1 = segs[-1][2] + segs[-1][1] if segs else 0
+            up = np.asarray(self.up[m])[:, c0:c1]
+            down = np.asarray(self.down[m])[c0:c1]
+            return up, down, owner
+        rows = self.spill.read(m, out_f + math.prod(self.in_shape[m]), lo, hi)
+        return np.ascontiguousarray(rows[:, :out_f].T), rows[:, out_f:], owner
+
+    def close(self) -> None:
+        """Remove the spill file (if any); the mappings are unusable after."""
+        if self.spill is not None:
+            self.spill.close()
 
 
 def layer_factors(layer: LoraLayer | DeltaLayer) -> tuple[np.ndarray, np.ndarray]:
@@ -596,12 +658,22 @@ class Collection:
         return arr, fin  # type: ignore[return-value]
 
     # ----------------------------------------------------------- delta factors
-    def scan_deltas(self, *, progress: Progress | None = None) -> DeltaFactors:
+    def scan_deltas(
+        self, *, progress: Progress | None = None, spill: bool | None = None
+    ) -> DeltaFactors:
         """Read every model once and stack each module's factors.
 
         Models may differ in rank, alpha, format, modules (a module a model
         lacks counts as a zero delta) and factor gauge; only the delta shape
         of a module must agree.
+
+        Parameters
+        ----------
+        progress : Progress, optional
+        spill : bool, optional
+            Write the factors once to a spill file (in ``cache_dir`` or the
+            temporary folder) instead of holding them in memory. Default: spill
+            for a collection of files, keep in-memory adapters in memory.
 
         Raises
         ------
@@ -609,6 +681,9 @@ class Collection:
             When two models disagree on the delta shape of a module.
         """
         self._require_models()
+        if spill is None:
+            spill = self._adapters is None
+        store = _FactorSpill(self.cache_dir) if spill else None
         modules: list[str] = []
         out_f: dict[str, int] = {}
         in_s: dict[str, tuple[int, ...]] = {}
@@ -616,40 +691,164 @@ class Collection:
         downs: dict[str, list[np.ndarray]] = {}
         owners: dict[str, list[np.ndarray]] = {}
         max_rank: dict[str, int] = {}
+        self_ss: dict[str, float] = {}
         first_of: dict[str, str] = {}
-        for i, ad in self.iter_adapters(progress):
-            for module, layer in ad.items():
-                shape = layer.delta_shape
-                if module not in out_f:
-                    modules.append(module)
-                    out_f[module] = int(shape[0])
-                    in_s[module] = tuple(int(s) for s in shape[1:])
-                    ups[module], downs[module], owners[module] = [], [], []
-                    max_rank[module] = 0
-                    first_of[module] = self.names[i]
-                elif (out_f[module], *in_s[module]) != shape:
-                    raise LayoutError(
-                        f"delta shape {shape} differs from {(out_f[module], *in_s[module])} "
-                        f"of {first_of[module]}",
-                        path=ad.source,
-                        key=module,
-                    )
-                up, down = layer_factors(layer)
-                ups[module].append(up)
-                downs[module].append(down)
-                owners[module].append(np.full(up.shape[1], i, dtype=np.int64))
-                max_rank[module] = max(max_rank[module], up.shape[1])
-        self.check_one_family()
-        return DeltaFactors(
+        try:
+            for i, ad in self.iter_adapters(progress):
+                for module, layer in ad.items():
+                    shape = layer.delta_shape
+                    if module not in out_f:
+                        modules.append(module)
+                        out_f[module] = int(shape[0])
+                        in_s[module] = tuple(int(s) for s in shape[1:])
+                        ups[module], downs[module], owners[module] = [], [], []
+                        max_rank[module] = 0
+                        self_ss[module] = 0.0
+                        first_of[module] = self.names[i]
+                    elif (out_f[module], *in_s[module]) != shape:
+                        raise LayoutError(
+                            f"delta shape {shape} differs from {(out_f[module], *in_s[module])} "
+                            f"of {first_of[module]}",
+                            path=ad.source,
+                            key=module,
+                        )
+                    up, down = layer_factors(layer)
+                    u64, d64 = up.astype(np.float64), down.astype(np.float64)
+                    self_ss[module] += float(np.sum((u64.T @ u64) * (d64 @ d64.T)))
+                    if store is not None:
+                        store.append(module, i, up, down)
+                    else:
+                        ups[module].append(up)
+                        downs[module].append(down)
+                        owners[module].append(np.full(up.shape[1], i, dtype=np.int64))
+                    max_rank[module] = max(max_rank[module], up.shape[1])
+            self.check_one_family()
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
+        fac = DeltaFactors(
             modules=modules,
             out_features=out_f,
             in_shape=in_s,
-            up={m: np.concatenate(ups[m], axis=1) for m in modules},
-            down={m: np.concatenate(downs[m], axis=0) for m in modules},
-            owner={m: np.concatenate(owners[m]) for m in modules},
+            up={},
+            down={},
+            owner={},
             max_rank=max_rank,
             n_models=len(self),
+            spill=store,
+            self_ss=self_ss,
         )
+        if store is None:
+            fac.up = {m: np.concatenate(ups[m], axis=1) for m in modules}
+            fac.down = {m: np.concatenate(downs[m], axis=0) for m in modules}
+            fac.owner = {m: np.concatenate(owners[m]) for m in modules}
+        else:
+            fac.up = _LazyFactors(fac, 0)
+            fac.down = _LazyFactors(fac, 1)
+            fac.owner = _LazyFactors(fac, 2)
+        return fac
+
+
+class _FactorSpill:
+    """Every model's factors of every module, written once to a spill file.
+
+    A model's module is one segment of ``r`` rows ``[up[:, j] | down[j]]``
+    (``out + in_flat`` float32 each, scale folded into ``up``), appended as the
+    scan reads the files; plain ``pread``/``pwrite`` (no memory map), so the store
+    takes no address space and no resident memory beyond the rows being read.
+    The file is removed with the store (or at exit).
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        parent = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix="w2wkit-deltas-", dir=parent))
+        except OSError as exc:
+            raise SpaceError(
+                f"cannot create the delta factor spill file: {exc.strerror or exc}",
+                path=parent,
+                hint="point cache_dir at a writable folder",
+            ) from None
+        self.path = self.folder / "factors.f32"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.size = 0
+        #: module -> list of (model index, rank, byte offset)
+        self.segments: dict[str, list[tuple[int, int, int]]] = {}
+        self._fin = weakref.finalize(self, _close_and_remove, self.fd, str(self.folder))
+
+    def append(self, module: str, i: int, up: np.ndarray, down: np.ndarray) -> None:
+        rows = np.ascontiguousarray(np.concatenate([up.T, down], axis=1), dtype="<f4")
+        view = memoryview(rows).cast("B")
+        at = self.size
+        self.segments.setdefault(module, []).append((int(i), int(up.shape[1]), at))
+        try:
+            while view:
+                done = os.pwrite(self.fd, view, at)
+                view, at = view[done:], at + done
+        except OSError as exc:
+            raise SpaceError(
+                f"cannot write the delta factor spill file: {exc.strerror or exc}",
+                path=self.path,
+                hint="free disk space or point cache_dir at a larger disk",
+            ) from None
+        self.size = at
+
+    def read(self, module: str, width: int, lo: int, hi: int) -> np.ndarray:
+        """``(R, width)`` float32 rows of the segments ``lo:hi`` of ``module``."""
+        segs = self.segments.get(module, [])[lo:hi]
+        total = sum(r for _, r, _ in segs)
+        out = np.empty((total, width), dtype=np.float32)
+        row = 0
+        for _, r, off in segs:
+            view = memoryview(out[row : row + r]).cast("B")
+            at = off
+            while view:
+                got = os.preadv(self.fd, [view], at)
+                if got <= 0:
+                    raise OSError(f"{self.path}: short read")
+                view, at = view[got:], at + got
+            row += r
+        return out
+
+    def close(self) -> None:
+        """Remove the spill file now."""
+        self._fin()
+
+
+class _LazyFactors(Mapping):
+    """``module -> up (out, R)``, ``down (R, in)`` or ``owner (R,)`` (part 0, 1, 2) of a
+    spilled store, read on access.
+
+    Each access reads the module's whole stack (one module at a time, never the
+    whole store); the block-wise kernel reads blocks of models instead
+    (:meth:`DeltaFactors.block`).
+    """
+
+    def __init__(self, fac: DeltaFactors, part: int) -> None:
+        self._fac = fac
+        self._part = part
+
+    def __getitem__(self, m: str) -> np.ndarray:
+        if m not in self._fac.out_features:
+            raise KeyError(m)
+        segs = self._fac.segments(m)
+        if self._part == 2:
+            return _segment_owner(segs)
+        return self._fac.block(m, 0, len(segs))[self._part]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fac.modules)
+
+    def __len__(self) -> int:
+        return len(self._fac.modules)
+
+
+def _segment_owner(segs: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """``(R,)`` int64 model index of each rank-one term of the segments."""
+    models = np.array([i for i, _, _ in segs], np.int64)
+    return np.repeat(models, np.array([r for _, r, _ in segs], np.int64)).astype(np.int64)
 
 
 def memory_budget() -> int:

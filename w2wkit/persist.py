@@ -90,9 +90,10 @@ def _arrays_of(space: WeightSpace) -> dict[str, np.ndarray]:
         arrays["gram_colmean"] = np.asarray(space.gram_colmean_, np.float64)
         fac = space.delta_
         for i, m in enumerate(space.delta_modules_):
-            arrays[f"delta.{i}.up"] = np.asarray(fac.up[m], np.float32)
-            arrays[f"delta.{i}.down"] = np.asarray(fac.down[m], np.float32)
-            arrays[f"delta.{i}.owner"] = np.asarray(fac.owner[m], np.int64)
+            up, down, owner = fac.block(m, 0, len(fac.segments(m)))
+            arrays[f"delta.{i}.up"] = np.asarray(up, np.float32)
+            arrays[f"delta.{i}.down"] = np.asarray(down, np.float32)
+            arrays[f"delta.{i}.owner"] = np.asarray(owner, np.int64)
     for name in _STAT_ARRAYS:
         arrays[name] = np.asarray(getattr(space, name + "_"), np.float64)
     arrays["coefficients"] = np.asarray(space.coefficients_, np.float32)

@@ -570,7 +570,12 @@ class WeightSpace:
         # sum of squares of the centred deltas per module, without its N x N Gram:
         # sum_i |delta_i|^2 - |sum_i delta_i|^2 / N (the summed delta is one dense
         # out x in product, far cheaper than the R x R factor products)
-        ss = np.array([_module_centred_ss(fac, m) for m in fac.modules])
+        from w2wkit.collection import memory_budget
+
+        # what the kernel and its centred copy leave of the budget, for the blocks
+        budget = memory_budget()
+        budget = max(budget - 3 * 8 * n * n, budget // 4)
+        ss = np.array([_module_centred_ss(fac, m, budget) for m in fac.modules])
         numel = np.array(
             [fac.out_features[m] * math.prod(fac.in_shape[m]) for m in fac.modules], float
         )
@@ -582,24 +587,40 @@ class WeightSpace:
             sigma = np.maximum(sigma, self.scale_floor * rms)
         else:
             sigma = np.ones(len(fac.modules))
-        # the kernel, one module at a time in blocks of models (memory: the N x N
-        # kernel and one block product, never a module's R x R products or its Gram)
-        gram = np.zeros((n, n))
-        for j, (m, s) in enumerate(zip(fac.modules, sigma, strict=True)):
-            _add_module_gram(gram, fac, m, 1.0 / s**2)
-            if cb is not None:
-                cb("gram", j + 1, len(fac.modules))
-        timings = {"read": t_read, "gram": time.perf_counter() - t0}
-        t0 = time.perf_counter()
-        colmean = gram.mean(axis=0)
-        allmean = float(colmean.mean())
-        centred = gram - colmean[None, :] - colmean[:, None] + allmean
-        centred = (centred + centred.T) / 2
-        total_var = float(np.trace(centred)) / (n - 1)
-        if total_var <= 0:
-            raise SpaceError("all models are identical: the collection has no variance to fit")
-        lam, vec = top_eigh(centred, k)
-        timings["eigen"] = time.perf_counter() - t0
+        weights = 1.0 / sigma**2
+        whole_budget = memory_budget()
+        if 3 * 8 * n * n <= whole_budget:
+            # the kernel, one module at a time in blocks of models (memory: the N x N
+            # kernel and one block product, never a module's R x R products or its Gram)
+            gram = np.zeros((n, n))
+            for j, (m, w) in enumerate(zip(fac.modules, weights, strict=True)):
+                _add_module_gram(gram, fac, m, w, budget)
+                if cb is not None:
+                    cb("gram", j + 1, len(fac.modules))
+            timings = {"read": t_read, "gram": time.perf_counter() - t0}
+            t0 = time.perf_counter()
+            colmean = gram.mean(axis=0)
+            allmean = float(colmean.mean())
+            centred = gram - colmean[None, :] - colmean[:, None] + allmean
+            del gram
+            centred = (centred + centred.T) / 2
+            total_var = float(np.trace(centred)) / (n - 1)
+            if total_var <= 0:
+                raise SpaceError("all models are identical: the collection has no variance to fit")
+            lam, vec = top_eigh(centred, k)
+            del centred
+            timings["eigen"] = time.perf_counter() - t0
+            solver, passes = "gram", 1
+        else:
+            # the N x N kernel does not fit: a randomized eigensolver that applies the
+            # kernel to N x (k + p) blocks, the kernel rebuilt from the factors each pass
+            total_var = float(np.sum(np.maximum(ss, 0.0) * weights)) / (n - 1)
+            if total_var <= 0:
+                raise SpaceError("all models are identical: the collection has no variance to fit")
+            lam, vec, colmean, passes = _sketched_kernel_eigh(fac, weights, k, budget, cb)
+            allmean = float(colmean.mean())
+            timings = {"read": t_read, "gram": time.perf_counter() - t0, "eigen": 0.0}
+            solver = "gram-sketch"
         lam = np.maximum(np.asarray(lam, dtype=np.float64), 0.0)
         vec = np.asarray(vec, dtype=np.float64)
         sv = np.sqrt(lam)
@@ -624,7 +645,7 @@ class WeightSpace:
         self.explained_variance_ = lam / (n - 1)
         self.explained_variance_ratio_ = self.explained_variance_ / total_var
         self.total_variance_ = total_var
-        self.info_ = {"solver_used": "gram", "n_passes": 1, "timings": timings}
+        self.info_ = {"solver_used": solver, "n_passes": passes, "timings": timings}
 
     @staticmethod
     def _module_gram(fac: DeltaFactors, m: str) -> np.ndarray:
@@ -663,8 +684,9 @@ class WeightSpace:
             u = u.astype(np.float64)
             d = d.astype(np.float64)
             w = 1.0 / self.scale_[j] ** 2
-            prod = (u.T @ fac.up[m]) * (d @ fac.down[m].T)  # (r, R)
-            cross += w * _segment_sum(prod.sum(axis=0), fac.owner[m], fac.n_models)
+            up, down, owner = fac.block(m, 0, len(fac.segments(m)))  # one module at a time
+            prod = (u.T @ up) * (d @ down.T)  # (r, R)
+            cross += w * _segment_sum(prod.sum(axis=0), owner, fac.n_models)
             self_ip += w * float(np.sum((u.T @ u) * (d @ d.T)))
         return cross, self_ip
 
@@ -815,8 +837,9 @@ class WeightSpace:
                 # combination; the per-layer scale cancels (scaled metric,
                 # unscaled output).
                 gamma = mean_weight / fac.n_models + g
-                ups.append(fac.up[m].astype(np.float64) * gamma[fac.owner[m]])
-                downs.append(fac.down[m].astype(np.float64))
+                up, down, owner = fac.block(m, 0, len(fac.segments(m)))
+                ups.append(up.astype(np.float64) * gamma[owner])
+                downs.append(down.astype(np.float64))
                 out_f, in_shape = fac.out_features[m], fac.in_shape[m]
                 default_rank = fac.max_rank[m]
             else:
@@ -1054,47 +1077,195 @@ def _model_blocks(owner: np.ndarray, terms: int | None = None) -> list[tuple[int
     return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
-def _add_module_gram(gram: np.ndarray, fac: DeltaFactors, m: str, weight: float) -> None:
-    """``gram += weight * G_m`` with ``G_m[i, j] = <delta_i, delta_j>`` of module ``m``.
+def _segment_blocks(fac: DeltaFactors, m: str, terms: int) -> list[tuple[int, int]]:
+    """Split module ``m``'s segments (whole models) into ranges of about ``terms`` terms."""
+    bounds = [0]
+    acc = 0
+    segs = fac.segments(m)
+    for j, (_, r, _) in enumerate(segs):
+        if acc >= terms:
+            bounds.append(j)
+            acc = 0
+        acc += r
+    bounds.append(len(segs))
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i]]
 
-    Blocks of models (about :data:`_GRAM_BLOCK_TERMS` rank-one terms) are
-    multiplied pairwise, ``(U_a^T U_b) * (D_a D_b^T)`` summed per pair of owners,
-    so the temporaries are bounded by two blocks whatever N and the ranks are.
+
+def _block_terms(fac: DeltaFactors, m: str, budget: int) -> int:
+    """Rank-one terms per block: two float64 blocks and their product within ``budget``."""
+    width = fac.out_features[m] + math.prod(fac.in_shape[m])
+    # 2 blocks x (T x width) float64 + T x T float64 products (x2 temporaries)
+    t = int((-(2 * width) + math.sqrt(4 * width**2 + 4 * 2 * budget / 8)) / 2 / 2)
+    return max(1, min(_GRAM_BLOCK_TERMS, t))
+
+
+def _module_gram_blocks(
+    fac: DeltaFactors, m: str, budget: int | None = None
+) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
+    """Blocks ``(ia, ja, ib, jb, G_m[ib:jb, ia:ja])`` of module ``m``'s Gram, ``ib >= ia``
+    (``G_m[i, j] = <delta_i, delta_j>``; the blocks with ``ib > ia`` stand for their
+    transposes too).
+
+    Blocks of models (whole models, about :data:`_GRAM_BLOCK_TERMS` rank-one terms,
+    fewer when ``budget`` bytes are tight) are multiplied pairwise,
+    ``(U_a^T U_b) * (D_a D_b^T)`` summed per pair of owners, so the temporaries
+    are bounded by two blocks whatever N and the ranks are. A module whose
+    float64 stack fits in a quarter of the budget is read once; a larger one is
+    read a block at a time from the factor store (block ``a`` held, the blocks
+    ``b >= a`` read in turn).
     """
-    up, down, owner = fac.up[m], fac.down[m], fac.owner[m]
-    blocks = _model_blocks(owner)
-    for a, (a0, a1) in enumerate(blocks):
-        ua = up[:, a0:a1].astype(np.float64)
-        da = down[a0:a1].astype(np.float64)
-        oa = owner[a0:a1]
-        for b0, b1 in blocks[a:]:
-            ub = up[:, b0:b1].astype(np.float64) if b0 != a0 else ua
-            db = down[b0:b1].astype(np.float64) if b0 != a0 else da
-            ob = owner[b0:b1]
+    from w2wkit.collection import memory_budget
+
+    budget = memory_budget() if budget is None else budget
+    blocks = _segment_blocks(fac, m, _block_terms(fac, m, budget // 2))
+    whole = fac.spill is None or 2 * fac.factor_bytes(m) <= budget // 4
+    if whole and blocks:
+        up, down, owner = fac.block(m, 0, blocks[-1][1])
+        base = fac.segments(m)
+        col = np.cumsum([0] + [r for _, r, _ in base])
+
+    def get(j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lo, hi = blocks[j]
+        if whole:
+            c0, c1 = col[lo], col[hi]
+            return up[:, c0:c1], down[c0:c1], owner[c0:c1]
+        return fac.block(m, lo, hi)
+
+    for a in range(len(blocks)):
+        ua, da, oa = get(a)
+        ua = ua.astype(np.float64)
+        da = da.astype(np.float64)
+        for b in range(a, len(blocks)):
+            if b == a:
+                ub, db, ob = ua, da, oa
+            else:
+                ub, db, ob = get(b)
+                ub = ub.astype(np.float64)
+                db = db.astype(np.float64)
             prod = (ua.T @ ub) * (da @ db.T)
             ia, ib = oa[0], ob[0]
             ja, jb = oa[-1] + 1, ob[-1] + 1
+            # model indices within a block are increasing but may skip models
+            # that lack the module: segment over the index range
             blk = _segment_sum(_segment_sum(prod, ob - ib, jb - ib).T, oa - ia, ja - ia)
-            # blk is (models of b, models of a)
-            gram[ib:jb, ia:ja] += weight * blk
-            if b0 != a0:
-                gram[ia:ja, ib:jb] += weight * blk.T
+            yield int(ia), int(ja), int(ib), int(jb), blk  # (models of b, models of a)
 
 
-def _module_centred_ss(fac: DeltaFactors, m: str) -> float:
-    """``sum_i |delta_i - mean|^2`` of module ``m`` (Frobenius), without any Gram."""
-    up, down, owner = fac.up[m], fac.down[m], fac.owner[m]
+def _add_module_gram(
+    gram: np.ndarray, fac: DeltaFactors, m: str, weight: float, budget: int | None = None
+) -> None:
+    """``gram += weight * G_m`` (see :func:`_module_gram_blocks`)."""
+    for ia, ja, ib, jb, blk in _module_gram_blocks(fac, m, budget):
+        gram[ib:jb, ia:ja] += weight * blk
+        if ib != ia:
+            gram[ia:ja, ib:jb] += weight * blk.T
+
+
+def _kernel_apply(fac: DeltaFactors, weights: np.ndarray, x: np.ndarray, budget: int) -> np.ndarray:
+    """``K @ x`` for the kernel ``K = sum_m weights[m] G_m``, never holding ``K``.
+
+    ``x`` is ``(N, c)``; returns ``(N, c)`` float64.
+    """
+    out = np.zeros_like(x, dtype=np.float64)
+    for m, w in zip(fac.modules, weights, strict=True):
+        for ia, ja, ib, jb, blk in _module_gram_blocks(fac, m, budget):
+            out[ib:jb] += w * (blk @ x[ia:ja])
+            if ib != ia:
+                out[ia:ja] += w * (blk.T @ x[ib:jb])
+    return out
+
+
+#: Extra columns and power iterations of the sketched kernel eigensolver.
+_SKETCH_OVERSAMPLE = 10
+_SKETCH_POWER = 2
+
+
+def _sketched_kernel_eigh(
+    fac: DeltaFactors,
+    weights: np.ndarray,
+    k: int,
+    budget: int,
+    cb: Callable[[str, int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Top ``k`` eigenpairs of the centred kernel ``H K H`` by a randomized range finder.
+
+    Each pass rebuilds the kernel's blocks from the factors and applies them to an
+    ``N x (k + p)`` block (memory: that block and one kernel block, not N x N).
+
+    Returns
+    -------
+    lam : numpy.ndarray
+        ``(k,)`` eigenvalues, descending.
+    vec : numpy.ndarray
+        ``(N, k)`` orthonormal eigenvectors.
+    colmean : numpy.ndarray
+        ``(N,)`` column means of ``K``.
+    passes : int
+        Passes over the factors.
+    """
     n = fac.n_models
-    if owner.size == 0:
+    c = min(n - 1, k + _SKETCH_OVERSAMPLE)  # the centred range has N - 1 dimensions
+    rng = np.random.default_rng(0)
+    passes = _SKETCH_POWER + 2
+    omega = rng.standard_normal((n, c))
+    omega -= omega.mean(axis=0)
+    # first pass: K @ [H omega, 1/N]: the sketch and the kernel's column means
+    y = _kernel_apply(fac, weights, np.column_stack([omega, np.full(n, 1.0 / n)]), budget)
+    colmean = y[:, -1].copy()
+    y = y[:, :-1]
+    y -= y.mean(axis=0)
+    if cb is not None:
+        cb("gram", 1, passes)
+    for it in range(_SKETCH_POWER):
+        q, _ = np.linalg.qr(y)
+        q -= q.mean(axis=0)
+        y = _kernel_apply(fac, weights, q, budget)
+        y -= y.mean(axis=0)
+        if cb is not None:
+            cb("gram", 2 + it, passes)
+    q, _ = np.linalg.qr(y)
+    q -= q.mean(axis=0)  # in the centred range: H q = q up to rounding
+    q, _ = np.linalg.qr(q)
+    q -= q.mean(axis=0)
+    z = _kernel_apply(fac, weights, q, budget)
+    z -= z.mean(axis=0)
+    if cb is not None:
+        cb("gram", passes, passes)
+    b = q.T @ z
+    lam, v = np.linalg.eigh((b + b.T) / 2)
+    order = np.argsort(lam)[::-1][:k]
+    return lam[order], q @ v[:, order], colmean, passes
+
+
+def _module_centred_ss(fac: DeltaFactors, m: str, budget: int | None = None) -> float:
+    """``sum_i |delta_i - mean|^2`` of module ``m`` (Frobenius), without any Gram.
+
+    ``sum_i |delta_i|^2`` (summed by the scan, or per model here) minus
+    ``|sum_i delta_i|^2 / N``, the summed delta a dense ``(out, in)`` float64
+    matrix built from blocks of models.
+    """
+    from w2wkit.collection import memory_budget
+
+    budget = memory_budget() if budget is None else budget
+    n = fac.n_models
+    blocks = _segment_blocks(fac, m, _block_terms(fac, m, budget // 2))
+    if not blocks:
         return 0.0
-    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    ends = np.r_[starts[1:], owner.size]
-    self_ss = 0.0
-    for s0, s1 in zip(starts, ends, strict=True):
-        u = up[:, s0:s1].astype(np.float64)
-        d = down[s0:s1].astype(np.float64)
-        self_ss += float(np.sum((u.T @ u) * (d @ d.T)))
-    total = up.astype(np.float64) @ down.astype(np.float64)  # sum_i delta_i, (out, in)
+    self_ss = fac.self_ss.get(m) if fac.self_ss is not None else None
+    total = np.zeros((fac.out_features[m], math.prod(fac.in_shape[m])))
+    acc = 0.0
+    for lo, hi in blocks:
+        up, down, owner = fac.block(m, lo, hi)
+        u = up.astype(np.float64)
+        d = down.astype(np.float64)
+        total += u @ d
+        if self_ss is None:
+            starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            ends = np.r_[starts[1:], owner.size]
+            for s0, s1 in zip(starts, ends, strict=True):
+                acc += float(np.sum((u[:, s0:s1].T @ u[:, s0:s1]) * (d[s0:s1] @ d[s0:s1].T)))
+    if self_ss is None:
+        self_ss = acc
     return self_ss - float(np.sum(total * total)) / n
 
 
