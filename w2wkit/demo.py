@@ -139,6 +139,36 @@ def _explained_variance_plot(space: Any, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _tiles(pictures: Any, path: Path, cols: int = 2, px: int = 160) -> None:
+    """Save pictures as one large grid for the report's first screen.
+
+    Parameters
+    ----------
+    pictures : array of shape (n, H, W, 3)
+        Floats in [0, 1].
+    path : Path
+        The PNG written.
+    cols : int
+        Pictures per row.
+    px : int
+        Each picture is enlarged (nearest neighbour, an integer factor) to at least
+        this many pixels wide.
+    """
+    from PIL import Image
+
+    u8 = (np.clip(np.asarray(pictures, dtype=np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    n, h, w, _ = u8.shape
+    f = max(1, -(-px // w))
+    u8 = np.repeat(np.repeat(u8, f, axis=1), f, axis=2)
+    h, w, gap = h * f, w * f, 4
+    rows = -(-n // cols)
+    out = np.full((rows * h + gap * (rows - 1), cols * w + gap * (cols - 1), 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = u8[i]
+    Image.fromarray(out).save(path)
+
+
 def _calibrated(
     space: Any, names: Any, ev: Any, w: Any, s: DemoSettings, models: Any, step: Any
 ) -> dict[str, float]:
@@ -172,6 +202,57 @@ def _calibrated(
             out[n] = float(s.strength)
             step(f"      {n}: uncalibrated ({exc.message}); strength {s.strength}")
     return out
+
+
+def _first_screen(
+    metrics: dict[str, Any], intra: list[float], best: dict[str, Any] | None, src: str, held: bool
+) -> str:
+    """The report's first screen: a sample, the best edit and the inversion, with captions."""
+    from w2wkit.report import panel
+
+    figs = []
+    one = f" Same-person score across them: {intra[0]:.2f} (1 = identical)." if intra else ""
+    figs.append(
+        (
+            "images/first_sample.png",
+            "A new person, sampled",
+            "A model drawn at random from the space (not one of the training models), "
+            f"drawn at 4 seeds (pose and light change, the person should not).{one}",
+        )
+    )
+    if best is not None:
+        d = best["direction"]
+        prob = (
+            f" The classifier's {d} probability: {best['p_before']:.2f} before, "
+            f"{best['p_after']:.2f} after."
+            if "p_after" in best
+            else ""
+        )
+        figs.append(
+            (
+                "images/first_edit.png",
+                f"An edit: {best['edit']}",
+                f"Top row: training model {best['model']}; bottom row: the same model moved "
+                f"{best['strength']:g} standard deviations along the {d} direction (2 seeds)."
+                f"{prob} Same-person score to the original: {best['id_score']:.2f}.",
+            )
+        )
+    inv = metrics["inversion"]
+    score = (
+        f" Same-person score to other pictures of that person: {inv['id_score']:.2f} "
+        f"(two different people: {inv['id_score_other_identities']:.2f})."
+        if held and inv.get("id_score") is not None
+        else ""
+    )
+    figs.append(
+        (
+            "images/first_inversion.png",
+            "An inversion: one picture in, a model out",
+            f"Top left: the only input ({src}); the other three: the model found for it, "
+            f"drawn at new seeds.{score}",
+        )
+    )
+    return panel(figs)
 
 
 # --------------------------------------------------------------------------- world demo
@@ -318,6 +399,7 @@ def _run_demo(
             [f"sample {i}" for i in range(len(samples))],
             [f"seed {j}" for j in range(s.seeds)],
         ).save(out / "images" / "samples.png")
+        _tiles(imgs[0, 0][:4], out / "images" / "first_sample.png")
         timings["sample"] = time.perf_counter() - t0
 
         # 3. editing one model along two directions
@@ -325,6 +407,7 @@ def _run_demo(
         dirs = [d for d in s.directions if d in space.directions_]
         dirs += [d for d in space.directions_ if d not in dirs][: max(0, 2 - len(dirs))]
         edit_rows: list[list[Any]] = []
+        edit_best: dict[str, Any] | None = None
         st: dict[str, float] = {}
         if len(dirs) >= 2:
             a, b = dirs[:2]
@@ -366,13 +449,39 @@ def _run_demo(
             for k, name in enumerate(edits, start=1):
                 e = ev.embed(ed_imgs[k, 0])
                 p = w.evaluators.attribute_probs(E.to_uint8(ed_imgs[k, 0]))
-                cells = [name, float(np.sum(E.unit(e) * E.unit(e0), axis=1).mean())]
+                idv = float(np.sum(E.unit(e) * E.unit(e0), axis=1).mean())
+                cells = [name, idv]
                 for x in (a, b):
                     j = attrs.index(x) if x in attrs else None
                     cells.append(
                         None if j is None else f"{p0[:, j].mean():.2f} -> {p[:, j].mean():.2f}"
                     )
                 edit_rows.append(cells)
+                # the best single-direction edit leads the report: largest probability gain
+                x = name[1:]
+                if x in attrs:
+                    j = attrs.index(x)
+                    gain = float(p[:, j].mean() - p0[:, j].mean())
+                    if edit_best is None or gain > edit_best["gain"]:
+                        edit_best = {
+                            "edit": name,
+                            "direction": x,
+                            "strength": st[x],
+                            "model": w.zoo_names[row],
+                            "p_before": float(p0[:, j].mean()),
+                            "p_after": float(p[:, j].mean()),
+                            "gain": gain,
+                            "id_score": idv,
+                            "k": k,
+                        }
+            if edit_best is None:  # no classifier output for either: show the first edit
+                edit_best = {"edit": f"+{a}", "direction": a, "strength": st[a], "k": 1}
+                edit_best.update(model=w.zoo_names[row], id_score=edit_rows[0][1])
+            kb = edit_best["k"]
+            _tiles(
+                np.concatenate([ed_imgs[0, 0, :2], ed_imgs[kb, 0, :2]]),
+                out / "images" / "first_edit.png",
+            )
         else:
             step("[3/5] skipped editing: the world has fewer than 2 labelled attributes")
         timings["edit"] = time.perf_counter() - t0
@@ -410,6 +519,8 @@ def _run_demo(
         inv_ad = inv.adapters[0]
         write_adapter(inv_ad, out / "loras" / "inverted.safetensors", format="diffusers")
         inv_imgs = ev.render([inv_ad], desc="rendering the inverted model")
+        first = np.concatenate([img / 255.0, inv_imgs[0, 0][:3]])
+        _tiles(first, out / "images" / "first_inversion.png")
         cells = np.concatenate([img / 255.0, inv_imgs[0, 0]])[None]
         make_grid(cells, ["inverted"], ["input"] + [f"seed {j}" for j in range(s.seeds)]).save(
             out / "images" / "inversion.png"
@@ -463,7 +574,10 @@ def _run_demo(
         "seconds": {**timings, "total": time.perf_counter() - t_all},
         "settings": asdict(s),
     }
+    metrics["first_screen"] = {"edit": edit_best}
     parts = [
+        "<p class=note>At a glance: a new model, an edit and an inversion. Details below.</p>",
+        _first_screen(metrics, intra, edit_best, src, image is None),
         f"<p>World: <b>{w.name}</b>, {len(w.zoo)} identity LoRAs; space of "
         f"{space.n_components_} components ({evr[min(9, len(evr) - 1)]:.1%} of the variance in "
         f"the first 10). Evaluators: {getattr(w.evaluators, 'name', '')}. Total "
