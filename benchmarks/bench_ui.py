@@ -53,8 +53,22 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
+    # server side: time in the backend's pictures + nearest per event (the rest is Gradio + browser)
+    server: list[float] = []
+    for meth in ("pictures", "nearest"):
+        fn = getattr(backend, meth)
+
+        def timed(*a: object, _fn: object = fn, **k: object) -> object:
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)  # type: ignore[operator]
+            finally:
+                server.append(time.perf_counter() - t)
+
+        setattr(backend, meth, timed)
     app = serve(backend, port=port, block=False)
     page_times: list[float] = []
+    server_times: list[float] = []
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(
@@ -77,6 +91,7 @@ def main() -> None:
                 page.mouse.move(box["x"] + box["width"] / 2, y)
                 page.mouse.down()
                 page.mouse.move(box["x"] + box["width"] * frac, y, steps=3)
+                server.clear()
                 t0 = time.perf_counter()
                 page.mouse.up()
                 page.wait_for_function(
@@ -86,6 +101,7 @@ def main() -> None:
                     polling=10,
                 )
                 page_times.append(time.perf_counter() - t0)
+                server_times.append(sum(server))
             if args.screenshot:
                 page.screenshot(path=str(args.screenshot), full_page=True)
             browser.close()
@@ -128,6 +144,8 @@ def main() -> None:
                 "direction": name,
                 "page_seconds": page_times,
                 "page_median_s": round(med, 3),
+                "server_seconds": [round(x, 3) for x in server_times],
+                "server_median_s": round(statistics.median(server_times), 3),
                 "anchor": "Renderer.render of the 4 edited pictures, same process, a worker thread",
                 "anchor_median_s": round(amed, 3),
                 "ratio_page_over_anchor": round(med / amed, 3),
