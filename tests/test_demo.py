@@ -129,3 +129,24 @@ def test_demo_first_screen_panel(eval_micro_world: Path, tmp_path: Path) -> None
     for f, _ in figs:  # large enough to judge: each at least 256 px wide
         with Image.open(tmp_path / "d" / f) as im:
             assert im.width >= 256, (f, im.size)
+    # the script that takes docs/demo.png: the first screen shows the three figures
+    import shutil
+
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        import importlib.util
+
+        root = Path(__file__).resolve().parents[1]
+        spec = importlib.util.spec_from_file_location(
+            "demo_screenshot", root / "scripts" / "demo_screenshot.py"
+        )
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        shot = mod.screenshot(tmp_path / "d", tmp_path / "shot.png")
+        with Image.open(shot) as im:
+            assert im.size == (1280, 900)
+            px = np.asarray(im.convert("RGB"))
+        # the panel's pictures are on it: many non-white, non-grey pixels in the top half
+        top = px[: 900 // 2].astype(int)
+        coloured = (np.ptp(top, axis=2) > 20).mean()
+        assert coloured > 0.02, coloured
