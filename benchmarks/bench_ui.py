@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -150,6 +151,8 @@ def main() -> None:
                 "anchor_median_s": round(amed, 3),
                 "ratio_page_over_anchor": round(med / amed, 3),
                 "target_s": 2.0,
+                "channels_last": True,
+                "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
                 "machine": machine(),
             }
         )

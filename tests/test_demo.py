@@ -119,7 +119,7 @@ def test_demo_first_screen_panel(eval_micro_world: Path, tmp_path: Path) -> None
     ]
     caps = [c for _, c in figs]
     best = res["first_screen"]["edit"]
-    assert "sampled" in caps[0] and "4 seeds" in caps[0]
+    assert "sampled" in caps[0] and "2 seeds" in caps[0]
     # the edit's caption carries its classifier probabilities and ID score, as measured
     assert best["edit"] in caps[1] and f"{best['id_score']:.2f}" in caps[1]
     assert f"{best['p_before']:.2f} before, {best['p_after']:.2f} after" in caps[1]

@@ -205,7 +205,12 @@ def _calibrated(
 
 
 def _first_screen(
-    metrics: dict[str, Any], intra: list[float], best: dict[str, Any] | None, src: str, held: bool
+    metrics: dict[str, Any],
+    intra: list[float],
+    best: dict[str, Any] | None,
+    src: str,
+    held: bool,
+    n_seeds: int,
 ) -> str:
     """The report's first screen: a sample, the best edit and the inversion, with captions."""
     from w2wkit.report import panel
@@ -217,7 +222,7 @@ def _first_screen(
             "images/first_sample.png",
             "A new person, sampled",
             "A model drawn at random from the space (not one of the training models), "
-            f"drawn at 4 seeds (pose and light change, the person should not).{one}",
+            f"drawn at {n_seeds} seeds (pose and light change, the person should not).{one}",
         )
     )
     if best is not None:
@@ -248,7 +253,7 @@ def _first_screen(
         (
             "images/first_inversion.png",
             "An inversion: one picture in, a model out",
-            f"Top left: the only input ({src}); the other three: the model found for it, "
+            f"Top left: the only input ({src}); the others: the model found for it, "
             f"drawn at new seeds.{score}",
         )
     )
@@ -457,12 +462,14 @@ def _run_demo(
                         None if j is None else f"{p0[:, j].mean():.2f} -> {p[:, j].mean():.2f}"
                     )
                 edit_rows.append(cells)
-                # the best single-direction edit leads the report: largest probability gain
+                # the best single-direction edit leads the report: one the classifier accepts
+                # (p >= 0.5 after) that keeps the person most; else the largest gain
                 x = name[1:]
                 if x in attrs:
                     j = attrs.index(x)
                     gain = float(p[:, j].mean() - p0[:, j].mean())
-                    if edit_best is None or gain > edit_best["gain"]:
+                    rank = (float(p[:, j].mean()) >= 0.5, idv if p[:, j].mean() >= 0.5 else gain)
+                    if edit_best is None or rank > edit_best["rank"]:
                         edit_best = {
                             "edit": name,
                             "direction": x,
@@ -471,6 +478,7 @@ def _run_demo(
                             "p_before": float(p0[:, j].mean()),
                             "p_after": float(p[:, j].mean()),
                             "gain": gain,
+                            "rank": rank,
                             "id_score": idv,
                             "k": k,
                         }
@@ -574,10 +582,12 @@ def _run_demo(
         "seconds": {**timings, "total": time.perf_counter() - t_all},
         "settings": asdict(s),
     }
+    if edit_best is not None:
+        edit_best.pop("rank", None)
     metrics["first_screen"] = {"edit": edit_best}
     parts = [
         "<p class=note>At a glance: a new model, an edit and an inversion. Details below.</p>",
-        _first_screen(metrics, intra, edit_best, src, image is None),
+        _first_screen(metrics, intra, edit_best, src, image is None, min(4, s.seeds)),
         f"<p>World: <b>{w.name}</b>, {len(w.zoo)} identity LoRAs; space of "
         f"{space.n_components_} components ({evr[min(9, len(evr) - 1)]:.1%} of the variance in "
         f"the first 10). Evaluators: {getattr(w.evaluators, 'name', '')}. Total "
