@@ -6,7 +6,8 @@ With the shipped miniature world (:func:`run_demo`):
 2. sample 4 new identities and render them at several seeds;
 3. edit one training model along 2 directions (each, then both);
 4. invert 1 held-out picture (or ``--image``) into a model;
-5. write ``report.html`` (grids, metrics, explained-variance plot) and the
+5. write ``report.html`` (a first screen of a sample, the best edit and the
+   inversion with captions; grids, metrics, explained-variance plot) and the
    LoRA files made on the way.
 
 Without a shipped world (:func:`run_synthetic_demo`): a real run on a
