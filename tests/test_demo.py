@@ -93,3 +93,60 @@ def test_demo_image_needs_a_world(tmp_path: Path) -> None:
         assert r.exit_code == 1 and "--image needs a miniature world" in r.output
     assert "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_first_screen_panel(eval_micro_world: Path, tmp_path: Path) -> None:
+    """The report opens on a sample, the best edit and an inversion: large pictures, captions."""
+    import re
+
+    from PIL import Image
+
+    from w2wkit import evaluation as E
+    from w2wkit.demo import DemoSettings, run_demo
+
+    w = E.load_eval_world(eval_micro_world)
+    tiny = DemoSettings(n_components=6, inversion_steps=3, render_steps=2, seeds=2)
+    res = run_demo(tmp_path / "d", world=w, settings=tiny, log=None, progress=False)
+    html = (tmp_path / "d" / "report.html").read_text()
+    body = html.split("<body>", 1)[1]
+    # the panel comes first, before any other section
+    assert body.index("class=panel") < body.index("<h2>")
+    figs = re.findall(r"<figure><img src=\"([^\"]+)\"[^>]*><figcaption>(.*?)</figcaption>", body)
+    assert [f for f, _ in figs] == [
+        "images/first_sample.png",
+        "images/first_edit.png",
+        "images/first_inversion.png",
+    ]
+    caps = [c for _, c in figs]
+    best = res["first_screen"]["edit"]
+    assert "sampled" in caps[0] and "2 seeds" in caps[0]
+    # the edit's caption carries its classifier probabilities and ID score, as measured
+    assert best["edit"] in caps[1] and f"{best['id_score']:.2f}" in caps[1]
+    assert f"{best['p_before']:.2f} before, {best['p_after']:.2f} after" in caps[1]
+    assert best["edit"] in [r[0] for r in res["edits"]["rows"]]
+    inv = res["inversion"]
+    assert "inversion" in caps[2].lower() and f"{inv['id_score']:.2f}" in caps[2]
+    for f, _ in figs:  # large enough to judge: each at least 256 px wide
+        with Image.open(tmp_path / "d" / f) as im:
+            assert im.width >= 256, (f, im.size)
+    # the script that takes docs/demo.png: the first screen shows the three figures
+    import shutil
+
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        import importlib.util
+
+        root = Path(__file__).resolve().parents[1]
+        spec = importlib.util.spec_from_file_location(
+            "demo_screenshot", root / "scripts" / "demo_screenshot.py"
+        )
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        shot = mod.screenshot(tmp_path / "d", tmp_path / "shot.png")
+        with Image.open(shot) as im:
+            assert im.size == (1280, 900)
+            px = np.asarray(im.convert("RGB"))
+        # the panel's pictures are on it: many non-white, non-grey pixels in the top half
+        top = px[: 900 // 2].astype(int)
+        coloured = (np.ptp(top, axis=2) > 20).mean()
+        assert coloured > 0.02, coloured

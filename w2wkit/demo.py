@@ -6,7 +6,8 @@ With the shipped miniature world (:func:`run_demo`):
 2. sample 4 new identities and render them at several seeds;
 3. edit one training model along 2 directions (each, then both);
 4. invert 1 held-out picture (or ``--image``) into a model;
-5. write ``report.html`` (grids, metrics, explained-variance plot) and the
+5. write ``report.html`` (a first screen of a sample, the best edit and the
+   inversion with captions; grids, metrics, explained-variance plot) and the
    LoRA files made on the way.
 
 Without a shipped world (:func:`run_synthetic_demo`): a real run on a
@@ -139,6 +140,36 @@ def _explained_variance_plot(space: Any, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _tiles(pictures: Any, path: Path, cols: int = 2, px: int = 160) -> None:
+    """Save pictures as one large grid for the report's first screen.
+
+    Parameters
+    ----------
+    pictures : array of shape (n, H, W, 3)
+        Floats in [0, 1].
+    path : Path
+        The PNG written.
+    cols : int
+        Pictures per row.
+    px : int
+        Each picture is enlarged (nearest neighbour, an integer factor) to at least
+        this many pixels wide.
+    """
+    from PIL import Image
+
+    u8 = (np.clip(np.asarray(pictures, dtype=np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    n, h, w, _ = u8.shape
+    f = max(1, -(-px // w))
+    u8 = np.repeat(np.repeat(u8, f, axis=1), f, axis=2)
+    h, w, gap = h * f, w * f, 4
+    rows = -(-n // cols)
+    out = np.full((rows * h + gap * (rows - 1), cols * w + gap * (cols - 1), 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = u8[i]
+    Image.fromarray(out).save(path)
+
+
 def _calibrated(
     space: Any, names: Any, ev: Any, w: Any, s: DemoSettings, models: Any, step: Any
 ) -> dict[str, float]:
@@ -172,6 +203,62 @@ def _calibrated(
             out[n] = float(s.strength)
             step(f"      {n}: uncalibrated ({exc.message}); strength {s.strength}")
     return out
+
+
+def _first_screen(
+    metrics: dict[str, Any],
+    intra: list[float],
+    best: dict[str, Any] | None,
+    src: str,
+    held: bool,
+    n_seeds: int,
+) -> str:
+    """The report's first screen: a sample, the best edit and the inversion, with captions."""
+    from w2wkit.report import panel
+
+    figs = []
+    one = f" Same-person score across them: {intra[0]:.2f} (1 = identical)." if intra else ""
+    figs.append(
+        (
+            "images/first_sample.png",
+            "A new person, sampled",
+            "A model drawn at random from the space (not one of the training models), "
+            f"drawn at {n_seeds} seeds (pose and light change, the person should not).{one}",
+        )
+    )
+    if best is not None:
+        d = best["direction"]
+        prob = (
+            f" The classifier's {d} probability: {best['p_before']:.2f} before, "
+            f"{best['p_after']:.2f} after."
+            if "p_after" in best
+            else ""
+        )
+        figs.append(
+            (
+                "images/first_edit.png",
+                f"An edit: {best['edit']}",
+                f"Top row: training model {best['model']}; bottom row: the same model moved "
+                f"{best['strength']:g} standard deviations along the {d} direction (2 seeds)."
+                f"{prob} Same-person score to the original: {best['id_score']:.2f}.",
+            )
+        )
+    inv = metrics["inversion"]
+    score = (
+        f" Same-person score to other pictures of that person: {inv['id_score']:.2f} "
+        f"(two different people: {inv['id_score_other_identities']:.2f})."
+        if held and inv.get("id_score") is not None
+        else ""
+    )
+    figs.append(
+        (
+            "images/first_inversion.png",
+            "An inversion: one picture in, a model out",
+            f"Top left: the only input ({src}); the others: the model found for it, "
+            f"drawn at new seeds.{score}",
+        )
+    )
+    return panel(figs)
 
 
 # --------------------------------------------------------------------------- world demo
@@ -318,6 +405,7 @@ def _run_demo(
             [f"sample {i}" for i in range(len(samples))],
             [f"seed {j}" for j in range(s.seeds)],
         ).save(out / "images" / "samples.png")
+        _tiles(imgs[0, 0][:4], out / "images" / "first_sample.png")
         timings["sample"] = time.perf_counter() - t0
 
         # 3. editing one model along two directions
@@ -325,6 +413,7 @@ def _run_demo(
         dirs = [d for d in s.directions if d in space.directions_]
         dirs += [d for d in space.directions_ if d not in dirs][: max(0, 2 - len(dirs))]
         edit_rows: list[list[Any]] = []
+        edit_best: dict[str, Any] | None = None
         st: dict[str, float] = {}
         if len(dirs) >= 2:
             a, b = dirs[:2]
@@ -366,13 +455,42 @@ def _run_demo(
             for k, name in enumerate(edits, start=1):
                 e = ev.embed(ed_imgs[k, 0])
                 p = w.evaluators.attribute_probs(E.to_uint8(ed_imgs[k, 0]))
-                cells = [name, float(np.sum(E.unit(e) * E.unit(e0), axis=1).mean())]
+                idv = float(np.sum(E.unit(e) * E.unit(e0), axis=1).mean())
+                cells = [name, idv]
                 for x in (a, b):
                     j = attrs.index(x) if x in attrs else None
                     cells.append(
                         None if j is None else f"{p0[:, j].mean():.2f} -> {p[:, j].mean():.2f}"
                     )
                 edit_rows.append(cells)
+                # the best single-direction edit leads the report: one the classifier accepts
+                # (p >= 0.5 after) that keeps the person most; else the largest gain
+                x = name[1:]
+                if x in attrs:
+                    j = attrs.index(x)
+                    gain = float(p[:, j].mean() - p0[:, j].mean())
+                    rank = (float(p[:, j].mean()) >= 0.5, idv if p[:, j].mean() >= 0.5 else gain)
+                    if edit_best is None or rank > edit_best["rank"]:
+                        edit_best = {
+                            "edit": name,
+                            "direction": x,
+                            "strength": st[x],
+                            "model": w.zoo_names[row],
+                            "p_before": float(p0[:, j].mean()),
+                            "p_after": float(p[:, j].mean()),
+                            "gain": gain,
+                            "rank": rank,
+                            "id_score": idv,
+                            "k": k,
+                        }
+            if edit_best is None:  # no classifier output for either: show the first edit
+                edit_best = {"edit": f"+{a}", "direction": a, "strength": st[a], "k": 1}
+                edit_best.update(model=w.zoo_names[row], id_score=edit_rows[0][1])
+            kb = edit_best["k"]
+            _tiles(
+                np.concatenate([ed_imgs[0, 0, :2], ed_imgs[kb, 0, :2]]),
+                out / "images" / "first_edit.png",
+            )
         else:
             step("[3/5] skipped editing: the world has fewer than 2 labelled attributes")
         timings["edit"] = time.perf_counter() - t0
@@ -410,6 +528,8 @@ def _run_demo(
         inv_ad = inv.adapters[0]
         write_adapter(inv_ad, out / "loras" / "inverted.safetensors", format="diffusers")
         inv_imgs = ev.render([inv_ad], desc="rendering the inverted model")
+        first = np.concatenate([img / 255.0, inv_imgs[0, 0][:3]])
+        _tiles(first, out / "images" / "first_inversion.png")
         cells = np.concatenate([img / 255.0, inv_imgs[0, 0]])[None]
         make_grid(cells, ["inverted"], ["input"] + [f"seed {j}" for j in range(s.seeds)]).save(
             out / "images" / "inversion.png"
@@ -463,7 +583,12 @@ def _run_demo(
         "seconds": {**timings, "total": time.perf_counter() - t_all},
         "settings": asdict(s),
     }
+    if edit_best is not None:
+        edit_best.pop("rank", None)
+    metrics["first_screen"] = {"edit": edit_best}
     parts = [
+        "<p class=note>At a glance: a new model, an edit and an inversion. Details below.</p>",
+        _first_screen(metrics, intra, edit_best, src, image is None, min(4, s.seeds)),
         f"<p>World: <b>{w.name}</b>, {len(w.zoo)} identity LoRAs; space of "
         f"{space.n_components_} components ({evr[min(9, len(evr) - 1)]:.1%} of the variance in "
         f"the first 10). Evaluators: {getattr(w.evaluators, 'name', '')}. Total "

@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "ReportSnapshots",
     "fmt",
+    "panel",
     "report_folder",
     "table",
     "write_html",
@@ -35,6 +36,10 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .pass{color:#17803d;font-weight:bold}.fail{color:#b42318;font-weight:bold}
 img{max-width:100%;image-rendering:pixelated;border:1px solid #ddd;margin:.3em 0}
 .note{color:#555;font-size:.9em}code{background:#f4f4f4;padding:0 .2em}
+.panel{display:flex;gap:1.2em;flex-wrap:wrap;margin:.8em 0 1.4em}
+.panel figure{margin:0;flex:1 1 300px;max-width:340px}
+.panel img{width:100%;margin:0}
+.panel figcaption{font-size:.95em;line-height:1.35}.panel figcaption b{display:block}
 """
 
 
@@ -61,6 +66,20 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def panel(figures: Sequence[tuple[str, str, str]]) -> str:
+    """A row of figures to judge at a glance: ``(image path, title, caption)`` each.
+
+    The caption is plain text (escaped); the title is shown in bold above it.
+    """
+    out = []
+    for src, title, caption in figures:
+        out.append(
+            f'<figure><img src="{html.escape(src)}" alt="{html.escape(title)}">'
+            f"<figcaption><b>{html.escape(title)}</b>{html.escape(caption)}</figcaption></figure>"
+        )
+    return f"<div class=panel>{''.join(out)}</div>"
 
 
 # --------------------------------------------------------------------------- report folders

@@ -229,7 +229,15 @@ def build_app(backend: Backend) -> Any:
         sample_btn.click(on_sample, [state, seed, temperature, *view_inputs], picture_outputs)
         render_btn.click(on_render, [state, *view_inputs], picture_outputs)
         for s in [*sliders, inject]:
-            s.release(on_render, [state, *view_inputs], picture_outputs, trigger_mode="always_last")
+            # show_progress="minimal": no animated overlay timer repainting the page while the
+            # render shares the CPU (benchmarks/bench_ui.py)
+            s.release(
+                on_render,
+                [state, *view_inputs],
+                picture_outputs,
+                trigger_mode="always_last",
+                show_progress="minimal",
+            )
         keep.change(on_render, [state, *view_inputs], picture_outputs, trigger_mode="always_last")
         lora_btn.click(on_lora, [state, lora, *view_inputs], picture_outputs)
         inv = invert_btn.click(
