@@ -54,3 +54,29 @@ def test_cli_ui_help_and_bad_limit() -> None:
     assert res.exit_code == 0 and "127.0.0.1" in res.output
     res = CliRunner().invoke(cli, ["ui", "--max-upload-mb", "0"])
     assert res.exit_code == 1 and "max-upload-mb" in res.output and "Traceback" not in res.output
+
+
+def test_export_for_a_loader_writes_its_format(
+    micro_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The download's "for the loader" choice: that loader's format, the same deltas."""
+    import json
+
+    from w2wkit.formats.registry import read_adapter
+    from w2wkit.ui.backend import Session
+    from w2wkit.ui.open import open_backend
+    from w2wkit.world.shipped import World
+
+    monkeypatch.setenv("W2WKIT_CACHE", str(tmp_path / "cache"))
+    backend = open_backend(world=World(micro_world / "shipped"), calibrate=False, device="cpu")
+    session = Session()
+    backend.sample(session, 3, 1.0)
+    name = backend.directions()[0][0]
+    plain = backend.export(session, {name: 1.0}, format="diffusers")
+    comfy = backend.export(session, {name: 1.0}, target="comfyui")
+    a, b = read_adapter(plain[0]), read_adapter(comfy[0])
+    assert a.format == "diffusers" and b.format == "kohya"  # ComfyUI reads kohya names whole
+    for m, layer in a.layers.items():
+        np.testing.assert_allclose(b.layers[m].delta(), layer.delta(), atol=1e-6)
+    meta = json.loads(Path(comfy[1]).read_text())
+    assert meta["for"] == "comfyui" and meta["format"] == "kohya"

@@ -8,10 +8,12 @@ a traceback; each browser session keeps its own model (``gr.State``).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from w2wkit.errors import W2WError
@@ -136,6 +138,14 @@ def build_app(backend: Backend) -> Any:
                     fmt = gr.Dropdown(
                         writable_formats(), value="diffusers", label="format", elem_id="format"
                     )
+                    from w2wkit.formats.targets import TARGETS
+
+                    loader = gr.Dropdown(
+                        ["any (the format above)", *TARGETS],
+                        value="any (the format above)",
+                        label="for the loader",
+                        elem_id="loader",
+                    )
                     download_btn = gr.Button("Download the edited model", elem_id="download")
                 files = gr.File(label="files", file_count="multiple", elem_id="files")
 
@@ -221,10 +231,14 @@ def build_app(backend: Backend) -> Any:
                 return {status: _message(exc)}
 
         @guarded
-        def on_download(session: Session, f: str, *values: Any) -> dict:
+        def on_download(session: Session, f: str, target: str, *values: Any) -> dict:
             _, kp, _, strengths = unpack(values)
-            paths = backend.export(session, strengths, kp, format=str(f))
-            return {files: paths, status: f"wrote {len(paths)} files ({f})"}
+            target = target if target in TARGETS else None
+            paths = backend.export(session, strengths, kp, format=str(f), target=target)
+            said = f"for {target}" if target else str(f)
+            notes = json.loads(Path(paths[-1]).read_text()).get("notes") or []
+            text = f"wrote {len(paths)} files ({said})" + "".join(f"; {n}" for n in notes)
+            return {files: paths, status: text}
 
         sample_btn.click(on_sample, [state, seed, temperature, *view_inputs], picture_outputs)
         render_btn.click(on_render, [state, *view_inputs], picture_outputs)
@@ -244,7 +258,7 @@ def build_app(backend: Backend) -> Any:
             on_invert, [state, picture, inv_steps, inv_k, inv_mask, *view_inputs], picture_outputs
         )
         cancel_btn.click(None, None, None, cancels=[inv])
-        download_btn.click(on_download, [state, fmt, *view_inputs], [state, files, status])
+        download_btn.click(on_download, [state, fmt, loader, *view_inputs], [state, files, status])
     return app
 
 

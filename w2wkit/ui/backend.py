@@ -329,18 +329,32 @@ class Backend:
         keep: Sequence[str] = (),
         *,
         format: str = "diffusers",
+        target: str | None = None,
     ) -> list[str]:
-        """Write the edited model (in ``format``) and its coefficients; the file paths."""
-        from w2wkit.formats.registry import write_adapter
+        """Write the edited model and its coefficients; the file paths.
 
+        ``target`` (a loader of :data:`w2wkit.formats.targets.TARGETS`: comfyui, a1111,
+        kohya-scripts, diffusers, peft) picks the format that loader reads completely
+        and overrides ``format``.
+        """
+        from w2wkit.formats.registry import write_adapter
+        from w2wkit.formats.targets import target_format
+
+        if target:
+            format = target_format(target)
         ad = self.edited(session, strengths, keep)
+        notes: list[str] = []
         if not session.workdir:
             session.workdir = tempfile.mkdtemp(prefix="session-", dir=self.workroot)
         folder = Path(tempfile.mkdtemp(prefix="download-", dir=session.workdir))
         active = {n: float(s) for n, s in strengths.items() if float(s) != 0.0}
         stem = "model" + "".join(f"_{n}{s:+.2f}" for n, s in active.items())
         out = write_adapter(
-            ad, folder / (stem if format == "peft" else f"{stem}.safetensors"), format=format
+            ad,
+            folder / (stem if format == "peft" else f"{stem}.safetensors"),
+            format=format,
+            target=target or None,
+            warn=notes.append,  # folded alphas, what a named loader would drop
         )
         if out.is_dir():  # a folder (PEFT) travels as one zip
             zpath = folder / f"{stem}_peft.zip"
@@ -355,6 +369,8 @@ class Backend:
             "edits": active,
             "orthogonal_to": list(keep),
             "format": format,
+            "for": target,
+            "notes": notes,
             "n_components": int(coef.shape[0]),
             "coefficients": [float(x) for x in coef],
         }
