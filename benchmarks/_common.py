@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -135,3 +136,35 @@ def run_worker(script: str, args: list[str], env: dict | None = None) -> dict:
         raise RuntimeError(f"worker failed: {' '.join(cmd)}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1])
+
+
+def training_args(doc: str, steps: int, results: str) -> Any:
+    """The command line of the training benchmarks: steps, models, threads, device, out."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--models", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / results))
+    return ap.parse_args()
+
+
+def world_base(folder: Path, models: int) -> tuple[Path, list, list]:
+    """The miniature world's base architecture (untrained) and ``models`` identities' pictures.
+
+    Returns the pipeline folder, the zoo jobs and their training pictures (10 each, uint8).
+    """
+    from w2wkit.world import base_model as B
+    from w2wkit.world.zoo import render_job, zoo_jobs
+
+    s = B.BaseSettings(
+        n_instances={"identity": 4, "dog": 2},
+        images_per_instance={"identity": 1, "dog": 1},
+        vae_steps=1,
+        unet_steps=1,
+    )
+    B.build_base(folder / "base", s)
+    jobs = zoo_jobs("identity", models)
+    return folder / "base", jobs, [render_job(j, 10) for j in jobs]

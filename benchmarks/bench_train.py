@@ -21,7 +21,6 @@ One JSON line per case (appended to ``results/train.jsonl``)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -29,36 +28,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import training_args, world_base
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--models", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.jsonl"))
-    a = ap.parse_args()
+    a = training_args(__doc__, 20, "train.jsonl")
     import numpy as np
     import torch
     from PIL import Image
 
     from w2wkit.testing import peft_dreambooth
     from w2wkit.training import Recipe, train
-    from w2wkit.world import base_model as B
     from w2wkit.world.lora import LoraSettings
-    from w2wkit.world.zoo import render_job, zoo_jobs
 
     torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp())
-    s = B.BaseSettings(
-        n_instances={"identity": 4, "dog": 2},
-        images_per_instance={"identity": 1, "dog": 1},
-        vae_steps=1,
-        unet_steps=1,
-    )
-    B.build_base(tmp / "base", s)
-    jobs = zoo_jobs("identity", a.models)
-    imgs = [render_job(j, 10) for j in jobs]
+    base, jobs, imgs = world_base(tmp, a.models)
     for j, im in zip(jobs, imgs, strict=True):
         d = tmp / "people" / j.name
         d.mkdir(parents=True)
@@ -68,31 +53,31 @@ def main() -> None:
     ls = LoraSettings(steps=a.steps, threads=a.threads)
 
     # (a) the anchor: one model at a time
-    peft_dreambooth(tmp / "base", ls, imgs[0], prompt, seed=0)  # warm-up
+    peft_dreambooth(base, ls, imgs[0], prompt, seed=0)  # warm-up
     peft_s = 0.0
     for k in range(min(a.models, 3)):  # the loop's time per model is flat: 3 measure it
-        peft_s += peft_dreambooth(tmp / "base", ls, imgs[k], prompt, seed=k)[1]
+        peft_s += peft_dreambooth(base, ls, imgs[k], prompt, seed=k)[1]
     peft_per_model = peft_s / min(a.models, 3)
 
     # w2wkit train, all models in one batch, timed whole
     recipe = Recipe(steps=a.steps, batch=ls.batch, lr=ls.lr, targets=ls.targets)
-    train(tmp / "people", tmp / "base", tmp / "warm", Recipe(steps=1, targets=ls.targets),
+    train(tmp / "people", base, tmp / "warm", Recipe(steps=1, targets=ls.targets),
           models_per_batch=2, device=a.device)  # fmt: skip
     t0 = time.perf_counter()
-    train(tmp / "people", tmp / "base", tmp / "out", recipe,
+    train(tmp / "people", base, tmp / "out", recipe,
           models_per_batch=a.models, device=a.device)  # fmt: skip
     train_per_model = (time.perf_counter() - t0) / a.models
     # its training steps alone: a second run with twice the steps, the difference
     t0 = time.perf_counter()
     twice = dataclasses.replace(recipe, steps=2 * a.steps)
-    train(tmp / "people", tmp / "base", tmp / "out2", twice,
+    train(tmp / "people", base, tmp / "out2", twice,
           models_per_batch=a.models, device=a.device)  # fmt: skip
     steps_per_model = (time.perf_counter() - t0) / a.models - train_per_model
 
     # (b) the bound: bare UNet forward + backward through batches of the same shape
     from w2wkit.diffusion.pipeline import load_pipeline
 
-    pipe = load_pipeline(tmp / "base", device=a.device)
+    pipe = load_pipeline(base, device=a.device)
     unet = pipe.unet.requires_grad_(False)
     n = a.models * ls.batch
     side = unet.config.sample_size

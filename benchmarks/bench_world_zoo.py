@@ -11,46 +11,32 @@ measured in the same run. One JSON line per case::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import training_args, world_base
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--models", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "world_zoo.jsonl"))
-    a = ap.parse_args()
+    a = training_args(__doc__, 10, "world_zoo.jsonl")
     import torch
 
     from w2wkit.testing import peft_dreambooth
-    from w2wkit.world import base_model as B
     from w2wkit.world.lora import LoraSettings
-    from w2wkit.world.zoo import ZooSettings, ZooTrainer, render_job, zoo_jobs
+    from w2wkit.world.zoo import ZooSettings, ZooTrainer
 
     torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp())
-    s = B.BaseSettings(
-        n_instances={"identity": 4, "dog": 2},
-        images_per_instance={"identity": 1, "dog": 1},
-        vae_steps=1,
-        unet_steps=1,
-    )
-    B.build_base(tmp / "base", s)
-    jobs = zoo_jobs("identity", a.models)
-    imgs = [render_job(j, 10) for j in jobs]
+    base, _, imgs = world_base(tmp, a.models)
     rows = []
     ls = LoraSettings(steps=a.steps, threads=a.threads)
-    peft_dreambooth(tmp / "base", ls, imgs[0], "sks person", seed=0)  # warm-up
-    _, seconds = peft_dreambooth(tmp / "base", ls, imgs[1], "sks person", seed=1)
+    peft_dreambooth(base, ls, imgs[0], "sks person", seed=0)  # warm-up
+    _, seconds = peft_dreambooth(base, ls, imgs[1], "sks person", seed=1)
     anchor = seconds / a.steps  # seconds per step, one model
-    zt = ZooTrainer(tmp / "base", ZooSettings(steps=a.steps, threads=a.threads, device=a.device))
+    zt = ZooTrainer(base, ZooSettings(steps=a.steps, threads=a.threads, device=a.device))
     zt.train_chunk(imgs[:2], "sks person", [0, 1])  # warm-up
     t0 = time.perf_counter()
     zt.train_chunk(imgs, "sks person", list(range(a.models)))
