@@ -132,3 +132,22 @@ def test_fit_profile_prints_phases(tmp_path):
     assert res.exit_code == 0, res.output
     for phase in ("read", "standardize", "gram", "eigen", "components", "total", "wall / floor"):
         assert phase in res.output
+
+
+def test_the_solver_choice_measures_only_its_two_rates() -> None:
+    """``top_eigh``'s choice needs GEMM and eigensolver rates, shared with the full set."""
+    import math
+
+    from w2wkit import floor
+
+    floor._CACHE.pop("solver", None)
+    floor._CACHE.pop("compute", None)
+    r = floor.solver_rates()
+    assert r.gemm_flops_per_s > 0 and r.eigh_flops_per_s > 0
+    assert math.isnan(r.syrk_flops_per_s) and math.isnan(r.copy_bytes_per_s)
+    assert "compute" not in floor._CACHE  # the rest of the rates was not measured
+    full = floor.measure_rates()
+    assert (full.gemm_flops_per_s, full.eigh_flops_per_s) == (
+        r.gemm_flops_per_s,
+        r.eigh_flops_per_s,
+    )

@@ -169,6 +169,42 @@ def read_rate(paths: Sequence[str | os.PathLike[str]], max_bytes: int = 64 << 20
     return got / max(time.perf_counter() - t, 1e-9)
 
 
+def solver_rates(*, refresh: bool = False) -> Rates:
+    """Only the rates :func:`eigen_cost` needs, measured once per process.
+
+    The eigensolver choice of every large fit uses them, so they are measured
+    apart from the rest of :func:`measure_rates` (which shares them).
+
+    Returns
+    -------
+    Rates
+        ``gemm_flops_per_s`` (float32 GEMM of a data block with a basis block)
+        and ``eigh_flops_per_s`` (scipy ``evr``, top quarter of a 1000 x 1000
+        float32 matrix, counted with :func:`eigen_cost`'s dense formula); the
+        other fields are NaN.
+    """
+    from scipy.linalg import eigh
+
+    if refresh or "solver" not in _CACHE:
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((512, 8192), dtype=np.float32)
+        b = rng.standard_normal((8192, 512), dtype=np.float32)
+        a @ b
+        gemm = 2.0 * 512 * 8192 * 512 / _best_time(lambda: a @ b)
+        n = 1000
+        x = rng.standard_normal((n, n), dtype=np.float32)
+        g = x @ x.T
+        sub = [n - n // 4, n - 1]
+        t_eig = _best_time(
+            lambda: eigh(g, lower=True, subset_by_index=sub, driver="evr", check_finite=False),
+            repeats=2,
+        )
+        _CACHE["solver"] = (gemm, _dense_eigen_flops(n, n // 4) / t_eig)
+    gemm, eig_rate = _CACHE["solver"]
+    nan = math.nan
+    return Rates(nan, nan, gemm, nan, eig_rate, nan)
+
+
 def measure_rates(paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool = False) -> Rates:
     """Measure (once per process) the rates the floor is made of.
 
@@ -186,7 +222,6 @@ def measure_rates(paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool
         The compute rates are cached for the process; the read rate per set of
         first files.
     """
-    from scipy.linalg import eigh
 
     key = "compute"
     if refresh or key not in _CACHE:
@@ -196,11 +231,8 @@ def measure_rates(paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool
         copy_t = _best_time(lambda: np.subtract(big, np.float32(1.0), out=big))
         copy_rate = 2 * big.nbytes / copy_t
         del big
-        # GEMM with a data block's shape class (tall-skinny times wide)
-        a = rng.standard_normal((512, 8192), dtype=np.float32)
-        b = rng.standard_normal((8192, 512), dtype=np.float32)
-        a @ b
-        gemm = 2.0 * 512 * 8192 * 512 / _best_time(lambda: a @ b)
+        solver = solver_rates(refresh=refresh)
+        gemm, eig_rate = solver.gemm_flops_per_s, solver.eigh_flops_per_s
         # SYRK: numpy sends a @ a.T to ?syrk
         c = rng.standard_normal((1024, 8192), dtype=np.float32)
         c @ c.T
@@ -208,17 +240,7 @@ def measure_rates(paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool
         c64 = c.astype(np.float64)
         c64 @ c64.T
         dsyrk = 1024.0 * 1024 * 8192 / _best_time(lambda: c64 @ c64.T)
-        del a, b, c, c64
-        # dense eigensolver: top quarter of a 1000 x 1000 float32 matrix
-        n = 1000
-        x = rng.standard_normal((n, n), dtype=np.float32)
-        g = x @ x.T
-        sub = [n - n // 4, n - 1]
-        t_eig = _best_time(
-            lambda: eigh(g, lower=True, subset_by_index=sub, driver="evr", check_finite=False),
-            repeats=2,
-        )
-        eig_rate = _dense_eigen_flops(n, n // 4) / t_eig
+        del c, c64
         _CACHE[key] = (copy_rate, gemm, syrk, eig_rate, dsyrk)
     copy_rate, gemm, syrk, eig_rate, dsyrk = _CACHE[key]
     files = tuple(os.fspath(p) for p in list(paths)[:256])

@@ -263,7 +263,7 @@ def top_eigh(
         eigenvalues to ~1e-10 relative on a spectrum that decays and ~1e-5 on
         one that flattens into noise at k. ``"auto"``: the cheaper of the two
         by :func:`w2wkit.floor.eigen_cost` at the rates measured on this machine
-        (:func:`w2wkit.floor.measure_rates`, once per process), dense below
+        (:func:`w2wkit.floor.solver_rates`, once per process), dense below
         N = 1000. krylov falls back to dense when its basis (12 blocks of
         ``max(32, 0.25 k)`` columns) would not fit in N columns.
     product_dtype : dtype
@@ -293,9 +293,9 @@ def top_eigh(
     if method not in ("auto", "dense", "krylov"):
         raise SpaceError(f"top_eigh: unknown method {method!r}")
     if method == "auto" and n >= _KRYLOV_EIGH_MIN_N and krylov_basis_columns(n, k):
-        from w2wkit.floor import eigen_cost, measure_rates
+        from w2wkit.floor import eigen_cost, solver_rates
 
-        method = eigen_cost(n, k, measure_rates())[0]
+        method = eigen_cost(n, k, solver_rates())[0]
     width = None if method == "dense" else _krylov_width(n, k, forced=method == "krylov")
     if width:
         if a.dtype not in (np.float32, np.float64):
