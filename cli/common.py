@@ -387,6 +387,13 @@ def write_options(target: str | None, keep_alphas: bool) -> dict[str, Any]:
     return {"target": target, "keep_alphas": keep_alphas, "warn": warn}
 
 
+cluster_option = click.option(
+    "--cluster",
+    default=None,
+    metavar="SPEC",
+    help="Run on a Dask cluster: local:N (N worker processes on 127.0.0.1), tcp://HOST:PORT "
+    "or a scheduler file. Needs the cluster extra.",
+)
 device_option = click.option(
     "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1..."
 )

@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "w2wkit.atomic": 0,
     "w2wkit.progress": 0,
     "w2wkit.devices": 0,
+    "w2wkit.cluster": 0,
     # 1 - LoRA files <-> canonical Adapter
     "w2wkit.adapter": 1,
     "w2wkit.stio": 1,
