@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from w2wkit.cli.common import (
+    cluster_option,
     console,
     device_option,
     note,
@@ -56,6 +57,7 @@ from w2wkit.errors import W2WError
     "--dry-run", is_flag=True, help="Print the plan and an estimated time; train nothing."
 )
 @click.option("--force", is_flag=True, help="Train again into a folder of another recipe.")
+@cluster_option
 def train_cmd(
     instances: Path,
     base: str,
@@ -76,6 +78,7 @@ def train_cmd(
     skip_bad_images: bool,
     dry_run: bool,
     force: bool,
+    cluster: str | None,
 ) -> None:
     """Train one LoRA per instance of INSTANCES on the --base pipeline.
 
@@ -85,12 +88,15 @@ def train_cmd(
     caption. Every model gets the same recipe (the paper's by default: rank 1,
     one shared initialisation, the UNet's attention projections), many models
     share a batch, each trained exactly as if alone. A killed run continues
-    where it stopped when run again.
+    where it stopped when run again. With --cluster, chunks of models are Dask
+    tasks: the workers (which must see INSTANCES, --base and -o at the same
+    paths) write the models, this process keeps the manifest.
 
     \b
     Examples:
       w2wkit train ./people --base ./sd15 -o ./people-loras --dry-run
       w2wkit train ./people --base ./sd15 -o ./people-loras --steps 800
+      w2wkit train ./people --base ./sd15 -o ./people-loras --cluster sched.json
       w2wkit fit ./people-loras -o people-space --labels ./people-loras/labels.csv
     """
     from w2wkit.training import Recipe, train
@@ -115,20 +121,24 @@ def train_cmd(
         init_seed=init_seed,
         seed=seed,
     )
-    plan = train(
-        instances,
-        base,
-        out,
-        recipe,
-        models_per_batch=mpb,
-        format=fmt or "kohya",
-        device=device,
-        skip_bad_images=skip_bad_images,
-        overwrite=force,
-        dry_run=dry_run,
-        progress=not quiet_enabled(),
-        warn=note,
-    )
+    from w2wkit.cluster import open_client
+
+    with open_client(cluster) as client:  # None: no cluster, dask not imported
+        plan = train(
+            instances,
+            base,
+            out,
+            recipe,
+            models_per_batch=mpb,
+            format=fmt or "kohya",
+            device=device,
+            skip_bad_images=skip_bad_images,
+            overwrite=force,
+            dry_run=dry_run,
+            progress=not quiet_enabled(),
+            warn=note,
+            client=client,
+        )
     if dry_run:
         console.print(plan.describe())
         return

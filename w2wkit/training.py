@@ -520,6 +520,149 @@ def _auto_models_per_batch(trainer: Any, pics: np.ndarray, recipe: Recipe, todo:
     return max(1, min(todo, int(0.8 * free / per)))
 
 
+# --------------------------------------------------------------------------- one batch, one model
+# (shared by the single-process loop below and the cluster workers, w2wkit/train_cluster.py)
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """sha256 (hex) of a run's settings (recipe, base identity, format): the recipe hash.
+
+    Written into every model's metadata (``w2wkit.recipe``) so that a worker that runs a
+    chunk again can tell a finished model of the same recipe from anything else.
+    """
+    text = json.dumps(settings, sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def train_batch(
+    trainer: Any,
+    images: Sequence[np.ndarray],
+    seeds: Sequence[int],
+    recipe: Recipe,
+    *,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[list[Any], np.ndarray]:
+    """Train one batch of models with the recipe (the engine's DreamBooth loop).
+
+    Parameters
+    ----------
+    trainer : DreamBooth
+        The base pipeline, loaded once.
+    images : sequence of numpy.ndarray
+        Per model, its pictures ``(n_j, H, W, 3)`` uint8.
+    seeds : sequence of int
+        Per model, the seed of its draws.
+    recipe : Recipe
+    on_step : callable, optional
+        Called with the number of steps done.
+
+    Returns
+    -------
+    adapters : list of Adapter
+    losses : numpy.ndarray
+        ``(M,)`` final losses.
+    """
+    return trainer.train(
+        images,
+        recipe.instance_prompt,
+        list(seeds),
+        steps=recipe.steps,
+        batch=recipe.batch,
+        lr=recipe.lr,
+        on_step=on_step,
+    )
+
+
+def _published(path: Path, key: str, seed: int) -> dict[str, Any] | None:
+    """The manifest entry of a complete model file of recipe ``key`` and ``seed``, or None."""
+    from w2wkit.stio import read_header
+
+    f = path / "adapter_model.safetensors" if path.is_dir() else path
+    try:
+        meta = read_header(f)[1]
+        loss = float(meta["w2wkit.loss"])
+    except (OSError, W2WError, KeyError, ValueError):
+        return None
+    if meta.get("w2wkit.recipe") != key or meta.get("w2wkit.seed") != str(seed):
+        return None
+    return {"loss": loss}
+
+
+def publish_model(
+    inst: Instance,
+    adapter: Any,
+    loss: float,
+    seed: int,
+    recipe: Recipe,
+    out: Path,
+    format: str,
+    key: str,
+    *,
+    keep_complete: bool = False,
+) -> dict[str, Any]:
+    """Write one trained model atomically; its manifest entry (``failed`` when it diverged).
+
+    Parameters
+    ----------
+    inst : Instance
+    adapter : Adapter
+        The trained LoRA.
+    loss : float
+        Its final loss.
+    seed : int
+        Its seed.
+    recipe : Recipe
+    out : pathlib.Path
+        The output folder.
+    format : str
+        The output format.
+    key : str
+        The recipe hash (:func:`settings_key`), written into the metadata.
+    keep_complete : bool
+        Leave a file that is already a complete model of this recipe and seed as it is
+        (a chunk run again on a cluster): nothing is written twice.
+
+    Returns
+    -------
+    dict
+        ``seed``, ``pictures``, ``captions``, ``status`` and, when done, ``file``,
+        ``sha256``, ``loss`` (and ``kept`` when an existing file was kept).
+    """
+    from w2wkit.formats.registry import provenance_metadata, write_adapter
+    from w2wkit.stio import file_sha256
+
+    finite = math.isfinite(float(loss)) and all(
+        np.isfinite(layer.down).all() and np.isfinite(layer.up).all()
+        for layer in adapter.layers.values()
+    )
+    entry: dict[str, Any] = {
+        "seed": seed,
+        "pictures": [str(p) for p in inst.pictures],
+        "captions": inst.captions,
+    }
+    if not finite:
+        entry.update(status="failed", reason="diverged (non-finite loss or weights)")
+        return entry
+    fname = _file_name(inst.name, format)
+    old = _published(out / fname, key, seed) if keep_complete else None
+    if old is None:
+        adapter.metadata = provenance_metadata(
+            "w2wkit train",
+            [str(p) for p in inst.pictures],
+            prompt=recipe.instance_prompt,
+            instance=inst.name,
+            seed=str(seed),
+            recipe=key,
+            loss=repr(float(loss)),
+        )
+        write_adapter(adapter, out / fname, format=format, overwrite=True)
+    else:
+        entry["kept"] = True
+        loss = old["loss"]
+    entry.update(status="done", file=fname, sha256=file_sha256(out / fname), loss=float(loss))
+    return entry
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -544,6 +687,7 @@ def train(
     dry_run: bool = False,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
+    client: Any = None,
 ) -> TrainPlan:
     """Train one LoRA per instance into ``out`` (resuming a killed run of the same recipe).
 
@@ -574,6 +718,10 @@ def train(
     warn : callable, optional
         ``warn(message)`` for notes (resizing, skipped pictures, diverged models,
         out-of-memory halving); default: nothing.
+    client : dask.distributed.Client, optional
+        Train on a Dask cluster (:mod:`w2wkit.train_cluster`): chunks of models become
+        tasks, the workers write the models into ``out`` (a folder every worker sees),
+        this process keeps the manifest. None: this process trains (dask is not imported).
 
     Returns
     -------
@@ -590,7 +738,7 @@ def train(
     from w2wkit.atomic import atomic_path
     from w2wkit.diffusion.dreambooth import DreamBooth
     from w2wkit.diffusion.pipeline import load_pipeline
-    from w2wkit.formats.registry import provenance_metadata, writable_formats, write_adapter
+    from w2wkit.formats.registry import writable_formats
     from w2wkit.progress import Bar
     from w2wkit.stio import file_sha256
 
@@ -658,6 +806,7 @@ def train(
                 hint="write elsewhere, or pass `overwrite=True` to replace them",
             )
     models: dict[str, Any] = dict(old["models"]) if old else {}
+    recipe_key = settings_key(settings)
     seeds = {i.name: recipe.seed * 1_000_003 + k for k, i in enumerate(insts)}
 
     def finished(name: str) -> bool:
@@ -689,6 +838,32 @@ def train(
         warn(
             "captions are recorded in the manifest; every sample is trained with the instance "
             f"prompt {recipe.instance_prompt!r}"
+        )
+    if client is not None:  # the workers train; this process keeps the manifest
+        from w2wkit.train_cluster import train_on_cluster
+
+        del pipe
+        return train_on_cluster(
+            client,
+            insts=insts,
+            todo=todo,
+            labels=labels,
+            base=base_dir,
+            out=out,
+            recipe=recipe,
+            settings=settings,
+            models=models,
+            seeds=seeds,
+            size=size,
+            models_per_batch=None if mpb_auto else mpb,
+            format=format,
+            device=device,
+            skip_bad_images=skip_bad_images,
+            dry_run=dry_run,
+            progress=progress,
+            warn=warn,
+            done=n_done,
+            failed=n_failed,
         )
     trainer = DreamBooth(
         pipe,
@@ -770,13 +945,11 @@ def train(
             chunk = queue[:mpb]
             base_done = len(insts) - len(queue)
             try:
-                adapters, losses = trainer.train(
+                adapters, losses = train_batch(
+                    trainer,
                     [pics(i) for i in chunk],
-                    recipe.instance_prompt,
                     [seeds[i.name] for i in chunk],
-                    steps=recipe.steps,
-                    batch=recipe.batch,
-                    lr=recipe.lr,
+                    recipe,
                     on_step=_step_progress(bar, base_done, len(chunk), recipe.steps),
                 )
             except RuntimeError as exc:
@@ -793,35 +966,13 @@ def train(
             for inst in chunk:  # pictures are held for the running batch only
                 pictures.pop(inst.name, None)
             for inst, ad, loss in zip(chunk, adapters, losses, strict=True):
-                finite = math.isfinite(float(loss)) and all(
-                    np.isfinite(layer.down).all() and np.isfinite(layer.up).all()
-                    for layer in ad.layers.values()
+                entry = publish_model(
+                    inst, ad, float(loss), seeds[inst.name], recipe, out, format, recipe_key
                 )
-                entry: dict[str, Any] = {
-                    "seed": seeds[inst.name],
-                    "pictures": [str(p) for p in inst.pictures],
-                    "captions": inst.captions,
-                }
-                if not finite:
-                    entry.update(status="failed", reason="diverged (non-finite loss or weights)")
+                if entry["status"] == "failed":
                     plan.failed_names.append(inst.name)
                     warn(f"model {inst.name!r} diverged (non-finite loss); marked failed")
                 else:
-                    fname = _file_name(inst.name, format)
-                    ad.metadata = provenance_metadata(
-                        "w2wkit train",
-                        [str(p) for p in inst.pictures],
-                        prompt=recipe.instance_prompt,
-                        instance=inst.name,
-                        seed=str(seeds[inst.name]),
-                    )
-                    write_adapter(ad, out / fname, format=format, overwrite=True)
-                    entry.update(
-                        status="done",
-                        file=fname,
-                        sha256=file_sha256(out / fname),
-                        loss=float(loss),
-                    )
                     plan.written.append(inst.name)
                 models[inst.name] = entry
                 _write_manifest(out, manifest)
