@@ -114,15 +114,21 @@ def _trainer(base: str, identity: str, recipe: Any, device: str) -> Any:
         return _TRAINERS[key]
 
 
-def _die_hook(published: int) -> None:
+def _die_hook(published: int, path: Path) -> None:
     """Test hook: ``W2WKIT_TEST_CLUSTER_DIE=k:MARKER`` ends this worker process (``os._exit``)
-    right after the k-th model a chunk publishes, once: only while the file MARKER does not
-    exist (it is created first)."""
+    right after the k-th model a chunk publishes (``path``), once: the process that creates
+    the file MARKER (it must not exist) writes its pid, the model's file name and its
+    ``st_mtime_ns`` into it, then exits."""
     spec = os.environ.get("W2WKIT_TEST_CLUSTER_DIE", "")
     k, _, marker = spec.partition(":")
-    if not (k.isdigit() and marker) or published != int(k) or os.path.exists(marker):
+    if not (k.isdigit() and marker) or published != int(k):
         return
-    Path(marker).write_text(str(os.getpid()))
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()} {path.name} {path.stat().st_mtime_ns}".encode())
+    os.close(fd)
     os._exit(17)
 
 
@@ -254,7 +260,7 @@ def train_chunk(job: dict[str, Any]) -> dict[str, Any]:
                 )  # fmt: skip
                 if not entries[inst.name].get("kept") and entries[inst.name]["status"] == "done":
                     published += 1
-                    _die_hook(published)
+                    _die_hook(published, out / entries[inst.name]["file"])
             lo = hi
         return {"chunk": job["chunk"], "worker": worker, "entries": entries, "notes": notes}
     except W2WError as exc:  # returned, not raised: the driver raises it as one line
