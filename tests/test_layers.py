@@ -80,6 +80,7 @@ LAYERS: dict[str, int] = {
     "w2wkit.render": 6,
     "w2wkit.invert": 6,
     "w2wkit.training": 6,
+    "w2wkit.train_cluster": 6,
     # 7 - the miniature world (never imports the evaluation); tiny test pipelines
     "w2wkit.world": 7,
     "w2wkit.testing": 7,

@@ -42,11 +42,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from w2wkit.errors import W2WError
 
-__all__ = ["CHUNK_CAP", "EVENT_TOPIC", "ClusterTrainError", "train_chunk", "train_on_cluster"]
+__all__ = [
+    "CHUNK_CAP",
+    "EVENT_TOPIC",
+    "ClusterTrainError",
+    "TrainOps",
+    "train_chunk",
+    "train_on_cluster",
+]
 
 #: Largest chunk ``models_per_batch="auto"`` makes.
 CHUNK_CAP = 32
@@ -59,6 +66,22 @@ _TRAINERS_LOCK = threading.Lock()
 
 class ClusterTrainError(W2WError):
     """A cluster training run cannot go on (a worker cannot see the input, a chunk fails)."""
+
+
+class TrainOps(NamedTuple):
+    """The training primitives of :mod:`w2wkit.training`, handed over by :func:`w2wkit.train`.
+
+    This module does not import :mod:`w2wkit.training` (which calls it): the driver is
+    given these, and sends them with every task (functions travel by name, so a worker
+    imports :mod:`w2wkit.training` itself). Each is the single-process path's own.
+    """
+
+    load_pictures: Callable[..., Any]
+    train_batch: Callable[..., Any]
+    publish_model: Callable[..., Any]
+    auto_batch: Callable[..., int]
+    is_oom: Callable[[BaseException], bool]
+    write_manifest: Callable[[Path, dict[str, Any]], None]
 
 
 # --------------------------------------------------------------------------- worker side
@@ -168,11 +191,12 @@ def train_chunk(job: dict[str, Any]) -> dict[str, Any]:
     Parameters
     ----------
     job : dict
-        ``chunk`` (its number), ``instances`` (name, pictures, captions, seed per model),
-        ``base``, ``identity``, ``recipe`` (a dict), ``key`` (the recipe hash), ``out``,
-        ``format``, ``device``, ``size``, ``skip_bad``, ``batch`` (models per batch, or
-        None: from free memory on CUDA, all of the chunk on the CPU), ``dry_steps``
-        (a warm-up measure instead of training, see :func:`train_on_cluster`).
+        ``chunk`` (its number), ``instances`` (Instance list), ``seeds`` (one per
+        instance), ``base``, ``identity``, ``recipe`` (a Recipe), ``key`` (the recipe
+        hash), ``out``, ``format``, ``device``, ``size``, ``skip_bad``, ``batch`` (models
+        per batch, or None: from free memory on CUDA, 8 on the CPU), ``ops``
+        (:class:`TrainOps`) and, for a dry run, ``dry_steps`` (a timed warm-up instead of
+        training).
 
     Returns
     -------
@@ -180,24 +204,12 @@ def train_chunk(job: dict[str, Any]) -> dict[str, Any]:
         ``chunk``, ``worker``, ``entries`` (name -> manifest entry), ``notes``, or
         ``error`` (a W2WError's fields: the driver raises it), or ``seconds_per_step``.
     """
-    from w2wkit.training import (
-        Instance,
-        Recipe,
-        _auto_models_per_batch,
-        _is_oom,
-        load_pictures,
-        publish_model,
-        train_batch,
-    )
-
+    ops: TrainOps = job["ops"]
     worker = _worker_name()
     notes: list[str] = []
     try:
-        insts = [
-            Instance(d["name"], [Path(p) for p in d["pictures"]], list(d["captions"]))
-            for d in job["instances"]
-        ]
-        seeds = [int(d["seed"]) for d in job["instances"]]
+        insts = list(job["instances"])
+        seeds = [int(s) for s in job["seeds"]]
         base, out = job["base"], Path(job["out"])
         need = [os.path.join(base, "model_index.json")] + [
             str(p) for i in insts for p in i.pictures
@@ -210,25 +222,27 @@ def train_chunk(job: dict[str, Any]) -> dict[str, Any]:
                 hint="every worker must see the input, the base pipeline and the output "
                 "folder at the same paths (a shared file system)",
             )
-        recipe = Recipe(**{**job["recipe"], "targets": tuple(job["recipe"]["targets"])})
+        recipe = job["recipe"]
         trainer = _trainer(base, job["identity"], recipe, job["device"])
         said: set[str] = set()
         images = [
-            load_pictures(i, job["size"], skip_bad=job["skip_bad"], warn=notes.append, said=said)
+            ops.load_pictures(
+                i, job["size"], skip_bad=job["skip_bad"], warn=notes.append, said=said
+            )
             for i in insts
         ]
         if job.get("dry_steps"):
             warm = int(job["dry_steps"])
             zeros = [0] * len(images)
-            train_batch(trainer, images, zeros, replace(recipe, steps=1))  # allocation, caches
+            ops.train_batch(trainer, images, zeros, replace(recipe, steps=1))  # allocation, caches
             t0 = time.perf_counter()
-            train_batch(trainer, images, zeros, replace(recipe, steps=warm))
+            ops.train_batch(trainer, images, zeros, replace(recipe, steps=warm))
             trainer.release()
             sps = (time.perf_counter() - t0) / warm
             return {"chunk": job["chunk"], "worker": worker, "seconds_per_step": sps}
         batch = job.get("batch")
         if batch is None:
-            batch = _auto_models_per_batch(trainer, images[0], recipe, len(insts))
+            batch = ops.auto_batch(trainer, images[0], recipe, len(insts))
         entries: dict[str, Any] = {}
         on_step = _step_events(int(job["chunk"]))
         lo = 0
@@ -236,11 +250,11 @@ def train_chunk(job: dict[str, Any]) -> dict[str, Any]:
         while lo < len(insts):
             hi = min(len(insts), lo + int(batch))
             try:
-                adapters, losses = train_batch(
+                adapters, losses = ops.train_batch(
                     trainer, images[lo:hi], seeds[lo:hi], recipe, on_step=on_step
                 )
             except RuntimeError as exc:
-                if not _is_oom(exc) or batch == 1:
+                if not ops.is_oom(exc) or batch == 1:
                     raise
                 trainer.release()
                 import torch
@@ -254,7 +268,7 @@ def train_chunk(job: dict[str, Any]) -> dict[str, Any]:
             for inst, seed, ad, loss in zip(
                 insts[lo:hi], seeds[lo:hi], adapters, losses, strict=True
             ):
-                entries[inst.name] = publish_model(
+                entries[inst.name] = ops.publish_model(
                     inst, ad, float(loss), seed, recipe, out, job["format"], job["key"],
                     keep_complete=True,
                 )  # fmt: skip
@@ -351,8 +365,9 @@ def train_on_cluster(
     dry_run: bool,
     progress: bool,
     warn: Callable[[str], None],
-    done: int,
-    failed: int,
+    plan: Any,
+    key: str,
+    ops: TrainOps,
 ) -> Any:
     """The cluster half of :func:`w2wkit.train` (called by it with the checked input).
 
@@ -379,19 +394,24 @@ def train_on_cluster(
     format, device : str
     skip_bad_images, dry_run, progress : bool
     warn : callable
-    done, failed : int
-        Models already done / failed (resume).
+    plan : TrainPlan
+        The run's plan so far (models, done, failed, todo, steps); this sets its
+        ``models_per_batch`` (models per chunk), ``batches`` (chunks), ``written``...
+    key : str
+        The recipe hash (``settings_key``), carried in every model's metadata.
+    ops : TrainOps
+        The training primitives.
 
     Returns
     -------
     TrainPlan
+        ``plan``.
     """
     from distributed import as_completed
 
     from w2wkit.atomic import atomic_path
     from w2wkit.cluster import dashboard_link
     from w2wkit.progress import Bar
-    from w2wkit.training import TrainPlan, _write_manifest, load_pictures, settings_key
 
     n_workers = len(_workers(client))
     if n_workers == 0:
@@ -400,38 +420,23 @@ def train_on_cluster(
     warn(f"cluster: {n_workers} workers" + (f", dashboard {link}" if link else ""))
     chunk = _chunk_size(models_per_batch, len(todo), n_workers)
     chunks = [todo[k : k + chunk] for k in range(0, len(todo), chunk)]
-    plan = TrainPlan(
-        models=len(insts),
-        done=done,
-        failed=failed,
-        todo=len(todo),
-        steps=recipe.steps,
-        models_per_batch=chunk,
-        batches=len(chunks),
-    )
+    plan.models_per_batch, plan.batches = chunk, len(chunks)
     said: set[str] = set()
     for inst in todo:  # every picture checked here before anything is written
-        load_pictures(inst, size, skip_bad=skip_bad_images, warn=warn, said=said)
+        ops.load_pictures(inst, size, skip_bad=skip_bad_images, warn=warn, said=said)
     if not todo:
         return plan
     resources = _task_resources(client, device, warn)
-    key = settings_key(settings)
 
     def job(number: int, part: list[Any], **extra: Any) -> dict[str, Any]:
         return {
             "chunk": number,
-            "instances": [
-                {
-                    "name": i.name,
-                    "pictures": [str(p) for p in i.pictures],
-                    "captions": list(i.captions),
-                    "seed": seeds[i.name],
-                }
-                for i in part
-            ],
+            "instances": list(part),
+            "seeds": [seeds[i.name] for i in part],
             "base": str(base),
             "identity": settings["base"]["sha256"],
-            "recipe": recipe.as_dict(),
+            "recipe": recipe,
+            "ops": ops,
             "key": key,
             "out": str(out),
             "format": format,
@@ -469,7 +474,7 @@ def train_on_cluster(
         with atomic_path(out / "labels.csv", overwrite=True) as tmp:
             shutil.copyfile(labels, tmp)
     manifest = {**settings, "models": models, "w2wkit": "train"}
-    _write_manifest(out, manifest)
+    ops.write_manifest(out, manifest)
 
     steps: dict[int, int] = {}  # chunk -> steps done (worker events)
     lock = threading.Lock()
@@ -494,7 +499,7 @@ def train_on_cluster(
         for n, c in enumerate(chunks)
     }  # fmt: skip
     order = {i.name: k for k, i in enumerate(insts)}
-    recorded = done + failed
+    recorded = plan.done + plan.failed
     try:
         with Bar(len(insts), "train", enabled=progress, unit="models", fields={"loss": "-"}) as bar:
             bar.set(recorded)
@@ -530,7 +535,7 @@ def train_on_cluster(
                         else:
                             plan.written.append(name)
                             bar.update(0, loss=f"{float(entry['loss']):.4f}")
-                    _write_manifest(out, manifest)  # as each chunk comes back
+                    ops.write_manifest(out, manifest)  # as each chunk comes back
                     recorded += len(res["entries"])
                     with lock:
                         steps.pop(number, None)

@@ -840,7 +840,7 @@ def train(
             f"prompt {recipe.instance_prompt!r}"
         )
     if client is not None:  # the workers train; this process keeps the manifest
-        from w2wkit.train_cluster import train_on_cluster
+        from w2wkit.train_cluster import TrainOps, train_on_cluster
 
         del pipe
         return train_on_cluster(
@@ -862,8 +862,16 @@ def train(
             dry_run=dry_run,
             progress=progress,
             warn=warn,
-            done=n_done,
-            failed=n_failed,
+            plan=TrainPlan(len(insts), n_done, n_failed, len(todo), recipe.steps, 1, 0),
+            key=recipe_key,
+            ops=TrainOps(
+                load_pictures,
+                train_batch,
+                publish_model,
+                _auto_models_per_batch,
+                _is_oom,
+                _write_manifest,
+            ),
         )
     trainer = DreamBooth(
         pipe,
