@@ -143,6 +143,19 @@ def test_worker_killed_mid_chunk_changes_nothing(
     no_leftovers(out)
 
 
+@pytest.mark.slow  # a LocalCluster of two processes
+def test_dry_run_on_the_cluster(cluster, people, tiny_pipe_dir, tmp_path):
+    out = tmp_path / "plan"
+    res = run(
+        ["train", people, "--base", tiny_pipe_dir, "-o", out, *CLI_RECIPE, "--device", "cpu",
+         "--models-per-batch", 1, "--cluster", cluster.scheduler.address, "--dry-run"]
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "models: 4 (0 done, 0 failed, 4 to train)" in res.output
+    assert "batches: 4" in res.output and "estimated time" in res.output
+    assert not out.exists()
+
+
 @pytest.fixture
 def driver_only():
     """``driver_only(folder)``: a path to ``folder`` that only this process can resolve."""

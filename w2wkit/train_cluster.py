@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -112,6 +114,35 @@ def _check_visible(paths: Sequence[str], folder: str | None = None) -> str | Non
     return miss
 
 
+def _malloc_for_training() -> bool:
+    """Undo, in this worker process, what dask's ``MALLOC_TRIM_THRESHOLD_`` does to torch.
+
+    A dask nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand freed
+    memory back to the system). Setting it switches off glibc's adaptive mmap threshold:
+    every allocation above 128 KiB is then a fresh ``mmap`` that is page-faulted in and
+    unmapped again, and torch allocates its activations anew every step: a training step
+    on the CPU took 1.9x as long (22.0 s vs 11.5 s for 8 steps of 4 models, miniature
+    base, measured). Setting the thresholds to where the adaptive scheme ends up (32 MiB
+    mmap, 64 MiB trim) gives the speed back; memory above 64 MiB is still handed back.
+
+    Returns
+    -------
+    bool
+        Whether the thresholds were set (Linux with glibc, the variable set).
+    """
+    if not os.environ.get("MALLOC_TRIM_THRESHOLD_") or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mmap_ok = libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
+        trim_ok = libc.mallopt(-1, 64 * 2**20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mmap_ok and trim_ok)
+
+
 def _trainer(base: str, identity: str, recipe: Any, device: str) -> Any:
     """The worker's DreamBooth for this base and recipe, loaded once per worker process."""
     from w2wkit.diffusion.dreambooth import DreamBooth
@@ -121,6 +152,7 @@ def _trainer(base: str, identity: str, recipe: Any, device: str) -> Any:
     with _TRAINERS_LOCK:
         if key not in _TRAINERS:
             _TRAINERS.clear()  # one pipeline per worker process
+            _malloc_for_training()
             trainer = DreamBooth(
                 base,
                 targets=recipe.targets,
@@ -491,9 +523,10 @@ def train_on_cluster(
         client.subscribe_topic(EVENT_TOPIC, on_event)
     except Exception:  # progress by chunk only
         subscribed = False
+    run = secrets.token_hex(6)  # task keys of this run only (never another run's result)
     futures = {
         client.submit(
-            train_chunk, job(n, c), key=f"w2wkit-train-{key[:12]}-{n}-{os.getpid()}",
+            train_chunk, job(n, c), key=f"w2wkit-train-{run}-{n}",
             pure=False, resources=resources,
         ): n
         for n, c in enumerate(chunks)
