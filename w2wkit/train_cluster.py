@@ -509,13 +509,15 @@ def train_on_cluster(
     ops.write_manifest(out, manifest)
 
     steps: dict[int, int] = {}  # chunk -> steps done (worker events)
+    over: set[int] = set()  # chunks back
     lock = threading.Lock()
 
     def on_event(event: Any) -> None:
         msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
         if isinstance(msg, dict) and "chunk" in msg:
             with lock:
-                steps[int(msg["chunk"])] = int(msg.get("step", 0))
+                if int(msg["chunk"]) not in over:  # an event may come after its chunk
+                    steps[int(msg["chunk"])] = int(msg.get("step", 0))
 
     sizes = {n: len(c) for n, c in enumerate(chunks)}
     subscribed = True
@@ -571,6 +573,7 @@ def train_on_cluster(
                     ops.write_manifest(out, manifest)  # as each chunk comes back
                     recorded += len(res["entries"])
                     with lock:
+                        over.add(number)
                         steps.pop(number, None)
                 with lock:
                     part = sum(sizes[n] * k / recipe.steps for n, k in steps.items())
