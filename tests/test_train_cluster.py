@@ -224,3 +224,19 @@ def test_missing_scheduler_file(people, tiny_pipe_dir, tmp_path):
     res = run(["train", people, "--base", tiny_pipe_dir, "-o", out, "--cluster", sched])
     _one_line_error(res, str(sched), "scheduler file not found")
     assert not out.exists()
+
+
+def test_chunks_ask_for_a_gpu_when_the_workers_declare_one():
+    from w2wkit.train_cluster import _task_resources
+
+    cpu = {"tcp://a:1": {"resources": {}}, "tcp://b:1": {}}
+    gpu = {"tcp://a:1": {"resources": {"GPU": 1}}, "tcp://b:1": {"resources": {"GPU": 1}}}
+    notes: list[str] = []
+    assert _task_resources(cpu, "cpu", notes.append) is None
+    assert _task_resources(cpu, "auto", notes.append) is None
+    assert _task_resources(gpu, "cpu", notes.append) is None
+    assert notes == []
+    assert _task_resources(gpu, "auto", notes.append) == {"GPU": 1}
+    assert _task_resources(gpu, "cuda:0", notes.append) == {"GPU": 1}
+    assert _task_resources(cpu, "cuda", notes.append) is None
+    assert len(notes) == 1 and "--resources GPU=1" in notes[0]

@@ -336,10 +336,21 @@ def _workers(client: Any) -> dict[str, dict[str, Any]]:
 
 
 def _task_resources(
-    client: Any, device: str, warn: Callable[[str], None]
+    workers: dict[str, dict[str, Any]], device: str, warn: Callable[[str], None]
 ) -> dict[str, float] | None:
-    """``{"GPU": 1}`` when the chunks train on CUDA and the workers declare GPUs."""
-    gpus = [a for a, w in _workers(client).items() if (w.get("resources") or {}).get("GPU")]
+    """``{"GPU": 1}`` when the chunks train on CUDA and the workers declare GPUs.
+
+    Parameters
+    ----------
+    workers : dict
+        The scheduler's workers (``client.scheduler_info()["workers"]``: address -> info
+        with ``resources``).
+    device : str
+        The run's device (``auto``, ``cpu``, ``cuda``, ``cuda:1``...).
+    warn : callable
+        Told when CUDA is asked for but no worker declares a ``GPU`` resource.
+    """
+    gpus = [a for a, w in workers.items() if (w.get("resources") or {}).get("GPU")]
     if device.startswith("cuda") or (device == "auto" and gpus):
         if gpus:
             return {"GPU": 1}
@@ -458,7 +469,7 @@ def train_on_cluster(
         ops.load_pictures(inst, size, skip_bad=skip_bad_images, warn=warn, said=said)
     if not todo:
         return plan
-    resources = _task_resources(client, device, warn)
+    resources = _task_resources(_workers(client), device, warn)
 
     def job(number: int, part: list[Any], **extra: Any) -> dict[str, Any]:
         return {
