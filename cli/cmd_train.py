@@ -19,7 +19,7 @@ from w2wkit.errors import W2WError
 
 @click.command("train")
 @click.argument("instances", type=click.Path(path_type=Path))
-@click.option("--base", required=True, help="Stable Diffusion 1.x/2.x pipeline folder.")
+@click.option("--base", required=True, help="Stable Diffusion 1.x/2.x or SDXL pipeline folder.")
 @output_option("Output folder (one LoRA per instance + train_manifest.json).", required=True)
 @click.option("--rank", default=1, show_default=True, type=int, help="LoRA rank.")
 @click.option("--alpha", default=1.0, show_default=True, type=float, help="LoRA alpha.")
@@ -91,6 +91,7 @@ def train_cmd(
     Examples:
       w2wkit train ./people --base ./sd15 -o ./people-loras --dry-run
       w2wkit train ./people --base ./sd15 -o ./people-loras --steps 800
+      w2wkit train ./people --base ./sdxl -o ./people-xl-loras --resolution 1024
       w2wkit fit ./people-loras -o people-space --labels ./people-loras/labels.csv
     """
     from w2wkit.training import Recipe, train

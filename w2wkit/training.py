@@ -373,7 +373,7 @@ def load_pictures(
 
 
 def check_pipeline_folder(path: str | os.PathLike[str]) -> Path:
-    """Refuse a pipeline folder with a missing part (naming it) or an SDXL one.
+    """Refuse a pipeline folder with a missing part (naming it); SD1.x/2.x or SDXL.
 
     Returns
     -------
@@ -394,14 +394,8 @@ def check_pipeline_folder(path: str | os.PathLike[str]) -> Path:
         meta = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise FormatError(f"unreadable model_index.json: {exc}", path=index) from None
-    if pipeline_kind(folder) == "sdxl":
-        raise W2WError(
-            "the pipeline is SDXL (two text encoders, size conditioning); training "
-            "supports Stable Diffusion 1.x/2.x pipelines for now",
-            path=folder,
-            param="base",
-        )
-    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    xl = ("text_encoder_2", "tokenizer_2") if pipeline_kind(folder) == "sdxl" else ()
+    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", *xl):
         entry = meta.get(comp)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] is not None):
             raise FormatError(
@@ -410,7 +404,7 @@ def check_pipeline_folder(path: str | os.PathLike[str]) -> Path:
         sub = folder / comp
         if not sub.is_dir() or not any(sub.iterdir()):
             raise FormatError(f"incomplete pipeline folder: {comp}/ is missing", path=sub)
-    for comp in ("unet", "vae", "text_encoder"):
+    for comp in ("unet", "vae", "text_encoder", *xl[:1]):
         sub = folder / comp
         if not (sub / "config.json").is_file():
             raise FormatError(
@@ -552,7 +546,7 @@ def train(
     instances : path
         A folder of instance folders, or a CSV/JSONL manifest (see the module docs).
     base : path
-        A Stable Diffusion 1.x/2.x pipeline folder.
+        A Stable Diffusion 1.x/2.x or SDXL pipeline folder.
     out : path
         Output folder: one LoRA per instance, ``train_manifest.json``, ``labels.csv``.
     recipe : Recipe, optional
@@ -674,7 +668,7 @@ def train(
     n_failed = sum(1 for i in insts if finished(i.name) and models[i.name]["status"] == "failed")
 
     # the pipeline and the targets (before any picture is decoded for a long run)
-    pipe = load_pipeline(base_dir, device="cpu", dtype=torch.float32)
+    pipe = load_pipeline(base_dir, device="cpu", dtype=torch.float32, sdxl=True)
     names = [n for n, _ in pipe.unet.named_modules()]
     check_targets(names, recipe.targets)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)

@@ -21,6 +21,13 @@ its prior-preservation samples). So a model's training does not depend on which
 other models share its batch (``tests/test_world_zoo.py`` checks a batch of 3
 against a one-model peft loop).
 
+SDXL base pipelines train the way diffusers' ``train_dreambooth_lora_sdxl.py``
+does: the prompt through both text encoders (``encode_prompt``: penultimate
+hidden states concatenated, ``text_encoder_2``'s pooled projection), and the
+UNet gets ``added_cond_kwargs`` with the pooled embedding and the size/crop
+conditioning ``(H, W, 0, 0, H, W)`` of the training pictures (``w2wkit.train``
+resizes and center-crops them to the training size first).
+
 torch, diffusers and peft are imported inside the functions.
 """
 
@@ -37,7 +44,7 @@ from w2wkit.adapter import Adapter
 from w2wkit.devices import resolve_device
 from w2wkit.diffusion.bank import LoraBank, install_bank, lora_init
 from w2wkit.diffusion.loss import denoising_loss
-from w2wkit.diffusion.pipeline import load_pipeline
+from w2wkit.diffusion.pipeline import load_pipeline, pipeline_kind
 from w2wkit.diffusion.schedule import alphas_cumprod, noisy
 from w2wkit.errors import W2WError
 
@@ -95,8 +102,11 @@ class DreamBooth:
         self.device = resolve_device(device)
         self.base = str(base) if isinstance(base, (str, os.PathLike)) else type(base).__name__
         # float32 whatever the folder stores (a shipped world's base is float16)
-        pipe = load_pipeline(base, device="cpu", dtype=torch.float32)
-        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        pipe = load_pipeline(base, device="cpu", dtype=torch.float32, sdxl=True)
+        self.sdxl = pipeline_kind(pipe) == "sdxl"
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if m is None:
+                continue
             m.requires_grad_(False)
             m.eval()
         self.pipe = pipe
@@ -111,12 +121,22 @@ class DreamBooth:
         self.bank: LoraBank | None = None
         self.steps_done = 0
         self._ehs: dict[str, Any] = {}
+        self._pooled: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- inputs
     def embed(self, prompt: str) -> Any:
         """Text-encoder hidden states of ``prompt``, shape ``(1, L, D)`` (cached)."""
         import torch
 
+        if prompt not in self._ehs and self.sdxl:
+            with torch.no_grad():
+                ehs, _, pooled, _ = self.pipe.encode_prompt(
+                    prompt=[prompt],
+                    device=self.device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=False,
+                )
+            self._ehs[prompt], self._pooled[prompt] = ehs, pooled
         if prompt not in self._ehs:
             tok = self.pipe.tokenizer
             ids = tok(
@@ -129,6 +149,40 @@ class DreamBooth:
             with torch.no_grad():
                 self._ehs[prompt] = self.pipe.text_encoder(ids)[0]
         return self._ehs[prompt]
+
+    def added_cond(self, rows: Sequence[tuple[str, int]], size: tuple[int, int]) -> dict[str, Any]:
+        """The UNet's extra keyword arguments for a batch: ``{}`` unless SDXL.
+
+        Parameters
+        ----------
+        rows : sequence of (str, int)
+            Consecutive runs of the batch: ``(prompt, number of rows)``.
+        size : (int, int)
+            Height and width of the training pictures in pixels.
+
+        Returns
+        -------
+        dict
+            SDXL: ``{"added_cond_kwargs": {"text_embeds": (n, P), "time_ids": (n, 6)}}``.
+        """
+        import torch
+
+        if not self.sdxl:
+            return {}
+        pooled = torch.cat([self._pooled_of(p).expand(n, -1) for p, n in rows])
+        h, w = size
+        ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device)
+        return {
+            "added_cond_kwargs": {
+                "text_embeds": pooled,
+                "time_ids": ids.to(pooled.dtype).expand(len(pooled), -1),
+            }
+        }
+
+    def _pooled_of(self, prompt: str) -> Any:
+        if prompt not in self._pooled:
+            self.embed(prompt)
+        return self._pooled[prompt]
 
     def encode(self, images: np.ndarray) -> Any:
         """Scaled VAE latents (posterior means) of uint8 pictures ``(n, H, W, 3)``."""
@@ -274,6 +328,9 @@ class DreamBooth:
             if use_prior
             else ehs.expand(n_rows, -1, -1)
         )
+        hw = (int(np.shape(images[0])[1]), int(np.shape(images[0])[2]))
+        runs = [(prompt, m * b)] + ([(class_prompt or "", m * b)] if use_prior else [])
+        extra = self.added_cond(runs, hw)  # SDXL: pooled text + size/crop conditioning
         history = []
         t0 = time.perf_counter()
         unet = self.pipe.unet
@@ -296,7 +353,7 @@ class DreamBooth:
                 nz = torch.cat([nz, torch.cat(pnoise).to(dev)])
                 t = torch.cat([t, torch.cat(ptt).to(dev)])
             bank.set_index("unet", index)
-            pred = unet(noisy(x0, nz, t, acp), t, encoder_hidden_states=ehs_all).sample
+            pred = unet(noisy(x0, nz, t, acp), t, encoder_hidden_states=ehs_all, **extra).sample
             per = denoising_loss(pred, nz)
             inst = per[: m * b].view(m, b).mean(1)
             loss = inst.sum()
