@@ -1,8 +1,7 @@
 """Shared test fixtures: one tiny pipeline, one micro base and two micro worlds per worker.
 
-``tiny_sdxl_pipe``/``tiny_sdxl_pipe_dir`` are the SDXL-architecture counterparts of
-``tiny_pipe``/``tiny_pipe_dir``. Every fixture here is session-scoped (under
-``pytest -n 2`` each worker process builds its own, once) and SHARED: a test that changes the object must change a copy
+Every fixture here is session-scoped (under ``pytest -n 2`` each worker process builds
+its own, once) and SHARED: a test that changes the object must change a copy
 (``copy.deepcopy(tiny_pipe)``, ``shutil.copytree(micro_world, tmp_path / "w")``).
 A guard checks this: after every test that used one of them, the object must be
 as it was built (the pipeline's weights bit for bit, the folders' files, sizes and
