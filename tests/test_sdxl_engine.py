@@ -303,3 +303,28 @@ def test_cli_train_on_sdxl_and_an_incomplete_sdxl_folder(people, tiny_sdxl_pipe_
     assert res.exit_code == 1
     lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "text_encoder_2" in lines[0] and "incomplete" in lines[0]
+
+
+def test_full_size_sdxl_attention_loras_get_sdxl_kohya_names(tmp_path):
+    """What ``train`` writes for a full SDXL UNet: its attention projections, sgm-named."""
+    import safetensors.numpy as sn
+
+    from w2wkit.formats.registry import write_adapter
+    from w2wkit.names import module_table
+    from w2wkit.testing import random_adapter
+
+    table = module_table("sdxl")
+    shapes = {
+        k: v
+        for k, v in table.items()
+        if k.startswith("unet.") and k.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))
+    }
+    assert len(shapes) == 4 * 140  # 70 transformer blocks x 2 attentions
+    path = tmp_path / "xl.safetensors"
+    write_adapter(random_adapter(shapes), path, format="kohya")
+    keys = {k.split(".")[0] for k in sn.load_file(str(path))}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_v" in keys
+    assert "lora_unet_middle_block_1_transformer_blocks_9_attn1_to_out_0" in keys
+    assert not any("down_blocks" in k for k in keys)
+    back = read_adapter(path)
+    assert set(back.layers) == set(shapes)
