@@ -125,6 +125,19 @@ def test_renderer_equals_the_diffusers_sdxl_pipeline(tiny_sdxl_pipe):
     assert np.abs(neg.images[0, 0, 0] - res.images[0, 0, 0]).max() > 1e-3
 
 
+def test_float16_sdxl_decodes_in_float32_and_stays_float16(tiny_sdxl_pipe):
+    from w2wkit.diffusion import Renderer
+
+    kw = {"seeds": [0], "steps": 2, "guidance": 3.0}
+    ref = Renderer(copy.deepcopy(tiny_sdxl_pipe), device="cpu").render([None], [PROMPT], **kw)
+    half = Renderer(copy.deepcopy(tiny_sdxl_pipe), device="cpu", dtype="float16")
+    assert half.pipe.vae.config.force_upcast
+    res = half.render([None], [PROMPT], **kw)
+    assert str(half.pipe.vae.dtype) == "torch.float16"  # upcast for the decode only
+    assert np.isfinite(res.images).all()
+    np.testing.assert_allclose(res.images, ref.images, atol=5e-3)
+
+
 def _fused(pipe, adapter):
     """A copy of ``pipe`` with ``adapter``'s delta added to its weights."""
     import torch

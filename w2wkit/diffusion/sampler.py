@@ -51,6 +51,7 @@ from w2wkit.diffusion.bank import (
     stack_adapters,
 )
 from w2wkit.diffusion.pipeline import load_pipeline, pipeline_kind
+from w2wkit.diffusion.quiet import quiet
 from w2wkit.diffusion.schedule import sampling_scheduler
 from w2wkit.errors import OUTPUT_EXISTS, FormatError, W2WError
 
@@ -549,7 +550,8 @@ class Renderer:
         cfg = vae.config
         upcast = vae.dtype == torch.float16 and bool(getattr(cfg, "force_upcast", False))
         if upcast and self.sdxl:
-            vae.to(torch.float32)
+            with quiet():
+                vae.to(torch.float32)
             latents = latents.float()
         try:
             mean = getattr(cfg, "latents_mean", None)
@@ -563,7 +565,8 @@ class Renderer:
             return vae.decode(latents, return_dict=False, generator=gens)[0]
         finally:
             if upcast and self.sdxl:
-                vae.to(torch.float16)
+                with quiet():
+                    vae.to(torch.float16)
 
     @staticmethod
     def _check_settings(steps: int, batch_size: int) -> None:
