@@ -64,8 +64,8 @@ def check_pipeline(pipe: Any, sdxl: bool = False) -> None:
             )
     if not sdxl and pipeline_kind(pipe) == "sdxl":
         raise W2WError(
-            f"{type(pipe).__name__} has two text encoders (SDXL); the renderer supports "
-            "Stable Diffusion 1.x/2.x pipelines"
+            f"{type(pipe).__name__} has two text encoders (SDXL); this works on "
+            "Stable Diffusion 1.x/2.x pipelines (inversion does not support SDXL yet)"
         )
 
 
@@ -93,7 +93,8 @@ def load_pipeline(
     allow_download : bool
         Let a string that is not an existing folder be fetched from the hub.
     sdxl : bool
-        Accept an SDXL pipeline (opened as ``StableDiffusionXLPipeline``).
+        Accept an SDXL pipeline (opened as ``StableDiffusionXLPipeline``): the
+        renderer and the DreamBooth loop do; inversion does not.
     offload : bool
         On a CUDA device, keep the models on the CPU and move each to the GPU
         while it runs (diffusers' ``enable_model_cpu_offload``); ignored on the CPU.
@@ -129,8 +130,8 @@ def load_pipeline(
         kind = pipeline_kind(path) if path.is_dir() else "sd"
         if kind == "sdxl" and not sdxl:
             raise W2WError(
-                "the pipeline is SDXL (two text encoders); the renderer supports "
-                "Stable Diffusion 1.x/2.x pipelines",
+                "the pipeline is SDXL (two text encoders); this works on "
+                "Stable Diffusion 1.x/2.x pipelines (inversion does not support SDXL yet)",
                 path=path,
             )
         with quiet():
