@@ -173,6 +173,27 @@ def test_bank_renders_many_sdxl_models_as_each_fused(tiny_sdxl_pipe):
         assert np.abs(many.images[i + 1] - base).max() > 1e-2  # the LoRA matters
 
 
+def test_sdxl_delayed_injection_switches_models(tiny_sdxl_pipe):
+    """Both text encoders patched: the edited model's pooled and hidden states switch too."""
+    from w2wkit.diffusion import Renderer
+    from w2wkit.testing import attention_modules, module_shapes, random_adapter
+
+    pipe = tiny_sdxl_pipe
+    mods = attention_modules(pipe, ("to_q", "to_v"))
+    mods += attention_modules(pipe, ("q_proj",), "text_encoder")
+    mods += attention_modules(pipe, ("q_proj",), "text_encoder_2")
+    shapes = module_shapes(pipe, mods)
+    a, b = (random_adapter(shapes, seed=s, scale=0.3) for s in (1, 2))
+    r = Renderer(copy.deepcopy(pipe), device="cpu")
+    kw = {"seeds": [0], "steps": 2, "guidance": 4.0}
+    plain = r.render([a, b], [PROMPT], **kw).images
+    late = r.render([a], [PROMPT], edited=[b], inject_t=999, **kw).images
+    never = r.render([a], [PROMPT], edited=[b], inject_t=-1, **kw).images
+    np.testing.assert_allclose(late[0], plain[1], atol=1e-5)
+    np.testing.assert_allclose(never[0], plain[0], atol=1e-5)
+    assert np.abs(plain[0] - plain[1]).max() > 1e-2
+
+
 # ----------------------------------------------------------------------------- training
 
 
