@@ -26,6 +26,10 @@ with another recipe is refused unless ``overwrite``.
 Per-picture captions are read and recorded; training uses the instance prompt (the
 paper's recipe), which the engine's loop takes for every sample.
 
+The base may be a Stable Diffusion 1.x/2.x or an SDXL pipeline folder; on SDXL the engine
+conditions the UNet on both text encoders, the pooled embedding and the pictures' size
+(``tests/test_sdxl_engine.py``).
+
 torch, diffusers and PIL are imported inside the functions.
 """
 
