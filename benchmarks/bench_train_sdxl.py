@@ -15,6 +15,9 @@ process, interleaved over ``--repeats`` rounds (medians reported):
   (pipeline loading, picture decoding, VAE encoding, training, writing the files);
 - ``w2wkit_train_steps_only``: the same, its ``--steps`` training steps alone (a run of
   twice the steps minus the first run);
+- ``engine_steps_only``: the engine's loop (:class:`w2wkit.diffusion.DreamBooth`, loaded
+  once, every model in one batch), ``--steps + 1`` steps minus 1 step: the training steps
+  without two whole runs' noise;
 - ``bare_unet_bound``: the bare UNet's forward and backward (to its input) with the
   SDXL conditioning, through batches of the same shape, ``--steps`` times.
 
@@ -53,6 +56,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
+    from w2wkit.diffusion.dreambooth import DreamBooth
     from w2wkit.testing import peft_dreambooth_sdxl, tiny_sdxl_pipeline
     from w2wkit.training import Recipe, train
 
@@ -110,10 +114,18 @@ def main() -> None:
               models_per_batch=a.models, device=a.device)  # fmt: skip
         return (time.perf_counter() - t0) / a.models
 
+    engine = DreamBooth(base, targets=recipe.targets, device=a.device)
+
+    def run_engine(steps: int) -> float:
+        t0 = time.perf_counter()
+        engine.train(imgs, prompt, list(range(a.models)), steps=steps, batch=a.batch, lr=1e-4)
+        return time.perf_counter() - t0
+
     # warm-ups (imports, first allocations)
+    run_engine(1)
     peft_dreambooth_sdxl(base, dataclasses.replace(recipe, steps=1), imgs[0], prompt, seed=0)
     run_train(-1, 1)
-    times: dict[str, list[float]] = {k: [] for k in ("peft", "train", "steps", "bound")}
+    times: dict[str, list[float]] = {k: [] for k in ("peft", "train", "steps", "engine", "bound")}
     for r in range(a.repeats):
         k = r % a.models
         times["peft"].append(peft_dreambooth_sdxl(base, recipe, imgs[k], prompt, seed=k)[1])
@@ -121,12 +133,15 @@ def main() -> None:
         times["train"].append(whole)
         times["steps"].append(run_train(r, 2 * a.steps) - whole)
         times["bound"].append(bound())
+        one = run_engine(1)
+        times["engine"].append((run_engine(a.steps + 1) - one) / a.models)
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
     for case, key in (
         ("peft_one_model", "peft"),
         ("w2wkit_train", "train"),
         ("w2wkit_train_steps_only", "steps"),
+        ("engine_steps_only", "engine"),
         ("bare_unet_bound", "bound"),
     ):
         sec = med[key]
