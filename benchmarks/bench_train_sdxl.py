@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -168,6 +169,7 @@ def main() -> None:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
             print(json.dumps(row), file=sys.stdout)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
