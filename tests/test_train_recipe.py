@@ -387,3 +387,42 @@ def test_help_lists_the_options():
         "--check",
     ):
         assert opt in res.output, opt  # fmt: skip
+
+
+def test_dry_run_with_prior_preservation_writes_nothing(people, tiny_pipe_dir, tmp_path):
+    out = tmp_path / "plan"
+    res = run(["train", people, "--base", tiny_pipe_dir, "-o", out, "--steps", 5,
+               "--targets", "to_q,to_v", "--device", "cpu", "--dry-run", "--prior-preservation",
+               "--num-class-images", 7, "--text-encoder", "--flip", "--random-crop"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "prior preservation: 7 class pictures" in res.output and "estimated time" in res.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--prior-preservation", "--num-class-images", "0"], "--num-class-images"),
+        (["--prior-preservation", "--prior-weight", "nan"], "--prior-weight"),
+        (["--captions", "--instance-token", " "], "--instance-token"),
+        (["--check", "--check-seeds", "a,b"], "--check-seeds"),
+    ],
+)
+def test_bad_option_values(people, tiny_pipe_dir, tmp_path, extra, needle):
+    res = run(["train", people, "--base", tiny_pipe_dir, "-o", tmp_path / "o", "--steps", 1,
+               "--device", "cpu", *extra])  # fmt: skip
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_diverged_model_keeps_its_loss_record(tiny_pipe_dir, tmp_path):
+    people = make_people(tmp_path / "p")
+    out = tmp_path / "out"
+    recipe = Recipe(steps=3, batch=1, lr=1e30, targets=("to_q", "to_v"))
+    plan = train(people, tiny_pipe_dir, out, recipe, models_per_batch=3, device="cpu")
+    assert sorted(plan.failed_names) == NAMES
+    rec = json.loads((out / LOSS_DIR / "ann.json").read_text())  # strict JSON: null, not NaN
+    assert len(rec["loss"]) == 3 and rec["loss"][0] is not None
+    assert np.isfinite(rec["loss"][0]) and rec["loss"][-1] is None and rec["final_loss"] is None
