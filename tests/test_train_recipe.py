@@ -294,6 +294,31 @@ def test_text_encoder_lora_loads_in_diffusers(with_te, people, tiny_pipe, tiny_p
         assert err <= 1e-4, m
 
 
+def test_check_renders_the_text_encoder_lora(with_te, people, tiny_pipe_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "te"
+    shutil.copytree(with_te, out)
+    recipe = replace(BASE, text_encoder=True)
+    plan = train(people, tiny_pipe_dir, out, recipe, device="cpu", check=True, check_seeds=(0,),
+                 check_steps=2)  # fmt: skip
+    assert plan.written == [] and plan.checked == NAMES  # done before: grids only
+    from PIL import Image
+
+    from w2wkit.adapter import Adapter
+    from w2wkit.diffusion.sampler import Renderer
+
+    # the grid is the render of the whole model, its text-encoder part included
+    r = Renderer(tiny_pipe_dir, device="cpu")
+    ad = read_adapter(out / "ann.safetensors")
+    full = r.render([ad], BASE.instance_prompt, [0], steps=2, names=["ann"])
+    saved = np.asarray(Image.open(out / CHECK_DIR / "ann.png").convert("RGB"))
+    np.testing.assert_array_equal(saved, np.asarray(full.grid()))
+    unet = Adapter(layers={k: v for k, v in ad.layers.items() if k.startswith("unet.")})
+    part = r.render([unet], BASE.instance_prompt, [0], steps=2, names=["ann"])
+    assert not np.allclose(full.images, part.images)
+
+
 def test_fit_keeps_the_text_encoder_modules(with_te, tmp_path):
     space = tmp_path / "space"
     res = run(["fit", with_te, "-o", space, "-k", 2])
