@@ -362,3 +362,50 @@ def test_full_size_sdxl_attention_loras_get_sdxl_kohya_names(tmp_path):
     assert not any("down_blocks" in k for k in keys)
     back = read_adapter(path)
     assert set(back.layers) == set(shapes)
+
+
+@pytest.mark.slow
+def test_recipe_options_on_sdxl(people, tiny_sdxl_pipe, tiny_sdxl_pipe_dir, tmp_path):
+    """Captions, text-encoder LoRA, prior preservation and flip on SDXL: batched = alone."""
+    import dataclasses
+    import shutil
+
+    from w2wkit.testing import unet_weights
+
+    src = tmp_path / "people"
+    shutil.copytree(people, src)
+    (src / "ann" / "0.txt").write_text("sks person with glasses")
+    recipe = dataclasses.replace(
+        RECIPE,
+        steps=2,
+        captions=True,
+        text_encoder=True,
+        prior_preservation=True,
+        num_class_images=2,
+        flip=True,
+    )
+    together, alone = tmp_path / "together", tmp_path / "alone"
+    train(src, tiny_sdxl_pipe_dir, together, recipe, models_per_batch=4, device="cpu")
+    train(src, tiny_sdxl_pipe_dir, alone, recipe, models_per_batch=1, device="cpu")
+    for n in NAMES:
+        assert_same_training(
+            factors(together / f"{n}.safetensors"), factors(alone / f"{n}.safetensors")
+        )
+    f = together / "ann.safetensors"
+    ad = read_adapter(f)
+    mods = list(ad.layers)
+    te = [m for m in mods if m.startswith("text_encoder.")]
+    # trained, but for the last layer: SDXL reads the penultimate hidden states
+    last = [m for m in te if ".layers.1." in m]
+    assert te and all(np.abs(ad.layers[m].up).max() > 0 for m in te if m not in last)
+    assert last and all(np.abs(ad.layers[m].up).max() == 0 for m in last)
+    # the first text encoder's LoRA loads into the SDXL pipeline with the file's delta
+    pipe = copy.deepcopy(tiny_sdxl_pipe)
+    before = unet_weights(pipe, mods)
+    pipe.load_lora_weights(str(f), adapter_name="ann")
+    pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=["ann"])
+    after = unet_weights(pipe, mods)
+    for m in mods:
+        delta = ad.layers[m].delta().astype(np.float64)
+        err = np.abs(after[m] - before[m] - delta).max() / max(np.abs(delta).max(), 1e-12)
+        assert err <= 1e-4, m
