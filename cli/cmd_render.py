@@ -63,7 +63,7 @@ def _expand(paths: tuple[Path, ...], allow_pickle: bool) -> list[Path]:
 @click.option(
     "--base",
     required=True,
-    help="Stable Diffusion 1.x/2.x pipeline: a diffusers folder (or a hub id, downloaded).",
+    help="SD1.x/2.x or SDXL pipeline: a diffusers folder (or a hub id, downloaded).",
 )
 @output_option("Grid PNG.", required=True)
 @click.option(

@@ -20,7 +20,7 @@ from w2wkit.errors import W2WError
 
 @click.command("train")
 @click.argument("instances", type=click.Path(path_type=Path))
-@click.option("--base", required=True, help="Stable Diffusion 1.x/2.x pipeline folder.")
+@click.option("--base", required=True, help="Stable Diffusion 1.x/2.x or SDXL pipeline folder.")
 @output_option("Output folder (one LoRA per instance + train_manifest.json).", required=True)
 @click.option("--rank", default=1, show_default=True, type=int, help="LoRA rank.")
 @click.option("--alpha", default=1.0, show_default=True, type=float, help="LoRA alpha.")
@@ -57,6 +57,74 @@ from w2wkit.errors import W2WError
     "--dry-run", is_flag=True, help="Print the plan and an estimated time; train nothing."
 )
 @click.option("--force", is_flag=True, help="Train again into a folder of another recipe.")
+@click.option(
+    "--captions",
+    is_flag=True,
+    help="Prompt each picture with its caption .txt (a caption without the instance token "
+    "follows the instance prompt: '<instance prompt>, <caption>').",
+)
+@click.option(
+    "--instance-token",
+    default="sks",
+    show_default=True,
+    help="The rare token; with --captions, captions that lack it get the instance prompt first.",
+)
+@click.option(
+    "--prior-preservation",
+    is_flag=True,
+    help="Add the prior loss on class pictures the base model renders once (cached).",
+)
+@click.option(
+    "--class-prompt",
+    default="a photo of a person",
+    show_default=True,
+    help="Prompt of the class pictures (--prior-preservation).",
+)
+@click.option(
+    "--num-class-images",
+    default=100,
+    show_default=True,
+    type=int,
+    help="Class pictures to render (--prior-preservation).",
+)
+@click.option(
+    "--prior-weight",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Weight of the prior loss (--prior-preservation).",
+)
+@click.option(
+    "--class-dir",
+    type=click.Path(path_type=Path),
+    help="Cache of the class pictures (default OUT/class_pictures; share it between runs).",
+)
+@click.option(
+    "--text-encoder",
+    is_flag=True,
+    help="A LoRA on the text encoder's attention projections too (written with the UNet's).",
+)
+@click.option("--flip", is_flag=True, help="Mirror each training sample left-right (p = 0.5).")
+@click.option(
+    "--random-crop/--center-crop",
+    default=False,
+    show_default=True,
+    help="Crop a random square of each resized picture per sample, or its center once.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="After training, render a grid per model to OUT/check/NAME.png (GPU when present).",
+)
+@click.option(
+    "--check-seeds",
+    default="0,1,2,3",
+    show_default=True,
+    help="Seeds of the --check grids (comma-separated).",
+)
+@click.option(
+    "--check-steps", default=25, show_default=True, type=int, help="Sampler steps of --check."
+)
 @cluster_option
 def train_cmd(
     instances: Path,
@@ -78,6 +146,19 @@ def train_cmd(
     skip_bad_images: bool,
     dry_run: bool,
     force: bool,
+    captions: bool,
+    instance_token: str,
+    prior_preservation: bool,
+    class_prompt: str,
+    num_class_images: int,
+    prior_weight: float,
+    class_dir: Path | None,
+    text_encoder: bool,
+    flip: bool,
+    random_crop: bool,
+    check: bool,
+    check_seeds: str,
+    check_steps: int,
     cluster: str | None,
 ) -> None:
     """Train one LoRA per instance of INSTANCES on the --base pipeline.
@@ -88,15 +169,23 @@ def train_cmd(
     caption. Every model gets the same recipe (the paper's by default: rank 1,
     one shared initialisation, the UNet's attention projections), many models
     share a batch, each trained exactly as if alone. A killed run continues
-    where it stopped when run again. With --cluster, chunks of models are Dask
-    tasks: the workers (which must see INSTANCES, --base and -o at the same
-    paths) write the models, this process keeps the manifest.
+    where it stopped when run again. Each model's loss at every step is
+    written to OUT/losses/NAME.json.
+
+    Beyond the paper's recipe (all off by default): --captions,
+    --prior-preservation (class pictures cached in OUT/class_pictures or
+    --class-dir), --text-encoder, --flip, --random-crop; --check renders a
+    grid per model after training.
+    With --cluster, chunks of models are Dask tasks: the workers (which must
+    see INSTANCES, --base and -o at the same paths) write the models, this
+    process keeps the manifest.
 
     \b
     Examples:
       w2wkit train ./people --base ./sd15 -o ./people-loras --dry-run
       w2wkit train ./people --base ./sd15 -o ./people-loras --steps 800
       w2wkit train ./people --base ./sd15 -o ./people-loras --cluster sched.json
+      w2wkit train ./people --base ./sdxl -o ./people-xl-loras --resolution 1024
       w2wkit fit ./people-loras -o people-space --labels ./people-loras/labels.csv
     """
     from w2wkit.training import Recipe, train
@@ -109,6 +198,16 @@ def train_cmd(
             raise W2WError(
                 f"bad value {models_per_batch!r}", key="--models-per-batch", hint="a number or auto"
             ) from None
+    try:
+        seeds = [int(x) for x in check_seeds.split(",") if x.strip()]
+    except ValueError:
+        raise W2WError(
+            f"bad value {check_seeds!r}", key="--check-seeds", hint="comma-separated integers"
+        ) from None
+    if check and not seeds:
+        raise W2WError("give at least one seed", key="--check-seeds")
+    if check_steps < 1:
+        raise W2WError(f"must be >= 1, got {check_steps}", key="--check-steps")
     recipe = Recipe(
         rank=rank,
         alpha=alpha,
@@ -120,6 +219,15 @@ def train_cmd(
         resolution=resolution,
         init_seed=init_seed,
         seed=seed,
+        captions=captions,
+        instance_token=instance_token,
+        prior_preservation=prior_preservation,
+        class_prompt=class_prompt,
+        num_class_images=num_class_images,
+        prior_weight=prior_weight,
+        text_encoder=text_encoder,
+        flip=flip,
+        random_crop=random_crop,
     )
     from w2wkit.cluster import open_client
 
@@ -137,6 +245,10 @@ def train_cmd(
             dry_run=dry_run,
             progress=not quiet_enabled(),
             warn=note,
+            check=check,
+            check_seeds=seeds,
+            check_steps=check_steps,
+            class_dir=class_dir,
             client=client,
         )
     if dry_run:
@@ -151,6 +263,8 @@ def train_cmd(
         )
         + ")"
     )
+    if plan.checked:
+        console.print(f"check grids of {len(plan.checked)} models in {out / 'check'}")
     if plan.failed_names:
         raise SystemExit(1)
 

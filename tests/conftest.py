@@ -51,8 +51,10 @@ def _pipe_fingerprint(pipe: Any) -> str:
     """sha256 over every parameter and buffer of the pipeline's models, and its scheduler's
     settings."""
     h = hashlib.sha256()
-    for name in ("unet", "vae", "text_encoder"):
-        model = getattr(pipe, name)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
         for key, t in model.state_dict().items():
             h.update(key.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -115,6 +117,25 @@ def tiny_pipe_dir(tiny_pipe: Any, tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("tiny-pipe") / "pipe"
     tiny_pipe.save_pretrained(out)
     return _share("tiny_pipe_dir", out, lambda: _folder_fingerprint(out))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipe() -> Any:
+    """``w2wkit.testing.tiny_sdxl_pipeline(seed=0)`` (SDXL), float32 on the CPU. Read only."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from w2wkit.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(seed=0)
+    return _share("tiny_sdxl_pipe", pipe, lambda: _pipe_fingerprint(pipe))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipe_dir(tiny_sdxl_pipe: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_sdxl_pipe`` saved with ``save_pretrained``. Read only."""
+    out = tmp_path_factory.mktemp("tiny-sdxl-pipe") / "pipe"
+    tiny_sdxl_pipe.save_pretrained(out)
+    return _share("tiny_sdxl_pipe_dir", out, lambda: _folder_fingerprint(out))
 
 
 @pytest.fixture(scope="session")

@@ -259,15 +259,6 @@ def test_incomplete_pipeline_folder(people, tiny_pipe_dir, tmp_path):
     _one_line_error(_train(people, broken, tmp_path / "o"), "model_index.json")
 
 
-def test_sdxl_pipeline_refused(people, tmp_path):
-    pipe = tmp_path / "xl"
-    pipe.mkdir()
-    (pipe / "model_index.json").write_text(
-        json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["t", "C"]})
-    )
-    _one_line_error(_train(people, pipe, tmp_path / "o"), "SDXL")
-
-
 def test_absent_targets_listed_with_near_matches(people, tiny_pipe_dir, tmp_path):
     line = _one_line_error(
         _train(people, tiny_pipe_dir, tmp_path / "o", "--targets", "to_q,to_vv,attn3"),

@@ -197,8 +197,8 @@ def open_client(
             raise ClusterError(
                 "scheduler file not found",
                 path=path,
-                hint="start the scheduler with `dask scheduler --scheduler-file PATH`, "
-                "or pass local:N or tcp://HOST:PORT",
+                hint="the dask scheduler writes it when started with a scheduler file; "
+                "local:N and tcp://HOST:PORT need none",
             )
         kwargs: dict[str, Any] = {"scheduler_file": str(path)}
         where = str(path)

@@ -8,6 +8,9 @@ Functions
 ---------
 tiny_pipeline
     A complete ``StableDiffusionPipeline`` with a few thousand parameters.
+tiny_sdxl_pipeline
+    A complete ``StableDiffusionXLPipeline`` (two text encoders, size/crop
+    conditioning) of the same tiny sizes.
 attention_modules
     Canonical module paths (``unet.down_blocks...attn1.to_q``) of a pipeline's
     attention projections.
@@ -38,9 +41,11 @@ __all__ = [
     "component_module",
     "module_shapes",
     "peft_dreambooth",
+    "peft_dreambooth_sdxl",
     "random_adapter",
     "relative_error",
     "tiny_pipeline",
+    "tiny_sdxl_pipeline",
     "tiny_tokenizer",
     "unet_weights",
     "weight_deltas",
@@ -211,6 +216,138 @@ def tiny_pipeline(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(
+    seed: int = 0,
+    layers_per_block: int = 1,
+    block_out_channels: Sequence[int] = (8, 16),
+    text_dims: tuple[int, int] = (8, 12),
+    projection_dim: int = 8,
+    time_embed_dim: int = 4,
+    sample_size: int = 8,
+    text_layers: int = 2,
+) -> Any:
+    """A randomly initialised ``StableDiffusionXLPipeline`` of the SDXL architecture.
+
+    As SDXL: two CLIP text encoders (``text_encoder`` a ``CLIPTextModel``,
+    ``text_encoder_2`` a ``CLIPTextModelWithProjection`` whose projected
+    pooled output conditions the UNet), the UNet's cross-attention width the
+    sum of their hidden sizes (both penultimate hidden states are
+    concatenated), ``addition_embed_type="text_time"`` (the pooled text
+    embedding plus the six size/crop numbers, each embedded in
+    ``time_embed_dim`` sinusoids), linear projections in the transformer
+    blocks, no cross-attention in the first down block. Tiny sizes, a VAE
+    with one down/up level (images are 2x the latent side), both tokenizers
+    from :func:`tiny_tokenizer`, a DDIM scheduler. Deterministic given
+    ``seed``; nothing is downloaded.
+
+    Parameters
+    ----------
+    seed : int
+        ``torch.manual_seed`` applied before each model is built.
+    layers_per_block : int
+        UNet resnet/attention layers per block.
+    block_out_channels : sequence of int
+        UNet channels per level (each a multiple of 4).
+    text_dims : (int, int)
+        Hidden sizes of the two text encoders.
+    projection_dim : int
+        ``text_encoder_2``'s projection (the pooled embedding's size).
+    time_embed_dim : int
+        Sinusoid size per size/crop number (``addition_time_embed_dim``, even).
+    sample_size : int
+        Latent side.
+    text_layers : int
+        CLIP encoder layers (at least 2: SDXL reads the penultimate one).
+
+    Returns
+    -------
+    diffusers.StableDiffusionXLPipeline
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    chans = tuple(int(c) for c in block_out_channels)
+    n = len(chans)
+    d1, d2 = (int(d) for d in text_dims)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=layers_per_block,
+        block_out_channels=chans,
+        down_block_types=("DownBlock2D", *["CrossAttnDownBlock2D"] * (n - 1)),
+        up_block_types=(*["CrossAttnUpBlock2D"] * (n - 1), "UpBlock2D"),
+        cross_attention_dim=d1 + d2,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(4, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=sample_size * 2,
+        scaling_factor=0.13025,
+    )
+    tokenizer = tiny_tokenizer()
+    tokenizer_2 = tiny_tokenizer()
+
+    def clip_config(hidden: int, **extra: Any) -> Any:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_attention_heads=2,
+            num_hidden_layers=text_layers,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **extra,
+        )
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(clip_config(d1))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(d2, projection_dim=projection_dim))
+    sched = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        model.eval()
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=sched,
     )
 
 
@@ -420,6 +557,99 @@ def peft_dreambooth(
         t = torch.randint(0, sched.config.num_train_timesteps, (s.batch,), generator=gen)
         pred = pipe.unet(
             sched.add_noise(x0, noise, t), t, encoder_hidden_states=ehs.expand(s.batch, -1, -1)
+        ).sample
+        loss = torch.mean((pred - noise) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    seconds = time.perf_counter() - t0
+    layers = {
+        f"unet.{n}": LoraLayer(
+            down=params[f"{n}.lora_A.default.weight"].detach().numpy().copy(),
+            up=params[f"{n}.lora_B.default.weight"].detach().numpy().copy(),
+            alpha=float(s.alpha),
+        )
+        for n in targets
+    }
+    return Adapter(layers=layers, metadata={}), seconds
+
+
+def peft_dreambooth_sdxl(
+    base: str | Path, settings: Any, images: np.ndarray, prompt: str, seed: int
+) -> tuple[Adapter, float]:
+    """:func:`peft_dreambooth` for an SDXL pipeline, sharing no code with the engine.
+
+    In the style of diffusers' ``train_dreambooth_lora_sdxl.py``: the prompt through
+    both text encoders (``StableDiffusionXLPipeline.encode_prompt``), a peft adapter on
+    the UNet (after ``torch.manual_seed(settings.init_seed)``), diffusers' ``add_noise``,
+    AdamW without weight decay, and the UNet's ``added_cond_kwargs``: the pooled
+    embedding and ``time_ids`` ``(H, W, 0, 0, H, W)`` of the ``H x W`` pictures. Each
+    step draws ``batch`` picture indices, the noise and ``batch`` timesteps from one
+    generator seeded with ``seed``.
+
+    Parameters
+    ----------
+    base : path
+        A ``StableDiffusionXLPipeline`` folder.
+    settings : LoraSettings or Recipe
+        ``rank``, ``alpha``, ``targets``, ``steps``, ``batch``, ``lr``, ``init_seed``.
+    images : numpy.ndarray
+        ``(n, H, W, 3)`` uint8.
+    prompt : str
+    seed : int
+
+    Returns
+    -------
+    adapter : Adapter
+        ``unet.<module>`` -> LoraLayer.
+    seconds : float
+        Wall time of the training loop alone (not the loading).
+    """
+    import time
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+
+    s = settings
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(base), torch_dtype=torch.float32)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(False)
+    targets = [
+        n for n, _ in pipe.unet.named_modules() if any(n.endswith("." + t) for t in s.targets)
+    ]
+    torch.manual_seed(s.init_seed)
+    pipe.unet.add_adapter(
+        LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=targets, init_lora_weights=True)
+    )
+    params = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    for p in params.values():
+        p.requires_grad_(True)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ehs, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        lat = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    h, w = int(np.shape(images)[1]), int(np.shape(images)[2])
+    cond = {
+        "text_embeds": pooled.expand(s.batch, -1),
+        "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(s.batch, -1),
+    }
+    sched = pipe.scheduler
+    gen = torch.Generator().manual_seed(int(seed))
+    opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=0.0)
+    for _ in range(s.steps):
+        idx = torch.randint(0, len(lat), (s.batch,), generator=gen)
+        x0 = lat[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (s.batch,), generator=gen)
+        pred = pipe.unet(
+            sched.add_noise(x0, noise, t),
+            t,
+            encoder_hidden_states=ehs.expand(s.batch, -1, -1),
+            added_cond_kwargs=cond,
         ).sample
         loss = torch.mean((pred - noise) ** 2)
         opt.zero_grad(set_to_none=True)

@@ -84,6 +84,8 @@ class TrainOps(NamedTuple):
     auto_batch: Callable[..., int]
     is_oom: Callable[[BaseException], bool]
     write_manifest: Callable[[Path, dict[str, Any]], None]
+    write_loss_record: Callable[..., None]
+    caption_prompt: Callable[..., str]
 
 
 # --------------------------------------------------------------------------- worker side
@@ -143,12 +145,14 @@ def _malloc_for_training() -> bool:
     return bool(mmap_ok and trim_ok)
 
 
-def _trainer(base: str, identity: str, recipe: Any, device: str) -> Any:
+def _trainer(
+    base: str, identity: str, recipe: Any, device: str, text_encoder: Sequence[str] | None
+) -> Any:
     """The worker's DreamBooth for this base and recipe, loaded once per worker process."""
     from w2wkit.diffusion.dreambooth import DreamBooth
 
     key = (base, identity, tuple(recipe.targets), recipe.rank, recipe.alpha, recipe.init_seed)
-    key += (device,)
+    key += (device, tuple(text_encoder or ()))
     with _TRAINERS_LOCK:
         if key not in _TRAINERS:
             _TRAINERS.clear()  # one pipeline per worker process
@@ -160,6 +164,7 @@ def _trainer(base: str, identity: str, recipe: Any, device: str) -> Any:
                 alpha=recipe.alpha,
                 init_seed=recipe.init_seed,
                 device=device,
+                text_encoder_targets=text_encoder,
             )
             if str(trainer.device).startswith("cuda"):
                 import torch
@@ -255,26 +260,53 @@ def train_chunk(job: dict[str, Any]) -> dict[str, Any]:
                 "folder at the same paths (a shared file system)",
             )
         recipe = job["recipe"]
-        trainer = _trainer(base, job["identity"], recipe, job["device"])
+        trainer = _trainer(
+            base, job["identity"], recipe, job["device"], job.get("text_encoder_targets")
+        )
         said: set[str] = set()
-        images = [
-            ops.load_pictures(
-                i, job["size"], skip_bad=job["skip_bad"], warn=notes.append, said=said
+        images, prompts = [], []
+        for i in insts:
+            kept: list[int] = []
+            images.append(
+                ops.load_pictures(
+                    i,
+                    job["size"],
+                    skip_bad=job["skip_bad"],
+                    warn=notes.append,
+                    said=said,
+                    center_crop=not recipe.random_crop,
+                    kept=kept,
+                )
             )
-            for i in insts
-        ]
+            caps = i.captions
+            prompts.append(
+                [ops.caption_prompt(caps[k] if k < len(caps) else None, recipe) for k in kept]
+            )
+
+        def options(lo: int, hi: int) -> dict[str, Any]:
+            """The engine's options of models lo..hi (as the single-process path's)."""
+            kw: dict[str, Any] = {}
+            if recipe.captions:
+                kw["prompts"] = prompts[lo:hi]
+            if recipe.flip:
+                kw["flip"] = True
+            if recipe.random_crop:
+                kw["crop_size"] = job["size"]
+            return kw
+
         if job.get("dry_steps"):
             warm = int(job["dry_steps"])
             zeros = [0] * len(images)
-            ops.train_batch(trainer, images, zeros, replace(recipe, steps=1))  # allocation, caches
+            kw = options(0, len(images))
+            ops.train_batch(trainer, images, zeros, replace(recipe, steps=1), **kw)  # caches
             t0 = time.perf_counter()
-            ops.train_batch(trainer, images, zeros, replace(recipe, steps=warm))
+            ops.train_batch(trainer, images, zeros, replace(recipe, steps=warm), **kw)
             trainer.release()
             sps = (time.perf_counter() - t0) / warm
             return {"chunk": job["chunk"], "worker": worker, "seconds_per_step": sps}
         batch = job.get("batch")
         if batch is None:
-            batch = ops.auto_batch(trainer, images[0], recipe, len(insts))
+            batch = ops.auto_batch(trainer, images[0], recipe, len(insts), options(0, 1))
         entries: dict[str, Any] = {}
         on_step = _step_events(int(job["chunk"]))
         lo = 0
@@ -283,8 +315,9 @@ def train_chunk(job: dict[str, Any]) -> dict[str, Any]:
             hi = min(len(insts), lo + int(batch))
             try:
                 adapters, losses = ops.train_batch(
-                    trainer, images[lo:hi], seeds[lo:hi], recipe, on_step=on_step
-                )
+                    trainer, images[lo:hi], seeds[lo:hi], recipe, on_step=on_step,
+                    **options(lo, hi),
+                )  # fmt: skip
             except RuntimeError as exc:
                 if not ops.is_oom(exc) or batch == 1:
                     raise
@@ -297,9 +330,14 @@ def train_chunk(job: dict[str, Any]) -> dict[str, Any]:
                 notes.append(f"out of memory on {worker}: models per batch halved to {batch}")
                 continue
             trainer.release()
-            for inst, seed, ad, loss in zip(
-                insts[lo:hi], seeds[lo:hi], adapters, losses, strict=True
+            hist, prior_hist = trainer.history, trainer.prior_history
+            for j, (inst, seed, ad, loss) in enumerate(
+                zip(insts[lo:hi], seeds[lo:hi], adapters, losses, strict=True)
             ):
+                ops.write_loss_record(
+                    out, inst.name, seed, hist[:, j],
+                    None if prior_hist is None else prior_hist[:, j], float(loss),
+                )  # fmt: skip
                 entries[inst.name] = ops.publish_model(
                     inst, ad, float(loss), seed, recipe, out, job["format"], job["key"],
                     keep_complete=True,
@@ -411,6 +449,7 @@ def train_on_cluster(
     plan: Any,
     key: str,
     ops: TrainOps,
+    text_encoder_targets: Sequence[str] | None = None,
 ) -> Any:
     """The cluster half of :func:`w2wkit.train` (called by it with the checked input).
 
@@ -444,6 +483,8 @@ def train_on_cluster(
         The recipe hash (``settings_key``), carried in every model's metadata.
     ops : TrainOps
         The training primitives.
+    text_encoder_targets : sequence of str, optional
+        Text-encoder modules that get a LoRA too (``Recipe.text_encoder``).
 
     Returns
     -------
@@ -466,7 +507,10 @@ def train_on_cluster(
     plan.models_per_batch, plan.batches = chunk, len(chunks)
     said: set[str] = set()
     for inst in todo:  # every picture checked here before anything is written
-        ops.load_pictures(inst, size, skip_bad=skip_bad_images, warn=warn, said=said)
+        ops.load_pictures(
+            inst, size, skip_bad=skip_bad_images, warn=warn, said=said,
+            center_crop=not recipe.random_crop,
+        )  # fmt: skip
     if not todo:
         return plan
     resources = _task_resources(_workers(client), device, warn)
@@ -487,6 +531,7 @@ def train_on_cluster(
             "size": size,
             "skip_bad": skip_bad_images,
             "batch": models_per_batch,
+            "text_encoder_targets": text_encoder_targets,
             **extra,
         }
 

@@ -23,8 +23,23 @@ config), and per model its seed, final loss, file and sha256, or ``failed`` for 
 diverged model (never written). A killed run resumes where it stopped; an ``OUT`` made
 with another recipe is refused unless ``overwrite``.
 
-Per-picture captions are read and recorded; training uses the instance prompt (the
-paper's recipe), which the engine's loop takes for every sample.
+Per-picture captions are read and recorded; by default training uses the instance
+prompt for every sample (the paper's recipe). With ``Recipe(captions=True)`` a picture's
+caption is the prompt of its samples (:func:`caption_prompt`: a caption that names the
+rare token is used as it is, any other one follows the instance prompt,
+``"<instance prompt>, <caption>"``, so the rare token stays bound to the instance);
+pictures without a caption keep the instance prompt.
+
+Beyond the paper's recipe (all off by default, each leaving the default results as
+they were): prior preservation with class pictures the base model renders once
+(cached under ``OUT/class_pictures/``, see :func:`class_pictures`), a LoRA on the text
+encoder's attention projections too, a horizontal flip and a random crop. Each
+model's per-step loss is written to ``OUT/losses/<instance>.json``; with ``check``
+a grid per model is rendered to ``OUT/check/<instance>.png``.
+
+The base may be a Stable Diffusion 1.x/2.x or an SDXL pipeline folder; on SDXL the engine
+conditions the UNet on both text encoders, the pooled embedding and the pictures' size
+(``tests/test_sdxl_engine.py``).
 
 torch, diffusers and PIL are imported inside the functions.
 """
@@ -49,14 +64,19 @@ import numpy as np
 from w2wkit.errors import FormatError, W2WError
 
 __all__ = [
+    "CHECK_DIR",
+    "CLASS_DIR",
     "IMAGE_SUFFIXES",
+    "LOSS_DIR",
     "MANIFEST",
     "Instance",
     "Recipe",
     "TrainPlan",
     "base_identity",
+    "caption_prompt",
     "check_pipeline_folder",
     "check_targets",
+    "class_pictures",
     "load_pictures",
     "read_instances",
     "train",
@@ -66,6 +86,14 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 #: The manifest written into the output folder.
 MANIFEST = "train_manifest.json"
+#: Per-model loss records (``OUT/losses/<instance>.json``).
+LOSS_DIR = "losses"
+#: Per-model check grids (``OUT/check/<instance>.png``).
+CHECK_DIR = "check"
+#: Default cache of the prior-preservation class pictures (``OUT/class_pictures/<key>/``).
+CLASS_DIR = "class_pictures"
+#: Sampling of the class pictures (base model, seeds ``0..N-1``): steps, guidance.
+CLASS_RENDER = {"steps": 25, "guidance": 7.5}
 
 
 @dataclass
@@ -88,6 +116,28 @@ class Recipe:
         The shared initialisation seed of every model.
     seed : int
         Seed of the per-model draws (model ``j`` of the sorted instances: ``seed * 1000003 + j``).
+    captions : bool
+        Condition each picture's samples on its caption (:func:`caption_prompt`)
+        instead of the instance prompt.
+    instance_token : str
+        The rare token; a caption without it follows the instance prompt.
+    prior_preservation : bool
+        Add the prior-preservation loss on class pictures the base model renders.
+    class_prompt : str
+        Prompt of the class pictures (and of their training samples).
+    num_class_images : int
+        Class pictures rendered (once, cached).
+    prior_weight : float
+        Weight of the prior loss in each model's loss.
+    text_encoder : bool
+        Train a LoRA on the text encoder's attention projections too.
+    flip : bool
+        Mirror each training sample left-right with probability 1/2.
+    random_crop : bool
+        A random square crop of each resized picture per sample instead of the center crop.
+
+    The fields after ``seed`` are left out of :meth:`as_dict` at their defaults, so
+    a manifest of the paper's recipe reads as it did before they existed.
     """
 
     rank: int = 1
@@ -100,6 +150,15 @@ class Recipe:
     resolution: int | None = None
     init_seed: int = 0
     seed: int = 0
+    captions: bool = False
+    instance_token: str = "sks"
+    prior_preservation: bool = False
+    class_prompt: str = "a photo of a person"
+    num_class_images: int = 100
+    prior_weight: float = 1.0
+    text_encoder: bool = False
+    flip: bool = False
+    random_crop: bool = False
 
     def check(self) -> None:
         """Refuse a value no training can use (one line naming the parameter)."""
@@ -114,12 +173,56 @@ class Recipe:
             raise W2WError("resolution must be at least 8 pixels", param="resolution")
         if not self.targets:
             raise W2WError("no target modules given", param="targets")
+        if self.captions and not self.instance_token.strip():
+            raise W2WError("the instance token must not be empty", param="instance_token")
+        if self.prior_preservation:
+            if int(self.num_class_images) < 1:
+                raise W2WError("num_class_images must be at least 1", param="num_class_images")
+            if not (math.isfinite(self.prior_weight) and self.prior_weight >= 0):
+                raise W2WError(
+                    f"prior_weight must be a number >= 0, got {self.prior_weight}",
+                    param="prior_weight",
+                )
+            if not self.class_prompt.strip():
+                raise W2WError("the class prompt must not be empty", param="class_prompt")
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready (targets as a list)."""
+        """JSON-ready (targets as a list; options at their defaults left out)."""
         d = asdict(self)
         d["targets"] = list(self.targets)
+        for name in _OPTIONAL_FIELDS:
+            if d[name] == _OPTIONAL_DEFAULTS[name]:
+                del d[name]
         return d
+
+
+#: Recipe fields added after the first manifests: left out of ``as_dict`` at their defaults.
+_OPTIONAL_FIELDS = (
+    "captions",
+    "instance_token",
+    "prior_preservation",
+    "class_prompt",
+    "num_class_images",
+    "prior_weight",
+    "text_encoder",
+    "flip",
+    "random_crop",
+)
+_OPTIONAL_DEFAULTS = {k: getattr(Recipe, k) for k in _OPTIONAL_FIELDS}
+
+
+def caption_prompt(caption: str | None, recipe: Recipe) -> str:
+    """The prompt of a picture's samples under ``recipe``.
+
+    Without ``recipe.captions``, or for a picture without a caption: the instance
+    prompt. Otherwise the caption when it names the rare token (as a word), else
+    ``"<instance prompt>, <caption>"``.
+    """
+    if not recipe.captions or not caption:
+        return recipe.instance_prompt
+    token = recipe.instance_token.strip().casefold()
+    words = {w.strip(".,;:!?()[]\"'").casefold() for w in caption.split()}
+    return caption if token in words else f"{recipe.instance_prompt}, {caption}"
 
 
 @dataclass
@@ -149,6 +252,10 @@ class TrainPlan:
         ``batches * steps * seconds_per_step``.
     written, failed_names : list of str
         Models written by this run; models that diverged.
+    checked : list of str
+        Models whose check grid this run rendered (``check``).
+    notes : list of str
+        Further lines of the plan (class pictures to render...).
     """
 
     models: int
@@ -162,6 +269,8 @@ class TrainPlan:
     estimated_s: float | None = None
     written: list[str] = field(default_factory=list)
     failed_names: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """The plan in a few lines of text."""
@@ -175,7 +284,7 @@ class TrainPlan:
                 f"estimated time: {_duration(self.estimated_s)} "
                 f"({self.seconds_per_step * 1000:.1f} ms per batch step, measured)"
             )
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes)
 
 
 def _duration(seconds: float) -> str:
@@ -308,7 +417,9 @@ def load_pictures(
     skip_bad: bool = False,
     warn: Callable[[str], None] | None = None,
     said: set[str] | None = None,
-) -> np.ndarray:
+    center_crop: bool = True,
+    kept: list[int] | None = None,
+) -> np.ndarray | list[np.ndarray]:
     """An instance's pictures as ``(n, size, size, 3)`` uint8, resized and center-cropped.
 
     Parameters
@@ -322,6 +433,11 @@ def load_pictures(
         ``warn(message)`` for notes (a skipped picture; resizing, said once per ``said``).
     said : set of str, optional
         Notes already given (shared between calls so that each is said once).
+    center_crop : bool
+        False: resize each picture to a short side of ``size`` and return the list of
+        ``(h, w, 3)`` pictures uncropped (for a random crop per sample).
+    kept : list of int, optional
+        Filled with the indices (into ``inst.pictures``) of the pictures returned.
 
     Raises
     ------
@@ -333,7 +449,7 @@ def load_pictures(
     said = said if said is not None else set()
     warn = warn or (lambda m: None)
     out = []
-    for p in inst.pictures:
+    for k, p in enumerate(inst.pictures):
         try:
             with Image.open(p) as im:
                 im.load()
@@ -351,6 +467,21 @@ def load_pictures(
                 hint="or skip it with `skip_bad_images=True`",
             ) from None
         w, h = rgb.size
+        if not center_crop:
+            if min(w, h) != size:
+                if "resize" not in said:
+                    said.add("resize")
+                    warn(
+                        f"pictures are resized to a short side of {size} and randomly cropped "
+                        f"(first: {p.name} is {w}x{h})"
+                    )
+                scale = size / min(w, h)
+                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+                rgb = rgb.resize((nw, nh), Image.Resampling.BICUBIC)
+            out.append(np.asarray(rgb, dtype=np.uint8))
+            if kept is not None:
+                kept.append(k)
+            continue
         if (w, h) != (size, size):
             if "resize" not in said:
                 said.add("resize")
@@ -364,16 +495,18 @@ def load_pictures(
             left, top = (nw - size) // 2, (nh - size) // 2
             rgb = rgb.crop((left, top, left + size, top + size))
         out.append(np.asarray(rgb, dtype=np.uint8))
+        if kept is not None:
+            kept.append(k)
     if not out:
         raise FormatError(f"instance {inst.name!r} has no readable picture left", path=None)
-    return np.stack(out)
+    return np.stack(out) if center_crop else out
 
 
 # --------------------------------------------------------------------------- the base pipeline
 
 
 def check_pipeline_folder(path: str | os.PathLike[str]) -> Path:
-    """Refuse a pipeline folder with a missing part (naming it) or an SDXL one.
+    """Refuse a pipeline folder with a missing part (naming it); SD1.x/2.x or SDXL.
 
     Returns
     -------
@@ -394,14 +527,8 @@ def check_pipeline_folder(path: str | os.PathLike[str]) -> Path:
         meta = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise FormatError(f"unreadable model_index.json: {exc}", path=index) from None
-    if pipeline_kind(folder) == "sdxl":
-        raise W2WError(
-            "the pipeline is SDXL (two text encoders, size conditioning); training "
-            "supports Stable Diffusion 1.x/2.x pipelines for now",
-            path=folder,
-            param="base",
-        )
-    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    xl = ("text_encoder_2", "tokenizer_2") if pipeline_kind(folder) == "sdxl" else ()
+    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", *xl):
         entry = meta.get(comp)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] is not None):
             raise FormatError(
@@ -410,7 +537,7 @@ def check_pipeline_folder(path: str | os.PathLike[str]) -> Path:
         sub = folder / comp
         if not sub.is_dir() or not any(sub.iterdir()):
             raise FormatError(f"incomplete pipeline folder: {comp}/ is missing", path=sub)
-    for comp in ("unet", "vae", "text_encoder"):
+    for comp in ("unet", "vae", "text_encoder", *xl[:1]):
         sub = folder / comp
         if not (sub / "config.json").is_file():
             raise FormatError(
@@ -504,7 +631,9 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
 
 
-def _auto_models_per_batch(trainer: Any, pics: np.ndarray, recipe: Recipe, todo: int) -> int:
+def _auto_models_per_batch(
+    trainer: Any, pics: np.ndarray, recipe: Recipe, todo: int, extra: dict | None = None
+) -> int:
     """From free memory on CUDA (one measured step of one model), 8 on the CPU."""
     import torch
 
@@ -513,7 +642,10 @@ def _auto_models_per_batch(trainer: Any, pics: np.ndarray, recipe: Recipe, todo:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    trainer.train([pics], recipe.instance_prompt, [0], steps=1, batch=recipe.batch, lr=recipe.lr)
+    trainer.train(
+        [pics], recipe.instance_prompt, [0], steps=1, batch=recipe.batch, lr=recipe.lr,
+        **(extra or {}),
+    )  # fmt: skip
     trainer.release()
     per = max(1, torch.cuda.max_memory_allocated() - before)
     free, _ = torch.cuda.mem_get_info()
@@ -541,6 +673,7 @@ def train_batch(
     recipe: Recipe,
     *,
     on_step: Callable[[int], None] | None = None,
+    **options: Any,
 ) -> tuple[list[Any], np.ndarray]:
     """Train one batch of models with the recipe (the engine's DreamBooth loop).
 
@@ -555,6 +688,9 @@ def train_batch(
     recipe : Recipe
     on_step : callable, optional
         Called with the number of steps done.
+    **options
+        The engine's options beyond the paper's recipe (``prompts``, ``flip``,
+        ``crop_size``, ``prior``...), passed on.
 
     Returns
     -------
@@ -570,6 +706,7 @@ def train_batch(
         batch=recipe.batch,
         lr=recipe.lr,
         on_step=on_step,
+        **options,
     )
 
 
@@ -666,6 +803,181 @@ def publish_model(
 # --------------------------------------------------------------------------- train
 
 
+def class_pictures(
+    pipe: Any,
+    recipe: Recipe,
+    size: int,
+    identity: str,
+    cache: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """The prior-preservation class pictures: rendered once by the base model, then cached.
+
+    ``recipe.num_class_images`` pictures of ``recipe.class_prompt`` (seeds ``0..N-1``,
+    :data:`CLASS_RENDER` sampling) at ``size`` px, written atomically as PNGs into
+    ``cache/<key>/`` where the key hashes the base identity, the class prompt, ``N``,
+    the size and the sampling, so a resumed run or a later run with the same key
+    reuses them. The pictures are always read back from the PNGs, so a first run
+    and a run from the cache train on the same bytes.
+
+    Parameters
+    ----------
+    pipe : diffusers pipeline or path
+        The base pipeline (no LoRA installed).
+    recipe : Recipe
+    size : int
+        Side of the pictures.
+    identity : str
+        :func:`base_identity` of the base.
+    cache : path
+        The cache folder.
+    device : str
+        Where to render (``auto``: the GPU when present).
+    progress : bool
+        Show a progress bar.
+    warn : callable, optional
+        Told when pictures are rendered.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, size, size, 3)`` uint8.
+    """
+    from PIL import Image
+
+    from w2wkit.atomic import atomic_path
+    from w2wkit.diffusion.sampler import Renderer
+    from w2wkit.progress import Bar
+
+    n = int(recipe.num_class_images)
+    meta = {
+        "base_sha256": identity,
+        "class_prompt": recipe.class_prompt,
+        "num_class_images": n,
+        "resolution": int(size),
+        "seeds": [0, n - 1],
+        **CLASS_RENDER,
+    }
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache) / key
+    files = [folder / f"{i:05d}.png" for i in range(n)]
+    if not ((folder / "class.json").is_file() and all(f.is_file() for f in files)):
+        (warn or (lambda m: None))(
+            f"rendering {n} class pictures of {recipe.class_prompt!r} with the base model "
+            f"(cached in {folder})"
+        )
+        renderer = Renderer(pipe, device=device)
+        with Bar(n, "class pictures", enabled=progress, unit="pictures") as bar:
+            res = renderer.render(
+                [None],
+                recipe.class_prompt,
+                list(range(n)),
+                steps=int(CLASS_RENDER["steps"]),
+                guidance=float(CLASS_RENDER["guidance"]),
+                height=size,
+                width=size,
+                progress=lambda done, total: bar.set(done),
+            )
+        imgs = res.images[0, 0]
+        if not np.isfinite(imgs).all():
+            raise W2WError("the base model rendered non-finite class pictures", path=folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder, overwrite=True) as tmp:
+            tmp.mkdir()
+            for f, img in zip(files, imgs, strict=True):
+                Image.fromarray(np.round(img * 255).astype(np.uint8)).save(tmp / f.name)
+            (tmp / "class.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    return np.stack(out)
+
+
+def _finite_list(values: Any) -> list[float | None]:
+    return [float(v) if math.isfinite(float(v)) else None for v in np.asarray(values).ravel()]
+
+
+def _write_loss_record(
+    out: Path,
+    name: str,
+    seed: int,
+    loss: np.ndarray,
+    prior: np.ndarray | None,
+    final: float,
+) -> None:
+    """``OUT/losses/<name>.json``: the model's instance (and prior) loss at every step."""
+    from w2wkit.atomic import atomic_path
+
+    rec: dict[str, Any] = {
+        "model": name,
+        "seed": int(seed),
+        "steps": len(loss),
+        "loss": _finite_list(loss),
+        "final_loss": float(final) if math.isfinite(float(final)) else None,
+        "final_rule": "mean of the last 20% of the steps' losses (the manifest's loss)",
+    }
+    if prior is not None:
+        rec["prior_loss"] = _finite_list(prior)
+    folder = out / LOSS_DIR
+    folder.mkdir(exist_ok=True)
+    text = json.dumps(rec, separators=(",", ":"), allow_nan=False)
+    with atomic_path(folder / f"{name}.json", overwrite=True) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+
+
+def _render_checks(
+    pipe: Any,
+    device: str,
+    out: Path,
+    items: Sequence[tuple[str, str]],
+    recipe: Recipe,
+    seeds: Sequence[int],
+    steps: int,
+    size: int,
+    *,
+    progress: bool,
+    warn: Callable[[str], None],
+) -> list[str]:
+    """Render ``OUT/check/<name>.png`` (instance prompt x ``seeds``) for ``(name, file)`` items.
+
+    Returns the names whose grid was written; a non-finite render is told, not written.
+    """
+    from w2wkit.diffusion.sampler import Renderer, RenderResult
+    from w2wkit.progress import Bar
+
+    if not items:
+        return []
+    renderer = Renderer(pipe, device=device)
+    (out / CHECK_DIR).mkdir(exist_ok=True)
+    done = []
+    with Bar(len(items), "check", enabled=progress, unit="models") as bar:
+        for s in range(0, len(items), 8):
+            part = items[s : s + 8]
+            res = renderer.render(
+                [out / f for _, f in part],
+                recipe.instance_prompt,
+                [int(x) for x in seeds],
+                steps=int(steps),
+                height=size,
+                width=size,
+                names=[n for n, _ in part],
+            )
+            for j, (name, _) in enumerate(part):
+                imgs = res.images[j : j + 1]
+                if not np.isfinite(imgs).all():
+                    warn(f"the check render of {name!r} is not finite; no grid written")
+                    continue
+                row = RenderResult(imgs, [name], res.prompts, res.seeds, res.info)
+                row.save_grid(out / CHECK_DIR / f"{name}.png", overwrite=True)
+                done.append(name)
+            bar.set(s + len(part))
+    return done
+
+
 def _step_progress(bar: Any, done: int, n: int, steps: int) -> Callable[[int], None]:
     def on_step(k: int) -> None:
         bar.set(done, n * k / steps)
@@ -687,6 +999,10 @@ def train(
     dry_run: bool = False,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
+    check: bool = False,
+    check_seeds: Sequence[int] = (0, 1, 2, 3),
+    check_steps: int = 25,
+    class_dir: str | os.PathLike[str] | None = None,
     client: Any = None,
 ) -> TrainPlan:
     """Train one LoRA per instance into ``out`` (resuming a killed run of the same recipe).
@@ -696,7 +1012,7 @@ def train(
     instances : path
         A folder of instance folders, or a CSV/JSONL manifest (see the module docs).
     base : path
-        A Stable Diffusion 1.x/2.x pipeline folder.
+        A Stable Diffusion 1.x/2.x or SDXL pipeline folder.
     out : path
         Output folder: one LoRA per instance, ``train_manifest.json``, ``labels.csv``.
     recipe : Recipe, optional
@@ -718,6 +1034,15 @@ def train(
     warn : callable, optional
         ``warn(message)`` for notes (resizing, skipped pictures, diverged models,
         out-of-memory halving); default: nothing.
+    check : bool
+        After training, render a grid per model (the instance prompt x ``check_seeds``,
+        ``check_steps`` sampler steps) into ``OUT/check/<instance>.png`` with the
+        engine's renderer; models that have a grid already are not rendered again.
+    check_seeds : sequence of int
+    check_steps : int
+    class_dir : path, optional
+        Cache of the prior-preservation class pictures (default ``OUT/class_pictures``);
+        share one between runs on the same base to render them once.
     client : dask.distributed.Client, optional
         Train on a Dask cluster (:mod:`w2wkit.train_cluster`): chunks of models become
         tasks, the workers write the models into ``out`` (a folder every worker sees),
@@ -736,7 +1061,7 @@ def train(
     import torch
 
     from w2wkit.atomic import atomic_path
-    from w2wkit.diffusion.dreambooth import DreamBooth
+    from w2wkit.diffusion.dreambooth import TEXT_ENCODER_TARGETS, DreamBooth
     from w2wkit.diffusion.pipeline import load_pipeline
     from w2wkit.formats.registry import writable_formats
     from w2wkit.progress import Bar
@@ -823,7 +1148,7 @@ def train(
     n_failed = sum(1 for i in insts if finished(i.name) and models[i.name]["status"] == "failed")
 
     # the pipeline and the targets (before any picture is decoded for a long run)
-    pipe = load_pipeline(base_dir, device="cpu", dtype=torch.float32)
+    pipe = load_pipeline(base_dir, device="cpu", dtype=torch.float32, sdxl=True)
     names = [n for n, _ in pipe.unet.named_modules()]
     check_targets(names, recipe.targets)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -835,13 +1160,27 @@ def train(
         )
     said: set[str] = set()
     if any(c for i in insts for c in i.captions):
-        warn(
-            "captions are recorded in the manifest; every sample is trained with the instance "
-            f"prompt {recipe.instance_prompt!r}"
-        )
+        if recipe.captions:
+            warn(
+                "each picture's caption is its prompt (a caption without "
+                f"{recipe.instance_token!r} follows the instance prompt: "
+                f"'{recipe.instance_prompt}, <caption>')"
+            )
+        else:
+            warn(
+                "captions are recorded in the manifest; every sample is trained with the "
+                f"instance prompt {recipe.instance_prompt!r}"
+            )
     if client is not None:  # the workers train; this process keeps the manifest
         from w2wkit.train_cluster import TrainOps, train_on_cluster
 
+        for on, what in ((recipe.prior_preservation, "prior preservation"), (check, "check")):
+            if on:
+                raise W2WError(
+                    f"{what} is not available on a cluster yet",
+                    param="client",
+                    hint="train on the cluster, then run again without a cluster to add it",
+                )
         del pipe
         return train_on_cluster(
             client,
@@ -871,7 +1210,10 @@ def train(
                 _auto_models_per_batch,
                 _is_oom,
                 _write_manifest,
+                _write_loss_record,
+                caption_prompt,
             ),
+            text_encoder_targets=TEXT_ENCODER_TARGETS if recipe.text_encoder else None,
         )
     trainer = DreamBooth(
         pipe,
@@ -880,20 +1222,55 @@ def train(
         alpha=recipe.alpha,
         init_seed=recipe.init_seed,
         device=device,
+        text_encoder_targets=TEXT_ENCODER_TARGETS if recipe.text_encoder else None,
     )
     if str(trainer.device).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # as if alone: same numerics per model
-    pictures: dict[str, np.ndarray] = {}
+    pictures: dict[str, Any] = {}
+    prompts_of: dict[str, list[str]] = {}
 
-    def pics(inst: Instance) -> np.ndarray:
+    def pics(inst: Instance) -> Any:
         if inst.name not in pictures:
+            kept: list[int] = []
             pictures[inst.name] = load_pictures(
-                inst, size, skip_bad=skip_bad_images, warn=warn, said=said
+                inst,
+                size,
+                skip_bad=skip_bad_images,
+                warn=warn,
+                said=said,
+                center_crop=not recipe.random_crop,
+                kept=kept,
             )
+            caps = inst.captions
+            prompts_of[inst.name] = [
+                caption_prompt(caps[k] if k < len(caps) else None, recipe) for k in kept
+            ]
         return pictures[inst.name]
 
+    prior_pool: np.ndarray | None = None  # the class pictures, once rendered or read
+
+    def options(chunk: Sequence[Instance], stand_in: bool = False) -> dict[str, Any]:
+        """The engine's keyword arguments beyond the paper's recipe (none by default)."""
+        kw: dict[str, Any] = {}
+        if recipe.captions:
+            kw["prompts"] = [prompts_of[i.name] for i in chunk]
+        if recipe.flip:
+            kw["flip"] = True
+        if recipe.random_crop:
+            kw["crop_size"] = size
+        if recipe.prior_preservation:
+            pool = prior_pool
+            if pool is None and stand_in:  # for timing and memory: the same rows
+                pool = np.zeros((1, size, size, 3), np.uint8)
+            kw.update(prior=pool, class_prompt=recipe.class_prompt)
+            kw["prior_weight"] = recipe.prior_weight
+        return kw
+
     if todo and mpb_auto:
-        mpb = _auto_models_per_batch(trainer, pics(todo[0]), recipe, len(todo))
+        first = pics(todo[0])
+        mpb = _auto_models_per_batch(
+            trainer, first, recipe, len(todo), options(todo[:1], stand_in=True)
+        )
     elif not todo:
         mpb = max(1, mpb if not mpb_auto else 1)
     plan = TrainPlan(
@@ -905,6 +1282,12 @@ def train(
         models_per_batch=mpb,
         batches=math.ceil(len(todo) / mpb) if todo else 0,
     )
+    cache = Path(class_dir) if class_dir is not None else out / CLASS_DIR
+    if recipe.prior_preservation:
+        plan.notes.append(
+            f"prior preservation: {recipe.num_class_images} class pictures of "
+            f"{recipe.class_prompt!r} (rendered once by the base model, cached in {cache})"
+        )
     if dry_run:
         if todo:
             chunk = todo[:mpb]
@@ -919,6 +1302,7 @@ def train(
                 steps=1,
                 batch=recipe.batch,
                 lr=recipe.lr,
+                **options(chunk, stand_in=True),
             )  # first step: allocation, caches
             t0 = time.perf_counter()
             trainer.train(
@@ -928,6 +1312,7 @@ def train(
                 steps=warm,
                 batch=recipe.batch,
                 lr=recipe.lr,
+                **options(chunk, stand_in=True),
             )
             trainer.release()
             plan.seconds_per_step = (time.perf_counter() - t0) / warm
@@ -945,6 +1330,17 @@ def train(
             shutil.copyfile(labels, tmp)
     manifest = {**settings, "models": models, "w2wkit": "train"}
     _write_manifest(out, manifest)
+    if recipe.prior_preservation and todo:
+        prior_pool = class_pictures(
+            trainer.pipe,
+            recipe,
+            size,
+            identity,
+            cache,
+            device=str(trainer.device),
+            progress=progress,
+            warn=warn,
+        )
     written = 0
     queue = list(todo)
     with Bar(len(insts), "train", enabled=progress, unit="models", fields={"loss": "-"}) as bar:
@@ -959,6 +1355,7 @@ def train(
                     [seeds[i.name] for i in chunk],
                     recipe,
                     on_step=_step_progress(bar, base_done, len(chunk), recipe.steps),
+                    **options(chunk),
                 )
             except RuntimeError as exc:
                 if not _is_oom(exc) or mpb == 1:
@@ -973,7 +1370,16 @@ def train(
             trainer.release()
             for inst in chunk:  # pictures are held for the running batch only
                 pictures.pop(inst.name, None)
-            for inst, ad, loss in zip(chunk, adapters, losses, strict=True):
+            hist, prior_hist = trainer.history, trainer.prior_history
+            for j, (inst, ad, loss) in enumerate(zip(chunk, adapters, losses, strict=True)):
+                _write_loss_record(
+                    out,
+                    inst.name,
+                    seeds[inst.name],
+                    hist[:, j],
+                    None if prior_hist is None else prior_hist[:, j],
+                    float(loss),
+                )
                 entry = publish_model(
                     inst, ad, float(loss), seeds[inst.name], recipe, out, format, recipe_key
                 )
@@ -989,4 +1395,23 @@ def train(
                 _die_hook(written)
             queue = queue[len(chunk) :]
             bar.set(len(insts) - len(queue))
+    if check:
+        missing = [
+            (i.name, str(models[i.name]["file"]))
+            for i in insts
+            if models.get(i.name, {}).get("status") == "done"
+            and not (out / CHECK_DIR / f"{i.name}.png").is_file()
+        ]
+        plan.checked = _render_checks(
+            trainer.pipe,
+            str(trainer.device),
+            out,
+            missing,
+            recipe,
+            check_seeds,
+            check_steps,
+            size,
+            progress=progress,
+            warn=warn,
+        )
     return plan

@@ -219,7 +219,7 @@ def check_against_pipeline(pipe: Any, stacked: Mapping[str, StackedLayer]) -> No
     if bad_comp:
         raise LayoutError(
             f"adapters target component(s) {', '.join(bad_comp)}; the renderer patches "
-            f"{' and '.join(SUPPORTED_COMPONENTS)} only"
+            f"{', '.join(SUPPORTED_COMPONENTS)} only"
         )
     require_modules(
         pipe, list(stacked), "the adapters'", "the adapters were made for another base model"

@@ -17,9 +17,35 @@ model starts from the same initialisation (peft's: ``A`` from
 Random draws: model ``j`` has its own ``torch.Generator`` seeded with
 ``seeds[j]``; each step it draws, in this order, ``batch`` picture indices,
 the noise ``(batch, C, h, w)`` and ``batch`` timesteps (then the same three for
-its prior-preservation samples). So a model's training does not depend on which
-other models share its batch (``tests/test_world_zoo.py`` checks a batch of 3
-against a one-model peft loop).
+its prior-preservation samples, then with ``flip`` its ``batch`` flip draws,
+then with ``crop_size`` one ``(row, column)`` crop offset per instance
+sample). So a model's training does not depend on which other models share its
+batch (``tests/test_world_zoo.py`` checks a batch of 3 against a one-model peft
+loop). Options that are off draw nothing, so they leave the other draws as they
+were.
+
+Options of :meth:`DreamBooth.train` beyond the paper's recipe (all off by default):
+
+- per-picture ``prompts`` (captions): sample ``s`` is conditioned on the prompt
+  of the picture it drew;
+- ``flip``: each instance sample is mirrored left-right with probability 1/2;
+- ``crop_size``: pictures of any shape (short side ``>= crop_size``), each
+  sample a random ``crop_size`` square of its picture, encoded by the VAE at
+  each step (the pictures' latents cannot be cached);
+- a text-encoder LoRA (``text_encoder_targets`` of :class:`DreamBooth`): the
+  text encoder's targeted projections get a bank row per model too, and every
+  step encodes each sample's prompt through its own model's text encoder.
+
+After :meth:`DreamBooth.train`, :attr:`DreamBooth.history` holds every step's
+per-model instance loss ``(steps, M)`` (and :attr:`DreamBooth.prior_history`
+the prior-preservation loss).
+
+SDXL base pipelines train the way diffusers' ``train_dreambooth_lora_sdxl.py``
+does: the prompt through both text encoders (``encode_prompt``: penultimate
+hidden states concatenated, ``text_encoder_2``'s pooled projection), and the
+UNet gets ``added_cond_kwargs`` with the pooled embedding and the size/crop
+conditioning ``(H, W, 0, 0, H, W)`` of the training pictures (``w2wkit.train``
+resizes and center-crops them to the training size first).
 
 torch, diffusers and peft are imported inside the functions.
 """
@@ -37,11 +63,37 @@ from w2wkit.adapter import Adapter
 from w2wkit.devices import resolve_device
 from w2wkit.diffusion.bank import LoraBank, install_bank, lora_init
 from w2wkit.diffusion.loss import denoising_loss
-from w2wkit.diffusion.pipeline import load_pipeline
+from w2wkit.diffusion.pipeline import load_pipeline, pipeline_kind, resolve_module
 from w2wkit.diffusion.schedule import alphas_cumprod, noisy
 from w2wkit.errors import W2WError
 
-__all__ = ["DreamBooth", "is_target"]
+__all__ = ["TEXT_ENCODER_TARGETS", "DreamBooth", "is_target", "text_encoder_init"]
+
+#: The text encoder's attention projections (CLIP), the modules ``--text-encoder`` trains.
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def text_encoder_init(
+    text_encoder: Any, targets: Sequence[str], rank: int, alpha: float, seed: int
+) -> dict:
+    """peft's initial ``A`` ``(r, in)`` per text-encoder module after ``torch.manual_seed(seed)``.
+
+    The shared initialisation of the text encoder's LoRA (as :func:`lora_init` for the
+    UNet), computed on a copy so the text encoder itself is not touched.
+    """
+    import copy
+
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    probe = copy.deepcopy(text_encoder).cpu()
+    torch.manual_seed(int(seed))
+    inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True),
+        probe,
+    )
+    params = dict(probe.named_parameters())
+    return {t: params[f"{t}.lora_A.default.weight"].detach().clone() for t in targets}
 
 
 def is_target(name: str, targets: Sequence[str]) -> bool:
@@ -64,6 +116,9 @@ class DreamBooth:
         Seed of the shared initialisation.
     device : str
         ``auto``, ``cpu`` or ``cuda``.
+    text_encoder_targets : sequence of str, optional
+        Text-encoder module names (or endings, e.g. :data:`TEXT_ENCODER_TARGETS`)
+        that get a LoRA too; ``None``: the UNet only (the paper's recipe).
 
     Attributes
     ----------
@@ -78,6 +133,12 @@ class DreamBooth:
     steps_done : int
         Steps the last :meth:`train` call ran (fewer than asked when its time
         budget ran out).
+    te_targets : list of str
+        Canonical text-encoder module paths with a LoRA (``text_encoder.text_model...``).
+    history : numpy.ndarray or None
+        ``(steps_done, M)``: each step's instance loss of each model (last :meth:`train`).
+    prior_history : numpy.ndarray or None
+        ``(steps_done, M)``: each step's prior-preservation loss, when it was on.
     """
 
     def __init__(
@@ -89,14 +150,18 @@ class DreamBooth:
         alpha: float = 1.0,
         init_seed: int = 0,
         device: str = "auto",
+        text_encoder_targets: Sequence[str] | None = None,
     ) -> None:
         import torch
 
         self.device = resolve_device(device)
         self.base = str(base) if isinstance(base, (str, os.PathLike)) else type(base).__name__
         # float32 whatever the folder stores (a shipped world's base is float16)
-        pipe = load_pipeline(base, device="cpu", dtype=torch.float32)
-        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        pipe = load_pipeline(base, device="cpu", dtype=torch.float32, sdxl=True)
+        self.sdxl = pipeline_kind(pipe) == "sdxl"
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if m is None:
+                continue
             m.requires_grad_(False)
             m.eval()
         self.pipe = pipe
@@ -107,16 +172,45 @@ class DreamBooth:
                 f"no UNet module is named {list(targets)}", path=self.base, key="targets"
             )
         self.init_down = lora_init(pipe.unet, self.targets, self.rank, self.alpha, init_seed)
+        self.te_targets: list[str] = []
+        self.te_init_down: dict[str, Any] = {}
+        if text_encoder_targets:
+            te = pipe.text_encoder
+            names = [n for n, _ in te.named_modules() if is_target(n, text_encoder_targets)]
+            if not names:
+                raise W2WError(
+                    f"no text-encoder module is named {list(text_encoder_targets)}",
+                    path=self.base,
+                    key="text_encoder_targets",
+                )
+            init = text_encoder_init(te, names, self.rank, self.alpha, init_seed)
+            flat = not hasattr(te, "text_model")  # canonical paths keep the text_model level
+            for n in names:
+                canon = f"text_encoder.{'text_model.' if flat else ''}{n}"
+                self.te_targets.append(canon)
+                self.te_init_down[canon] = init[n]
         pipe.to(self.device)
         self.bank: LoraBank | None = None
         self.steps_done = 0
+        self.history: np.ndarray | None = None
+        self.prior_history: np.ndarray | None = None
         self._ehs: dict[str, Any] = {}
+        self._pooled: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- inputs
     def embed(self, prompt: str) -> Any:
         """Text-encoder hidden states of ``prompt``, shape ``(1, L, D)`` (cached)."""
         import torch
 
+        if prompt not in self._ehs and self.sdxl:
+            with torch.no_grad():
+                ehs, _, pooled, _ = self.pipe.encode_prompt(
+                    prompt=[prompt],
+                    device=self.device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=False,
+                )
+            self._ehs[prompt], self._pooled[prompt] = ehs, pooled
         if prompt not in self._ehs:
             tok = self.pipe.tokenizer
             ids = tok(
@@ -129,6 +223,42 @@ class DreamBooth:
             with torch.no_grad():
                 self._ehs[prompt] = self.pipe.text_encoder(ids)[0]
         return self._ehs[prompt]
+
+    def added_cond(self, rows: Sequence[tuple[str, int]], size: tuple[int, int]) -> dict[str, Any]:
+        """The UNet's extra keyword arguments for a batch: ``{}`` unless SDXL.
+
+        Parameters
+        ----------
+        rows : sequence of (str, int)
+            Consecutive runs of the batch: ``(prompt, number of rows)``.
+        size : (int, int)
+            Height and width of the training pictures in pixels.
+
+        Returns
+        -------
+        dict
+            SDXL: ``{"added_cond_kwargs": {"text_embeds": (n, P), "time_ids": (n, 6)}}``.
+        """
+        import torch
+
+        if not self.sdxl:
+            return {}
+        return self._cond(torch.cat([self._pooled_of(p).expand(n, -1) for p, n in rows]), size)
+
+    def _cond(self, pooled: Any, size: tuple[int, int]) -> dict[str, Any]:
+        """``added_cond_kwargs`` of pooled embeddings ``(n, P)`` and pictures of ``size``."""
+        import torch
+
+        h, w = size
+        ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=pooled.dtype)
+        return {
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.expand(len(pooled), -1)}
+        }
+
+    def _pooled_of(self, prompt: str) -> Any:
+        if prompt not in self._pooled:
+            self.embed(prompt)
+        return self._pooled[prompt]
 
     def encode(self, images: np.ndarray) -> Any:
         """Scaled VAE latents (posterior means) of uint8 pictures ``(n, H, W, 3)``."""
@@ -160,6 +290,14 @@ class DreamBooth:
                 down.unsqueeze(0).expand(n_models, *down.shape),
                 torch.zeros(n_models, out_f, self.rank),
             )
+        for t in self.te_targets:
+            down = self.te_init_down[t]
+            layer = resolve_module(self.pipe, t)
+            out_f = getattr(layer, "base_layer", layer).weight.shape[0]
+            factors[t] = (
+                down.unsqueeze(0).expand(n_models, *down.shape),
+                torch.zeros(n_models, out_f, self.rank),
+            )
         self.bank = install_bank(
             self.pipe,
             factors,
@@ -185,7 +323,7 @@ class DreamBooth:
     # ---------------------------------------------------------------- training
     def train(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray] | Sequence[Sequence[np.ndarray]],
         prompt: str,
         seeds: Sequence[int],
         *,
@@ -198,13 +336,17 @@ class DreamBooth:
         budget_s: float | None = None,
         start: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
         on_step: Callable[[int], None] | None = None,
+        prompts: Sequence[Sequence[str]] | None = None,
+        flip: bool = False,
+        crop_size: int | None = None,
     ) -> tuple[list[Adapter], np.ndarray]:
         """Train ``M = len(images)`` LoRAs together from the shared initialisation.
 
         Parameters
         ----------
         images : sequence of numpy.ndarray
-            Per model, its pictures ``(n_j, H, W, 3)`` uint8.
+            Per model, its pictures ``(n_j, H, W, 3)`` uint8 (with ``crop_size``: a
+            sequence of ``(h, w, 3)`` pictures of any shape, short side ``>= crop_size``).
         prompt : str
             Instance prompt (``"a photo of sks person"``).
         seeds : sequence of int
@@ -222,11 +364,20 @@ class DreamBooth:
             per model (a fresh Adam state).
         on_step : callable, optional
             Called with the number of steps done after each step.
+        prompts : sequence of sequence of str, optional
+            Per model, the prompt of each of its pictures (``n_j`` each); a sample
+            is conditioned on its picture's prompt. ``None``: ``prompt`` for all.
+        flip : bool
+            Mirror each instance sample left-right with probability 1/2 (drawn
+            from the model's generator).
+        crop_size : int, optional
+            Train on a random ``crop_size`` square of each sampled picture (the
+            offset drawn from the model's generator); ``None``: the pictures as given.
 
         Returns
         -------
         adapters : list of Adapter
-            One per model, ``unet.<module>`` -> LoraLayer.
+            One per model, ``unet.<module>`` (and ``text_encoder.<module>``) -> LoraLayer.
         losses : numpy.ndarray
             ``(M,)``: mean instance loss of each model over the last 20% of steps.
         """
@@ -252,33 +403,88 @@ class DreamBooth:
                         key=t,
                     )
                 bank.set_factors(f"unet.{t}", a, b_)
-        lats = [self.encode(im) for im in images]
-        counts = [len(x) for x in lats]
+        crop = int(crop_size) if crop_size else None
+        if crop is None:
+            lats = [self.encode(im) for im in images]
+            counts = [len(x) for x in lats]
+            lat = torch.cat(lats)
+            lat_flip = (
+                torch.cat([self.encode(np.ascontiguousarray(im[:, :, ::-1])) for im in images])
+                if flip
+                else None
+            )
+        else:
+            pools = [[np.asarray(p) for p in im] for im in images]
+            counts = [len(p) for p in pools]
+            small = [p.shape for ps in pools for p in ps if min(p.shape[:2]) < crop]
+            if small:
+                raise W2WError(
+                    f"a picture of {small[0][1]}x{small[0][0]} is smaller than the crop {crop}",
+                    param="crop_size",
+                )
         offsets = torch.tensor(np.concatenate([[0], np.cumsum(counts)[:-1]]), device=dev)
-        lat = torch.cat(lats)
         use_prior = prior_weight > 0 and prior is not None and len(prior) > 0
         plat = self.encode(prior) if use_prior else None
-        ehs = self.embed(prompt)
-        cls_ehs = self.embed(class_prompt or "") if use_prior else None
+        per_prompt = prompts is not None or bool(self.te_targets)
+        if prompts is not None and (
+            len(prompts) != m or any(len(p) != c for p, c in zip(prompts, counts, strict=True))
+        ):
+            raise W2WError("give one prompt per picture of each model", param="prompts")
+        if per_prompt:
+            # every sample's prompt as an index into `uniq`: pictures' prompts, class prompt
+            flat = [str(p) for ps in prompts for p in ps] if prompts is not None else []
+            extra = [class_prompt or ""] if use_prior else []
+            uniq = list(dict.fromkeys([prompt, *flat, *extra]))
+            where = {p: i for i, p in enumerate(uniq)}
+            pic_prompt = torch.tensor(
+                [where[p] for p in flat] if flat else [0] * int(sum(counts)), device=dev
+            )
+            cls_prompt = where[class_prompt or ""] if use_prior else 0
+            if self.te_targets:
+                tok = self.pipe.tokenizer
+                ids_table = tok(
+                    uniq,
+                    padding="max_length",
+                    max_length=tok.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(dev)
+            if not self.te_targets or self.sdxl:
+                emb_table = torch.cat([self.embed(p) for p in uniq])
+            if self.sdxl:
+                pooled_table = torch.cat([self._pooled_of(p) for p in uniq])
+        else:
+            ehs = self.embed(prompt)
+            cls_ehs = self.embed(class_prompt or "") if use_prior else None
         n_t = self.pipe.scheduler.config.num_train_timesteps
         acp = alphas_cumprod(self.pipe.scheduler, dev)
         gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
         opt = torch.optim.Adam(bank.parameters(), lr=lr, weight_decay=0.0)
         b = int(batch)
         owner = torch.arange(m, device=dev).repeat_interleave(b)
-        shape = (b, *lat.shape[1:])
         n_rows = 2 * m * b if use_prior else m * b
         index = torch.cat([owner, owner]) if use_prior else owner
-        ehs_all = (
-            torch.cat([ehs.expand(m * b, -1, -1), cls_ehs.expand(m * b, -1, -1)])
-            if use_prior
-            else ehs.expand(n_rows, -1, -1)
-        )
-        history = []
+        if crop is None:
+            shape = (b, *lat.shape[1:])
+        else:
+            vsf = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+            shape = (b, self.pipe.unet.config.in_channels, crop // vsf, crop // vsf)
+        if not per_prompt:
+            ehs_all = (
+                torch.cat([ehs.expand(m * b, -1, -1), cls_ehs.expand(m * b, -1, -1)])
+                if use_prior
+                else ehs.expand(n_rows, -1, -1)
+            )
+        # SDXL: the pooled text embedding and the size/crop conditioning of the pictures
+        vsf = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        hw = (int(shape[2]) * vsf, int(shape[3]) * vsf)
+        runs = [(prompt, m * b)] + ([(class_prompt or "", m * b)] if use_prior else [])
+        cond = self.added_cond(runs, hw) if not per_prompt else {}
+        history, prior_history = [], []
         t0 = time.perf_counter()
         unet = self.pipe.unet
         for _step in range(int(steps)):
-            idx, noise, tt, pidx, pnoise, ptt = [], [], [], [], [], []
+            idx, noise, tt, pidx, pnoise, ptt, flips, cuts = [], [], [], [], [], [], [], []
             for j, g in enumerate(gens):  # each model's own draws, in a fixed order
                 idx.append(torch.randint(0, counts[j], (b,), generator=g))
                 noise.append(torch.randn(shape, generator=g))
@@ -287,21 +493,61 @@ class DreamBooth:
                     pidx.append(torch.randint(0, len(plat), (b,), generator=g))
                     pnoise.append(torch.randn(shape, generator=g))
                     ptt.append(torch.randint(0, n_t, (b,), generator=g))
+                if flip:
+                    flips.append(torch.rand(b, generator=g) < 0.5)
+                if crop is not None:
+                    for s in idx[-1].tolist():
+                        h, w = pools[j][s].shape[:2]
+                        oy = int(torch.randint(0, h - crop + 1, (1,), generator=g))
+                        ox = int(torch.randint(0, w - crop + 1, (1,), generator=g))
+                        cuts.append((j, s, oy, ox))
             rows = (torch.stack(idx).to(dev) + offsets[:, None]).reshape(-1)
-            x0 = lat[rows]
+            if crop is None:
+                x0 = lat[rows]
+                if flip:
+                    mask = torch.cat(flips).to(dev)[:, None, None, None]
+                    x0 = torch.where(mask, lat_flip[rows], x0)
+            else:
+                mirror = torch.cat(flips).tolist() if flip else [False] * len(cuts)
+                pix = [
+                    pools[j][s][oy : oy + crop, ox : ox + crop][:, :: -1 if fl else 1]
+                    for (j, s, oy, ox), fl in zip(cuts, mirror, strict=True)
+                ]
+                x0 = self.encode(np.ascontiguousarray(np.stack(pix)))
             nz = torch.cat(noise).to(dev)
             t = torch.cat(tt).to(dev)
             if use_prior:
                 x0 = torch.cat([x0, plat[torch.cat(pidx).to(dev)]])
                 nz = torch.cat([nz, torch.cat(pnoise).to(dev)])
                 t = torch.cat([t, torch.cat(ptt).to(dev)])
+            if per_prompt:
+                which = pic_prompt[rows]
+                if use_prior:
+                    which = torch.cat([which, torch.full_like(which, cls_prompt)])
+                if self.te_targets and self.sdxl:
+                    # the first encoder's LoRA: its penultimate layer, then the second's
+                    bank.set_index("text_encoder", index)
+                    te1 = self.pipe.text_encoder(ids_table[which], output_hidden_states=True)
+                    te1 = te1.hidden_states[-2]
+                    bank.set_index("text_encoder", None)
+                    ehs_all = torch.cat([te1, emb_table[which][..., te1.shape[-1] :]], dim=-1)
+                elif self.te_targets:
+                    bank.set_index("text_encoder", index)
+                    ehs_all = self.pipe.text_encoder(ids_table[which])[0]
+                    bank.set_index("text_encoder", None)
+                else:
+                    ehs_all = emb_table[which]
+                if self.sdxl:
+                    cond = self._cond(pooled_table[which], hw)
             bank.set_index("unet", index)
-            pred = unet(noisy(x0, nz, t, acp), t, encoder_hidden_states=ehs_all).sample
+            pred = unet(noisy(x0, nz, t, acp), t, encoder_hidden_states=ehs_all, **cond).sample
             per = denoising_loss(pred, nz)
             inst = per[: m * b].view(m, b).mean(1)
             loss = inst.sum()
             if use_prior:
-                loss = loss + prior_weight * per[m * b :].view(m, b).mean(1).sum()
+                prior_loss = per[m * b :].view(m, b).mean(1)
+                loss = loss + prior_weight * prior_loss.sum()
+                prior_history.append(prior_loss.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -313,7 +559,11 @@ class DreamBooth:
         bank.set_index("unet", None)
         self.steps_done = len(history)
         if not history:
+            self.history = np.zeros((0, m), np.float32)
+            self.prior_history = np.zeros((0, m), np.float32) if use_prior else None
             return self.adapters(), np.full(m, np.nan)
         hist = torch.stack(history).cpu().numpy()
+        self.history = hist
+        self.prior_history = torch.stack(prior_history).cpu().numpy() if use_prior else None
         tail = hist[int(0.8 * len(hist)) :] if len(hist) > 1 else hist
         return self.adapters(), tail.mean(0)

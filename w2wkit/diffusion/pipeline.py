@@ -4,8 +4,9 @@ The pipeline class comes from the folder's ``model_index.json`` (``_class_name``
 as diffusers writes it): an SDXL pipeline (two text encoders, size/crop
 conditioning) opens as ``StableDiffusionXLPipeline``, every other Stable
 Diffusion folder as ``StableDiffusionPipeline``. The renderer and inversion
-work on SD1.x/SD2.x pipelines; they open with ``sdxl=False`` (the default), which
-refuses an SDXL pipeline in one line.
+(:class:`~w2wkit.diffusion.sampler.Renderer`) and the DreamBooth loop open both
+kinds (``sdxl=True``); inversion works on SD1.x/SD2.x pipelines and opens with
+``sdxl=False`` (the default), which refuses an SDXL pipeline in one line.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 #: Pipeline components whose layers the per-sample LoRA bank can patch.
-SUPPORTED_COMPONENTS = ("unet", "text_encoder")
+SUPPORTED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def pipeline_kind(spec: str | os.PathLike[str] | Any) -> str:
@@ -52,16 +53,19 @@ def check_pipeline(pipe: Any, sdxl: bool = False) -> None:
     W2WError
         Naming the missing component, or the SDXL pipeline.
     """
-    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    comps = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    if sdxl and pipeline_kind(pipe) == "sdxl":
+        comps += ("text_encoder_2", "tokenizer_2")
+    for comp in comps:
         if getattr(pipe, comp, None) is None:
             raise W2WError(
-                f"the pipeline has no {comp}; the renderer needs a Stable Diffusion 1.x/2.x "
-                f"pipeline ({type(pipe).__name__} given)"
+                f"the pipeline has no {comp}; the engine needs a Stable Diffusion 1.x/2.x "
+                f"or SDXL pipeline ({type(pipe).__name__} given)"
             )
     if not sdxl and pipeline_kind(pipe) == "sdxl":
         raise W2WError(
-            f"{type(pipe).__name__} has two text encoders (SDXL); the renderer supports "
-            "Stable Diffusion 1.x/2.x pipelines"
+            f"{type(pipe).__name__} has two text encoders (SDXL); this works on "
+            "Stable Diffusion 1.x/2.x pipelines (inversion does not support SDXL yet)"
         )
 
 
@@ -89,7 +93,8 @@ def load_pipeline(
     allow_download : bool
         Let a string that is not an existing folder be fetched from the hub.
     sdxl : bool
-        Accept an SDXL pipeline (opened as ``StableDiffusionXLPipeline``).
+        Accept an SDXL pipeline (opened as ``StableDiffusionXLPipeline``): the
+        renderer and the DreamBooth loop do; inversion does not.
     offload : bool
         On a CUDA device, keep the models on the CPU and move each to the GPU
         while it runs (diffusers' ``enable_model_cpu_offload``); ignored on the CPU.
@@ -125,8 +130,8 @@ def load_pipeline(
         kind = pipeline_kind(path) if path.is_dir() else "sd"
         if kind == "sdxl" and not sdxl:
             raise W2WError(
-                "the pipeline is SDXL (two text encoders); the renderer supports "
-                "Stable Diffusion 1.x/2.x pipelines",
+                "the pipeline is SDXL (two text encoders); this works on "
+                "Stable Diffusion 1.x/2.x pipelines (inversion does not support SDXL yet)",
                 path=path,
             )
         with quiet():

@@ -17,6 +17,13 @@ Every sample draws its initial noise (and any scheduler noise) from its own
 does for one image, so a model's image does not depend on which other models
 share its batch.
 
+SDXL pipelines render the way ``StableDiffusionXLPipeline`` does: both text
+encoders (their penultimate hidden states concatenated; the pooled, projected
+output of ``text_encoder_2``), the size/crop conditioning ``(H, W, 0, 0, H, W)``
+as ``time_ids``, and the empty negative prompt as zeros
+(``force_zeros_for_empty_prompt``). A LoRA on either text encoder goes through
+the bank per sample, as on the UNet.
+
 The evaluation, the CLI's ``render``, the world's zoo-fidelity measurement
 and its build all render through :class:`Renderer`.
 
@@ -43,7 +50,8 @@ from w2wkit.diffusion.bank import (
     per_sample_lora,
     stack_adapters,
 )
-from w2wkit.diffusion.pipeline import load_pipeline
+from w2wkit.diffusion.pipeline import load_pipeline, pipeline_kind
+from w2wkit.diffusion.quiet import quiet
 from w2wkit.diffusion.schedule import sampling_scheduler
 from w2wkit.errors import OUTPUT_EXISTS, FormatError, W2WError
 
@@ -240,12 +248,34 @@ class Renderer:
             dtype=self.dtype,
             allow_download=allow_download,
             offload=offload,
+            sdxl=True,
         )
+        self.sdxl = pipeline_kind(self.pipe) == "sdxl"
 
     # ---------------------------------------------------------------- helpers
-    def _encode(self, prompts: list[str], negative: list[str], cfg: bool) -> tuple[Any, Any]:
-        pos, neg = self.pipe.encode_prompt(prompts, self.device, 1, cfg, negative if cfg else None)
-        return pos, neg
+    def _encode(
+        self, prompts: list[str], negative: list[str], cfg: bool
+    ) -> tuple[Any, Any, Any, Any]:
+        """``(pos, neg, pos_pooled, neg_pooled)`` embeddings; pooled ones ``None`` unless SDXL.
+
+        ``pos``/``neg`` are ``(n, L, D)``; SDXL's pooled ones ``(n, P)``; ``neg``
+        is ``None`` without guidance.
+        """
+        if not self.sdxl:
+            pos, neg = self.pipe.encode_prompt(
+                prompts, self.device, 1, cfg, negative if cfg else None
+            )
+            return pos, neg, None, None
+        zeros = self.pipe.config.get("force_zeros_for_empty_prompt", True)
+        neg_in = None if (not cfg or (zeros and not any(negative))) else negative
+        pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=prompts,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=neg_in,
+        )
+        return pos, neg, pooled, neg_pooled
 
     def prepare(
         self,
@@ -508,6 +538,36 @@ class Renderer:
         )
         return images
 
+    def _decode(self, latents: Any, gens: list[Any]) -> Any:
+        """VAE-decode ``(n, C, h, w)`` latents to ``(n, 3, H, W)`` in ``[-1, 1]``.
+
+        As the SDXL pipeline: a float16 VAE that asks for it (``force_upcast``)
+        decodes in float32, and ``latents_mean``/``latents_std`` are undone.
+        """
+        import torch
+
+        vae = self.pipe.vae
+        cfg = vae.config
+        upcast = vae.dtype == torch.float16 and bool(getattr(cfg, "force_upcast", False))
+        if upcast and self.sdxl:
+            with quiet():
+                vae.to(torch.float32)
+            latents = latents.float()
+        try:
+            mean = getattr(cfg, "latents_mean", None)
+            std = getattr(cfg, "latents_std", None)
+            if self.sdxl and mean is not None and std is not None:
+                m = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+                s = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+                latents = latents * s / cfg.scaling_factor + m
+            else:
+                latents = latents / cfg.scaling_factor
+            return vae.decode(latents, return_dict=False, generator=gens)[0]
+        finally:
+            if upcast and self.sdxl:
+                with quiet():
+                    vae.to(torch.float16)
+
     @staticmethod
     def _check_settings(steps: int, batch_size: int) -> None:
         if steps < 1:
@@ -543,7 +603,7 @@ class Renderer:
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        te_patched = any(m.startswith("text_encoder.") for m in stacked)
+        te_patched = any(m.startswith(("text_encoder.", "text_encoder_2.")) for m in stacked)
         pipe = self.pipe
         unet = pipe.unet
         vsf = getattr(pipe, "vae_scale_factor", 8)
@@ -564,9 +624,15 @@ class Renderer:
             sel = bank.selectors
             # prompt embeddings shared by all models when the text encoder is not patched
             shared = None
+            te_sels = [sel[c] for c in ("text_encoder", "text_encoder_2") if c in sel]
             if not te_patched:
-                sel["text_encoder"].index = None
+                for s in te_sels:
+                    s.index = None
                 shared = self._encode(prompts, [negative_prompt] * len(prompts), cfg)
+            # SDXL's size/crop conditioning: original size, crop corner, target size
+            time_ids = torch.tensor(
+                [[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype
+            )
             done = 0
             for chunk in _chunks(total, batch_size):
                 batch = [items[i] for i in chunk]
@@ -575,17 +641,24 @@ class Renderer:
                 edit_idx = mi + n_models if edited else mi
 
                 def embeds(idx: Any, batch: list[tuple[int, int, int]] = batch) -> Any:
+                    """``(hidden states, pooled or None)`` of the batch, negatives first."""
                     if shared is not None:
                         pi = torch.tensor([b[1] for b in batch], device=self.device)
-                        pos = shared[0].index_select(0, pi)
-                        neg = shared[1].index_select(0, pi) if cfg else None
+                        enc = [None if e is None else e.index_select(0, pi) for e in shared]
                     else:
-                        sel["text_encoder"].index = idx
-                        pos, neg = self._encode(
-                            [prompts[b[1]] for b in batch], [negative_prompt] * len(batch), cfg
+                        for s in te_sels:
+                            s.index = idx
+                        enc = list(
+                            self._encode(
+                                [prompts[b[1]] for b in batch], [negative_prompt] * len(batch), cfg
+                            )
                         )
-                        sel["text_encoder"].index = None
-                    return torch.cat([neg, pos]) if cfg else pos
+                        for s in te_sels:
+                            s.index = None
+                    pos, neg, pooled, neg_pooled = enc
+                    if pooled is not None and cfg:
+                        pooled = torch.cat([neg_pooled, pooled])
+                    return (torch.cat([neg, pos]) if cfg else pos), pooled
 
                 emb_orig = embeds(orig_idx)
                 emb_edit = embeds(edit_idx) if (edited and te_patched) else emb_orig
@@ -608,19 +681,23 @@ class Renderer:
                 for t in sched.timesteps:
                     use_edit = edited and float(t) <= float(inject_t)  # type: ignore[arg-type]
                     idx = edit_idx if use_edit else orig_idx
-                    emb = emb_edit if use_edit else emb_orig
+                    emb, pooled = emb_edit if use_edit else emb_orig
                     sel["unet"].index = torch.cat([idx, idx]) if cfg else idx
                     inp = torch.cat([latents] * 2) if cfg else latents
                     inp = sched.scale_model_input(inp, t)
-                    noise = unet(inp, t, encoder_hidden_states=emb, return_dict=False)[0]
+                    kw: dict[str, Any] = {}
+                    if pooled is not None:  # SDXL
+                        kw["added_cond_kwargs"] = {
+                            "text_embeds": pooled,
+                            "time_ids": time_ids.expand(len(inp), -1),
+                        }
+                    noise = unet(inp, t, encoder_hidden_states=emb, return_dict=False, **kw)[0]
                     if cfg:
                         unc, txt = noise.chunk(2)
                         noise = unc + guidance * (txt - unc)
                     latents = sched.step(noise, t, latents, **extra, return_dict=False)[0]
                 sel["unet"].index = None
-                img = pipe.vae.decode(
-                    latents / pipe.vae.config.scaling_factor, return_dict=False, generator=gens
-                )[0]
+                img = self._decode(latents, gens)
                 img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
                 out[list(chunk)] = img
                 done += len(batch)
