@@ -156,6 +156,42 @@ def test_dry_run_on_the_cluster(cluster, people, tiny_pipe_dir, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # a LocalCluster of two processes
+def test_cluster_with_recipe_options_equals_single_process(
+    cluster, people, tiny_pipe_dir, tmp_path
+):
+    import dataclasses
+    import shutil
+
+    src = tmp_path / "people"
+    shutil.copytree(people, src)
+    (src / "ann" / "0.txt").write_text("a photo of sks person smiling")
+    (src / "bob" / "1.txt").write_text("in the rain")
+    recipe = dataclasses.replace(RECIPE, captions=True, flip=True, text_encoder=True)
+    a, b = tmp_path / "single", tmp_path / "cluster"
+    train(src, tiny_pipe_dir, a, recipe, models_per_batch=PER_CHUNK, device="cpu")
+    plan = train(
+        src, tiny_pipe_dir, b, recipe, models_per_batch=PER_CHUNK, device="cpu", client=cluster
+    )
+    assert plan.written == NAMES
+    assert files(b) == files(a) and manifest(b) == manifest(a)
+    losses = sorted(p.name for p in (a / "losses").iterdir())
+    assert losses == [f"{n}.json" for n in NAMES]
+    for name in losses:
+        assert (b / "losses" / name).read_bytes() == (a / "losses" / name).read_bytes()
+    no_leftovers(b)
+
+
+@pytest.mark.slow  # a LocalCluster of two processes
+def test_prior_preservation_refused_on_a_cluster(cluster, people, tiny_pipe_dir, tmp_path):
+    import dataclasses
+
+    recipe = dataclasses.replace(RECIPE, prior_preservation=True)
+    with pytest.raises(W2WError, match="prior preservation is not available on a cluster"):
+        train(people, tiny_pipe_dir, tmp_path / "o", recipe, client=cluster)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.fixture
 def driver_only():
     """``driver_only(folder)``: a path to ``folder`` that only this process can resolve."""
