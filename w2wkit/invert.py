@@ -11,6 +11,10 @@ where ``x_t`` is the VAE latent of the image noised to timestep ``t`` and
 model ``theta(c)`` is the base model plus the LoRA at ``x = (c @ V_k) * s + mu``
 (the space's components, scale and mean); only ``c`` is trained, with Adam.
 
+On an SDXL pipeline the UNet is conditioned as the renderer and the trainer
+condition it (:mod:`w2wkit.diffusion.conditioning`): the prompt through both text
+encoders, the pooled embedding and the size/crop conditioning of the picture size.
+
 Timesteps are uniform in ``[0, T)``, stratified over windows of steps (each
 window visits every bin of ``[0, T)`` once), so that the windowed loss means
 used for early stopping are comparable.
@@ -883,9 +887,9 @@ def invert(
     ----------
     space : WeightSpace
         A fitted factors space whose modules are in ``pipeline``.
-    pipeline : str, os.PathLike or diffusers.StableDiffusionPipeline
-        The base model the space's LoRAs were trained on (an object is moved
-        to ``device``/``dtype`` in place).
+    pipeline : str, os.PathLike or diffusers pipeline
+        The base model the space's LoRAs were trained on, SD1.x/SD2.x or SDXL
+        (an object is moved to ``device``/``dtype`` in place).
     images : path, PIL image, array, or a sequence of them
         One model per image. Images are centre-cropped to the pipeline's
         aspect and resized to its resolution, with a notice.
