@@ -198,3 +198,18 @@ def test_cli_invert_on_an_sdxl_folder(xl, tiny_sdxl_pipe_dir, tmp_path):
     assert res.exit_code == 0, res.output
     ad = read_adapter(out / "face.safetensors")
     assert set(ad.layers) == set(space.layout_.modules)
+
+
+def test_sdxl_float16_inversion_encodes_in_float32(xl):
+    """A float16 SDXL VAE that asks for it (``force_upcast``) encodes in float32, then stays
+    float16; the float16 inversion follows the float32 one."""
+    pipe, space, images = xl
+    half = copy.deepcopy(pipe)
+    assert half.vae.config.force_upcast
+    kw = {"steps": 3, "lr": 0.2, "seed": 2, "prompt": PROMPT, "device": "cpu"}
+    ref = invert(space, copy.deepcopy(pipe), images[:1], **kw)
+    res = invert(space, half, images[:1], dtype="float16", **kw)
+    assert half.vae.dtype == torch.float16 and half.unet.dtype == torch.float16
+    assert np.isfinite(res.coefficients).all() and np.isfinite(res.losses).all()
+    np.testing.assert_allclose(res.coefficients, ref.coefficients, atol=0.05)
+    np.testing.assert_allclose(res.losses, ref.losses, rtol=0.05)
