@@ -642,14 +642,14 @@ def _encode_latents(pipe: Any, images: np.ndarray, device: str, dtype: Any) -> A
             x = torch.as_tensor(images).permute(0, 3, 1, 2).to(device=device, dtype=run_dtype)
             lat = []
             for i in range(x.shape[0]):
-                z = vae.encode(x[i : i + 1] * 2 - 1).latent_dist.mean.float()
+                z = vae.encode(x[i : i + 1] * 2 - 1).latent_dist.mean
                 if sdxl and mean is not None and std is not None:
-                    m = torch.tensor(mean, dtype=torch.float32, device=z.device).view(1, -1, 1, 1)
-                    s = torch.tensor(std, dtype=torch.float32, device=z.device).view(1, -1, 1, 1)
+                    m = torch.tensor(mean).view(1, -1, 1, 1).to(z)
+                    s = torch.tensor(std).view(1, -1, 1, 1).to(z)
                     lat.append((z - m) * sf / s)
-                else:
+                else:  # in the compute dtype, as before SDXL
                     lat.append((z - shift) * sf)
-            return torch.cat(lat)
+            return torch.cat(lat).float()
     finally:
         if upcast:
             with quiet():
