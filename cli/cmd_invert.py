@@ -142,7 +142,7 @@ def invert_cmd(
     if allow_download:
         from w2wkit.render import load_pipeline
 
-        pipeline = load_pipeline(base, device=device, dtype=dtype, allow_download=True)
+        pipeline = load_pipeline(base, device=device, dtype=dtype, allow_download=True, sdxl=True)
     result = invert(
         space,
         pipeline,

@@ -11,6 +11,10 @@ where ``x_t`` is the VAE latent of the image noised to timestep ``t`` and
 model ``theta(c)`` is the base model plus the LoRA at ``x = (c @ V_k) * s + mu``
 (the space's components, scale and mean); only ``c`` is trained, with Adam.
 
+On an SDXL pipeline the UNet is conditioned as the renderer and the trainer
+condition it (:mod:`w2wkit.diffusion.conditioning`): the prompt through both text
+encoders, the pooled embedding and the size/crop conditioning of the picture size.
+
 Timesteps are uniform in ``[0, T)``, stratified over windows of steps (each
 window visits every bin of ``[0, T)`` once), so that the windowed loss means
 used for early stopping are comparable.
@@ -604,6 +608,54 @@ def _zero_stack(space: Any, n: int) -> dict[str, Any]:
     return out
 
 
+#: The pipeline components that hold text encoders (SDXL has two).
+_TEXT_ENCODERS = ("text_encoder.", "text_encoder_2.")
+
+
+def _encode_latents(pipe: Any, images: np.ndarray, device: str, dtype: Any) -> Any:
+    """Scaled VAE latents (posterior means) ``(n, C, h, w)`` float32 of ``(n, H, W, 3)`` images.
+
+    One image at a time (independent of the batch). As diffusers' pipelines: a
+    float16 SDXL VAE that asks for it (``force_upcast``) encodes in float32, and an SDXL
+    VAE with ``latents_mean``/``latents_std`` is normalised by them (the inverse of
+    the renderer's decoding); otherwise ``shift_factor``, if any, is subtracted.
+    """
+    import torch
+
+    from w2wkit.diffusion.conditioning import is_sdxl
+    from w2wkit.diffusion.quiet import quiet
+
+    vae = pipe.vae
+    cfg = vae.config
+    sf = float(cfg.scaling_factor)
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    mean = getattr(cfg, "latents_mean", None)
+    std = getattr(cfg, "latents_std", None)
+    sdxl = is_sdxl(pipe)  # SD1.x/SD2.x pipelines encode in the compute dtype, as before
+    upcast = sdxl and vae.dtype == torch.float16 and bool(getattr(cfg, "force_upcast", False))
+    run_dtype = torch.float32 if upcast else dtype
+    if upcast:
+        with quiet():
+            vae.to(torch.float32)
+    try:
+        with torch.no_grad():
+            x = torch.as_tensor(images).permute(0, 3, 1, 2).to(device=device, dtype=run_dtype)
+            lat = []
+            for i in range(x.shape[0]):
+                z = vae.encode(x[i : i + 1] * 2 - 1).latent_dist.mean
+                if sdxl and mean is not None and std is not None:
+                    m = torch.tensor(mean).view(1, -1, 1, 1).to(z)
+                    s = torch.tensor(std).view(1, -1, 1, 1).to(z)
+                    lat.append((z - m) * sf / s)
+                else:  # in the compute dtype, as before SDXL
+                    lat.append((z - shift) * sf)
+            return torch.cat(lat).float()
+    finally:
+        if upcast:
+            with quiet():
+                vae.to(torch.float16)
+
+
 class _Problem:
     """Everything fixed during an inversion: latents, masks, embeddings, basis."""
 
@@ -649,22 +701,14 @@ class _Problem:
                     float(lay.scale(m)),
                 )
             )
-        self.te_patched = any(m.startswith("text_encoder.") for m in lay.modules)
+        self.te_patched = any(m.startswith(_TEXT_ENCODERS) for m in lay.modules)
         sched = pipe.scheduler
         self.T = int(sched.config.num_train_timesteps)
         self.alphas_cumprod = alphas_cumprod(sched, device)
         self.prediction_type = prediction_type(sched)
-        vae = pipe.vae
-        sf = float(vae.config.scaling_factor)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        with torch.no_grad():
-            x = torch.as_tensor(images).permute(0, 3, 1, 2).to(device=device, dtype=dtype)
-            lat = []
-            for i in range(x.shape[0]):  # one at a time: independent of the batch
-                dist = vae.encode(x[i : i + 1] * 2 - 1).latent_dist
-                lat.append((dist.mean - shift) * sf)
-            self.latents = torch.cat(lat).float()
+        self.latents = _encode_latents(pipe, images, device, dtype)
         self.latent_shape = tuple(self.latents.shape[1:])
+        self.size = (int(images.shape[1]), int(images.shape[2]))
         if masks is None:
             self.masks = None
         else:
@@ -674,14 +718,17 @@ class _Problem:
             m = F.interpolate(m, size=self.latent_shape[1:], mode="area")
             self.masks = m.to(device)
         self.prompt = prompt
-        self._emb = None
+        self._emb: tuple[Any, Any] | None = None
         if not self.te_patched:
             with torch.no_grad():
                 self._emb = self._encode(1)
 
-    def _encode(self, n: int) -> Any:
-        pos, _ = self.pipe.encode_prompt([self.prompt] * n, self.device, 1, False, None)
-        return pos
+    def _encode(self, n: int) -> tuple[Any, Any]:
+        """``(hidden states (n, L, D), pooled (n, P) or None)`` of the prompt (SDXL: pooled)."""
+        from w2wkit.diffusion.conditioning import encode_prompts
+
+        pos, _, pooled, _ = encode_prompts(self.pipe, [self.prompt] * n, self.device)
+        return pos, pooled
 
     def factors(self, coef: Any) -> Any:
         """Flat models ``(n, d)`` float32 from coefficients ``(n, k)``."""
@@ -695,20 +742,27 @@ class _Problem:
             up = (x[:, u0:u1].reshape(n, ushape[0], dshape[0]) * s).to(self.dtype)
             patch.set_factors(m, down, up)
 
-    def embeddings(self, patch: Any, n: int) -> Any:
+    def embeddings(self, patch: Any, n: int) -> tuple[Any, Any]:
+        """``(hidden states, pooled or None)`` for ``n`` images (each through its own LoRA)."""
         import torch
 
         if self._emb is not None:
-            return self._emb.expand(n, -1, -1)
-        patch.set_index("text_encoder", torch.arange(n, device=self.device))
-        emb = self._encode(n)
-        patch.set_index("text_encoder", None)
-        return emb
+            pos, pooled = self._emb
+            return pos.expand(n, -1, -1), (None if pooled is None else pooled.expand(n, -1))
+        comps = [c for c in ("text_encoder", "text_encoder_2") if c in patch.selectors]
+        for c in comps:
+            patch.set_index(c, torch.arange(n, device=self.device))
+        try:
+            return self._encode(n)
+        finally:
+            for c in comps:
+                patch.set_index(c, None)
 
     def losses(self, patch: Any, coef: Any, rows: Any, t: Any, noise: Any) -> Any:
         """Per-image loss ``(n,)`` for images ``rows`` with draws ``t (n,)``, ``noise``."""
         import torch
 
+        from w2wkit.diffusion.conditioning import added_cond
         from w2wkit.diffusion.loss import denoising_loss
         from w2wkit.diffusion.schedule import noisy, target
 
@@ -719,9 +773,13 @@ class _Problem:
         x_t = noisy(lat, noise, t, acp)
         want = target(lat, noise, t, acp, self.prediction_type)
         patch.set_index("unet", torch.arange(n, device=self.device))
-        emb = self.embeddings(patch, n)
+        emb, pooled = self.embeddings(patch, n)
         pred = self.pipe.unet(
-            x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=emb, return_dict=False
+            x_t.to(self.dtype),
+            t.to(self.device),
+            encoder_hidden_states=emb,
+            return_dict=False,
+            **added_cond(pooled, self.size),  # SDXL: pooled prompt and size/crop; SD: nothing
         )[0]
         patch.set_index("unet", None)
         mask = None if self.masks is None else self.masks.index_select(0, rows)
@@ -774,7 +832,7 @@ def _prepare(
     _check_space(space)
     dev = resolve_device(device)
     tdtype = _torch_dtype(dtype)
-    pipe = load_pipeline(pipeline, device=dev, dtype=tdtype)
+    pipe = load_pipeline(pipeline, device=dev, dtype=tdtype, sdxl=True)
     _check_space_pipeline(space, pipe)
 
     def say(msg: str) -> None:
@@ -829,9 +887,9 @@ def invert(
     ----------
     space : WeightSpace
         A fitted factors space whose modules are in ``pipeline``.
-    pipeline : str, os.PathLike or diffusers.StableDiffusionPipeline
-        The base model the space's LoRAs were trained on (an object is moved
-        to ``device``/``dtype`` in place).
+    pipeline : str, os.PathLike or diffusers pipeline
+        The base model the space's LoRAs were trained on, SD1.x/SD2.x or SDXL
+        (an object is moved to ``device``/``dtype`` in place).
     images : path, PIL image, array, or a sequence of them
         One model per image. Images are centre-cropped to the pipeline's
         aspect and resized to its resolution, with a notice.
@@ -925,7 +983,7 @@ def invert(
     steps_run = np.zeros(n, np.int64)
 
     frozen = []
-    for comp in ("unet", "text_encoder", "vae"):
+    for comp in ("unet", "text_encoder", "text_encoder_2", "vae"):
         model = getattr(pipe, comp, None)
         if model is not None:
             for p in model.parameters():

@@ -62,6 +62,7 @@ import numpy as np
 from w2wkit.adapter import Adapter
 from w2wkit.devices import resolve_device
 from w2wkit.diffusion.bank import LoraBank, install_bank, lora_init
+from w2wkit.diffusion.conditioning import added_cond, encode_prompts
 from w2wkit.diffusion.loss import denoising_loss
 from w2wkit.diffusion.pipeline import load_pipeline, pipeline_kind, resolve_module
 from w2wkit.diffusion.schedule import alphas_cumprod, noisy
@@ -204,12 +205,7 @@ class DreamBooth:
 
         if prompt not in self._ehs and self.sdxl:
             with torch.no_grad():
-                ehs, _, pooled, _ = self.pipe.encode_prompt(
-                    prompt=[prompt],
-                    device=self.device,
-                    num_images_per_prompt=1,
-                    do_classifier_free_guidance=False,
-                )
+                ehs, _, pooled, _ = encode_prompts(self.pipe, [prompt], self.device)
             self._ehs[prompt], self._pooled[prompt] = ehs, pooled
         if prompt not in self._ehs:
             tok = self.pipe.tokenizer
@@ -247,13 +243,7 @@ class DreamBooth:
 
     def _cond(self, pooled: Any, size: tuple[int, int]) -> dict[str, Any]:
         """``added_cond_kwargs`` of pooled embeddings ``(n, P)`` and pictures of ``size``."""
-        import torch
-
-        h, w = size
-        ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=pooled.dtype)
-        return {
-            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.expand(len(pooled), -1)}
-        }
+        return added_cond(pooled, size)
 
     def _pooled_of(self, prompt: str) -> Any:
         if prompt not in self._pooled:

@@ -3,10 +3,11 @@
 The pipeline class comes from the folder's ``model_index.json`` (``_class_name``,
 as diffusers writes it): an SDXL pipeline (two text encoders, size/crop
 conditioning) opens as ``StableDiffusionXLPipeline``, every other Stable
-Diffusion folder as ``StableDiffusionPipeline``. The renderer and inversion
-(:class:`~w2wkit.diffusion.sampler.Renderer`) and the DreamBooth loop open both
-kinds (``sdxl=True``); inversion works on SD1.x/SD2.x pipelines and opens with
-``sdxl=False`` (the default), which refuses an SDXL pipeline in one line.
+Diffusion folder as ``StableDiffusionPipeline``. The renderer
+(:class:`~w2wkit.diffusion.sampler.Renderer`), inversion (:func:`w2wkit.invert.invert`)
+and the DreamBooth loop open both kinds (``sdxl=True``); ``sdxl=False`` (the
+default) is for code that works on SD1.x/SD2.x pipelines only and refuses an
+SDXL pipeline in one line.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def check_pipeline(pipe: Any, sdxl: bool = False) -> None:
     if not sdxl and pipeline_kind(pipe) == "sdxl":
         raise W2WError(
             f"{type(pipe).__name__} has two text encoders (SDXL); this works on "
-            "Stable Diffusion 1.x/2.x pipelines (inversion does not support SDXL yet)"
+            "Stable Diffusion 1.x/2.x pipelines only (open it with sdxl=True where SDXL is "
+            "supported: rendering, inversion, training)"
         )
 
 
@@ -94,7 +96,7 @@ def load_pipeline(
         Let a string that is not an existing folder be fetched from the hub.
     sdxl : bool
         Accept an SDXL pipeline (opened as ``StableDiffusionXLPipeline``): the
-        renderer and the DreamBooth loop do; inversion does not.
+        renderer, inversion and the DreamBooth loop do.
     offload : bool
         On a CUDA device, keep the models on the CPU and move each to the GPU
         while it runs (diffusers' ``enable_model_cpu_offload``); ignored on the CPU.
@@ -131,7 +133,8 @@ def load_pipeline(
         if kind == "sdxl" and not sdxl:
             raise W2WError(
                 "the pipeline is SDXL (two text encoders); this works on "
-                "Stable Diffusion 1.x/2.x pipelines (inversion does not support SDXL yet)",
+                "Stable Diffusion 1.x/2.x pipelines only (open it with sdxl=True where SDXL "
+                "is supported: rendering, inversion, training)",
                 path=path,
             )
         with quiet():

@@ -50,6 +50,7 @@ from w2wkit.diffusion.bank import (
     per_sample_lora,
     stack_adapters,
 )
+from w2wkit.diffusion.conditioning import added_cond, encode_prompts
 from w2wkit.diffusion.pipeline import load_pipeline, pipeline_kind
 from w2wkit.diffusion.quiet import quiet
 from w2wkit.diffusion.schedule import sampling_scheduler
@@ -261,21 +262,7 @@ class Renderer:
         ``pos``/``neg`` are ``(n, L, D)``; SDXL's pooled ones ``(n, P)``; ``neg``
         is ``None`` without guidance.
         """
-        if not self.sdxl:
-            pos, neg = self.pipe.encode_prompt(
-                prompts, self.device, 1, cfg, negative if cfg else None
-            )
-            return pos, neg, None, None
-        zeros = self.pipe.config.get("force_zeros_for_empty_prompt", True)
-        neg_in = None if (not cfg or (zeros and not any(negative))) else negative
-        pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-            prompt=prompts,
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=cfg,
-            negative_prompt=neg_in,
-        )
-        return pos, neg, pooled, neg_pooled
+        return encode_prompts(self.pipe, prompts, self.device, cfg=cfg, negative=negative)
 
     def prepare(
         self,
@@ -629,10 +616,6 @@ class Renderer:
                 for s in te_sels:
                     s.index = None
                 shared = self._encode(prompts, [negative_prompt] * len(prompts), cfg)
-            # SDXL's size/crop conditioning: original size, crop corner, target size
-            time_ids = torch.tensor(
-                [[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype
-            )
             done = 0
             for chunk in _chunks(total, batch_size):
                 batch = [items[i] for i in chunk]
@@ -685,12 +668,8 @@ class Renderer:
                     sel["unet"].index = torch.cat([idx, idx]) if cfg else idx
                     inp = torch.cat([latents] * 2) if cfg else latents
                     inp = sched.scale_model_input(inp, t)
-                    kw: dict[str, Any] = {}
-                    if pooled is not None:  # SDXL
-                        kw["added_cond_kwargs"] = {
-                            "text_embeds": pooled,
-                            "time_ids": time_ids.expand(len(inp), -1),
-                        }
+                    # SDXL: pooled embedding and size/crop conditioning; SD: nothing
+                    kw = added_cond(pooled, (height, width))
                     noise = unet(inp, t, encoder_hidden_states=emb, return_dict=False, **kw)[0]
                     if cfg:
                         unc, txt = noise.chunk(2)

@@ -238,6 +238,7 @@ class Backend:
                 prompt=self.prompt,
                 concept=self.pack,
                 device=self.renderer.device,
+                dtype=self.renderer.dtype,  # the renderer's pipeline keeps its dtype
                 progress=progress or False,
                 notice=notes.append,
             )
