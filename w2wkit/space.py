@@ -434,6 +434,9 @@ class WeightSpace:
         if files:
             file_bytes = float(sum(os.path.getsize(f) for f in files if os.path.isfile(f)))
         if self.representation == "factors":
+            extra = {}
+            if self.info_.get("n_iter") is not None:  # the randomized solver's passes
+                extra = {"n_iter": self.info_["n_iter"], "block_size": self.info_["block_size"]}
             floor = fit_floor(
                 self.info_["solver_used"],
                 n,
@@ -441,11 +444,21 @@ class WeightSpace:
                 self.n_components_,
                 rates,
                 file_bytes=file_bytes,
+                **extra,
             )
         else:
             from w2wkit.floor import delta_floor
 
-            floor = delta_floor(self.delta_, self.n_components_, rates, file_bytes=file_bytes)
+            floor = delta_floor(
+                self.delta_,
+                self.n_components_,
+                rates,
+                file_bytes=file_bytes,
+                solver=self.info_["solver_used"],
+                blocks=getattr(self, "_kernel_plan", None),
+                sketch_columns=int(self.info_.get("sketch_columns", 0)),
+                passes=int(self.info_.get("n_passes", 1)),
+            )
         prof.set_floor(floor, rates)
         out = prof.as_dict()
         out["wall_seconds_total"] = self.info_.get("wall_seconds")
@@ -553,6 +566,9 @@ class WeightSpace:
             "n_passes": int(res.n_passes),
             "timings": timings,
         }
+        if res.solver == "randomized" and res.info and "n_iter" in res.info:
+            self.info_["n_iter"] = int(res.info["n_iter"])
+            self.info_["block_size"] = int(res.info["block_size"])
 
     # ------------------------------------------------------------ delta mode
     def _fit_delta(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
@@ -589,6 +605,7 @@ class WeightSpace:
             sigma = np.ones(len(fac.modules))
         weights = 1.0 / sigma**2
         whole_budget = memory_budget()
+        self._kernel_plan = _kernel_plan(fac, budget)  # the blocks, for the floor
         if 3 * 8 * n * n <= whole_budget:
             # the kernel, one module at a time in blocks of models (memory: the N x N
             # kernel and one block product, never a module's R x R products or its Gram)
@@ -646,6 +663,8 @@ class WeightSpace:
         self.explained_variance_ratio_ = self.explained_variance_ / total_var
         self.total_variance_ = total_var
         self.info_ = {"solver_used": solver, "n_passes": passes, "timings": timings}
+        if solver == "gram-sketch":
+            self.info_["sketch_columns"] = min(n - 1, k + _SKETCH_OVERSAMPLE)
 
     @staticmethod
     def _module_gram(fac: DeltaFactors, m: str) -> np.ndarray:
@@ -1097,6 +1116,20 @@ def _block_terms(fac: DeltaFactors, m: str, budget: int) -> int:
     # 2 blocks x (T x width) float64 + T x T float64 products (x2 temporaries)
     t = int((-(2 * width) + math.sqrt(4 * width**2 + 4 * 2 * budget / 8)) / 2 / 2)
     return max(1, min(_GRAM_BLOCK_TERMS, t))
+
+
+def _kernel_plan(fac: DeltaFactors, budget: int) -> dict[str, tuple[list[int], bool]]:
+    """Per module: the rank-one terms of each block of models
+    :func:`_module_gram_blocks` multiplies at ``budget``, and whether the module's
+    stack is read whole (once) rather than block by block."""
+    plan = {}
+    for m in fac.modules:
+        segs = fac.segments(m)
+        blocks = _segment_blocks(fac, m, _block_terms(fac, m, budget // 2))
+        terms = [sum(r for _, r, _ in segs[lo:hi]) for lo, hi in blocks]
+        whole = fac.spill is None or 2 * fac.factor_bytes(m) <= budget // 4
+        plan[m] = (terms, bool(whole))
+    return plan
 
 
 def _module_gram_blocks(
