@@ -279,6 +279,9 @@ class DeltaFactors:
             up = np.asarray(self.up[m])[:, c0:c1]
             down = np.asarray(self.down[m])[c0:c1]
             return up, down, owner
+        if isinstance(self.spill, _SavedFactors):  # stored apart: no row copy
+            up, down = self.spill.factors(m, lo, hi)
+            return up, down, owner
         rows = self.spill.read(m, out_f + math.prod(self.in_shape[m]), lo, hi)
         return np.ascontiguousarray(rows[:, :out_f].T), rows[:, out_f:], owner
 
@@ -820,6 +823,74 @@ class _FactorSpill:
 
     def close(self) -> None:
         """Remove the spill file now."""
+        self._fin()
+
+
+class _SavedFactors:
+    """The factor stacks of a saved delta space, read from its arrays file in blocks.
+
+    The same interface as :class:`_FactorSpill` (``segments``, :meth:`read`,
+    :meth:`close`), over the ``delta.<i>.up`` ``(out, R)`` and ``delta.<i>.down``
+    ``(R, in)`` float32 tensors of a safetensors file: a block of models reads
+    its ``down`` rows in one ``pread`` and its ``up`` columns row by row, so a
+    loaded space holds no factor in memory (nor maps the file).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        places: Mapping[str, tuple[int, int, int, int, int]],
+        owners: Mapping[str, np.ndarray],
+    ) -> None:
+        """``places``: module -> (byte offset of up, byte offset of down, R, out, in);
+        ``owners``: module -> (R,) model index of each term (sorted)."""
+        self.path = Path(path)
+        self.places = dict(places)
+        self.segments: dict[str, list[tuple[int, int, int]]] = {}
+        for m, owner in owners.items():
+            owner = np.asarray(owner)
+            if owner.size == 0:
+                self.segments[m] = []
+                continue
+            starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            ends = np.r_[starts[1:], owner.size]
+            self.segments[m] = [
+                (int(owner[a]), int(b - a), int(a)) for a, b in zip(starts, ends, strict=True)
+            ]
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self._fin = weakref.finalize(self, os.close, self.fd)
+
+    def _pread_into(self, buf: np.ndarray, at: int) -> None:
+        view = memoryview(buf).cast("B")
+        while view:
+            got = os.preadv(self.fd, [view], at)
+            if got <= 0:
+                raise OSError(f"{self.path}: short read")
+            view, at = view[got:], at + got
+
+    def factors(self, module: str, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """``up (out, T)`` and ``down (T, in)`` float32 of the segments ``lo:hi``, read
+        straight into their arrays."""
+        segs = self.segments.get(module, [])[lo:hi]
+        up_at, down_at, total, out_f, in_f = self.places[module]
+        if not segs:
+            return np.empty((out_f, 0), np.float32), np.empty((0, in_f), np.float32)
+        c0 = segs[0][2]
+        t = segs[-1][2] + segs[-1][1] - c0
+        down = np.empty((t, in_f), np.float32)
+        self._pread_into(down, down_at + 4 * c0 * in_f)
+        up = np.empty((out_f, t), np.float32)
+        for o in range(out_f):  # column block c0:c0+t of each row of up
+            self._pread_into(up[o], up_at + 4 * (o * total + c0))
+        return up, down
+
+    def read(self, module: str, width: int, lo: int, hi: int) -> np.ndarray:
+        """``(T, width)`` float32 rows ``[up[:, j] | down[j]]`` of the segments ``lo:hi``."""
+        up, down = self.factors(module, lo, hi)
+        return np.concatenate([up.T, down], axis=1)
+
+    def close(self) -> None:
+        """Close the file (the saved space stays)."""
         self._fin()
 
 
