@@ -79,6 +79,9 @@ def worker_w2wkit(folder: Path, k: int) -> dict:
 
 
 def worker_delta(folder: Path, k: int) -> dict:
+    import shutil
+    import tempfile
+
     from w2wkit.collection import Collection
     from w2wkit.space import WeightSpace
 
@@ -87,12 +90,30 @@ def worker_delta(folder: Path, k: int) -> dict:
     wall = time.perf_counter() - t
     rss = peak_rss_gb()
     prof = space._profile(Collection(folder))
+    # save and load (factor stacks streamed to and from the arrays file)
+    out = Path(tempfile.mkdtemp(prefix="w2w-bench-space-", dir=folder.parent))
+    try:
+        t = time.perf_counter()
+        space.save(out / "space")
+        save_s = time.perf_counter() - t
+        t = time.perf_counter()
+        back = WeightSpace.load(out / "space")
+        load_s = time.perf_counter() - t
+        saved_gb = (out / "space" / "arrays.safetensors").stat().st_size / 1e9
+        del back
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     return {
         "wall_s": wall,
         "peak_rss_gb": rss,
         "sv": space.singular_values_.tolist(),
         "floor_s": prof["floor_seconds"],
         "profile": prof,
+        "solver": space.info_["solver_used"],
+        "save_s": save_s,
+        "load_s": load_s,
+        "saved_gb": saved_gb,
+        "peak_rss_after_save_load_gb": peak_rss_gb(),
     }
 
 
@@ -194,7 +215,13 @@ def main() -> None:
             "floor_s": w["floor_s"],
             "wall_over_floor": w["wall_s"] / w["floor_s"],
             "subset24_max_rel_sv_err_vs_materialised": err,
+            "solver": w["solver"],
+            "save_s": w["save_s"],
+            "load_s": w["load_s"],
+            "saved_gb": w["saved_gb"],
+            "peak_rss_after_save_load_gb": w["peak_rss_after_save_load_gb"],
             "phases": w["profile"]["phases"],
+            "rates": w["profile"]["rates"],
             "machine": machine(),
         }
         print(json.dumps(line), flush=True)

@@ -186,3 +186,40 @@ def test_kohya_fast_path_leaves_bad_values_to_the_reader(tmp_path):
     (tmp_path / "loras" / "m02.safetensors").write_bytes(bad)
     with pytest.raises(FormatError, match="m02"):
         Collection(tmp_path / "loras").scan_factors(in_memory=True)
+
+
+def test_kohya_header_compared_as_text_around_its_metadata(tmp_path):
+    # a file whose header is the template's text with only the metadata object replaced
+    # skips the JSON parse of its tensor entries; any other change (an offset, a space,
+    # a duplicated metadata key, a metadata value that is not an object) is not vouched
+    # for by the text comparison
+    from w2wkit.adapter import Adapter
+    from w2wkit.collection import _KohyaRows
+
+    models = random_models(2, seed=5)
+    m0 = Adapter(dict(models[0].layers), {"ss_note": "template", "w2wkit.x": "1"})
+    paths = _write([m0, models[1]], tmp_path / "loras")
+    raw = paths[0].read_bytes()
+    hlen = int.from_bytes(raw[:8], "little")
+    text = raw[8 : 8 + hlen].decode()
+    fast = _KohyaRows(paths[0], WeightLayout.from_adapter(m0))
+    before, after = fast._head_around
+    assert after is not None and before.endswith(":")
+    assert fast._same_header(text.encode()) == {"ss_note": "template", "w2wkit.x": "1"}
+    other = before + '{"a":"b\\u00e9","c":"{\\"x\\"}"}' + after
+    assert fast._same_header(other.encode()) == {"a": "b\u00e9", "c": '{"x"}'}
+    assert fast._same_header((before + '{"a":"1","a":"2"}' + after).encode()) is None
+    assert fast._same_header((before + "[1]" + after).encode()) is None
+    assert fast._same_header((before + '{"a":"1"} ' + after).encode()) is None
+    moved = after.replace('"data_offsets":[0,', '"data_offsets":[4,', 1)
+    assert moved != after
+    assert fast._same_header((before + "{}" + moved).encode()) is None
+    assert fast._same_header(b"\xff" + text.encode()) is None
+    # and end to end: the other file's row, manifest and metadata equal the reader's
+    out = np.empty(fast.perm.size, np.float32)
+    meta, digest = fast.read_row(paths[1], out)
+    from w2wkit.formats.registry import read_adapter
+
+    assert meta == read_adapter(paths[1]).metadata
+    assert digest == hashlib.sha256(paths[1].read_bytes()).hexdigest()
+    np.testing.assert_array_equal(out, WeightLayout.from_adapter(m0).flatten(models[1]))

@@ -51,10 +51,18 @@ CHILD = textwrap.dedent(
         refused = True
     rep = sys.argv[5] if len(sys.argv) > 5 else "factors"
     space = WeightSpace(int(sys.argv[4]), representation=rep).fit(Collection(sys.argv[1]))
+    extra = {}
+    if len(sys.argv) > 6:  # save, load and use the space under the same cap
+        from pathlib import Path
+        from w2wkit.formats.registry import read_adapter
+        space.save(sys.argv[6])
+        back = WeightSpace.load(sys.argv[6])
+        first = read_adapter(sorted(Path(sys.argv[1]).glob("*.safetensors"))[0])
+        extra = {"loaded": back.transform([first])[0, :2].tolist()}
     print(json.dumps({"refused": refused, "sv": space.singular_values_.tolist(),
                       "solver": space.info_["solver_used"], "passes": space.info_["n_passes"],
                       "budget": memory_budget(),
-                      "coefficients": space.coefficients_[:, :2].tolist()}))
+                      "coefficients": space.coefficients_[:, :2].tolist(), **extra}))
     """
 )
 
@@ -138,6 +146,7 @@ def test_delta_fit_larger_than_the_memory_cap(tmp_path):
             str(data_bytes),
             str(k),
             "delta",
+            str(tmp_path / "space"),
         ],
         capture_output=True,
         text=True,
@@ -154,6 +163,10 @@ def test_delta_fit_larger_than_the_memory_cap(tmp_path):
         got["coefficients"],
         ref.coefficients_[:, :2],
         atol=1e-5 * float(np.abs(ref.coefficients_).max()),
+    )
+    # saved, loaded and used under the cap: the factors streamed to and from the file
+    np.testing.assert_allclose(
+        got["loaded"], ref.coefficients_[0, :2], atol=1e-5 * float(np.abs(ref.coefficients_).max())
     )
     # the spill file went with the child
     assert not list(tmp_path.glob("w2wkit-deltas-*"))

@@ -54,10 +54,23 @@ def test_randomized_floor_counts():
     phases = {p.name: p for p in fit_floor("randomized", n, d, k, RATES, n_iter=3, block_size=15)}
     p = phases["passes"]
     assert p.bytes == 4 * 4 * n * d  # n_iter + 1 reads
-    assert p.flops == 3 * 4 * n * d * 15 + 2 * n * d * 15  # 3 full passes + a half pass
+    ortho = 2 * d * (4 * 15) ** 2  # the block Krylov basis of 4 blocks of 15
+    assert p.flops == 3 * 4 * n * d * 15 + 2 * n * d * 15 + ortho  # 3 full passes + a half
     per_read = 4 * n * d / 1e9
     expect = 3 * max(per_read, 4 * n * d * 15 / 1e11) + max(per_read, 2 * n * d * 15 / 1e11)
-    assert p.seconds == pytest.approx(expect)
+    assert p.seconds == pytest.approx(expect + ortho / 1e11)
+
+
+def test_read_floor_counts_the_manifest_hash():
+    # the read phase hashes every file: with a slow SHA-256 the hash sets the floor,
+    # spread over the threads; without a measured hash rate only the read counts
+    slow_hash = Rates(1e9, 1e10, 1e11, 5e10, 1e9, hash_bytes_per_s=2.5e8)
+    read = fit_floor("gram", 100, 1000, 10, slow_hash, file_bytes=1e9)[0]
+    assert read.seconds == pytest.approx(slow_hash.file_seconds(1e9))
+    assert read.seconds >= 1.0  # never below the read itself
+    assert slow_hash.file_seconds(1e9, threads=2) == pytest.approx(2.0)
+    assert slow_hash.file_seconds(1e9, threads=8) == pytest.approx(1.0)  # the read rate
+    assert RATES.file_seconds(1e9, threads=1) == pytest.approx(1.0)
 
 
 def test_eigen_cost_picks_the_cheaper_method():
@@ -84,8 +97,34 @@ def test_delta_floor_counts():
         n_models=3,
     )
     phases = {p.name: p for p in delta_floor(fac, 2, RATES)}
-    assert phases["gram"].flops == 10 * 10 * (8 + 6) + 5 * 5 * (4 + 18)
+    # one block per module: a full R x R product of each factor (2 R^2 (in + out)), and
+    # the centred sum of squares (the summed delta, 2 R out in)
+    kernel = 2 * 10 * 10 * (8 + 6) + 2 * 5 * 5 * (4 + 18)
+    ss = 2 * 10 * 8 * 6 + 2 * 5 * 4 * 18
+    assert phases["gram"].flops == kernel + ss
     assert phases["read"].bytes == 4 * (10 * 14 + 5 * 22)
+    # float64 products at half the float32 GEMM rate when not measured
+    # (the kernel's products overlap its factor reads: the slower of the two)
+    expect = ss / 5e10 + max(4 * (10 * 14 + 5 * 22) / 1e9, kernel / 5e10)
+    assert phases["gram"].seconds == pytest.approx(expect)
+    # module a in blocks of 4 + 6 terms, read block by block: pairs (0,0), (0,1), (1,1)
+    # and the bytes of blocks 0+1, then 1
+    plan = {"a": ([4, 6], False), "b": ([5], True)}
+    blocked = {p.name: p for p in delta_floor(fac, 2, RATES, blocks=plan)}
+    ka = 2 * (4 * 4 + 4 * 6 + 6 * 6) * 14
+    assert blocked["gram"].flops == ka + 2 * 5 * 5 * 22 + ss
+    assert blocked["gram"].bytes == 4 * 14 * (10 + 6) + 4 * 22 * 5
+    # the sketch: every pass rebuilds the blocks and applies them to N x c
+    sk = {
+        p.name: p
+        for p in delta_floor(
+            fac, 2, RATES, solver="gram-sketch", blocks=plan, sketch_columns=2, passes=4
+        )
+    }
+    per_pass = ka + 2 * 5 * 5 * 22 + 2 * 3 * 3 * 2 * 2 + 4 * 3 * 2 * 2
+    assert sk["gram"].flops == pytest.approx(ss + 4 * per_pass + 4 / 3 * 8 + 2 * 4 * 2)
+    assert sk["gram"].bytes == 4 * blocked["gram"].bytes
+    assert sk["eigen"].seconds == 0.0
 
 
 def test_profile_multiples_and_table():

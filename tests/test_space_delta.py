@@ -293,7 +293,11 @@ def test_spilled_fit_from_files_equals_in_memory(tmp_path, models, monkeypatch, 
     )
     saved = fil.save(tmp_path / "space")
     back = WeightSpace.load(saved)
-    assert back.delta_.spill is None
+    # the loaded space reads its factors from the saved arrays file in blocks
+    from w2wkit.collection import _SavedFactors
+
+    assert isinstance(back.delta_.spill, _SavedFactors)
+    assert back.delta_.spill.path == saved / "arrays.safetensors"
     np.testing.assert_allclose(back.transform(models), mem.transform(models), atol=1e-4)
     a = back.inverse_transform(coeffs)[0]
     b = mem.inverse_transform(coeffs)[0]
@@ -374,3 +378,25 @@ def test_spill_folder_that_cannot_be_made_is_one_error(tmp_path, models):
     with pytest.raises(SpaceError, match="spill file") as err:
         WeightSpace(2, representation="delta").fit(Collection(folder, cache_dir=blocker / "cache"))
     assert str(err.value.path) == str(blocker / "cache")
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1e12])
+def test_output_summed_dense_or_factored_is_the_same(reference, monkeypatch, ratio):
+    # a module's output sum_i gamma_i delta_i either as stacked factors (few terms) or
+    # as a dense out x in sum built block by block (bounded whatever N is): same layers
+    import w2wkit.space as space_mod
+
+    c = np.random.default_rng(3).standard_normal((2, K)) * reference.coef_std_
+    base = reference.inverse_transform(c, rank=24)
+    e0 = [dict(e["layers"]) for e in reference.last_energy_]
+    monkeypatch.setattr(space_mod, "_DENSE_SUM_RATIO", ratio)
+    monkeypatch.setattr(space_mod, "_GRAM_BLOCK_TERMS", 3)  # several blocks of models
+    other = reference.inverse_transform(c, rank=24)
+    for a, b in zip(base, other, strict=True):
+        for m in a.layers:
+            np.testing.assert_allclose(b[m].delta(), a[m].delta(), atol=1e-6)
+    for e, f in zip(e0, reference.last_energy_, strict=True):
+        assert f["layers"] == pytest.approx(e, rel=1e-9)
+    # the cross products of transform, in blocks of models, are unchanged too
+    x = reference.transform(base)
+    np.testing.assert_allclose(x, c, atol=1e-5 * np.abs(c).max())

@@ -21,10 +21,12 @@ it was trained with (one of :data:`PROMPT_METADATA_KEYS`).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -276,6 +278,9 @@ class DeltaFactors:
             c1 = segs[-1][2] + segs[-1][1] if segs else 0
             up = np.asarray(self.up[m])[:, c0:c1]
             down = np.asarray(self.down[m])[c0:c1]
+            return up, down, owner
+        if isinstance(self.spill, _SavedFactors):  # stored apart: no row copy
+            up, down = self.spill.factors(m, lo, hi)
             return up, down, owner
         rows = self.spill.read(m, out_f + math.prod(self.in_shape[m]), lo, hi)
         return np.ascontiguousarray(rows[:, :out_f].T), rows[:, out_f:], owner
@@ -583,39 +588,43 @@ class Collection:
         self._fast_layout: WeightLayout | None = None
         fast: _KohyaRows | None = None
         tried = False
-        ahead = 8
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="w2wkit-read") as pool:
+        workers = read_threads()
+        ahead = 4 * workers
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="w2wkit-read") as pool:
             futures: dict[int, Any] = {}
+            targets: dict[int, np.ndarray] = {}
             for i in range(n):
-                if fast is not None:
+                data = rows()
+                if fast is not None and data is not None:
+                    # the workers read, hash, check and copy a few files ahead, each file
+                    # straight into its own row (or a row buffer for the disk cache)
+                    direct = isinstance(data, np.ndarray)
                     for j in range(i, min(n, i + ahead)):
                         if j not in futures:
-                            futures[j] = pool.submit(_read_and_hash, self.files[j])
+                            t = data[j] if direct else np.empty(data.shape[1], np.float32)
+                            targets[j] = t
+                            futures[j] = pool.submit(fast.read_row, self.files[j], t)
                     got = futures.pop(i).result()
-                    data = rows()
-                    if got is not None and data is not None:
-                        raw, digest = got
-                        direct = isinstance(data, np.ndarray)
-                        target = data[i] if direct else np.empty(data.shape[1], np.float32)
-                        meta = fast.row(self.files[i], raw, target)
-                        if meta is not None and not direct:
+                    target = targets.pop(i)
+                    if got is not None:
+                        meta, digest = got
+                        if not direct:
                             data[i] = target
-                        if meta is not None:
-                            entry: dict[str, Any] = {
-                                "name": self.names[i],
-                                "file": str(self.files[i]),
-                                "format": "kohya",
-                                "sha256": digest,
-                                "row": i,
-                            }
-                            if (prompt := _metadata_prompt(meta)) is not None:
-                                entry["prompt"] = prompt
-                            self.manifest.append(entry)
-                            self.families.append(fast.family(meta))
-                            if progress is not None:
-                                progress("read", i + 1, n)
-                            yield i, None
-                            continue
+                        entry: dict[str, Any] = {
+                            "name": self.names[i],
+                            "file": str(self.files[i]),
+                            "format": "kohya",
+                            "sha256": digest,
+                            "row": i,
+                        }
+                        if (prompt := _metadata_prompt(meta)) is not None:
+                            entry["prompt"] = prompt
+                        self.manifest.append(entry)
+                        self.families.append(fast.family(meta))
+                        if progress is not None:
+                            progress("read", i + 1, n)
+                        yield i, None
+                        continue
                 ad, entry = self.read(i)
                 self.manifest.append(entry)
                 self.families.append(model_family(ad, self.files[i] if self.files else None))
@@ -817,6 +826,74 @@ class _FactorSpill:
         self._fin()
 
 
+class _SavedFactors:
+    """The factor stacks of a saved delta space, read from its arrays file in blocks.
+
+    The same interface as :class:`_FactorSpill` (``segments``, :meth:`read`,
+    :meth:`close`), over the ``delta.<i>.up`` ``(out, R)`` and ``delta.<i>.down``
+    ``(R, in)`` float32 tensors of a safetensors file: a block of models reads
+    its ``down`` rows in one ``pread`` and its ``up`` columns row by row, so a
+    loaded space holds no factor in memory (nor maps the file).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        places: Mapping[str, tuple[int, int, int, int, int]],
+        owners: Mapping[str, np.ndarray],
+    ) -> None:
+        """``places``: module -> (byte offset of up, byte offset of down, R, out, in);
+        ``owners``: module -> (R,) model index of each term (sorted)."""
+        self.path = Path(path)
+        self.places = dict(places)
+        self.segments: dict[str, list[tuple[int, int, int]]] = {}
+        for m, owner in owners.items():
+            owner = np.asarray(owner)
+            if owner.size == 0:
+                self.segments[m] = []
+                continue
+            starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            ends = np.r_[starts[1:], owner.size]
+            self.segments[m] = [
+                (int(owner[a]), int(b - a), int(a)) for a, b in zip(starts, ends, strict=True)
+            ]
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self._fin = weakref.finalize(self, os.close, self.fd)
+
+    def _pread_into(self, buf: np.ndarray, at: int) -> None:
+        view = memoryview(buf).cast("B")
+        while view:
+            got = os.preadv(self.fd, [view], at)
+            if got <= 0:
+                raise OSError(f"{self.path}: short read")
+            view, at = view[got:], at + got
+
+    def factors(self, module: str, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """``up (out, T)`` and ``down (T, in)`` float32 of the segments ``lo:hi``, read
+        straight into their arrays."""
+        segs = self.segments.get(module, [])[lo:hi]
+        up_at, down_at, total, out_f, in_f = self.places[module]
+        if not segs:
+            return np.empty((out_f, 0), np.float32), np.empty((0, in_f), np.float32)
+        c0 = segs[0][2]
+        t = segs[-1][2] + segs[-1][1] - c0
+        down = np.empty((t, in_f), np.float32)
+        self._pread_into(down, down_at + 4 * c0 * in_f)
+        up = np.empty((out_f, t), np.float32)
+        for o in range(out_f):  # column block c0:c0+t of each row of up
+            self._pread_into(up[o], up_at + 4 * (o * total + c0))
+        return up, down
+
+    def read(self, module: str, width: int, lo: int, hi: int) -> np.ndarray:
+        """``(T, width)`` float32 rows ``[up[:, j] | down[j]]`` of the segments ``lo:hi``."""
+        up, down = self.factors(module, lo, hi)
+        return np.concatenate([up.T, down], axis=1)
+
+    def close(self) -> None:
+        """Close the file (the saved space stays)."""
+        self._fin()
+
+
 class _LazyFactors(Mapping):
     """``module -> up (out, R)``, ``down (R, in)`` or ``owner (R,)`` (part 0, 1, 2) of a
     spilled store, read on access.
@@ -971,6 +1048,8 @@ class _KohyaRows:
         (hlen,) = np.frombuffer(raw[:8], dtype="<u8")
         lay = _parse_layout(raw[8 : 8 + int(hlen)], len(raw), str(path))
         self.header = lay.header
+        self._head_around = _around_metadata(raw[8 : 8 + int(hlen)])
+        self._local = threading.local()
         roles: dict[str, dict[str, str]] = {}
         for key in lay.header:
             for suffix, role in SUFFIXES.items():
@@ -992,6 +1071,14 @@ class _KohyaRows:
             if hi - lo != 4 * slot.size or lo % 4:
                 raise ValueError(key)
             self.perm[slot.offset : slot.stop] = np.arange(lo // 4, lo // 4 + slot.size)
+        # the same gather as copies of contiguous runs, when there are few of them
+        brk = np.flatnonzero(np.diff(self.perm) != 1) + 1
+        starts, ends = np.r_[0, brk], np.r_[brk, self.perm.size]
+        self.runs: list[tuple[int, int, int]] | None = None
+        if len(starts) <= 512:
+            self.runs = [
+                (int(a), int(b), int(self.perm[a])) for a, b in zip(starts, ends, strict=True)
+            ]
         self.data_len = len(raw) - lay.start
         if self.data_len % 4:
             raise ValueError("data")
@@ -1032,54 +1119,168 @@ class _KohyaRows:
             return next(iter(self.fits))
         return _family_of(self.shapes, self.fits, self.sgm, metadata)
 
-    def row(self, path: Path, raw: bytes, out: np.ndarray) -> dict[str, str] | None:
+    def row(self, path: Path, raw: bytes | memoryview, out: np.ndarray) -> dict[str, str] | None:
         """Copy ``path``'s row into ``out`` (d,); its metadata, or None to use the reader."""
-        import json
-
         if len(raw) < 8:
             return None
         hlen = int.from_bytes(raw[:8], "little")
         start = 8 + hlen
         if len(raw) - start != self.data_len:
             return None
-        head = raw[8:start]
-        # the same tensors at the same offsets as the template (which the strict parser
-        # accepted); a duplicated key would add an entry the dict comparison cannot see
-        if head.count(b'"data_offsets"') != self.n_tensors:
-            return None
-        try:
-            header = json.loads(head)
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(header, dict):
-            return None
-        meta = header.pop("__metadata__", None) or {}
-        if header != self.header or not isinstance(meta, dict):
-            return None
+        head = bytes(raw[8:start])
+        meta = self._same_header(head)
+        if meta is None:
+            # the same tensors at the same offsets as the template (which the strict
+            # parser accepted); a duplicated key would add an entry the dict comparison
+            # cannot see
+            if head.count(b'"data_offsets"') != self.n_tensors:
+                return None
+            try:
+                header = json.loads(head)
+            except (ValueError, RecursionError):
+                return None
+            if not isinstance(header, dict):
+                return None
+            meta = header.pop("__metadata__", None) or {}
+            if header != self.header or not isinstance(meta, dict):
+                return None
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             return None
         data = np.frombuffer(raw, dtype="<f4", count=self.data_len // 4, offset=start)
         if not np.array_equal(data[self.alpha_index], self.alpha_values):
             return None  # another alpha: the reader folds it into up
-        np.take(data, self.perm, out=out)
+        if self.runs is not None:
+            for a, b, c in self.runs:
+                out[a:b] = data[c : c + b - a]
+        else:
+            np.take(data, self.perm, out=out)
         if not np.isfinite(out).all():
             return None
         return meta
 
+    def _same_header(self, head: bytes) -> dict[str, str] | None:
+        """The metadata of a header that is the template's text with only its
+        ``__metadata__`` object replaced (by an object of unique keys); else None.
 
-def _read_and_hash(path: Path) -> tuple[bytes, str] | None:
-    """A regular file's bytes and SHA-256 (None when it is anything else or unreadable)."""
-    import hashlib
-    import stat
+        Text equality around the metadata means the same tensor entries, in the
+        same order, as the header the strict parser accepted: no JSON parse of
+        the tensor entries is needed.
+        """
+        if self._head_around is None:
+            return None
+        before, after = self._head_around
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if after is None:  # a template without metadata: the very same header
+            return {} if text == before else None
+        if not text.startswith(before) or not text.endswith(after):
+            return None
+        try:
+            meta, end = _METADATA_DECODER.raw_decode(text, len(before))
+        except (ValueError, RecursionError):
+            return None
+        if end != len(text) - len(after) or not isinstance(meta, dict):
+            return None
+        return meta
 
+    def read_row(self, path: Path, out: np.ndarray) -> tuple[dict[str, str], str] | None:
+        """Read ``path`` once, hash it and copy its row into ``out`` (d,).
+
+        Thread-safe (each thread reads into its own buffer); the SHA-256 and the
+        copies release the GIL, so a few threads overlap them.
+
+        Returns
+        -------
+        (metadata, sha256 hex) or None
+            None when the file is not a regular file laid out like the template
+            (the caller then uses the ordinary reader, which names any error).
+        """
+        import hashlib
+        import stat
+
+        buf = getattr(self._local, "buf", None)
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_size > (1 << 40):
+                    return None
+                size = st.st_size
+                if buf is None or len(buf) < size + 1:
+                    buf = self._local.buf = bytearray(size + 1)
+                view = memoryview(buf)
+                got = 0
+                while True:  # to the end: a file that grew is read as it now is
+                    r = fh.readinto(view[got:])
+                    if not r:
+                        break
+                    got += r
+                    if got == len(buf):
+                        buf = self._local.buf = buf + bytearray(len(buf))
+                        view = memoryview(buf)
+        except OSError:
+            return None
+        raw = view[:got]
+        digest = hashlib.sha256(raw).hexdigest()
+        meta = self.row(path, raw, out)
+        if meta is None:
+            return None
+        return meta, digest
+
+
+def read_threads() -> int:
+    """Threads that read, hash and copy files in a factors scan: the cores this
+    process may use, at least 2 (one overlaps the reads with the caller), at most 8."""
     try:
-        with open(path, "rb", buffering=0) as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                return None
-            raw = fh.read()
-    except OSError:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 2
+    return max(2, min(8, cores))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+_METADATA_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _around_metadata(head: bytes) -> tuple[str, str | None] | None:
+    """Header text before and after the value of its top-level ``__metadata__`` key;
+    ``(text, None)`` for a header without one; None when it is not where a plain
+    search finds it."""
+    try:
+        text = head.decode("utf-8")
+        whole = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    return raw, hashlib.sha256(raw).hexdigest()
+    if not isinstance(whole, dict):
+        return None
+    if "__metadata__" not in whole:
+        return text, None
+    key = '"__metadata__"'
+    at = text.find(key)
+    if at < 0:
+        return None
+    j = at + len(key)
+    while j < len(text) and text[j] in " \t\r\n":
+        j += 1
+    if text[j : j + 1] != ":":
+        return None
+    j += 1
+    while j < len(text) and text[j] in " \t\r\n":
+        j += 1
+    try:
+        meta, end = _METADATA_DECODER.raw_decode(text, j)
+    except (ValueError, RecursionError):
+        return None
+    if meta != whole["__metadata__"]:
+        return None
+    return text[:j], text[end:]
 
 
 def _anon_empty(shape: tuple[int, int]) -> np.ndarray:

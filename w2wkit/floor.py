@@ -12,7 +12,9 @@ cached) and turns counts into seconds. A fit with ``profile`` (``w2wkit fit
 The counts (flops are multiply-adds counted as two, as LAPACK's do)
 --------------------------------------------------------------------
 ``read``
-    Every file's bytes once (``file_bytes``; ``4 N d`` when not given).
+    Every file's bytes once (``file_bytes``; ``4 N d`` when not given), read and
+    hashed (the manifest records each file's SHA-256): the slower of the read
+    rate and the SHA-256 rate of one thread times the usable cores.
 ``standardize``
     One pass over the ``(N, d)`` float32 rows in memory: mean, variance and the
     in-place ``(x - mean) / scale`` (``3 * 4 N d`` bytes of memory traffic, at
@@ -29,7 +31,12 @@ The counts (flops are multiply-adds counted as two, as LAPACK's do)
     ``U^T Z``: ``2 N k d`` flops.
 ``passes`` (randomized solver)
     ``n_iter + 1`` reads of the row cache and ``(2 n_iter + 1) 2 N d l`` flops;
-    a pass costs the larger of its read and its products (they overlap).
+    a pass costs the larger of its read and its products (they overlap); plus
+    the orthogonalisation of the block Krylov basis (``2 d dim^2``).
+``delta``
+    :func:`delta_floor`: the files read and hashed, the blocked kernel (every
+    block product the fit does, float64) or, for the sketch, every pass that
+    rebuilds and applies it, and the eigenproblem.
 
 The floor of the whole fit is the sum of its phases' floors (they run one after
 another).
@@ -40,7 +47,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,6 +87,12 @@ class Rates:
         float64 ``A A^T`` (the gram solver's products below
         :data:`GRAM_FLOAT64_MAX_FLOPS`); nan when not measured (then half the
         float32 rate is assumed).
+    hash_bytes_per_s : float
+        SHA-256 of one thread (the manifest's file hashes); nan when not
+        measured (then the hash is not counted).
+    dgemm_flops_per_s : float
+        float64 GEMM (the delta kernel's block products); nan when not measured
+        (then half the float32 GEMM rate is assumed).
     """
 
     read_bytes_per_s: float
@@ -88,6 +101,23 @@ class Rates:
     syrk_flops_per_s: float
     eigh_flops_per_s: float
     dsyrk_flops_per_s: float = math.nan
+    hash_bytes_per_s: float = math.nan
+    dgemm_flops_per_s: float = math.nan
+
+    def dgemm(self) -> float:
+        """The float64 GEMM rate (half the float32 one when not measured)."""
+        d = self.dgemm_flops_per_s
+        return d if math.isfinite(d) and d > 0 else self.gemm_flops_per_s / 2
+
+    def file_seconds(self, nbytes: float, threads: int | None = None) -> float:
+        """Floor of reading and hashing ``nbytes`` of files: the slower of the
+        sequential read and the SHA-256 spread over ``threads`` (default: the cores
+        this process may use)."""
+        secs = nbytes / self.read_bytes_per_s
+        h = self.hash_bytes_per_s
+        if math.isfinite(h) and h > 0:
+            secs = max(secs, nbytes / (h * (threads or usable_cores())))
+        return secs
 
     def as_dict(self) -> dict[str, float]:
         """The rates as a plain dict."""
@@ -95,6 +125,15 @@ class Rates:
 
 
 _CACHE: dict[Any, Any] = {}
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
 
 #: block Lanczos of :func:`w2wkit.solvers.top_eigh`: block width (times k, at least
 #: ``KRYLOV_MIN_WIDTH``) and number of products; the basis has ``KRYLOV_DEPTH + 1`` blocks
@@ -240,15 +279,23 @@ def measure_rates(paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool
         c64 = c.astype(np.float64)
         c64 @ c64.T
         dsyrk = 1024.0 * 1024 * 8192 / _best_time(lambda: c64 @ c64.T)
-        del c, c64
-        _CACHE[key] = (copy_rate, gemm, syrk, eig_rate, dsyrk)
-    copy_rate, gemm, syrk, eig_rate, dsyrk = _CACHE[key]
+        a64 = c64[:512]
+        b64 = np.ascontiguousarray(c64[512:].T)
+        a64 @ b64
+        dgemm = 2.0 * 512 * 8192 * 512 / _best_time(lambda: a64 @ b64)
+        del c, c64, a64, b64
+        import hashlib
+
+        blob = rng.bytes(8 << 20)
+        sha = len(blob) / _best_time(lambda: hashlib.sha256(blob).digest())
+        _CACHE[key] = (copy_rate, gemm, syrk, eig_rate, dsyrk, sha, dgemm)
+    copy_rate, gemm, syrk, eig_rate, dsyrk, sha, dgemm = _CACHE[key]
     files = tuple(os.fspath(p) for p in list(paths)[:256])
     rkey = ("read", files)
     if refresh or rkey not in _CACHE:
         rate = read_rate(files) if files else math.nan
         _CACHE[rkey] = rate if math.isfinite(rate) and rate > 0 else copy_rate / 2
-    return Rates(_CACHE[rkey], copy_rate, gemm, syrk, eig_rate, dsyrk)
+    return Rates(_CACHE[rkey], copy_rate, gemm, syrk, eig_rate, dsyrk, sha, dgemm)
 
 
 def _dense_eigen_flops(n: int, k: int) -> float:
@@ -333,7 +380,7 @@ def fit_floor(
     n, d, k = int(n), int(d), int(k)
     data = 4.0 * n * d
     fb = data if file_bytes is None else float(file_bytes)
-    phases = [PhaseFloor("read", fb, 0.0, fb / rates.read_bytes_per_s)]
+    phases = [PhaseFloor("read", fb, 0.0, rates.file_seconds(fb))]
     traffic = 3.0 * data
     phases.append(PhaseFloor("standardize", traffic, 0.0, traffic / rates.copy_bytes_per_s))
     if solver == "gram":
@@ -359,8 +406,13 @@ def fit_floor(
             f = (2.0 if j == q else 4.0) * n * d * width
             flops += f
             seconds += max(per_pass_read, f / rates.gemm_flops_per_s)
-        phases.append(PhaseFloor("passes", (q + 1) * data, flops, seconds))
         dim = (q + 1) * width
+        # the block Krylov basis: each new block of l columns (length d) orthogonalised
+        # against the basis so far, twice (~ 2 * 2 d l dim_j each): ~ 2 d dim^2 in all
+        ortho = 2.0 * d * dim * dim
+        flops += ortho
+        seconds += ortho / rates.gemm_flops_per_s
+        phases.append(PhaseFloor("passes", (q + 1) * data, flops, seconds))
         # Ritz step: (Z K)^T (Z K) and its eigenproblem, the outputs K G and (Z K) G
         rf = float(n) * dim * dim + 2.0 * (n + d) * dim * k
         phases.append(
@@ -468,9 +520,18 @@ def profile_table(profile: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 def delta_floor(
-    factors: Any, k: int, rates: Rates, *, file_bytes: float | None = None
+    factors: Any,
+    k: int,
+    rates: Rates,
+    *,
+    file_bytes: float | None = None,
+    solver: str = "gram",
+    blocks: Mapping[str, tuple[Sequence[int], bool]] | None = None,
+    sketch_columns: int = 0,
+    passes: int = 1,
 ) -> list[PhaseFloor]:
-    """Compulsory work of a delta-representation fit (kernel PCA on the factor Gram).
+    """Work of a delta-representation fit (kernel PCA on the factor Gram), as its
+    blocked algorithm does it.
 
     Parameters
     ----------
@@ -482,26 +543,76 @@ def delta_floor(
     rates : Rates
     file_bytes : float, optional
         Total size of the files (default: the float32 factors).
+    solver : {"gram", "gram-sketch"}
+        ``gram``: the ``N x N`` kernel once, then its eigenpairs;
+        ``gram-sketch``: ``passes`` applications of the kernel, rebuilt from the
+        factors each time, to ``N x sketch_columns`` blocks.
+    blocks : mapping, optional
+        Module -> (rank-one terms of each block of models, whether the module's
+        stack is read once): the blocks the fit used (default: one block per
+        module, read once).
+    sketch_columns, passes : int
+        ``gram-sketch``: columns of the sketch and kernel applications.
 
     Returns
     -------
     list of PhaseFloor
-        ``read`` (the files once), ``gram`` (per module ``R^2 (in + out)`` flops:
-        the two symmetric factor products whose entrywise product, summed per
-        pair of models, is the kernel) and ``eigen`` (:func:`eigen_cost`).
+        ``read`` (the files once, read and hashed), ``gram`` and ``eigen``.
+
+    Notes
+    -----
+    ``gram`` counts, per module with ``R`` terms in blocks ``T_a``: the centred
+    sum of squares (the summed delta, ``2 R out in`` float64 flops); per kernel
+    build every pair of blocks ``a <= b``, ``2 T_a T_b (in + out)`` float64 flops
+    (a diagonal block is a full product), at the float64 GEMM rate; and the
+    factor bytes read for it (once for a module read whole, else block ``a`` and
+    every later block for each ``a``) at the read rate, overlapped with the
+    products. ``gram-sketch`` adds per pass the product of each module's kernel
+    with the sketch (``2 N^2 c`` flops) and a QR of it (``4 N c^2``), and its
+    small ``c x c`` eigenproblem; ``eigen`` is then empty (it is timed in
+    ``gram``). ``gram``'s ``eigen`` is :func:`eigen_cost`.
     """
     n = int(factors.n_models)
-    flops = 0.0
+    dgemm = rates.dgemm()
+    ss_flops = 0.0
+    kernel_flops = 0.0
+    kernel_bytes = 0.0
     fbytes = 0.0
     for m in factors.modules:
         r = factors.total_rank[m] if hasattr(factors, "total_rank") else int(factors.up[m].shape[1])
-        size = int(factors.out_features[m]) + math.prod(factors.in_shape[m])
-        flops += float(r) * r * size
+        out_f = int(factors.out_features[m])
+        in_f = math.prod(factors.in_shape[m])
+        size = out_f + in_f
         fbytes += 4.0 * r * size
+        ss_flops += 2.0 * r * out_f * in_f
+        terms, whole = (list(blocks[m][0]), bool(blocks[m][1])) if blocks else ([r], True)
+        for a, ta in enumerate(terms):
+            kernel_flops += sum(2.0 * ta * tb * size for tb in terms[a:])
+        if whole:
+            kernel_bytes += 4.0 * r * size
+        else:
+            kernel_bytes += sum(4.0 * size * sum(terms[a:]) for a in range(len(terms)))
     fb = fbytes if file_bytes is None else float(file_bytes)
+    ss_s = ss_flops / dgemm
+    if solver == "gram-sketch":
+        c = int(sketch_columns)
+        q = max(int(passes), 1)
+        apply_flops = 2.0 * n * n * c * len(factors.modules)
+        qr_flops = 4.0 * n * c * c
+        per_pass = max(kernel_bytes / rates.read_bytes_per_s, (kernel_flops + apply_flops) / dgemm)
+        small = _dense_eigen_flops(c, c)
+        flops = ss_flops + q * (kernel_flops + apply_flops + qr_flops) + small
+        secs = ss_s + q * (per_pass + qr_flops / rates.gemm_flops_per_s)
+        secs += small / rates.eigh_flops_per_s
+        return [
+            PhaseFloor("read", fb, 0.0, rates.file_seconds(fb)),
+            PhaseFloor("gram", q * kernel_bytes, flops, secs),
+            PhaseFloor("eigen", 0.0, 0.0, 0.0),
+        ]
     _, ef, es = eigen_cost(n, k, rates)
+    gram_s = ss_s + max(kernel_bytes / rates.read_bytes_per_s, kernel_flops / dgemm)
     return [
-        PhaseFloor("read", fb, 0.0, fb / rates.read_bytes_per_s),
-        PhaseFloor("gram", fbytes, flops, flops / rates.syrk_flops_per_s),
+        PhaseFloor("read", fb, 0.0, rates.file_seconds(fb)),
+        PhaseFloor("gram", kernel_bytes, ss_flops + kernel_flops, gram_s),
         PhaseFloor("eigen", 8.0 * n * n, ef, es),
     ]

@@ -78,8 +78,68 @@ _STAT_ARRAYS = (
 )
 
 
-def _arrays_of(space: WeightSpace) -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {}
+class _FactorTensor:
+    """A delta space's factor stack (``up`` or ``down`` of one module), written to the
+    arrays file block by block (never held whole)."""
+
+    def __init__(self, module: str, part: str, shape: tuple[int, int]) -> None:
+        self.module, self.part, self.shape = module, part, shape
+        self.dtype = np.dtype(np.float32)
+
+
+#: Factor bytes per block when a delta space's stacks are written or checked.
+_FACTOR_BLOCK_BYTES = 32 << 20
+
+
+def _factor_blocks(fac: Any, m: str) -> list[tuple[int, int, int, int]]:
+    """``(lo, hi, c0, c1)``: segments ``lo:hi`` of module ``m`` (terms ``c0:c1``) in
+    blocks of about :data:`_FACTOR_BLOCK_BYTES` (an eighth of the memory budget when
+    that is less)."""
+    import math
+
+    from w2wkit.collection import memory_budget
+
+    limit = min(_FACTOR_BLOCK_BYTES, memory_budget() // 8)  # a block and its copies
+    width = fac.out_features[m] + math.prod(fac.in_shape[m])
+    segs = fac.segments(m)
+    out = []
+    lo, acc = 0, 0
+    col = 0
+    c0 = 0
+    for j, (_, r, _) in enumerate(segs):
+        if acc and (acc + r) * width * 4 > limit:
+            out.append((lo, j, c0, col))
+            lo, acc, c0 = j, 0, col
+        acc += r
+        col += r
+    if lo < len(segs):
+        out.append((lo, len(segs), c0, col))
+    return out
+
+
+def _fill_factor(fac: Any, t: _FactorTensor, write: Any) -> None:
+    """Write ``t``'s stack (float32) through ``write(byte_offset, array)``, a block of
+    models at a time: ``down`` rows are contiguous, ``up`` columns are one run per row."""
+    total = t.shape[1] if t.part == "up" else t.shape[0]
+    for lo, hi, c0, _ in _factor_blocks(fac, t.module):
+        up, down, _ = fac.block(t.module, lo, hi)
+        if t.part == "down":
+            write(4 * c0 * t.shape[1], np.asarray(down, np.float32))
+        else:
+            up = np.asarray(up, np.float32)
+            for o in range(t.shape[0]):
+                write(4 * (o * total + c0), up[o])
+        del up, down
+    if total == 0:
+        write(0, np.empty(0, np.float32))
+
+
+def _arrays_of(space: WeightSpace) -> dict[str, Any]:
+    """The arrays of a saved space; a delta space's factor stacks as
+    :class:`_FactorTensor` placeholders (written block by block)."""
+    import math
+
+    arrays: dict[str, Any] = {}
     if space.representation == "factors":
         arrays["mean"] = np.asarray(space.mean_, np.float32)
         arrays["scale"] = np.asarray(space.scale_, np.float32)
@@ -90,10 +150,15 @@ def _arrays_of(space: WeightSpace) -> dict[str, np.ndarray]:
         arrays["gram_colmean"] = np.asarray(space.gram_colmean_, np.float64)
         fac = space.delta_
         for i, m in enumerate(space.delta_modules_):
-            up, down, owner = fac.block(m, 0, len(fac.segments(m)))
-            arrays[f"delta.{i}.up"] = np.asarray(up, np.float32)
-            arrays[f"delta.{i}.down"] = np.asarray(down, np.float32)
-            arrays[f"delta.{i}.owner"] = np.asarray(owner, np.int64)
+            r = sum(rank for _, rank, _ in fac.segments(m))
+            in_f = math.prod(fac.in_shape[m])
+            arrays[f"delta.{i}.up"] = _FactorTensor(m, "up", (fac.out_features[m], r))
+            arrays[f"delta.{i}.down"] = _FactorTensor(m, "down", (r, in_f))
+            segs = fac.segments(m)
+            owner = np.repeat(
+                np.array([j for j, _, _ in segs], np.int64), [rank for _, rank, _ in segs]
+            )
+            arrays[f"delta.{i}.owner"] = owner
     for name in _STAT_ARRAYS:
         arrays[name] = np.asarray(getattr(space, name + "_"), np.float64)
     arrays["coefficients"] = np.asarray(space.coefficients_, np.float32)
@@ -165,9 +230,12 @@ def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Pa
         }
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
-        dtypes = {k: "I64" for k, v in arrays.items() if v.dtype == np.int64}
-        write_safetensors(tmp / "arrays.safetensors", arrays, dtypes=dtypes)
         f = tmp / "arrays.safetensors"
+        if any(isinstance(v, _FactorTensor) for v in arrays.values()):
+            _write_streamed(f, arrays, space.delta_)
+        else:
+            dtypes = {k: "I64" for k, v in arrays.items() if v.dtype == np.int64}
+            write_safetensors(f, arrays, dtypes=dtypes)
         meta["arrays"] = {
             "file": "arrays.safetensors",
             "bytes": f.stat().st_size,
@@ -177,6 +245,28 @@ def save_space(space: WeightSpace, path: Path, *, overwrite: bool = False) -> Pa
         text = json.dumps(meta, indent=1, allow_nan=True, default=json_default)
         write_bytes(tmp / "space.json", text.encode("utf-8"))
     return path
+
+
+def _write_streamed(f: Path, arrays: dict[str, Any], fac: Any) -> None:
+    """The arrays file of a delta space: small arrays whole, factor stacks in blocks
+    (the peak is one block, whatever the number of models)."""
+    from w2wkit.stio import write_safetensors_streamed
+
+    names = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.int64): "I64"}
+    specs = []
+    for key, v in arrays.items():
+        if not isinstance(v, _FactorTensor) and v.dtype not in names:
+            raise SpaceError(f"cannot save array of dtype {v.dtype}", key=key)
+        specs.append((key, names[np.dtype(v.dtype)], tuple(v.shape)))
+
+    def fill(key: str, write: Any) -> None:
+        v = arrays[key]
+        if isinstance(v, _FactorTensor):
+            _fill_factor(fac, v, write)
+        else:
+            write(0, np.ascontiguousarray(v))
+
+    write_safetensors_streamed(f, specs, fill)
 
 
 def save_directions(space: WeightSpace, path: Path) -> Path:
@@ -530,8 +620,11 @@ def _build(
             path=f,
             hint="restore the space or refit it; `verify=False` skips this check",
         )
-    st = read_safetensors(f)
-    arrays = st.tensors
+    if meta.get("representation") == "delta":
+        # the factor stacks stay in the file (read in blocks on use), the rest is read
+        arrays: dict[str, Any] = _read_delta_arrays(f)
+    else:
+        arrays = read_safetensors(f).tensors
     for key, shape in shapes.items():
         if key not in arrays:
             raise SpaceError("array missing from arrays file", path=f, key=key)
@@ -633,16 +726,7 @@ def _build(
         for key in ("beta", "gram_colmean", "scale"):
             if key not in arrays:
                 raise SpaceError("array missing from arrays file", path=f, key=key)
-        fac = DeltaFactors(
-            modules=mods,
-            out_features=out_f,
-            in_shape=in_s,
-            up={m: arrays[f"delta.{i}.up"] for i, m in enumerate(mods)},
-            down={m: arrays[f"delta.{i}.down"] for i, m in enumerate(mods)},
-            owner={m: arrays[f"delta.{i}.owner"] for i, m in enumerate(mods)},
-            max_rank=max_rank,
-            n_models=n,
-        )
+        fac = _saved_factors(f, arrays, mods, out_f, in_s, max_rank, n)
         space.delta_ = fac
         space.delta_modules_ = mods
         space.beta_ = arrays["beta"]
@@ -671,6 +755,116 @@ def _build(
     if (path / DIRECTIONS_JSON).is_file():
         space.directions_ = _load_directions(path, sha, k, read_safetensors)
     for key, val in arrays.items():
+        if isinstance(val, _StoredTensor):
+            continue  # the factor stacks: checked block by block below
         if val.dtype.kind == "f" and not key.startswith("labels.") and not np.isfinite(val).all():
             raise SpaceError("array holds NaN or Inf values", path=f, key=key)
+    if space.representation == "delta":
+        _check_saved_factors(space.delta_, space.delta_modules_, f)
     return space
+
+
+class _StoredTensor:
+    """A tensor of the arrays file left on disk: its shape, dtype and byte offset."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, offset: int) -> None:
+        self.shape, self.dtype, self.offset = shape, dtype, offset
+
+
+_SPACE_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8")}
+
+
+def _read_delta_arrays(f: Path) -> dict[str, Any]:
+    """The arrays of a delta space's file, its ``delta.<i>.up``/``down`` stacks left on
+    disk (:class:`_StoredTensor`); the header is validated as every read's is."""
+    import os
+    import re
+
+    from w2wkit.stio import read_header
+
+    entries, _ = read_header(f, reference=False)  # the reference parser maps the file
+    out: dict[str, Any] = {}
+    with open(f, "rb", buffering=0) as fh:
+        start = 8 + int.from_bytes(fh.read(8), "little")
+        for key, info in entries.items():
+            dt = _SPACE_DTYPES.get(info["dtype"])
+            if dt is None:
+                raise SpaceError(f"array has dtype {info['dtype']}", path=f, key=key)
+            lo, hi = info["data_offsets"]
+            shape = tuple(int(x) for x in info["shape"])
+            if re.fullmatch(r"delta\.\d+\.(up|down)", key):
+                if dt != _SPACE_DTYPES["F32"] or len(shape) != 2:
+                    raise SpaceError("factor stack must be a 2-D F32 array", path=f, key=key)
+                out[key] = _StoredTensor(shape, dt, start + lo)
+                continue
+            buf = bytearray(hi - lo)
+            view = memoryview(buf)
+            at = start + lo
+            while view:
+                got = os.preadv(fh.fileno(), [view], at)
+                if got <= 0:
+                    raise SpaceError("arrays file is truncated", path=f, key=key)
+                view, at = view[got:], at + got
+            out[key] = np.frombuffer(buf, dtype=dt).reshape(shape)
+    return out
+
+
+def _saved_factors(
+    f: Path,
+    arrays: dict[str, Any],
+    mods: list[str],
+    out_f: dict[str, int],
+    in_s: dict[str, tuple[int, ...]],
+    max_rank: dict[str, int],
+    n: int,
+) -> DeltaFactors:
+    """The loaded space's factors, read from ``f`` in blocks (see ``_SavedFactors``)."""
+    import math
+
+    from w2wkit.collection import _LazyFactors, _SavedFactors
+
+    places = {}
+    owners = {}
+    for i, m in enumerate(mods):
+        up, down = arrays[f"delta.{i}.up"], arrays[f"delta.{i}.down"]
+        owner = np.asarray(arrays[f"delta.{i}.owner"])
+        r = owner.shape[0] if owner.ndim == 1 else -1
+        in_f = math.prod(in_s[m])
+        if up.shape != (out_f[m], r) or down.shape != (r, in_f):
+            raise SpaceError(
+                f"factor stacks {list(up.shape)} / {list(down.shape)} do not match module "
+                f"{m!r} (out {out_f[m]}, in {in_f}, {r} terms)",
+                path=f,
+                key=f"delta.{i}",
+            )
+        if r and (
+            np.any(np.diff(owner) < 0) or owner[0] < 0 or owner[-1] >= n
+        ):  # sorted model indices
+            raise SpaceError("owner is not sorted model indices", path=f, key=f"delta.{i}.owner")
+        places[m] = (up.offset, down.offset, r, out_f[m], in_f)
+        owners[m] = owner
+    store = _SavedFactors(f, places, owners)
+    fac = DeltaFactors(
+        modules=mods,
+        out_features=out_f,
+        in_shape=in_s,
+        up={},
+        down={},
+        owner={},
+        max_rank=max_rank,
+        n_models=n,
+        spill=store,  # type: ignore[arg-type]
+    )
+    fac.up = _LazyFactors(fac, 0)
+    fac.down = _LazyFactors(fac, 1)
+    fac.owner = _LazyFactors(fac, 2)
+    return fac
+
+
+def _check_saved_factors(fac: DeltaFactors, mods: list[str], f: Path) -> None:
+    """Refuse NaN/Inf in the saved factor stacks, a block of models at a time."""
+    for i, m in enumerate(mods):
+        for lo, hi, _, _ in _factor_blocks(fac, m):
+            up, down, _ = fac.block(m, lo, hi)
+            if not (np.isfinite(up).all() and np.isfinite(down).all()):
+                raise SpaceError("array holds NaN or Inf values", path=f, key=f"delta.{i}")

@@ -97,6 +97,31 @@ def compress_factors(
     qu, ru = np.linalg.qr(np.asarray(up, dtype=np.float64))
     qd, rd = np.linalg.qr(np.asarray(down, dtype=np.float64).T)
     p, s, wt = np.linalg.svd(ru @ rd.T, full_matrices=False)
+    return _truncate(qu, p, s, wt, qd, out, r_in, rank, energy)
+
+
+def compress_dense(
+    dense: np.ndarray, rank: int | None, energy: float | None = None
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """:func:`compress_factors` of a dense ``(out, in)`` matrix (one SVD of it)."""
+    out, r_in = dense.shape
+    p, s, wt = np.linalg.svd(np.asarray(dense, dtype=np.float64), full_matrices=False)
+    return _truncate(None, p, s, wt, None, out, r_in, rank, energy)
+
+
+def _truncate(
+    qu: np.ndarray | None,
+    p: np.ndarray,
+    s: np.ndarray,
+    wt: np.ndarray,
+    qd: np.ndarray | None,
+    out: int,
+    r_in: int,
+    rank: int | None,
+    energy: float | None,
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The best rank-``rank`` factors of ``(qu p) diag(s) (wt qd^T)`` (``qu``/``qd``
+    None: identity), singular values split evenly; see :func:`compress_factors`."""
     if energy is not None:
         cum = np.cumsum(s**2)
         need = int(np.searchsorted(cum, energy * cum[-1] * (1.0 - 1e-12))) + 1
@@ -107,8 +132,10 @@ def compress_factors(
     new_down = np.zeros((rank, r_in), dtype=np.float32)
     r = min(rank, int(s.size))
     root = np.sqrt(s[:r])
-    new_up[:, :r] = (qu @ p[:, :r]) * root
-    new_down[:r] = (root[:, None] * wt[:r]) @ qd.T
+    left = p[:, :r] if qu is None else qu @ p[:, :r]
+    right = wt[:r] if qd is None else wt[:r] @ qd.T
+    new_up[:, :r] = left * root
+    new_down[:r] = root[:, None] * right
     return new_up, new_down, float(np.sum(s[:r] ** 2)), float(np.sum(s**2))
 
 
@@ -434,6 +461,9 @@ class WeightSpace:
         if files:
             file_bytes = float(sum(os.path.getsize(f) for f in files if os.path.isfile(f)))
         if self.representation == "factors":
+            extra = {}
+            if self.info_.get("n_iter") is not None:  # the randomized solver's passes
+                extra = {"n_iter": self.info_["n_iter"], "block_size": self.info_["block_size"]}
             floor = fit_floor(
                 self.info_["solver_used"],
                 n,
@@ -441,11 +471,21 @@ class WeightSpace:
                 self.n_components_,
                 rates,
                 file_bytes=file_bytes,
+                **extra,
             )
         else:
             from w2wkit.floor import delta_floor
 
-            floor = delta_floor(self.delta_, self.n_components_, rates, file_bytes=file_bytes)
+            floor = delta_floor(
+                self.delta_,
+                self.n_components_,
+                rates,
+                file_bytes=file_bytes,
+                solver=self.info_["solver_used"],
+                blocks=getattr(self, "_kernel_plan", None),
+                sketch_columns=int(self.info_.get("sketch_columns", 0)),
+                passes=int(self.info_.get("n_passes", 1)),
+            )
         prof.set_floor(floor, rates)
         out = prof.as_dict()
         out["wall_seconds_total"] = self.info_.get("wall_seconds")
@@ -553,6 +593,9 @@ class WeightSpace:
             "n_passes": int(res.n_passes),
             "timings": timings,
         }
+        if res.solver == "randomized" and res.info and "n_iter" in res.info:
+            self.info_["n_iter"] = int(res.info["n_iter"])
+            self.info_["block_size"] = int(res.info["block_size"])
 
     # ------------------------------------------------------------ delta mode
     def _fit_delta(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
@@ -589,6 +632,7 @@ class WeightSpace:
             sigma = np.ones(len(fac.modules))
         weights = 1.0 / sigma**2
         whole_budget = memory_budget()
+        self._kernel_plan = _kernel_plan(fac, budget)  # the blocks, for the floor
         if 3 * 8 * n * n <= whole_budget:
             # the kernel, one module at a time in blocks of models (memory: the N x N
             # kernel and one block product, never a module's R x R products or its Gram)
@@ -646,6 +690,8 @@ class WeightSpace:
         self.explained_variance_ratio_ = self.explained_variance_ / total_var
         self.total_variance_ = total_var
         self.info_ = {"solver_used": solver, "n_passes": passes, "timings": timings}
+        if solver == "gram-sketch":
+            self.info_["sketch_columns"] = min(n - 1, k + _SKETCH_OVERSAMPLE)
 
     @staticmethod
     def _module_gram(fac: DeltaFactors, m: str) -> np.ndarray:
@@ -665,9 +711,12 @@ class WeightSpace:
         self_ip : float
             Standardised squared norm of the adapter (modules of the space only).
         """
+        from w2wkit.collection import memory_budget
+
         fac = self.delta_
         cross = np.zeros(fac.n_models)
         self_ip = 0.0
+        budget = memory_budget() // 4
         for j, m in enumerate(self.delta_modules_):
             layer = adapter.layers.get(m)
             if layer is None:
@@ -684,9 +733,11 @@ class WeightSpace:
             u = u.astype(np.float64)
             d = d.astype(np.float64)
             w = 1.0 / self.scale_[j] ** 2
-            up, down, owner = fac.block(m, 0, len(fac.segments(m)))  # one module at a time
-            prod = (u.T @ up) * (d @ down.T)  # (r, R)
-            cross += w * _segment_sum(prod.sum(axis=0), owner, fac.n_models)
+            # one module at a time, in blocks of models (bounded whatever N is)
+            for lo, hi in _segment_blocks(fac, m, _block_terms(fac, m, budget)):
+                up, down, owner = fac.block(m, lo, hi)
+                prod = (u.T @ up) * (d @ down.T)  # (r, T)
+                cross += w * _segment_sum(prod.sum(axis=0), owner, fac.n_models)
             self_ip += w * float(np.sum((u.T @ u) * (d @ d.T)))
         return cross, self_ip
 
@@ -832,15 +883,31 @@ class WeightSpace:
             modules += [m for m in extra.layers if m not in fac.out_features]
         for m in modules:
             ups, downs = [], []
+            dense = None
             if m in fac.out_features:
                 # sum_i gamma_i delta_i: mean (1/N each) plus the components'
                 # combination; the per-layer scale cancels (scaled metric,
                 # unscaled output).
                 gamma = mean_weight / fac.n_models + g
-                up, down, owner = fac.block(m, 0, len(fac.segments(m)))
-                ups.append(up.astype(np.float64) * gamma[owner])
-                downs.append(down.astype(np.float64))
                 out_f, in_shape = fac.out_features[m], fac.in_shape[m]
+                in_f = math.prod(in_shape)
+                terms = sum(r for _, r, _ in fac.segments(m))
+                if terms * (out_f + in_f) <= _DENSE_SUM_RATIO * out_f * in_f:
+                    up, down, owner = fac.block(m, 0, len(fac.segments(m)))
+                    ups.append(up.astype(np.float64) * gamma[owner])
+                    downs.append(down.astype(np.float64))
+                else:
+                    # more terms than the dense delta has numbers: sum it in blocks of
+                    # models (memory: the out x in sum, whatever N is) and factor it as
+                    # identity x sum
+                    from w2wkit.collection import memory_budget
+
+                    dense = np.zeros((out_f, in_f))
+                    terms = _block_terms(fac, m, memory_budget() // 4)
+                    for lo, hi in _segment_blocks(fac, m, terms):
+                        up, down, owner = fac.block(m, lo, hi)
+                        dense += (up.astype(np.float64) * gamma[owner]) @ down.astype(np.float64)
+                    del up, down
                 default_rank = fac.max_rank[m]
             else:
                 layer = extra.layers[m]  # type: ignore[union-attr]
@@ -848,16 +915,23 @@ class WeightSpace:
                 default_rank = 0
             if extra is not None and m in extra.layers:
                 u, d = layer_factors(extra.layers[m])
-                ups.append(u.astype(np.float64))
-                downs.append(d.astype(np.float64))
+                if dense is not None:
+                    dense += u.astype(np.float64) @ d.astype(np.float64)
+                else:
+                    ups.append(u.astype(np.float64))
+                    downs.append(d.astype(np.float64))
                 default_rank += u.shape[1]
             # an energy target chooses the rank (a given rank caps it)
             r_arg: int | None = int(rank) if rank is not None else default_rank
             if rank is None and energy is not None:
                 r_arg = None
-            up, down, kept, total = compress_factors(
-                np.concatenate(ups, axis=1), np.concatenate(downs, axis=0), r_arg, energy
-            )
+            if dense is not None:
+                up, down, kept, total = compress_dense(dense, r_arg, energy)
+                del dense
+            else:
+                up, down, kept, total = compress_factors(
+                    np.concatenate(ups, axis=1), np.concatenate(downs, axis=0), r_arg, energy
+                )
             r = up.shape[1]
             per_layer[m] = kept / total if total > 0 else 1.0
             kept_all += kept
@@ -1060,6 +1134,9 @@ class WeightSpace:
 
 #: columns (stacked rank-one terms) per block of the blocked module Gram
 _GRAM_BLOCK_TERMS = 2048
+#: a delta space's output sums a module's terms as a dense ``out x in`` matrix when the
+#: stacked factors would hold more than this many times its numbers
+_DENSE_SUM_RATIO = 1.0
 
 
 def _model_blocks(owner: np.ndarray, terms: int | None = None) -> list[tuple[int, int]]:
@@ -1097,6 +1174,20 @@ def _block_terms(fac: DeltaFactors, m: str, budget: int) -> int:
     # 2 blocks x (T x width) float64 + T x T float64 products (x2 temporaries)
     t = int((-(2 * width) + math.sqrt(4 * width**2 + 4 * 2 * budget / 8)) / 2 / 2)
     return max(1, min(_GRAM_BLOCK_TERMS, t))
+
+
+def _kernel_plan(fac: DeltaFactors, budget: int) -> dict[str, tuple[list[int], bool]]:
+    """Per module: the rank-one terms of each block of models
+    :func:`_module_gram_blocks` multiplies at ``budget``, and whether the module's
+    stack is read whole (once) rather than block by block."""
+    plan = {}
+    for m in fac.modules:
+        segs = fac.segments(m)
+        blocks = _segment_blocks(fac, m, _block_terms(fac, m, budget // 2))
+        terms = [sum(r for _, r, _ in segs[lo:hi]) for lo, hi in blocks]
+        whole = fac.spill is None or 2 * fac.factor_bytes(m) <= budget // 4
+        plan[m] = (terms, bool(whole))
+    return plan
 
 
 def _module_gram_blocks(

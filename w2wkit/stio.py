@@ -24,7 +24,7 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ __all__ = [
     "to_storage",
     "write_json",
     "write_safetensors",
+    "write_safetensors_streamed",
 ]
 
 _DTYPES: dict[str, np.dtype] = {
@@ -437,7 +438,7 @@ def _check_length(prefix: bytes, size: int, path: str) -> int:
     return n
 
 
-def _layout(head: bytes, size: int, fd: int, path: str) -> _Layout:
+def _layout(head: bytes, size: int, fd: int, path: str, reference: bool = True) -> _Layout:
     """The validated layout of a header, from the cache or by both parsers.
 
     Validity is a function of the header bytes and the file size alone, so a
@@ -458,6 +459,8 @@ def _layout(head: bytes, size: int, fd: int, path: str) -> _Layout:
         if base is not None:
             return _Layout(base.header, split[0], base.start, base.entries, base.dtypes)
     layout = _parse_layout(head, size, path)
+    if not reference:
+        return layout  # not cached: a later read of the file checks it with both parsers
     _reference_check(fd, path)
     if len(head) <= _CACHE_HEADER_MAX:
         if len(_LAYOUTS) >= _CACHE_ENTRIES:
@@ -468,8 +471,15 @@ def _layout(head: bytes, size: int, fd: int, path: str) -> _Layout:
     return layout
 
 
-def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict], dict[str, str]]:
+def read_header(
+    path: str | os.PathLike[str], *, reference: bool = True
+) -> tuple[dict[str, dict], dict[str, str]]:
     """Read and validate only the header of a safetensors file.
+
+    ``reference=False`` skips the ``safetensors`` package's parser (which maps the
+    whole file: refused under an address-space limit smaller than the file) and
+    keeps w2wkit's own checks; for files w2wkit wrote and verifies otherwise (a
+    saved space's arrays file, whose SHA-256 space.json records).
 
     Returns
     -------
@@ -486,7 +496,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict], dict[str
             head = fh.read(n)
         if len(head) != n:
             raise FormatError("file changed while it was read", path=path)
-        layout = _layout(head, size, fd, path)
+        layout = _layout(head, size, fd, path, reference)
     except OSError as exc:
         raise FormatError(f"cannot read file: {exc.strerror or exc}", path=path) from None
     finally:
@@ -674,6 +684,80 @@ def write_safetensors(
         fh.write(head)
         for raw in blobs:
             fh.write(memoryview(raw).cast("B") if raw.size else b"")
+
+
+def write_safetensors_streamed(
+    path: str | os.PathLike[str],
+    specs: Sequence[tuple[str, str, tuple[int, ...]]],
+    fill: Callable[[str, Callable[[int, np.ndarray], None]], None],
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Write a safetensors file whose tensors are produced piece by piece.
+
+    For tensors too large to hold together (a saved space's factor stacks): the
+    header is written from ``specs``, then ``fill(key, write)`` is called once per
+    tensor, in order, and puts its bytes with ``write(byte_offset, array)`` (the
+    array's raw bytes, C order, at ``byte_offset`` from the tensor's start; any
+    order, any number of calls). Every byte of every tensor must be written once:
+    the bytes each ``fill`` wrote are counted and a shortfall or overflow is an
+    error. The file appears atomically (:func:`w2wkit.atomic.atomic_path`).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    specs : sequence of (key, dtype, shape)
+        Storage dtype names as in the header (``"F32"``, ``"I64"``, ...).
+    fill : callable
+        ``fill(key, write)``.
+    overwrite : bool
+
+    Raises
+    ------
+    ValueError
+        When a ``fill`` writes outside its tensor or not all of it.
+    """
+    header: dict[str, object] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for key, dtype, shape in specs:
+        nbytes = _ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64))
+        header[key] = {
+            "dtype": dtype,
+            "shape": [int(x) for x in shape],
+            "data_offsets": [offset, offset + nbytes],
+        }
+        spans[key] = (offset, nbytes)
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    start = 8 + len(head)
+    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(head)))
+        fh.write(head)
+        fh.flush()
+        fd = fh.fileno()
+        os.ftruncate(fd, start + offset)
+        for key, _, _ in specs:
+            base, nbytes = spans[key]
+            written = 0
+
+            def write(
+                at: int, arr: np.ndarray, base: int = base, nbytes: int = nbytes, key: str = key
+            ) -> None:
+                nonlocal written
+                view = memoryview(np.ascontiguousarray(arr)).cast("B")
+                if at < 0 or at + len(view) > nbytes:
+                    raise ValueError(f"{key}: bytes {at}..{at + len(view)} outside 0..{nbytes}")
+                pos = start + base + at
+                while view:
+                    done = os.pwrite(fd, view, pos)
+                    view, pos = view[done:], pos + done
+                    written += done
+
+            fill(key, write)
+            if written != nbytes:
+                raise ValueError(f"{key}: {written} bytes written, expected {nbytes}")
 
 
 class NarrowingError(FormatError):
