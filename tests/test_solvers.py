@@ -188,6 +188,18 @@ def test_gram_with_several_stripes(monkeypatch):
     np.testing.assert_allclose(res32.scores, z @ res32.components.T.astype(np.float64), atol=1e-4)
 
 
+def test_streamed_gram_components_in_column_chunks(monkeypatch):
+    """The components pass multiplies a column chunk at a time (ragged last chunk)."""
+    z = power_law(270, 400, seed=9)
+    monkeypatch.setattr(solvers, "_GRAM_STRIPE_BYTES", 100 * 400 * 8)
+    whole = fit_pca(blocks_of(z, [50, 260]), *z.shape, 12, solver="gram")
+    monkeypatch.setattr(solvers, "_COMPONENT_CHUNK_BYTES", 12 * 8 * 37)  # 37 columns a chunk
+    chunked = fit_pca(blocks_of(z, [50, 260]), *z.shape, 12, solver="gram")
+    np.testing.assert_allclose(chunked.components, whole.components, rtol=1e-12, atol=1e-14)
+    vt = np.linalg.svd(z, full_matrices=False)[2]
+    assert max_angle(chunked.components, vt[:12]) < 1e-5
+
+
 def test_gram_in_memory_is_one_pass():
     z = power_law(270, 400, seed=9)
     _, s, vt = np.linalg.svd(z, full_matrices=False)

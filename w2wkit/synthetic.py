@@ -31,11 +31,36 @@ __all__ = [
     "PlantedWorld",
     "make_planted",
     "planted_collection",
+    "qv_shapes",
     "sd15_qv_shapes",
+    "sdxl_qv_shapes",
     "spillover",
 ]
 
 DEFAULT_ATTRIBUTES = ("male", "beard", "old", "glasses")
+
+
+def qv_shapes(family: str = "sd1") -> dict[str, tuple[int, int]]:
+    """Weight shapes of ``to_q``/``to_v`` of every UNet attention module of a family.
+
+    Parameters
+    ----------
+    family : {"sd1", "sdxl"}
+        ``"sd1"``: 64 modules, 99,648 numbers per rank-1 model; ``"sdxl"``: 280
+        modules (70 transformer blocks x attn1/attn2 x q/v), 725,760 numbers.
+
+    Returns
+    -------
+    dict of str to tuple of int
+        ``unet.<module> -> (out, in)`` in model order (diffusers module names).
+    """
+    from w2wkit.names import module_table
+
+    return {
+        path: (int(shape[0]), int(shape[1]))
+        for path, shape in module_table(family).items()
+        if path.startswith("unet.") and path.endswith((".to_q", ".to_v"))
+    }
 
 
 def sd15_qv_shapes() -> dict[str, tuple[int, int]]:
@@ -46,13 +71,19 @@ def sd15_qv_shapes() -> dict[str, tuple[int, int]]:
     dict of str to tuple of int
         ``unet.<module> -> (out, in)``, 64 entries in model order.
     """
-    from w2wkit.names import module_table
+    return qv_shapes("sd1")
 
-    return {
-        path: (int(shape[0]), int(shape[1]))
-        for path, shape in module_table("sd1").items()
-        if path.startswith("unet.") and path.endswith((".to_q", ".to_v"))
-    }
+
+def sdxl_qv_shapes() -> dict[str, tuple[int, int]]:
+    """Weight shapes of ``to_q``/``to_v`` of every attention module of the SDXL UNet.
+
+    Returns
+    -------
+    dict of str to tuple of int
+        ``unet.<module> -> (out, in)``, 280 entries in model order; a rank-1
+        LoRA on them holds 725,760 numbers.
+    """
+    return qv_shapes("sdxl")
 
 
 @dataclass
