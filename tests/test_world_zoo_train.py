@@ -177,3 +177,31 @@ def test_shipped_dog_model_reproduced_through_the_train_path() -> None:
         assert np.linalg.norm(dw - sdw) <= 3e-3 * np.linalg.norm(sdw), t
         assert dw @ sdw >= 0.99999 * np.linalg.norm(dw) * np.linalg.norm(sdw), t
     assert equal >= 0.5 * total
+
+
+def test_fidelity_of_chosen_models(micro_world: Path) -> None:
+    """``zoo_fidelity(tested=...)`` tests the given bank rows (models trained apart, e.g.
+    through ``w2wkit.train``, swapped into a bank); bad rows are refused first."""
+    from w2wkit.diffusion.bank import stack_factors
+    from w2wkit.diffusion.sampler import Renderer
+    from w2wkit.errors import W2WError
+    from w2wkit.world.measure import FidelitySettings, _specs_from_names, zoo_fidelity
+    from w2wkit.world.shipped import load_world
+
+    w = load_world(micro_world / "shipped")
+    names = w.names("identity")
+    specs = _specs_from_names("identity", names)
+    bank = stack_factors(w.stack("identity"), float(w.stack_meta["alpha"]))
+    s = FidelitySettings(models=1, candidates=2, generations=1, ref_images=1, steps=1)
+    renderer = Renderer(w.load_pipeline(device="cpu"), device="cpu")
+    ev = w.evaluators(device="cpu")
+    rng = np.random.default_rng(0)
+    for bad in ([len(names)], [0, 0], []):
+        with pytest.raises(W2WError, match="tested models"):
+            zoo_fidelity(renderer, bank, ev, "identity", specs, "p", s, rng, tested=bad)
+    last = len(names) - 1
+    m, test, gens = zoo_fidelity(
+        renderer, bank, ev, "identity", specs, w.prompt("identity"), s, rng, tested=[last]
+    )
+    assert m["tested_models"] == [last] and list(test) == [last]
+    assert gens.shape[0] == 1 and m["candidates"] == 2
