@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 
@@ -34,6 +34,12 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=8)
     ap.add_argument("--candidates", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--settings",
+        choices=["measure", "build"],
+        default="measure",
+        help="fidelity settings: `world measure`'s (8 x 16) or the build profile's (2 x 4)",
+    )
     ap.add_argument("--work", required=True, help="folder for the pictures and models")
     ap.add_argument("-o", "--out", required=True, help="JSON result")
     a = ap.parse_args()
@@ -46,7 +52,12 @@ def main() -> None:
     from w2wkit.diffusion.sampler import Renderer
     from w2wkit.formats.registry import read_adapter
     from w2wkit.training import Recipe, train
-    from w2wkit.world.measure import FidelitySettings, _specs_from_names, zoo_fidelity
+    from w2wkit.world.measure import (
+        FidelitySettings,
+        _specs_from_names,
+        fidelity_settings,
+        zoo_fidelity,
+    )
     from w2wkit.world.profiles import profile_from_log, zoo_jobs_for
     from w2wkit.world.retrain import recipe_rounds
     from w2wkit.world.shipped import load_world
@@ -103,6 +114,8 @@ def main() -> None:
             sw = (su @ sd.reshape(sd.shape[0], -1)).ravel()
             cos.append(float(dw @ sw / (np.linalg.norm(dw) * np.linalg.norm(sw))))
     fs = FidelitySettings(models=k, candidates=m)
+    if a.settings == "build":
+        fs = replace(fidelity_settings(prof), models=k, candidates=m)
     specs = _specs_from_names(concept, names)
     renderer = Renderer(w.load_pipeline(device="cpu"), device="cpu")
     ev = w.evaluators(device="cpu")
