@@ -147,6 +147,7 @@ def training_args(doc: str, steps: int, results: str) -> Any:
     ap.add_argument("--models", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / results))
     return ap.parse_args()
 

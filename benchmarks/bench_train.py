@@ -3,25 +3,27 @@
 The miniature world's base architecture (``BaseSettings()``, one training step: the step
 time does not depend on the weights), pictures of ``--models`` identities exported as PNG
 instance folders, the world's recipe (rank 1, ``to_q``/``to_v``, 4 pictures per model and
-step). Three cases, all in this process:
+step). Three cases, all in this process, timed in ``--rounds`` interleaved rounds (after a
+warm-up of each; the order rotates from round to round) so that a contended machine slows
+them alike:
 
 - ``peft_one_model``: the anchor, :func:`w2wkit.testing.peft_dreambooth` (a peft adapter
-  per model, diffusers' ``add_noise``; its training loop timed alone), times ``--models``;
+  per model, diffusers' ``add_noise``; its training loop timed alone), one model per round;
 - ``w2wkit_train``: :func:`w2wkit.train` with every model in one batch, timed whole
-  (pipeline loading, picture decoding, VAE encoding, training, writing the files);
-- ``w2wkit_train_steps_only``: the same, its ``--steps`` training steps alone (a run of
-  twice the steps minus the first run: loading, decoding and writing cancel out);
+  (pipeline loading, picture decoding, VAE encoding, the shared initialisation, training,
+  writing the files and the manifest);
 - ``bare_unet_bound``: the bare UNet's forward and backward (to its input) through batches
-  of the same shape, ``--steps`` times: what the training step cannot beat.
+  of the same shape, ``--steps`` times: what the training steps cannot beat.
 
-One JSON line per case (appended to ``results/train.jsonl``)::
+Per case the median time per model over the rounds; ``fraction_of_bound`` is the median over
+the rounds of (bound / case) within a round, ``fraction_of_bound_min`` the same from the
+fastest round of each. One JSON line per case (appended to ``results/train.jsonl``)::
 
-    python benchmarks/bench_train.py --steps 20 --models 8
+    python benchmarks/bench_train.py --steps 20 --models 8 --rounds 3
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import tempfile
@@ -37,6 +39,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
+    from w2wkit.diffusion.pipeline import load_pipeline
     from w2wkit.testing import peft_dreambooth
     from w2wkit.training import Recipe, train
     from w2wkit.world.lora import LoraSettings
@@ -51,32 +54,9 @@ def main() -> None:
             Image.fromarray(pic).save(d / f"{k}.png")
     prompt = "a photo of sks person"
     ls = LoraSettings(steps=a.steps, threads=a.threads)
-
-    # (a) the anchor: one model at a time
-    peft_dreambooth(base, ls, imgs[0], prompt, seed=0)  # warm-up
-    peft_s = 0.0
-    for k in range(min(a.models, 3)):  # the loop's time per model is flat: 3 measure it
-        peft_s += peft_dreambooth(base, ls, imgs[k], prompt, seed=k)[1]
-    peft_per_model = peft_s / min(a.models, 3)
-
-    # w2wkit train, all models in one batch, timed whole
     recipe = Recipe(steps=a.steps, batch=ls.batch, lr=ls.lr, targets=ls.targets)
-    train(tmp / "people", base, tmp / "warm", Recipe(steps=1, targets=ls.targets),
-          models_per_batch=2, device=a.device)  # fmt: skip
-    t0 = time.perf_counter()
-    train(tmp / "people", base, tmp / "out", recipe,
-          models_per_batch=a.models, device=a.device)  # fmt: skip
-    train_per_model = (time.perf_counter() - t0) / a.models
-    # its training steps alone: a second run with twice the steps, the difference
-    t0 = time.perf_counter()
-    twice = dataclasses.replace(recipe, steps=2 * a.steps)
-    train(tmp / "people", base, tmp / "out2", twice,
-          models_per_batch=a.models, device=a.device)  # fmt: skip
-    steps_per_model = (time.perf_counter() - t0) / a.models - train_per_model
 
-    # (b) the bound: bare UNet forward + backward through batches of the same shape
-    from w2wkit.diffusion.pipeline import load_pipeline
-
+    # the bound's inputs: batches of the training step's shape
     pipe = load_pipeline(base, device=a.device)
     unet = pipe.unet.requires_grad_(False)
     n = a.models * ls.batch
@@ -87,40 +67,68 @@ def main() -> None:
     with torch.no_grad():
         ehs = pipe.text_encoder(tok.to(a.device))[0].expand(n, -1, -1)
     t = torch.randint(0, 1000, (n,), device=a.device)
-    unet(x, t, encoder_hidden_states=ehs).sample.square().mean().backward()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        x.grad = None
-        unet(x, t, encoder_hidden_states=ehs).sample.square().mean().backward()
-    bound_per_model = (time.perf_counter() - t0) / a.models
 
+    def peft_case(r: int) -> float:  # seconds per model: one model
+        return peft_dreambooth(base, ls, imgs[r % a.models], prompt, seed=r)[1]
+
+    def train_case(r: int) -> float:
+        t0 = time.perf_counter()
+        train(tmp / "people", base, tmp / f"out{r}", recipe,
+              models_per_batch=a.models, device=a.device)  # fmt: skip
+        return (time.perf_counter() - t0) / a.models
+
+    def bound_case(r: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            x.grad = None
+            unet(x, t, encoder_hidden_states=ehs).sample.square().mean().backward()
+        return (time.perf_counter() - t0) / a.models
+
+    cases = {
+        "peft_one_model": peft_case,
+        "w2wkit_train": train_case,
+        "bare_unet_bound": bound_case,
+    }
+    # warm-up: one of each (first-call allocations, caches)
+    peft_dreambooth(base, ls, imgs[0], prompt, seed=0)
+    train(tmp / "people", base, tmp / "warm", Recipe(steps=1, targets=ls.targets),
+          models_per_batch=a.models, device=a.device)  # fmt: skip
+    bound_case(-1)
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    names = list(cases)
+    for r in range(a.rounds):
+        for c in names[r % len(names) :] + names[: r % len(names)]:
+            times[c].append(cases[c](r))
+    bound = np.array(times["bare_unet_bound"])
+    peft = np.array(times["peft_one_model"])
     rows = []
-    for case, sec in (
-        ("peft_one_model", peft_per_model),
-        ("w2wkit_train", train_per_model),
-        ("w2wkit_train_steps_only", steps_per_model),
-        ("bare_unet_bound", bound_per_model),
-    ):
+    for case, secs in times.items():
+        s = np.array(secs)
+        med = float(np.median(s))
         rows.append(
             {
                 "bench": "train",
                 "case": case,
                 "models": a.models,
                 "steps": a.steps,
-                "seconds_per_model": sec,
-                "models_per_hour": 3600 / sec,
-                "ratio_vs_peft_one_model": peft_per_model / sec,
-                "fraction_of_bound": bound_per_model / sec,
+                "rounds": a.rounds,
+                "interleaved": True,
+                "seconds_per_model": med,
+                "seconds_per_model_rounds": [round(v, 4) for v in secs],
+                "models_per_hour": 3600 / med,
+                "ratio_vs_peft_one_model": float(np.median(peft / s)),
+                "fraction_of_bound": float(np.median(bound / s)),
+                "fraction_of_bound_min": float(bound.min() / s.min()),
                 "threads": a.threads,
                 "device": a.device,
-                "numpy": np.__version__,
+                "torch": torch.__version__,
             }
         )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-            print(json.dumps(r), file=sys.stdout)
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+            print(json.dumps(row), file=sys.stdout)
 
 
 if __name__ == "__main__":

@@ -308,25 +308,39 @@ def _layer_class() -> Any:
                 )
             a = self.lora_down.index_select(0, idx)
             b = self.lora_up.index_select(0, idx)
+            r = a.shape[1]
+            # The update is added by one fused kernel: for rank 1 the second product is an
+            # outer product, which ``bmm`` (inner dimension 1) computes several times slower
+            # than ``addcmul`` (benchmarks/README.md, "the per-sample LoRA"); for rank > 1
+            # ``baddbmm`` adds it without a separate pass over ``y``. The scale multiplies the
+            # update ``(h @ b)``, as before, through the kernels' ``value``/``alpha``.
             if not self.conv:
                 h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))  # (n, L, r)
-                upd = torch.bmm(h, b.transpose(1, 2)).reshape(y.shape)
+                y3 = y.reshape(n, -1, y.shape[-1])  # (n, L, out)
+                bt = b.transpose(1, 2)  # (n, r, out)
+                if r == 1:
+                    out = torch.addcmul(y3, h, bt, value=self.scale)
+                else:
+                    out = torch.baddbmm(y3, h, bt, alpha=self.scale)
+                return out.reshape(y.shape)
+            base = self.base_layer
+            if a.ndim == 3:  # linear-style factors on a 1x1 conv
+                a = a[..., None, None]
+            c, hgt, wid = x.shape[1:]
+            h = F.conv2d(
+                x.reshape(1, n * c, hgt, wid),
+                a.reshape(n * r, *a.shape[2:]),
+                stride=base.stride,
+                padding=base.padding,
+                dilation=base.dilation,
+                groups=n,
+            ).reshape(n, r, -1)  # (n, r, H'W')
+            y3 = y.reshape(n, y.shape[1], -1)  # (n, out, H'W')
+            if r == 1:
+                out = torch.addcmul(y3, b, h, value=self.scale)
             else:
-                base = self.base_layer
-                r = a.shape[1]
-                if a.ndim == 3:  # linear-style factors on a 1x1 conv
-                    a = a[..., None, None]
-                c, hgt, wid = x.shape[1:]
-                h = F.conv2d(
-                    x.reshape(1, n * c, hgt, wid),
-                    a.reshape(n * r, *a.shape[2:]),
-                    stride=base.stride,
-                    padding=base.padding,
-                    dilation=base.dilation,
-                    groups=n,
-                )  # (1, n*r, H', W')
-                upd = torch.bmm(b, h.reshape(n, r, -1)).reshape(y.shape)
-            return y + (upd if self.scale == 1.0 else self.scale * upd)
+                out = torch.baddbmm(y3, b, h, alpha=self.scale)
+            return out.reshape(y.shape)
 
     _LAYER_CLASS = BankLayer
     return BankLayer

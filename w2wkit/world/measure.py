@@ -100,6 +100,7 @@ def zoo_fidelity(
     settings: FidelitySettings,
     rng: np.random.Generator,
     workers: int = 1,
+    tested: Any = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Measure zoo fidelity and seed consistency of stacked zoo models.
 
@@ -121,6 +122,9 @@ def zoo_fidelity(
         Draws the tested models and the candidates.
     workers : int
         Processes for the reference renders.
+    tested : sequence of int, optional
+        The models to test (bank rows) instead of ``settings.models`` drawn at
+        random; the candidates are still drawn from ``rng``.
 
     Returns
     -------
@@ -140,7 +144,12 @@ def zoo_fidelity(
     m = len(specs)
     if m < 2:
         raise W2WError(f"the {concept} zoo has {m} model(s); fidelity needs at least 2")
-    test = rng.permutation(m)[: min(settings.models, m)]
+    if tested is None:
+        test = rng.permutation(m)[: min(settings.models, m)]
+    else:
+        test = np.asarray(tested, dtype=np.int64).reshape(-1)
+        if test.size == 0 or test.min() < 0 or test.max() >= m or len(set(test)) < test.size:
+            raise W2WError(f"tested models must be distinct rows of the {m}-model bank")
     k = int(settings.generations)
     model_index = np.repeat(test, k)
     seeds = np.tile(np.arange(k), len(test)) + 10_000

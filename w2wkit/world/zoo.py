@@ -9,7 +9,10 @@ each sample of a batch goes through its own model's LoRA::
     out[s] = W x[s] + (alpha / r) * B[idx[s]] @ A[idx[s]] @ x[s]
 
 so each model is trained exactly as if alone, from the paper's shared
-initialisation. This module adds the zoo around it: which instances (jobs),
+initialisation. It is the function :func:`w2wkit.train` calls for each batch: ``train`` on
+the world's pictures exported as instance folders writes bit for bit the models
+:func:`train_zoo` writes (``tests/test_world_zoo_train.py``). This module adds the zoo
+around it: which instances (jobs),
 their training pictures, chunks of models per batch, worker processes, files,
 labels, the manifest and continued training (start factors). The per-model
 random draws (picture index, noise, timestep) come from a per-model generator
