@@ -142,6 +142,21 @@ def _missing_on_worker(path: str) -> bool:
     return not os.access(path, os.R_OK)
 
 
+def _stamp(path: str, st: os.stat_result | None = None) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of a file; of a folder (PEFT), summed sizes and the latest
+    modification time of the files in it."""
+    st = st if st is not None else os.stat(path)
+    if not os.path.isdir(path):
+        return int(st.st_size), int(st.st_mtime_ns)
+    size, mtime = 0, 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            s = os.stat(os.path.join(root, name))
+            size += int(s.st_size)
+            mtime = max(mtime, int(s.st_mtime_ns))
+    return size, mtime
+
+
 class _Sink:
     """Takes the rows of a scan block one at a time and keeps their shifted sums (float64)."""
 
@@ -200,8 +215,7 @@ def _scan_task(paths: Sequence[str], fmt: str | None, allow_pickle: bool) -> dic
                 if lay.signature == first:
                     assert sink is not None
                     sink[i] = lay.flatten(ad)
-            st = os.stat(paths[i])
-            stamps.append((int(st.st_size), int(st.st_mtime_ns)))
+            stamps.append(_stamp(paths[i]))
     except (FormatError, OSError) as exc:
         path = getattr(exc, "path", None) or getattr(exc, "filename", None)
         if path is not None and _missing_on_worker(str(path)):
@@ -262,15 +276,19 @@ def _read_rows(
     fast = _template(ctx)
     out = np.empty((len(paths), ctx.layout.dim), dtype=np.float32)
     for j, p in enumerate(paths):
+        raw = None
         try:
-            with open(p, "rb", buffering=0) as fh:
-                st = os.fstat(fh.fileno())
-                raw = fh.read() if fast is not None else None
+            if os.path.isdir(p):  # a PEFT folder: the ordinary reader
+                stamp = _stamp(p)
+            else:
+                with open(p, "rb", buffering=0) as fh:
+                    stamp = _stamp(p, os.fstat(fh.fileno()))
+                    raw = fh.read() if fast is not None else None
         except OSError as exc:
             if _missing_on_worker(p):
                 raise _unseen(p, exc) from None
             raise SpaceError(f"cannot read the file on a worker: {exc}", path=p) from None
-        if (int(st.st_size), int(st.st_mtime_ns)) != tuple(stamps[j]):
+        if stamp != tuple(stamps[j]):
             raise SpaceError(
                 "the file changed during the fit (its size or modification time differs "
                 "from the scan's)",
