@@ -1,8 +1,9 @@
 """Benchmark: ``fit --cluster local:2`` against the single process on the same 2 cores.
 
-N rank-1 SD1.5 kohya LoRAs (the paper's layout, d = 99,648; ``_kohya_synth.write_factor_collection``,
-as ``bench_fit_files.py`` writes them), k = min(1000, N - 1). For each solver, two contenders run
-in fresh processes, interleaved (single, cluster, single, cluster ... per round):
+N rank-1 SD1.5 kohya LoRAs (the paper's layout, d = 99,648, written by
+``_kohya_synth.write_factor_collection`` as in ``bench_fit_files.py``), k = min(1000, N - 1).
+For each solver, two contenders run in fresh processes, interleaved (single, cluster, single,
+cluster ... per round):
 
 ``single``  (the anchor)
     ``WeightSpace(k, solver=S).fit(Collection(folder))`` -- what ``w2wkit fit DIR -k K`` does,

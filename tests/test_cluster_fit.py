@@ -22,12 +22,12 @@ from click.testing import CliRunner
 
 pytest.importorskip("distributed")
 
-from w2wkit.cli.main import cli  # noqa: E402
-from w2wkit.cluster import ClusterError, open_client  # noqa: E402
-from w2wkit.collection import Collection  # noqa: E402
-from w2wkit.errors import LayoutError, SpaceError  # noqa: E402
-from w2wkit.formats import write_adapter  # noqa: E402
-from w2wkit.space import WeightSpace  # noqa: E402
+from w2wkit.cli.main import cli
+from w2wkit.cluster import ClusterError, open_client
+from w2wkit.collection import Collection
+from w2wkit.errors import LayoutError, SpaceError
+from w2wkit.formats import write_adapter
+from w2wkit.space import WeightSpace
 
 N = 48
 K = 6
@@ -104,13 +104,13 @@ class _ExitOnKthTask:
     def __init__(self, marker: str, prefix: str, k: int) -> None:
         self.marker, self.prefix, self.k = marker, prefix, k
 
-    def setup(self, worker) -> None:  # noqa: D102 - WorkerPlugin protocol
+    def setup(self, worker) -> None:
         pass
 
-    def teardown(self, worker) -> None:  # noqa: D102
+    def teardown(self, worker) -> None:
         pass
 
-    def transition(self, key, start, finish, **kwargs) -> None:  # noqa: D102
+    def transition(self, key, start, finish, **kwargs) -> None:
         name = key if isinstance(key, str) else str(key)
         if finish != "executing" or not name.startswith(self.prefix):
             return
@@ -196,8 +196,6 @@ def test_workers_that_cannot_see_the_files(client, models: Path, tmp_path: Path)
 
 
 def test_cluster_fit_refusals(client, models: Path) -> None:
-    from w2wkit.synthetic import sd15_qv_shapes  # noqa: F401 - any in-memory adapters do
-
     with pytest.raises(SpaceError, match="factors representation only"):
         WeightSpace(K, representation="delta").fit(Collection(models), client=client)
     lay = layout(rank=1, shapes=SHAPES)
@@ -268,9 +266,9 @@ def test_cli_unreachable_scheduler(models: Path, tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = tmp_path / "space"
+    argv = ["fit", str(models), "-o", str(out), "-k", "3", "--cluster", f"tcp://127.0.0.1:{port}"]
     res = subprocess.run(
-        [sys.executable, "-m", "w2wkit.cli.main", "fit", str(models), "-o", str(out)]
-        + ["-k", "3", "--cluster", f"tcp://127.0.0.1:{port}"],
+        [sys.executable, "-m", "w2wkit.cli.main", *argv],
         capture_output=True,
         text=True,
         timeout=120,
@@ -286,7 +284,8 @@ def test_cli_fit_cluster_writes_the_same_space(models: Path, tmp_path: Path) -> 
     a, b = tmp_path / "single", tmp_path / "cluster"
     common = ["-k", "4", "--solver", "randomized", "--seed", "1"]
     assert CliRunner().invoke(cli, ["fit", str(models), "-o", str(a), *common]).exit_code == 0
-    res = CliRunner().invoke(cli, ["fit", str(models), "-o", str(b), *common, "--cluster", "local:2"])
+    argv = ["fit", str(models), "-o", str(b), *common, "--cluster", "local:2"]
+    res = CliRunner().invoke(cli, argv)
     assert res.exit_code == 0, res.output
     sa, sb = WeightSpace.load(a), WeightSpace.load(b)
     _assert_same_fit(sa, sb)
