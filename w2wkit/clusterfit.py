@@ -105,7 +105,17 @@ class FileRows:
     stamps: list[tuple[int, int]]
     format: str | None = None
     allow_pickle: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
+    #: the scan's row blocks ``(lo, hi)``; with ``sources`` the passes use the same blocks
+    blocks: list[tuple[int, int]] = field(default_factory=list)
+    #: futures of the row blocks the workers hold (``keep_rows``), else None: read the files
+    sources: list[Any] | None = None
+
+    def release(self) -> None:
+        """Let the workers drop the row blocks they hold."""
+        for fut in self.sources or ():
+            with contextlib.suppress(Exception):
+                fut.release()
+        self.sources = None
 
     @property
     def n_rows(self) -> int:
@@ -158,16 +168,20 @@ def _stamp(path: str, st: os.stat_result | None = None) -> tuple[int, int]:
 
 
 class _Sink:
-    """Takes the rows of a scan block one at a time and keeps their shifted sums (float64)."""
+    """Takes the rows of a scan block one at a time and keeps their shifted sums (float64);
+    with ``keep`` the rows too, in one ``(m, d)`` float32 block."""
 
-    def __init__(self, m: int, d: int) -> None:
+    def __init__(self, m: int, d: int, keep: bool = False) -> None:
         self.shape = (m, d)
+        self.rows = np.zeros((m, d), dtype=np.float32) if keep else None
         self.shift: np.ndarray | None = None
         self.total = np.zeros(d)
         self.total_sq = np.zeros(d)
         self.count = 0
 
     def __setitem__(self, i: int, row: np.ndarray) -> None:
+        if self.rows is not None:
+            self.rows[i] = row
         if self.shift is None:
             self.shift = np.asarray(row, dtype=np.float64).copy()
         diff = row - self.shift
@@ -176,8 +190,11 @@ class _Sink:
         self.count += 1
 
 
-def _scan_task(paths: Sequence[str], fmt: str | None, allow_pickle: bool) -> dict[str, Any]:
-    """Read, validate and hash a block of files on a worker; return their summaries.
+def _scan_task(
+    paths: Sequence[str], fmt: str | None, allow_pickle: bool, keep: bool = False
+) -> dict[str, Any]:
+    """Read, validate and hash a block of files on a worker; return their summaries (and
+    with ``keep`` the rows, ``rows`` (m, d) float32, which stay on the worker).
 
     Returns
     -------
@@ -210,7 +227,7 @@ def _scan_task(paths: Sequence[str], fmt: str | None, allow_pickle: bool) -> dic
                 layouts.setdefault(lay.signature, lay)
                 if first is None:
                     first = lay.signature
-                    sink = _Sink(len(paths), lay.dim)
+                    sink = _Sink(len(paths), lay.dim, keep)
                     sub._fast_layout = lay
                 if lay.signature == first:
                     assert sink is not None
@@ -232,7 +249,18 @@ def _scan_task(paths: Sequence[str], fmt: str | None, allow_pickle: bool) -> dic
         "shift": sink.shift,
         "total": sink.total,
         "total_sq": sink.total_sq,
+        "rows": sink.rows,
     }
+
+
+def _pick(result: dict[str, Any], name: str) -> Any:
+    """One entry of a task's result (a task of its own: the rows stay where they are)."""
+    return result[name]
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    """A scan task's result without its rows (what the driver fetches)."""
+    return {key: value for key, value in result.items() if key != "rows"}
 
 
 @dataclass
@@ -308,14 +336,27 @@ def _read_rows(
     return out
 
 
-def _sub_blocks(
-    ctx: _Context, paths: Sequence[str], stamps: Sequence[tuple[int, int]]
-) -> Iterator[tuple[int, np.ndarray]]:
-    """``(offset, rows)`` of ``paths`` in sub-blocks of about :data:`SUB_BLOCK_BYTES`,
-    the next one read in a background thread while the caller multiplies."""
+#: A task's rows: a block the workers hold (b, d) float32, or ``(paths, stamps)`` to read.
+Source = Any
+
+
+def _source_rows(src: Source) -> int:
+    return int(src.shape[0]) if isinstance(src, np.ndarray) else len(src[0])
+
+
+def _sub_blocks(ctx: _Context, src: Source) -> Iterator[tuple[int, np.ndarray]]:
+    """``(offset, standardised rows)`` of a source in sub-blocks of about
+    :data:`SUB_BLOCK_BYTES`; files are read one sub-block ahead in a background thread."""
     from w2wkit.solvers import _prefetch
 
     step = max(1, SUB_BLOCK_BYTES // (4 * max(ctx.layout.dim, 1)))
+    if isinstance(src, np.ndarray):
+        for lo in range(0, src.shape[0], step):
+            z = src[lo : lo + step] - ctx.mean32  # the single-process fit's float32 operations
+            z /= ctx.scale32
+            yield lo, z
+        return
+    paths, stamps = src
 
     def gen() -> Iterator[tuple[int, np.ndarray]]:
         for lo in range(0, len(paths), step):
@@ -326,8 +367,7 @@ def _sub_blocks(
 
 def _krylov_task(
     ctx: _Context,
-    paths: Sequence[str],
-    stamps: Sequence[tuple[int, int]],
+    src: Source,
     q: np.ndarray,
     full: bool,
     want_sumsq: bool,
@@ -337,10 +377,10 @@ def _krylov_task(
     from w2wkit.solvers import _check_finite_rows, _NumpyOps
 
     ops = _NumpyOps()
-    y = np.empty((len(paths), q.shape[1]), dtype=np.float32)
+    y = np.empty((_source_rows(src), q.shape[1]), dtype=np.float32)
     w = np.zeros((q.shape[0], q.shape[1]), dtype=np.float32) if full else None
     sumsq = 0.0
-    for lo, z in _sub_blocks(ctx, paths, stamps):
+    for lo, z in _sub_blocks(ctx, src):
         if want_sumsq:
             sumsq += float(np.einsum("ij,ij->i", z, z).sum(dtype=np.float64))
         yb = ops.block_matmul(z, q)
@@ -351,42 +391,28 @@ def _krylov_task(
     return y, w, sumsq
 
 
-def _gram_tile_task(
-    ctx: _Context,
-    rows_i: Sequence[str],
-    stamps_i: Sequence[tuple[int, int]],
-    rows_j: Sequence[str] | None,
-    stamps_j: Sequence[tuple[int, int]] | None,
-    dtype: str,
-) -> np.ndarray:
-    """``Z_I Z_J^T`` (|I|, |J|) in ``dtype`` (``rows_j`` None: the diagonal tile ``Z_I Z_I^T``)."""
+def _gram_tile_task(ctx: _Context, src_i: Source, src_j: Source | None, dtype: str) -> np.ndarray:
+    """``Z_I Z_J^T`` (|I|, |J|) in ``dtype`` (``src_j`` None: the diagonal tile ``Z_I Z_I^T``)."""
     dt = np.dtype(dtype)
-    tile = np.empty((len(rows_i), ctx.layout.dim), dtype=dt)
-    for lo, z in _sub_blocks(ctx, rows_i, stamps_i):
+    tile = np.empty((_source_rows(src_i), ctx.layout.dim), dtype=dt)
+    for lo, z in _sub_blocks(ctx, src_i):
         tile[lo : lo + z.shape[0]] = z
-    if rows_j is None:
+    if src_j is None:
         return tile @ tile.T  # one symmetric product (BLAS ?syrk)
-    assert stamps_j is not None
-    out = np.empty((len(rows_i), len(rows_j)), dtype=dt)
-    for lo, z in _sub_blocks(ctx, rows_j, stamps_j):
+    out = np.empty((tile.shape[0], _source_rows(src_j)), dtype=dt)
+    for lo, z in _sub_blocks(ctx, src_j):
         out[:, lo : lo + z.shape[0]] = tile @ z.astype(dt, copy=False).T
     return out
 
 
-def _components_task(
-    ctx: _Context,
-    paths: Sequence[str],
-    stamps: Sequence[tuple[int, int]],
-    proj: np.ndarray,
-    dtype: str,
-) -> np.ndarray:
+def _components_task(ctx: _Context, src: Source, proj: np.ndarray, dtype: str) -> np.ndarray:
     """``proj^T Z_b`` (k, d) of a row block (``proj`` (b, k), the block's rows of ``U / s``)."""
     dt = np.dtype(dtype)
     comp = np.zeros((proj.shape[1], ctx.layout.dim), dtype=dt)
     from w2wkit.solvers import _NumpyOps
 
     ops = _NumpyOps()
-    for lo, z in _sub_blocks(ctx, paths, stamps):
+    for lo, z in _sub_blocks(ctx, src):
         p = np.ascontiguousarray(proj[lo : lo + z.shape[0]].T, dtype=dt)
         if dt == np.float32:
             ops.add_ab(comp, p, z)  # comp += p @ z in place (no (k, d) temporary)
@@ -421,8 +447,15 @@ def _cluster_errors() -> Iterator[None]:
                 hint="give the workers more memory, or raise "
                 "distributed.scheduler.allowed-failures",
             ) from None
+        import asyncio
+        import concurrent.futures
+
         from distributed.comm.core import CommClosedError
 
+        if isinstance(exc, asyncio.CancelledError | concurrent.futures.CancelledError):
+            raise ClusterError(
+                "the fit's tasks were cancelled on the cluster (was the scheduler restarted?)"
+            ) from None
         if isinstance(exc, CommClosedError | OSError | TimeoutError):
             raise ClusterError(f"lost the dask scheduler during the fit ({exc})") from None
         raise
@@ -475,6 +508,7 @@ def scan_files(
     coll: Collection,
     progress: Progress | None = None,
     *,
+    keep_rows: bool = True,
     files_per_task: int = SCAN_FILES,
 ) -> FileRows:
     """Read, validate and hash every file of ``coll`` on the workers (the cluster scan).
@@ -488,8 +522,14 @@ def scan_files(
         :meth:`Collection.scan_factors` sets them.
     progress : callable, optional
         ``progress("read", done, total)``.
+    keep_rows : bool
+        The scan's tasks keep their rows (one float32 block per task, ``BLOCKS_PER_WORKER``
+        blocks per worker) in the workers' memory, where the passes use them: the files are
+        read once. Dask spills blocks to the workers' local disk past their memory limit and
+        recomputes the blocks of a worker that died from the files. False: every pass reads
+        the files again (nothing held between passes).
     files_per_task : int
-        Files per scan task.
+        Files per scan task without ``keep_rows``.
 
     Returns
     -------
@@ -516,18 +556,35 @@ def scan_files(
     n = len(coll)
     paths = [_absolute(f) for f in coll.files]
     token = uuid.uuid4().hex[:8]
-    blocks = _row_blocks(n, math.ceil(n / max(1, files_per_task)))
-    futures = [
-        client.submit(
-            _scan_task,
-            paths[lo:hi],
-            coll.format,
-            coll.allow_pickle,
-            key=f"w2wkit-scan-{token}-{b}",
-            retries=0,
+    if keep_rows:
+        blocks = _row_blocks(n, BLOCKS_PER_WORKER * max(1, worker_count(client)))
+    else:
+        blocks = _row_blocks(n, math.ceil(n / max(1, files_per_task)))
+    with _cluster_errors():
+        scans = [
+            client.submit(
+                _scan_task,
+                paths[lo:hi],
+                coll.format,
+                coll.allow_pickle,
+                keep_rows,
+                key=f"w2wkit-scan-{token}-{b}",
+            )
+            for b, (lo, hi) in enumerate(blocks)
+        ]
+        futures = [
+            client.submit(_summary, f, key=f"w2wkit-summary-{token}-{b}")
+            for b, f in enumerate(scans)
+        ]
+        sources = (
+            [
+                client.submit(_pick, f, "rows", key=f"w2wkit-rows-{token}-{b}")
+                for b, f in enumerate(scans)
+            ]
+            if keep_rows
+            else None
         )
-        for b, (lo, hi) in enumerate(blocks)
-    ]
+    del scans  # the row blocks and the summaries keep what they need
     sizes = [hi - lo for lo, hi in blocks]
     manifest: list[dict[str, Any]] = []
     families: list[str] = []
@@ -567,6 +624,9 @@ def scan_files(
         count += m
     coll.manifest = manifest
     coll.families = families
+    if len(groups) > 1 or sources is None:
+        for fut in sources or ():
+            fut.release()
     if len(groups) > 1:
         raise LayoutError(
             f"models do not share one factor layout: {describe_layout_groups(groups, layouts)}",
@@ -586,6 +646,8 @@ def scan_files(
         stamps=stamps,
         format=coll.format,
         allow_pickle=coll.allow_pickle,
+        blocks=blocks,
+        sources=sources,
     )
 
 
@@ -617,7 +679,12 @@ class _Runner:
             self.ctx = client.scatter(ctx, broadcast=True, hash=False)
         self.token = uuid.uuid4().hex[:8]
         self.workers = max(1, worker_count(client))
-        self.blocks = _row_blocks(rows.n_rows, BLOCKS_PER_WORKER * self.workers)
+        if rows.sources is not None:
+            self.blocks = list(rows.blocks)
+            self.sources: list[Any] = list(rows.sources)
+        else:
+            self.blocks = _row_blocks(rows.n_rows, BLOCKS_PER_WORKER * self.workers)
+            self.sources = [self.files(lo, hi) for lo, hi in self.blocks]
         self.calls = 0
 
     def key(self, what: str, b: int) -> str:
@@ -628,6 +695,7 @@ class _Runner:
             return self.client.scatter(a, broadcast=True, hash=False)
 
     def files(self, lo: int, hi: int) -> tuple[list[str], list[tuple[int, int]]]:
+        """The source that reads rows ``lo:hi`` from their files."""
         return self.rows.files[lo:hi], self.rows.stamps[lo:hi]
 
 
@@ -645,14 +713,12 @@ def _make_cluster_krylov(runner: _Runner) -> type:
             t0 = time.perf_counter()
             qf = runner.scatter(q)
             futures = []
-            for b, (lo, hi) in enumerate(runner.blocks):
-                paths, stamps = runner.files(lo, hi)
+            for b, src in enumerate(runner.sources):
                 futures.append(
                     runner.client.submit(
                         _krylov_task,
                         runner.ctx,
-                        paths,
-                        stamps,
+                        src,
                         qf,
                         full,
                         first,
@@ -705,9 +771,15 @@ def _fit_gram_files(runner: _Runner, stream: _ClusterStream, k: int, tile_bytes:
     n, d = stream.n_rows, stream.n_cols
     dtype = np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
     itemsize = np.dtype(dtype).itemsize
-    tile_rows = max(1, min(n, tile_bytes // max(1, d * itemsize)))
-    # at least two tiles per worker when the rows allow (balance), never above the tile bytes
-    tiles = _row_blocks(n, max(math.ceil(n / tile_rows), min(n, runner.workers)))
+    if runner.rows.sources is not None:
+        # the tiles are the row blocks the workers hold; a pair task on another worker than
+        # one of its blocks gets it from that worker (no file is read again)
+        tiles, sources = runner.blocks, runner.sources
+    else:
+        tile_rows = max(1, min(n, tile_bytes // max(1, d * itemsize)))
+        # at least one tile per worker when the rows allow, never above the tile bytes
+        tiles = _row_blocks(n, max(math.ceil(n / tile_rows), min(n, runner.workers)))
+        sources = [runner.files(lo, hi) for lo, hi in tiles]
     client = runner.client
     t0 = time.perf_counter()
     runner.calls += 1
@@ -715,16 +787,12 @@ def _fit_gram_files(runner: _Runner, stream: _ClusterStream, k: int, tile_bytes:
     pairs = [(i, j) for i in range(len(tiles)) for j in range(i, len(tiles))]
     futures = []
     for b, (i, j) in enumerate(pairs):
-        pi, si = runner.files(*tiles[i])
-        pj, sj = (None, None) if i == j else runner.files(*tiles[j])
         futures.append(
             client.submit(
                 _gram_tile_task,
                 runner.ctx,
-                pi,
-                si,
-                pj,
-                sj,
+                sources[i],
+                None if i == j else sources[j],
                 np.dtype(dtype).name,
                 key=runner.key("gram", b),
             )
@@ -748,14 +816,12 @@ def _fit_gram_files(runner: _Runner, stream: _ClusterStream, k: int, tile_bytes:
     stream.n_passes += 1
     comp_dtype = np.float64 if dtype == np.float64 else np.float32
     futures = []
-    for b, (lo, hi) in enumerate(runner.blocks):
-        paths, stamps = runner.files(lo, hi)
+    for b, ((lo, hi), src) in enumerate(zip(runner.blocks, runner.sources, strict=True)):
         futures.append(
             client.submit(
                 _components_task,
                 runner.ctx,
-                paths,
-                stamps,
+                src,
                 np.ascontiguousarray(proj[lo:hi]),
                 np.dtype(comp_dtype).name,
                 key=runner.key("components", b),

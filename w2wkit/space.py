@@ -600,17 +600,20 @@ class WeightSpace:
         timings = {"read": time.perf_counter() - t0}
         n, d = rows.n_rows, rows.dim
         k = self._check_k(n, d)
-        _, mean32, scale32, total_var = self._standardisation(rows.mean, rows.var, n)
-        res = fit_pca_files(
-            client,
-            rows,
-            k,
-            mean32,
-            scale32,
-            solver=self.solver,
-            random_state=self.random_state,
-            progress=cb,
-        )
+        try:
+            _, mean32, scale32, total_var = self._standardisation(rows.mean, rows.var, n)
+            res = fit_pca_files(
+                client,
+                rows,
+                k,
+                mean32,
+                scale32,
+                solver=self.solver,
+                random_state=self.random_state,
+                progress=cb,
+            )
+        finally:
+            rows.release()
         self._set_factors_result(res, rows.layout, mean32, scale32, total_var, n, timings)
         self.info_["cluster_workers"] = (res.info or {}).get("cluster_workers")
 
