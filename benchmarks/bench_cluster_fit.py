@@ -177,7 +177,10 @@ def main() -> None:
                     )
                     / runs["single"]["wall_s"],
                     "sv_max_rel_diff": float(np.max(np.abs(sb / sa - 1.0))),
+                    "sv_mean_rel_diff": float(np.mean(np.abs(sb / sa - 1.0))),
                     "subspace_angle_rad": _angle(ca, cb),
+                    # the top half: singular values well apart from the noise floor at k
+                    "subspace_angle_top_half_rad": _angle(ca[: k // 2], cb[: k // 2]),
                     "generate_s": gen_s,
                     "machine": machine(),
                 }
