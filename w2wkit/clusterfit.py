@@ -336,8 +336,17 @@ def _read_rows(
     return out
 
 
-#: A task's rows: a block the workers hold (b, d) float32, or ``(paths, stamps)`` to read.
+#: A task's rows: a standardised block the workers hold (b, d) float32 (see
+#: :func:`_standardise_task`), or ``(paths, stamps)``: the files to read and standardise.
 Source = Any
+
+
+def _standardise_task(ctx: _Context, raw: np.ndarray) -> np.ndarray:
+    """A held row block standardised as the single-process fit does, ``(raw - mean) / scale``
+    (b, d) float32: a new block (the raw one is released once every block is done)."""
+    out = raw - ctx.mean32
+    out /= ctx.scale32
+    return out
 
 
 def _source_rows(src: Source) -> int:
@@ -350,11 +359,9 @@ def _sub_blocks(ctx: _Context, src: Source) -> Iterator[tuple[int, np.ndarray]]:
     from w2wkit.solvers import _prefetch
 
     step = max(1, SUB_BLOCK_BYTES // (4 * max(ctx.layout.dim, 1)))
-    if isinstance(src, np.ndarray):
+    if isinstance(src, np.ndarray):  # standardised already: views, no copies
         for lo in range(0, src.shape[0], step):
-            z = src[lo : lo + step] - ctx.mean32  # the single-process fit's float32 operations
-            z /= ctx.scale32
-            yield lo, z
+            yield lo, src[lo : lo + step]
         return
     paths, stamps = src
 
@@ -394,11 +401,16 @@ def _krylov_task(
 def _gram_tile_task(ctx: _Context, src_i: Source, src_j: Source | None, dtype: str) -> np.ndarray:
     """``Z_I Z_J^T`` (|I|, |J|) in ``dtype`` (``src_j`` None: the diagonal tile ``Z_I Z_I^T``)."""
     dt = np.dtype(dtype)
-    tile = np.empty((_source_rows(src_i), ctx.layout.dim), dtype=dt)
-    for lo, z in _sub_blocks(ctx, src_i):
-        tile[lo : lo + z.shape[0]] = z
+    if isinstance(src_i, np.ndarray) and src_i.dtype == dt:
+        tile = src_i  # a held block, multiplied as it is
+    else:
+        tile = np.empty((_source_rows(src_i), ctx.layout.dim), dtype=dt)
+        for lo, z in _sub_blocks(ctx, src_i):
+            tile[lo : lo + z.shape[0]] = z
     if src_j is None:
         return tile @ tile.T  # one symmetric product (BLAS ?syrk)
+    if isinstance(src_j, np.ndarray) and src_j.dtype == dt:
+        return tile @ src_j.T
     out = np.empty((tile.shape[0], _source_rows(src_j)), dtype=dt)
     for lo, z in _sub_blocks(ctx, src_j):
         out[:, lo : lo + z.shape[0]] = tile @ z.astype(dt, copy=False).T
@@ -678,14 +690,28 @@ class _Runner:
         with _cluster_errors():
             self.ctx = client.scatter(ctx, broadcast=True, hash=False)
         self.token = uuid.uuid4().hex[:8]
+        self.calls = 0
         self.workers = max(1, worker_count(client))
+        #: the rows are blocks the workers hold (else every pass reads the files)
+        self.held = rows.sources is not None
         if rows.sources is not None:
             self.blocks = list(rows.blocks)
-            self.sources: list[Any] = list(rows.sources)
+            with _cluster_errors():
+                self.sources: list[Any] = [
+                    client.submit(_standardise_task, self.ctx, raw, key=self.key("std", b))
+                    for b, raw in enumerate(rows.sources)
+                ]
+            rows.release()  # the raw blocks go once the standardised ones exist
         else:
             self.blocks = _row_blocks(rows.n_rows, BLOCKS_PER_WORKER * self.workers)
             self.sources = [self.files(lo, hi) for lo, hi in self.blocks]
-        self.calls = 0
+
+    def close(self) -> None:
+        """Let the workers drop the standardised blocks and the context."""
+        for fut in [*(f for f in self.sources if not isinstance(f, tuple)), self.ctx]:
+            with contextlib.suppress(Exception):
+                fut.release()
+        self.sources = []
 
     def key(self, what: str, b: int) -> str:
         return f"w2wkit-{what}-{self.token}-{self.calls}-{b}"
@@ -771,7 +797,7 @@ def _fit_gram_files(runner: _Runner, stream: _ClusterStream, k: int, tile_bytes:
     n, d = stream.n_rows, stream.n_cols
     dtype = np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
     itemsize = np.dtype(dtype).itemsize
-    if runner.rows.sources is not None:
+    if runner.held:
         # the tiles are the row blocks the workers hold; a pair task on another worker than
         # one of its blocks gets it from that worker (no file is read again)
         tiles, sources = runner.blocks, runner.sources
@@ -901,21 +927,24 @@ def fit_pca_files(
         solver = "gram"  # the same decomposition, exact up to rounding of the products
     runner = _Runner(client, rows, mean32, scale32)
     stream = _ClusterStream(rows, progress)
-    if solver == "gram":
-        return _fit_gram_files(runner, stream, k, tile_bytes)
-    from w2wkit.solvers import DEFAULT_N_ITER, _NumpyOps
+    try:
+        if solver == "gram":
+            return _fit_gram_files(runner, stream, k, tile_bytes)
+        from w2wkit.solvers import DEFAULT_N_ITER, _NumpyOps
 
-    q = DEFAULT_N_ITER if n_iter is None else n_iter
-    for res in _randomized_checkpoints(
-        stream,  # type: ignore[arg-type]
-        k,
-        [q],
-        random_state,
-        _NumpyOps(),
-        block_size=block_size,
-        krylov_class=_make_cluster_krylov(runner),
-    ):
-        assert res.info is not None
-        res.info["cluster_workers"] = runner.workers
-        return res
-    raise AssertionError("unreachable")  # pragma: no cover
+        q = DEFAULT_N_ITER if n_iter is None else n_iter
+        for res in _randomized_checkpoints(
+            stream,  # type: ignore[arg-type]
+            k,
+            [q],
+            random_state,
+            _NumpyOps(),
+            block_size=block_size,
+            krylov_class=_make_cluster_krylov(runner),
+        ):
+            assert res.info is not None
+            res.info["cluster_workers"] = runner.workers
+            return res
+        raise AssertionError("unreachable")  # pragma: no cover
+    finally:
+        runner.close()
