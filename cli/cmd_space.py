@@ -13,6 +13,7 @@ from w2wkit.cli.common import (
     DEFAULT_SPACE,
     allow_pickle_option,
     byte_progress,
+    cluster_option,
     console,
     energy_option,
     for_option,
@@ -82,6 +83,7 @@ def _load(path: Path, no_verify: bool = False):
     is_flag=True,
     help="Print the wall time of each phase next to its hardware floor (rates measured here).",
 )
+@cluster_option
 @force_option
 @allow_pickle_option
 def fit_cmd(
@@ -94,6 +96,7 @@ def fit_cmd(
     no_standardize: bool,
     seed: int,
     profile: bool,
+    cluster: str | None,
     force: bool,
     allow_pickle: bool,
 ) -> None:
@@ -104,6 +107,7 @@ def fit_cmd(
       w2wkit fit ./loras/                       # writes ./w2w-space
       w2wkit fit ./loras/ -o faces -k 500 --labels attrs.csv
       w2wkit fit "./mixed/*.safetensors" --representation delta
+      w2wkit fit /shared/loras/ --cluster tcp://scheduler:8786   # workers read the files
     """
     from w2wkit.atomic import recover
     from w2wkit.collection import Collection
@@ -120,7 +124,25 @@ def fit_cmd(
         standardize=not no_standardize,
         random_state=seed,
     )
-    space.fit(coll, labels=labels, progress=not quiet_enabled(), profile=profile)
+    if cluster is None:
+        space.fit(coll, labels=labels, progress=not quiet_enabled(), profile=profile)
+    else:
+        from w2wkit.cluster import dashboard_link, open_client, parse_cluster
+
+        spec = parse_cluster(cluster)  # a bad value fails before anything starts
+        space._check_params()
+        space._check_cluster_fit(coll)
+        with open_client(spec) as client:
+            link = dashboard_link(client)
+            if link:
+                note(f"dask dashboard: {link}")
+            space.fit(
+                coll,
+                labels=labels,
+                progress=not quiet_enabled(),
+                profile=profile,
+                client=client,
+            )
     space.save(out, overwrite=force)
     ratio = float(np.sum(space.explained_variance_ratio_))
     console.print(

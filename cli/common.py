@@ -80,6 +80,7 @@ PARAM_NAMES = {
     "overwrite": "force",
     "verify": "no_verify",
     "edit_calibration_pool": "calibrate_on",
+    "client": "cluster",
 }
 
 #: Library calls a message may point to (backticked, exactly as here) -> the command that

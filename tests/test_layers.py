@@ -68,6 +68,7 @@ LAYERS: dict[str, int] = {
     "w2wkit.edits": 3,
     "w2wkit.persist": 3,
     "w2wkit.space": 3,
+    "w2wkit.clusterfit": 3,
     "w2wkit.importers": 3,
     # 4 - learning directions (probes, disentanglement); synthetic collections
     "w2wkit.directions": 4,

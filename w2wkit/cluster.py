@@ -183,7 +183,9 @@ def open_client(
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
             resources=resources,
-            silence_logs=logging.ERROR,
+            # a task's error reaches the caller as one line; the workers' own log of it
+            # (a traceback per failed task) would only repeat it on the terminal
+            silence_logs=logging.CRITICAL,
         )
         try:
             with Client(local) as client:

@@ -356,6 +356,7 @@ class WeightSpace:
         labels: str | os.PathLike[str] | dict[str, Any] | None = None,
         progress: bool = False,
         profile: bool = False,
+        client: Any = None,
     ) -> WeightSpace:
         """Fit the space.
 
@@ -374,6 +375,13 @@ class WeightSpace:
             of each phase of the fit next to its floor
             (:meth:`w2wkit.floor.Profile.as_dict`). The phase times alone are
             always in ``info_["timings"]``.
+        client : distributed.Client or str, optional
+            Run the scan and every solver pass as tasks on a Dask cluster (a Client, or a
+            ``--cluster`` value: ``local:N``, ``tcp://HOST:PORT``, a scheduler file); see
+            :mod:`w2wkit.clusterfit` and ``docs/scale.md``. The workers open the files
+            themselves: they must see them at the same paths. Factors representation, a
+            collection of files, device ``cpu``. The result equals the single-process fit's
+            up to the rounding of the products. Without it, dask is not imported.
 
         Returns
         -------
@@ -384,9 +392,16 @@ class WeightSpace:
 
         self._check_params()
         coll = _as_collection(collection)
+        if client is not None:
+            self._check_cluster_fit(coll)
         t0 = time.perf_counter()
         with _progress_bar(progress) as cb:
-            if self.representation == "factors":
+            if client is not None:
+                from w2wkit.cluster import open_client
+
+                with open_client(client) as dask_client:
+                    self._fit_factors(coll, cb, dask_client)
+            elif self.representation == "factors":
                 self._fit_factors(coll, cb)
             else:
                 self._fit_delta(coll, cb)
@@ -504,11 +519,39 @@ class WeightSpace:
         solver = choose_solver(n, d, k) if self.solver == "auto" else self.solver
         return solver == "gram"
 
-    def _fit_factors(self, coll: Collection, cb: Callable[[str, int, int], None] | None) -> None:
+    def _check_cluster_fit(self, coll: Collection) -> None:
+        """Refuse what a cluster fit cannot do, before a cluster is started."""
+        if self.representation != "factors":
+            raise SpaceError(
+                "a cluster fit supports the factors representation only",
+                param="client",
+                hint="fit the delta representation without a cluster",
+            )
+        if self.device not in ("cpu", "", None):
+            raise SpaceError(
+                f"a cluster fit runs on the workers' CPUs, not on device {self.device!r}",
+                param="client",
+            )
+        if not coll.files:
+            raise SpaceError(
+                "a cluster fit reads files; this collection holds in-memory adapters",
+                param="client",
+                hint="fit in-memory adapters without a cluster",
+            )
+
+    def _fit_factors(
+        self,
+        coll: Collection,
+        cb: Callable[[str, int, int], None] | None,
+        client: Any = None,
+    ) -> None:
         import time
 
         from w2wkit.solvers import fit_pca, fit_pca_array
 
+        if client is not None:
+            self._fit_factors_cluster(coll, cb, client)
+            return
         t0 = time.perf_counter()
         rows = coll.scan_factors(progress=cb, in_memory=self._in_memory)
         timings = {"read": time.perf_counter() - t0 - rows.stats_seconds}
@@ -517,18 +560,7 @@ class WeightSpace:
         try:
             n, d = rows.n_rows, rows.dim
             k = self._check_k(n, d)
-            std = np.sqrt(rows.var)
-            if self.standardize:
-                rms = float(np.sqrt(np.mean(rows.var))) if d else 0.0
-                floor = max(self.scale_floor * rms, np.finfo(np.float32).tiny)
-                scale = np.maximum(std, floor)
-            else:
-                scale = np.ones(d)
-            mean32 = rows.mean.astype(np.float32)
-            scale32 = scale.astype(np.float32)
-            total_var = float(np.sum(rows.var / scale**2) * n / (n - 1))
-            if total_var <= 0:
-                raise SpaceError("all models are identical: the collection has no variance to fit")
+            scale, mean32, scale32, total_var = self._standardisation(rows.mean, rows.var, n)
 
             def standardised(block: np.ndarray) -> np.ndarray:
                 return (block - mean32) / scale32
@@ -573,12 +605,75 @@ class WeightSpace:
                 )
         finally:
             rows.close()
+        self._set_factors_result(res, rows.layout, mean32, scale32, total_var, n, timings)
+
+    def _standardisation(
+        self, mean: np.ndarray, var: np.ndarray, n: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """The per-coordinate scale (d,) float64, the float32 mean and scale every row is
+        standardised with (``(row - mean32) / scale32``) and the total variance they leave."""
+        d = int(var.shape[0])
+        std = np.sqrt(var)
+        if self.standardize:
+            rms = float(np.sqrt(np.mean(var))) if d else 0.0
+            floor = max(self.scale_floor * rms, np.finfo(np.float32).tiny)
+            scale = np.maximum(std, floor)
+        else:
+            scale = np.ones(d)
+        mean32 = mean.astype(np.float32)
+        scale32 = scale.astype(np.float32)
+        total_var = float(np.sum(var / scale**2) * n / (n - 1))
+        if total_var <= 0:
+            raise SpaceError("all models are identical: the collection has no variance to fit")
+        return scale, mean32, scale32, total_var
+
+    def _fit_factors_cluster(
+        self, coll: Collection, cb: Callable[[str, int, int], None] | None, client: Any
+    ) -> None:
+        """:meth:`_fit_factors` with the scan and the solver passes as tasks on ``client``."""
+        import time
+
+        from w2wkit.clusterfit import fit_pca_files, scan_files
+
+        t0 = time.perf_counter()
+        rows = scan_files(client, coll, cb)
+        timings = {"read": time.perf_counter() - t0}
+        n, d = rows.n_rows, rows.dim
+        k = self._check_k(n, d)
+        try:
+            _, mean32, scale32, total_var = self._standardisation(rows.mean, rows.var, n)
+            res = fit_pca_files(
+                client,
+                rows,
+                k,
+                mean32,
+                scale32,
+                solver=self.solver,
+                random_state=self.random_state,
+                progress=cb,
+            )
+        finally:
+            rows.release()
+        self._set_factors_result(res, rows.layout, mean32, scale32, total_var, n, timings)
+        self.info_["cluster_workers"] = (res.info or {}).get("cluster_workers")
+
+    def _set_factors_result(
+        self,
+        res: Any,
+        layout: WeightLayout,
+        mean32: np.ndarray,
+        scale32: np.ndarray,
+        total_var: float,
+        n: int,
+        timings: dict[str, float],
+    ) -> None:
+        """Store a factors fit's solver result (components, coefficients, variances)."""
         for name, secs in (res.info or {}).get("timings", {}).items():
             timings[name] = timings.get(name, 0.0) + secs
         comps = np.asarray(res.components, dtype=np.float32)
         scores = np.asarray(res.scores, dtype=np.float32)
         signs = _sign_flip(scores)
-        self.layout_ = rows.layout
+        self.layout_ = layout
         self.mean_ = mean32
         self.scale_ = scale32
         comps *= signs[:, None].astype(np.float32)  # in place: the solver's array
