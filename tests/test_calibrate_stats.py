@@ -104,3 +104,22 @@ def test_the_stored_strength_holds_at_the_stated_confidence(n: int) -> None:
     assert held >= 0.9 - 3 * math.sqrt(0.09 / runs), (held, old)
     if n == 12:  # the previous settings' pictures (6 models x 2): the old rule often fails it
         assert old < 0.8 < held, (held, old)
+
+
+def test_an_edit_too_strong_loses_the_attribute_again() -> None:
+    """The shipped world's ``beard`` (48 zoo men each): success rises to 6 sd, then falls."""
+    from w2wkit.calibrate import unimodal
+
+    grid = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]
+    k = [2, 3, 9, 21, 33, 39, 40, 35, 23]
+    fit = unimodal([x / 48 for x in k], [48] * 9)
+    np.testing.assert_allclose(fit, np.array(k) / 48)  # already unimodal: kept as measured
+    # an increasing fit would pool 4..12 sd into one rate (0.71) and hide the peak
+    assert isotonic([x / 48 for x in k], [48] * 9)[-1] == pytest.approx(137 / 192)
+    table = [{"strength": s, "k": a, "n": 48} for s, a in zip(grid, k, strict=True)]
+    row, reached = choose_strength(fit_success(table, 0.9), 0.8)
+    # 40 of 48 at the peak: a bound of 0.75, below 80%: missed, and the peak is kept
+    assert not reached and row["strength"] == 6.0
+    assert row["lower"] == pytest.approx(wilson_lower(40, 48, 0.9))
+    shape = unimodal([0.9, 0.3, 0.5], [1, 1, 1])
+    assert shape.tolist() == pytest.approx([0.9, 0.4, 0.4])  # one peak, at the start
