@@ -164,7 +164,7 @@ def test_measure_edit_refuses_unknown_attribute(micro: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_stored_strength_holds_on_held_out_models(tmp_path: Path) -> None:
-    """Shipped world, ``beard``: calibrated on 40 zoo men, checked on 40 others (minutes).
+    """Shipped world, ``old``: calibrated on 40 zoo models, checked on 40 others (minutes).
 
     The claim checked: at the stored strength, models the calibration never saw
     succeed at the stored target, by a one-sided exact binomial test at the 5%
@@ -172,36 +172,28 @@ def test_stored_strength_holds_on_held_out_models(tmp_path: Path) -> None:
     rejected by the same test, so the check can fail. Why not a micro world: its
     classifier does not see these edits (``old`` on the 40-model micro world:
     success 1.0 and probability 0.77 at every strength from 0 to 16 sd), so a
-    held-out claim there could neither hold nor fail for a reason.
+    held-out claim there could neither hold nor fail for a reason. Why not
+    ``beard``: on 48 zoo men it peaks at 40 of 48 (6 sd), a bound of 0.75, so
+    its calibration says "missed" (docs/directions.md).
     """
-    import torch
-
     from w2wkit.calibrate import ConceptClassifier, check_heldout
     from w2wkit.render import Renderer
     from w2wkit.ui.worldspace import world_models, world_space
     from w2wkit.world.shipped import load_world
 
-    torch.set_num_threads(2)
     w = load_world()
     space, _ = world_space(w, "identity", calibrate=False, n_components=200, folder=tmp_path / "s")
     r = Renderer(w.pipeline_dir, device="cpu")
     clf = ConceptClassifier(w.evaluators(), "identity")
     models = world_models(w, "identity", space)
-    s = CalibrationSettings(n_models=40, seeds=1, strengths=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0))
+    s = CalibrationSettings(n_models=40, seeds=1, strengths=(1.0, 2.0, 3.0, 4.0, 6.0))
+    prompt = w.prompt("identity")
     rec = calibrate_direction(
-        space,
-        "beard",
-        r,
-        clf,
-        pack="identity",
-        settings=s,
-        models=models,
-        prompt=w.prompt("identity"),
+        space, "old", r, clf, pack="identity", settings=s, models=models, prompt=prompt
     )
-    assert rec["reached"] and rec["success_unedited"] <= 0.25
+    assert rec["reached"] and rec["success_unedited"] <= 0.25, rec["curve"]
     assert rec["success_lower"] >= 0.8 and rec["n_pictures"] == 40
-    assert rec["n_implausible"] > 0  # women were left out, by the pack's rule
-    held = check_heldout(space, "beard", r, clf, pack="identity", n_models=40, models=models)
+    held = check_heldout(space, "old", r, clf, pack="identity", n_models=40, models=models)
     assert not set(held["rows"]) & set(rec["rows"]) and held["n_models"] == 40
     assert held["unedited"]["success"] <= 0.25  # they lack it before the edit
     at, quarter = held["at"]
