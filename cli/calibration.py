@@ -51,6 +51,7 @@ def calibrate_space(
     target: float,
     n_models: int,
     seeds: int,
+    confidence: float = 0.9,
     steps: int,
     device: str,
 ) -> dict[str, Any]:
@@ -67,7 +68,11 @@ def calibrate_space(
             hint="fit some with `w2wkit directions SPACE --labels FILE`",
         )
     settings = CalibrationSettings(
-        target=float(target), n_models=int(n_models), seeds=int(seeds), steps=int(steps)
+        target=float(target),
+        n_models=int(n_models),
+        seeds=int(seeds),
+        steps=int(steps),
+        confidence=float(confidence),
     )
     settings.check()
     world = load_world(world_path)

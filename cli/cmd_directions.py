@@ -158,7 +158,8 @@ def cosine_table(space: Any) -> Table:
     is_flag=True,
     help="Measure each direction's visible strength: the smallest strength at which the "
     "world's attribute classifier sees the attribute on >= --target of the pictures of "
-    "training models lacking it (renders; stored in the space).",
+    "training models lacking it, as a lower confidence bound of a monotone fit over a "
+    "grid of strengths (renders; stored in the space).",
 )
 @click.option(
     "--world",
@@ -179,11 +180,18 @@ def cosine_table(space: Any) -> Table:
 @click.option("--target", default=0.8, show_default=True, help="Success --calibrate asks for.")
 @click.option(
     "--calibration-models",
-    default=8,
+    default=48,
     show_default=True,
-    help="Training models lacking the attribute that --calibrate edits.",
+    help="Training models lacking the attribute that --calibrate edits (drawn from all of them; "
+    "the rest stay held out).",
 )
-@click.option("--seeds", default=2, show_default=True, help="Pictures per model (--calibrate).")
+@click.option(
+    "--confidence",
+    default=0.9,
+    show_default=True,
+    help="One-sided confidence of the lower bound that must reach --target (--calibrate).",
+)
+@click.option("--seeds", default=1, show_default=True, help="Pictures per model (--calibrate).")
 @click.option("--steps", default=20, show_default=True, help="Sampler steps (--calibrate).")
 @click.option("--device", default="auto", show_default=True, help="Device for --calibrate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -207,6 +215,7 @@ def directions_cmd(
     concept: str | None,
     target: float,
     calibration_models: int,
+    confidence: float,
     seeds: int,
     steps: int,
     device: str,
@@ -266,6 +275,7 @@ def directions_cmd(
             names=_split_names(names) or None,
             target=target,
             n_models=calibration_models,
+            confidence=confidence,
             seeds=seeds,
             steps=steps,
             device=device,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,3 +81,48 @@ def test_export_for_a_loader_writes_its_format(
         np.testing.assert_allclose(b.layers[m].delta(), layer.delta(), atol=1e-6)
     meta = json.loads(Path(comfy[1]).read_text())
     assert meta["for"] == "comfyui" and meta["format"] == "kohya"
+
+
+def test_a_slider_move_renders_only_the_edited_pictures_exactly(
+    micro_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A move: one render of the edited model, the renderer's pixels; a value seen before: none."""
+    from w2wkit.ui.backend import Session, View, _strip
+    from w2wkit.ui.open import open_backend
+    from w2wkit.world.shipped import World
+
+    monkeypatch.setenv("W2WKIT_CACHE", str(tmp_path / "cache"))
+    backend = open_backend(world=World(micro_world / "shipped"), calibrate=False, device="cpu")
+    calls: list[int] = []
+    render = backend.renderer.render
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return render(*a, **k)
+
+    monkeypatch.setattr(backend.renderer, "render", counted)
+    session, view = Session(), View(prompt=backend.prompt, seeds=(0, 1), steps=2)
+    backend.sample(session, 3, 1.0)
+    name = backend.directions()[0][0]
+    backend.pictures(session, {name: 0.0}, view=view)
+    assert len(calls) == 1  # the original, kept
+    got = backend.edited_strip(session, {name: 1.0}, view=view)
+    assert len(calls) == 2  # the edited model only
+    ref = render(
+        [backend.edited(session, {name: 1.0})],
+        prompts=view.prompt,
+        seeds=[0, 1],
+        steps=2,
+        guidance=view.guidance,
+    )
+    np.testing.assert_array_equal(got, _strip(ref.images[0, 0]))  # the renderer's pixels
+    other = backend.edited_strip(session, {name: -1.0}, view=view)
+    assert len(calls) == 3 and not np.array_equal(other, got)
+    # back to a value shown before: from the session's cache, no render
+    np.testing.assert_array_equal(backend.edited_strip(session, {name: 1.0}, view=view), got)
+    backend.probabilities(session, {name: 1.0}, view=view)
+    assert len(calls) == 3
+    # another model forgets the pictures of the previous one
+    backend.sample(session, 4, 1.0)
+    backend.edited_strip(session, {name: 1.0}, view=view)
+    assert len(calls) == 5

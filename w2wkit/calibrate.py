@@ -36,11 +36,20 @@ __all__ = [
     "CalibrationSettings",
     "Classifier",
     "ConceptClassifier",
+    "binomial_cdf",
     "calibrate_direction",
     "calibrate_directions",
     "candidates",
+    "check_heldout",
+    "choose_strength",
+    "fit_success",
+    "isotonic",
     "measure_edit",
+    "success_test",
     "training_models",
+    "unimodal",
+    "wilson_interval",
+    "wilson_lower",
 ]
 
 
@@ -98,12 +107,22 @@ class CalibrationSettings:
         Success rate asked for (fraction of edited pictures the classifier
         gives ``p > 0.5`` for the attribute).
     n_models : int
-        Training models lacking the attribute (and plausible for it) drawn.
+        Training models lacking the attribute (and plausible for it) drawn
+        (all of them when fewer are available).
     seeds : int
-        Pictures per model.
+        Pictures per model (1: every picture is another model, so the pictures
+        are independent trials and the confidence bound means what it says).
     strengths : tuple of float
-        Strengths tried, in training standard deviations; the smallest one
-        reaching ``target`` is kept (else the most successful one).
+        Grid of strengths tried, in training standard deviations. Success
+        against strength is fitted monotone (isotonic) and the smallest
+        strength whose *lower* confidence bound reaches ``target`` is kept
+        (else the one with the highest bound, ``reached`` False).
+    confidence : float
+        One-sided confidence of the Wilson lower bound of the success rate.
+    confirm : int
+        Stop the grid after this many strengths beyond the first whose bound
+        reaches ``target`` also reach it (0: stop at the first; a strength
+        measured later could still pull the monotone fit below).
     steps, guidance : rendering.
     inject_t : float, optional
         Delayed injection (the edited model for timesteps ``t <= inject_t``);
@@ -115,9 +134,11 @@ class CalibrationSettings:
     """
 
     target: float = 0.8
-    n_models: int = 8
-    seeds: int = 2
+    n_models: int = 48
+    seeds: int = 1
     strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+    confidence: float = 0.9
+    confirm: int = 1
     steps: int = 20
     guidance: float = 3.0
     inject_t: float | None = None
@@ -128,12 +149,197 @@ class CalibrationSettings:
         """Refuse settings that cannot calibrate (one line naming the field)."""
         if not 0.0 < float(self.target) <= 1.0:
             raise W2WError(f"must be in (0, 1], got {self.target}", param="target")
+        if not 0.5 <= float(self.confidence) < 1.0:
+            raise W2WError(f"must be in [0.5, 1), got {self.confidence}", param="confidence")
+        if int(self.confirm) < 0:
+            raise W2WError(f"must be >= 0, got {self.confirm}", param="confirm")
         for name in ("n_models", "seeds", "steps", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise W2WError(f"must be >= 1, got {getattr(self, name)}", param=name)
         st = [float(x) for x in self.strengths]
         if not st or any(not math.isfinite(x) or x <= 0 for x in st):
             raise W2WError(f"must be positive numbers, got {self.strengths}", param="strengths")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def wilson_lower(k: float, n: int, confidence: float = 0.9) -> float:
+    """One-sided Wilson lower confidence bound of a success rate.
+
+    Parameters
+    ----------
+    k : float
+        Successes (may be fractional: a fitted rate times ``n``).
+    n : int
+        Trials.
+    confidence : float
+        One-sided confidence, e.g. 0.9: the true rate is at least the bound
+        with that probability (for independent trials).
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``; 0 when ``n == 0``.
+    """
+    n = int(n)
+    if n <= 0:
+        return 0.0
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(float(confidence))
+    p = min(max(float(k) / n, 0.0), 1.0)
+    den = 1.0 + z * z / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n))
+    return max(0.0, (centre - half) / den)
+
+
+def isotonic(rates: Sequence[float], weights: Sequence[float]) -> np.ndarray:
+    """Non-decreasing least-squares fit of ``rates`` (pool adjacent violators).
+
+    Parameters
+    ----------
+    rates : sequence of float
+        ``(m,)`` observed rates in increasing order of strength.
+    weights : sequence of float
+        ``(m,)`` trials behind each rate (positive).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(m,)`` fitted rates, non-decreasing.
+    """
+    blocks: list[list[float]] = []  # [weighted mean, weight, count]
+    for r, w in zip(rates, weights, strict=True):
+        blocks.append([float(r), float(w), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            r2, w2, c2 = blocks.pop()
+            r1, w1, c1 = blocks.pop()
+            blocks.append([(r1 * w1 + r2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return np.array([b[0] for b in blocks for _ in range(int(b[2]))], dtype=np.float64)
+
+
+def unimodal(rates: Sequence[float], weights: Sequence[float]) -> np.ndarray:
+    """Least-squares fit of ``rates`` that rises to one peak, then falls.
+
+    An edit too strong loses the attribute again (the shipped world's ``beard``:
+    83% at 6 sd, 73% at 8, 48% at 12), so success against strength is
+    monotone only up to a peak. Every peak position is tried: non-decreasing
+    (:func:`isotonic`) up to it, non-increasing after it.
+
+    Parameters
+    ----------
+    rates, weights : sequence of float
+        ``(m,)``, in increasing order of strength.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(m,)`` fitted rates.
+    """
+    r = np.asarray(rates, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    best, best_err = r, math.inf
+    for m in range(1, len(r) + 1):
+        up = isotonic(r[:m], w[:m])
+        # non-increasing after the peak: the reversed tail fitted non-decreasing
+        down = isotonic(r[m:][::-1], w[m:][::-1])[::-1] if m < len(r) else np.empty(0)
+        fit = np.concatenate([up, down])
+        err = float(np.sum(w * (r - fit) ** 2))
+        if err < best_err - 1e-15:
+            best, best_err = fit, err
+    return best
+
+
+def fit_success(table: Sequence[dict[str, Any]], confidence: float = 0.9) -> list[dict[str, float]]:
+    """Unimodal success curve (rising, then falling) and its lower bounds over a measured grid.
+
+    Parameters
+    ----------
+    table : sequence of dict
+        Rows of :func:`measure_edit` (``strength`` > 0, ``k`` successes of ``n``
+        pictures), any order.
+    confidence : float
+
+    Returns
+    -------
+    list of dict
+        Per strength (increasing): ``{"strength", "k", "n", "success", "fit",
+        "lower"}``: the observed rate, the unimodal fit, and the Wilson lower
+        bound of the fitted rate with the strength's own ``n`` trials (not the
+        pooled ones: conservative).
+    """
+    rows = sorted((r for r in table if float(r["strength"]) > 0), key=lambda r: r["strength"])
+    if not rows:
+        return []
+    fit = unimodal([r["k"] / r["n"] for r in rows], [r["n"] for r in rows])
+    return [
+        {
+            "strength": float(r["strength"]),
+            "k": int(r["k"]),
+            "n": int(r["n"]),
+            "success": float(r["k"]) / int(r["n"]),
+            "fit": float(f),
+            "lower": wilson_lower(float(f) * int(r["n"]), int(r["n"]), confidence),
+        }
+        for r, f in zip(rows, fit, strict=True)
+    ]
+
+
+def choose_strength(
+    curve: Sequence[dict[str, float]], target: float
+) -> tuple[dict[str, float] | None, bool]:
+    """The smallest strength whose lower bound reaches ``target``.
+
+    Returns
+    -------
+    (dict or None, bool)
+        The row of :func:`fit_success` kept and whether the target was
+        reached; when it was not, the row with the highest lower bound
+        (smallest strength among ties); ``None`` for an empty curve.
+    """
+    if not curve:
+        return None, False
+    for row in curve:
+        if row["lower"] >= target:
+            return row, True
+    best = max(curve, key=lambda r: (r["lower"], r["fit"], -r["strength"]))
+    return best, False
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """``P(X <= k)`` for ``X ~ Binomial(n, p)`` (exact; n up to a few thousand)."""
+    k, n = int(k), int(n)
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    p = float(p)
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    logs = [
+        math.lgamma(n + 1)
+        - math.lgamma(i + 1)
+        - math.lgamma(n - i + 1)
+        + i * math.log(p)
+        + (n - i) * math.log1p(-p)
+        for i in range(k + 1)
+    ]
+    top = max(logs)
+    return float(min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs)))
+
+
+def success_test(k: int, n: int, target: float) -> float:
+    """One-sided exact binomial test of "the success rate is at least ``target``".
+
+    Returns the p-value ``P(X <= k | n, target)``: a small value (below the
+    level chosen, e.g. 0.05) rejects the claim; a held-out measurement is
+    consistent with the stored success when the p-value is above the level.
+    """
+    return binomial_cdf(k, n, target)
 
 
 ModelSource = Callable[[int], Any]
@@ -253,8 +459,9 @@ def measure_edit(
     prompt: str | None = None,
     orthogonal_to: Sequence[str] = (),
     stop_at: float | None = None,
+    stop: Callable[[list[dict[str, Any]]], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """Success and ID score of edits along ``name`` at each strength, on training models.
 
     Each model is rendered unedited and edited (same seeds); success is the
@@ -281,15 +488,18 @@ def measure_edit(
         Directions the edit keeps unchanged (see :func:`w2wkit.edits.edit`).
     stop_at : float, optional
         Stop after the first strength whose success reaches it.
+    stop : callable, optional
+        ``stop(table) -> bool`` after each strength: stop when True.
     progress : callable, optional
         ``progress(done, total)`` in strengths.
 
     Returns
     -------
     list of dict
-        ``{"strength", "success", "id_score", "prob"}`` for strength 0 (the
-        unedited pictures) and each strength measured (``id_score`` None
-        without an embedder; ``prob`` the mean classifier probability).
+        ``{"strength", "success", "k", "n", "id_score", "prob"}`` for
+        strength 0 (the unedited pictures) and each strength measured
+        (``k`` of ``n`` pictures succeeded; ``id_score`` None without an
+        embedder; ``prob`` the mean classifier probability).
     """
     s = settings or CalibrationSettings()
     if name not in classifier.attributes:
@@ -321,6 +531,8 @@ def measure_edit(
         {
             "strength": 0.0,
             "success": float(np.mean(p0 > 0.5)),
+            "k": int(np.sum(p0 > 0.5)),
+            "n": len(p0),
             "id_score": None if e0 is None else 1.0,
             "prob": float(np.mean(p0)),
         }
@@ -334,7 +546,13 @@ def measure_edit(
             res = renderer.render(originals, edited=edited, inject_t=float(s.inject_t), **kw)
         imgs = _u8(res.images[:, 0]).reshape(-1, *base.shape[-3:])
         p = classifier.attribute_probs(imgs)[:, col]
-        row: dict[str, Any] = {"strength": st, "success": float(np.mean(p > 0.5)), "id_score": None}
+        row: dict[str, Any] = {
+            "strength": st,
+            "success": float(np.mean(p > 0.5)),
+            "k": int(np.sum(p > 0.5)),
+            "n": len(p),
+            "id_score": None,
+        }
         if embed is not None and e0 is not None:
             row["id_score"] = float(np.sum(_unit(embed(imgs)) * e0, axis=1).mean())
         row["prob"] = float(np.mean(p))
@@ -343,7 +561,20 @@ def measure_edit(
             progress(j + 1, len(todo))
         if stop_at is not None and row["success"] >= stop_at:
             break
+        if stop is not None and stop(table):
+            break
     return table
+
+
+def _confirmed(table: list[dict[str, Any]], s: CalibrationSettings) -> bool:
+    """Whether the grid may stop: ``s.confirm`` strengths after the first reaching the target
+    reach it too (on the monotone fit so far)."""
+    curve = fit_success(table, s.confidence)
+    ok = [r["lower"] >= s.target for r in curve]
+    if True not in ok:
+        return False
+    first = ok.index(True)
+    return len(ok) - first > int(s.confirm) and all(ok[first:])
 
 
 def calibrate_direction(
@@ -362,19 +593,30 @@ def calibrate_direction(
     """Measure and store the calibrated strength of one direction.
 
     Draws ``settings.n_models`` training models lacking the attribute (and
-    plausible for it under ``pack``'s rule, see :func:`candidates`), edits them
-    at increasing strengths and keeps the smallest strength whose success
-    reaches ``settings.target`` (if none does, the most successful one, with
-    ``reached`` False). Stored in ``space.directions_[name].info["calibration"]``
-    (save with :func:`w2wkit.persist.save_directions` or ``space.save``).
+    plausible for it under ``pack``'s rule, see :func:`candidates`) from the
+    pool of all such models, edits them over the grid ``settings.strengths``,
+    fits success against strength monotone (:func:`isotonic`) and keeps the
+    smallest strength whose one-sided Wilson lower bound
+    (``settings.confidence``) reaches ``settings.target``: a claim about models
+    it was not calibrated on, not only about the ones drawn. The grid stops
+    ``settings.confirm`` strengths after the first that reaches it. If none
+    does, the strength with the highest bound is kept with ``reached`` False.
+    Stored in ``space.directions_[name].info["calibration"]`` (save with
+    :func:`w2wkit.persist.save_directions` or ``space.save``).
 
     Returns
     -------
     dict
-        ``{"strength", "success", "target", "reached", "id_score", "prob",
+        ``{"strength", "success", "success_lower", "success_observed",
+        "confidence", "target", "reached", "id_score", "prob",
         "success_unedited", "prob_unedited", "classifier", "models", "rows",
-        "n_models", "seeds", "steps", "guidance", "inject_t", "prompt",
-        "n_implausible", "plausibility", "table", "vector"}``.
+        "n_models", "n_pictures", "pool", "seeds", "steps", "guidance",
+        "inject_t", "prompt", "n_implausible", "plausibility", "table",
+        "curve", "vector"}``: ``success`` is the monotone fit at the kept
+        strength, ``success_lower`` its lower bound, ``success_observed`` the
+        raw rate there, ``pool`` the models it could have drawn (the rest of
+        the pool never saw the calibration: held out), ``curve`` the fit over
+        the grid (:func:`fit_success`).
 
     Raises
     ------
@@ -405,16 +647,20 @@ def calibrate_direction(
         settings=s,
         models=models,
         prompt=text,
-        stop_at=float(s.target),
+        stop=lambda t: _confirmed(t, s),
         progress=progress,
     )
-    tried = table[1:]
-    reached = [r for r in tried if r["success"] >= s.target]
-    best = reached[0] if reached else max(tried, key=lambda r: (r["success"], -r["strength"]))
+    curve = fit_success(table, s.confidence)
+    chosen, reached = choose_strength(curve, float(s.target))
+    assert chosen is not None  # the grid is never empty (settings.check)
+    best = next(r for r in table if r["strength"] == chosen["strength"])
     names = list(space.names_)
     rec = {
-        "strength": float(best["strength"]),
-        "success": float(best["success"]),
+        "strength": float(chosen["strength"]),
+        "success": round(float(chosen["fit"]), 6),
+        "success_lower": round(float(chosen["lower"]), 6),
+        "success_observed": float(chosen["success"]),
+        "confidence": float(s.confidence),
         "target": float(s.target),
         "reached": bool(reached),
         "id_score": best["id_score"],
@@ -425,6 +671,8 @@ def calibrate_direction(
         "models": [names[i] for i in rows],
         "rows": rows,
         "n_models": len(rows),
+        "n_pictures": int(chosen["n"]),
+        "pool": len(pool),
         "seeds": int(s.seeds),
         "steps": int(s.steps),
         "guidance": float(s.guidance),
@@ -433,7 +681,8 @@ def calibrate_direction(
         "n_implausible": int(implausible),
         "plausibility": getattr(pack, "name", None) if getattr(pack, "plausible", None) else None,
         "table": table,
-        "settings": {k: v for k, v in asdict(s).items() if k in ("strengths", "seed")},
+        "curve": curve,
+        "settings": {k: v for k, v in asdict(s).items() if k in ("strengths", "seed", "confirm")},
         "vector": vector_digest(d.vector),
     }
     rec["settings"]["strengths"] = [float(x) for x in rec["settings"]["strengths"]]
@@ -495,3 +744,118 @@ def calibrate_directions(
                 raise
             out[n] = f"uncalibrated: {exc.message}"
     return out
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.9) -> tuple[float, float]:
+    """Two-sided Wilson interval of a success rate (``confidence`` in total)."""
+    tail = 0.5 + float(confidence) / 2.0
+    lo = wilson_lower(k, n, tail)
+    hi = 1.0 - wilson_lower(n - k, n, tail) if n > 0 else 1.0
+    return lo, hi
+
+
+def check_heldout(
+    space: Any,
+    name: str,
+    renderer: Any,
+    classifier: Classifier,
+    *,
+    record: dict[str, Any] | None = None,
+    pack: Any = None,
+    n_models: int = 48,
+    seed: int = 1,
+    fractions: Sequence[float] = (1.0, 0.25),
+    models: ModelSource | None = None,
+    prompt: str | None = None,
+    level: float = 0.05,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Success of a calibrated edit on models its calibration never saw.
+
+    Draws up to ``n_models`` models of the calibration's pool (lacking the
+    attribute, plausible for it) that are not among the calibration's
+    ``rows``, renders them unedited and edited at ``fractions`` of the stored
+    strength (same prompt, steps, guidance and seeds as the calibration) and
+    tests each rate with :func:`success_test` against the stored target.
+
+    Parameters
+    ----------
+    record : dict, optional
+        The calibration (default: the one stored in the direction).
+    fractions : sequence of float
+        Multiples of the stored strength measured (1.0: the claim; a smaller
+        one is a control the claim must beat).
+    level : float
+        Level of the one-sided binomial test.
+
+    Returns
+    -------
+    dict
+        ``{"name", "strength", "target", "level", "rows", "n_models",
+        "unedited": {...}, "at": [{"fraction", "strength", "k", "n",
+        "success", "ci90", "p_value", "consistent"}, ...]}``; ``consistent``:
+        the test does not reject "success >= target" at ``level``.
+
+    Raises
+    ------
+    DirectionError
+        Uncalibrated direction, or no held-out model left.
+    """
+    from w2wkit.edits import calibration_of
+
+    d = get_direction(space, name)
+    rec = record if record is not None else calibration_of(d)
+    if not rec:
+        raise DirectionError(f"{name!r} is not calibrated", key=name)
+    pool, _ = candidates(space, name, _pack(pack), exclude=rec.get("rows", ()))
+    if not pool:
+        raise DirectionError(f"no held-out model left for {name!r}", key=name)
+    rng = np.random.default_rng(int(seed))
+    rows = sorted(int(i) for i in rng.choice(pool, min(int(n_models), len(pool)), replace=False))
+    s = CalibrationSettings(
+        seeds=int(rec.get("seeds", 1)),
+        steps=int(rec.get("steps", 20)),
+        guidance=float(rec.get("guidance", 3.0)),
+        inject_t=rec.get("inject_t"),
+    )
+    strength = float(rec["strength"])
+    table = measure_edit(
+        space,
+        name,
+        [strength * float(f) for f in fractions],
+        rows,
+        renderer,
+        classifier,
+        settings=s,
+        models=models,
+        prompt=prompt or rec.get("prompt"),
+        progress=progress,
+    )
+    target = float(rec.get("target", 0.8))
+    at = []
+    for f in fractions:
+        row = next(r for r in table[1:] if math.isclose(r["strength"], strength * float(f)))
+        p = success_test(row["k"], row["n"], target)
+        at.append(
+            {
+                "fraction": float(f),
+                "strength": float(row["strength"]),
+                "k": int(row["k"]),
+                "n": int(row["n"]),
+                "success": float(row["success"]),
+                "ci90": list(wilson_interval(row["k"], row["n"], 0.9)),
+                "p_value": p,
+                "consistent": bool(p > level),
+                "id_score": row["id_score"],
+            }
+        )
+    return {
+        "name": name,
+        "strength": strength,
+        "target": target,
+        "level": float(level),
+        "rows": rows,
+        "n_models": len(rows),
+        "unedited": {k: table[0][k] for k in ("k", "n", "success")},
+        "at": at,
+    }

@@ -183,6 +183,7 @@ def _calibrated(
         guidance=s.guidance,
         strengths=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0),
         seed=s.seed,
+        confirm=0,  # a demo: stop at the first strength whose lower bound reaches the target
     )
     out = {}
     for n in names:

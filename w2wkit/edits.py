@@ -300,20 +300,33 @@ def strength_range(direction: Direction) -> dict[str, Any]:
         "default": s,
         "calibrated": True,
         "unit": f"calibrated: {s:g} sd = {float(rec.get('success', 0.0)):.0%} success"
+        + (f" (>= {float(rec['success_lower']):.0%})" if _number(rec.get("success_lower")) else "")
         + ("" if rec.get("reached", True) else " (target missed)"),
     }
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def describe_strength(direction: Direction) -> str:
     """One line for listings: the calibrated strength and what it does, or "uncalibrated".
 
-    e.g. ``"3 sd: 81% success (target 80%), ID 0.63"`` or
-    ``"uncalibrated (1 = 1 sd)"``.
+    e.g. ``"3 sd: 91% success (>= 83% at 90% confidence, 48 pictures of a pool
+    of 310) (target 80%), ID 0.63"`` or ``"uncalibrated (1 = 1 sd)"``.
     """
     rec = calibration_of(direction)
     if rec is None:
         return "uncalibrated (1 = 1 sd)"
     text = f"{float(rec['strength']):g} sd: {float(rec.get('success', 0.0)):.0%} success"
+    lower, conf = rec.get("success_lower"), rec.get("confidence")
+    if _number(lower) and _number(conf):
+        # the calibrated claim: its lower bound, on how many models of how large a pool
+        text += f" (>= {float(lower):.0%} at {float(conf):.0%} confidence"
+        n, pool = rec.get("n_pictures"), rec.get("pool")
+        if _number(n) and _number(pool):
+            text += f", {int(n)} pictures of a pool of {int(pool)}"
+        text += ")"
     target = rec.get("target")
     if isinstance(target, int | float):
         text += f" (target {float(target):.0%}{'' if rec.get('reached') else ', missed'})"

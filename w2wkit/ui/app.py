@@ -124,11 +124,21 @@ def build_app(backend: Backend) -> Any:
                     guidance = gr.Number(3.0, label="guidance", elem_id="guidance")
                     render_btn = gr.Button("Render", elem_id="render")
                 with gr.Row():
+                    # PNG: the page shows the renderer's pixels (Gradio's default, WebP, is
+                    # lossy at quality 80)
                     original = gr.Image(
-                        label="original", type="numpy", interactive=False, elem_id="original"
+                        label="original",
+                        type="numpy",
+                        format="png",
+                        interactive=False,
+                        elem_id="original",
                     )
                     edited = gr.Image(
-                        label="edited", type="numpy", interactive=False, elem_id="edited"
+                        label="edited",
+                        type="numpy",
+                        format="png",
+                        interactive=False,
+                        elem_id="edited",
                     )
                 probs = gr.Markdown("", elem_id="probs")
                 nearest = gr.Markdown("", elem_id="nearest")
@@ -179,6 +189,30 @@ def build_app(backend: Backend) -> Any:
                 nearest: "**Nearest training models** (coefficient cosine)\n\n| model | cosine |"
                 "\n|---|---|\n" + rows,
             }
+
+        def on_move(session: Session, *values: Any) -> dict:
+            # a slider moved: only the edited pictures (the original's are on the page)
+            try:
+                view, kp, inj, strengths = unpack(values)
+                b = backend.edited_strip(session, strengths, kp, view=view, inject_t=inj)
+                return {edited: b, status: session.source}
+            except Exception as exc:
+                return {status: _message(exc)}
+
+        def on_details(session: Session, *values: Any) -> dict:
+            # after the pictures: the classifier's probabilities and the nearest models
+            try:
+                view, kp, inj, strengths = unpack(values)
+                text = backend.probabilities(session, strengths, kp, view=view, inject_t=inj)
+                near = backend.nearest(session, strengths, kp)
+                rows = "\n".join(f"| {n} | {s:.3f} |" for n, s in near)
+                return {
+                    probs: text,
+                    nearest: "**Nearest training models** (coefficient cosine)\n\n"
+                    "| model | cosine |\n|---|---|\n" + rows,
+                }
+            except Exception as exc:
+                return {status: _message(exc)}
 
         def guarded(fn: Callable[..., dict]) -> Callable[..., dict]:
             def run(session: Session, *args: Any) -> dict:
@@ -242,17 +276,26 @@ def build_app(backend: Backend) -> Any:
 
         sample_btn.click(on_sample, [state, seed, temperature, *view_inputs], picture_outputs)
         render_btn.click(on_render, [state, *view_inputs], picture_outputs)
+        move_outputs = [edited, status]
+        detail_outputs = [probs, nearest, status]
         for s in [*sliders, inject]:
             # show_progress="minimal": no animated overlay timer repainting the page while the
-            # render shares the CPU (benchmarks/bench_ui.py)
+            # render shares the CPU; the move waits only for the edited pictures, the
+            # probabilities and nearest models follow (benchmarks/bench_ui.py)
             s.release(
-                on_render,
+                on_move,
                 [state, *view_inputs],
-                picture_outputs,
+                move_outputs,
                 trigger_mode="always_last",
                 show_progress="minimal",
-            )
-        keep.change(on_render, [state, *view_inputs], picture_outputs, trigger_mode="always_last")
+            ).then(on_details, [state, *view_inputs], detail_outputs, show_progress="hidden")
+        keep.change(
+            on_move,
+            [state, *view_inputs],
+            move_outputs,
+            trigger_mode="always_last",
+            show_progress="minimal",
+        ).then(on_details, [state, *view_inputs], detail_outputs, show_progress="hidden")
         lora_btn.click(on_lora, [state, lora, *view_inputs], picture_outputs)
         inv = invert_btn.click(
             on_invert, [state, picture, inv_steps, inv_k, inv_mask, *view_inputs], picture_outputs

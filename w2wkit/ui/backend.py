@@ -35,6 +35,8 @@ MAX_UPLOAD_BYTES = 32 * 2**20
 MAX_PIXELS = 4096 * 4096
 #: Pictures are shown this many times larger than rendered (nearest neighbour).
 MIN_SHOWN = 128
+#: Edited pictures kept per session (a slider moved back shows them at once).
+EDIT_CACHE = 16
 
 
 def check_upload(path: str | os.PathLike[str] | None, limit: int, what: str) -> Path:
@@ -93,6 +95,11 @@ def _strip(images: np.ndarray) -> np.ndarray:
     return _upscale(out)
 
 
+def _active(strengths: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+    """The non-zero strengths, sorted by name (a cache key)."""
+    return tuple(sorted((n, float(s)) for n, s in strengths.items() if float(s) != 0.0))
+
+
 @dataclass
 class Session:
     """One browser session's state (kept in ``gr.State``; deep-copied per session).
@@ -105,6 +112,12 @@ class Session:
         Where it came from, for the page ("sample seed 3, temperature 1.0").
     originals : dict
         Render settings -> pictures of the unedited model, ``(seeds, H, W, 3)``.
+    edits : dict
+        ``(render settings, strengths, keep, injection)`` -> pictures of the
+        edited model, the last :data:`EDIT_CACHE` ones (moving a slider back
+        to a value shown before renders nothing).
+    probs0 : dict
+        Render settings -> classifier probabilities of the original's pictures.
     workdir : str
         This session's download folder (created on first download).
     """
@@ -112,6 +125,8 @@ class Session:
     model: Any = None
     source: str = ""
     originals: dict[Any, np.ndarray] = field(default_factory=dict)
+    edits: dict[Any, np.ndarray] = field(default_factory=dict)
+    probs0: dict[Any, np.ndarray] = field(default_factory=dict)
     workdir: str = ""
 
     def set_model(self, model: Any, source: str) -> None:
@@ -119,6 +134,8 @@ class Session:
         self.model = model
         self.source = source
         self.originals = {}
+        self.edits = {}
+        self.probs0 = {}
 
 
 @dataclass
@@ -276,6 +293,35 @@ class Backend:
         The original's pictures are rendered once per view and kept in the
         session: moving a slider renders only the edited model.
         """
+        orig, new = self._render(session, strengths, keep, view=view, inject_t=inject_t)
+        return _strip(orig), _strip(new), self.probabilities(session, strengths, view=view)
+
+    def edited_strip(
+        self,
+        session: Session,
+        strengths: Mapping[str, float],
+        keep: Sequence[str] = (),
+        *,
+        view: View,
+        inject_t: float | None = None,
+    ) -> np.ndarray:
+        """Only the edited pictures (a slider moved): one strip, ``(H', W', 3)`` uint8.
+
+        What a slider's move waits for; the probabilities and the nearest
+        models follow in a second event (:meth:`probabilities`, :meth:`nearest`).
+        """
+        _, new = self._render(session, strengths, keep, view=view, inject_t=inject_t)
+        return _strip(new)
+
+    def _render(
+        self,
+        session: Session,
+        strengths: Mapping[str, float],
+        keep: Sequence[str],
+        *,
+        view: View,
+        inject_t: float | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         edited = self.edited(session, strengths, keep)
         kw = {
             "prompts": view.prompt,
@@ -283,26 +329,42 @@ class Backend:
             "steps": int(view.steps),
             "guidance": float(view.guidance),
         }
+        inj = None if inject_t is None or inject_t >= 1000 else float(inject_t)
         with self.lock:
             key = view.key()
             if key not in session.originals:
                 res = self.renderer.render([session.model], **kw)
                 session.originals = {key: res.images[0, 0]}
+                session.probs0 = {}
             orig = session.originals[key]
             if edited is session.model:
-                new = orig
-            elif inject_t is not None and inject_t < 1000:
-                res = self.renderer.render(
-                    [session.model], edited=[edited], inject_t=float(inject_t), **kw
-                )
+                return orig, orig
+            ekey = (key, _active(strengths), tuple(sorted(keep)), inj)
+            new = session.edits.pop(ekey, None)
+            if new is None:
+                if inj is not None:
+                    res = self.renderer.render([session.model], edited=[edited], inject_t=inj, **kw)
+                else:
+                    res = self.renderer.render([edited], **kw)
                 new = res.images[0, 0]
-            else:
-                new = self.renderer.render([edited], **kw).images[0, 0]
-        return _strip(orig), _strip(new), self._probabilities(orig, new, strengths)
+            session.edits[ekey] = new  # most recent last
+            while len(session.edits) > EDIT_CACHE:
+                session.edits.pop(next(iter(session.edits)))
+        return orig, new
 
-    def _probabilities(
-        self, orig: np.ndarray, new: np.ndarray, strengths: Mapping[str, float]
+    def probabilities(
+        self,
+        session: Session,
+        strengths: Mapping[str, float],
+        keep: Sequence[str] = (),
+        *,
+        view: View,
+        inject_t: float | None = None,
     ) -> str:
+        """The classifier's probabilities of the moved attributes, original -> edited.
+
+        Uses the pictures already rendered (renders them when they are not).
+        """
         names = [n for n, s in strengths.items() if float(s) != 0.0]
         clf = self.classifier
         if clf is None or not names:
@@ -310,8 +372,12 @@ class Backend:
         cols = [(n, clf.attributes.index(n)) for n in names if n in clf.attributes]
         if not cols:
             return ""
+        orig, new = self._render(session, strengths, keep, view=view, inject_t=inject_t)
         u8 = lambda x: (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
-        p0, p1 = clf.attribute_probs(u8(orig)), clf.attribute_probs(u8(new))
+        key = view.key()
+        if key not in session.probs0:
+            session.probs0[key] = clf.attribute_probs(u8(orig))
+        p0, p1 = session.probs0[key], clf.attribute_probs(u8(new))
         parts = [f"{n} {p0[:, j].mean():.2f} -> {p1[:, j].mean():.2f}" for n, j in cols]
         return "classifier probability, original -> edited: " + ", ".join(parts)
 

@@ -26,10 +26,13 @@ __all__ = ["QUICK_CALIBRATION", "cache_dir", "default_concept", "world_models", 
 def _quick() -> Any:
     from w2wkit.calibrate import CalibrationSettings
 
-    return CalibrationSettings(n_models=4, seeds=2, strengths=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0))
+    return CalibrationSettings(
+        n_models=16, seeds=1, strengths=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0), confirm=0
+    )
 
 
-#: Calibration of a world's space at the first start of ``w2wkit ui`` (4 models x 2 seeds).
+#: Calibration of a world's space at the first start of ``w2wkit ui`` (16 models x 1 picture:
+#: the 90% lower bound reaches 80% at 15 of 16; ``w2wkit directions --calibrate`` does more).
 QUICK_CALIBRATION = _quick()
 
 
