@@ -84,10 +84,10 @@ def test_sdxl_page_samples_edits_inverts_and_downloads(page, tiny_sdxl_pipe, tmp
     a, b = out["original"], out["edited"]
     assert a.dtype == np.uint8 and a.shape[0] >= 128 and a.shape == b.shape
     np.testing.assert_array_equal(a, b)  # no edit yet
-    # a slider moved -> the edited pictures change, the original ones stay
+    # a slider moved -> only the edited pictures come back (the original ones stay on the page)
     moved = _call(fns[("dir-red", "release")], session, *_view(red=3.0))
     assert "Error" not in str(moved.get("status", "")), moved
-    np.testing.assert_array_equal(moved["original"], a)
+    assert "original" not in moved
     assert np.abs(moved["edited"].astype(int) - a.astype(int)).max() > 0
     # delayed injection: the edited model for the late steps only -> other pictures again
     late = _call(fns[("dir-red", "release")], session, *_view(red=3.0, inject=500))
