@@ -520,58 +520,20 @@ def peft_dreambooth(
     seconds : float
         Wall time of the training loop alone (not the loading).
     """
-    import time
 
     import torch
     from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
 
-    s = settings
     pipe = StableDiffusionPipeline.from_pretrained(str(base), torch_dtype=torch.float32)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-    targets = [
-        n for n, _ in pipe.unet.named_modules() if any(n.endswith("." + t) for t in s.targets)
-    ]
-    torch.manual_seed(s.init_seed)
-    pipe.unet.add_adapter(
-        LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=targets, init_lora_weights=True)
-    )
-    params = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
-    for p in params.values():
-        p.requires_grad_(True)
-    tok = pipe.tokenizer
-    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ehs = pipe.text_encoder(ids.input_ids)[0]
-        x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        lat = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-    sched = pipe.scheduler
-    gen = torch.Generator().manual_seed(int(seed))
-    opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=0.0)
-    for _ in range(s.steps):
-        idx = torch.randint(0, len(lat), (s.batch,), generator=gen)
-        x0 = lat[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (s.batch,), generator=gen)
-        pred = pipe.unet(
-            sched.add_noise(x0, noise, t), t, encoder_hidden_states=ehs.expand(s.batch, -1, -1)
-        ).sample
-        loss = torch.mean((pred - noise) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    seconds = time.perf_counter() - t0
-    layers = {
-        f"unet.{n}": LoraLayer(
-            down=params[f"{n}.lora_A.default.weight"].detach().numpy().copy(),
-            up=params[f"{n}.lora_B.default.weight"].detach().numpy().copy(),
-            alpha=float(s.alpha),
+
+    def encode(batch: int) -> tuple[Any, dict]:
+        tok = pipe.tokenizer
+        ids = tok(
+            [prompt], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
         )
-        for n in targets
-    }
-    return Adapter(layers=layers, metadata={}), seconds
+        return pipe.text_encoder(ids.input_ids)[0].expand(batch, -1, -1), {}
+
+    return _peft_loop(pipe, settings, images, seed, encode)
 
 
 def peft_dreambooth_sdxl(
@@ -605,16 +567,41 @@ def peft_dreambooth_sdxl(
     seconds : float
         Wall time of the training loop alone (not the loading).
     """
-    import time
 
     import torch
     from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(base), torch_dtype=torch.float32)
+    h, w = int(np.shape(images)[1]), int(np.shape(images)[2])
+
+    def encode(batch: int) -> tuple[Any, dict]:
+        ehs, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+        cond = {"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}
+        return ehs.expand(batch, -1, -1), cond
+
+    return _peft_loop(pipe, settings, images, seed, encode)
+
+
+def _peft_loop(
+    pipe: Any, settings: Any, images: np.ndarray, seed: int, encode: Any
+) -> tuple[Adapter, float]:
+    """The one-model PEFT loop both reference trainers share (see :func:`peft_dreambooth`).
+
+    ``encode(batch)`` gives the UNet's ``encoder_hidden_states`` ``(batch, L, D)`` and its
+    ``added_cond_kwargs`` (empty for SD1.x/SD2.x).
+    """
+    import time
+
+    import torch
     from peft import LoraConfig
 
     s = settings
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(base), torch_dtype=torch.float32)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        m.requires_grad_(False)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if m is not None:
+            m.requires_grad_(False)
     targets = [
         n for n, _ in pipe.unet.named_modules() if any(n.endswith("." + t) for t in s.targets)
     ]
@@ -627,16 +614,10 @@ def peft_dreambooth_sdxl(
         p.requires_grad_(True)
     t0 = time.perf_counter()
     with torch.no_grad():
-        ehs, _, pooled, _ = pipe.encode_prompt(
-            prompt=prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
+        ehs, cond = encode(s.batch)
         x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         lat = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-    h, w = int(np.shape(images)[1]), int(np.shape(images)[2])
-    cond = {
-        "text_embeds": pooled.expand(s.batch, -1),
-        "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(s.batch, -1),
-    }
+    extra = {"added_cond_kwargs": cond} if cond else {}
     sched = pipe.scheduler
     gen = torch.Generator().manual_seed(int(seed))
     opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=0.0)
@@ -646,10 +627,7 @@ def peft_dreambooth_sdxl(
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (s.batch,), generator=gen)
         pred = pipe.unet(
-            sched.add_noise(x0, noise, t),
-            t,
-            encoder_hidden_states=ehs.expand(s.batch, -1, -1),
-            added_cond_kwargs=cond,
+            sched.add_noise(x0, noise, t), t, encoder_hidden_states=ehs, **extra
         ).sample
         loss = torch.mean((pred - noise) ** 2)
         opt.zero_grad(set_to_none=True)
