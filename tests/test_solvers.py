@@ -173,6 +173,7 @@ def test_gram_with_several_stripes(monkeypatch):
     z = power_law(270, 400, seed=9)
     # stripes of 37 rows, blocks that straddle them
     monkeypatch.setattr(solvers, "_GRAM_STRIPE_BYTES", 37 * 400 * 8)
+    monkeypatch.setattr(solvers, "_STREAM_BLOCKS_HELD", 0)  # the whole budget for the stripe
     res = fit_pca(blocks_of(z, [50, 260]), *z.shape, 12, solver="gram")
     _, s, vt = np.linalg.svd(z, full_matrices=False)
     assert res.info["stripes"] == 8
@@ -186,6 +187,31 @@ def test_gram_with_several_stripes(monkeypatch):
     np.testing.assert_allclose(res32.singular_values, s[:12], rtol=1e-5)
     assert max_angle(res32.components, vt[:12]) < 1e-3
     np.testing.assert_allclose(res32.scores, z @ res32.components.T.astype(np.float64), atol=1e-4)
+
+
+def test_stripe_leaves_room_for_the_blocks_a_pass_holds(monkeypatch):
+    """The stripe budget minus the blocks in flight: more stripes, the same result."""
+    z = power_law(270, 400, seed=9)
+    monkeypatch.setattr(solvers, "_GRAM_STRIPE_BYTES", 200 * 400 * 8)
+    held = fit_pca(blocks_of(z, [50, 260]), *z.shape, 12, solver="gram")
+    monkeypatch.setattr(solvers, "_STREAM_BLOCKS_HELD", 0)
+    whole = fit_pca(blocks_of(z, [50, 260]), *z.shape, 12, solver="gram")
+    assert held.info["stripes"] > whole.info["stripes"]
+    np.testing.assert_allclose(held.singular_values, whole.singular_values, rtol=1e-10)
+
+
+def test_sign_fix_a_chunk_of_vectors_at_a_time(monkeypatch):
+    rng = np.random.default_rng(3)
+    for axis in (0, 1):
+        a = rng.standard_normal((37, 23))
+        expected = a.copy()
+        solvers._fix_signs(expected, axis=axis)
+        monkeypatch.setattr(solvers, "_COMPONENT_CHUNK_BYTES", 8 * 37 * 2)  # 2-3 vectors a chunk
+        got = a.copy()
+        solvers._fix_signs(got, axis=axis)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(got, expected)
+        assert (got.max(axis=axis) >= -got.min(axis=axis)).all()
 
 
 def test_streamed_gram_components_in_column_chunks(monkeypatch):

@@ -125,6 +125,9 @@ _KRYLOV_MIN_WIDTH = KRYLOV_MIN_WIDTH
 _GRAM_STRIPE_BYTES = 4 << 30
 #: row blocks smaller than this are coalesced (BLAS efficiency)
 _MIN_BLOCK_ROWS = 256
+#: blocks a pass holds at once besides the caller's buffers (the one in use, the prefetched
+#: one, the one being read); the gram stripe leaves room for them
+_STREAM_BLOCKS_HELD = 3
 #: buffers at least this large are taken from an anonymous map (:func:`bulk_empty`)
 _BULK_MIN_BYTES = 64 << 20
 #: read the next block in a background thread while the current one is multiplied
@@ -482,11 +485,18 @@ def _fix_signs(a: np.ndarray, axis: int, other: np.ndarray | None = None) -> Non
     """
     if a.size == 0:
         return
+    # |a| a chunk of vectors at a time: a whole copy would double the memory of wide
+    # components (2.9 GB for k = 1000 SDXL q/v rows)
+    vectors = a.shape[1] if axis == 0 else a.shape[0]
+    length = a.shape[0] if axis == 0 else a.shape[1]
+    step = max(1, _COMPONENT_CHUNK_BYTES // max(1, length * a.itemsize))
+    idx = np.empty(vectors, dtype=np.intp)
+    for v in range(0, vectors, step):
+        part = a[:, v : v + step] if axis == 0 else a[v : v + step]
+        idx[v : v + step] = np.argmax(np.abs(part), axis=axis)
     if axis == 0:
-        idx = np.argmax(np.abs(a), axis=0)
         signs = np.sign(a[idx, np.arange(a.shape[1])])
     else:
-        idx = np.argmax(np.abs(a), axis=1)
         signs = np.sign(a[np.arange(a.shape[0]), idx])
     signs[signs == 0] = 1
     if np.all(signs > 0):
@@ -557,6 +567,7 @@ class _Stream:
         self.progress = progress
         self.prefetch = PREFETCH if prefetch is None else prefetch
         self.n_passes = 0
+        self._block_bytes = 0
         #: column means subtracted from every block (:meth:`centre`), float64 (d,)
         self.mean: np.ndarray | None = None
         self._shift: np.ndarray | None = None
@@ -645,6 +656,22 @@ class _Stream:
                 f"the data blocks held {done} rows in pass {self.n_passes}, expected {n}",
                 hint="the block function must yield the same rows on every call",
             )
+
+    def block_bytes(self) -> int:
+        """float32 bytes of the largest block a pass yields: the first block's (read once and
+        dropped, not counted as a pass) or the coalesced size, whichever is larger."""
+        if not self._block_bytes:
+            source = iter(self.blocks())
+            try:
+                first = next(source, None)
+                rows = 0 if first is None else int(np.shape(first)[0])
+            finally:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+            coalesced = min(_MIN_BLOCK_ROWS, self.n_rows)
+            self._block_bytes = 4 * self.n_cols * max(rows, coalesced)
+        return self._block_bytes
 
     def _centred(self, block: np.ndarray) -> np.ndarray:
         return block if self._shift is None else block - self._shift
@@ -922,7 +949,10 @@ def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps, center: bool) -> PCAResul
         return _fit_gram_in_memory(stream, k, dtype, center)
     if center:
         stream.centre()
-    stripe_rows = max(1, min(n, budget // (d * itemsize)))
+    # the stripe shares the budget with the blocks a pass holds (wide rows: an SDXL q/v
+    # row is 2.9 MB, three 128-row blocks 1.1 GB)
+    held = (_STREAM_BLOCKS_HELD + (1 if center else 0)) * stream.block_bytes()
+    stripe_rows = max(1, min(n, max(d * itemsize, budget - held) // (d * itemsize)))
     gram = np.zeros((n, n), dtype=np.float64)
     sumsq = 0.0
     n_stripes = math.ceil(n / stripe_rows)
