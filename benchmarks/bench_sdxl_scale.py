@@ -164,7 +164,10 @@ def worker_w2wkit(folder: Path, k: int, cache: Path, cluster: str | None) -> dic
 
         with open_client(cluster) as client:
             kwargs["client"] = client
-            return _fit(space, Collection(folder, cache_dir=cache), kwargs)
+            out = _fit(space, Collection(folder, cache_dir=cache), kwargs)
+            # peak resident memory of every worker process (the driver's is peak_rss_gb)
+            out["worker_peak_rss_gb"] = sorted(client.run(peak_rss_gb).values())
+            return out
     return _fit(space, Collection(folder, cache_dir=cache), kwargs)
 
 

@@ -5,6 +5,8 @@ import hashlib
 import numpy as np
 import pytest
 from _spacehelpers import random_models
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from w2wkit.collection import Collection
 from w2wkit.errors import FormatError, LayoutError, SpaceError
@@ -223,3 +225,31 @@ def test_kohya_header_compared_as_text_around_its_metadata(tmp_path):
     assert meta == read_adapter(paths[1]).metadata
     assert digest == hashlib.sha256(paths[1].read_bytes()).hexdigest()
     np.testing.assert_array_equal(out, WeightLayout.from_adapter(m0).flatten(models[1]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 90),
+    d=st.integers(1, 9000),
+    offset=st.floats(-1e3, 1e3),
+    seed=st.integers(0, 2**16),
+    by_row=st.booleans(),
+)
+def test_column_stats_match_numpy(n, d, offset, seed, by_row):
+    """Shifted float64 sums a block / a row at a time (column chunks, partial blocks)."""
+    from w2wkit.collection import _ColumnStats
+
+    rng = np.random.default_rng(seed)
+    x = (offset + rng.standard_normal((n, d))).astype(np.float32)
+    stats = _ColumnStats(d)
+    if by_row:
+        for row in x:
+            stats.add_row(row)
+    else:
+        for lo in range(0, n, 7):
+            stats.add_block(x[lo : lo + 7])
+    mean, var = stats.result()
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(var, x64.var(axis=0), rtol=1e-9, atol=1e-9)
+    assert stats.n == n

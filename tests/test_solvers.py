@@ -548,3 +548,69 @@ def test_fit_pca_array_in_place_components_equal_the_copying_path():
     np.testing.assert_array_equal(res.singular_values, ref.singular_values)
     np.testing.assert_allclose(res.singular_values, s[:8], rtol=1e-7)
     assert max_angle(res.components, vt[:8]) < 1e-5
+
+
+def columns_of(z: np.ndarray, reads: list | None = None):
+    """A ColumnFn over ``z`` (fresh float32 chunks); ``reads`` records the chunk bounds."""
+
+    def columns(lo: int, hi: int) -> np.ndarray:
+        if reads is not None:
+            reads.append((lo, hi))
+        return np.array(z[:, lo:hi], dtype=np.float32, order="C")
+
+    return columns
+
+
+@pytest.mark.parametrize("flops", [None, 0.0])
+def test_gram_over_column_chunks_equals_the_exact_svd(monkeypatch, flops):
+    """Two reads a column chunk at a time (ragged last chunk), float64 and float32 products."""
+    if flops is not None:
+        monkeypatch.setattr(solvers, "_GRAM_FLOAT64_MAX_FLOPS", flops)
+    z = power_law(270, 1000, seed=9)
+    reads: list = []
+    # a budget for ~300-column chunks in the first read
+    res = solvers.fit_gram_columns(
+        columns_of(z, reads), *z.shape, 12, budget=8 * 270 * 270 * 2 + 300 * 270 * 4 * 5
+    )
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    assert res.solver == "gram" and res.n_passes == 2
+    w_gram, w_comp = res.info["column_chunks"]
+    assert 256 <= w_gram < 1000 and 256 <= w_comp <= 1000
+    assert reads[0] == (0, w_gram) and reads[-1][1] == 1000  # every column, both reads
+    assert sum(hi - lo for lo, hi in reads) == 2000
+    exact = flops is None
+    assert res.info["product_dtype"] == ("float64" if exact else "float32")
+    np.testing.assert_allclose(res.singular_values, s[:12], rtol=1e-7 if exact else 1e-5)
+    assert max_angle(res.components, vt[:12]) < (1e-5 if exact else 1e-3)
+    np.testing.assert_allclose(res.scores, z @ res.components.T.astype(np.float64), atol=1e-4)
+    # the same answer as the streamed row solver
+    rows = fit_pca(blocks_of(z, [50, 260]), *z.shape, 12, solver="gram")
+    np.testing.assert_allclose(res.singular_values, rows.singular_values, rtol=1e-6)
+    assert max_angle(res.components, rows.components) < 1e-3
+
+
+def test_gram_over_column_chunks_names_a_row_with_nan():
+    z = power_law(60, 300, seed=2)
+    z[17, 250] = np.nan
+    with pytest.raises(SpaceError, match=r"row 17 .*NaN"):
+        solvers.fit_gram_columns(columns_of(z), *z.shape, 5, budget=8 * 60 * 60 * 2 + 10**6)
+
+
+def test_gram_stripes_skip_the_rows_before_them(monkeypatch):
+    """A block function that takes ``start=`` is asked only for the stripe's rows and after."""
+    z = power_law(270, 400, seed=9)
+    monkeypatch.setattr(solvers, "_GRAM_STRIPE_BYTES", 100 * 400 * 8)
+    monkeypatch.setattr(solvers, "_STREAM_BLOCKS_HELD", 0)
+    starts: list[int] = []
+
+    def seekable(start: int = 0):
+        starts.append(start)
+        for lo in range(start, 270, 40):
+            yield z[lo : lo + 40].astype(np.float32)
+
+    res = fit_pca(seekable, *z.shape, 12, solver="gram")
+    plain = fit_pca(blocks_of(z, 40), *z.shape, 12, solver="gram")
+    assert res.info["stripes"] == 3
+    assert starts == [0, 0, 100, 200, 0]  # block-size peek, 3 stripes, components
+    np.testing.assert_allclose(res.singular_values, plain.singular_values, rtol=1e-12)
+    np.testing.assert_allclose(res.components, plain.components, rtol=1e-10, atol=1e-12)

@@ -148,3 +148,29 @@ def test_constant_coordinates_get_a_positive_floor(planted):
     assert np.all(space.scale_ > 0) and np.isfinite(space.scale_).all()
     assert np.all(space.scale_[:5] < 1e-4)
     assert np.isfinite(space.coefficients_).all()
+
+
+def test_rows_on_disk_take_the_column_gram_and_match_the_in_memory_fit(tmp_path, monkeypatch):
+    """Rows too large for the budget: a row cache on disk, the gram solver over column
+    chunks (two reads), the same space as the in-memory fit; the scan's statistics too."""
+    from w2wkit import solvers
+    from w2wkit.collection import Collection
+    from w2wkit.synthetic import planted_collection
+
+    folder = tmp_path / "loras"
+    shapes = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (700, 600)}
+    planted_collection(folder, 90, shapes=shapes, n_latent=6)
+    ref = WeightSpace(8, solver="gram").fit(Collection(folder))
+    assert ref.info_["n_passes"] == 0  # in memory: no pass over a row cache
+    monkeypatch.setattr(solvers, "memory_budget", lambda: 300_000)
+    calls: list = []
+    real = solvers.fit_gram_columns
+    monkeypatch.setattr(
+        solvers, "fit_gram_columns", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k)
+    )
+    got = WeightSpace(8, solver="gram").fit(Collection(folder, cache_dir=tmp_path / "cache"))
+    assert calls == [(90, 1300)]
+    assert got.info_["n_passes"] == 2
+    np.testing.assert_allclose(got.singular_values_, ref.singular_values_, rtol=1e-5)
+    assert principal_angle(got.components_, ref.components_) < 1e-3
+    np.testing.assert_allclose(got.mean_, ref.mean_, rtol=1e-6, atol=1e-9)

@@ -168,26 +168,30 @@ def _stamp(path: str, st: os.stat_result | None = None) -> tuple[int, int]:
 
 
 class _Sink:
-    """Takes the rows of a scan block one at a time and keeps their shifted sums (float64);
-    with ``keep`` the rows too, in one ``(m, d)`` float32 block."""
+    """Takes the rows of a scan block one at a time and keeps their shifted sums (float64,
+    :class:`w2wkit.collection._ColumnStats`); with ``keep`` the rows too, in one ``(m, d)``
+    float32 block. Read ``shift``, ``total``, ``total_sq`` after :meth:`finish`."""
 
     def __init__(self, m: int, d: int, keep: bool = False) -> None:
+        from w2wkit.collection import _ColumnStats
+
         self.shape = (m, d)
         self.rows = np.zeros((m, d), dtype=np.float32) if keep else None
-        self.shift: np.ndarray | None = None
-        self.total = np.zeros(d)
-        self.total_sq = np.zeros(d)
+        self._stats = _ColumnStats(d)
         self.count = 0
 
     def __setitem__(self, i: int, row: np.ndarray) -> None:
         if self.rows is not None:
             self.rows[i] = row
-        if self.shift is None:
-            self.shift = np.asarray(row, dtype=np.float64).copy()
-        diff = row - self.shift
-        self.total += diff
-        self.total_sq += diff * diff
+        self._stats.add_row(row)
         self.count += 1
+
+    def finish(self) -> None:
+        """Add the rows still gathered; :attr:`shift`, :attr:`total`, :attr:`total_sq`."""
+        self._stats.flush()
+        self.shift = self._stats.shift
+        self.total = self._stats.total
+        self.total_sq = self._stats.total_sq
 
 
 def _scan_task(
@@ -217,7 +221,7 @@ def _scan_task(
     first: str | None = None
     stamps: list[tuple[int, int]] = []
     try:
-        for i, ad in sub._iter_factor_rows(None, lambda: sink):  # noqa: B023
+        for i, ad, _ in sub._iter_factor_rows(None, lambda: sink):  # noqa: B023
             if ad is None:  # the fast path wrote the row into the sink
                 assert first is not None
                 groups[first].append(i)
@@ -239,6 +243,7 @@ def _scan_task(
             raise _unseen(str(path), exc) from None
         raise
     assert sink is not None
+    sink.finish()
     return {
         "entries": sub.manifest,
         "families": sub.families,

@@ -176,12 +176,34 @@ class FactorRows:
         self,
         block_rows: int | None = None,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
+        start: int = 0,
     ) -> Iterator[np.ndarray]:
-        """Yield consecutive float32 row blocks ``(b, d)``, optionally transformed."""
+        """Yield consecutive float32 row blocks ``(b, d)`` from row ``start`` on, optionally
+        transformed."""
         b = block_rows or self.default_block_rows()
-        for start in range(0, self.n_rows, b):
-            block = np.asarray(self.data[start : start + b], dtype=np.float32)
+        for lo in range(int(start), self.n_rows, b):
+            block = np.asarray(self.data[lo : lo + b], dtype=np.float32)
             yield transform(block) if transform is not None else block
+
+    def columns(
+        self,
+        lo: int,
+        hi: int,
+        transform: Callable[[np.ndarray, int, int], np.ndarray] | None = None,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Columns ``lo:hi`` of every row, a fresh ``(N, hi - lo)`` float32 array (or ``out``,
+        filled), optionally transformed in place: ``transform(a, lo, hi)`` with ``a`` the
+        chunk or, from a row cache on disk, each row's piece ``(hi - lo,)`` in turn."""
+        if isinstance(self.data, _RowFile):
+            # transformed a row at a time, while its piece is in cache after the read
+            return self.data.read_columns(lo, hi, out, transform)
+        if out is not None:
+            chunk = out
+            chunk[...] = self.data[:, lo:hi]
+        else:
+            chunk = np.array(self.data[:, lo:hi], dtype=np.float32, order="C")
+        return transform(chunk, lo, hi) if transform is not None else chunk
 
     def close(self) -> None:
         """Drop the disk cache (if it is a temporary one)."""
@@ -513,14 +535,14 @@ class Collection:
         layouts: dict[str, WeightLayout] = {}
         data: np.ndarray | None = None
         cleanup = None
-        total = np.zeros(0)
-        total_sq = np.zeros(0)
-        shift = np.zeros(0)
+        stats: _ColumnStats | None = None
+        summed = 0  # in-memory rows: rows [0, summed) are in ``stats``
+        block_rows = _ColumnStats.ROWS
         try:
-            for i, ad in self._iter_factor_rows(progress, lambda: data):  # noqa: B023
-                if ad is None:  # copied into data[i] by the fast path
+            for i, ad, fast_row in self._iter_factor_rows(progress, lambda: data):  # noqa: B023
+                if ad is None:  # copied into data[i] by the fast path (and given as fast_row)
                     groups[next(iter(groups))].append(self.names[i])
-                    row = data[i]  # type: ignore[index]
+                    row = fast_row
                 else:
                     lay = WeightLayout.from_adapter(ad)
                     groups.setdefault(lay.signature, []).append(self.names[i])
@@ -533,21 +555,23 @@ class Collection:
                             data = _anon_empty((n, layout.dim))
                         else:
                             data, cleanup = self._open_cache(n, layout.dim)
-                        total = np.zeros(layout.dim)
-                        total_sq = np.zeros(layout.dim)
+                        stats = _ColumnStats(layout.dim)
                         self._fast_layout = layout
                     if len(groups) > 1:
                         continue
                     assert data is not None
                     row = layout.flatten(ad)
                     data[i] = row
-                if in_memory:
+                if len(groups) > 1:
                     continue
-                if i == 0:
-                    shift = row.astype(np.float64)  # shifted sums: stable variance
-                diff = row - shift
-                total += diff
-                total_sq += diff * diff
+                assert stats is not None and data is not None
+                # the statistics go with the reads (the reader threads read ahead meanwhile)
+                if in_memory:
+                    if i + 1 - summed >= block_rows:
+                        stats.add_block(data[summed : i + 1])
+                        summed = i + 1
+                else:
+                    stats.add_row(row)
             self.check_one_family()
         except BaseException:
             if cleanup is not None:
@@ -562,24 +586,23 @@ class Collection:
                 hint="the factors representation needs one rank and module set; "
                 'use `representation="delta"`',
             )
+        assert stats is not None
+        if in_memory and summed < n:
+            stats.add_block(data[summed:n])
+        mean, var = stats.result()
         stats_seconds = 0.0
-        if in_memory:
-            import time
-
-            t0 = time.perf_counter()
-            mean, var = _row_stats(data)
-            stats_seconds = time.perf_counter() - t0
-        else:
-            mean_shift = total / n
-            mean = shift + mean_shift
-            var = np.maximum(total_sq / n - mean_shift**2, 0.0)
         return FactorRows(layout, data, mean, var, cleanup, bool(in_memory), stats_seconds)
 
     def _iter_factor_rows(
         self, progress: Progress | None, rows: Callable[[], np.ndarray | None]
-    ) -> Iterator[tuple[int, Adapter | None]]:
-        """:meth:`iter_adapters`, except that a kohya file laid out like the first
-        one is copied into ``rows()[i]`` directly and yields ``(i, None)``."""
+    ) -> Iterator[tuple[int, Adapter | None, np.ndarray | None]]:
+        """:meth:`iter_adapters` as ``(i, adapter, None)``, except that a kohya file laid out
+        like the first one is copied into ``rows()[i]`` directly and yields ``(i, None,
+        row)`` (``row`` (d,) float32, the values written there).
+
+        Into a row cache on disk (:class:`_RowFile`) the reader threads write the rows
+        themselves (each at its own offset); any other target is written by the caller's
+        thread, in order."""
         from concurrent.futures import ThreadPoolExecutor
 
         self.manifest = []
@@ -599,16 +622,18 @@ class Collection:
                     # the workers read, hash, check and copy a few files ahead, each file
                     # straight into its own row (or a row buffer for the disk cache)
                     direct = isinstance(data, np.ndarray)
+                    by_reader = isinstance(data, _RowFile)
                     for j in range(i, min(n, i + ahead)):
                         if j not in futures:
                             t = data[j] if direct else np.empty(data.shape[1], np.float32)
                             targets[j] = t
-                            futures[j] = pool.submit(fast.read_row, self.files[j], t)
+                            sink = data if by_reader else None
+                            futures[j] = pool.submit(_read_row_job, fast, self.files[j], t, sink, j)
                     got = futures.pop(i).result()
                     target = targets.pop(i)
                     if got is not None:
                         meta, digest = got
-                        if not direct:
+                        if not direct and not by_reader:
                             data[i] = target
                         entry: dict[str, Any] = {
                             "name": self.names[i],
@@ -623,14 +648,14 @@ class Collection:
                         self.families.append(fast.family(meta))
                         if progress is not None:
                             progress("read", i + 1, n)
-                        yield i, None
+                        yield i, None, target
                         continue
                 ad, entry = self.read(i)
                 self.manifest.append(entry)
                 self.families.append(model_family(ad, self.files[i] if self.files else None))
                 if progress is not None:
                     progress("read", i + 1, n)
-                yield i, ad
+                yield i, ad, None
                 if not tried and self.files and self._fast_layout is not None:
                     tried = True
                     fast = self._kohya_template(i, ad)
@@ -1020,6 +1045,37 @@ class _RowFile:
             view, at = view[got:], at + got
         return out if isinstance(key, slice) else out[0]
 
+    def read_columns(
+        self,
+        lo: int,
+        hi: int,
+        out: np.ndarray | None = None,
+        transform: Callable[[np.ndarray, int, int], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Columns ``lo:hi`` of every row: a fresh ``(N, hi - lo)`` array, or ``out`` filled
+        (one read a row); ``transform(piece, lo, hi)`` is applied to each row's piece in
+        place right after its read."""
+        n, d = self.shape
+        lo, hi = max(0, int(lo)), min(d, int(hi))
+        if out is None:
+            out = np.empty((n, max(0, hi - lo)), dtype=np.float32)
+        elif out.shape != (n, max(0, hi - lo)) or not out.flags.c_contiguous:
+            raise ValueError(f"out of shape {out.shape}, need ({n}, {hi - lo}) C-contiguous")
+        if hi <= lo:
+            return out
+        row_bytes = 4 * d
+        for i in range(n):
+            view = memoryview(out[i]).cast("B")
+            at = self.offset + row_bytes * i + 4 * lo
+            while view:
+                got = os.preadv(self.fd, [view], at)
+                if got <= 0:
+                    raise OSError(f"{self.path}: short read")
+                view, at = view[got:], at + got
+            if transform is not None:
+                transform(out[i], lo, hi)
+        return out
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[0 : self.shape[0]]
         return out if dtype is None else out.astype(dtype)
@@ -1229,6 +1285,17 @@ class _KohyaRows:
         return meta, digest
 
 
+def _read_row_job(
+    fast: _KohyaRows, path: Path, out: np.ndarray, cache: _RowFile | None, i: int
+) -> tuple[dict[str, str], str] | None:
+    """A reader thread's work on one file: :meth:`_KohyaRows.read_row` into ``out``, and
+    the row written to row ``i`` of ``cache`` when one is given and the row was read."""
+    got = fast.read_row(path, out)
+    if got is not None and cache is not None:
+        cache[i] = out
+    return got
+
+
 def read_threads() -> int:
     """Threads that read, hash and copy files in a factors scan: the cores this
     process may use, at least 2 (one overlaps the reads with the caller), at most 8."""
@@ -1293,20 +1360,77 @@ def _anon_empty(shape: tuple[int, int]) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.float32).reshape(shape)
 
 
+class _ColumnStats:
+    """Column sums of ``(row - shift)`` and of its square, float64, a block of rows at a time.
+
+    ``shift`` is the first row (shifted sums: a variance that is small next to the
+    mean keeps its digits). Rows given one at a time (:meth:`add_row`) are gathered
+    into a block of :attr:`ROWS`; a block (:meth:`add_block`) is widened to float64
+    a column chunk at a time (a chunk of the block stays in cache while it is
+    shifted, summed, squared and summed: the block is read from memory once, and no
+    float64 copy of a whole row or block is made).
+    """
+
+    ROWS = 32
+    CHUNK = 4096
+
+    def __init__(self, d: int) -> None:
+        self.d = int(d)
+        self.n = 0
+        self.shift: np.ndarray | None = None
+        self.total = np.zeros(self.d)
+        self.total_sq = np.zeros(self.d)
+        self._buf: np.ndarray | None = None
+        self._filled = 0
+
+    def add_row(self, row: np.ndarray) -> None:
+        """Add one ``(d,)`` row (copied: the caller may reuse its buffer)."""
+        if self._buf is None:
+            self._buf = np.empty((self.ROWS, self.d), dtype=np.float32)
+        self._buf[self._filled] = row
+        self._filled += 1
+        if self._filled == self.ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the rows gathered by :meth:`add_row` so far."""
+        if self._filled:
+            assert self._buf is not None
+            filled, self._filled = self._filled, 0
+            self.add_block(self._buf[:filled])
+
+    def add_block(self, block: np.ndarray) -> None:
+        """Add the rows of ``block`` ``(b, d)`` (any float dtype)."""
+        if block.shape[0] == 0:
+            return
+        if self.shift is None:
+            self.shift = np.asarray(block[0], dtype=np.float64).copy()
+        step = self.CHUNK
+        tmp = np.empty((block.shape[0], min(step, self.d)))
+        for lo in range(0, self.d, step):
+            hi = min(self.d, lo + step)
+            t = tmp[:, : hi - lo]
+            np.subtract(block[:, lo:hi], self.shift[lo:hi], out=t)
+            self.total[lo:hi] += t.sum(axis=0)
+            np.multiply(t, t, out=t)
+            self.total_sq[lo:hi] += t.sum(axis=0)
+        self.n += block.shape[0]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """Column mean and variance (``ddof=0``), float64 ``(d,)`` each."""
+        self.flush()
+        if self.shift is None or self.n == 0:
+            return np.zeros(self.d), np.zeros(self.d)
+        mean_shift = self.total / self.n
+        return self.shift + mean_shift, np.maximum(self.total_sq / self.n - mean_shift**2, 0.0)
+
+
 def _row_stats(data: np.ndarray, rows: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Column mean and variance (ddof=0) of ``data`` (N, d), float64, shifted by row 0."""
-    n, d = data.shape
-    shift = data[0].astype(np.float64)
-    total = np.zeros(d)
-    total_sq = np.zeros(d)
-    for lo in range(0, n, rows):
-        diff = data[lo : lo + rows].astype(np.float64)
-        diff -= shift
-        total += diff.sum(axis=0)
-        diff *= diff
-        total_sq += diff.sum(axis=0)
-    mean_shift = total / n
-    return shift + mean_shift, np.maximum(total_sq / n - mean_shift**2, 0.0)
+    stats = _ColumnStats(data.shape[1])
+    for lo in range(0, data.shape[0], rows):
+        stats.add_block(data[lo : lo + rows])
+    return stats.result()
 
 
 def in_features(shape: tuple[int, ...]) -> int:

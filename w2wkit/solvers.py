@@ -58,6 +58,7 @@ The products run in float32 BLAS on the CPU (numpy / OpenBLAS) or, with
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import mmap
 import os
@@ -83,9 +84,11 @@ from w2wkit.floor import (
 __all__ = [
     "SOLVERS",
     "BlockFn",
+    "ColumnFn",
     "PCAResult",
     "choose_solver",
     "default_block_size",
+    "fit_gram_columns",
     "fit_pca",
     "fit_pca_array",
     "top_eigh",
@@ -96,7 +99,9 @@ BlockFn = Callable[[], Iterator[np.ndarray]]
 
 The passes run one block ahead in a background thread (reading overlaps the
 products), so a yielded array must stay valid after the next one is requested:
-do not refill one buffer in place.
+do not refill one buffer in place. A function that also takes a keyword ``start``
+(a row index) and then yields the rows from ``start`` on lets a pass that needs
+only the later rows skip reading the earlier ones (the gram solver's stripes).
 """
 
 ProgressFn = Callable[[str, int, int], None]
@@ -566,6 +571,7 @@ class _Stream:
         self.n_cols = n_cols
         self.progress = progress
         self.prefetch = PREFETCH if prefetch is None else prefetch
+        self.seekable = _takes_start(blocks)
         self.n_passes = 0
         self._block_bytes = 0
         #: column means subtracted from every block (:meth:`centre`), float64 (d,)
@@ -589,29 +595,33 @@ class _Stream:
         self.mean = total / self.n_rows
         self._shift = self.mean.astype(np.float32)
 
-    def passes(self, stage: str, phase: str = "passes") -> Iterator[tuple[int, np.ndarray]]:
+    def passes(
+        self, stage: str, phase: str = "passes", start: int = 0
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """One pass: yields ``(row_offset, block)`` with float32 C-contiguous blocks.
 
         The pass's wall time (reading and the caller's work on the blocks) is
-        added to ``timings[phase]``.
+        added to ``timings[phase]``. ``start``: the caller needs only the rows from
+        there on; a block function that takes ``start=`` then skips the earlier
+        ones (the first offset yielded is ``start``), any other yields them all.
         """
         t0 = time.perf_counter()
         try:
-            yield from self._pass(stage)
+            yield from self._pass(stage, start if self.seekable else 0)
         finally:
             self.add_time(phase, time.perf_counter() - t0)
 
-    def _pass(self, stage: str) -> Iterator[tuple[int, np.ndarray]]:
+    def _pass(self, stage: str, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         self.n_passes += 1
-        source = iter(self.blocks())
+        source = iter(self.blocks(start=start) if start else self.blocks())
         if self.prefetch:
             source = _prefetch(source)
-        done = 0
+        done = start
         pending: list[np.ndarray] = []
         pending_rows = 0
         n, d = self.n_rows, self.n_cols
         if self.progress is not None:
-            self.progress(stage, 0, n)
+            self.progress(stage, done, n)
         # small blocks are coalesced for BLAS efficiency, within the memory budget
         min_rows = min(_MIN_BLOCK_ROWS, max(1, memory_budget() // (16 * 4 * max(d, 1))))
         index = -1
@@ -675,6 +685,19 @@ class _Stream:
 
     def _centred(self, block: np.ndarray) -> np.ndarray:
         return block if self._shift is None else block - self._shift
+
+
+def _takes_start(blocks: Any) -> bool:
+    """Whether a block function takes the keyword ``start`` (see :data:`BlockFn`)."""
+    return _takes(blocks, "start")
+
+
+def _takes(fn: Any, keyword: str) -> bool:
+    """Whether ``fn`` takes the keyword argument ``keyword``."""
+    try:
+        return keyword in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_finite_rows(y: Any, offset: int, stage: str) -> None:
@@ -960,7 +983,9 @@ def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps, center: bool) -> PCAResul
         lo, hi = s_index * stripe_rows, min(n, (s_index + 1) * stripe_rows)
         stripe = np.empty((hi - lo, d), dtype=dtype)
         stripe_dev = None
-        for offset, block in stream.passes(f"gram: stripe {s_index + 1}/{n_stripes}", "gram"):
+        # rows before the stripe are needed in the first pass only (finiteness, sums)
+        passes = stream.passes(f"gram: stripe {s_index + 1}/{n_stripes}", "gram", start=lo)
+        for offset, block in passes:
             end = offset + block.shape[0]
             if s_index == 0:
                 _check_finite_rows(block, offset, "gram")
@@ -999,6 +1024,170 @@ def _fit_gram(stream: _Stream, k: int, ops: _NumpyOps, center: bool) -> PCAResul
     return _gram_result(
         comp, good, u, sv, stream, sumsq, n, {"stripes": n_stripes}, dtype, stream.mean
     )
+
+
+#: Reads ``Z[:, lo:hi]``: ``columns(lo, hi) -> (N, hi - lo)`` float32, a fresh C-contiguous
+#: array; a function that also takes ``out=`` (an ``(N, hi - lo)`` float32 buffer) fills
+#: and returns that instead (see :func:`fit_gram_columns`).
+ColumnFn = Callable[[int, int], np.ndarray]
+
+
+def fit_gram_columns(
+    columns: ColumnFn,
+    n_rows: int,
+    n_cols: int,
+    n_components: int,
+    *,
+    progress: ProgressFn | None = None,
+    budget: int | None = None,
+    prefetch: bool | None = None,
+) -> PCAResult:
+    """The gram solver over column chunks of ``Z``, for rows too wide or too many to hold.
+
+    ``G = Z Z^T`` is the sum over column chunks ``c`` of ``Z[:, c] Z[:, c]^T``: one
+    read of every row, a chunk of columns at a time, each chunk one symmetric
+    product (BLAS ``?syrk``, ``N^2 w`` flops) added to ``G`` in float64. The top-k
+    eigenpairs of ``G`` (:func:`top_eigh`) give the singular values and scores;
+    the components ``diag(1/s) U^T Z`` come from a second read, a column chunk at a
+    time, each one product with ``N``-deep inner dimension written straight into
+    its columns. Two reads of the data in all, whatever ``N`` and ``d``; the row
+    stripes of the streamed gram solver (:func:`fit_pca`) need one per stripe and
+    multiply each stripe with every later row block (narrow products that repack
+    the stripe for each block).
+
+    Parameters
+    ----------
+    columns : ColumnFn
+        ``columns(lo, hi)`` returns ``Z[:, lo:hi]`` as a fresh ``(N, hi - lo)`` float32
+        array (a chunk is read one ahead in a thread: do not reuse a buffer); one that
+        takes ``out=`` fills the buffer it is given (three, used in turn).
+    n_rows, n_cols, n_components : int
+        ``N``, ``d`` and ``k``.
+    progress : callable, optional
+        ``progress(stage, done, total)``, ``total`` in columns.
+    budget : int, optional
+        Bytes for the chunks in flight (three: the one in use, the one read ahead,
+        the one being read); default :func:`memory_budget`, less the Gram matrix and,
+        in the second read, the components.
+    prefetch : bool, optional
+        Read the next chunk in a thread (default :data:`PREFETCH`).
+
+    Returns
+    -------
+    PCAResult
+        As :func:`fit_pca` with ``solver="gram"``; ``info["column_chunks"]`` holds the
+        chunk widths of the two reads.
+    """
+    n, d, k = int(n_rows), int(n_cols), int(n_components)
+    if not 1 <= k <= min(n, d):
+        raise SpaceError(f"n_components={k} must be between 1 and min(N, d) = {min(n, d)}")
+    stream = _Stream(lambda: iter(()), n, d, progress, prefetch)
+    dtype = np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
+    total = memory_budget() if budget is None else int(budget)
+    # chunks in flight (float32), and a float64 copy of the one in use for float64 products
+    held = _STREAM_BLOCKS_HELD + (2 if dtype == np.float64 else 0)
+
+    def width(free: float) -> int:
+        return int(min(d, max(256, free // (held * 4 * max(n, 1)))))
+
+    gram_bytes = 8.0 * n * n + np.dtype(dtype).itemsize * float(n) * n
+    w_gram = width(total - gram_bytes)
+    gram = np.zeros((n, n), dtype=np.float64)
+    part = np.zeros((n, n), dtype=dtype, order="F")
+    syrk = _syrk_upper(dtype)
+    for lo, chunk in _column_pass(stream, columns, w_gram, "gram: column chunks", "gram"):
+        a = chunk if dtype == np.float32 else chunk.astype(np.float64)
+        # C-order (N, w) is Fortran-order (w, N): a^T a of that is chunk @ chunk.T; the
+        # upper triangle is written in place (Fortran-order part, overwrite_c)
+        part = syrk(1.0, a.T, trans=1, lower=0, c=part, beta=0.0, overwrite_c=1)
+        del a
+        # a row with NaN/inf has a non-finite squared norm on the diagonal
+        bad = ~np.isfinite(np.diagonal(part))
+        if bad.any():
+            raise SpaceError(
+                f"row {int(np.flatnonzero(bad)[0])} of the data has NaN or infinite values "
+                f"(gram, columns {lo}-{lo + chunk.shape[1]})"
+            )
+        _upper_added(gram, part)
+    del part
+    sumsq = float(np.trace(gram))
+    _symmetrize_from_upper(gram)
+    with _stage(stream, "gram: top-k eigenpairs", "eigen"):
+        u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
+    del gram
+    comp_dtype = np.float64 if dtype == np.float64 else np.float32
+    # np.empty, not bulk_empty: allocated once each (measured faster here than 4 KiB pages)
+    comp = np.empty((k, d), dtype=comp_dtype)
+    pt = np.ascontiguousarray(proj.T.astype(comp_dtype))
+    w_comp = width(total - comp.nbytes)
+    out = np.empty(k * min(w_comp, d), dtype=comp_dtype)  # one product's result, reused
+    for lo, chunk in _column_pass(stream, columns, w_comp, "gram: components", "components"):
+        w = chunk.shape[1]
+        prod = out[: k * w].reshape(k, w)
+        np.matmul(pt, chunk.astype(comp_dtype, copy=False), out=prod)
+        comp[:, lo : lo + w] = prod
+    del out
+    info = {"stripes": 0, "column_chunks": [w_gram, w_comp]}
+    return _gram_result(comp, good, u, sv, stream, sumsq, n, info, dtype, None)
+
+
+def _upper_added(gram: np.ndarray, part: np.ndarray, block: int = 1024) -> np.ndarray:
+    """Add ``part``'s upper triangle (N, N; its lower one is not read) to ``gram``'s, a block
+    of rows at a time, in place (no N x N temporary); returns ``gram``."""
+    n = gram.shape[0]
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        gram[lo:hi, hi:] += part[lo:hi, hi:]
+        gram[lo:hi, lo:hi] += np.triu(part[lo:hi, lo:hi])
+    return gram
+
+
+def _syrk_upper(dtype: Any) -> Any:
+    from scipy.linalg import blas
+
+    return blas.dsyrk if dtype == np.float64 else blas.ssyrk
+
+
+def _column_pass(
+    stream: _Stream, columns: ColumnFn, w: int, stage: str, phase: str
+) -> Iterator[tuple[int, np.ndarray]]:
+    """One read of ``Z`` a column chunk at a time: ``(lo, Z[:, lo:lo+w])``, checked."""
+    n, d = stream.n_rows, stream.n_cols
+    stream.n_passes += 1
+    t0 = time.perf_counter()
+
+    # a column function that takes ``out=`` fills buffers of a ring (as many as can be in
+    # flight: the one in use, the one read ahead, the one being read) instead of a fresh
+    # array a chunk: no page faults after the first round
+    ring = [np.empty(n * w, dtype=np.float32) for _ in range(3)] if _takes(columns, "out") else []
+
+    def chunks() -> Iterator[tuple[int, np.ndarray]]:
+        for i, lo in enumerate(range(0, d, w)):
+            hi = min(d, lo + w)
+            if ring:
+                buf = ring[i % len(ring)][: n * (hi - lo)].reshape(n, hi - lo)
+                yield lo, columns(lo, hi, out=buf)
+            else:
+                yield lo, columns(lo, hi)
+
+    source: Iterator[Any] = chunks()
+    if stream.prefetch:
+        source = _prefetch(source)
+    try:
+        if stream.progress is not None:
+            stream.progress(stage, 0, d)
+        for lo, chunk in source:
+            chunk = np.asarray(chunk)
+            want = (n, min(d, lo + w) - lo)
+            if chunk.shape != want:
+                raise SpaceError(f"column chunk at {lo} has shape {chunk.shape}, expected {want}")
+            if chunk.dtype != np.float32 or not chunk.flags.c_contiguous:
+                chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+            yield lo, chunk
+            if stream.progress is not None:
+                stream.progress(stage, lo + chunk.shape[1], d)
+    finally:
+        stream.add_time(phase, time.perf_counter() - t0)
 
 
 def _fit_gram_in_memory(stream: _Stream, k: int, dtype: Any, center: bool) -> PCAResult:

@@ -519,6 +519,16 @@ class WeightSpace:
         solver = choose_solver(n, d, k) if self.solver == "auto" else self.solver
         return solver == "gram"
 
+    def _column_gram(self, n: int, d: int, k: int) -> bool:
+        """Whether a factors fit of rows held on disk takes the gram solver over column chunks
+        (:func:`w2wkit.solvers.fit_gram_columns`: two reads of the rows in all)."""
+        from w2wkit.solvers import choose_solver
+
+        if self.device not in ("cpu", "", None):
+            return False
+        solver = choose_solver(n, d, k) if self.solver == "auto" else self.solver
+        return solver == "gram"
+
     def _check_cluster_fit(self, coll: Collection) -> None:
         """Refuse what a cluster fit cannot do, before a cluster is started."""
         if self.representation != "factors":
@@ -547,7 +557,7 @@ class WeightSpace:
     ) -> None:
         import time
 
-        from w2wkit.solvers import fit_pca, fit_pca_array
+        from w2wkit.solvers import fit_gram_columns, fit_pca, fit_pca_array
 
         if client is not None:
             self._fit_factors_cluster(coll, cb, client)
@@ -565,8 +575,8 @@ class WeightSpace:
             def standardised(block: np.ndarray) -> np.ndarray:
                 return (block - mean32) / scale32
 
-            def blocks() -> Iterator[np.ndarray]:
-                return rows.blocks(self.block_rows, standardised)
+            def blocks(start: int = 0) -> Iterator[np.ndarray]:
+                return rows.blocks(self.block_rows, standardised, start=start)
 
             if rows.in_memory:
                 # standardise the rows in place (one pass, no copy) and multiply them as
@@ -590,6 +600,25 @@ class WeightSpace:
                     solver=self.solver,
                     random_state=self.random_state,
                     device=self.device,
+                    progress=cb,
+                )
+            elif self._column_gram(n, d, k):
+                # rows on disk, gram solver on the CPU: two reads a column chunk at a time
+                inv32 = (1.0 / scale).astype(np.float32)
+
+                def standardised_columns(chunk: np.ndarray, lo: int, hi: int) -> np.ndarray:
+                    chunk -= mean32[lo:hi]
+                    chunk *= inv32[lo:hi]
+                    return chunk
+
+                def columns(lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+                    return rows.columns(lo, hi, standardised_columns, out=out)
+
+                res = fit_gram_columns(
+                    columns,
+                    n,
+                    d,
+                    k,
                     progress=cb,
                 )
             else:
