@@ -137,13 +137,23 @@ def _kill_plugin(marker: Path, prefix: str, k: int):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("solver", "prefix", "k"),
-    [("randomized", "w2wkit-krylov-", 6), ("gram", "w2wkit-components-", 2)],
+    [
+        ("randomized", "w2wkit-krylov-", 6),
+        ("gram", "w2wkit-components-", 2),
+        ("gram-columns", "w2wkit-gram-columns-", 2),
+    ],
 )
 def test_worker_killed_mid_pass(
-    client, models: Path, tmp_path: Path, solver: str, prefix: str, k: int
+    client, models: Path, tmp_path: Path, solver: str, prefix: str, k: int, monkeypatch
 ) -> None:
     """A worker that dies mid-pass: its task runs again elsewhere, the result is the same."""
+    from w2wkit import clusterfit
     from w2wkit.cluster import worker_count
+
+    if solver == "gram-columns":  # rows not held: the column chunks of the files
+        monkeypatch.setattr(clusterfit, "HELD_BYTES_PER_WORKER", 0)
+        monkeypatch.setattr(clusterfit, "COLUMN_CHUNK_BYTES", 4 * N * 16)
+        solver = "gram"
 
     reference = WeightSpace(K, solver=solver).fit(Collection(models), client=client)
     marker = tmp_path / "marker"
@@ -315,3 +325,21 @@ def test_passes_that_read_the_files_again(client, models: Path, solver: str) -> 
     np.testing.assert_allclose(reread.singular_values, kept.singular_values, rtol=1e-6)
     assert _angle(kept.components, reread.components) < 1e-4
     assert reread.n_passes == kept.n_passes
+    if solver == "gram":  # rows not held: the Gram solver goes a column chunk at a time
+        assert "column_chunks" in reread.info and "tiles" in kept.info
+
+
+def test_column_gram_when_the_rows_exceed_the_workers_share(
+    client, models: Path, monkeypatch
+) -> None:
+    """Files larger than the workers' share: not held, the Gram fit reads column chunks of the
+    files (the kohya files only where the columns lie, the PEFT folder whole); the same space
+    as the single-process fit."""
+    from w2wkit import clusterfit
+
+    monkeypatch.setattr(clusterfit, "HELD_BYTES_PER_WORKER", 0)
+    monkeypatch.setattr(clusterfit, "COLUMN_CHUNK_BYTES", 4 * N * 16)  # several chunks
+    single = WeightSpace(K, solver="gram").fit(Collection(models))
+    spread = WeightSpace(K, solver="gram").fit(Collection(models), client=client)
+    _assert_same_fit(single, spread)
+    assert spread.info_["n_passes"] == 2

@@ -71,6 +71,12 @@ SUB_BLOCK_BYTES = 64 << 20
 GRAM_TILE_BYTES = 1 << 30
 #: row blocks per worker of a randomized or components pass
 BLOCKS_PER_WORKER = 2
+#: a cluster fit keeps the rows in the workers' memory (``keep_rows``) when the files take at
+#: most this much per worker; a larger collection is read from its files on every pass, and
+#: its Gram fit goes a column chunk at a time (two reads of the files in all)
+HELD_BYTES_PER_WORKER = 2 << 30
+#: bytes of the column chunk (N x w float32) a task of the column Gram solver reads
+COLUMN_CHUNK_BYTES = 1 << 30
 #: what a task's error says when a worker cannot open a file the driver listed
 MUST_SEE = (
     "the workers must see the same files at the same paths as this machine "
@@ -109,6 +115,9 @@ class FileRows:
     blocks: list[tuple[int, int]] = field(default_factory=list)
     #: futures of the row blocks the workers hold (``keep_rows``), else None: read the files
     sources: list[Any] | None = None
+    #: per file: laid out like the first kohya file (its columns are read straight from the
+    #: file's bytes), else read whole by the ordinary reader
+    fast: list[bool] = field(default_factory=list)
 
     def release(self) -> None:
         """Let the workers drop the row blocks they hold."""
@@ -220,8 +229,10 @@ def _scan_task(
     sink: _Sink | None = None
     first: str | None = None
     stamps: list[tuple[int, int]] = []
+    fast: list[bool] = []
     try:
         for i, ad, _ in sub._iter_factor_rows(None, lambda: sink):  # noqa: B023
+            fast.append(ad is None)
             if ad is None:  # the fast path wrote the row into the sink
                 assert first is not None
                 groups[first].append(i)
@@ -250,6 +261,7 @@ def _scan_task(
         "groups": groups,
         "layouts": layouts,
         "stamps": stamps,
+        "fast": fast,
         "count": sink.count,
         "shift": sink.shift,
         "total": sink.total,
@@ -301,9 +313,13 @@ def _template(ctx: _Context) -> Any:
 
 
 def _read_rows(
-    ctx: _Context, paths: Sequence[str], stamps: Sequence[tuple[int, int]]
+    ctx: _Context,
+    paths: Sequence[str],
+    stamps: Sequence[tuple[int, int]],
+    standardise: bool = True,
 ) -> np.ndarray:
-    """The standardised rows ``(rows - mean) / scale`` (b, d) float32 of ``paths``."""
+    """The standardised rows ``(rows - mean) / scale`` (b, d) float32 of ``paths`` (the rows
+    as they are with ``standardise=False``)."""
     from w2wkit.formats.registry import read_adapter
 
     fast = _template(ctx)
@@ -336,8 +352,73 @@ def _read_rows(
         if WeightLayout.from_adapter(ad).signature != ctx.layout.signature:
             raise SpaceError("the file's layout changed during the fit", path=p)
         ctx.layout.flatten(ad, out=out[j])
-    out -= ctx.mean32
-    out /= ctx.scale32
+    if standardise:
+        out -= ctx.mean32
+        out /= ctx.scale32
+    return out
+
+
+def _checked_stamp(p: str, fd: int, stamp: Sequence[int]) -> None:
+    """Refuse a file whose size or modification time differs from the scan's."""
+    if _stamp(p, os.fstat(fd)) != tuple(stamp):
+        raise SpaceError(
+            "the file changed during the fit (its size or modification time differs "
+            "from the scan's)",
+            path=p,
+            hint="do not write the input files while a fit runs",
+        )
+
+
+def _pread_exact(fd: int, buf: np.ndarray, at: int, path: str) -> None:
+    view = memoryview(buf).cast("B")
+    while view:
+        got = os.preadv(fd, [view], at)
+        if got <= 0:
+            raise SpaceError("the file is shorter than at the scan", path=path)
+        view, at = view[got:], at + got
+
+
+def _read_columns(
+    ctx: _Context, files: tuple[list[str], list[tuple[int, int]], list[bool]], lo: int, hi: int
+) -> np.ndarray:
+    """Entries ``lo:hi`` of every row, standardised: ``(N, hi - lo)`` float32.
+
+    A file laid out like the template (``fast``) is read only where those entries lie (one
+    read of the span from the file's data section); any other is read whole by the ordinary
+    reader. Every file is checked against its scan stamp.
+    """
+    paths, stamps, fast = files
+    tpl = _template(ctx)
+    out = np.empty((len(paths), hi - lo), dtype=np.float32)
+    runs = tpl.column_runs(lo, hi) if tpl is not None else []
+    if runs:
+        first = min(c for _, _, c in runs)
+        span = np.empty(max(c + b - a for a, b, c in runs) - first, dtype=np.float32)
+    head = np.empty(8, dtype=np.uint8)
+    for j, p in enumerate(paths):
+        if runs and fast[j]:
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except OSError as exc:
+                if _missing_on_worker(p):
+                    raise _unseen(p, exc) from None
+                raise SpaceError(f"cannot read the file on a worker: {exc}", path=p) from None
+            try:
+                _checked_stamp(p, fd, stamps[j])
+                _pread_exact(fd, head, 0, p)
+                start = 8 + int(head.view("<u8")[0])
+                _pread_exact(fd, span, start + 4 * first, p)
+            finally:
+                os.close(fd)
+            for a, b, c in runs:
+                out[j, a:b] = span[c - first : c - first + b - a]
+        else:
+            out[j] = _read_rows(ctx, [p], [stamps[j]], standardise=False)[0, lo:hi]
+    if not np.isfinite(out).all():
+        bad = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
+        raise SpaceError("the file now holds NaN or infinite values", path=paths[bad])
+    out -= ctx.mean32[lo:hi]
+    out /= ctx.scale32[lo:hi]
     return out
 
 
@@ -436,6 +517,25 @@ def _components_task(ctx: _Context, src: Source, proj: np.ndarray, dtype: str) -
         else:
             comp += p @ z.astype(dt)
     return comp
+
+
+def _gram_columns_task(ctx: _Context, files: Any, lo: int, hi: int, dtype: str) -> np.ndarray:
+    """``Z[:, lo:hi] Z[:, lo:hi]^T`` (N, N), upper triangle (Fortran order; ``?syrk``)."""
+    from scipy.linalg import blas
+
+    z = _read_columns(ctx, files, lo, hi)
+    if np.dtype(dtype) == np.float64:
+        return blas.dsyrk(1.0, z.astype(np.float64).T, trans=1, lower=0)
+    return blas.ssyrk(1.0, z.T, trans=1, lower=0)
+
+
+def _components_columns_task(
+    ctx: _Context, files: Any, pt: np.ndarray, lo: int, hi: int
+) -> np.ndarray:
+    """Columns ``lo:hi`` of the components, ``pt @ Z[:, lo:hi]`` (k, hi - lo) (``pt`` (k, N),
+    ``(U / s)^T``)."""
+    z = _read_columns(ctx, files, lo, hi)
+    return pt @ z.astype(pt.dtype, copy=False)
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -606,6 +706,7 @@ def scan_files(
     manifest: list[dict[str, Any]] = []
     families: list[str] = []
     stamps: list[tuple[int, int]] = []
+    fast: list[bool] = []
     groups: dict[str, list[str]] = {}
     layouts: dict[str, Any] = {}
     first: str | None = None
@@ -622,6 +723,7 @@ def scan_files(
             manifest.append(entry)
         families.extend(res["families"])
         stamps.extend(tuple(s) for s in res["stamps"])
+        fast.extend(bool(f) for f in res["fast"])
         local_first = next(iter(res["groups"]))
         for sig, idx in res["groups"].items():
             groups.setdefault(sig, []).extend(coll.names[lo + i] for i in idx)
@@ -665,6 +767,7 @@ def scan_files(
         allow_pickle=coll.allow_pickle,
         blocks=blocks,
         sources=sources,
+        fast=fast,
     )
 
 
@@ -724,6 +827,11 @@ class _Runner:
     def scatter(self, a: np.ndarray) -> Any:
         with _cluster_errors():
             return self.client.scatter(a, broadcast=True, hash=False)
+
+    def scatter_object(self, obj: Any) -> Any:
+        """One future of ``obj`` on every worker (a list or tuple stays one object)."""
+        with _cluster_errors():
+            return self.client.scatter([obj], broadcast=True, hash=False)[0]
 
     def files(self, lo: int, hi: int) -> tuple[list[str], list[tuple[int, int]]]:
         """The source that reads rows ``lo:hi`` from their files."""
@@ -878,6 +986,111 @@ def _fit_gram_files(runner: _Runner, stream: _ClusterStream, k: int, tile_bytes:
     )
 
 
+def _fit_gram_columns_files(runner: _Runner, stream: _ClusterStream, k: int) -> PCAResult:
+    """The Gram solver a column chunk at a time, for rows the workers do not hold: a task per
+    chunk reads those columns of every file and returns their ``?syrk`` (N x N); the driver
+    sums them, solves the eigenproblem, and a second round of tasks returns the components'
+    columns. Two reads of the files in all (:func:`w2wkit.solvers.fit_gram_columns` on one
+    machine)."""
+    from w2wkit.solvers import (
+        _GRAM_FLOAT64_MAX_FLOPS,
+        _gram_eigen,
+        _gram_result,
+        _stage,
+        _symmetrize_from_upper,
+        _upper_added,
+    )
+
+    rows = runner.rows
+    n, d = stream.n_rows, stream.n_cols
+    dtype = np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
+    client = runner.client
+    width = int(min(d, max(1, COLUMN_CHUNK_BYTES // (4 * max(n, 1)))))
+    # two chunks per worker when the columns allow (not narrower than 256 for that)
+    width = int(min(width, max(256, -(-d // (BLOCKS_PER_WORKER * runner.workers)))))
+    chunks = [(lo, min(d, lo + width)) for lo in range(0, d, width)]
+    files = runner.scatter_object((rows.files, rows.stamps, rows.fast))
+    try:
+        t0 = time.perf_counter()
+        runner.calls += 1
+        stream.n_passes += 1
+        futures = [
+            client.submit(
+                _gram_columns_task,
+                runner.ctx,
+                files,
+                lo,
+                hi,
+                np.dtype(dtype).name,
+                key=runner.key("gram-columns", b),
+            )
+            for b, (lo, hi) in enumerate(chunks)
+        ]
+        gram = np.zeros((n, n), dtype=np.float64)
+        sizes = [hi - lo for lo, hi in chunks]
+        for b, part in _in_order(client, futures, sizes, "gram: column chunks", stream.progress):
+            bad = ~np.isfinite(np.diagonal(part))
+            if bad.any():
+                lo, hi = chunks[b]
+                raise SpaceError(
+                    f"row {int(np.flatnonzero(bad)[0])} of the data has NaN or infinite "
+                    f"values (gram, columns {lo}-{hi})"
+                )
+            _upper_added(gram, part)
+            del part
+        stream.add_time("gram", time.perf_counter() - t0)
+        sumsq = float(np.trace(gram))
+        _symmetrize_from_upper(gram)
+        with _stage(stream, "gram: top-k eigenpairs", "eigen"):  # type: ignore[arg-type]
+            u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
+        del gram
+        t0 = time.perf_counter()
+        runner.calls += 1
+        stream.n_passes += 1
+        comp_dtype = np.float64 if dtype == np.float64 else np.float32
+        pt = runner.scatter(np.ascontiguousarray(proj.T, dtype=comp_dtype))
+        futures = [
+            client.submit(
+                _components_columns_task,
+                runner.ctx,
+                files,
+                pt,
+                lo,
+                hi,
+                key=runner.key("components-columns", b),
+            )
+            for b, (lo, hi) in enumerate(chunks)
+        ]
+        comp = np.empty((k, d), dtype=comp_dtype)
+        for b, part in _in_order(client, futures, sizes, "gram: components", stream.progress):
+            lo, hi = chunks[b]
+            comp[:, lo:hi] = part
+            del part
+        with contextlib.suppress(Exception):
+            pt.release()
+        stream.add_time("components", time.perf_counter() - t0)
+    finally:
+        with contextlib.suppress(Exception):
+            files.release()
+    info = {
+        "stripes": 0,
+        "column_chunks": [width, width],
+        "cluster_workers": runner.workers,
+    }
+    return _gram_result(
+        comp,
+        good,
+        u,
+        sv,
+        stream,
+        sumsq,
+        n,
+        info,
+        dtype,
+        None,  # type: ignore[arg-type]
+    )
+
+
 def fit_pca_files(
     client: Client,
     rows: FileRows,
@@ -934,7 +1147,9 @@ def fit_pca_files(
     stream = _ClusterStream(rows, progress)
     try:
         if solver == "gram":
-            return _fit_gram_files(runner, stream, k, tile_bytes)
+            if runner.held:
+                return _fit_gram_files(runner, stream, k, tile_bytes)
+            return _fit_gram_columns_files(runner, stream, k)
         from w2wkit.solvers import DEFAULT_N_ITER, _NumpyOps
 
         q = DEFAULT_N_ITER if n_iter is None else n_iter

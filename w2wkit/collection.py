@@ -1167,6 +1167,17 @@ class _KohyaRows:
         self.fits: Any = ()
         self.sgm = False
 
+    def column_runs(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """Where entries ``lo:hi`` of a row lie in a file laid out like the template:
+        ``(a, b, c)`` with ``row[lo + a : lo + b] = data[c : c + b - a]`` (``data`` the
+        float32 data section)."""
+        p = self.perm[lo:hi]
+        if p.size == 0:
+            return []
+        brk = np.flatnonzero(np.diff(p) != 1) + 1
+        starts, ends = np.r_[0, brk], np.r_[brk, p.size]
+        return [(int(a), int(b), int(p[a])) for a, b in zip(starts, ends, strict=True)]
+
     def family(self, metadata: dict[str, str]) -> str:
         """:func:`model_family` of a file with the template's tensors and ``metadata``."""
         if not self.fits:

@@ -195,6 +195,16 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None] | N
         yield update
 
 
+def _file_bytes(path: Any) -> int:
+    """Size of a model file, or of the files of a model folder (PEFT)."""
+    import os
+
+    p = os.fspath(path)
+    if not os.path.isdir(p):
+        return os.path.getsize(p)
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(p) for f in fs)
+
+
 def _sign_flip(scores: np.ndarray) -> np.ndarray:
     """Signs making the largest-magnitude score of each component positive."""
     idx = np.argmax(np.abs(scores), axis=0)
@@ -662,10 +672,15 @@ class WeightSpace:
         """:meth:`_fit_factors` with the scan and the solver passes as tasks on ``client``."""
         import time
 
-        from w2wkit.clusterfit import fit_pca_files, scan_files
+        from w2wkit.cluster import worker_count
+        from w2wkit.clusterfit import HELD_BYTES_PER_WORKER, fit_pca_files, scan_files
 
         t0 = time.perf_counter()
-        rows = scan_files(client, coll, cb)
+        # the workers keep the rows when they fit in their share; else every pass reads the
+        # files (and a Gram fit goes a column chunk at a time)
+        size = sum(_file_bytes(f) for f in coll.files)
+        keep = size <= HELD_BYTES_PER_WORKER * max(1, worker_count(client))
+        rows = scan_files(client, coll, cb, keep_rows=keep)
         timings = {"read": time.perf_counter() - t0}
         n, d = rows.n_rows, rows.dim
         k = self._check_k(n, d)
