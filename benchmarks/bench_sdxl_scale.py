@@ -234,9 +234,10 @@ def reference(folder: Path, k: int, cache: Path) -> dict:
     rows = Collection(folder, cache_dir=cache).scan_factors()
     read_s = time.perf_counter() - t
     try:
-        # the row cache is a .npy file: map it to read column stripes
-        path = getattr(rows.data, "path", None)
-        x = rows.data if path is None else np.load(path, mmap_mode="r")
+        # column stripes of the row cache read with one pread per row (a memory map of a
+        # cache larger than RAM re-reads it many times over: readahead pages evicted before
+        # the next stripe uses them)
+        x = rows.data
         n, d = x.shape
         std = np.sqrt(rows.var)
         floor = max(1e-6 * float(np.sqrt(np.mean(rows.var))), float(np.finfo(np.float32).tiny))
@@ -244,7 +245,9 @@ def reference(folder: Path, k: int, cache: Path) -> dict:
         g = np.zeros((n, n))
         for lo in range(0, d, COL_CHUNK // 2):
             hi = min(d, lo + COL_CHUNK // 2)
-            blk = np.asarray(x[:, lo:hi], dtype=np.float64)
+            part = x.read_columns(lo, hi) if hasattr(x, "read_columns") else x[:, lo:hi]
+            blk = np.asarray(part, dtype=np.float64)
+            del part
             blk -= rows.mean[lo:hi]
             blk /= scale[lo:hi]
             g += blk @ blk.T
@@ -283,7 +286,7 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/w2w_sdxl_bench"))
     ap.add_argument("--sklearn-cap-gb", type=float, default=8.0)
     ap.add_argument("--cluster", default=None, help="local:N | tcp://HOST:PORT | scheduler file")
-    ap.add_argument("--skip", nargs="*", default=[], choices=("sklearn", "reference"))
+    ap.add_argument("--skip", nargs="*", default=[], choices=("w2wkit", "sklearn", "reference"))
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ap.add_argument("--results", type=Path, default=None, help="append the JSON lines here")
     ap.add_argument("--worker", choices=("w2wkit", "sklearn", "reference"))
@@ -323,35 +326,53 @@ def main() -> None:
         emit({**base, "case": "write", "seconds": gen_s, "files_gb": size})
         common = ["--n", str(a.n), "--k", str(a.k), "--seed", str(a.seed)]
         common += ["--data-dir", str(a.data_dir)]
-        load0 = os.getloadavg()[0]
-        w = _run(["--worker", "w2wkit", *common] + (["--cluster", a.cluster] if a.cluster else []))
-        sv = w.pop("sv", None)
-        emit(
-            {
+        # singular values of each w2wkit run are kept next to the data: a later run (the
+        # cluster, the reference) is compared with the earlier ones
+        svs = {p.stem[3:]: np.load(p) for p in sorted(a.data_dir.glob(f"sv_{folder.name}_*.npy"))}
+        sv = None
+        if "w2wkit" not in a.skip:
+            load0 = os.getloadavg()[0]
+            cl = ["--cluster", a.cluster] if a.cluster else []
+            w = _run(["--worker", "w2wkit", *common, *cl])
+            sv = w.pop("sv", None)
+            tag = f"{folder.name}_{'cluster' if a.cluster else 'single'}"
+            line = {
                 **base,
                 "case": "w2wkit fit" + (f" --cluster {a.cluster}" if a.cluster else ""),
                 "loadavg_1min_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
                 **w,
             }
-        )
+            if sv is not None:
+                sv = np.array(sv)
+                for other, sv_o in svs.items():
+                    if other != tag:
+                        line[f"sv_max_rel_diff_vs_{other.rsplit('_', 1)[1]}"] = float(
+                            np.max(np.abs(sv - sv_o) / sv_o)
+                        )
+                np.save(a.data_dir / f"sv_{tag}.npy", sv)
+                svs[tag] = sv
+            emit(line)
         if "sklearn" not in a.skip:
             cap = ["--sklearn-cap-gb", str(a.sklearn_cap_gb)]
             s = _run(["--worker", "sklearn", *common, *cap])
             s.pop("sv", None)
             emit({**base, "case": f"scikit-learn PCA under RLIMIT_AS {a.sklearn_cap_gb} GB", **s})
-        if "reference" not in a.skip and sv is not None:
+        if "reference" not in a.skip and svs:
             r = _run(["--worker", "reference", *common])
             ref = r.pop("sv", None)
-            line = {**base, "case": "accuracy vs exact float64 reference", **r}
-            if ref is not None:
-                line.update(rel_errors(np.array(sv), np.array(ref)))
-                line["captured_variance_ratio"] = float(
-                    np.sum(np.square(sv)) / np.sum(np.square(ref))
-                )
-            emit(line)
+            for tag, sv_t in svs.items():
+                line = {**base, "case": f"accuracy of {tag} vs exact float64 reference", **r}
+                if ref is not None:
+                    line.update(rel_errors(np.array(sv_t), np.array(ref)))
+                    line["captured_variance_ratio"] = float(
+                        np.sum(np.square(sv_t)) / np.sum(np.square(ref))
+                    )
+                emit(line)
     finally:
         if not a.keep:
             shutil.rmtree(folder, ignore_errors=True)
+            for p in a.data_dir.glob(f"sv_{folder.name}_*.npy"):
+                p.unlink()
         shutil.rmtree(cache, ignore_errors=True)
 
 

@@ -162,7 +162,8 @@ def test_rows_on_disk_take_the_column_gram_and_match_the_in_memory_fit(tmp_path,
     planted_collection(folder, 90, shapes=shapes, n_latent=6)
     ref = WeightSpace(8, solver="gram").fit(Collection(folder))
     assert ref.info_["n_passes"] == 0  # in memory: no pass over a row cache
-    monkeypatch.setattr(solvers, "memory_budget", lambda: 300_000)
+    monkeypatch.setattr(solvers, "memory_budget", lambda: 300_000)  # 256-column chunks
+    monkeypatch.setattr(solvers, "MIN_COLUMN_CHUNK", 256)
     calls: list = []
     real = solvers.fit_gram_columns
     monkeypatch.setattr(
@@ -172,5 +173,11 @@ def test_rows_on_disk_take_the_column_gram_and_match_the_in_memory_fit(tmp_path,
     assert calls == [(90, 1300)]
     assert got.info_["n_passes"] == 2
     np.testing.assert_allclose(got.singular_values_, ref.singular_values_, rtol=1e-5)
+    # chunks narrower than MIN_COLUMN_CHUNK: the row stripes instead (still the same space)
+    monkeypatch.setattr(solvers, "MIN_COLUMN_CHUNK", 4096)
+    calls.clear()
+    rows = WeightSpace(8, solver="gram").fit(Collection(folder, cache_dir=tmp_path / "cache"))
+    assert calls == [] and rows.info_["n_passes"] > 2
+    np.testing.assert_allclose(rows.singular_values_, ref.singular_values_, rtol=1e-5)
     assert principal_angle(got.components_, ref.components_) < 1e-3
     np.testing.assert_allclose(got.mean_, ref.mean_, rtol=1e-6, atol=1e-9)

@@ -15,9 +15,13 @@ Solvers
     them to the components. A matrix of up to 4 GiB is read into memory in one
     pass and multiplied by one symmetric BLAS product (``?syrk``, N^2 d flops);
     larger ones are done stripe by stripe (one pass per stripe, one more for
-    the components). The eigenpairs come from LAPACK (``?syevd`` for most of the
-    spectrum, ``?syevr`` for a top subset) or an in-memory block Lanczos
-    (:func:`top_eigh`, ``O(N^2 k)``), whichever :func:`w2wkit.floor.eigen_cost`
+    the components). Rows that can be read a column chunk at a time (a row
+    cache on disk) go to :func:`fit_gram_columns` instead: one ``?syrk`` per
+    chunk, two reads in all, whatever N and d (while a chunk of at least
+    :data:`MIN_COLUMN_CHUNK` columns fits next to the N x N matrix). The
+    eigenpairs come from LAPACK (``?syevd`` for most of the spectrum,
+    ``?syevr`` for a top subset) or an in-memory block Lanczos (:func:`top_eigh`,
+    ``O(N^2 k)``), whichever :func:`w2wkit.floor.eigen_cost`
     finds cheaper at the rates measured on this machine. Products are float64 up
     to ``N^2 d = 2e11`` (float32 rows are widened a column stripe at a time),
     float32 above. :func:`fit_pca_array` runs it on rows already in memory
@@ -87,6 +91,7 @@ __all__ = [
     "ColumnFn",
     "PCAResult",
     "choose_solver",
+    "column_chunk_width",
     "default_block_size",
     "fit_gram_columns",
     "fit_pca",
@@ -1082,16 +1087,9 @@ def fit_gram_columns(
     if not 1 <= k <= min(n, d):
         raise SpaceError(f"n_components={k} must be between 1 and min(N, d) = {min(n, d)}")
     stream = _Stream(lambda: iter(()), n, d, progress, prefetch)
-    dtype = np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
+    dtype = _gram_dtype(n, d)
     total = memory_budget() if budget is None else int(budget)
-    # chunks in flight (float32), and a float64 copy of the one in use for float64 products
-    held = _STREAM_BLOCKS_HELD + (2 if dtype == np.float64 else 0)
-
-    def width(free: float) -> int:
-        return int(min(d, max(256, free // (held * 4 * max(n, 1)))))
-
-    gram_bytes = 8.0 * n * n + np.dtype(dtype).itemsize * float(n) * n
-    w_gram = width(total - gram_bytes)
+    w_gram = column_chunk_width(n, d, total)
     gram = np.zeros((n, n), dtype=np.float64)
     part = np.zeros((n, n), dtype=dtype, order="F")
     syrk = _syrk_upper(dtype)
@@ -1119,7 +1117,7 @@ def fit_gram_columns(
     # np.empty, not bulk_empty: allocated once each (measured faster here than 4 KiB pages)
     comp = np.empty((k, d), dtype=comp_dtype)
     pt = np.ascontiguousarray(proj.T.astype(comp_dtype))
-    w_comp = width(total - comp.nbytes)
+    w_comp = column_chunk_width(n, d, total - comp.nbytes, gram=False)
     out = np.empty(k * min(w_comp, d), dtype=comp_dtype)  # one product's result, reused
     for lo, chunk in _column_pass(stream, columns, w_comp, "gram: components", "components"):
         w = chunk.shape[1]
@@ -1129,6 +1127,31 @@ def fit_gram_columns(
     del out
     info = {"stripes": 0, "column_chunks": [w_gram, w_comp]}
     return _gram_result(comp, good, u, sv, stream, sumsq, n, info, dtype, None)
+
+
+def _gram_dtype(n: int, d: int) -> Any:
+    """float64 products when they are cheap (``N^2 d <= 2e11``), else float32."""
+    return np.float64 if float(n) * n * d <= _GRAM_FLOAT64_MAX_FLOPS else np.float32
+
+
+def column_chunk_width(n: int, d: int, budget: float | None = None, gram: bool = True) -> int:
+    """Columns per chunk of :func:`fit_gram_columns` within ``budget`` bytes.
+
+    The chunks in flight (three float32 ``(N, w)``, and a float64 copy of the one in use
+    for float64 products) share the budget with, in the Gram read (``gram``), the float64
+    ``N x N`` matrix and its part in the product dtype. At least 256 columns.
+    """
+    n, d = int(n), int(d)
+    dtype = _gram_dtype(n, d)
+    total = memory_budget() if budget is None else float(budget)
+    held = _STREAM_BLOCKS_HELD + (2 if dtype == np.float64 else 0)
+    fixed = (8.0 + np.dtype(dtype).itemsize) * n * n if gram else 0.0
+    return int(min(d, max(256, (total - fixed) // (held * 4 * max(n, 1)))))
+
+
+#: the column gram is used where its chunks are at least this wide (or the whole row):
+#: narrower chunks update the N x N matrix too often for their products
+MIN_COLUMN_CHUNK = 4096
 
 
 def _upper_added(gram: np.ndarray, part: np.ndarray, block: int = 1024) -> np.ndarray:

@@ -532,12 +532,13 @@ class WeightSpace:
     def _column_gram(self, n: int, d: int, k: int) -> bool:
         """Whether a factors fit of rows held on disk takes the gram solver over column chunks
         (:func:`w2wkit.solvers.fit_gram_columns`: two reads of the rows in all)."""
-        from w2wkit.solvers import choose_solver
+        from w2wkit.solvers import MIN_COLUMN_CHUNK, choose_solver, column_chunk_width
 
         if self.device not in ("cpu", "", None):
             return False
         solver = choose_solver(n, d, k) if self.solver == "auto" else self.solver
-        return solver == "gram"
+        # chunks too narrow for the N x N matrix (N near the gram's limit): row stripes
+        return solver == "gram" and column_chunk_width(n, d) >= min(d, MIN_COLUMN_CHUNK)
 
     def _check_cluster_fit(self, coll: Collection) -> None:
         """Refuse what a cluster fit cannot do, before a cluster is started."""
