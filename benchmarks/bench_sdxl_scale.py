@@ -25,13 +25,16 @@ Cases, each in a fresh process, one after the other:
     what happens is reported (the error, after how many files and seconds).
 ``reference``
     Accuracy. The default solver at this size is ``gram`` (N x N Gram matrix,
-    streamed in row stripes), which has no pass count to double, so the anchor
+    out of core a column chunk at a time), which has no pass count to double, so the anchor
     is stronger than a twice-the-passes run: the exact top-k singular values of
     the same standardised rows from a float64 Gram matrix (column stripes of
     the row cache), compared with w2wkit's.
 
-``--cluster SPEC`` passes ``client=`` to ``WeightSpace.fit`` when it accepts
-one (``w2wkit fit --cluster``); otherwise the script says so and stops.
+``--cluster SPEC`` passes ``client=`` to ``WeightSpace.fit`` (``w2wkit fit
+--cluster``) and reports each worker's peak RSS. The singular values of every
+``w2wkit`` case are kept next to the data (``--keep``): a later case on the same
+files is compared with the earlier ones, and the reference with all of them
+(``--skip w2wkit`` runs only scikit-learn and the reference).
 
     python benchmarks/bench_sdxl_scale.py --n 5000            # 14.5 GB of files
     python benchmarks/bench_sdxl_scale.py --n 10000           # 29 GB (+29 GB row cache)
