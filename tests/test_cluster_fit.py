@@ -343,3 +343,35 @@ def test_column_gram_when_the_rows_exceed_the_workers_share(
     spread = WeightSpace(K, solver="gram").fit(Collection(models), client=client)
     _assert_same_fit(single, spread)
     assert spread.info_["n_passes"] == 2
+
+
+def test_column_reads_follow_each_files_own_layout(client, tmp_path: Path, monkeypatch) -> None:
+    """Files with the same tensors in another order in their data section (another writer):
+    a scan block whose first file is such a file has its own fast-path template; the column
+    tasks (which read where the first file's template says) read those files whole."""
+    from safetensors.numpy import load_file
+
+    from w2wkit import clusterfit
+    from w2wkit.clusterfit import fit_pca_files, scan_files
+    from w2wkit.stio import write_safetensors
+
+    folder = _write_collection(tmp_path / "loras")
+    for f in sorted(folder.glob("*.safetensors"))[24:]:  # the second scan block, reordered
+        tensors = load_file(str(f))
+        write_safetensors(f, dict(reversed(list(tensors.items()))), overwrite=True)
+    monkeypatch.setattr(clusterfit, "COLUMN_CHUNK_BYTES", 4 * N * 16)
+    single = WeightSpace(K, solver="gram").fit(Collection(folder))
+    coll = Collection(folder)
+    rows = scan_files(client, coll, keep_rows=False, files_per_task=24)
+    # the first block's files (its first file built the template) are read where the columns
+    # lie; the second block's template is another one: read whole
+    assert rows.fast[:24] == [True] * 24 and not any(rows.fast[24:])
+    try:
+        res = fit_pca_files(
+            client, rows, K, single.mean_, single.scale_, solver="gram", progress=None
+        )
+    finally:
+        rows.release()
+    assert "column_chunks" in res.info
+    np.testing.assert_allclose(res.singular_values, single.singular_values_, rtol=1e-6)
+    assert _angle(res.components, single.components_) < 1e-4

@@ -255,7 +255,11 @@ def _scan_task(
         raise
     assert sink is not None
     sink.finish()
+    reader = getattr(sub, "_fast_reader", None)
+    if reader is not None:  # the file the template was built on is laid out like it
+        fast[sub._fast_reader_row] = True
     return {
+        "template": reader.fingerprint() if reader is not None else None,
         "entries": sub.manifest,
         "families": sub.families,
         "groups": groups,
@@ -707,6 +711,7 @@ def scan_files(
     families: list[str] = []
     stamps: list[tuple[int, int]] = []
     fast: list[bool] = []
+    template: str | None = None
     groups: dict[str, list[str]] = {}
     layouts: dict[str, Any] = {}
     first: str | None = None
@@ -723,7 +728,12 @@ def scan_files(
             manifest.append(entry)
         families.extend(res["families"])
         stamps.extend(tuple(s) for s in res["stamps"])
-        fast.extend(bool(f) for f in res["fast"])
+        # "fast" means laid out like the block's first kohya file; the column tasks read
+        # by the first block's: other blocks' files count only if their template is the same
+        if b == 0:
+            template = res["template"]
+        same = res["template"] is not None and res["template"] == template
+        fast.extend(bool(f) and same for f in res["fast"])
         local_first = next(iter(res["groups"]))
         for sig, idx in res["groups"].items():
             groups.setdefault(sig, []).extend(coll.names[lo + i] for i in idx)

@@ -609,6 +609,7 @@ class Collection:
         self.families = []
         n = len(self)
         self._fast_layout: WeightLayout | None = None
+        self._fast_reader: _KohyaRows | None = None
         fast: _KohyaRows | None = None
         tried = False
         workers = read_threads()
@@ -659,6 +660,7 @@ class Collection:
                 if not tried and self.files and self._fast_layout is not None:
                     tried = True
                     fast = self._kohya_template(i, ad)
+                    self._fast_reader, self._fast_reader_row = fast, i  # built on file i
 
     def _kohya_template(self, i: int, ad: Adapter) -> _KohyaRows | None:
         """The fast reader built on file ``i`` (just read as ``ad``), or None."""
@@ -1166,6 +1168,14 @@ class _KohyaRows:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.fits: Any = ()
         self.sgm = False
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the template's tensor entries (names, dtypes, shapes, offsets): two
+        readers with the same fingerprint find every value at the same place."""
+        import hashlib
+
+        text = json.dumps(self.header, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def column_runs(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
         """Where entries ``lo:hi`` of a row lie in a file laid out like the template:
