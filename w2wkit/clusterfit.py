@@ -907,14 +907,30 @@ def _make_cluster_krylov(runner: _Runner) -> type:
     return _ClusterKrylov
 
 
+def _gram_eigenpairs(
+    runner: _Runner, stream: _ClusterStream, gram: np.ndarray, k: int, dtype: Any, t0: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, Any]:
+    """After the Gram pass that began at ``t0``: the eigenpairs of the upper triangle ``gram``
+    (N, N; symmetrised in place) as :func:`w2wkit.solvers._gram_eigen` gives them, the data's
+    sum of squares (its trace) and the components' dtype; counts the components pass that
+    follows."""
+    from w2wkit.solvers import _gram_eigen, _stage, _symmetrize_from_upper
+
+    stream.add_time("gram", time.perf_counter() - t0)
+    sumsq = float(np.trace(gram))
+    _symmetrize_from_upper(gram)
+    with _stage(stream, "gram: top-k eigenpairs", "eigen"):  # type: ignore[arg-type]
+        u, proj, good, sv = _gram_eigen(gram, k, stream.n_rows, stream.n_cols, dtype)
+    runner.calls += 1
+    stream.n_passes += 1
+    return u, proj, good, sv, sumsq, np.float64 if dtype == np.float64 else np.float32
+
+
 def _fit_gram_files(runner: _Runner, stream: _ClusterStream, k: int, tile_bytes: int) -> PCAResult:
     """The Gram solver with its block products and its components pass as tasks."""
     from w2wkit.solvers import (
         _GRAM_FLOAT64_MAX_FLOPS,
-        _gram_eigen,
         _gram_result,
-        _stage,
-        _symmetrize_from_upper,
     )
 
     n, d = stream.n_rows, stream.n_cols
@@ -953,17 +969,9 @@ def _fit_gram_files(runner: _Runner, stream: _ClusterStream, k: int, tile_bytes:
         (a0, a1), (b0, b1) = tiles[i], tiles[j]
         gram[a0:a1, b0:b1] = tile
         del tile
-    stream.add_time("gram", time.perf_counter() - t0)
-    _symmetrize_from_upper(gram)
-    diag = np.diagonal(gram)
-    sumsq = float(np.sum(diag, dtype=np.float64))
-    with _stage(stream, "gram: top-k eigenpairs", "eigen"):  # type: ignore[arg-type]
-        u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
+    u, proj, good, sv, sumsq, comp_dtype = _gram_eigenpairs(runner, stream, gram, k, dtype, t0)
     del gram
     t0 = time.perf_counter()
-    runner.calls += 1
-    stream.n_passes += 1
-    comp_dtype = np.float64 if dtype == np.float64 else np.float32
     futures = []
     for b, ((lo, hi), src) in enumerate(zip(runner.blocks, runner.sources, strict=True)):
         futures.append(
@@ -1004,10 +1012,7 @@ def _fit_gram_columns_files(runner: _Runner, stream: _ClusterStream, k: int) -> 
     machine)."""
     from w2wkit.solvers import (
         _GRAM_FLOAT64_MAX_FLOPS,
-        _gram_eigen,
         _gram_result,
-        _stage,
-        _symmetrize_from_upper,
         _upper_added,
     )
 
@@ -1048,16 +1053,9 @@ def _fit_gram_columns_files(runner: _Runner, stream: _ClusterStream, k: int) -> 
                 )
             _upper_added(gram, part)
             del part
-        stream.add_time("gram", time.perf_counter() - t0)
-        sumsq = float(np.trace(gram))
-        _symmetrize_from_upper(gram)
-        with _stage(stream, "gram: top-k eigenpairs", "eigen"):  # type: ignore[arg-type]
-            u, proj, good, sv = _gram_eigen(gram, k, n, d, dtype)
+        u, proj, good, sv, sumsq, comp_dtype = _gram_eigenpairs(runner, stream, gram, k, dtype, t0)
         del gram
         t0 = time.perf_counter()
-        runner.calls += 1
-        stream.n_passes += 1
-        comp_dtype = np.float64 if dtype == np.float64 else np.float32
         pt = runner.scatter(np.ascontiguousarray(proj.T, dtype=comp_dtype))
         futures = [
             client.submit(
