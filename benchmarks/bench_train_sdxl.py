@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="pictures per model and step")
     ap.add_argument("--channels", default="32,64", help="UNet block channels")
     ap.add_argument("--latent", type=int, default=16, help="latent side (pictures are 2x)")
+    ap.add_argument("--layers", type=int, default=1, help="UNet layers per block")
     ap.add_argument("--text-dims", default="32,48", help="hidden sizes of the two encoders")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
@@ -65,7 +66,19 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     chans = tuple(int(c) for c in a.channels.split(","))
     dims = tuple(int(c) for c in a.text_dims.split(","))
-    pipe = tiny_sdxl_pipeline(block_out_channels=chans, sample_size=a.latent, text_dims=dims)
+    pipe = tiny_sdxl_pipeline(
+        block_out_channels=chans, sample_size=a.latent, text_dims=dims, layers_per_block=a.layers
+    )
+    cuda = str(a.device).startswith("cuda")
+
+    def sync() -> None:
+        """Wait for the GPU's queued work (CUDA runs asynchronously: a timer needs this)."""
+        if cuda:
+            torch.cuda.synchronize()
+
+    def peak_gb() -> float:
+        return torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
+
     base = tmp / "xl"
     pipe.save_pretrained(base)
     side = 2 * a.latent
@@ -90,47 +103,65 @@ def main() -> None:
             prompt=prompt, device=a.device, num_images_per_prompt=1,
             do_classifier_free_guidance=False,
         )  # fmt: skip
+    ehs, pooled = ehs.to(a.device), pooled.to(a.device)  # the encoders ran on the CPU
     cond = {
         "text_embeds": pooled.expand(n, -1),
-        "time_ids": torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).expand(
-            n, -1
-        ),
+        "time_ids": torch.tensor(
+            [[side, side, 0, 0, side, side]], dtype=torch.float32, device=a.device
+        ).expand(n, -1),
     }
     ehs = ehs.expand(n, -1, -1)
     t = torch.randint(0, 1000, (n,), device=a.device)
 
     def bound() -> float:
         unet(x, t, encoder_hidden_states=ehs, added_cond_kwargs=cond).sample.square().mean()
+        sync()
         t0 = time.perf_counter()
         for _ in range(a.steps):
             x.grad = None
             out = unet(x, t, encoder_hidden_states=ehs, added_cond_kwargs=cond).sample
             out.square().mean().backward()
+        sync()
         return (time.perf_counter() - t0) / a.models
 
     def run_train(r: int, steps: int) -> float:
         rec = dataclasses.replace(recipe, steps=steps)
+        sync()
         t0 = time.perf_counter()
         train(tmp / "people", base, tmp / f"out{r}-{steps}", rec,
               models_per_batch=a.models, device=a.device)  # fmt: skip
+        sync()
         return (time.perf_counter() - t0) / a.models
 
     engine = DreamBooth(base, targets=recipe.targets, device=a.device)
 
     def run_engine(steps: int) -> float:
+        sync()
         t0 = time.perf_counter()
         engine.train(imgs, prompt, list(range(a.models)), steps=steps, batch=a.batch, lr=1e-4)
+        sync()
         return time.perf_counter() - t0
 
     # warm-ups (imports, first allocations)
     run_engine(1)
-    peft_dreambooth_sdxl(base, dataclasses.replace(recipe, steps=1), imgs[0], prompt, seed=0)
+    peft_dreambooth_sdxl(
+        base, dataclasses.replace(recipe, steps=1), imgs[0], prompt, seed=0, device=a.device
+    )
     run_train(-1, 1)
     times: dict[str, list[float]] = {k: [] for k in ("peft", "train", "steps", "engine", "bound")}
+    peak: dict[str, float] = {}
     for r in range(a.repeats):
         k = r % a.models
-        times["peft"].append(peft_dreambooth_sdxl(base, recipe, imgs[k], prompt, seed=k)[1])
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times["peft"].append(
+            peft_dreambooth_sdxl(base, recipe, imgs[k], prompt, seed=k, device=a.device)[1]
+        )
+        peak["peft"] = peak_gb()  # one model (and the bound's resident UNet and inputs)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         whole = run_train(r, a.steps)
+        peak["train"] = peak_gb()  # all models in one batch
         times["train"].append(whole)
         times["steps"].append(run_train(r, 2 * a.steps) - whole)
         times["bound"].append(bound())
@@ -153,7 +184,7 @@ def main() -> None:
                 "models": a.models,
                 "steps": a.steps,
                 "batch": a.batch,
-                "pipeline": f"sdxl-arch unet {chans} latent {a.latent} text {dims}",
+                "pipeline": f"sdxl-arch unet {chans} x{a.layers} latent {a.latent} text {dims}",
                 "unet_params": sum(p.numel() for p in unet.parameters()),
                 "seconds_per_model": sec,
                 "models_per_hour": 3600 / sec,
@@ -162,6 +193,11 @@ def main() -> None:
                 "repeats": a.repeats,
                 "threads": a.threads,
                 "device": a.device,
+                "gpu": torch.cuda.get_device_name() if cuda else None,
+                "torch": torch.__version__,
+                "peak_gpu_gb_one_model_peft": peak.get("peft"),
+                "peak_gpu_gb_train_all_models": peak.get("train"),
+                "peak_gpu_gb_per_model_train": (peak["train"] / a.models) if cuda else None,
             }
         )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -153,8 +153,6 @@ class FactorRows:
     _cleanup: Any = field(default=None, repr=False)
     #: True when ``data`` is one in-memory array (``scan_factors(in_memory=...)``)
     in_memory: bool = False
-    #: seconds the statistics took after the reads (in-memory rows)
-    stats_seconds: float = 0.0
 
     @property
     def n_rows(self) -> int:
@@ -590,8 +588,7 @@ class Collection:
         if in_memory and summed < n:
             stats.add_block(data[summed:n])
         mean, var = stats.result()
-        stats_seconds = 0.0
-        return FactorRows(layout, data, mean, var, cleanup, bool(in_memory), stats_seconds)
+        return FactorRows(layout, data, mean, var, cleanup, bool(in_memory))
 
     def _iter_factor_rows(
         self, progress: Progress | None, rows: Callable[[], np.ndarray | None]
@@ -1444,14 +1441,6 @@ class _ColumnStats:
             return np.zeros(self.d), np.zeros(self.d)
         mean_shift = self.total / self.n
         return self.shift + mean_shift, np.maximum(self.total_sq / self.n - mean_shift**2, 0.0)
-
-
-def _row_stats(data: np.ndarray, rows: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Column mean and variance (ddof=0) of ``data`` (N, d), float64, shifted by row 0."""
-    stats = _ColumnStats(data.shape[1])
-    for lo in range(0, data.shape[0], rows):
-        stats.add_block(data[lo : lo + rows])
-    return stats.result()
 
 
 def in_features(shape: tuple[int, ...]) -> int:

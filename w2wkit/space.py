@@ -575,9 +575,7 @@ class WeightSpace:
             return
         t0 = time.perf_counter()
         rows = coll.scan_factors(progress=cb, in_memory=self._in_memory)
-        timings = {"read": time.perf_counter() - t0 - rows.stats_seconds}
-        if rows.stats_seconds:
-            timings["standardize"] = rows.stats_seconds
+        timings = {"read": time.perf_counter() - t0}  # with the statistics, fused into it
         try:
             n, d = rows.n_rows, rows.dim
             k = self._check_k(n, d)

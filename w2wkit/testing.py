@@ -537,7 +537,12 @@ def peft_dreambooth(
 
 
 def peft_dreambooth_sdxl(
-    base: str | Path, settings: Any, images: np.ndarray, prompt: str, seed: int
+    base: str | Path,
+    settings: Any,
+    images: np.ndarray,
+    prompt: str,
+    seed: int,
+    device: str = "cpu",
 ) -> tuple[Adapter, float]:
     """:func:`peft_dreambooth` for an SDXL pipeline, sharing no code with the engine.
 
@@ -559,6 +564,9 @@ def peft_dreambooth_sdxl(
         ``(n, H, W, 3)`` uint8.
     prompt : str
     seed : int
+    device : str
+        Where the UNet and VAE train (the draws stay on the CPU's generator, so a run
+        on another device differs only by its arithmetic).
 
     Returns
     -------
@@ -582,16 +590,17 @@ def peft_dreambooth_sdxl(
         cond = {"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}
         return ehs.expand(batch, -1, -1), cond
 
-    return _peft_loop(pipe, settings, images, seed, encode)
+    return _peft_loop(pipe, settings, images, seed, encode, device)
 
 
 def _peft_loop(
-    pipe: Any, settings: Any, images: np.ndarray, seed: int, encode: Any
+    pipe: Any, settings: Any, images: np.ndarray, seed: int, encode: Any, device: str = "cpu"
 ) -> tuple[Adapter, float]:
     """The one-model PEFT loop both reference trainers share (see :func:`peft_dreambooth`).
 
     ``encode(batch)`` gives the UNet's ``encoder_hidden_states`` ``(batch, L, D)`` and its
-    ``added_cond_kwargs`` (empty for SD1.x/SD2.x).
+    ``added_cond_kwargs`` (empty for SD1.x/SD2.x), on the CPU; the UNet and VAE run on
+    ``device``.
     """
     import time
 
@@ -609,23 +618,34 @@ def _peft_loop(
     pipe.unet.add_adapter(
         LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=targets, init_lora_weights=True)
     )
+    pipe.unet.to(device)
+    pipe.vae.to(device)
     params = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
     for p in params.values():
         p.requires_grad_(True)
+
+    def sync() -> None:
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    sync()
     t0 = time.perf_counter()
     with torch.no_grad():
         ehs, cond = encode(s.batch)
+        ehs = ehs.to(device)
+        cond = {k: v.to(device) for k, v in cond.items()}
         x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        lat = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        lat = pipe.vae.encode(x.to(device)).latent_dist.mean * pipe.vae.config.scaling_factor
     extra = {"added_cond_kwargs": cond} if cond else {}
     sched = pipe.scheduler
     gen = torch.Generator().manual_seed(int(seed))
     opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=0.0)
     for _ in range(s.steps):
         idx = torch.randint(0, len(lat), (s.batch,), generator=gen)
-        x0 = lat[idx]
-        noise = torch.randn(x0.shape, generator=gen)
+        x0 = lat[idx.to(lat.device)]
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (s.batch,), generator=gen)
+        t = t.to(device)
         pred = pipe.unet(
             sched.add_noise(x0, noise, t), t, encoder_hidden_states=ehs, **extra
         ).sample
@@ -633,11 +653,12 @@ def _peft_loop(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    sync()
     seconds = time.perf_counter() - t0
     layers = {
         f"unet.{n}": LoraLayer(
-            down=params[f"{n}.lora_A.default.weight"].detach().numpy().copy(),
-            up=params[f"{n}.lora_B.default.weight"].detach().numpy().copy(),
+            down=params[f"{n}.lora_A.default.weight"].detach().cpu().numpy().copy(),
+            up=params[f"{n}.lora_B.default.weight"].detach().cpu().numpy().copy(),
             alpha=float(s.alpha),
         )
         for n in targets
