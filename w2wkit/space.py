@@ -195,16 +195,6 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None] | N
         yield update
 
 
-def _file_bytes(path: Any) -> int:
-    """Size of a model file, or of the files of a model folder (PEFT)."""
-    import os
-
-    p = os.fspath(path)
-    if not os.path.isdir(p):
-        return os.path.getsize(p)
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(p) for f in fs)
-
-
 def _sign_flip(scores: np.ndarray) -> np.ndarray:
     """Signs making the largest-magnitude score of each component positive."""
     idx = np.argmax(np.abs(scores), axis=0)
@@ -518,7 +508,7 @@ class WeightSpace:
 
     def _in_memory(self, n: int, d: int) -> bool:
         """Whether a factors fit of ``n`` rows of ``d`` holds them in memory (gram/exact)."""
-        from w2wkit.solvers import choose_solver, memory_budget
+        from w2wkit.solvers import memory_budget
 
         if self.device not in ("cpu", "", None) or 4 * n * d > memory_budget():
             return False
@@ -526,19 +516,24 @@ class WeightSpace:
             k = self._check_k(n, d)
         except SpaceError:
             return False
-        solver = choose_solver(n, d, k) if self.solver == "auto" else self.solver
-        return solver == "gram"
+        return self._solver_for(n, d, k) == "gram"
+
+    def _solver_for(self, n: int, d: int, k: int) -> str:
+        """The solver a factors fit of ``n`` rows of ``d`` with ``k`` components runs."""
+        from w2wkit.solvers import choose_solver
+
+        return choose_solver(n, d, k) if self.solver == "auto" else self.solver
 
     def _column_gram(self, n: int, d: int, k: int) -> bool:
         """Whether a factors fit of rows held on disk takes the gram solver over column chunks
         (:func:`w2wkit.solvers.fit_gram_columns`: two reads of the rows in all)."""
-        from w2wkit.solvers import MIN_COLUMN_CHUNK, choose_solver, column_chunk_width
+        from w2wkit.solvers import MIN_COLUMN_CHUNK, column_chunk_width
 
         if self.device not in ("cpu", "", None):
             return False
-        solver = choose_solver(n, d, k) if self.solver == "auto" else self.solver
         # chunks too narrow for the N x N matrix (N near the gram's limit): row stripes
-        return solver == "gram" and column_chunk_width(n, d) >= min(d, MIN_COLUMN_CHUNK)
+        wide = column_chunk_width(n, d) >= min(d, MIN_COLUMN_CHUNK)
+        return self._solver_for(n, d, k) == "gram" and wide
 
     def _check_cluster_fit(self, coll: Collection) -> None:
         """Refuse what a cluster fit cannot do, before a cluster is started."""
@@ -672,12 +667,12 @@ class WeightSpace:
         import time
 
         from w2wkit.cluster import worker_count
-        from w2wkit.clusterfit import HELD_BYTES_PER_WORKER, fit_pca_files, scan_files
+        from w2wkit.clusterfit import HELD_BYTES_PER_WORKER, _stamp, fit_pca_files, scan_files
 
         t0 = time.perf_counter()
         # the workers keep the rows when they fit in their share; else every pass reads the
         # files (and a Gram fit goes a column chunk at a time)
-        size = sum(_file_bytes(f) for f in coll.files)
+        size = sum(_stamp(os.fspath(f))[0] for f in coll.files)  # (size, mtime) of each
         keep = size <= HELD_BYTES_PER_WORKER * max(1, worker_count(client))
         rows = scan_files(client, coll, cb, keep_rows=keep)
         timings = {"read": time.perf_counter() - t0}
