@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from w2wkit.adapter import Adapter, DeltaLayer
 from w2wkit.collection import Collection
 from w2wkit.errors import LayoutError, SpaceError
-from w2wkit.formats import write_adapter
+from w2wkit.formats import read_adapter, write_adapter
 from w2wkit.space import WeightSpace, compress_factors
 
 K = 5
@@ -243,18 +243,23 @@ def _mixed_module_sets(models):
     return out
 
 
-@pytest.mark.parametrize("tight", [False, True])
-def test_spilled_fit_from_files_equals_in_memory(tmp_path, models, monkeypatch, tight):
-    # a fit from files keeps the factors in a spill file and reads them back in blocks;
-    # every result (coefficients, projection, reconstruction, samples, save/load) equals
-    # the fit of the same adapters held in memory
+@pytest.mark.parametrize(
+    ("tight", "dtype"), [(False, "F32"), (True, "F32"), (False, "F16"), (True, "BF16")]
+)
+def test_spilled_fit_from_files_equals_in_memory(tmp_path, models, monkeypatch, tight, dtype):
+    # a fit from files reads the factors back in blocks, from the files themselves
+    # (F32, F16: views of the file's bytes) or from a spill file (BF16, widened on
+    # read); every result (coefficients, projection, reconstruction, samples,
+    # save/load) equals the fit of the same adapters held in memory
     import w2wkit.collection as coll_mod
 
     mixed = _mixed_module_sets(models)
     folder = tmp_path / "loras"
     folder.mkdir()
     for i, ad in enumerate(mixed):
-        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya")
+        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya", dtype=dtype)
+    if dtype != "F32":  # the in-memory reference holds the values the files hold
+        mixed = [read_adapter(f) for f in sorted(folder.glob("*.safetensors"))]
     mem = WeightSpace(K, representation="delta").fit(mixed)
     assert mem.delta_.spill is None
     reads = []
@@ -263,16 +268,31 @@ def test_spilled_fit_from_files_equals_in_memory(tmp_path, models, monkeypatch, 
         monkeypatch.setattr(coll_mod, "memory_budget", lambda: 4096)
         original = coll_mod._FactorSpill.read
 
-        def counted(self, module, width, lo, hi):
+        def counted(self, module, width, lo, hi, out_f=0):
             reads.append((module, lo, hi))
-            return original(self, module, width, lo, hi)
+            return original(self, module, width, lo, hi, out_f)
 
         monkeypatch.setattr(coll_mod._FactorSpill, "read", counted)
+        original_src = coll_mod._FactorSpill._read_source
+
+        def counted_src(self, src, out, out_f):
+            reads.append(("source", src))
+            return original_src(self, src, out, out_f)
+
+        monkeypatch.setattr(coll_mod._FactorSpill, "_read_source", counted_src)
     fil = WeightSpace(K, representation="delta").fit(Collection(folder, cache_dir=tmp_path))
     spill = fil.delta_.spill
-    assert spill is not None and spill.path.is_file()
-    assert spill.path.parent.parent == tmp_path
-    if tight:
+    n_segments = sum(len(fil.delta_.segments(m)) for m in fil.delta_modules_)
+    if dtype == "BF16":
+        assert spill.path.is_file() and not spill.sources
+        assert spill.path.parent.parent == tmp_path
+    else:  # nothing copied: every segment is read from its model's file
+        assert spill.path is None and spill.spilled_bytes == 0
+        assert len(spill.sources) == n_segments
+        assert not list(tmp_path.glob("w2wkit-deltas-*"))
+    if tight and dtype == "F32":
+        assert sum(1 for r in reads if r[0] == "source") > 4 * n_segments
+    elif tight:
         assert all(hi - lo < len(mixed) for _, lo, hi in reads[: len(mixed)])
         assert len(reads) > 4 * len(fil.delta_modules_)
     monkeypatch.undo()
@@ -305,7 +325,27 @@ def test_spilled_fit_from_files_equals_in_memory(tmp_path, models, monkeypatch, 
         np.testing.assert_allclose(a.layers[m].delta(), b.layers[m].delta(), atol=1e-5)
     path = spill.path
     fil.delta_.close()
-    assert not path.exists()
+    assert path is None or not path.exists()
+    assert all(f.is_file() for f in folder.glob("*.safetensors"))  # the models stay
+
+
+def test_delta_space_read_from_files_refuses_a_changed_file(tmp_path, models):
+    # a delta space fitted from files reads their factors until saved: a file replaced
+    # in between is named, never read as if it were the same model
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for i, ad in enumerate(models[:5]):
+        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya")
+    space = WeightSpace(2, representation="delta").fit(Collection(folder))
+    victim = folder / "m03.safetensors"
+    write_adapter(models[5], victim, format="kohya", overwrite=True)
+    with pytest.raises(SpaceError, match="changed since") as err:
+        space.transform(models[0])
+    assert str(err.value.path) == str(victim)
+    victim.unlink()
+    with pytest.raises(SpaceError, match="cannot read") as err:
+        space.transform(models[0])
+    assert str(err.value.path) == str(victim)
 
 
 def layer_factors_rank(ad, m):
@@ -373,8 +413,8 @@ def test_spill_folder_that_cannot_be_made_is_one_error(tmp_path, models):
     blocker.write_text("not a folder")
     folder = tmp_path / "loras"
     folder.mkdir()
-    for i, ad in enumerate(models[:4]):
-        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya")
+    for i, ad in enumerate(models[:4]):  # BF16: widened on read, so spilled
+        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya", dtype="BF16")
     with pytest.raises(SpaceError, match="spill file") as err:
         WeightSpace(2, representation="delta").fit(Collection(folder, cache_dir=blocker / "cache"))
     assert str(err.value.path) == str(blocker / "cache")
@@ -400,3 +440,46 @@ def test_output_summed_dense_or_factored_is_the_same(reference, monkeypatch, rat
     # the cross products of transform, in blocks of models, are unchanged too
     x = reference.transform(base)
     np.testing.assert_allclose(x, c, atol=1e-5 * np.abs(c).max())
+
+
+def test_kernel_precision_follows_the_factors_cancellation(models, reference, monkeypatch):
+    # factors in a near-orthogonal gauge (random LoRAs) get float32 kernel products,
+    # within 1e-5 of the float64 kernel; factors regauged by a random r x r matrix
+    # (their products cancel) keep float64 and the space stays the same as before
+    import w2wkit.collection as coll_mod
+
+    fac = Collection(adapters=models).scan_deltas()
+    assert all(1.0 <= fac.cancel[m] <= coll_mod.F32_KERNEL_CANCEL for m in fac.modules)
+    assert {fac.kernel_dtype(m) for m in fac.modules} == {"float32"}
+    skewed = Collection(adapters=_variants(models)).scan_deltas()
+    assert max(skewed.cancel.values()) > coll_mod.F32_KERNEL_CANCEL
+    assert "float64" in {skewed.kernel_dtype(m) for m in skewed.modules}
+    monkeypatch.setattr(coll_mod, "F32_KERNEL_CANCEL", 0.0)  # float64 everywhere
+    f64 = WeightSpace(K, representation="delta").fit(models)
+    _same_space(f64, reference, tol=1e-5)
+    rel = np.abs(reference.singular_values_ - f64.singular_values_) / f64.singular_values_
+    assert 0 < rel.max() < 1e-5  # float32 was used, and it is close
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_delta_factors_read_from_the_files_not_copied(tmp_path, models, monkeypatch, mapped):
+    # files read into memory or memory-mapped (above the size threshold): every
+    # segment is a place in its file, nothing is spilled, and the factors read back
+    # equal the adapters'
+    import w2wkit.stio as stio
+
+    if mapped:
+        monkeypatch.setattr(stio, "_MMAP_THRESHOLD", 0)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for i, ad in enumerate(models[:4]):
+        write_adapter(ad, folder / f"m{i:02d}.safetensors", format="kohya", dtype="F16")
+    fac = Collection(folder, cache_dir=tmp_path).scan_deltas()
+    assert fac.spill.spilled_bytes == 0 and fac.spill.path is None
+    ads = [read_adapter(f) for f in sorted(folder.glob("*.safetensors"))]
+    for m in fac.modules:
+        up, down, owner = fac.block(m, 0, len(fac.segments(m)))
+        for i, ad in enumerate(ads):
+            got = up[:, owner == i] @ down[owner == i]
+            np.testing.assert_allclose(got, ad[m].delta(), rtol=1e-6, atol=1e-9)
+    fac.close()

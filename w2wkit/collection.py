@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -210,6 +211,13 @@ class FactorRows:
             self._cleanup()
 
 
+#: a module's kernel products are float32 GEMMs when no model's factors cancel by more
+#: than this (:attr:`DeltaFactors.cancel`; 1 in an orthogonal gauge), else float64: the
+#: float32 rounding of ``U^T U`` and ``D D^T`` (about ``1e-7 sqrt(width)`` of their
+#: entries) reaches the kernel multiplied by that ratio
+F32_KERNEL_CANCEL = 4.0
+
+
 @dataclass
 class DeltaFactors:
     """Each module's factors stacked over all models (delta representation).
@@ -244,6 +252,12 @@ class DeltaFactors:
         The spill file behind the mappings (``None``: arrays in memory).
     self_ss : dict of str to float or None
         ``sum_i |delta_i|^2`` per module, summed by the scan.
+    cancel : dict of str to float or None
+        Per module, the largest over models of
+        ``sum_ab |(U^T U)_ab (D D^T)_ab| / |delta|^2`` (1 for factors in an
+        orthogonal gauge): how much rounding of the factor products the sum
+        that makes ``|delta|^2`` can amplify. The kernel uses float32 products
+        for a module only when it is small (:data:`F32_KERNEL_CANCEL`).
     """
 
     modules: list[str]
@@ -256,6 +270,7 @@ class DeltaFactors:
     n_models: int
     spill: _FactorSpill | None = None
     self_ss: dict[str, float] | None = None
+    cancel: dict[str, float] | None = None
 
     def segments(self, m: str) -> list[tuple[int, int, int]]:
         """``(model, rank, start)`` of each model holding module ``m``, in model order."""
@@ -267,6 +282,12 @@ class DeltaFactors:
         starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
         ends = np.r_[starts[1:], owner.size]
         return [(int(owner[a]), int(b - a), int(a)) for a, b in zip(starts, ends, strict=True)]
+
+    def kernel_dtype(self, m: str) -> str:
+        """``"float32"`` or ``"float64"``: the precision of module ``m``'s kernel
+        products (see :data:`F32_KERNEL_CANCEL`)."""
+        cancel = self.cancel.get(m) if self.cancel is not None else None
+        return "float32" if cancel is not None and cancel <= F32_KERNEL_CANCEL else "float64"
 
     @property
     def total_rank(self) -> dict[str, int]:
@@ -302,7 +323,7 @@ class DeltaFactors:
         if isinstance(self.spill, _SavedFactors):  # stored apart: no row copy
             up, down = self.spill.factors(m, lo, hi)
             return up, down, owner
-        rows = self.spill.read(m, out_f + math.prod(self.in_shape[m]), lo, hi)
+        rows = self.spill.read(m, out_f + math.prod(self.in_shape[m]), lo, hi, out_f)
         return np.ascontiguousarray(rows[:, :out_f].T), rows[:, out_f:], owner
 
     def close(self) -> None:
@@ -725,9 +746,15 @@ class Collection:
         owners: dict[str, list[np.ndarray]] = {}
         max_rank: dict[str, int] = {}
         self_ss: dict[str, float] = {}
+        cancel: dict[str, float] = {}
         first_of: dict[str, str] = {}
         try:
             for i, ad in self.iter_adapters(progress):
+                path = stamp = None
+                if store is not None and self.files and os.path.isfile(self.files[i]):
+                    path = os.fspath(self.files[i])
+                    st = os.stat(path)
+                    stamp = (int(st.st_size), int(st.st_mtime_ns))
                 for module, layer in ad.items():
                     shape = layer.delta_shape
                     if module not in out_f:
@@ -747,9 +774,14 @@ class Collection:
                         )
                     up, down = layer_factors(layer)
                     u64, d64 = up.astype(np.float64), down.astype(np.float64)
-                    self_ss[module] += float(np.sum((u64.T @ u64) * (d64 @ d64.T)))
+                    pq = (u64.T @ u64) * (d64 @ d64.T)
+                    ss = float(np.sum(pq))
+                    self_ss[module] += ss
+                    mag = float(np.sum(np.abs(pq)))
+                    ratio = mag / ss if ss > 0 else (1.0 if mag == 0 else math.inf)
+                    cancel[module] = max(cancel.get(module, 1.0), ratio)
                     if store is not None:
-                        store.append(module, i, up, down)
+                        store.add(module, i, layer, (up, down), path, stamp)
                     else:
                         ups[module].append(up)
                         downs[module].append(down)
@@ -771,6 +803,7 @@ class Collection:
             n_models=len(self),
             spill=store,
             self_ss=self_ss,
+            cancel=cancel,
         )
         if store is None:
             fac.up = {m: np.concatenate(ups[m], axis=1) for m in modules}
@@ -784,34 +817,60 @@ class Collection:
 
 
 class _FactorSpill:
-    """Every model's factors of every module, written once to a spill file.
+    """Every model's factors of every module, read from where they lie on disk.
 
-    A model's module is one segment of ``r`` rows ``[up[:, j] | down[j]]``
-    (``out + in_flat`` float32 each, scale folded into ``up``), appended as the
-    scan reads the files; plain ``pread``/``pwrite`` (no memory map), so the store
-    takes no address space and no resident memory beyond the rows being read.
-    The file is removed with the store (or at exit).
+    A model's module is one segment of ``r`` rows ``[up[:, j] | down[j]]`` (scale
+    folded into ``up``). Where the reader handed the factors over as views of the
+    model's file (a safetensors file's ``F32``/``F16`` tensors, stored as the layer
+    uses them: kohya, diffusers and PEFT files), the segment records their byte
+    offsets and is read back from that file (no copy on disk; the file is checked
+    against its size and modification time at every read). Any other segment
+    (converted, widened ``BF16``, SVD-factorised, in-memory) is appended as float32
+    to a spill file created on first use. Plain ``pread``/``pwrite`` (no memory
+    map), so the store takes no address space and no resident memory beyond the
+    rows being read. The spill file is removed with the store (or at exit).
     """
 
     def __init__(self, folder: Path | None = None) -> None:
-        parent = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+        self.parent = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+        self.folder: Path | None = None
+        self.path: Path | None = None
+        self.fd = -1
+        self.size = 0
+        #: module -> list of (model index, rank, at): ``at >= 0`` a byte offset in the
+        #: spill file, ``at < 0`` the source ``-1 - at`` of :attr:`sources`
+        self.segments: dict[str, list[tuple[int, int, int]]] = {}
+        #: (file index, up offset, down offset, dtype, scale) of each sourced segment
+        self.sources: list[tuple[int, int, int, str, float]] = []
+        #: (path, (size, mtime_ns)) of each source file
+        self.files: list[tuple[str, tuple[int, int]]] = []
+        self._file_ids: dict[str, int] = {}
+        self._fin: Any = None
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes written to the spill file (0: every segment read from its file)."""
+        return self.size
+
+    def _open_spill(self) -> None:
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.folder = Path(tempfile.mkdtemp(prefix="w2wkit-deltas-", dir=parent))
+            self.parent.mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix="w2wkit-deltas-", dir=self.parent))
         except OSError as exc:
             raise SpaceError(
                 f"cannot create the delta factor spill file: {exc.strerror or exc}",
-                path=parent,
+                path=self.parent,
                 hint="point cache_dir at a writable folder",
             ) from None
         self.path = self.folder / "factors.f32"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.size = 0
-        #: module -> list of (model index, rank, byte offset)
-        self.segments: dict[str, list[tuple[int, int, int]]] = {}
         self._fin = weakref.finalize(self, _close_and_remove, self.fd, str(self.folder))
 
     def append(self, module: str, i: int, up: np.ndarray, down: np.ndarray) -> None:
+        """Spill model ``i``'s factors of ``module``: ``up (out, r)`` with the scale
+        folded in, ``down (r, in_flat)``."""
+        if self.fd < 0:
+            self._open_spill()
         rows = np.ascontiguousarray(np.concatenate([up.T, down], axis=1), dtype="<f4")
         view = memoryview(rows).cast("B")
         at = self.size
@@ -828,15 +887,81 @@ class _FactorSpill:
             ) from None
         self.size = at
 
-    def read(self, module: str, width: int, lo: int, hi: int) -> np.ndarray:
-        """``(R, width)`` float32 rows of the segments ``lo:hi`` of ``module``."""
+    def add(
+        self,
+        module: str,
+        i: int,
+        layer: LoraLayer | DeltaLayer,
+        factors: tuple[np.ndarray, np.ndarray],
+        path: str | None,
+        stamp: tuple[int, int] | None,
+    ) -> None:
+        """Record model ``i``'s factors of ``module`` (``factors``: ``up (out, r)``,
+        scale folded in, and ``down (r, in_flat)``): by their place in ``path`` when
+        ``layer`` holds views of that file's bytes, else spilled."""
+        place = None
+        if isinstance(layer, LoraLayer) and path is not None and stamp is not None:
+            place = _file_place(layer, stamp[0])
+        if place is None:
+            self.append(module, i, *factors)
+            return
+        fid = self._file_ids.get(path)
+        if fid is None:
+            fid = self._file_ids[path] = len(self.files)
+            self.files.append((path, stamp))
+        self.sources.append((fid, place[0], place[1], place[2], layer.scale))
+        at = -len(self.sources)
+        self.segments.setdefault(module, []).append((int(i), layer.rank, at))
+
+    def _read_source(self, src: int, out: np.ndarray, out_f: int) -> None:
+        """Fill ``out`` ``(r, width)`` with a sourced segment's rows."""
+        fid, up_at, down_at, dtype, scale = self.sources[src]
+        path, stamp = self.files[fid]
+        r, width = out.shape
+        dt = np.dtype(dtype)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise SpaceError(
+                f"cannot read a model's factors: {exc.strerror or exc}",
+                path=path,
+                hint="a delta space fitted from files reads them until it is saved",
+            ) from None
+        try:
+            st = os.fstat(fd)
+            if (int(st.st_size), int(st.st_mtime_ns)) != stamp:
+                raise SpaceError(
+                    "the file changed since the collection was read",
+                    path=path,
+                    hint="a delta space fitted from files reads them until it is saved; fit again",
+                )
+            up = np.empty((out_f, r), dt)
+            down = np.empty((r, width - out_f), dt)
+            for buf, at in ((up, up_at), (down, down_at)):
+                view = memoryview(buf).cast("B")
+                while view:
+                    got = os.preadv(fd, [view], at)
+                    if got <= 0:
+                        raise SpaceError("the file is shorter than when it was read", path=path)
+                    view, at = view[got:], at + got
+        finally:
+            os.close(fd)
+        np.multiply(up.T, np.float32(scale), out=out[:, :out_f], dtype=np.float32)
+        out[:, out_f:] = down
+
+    def read(self, module: str, width: int, lo: int, hi: int, out_f: int = 0) -> np.ndarray:
+        """``(R, width)`` float32 rows of the segments ``lo:hi`` of ``module``
+        (``out_f``: the ``up`` part's width, for the segments read from files)."""
         segs = self.segments.get(module, [])[lo:hi]
         total = sum(r for _, r, _ in segs)
         out = np.empty((total, width), dtype=np.float32)
         row = 0
-        for _, r, off in segs:
+        for _, r, at in segs:
+            if at < 0:
+                self._read_source(-1 - at, out[row : row + r], out_f)
+                row += r
+                continue
             view = memoryview(out[row : row + r]).cast("B")
-            at = off
             while view:
                 got = os.preadv(self.fd, [view], at)
                 if got <= 0:
@@ -846,8 +971,33 @@ class _FactorSpill:
         return out
 
     def close(self) -> None:
-        """Remove the spill file now."""
-        self._fin()
+        """Remove the spill file now (the models' own files stay)."""
+        if self._fin is not None:
+            self._fin()
+
+
+def _file_place(layer: LoraLayer, file_size: int) -> tuple[int, int, str] | None:
+    """``(up offset, down offset, dtype)`` of a layer's factors in its file's bytes, or
+    ``None`` when they are not plain views of the whole file (converted or copied)."""
+    at = []
+    for arr in (layer.up, layer.down):
+        if arr.dtype not in (np.dtype("<f4"), np.dtype("<f2")) or not arr.flags.c_contiguous:
+            return None
+        root: Any = arr
+        while isinstance(root, np.ndarray) and root.base is not None:
+            root = root.base
+        if not isinstance(root, bytes | mmap.mmap | memoryview):
+            return None
+        whole = np.frombuffer(root, np.uint8)
+        if whole.size != file_size:
+            return None
+        off = arr.__array_interface__["data"][0] - whole.__array_interface__["data"][0]
+        if off < 0 or off + arr.nbytes > whole.size:
+            return None
+        at.append(off)
+    if layer.up.dtype != layer.down.dtype:
+        return None
+    return at[0], at[1], layer.up.dtype.str
 
 
 class _SavedFactors:
@@ -908,7 +1058,7 @@ class _SavedFactors:
             self._pread_into(up[o], up_at + 4 * (o * total + c0))
         return up, down
 
-    def read(self, module: str, width: int, lo: int, hi: int) -> np.ndarray:
+    def read(self, module: str, width: int, lo: int, hi: int, out_f: int = 0) -> np.ndarray:
         """``(T, width)`` float32 rows ``[up[:, j] | down[j]]`` of the segments ``lo:hi``."""
         up, down = self.factors(module, lo, hi)
         return np.concatenate([up.T, down], axis=1)

@@ -35,8 +35,8 @@ The counts (flops are multiply-adds counted as two, as LAPACK's do)
     the orthogonalisation of the block Krylov basis (``2 d dim^2``).
 ``delta``
     :func:`delta_floor`: the files read and hashed, the blocked kernel (every
-    block product the fit does, float64) or, for the sketch, every pass that
-    rebuilds and applies it, and the eigenproblem.
+    block product the fit does, float32 or float64 as the fit chose) or, for the
+    sketch, every pass that rebuilds and applies it, and the eigenproblem.
 
 The floor of the whole fit is the sum of its phases' floors (they run one after
 another).
@@ -563,8 +563,9 @@ def delta_floor(
     -----
     ``gram`` counts, per module with ``R`` terms in blocks ``T_a``: the centred
     sum of squares (the summed delta, ``2 R out in`` float64 flops); per kernel
-    build every pair of blocks ``a <= b``, ``2 T_a T_b (in + out)`` float64 flops
-    (a diagonal block is a full product), at the float64 GEMM rate; and the
+    build every pair of blocks ``a <= b``, ``2 T_a T_b (in + out)`` flops (a
+    diagonal block is a full product), at the float32 GEMM rate for a module whose
+    ``factors.kernel_dtype(m)`` is ``"float32"``, else the float64 one; and the
     factor bytes read for it (once for a module read whole, else block ``a`` and
     every later block for each ``a``) at the read rate, overlapped with the
     products. ``gram-sketch`` adds per pass the product of each module's kernel
@@ -576,6 +577,7 @@ def delta_floor(
     dgemm = rates.dgemm()
     ss_flops = 0.0
     kernel_flops = 0.0
+    kernel_eq = 0.0
     kernel_bytes = 0.0
     fbytes = 0.0
     for m in factors.modules:
@@ -586,8 +588,13 @@ def delta_floor(
         fbytes += 4.0 * r * size
         ss_flops += 2.0 * r * out_f * in_f
         terms, whole = (list(blocks[m][0]), bool(blocks[m][1])) if blocks else ([r], True)
+        f32 = hasattr(factors, "kernel_dtype") and factors.kernel_dtype(m) == "float32"
+        # kernel work in float64-GEMM-equivalent flops (float32 runs at the sgemm rate)
+        rate_scale = dgemm / rates.gemm_flops_per_s if f32 else 1.0
         for a, ta in enumerate(terms):
-            kernel_flops += sum(2.0 * ta * tb * size for tb in terms[a:])
+            mflops = sum(2.0 * ta * tb * size for tb in terms[a:])
+            kernel_flops += mflops
+            kernel_eq += mflops * rate_scale
         if whole:
             kernel_bytes += 4.0 * r * size
         else:
@@ -599,7 +606,7 @@ def delta_floor(
         q = max(int(passes), 1)
         apply_flops = 2.0 * n * n * c * len(factors.modules)
         qr_flops = 4.0 * n * c * c
-        per_pass = max(kernel_bytes / rates.read_bytes_per_s, (kernel_flops + apply_flops) / dgemm)
+        per_pass = max(kernel_bytes / rates.read_bytes_per_s, (kernel_eq + apply_flops) / dgemm)
         small = _dense_eigen_flops(c, c)
         flops = ss_flops + q * (kernel_flops + apply_flops + qr_flops) + small
         secs = ss_s + q * (per_pass + qr_flops / rates.gemm_flops_per_s)
@@ -610,7 +617,7 @@ def delta_floor(
             PhaseFloor("eigen", 0.0, 0.0, 0.0),
         ]
     _, ef, es = eigen_cost(n, k, rates)
-    gram_s = ss_s + max(kernel_bytes / rates.read_bytes_per_s, kernel_flops / dgemm)
+    gram_s = ss_s + max(kernel_bytes / rates.read_bytes_per_s, kernel_eq / dgemm)
     return [
         PhaseFloor("read", fb, 0.0, rates.file_seconds(fb)),
         PhaseFloor("gram", kernel_bytes, ss_flops + kernel_flops, gram_s),

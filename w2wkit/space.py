@@ -1302,7 +1302,8 @@ def _segment_blocks(fac: DeltaFactors, m: str, terms: int) -> list[tuple[int, in
 
 
 def _block_terms(fac: DeltaFactors, m: str, budget: int) -> int:
-    """Rank-one terms per block: two float64 blocks and their product within ``budget``."""
+    """Rank-one terms per block: two blocks and their products within ``budget`` (sized
+    as float64, which also bounds the float32 kernel blocks and their copies)."""
     width = fac.out_features[m] + math.prod(fac.in_shape[m])
     # 2 blocks x (T x width) float64 + T x T float64 products (x2 temporaries)
     t = int((-(2 * width) + math.sqrt(4 * width**2 + 4 * 2 * budget / 8)) / 2 / 2)
@@ -1332,7 +1333,9 @@ def _module_gram_blocks(
 
     Blocks of models (whole models, about :data:`_GRAM_BLOCK_TERMS` rank-one terms,
     fewer when ``budget`` bytes are tight) are multiplied pairwise,
-    ``(U_a^T U_b) * (D_a D_b^T)`` summed per pair of owners, so the temporaries
+    ``(U_a^T U_b) * (D_a D_b^T)`` (float32 or float64 products by
+    :meth:`DeltaFactors.kernel_dtype`, their Hadamard product and its sums in float64) summed
+    per pair of owners, so the temporaries
     are bounded by two blocks whatever N and the ranks are. A module whose
     float64 stack fits in a quarter of the budget is read once; a larger one is
     read a block at a time from the factor store (block ``a`` held, the blocks
@@ -1355,18 +1358,20 @@ def _module_gram_blocks(
             return up[:, c0:c1], down[c0:c1], owner[c0:c1]
         return fac.block(m, lo, hi)
 
+    dt = np.dtype(fac.kernel_dtype(m))
     for a in range(len(blocks)):
         ua, da, oa = get(a)
-        ua = ua.astype(np.float64)
-        da = da.astype(np.float64)
+        uat = np.ascontiguousarray(ua.T, dtype=dt)
+        da = np.ascontiguousarray(da, dtype=dt)
         for b in range(a, len(blocks)):
             if b == a:
                 ub, db, ob = ua, da, oa
             else:
                 ub, db, ob = get(b)
-                ub = ub.astype(np.float64)
-                db = db.astype(np.float64)
-            prod = (ua.T @ ub) * (da @ db.T)
+            # GEMMs (each entry a dot product over out or in numbers), their Hadamard
+            # product summed per pair of models in float64
+            prod = (uat @ np.asarray(ub, dt)).astype(np.float64, copy=False)
+            prod *= da @ np.asarray(db, dt).T
             ia, ib = oa[0], ob[0]
             ja, jb = oa[-1] + 1, ob[-1] + 1
             # model indices within a block are increasing but may skip models
