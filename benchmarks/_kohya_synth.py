@@ -79,9 +79,38 @@ def write_delta_collection(
     seed: int = 0,
     attention_only: bool = False,
     n_latent: int = 16,
+    dtype: str = "F32",
+    workers: int = 1,
 ) -> list[Path]:
-    """Write ``n`` kohya files of mixed ranks and alphas over SD1.5 linears; skip existing."""
+    """Write ``n`` kohya files of mixed ranks and alphas over SD1.5 linears; skip existing.
+
+    ``dtype``: the files' storage dtype (``"F16"`` as most published LoRAs);
+    ``workers``: processes writing files in parallel (same files whatever the count).
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / f"lora_{i:05d}.safetensors" for i in range(n)]
+    todo = [i for i, p in enumerate(files) if not p.exists()]
+    args = (folder, ranks, seed, attention_only, n_latent, dtype)
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+
+        chunks = [todo[w::workers] for w in range(workers)]
+        with mp.get_context("spawn").Pool(workers) as pool:
+            pool.starmap(_write_delta_files, [(*args, c) for c in chunks])
+    else:
+        _write_delta_files(*args, todo)
+    return files
+
+
+def _write_delta_files(
+    folder: Path,
+    ranks: tuple[int, ...],
+    seed: int,
+    attention_only: bool,
+    n_latent: int,
+    dtype: str,
+    indices: list[int],
+) -> None:
     shapes = sd15_linear_shapes(attention_only)
     rng0 = np.random.default_rng([seed, 0])
     # per module a latent basis of down rows (n_latent, in) and up columns (out, n_latent)
@@ -92,12 +121,8 @@ def write_delta_collection(
         )
         for m, (fout, fin) in shapes.items()
     }
-    files = []
-    for i in range(n):
+    for i in indices:
         path = folder / f"lora_{i:05d}.safetensors"
-        files.append(path)
-        if path.exists():
-            continue
         rng = np.random.default_rng([seed, 1, i])
         r = int(rng.choice(ranks))
         alpha = float(rng.choice([1.0, r / 2, float(r)]))
@@ -107,9 +132,8 @@ def write_delta_collection(
             bd, bu = bases[m]
             down = (mix.T @ bd) + np.float32(0.1) * rng.standard_normal((r, fin), dtype=np.float32)
             up = (bu @ mix) * np.float32(r / alpha / r)
-            layers[m] = LoraLayer(down=down, up=up, alpha=alpha)
+            layers[m] = LoraLayer(down=down, up=up, alpha=alpha, dtype=dtype)
         write_adapter(Adapter(layers), path, format="kohya", overwrite=True)
-    return files
 
 
 if __name__ == "__main__":  # pragma: no cover - a manual helper

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -90,7 +91,29 @@ def worker_delta(folder: Path, k: int) -> dict:
     wall = time.perf_counter() - t
     rss = peak_rss_gb()
     prof = space._profile(Collection(folder))
-    # save and load (factor stacks streamed to and from the arrays file)
+    # save and load (factor stacks streamed to and from the arrays file, float32), when
+    # the disk holds the saved stacks
+    fac = space.delta_
+    stack_bytes = sum(fac.factor_bytes(m) for m in fac.modules)
+    free = shutil.disk_usage(folder.parent).free
+    base = {
+        "wall_s": wall,
+        "peak_rss_gb": rss,
+        "sv": space.singular_values_.tolist(),
+        "floor_s": prof["floor_seconds"],
+        "profile": prof,
+        "solver": space.info_["solver_used"],
+        "kernel_dtypes": sorted({fac.kernel_dtype(m) for m in fac.modules}),
+        "max_cancel": max(fac.cancel.values()),
+        "spilled_gb": fac.spill.spilled_bytes / 1e9 if fac.spill is not None else None,
+        "read_from_files_segments": len(fac.spill.sources) if fac.spill is not None else 0,
+    }
+    if stack_bytes > 0.8 * free:
+        base["save_skipped"] = (
+            f"the float32 stacks ({stack_bytes / 1e9:.1f} GB) do not fit the free disk "
+            f"({free / 1e9:.1f} GB)"
+        )
+        return base
     out = Path(tempfile.mkdtemp(prefix="w2w-bench-space-", dir=folder.parent))
     try:
         t = time.perf_counter()
@@ -104,12 +127,7 @@ def worker_delta(folder: Path, k: int) -> dict:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {
-        "wall_s": wall,
-        "peak_rss_gb": rss,
-        "sv": space.singular_values_.tolist(),
-        "floor_s": prof["floor_seconds"],
-        "profile": prof,
-        "solver": space.info_["solver_used"],
+        **base,
         "save_s": save_s,
         "load_s": load_s,
         "saved_gb": saved_gb,
@@ -177,6 +195,9 @@ def main() -> None:
     ap.add_argument(
         "--delta-ffn", action="store_true", help="delta case: attention and feed-forward linears"
     )
+    ap.add_argument("--delta-dtype", default="F32", choices=("F32", "F16"))
+    ap.add_argument("--workers", type=int, default=1, help="processes writing the files")
+    ap.add_argument("--delete", action="store_true", help="delete the delta files after")
     ap.add_argument("--folder", type=Path)
     ap.add_argument("--k", type=int)
     a = ap.parse_args()
@@ -188,11 +209,16 @@ def main() -> None:
 
     for n in a.delta:
         k = min(1000, n - 1)
-        tag = "_ffn" if a.delta_ffn else ""
+        tag = ("_ffn" if a.delta_ffn else "") + ("_f16" if a.delta_dtype == "F16" else "")
         folder = a.root / f"delta_{n}_r{'-'.join(map(str, a.delta_ranks))}{tag}"
         t = time.perf_counter()
         write_delta_collection(
-            folder, n, ranks=tuple(a.delta_ranks), attention_only=not a.delta_ffn
+            folder,
+            n,
+            ranks=tuple(a.delta_ranks),
+            attention_only=not a.delta_ffn,
+            dtype=a.delta_dtype,
+            workers=a.workers,
         )
         gen_s = time.perf_counter() - t
         w = run_worker(__file__, ["--worker", "delta", "--folder", str(folder), "--k", str(k)])
@@ -216,15 +242,28 @@ def main() -> None:
             "wall_over_floor": w["wall_s"] / w["floor_s"],
             "subset24_max_rel_sv_err_vs_materialised": err,
             "solver": w["solver"],
-            "save_s": w["save_s"],
-            "load_s": w["load_s"],
-            "saved_gb": w["saved_gb"],
-            "peak_rss_after_save_load_gb": w["peak_rss_after_save_load_gb"],
+            "file_dtype": a.delta_dtype,
+            **{
+                key: w.get(key)
+                for key in (
+                    "save_s",
+                    "load_s",
+                    "saved_gb",
+                    "peak_rss_after_save_load_gb",
+                    "save_skipped",
+                    "kernel_dtypes",
+                    "max_cancel",
+                    "spilled_gb",
+                    "read_from_files_segments",
+                )
+            },
             "phases": w["profile"]["phases"],
             "rates": w["profile"]["rates"],
             "machine": machine(),
         }
         print(json.dumps(line), flush=True)
+        if a.delete:
+            shutil.rmtree(folder, ignore_errors=True)
 
     for n in a.n:
         k = min(1000, n - 1)
