@@ -51,6 +51,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--preset",
+        choices=("tiny", "sdxl", "sd15"),
+        default="tiny",
+        help="tiny: --channels/--latent/--layers/--text-dims; sdxl: SDXL's UNet at 128x128 "
+        "latents (1024 px); sd15: SD1.5's UNet at 64x64 latents (512 px) and the SD loops",
+    )
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_sdxl.jsonl"))
     a = ap.parse_args()
 
@@ -59,16 +67,37 @@ def main() -> None:
     from PIL import Image
 
     from w2wkit.diffusion.dreambooth import DreamBooth
-    from w2wkit.testing import peft_dreambooth_sdxl, tiny_sdxl_pipeline
+    from w2wkit.testing import (
+        SD15_UNET,
+        SDXL_UNET,
+        peft_dreambooth,
+        peft_dreambooth_sdxl,
+        tiny_pipeline,
+        tiny_sdxl_pipeline,
+    )
     from w2wkit.training import Recipe, train
 
     torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp())
     chans = tuple(int(c) for c in a.channels.split(","))
     dims = tuple(int(c) for c in a.text_dims.split(","))
-    pipe = tiny_sdxl_pipeline(
-        block_out_channels=chans, sample_size=a.latent, text_dims=dims, layers_per_block=a.layers
-    )
+    sdxl = a.preset != "sd15"
+    if a.preset == "sdxl":  # SDXL's UNet; encoders of SDXL's widths, 2 layers each
+        a.latent, chans, dims, a.layers = 128, (320, 640, 1280), (768, 1280), 2
+        pipe = tiny_sdxl_pipeline(
+            text_dims=dims, projection_dim=1280, time_embed_dim=256, sample_size=a.latent,
+            unet_config=SDXL_UNET,
+        )  # fmt: skip
+    elif a.preset == "sd15":  # SD1.5's UNet; a 2-layer encoder of CLIP-L's width
+        a.latent, chans, dims, a.layers = 64, (320, 640, 1280, 1280), (768,), 2
+        pipe = tiny_pipeline(cross_attention_dim=768, sample_size=64, unet_config=SD15_UNET)
+    else:
+        pipe = tiny_sdxl_pipeline(
+            block_out_channels=chans, sample_size=a.latent, text_dims=dims,
+            layers_per_block=a.layers,
+        )  # fmt: skip
+    anchor = peft_dreambooth_sdxl if sdxl else peft_dreambooth
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.precision)
     cuda = str(a.device).startswith("cuda")
 
     def sync() -> None:
@@ -92,35 +121,49 @@ def main() -> None:
         for k, pic in enumerate(pics):
             Image.fromarray(pic).save(d / f"{k}.png")
     prompt = "a photo of sks person"
-    recipe = Recipe(steps=a.steps, batch=a.batch, lr=1e-4, targets=("to_q", "to_v"))
+    recipe = Recipe(
+        steps=a.steps, batch=a.batch, lr=1e-4, targets=("to_q", "to_v"), precision=a.precision
+    )
 
     # the bound's inputs: bare UNet, batches of the same shape, SDXL conditioning
-    unet = pipe.unet.to(a.device).requires_grad_(False)
     n = a.models * a.batch
     x = torch.randn(n, 4, a.latent, a.latent, device=a.device, requires_grad=True)
     with torch.no_grad():
-        ehs, _, pooled, _ = pipe.encode_prompt(
-            prompt=prompt, device=a.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )  # fmt: skip
-    ehs, pooled = ehs.to(a.device), pooled.to(a.device)  # the encoders ran on the CPU
-    cond = {
-        "text_embeds": pooled.expand(n, -1),
-        "time_ids": torch.tensor(
-            [[side, side, 0, 0, side, side]], dtype=torch.float32, device=a.device
-        ).expand(n, -1),
-    }
-    ehs = ehs.expand(n, -1, -1)
+        if sdxl:
+            ehs, _, pooled, _ = pipe.encode_prompt(
+                prompt=prompt, device="cpu", num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )  # fmt: skip
+            pooled = pooled.to(a.device)
+            cond = {
+                "added_cond_kwargs": {
+                    "text_embeds": pooled.expand(n, -1),
+                    "time_ids": torch.tensor(
+                        [[side, side, 0, 0, side, side]], dtype=torch.float32, device=a.device
+                    ).expand(n, -1),
+                }
+            }
+        else:
+            tok = pipe.tokenizer
+            ids = tok([prompt], padding="max_length", max_length=tok.model_max_length,
+                      return_tensors="pt").input_ids  # fmt: skip
+            ehs, cond = pipe.text_encoder(ids)[0], {}
+    ehs = ehs.to(a.device).expand(n, -1, -1)  # the encoders ran on the CPU
+    # the bare UNet in the run's precision (stored in bf16/fp16, run under autocast)
+    unet = pipe.unet.to(a.device, dtype=half or torch.float32).requires_grad_(False)
     t = torch.randint(0, 1000, (n,), device=a.device)
+    amp_device = str(a.device).split(":")[0]
 
     def bound() -> float:
-        unet(x, t, encoder_hidden_states=ehs, added_cond_kwargs=cond).sample.square().mean()
+        with torch.autocast(amp_device, dtype=half, enabled=half is not None):
+            unet(x, t, encoder_hidden_states=ehs, **cond).sample.float().square().mean()
         sync()
         t0 = time.perf_counter()
         for _ in range(a.steps):
             x.grad = None
-            out = unet(x, t, encoder_hidden_states=ehs, added_cond_kwargs=cond).sample
-            out.square().mean().backward()
+            with torch.autocast(amp_device, dtype=half, enabled=half is not None):
+                out = unet(x, t, encoder_hidden_states=ehs, **cond).sample
+            out.float().square().mean().backward()
         sync()
         return (time.perf_counter() - t0) / a.models
 
@@ -133,7 +176,7 @@ def main() -> None:
         sync()
         return (time.perf_counter() - t0) / a.models
 
-    engine = DreamBooth(base, targets=recipe.targets, device=a.device)
+    engine = DreamBooth(base, targets=recipe.targets, device=a.device, precision=a.precision)
 
     def run_engine(steps: int) -> float:
         sync()
@@ -144,9 +187,8 @@ def main() -> None:
 
     # warm-ups (imports, first allocations)
     run_engine(1)
-    peft_dreambooth_sdxl(
-        base, dataclasses.replace(recipe, steps=1), imgs[0], prompt, seed=0, device=a.device
-    )
+    one_step = dataclasses.replace(recipe, steps=1)
+    anchor(base, one_step, imgs[0], prompt, seed=0, device=a.device, precision=a.precision)
     run_train(-1, 1)
     times: dict[str, list[float]] = {k: [] for k in ("peft", "train", "steps", "engine", "bound")}
     peak: dict[str, float] = {}
@@ -155,7 +197,7 @@ def main() -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times["peft"].append(
-            peft_dreambooth_sdxl(base, recipe, imgs[k], prompt, seed=k, device=a.device)[1]
+            anchor(base, recipe, imgs[k], prompt, seed=k, device=a.device, precision=a.precision)[1]
         )
         peak["peft"] = peak_gb()  # one model (and the bound's resident UNet and inputs)
         if cuda:
@@ -184,7 +226,9 @@ def main() -> None:
                 "models": a.models,
                 "steps": a.steps,
                 "batch": a.batch,
-                "pipeline": f"sdxl-arch unet {chans} x{a.layers} latent {a.latent} text {dims}",
+                "pipeline": f"{a.preset if a.preset != 'tiny' else 'sdxl-arch'} unet {chans} "
+                f"x{a.layers} latent {a.latent} text {dims}",
+                "precision": a.precision,
                 "unet_params": sum(p.numel() for p in unet.parameters()),
                 "seconds_per_model": sec,
                 "models_per_hour": 3600 / sec,

@@ -112,6 +112,14 @@ from w2wkit.errors import W2WError
     help="Crop a random square of each resized picture per sample, or its center once.",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Frozen base in bf16/fp16 under autocast (LoRA factors, Adam and loss stay "
+    "float32; fp16 with a loss scale per model).",
+)
+@click.option(
     "--check",
     is_flag=True,
     help="After training, render a grid per model to OUT/check/NAME.png (GPU when present).",
@@ -156,6 +164,7 @@ def train_cmd(
     text_encoder: bool,
     flip: bool,
     random_crop: bool,
+    precision: str,
     check: bool,
     check_seeds: str,
     check_steps: int,
@@ -174,8 +183,8 @@ def train_cmd(
 
     Beyond the paper's recipe (all off by default): --captions,
     --prior-preservation (class pictures cached in OUT/class_pictures or
-    --class-dir), --text-encoder, --flip, --random-crop; --check renders a
-    grid per model after training.
+    --class-dir), --text-encoder, --flip, --random-crop, --precision bf16/fp16;
+    --check renders a grid per model after training.
     With --cluster, chunks of models are Dask tasks: the workers (which must
     see INSTANCES, --base and -o at the same paths) write the models, this
     process keeps the manifest.
@@ -228,6 +237,7 @@ def train_cmd(
         text_encoder=text_encoder,
         flip=flip,
         random_crop=random_crop,
+        precision=precision,
     )
     from w2wkit.cluster import open_client
 

@@ -102,6 +102,35 @@ def tiny_tokenizer(folder: str | Path | None = None, words: Iterable[str] = TINY
     return CLIPTokenizer.from_pretrained(str(out), model_max_length=16)
 
 
+#: Stable Diffusion 1.5's UNet (``runwayml/stable-diffusion-v1-5``'s ``unet/config.json``),
+#: for :func:`tiny_pipeline`'s ``unet_config``: 859,520,964 parameters, 64 x 64 latents
+#: (512 px).
+SD15_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+
+#: SDXL 1.0 base's UNet (``unet/config.json``), for :func:`tiny_sdxl_pipeline`'s
+#: ``unet_config`` with ``text_dims=(768, 1280)``, ``projection_dim=1280``,
+#: ``time_embed_dim=256``: 2,567,463,684 parameters, 128 x 128 latents (1024 px).
+SDXL_UNET: dict[str, Any] = {
+    "sample_size": 128,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "norm_num_groups": 32,
+}
+
+
 def tiny_pipeline(
     seed: int = 0,
     layers_per_block: int = 1,
@@ -110,6 +139,7 @@ def tiny_pipeline(
     sample_size: int = 8,
     text_layers: int = 2,
     scheduler: str = "ddim",
+    unet_config: Mapping[str, Any] | None = None,
 ) -> Any:
     """A randomly initialised, complete ``StableDiffusionPipeline``.
 
@@ -136,6 +166,9 @@ def tiny_pipeline(
         CLIP encoder layers.
     scheduler : {"ddim", "ddpm"}
         Scheduler class.
+    unet_config : mapping, optional
+        ``UNet2DConditionModel`` arguments that replace the tiny ones (e.g.
+        :data:`SD15_UNET`: Stable Diffusion 1.5's UNet, random weights).
 
     Returns
     -------
@@ -155,16 +188,19 @@ def tiny_pipeline(
     n = len(chans)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=layers_per_block,
-        block_out_channels=chans,
-        down_block_types=("DownBlock2D", *["CrossAttnDownBlock2D"] * (n - 1)),
-        up_block_types=(*["CrossAttnUpBlock2D"] * (n - 1), "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4,
-        norm_num_groups=4,
+        **{
+            "sample_size": sample_size,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": layers_per_block,
+            "block_out_channels": chans,
+            "down_block_types": ("DownBlock2D", *["CrossAttnDownBlock2D"] * (n - 1)),
+            "up_block_types": (*["CrossAttnUpBlock2D"] * (n - 1), "UpBlock2D"),
+            "cross_attention_dim": cross_attention_dim,
+            "attention_head_dim": 4,
+            "norm_num_groups": 4,
+            **(unet_config or {}),
+        }
     )
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -228,6 +264,7 @@ def tiny_sdxl_pipeline(
     time_embed_dim: int = 4,
     sample_size: int = 8,
     text_layers: int = 2,
+    unet_config: Mapping[str, Any] | None = None,
 ) -> Any:
     """A randomly initialised ``StableDiffusionXLPipeline`` of the SDXL architecture.
 
@@ -261,6 +298,10 @@ def tiny_sdxl_pipeline(
         Latent side.
     text_layers : int
         CLIP encoder layers (at least 2: SDXL reads the penultimate one).
+    unet_config : mapping, optional
+        ``UNet2DConditionModel`` arguments that replace the tiny ones (e.g.
+        :data:`SDXL_UNET`: SDXL's UNet, random weights, with ``text_dims=(768, 1280)``,
+        ``projection_dim=1280`` and ``time_embed_dim=256``).
 
     Returns
     -------
@@ -280,20 +321,23 @@ def tiny_sdxl_pipeline(
     d1, d2 = (int(d) for d in text_dims)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=layers_per_block,
-        block_out_channels=chans,
-        down_block_types=("DownBlock2D", *["CrossAttnDownBlock2D"] * (n - 1)),
-        up_block_types=(*["CrossAttnUpBlock2D"] * (n - 1), "UpBlock2D"),
-        cross_attention_dim=d1 + d2,
-        attention_head_dim=4,
-        norm_num_groups=4,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
+        **{
+            "sample_size": sample_size,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": layers_per_block,
+            "block_out_channels": chans,
+            "down_block_types": ("DownBlock2D", *["CrossAttnDownBlock2D"] * (n - 1)),
+            "up_block_types": (*["CrossAttnUpBlock2D"] * (n - 1), "UpBlock2D"),
+            "cross_attention_dim": d1 + d2,
+            "attention_head_dim": 4,
+            "norm_num_groups": 4,
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": time_embed_dim,
+            "projection_class_embeddings_input_dim": 6 * time_embed_dim + projection_dim,
+            **(unet_config or {}),
+        }
     )
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -491,7 +535,13 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def peft_dreambooth(
-    base: str | Path, settings: Any, images: np.ndarray, prompt: str, seed: int
+    base: str | Path,
+    settings: Any,
+    images: np.ndarray,
+    prompt: str,
+    seed: int,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[Adapter, float]:
     """A reference DreamBooth LoRA loop for one model, sharing no code with the engine.
 
@@ -512,6 +562,8 @@ def peft_dreambooth(
         ``(n, H, W, 3)`` uint8.
     prompt : str
     seed : int
+    device, precision : str
+        See :func:`peft_dreambooth_sdxl`.
 
     Returns
     -------
@@ -533,7 +585,7 @@ def peft_dreambooth(
         )
         return pipe.text_encoder(ids.input_ids)[0].expand(batch, -1, -1), {}
 
-    return _peft_loop(pipe, settings, images, seed, encode)
+    return _peft_loop(pipe, settings, images, seed, encode, device, precision)
 
 
 def peft_dreambooth_sdxl(
@@ -543,6 +595,7 @@ def peft_dreambooth_sdxl(
     prompt: str,
     seed: int,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[Adapter, float]:
     """:func:`peft_dreambooth` for an SDXL pipeline, sharing no code with the engine.
 
@@ -567,6 +620,10 @@ def peft_dreambooth_sdxl(
     device : str
         Where the UNet and VAE train (the draws stay on the CPU's generator, so a run
         on another device differs only by its arithmetic).
+    precision : {"fp32", "bf16", "fp16"}
+        As diffusers' ``--mixed_precision``: the UNet stored in bf16/fp16, the LoRA
+        parameters cast back to float32, the forward under autocast, the loss in
+        float32; fp16 with :class:`torch.amp.GradScaler`. The VAE stays float32.
 
     Returns
     -------
@@ -590,11 +647,17 @@ def peft_dreambooth_sdxl(
         cond = {"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}
         return ehs.expand(batch, -1, -1), cond
 
-    return _peft_loop(pipe, settings, images, seed, encode, device)
+    return _peft_loop(pipe, settings, images, seed, encode, device, precision)
 
 
 def _peft_loop(
-    pipe: Any, settings: Any, images: np.ndarray, seed: int, encode: Any, device: str = "cpu"
+    pipe: Any,
+    settings: Any,
+    images: np.ndarray,
+    seed: int,
+    encode: Any,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[Adapter, float]:
     """The one-model PEFT loop both reference trainers share (see :func:`peft_dreambooth`).
 
@@ -618,11 +681,15 @@ def _peft_loop(
     pipe.unet.add_adapter(
         LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=targets, init_lora_weights=True)
     )
-    pipe.unet.to(device)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    pipe.unet.to(device, dtype=half or torch.float32)
     pipe.vae.to(device)
     params = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
     for p in params.values():
+        p.data = p.data.float()  # trainable parameters in float32 (cast_training_params)
         p.requires_grad_(True)
+    amp_device = str(device).split(":")[0]
+    scaler = torch.amp.GradScaler(amp_device) if precision == "fp16" else None
 
     def sync() -> None:
         if str(device).startswith("cuda"):
@@ -646,13 +713,19 @@ def _peft_loop(
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (s.batch,), generator=gen)
         t = t.to(device)
-        pred = pipe.unet(
-            sched.add_noise(x0, noise, t), t, encoder_hidden_states=ehs, **extra
-        ).sample
-        loss = torch.mean((pred - noise) ** 2)
+        with torch.autocast(amp_device, dtype=half, enabled=half is not None):
+            pred = pipe.unet(
+                sched.add_noise(x0, noise, t), t, encoder_hidden_states=ehs, **extra
+            ).sample
+        loss = torch.mean((pred.float() - noise) ** 2)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
     sync()
     seconds = time.perf_counter() - t0
     layers = {

@@ -152,7 +152,7 @@ def _trainer(
     from w2wkit.diffusion.dreambooth import DreamBooth
 
     key = (base, identity, tuple(recipe.targets), recipe.rank, recipe.alpha, recipe.init_seed)
-    key += (device, tuple(text_encoder or ()))
+    key += (device, tuple(text_encoder or ()), recipe.precision)
     with _TRAINERS_LOCK:
         if key not in _TRAINERS:
             _TRAINERS.clear()  # one pipeline per worker process
@@ -165,6 +165,7 @@ def _trainer(
                 init_seed=recipe.init_seed,
                 device=device,
                 text_encoder_targets=text_encoder,
+                precision=recipe.precision,
             )
             if str(trainer.device).startswith("cuda"):
                 import torch

@@ -135,6 +135,10 @@ class Recipe:
         Mirror each training sample left-right with probability 1/2.
     random_crop : bool
         A random square crop of each resized picture per sample instead of the center crop.
+    precision : {"fp32", "bf16", "fp16"}
+        Arithmetic of the frozen base (:data:`w2wkit.diffusion.dreambooth.PRECISIONS`):
+        bf16/fp16 store the UNet and text encoders in that type and run them under
+        autocast; the LoRA factors, their Adam state and the loss stay float32.
 
     The fields after ``seed`` are left out of :meth:`as_dict` at their defaults, so
     a manifest of the paper's recipe reads as it did before they existed.
@@ -159,6 +163,7 @@ class Recipe:
     text_encoder: bool = False
     flip: bool = False
     random_crop: bool = False
+    precision: str = "fp32"
 
     def check(self) -> None:
         """Refuse a value no training can use (one line naming the parameter)."""
@@ -173,6 +178,11 @@ class Recipe:
             raise W2WError("resolution must be at least 8 pixels", param="resolution")
         if not self.targets:
             raise W2WError("no target modules given", param="targets")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise W2WError(
+                f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
+                param="precision",
+            )
         if self.captions and not self.instance_token.strip():
             raise W2WError("the instance token must not be empty", param="instance_token")
         if self.prior_preservation:
@@ -207,6 +217,7 @@ _OPTIONAL_FIELDS = (
     "text_encoder",
     "flip",
     "random_crop",
+    "precision",
 )
 _OPTIONAL_DEFAULTS = {k: getattr(Recipe, k) for k in _OPTIONAL_FIELDS}
 
@@ -1223,6 +1234,7 @@ def train(
         init_seed=recipe.init_seed,
         device=device,
         text_encoder_targets=TEXT_ENCODER_TARGETS if recipe.text_encoder else None,
+        precision=recipe.precision,
     )
     if str(trainer.device).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # as if alone: same numerics per model

@@ -65,10 +65,24 @@ from w2wkit.diffusion.bank import LoraBank, install_bank, lora_init
 from w2wkit.diffusion.conditioning import added_cond, encode_prompts
 from w2wkit.diffusion.loss import denoising_loss
 from w2wkit.diffusion.pipeline import load_pipeline, pipeline_kind, resolve_module
+from w2wkit.diffusion.quiet import quiet
 from w2wkit.diffusion.schedule import alphas_cumprod, noisy
 from w2wkit.errors import W2WError
 
-__all__ = ["TEXT_ENCODER_TARGETS", "DreamBooth", "is_target", "text_encoder_init"]
+__all__ = [
+    "PRECISIONS",
+    "TEXT_ENCODER_TARGETS",
+    "DreamBooth",
+    "RowAdam",
+    "is_target",
+    "text_encoder_init",
+]
+
+#: Training precisions: ``fp32``; ``bf16`` / ``fp16``: the frozen UNet and text
+#: encoders stored in that type and run under autocast, the LoRA factors, their Adam
+#: state and the loss in float32 (the VAE stays float32: SDXL's overflows in fp16),
+#: ``fp16`` with a dynamic loss scale per model (:class:`RowAdam`).
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 #: The text encoder's attention projections (CLIP), the modules ``--text-encoder`` trains.
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -108,7 +122,9 @@ class DreamBooth:
     Parameters
     ----------
     base : path or diffusers pipeline
-        The base pipeline (a folder is opened in float32 whatever it stores).
+        The base pipeline (a folder is opened in float32 whatever it stores; a
+        pipeline object is used in place: moved to ``device`` and, in bf16/fp16,
+        its UNet and text encoders cast, as diffusers' training scripts do).
     targets : sequence of str
         UNet module names (or name endings) that get a LoRA (``to_q``, ``to_v``).
     rank, alpha : int, float
@@ -120,6 +136,9 @@ class DreamBooth:
     text_encoder_targets : sequence of str, optional
         Text-encoder module names (or endings, e.g. :data:`TEXT_ENCODER_TARGETS`)
         that get a LoRA too; ``None``: the UNet only (the paper's recipe).
+    precision : {"fp32", "bf16", "fp16"}
+        See :data:`PRECISIONS`. The shared initialisation is drawn from the
+        float32 weights' shapes, so it is the same in every precision.
 
     Attributes
     ----------
@@ -152,9 +171,17 @@ class DreamBooth:
         init_seed: int = 0,
         device: str = "auto",
         text_encoder_targets: Sequence[str] | None = None,
+        precision: str = "fp32",
     ) -> None:
         import torch
 
+        if precision not in PRECISIONS:
+            raise W2WError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}",
+                param="precision",
+            )
+        self.precision = precision
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.device = resolve_device(device)
         self.base = str(base) if isinstance(base, (str, os.PathLike)) else type(base).__name__
         # float32 whatever the folder stores (a shipped world's base is float16)
@@ -190,7 +217,12 @@ class DreamBooth:
                 canon = f"text_encoder.{'text_model.' if flat else ''}{n}"
                 self.te_targets.append(canon)
                 self.te_init_down[canon] = init[n]
-        pipe.to(self.device)
+        with quiet():  # diffusers' notes on casting a loaded pipeline
+            if self.amp_dtype is not None:  # frozen weights in half; the VAE stays float32
+                for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+                    if m is not None:
+                        m.to(self.amp_dtype)
+            pipe.to(self.device)
         self.bank: LoraBank | None = None
         self.steps_done = 0
         self.history: np.ndarray | None = None
@@ -204,9 +236,9 @@ class DreamBooth:
         import torch
 
         if prompt not in self._ehs and self.sdxl:
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 ehs, _, pooled, _ = encode_prompts(self.pipe, [prompt], self.device)
-            self._ehs[prompt], self._pooled[prompt] = ehs, pooled
+            self._ehs[prompt], self._pooled[prompt] = ehs.float(), pooled.float()
         if prompt not in self._ehs:
             tok = self.pipe.tokenizer
             ids = tok(
@@ -216,9 +248,19 @@ class DreamBooth:
                 truncation=True,
                 return_tensors="pt",
             ).input_ids.to(self.device)
-            with torch.no_grad():
-                self._ehs[prompt] = self.pipe.text_encoder(ids)[0]
+            with torch.no_grad(), self._autocast():
+                self._ehs[prompt] = self.pipe.text_encoder(ids)[0].float()
         return self._ehs[prompt]
+
+    def _autocast(self) -> Any:
+        """Autocast to the training precision's type on this device (none in fp32)."""
+        import contextlib
+
+        import torch
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=str(self.device).split(":")[0], dtype=self.amp_dtype)
 
     def added_cond(self, rows: Sequence[tuple[str, int]], size: tuple[int, int]) -> dict[str, Any]:
         """The UNet's extra keyword arguments for a batch: ``{}`` unless SDXL.
@@ -449,7 +491,14 @@ class DreamBooth:
         n_t = self.pipe.scheduler.config.num_train_timesteps
         acp = alphas_cumprod(self.pipe.scheduler, dev)
         gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
-        opt = torch.optim.Adam(bank.parameters(), lr=lr, weight_decay=0.0)
+        scaled = self.precision == "fp16"
+        # fp16: a loss scale and an Adam step count per model (a model whose scaled
+        # gradients overflow skips its step alone, as it would trained alone)
+        opt = (
+            RowAdam(list(bank.parameters()), m, lr=lr, device=dev)
+            if scaled
+            else torch.optim.Adam(bank.parameters(), lr=lr, weight_decay=0.0)
+        )
         b = int(batch)
         owner = torch.arange(m, device=dev).repeat_interleave(b)
         n_rows = 2 * m * b if use_prior else m * b
@@ -510,36 +559,40 @@ class DreamBooth:
                 x0 = torch.cat([x0, plat[torch.cat(pidx).to(dev)]])
                 nz = torch.cat([nz, torch.cat(pnoise).to(dev)])
                 t = torch.cat([t, torch.cat(ptt).to(dev)])
-            if per_prompt:
-                which = pic_prompt[rows]
-                if use_prior:
-                    which = torch.cat([which, torch.full_like(which, cls_prompt)])
-                if self.te_targets and self.sdxl:
-                    # the first encoder's LoRA: its penultimate layer, then the second's
-                    bank.set_index("text_encoder", index)
-                    te1 = self.pipe.text_encoder(ids_table[which], output_hidden_states=True)
-                    te1 = te1.hidden_states[-2]
-                    bank.set_index("text_encoder", None)
-                    ehs_all = torch.cat([te1, emb_table[which][..., te1.shape[-1] :]], dim=-1)
-                elif self.te_targets:
-                    bank.set_index("text_encoder", index)
-                    ehs_all = self.pipe.text_encoder(ids_table[which])[0]
-                    bank.set_index("text_encoder", None)
-                else:
-                    ehs_all = emb_table[which]
-                if self.sdxl:
-                    cond = self._cond(pooled_table[which], hw)
-            bank.set_index("unet", index)
-            pred = unet(noisy(x0, nz, t, acp), t, encoder_hidden_states=ehs_all, **cond).sample
-            per = denoising_loss(pred, nz)
+            with self._autocast():  # the frozen weights in bf16/fp16 (fp32: no-op)
+                if per_prompt:
+                    which = pic_prompt[rows]
+                    if use_prior:
+                        which = torch.cat([which, torch.full_like(which, cls_prompt)])
+                    if self.te_targets and self.sdxl:
+                        # the first encoder's LoRA: its penultimate layer, then the second's
+                        bank.set_index("text_encoder", index)
+                        te1 = self.pipe.text_encoder(ids_table[which], output_hidden_states=True)
+                        te1 = te1.hidden_states[-2]
+                        bank.set_index("text_encoder", None)
+                        ehs_all = torch.cat([te1, emb_table[which][..., te1.shape[-1] :]], dim=-1)
+                    elif self.te_targets:
+                        bank.set_index("text_encoder", index)
+                        ehs_all = self.pipe.text_encoder(ids_table[which])[0]
+                        bank.set_index("text_encoder", None)
+                    else:
+                        ehs_all = emb_table[which]
+                    if self.sdxl:
+                        cond = self._cond(pooled_table[which], hw)
+                bank.set_index("unet", index)
+                pred = unet(noisy(x0, nz, t, acp), t, encoder_hidden_states=ehs_all, **cond)
+            per = denoising_loss(pred.sample, nz)  # float32 whatever the precision
             inst = per[: m * b].view(m, b).mean(1)
-            loss = inst.sum()
+            model_loss = inst
             if use_prior:
                 prior_loss = per[m * b :].view(m, b).mean(1)
-                loss = loss + prior_weight * prior_loss.sum()
+                model_loss = inst + prior_weight * prior_loss
                 prior_history.append(prior_loss.detach())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaled:
+                (model_loss * opt.scale).sum().backward()
+            else:
+                model_loss.sum().backward()
             opt.step()
             history.append(inst.detach())
             if on_step is not None:
@@ -557,3 +610,100 @@ class DreamBooth:
         self.prior_history = torch.stack(prior_history).cpu().numpy() if use_prior else None
         tail = hist[int(0.8 * len(hist)) :] if len(hist) > 1 else hist
         return self.adapters(), tail.mean(0)
+
+
+class RowAdam:
+    """Adam over parameters whose first axis is the model, with a dynamic loss scale and
+    a step count per model (fp16 training of many models as if each trained alone).
+
+    Each model's rows get the update :class:`torch.optim.Adam` would make (no weight
+    decay), from gradients divided by that model's loss scale; a model whose
+    gradients are not finite skips the step (its rows, moments and step count stay)
+    and halves its scale; after ``growth_interval`` finite steps in a row its scale
+    doubles (the defaults of :class:`torch.amp.GradScaler`).
+
+    Parameters
+    ----------
+    params : list of torch.Tensor
+        ``(M, ...)`` float32 leaves with gradients.
+    n_models : int
+    lr, betas, eps : float, (float, float), float
+    init_scale, growth_interval : float, int
+    device : str
+
+    Attributes
+    ----------
+    scale : torch.Tensor
+        ``(M,)`` the loss scale of each model (multiply its loss by it).
+    steps : torch.Tensor
+        ``(M,)`` Adam steps taken by each model.
+    skipped : torch.Tensor
+        ``(M,)`` steps each model skipped for non-finite gradients.
+    """
+
+    def __init__(
+        self,
+        params: list[Any],
+        n_models: int,
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        init_scale: float = 2.0**16,
+        growth_interval: int = 2000,
+        device: str = "cpu",
+    ) -> None:
+        import torch
+
+        self.params = list(params)
+        self.lr, self.betas, self.eps = float(lr), betas, float(eps)
+        self.growth_interval = int(growth_interval)
+        self.scale = torch.full((n_models,), float(init_scale), device=device)
+        self.steps = torch.zeros(n_models, dtype=torch.int64, device=device)
+        self.skipped = torch.zeros(n_models, dtype=torch.int64, device=device)
+        self._good = torch.zeros(n_models, dtype=torch.int64, device=device)
+        self._m = [torch.zeros_like(p) for p in self.params]
+        self._v = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients."""
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        """Unscale, skip the models with non-finite gradients, update the others."""
+        import torch
+
+        def rows(x: Any) -> Any:  # (M,) -> (M, 1, ..., 1) against a parameter
+            return x.view(-1, *([1] * (p.ndim - 1)))
+
+        ok = torch.ones_like(self.scale, dtype=torch.bool)
+        grads = []
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                g = torch.zeros_like(p)
+            g = g / rows(self.scale)
+            ok &= torch.isfinite(g).flatten(1).all(dim=1)
+            grads.append(g)
+        b1, b2 = self.betas
+        with torch.no_grad():
+            self.steps += ok.long()
+            # bias corrections in float64, as torch's Adam computes them (in Python)
+            t = self.steps.clamp(min=1).double()
+            step_size = (self.lr / (1 - b1**t)).float()
+            bias2_sqrt = torch.sqrt(1 - b2**t).float()
+            for p, g, m_, v_ in zip(self.params, grads, self._m, self._v, strict=True):
+                keep = rows(ok)
+                g = torch.where(keep, g, torch.zeros_like(g))
+                m_.copy_(torch.where(keep, m_.lerp(g, 1 - b1), m_))
+                v_.copy_(torch.where(keep, v_ * b2 + g * g * (1 - b2), v_))
+                denom = v_.sqrt() / rows(bias2_sqrt) + self.eps
+                upd = rows(step_size) * (m_ / denom)
+                p.sub_(torch.where(keep, upd, torch.zeros_like(upd)))
+        self.skipped += (~ok).long()
+        self._good = torch.where(ok, self._good + 1, torch.zeros_like(self._good))
+        grow = self._good >= self.growth_interval
+        self.scale = torch.where(ok, self.scale, self.scale * 0.5)
+        self.scale = torch.where(grow, self.scale * 2.0, self.scale)
+        self._good = torch.where(grow, torch.zeros_like(self._good), self._good)
