@@ -207,3 +207,28 @@ def test_train_cli_in_bf16_records_the_precision(tmp_path, tiny_pipe_dir):
     assert "recipe" in res.output
     # an fp32 recipe's manifest reads as before (precision left out at its default)
     assert "precision" not in Recipe().as_dict()
+
+
+def test_full_size_unet_configs_are_the_published_models():
+    # the GPU benchmark's presets build SD1.5's and SDXL's UNets (random weights); on the
+    # meta device nothing is allocated: only the architecture is counted
+    from diffusers import UNet2DConditionModel
+
+    from w2wkit.testing import SD15_UNET, SDXL_UNET
+
+    with torch.device("meta"):
+        sd15 = UNet2DConditionModel(in_channels=4, out_channels=4, **SD15_UNET)
+        sdxl = UNet2DConditionModel(
+            in_channels=4,
+            out_channels=4,
+            cross_attention_dim=768 + 1280,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=6 * 256 + 1280,
+            **SDXL_UNET,
+        )
+    assert sum(p.numel() for p in sd15.parameters()) == 859_520_964
+    assert sum(p.numel() for p in sdxl.parameters()) == 2_567_463_684
+    n_attn = sum(1 for n, _ in sdxl.named_modules() if n.endswith("attn1.to_q"))
+    assert n_attn == 70  # transformer blocks: down 2x2 + 2x10, mid 10, up 3x10 + 3x2

@@ -305,9 +305,9 @@ class DeltaFactors:
         Returns
         -------
         up : numpy.ndarray
-            ``(out, R)`` float32.
+            ``(out, R)`` float32 (possibly a transposed view).
         down : numpy.ndarray
-            ``(R, in_flat)`` float32.
+            ``(R, in_flat)`` float32 (possibly a view).
         owner : numpy.ndarray
             ``(R,)`` int64 model index of each column/row.
         """
@@ -324,7 +324,9 @@ class DeltaFactors:
             up, down = self.spill.factors(m, lo, hi)
             return up, down, owner
         rows = self.spill.read(m, out_f + math.prod(self.in_shape[m]), lo, hi, out_f)
-        return np.ascontiguousarray(rows[:, :out_f].T), rows[:, out_f:], owner
+        # views of the one read (the up part transposed in place: matrix products take
+        # it as it is, no copy)
+        return rows[:, :out_f].T, rows[:, out_f:], owner
 
     def close(self) -> None:
         """Remove the spill file (if any); the mappings are unusable after."""

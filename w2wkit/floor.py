@@ -562,7 +562,8 @@ def delta_floor(
     Notes
     -----
     ``gram`` counts, per module with ``R`` terms in blocks ``T_a``: the centred
-    sum of squares (the summed delta, ``2 R out in`` float64 flops); per kernel
+    sum of squares (the summed delta, ``2 R out in`` flops at the module's kernel
+    precision); per kernel
     build every pair of blocks ``a <= b``, ``2 T_a T_b (in + out)`` flops (a
     diagonal block is a full product), at the float32 GEMM rate for a module whose
     ``factors.kernel_dtype(m)`` is ``"float32"``, else the float64 one; and the
@@ -578,6 +579,7 @@ def delta_floor(
     ss_flops = 0.0
     kernel_flops = 0.0
     kernel_eq = 0.0
+    ss_eq = 0.0
     kernel_bytes = 0.0
     fbytes = 0.0
     for m in factors.modules:
@@ -586,11 +588,12 @@ def delta_floor(
         in_f = math.prod(factors.in_shape[m])
         size = out_f + in_f
         fbytes += 4.0 * r * size
-        ss_flops += 2.0 * r * out_f * in_f
-        terms, whole = (list(blocks[m][0]), bool(blocks[m][1])) if blocks else ([r], True)
         f32 = hasattr(factors, "kernel_dtype") and factors.kernel_dtype(m) == "float32"
-        # kernel work in float64-GEMM-equivalent flops (float32 runs at the sgemm rate)
+        # work in float64-GEMM-equivalent flops (float32 runs at the sgemm rate)
         rate_scale = dgemm / rates.gemm_flops_per_s if f32 else 1.0
+        ss_flops += 2.0 * r * out_f * in_f
+        ss_eq += 2.0 * r * out_f * in_f * rate_scale
+        terms, whole = (list(blocks[m][0]), bool(blocks[m][1])) if blocks else ([r], True)
         for a, ta in enumerate(terms):
             mflops = sum(2.0 * ta * tb * size for tb in terms[a:])
             kernel_flops += mflops
@@ -600,7 +603,7 @@ def delta_floor(
         else:
             kernel_bytes += sum(4.0 * size * sum(terms[a:]) for a in range(len(terms)))
     fb = fbytes if file_bytes is None else float(file_bytes)
-    ss_s = ss_flops / dgemm
+    ss_s = ss_eq / dgemm
     if solver == "gram-sketch":
         c = int(sketch_columns)
         q = max(int(passes), 1)

@@ -1361,23 +1361,31 @@ def _module_gram_blocks(
     dt = np.dtype(fac.kernel_dtype(m))
     for a in range(len(blocks)):
         ua, da, oa = get(a)
-        uat = np.ascontiguousarray(ua.T, dtype=dt)
-        da = np.ascontiguousarray(da, dtype=dt)
+        uat = np.asarray(ua.T, dtype=dt)  # views of the read rows when float32
+        da = np.asarray(da, dtype=dt)
         for b in range(a, len(blocks)):
             if b == a:
                 ub, db, ob = ua, da, oa
             else:
                 ub, db, ob = get(b)
             # GEMMs (each entry a dot product over out or in numbers), their Hadamard
-            # product summed per pair of models in float64
-            prod = (uat @ np.asarray(ub, dt)).astype(np.float64, copy=False)
+            # product summed per pair of models by two more GEMMs with the blocks'
+            # one-hot owner matrices (a pass over T_a x T_b numbers at GEMM speed)
+            prod = uat @ np.asarray(ub, dt)
             prod *= da @ np.asarray(db, dt).T
             ia, ib = oa[0], ob[0]
             ja, jb = oa[-1] + 1, ob[-1] + 1
             # model indices within a block are increasing but may skip models
-            # that lack the module: segment over the index range
-            blk = _segment_sum(_segment_sum(prod, ob - ib, jb - ib).T, oa - ia, ja - ia)
-            yield int(ia), int(ja), int(ib), int(jb), blk  # (models of b, models of a)
+            # that lack the module: one-hot over the index range
+            blk = (prod @ _one_hot(ob - ib, jb - ib, dt)).T @ _one_hot(oa - ia, ja - ia, dt)
+            yield int(ia), int(ja), int(ib), int(jb), blk.astype(np.float64)  # (b's, a's)
+
+
+def _one_hot(owner: np.ndarray, n: int, dtype: Any) -> np.ndarray:
+    """``(len(owner), n)`` matrix with a 1 at ``(t, owner[t])``."""
+    out = np.zeros((owner.size, n), dtype=dtype)
+    out[np.arange(owner.size), owner] = 1
+    return out
 
 
 def _add_module_gram(
@@ -1483,12 +1491,13 @@ def _module_centred_ss(fac: DeltaFactors, m: str, budget: int | None = None) -> 
     self_ss = fac.self_ss.get(m) if fac.self_ss is not None else None
     total = np.zeros((fac.out_features[m], math.prod(fac.in_shape[m])))
     acc = 0.0
+    dt = np.dtype(fac.kernel_dtype(m))  # block products at the kernel's precision
     for lo, hi in blocks:
         up, down, owner = fac.block(m, lo, hi)
-        u = up.astype(np.float64)
-        d = down.astype(np.float64)
-        total += u @ d
+        total += np.asarray(up, dt) @ np.asarray(down, dt)
         if self_ss is None:
+            u = up.astype(np.float64)
+            d = down.astype(np.float64)
             starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
             ends = np.r_[starts[1:], owner.size]
             for s0, s1 in zip(starts, ends, strict=True):

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The device checks of "One diffusion engine and `w2wkit train`", as one run on a lent GPU:
+# bench_train_sdxl.py with SDXL's UNet at 1024 px (128x128 latents) in bf16 and fp16, and
+# SD1.5's UNet at 512 px in bf16 and fp32 (random weights; the step time does not depend
+# on them). Each line: models/hour of `w2wkit train` vs the one-at-a-time PEFT loop in the
+# same precision and vs the bare UNet's forward + backward; peak GPU memory per model.
+#
+#   bash benchmarks/gpu_train.sh            # results in $OUT (or /tmp/w2w-gpu)
+#
+# A machine without diffusers/peft takes them from .whl/ (wheels carried with the tree:
+# pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 -d .whl diffusers peft importlib_metadata zipp).
+set -uo pipefail
+OUT=${OUT:-/tmp/w2w-gpu}
+mkdir -p "$OUT"
+if ! python3 -c "import diffusers, peft" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+b=benchmarks/bench_train_sdxl.py
+res=$OUT/train_gpu.jsonl
+common=(--device cuda --batch 1 --repeats 1 --threads 8 --out "$res")
+run() {  # one case; 4 models first, 2 when 4 do not fit
+  local limit=$1; shift
+  timeout "$limit" python3 $b "${common[@]}" "$@" --models 4 2>&1 | tail -3 ||
+    timeout "$limit" python3 $b "${common[@]}" "$@" --models 2 2>&1 | tail -3
+}
+run 200 --preset sdxl --precision bf16 --steps 3
+run 120 --preset sd15 --precision bf16 --steps 5
+run 150 --preset sdxl --precision fp16 --steps 3
+run 100 --preset sd15 --precision fp32 --steps 5
+wc -l "$res"
