@@ -373,15 +373,6 @@ def _checked_stamp(p: str, fd: int, stamp: Sequence[int]) -> None:
         )
 
 
-def _pread_exact(fd: int, buf: np.ndarray, at: int, path: str) -> None:
-    view = memoryview(buf).cast("B")
-    while view:
-        got = os.preadv(fd, [view], at)
-        if got <= 0:
-            raise SpaceError("the file is shorter than at the scan", path=path)
-        view, at = view[got:], at + got
-
-
 def _read_columns(
     ctx: _Context, files: tuple[list[str], list[tuple[int, int]], list[bool]], lo: int, hi: int
 ) -> np.ndarray:
@@ -391,6 +382,8 @@ def _read_columns(
     read of the span from the file's data section); any other is read whole by the ordinary
     reader. Every file is checked against its scan stamp.
     """
+    from w2wkit.collection import _pread_exact
+
     paths, stamps, fast = files
     tpl = _template(ctx)
     out = np.empty((len(paths), hi - lo), dtype=np.float32)

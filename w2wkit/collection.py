@@ -939,13 +939,8 @@ class _FactorSpill:
                 )
             up = np.empty((out_f, r), dt)
             down = np.empty((r, width - out_f), dt)
-            for buf, at in ((up, up_at), (down, down_at)):
-                view = memoryview(buf).cast("B")
-                while view:
-                    got = os.preadv(fd, [view], at)
-                    if got <= 0:
-                        raise SpaceError("the file is shorter than when it was read", path=path)
-                    view, at = view[got:], at + got
+            _pread_exact(fd, up, up_at, path)
+            _pread_exact(fd, down, down_at, path)
         finally:
             os.close(fd)
         np.multiply(up.T, np.float32(scale), out=out[:, :out_f], dtype=np.float32)
@@ -976,6 +971,16 @@ class _FactorSpill:
         """Remove the spill file now (the models' own files stay)."""
         if self._fin is not None:
             self._fin()
+
+
+def _pread_exact(fd: int, buf: np.ndarray, at: int, path: str) -> None:
+    """Fill ``buf`` with the file's bytes from offset ``at`` (a short file: one error)."""
+    view = memoryview(buf).cast("B")
+    while view:
+        got = os.preadv(fd, [view], at)
+        if got <= 0:
+            raise SpaceError("the file is shorter than when it was read", path=path)
+        view, at = view[got:], at + got
 
 
 def _file_place(layer: LoraLayer, file_size: int) -> tuple[int, int, str] | None:

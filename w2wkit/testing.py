@@ -131,6 +131,24 @@ SDXL_UNET: dict[str, Any] = {
 }
 
 
+def _tiny_unet(chans: tuple[int, ...], layers: int, sample: int, cross: int) -> dict[str, Any]:
+    """The tiny UNets' shared arguments: no cross-attention in the first down block and
+    last up block, 4-wide heads, 4 norm groups."""
+    n = len(chans)
+    return {
+        "sample_size": sample,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": layers,
+        "block_out_channels": chans,
+        "down_block_types": ("DownBlock2D", *["CrossAttnDownBlock2D"] * (n - 1)),
+        "up_block_types": (*["CrossAttnUpBlock2D"] * (n - 1), "UpBlock2D"),
+        "cross_attention_dim": cross,
+        "attention_head_dim": 4,
+        "norm_num_groups": 4,
+    }
+
+
 def tiny_pipeline(
     seed: int = 0,
     layers_per_block: int = 1,
@@ -185,20 +203,10 @@ def tiny_pipeline(
     from transformers import CLIPTextConfig, CLIPTextModel
 
     chans = tuple(int(c) for c in block_out_channels)
-    n = len(chans)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         **{
-            "sample_size": sample_size,
-            "in_channels": 4,
-            "out_channels": 4,
-            "layers_per_block": layers_per_block,
-            "block_out_channels": chans,
-            "down_block_types": ("DownBlock2D", *["CrossAttnDownBlock2D"] * (n - 1)),
-            "up_block_types": (*["CrossAttnUpBlock2D"] * (n - 1), "UpBlock2D"),
-            "cross_attention_dim": cross_attention_dim,
-            "attention_head_dim": 4,
-            "norm_num_groups": 4,
+            **_tiny_unet(chans, layers_per_block, sample_size, cross_attention_dim),
             **(unet_config or {}),
         }
     )
@@ -317,21 +325,11 @@ def tiny_sdxl_pipeline(
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     chans = tuple(int(c) for c in block_out_channels)
-    n = len(chans)
     d1, d2 = (int(d) for d in text_dims)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         **{
-            "sample_size": sample_size,
-            "in_channels": 4,
-            "out_channels": 4,
-            "layers_per_block": layers_per_block,
-            "block_out_channels": chans,
-            "down_block_types": ("DownBlock2D", *["CrossAttnDownBlock2D"] * (n - 1)),
-            "up_block_types": (*["CrossAttnUpBlock2D"] * (n - 1), "UpBlock2D"),
-            "cross_attention_dim": d1 + d2,
-            "attention_head_dim": 4,
-            "norm_num_groups": 4,
+            **_tiny_unet(chans, layers_per_block, sample_size, d1 + d2),
             "use_linear_projection": True,
             "addition_embed_type": "text_time",
             "addition_time_embed_dim": time_embed_dim,
