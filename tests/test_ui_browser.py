@@ -84,14 +84,26 @@ def _open(browser: Any, url: str) -> Any:
     return page
 
 
-def _fill(page: Any, elem: str, value: str) -> None:
-    """Type ``value`` into a number box and leave it (Gradio takes the value on blur)."""
+def _fill(page: Any, elem: str, value: str, tries: int = 3) -> None:
+    """Type ``value`` into a number box and leave it (Gradio takes the value on blur).
+
+    A box the page re-renders while it is typed into (an upload finishing under load)
+    loses the value: then it is typed again, as a person would, up to ``tries`` times.
+    """
     box = page.locator(f"#{elem} input")
-    box.fill(value)
-    box.press("Tab")
-    page.wait_for_function(
-        "([e, v]) => document.querySelector(`#${e} input`).value === v", arg=[elem, value]
-    )
+    for attempt in range(tries):
+        box.fill(value)
+        box.press("Tab")
+        try:
+            page.wait_for_function(
+                "([e, v]) => document.querySelector(`#${e} input`).value === v",
+                arg=[elem, value],
+                timeout=TIMEOUT if attempt == tries - 1 else 15_000,
+            )
+            return
+        except Exception:
+            if attempt == tries - 1:
+                raise
 
 
 def _status(page: Any) -> str:
@@ -148,6 +160,7 @@ def test_page_sample_invert_edit_download(served: dict, browser: Any, tmp_path: 
     pic = _picture(tmp_path / "held.png", served["world"])
     page.get_by_role("tab", name="Invert a picture").click()
     page.locator("#picture input[type=file]").set_input_files(str(pic))
+    page.get_by_text("held.png").first.wait_for()  # the upload finished (the file is listed)
     page.get_by_text("inversion settings").click()
     _fill(page, "inv-steps", "5")
     page.locator("#invert").click()
