@@ -958,12 +958,7 @@ class _FactorSpill:
                 self._read_source(-1 - at, out[row : row + r], out_f)
                 row += r
                 continue
-            view = memoryview(out[row : row + r]).cast("B")
-            while view:
-                got = os.preadv(self.fd, [view], at)
-                if got <= 0:
-                    raise OSError(f"{self.path}: short read")
-                view, at = view[got:], at + got
+            _pread_exact(self.fd, out[row : row + r], at, str(self.path))
             row += r
         return out
 
@@ -979,7 +974,7 @@ def _pread_exact(fd: int, buf: np.ndarray, at: int, path: str) -> None:
     while view:
         got = os.preadv(fd, [view], at)
         if got <= 0:
-            raise SpaceError("the file is shorter than when it was read", path=path)
+            raise SpaceError("the file is shorter than the factors recorded for it", path=path)
         view, at = view[got:], at + got
 
 
@@ -1042,12 +1037,7 @@ class _SavedFactors:
         self._fin = weakref.finalize(self, os.close, self.fd)
 
     def _pread_into(self, buf: np.ndarray, at: int) -> None:
-        view = memoryview(buf).cast("B")
-        while view:
-            got = os.preadv(self.fd, [view], at)
-            if got <= 0:
-                raise OSError(f"{self.path}: short read")
-            view, at = view[got:], at + got
+        _pread_exact(self.fd, buf, at, str(self.path))
 
     def factors(self, module: str, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """``up (out, T)`` and ``down (T, in)`` float32 of the segments ``lo:hi``, read

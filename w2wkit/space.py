@@ -1333,9 +1333,9 @@ def _module_gram_blocks(
 
     Blocks of models (whole models, about :data:`_GRAM_BLOCK_TERMS` rank-one terms,
     fewer when ``budget`` bytes are tight) are multiplied pairwise,
-    ``(U_a^T U_b) * (D_a D_b^T)`` (float32 or float64 products by
-    :meth:`DeltaFactors.kernel_dtype`, their Hadamard product and its sums in float64) summed
-    per pair of owners, so the temporaries
+    ``(U_a^T U_b) * (D_a D_b^T)`` summed per pair of owners (all at the precision
+    :meth:`DeltaFactors.kernel_dtype` chose; each block is returned as float64 for the
+    kernel's float64 sum), so the temporaries
     are bounded by two blocks whatever N and the ranks are. A module whose
     float64 stack fits in a quarter of the budget is read once; a larger one is
     read a block at a time from the factor store (block ``a`` held, the blocks

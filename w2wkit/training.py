@@ -178,9 +178,11 @@ class Recipe:
             raise W2WError("resolution must be at least 8 pixels", param="resolution")
         if not self.targets:
             raise W2WError("no target modules given", param="targets")
-        if self.precision not in ("fp32", "bf16", "fp16"):
+        from w2wkit.diffusion.dreambooth import PRECISIONS
+
+        if self.precision not in PRECISIONS:
             raise W2WError(
-                f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
                 param="precision",
             )
         if self.captions and not self.instance_token.strip():
