@@ -674,8 +674,8 @@ class RowAdam:
         """Unscale, skip the models with non-finite gradients, update the others."""
         import torch
 
-        def rows(x: Any) -> Any:  # (M,) -> (M, 1, ..., 1) against a parameter
-            return x.view(-1, *([1] * (p.ndim - 1)))
+        def rows(x: Any, like: Any) -> Any:  # (M,) -> (M, 1, ..., 1) against ``like``
+            return x.view(-1, *([1] * (like.ndim - 1)))
 
         ok = torch.ones_like(self.scale, dtype=torch.bool)
         grads = []
@@ -683,7 +683,7 @@ class RowAdam:
             g = p.grad
             if g is None:
                 g = torch.zeros_like(p)
-            g = g / rows(self.scale)
+            g = g / rows(self.scale, p)
             ok &= torch.isfinite(g).flatten(1).all(dim=1)
             grads.append(g)
         b1, b2 = self.betas
@@ -694,12 +694,12 @@ class RowAdam:
             step_size = (self.lr / (1 - b1**t)).float()
             bias2_sqrt = torch.sqrt(1 - b2**t).float()
             for p, g, m_, v_ in zip(self.params, grads, self._m, self._v, strict=True):
-                keep = rows(ok)
+                keep = rows(ok, p)
                 g = torch.where(keep, g, torch.zeros_like(g))
                 m_.copy_(torch.where(keep, m_.lerp(g, 1 - b1), m_))
                 v_.copy_(torch.where(keep, v_ * b2 + g * g * (1 - b2), v_))
-                denom = v_.sqrt() / rows(bias2_sqrt) + self.eps
-                upd = rows(step_size) * (m_ / denom)
+                denom = v_.sqrt() / rows(bias2_sqrt, p) + self.eps
+                upd = rows(step_size, p) * (m_ / denom)
                 p.sub_(torch.where(keep, upd, torch.zeros_like(upd)))
         self.skipped += (~ok).long()
         self._good = torch.where(ok, self._good + 1, torch.zeros_like(self._good))
