@@ -13,13 +13,39 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/w2w-gpu}
 mkdir -p "$OUT"
-if ! python3 -c "import diffusers, peft" 2>/dev/null; then
+# Only the wheels whose module the machine lacks are installed (to /tmp/site), so the
+# machine's own torch/numpy stay in charge.
+export PYTHONPATH=$PWD
+need=$(python3 - <<'PY'
+import importlib.util as u
+wheels = {"diffusers": "diffusers", "peft": "peft", "transformers": "transformers",
+          "tokenizers": "tokenizers", "huggingface_hub": "huggingface_hub",
+          "hf_xet": "hf_xet", "safetensors": "safetensors", "accelerate": "accelerate",
+          "click": "click", "rich": "rich", "markdown_it": "markdown_it_py",
+          "mdurl": "mdurl", "pygments": "pygments", "regex": "regex",
+          "filelock": "filelock", "fsspec": "fsspec", "tqdm": "tqdm", "yaml": "pyyaml",
+          "packaging": "packaging", "psutil": "psutil", "PIL": "pillow",
+          "requests": "requests", "urllib3": "urllib3", "idna": "idna",
+          "certifi": "certifi", "charset_normalizer": "charset_normalizer",
+          "importlib_metadata": "importlib_metadata", "zipp": "zipp",
+          "typing_extensions": "typing_extensions"}
+# diffusers/peft/transformers/hub travel as one consistent set
+group = ("diffusers", "peft", "transformers", "tokenizers", "huggingface_hub", "hf_xet")
+missing = [m for m in wheels if u.find_spec(m) is None]
+if any(m in group for m in missing):
+    missing = sorted(set(missing) | set(group))
+print(" ".join(wheels[m] for m in missing))
+PY
+)
+if [ -n "$need" ]; then
+  echo "installing from .whl: $need"
+  files=()
+  for w in $need; do files+=( $(ls .whl/ | grep -i "^${w}-" | sed 's|^|.whl/|') ); done
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
+    --target /tmp/site "${files[@]}"
   export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
 fi
+python3 -c "import torch, diffusers, peft, w2wkit.training; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)" || exit 3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 b=benchmarks/bench_train_sdxl.py
 res=$OUT/train_gpu.jsonl
