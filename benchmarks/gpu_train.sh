@@ -29,11 +29,7 @@ wheels = {"diffusers": "diffusers", "peft": "peft", "transformers": "transformer
           "certifi": "certifi", "charset_normalizer": "charset_normalizer",
           "importlib_metadata": "importlib_metadata", "zipp": "zipp",
           "typing_extensions": "typing_extensions"}
-# diffusers/peft/transformers/hub travel as one consistent set
-group = ("diffusers", "peft", "transformers", "tokenizers", "huggingface_hub", "hf_xet")
 missing = [m for m in wheels if u.find_spec(m) is None]
-if any(m in group for m in missing):
-    missing = sorted(set(missing) | set(group))
 print(" ".join(wheels[m] for m in missing))
 PY
 )
@@ -49,14 +45,18 @@ python3 -c "import torch, diffusers, peft, w2wkit.training; print('torch', torch
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 b=benchmarks/bench_train_sdxl.py
 res=$OUT/train_gpu.jsonl
-common=(--device cuda --batch 1 --repeats 1 --threads 8 --out "$res")
+# STEPS_SDXL / STEPS_SD15 / REPEATS: a few steps say whether it runs; tens of steps and 2
+# rounds give the steady-state rates (the first steps carry the kernels' warm-up).
+SX=${STEPS_SDXL:-3}; S15=${STEPS_SD15:-5}; R=${REPEATS:-1}
+# SCALE multiplies the per-case time limits (for the longer runs).
+common=(--device cuda --batch 1 --repeats "$R" --threads 8 --out "$res")
 run() {  # one case; 4 models first, 2 when 4 do not fit
   local limit=$1; shift
   timeout "$limit" python3 $b "${common[@]}" "$@" --models 4 2>&1 | tail -3 ||
     timeout "$limit" python3 $b "${common[@]}" "$@" --models 2 2>&1 | tail -3
 }
-run 200 --preset sdxl --precision bf16 --steps 3
-run 120 --preset sd15 --precision bf16 --steps 5
-run 150 --preset sdxl --precision fp16 --steps 3
-run 100 --preset sd15 --precision fp32 --steps 5
+run $((200*${SCALE:-1})) --preset sdxl --precision bf16 --steps "$SX"
+run $((120*${SCALE:-1})) --preset sd15 --precision bf16 --steps "$S15"
+run $((150*${SCALE:-1})) --preset sdxl --precision fp16 --steps "$SX"
+run $((100*${SCALE:-1})) --preset sd15 --precision fp32 --steps "$S15"
 wc -l "$res"
