@@ -50,8 +50,11 @@ res=$OUT/train_gpu.jsonl
 SX=${STEPS_SDXL:-3}; S15=${STEPS_SD15:-5}; R=${REPEATS:-1}
 # SCALE multiplies the per-case time limits (for the longer runs).
 common=(--device cuda --batch 1 --repeats "$R" --threads 8 --out "$res")
+# ONLY: the cases to run, e.g. ONLY="sdxl-bf16 sd15-bf16" (default: all four).
+ONLY=${ONLY:-"sdxl-bf16 sd15-bf16 sdxl-fp16 sd15-fp32"}
 run() {  # one case; 4 models first, 2 when 4 do not fit
   local limit=$1; shift
+  [[ " $ONLY " == *" $2-$4 "* ]] || return 0
   timeout "$limit" python3 $b "${common[@]}" "$@" --models 4 2>&1 | tail -3 ||
     timeout "$limit" python3 $b "${common[@]}" "$@" --models 2 2>&1 | tail -3
 }

@@ -308,6 +308,12 @@ def _layer_class() -> Any:
                 )
             a = self.lora_down.index_select(0, idx)
             b = self.lora_up.index_select(0, idx)
+            if a.dtype != y.dtype:
+                # float32 factors under autocast (half-precision training): the update in the
+                # base layer's output type, as a PEFT adapter computes it there; a float32
+                # update would promote every targeted layer's output (and its backward) to
+                # float32. The gradients still reach the float32 factors.
+                a, b = a.to(y.dtype), b.to(y.dtype)
             r = a.shape[1]
             # The update is added by one fused kernel: for rank 1 the second product is an
             # outer product, which ``bmm`` (inner dimension 1) computes several times slower
