@@ -12,6 +12,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -162,3 +164,110 @@ def test_quiet_restores_what_it_silenced():
         assert work() == dlog.ERROR and dlog.get_verbosity() == dlog.INFO
     finally:
         dlog.set_verbosity(level)
+
+
+# ------------------------------------------------------------ the bank layer's own backward
+
+
+def _bank_layer(in_f, out_f, down, up, scale, index, groups, dtype=torch.float64):
+    from w2wkit.diffusion.bank import _layer_class, _Selector
+
+    base = torch.nn.Linear(in_f, out_f).to(dtype).requires_grad_(False)
+    sel = _Selector()
+    sel.index, sel.groups = index, groups
+    layer = _layer_class()(base, down, up, sel, scale=scale, trainable=True)
+    return base, layer
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 3),
+    k=st.integers(1, 3),
+    length=st.integers(0, 4),
+    in_f=st.integers(1, 5),
+    out_f=st.integers(1, 5),
+    rank=st.integers(1, 3),
+    scale=st.sampled_from([1.0, 0.5, -2.0]),
+    grouped=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bank_layer_values_and_gradients_equal_the_plain_formula(
+    m, k, length, in_f, out_f, rank, scale, grouped, seed
+):
+    # y_b = base(x_b) + scale * x_b A_{i(b)}^T B_{i(b)}^T for every sample b, with the
+    # gradients autograd gives that formula, grouped by model (no gather) or any index
+    g = torch.Generator().manual_seed(seed)
+    n = m * k
+    index = (
+        torch.arange(m).repeat_interleave(k) if grouped else torch.randint(0, m, (n,), generator=g)
+    )
+    shape = (n, in_f) if length == 0 else (n, length, in_f)
+    down = torch.randn(m, rank, in_f, generator=g, dtype=torch.float64)
+    up = torch.randn(m, out_f, rank, generator=g, dtype=torch.float64)
+    base, layer = _bank_layer(
+        in_f, out_f, down.clone(), up.clone(), scale, index, k if grouped else None
+    )
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(*shape[:-1], out_f, generator=g, dtype=torch.float64)
+    (layer(x) * w).sum().backward()
+
+    a = down.clone().requires_grad_(True)
+    b = up.clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    xs = x2 if length else x2[:, None, :]
+    upd = torch.einsum("nli,nri,nor->nlo", xs, a[index], b[index]) * scale
+    ref = base(x2) + (upd if length else upd[:, 0])
+    (ref * w).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.lora_down.grad, a.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.lora_up.grad, b.grad, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_bank_layer_passes_gradcheck_and_refuses_a_wrong_grouping():
+    from w2wkit.diffusion.bank import _layer_class
+
+    update = _layer_class().update
+    g = torch.Generator().manual_seed(0)
+    for groups, index in ((2, torch.tensor([0, 0, 1, 1])), (None, torch.tensor([1, 0, 1, 1]))):
+        for rank in (1, 2):
+            x = torch.randn(4, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+            y = torch.randn(4, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+            a = torch.randn(2, rank, 3, generator=g, dtype=torch.float64, requires_grad=True)
+            b = torch.randn(2, 4, rank, generator=g, dtype=torch.float64, requires_grad=True)
+            assert torch.autograd.gradcheck(
+                lambda x, y, a, b, i=index, k=groups: update.apply(x, y, a, b, i, k, 0.7),
+                (x, y, a, b),
+            )
+    down, up = torch.zeros(2, 1, 3, dtype=torch.float64), torch.zeros(2, 4, 1, dtype=torch.float64)
+    _, layer = _bank_layer(3, 4, down, up, 1.0, torch.tensor([0, 0, 1]), 2)
+    with pytest.raises(RuntimeError, match="2 models x 2 samples"):
+        layer(torch.randn(3, 3, dtype=torch.float64))
+
+
+def test_bank_layer_under_bf16_autocast_updates_in_the_base_type_and_grads_stay_float32():
+    # half-precision training: float32 factors, a bf16 base layer under autocast; the
+    # output keeps the base layer's type, the factors' gradients are float32 and near the
+    # float64 ones (bf16 keeps 8 bits)
+    g = torch.Generator().manual_seed(1)
+    down = torch.randn(2, 1, 16, generator=g) * 0.3
+    up = torch.randn(2, 8, 1, generator=g) * 0.3
+    index = torch.tensor([0, 0, 1, 1])
+    base, layer = _bank_layer(16, 8, down.clone(), up.clone(), 1.0, index, 2, torch.bfloat16)
+    x = torch.randn(4, 6, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_down.grad.dtype == torch.float32
+    _, ref = _bank_layer(16, 8, down.double(), up.double(), 1.0, index, 2)
+    ref.base_layer.weight.copy_(base.weight.double())
+    ref.base_layer.bias.copy_(base.bias.double())
+    ref(x.double()).sum().backward()
+    for got, want in (
+        (layer.lora_down.grad, ref.lora_down.grad),
+        (layer.lora_up.grad, ref.lora_up.grad),
+    ):
+        rel = (got.double() - want).norm() / want.norm()
+        assert rel < 2e-2, float(rel)

@@ -259,6 +259,9 @@ class _Selector:
 
     def __init__(self) -> None:
         self.index: Any = None  # torch.LongTensor (batch,) or None (base model)
+        # when set: ``index`` is ``arange(M).repeat_interleave(groups)`` for the bank's M
+        # rows (every model's samples together, in row order), so no gather is needed
+        self.groups: int | None = None
 
 
 _LAYER_CLASS: Any = None
@@ -271,6 +274,71 @@ def _layer_class() -> Any:
         return _LAYER_CLASS
     import torch
     import torch.nn.functional as F
+
+    class _Update(torch.autograd.Function):
+        """``y + scale * (x @ A_m^T) @ B_m^T`` per sample, as one autograd node.
+
+        Forward: 2 products (``bmm``, then ``addcmul`` for rank 1 / ``baddbmm``), plus a gather
+        of each sample's factors unless the samples come grouped by model, and casts to
+        ``y``'s type when the factors are float32 under autocast (the update is made in the
+        base layer's output type, as a PEFT adapter makes it there). Backward: 4 ``bmm``s.
+        Written by hand because the same update through autograd took ~19 small kernels and
+        8 graph nodes per layer and step, which made half-precision training on a GPU wait
+        for the CPU (benchmarks/README.md, "the per-sample LoRA in training").
+        """
+
+        @staticmethod
+        def forward(
+            ctx: Any, x: Any, y: Any, down: Any, up: Any, idx: Any, groups: Any, scale: float
+        ) -> Any:
+            dt = y.dtype
+            if groups is None:
+                a, b = down.index_select(0, idx), up.index_select(0, idx)
+                g = x.shape[0]
+            else:
+                a, b = down, up
+                g = down.shape[0]
+            a, b = a.to(dt), b.to(dt)
+            x3 = x.to(dt).reshape(g, -1, x.shape[-1])  # (G, L, in)
+            y3 = y.reshape(g, -1, y.shape[-1])  # (G, L, out)
+            h = torch.bmm(x3, a.transpose(1, 2))  # (G, L, r)
+            bt = b.transpose(1, 2)  # (G, r, out)
+            # rank 1: the second product is an outer product, which ``addcmul`` makes several
+            # times faster than ``bmm`` with inner dimension 1 (benchmarks/README.md)
+            if a.shape[1] == 1:
+                out = torch.addcmul(y3, h, bt, value=scale)
+            else:
+                out = torch.baddbmm(y3, h, bt, alpha=scale)
+            ctx.save_for_backward(x3, h, a, b, idx)
+            ctx.meta = (groups, scale, x.shape, x.dtype, down.shape, down.dtype, up.dtype)
+            return out.reshape(y.shape)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            x3, h, a, b, idx = ctx.saved_tensors
+            groups, scale, x_shape, x_dtype, m_shape, down_dtype, up_dtype = ctx.meta
+            need_x, need_y, need_a, need_b = ctx.needs_input_grad[:4]
+            g3 = grad.reshape(x3.shape[0], -1, grad.shape[-1]).to(x3.dtype)  # (G, L, out)
+            gx = ga = gb = None
+            if need_x or need_a:
+                gh = torch.bmm(g3, b)  # (G, L, r)
+                if scale != 1.0:
+                    gh = gh * scale
+                if need_x:
+                    gx = torch.bmm(gh, a).reshape(x_shape).to(x_dtype)
+                if need_a:
+                    ga = torch.bmm(gh.transpose(1, 2), x3).to(down_dtype)  # (G, r, in)
+            if need_b:
+                gb = torch.bmm(g3.transpose(1, 2), h)  # (G, out, r)
+                if scale != 1.0:
+                    gb = gb * scale
+                gb = gb.to(up_dtype)
+            if groups is None:  # back through the gather: rows of the same model add up
+                if ga is not None:
+                    ga = ga.new_zeros(m_shape).index_add_(0, idx, ga)
+                if gb is not None:
+                    gb = gb.new_zeros((m_shape[0], *gb.shape[1:])).index_add_(0, idx, gb)
+            return gx, (grad if need_y else None), ga, gb, None, None, None
 
     class BankLayer(torch.nn.Module):
         """``base(x) + scale * per-sample low-rank update``; see :mod:`w2wkit.diffusion.bank`."""
@@ -297,8 +365,15 @@ def _layer_class() -> Any:
             self.conv = isinstance(base, torch.nn.Conv2d)
 
         def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-            y = self.base_layer(x, *args, **kwargs)
             idx = self.selector.index
+            dev = x.device.type
+            if idx is not None and not self.conv and torch.is_autocast_enabled(dev):
+                # the cast autocast would make inside the base layer, made once for it and
+                # the update (one cast forward and one back instead of two each)
+                half = torch.get_autocast_dtype(dev)
+                if x.is_floating_point() and x.dtype != half:
+                    x = x.to(half)
+            y = self.base_layer(x, *args, **kwargs)
             if idx is None:
                 return y
             n = x.shape[0]
@@ -306,29 +381,19 @@ def _layer_class() -> Any:
                 raise RuntimeError(
                     f"per-sample LoRA: batch of {n} but {idx.shape[0]} model indices"
                 )
+            groups = self.selector.groups
+            if groups is not None and groups * self.lora_down.shape[0] != n:
+                raise RuntimeError(
+                    f"per-sample LoRA: batch of {n} is not {self.lora_down.shape[0]} models x "
+                    f"{groups} samples"
+                )
+            if not self.conv:
+                return _Update.apply(x, y, self.lora_down, self.lora_up, idx, groups, self.scale)
             a = self.lora_down.index_select(0, idx)
             b = self.lora_up.index_select(0, idx)
-            if a.dtype != y.dtype:
-                # float32 factors under autocast (half-precision training): the update in the
-                # base layer's output type, as a PEFT adapter computes it there; a float32
-                # update would promote every targeted layer's output (and its backward) to
-                # float32. The gradients still reach the float32 factors.
+            if a.dtype != y.dtype:  # float32 factors under autocast: the update in y's type
                 a, b = a.to(y.dtype), b.to(y.dtype)
             r = a.shape[1]
-            # The update is added by one fused kernel: for rank 1 the second product is an
-            # outer product, which ``bmm`` (inner dimension 1) computes several times slower
-            # than ``addcmul`` (benchmarks/README.md, "the per-sample LoRA"); for rank > 1
-            # ``baddbmm`` adds it without a separate pass over ``y``. The scale multiplies the
-            # update ``(h @ b)``, as before, through the kernels' ``value``/``alpha``.
-            if not self.conv:
-                h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))  # (n, L, r)
-                y3 = y.reshape(n, -1, y.shape[-1])  # (n, L, out)
-                bt = b.transpose(1, 2)  # (n, r, out)
-                if r == 1:
-                    out = torch.addcmul(y3, h, bt, value=self.scale)
-                else:
-                    out = torch.baddbmm(y3, h, bt, alpha=self.scale)
-                return out.reshape(y.shape)
             base = self.base_layer
             if a.ndim == 3:  # linear-style factors on a 1x1 conv
                 a = a[..., None, None]
@@ -348,6 +413,7 @@ def _layer_class() -> Any:
                 out = torch.baddbmm(y3, b, h, alpha=self.scale)
             return out.reshape(y.shape)
 
+    BankLayer.update = _Update  # the per-sample update as an autograd Function (tests)
     _LAYER_CLASS = BankLayer
     return BankLayer
 
@@ -379,9 +445,16 @@ class LoraBank:
         self.trainable = trainable
         self._swapped: list[tuple[Any, str, Any]] = []
 
-    def set_index(self, component: str, index: Any) -> None:
-        """Route batch element ``b`` of ``component`` to bank row ``index[b]`` (None: base)."""
-        self.selectors[component].index = index
+    def set_index(self, component: str, index: Any, groups: int | None = None) -> None:
+        """Route batch element ``b`` of ``component`` to bank row ``index[b]`` (None: base).
+
+        ``groups=k`` declares that ``index`` is ``arange(M).repeat_interleave(k)`` for the
+        bank's ``M`` rows (each model's ``k`` samples together, in row order): the layers then
+        use the factors as they are, without gathering a copy per sample.
+        """
+        sel = self.selectors[component]
+        sel.index = index
+        sel.groups = None if index is None else groups
 
     def set_factors(self, module: str, down: Any, up: Any) -> None:
         """Replace a module's factors (frozen: the tensors, which may require grad; trainable:

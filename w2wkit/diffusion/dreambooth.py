@@ -503,6 +503,7 @@ class DreamBooth:
         owner = torch.arange(m, device=dev).repeat_interleave(b)
         n_rows = 2 * m * b if use_prior else m * b
         index = torch.cat([owner, owner]) if use_prior else owner
+        groups = None if use_prior else b  # grouped by model: the bank needs no gather
         if crop is None:
             shape = (b, *lat.shape[1:])
         else:
@@ -566,20 +567,20 @@ class DreamBooth:
                         which = torch.cat([which, torch.full_like(which, cls_prompt)])
                     if self.te_targets and self.sdxl:
                         # the first encoder's LoRA: its penultimate layer, then the second's
-                        bank.set_index("text_encoder", index)
+                        bank.set_index("text_encoder", index, groups)
                         te1 = self.pipe.text_encoder(ids_table[which], output_hidden_states=True)
                         te1 = te1.hidden_states[-2]
                         bank.set_index("text_encoder", None)
                         ehs_all = torch.cat([te1, emb_table[which][..., te1.shape[-1] :]], dim=-1)
                     elif self.te_targets:
-                        bank.set_index("text_encoder", index)
+                        bank.set_index("text_encoder", index, groups)
                         ehs_all = self.pipe.text_encoder(ids_table[which])[0]
                         bank.set_index("text_encoder", None)
                     else:
                         ehs_all = emb_table[which]
                     if self.sdxl:
                         cond = self._cond(pooled_table[which], hw)
-                bank.set_index("unet", index)
+                bank.set_index("unet", index, groups)
                 pred = unet(noisy(x0, nz, t, acp), t, encoder_hidden_states=ehs_all, **cond)
             per = denoising_loss(pred.sample, nz)  # float32 whatever the precision
             inst = per[: m * b].view(m, b).mean(1)
