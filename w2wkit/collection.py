@@ -68,6 +68,9 @@ Progress = Callable[[str, int, int], None]
 
 #: Default bytes per streamed row block.
 BLOCK_BYTES = 64 * 1024 * 1024
+#: Fewest rows per streamed block (when the memory budget allows): the solvers' passes
+#: coalesce smaller blocks for BLAS efficiency, which costs a copy of every block.
+STREAM_MIN_ROWS = 256
 
 
 def model_family(ad: Adapter, path: str | os.PathLike[str] | None = None) -> str:
@@ -166,10 +169,16 @@ class FactorRows:
         return int(self.data.shape[1])
 
     def default_block_rows(self) -> int:
-        """Rows per block so that one block is about 64 MiB (less under a memory cap:
-        an eighth of :func:`memory_budget`, a block and its transformed copies in flight)."""
-        size = min(BLOCK_BYTES, memory_budget() // 8)
-        return max(1, size // (4 * max(self.dim, 1)))
+        """Rows per block so that one block is about 64 MiB, and at least
+        :data:`STREAM_MIN_ROWS` (the size a solver pass would otherwise coalesce blocks
+        to, with a copy); less under a memory cap: a block is at most an eighth of
+        :func:`memory_budget` (a block and its transformed copies in flight)."""
+        cap = memory_budget() // 8
+        row = 4 * max(self.dim, 1)
+        rows = min(BLOCK_BYTES, cap) // row
+        if rows < STREAM_MIN_ROWS:
+            rows = min(STREAM_MIN_ROWS, cap // row)
+        return max(1, rows)
 
     def blocks(
         self,

@@ -75,6 +75,7 @@ from typing import Any
 
 import numpy as np
 
+from w2wkit.collection import STREAM_MIN_ROWS
 from w2wkit.collection import memory_budget as _memory_budget
 from w2wkit.errors import SpaceError
 from w2wkit.floor import (
@@ -134,7 +135,7 @@ _KRYLOV_MIN_WIDTH = KRYLOV_MIN_WIDTH
 #: takes one pass and one symmetric product (BLAS ?syrk, half the flops of a GEMM)
 _GRAM_STRIPE_BYTES = 4 << 30
 #: row blocks smaller than this are coalesced (BLAS efficiency)
-_MIN_BLOCK_ROWS = 256
+_MIN_BLOCK_ROWS = STREAM_MIN_ROWS
 #: blocks a pass holds at once besides the caller's buffers (the one in use, the prefetched
 #: one, the one being read); the gram stripe leaves room for them
 _STREAM_BLOCKS_HELD = 3
