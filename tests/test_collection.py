@@ -46,6 +46,34 @@ def test_rows_stream_in_blocks_with_numpy_statistics(tmp_path):
     assert not list((tmp_path / "cache").glob("*/rows.npy"))
 
 
+def test_block_rows_reach_the_pass_size_within_the_budget(tmp_path, monkeypatch):
+    # rows of 99,648 floats: 64 MiB holds 168 of them; a block is made at least the 256
+    # rows a solver pass would otherwise coalesce it to (a copy), unless the memory
+    # budget's eighth holds fewer; and the row file reads every block into a fresh buffer
+    # that the fit may standardise in place
+    import w2wkit.collection as collection
+    from w2wkit.solvers import _MIN_BLOCK_ROWS
+
+    models = random_models(3, seed=2)
+    _write(models, tmp_path / "loras")
+    coll = Collection(tmp_path / "loras", cache_dir=tmp_path / "cache")
+    rows = coll.scan_factors()
+    assert _MIN_BLOCK_ROWS == collection.STREAM_MIN_ROWS
+
+    def block_rows(d: int) -> int:  # the block size depends on the row width only
+        wide = collection.FactorRows(rows.layout, np.empty((0, d), np.float32), rows.mean, rows.var)
+        return wide.default_block_rows()
+
+    monkeypatch.setattr(collection, "memory_budget", lambda: 16 << 30)
+    assert block_rows(99_648) == collection.STREAM_MIN_ROWS
+    assert block_rows(1_000) == (64 << 20) // 4000
+    monkeypatch.setattr(collection, "memory_budget", lambda: 8 * 100 * 4 * 99_648)
+    assert block_rows(99_648) == 100
+    blocks = list(rows.blocks(block_rows=2))
+    assert all(b.base is None and b.flags.writeable for b in blocks)
+    rows.close()
+
+
 def test_glob_and_list_sources(tmp_path):
     paths = _write(random_models(3), tmp_path)
     assert len(Collection(str(tmp_path / "m0*.safetensors"))) == 3
