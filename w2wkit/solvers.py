@@ -1153,6 +1153,21 @@ def column_chunk_width(n: int, d: int, budget: float | None = None, gram: bool =
 #: the column gram is used where its chunks are at least this wide (or the whole row):
 #: narrower chunks update the N x N matrix too often for their products
 MIN_COLUMN_CHUNK = 4096
+#: chunk width of a column gram chosen to save memory (rows that would fit in memory left
+#: on disk): 8192 columns kept the 10k x 99,648 fit at its in-memory speed (76.7 vs 78.5 s
+#: with 6.7k-column chunks, peak 2.36 vs 5.27 GB; benchmarks/README.md)
+STREAM_COLUMN_CHUNK = 8192
+
+
+def column_gram_bytes(n: int, d: int, k: int, width: int = STREAM_COLUMN_CHUNK) -> int:
+    """Bytes :func:`fit_gram_columns` needs for chunks of at least ``width`` columns in both
+    reads: the Gram matrices, the ``(k, d)`` components and the chunks in flight."""
+    n, d = int(n), int(d)
+    dtype = _gram_dtype(n, d)
+    held = _STREAM_BLOCKS_HELD + (2 if dtype == np.float64 else 0)
+    fixed = (8 + np.dtype(dtype).itemsize) * n * n
+    comp = np.dtype(dtype).itemsize * int(k) * d
+    return int(fixed + comp + held * 4 * n * min(int(width), d))
 
 
 def _upper_added(gram: np.ndarray, part: np.ndarray, block: int = 1024) -> np.ndarray:

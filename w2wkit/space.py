@@ -219,6 +219,12 @@ def _as_2d(coefficients: np.ndarray, k: int) -> np.ndarray:
 #: capped at ``N - 1`` by :class:`WeightSpace`.
 DEFAULT_COMPONENTS = 1000
 
+#: A factors fit whose rows would fit in memory leaves them in the row cache on disk (the
+#: Gram over column chunks) when that holds at most this fraction of what holding them
+#: does: it costs time at a few thousand rows and saves half the memory at 10,000
+#: (benchmarks/README.md, "10k, rows held or streamed").
+STREAM_MEMORY_RATIO = 0.55
+
 
 class WeightSpace:
     """A linear space of models fitted on a collection of LoRAs.
@@ -507,8 +513,10 @@ class WeightSpace:
         return out
 
     def _in_memory(self, n: int, d: int) -> bool:
-        """Whether a factors fit of ``n`` rows of ``d`` holds them in memory (gram/exact)."""
-        from w2wkit.solvers import memory_budget
+        """Whether a factors fit of ``n`` rows of ``d`` holds them in memory (gram solver):
+        when they fit the budget, unless the column Gram over the row cache on disk would
+        hold at most :data:`STREAM_MEMORY_RATIO` of what holding them does."""
+        from w2wkit.solvers import column_gram_bytes, memory_budget
 
         if self.device not in ("cpu", "", None) or 4 * n * d > memory_budget():
             return False
@@ -516,7 +524,18 @@ class WeightSpace:
             k = self._check_k(n, d)
         except SpaceError:
             return False
-        return self._solver_for(n, d, k) == "gram"
+        if self._solver_for(n, d, k) != "gram":
+            return False
+        if not self._column_gram(n, d, k):
+            return True
+        # held: the rows and the N x N Gram (the components are written over the rows);
+        # streamed: the Gram, the components and the column chunks in flight. Streaming
+        # costs the row cache's write and two reads of it: +33% of the time at 3k rows of
+        # SD1.5's 99,648, +2.5% at 10k, where it took the peak from 5.27 to 2.96 GB
+        # (benchmarks/README.md); so the rows stay on disk only when that about halves
+        # the memory
+        held = 4 * n * d + column_gram_bytes(n, d, 0, width=0)
+        return column_gram_bytes(n, d, k) > STREAM_MEMORY_RATIO * held
 
     def _solver_for(self, n: int, d: int, k: int) -> str:
         """The solver a factors fit of ``n`` rows of ``d`` with ``k`` components runs."""
@@ -563,7 +582,13 @@ class WeightSpace:
     ) -> None:
         import time
 
-        from w2wkit.solvers import fit_gram_columns, fit_pca, fit_pca_array
+        from w2wkit.solvers import (
+            column_gram_bytes,
+            fit_gram_columns,
+            fit_pca,
+            fit_pca_array,
+            memory_budget,
+        )
 
         if client is not None:
             self._fit_factors_cluster(coll, cb, client)
@@ -630,6 +655,8 @@ class WeightSpace:
                     d,
                     k,
                     progress=cb,
+                    # no wider chunks than that: the memory is the point of streaming
+                    budget=min(memory_budget(), column_gram_bytes(n, d, k)),
                 )
             else:
                 res = fit_pca(
