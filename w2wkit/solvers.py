@@ -1143,11 +1143,19 @@ def column_chunk_width(n: int, d: int, budget: float | None = None, gram: bool =
     ``N x N`` matrix and its part in the product dtype. At least 256 columns.
     """
     n, d = int(n), int(d)
-    dtype = _gram_dtype(n, d)
     total = memory_budget() if budget is None else float(budget)
-    held = _STREAM_BLOCKS_HELD + (2 if dtype == np.float64 else 0)
-    fixed = (8.0 + np.dtype(dtype).itemsize) * n * n if gram else 0.0
+    held, gram_bytes = _column_terms(n, d)
+    fixed = gram_bytes if gram else 0.0
     return int(min(d, max(256, (total - fixed) // (held * 4 * max(n, 1)))))
+
+
+def _column_terms(n: int, d: int) -> tuple[int, int]:
+    """The column Gram's memory terms: float32 ``(N, w)`` chunks held at once (three, and a
+    float64 copy of the one in use for float64 products, counted as two more) and the bytes
+    of the float64 ``N x N`` matrix with its part in the product dtype."""
+    dtype = _gram_dtype(n, d)
+    held = _STREAM_BLOCKS_HELD + (2 if dtype == np.float64 else 0)
+    return held, (8 + np.dtype(dtype).itemsize) * n * n
 
 
 #: the column gram is used where its chunks are at least this wide (or the whole row):
@@ -1163,10 +1171,8 @@ def column_gram_bytes(n: int, d: int, k: int, width: int = STREAM_COLUMN_CHUNK) 
     """Bytes :func:`fit_gram_columns` needs for chunks of at least ``width`` columns in both
     reads: the Gram matrices, the ``(k, d)`` components and the chunks in flight."""
     n, d = int(n), int(d)
-    dtype = _gram_dtype(n, d)
-    held = _STREAM_BLOCKS_HELD + (2 if dtype == np.float64 else 0)
-    fixed = (8 + np.dtype(dtype).itemsize) * n * n
-    comp = np.dtype(dtype).itemsize * int(k) * d
+    held, fixed = _column_terms(n, d)
+    comp = np.dtype(_gram_dtype(n, d)).itemsize * int(k) * d
     return int(fixed + comp + held * 4 * n * min(int(width), d))
 
 

@@ -655,8 +655,13 @@ class WeightSpace:
                     d,
                     k,
                     progress=cb,
-                    # no wider chunks than that: the memory is the point of streaming
-                    budget=min(memory_budget(), column_gram_bytes(n, d, k)),
+                    # rows left on disk to save memory (they would fit): chunks no wider
+                    # than that; rows beyond the budget keep the widest chunks it allows
+                    budget=(
+                        min(memory_budget(), column_gram_bytes(n, d, k))
+                        if 4 * n * d <= memory_budget()
+                        else None
+                    ),
                 )
             else:
                 res = fit_pca(
