@@ -167,10 +167,12 @@ def test_rows_on_disk_take_the_column_gram_and_match_the_in_memory_fit(tmp_path,
     calls: list = []
     real = solvers.fit_gram_columns
     monkeypatch.setattr(
-        solvers, "fit_gram_columns", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k)
+        solvers,
+        "fit_gram_columns",
+        lambda *a, **k: calls.append((*a[1:3], k.get("budget"))) or real(*a, **k),
     )
     got = WeightSpace(8, solver="gram").fit(Collection(folder, cache_dir=tmp_path / "cache"))
-    assert calls == [(90, 1300)]
+    assert calls == [(90, 1300, None)]  # rows beyond the budget: its widest chunks
     assert got.info_["n_passes"] == 2
     np.testing.assert_allclose(got.singular_values_, ref.singular_values_, rtol=1e-5)
     # chunks narrower than MIN_COLUMN_CHUNK: the row stripes instead (still the same space)
