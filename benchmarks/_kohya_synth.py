@@ -28,22 +28,46 @@ from w2wkit.synthetic import sd15_qv_shapes
 D_QV = 99_648
 
 
-def write_factor_collection(folder: Path, n: int, k: int, seed: int = 0) -> list[Path]:
-    """Write ``n`` rank-1 kohya files (``model_00000.safetensors`` ...); skip existing ones."""
+def write_factor_collection(
+    folder: Path, n: int, k: int, seed: int = 0, workers: int = 1
+) -> list[Path]:
+    """Write ``n`` rank-1 kohya files (``model_00000.safetensors`` ...); skip existing ones.
+
+    ``workers``: processes writing generation blocks in parallel (the same files whatever
+    the count: each block's rows depend only on the seed and the block's index).
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    gen = PowerLawData(n, D_QV, k, seed=seed)
+    files = []
+    todo = []
+    for b in range(gen.n_blocks()):
+        paths = [folder / f"model_{b * GEN_BLOCK + i:05d}.safetensors" for i in range(GEN_BLOCK)]
+        paths = paths[: min(GEN_BLOCK, n - b * GEN_BLOCK)]
+        files += paths
+        if not all(p.exists() for p in paths):
+            todo.append(b)
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+
+        jobs = [(folder, n, k, seed, todo[w::workers]) for w in range(workers)]
+        with mp.get_context("spawn").Pool(workers) as pool:
+            pool.starmap(_write_factor_blocks, jobs)
+    else:
+        _write_factor_blocks(folder, n, k, seed, todo)
+    return files
+
+
+def _write_factor_blocks(folder: Path, n: int, k: int, seed: int, blocks: list[int]) -> None:
+    """Write the files of the generation blocks ``blocks`` (see :func:`write_factor_collection`)."""
     shapes = sd15_qv_shapes()
     gen = PowerLawData(n, D_QV, k, seed=seed)
     init_rng = np.random.default_rng([seed, 7])
     # shared initialisation: ten times the rows' typical entry size
     typical = float(np.sqrt(np.mean(gen.block(0)[:64] ** 2)))
     init = init_rng.standard_normal(D_QV).astype(np.float32) * np.float32(10 * typical)
-    files = []
-    for b in range(gen.n_blocks()):
+    for b in blocks:
         paths = [folder / f"model_{b * GEN_BLOCK + i:05d}.safetensors" for i in range(GEN_BLOCK)]
         paths = paths[: min(GEN_BLOCK, n - b * GEN_BLOCK)]
-        files += paths
-        if all(p.exists() for p in paths):
-            continue
         z = gen.block(b) + init
         for row, path in zip(z, paths, strict=True):
             layers = {}
@@ -55,7 +79,6 @@ def write_factor_collection(folder: Path, n: int, k: int, seed: int = 0) -> list
                 off += out_f
                 layers[module] = LoraLayer(down=down, up=up, alpha=1.0)
             write_adapter(Adapter(layers), path, format="kohya", overwrite=True)
-    return files
 
 
 def sd15_linear_shapes(attention_only: bool = False) -> dict[str, tuple[int, int]]:
@@ -145,8 +168,9 @@ if __name__ == "__main__":  # pragma: no cover - a manual helper
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--attention-only", action="store_true")
+    ap.add_argument("--workers", type=int, default=1)
     a = ap.parse_args()
     if a.kind == "factors":
-        write_factor_collection(a.folder, a.n, min(a.k, a.n - 1))
+        write_factor_collection(a.folder, a.n, min(a.k, a.n - 1), workers=a.workers)
     else:
         write_delta_collection(a.folder, a.n, attention_only=a.attention_only)

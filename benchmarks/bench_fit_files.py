@@ -298,7 +298,7 @@ def main() -> None:
         k = min(1000, n - 1)
         folder = a.root / f"factors_{n}"
         t = time.perf_counter()
-        write_factor_collection(folder, n, k)
+        write_factor_collection(folder, n, k, workers=a.workers)
         gen_s = time.perf_counter() - t
         ref = None if a.no_reference else reference(folder, k)
         env = dict(os.environ)

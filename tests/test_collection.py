@@ -281,3 +281,142 @@ def test_column_stats_match_numpy(n, d, offset, seed, by_row):
     np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(var, x64.var(axis=0), rtol=1e-9, atol=1e-9)
     assert stats.n == n
+
+
+def _rows_of(rows):
+    return np.concatenate(list(rows.blocks(block_rows=3)))
+
+
+def test_rows_left_in_their_files_equal_the_row_cache(tmp_path):
+    # rows read again from the files on every pass (no row cache of the data): the same
+    # bits as the row cache; only the template's file and a file the fast path declines
+    # (another alpha) are written to a side cache, which close() removes
+    from w2wkit.adapter import Adapter, LoraLayer
+    from w2wkit.collection import _FileRows
+
+    models = random_models(8, seed=5)
+    m5 = models[5]
+    models[5] = Adapter(
+        {n: LoraLayer(ly.down, ly.up / 2, alpha=ly.alpha * 2) for n, ly in m5.layers.items()}
+    )
+    _write(models, tmp_path / "loras")
+    cache = tmp_path / "cache"
+    in_files = Collection(tmp_path / "loras", cache_dir=cache).scan_factors(in_files=True)
+    cached = Collection(tmp_path / "loras", cache_dir=tmp_path / "c2").scan_factors()
+    assert isinstance(in_files.data, _FileRows) and not isinstance(cached.data, _FileRows)
+    assert in_files.data.side_rows == 2
+    assert sorted(np.flatnonzero(in_files.data.starts < 0)) == [0, 5]
+    np.testing.assert_array_equal(_rows_of(in_files), _rows_of(cached))
+    np.testing.assert_array_equal(in_files.mean, cached.mean)
+    np.testing.assert_array_equal(in_files.var, cached.var)
+    np.testing.assert_array_equal(
+        in_files.columns(3, 40), np.asarray(cached.data)[:, 3:40], strict=True
+    )
+    # the side cache is sparse: only its two rows hold blocks on disk
+    (side,) = cache.glob("*/rows.npy")
+    assert side.stat().st_blocks * 512 < 4 * (2 + 2) * in_files.dim + 65536
+    in_files.close()
+    cached.close()
+    assert not list(cache.glob("*/rows.npy"))
+
+
+def test_rows_in_files_callable_and_other_formats(tmp_path):
+    # a callable decides from (N, d); files the fast path never reads (diffusers format)
+    # all go to the side cache, with the same rows
+    from w2wkit.collection import _FileRows
+
+    models = random_models(5, seed=6)
+    _write(models, tmp_path / "loras", fmt="diffusers")
+    seen = []
+
+    def decide(n, d):
+        seen.append((n, d))
+        return True
+
+    rows = Collection(tmp_path / "loras").scan_factors(in_files=decide)
+    lay = WeightLayout.from_adapter(models[0])
+    assert seen == [(5, lay.dim)]
+    assert isinstance(rows.data, _FileRows) and rows.data.side_rows == 5
+    np.testing.assert_array_equal(_rows_of(rows), np.stack([lay.flatten(m) for m in models]))
+    rows.close()
+    no = Collection(tmp_path / "loras").scan_factors(in_files=lambda n, d: False)
+    assert not isinstance(no.data, _FileRows)
+    no.close()
+
+
+@pytest.mark.parametrize("change", ["rewritten", "removed", "truncated"])
+def test_a_file_changed_during_the_fit_is_named(tmp_path, change):
+    import os
+
+    models = random_models(6, seed=7)
+    paths = _write(models, tmp_path / "loras")
+    rows = Collection(tmp_path / "loras").scan_factors(in_files=True)
+    _rows_of(rows)  # a pass reads every file
+    victim = paths[3]
+    if change == "rewritten":
+        write_adapter(models[1], victim, format="kohya", overwrite=True)
+        st = victim.stat()
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    elif change == "removed":
+        victim.unlink()
+    else:
+        with open(victim, "r+b") as fh:
+            fh.truncate(victim.stat().st_size - 4)
+    with pytest.raises(SpaceError, match="m03"):
+        _rows_of(rows)
+    rows.close()
+
+
+def test_rows_read_around_the_page_cache_equal_the_buffered_ones(tmp_path, monkeypatch):
+    # files that outgrow the page cache are read with O_DIRECT (the scan decides from the
+    # memory it sees): the same bits, the same stamp checks
+    import w2wkit.collection as collection
+
+    models = random_models(6, seed=8)
+    paths = _write(models, tmp_path / "loras")
+    rows = Collection(tmp_path / "loras").scan_factors(in_files=True)
+    assert not rows.data.direct  # a few kB: the page cache
+    buffered = _rows_of(rows)
+    rows.close()
+    monkeypatch.setattr(collection, "physical_memory", lambda: 1000)
+    rows = Collection(tmp_path / "loras").scan_factors(in_files=True)
+    assert rows.data.direct
+    calls = []
+    orig = collection._FileRows._read_direct
+
+    def counting(self, i, out):
+        got = orig(self, i, out)
+        calls.append(got)
+        return got
+
+    monkeypatch.setattr(collection._FileRows, "_read_direct", counting)
+    np.testing.assert_array_equal(_rows_of(rows), buffered)
+    # five files read by the fast path (the template's row is in the side cache); a file
+    # system without O_DIRECT falls back to buffered reads after the first refusal
+    assert calls == [True] * 5 or (calls == [False] and not rows.data.direct)
+    paths[2].unlink()
+    with pytest.raises(SpaceError, match="m02"):
+        _rows_of(rows)
+    rows.close()
+
+
+def test_physical_memory_sees_the_memory_cgroup(tmp_path):
+    import os
+
+    from w2wkit.collection import physical_memory
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < physical_memory() <= ram
+    proc = tmp_path / "cgroup"
+    root = tmp_path / "sys"
+    (root / "memory" / "jobs" / "a").mkdir(parents=True)
+    (root / "memory" / "jobs" / "a" / "memory.limit_in_bytes").write_text("3000000\n")
+    proc.write_text("9:pids:/\n4:memory:/jobs/a\n0::/\n")
+    assert physical_memory(proc, root) == 3_000_000  # v1
+    (root / "box").mkdir()
+    (root / "box" / "memory.max").write_text("2000000\n")
+    proc.write_text("0::/box\n")
+    assert physical_memory(proc, root) == 2_000_000  # v2
+    (root / "box" / "memory.max").write_text("max\n")
+    assert physical_memory(proc, root) == ram  # no limit
+    assert physical_memory(tmp_path / "absent", root) == ram

@@ -85,7 +85,7 @@ def test_factors_fit_larger_than_the_memory_cap(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["refused"]  # the cap is real: the rows at once do not fit under it
-    assert got["passes"] > 1  # streamed from the row cache, more than one pass
+    assert got["passes"] > 1  # streamed from the files, more than one pass
     ref = WeightSpace(k).fit(Collection(folder))
     np.testing.assert_allclose(got["sv"], ref.singular_values_, rtol=1e-5)
 

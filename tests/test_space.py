@@ -202,3 +202,58 @@ def test_rows_stay_on_disk_only_where_that_halves_the_memory(monkeypatch):
     assert solvers.column_gram_bytes(10_000, d, 1000) <= 0.5 * held
     assert not WeightSpace(999)._in_memory(30_000, d)  # randomized: streamed anyway
     assert WeightSpace(8, solver="gram")._in_memory(90, 1300)
+
+
+def test_streamed_rows_are_read_from_their_files(tmp_path, monkeypatch):
+    """A randomized fit reads its rows from the models' own files on every pass: nothing
+    but the template's row is written to a row cache, and the result is the bits of the
+    fit from a row cache; a file rewritten between two passes is named."""
+    import os
+
+    from w2wkit import collection as coll_mod
+    from w2wkit import space as space_mod
+    from w2wkit.collection import Collection
+    from w2wkit.formats import read_adapter, write_adapter
+    from w2wkit.synthetic import planted_collection
+
+    folder = tmp_path / "loras"
+    shapes = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (300, 200)}
+    planted_collection(folder, 70, shapes=shapes, n_latent=6)
+    cache = tmp_path / "cache"
+    written = []
+    passes = []
+    real_blocks = coll_mod.FactorRows.blocks
+    on_pass = [lambda: None]
+
+    def blocks(self, *a, **k):
+        passes.append(1)
+        written.extend(p.stat().st_blocks * 512 for p in cache.glob("*/rows.npy"))
+        if len(passes) == 2:
+            on_pass[0]()
+        return real_blocks(self, *a, **k)
+
+    monkeypatch.setattr(coll_mod.FactorRows, "blocks", blocks)
+    got = WeightSpace(5, solver="randomized").fit(Collection(folder, cache_dir=cache))
+    assert got.info_["rows_from"] == "files + row cache of 1 rows"
+    assert got.info_["n_passes"] > 2
+    assert written and max(written) <= 4 * 500 + 65536  # a sparse file of one row
+    monkeypatch.setattr(space_mod, "ROWS_IN_FILES", False)
+    ref = WeightSpace(5, solver="randomized").fit(Collection(folder, cache_dir=cache))
+    assert ref.info_["rows_from"] == "row cache"
+    np.testing.assert_array_equal(got.singular_values_, ref.singular_values_)
+    np.testing.assert_array_equal(got.components_, ref.components_)
+    np.testing.assert_array_equal(got.coefficients_, ref.coefficients_)
+    monkeypatch.setattr(space_mod, "ROWS_IN_FILES", True)
+    victim = sorted(folder.glob("*.safetensors"))[9]
+    other = read_adapter(sorted(folder.glob("*.safetensors"))[3])
+
+    def rewrite():
+        write_adapter(other, victim, format="kohya", overwrite=True)
+        st = victim.stat()
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**6))
+
+    passes.clear()
+    on_pass[0] = rewrite
+    with pytest.raises(SpaceError, match="changed during the fit") as info:
+        WeightSpace(5, solver="randomized").fit(Collection(folder))
+    assert victim.name in str(info.value)

@@ -225,6 +225,12 @@ DEFAULT_COMPONENTS = 1000
 #: (benchmarks/README.md, "10k, rows held or streamed").
 STREAM_MEMORY_RATIO = 0.55
 
+#: A factors fit that streams whole rows (the randomized solver's passes) reads them from
+#: the models' own files on every pass instead of from a row cache the scan writes (no
+#: copy of the data on disk; benchmarks/README.md, "Rows read from their files"). False:
+#: the row cache, as before.
+ROWS_IN_FILES = True
+
 
 class WeightSpace:
     """A linear space of models fitted on a collection of LoRAs.
@@ -537,6 +543,18 @@ class WeightSpace:
         held = 4 * n * d + column_gram_bytes(n, d, 0, width=0)
         return column_gram_bytes(n, d, k) > STREAM_MEMORY_RATIO * held
 
+    def _rows_in_files(self, n: int, d: int) -> bool:
+        """Whether a factors fit of ``n`` rows of ``d`` not held in memory reads them from
+        their files on every pass (:data:`ROWS_IN_FILES`): when it streams whole rows, not
+        the column chunks of the Gram over column chunks (read from the row cache)."""
+        if not ROWS_IN_FILES:
+            return False
+        try:
+            k = self._check_k(n, d)
+        except SpaceError:
+            return False
+        return not self._column_gram(n, d, k)
+
     def _solver_for(self, n: int, d: int, k: int) -> str:
         """The solver a factors fit of ``n`` rows of ``d`` with ``k`` components runs."""
         from w2wkit.solvers import choose_solver
@@ -594,8 +612,11 @@ class WeightSpace:
             self._fit_factors_cluster(coll, cb, client)
             return
         t0 = time.perf_counter()
-        rows = coll.scan_factors(progress=cb, in_memory=self._in_memory)
+        rows = coll.scan_factors(
+            progress=cb, in_memory=self._in_memory, in_files=self._rows_in_files
+        )
         timings = {"read": time.perf_counter() - t0}  # with the statistics, fused into it
+        source = rows.source
         try:
             n, d = rows.n_rows, rows.dim
             k = self._check_k(n, d)
@@ -677,6 +698,7 @@ class WeightSpace:
         finally:
             rows.close()
         self._set_factors_result(res, rows.layout, mean32, scale32, total_var, n, timings)
+        self.info_["rows_from"] = source
 
     def _standardisation(
         self, mean: np.ndarray, var: np.ndarray, n: int
