@@ -101,6 +101,7 @@ def worker_w2wkit(folder: Path, k: int) -> dict:
         "peak_rss_gb": rss,
         "sv": space.singular_values_.tolist(),
         "solver": space.info_["solver_used"],
+        "rows_from": space.info_.get("rows_from"),
         "floor_s": prof["floor_seconds"],
         "profile": prof,
     }
@@ -339,6 +340,7 @@ def main() -> None:
                 "floor_s": w["floor_s"],
                 "wall_over_floor": w["wall_s"] / w["floor_s"],
                 "solver": w["solver"],
+                "rows_from": w.get("rows_from"),
                 "phases": w["profile"]["phases"],
                 "rates": w["profile"]["rates"],
                 "machine": machine(),

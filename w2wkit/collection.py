@@ -769,6 +769,7 @@ class Collection:
         rows = _FileRows(self.files, n, d, open_side)
 
         def cleanup() -> None:
+            rows.close()
             for fin in opened:
                 fin()
             rows.side = None
@@ -1333,6 +1334,7 @@ class _FileRows:
         self._open_side = open_side
         self.side: _RowFile | None = None
         self._lock = threading.Lock()
+        self._pool: Any = None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -1376,8 +1378,21 @@ class _FileRows:
             for a, b in zip(np.r_[0, brk], np.r_[brk, idx.size], strict=True):
                 r0, r1 = int(idx[a]), int(idx[b - 1]) + 1
                 out[r0:r1] = self.side[lo + r0 : lo + r1]
-        for j in np.flatnonzero(~side):
-            self._read_file_row(lo + int(j), out[j])
+        todo = [int(j) for j in np.flatnonzero(~side)]
+        if self.direct and DIRECT_READ_THREADS > 1 and len(todo) > 1:
+            # several reads in flight: a read's completion waits for a core the products
+            # keep busy, so one reader alone falls behind them
+            from concurrent.futures import ThreadPoolExecutor
+
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        DIRECT_READ_THREADS, thread_name_prefix="w2wkit-rows"
+                    )
+            list(self._pool.map(lambda j: self._read_file_row(lo + j, out[j]), todo))
+        else:
+            for j in todo:
+                self._read_file_row(lo + j, out[j])
         return out if isinstance(key, slice) else out[0]
 
     @property
@@ -1505,6 +1520,12 @@ class _FileRows:
     def flush(self) -> None:
         """Nothing to do: every write went to the side cache's file."""
 
+    def close(self) -> None:
+        """Stop the reader threads (if any)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
 
 #: most buffers one ``preadv`` takes (``IOV_MAX`` on Linux)
 _IOV_MAX = 1024
@@ -1518,6 +1539,11 @@ _ALIGN = 4096
 #: and the fit's own memory takes its share), and going around the cache takes a third of
 #: the CPU (:class:`_FileRows`).
 DIRECT_READ_RAM_FRACTION = 0.75
+
+#: Threads reading rows with ``O_DIRECT`` in a pass (reads in flight while the products
+#: hold the cores; measured on 4,000 files of 65k beside the products, 2 cores: the pass
+#: waited 2.5 s on 1 reader, 1.0 s on 4, 0.7 s on 8)
+DIRECT_READ_THREADS = 8
 
 
 def physical_memory(

@@ -30,7 +30,8 @@ The counts (flops are multiply-adds counted as two, as LAPACK's do)
 ``components``
     ``U^T Z``: ``2 N k d`` flops.
 ``passes`` (randomized solver)
-    ``n_iter + 1`` reads of the row cache and ``(2 n_iter + 1) 2 N d l`` flops;
+    ``n_iter + 1`` reads of the rows (from the models' files or a row cache) and
+    ``(2 n_iter + 1) 2 N d l`` flops;
     a pass costs the larger of its read and its products (they overlap); plus
     the orthogonalisation of the block Krylov basis (``2 d dim^2``).
 ``delta``
