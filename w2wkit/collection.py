@@ -198,12 +198,31 @@ class FactorRows:
         block_rows: int | None = None,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
         start: int = 0,
+        standardise: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield consecutive float32 row blocks ``(b, d)`` from row ``start`` on, optionally
-        transformed."""
+        transformed.
+
+        ``standardise=(mean32, scale32)`` (both ``(d,)`` float32) yields ``(rows - mean32)
+        / scale32`` (these float32 operations, so the same bits however the rows are read):
+        rows read from their files are standardised by the reader, each right after its
+        read (while it is in cache, off the caller's thread); a block the row cache reads
+        into a fresh buffer is standardised where it lies; rows in memory give a new array.
+        ``transform`` then applies to the standardised block.
+        """
         b = block_rows or self.default_block_rows()
         for lo in range(int(start), self.n_rows, b):
-            block = np.asarray(self.data[lo : lo + b], dtype=np.float32)
+            if isinstance(self.data, _FileRows):
+                block = self.data.read(lo, lo + b, standardise)
+            else:
+                block = np.asarray(self.data[lo : lo + b], dtype=np.float32)
+                if standardise is not None:
+                    mean32, scale32 = standardise
+                    if isinstance(self.data, _RowFile):  # a fresh buffer: in place
+                        block -= mean32
+                        block /= scale32
+                    else:
+                        block = (block - mean32) / scale32
             yield transform(block) if transform is not None else block
 
     def columns(
@@ -1357,18 +1376,26 @@ class _FileRows:
         self.starts[i] = -1
 
     def __getitem__(self, key: int | slice) -> np.ndarray:
-        n, d = self.shape
+        n = self.shape[0]
         if isinstance(key, slice):
             lo, hi, step = key.indices(n)
             if step != 1:
                 raise IndexError("row slices must be contiguous")
-            hi = max(lo, hi)
-        else:
-            lo = int(key) + (n if int(key) < 0 else 0)
-            if not 0 <= lo < n:
-                raise IndexError(key)
-            hi = lo + 1
-        out = np.empty((hi - lo, d), dtype=np.float32)
+            return self.read(lo, max(lo, hi))
+        lo = int(key) + (n if int(key) < 0 else 0)
+        if not 0 <= lo < n:
+            raise IndexError(key)
+        return self.read(lo, lo + 1)[0]
+
+    def read(
+        self, lo: int, hi: int, standardise: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Rows ``lo:hi`` in a fresh ``(hi - lo, d)`` float32 array; with ``standardise=
+        (mean32, scale32)``, ``(row - mean32) / scale32``, computed by the reader right
+        after each row's read."""
+        n, d = self.shape
+        lo, hi = max(0, int(lo)), min(n, int(hi))
+        out = np.empty((max(0, hi - lo), d), dtype=np.float32)
         side = self.starts[lo:hi] < 0
         if side.any():
             assert self.side is not None
@@ -1378,6 +1405,9 @@ class _FileRows:
             for a, b in zip(np.r_[0, brk], np.r_[brk, idx.size], strict=True):
                 r0, r1 = int(idx[a]), int(idx[b - 1]) + 1
                 out[r0:r1] = self.side[lo + r0 : lo + r1]
+                if standardise is not None:
+                    out[r0:r1] -= standardise[0]
+                    out[r0:r1] /= standardise[1]
         todo = [int(j) for j in np.flatnonzero(~side)]
         if self.direct and DIRECT_READ_THREADS > 1 and len(todo) > 1:
             # several reads in flight: a read's completion waits for a core the products
@@ -1389,20 +1419,27 @@ class _FileRows:
                     self._pool = ThreadPoolExecutor(
                         DIRECT_READ_THREADS, thread_name_prefix="w2wkit-rows"
                     )
-            list(self._pool.map(lambda j: self._read_file_row(lo + j, out[j]), todo))
+            list(self._pool.map(lambda j: self._read_file_row(lo + j, out[j], standardise), todo))
         else:
             for j in todo:
-                self._read_file_row(lo + j, out[j])
-        return out if isinstance(key, slice) else out[0]
+                self._read_file_row(lo + j, out[j], standardise)
+        return out
 
     @property
     def file_bytes(self) -> int:
         """Bytes of the files the rows are read from."""
         return int(self.stamps[self.starts >= 0, 0].sum())
 
-    def _read_file_row(self, i: int, out: np.ndarray) -> None:
-        if self.direct and self._read_direct(i, out):
-            return
+    def _read_file_row(
+        self, i: int, out: np.ndarray, standardise: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> None:
+        if not (self.direct and self._read_direct(i, out)):
+            self._read_buffered(i, out)
+        if standardise is not None:  # the row is in cache after its read
+            out -= standardise[0]
+            out /= standardise[1]
+
+    def _read_buffered(self, i: int, out: np.ndarray) -> None:
         path = self.paths[i]
         tpl = self.template
         assert tpl is not None

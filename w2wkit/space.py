@@ -622,17 +622,10 @@ class WeightSpace:
             k = self._check_k(n, d)
             scale, mean32, scale32, total_var = self._standardisation(rows.mean, rows.var, n)
 
-            def standardised(block: np.ndarray) -> np.ndarray:
-                if block.base is None and block.flags.writeable:
-                    # a fresh buffer the row file read into: standardised where it lies
-                    # (the same arithmetic; two copies of every block fewer per pass)
-                    block -= mean32
-                    block /= scale32
-                    return block
-                return (block - mean32) / scale32
-
             def blocks(start: int = 0) -> Iterator[np.ndarray]:
-                return rows.blocks(self.block_rows, standardised, start=start)
+                # standardised as they are read: rows from their files by the readers, a
+                # row-cache block where it lies (the same arithmetic either way)
+                return rows.blocks(self.block_rows, start=start, standardise=(mean32, scale32))
 
             if rows.in_memory:
                 # standardise the rows in place (one pass, no copy) and multiply them as
