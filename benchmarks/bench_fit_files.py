@@ -87,12 +87,12 @@ def worker_user(folder: Path, k: int) -> dict:
     return {"wall_s": wall, "peak_rss_gb": peak_rss_gb(), "sv": pca.singular_values_.tolist()}
 
 
-def worker_w2wkit(folder: Path, k: int) -> dict:
+def worker_w2wkit(folder: Path, k: int, row_cache: bool = True) -> dict:
     from w2wkit.collection import Collection
     from w2wkit.space import WeightSpace
 
     t = time.perf_counter()
-    space = WeightSpace(k).fit(Collection(folder))
+    space = WeightSpace(k, row_cache=row_cache).fit(Collection(folder))
     wall = time.perf_counter() - t
     rss = peak_rss_gb()
     prof = space._profile(Collection(folder))  # rates measured after the timed fit
@@ -230,10 +230,14 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip the exact float64 reference")
     ap.add_argument("--folder", type=Path)
     ap.add_argument("--k", type=int)
+    ap.add_argument(
+        "--no-row-cache", action="store_true", help="w2wkit reads the files on every pass"
+    )
     a = ap.parse_args()
     if a.worker:
         fn = {"user": worker_user, "w2wkit": worker_w2wkit, "delta": worker_delta}[a.worker]
-        print(json.dumps(fn(a.folder, a.k)))
+        extra = {"row_cache": False} if a.worker == "w2wkit" and a.no_row_cache else {}
+        print(json.dumps(fn(a.folder, a.k, **extra)))
         return
     from _kohya_synth import write_delta_collection, write_factor_collection
 
@@ -309,6 +313,8 @@ def main() -> None:
             res = {}
             for who in ("w2wkit", "user"):
                 args = ["--worker", who, "--folder", str(folder), "--k", str(k)]
+                if who == "w2wkit" and a.no_row_cache:
+                    args.append("--no-row-cache")
                 res[who] = run_worker(__file__, args, env=env)
             w, u = res["w2wkit"], res["user"]
             e_w = e_u = None

@@ -83,6 +83,12 @@ def _load(path: Path, no_verify: bool = False):
     is_flag=True,
     help="Print the wall time of each phase next to its hardware floor (rates measured here).",
 )
+@click.option(
+    "--no-row-cache",
+    is_flag=True,
+    help="Streamed fits: read the rows from the LoRA files on every pass instead of a row "
+    "cache in the temporary folder (no temporary space the size of the data; slower).",
+)
 @cluster_option
 @force_option
 @allow_pickle_option
@@ -96,6 +102,7 @@ def fit_cmd(
     no_standardize: bool,
     seed: int,
     profile: bool,
+    no_row_cache: bool,
     cluster: str | None,
     force: bool,
     allow_pickle: bool,
@@ -123,6 +130,7 @@ def fit_cmd(
         solver=solver,
         standardize=not no_standardize,
         random_state=seed,
+        row_cache=not no_row_cache,
     )
     if cluster is None:
         space.fit(coll, labels=labels, progress=not quiet_enabled(), profile=profile)

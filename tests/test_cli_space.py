@@ -146,3 +146,16 @@ def test_sample_checks_every_output_first_and_publishes_at_once(tmp_path, loras,
     res = _run([*args, "--force"], tmp_path)  # again over its own outputs (folders for PEFT)
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == names
+
+
+def test_fit_without_a_row_cache_gives_the_same_space(tmp_path, loras):
+    # --no-row-cache: a streamed fit reads the files on every pass; the space is the one
+    # the row cache gives, bit for bit
+    args = ["fit", str(loras), "-k", "3", "--solver", "randomized", "-o"]
+    assert _run([*args, "cached"], tmp_path).exit_code == 0
+    res = _run([*args, "files", "--no-row-cache"], tmp_path)
+    assert res.exit_code == 0, res.output
+    a = WeightSpace.load(tmp_path / "cached")
+    b = WeightSpace.load(tmp_path / "files")
+    np.testing.assert_array_equal(a.singular_values_, b.singular_values_)
+    np.testing.assert_array_equal(a.components_, b.components_)

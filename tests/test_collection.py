@@ -398,6 +398,16 @@ def test_rows_read_around_the_page_cache_equal_the_buffered_ones(tmp_path, monke
     with pytest.raises(SpaceError, match="m02"):
         _rows_of(rows)
     rows.close()
+    # a row cache that outgrows the page cache: its blocks read with O_DIRECT (views of
+    # pooled aligned buffers), the same bits
+    cached = Collection(tmp_path / "loras", cache_dir=tmp_path / "c").scan_factors()
+    assert isinstance(cached.data, collection._RowFile) and cached.data.direct
+    assert cached.source in ("row cache, O_DIRECT", "row cache")
+    for block_rows in (1, 2, 4):
+        blocks = list(cached.blocks(block_rows=block_rows))
+        assert all(b.flags.c_contiguous and b.flags.writeable for b in blocks)
+        np.testing.assert_array_equal(np.concatenate(blocks)[:2], buffered[:2])
+    cached.close()
 
 
 def test_physical_memory_sees_the_memory_cgroup(tmp_path):
@@ -420,3 +430,27 @@ def test_physical_memory_sees_the_memory_cgroup(tmp_path):
     (root / "box" / "memory.max").write_text("max\n")
     assert physical_memory(proc, root) == ram  # no limit
     assert physical_memory(tmp_path / "absent", root) == ram
+
+
+def test_block_pool_reuses_a_buffer_only_when_nothing_sees_it():
+    from w2wkit.collection import _BlockPool
+
+    def addr(a):
+        return a.__array_interface__["data"][0]
+
+    pool = _BlockPool(keep=1)
+    a = pool.empty((3, 4))
+    a[...] = 1
+    first = addr(a)
+    view = a[1:].T  # a view of a view keeps the buffer
+    del a
+    b = pool.empty((3, 4))
+    assert addr(b) != first
+    b[...] = 2
+    assert (view == 1).all()
+    del view
+    c = pool.empty((3, 4))  # now nothing sees the first buffer: it is reused
+    assert addr(c) == first
+    assert addr(pool.empty((2, 4))) not in (first, addr(b))  # another size: a new one
+    del b, c
+    assert len(pool._free) == 1  # at most `keep` idle buffers

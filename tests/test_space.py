@@ -205,13 +205,13 @@ def test_rows_stay_on_disk_only_where_that_halves_the_memory(monkeypatch):
 
 
 def test_streamed_rows_are_read_from_their_files(tmp_path, monkeypatch):
-    """A randomized fit reads its rows from the models' own files on every pass: nothing
-    but the template's row is written to a row cache, and the result is the bits of the
-    fit from a row cache; a file rewritten between two passes is named."""
+    """Without a row cache a randomized fit reads its rows from the models' own files on
+    every pass: nothing but the template's row is written to a row cache, and the result
+    is the bits of the fit from a row cache; a file rewritten between two passes is
+    named."""
     import os
 
     from w2wkit import collection as coll_mod
-    from w2wkit import space as space_mod
     from w2wkit.collection import Collection
     from w2wkit.formats import read_adapter, write_adapter
     from w2wkit.synthetic import planted_collection
@@ -233,17 +233,17 @@ def test_streamed_rows_are_read_from_their_files(tmp_path, monkeypatch):
         return real_blocks(self, *a, **k)
 
     monkeypatch.setattr(coll_mod.FactorRows, "blocks", blocks)
-    got = WeightSpace(5, solver="randomized").fit(Collection(folder, cache_dir=cache))
+    got = WeightSpace(5, solver="randomized", row_cache=False).fit(
+        Collection(folder, cache_dir=cache)
+    )
     assert got.info_["rows_from"] == "files + row cache of 1 rows"
     assert got.info_["n_passes"] > 2
     assert written and max(written) <= 4 * 500 + 65536  # a sparse file of one row
-    monkeypatch.setattr(space_mod, "ROWS_IN_FILES", False)
     ref = WeightSpace(5, solver="randomized").fit(Collection(folder, cache_dir=cache))
     assert ref.info_["rows_from"] == "row cache"
     np.testing.assert_array_equal(got.singular_values_, ref.singular_values_)
     np.testing.assert_array_equal(got.components_, ref.components_)
     np.testing.assert_array_equal(got.coefficients_, ref.coefficients_)
-    monkeypatch.setattr(space_mod, "ROWS_IN_FILES", True)
     victim = sorted(folder.glob("*.safetensors"))[9]
     other = read_adapter(sorted(folder.glob("*.safetensors"))[3])
 
@@ -255,5 +255,5 @@ def test_streamed_rows_are_read_from_their_files(tmp_path, monkeypatch):
     passes.clear()
     on_pass[0] = rewrite
     with pytest.raises(SpaceError, match="changed during the fit") as info:
-        WeightSpace(5, solver="randomized").fit(Collection(folder))
+        WeightSpace(5, solver="randomized", row_cache=False).fit(Collection(folder))
     assert victim.name in str(info.value)
