@@ -1493,27 +1493,39 @@ class _FileRows:
             out -= standardise[0]
             out /= standardise[1]
 
-    def _read_buffered(self, i: int, out: np.ndarray) -> None:
+    def _open_checked(self, i: int, flags: int = 0) -> int | None:
+        """File ``i`` opened (``O_RDONLY | flags``) and checked against its scan stamp: its
+        descriptor; None where ``flags`` are refused (``EINVAL``: no ``O_DIRECT`` here).
+        Raises :class:`~w2wkit.errors.SpaceError` naming a file that vanished or changed."""
         path = self.paths[i]
-        tpl = self.template
-        assert tpl is not None
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | flags)
         except OSError as exc:
+            if flags and exc.errno == errno.EINVAL:
+                return None
             raise SpaceError(
                 f"cannot read the file again during the fit: {exc.strerror or exc}",
                 path=path,
                 hint="do not move or delete the input files while a fit runs",
             ) from None
+        st = os.fstat(fd)
+        if (int(st.st_size), int(st.st_mtime_ns)) != tuple(self.stamps[i]):
+            os.close(fd)
+            raise SpaceError(
+                "the file changed during the fit (its size or modification time differs "
+                "from the scan's)",
+                path=path,
+                hint="do not write the input files while a fit runs",
+            )
+        return fd
+
+    def _read_buffered(self, i: int, out: np.ndarray) -> None:
+        path = self.paths[i]
+        tpl = self.template
+        assert tpl is not None
+        fd = self._open_checked(i)
+        assert fd is not None
         try:
-            st = os.fstat(fd)
-            if (int(st.st_size), int(st.st_mtime_ns)) != tuple(self.stamps[i]):
-                raise SpaceError(
-                    "the file changed during the fit (its size or modification time differs "
-                    "from the scan's)",
-                    path=path,
-                    hint="do not write the input files while a fit runs",
-                )
             row = memoryview(out).cast("B")
             scratch = _scratch_bytes(tpl.data_len)
             iov = [row[a:b] if a >= 0 else scratch[:b] for a, b in tpl.scatter_plan()]
@@ -1538,26 +1550,11 @@ class _FileRows:
         tpl = self.template
         assert tpl is not None
         size = int(self.stamps[i, 0])
+        fd = self._open_checked(i, getattr(os, "O_DIRECT", 0))
+        if fd is None:
+            self.direct = False
+            return False
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:  # no O_DIRECT here
-                self.direct = False
-                return False
-            raise SpaceError(
-                f"cannot read the file again during the fit: {exc.strerror or exc}",
-                path=path,
-                hint="do not move or delete the input files while a fit runs",
-            ) from None
-        try:
-            st = os.fstat(fd)
-            if (int(st.st_size), int(st.st_mtime_ns)) != tuple(self.stamps[i]):
-                raise SpaceError(
-                    "the file changed during the fit (its size or modification time differs "
-                    "from the scan's)",
-                    path=path,
-                    hint="do not write the input files while a fit runs",
-                )
             buf = _aligned_scratch(size)
             try:
                 got = os.preadv(fd, [memoryview(buf)[: -(-size // _ALIGN) * _ALIGN]], 0)
