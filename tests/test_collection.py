@@ -49,8 +49,8 @@ def test_rows_stream_in_blocks_with_numpy_statistics(tmp_path):
 def test_block_rows_reach_the_pass_size_within_the_budget(tmp_path, monkeypatch):
     # rows of 99,648 floats: 64 MiB holds 168 of them; a block is made at least the 256
     # rows a solver pass would otherwise coalesce it to (a copy), unless the memory
-    # budget's eighth holds fewer; and the row file reads every block into a fresh buffer
-    # that the fit may standardise in place
+    # budget's eighth holds fewer; and the row file reads every block into a buffer of its
+    # own that the fit may standardise in place
     import w2wkit.collection as collection
     from w2wkit.solvers import _MIN_BLOCK_ROWS
 
@@ -70,7 +70,10 @@ def test_block_rows_reach_the_pass_size_within_the_budget(tmp_path, monkeypatch)
     monkeypatch.setattr(collection, "memory_budget", lambda: 8 * 100 * 4 * 99_648)
     assert block_rows(99_648) == 100
     blocks = list(rows.blocks(block_rows=2))
-    assert all(b.base is None and b.flags.writeable for b in blocks)
+    # blocks of the row file are its own buffers (a pass may standardise them in place):
+    # writeable, and no two blocks alive at once share memory
+    assert all(b.flags.writeable and b.flags.c_contiguous for b in blocks)
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(blocks) for b in blocks[i + 1 :])
     rows.close()
 
 

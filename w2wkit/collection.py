@@ -1227,8 +1227,9 @@ class _RowFile:
     Unlike a memory map, it takes no address space beyond the rows being read or
     written (a fit under a memory cap -- ``RLIMIT_AS`` -- can stream a cache far
     larger than the cap) and its pages do not count as the process's resident
-    memory. ``rows[i] = row`` writes a row, ``rows[lo:hi]`` reads a fresh
-    ``(hi - lo, d)`` array, ``rows[i]`` one row.
+    memory. ``rows[i] = row`` writes a row, ``rows[lo:hi]`` reads a ``(hi - lo, d)``
+    array that nothing else sees (a buffer of a :class:`_BlockPool`, reused only once no
+    array uses it), ``rows[i]`` one row.
     """
 
     def __init__(self, path: Path, n: int, d: int) -> None:
@@ -1309,7 +1310,8 @@ class _RowFile:
             block = self._read_direct(lo, rows)
             if block is not None:
                 return block if isinstance(key, slice) else block[0]
-        out = np.empty((rows, d), dtype=np.float32)
+        # a block of a pass: a pooled buffer (no page faults); one row: its own array
+        out = self._blocks.empty((rows, d)) if rows > 1 else np.empty((rows, d), np.float32)
         view = memoryview(out).cast("B")
         at = self.offset + 4 * d * lo
         while view:
@@ -1618,7 +1620,7 @@ class _FileRows:
 class _BlockPool:
     """Row-block buffers that come back once no array uses them.
 
-    A pass over rows read from files asks for a new ``(b, d)`` block hundreds of times; a
+    A pass over rows read from disk asks for a new ``(b, d)`` block hundreds of times; a
     fresh 100 MB buffer costs its page faults (about 15 ms of CPU, measured on this
     project's machine: 21.6 ms to fill a fresh one, 6.1 ms to fill one again), on the
     cores the products use. A buffer handed out here is returned to the pool by a
