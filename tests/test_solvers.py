@@ -614,3 +614,23 @@ def test_gram_stripes_skip_the_rows_before_them(monkeypatch):
     assert starts == [0, 0, 100, 200, 0]  # block-size peek, 3 stripes, components
     np.testing.assert_allclose(res.singular_values, plain.singular_values, rtol=1e-12)
     np.testing.assert_allclose(res.components, plain.components, rtol=1e-10, atol=1e-12)
+
+
+def test_randomized_ritz_float32_products_keep_the_accuracy(monkeypatch):
+    """Large problems multiply the Rayleigh-Ritz chunks in float32 (added in float64):
+    the same singular values and subspace as the float64 products, to float32 rounding."""
+    z = power_law(700, 1500, seed=11)
+    k = 40
+    s = np.linalg.svd(z, compute_uv=False)[:k]
+    wide = fit_pca(blocks_of(z, 257), *z.shape, k, solver="randomized", random_state=3)
+    assert wide.info["ritz_product_dtype"] == "float64"
+    monkeypatch.setattr(solvers, "_GRAM_FLOAT64_MAX_FLOPS", 0.0)
+    low = fit_pca(blocks_of(z, 257), *z.shape, k, solver="randomized", random_state=3)
+    assert low.info["ritz_product_dtype"] == "float32"
+    np.testing.assert_allclose(low.singular_values, wide.singular_values, rtol=2e-6)
+    np.testing.assert_allclose(low.singular_values, s, rtol=1e-3)
+    assert max_angle(low.components[: k // 2], wide.components[: k // 2]) < 1e-3
+    # scores stay the exact product of the data with the components
+    np.testing.assert_allclose(
+        low.scores, z @ low.components.T.astype(np.float64), atol=2e-4 * np.abs(low.scores).max()
+    )

@@ -91,19 +91,24 @@ def _fill(page: Any, elem: str, value: str, tries: int = 3) -> None:
     loses the value: then it is typed again, as a person would, up to ``tries`` times.
     """
     box = page.locator(f"#{elem} input")
+    box.wait_for(state="visible", timeout=TIMEOUT)
+    check = "([e, v]) => document.querySelector(`#${e} input`).value === v"
     for attempt in range(tries):
         box.fill(value)
         box.press("Tab")
         try:
             page.wait_for_function(
-                "([e, v]) => document.querySelector(`#${e} input`).value === v",
-                arg=[elem, value],
-                timeout=TIMEOUT if attempt == tries - 1 else 15_000,
+                check, arg=[elem, value], timeout=TIMEOUT if attempt == tries - 1 else 15_000
             )
-            return
+            # a component mounted late (an accordion just opened) can still reset its box
+            # to the server's value: the typed value must stay a moment
+            page.wait_for_timeout(500)
+            if page.evaluate(check, [elem, value]):
+                return
         except Exception:
             if attempt == tries - 1:
                 raise
+    raise AssertionError(f"#{elem} did not keep the typed value {value!r}")
 
 
 def _status(page: Any) -> str:

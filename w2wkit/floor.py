@@ -414,14 +414,22 @@ def fit_floor(
         flops += ortho
         seconds += ortho / rates.gemm_flops_per_s
         phases.append(PhaseFloor("passes", (q + 1) * data, flops, seconds))
-        # Ritz step: (Z K)^T (Z K) and its eigenproblem, the outputs K G and (Z K) G
-        rf = float(n) * dim * dim + 2.0 * (n + d) * dim * k
+        # Ritz step: (Z K)^T (Z K) (a SYRK, float64 while N dim^2 <= GRAM_FLOAT64_MAX_FLOPS
+        # as the solver does), its eigenproblem, the outputs K G and (Z K) G
+        tf = float(n) * dim * dim
+        d64 = rates.dsyrk_flops_per_s
+        if tf <= GRAM_FLOAT64_MAX_FLOPS:
+            t_rate = d64 if math.isfinite(d64) else rates.syrk_flops_per_s / 2
+        else:
+            t_rate = rates.syrk_flops_per_s
+        of = 2.0 * (n + d) * dim * k
+        ef = _dense_eigen_flops(dim, k)
         phases.append(
             PhaseFloor(
                 "ritz",
                 0.0,
-                rf + _dense_eigen_flops(dim, k),
-                rf / rates.gemm_flops_per_s + _dense_eigen_flops(dim, k) / rates.eigh_flops_per_s,
+                tf + of + ef,
+                tf / t_rate + of / rates.gemm_flops_per_s + ef / rates.eigh_flops_per_s,
             )
         )
     else:  # exact: one float64 SVD of the rows (~4 N^2 d + 8 N^3 at a quarter of GEMM)

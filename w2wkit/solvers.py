@@ -838,12 +838,21 @@ class _NumpyOps:
             w[...] = out.T
         return w
 
-    def gram64_add(self, t: np.ndarray, y: np.ndarray) -> None:
-        """``t += y.T @ y`` in float64 (t F-contiguous, upper triangle)."""
-        from scipy.linalg.blas import dsyrk
+    def gram64_add(self, t: np.ndarray, y: np.ndarray, low: bool = False) -> None:
+        """``t += y.T @ y`` into float64 ``t`` (F-contiguous, upper triangle).
 
-        y64 = np.asarray(y, dtype=np.float64)
-        out = dsyrk(1.0, y64, beta=1.0, c=t, trans=1, lower=0, overwrite_c=1)
+        ``low``: the product of this chunk in float32 BLAS (``?ssyrk``, twice the
+        float64 rate), added to ``t`` in float64; else a float64 product.
+        """
+        from scipy.linalg.blas import dsyrk, ssyrk
+
+        # y (rows, dim) C-order is y.T (dim, rows) F-order: y.T (y.T)^T, no repacking copy
+        if low and y.dtype == np.float32:
+            part = ssyrk(1.0, np.ascontiguousarray(y).T, trans=0, lower=0)
+            t += part  # the lower triangle of ``part`` is zero
+            return
+        y64 = np.ascontiguousarray(y, dtype=np.float64)
+        out = dsyrk(1.0, y64.T, beta=1.0, c=t, trans=0, lower=0, overwrite_c=1)
         if not np.shares_memory(out, t):  # pragma: no cover - scipy copied
             t[...] = out
 
@@ -909,7 +918,7 @@ class _TorchOps(_NumpyOps):
     def cholqr_apply(self, w: Any, g: np.ndarray, norms: np.ndarray) -> None:  # pragma: no cover
         return None
 
-    def gram64_add(self, t: np.ndarray, y: Any) -> None:
+    def gram64_add(self, t: np.ndarray, y: Any, low: bool = False) -> None:
         y64 = y.to(self.torch.float64)
         t += (y64.T @ y64).cpu().numpy()
 
@@ -1503,6 +1512,7 @@ class _BlockKrylov:
         self.products: list[Any] = []  # Y_j = Z Q_j, (N, l_j)
         self.pending: Any = None  # W = Z^T Y_last not yet orthonormalised
         self.sumsq: float | None = None
+        self.ritz_product_dtype = "float64"  # set by the Rayleigh-Ritz step
         omega = ops.random(rng, (stream.n_cols, width))
         q, _ = ops.qr(omega)
         self.basis.append(q)
@@ -1637,6 +1647,10 @@ class _BlockKrylov:
         n = self.stream.n_rows
         t = np.zeros((dim, dim), dtype=np.float64, order="F")
         chunk = max(1, min(n, (64 << 20) // (8 * dim)))
+        # as the gram solver: float32 products of row chunks added in float64 once the
+        # float64 product would be costly (N dim^2 > 2e11 flops)
+        low = float(n) * dim * dim > _GRAM_FLOAT64_MAX_FLOPS and not isinstance(ops, _TorchOps)
+        self.ritz_product_dtype = "float32" if low else "float64"
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             parts = [y[lo:hi] for y in self.products]
@@ -1644,7 +1658,7 @@ class _BlockKrylov:
                 yc = ops.torch.cat(parts, dim=1)
             else:
                 yc = np.concatenate(parts, axis=1)
-            ops.gram64_add(t, yc)
+            ops.gram64_add(t, yc, low)
         iu = np.triu_indices(dim, 1)
         t[(iu[1], iu[0])] = t[iu]
         k_eff = min(k, dim)
@@ -1742,6 +1756,7 @@ def _randomized_checkpoints(
                 "n_iter": q,
                 "block_size": width,
                 "krylov_dim": krylov.dim,
+                "ritz_product_dtype": krylov.ritz_product_dtype,
                 "device": ops.name,
                 "seconds": time.perf_counter() - t0,
                 "timings": dict(stream.timings),
