@@ -125,6 +125,13 @@ def test_delta_floor_counts():
     assert sk["gram"].flops == pytest.approx(ss + 4 * per_pass + 4 / 3 * 8 + 2 * 4 * 2)
     assert sk["gram"].bytes == 4 * blocked["gram"].bytes
     assert sk["eigen"].seconds == 0.0
+    # files beyond the page cache: the read and the kernel's factor reads at the disk's rate
+    slow_disk = Rates(1e9, 1e10, 1e11, 5e10, 1e9, disk_read_bytes_per_s=1e3)
+    cold = {p.name: p for p in delta_floor(fac, 2, slow_disk, cold_files=True)}
+    assert cold["read"].seconds == pytest.approx(4 * (10 * 14 + 5 * 22) / 1e3)
+    assert cold["gram"].seconds == pytest.approx(ss / 5e10 + 4 * (10 * 14 + 5 * 22) / 1e3)
+    warm = {p.name: p for p in delta_floor(fac, 2, slow_disk)}
+    assert warm["gram"].seconds == pytest.approx(expect)
 
 
 def test_profile_multiples_and_table():
@@ -149,8 +156,69 @@ def test_measured_rates_are_positive_and_cached(tmp_path):
     r1 = measure_rates([f])
     r2 = measure_rates([f])
     assert r1 == r2  # cached per process
-    for v in r1.as_dict().values():
+    rates = r1.as_dict()
+    assert math.isnan(rates.pop("disk_read_bytes_per_s"))  # only measured when asked
+    for v in rates.values():
         assert math.isfinite(v) and v > 0
+
+
+def _direct_works(path) -> bool:
+    import errno
+    import os
+
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL, exc
+        return False
+    return True
+
+
+def test_disk_read_rate_reads_around_the_page_cache(tmp_path):
+    """The disk's rate: O_DIRECT reads of the files (nan where the file system refuses it)."""
+    import os
+
+    from w2wkit.floor import disk_read_rate
+
+    files = []
+    for i in range(12):
+        f = tmp_path / f"m{i}.safetensors"
+        f.write_bytes(os.urandom(100_000 + 517 * i))  # sizes not a multiple of the alignment
+        files.append(f)
+    rate = disk_read_rate(files, threads=3)
+    if _direct_works(files[0]):
+        assert math.isfinite(rate) and rate > 0
+        r = measure_rates(files, disk=True)
+        assert math.isfinite(r.disk_read_bytes_per_s) and r.disk_read_bytes_per_s > 0
+    else:
+        assert math.isnan(rate)
+    assert math.isnan(disk_read_rate([tmp_path / "missing"]))
+
+
+def test_cold_files_are_read_at_the_disk_rate():
+    disk = Rates(1e9, 1e10, 1e11, 5e10, 1e9, disk_read_bytes_per_s=2.5e8)
+    assert disk.read_seconds(1e9) == pytest.approx(1.0)  # the page cache
+    assert disk.read_seconds(1e9, cold=True) == pytest.approx(4.0)  # the disk
+    assert RATES.read_seconds(1e9, cold=True) == pytest.approx(1.0)  # disk not measured
+    warm = fit_floor("randomized", 1000, 5000, 20, disk, file_bytes=1e9, n_iter=3, block_size=15)
+    cold = fit_floor(
+        "randomized",
+        1000,
+        5000,
+        20,
+        disk,
+        file_bytes=1e9,
+        n_iter=3,
+        block_size=15,
+        cold_files=True,
+        cold_rows=True,
+    )
+    assert warm[0].seconds == pytest.approx(1.0) and cold[0].seconds == pytest.approx(4.0)
+    # a pass costs the larger of its read and its products: here the disk read
+    n, d = 1000, 5000
+    ortho = 2 * d * (4 * 15) ** 2
+    assert cold[2].seconds == pytest.approx(4 * (4 * n * d / 2.5e8) + ortho / 1e11)
+    assert cold[2].seconds > warm[2].seconds
 
 
 def test_fit_profile_prints_phases(tmp_path):
@@ -190,3 +258,30 @@ def test_the_solver_choice_measures_only_its_two_rates() -> None:
         r.gemm_flops_per_s,
         r.eigh_flops_per_s,
     )
+
+
+def test_fit_profile_takes_the_disk_rate_for_files_beyond_the_page_cache(tmp_path, monkeypatch):
+    """The profile's read floor: page-cache rate while the files fit in memory, the disk's
+    (O_DIRECT) when they hold more than DIRECT_READ_RAM_FRACTION of it."""
+    from w2wkit import collection
+    from w2wkit.collection import Collection
+    from w2wkit.space import WeightSpace
+    from w2wkit.synthetic import planted_collection
+
+    shapes = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (40, 30)}
+    folder = tmp_path / "loras"
+    files = planted_collection(folder, 12, shapes=shapes, n_latent=4).files
+    space = WeightSpace(3, solver="gram").fit(Collection(folder), profile=True)
+    warm = space.info_["profile"]
+    assert math.isnan(warm["rates"]["disk_read_bytes_per_s"])
+    monkeypatch.setattr(collection, "physical_memory", lambda *a, **k: 1024)
+    cold = space._profile(Collection(folder))
+    read = {r["phase"]: r for r in cold["phases"]}["read"]
+    disk = cold["rates"]["disk_read_bytes_per_s"]
+    if _direct_works(files[0]):
+        assert math.isfinite(disk) and disk > 0
+        rates = Rates(**cold["rates"])
+        assert read["floor_seconds"] == pytest.approx(rates.file_seconds(read["bytes"], cold=True))
+        assert read["floor_seconds"] >= read["bytes"] / disk
+    else:
+        assert math.isnan(disk)

@@ -14,7 +14,13 @@ The counts (flops are multiply-adds counted as two, as LAPACK's do)
 ``read``
     Every file's bytes once (``file_bytes``; ``4 N d`` when not given), read and
     hashed (the manifest records each file's SHA-256): the slower of the read
-    rate and the SHA-256 rate of one thread times the usable cores.
+    rate and the SHA-256 rate of one thread times the usable cores. The read rate
+    is the page cache's (the files read twice, the second read timed) unless the
+    files outgrow the page cache (more than
+    :data:`w2wkit.collection.DIRECT_READ_RAM_FRACTION` of the memory): then no
+    read can find them there, and the rate is the disk's, measured with
+    ``O_DIRECT`` reads of the same files on
+    :data:`w2wkit.collection.DIRECT_READ_THREADS` threads (``cold=True``).
 ``standardize``
     One pass over the ``(N, d)`` float32 rows in memory: mean, variance and the
     in-place ``(x - mean) / scale`` (``3 * 4 N d`` bytes of memory traffic, at
@@ -30,7 +36,8 @@ The counts (flops are multiply-adds counted as two, as LAPACK's do)
 ``components``
     ``U^T Z``: ``2 N k d`` flops.
 ``passes`` (randomized solver)
-    ``n_iter + 1`` reads of the rows (from the models' files or a row cache) and
+    ``n_iter + 1`` reads of the rows (from the models' files or a row cache; at
+    the disk's rate when the rows outgrow the page cache) and
     ``(2 n_iter + 1) 2 N d l`` flops;
     a pass costs the larger of its read and its products (they overlap); plus
     the orthogonalisation of the block Krylov basis (``2 d dim^2``).
@@ -45,6 +52,7 @@ another).
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import time
@@ -94,6 +102,9 @@ class Rates:
     dgemm_flops_per_s : float
         float64 GEMM (the delta kernel's block products); nan when not measured
         (then half the float32 GEMM rate is assumed).
+    disk_read_bytes_per_s : float
+        Read of the files from the disk itself (``O_DIRECT``, around the page
+        cache); nan when not measured (then :attr:`read_bytes_per_s` stands).
     """
 
     read_bytes_per_s: float
@@ -104,17 +115,27 @@ class Rates:
     dsyrk_flops_per_s: float = math.nan
     hash_bytes_per_s: float = math.nan
     dgemm_flops_per_s: float = math.nan
+    disk_read_bytes_per_s: float = math.nan
 
     def dgemm(self) -> float:
         """The float64 GEMM rate (half the float32 one when not measured)."""
         d = self.dgemm_flops_per_s
         return d if math.isfinite(d) and d > 0 else self.gemm_flops_per_s / 2
 
-    def file_seconds(self, nbytes: float, threads: int | None = None) -> float:
+    def read_seconds(self, nbytes: float, cold: bool = False) -> float:
+        """Floor of reading ``nbytes``: at the page cache's rate, or at the disk's when
+        ``cold`` (the bytes outgrow the page cache) and the disk's rate was measured."""
+        rate = self.read_bytes_per_s
+        disk = self.disk_read_bytes_per_s
+        if cold and math.isfinite(disk) and disk > 0:
+            rate = disk
+        return nbytes / rate
+
+    def file_seconds(self, nbytes: float, threads: int | None = None, cold: bool = False) -> float:
         """Floor of reading and hashing ``nbytes`` of files: the slower of the
-        sequential read and the SHA-256 spread over ``threads`` (default: the cores
-        this process may use)."""
-        secs = nbytes / self.read_bytes_per_s
+        read (:meth:`read_seconds`) and the SHA-256 spread over ``threads``
+        (default: the cores this process may use)."""
+        secs = self.read_seconds(nbytes, cold)
         h = self.hash_bytes_per_s
         if math.isfinite(h) and h > 0:
             secs = max(secs, nbytes / (h * (threads or usable_cores())))
@@ -209,6 +230,82 @@ def read_rate(paths: Sequence[str | os.PathLike[str]], max_bytes: int = 64 << 20
     return got / max(time.perf_counter() - t, 1e-9)
 
 
+def disk_read_rate(
+    paths: Sequence[str | os.PathLike[str]],
+    max_bytes: int = 128 << 20,
+    threads: int | None = None,
+) -> float:
+    """Read rate (bytes/s) of whole files from the disk itself, up to ``max_bytes``.
+
+    Each file is read with ``O_DIRECT`` (around the page cache: cached or not, the
+    bytes come from the device) into a page-aligned buffer, ``threads`` files in
+    flight (default :data:`w2wkit.collection.DIRECT_READ_THREADS`, as a fit that
+    reads files larger than the page cache does); the best of two reads. Returns
+    nan where the file system refuses ``O_DIRECT`` or nothing could be read.
+    """
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    from w2wkit.collection import DIRECT_READ_THREADS
+
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return math.nan
+    align = 4096
+    sizes: list[tuple[str, int]] = []
+    total = 0
+    for p in paths:
+        try:
+            size = os.stat(p).st_size
+        except OSError:
+            continue
+        if size <= 0:
+            continue
+        sizes.append((os.fspath(p), size))
+        total += size
+        if total >= max_bytes:
+            break
+    if not sizes:
+        return math.nan
+    nthreads = max(1, min(threads or DIRECT_READ_THREADS, len(sizes)))
+    span = -(-max(s for _, s in sizes) // align) * align
+    bufs = [mmap.mmap(-1, span) for _ in range(nthreads)]
+    refused = [False]  # EINVAL: this file system has no O_DIRECT
+
+    def read_part(j: int) -> int:
+        view = memoryview(bufs[j])
+        got = 0
+        for path, size in sizes[j::nthreads]:
+            try:
+                fd = os.open(path, os.O_RDONLY | flag)
+            except OSError as exc:
+                refused[0] |= exc.errno == errno.EINVAL
+                continue
+            try:
+                got += os.preadv(fd, [view[: -(-size // align) * align]], 0)
+            except OSError as exc:
+                refused[0] |= exc.errno == errno.EINVAL
+            finally:
+                os.close(fd)
+        view.release()
+        return got
+
+    best = math.inf
+    got = 0
+    try:
+        with ThreadPoolExecutor(nthreads, thread_name_prefix="w2wkit-disk-rate") as pool:
+            for _ in range(2):
+                t = time.perf_counter()
+                got = sum(pool.map(read_part, range(nthreads)))
+                best = min(best, time.perf_counter() - t)
+    finally:
+        for b in bufs:
+            b.close()
+    if refused[0] or got <= 0:
+        return math.nan
+    return got / max(best, 1e-9)
+
+
 def solver_rates(*, refresh: bool = False) -> Rates:
     """Only the rates :func:`eigen_cost` needs, measured once per process.
 
@@ -245,7 +342,9 @@ def solver_rates(*, refresh: bool = False) -> Rates:
     return Rates(nan, nan, gemm, nan, eig_rate, nan)
 
 
-def measure_rates(paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool = False) -> Rates:
+def measure_rates(
+    paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool = False, disk: bool = False
+) -> Rates:
     """Measure (once per process) the rates the floor is made of.
 
     Parameters
@@ -255,6 +354,10 @@ def measure_rates(paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool
         them). Without paths the read rate is the memory-copy rate.
     refresh : bool
         Measure again instead of using the cached rates.
+    disk : bool
+        Also measure the disk's own read rate of those files
+        (:func:`disk_read_rate`, ``Rates.disk_read_bytes_per_s``): for files that
+        outgrow the page cache.
 
     Returns
     -------
@@ -296,7 +399,13 @@ def measure_rates(paths: Sequence[str | os.PathLike[str]] = (), *, refresh: bool
     if refresh or rkey not in _CACHE:
         rate = read_rate(files) if files else math.nan
         _CACHE[rkey] = rate if math.isfinite(rate) and rate > 0 else copy_rate / 2
-    return Rates(_CACHE[rkey], copy_rate, gemm, syrk, eig_rate, dsyrk, sha, dgemm)
+    disk_rate = math.nan
+    if disk and files:
+        dkey = ("disk", files)
+        if refresh or dkey not in _CACHE:
+            _CACHE[dkey] = disk_read_rate(files)
+        disk_rate = _CACHE[dkey]
+    return Rates(_CACHE[rkey], copy_rate, gemm, syrk, eig_rate, dsyrk, sha, dgemm, disk_rate)
 
 
 def _dense_eigen_flops(n: int, k: int) -> float:
@@ -356,6 +465,8 @@ def fit_floor(
     file_bytes: float | None = None,
     n_iter: int = 6,
     block_size: int | None = None,
+    cold_files: bool = False,
+    cold_rows: bool = False,
 ) -> list[PhaseFloor]:
     """Compulsory bytes, flops and floor seconds per phase of a factors fit.
 
@@ -372,6 +483,9 @@ def fit_floor(
         Randomized solver: full passes.
     block_size : int, optional
         Randomized solver: block width (default about ``k / 2 + min(50, k / 20)``).
+    cold_files, cold_rows : bool
+        The files (the rows a pass reads) outgrow the page cache: they are read at
+        the disk's rate (``rates.disk_read_bytes_per_s``, where measured).
 
     Returns
     -------
@@ -381,7 +495,7 @@ def fit_floor(
     n, d, k = int(n), int(d), int(k)
     data = 4.0 * n * d
     fb = data if file_bytes is None else float(file_bytes)
-    phases = [PhaseFloor("read", fb, 0.0, rates.file_seconds(fb))]
+    phases = [PhaseFloor("read", fb, 0.0, rates.file_seconds(fb, cold=cold_files))]
     traffic = 3.0 * data
     phases.append(PhaseFloor("standardize", traffic, 0.0, traffic / rates.copy_bytes_per_s))
     if solver == "gram":
@@ -399,7 +513,7 @@ def fit_floor(
         q = int(n_iter)
         width = block_size or (-(-k // 2) + max(10, min(50, k // 20)))
         width = min(width, n, d)
-        per_pass_read = data / rates.read_bytes_per_s
+        per_pass_read = rates.read_seconds(data, cold_rows)
         # pass 1..q: Z Q and Z^T Y (4 N d l); the last half pass: Z Q (2 N d l)
         seconds = 0.0
         flops = 0.0
@@ -538,6 +652,7 @@ def delta_floor(
     blocks: Mapping[str, tuple[Sequence[int], bool]] | None = None,
     sketch_columns: int = 0,
     passes: int = 1,
+    cold_files: bool = False,
 ) -> list[PhaseFloor]:
     """Work of a delta-representation fit (kernel PCA on the factor Gram), as its
     blocked algorithm does it.
@@ -562,6 +677,9 @@ def delta_floor(
         module, read once).
     sketch_columns, passes : int
         ``gram-sketch``: columns of the sketch and kernel applications.
+    cold_files : bool
+        The files outgrow the page cache: they (and the kernel's reads of them)
+        are read at the disk's rate (``rates.disk_read_bytes_per_s``, where measured).
 
     Returns
     -------
@@ -618,20 +736,22 @@ def delta_floor(
         q = max(int(passes), 1)
         apply_flops = 2.0 * n * n * c * len(factors.modules)
         qr_flops = 4.0 * n * c * c
-        per_pass = max(kernel_bytes / rates.read_bytes_per_s, (kernel_eq + apply_flops) / dgemm)
+        per_pass = max(
+            rates.read_seconds(kernel_bytes, cold_files), (kernel_eq + apply_flops) / dgemm
+        )
         small = _dense_eigen_flops(c, c)
         flops = ss_flops + q * (kernel_flops + apply_flops + qr_flops) + small
         secs = ss_s + q * (per_pass + qr_flops / rates.gemm_flops_per_s)
         secs += small / rates.eigh_flops_per_s
         return [
-            PhaseFloor("read", fb, 0.0, rates.file_seconds(fb)),
+            PhaseFloor("read", fb, 0.0, rates.file_seconds(fb, cold=cold_files)),
             PhaseFloor("gram", q * kernel_bytes, flops, secs),
             PhaseFloor("eigen", 0.0, 0.0, 0.0),
         ]
     _, ef, es = eigen_cost(n, k, rates)
-    gram_s = ss_s + max(kernel_bytes / rates.read_bytes_per_s, kernel_eq / dgemm)
+    gram_s = ss_s + max(rates.read_seconds(kernel_bytes, cold_files), kernel_eq / dgemm)
     return [
-        PhaseFloor("read", fb, 0.0, rates.file_seconds(fb)),
+        PhaseFloor("read", fb, 0.0, rates.file_seconds(fb, cold=cold_files)),
         PhaseFloor("gram", kernel_bytes, ss_flops + kernel_flops, gram_s),
         PhaseFloor("eigen", 8.0 * n * n, ef, es),
     ]

@@ -485,12 +485,18 @@ class WeightSpace:
         prof = Profile()
         for name, secs in self.info_.get("timings", {}).items():
             prof.add(name, secs)
+        from w2wkit.collection import DIRECT_READ_RAM_FRACTION, physical_memory
+
         files = [str(f) for f in coll.files]
-        rates = measure_rates(files)
         n = len(self.manifest_)
         file_bytes = None
         if files:
             file_bytes = float(sum(os.path.getsize(f) for f in files if os.path.isfile(f)))
+        # files (rows) the page cache cannot hold are read at the disk's rate: the rule
+        # the fit's own reads go around the page cache by
+        room = DIRECT_READ_RAM_FRACTION * physical_memory()
+        cold_files = (file_bytes or 0.0) > room
+        rates = measure_rates(files, disk=cold_files)
         if self.representation == "factors":
             extra = {}
             if self.info_.get("n_iter") is not None:  # the randomized solver's passes
@@ -502,6 +508,8 @@ class WeightSpace:
                 self.n_components_,
                 rates,
                 file_bytes=file_bytes,
+                cold_files=cold_files,
+                cold_rows=4.0 * n * self.layout_.dim > room,
                 **extra,
             )
         else:
@@ -516,6 +524,7 @@ class WeightSpace:
                 blocks=getattr(self, "_kernel_plan", None),
                 sketch_columns=int(self.info_.get("sketch_columns", 0)),
                 passes=int(self.info_.get("n_passes", 1)),
+                cold_files=cold_files,
             )
         prof.set_floor(floor, rates)
         out = prof.as_dict()
