@@ -457,3 +457,149 @@ def test_block_pool_reuses_a_buffer_only_when_nothing_sees_it():
     assert addr(pool.empty((2, 4))) not in (first, addr(b))  # another size: a new one
     del b, c
     assert len(pool._free) == 1  # at most `keep` idle buffers
+
+
+def _direct_works(path) -> bool:
+    import errno
+    import os
+
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL, exc
+        return False
+    return True
+
+
+def _evict(paths) -> None:
+    """Drop the files' pages from the page cache (written back first)."""
+    import os
+
+    os.sync()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _spy_reads(monkeypatch) -> list[str]:
+    """Record every ``os.preadv`` as "direct" (O_DIRECT descriptor) or "buffered"."""
+    import fcntl
+    import os
+
+    calls: list[str] = []
+    real = os.preadv
+
+    def spy(fd, buffers, offset, *flags):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            calls.append("direct")
+        else:
+            calls.append("buffered")
+        return real(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", spy)
+    return calls
+
+
+def test_the_scan_reads_cold_files_around_the_page_cache(tmp_path, monkeypatch):
+    """Files the page cache holds are read from it; the others with O_DIRECT: the same
+    rows, statistics and manifest (hashes) either way."""
+    models = random_models(7, seed=9)
+    paths = _write(models, tmp_path / "loras")
+    calls = _spy_reads(monkeypatch)
+    warm_coll = Collection(tmp_path / "loras")
+    warm = warm_coll.scan_factors(in_memory=True)
+    assert warm_coll._fast_reader.direct
+    assert calls == ["buffered"] * 6  # the template (file 0) goes through the ordinary reader
+    calls.clear()
+    _evict(paths)
+    cold_coll = Collection(tmp_path / "loras")
+    cold = cold_coll.scan_factors(in_memory=True)
+    np.testing.assert_array_equal(np.asarray(cold.data), np.asarray(warm.data))
+    np.testing.assert_array_equal(cold.mean, warm.mean)
+    np.testing.assert_array_equal(cold.var, warm.var)
+    assert [e["sha256"] for e in cold_coll.manifest] == [
+        hashlib.sha256(p.read_bytes()).hexdigest() for p in paths
+    ]
+    assert cold_coll.manifest == warm_coll.manifest
+    if _direct_works(paths[0]):
+        # each file: the page cache does not have it, one O_DIRECT read of it whole
+        assert calls == ["direct"] * 6
+        assert cold_coll._fast_reader.direct
+    else:  # refused once, then buffered reads
+        assert "direct" not in calls and not cold_coll._fast_reader.direct
+
+
+def test_rows_left_in_files_that_fit_are_scanned_through_the_page_cache(tmp_path, monkeypatch):
+    """A fit that reads its rows from the files on every pass scans them through the page
+    cache when they fit in it (the passes then find them there)."""
+    import w2wkit.collection as collection
+
+    models = random_models(5, seed=12)
+    paths = _write(models, tmp_path / "loras")
+    _evict(paths)
+    calls = _spy_reads(monkeypatch)
+    coll = Collection(tmp_path / "loras")
+    rows = coll.scan_factors(in_files=True)
+    assert not coll._fast_reader.direct and calls == ["buffered"] * 4
+    rows.close()
+    monkeypatch.setattr(collection, "physical_memory", lambda: 1000)  # they do not fit
+    coll = Collection(tmp_path / "loras")
+    coll.scan_factors(in_files=True).close()
+    assert coll._fast_reader.direct
+
+
+def test_page_cache_residency_is_asked_of_mincore(tmp_path):
+    import os
+
+    from w2wkit.collection import page_cache_holds
+
+    f = tmp_path / "x.bin"
+    f.write_bytes(os.urandom(3 * 4096 + 5))
+    _evict([f])
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        assert page_cache_holds(fd, size) is False
+        os.pread(fd, 4096, 0)  # one page read (and maybe its readahead)
+        os.pread(fd, size, 0)
+        assert page_cache_holds(fd, size) is True
+        assert page_cache_holds(fd, 0) is True
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_file_read_follows_a_file_that_grew(tmp_path, monkeypatch, direct):
+    """The read goes to the file's end even past the size fstat gave (a file that grew),
+    around the page cache or through it; the bytes are the file's."""
+    import os
+
+    import w2wkit.collection as collection
+
+    models = random_models(2, seed=10)
+    _write(models, tmp_path / "loras")
+    coll = Collection(tmp_path / "loras")
+    coll.scan_factors(in_memory=True)
+    fast = coll._fast_reader
+    fast.direct = direct
+    big = tmp_path / "big.bin"  # several aligned blocks and a tail
+    big.write_bytes(os.urandom(5 * 4096 + 123))
+    _evict([big])
+    real = os.fstat
+
+    def smaller(fd):
+        st = list(real(fd))
+        st[6] = 10  # st_size: the file "grew" after this fstat
+        return os.stat_result(st)
+
+    monkeypatch.setattr(collection.os, "fstat", smaller)
+    raw, st = fast.read_file(big)
+    assert bytes(raw) == big.read_bytes() and st.st_size == 10
+    raw, _ = fast.read_file(big)  # again (cached when read through the page cache)
+    assert bytes(raw) == big.read_bytes()
+    assert fast.read_file(tmp_path / "absent") is None
+    assert fast.read_file(tmp_path) is None  # not a regular file
