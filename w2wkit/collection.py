@@ -703,10 +703,16 @@ class Collection:
                     # the workers read, hash, check and copy a few files ahead, each file
                     # straight into its own row (or a row buffer for the disk cache)
                     if pool is None:
-                        # a file the page cache does not hold is read around it, unless
-                        # the passes will read the rows from these files and they fit it
-                        fits = n * fast.file_size <= DIRECT_READ_RAM_FRACTION * physical_memory()
-                        fast.direct = not (isinstance(data, _FileRows) and fits)
+                        # a file the page cache does not hold is read around it when the
+                        # rows (held, or a row cache the passes read through the page cache)
+                        # fit it: the files' pages then do not push the rows out. Rows that
+                        # outgrow it (read with O_DIRECT by the passes) and rows the passes
+                        # read from these files: scanned through the page cache (measured:
+                        # 30k cold 44-50 s -> 35-41 s around it; 65k 69-89 s -> 76-103 s)
+                        room = DIRECT_READ_RAM_FRACTION * physical_memory()
+                        fast.direct = 4 * n * int(data.shape[1]) <= room and not isinstance(
+                            data, _FileRows
+                        )
                         pool = stack.enter_context(
                             ThreadPoolExecutor(workers, thread_name_prefix="w2wkit-read")
                         )
@@ -1974,9 +1980,8 @@ class _KohyaRows:
 
         With :attr:`direct` a file the page cache does not hold whole
         (:func:`page_cache_holds`) is read with ``O_DIRECT``: one device read and no
-        page-cache insertion and reclaim (30,000 cold SD1.5 LoRAs: a 44-46 s scan
-        through the page cache, 33-36 s around it, with 0.6-0.8x the CPU). A file system
-        that refuses ``O_DIRECT`` turns :attr:`direct` off.
+        page-cache insertion and reclaim (docs/space.md, "The scan"). A file system that
+        refuses ``O_DIRECT`` turns :attr:`direct` off.
         """
         import fcntl
         import stat
