@@ -102,3 +102,16 @@ def principal_angle(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.linalg import subspace_angles
 
     return float(np.max(subspace_angles(a.T.astype(np.float64), b.T.astype(np.float64))))
+
+
+def direct_io_works(path) -> bool:
+    """Whether the file system of ``path`` takes ``O_DIRECT`` (it refuses with EINVAL)."""
+    import errno
+    import os
+
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL, exc
+        return False
+    return True

@@ -4,7 +4,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from _spacehelpers import random_models
+from _spacehelpers import direct_io_works, random_models
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -459,18 +459,6 @@ def test_block_pool_reuses_a_buffer_only_when_nothing_sees_it():
     assert len(pool._free) == 1  # at most `keep` idle buffers
 
 
-def _direct_works(path) -> bool:
-    import errno
-    import os
-
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-    except OSError as exc:
-        assert exc.errno == errno.EINVAL, exc
-        return False
-    return True
-
-
 def _evict(paths) -> None:
     """Drop the files' pages from the page cache (written back first)."""
     import os
@@ -525,7 +513,7 @@ def test_the_scan_reads_cold_files_around_the_page_cache(tmp_path, monkeypatch):
         hashlib.sha256(p.read_bytes()).hexdigest() for p in paths
     ]
     assert cold_coll.manifest == warm_coll.manifest
-    if _direct_works(paths[0]):
+    if direct_io_works(paths[0]):
         # each file: the page cache does not have it, one O_DIRECT read of it whole
         assert calls == ["direct"] * 6
         assert cold_coll._fast_reader.direct
@@ -545,7 +533,7 @@ def test_the_scan_reads_around_the_page_cache_only_for_rows_that_fit_it(tmp_path
     cases = [
         ({"in_files": True}, 1 << 40, False),  # rows left in the files
         ({"cache_dir": tmp_path / "c"}, 1000, False),  # a row cache beyond the page cache
-        ({"cache_dir": tmp_path / "c"}, 1 << 40, _direct_works(paths[0])),  # one that fits
+        ({"cache_dir": tmp_path / "c"}, 1 << 40, direct_io_works(paths[0])),  # one that fits
     ]
     for kwargs, memory, direct in cases:
         monkeypatch.setattr(collection, "physical_memory", lambda m=memory: m)

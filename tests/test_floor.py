@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from _spacehelpers import direct_io_works
 
 from w2wkit.floor import (
     Profile,
@@ -162,18 +163,6 @@ def test_measured_rates_are_positive_and_cached(tmp_path):
         assert math.isfinite(v) and v > 0
 
 
-def _direct_works(path) -> bool:
-    import errno
-    import os
-
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-    except OSError as exc:
-        assert exc.errno == errno.EINVAL, exc
-        return False
-    return True
-
-
 def test_disk_read_rate_reads_around_the_page_cache(tmp_path):
     """The disk's rate: O_DIRECT reads of the files (nan where the file system refuses it)."""
     import os
@@ -186,7 +175,7 @@ def test_disk_read_rate_reads_around_the_page_cache(tmp_path):
         f.write_bytes(os.urandom(100_000 + 517 * i))  # sizes not a multiple of the alignment
         files.append(f)
     rate = disk_read_rate(files, threads=3)
-    if _direct_works(files[0]):
+    if direct_io_works(files[0]):
         assert math.isfinite(rate) and rate > 0
         r = measure_rates(files, disk=True)
         assert math.isfinite(r.disk_read_bytes_per_s) and r.disk_read_bytes_per_s > 0
@@ -278,7 +267,7 @@ def test_fit_profile_takes_the_disk_rate_for_files_beyond_the_page_cache(tmp_pat
     cold = space._profile(Collection(folder))
     read = {r["phase"]: r for r in cold["phases"]}["read"]
     disk = cold["rates"]["disk_read_bytes_per_s"]
-    if _direct_works(files[0]):
+    if direct_io_works(files[0]):
         assert math.isfinite(disk) and disk > 0
         rates = Rates(**cold["rates"])
         assert read["floor_seconds"] == pytest.approx(rates.file_seconds(read["bytes"], cold=True))

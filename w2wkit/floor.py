@@ -183,13 +183,8 @@ def _best_time(fn: Any, repeats: int = 3) -> float:
     return max(best, 1e-9)
 
 
-def read_rate(paths: Sequence[str | os.PathLike[str]], max_bytes: int = 64 << 20) -> float:
-    """Sequential read rate (bytes/s) of whole files, up to ``max_bytes`` of them.
-
-    The files are read with plain unbuffered reads into one reused buffer (as
-    the fit reads them); a file that cannot be read is skipped. Returns nan when
-    nothing could be read.
-    """
+def _sample_sizes(paths: Sequence[str | os.PathLike[str]], max_bytes: int) -> list[tuple[str, int]]:
+    """``(path, size)`` of the first non-empty readable files, up to ``max_bytes`` of them."""
     sizes: list[tuple[str, int]] = []
     total = 0
     for p in paths:
@@ -203,6 +198,17 @@ def read_rate(paths: Sequence[str | os.PathLike[str]], max_bytes: int = 64 << 20
         total += size
         if total >= max_bytes:
             break
+    return sizes
+
+
+def read_rate(paths: Sequence[str | os.PathLike[str]], max_bytes: int = 64 << 20) -> float:
+    """Sequential read rate (bytes/s) of whole files, up to ``max_bytes`` of them.
+
+    The files are read with plain unbuffered reads into one reused buffer (as
+    the fit reads them); a file that cannot be read is skipped. Returns nan when
+    nothing could be read.
+    """
+    sizes = _sample_sizes(paths, max_bytes)
     if not sizes:
         return math.nan
     buf = bytearray(max(s for _, s in sizes))
@@ -252,19 +258,7 @@ def disk_read_rate(
     if not flag:
         return math.nan
     align = 4096
-    sizes: list[tuple[str, int]] = []
-    total = 0
-    for p in paths:
-        try:
-            size = os.stat(p).st_size
-        except OSError:
-            continue
-        if size <= 0:
-            continue
-        sizes.append((os.fspath(p), size))
-        total += size
-        if total >= max_bytes:
-            break
+    sizes = _sample_sizes(paths, max_bytes)
     if not sizes:
         return math.nan
     nthreads = max(1, min(threads or DIRECT_READ_THREADS, len(sizes)))
