@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import mmap
@@ -666,9 +667,9 @@ class Collection:
         if in_memory and summed < n:
             stats.add_block(data[summed:n])
         if isinstance(data, _FileRows):
-            data.direct = data.file_bytes > DIRECT_READ_RAM_FRACTION * physical_memory()
+            data.direct = outgrows_page_cache(data.file_bytes)
         elif isinstance(data, _RowFile):
-            data.direct = 4 * n * data.shape[1] > DIRECT_READ_RAM_FRACTION * physical_memory()
+            data.direct = outgrows_page_cache(4 * n * data.shape[1])
         mean, var = stats.result()
         return FactorRows(layout, data, mean, var, cleanup, bool(in_memory))
 
@@ -709,9 +710,8 @@ class Collection:
                         # outgrow it (read with O_DIRECT by the passes) and rows the passes
                         # read from these files: scanned through the page cache (measured:
                         # 30k cold 44-50 s -> 35-41 s around it; 65k 69-89 s -> 76-103 s)
-                        room = DIRECT_READ_RAM_FRACTION * physical_memory()
-                        fast.direct = 4 * n * int(data.shape[1]) <= room and not isinstance(
-                            data, _FileRows
+                        fast.direct = not isinstance(data, _FileRows) and not (
+                            outgrows_page_cache(4 * n * int(data.shape[1]))
                         )
                         pool = stack.enter_context(
                             ThreadPoolExecutor(workers, thread_name_prefix="w2wkit-read")
@@ -1693,6 +1693,14 @@ DIRECT_READ_RAM_FRACTION = 0.75
 DIRECT_READ_THREADS = 8
 
 
+def outgrows_page_cache(nbytes: float) -> bool:
+    """Whether ``nbytes`` of files or rows hold more than :data:`DIRECT_READ_RAM_FRACTION`
+    of :func:`physical_memory`: a read of them then finds next to nothing in the page
+    cache (the rule by which passes and scans read around it, and the floor counts the
+    disk's rate)."""
+    return float(nbytes) > DIRECT_READ_RAM_FRACTION * physical_memory()
+
+
 def physical_memory(
     proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup",
     cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup",
@@ -1756,7 +1764,6 @@ class _KohyaRows:
         lay = _parse_layout(raw[8 : 8 + int(hlen)], len(raw), str(path))
         self.header = lay.header
         self._head_around = _around_metadata(raw[8 : 8 + int(hlen)])
-        self._local = threading.local()
         #: read a file the page cache does not hold with ``O_DIRECT`` (:meth:`read_file`;
         #: set by the scan, turned off by the first file system that refuses it)
         self.direct = False
@@ -1959,24 +1966,10 @@ class _KohyaRows:
             where["start"] = 8 + int.from_bytes(raw[:8], "little")
         return meta, digest
 
-    def _buffer(self, span: int, keep: int = 0) -> mmap.mmap:
-        """This thread's page-aligned read buffer, at least ``span`` bytes (its first
-        ``keep`` bytes carried over when it has to grow)."""
-        buf = getattr(self._local, "dbuf", None)
-        if buf is None or len(buf) < span:
-            new = mmap.mmap(-1, span)
-            if buf is not None:
-                if keep:
-                    new[:keep] = buf[:keep]
-                with contextlib.suppress(BufferError):  # a view still alive: freed later
-                    buf.close()
-            buf = self._local.dbuf = new
-        return buf
-
     def read_file(self, path: Path) -> tuple[memoryview, os.stat_result] | None:
         """The whole file (to its end, should it have grown since its ``fstat``) in this
-        thread's buffer, and its ``fstat``; None for anything but a regular file or a file
-        that cannot be read (the ordinary reader then names the problem).
+        thread's aligned scratch buffer, and its ``fstat``; None for anything but a regular
+        file or a file that cannot be read (the ordinary reader then names the problem).
 
         With :attr:`direct` a file the page cache does not hold whole
         (:func:`page_cache_holds`) is read with ``O_DIRECT``: one device read and no
@@ -1994,34 +1987,26 @@ class _KohyaRows:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size > (1 << 40):
                 return None
-            span = -(-(st.st_size + 1) // _ALIGN) * _ALIGN  # one read past the end
-            got = 0
-            use_direct = False
-            if self.direct and page_cache_holds(fd, st.st_size) is False:
+            direct = self.direct and page_cache_holds(fd, st.st_size) is False
+            if direct:
                 try:
                     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-                    fcntl.fcntl(fd, fcntl.F_SETFL, flags | getattr(os, "O_DIRECT", 0))
-                    use_direct = bool(getattr(os, "O_DIRECT", 0))
-                except OSError:
-                    self.direct = False
-            while True:  # to the end: a file that grew is read as it now is
-                view = memoryview(self._buffer(span, keep=got))
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+                except (OSError, AttributeError):  # no O_DIRECT here
+                    self.direct = direct = False
+            span = -(-(st.st_size + 1) // _ALIGN) * _ALIGN  # one aligned read past the end
+            while True:
+                view = memoryview(_aligned_scratch(span))[:span]
                 try:
-                    r = os.preadv(fd, [view[got:span]], got)
+                    got = os.preadv(fd, [view], 0)
                 except OSError as exc:
-                    view.release()
-                    if use_direct and exc.errno == errno.EINVAL:  # no O_DIRECT here
-                        self.direct = use_direct = False
-                        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-                        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-                        got = 0
-                        continue
+                    if direct and exc.errno == errno.EINVAL:  # O_DIRECT refused at the read
+                        self.direct = False
+                        return self.read_file(path)
                     return None
-                got += r
-                if r == 0 or got < span:
+                if got < span:
                     return view[:got], st
-                view.release()
-                span *= 2  # the file grew past the buffer: read on into a larger one
+                span *= 2  # the file grew past the buffer: read it again, whole, into more
         finally:
             os.close(fd)
 
@@ -2063,33 +2048,28 @@ def _read_row_job(
     return got
 
 
-_MINCORE: list[Any] = []
+@functools.cache
+def _mincore_calls() -> tuple[Any, Any, int] | None:
+    """ctypes, libc (``mmap``, ``mincore`` and ``munmap`` typed) and ``MAP_FAILED``; None
+    where libc has no ``mincore``."""
+    try:
+        import ctypes
 
-
-def _mincore_calls() -> Any:
-    """libc's ``mmap``, ``mincore`` and ``munmap`` through ctypes (None where absent)."""
-    if not _MINCORE:
-        calls = None
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.mmap.restype = ctypes.c_void_p
-            libc.mmap.argtypes = [
-                ctypes.c_void_p,
-                ctypes.c_size_t,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_long,
-            ]
-            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-            calls = (ctypes, libc, ctypes.c_void_p(-1).value)
-        except (OSError, AttributeError):  # pragma: no cover - no libc mincore here
-            calls = None
-        _MINCORE.append(calls)
-    return _MINCORE[0]
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):  # pragma: no cover - no libc mincore here
+        return None
+    return ctypes, libc, ctypes.c_void_p(-1).value
 
 
 def page_cache_holds(fd: int, size: int) -> bool | None:

@@ -485,7 +485,7 @@ class WeightSpace:
         prof = Profile()
         for name, secs in self.info_.get("timings", {}).items():
             prof.add(name, secs)
-        from w2wkit.collection import DIRECT_READ_RAM_FRACTION, physical_memory
+        from w2wkit.collection import outgrows_page_cache
 
         files = [str(f) for f in coll.files]
         n = len(self.manifest_)
@@ -494,8 +494,7 @@ class WeightSpace:
             file_bytes = float(sum(os.path.getsize(f) for f in files if os.path.isfile(f)))
         # files (rows) the page cache cannot hold are read at the disk's rate: the rule
         # the fit's own reads go around the page cache by
-        room = DIRECT_READ_RAM_FRACTION * physical_memory()
-        cold_files = (file_bytes or 0.0) > room
+        cold_files = outgrows_page_cache(file_bytes or 0.0)
         rates = measure_rates(files, disk=cold_files)
         if self.representation == "factors":
             extra = {}
@@ -509,7 +508,7 @@ class WeightSpace:
                 rates,
                 file_bytes=file_bytes,
                 cold_files=cold_files,
-                cold_rows=4.0 * n * self.layout_.dim > room,
+                cold_rows=outgrows_page_cache(4.0 * n * self.layout_.dim),
                 **extra,
             )
         else:
