@@ -8,6 +8,7 @@ from _spacehelpers import direct_io_works, random_models
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from w2wkit.adapter import Adapter, LoraLayer
 from w2wkit.collection import Collection
 from w2wkit.errors import FormatError, LayoutError, SpaceError
 from w2wkit.formats import write_adapter
@@ -286,6 +287,91 @@ def test_column_stats_match_numpy(n, d, offset, seed, by_row):
     assert stats.n == n
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 12), min_size=1, max_size=5),
+    d=st.integers(1, 300),
+    spread=st.floats(0.0, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_column_stats_merged_equal_one_pass(sizes, d, spread, seed):
+    """Statistics summed in parts (each with its own shift: its first row) and merged
+    equal those of one pass over all the rows, whatever the parts' sizes and offsets."""
+    from w2wkit.collection import _ColumnStats
+
+    rng = np.random.default_rng(seed)
+    parts = [
+        (spread * rng.standard_normal(d) + rng.standard_normal((m, d))).astype(np.float32)
+        for m in sizes
+    ]
+    x = np.concatenate(parts)
+    total = _ColumnStats(d)
+    for part in parts:
+        st_part = _ColumnStats(d)
+        st_part.add_block(part)
+        total.merge(st_part)
+    assert total.n == x.shape[0]
+    if x.shape[0] == 0:
+        return
+    mean, var = total.result()
+    x64 = x.astype(np.float64)
+    scale = 1.0 + np.abs(x64).max()
+    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=1e-12, atol=1e-12 * scale)
+    np.testing.assert_allclose(var, x64.var(axis=0), rtol=1e-9, atol=1e-12 * scale**2)
+
+
+@pytest.mark.parametrize("target", ["memory", "row cache", "files"])
+def test_reader_threads_take_runs_of_files(tmp_path, monkeypatch, target):
+    # the reader threads take runs of files (here 3); files the fast path declines fall at
+    # the start, the middle and the end of runs, and a whole run is declined: rows,
+    # statistics (summed per thread, merged), manifest and families equal the reader's
+    from w2wkit import collection as coll
+
+    monkeypatch.setattr(coll, "READ_RUN", 3)
+    models = random_models(17, seed=11)
+    for j in (4, 6, 9, 10, 11, 16):  # another alpha: read by the ordinary reader
+        models[j] = Adapter(
+            {
+                name: LoraLayer(ly.down, ly.up / 2, alpha=ly.alpha * 2)
+                for name, ly in models[j].layers.items()
+            }
+        )
+    _write(models, tmp_path / "loras")
+    kwargs = {"memory": {"in_memory": True}, "files": {"in_files": True}}.get(target, {})
+    fast_coll = Collection(tmp_path / "loras", cache_dir=tmp_path / "c1")
+    fast = fast_coll.scan_factors(**kwargs)
+    assert fast_coll._fast_reader is not None
+    with monkeypatch.context() as m:
+        m.setattr(Collection, "_kohya_template", lambda self, i, ad: None)
+        slow_coll = Collection(tmp_path / "loras", cache_dir=tmp_path / "c2")
+        slow = slow_coll.scan_factors(in_memory=True)
+    np.testing.assert_array_equal(_rows_of(fast), np.asarray(slow.data))
+    np.testing.assert_allclose(fast.mean, slow.mean, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(fast.var, slow.var, rtol=1e-9, atol=1e-15)
+    assert fast_coll.manifest == slow_coll.manifest
+    assert fast_coll.families == slow_coll.families
+    if target == "files":
+        assert sorted(np.flatnonzero(fast.data.starts < 0)) == [0, 4, 6, 9, 10, 11, 16]
+    fast.close()
+    slow.close()
+
+
+def test_rows_written_to_a_row_cache_a_run_at_a_time(tmp_path):
+    from w2wkit.collection import _RowFile
+
+    rows = _RowFile(tmp_path / "rows.npy", 5, 3)
+    block = np.arange(9, dtype=np.float32).reshape(3, 3)
+    rows.write_rows(1, block)
+    rows[4] = np.full(3, 7.0, np.float32)
+    got = np.load(tmp_path / "rows.npy")
+    np.testing.assert_array_equal(got[1:4], block)
+    np.testing.assert_array_equal(got[4], 7.0)
+    with pytest.raises(ValueError, match="rows of shape"):
+        rows.write_rows(3, block)  # past the last row
+    with pytest.raises(ValueError, match="row of shape"):
+        rows[0] = np.zeros(4, np.float32)
+
+
 def _rows_of(rows):
     return np.concatenate(list(rows.blocks(block_rows=3)))
 
@@ -546,11 +632,24 @@ def test_the_scan_reads_around_the_page_cache_only_for_rows_that_fit_it(tmp_path
         assert calls == (["direct"] if direct else ["buffered"]) * 4, (kwargs, calls)
 
 
-def test_page_cache_residency_is_asked_of_mincore(tmp_path):
+@pytest.mark.parametrize("call", ["cachestat", "mincore"])
+def test_page_cache_residency_is_asked_of_the_kernel(tmp_path, monkeypatch, call):
+    # cachestat(2) where the kernel has it, mincore(2) otherwise: the same answers
     import os
 
+    from w2wkit import collection
     from w2wkit.collection import page_cache_holds
 
+    asked = []
+    for name in ("_cachestat_holds", "_mincore_holds"):
+        real = getattr(collection, name)
+        monkeypatch.setattr(
+            collection, name, lambda fd, size, r=real, n=name: asked.append(n) or r(fd, size)
+        )
+    if call == "mincore":
+        monkeypatch.setitem(collection._CACHESTAT, "works", False)
+    elif collection._cachestat_call() is None or not collection._CACHESTAT["works"]:
+        pytest.skip("no cachestat(2) here")
     f = tmp_path / "x.bin"
     f.write_bytes(os.urandom(3 * 4096 + 5))
     _evict([f])
@@ -564,6 +663,37 @@ def test_page_cache_residency_is_asked_of_mincore(tmp_path):
         assert page_cache_holds(fd, 0) is True
     finally:
         os.close(fd)
+    assert set(asked) == (
+        {"_cachestat_holds"} if call == "cachestat" else {"_cachestat_holds", "_mincore_holds"}
+    )
+
+
+def test_a_refused_cachestat_falls_back_to_mincore(tmp_path, monkeypatch):
+    import ctypes
+    import errno
+    import os
+
+    from w2wkit import collection
+
+    real = collection._cachestat_call()
+    if real is None:
+        pytest.skip("not a Linux machine cachestat(2) is known on")
+
+    def refused(*args):
+        ctypes.set_errno(errno.ENOSYS)
+        return -1
+
+    monkeypatch.setattr(collection, "_cachestat_call", lambda: (real[0], refused, real[2]))
+    monkeypatch.setitem(collection._CACHESTAT, "works", True)
+    f = tmp_path / "x.bin"
+    f.write_bytes(os.urandom(8192))
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.pread(fd, 8192, 0)
+        assert collection.page_cache_holds(fd, 8192) is True  # from mincore
+    finally:
+        os.close(fd)
+    assert collection._CACHESTAT["works"] is False
 
 
 @pytest.mark.parametrize("direct", [True, False])

@@ -609,46 +609,35 @@ class Collection:
         data: np.ndarray | None = None
         cleanup = None
         stats: _ColumnStats | None = None
-        summed = 0  # in-memory rows: rows [0, summed) are in ``stats``
-        block_rows = _ColumnStats.ROWS
         try:
-            for i, ad, fast_row in self._iter_factor_rows(progress, lambda: data):  # noqa: B023
-                if ad is None:  # copied into data[i] by the fast path (and given as fast_row)
+            rows_of = self._iter_factor_rows(progress, lambda: data, lambda: stats)
+            for i, ad, _ in rows_of:
+                if ad is None:  # copied into data[i] and counted by the reader threads
                     groups[next(iter(groups))].append(self.names[i])
-                    row = fast_row
-                else:
-                    lay = WeightLayout.from_adapter(ad)
-                    groups.setdefault(lay.signature, []).append(self.names[i])
-                    layouts.setdefault(lay.signature, lay)
-                    if layout is None:
-                        layout = lay
-                        if callable(in_memory):
-                            in_memory = bool(in_memory(n, layout.dim))
-                        if callable(in_files):
-                            in_files = bool(in_files(n, layout.dim))
-                        if in_memory:
-                            data = _anon_empty((n, layout.dim))
-                        elif in_files and self.files:
-                            data, cleanup = self._open_file_rows(n, layout.dim)
-                        else:
-                            data, cleanup = self._open_cache(n, layout.dim)
-                        stats = _ColumnStats(layout.dim)
-                        self._fast_layout = layout
-                    if len(groups) > 1:
-                        continue
-                    assert data is not None
-                    row = layout.flatten(ad)
-                    data[i] = row
+                    continue
+                lay = WeightLayout.from_adapter(ad)
+                groups.setdefault(lay.signature, []).append(self.names[i])
+                layouts.setdefault(lay.signature, lay)
+                if layout is None:
+                    layout = lay
+                    if callable(in_memory):
+                        in_memory = bool(in_memory(n, layout.dim))
+                    if callable(in_files):
+                        in_files = bool(in_files(n, layout.dim))
+                    if in_memory:
+                        data = _anon_empty((n, layout.dim))
+                    elif in_files and self.files:
+                        data, cleanup = self._open_file_rows(n, layout.dim)
+                    else:
+                        data, cleanup = self._open_cache(n, layout.dim)
+                    stats = _ColumnStats(layout.dim)
+                    self._fast_layout = layout
                 if len(groups) > 1:
                     continue
-                assert stats is not None and data is not None
-                # the statistics go with the reads (the reader threads read ahead meanwhile)
-                if in_memory:
-                    if i + 1 - summed >= block_rows:
-                        stats.add_block(data[summed : i + 1])
-                        summed = i + 1
-                else:
-                    stats.add_row(row)
+                assert data is not None and stats is not None
+                row = layout.flatten(ad)
+                data[i] = row
+                stats.add_row(row)
             self.check_one_family()
         except BaseException:
             if cleanup is not None:
@@ -664,8 +653,6 @@ class Collection:
                 'use `representation="delta"`',
             )
         assert stats is not None
-        if in_memory and summed < n:
-            stats.add_block(data[summed:n])
         if isinstance(data, _FileRows):
             data.direct = outgrows_page_cache(data.file_bytes)
         elif isinstance(data, _RowFile):
@@ -674,15 +661,27 @@ class Collection:
         return FactorRows(layout, data, mean, var, cleanup, bool(in_memory))
 
     def _iter_factor_rows(
-        self, progress: Progress | None, rows: Callable[[], np.ndarray | None]
+        self,
+        progress: Progress | None,
+        rows: Callable[[], np.ndarray | None],
+        stats: Callable[[], _ColumnStats | None] | None = None,
     ) -> Iterator[tuple[int, Adapter | None, np.ndarray | None]]:
         """:meth:`iter_adapters` as ``(i, adapter, None)``, except that a kohya file laid out
         like the first one is copied into ``rows()[i]`` directly and yields ``(i, None,
         row)`` (``row`` (d,) float32, the values written there).
 
-        Into a row cache on disk (:class:`_RowFile`) the reader threads write the rows
-        themselves (each at its own offset); any other target is written by the caller's
-        thread, in order."""
+        Reader threads take the files in runs of :data:`READ_RUN` (a few runs ahead of the
+        caller). Into memory (an ndarray) they copy the rows into their places, into a row
+        cache on disk (:class:`_RowFile`) they write them (a run of rows in one write), for
+        rows left in their files (:class:`_FileRows`) they record where the rows lie; any
+        other target is written by the caller's thread, in order.
+
+        With ``stats`` (giving the scan's :class:`_ColumnStats` once the first row is
+        known), the reader threads add the rows they copy to statistics of their own,
+        merged into it once every file has been read, and yield ``(i, None, None)``: the
+        caller adds only the rows it reads itself.
+        """
+        from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
         self.manifest = []
@@ -693,16 +692,17 @@ class Collection:
         fast: _KohyaRows | None = None
         tried = False
         workers = read_threads()
-        ahead = 4 * workers
+        ahead = 3 * workers * READ_RUN
+        counted = _ThreadStats() if stats is not None else None
         with contextlib.ExitStack() as stack:
             pool: ThreadPoolExecutor | None = None
-            futures: dict[int, Any] = {}
-            targets: dict[int, np.ndarray] = {}
+            pending: deque[tuple[int, int, Any]] = deque()
+            submitted = 0  # files below it have a job
+            run: tuple[int, int, list[Any], np.ndarray | None] | None = None
             for i in range(n):
                 data = rows()
                 if fast is not None and data is not None:
-                    # the workers read, hash, check and copy a few files ahead, each file
-                    # straight into its own row (or a row buffer for the disk cache)
+                    # the workers read, hash, check and copy a few runs of files ahead
                     if pool is None:
                         # a file the page cache does not hold is read around it when the
                         # rows (held, or a row cache the passes read through the page cache)
@@ -716,20 +716,23 @@ class Collection:
                         pool = stack.enter_context(
                             ThreadPoolExecutor(workers, thread_name_prefix="w2wkit-read")
                         )
-                    direct = isinstance(data, np.ndarray)
-                    by_reader = isinstance(data, (_RowFile, _FileRows))
-                    for j in range(i, min(n, i + ahead)):
-                        if j not in futures:
-                            t = data[j] if direct else np.empty(data.shape[1], np.float32)
-                            targets[j] = t
-                            sink = data if by_reader else None
-                            futures[j] = pool.submit(_read_row_job, fast, self.files[j], t, sink, j)
-                    got = futures.pop(i).result()
-                    target = targets.pop(i)
+                        submitted = i
+                    while submitted < min(n, i + ahead):
+                        hi = min(n, submitted + READ_RUN)
+                        job = (fast, self.files[submitted:hi], data, submitted, counted)
+                        pending.append((submitted, hi, pool.submit(_read_rows_job, *job)))
+                        submitted = hi
+                    if run is None or i >= run[1]:
+                        lo, hi, fut = pending.popleft()
+                        run = (lo, hi, *fut.result())
+                    got = run[2][i - run[0]]
                     if got is not None:
                         meta, digest = got
-                        if not direct and not by_reader:
-                            data[i] = target
+                        row = None
+                        if run[3] is not None:  # the rows handed back
+                            row = run[3][i - run[0]]
+                            if not isinstance(data, (_RowFile, _FileRows)):
+                                data[i] = row  # a target the reader threads do not write
                         entry: dict[str, Any] = {
                             "name": self.names[i],
                             "file": str(self.files[i]),
@@ -743,7 +746,10 @@ class Collection:
                         self.families.append(fast.family(meta))
                         if progress is not None:
                             progress("read", i + 1, n)
-                        yield i, None, target
+                        if counted is not None:
+                            yield i, None, None
+                        else:
+                            yield i, None, data[i] if row is None else row
                         continue
                 ad, entry = self.read(i)
                 self.manifest.append(entry)
@@ -758,6 +764,10 @@ class Collection:
                     target_rows = rows()
                     if isinstance(target_rows, _FileRows):
                         target_rows.template = fast
+        if counted is not None and stats is not None:
+            main = stats()
+            if main is not None:
+                counted.merge_into(main)
 
     def _kohya_template(self, i: int, ad: Adapter) -> _KohyaRows | None:
         """The fast reader built on file ``i`` (just read as ``ad``), or None."""
@@ -1303,8 +1313,15 @@ class _RowFile:
         buf = np.ascontiguousarray(row, dtype="<f4")
         if buf.shape != (self.shape[1],):
             raise ValueError(f"row of shape {buf.shape}, need ({self.shape[1]},)")
+        self.write_rows(int(i), buf[None])
+
+    def write_rows(self, lo: int, block: np.ndarray) -> None:
+        """Write ``block`` (b, d) as rows ``lo : lo + b`` (one ``pwrite`` where it can)."""
+        buf = np.ascontiguousarray(block, dtype="<f4")
+        if buf.ndim != 2 or buf.shape[1] != self.shape[1] or lo + buf.shape[0] > self.shape[0]:
+            raise ValueError(f"rows of shape {buf.shape} at {lo}, need (b, {self.shape[1]})")
         view = memoryview(buf).cast("B")
-        at = self.offset + 4 * self.shape[1] * int(i)
+        at = self.offset + 4 * self.shape[1] * int(lo)
         while view:
             done = os.pwrite(self.fd, view, at)
             view, at = view[done:], at + done
@@ -2030,22 +2047,103 @@ class _KohyaRows:
         return plan
 
 
-def _read_row_job(
-    fast: _KohyaRows, path: Path, out: np.ndarray, cache: _RowFile | _FileRows | None, i: int
-) -> tuple[dict[str, str], str] | None:
-    """A reader thread's work on one file: :meth:`_KohyaRows.read_row` into ``out``, and
-    the row written to row ``i`` of ``cache`` when one is given and the row was read (rows
-    left in their files: where it lies is recorded instead)."""
-    if isinstance(cache, _FileRows):
-        where: dict[str, Any] = {}
-        got = fast.read_row(path, out, where)
-        if got is not None:
-            cache.record(i, where["stamp"], where["start"])
-        return got
-    got = fast.read_row(path, out)
-    if got is not None and cache is not None:
-        cache[i] = out
-    return got
+#: files a reader thread of a factors scan takes at a time (one hand-over, one wake-up and,
+#: into a row cache, one write per run instead of per file)
+READ_RUN = 8
+
+
+class _ThreadStats:
+    """Column statistics of the rows the reader threads of a scan copy, one
+    :class:`_ColumnStats` per thread (no lock held while adding), merged at the end."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._all: list[_ColumnStats] = []
+        self._lock = threading.Lock()
+
+    def add(self, block: np.ndarray) -> None:
+        """Add the rows of ``block`` (b, d) to this thread's statistics."""
+        mine = getattr(self._local, "stats", None)
+        if mine is None:
+            mine = self._local.stats = _ColumnStats(block.shape[1])
+            with self._lock:
+                self._all.append(mine)
+        mine.add_block(block)
+
+    def merge_into(self, total: _ColumnStats) -> None:
+        """Add every thread's statistics to ``total``."""
+        for part in self._all:
+            total.merge(part)
+        self._all = []
+
+
+def _scratch_block(rows: int, d: int) -> np.ndarray:
+    """This thread's reused ``(rows, d)`` float32 block (grown when too small)."""
+    buf = getattr(_SCRATCH, "block", None)
+    if buf is None or buf.size < rows * d:
+        buf = _SCRATCH.block = np.empty(rows * d, dtype=np.float32)
+    return buf[: rows * d].reshape(rows, d)
+
+
+def _read_rows_job(
+    fast: _KohyaRows,
+    paths: Sequence[Path],
+    target: Any,
+    lo: int,
+    stats: _ThreadStats | None,
+) -> tuple[list[tuple[dict[str, str], str] | None], np.ndarray | None]:
+    """A reader thread's work on the run of files ``paths`` (rows ``lo : lo + len(paths)``).
+
+    Each file is read, hashed, checked and copied by :meth:`_KohyaRows.read_row`: into
+    ``target``'s rows when it is an ndarray; else into this thread's scratch block, and
+    from there written to a :class:`_RowFile` (contiguous rows in one write), recorded
+    as lying in its file for :class:`_FileRows`, or -- any other target -- handed back
+    in a block of its own for the caller to write. The rows read are added to ``stats``
+    when given.
+
+    Returns
+    -------
+    results : list
+        Per file, ``(metadata, sha256 hex)`` or None (the caller reads that file
+        with the ordinary reader).
+    block : ndarray or None
+        ``(len(paths), d)``: the rows, for a target the caller writes; else None.
+    """
+    m, d = len(paths), int(target.shape[1])
+    held = isinstance(target, np.ndarray)
+    # the caller needs the rows: a target it writes, or rows it yields (no ``stats``)
+    hand_back = not held and (stats is None or not isinstance(target, (_RowFile, _FileRows)))
+    if held:
+        block = target[lo : lo + m]
+    elif hand_back:
+        block = np.empty((m, d), dtype=np.float32)
+    else:
+        block = _scratch_block(m, d)
+    results: list[tuple[dict[str, str], str] | None] = []
+    for k, path in enumerate(paths):
+        if isinstance(target, _FileRows):
+            where: dict[str, Any] = {}
+            got = fast.read_row(path, block[k], where)
+            if got is not None:
+                target.record(lo + k, where["stamp"], where["start"])
+        else:
+            got = fast.read_row(path, block[k])
+        results.append(got)
+    # runs of rows that were read: written (row cache) and counted a run at a time
+    k = 0
+    while k < m:
+        if results[k] is None:
+            k += 1
+            continue
+        end = k + 1
+        while end < m and results[end] is not None:
+            end += 1
+        if isinstance(target, _RowFile):
+            target.write_rows(lo + k, block[k:end])
+        if stats is not None:
+            stats.add(block[k:end])
+        k = end
+    return results, block if hand_back else None
 
 
 @functools.cache
@@ -2072,22 +2170,89 @@ def _mincore_calls() -> tuple[Any, Any, int] | None:
     return ctypes, libc, ctypes.c_void_p(-1).value
 
 
+#: ``cachestat(2)`` (Linux 6.5): its number on the architectures that share it
+_CACHESTAT_NR = 451
+_CACHESTAT_MACHINES = {"x86_64", "amd64", "aarch64", "arm64", "riscv64", "ppc64le", "s390x"}
+
+
+@functools.cache
+def _cachestat_call() -> tuple[Any, Any, Any] | None:
+    """ctypes, libc's ``syscall`` (typed) and the ``cachestat(2)`` range and result
+    structures, where that call may exist; else None."""
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in (
+        _CACHESTAT_MACHINES
+    ):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.syscall
+    except (OSError, AttributeError):  # pragma: no cover - no libc syscall here
+        return None
+    call.restype = ctypes.c_long
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_uint64)
+            for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "recent")
+        ]
+
+    return ctypes, call, (Range, Stat)
+
+
+_CACHESTAT = {"works": True}
+
+
+def _cachestat_holds(fd: int, size: int) -> bool | None:
+    """Whether ``cachestat(2)`` counts every page of the file's first ``size`` bytes in
+    the page cache; None where the kernel (or a seccomp filter) refuses the call."""
+    calls = _cachestat_call() if _CACHESTAT["works"] else None
+    if calls is None:
+        return None
+    ctypes, call, (range_type, stat_type) = calls
+    rng, stat = range_type(0, size), stat_type()
+    if call(_CACHESTAT_NR, fd, ctypes.byref(rng), ctypes.byref(stat), 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
+            _CACHESTAT["works"] = False  # not on this kernel: ask mincore from now on
+        return None
+    return int(stat.nr_cache) >= -(-size // mmap.PAGESIZE)
+
+
 def page_cache_holds(fd: int, size: int) -> bool | None:
-    """Whether every page of the open file ``fd`` (``size`` bytes) is in the page cache,
-    asked of ``mincore(2)`` on a read-only mapping (no read is started, unlike a
-    ``RWF_NOWAIT`` read, whose readahead made a cold scan as slow as a buffered one);
-    None where that cannot be asked."""
+    """Whether every page of the open file ``fd`` (``size`` bytes) is in the page cache.
+
+    Asked of ``cachestat(2)`` (one system call, ~5 us here), or where the kernel lacks
+    it of ``mincore(2)`` on a read-only mapping (a map, the call and an unmap: ~22 us
+    and a TLB flush on every thread). Neither starts a read, unlike a ``RWF_NOWAIT``
+    read, whose readahead made a cold scan as slow as a buffered one. None where
+    neither can be asked.
+    """
     if size <= 0:
         return True
+    held = _cachestat_holds(fd, size)
+    if held is not None:
+        return held
+    return _mincore_holds(fd, size)
+
+
+def _mincore_holds(fd: int, size: int) -> bool | None:
+    """:func:`page_cache_holds` asked of ``mincore(2)``."""
     calls = _mincore_calls()
     if calls is None:
         return None
-    ctypes, libc, failed = calls
+    ctypes_, libc, failed = calls
     addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     if addr is None or addr == failed:
         return None
     try:
-        vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+        vec = ctypes_.create_string_buffer(-(-size // mmap.PAGESIZE))
         if libc.mincore(addr, size, vec) != 0:
             return None
         resident = np.frombuffer(vec.raw, dtype=np.uint8) & 1  # bit 0: the page is in RAM
@@ -2150,14 +2315,30 @@ def _around_metadata(head: bytes) -> tuple[str, str | None] | None:
     return text[:j], text[end:]
 
 
+def anon_map(nbytes: int) -> mmap.mmap:
+    """A private anonymous memory map of ``nbytes`` in 4 KiB pages.
+
+    Private, not shared: a shared anonymous map (``mmap.mmap(-1, n)``'s default) is
+    backed by ``shmem``, whose page faults cost 1.3-1.9x those of ordinary anonymous
+    pages here (filling 4 GB: 3.1-5.4 s vs 2.1-2.8 s of CPU, benchmarks/README.md
+    "Fresh memory"). Huge pages are declined (see :func:`w2wkit.solvers.bulk_empty`).
+    """
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    if not flags:  # pragma: no cover - not POSIX
+        return mmap.mmap(-1, nbytes)
+    buf = mmap.mmap(-1, nbytes, flags=flags)
+    with contextlib.suppress(AttributeError, OSError):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return buf
+
+
 def _anon_empty(shape: tuple[int, int]) -> np.ndarray:
     """An uninitialised float32 array in ordinary pages (see ``solvers.bulk_empty``)."""
-    import mmap
 
     nbytes = 4 * shape[0] * shape[1]
     if nbytes < (64 << 20):
         return np.empty(shape, dtype=np.float32)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.float32).reshape(shape)
+    return np.frombuffer(anon_map(nbytes), dtype=np.float32).reshape(shape)
 
 
 class _ColumnStats:
@@ -2215,6 +2396,24 @@ class _ColumnStats:
             np.multiply(t, t, out=t)
             self.total_sq[lo:hi] += t.sum(axis=0)
         self.n += block.shape[0]
+
+    def merge(self, other: _ColumnStats) -> None:
+        """Add the rows ``other`` has summed (its own shift moved to this one's)."""
+        other.flush()
+        if other.n == 0:
+            return
+        self.flush()
+        if self.shift is None:
+            assert other.shift is not None
+            self.shift = other.shift.copy()
+            self.total += other.total
+            self.total_sq += other.total_sq
+        else:
+            # sum (x - s) = sum (x - t) + n (t - s), and the same for the squares
+            delta = other.shift - self.shift
+            self.total_sq += other.total_sq + 2.0 * delta * other.total + other.n * delta * delta
+            self.total += other.total + other.n * delta
+        self.n += other.n
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """Column mean and variance (``ddof=0``), float64 ``(d,)`` each."""

@@ -75,7 +75,7 @@ from typing import Any
 
 import numpy as np
 
-from w2wkit.collection import STREAM_MIN_ROWS
+from w2wkit.collection import STREAM_MIN_ROWS, anon_map
 from w2wkit.collection import memory_budget as _memory_budget
 from w2wkit.errors import SpaceError
 from w2wkit.floor import (
@@ -484,8 +484,7 @@ def bulk_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     nbytes = math.prod(shape) * dt.itemsize
     if nbytes < _BULK_MIN_BYTES:
         return np.empty(shape, dtype=dt)
-    buf = mmap.mmap(-1, nbytes)
-    return np.frombuffer(buf, dtype=dt).reshape(shape)
+    return np.frombuffer(anon_map(nbytes), dtype=dt).reshape(shape)
 
 
 def _fix_signs(a: np.ndarray, axis: int, other: np.ndarray | None = None) -> None:
