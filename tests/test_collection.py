@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 
 import numpy as np
 import pytest
@@ -496,6 +498,80 @@ def test_rows_read_around_the_page_cache_equal_the_buffered_ones(tmp_path, monke
         blocks = list(cached.blocks(block_rows=block_rows))
         assert all(b.flags.c_contiguous and b.flags.writeable for b in blocks)
         np.testing.assert_array_equal(np.concatenate(blocks)[:2], buffered[:2])
+    cached.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d=st.integers(1, 3000),
+    cuts=st.lists(st.integers(1, 39), max_size=8),
+    seed=st.integers(0, 2**16),
+)
+def test_runs_written_around_the_page_cache_give_the_rows(tmp_path_factory, d, cuts, seed):
+    """Runs of rows written with O_DIRECT (their whole pages) and through the page cache
+    (the pages they share), in any order and from two threads, give every row's bits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from w2wkit.collection import _RowFile, _scratch_block
+
+    n = 40
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    folder = tmp_path_factory.mktemp("rows")
+    rows = _RowFile(folder / "rows.npy", n, d)
+    rows.write_direct = True
+    edges = sorted({0, n, *cuts})
+    runs = list(itertools.pairwise(edges))
+    rng.shuffle(runs)
+
+    def write(run):
+        lo, hi = run
+        block = _scratch_block(hi - lo, d, rows.write_phase(lo))
+        block[:] = x[lo:hi]
+        rows.write_rows(lo, block)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(write, runs))
+    rows.end_writes()
+    np.testing.assert_array_equal(np.load(folder / "rows.npy"), x)
+    rows.direct = True  # and read back around the page cache
+    np.testing.assert_array_equal(rows[0:n], x)
+    os.close(rows.fd)
+
+
+def test_the_scan_writes_a_row_cache_beyond_the_page_cache_around_it(tmp_path, monkeypatch):
+    # a row cache the passes read with O_DIRECT is written with O_DIRECT by the reader
+    # threads (runs of 3 rows of 4,044 bytes: unaligned, pages shared between runs)
+    import w2wkit.collection as collection
+
+    shapes = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (300, 251),
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_q": (257, 203),
+    }
+    models = random_models(11, rank=1, seed=9, shapes=shapes)
+    _write(models, tmp_path / "loras")
+    monkeypatch.setattr(collection, "READ_RUN", 3)
+    expect = Collection(tmp_path / "loras").scan_factors(in_memory=True)
+    monkeypatch.setattr(collection, "physical_memory", lambda: 1000)
+    direct = []
+    orig = collection._RowFile._write_direct
+
+    def counting(self, fd, view, at):
+        got = orig(self, fd, view, at)
+        direct.append((got, at % 4096, len(view) % 4096))
+        return got
+
+    monkeypatch.setattr(collection._RowFile, "_write_direct", counting)
+    cached = Collection(tmp_path / "loras", cache_dir=tmp_path / "c").scan_factors()
+    assert isinstance(cached.data, collection._RowFile) and cached.data.direct
+    (path,) = (tmp_path / "c").glob("*/rows.npy")
+    np.testing.assert_array_equal(np.load(path), expect.data)
+    np.testing.assert_array_equal(cached.mean, expect.mean)
+    assert cached.data._direct_fd is None  # closed once the scan has written every row
+    if direct_io_works(path):
+        assert direct and all(ok and at == 0 and size == 0 for ok, at, size in direct)
+    else:
+        assert direct == [(False, 0, 0)] and not cached.data.write_direct
     cached.close()
 
 

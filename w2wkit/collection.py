@@ -643,6 +643,9 @@ class Collection:
             if cleanup is not None:
                 cleanup()
             raise
+        finally:
+            if isinstance(data, _RowFile):
+                data.end_writes()
         assert layout is not None and data is not None
         if len(groups) > 1:
             if cleanup is not None:
@@ -710,9 +713,12 @@ class Collection:
                         # outgrow it (read with O_DIRECT by the passes) and rows the passes
                         # read from these files: scanned through the page cache (measured:
                         # 30k cold 44-50 s -> 35-41 s around it; 65k 69-89 s -> 76-103 s)
-                        fast.direct = not isinstance(data, _FileRows) and not (
-                            outgrows_page_cache(4 * n * int(data.shape[1]))
-                        )
+                        outgrows = outgrows_page_cache(4 * n * int(data.shape[1]))
+                        fast.direct = not isinstance(data, _FileRows) and not outgrows
+                        if isinstance(data, _RowFile):
+                            # a row cache the passes read around the page cache is written
+                            # around it too (no page-cache insertion, writeback and reclaim)
+                            data.write_direct = outgrows
                         pool = stack.enter_context(
                             ThreadPoolExecutor(workers, thread_name_prefix="w2wkit-read")
                         )
@@ -1270,6 +1276,12 @@ class _RowFile:
         #: row slices read with ``O_DIRECT`` (set by the scan when the cache outgrows the
         #: page cache, see :data:`DIRECT_READ_RAM_FRACTION`)
         self.direct = False
+        #: runs of rows written with ``O_DIRECT`` (their whole pages; the pages they share
+        #: with the next run through the page cache): set by the scan when the cache
+        #: outgrows the page cache, turned off by a file system that refuses it
+        self.write_direct = False
+        self._direct_fd: int | None = None
+        self._lock = threading.Lock()
         self._blocks = _BlockPool()
 
     def __len__(self) -> int:
@@ -1315,13 +1327,67 @@ class _RowFile:
             raise ValueError(f"row of shape {buf.shape}, need ({self.shape[1]},)")
         self.write_rows(int(i), buf[None])
 
+    def write_phase(self, lo: int) -> int:
+        """Where row ``lo`` starts within its page of the file (bytes)."""
+        return (self.offset + 4 * self.shape[1] * int(lo)) % _ALIGN
+
+    def _direct_writer(self) -> int | None:
+        """A descriptor of the file opened with ``O_DIRECT`` (opened once); None, and
+        :attr:`write_direct` off, where that cannot be."""
+        with self._lock:
+            if self._direct_fd is None and self.write_direct:
+                try:
+                    self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+                except (OSError, AttributeError):  # no O_DIRECT on this file system
+                    self.write_direct = False
+            return self._direct_fd
+
     def write_rows(self, lo: int, block: np.ndarray) -> None:
-        """Write ``block`` (b, d) as rows ``lo : lo + b`` (one ``pwrite`` where it can)."""
+        """Write ``block`` (b, d) as rows ``lo : lo + b`` (one ``pwrite`` where it can).
+
+        With :attr:`write_direct`, the whole pages of the run go around the page
+        cache in one ``O_DIRECT`` write when ``block`` lies in memory as the file will
+        (:func:`_scratch_block` with :meth:`write_phase`); its first and last partial
+        pages, shared with the neighbouring runs, through the page cache.
+        """
         buf = np.ascontiguousarray(block, dtype="<f4")
         if buf.ndim != 2 or buf.shape[1] != self.shape[1] or lo + buf.shape[0] > self.shape[0]:
             raise ValueError(f"rows of shape {buf.shape} at {lo}, need (b, {self.shape[1]})")
         view = memoryview(buf).cast("B")
         at = self.offset + 4 * self.shape[1] * int(lo)
+        if self.write_direct and len(view) >= 2 * _ALIGN:
+            address = buf.__array_interface__["data"][0]
+            head = -at % _ALIGN
+            body = (len(view) - head) // _ALIGN * _ALIGN
+            if (address + head) % _ALIGN == 0 and body:
+                fd = self._direct_writer()
+                if fd is not None and self._write_direct(fd, view[head : head + body], at + head):
+                    self._write_all(view[:head], at)
+                    self._write_all(view[head + body :], at + head + body)
+                    return
+        self._write_all(view, at)
+
+    def _write_direct(self, fd: int, view: memoryview, at: int) -> bool:
+        """``view`` written at ``at`` with ``O_DIRECT``; False (nothing written, and
+        :attr:`write_direct` off) where the file system refuses it."""
+        done = 0
+        while done < len(view):
+            try:
+                wrote = os.pwrite(fd, view[done:], at + done)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and done == 0:
+                    self.write_direct = False
+                    return False
+                raise
+            if wrote <= 0 or wrote % _ALIGN:  # pragma: no cover - a short unaligned write
+                view, at = view[done + wrote :], at + done + wrote
+                self._write_all(view, at)
+                return True
+            done += wrote
+        return True
+
+    def _write_all(self, view: memoryview, at: int) -> None:
+        """``view`` written at ``at`` through the page cache."""
         while view:
             done = os.pwrite(self.fd, view, at)
             view, at = view[done:], at + done
@@ -1390,6 +1456,13 @@ class _RowFile:
 
     def flush(self) -> None:
         """Nothing to do: every write went to the file."""
+
+    def end_writes(self) -> None:
+        """Close the ``O_DIRECT`` descriptor of the writes (reopened should more come)."""
+        with self._lock:
+            fd, self._direct_fd = self._direct_fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class _FileRows:
@@ -2077,12 +2150,16 @@ class _ThreadStats:
         self._all = []
 
 
-def _scratch_block(rows: int, d: int) -> np.ndarray:
-    """This thread's reused ``(rows, d)`` float32 block (grown when too small)."""
+def _scratch_block(rows: int, d: int, phase: int = 0) -> np.ndarray:
+    """This thread's reused ``(rows, d)`` float32 block (grown when too small), starting
+    ``phase`` bytes (a multiple of 4, below :data:`_ALIGN`) past a page boundary: a run
+    of rows bound for file offset ``o`` with ``phase = o % _ALIGN`` has its page-aligned
+    part at page-aligned addresses (what an ``O_DIRECT`` write needs)."""
+    need = phase + 4 * rows * d
     buf = getattr(_SCRATCH, "block", None)
-    if buf is None or buf.size < rows * d:
-        buf = _SCRATCH.block = np.empty(rows * d, dtype=np.float32)
-    return buf[: rows * d].reshape(rows, d)
+    if buf is None or len(buf) < need:
+        buf = _SCRATCH.block = anon_map(-(-max(need, 1) // _ALIGN) * _ALIGN)
+    return np.frombuffer(buf, dtype=np.float32, count=rows * d, offset=phase).reshape(rows, d)
 
 
 def _read_rows_job(
@@ -2118,7 +2195,8 @@ def _read_rows_job(
     elif hand_back:
         block = np.empty((m, d), dtype=np.float32)
     else:
-        block = _scratch_block(m, d)
+        phase = target.write_phase(lo) if isinstance(target, _RowFile) else 0
+        block = _scratch_block(m, d, phase)
     results: list[tuple[dict[str, str], str] | None] = []
     for k, path in enumerate(paths):
         if isinstance(target, _FileRows):
