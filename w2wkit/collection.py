@@ -673,11 +673,13 @@ class Collection:
         like the first one is copied into ``rows()[i]`` directly and yields ``(i, None,
         row)`` (``row`` (d,) float32, the values written there).
 
-        Reader threads take the files in runs of :data:`READ_RUN` (a few runs ahead of the
-        caller). Into memory (an ndarray) they copy the rows into their places, into a row
-        cache on disk (:class:`_RowFile`) they write them (a run of rows in one write), for
-        rows left in their files (:class:`_FileRows`) they record where the rows lie; any
-        other target is written by the caller's thread, in order.
+        Reader threads take the files in runs of :data:`READ_RUN` (fewer where a run's
+        rows would pass :data:`READ_RUN_BYTES`), three runs a thread ahead of the caller.
+        Into memory (an ndarray) they copy the rows into their places; into a row cache on
+        disk (:class:`_RowFile`) they write them, a run in one write (around the page
+        cache when the cache outgrows it); for rows left in their files
+        (:class:`_FileRows`) they record where the rows lie; any other target is written
+        by the caller's thread, in order.
 
         With ``stats`` (giving the scan's :class:`_ColumnStats` once the first row is
         known), the reader threads add the rows they copy to statistics of their own,
@@ -695,7 +697,8 @@ class Collection:
         fast: _KohyaRows | None = None
         tried = False
         workers = read_threads()
-        ahead = 3 * workers * READ_RUN
+        run_files = READ_RUN
+        ahead = 3 * workers * run_files
         counted = _ThreadStats() if stats is not None else None
         with contextlib.ExitStack() as stack:
             pool: ThreadPoolExecutor | None = None
@@ -723,8 +726,10 @@ class Collection:
                             ThreadPoolExecutor(workers, thread_name_prefix="w2wkit-read")
                         )
                         submitted = i
+                        run_files = max(1, min(READ_RUN, READ_RUN_BYTES // (4 * data.shape[1])))
+                        ahead = 3 * workers * run_files
                     while submitted < min(n, i + ahead):
-                        hi = min(n, submitted + READ_RUN)
+                        hi = min(n, submitted + run_files)
                         job = (fast, self.files[submitted:hi], data, submitted, counted)
                         pending.append((submitted, hi, pool.submit(_read_rows_job, *job)))
                         submitted = hi
@@ -2123,6 +2128,8 @@ class _KohyaRows:
 #: files a reader thread of a factors scan takes at a time (one hand-over, one wake-up and,
 #: into a row cache, one write per run instead of per file)
 READ_RUN = 8
+#: at most this many bytes of rows in a run (SDXL-size rows: fewer files a run)
+READ_RUN_BYTES = 16 << 20
 
 
 class _ThreadStats:
