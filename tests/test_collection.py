@@ -683,29 +683,51 @@ def test_the_scan_reads_cold_files_around_the_page_cache(tmp_path, monkeypatch):
         assert "direct" not in calls and not cold_coll._fast_reader.direct
 
 
-def test_the_scan_reads_around_the_page_cache_only_for_rows_that_fit_it(tmp_path, monkeypatch):
-    """Cold files go around the page cache only when the rows (in memory or a row cache)
-    fit it; rows that outgrow it, and rows the passes read from the files, are scanned
-    through it (measured at 65k: the buffered scan was the faster)."""
+def test_the_scan_reads_through_the_page_cache_only_rows_the_passes_read_from_the_files(
+    tmp_path, monkeypatch
+):
+    """Cold files go around the page cache unless the passes read the rows from these
+    files (then they want them cached); a row cache beyond the page cache is written
+    around it too, by at least DIRECT_SCAN_THREADS reader threads."""
+    from concurrent import futures
+
     import w2wkit.collection as collection
 
     models = random_models(5, seed=12)
     paths = _write(models, tmp_path / "loras")
     calls = _spy_reads(monkeypatch)
+    works = direct_io_works(paths[0])
+    threads = []
+    real_pool = futures.ThreadPoolExecutor
+
+    def pool(workers, **kw):
+        if kw.get("thread_name_prefix") == "w2wkit-read":
+            threads.append(workers)
+        return real_pool(workers, **kw)
+
+    monkeypatch.setattr(futures, "ThreadPoolExecutor", pool)
+    monkeypatch.setattr(collection, "read_threads", lambda: 1)
     cases = [
-        ({"in_files": True}, 1 << 40, False),  # rows left in the files
-        ({"cache_dir": tmp_path / "c"}, 1000, False),  # a row cache beyond the page cache
-        ({"cache_dir": tmp_path / "c"}, 1 << 40, direct_io_works(paths[0])),  # one that fits
+        ({"in_files": True}, 1 << 40, False, False),  # rows left in the files
+        ({"cache_dir": tmp_path / "c"}, 1000, works, True),  # a row cache beyond the cache
+        ({"cache_dir": tmp_path / "d"}, 1 << 40, works, False),  # one that fits it
+        ({"in_memory": True}, 1 << 40, works, False),
     ]
-    for kwargs, memory, direct in cases:
+    for kwargs, memory, direct, write_direct in cases:
         monkeypatch.setattr(collection, "physical_memory", lambda m=memory: m)
         _evict(paths)
         calls.clear()
+        threads.clear()
         scan = {k: v for k, v in kwargs.items() if k != "cache_dir"}
         coll = Collection(tmp_path / "loras", cache_dir=kwargs.get("cache_dir"))
-        coll.scan_factors(**scan).close()
+        space = coll.scan_factors(**scan)
         assert coll._fast_reader.direct == direct, kwargs
         assert calls == (["direct"] if direct else ["buffered"]) * 4, (kwargs, calls)
+        if "cache_dir" in kwargs:
+            assert space.data.write_direct == (write_direct and works), kwargs
+        want = collection.DIRECT_SCAN_THREADS if write_direct else 1
+        assert threads == [want], (kwargs, threads)
+        space.close()
 
 
 @pytest.mark.parametrize("call", ["cachestat", "mincore"])

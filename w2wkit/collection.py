@@ -710,18 +710,18 @@ class Collection:
                 if fast is not None and data is not None:
                     # the workers read, hash, check and copy a few runs of files ahead
                     if pool is None:
-                        # a file the page cache does not hold is read around it when the
-                        # rows (held, or a row cache the passes read through the page cache)
-                        # fit it: the files' pages then do not push the rows out. Rows that
-                        # outgrow it (read with O_DIRECT by the passes) and rows the passes
-                        # read from these files: scanned through the page cache (measured:
-                        # 30k cold 44-50 s -> 35-41 s around it; 65k 69-89 s -> 76-103 s)
-                        outgrows = outgrows_page_cache(4 * n * int(data.shape[1]))
-                        fast.direct = not isinstance(data, _FileRows) and not outgrows
+                        # a file the page cache does not hold is read around it unless the
+                        # passes read the rows from these files (they want them cached):
+                        # the files' pages then do not push the rows out (measured, 30k
+                        # cold: 44-50 s -> 35-41 s). A row cache that outgrows the page
+                        # cache (the passes read it around it) is written around it too,
+                        # by at least 4 threads (they wait for the disk): measured at 65k
+                        # cold, 69-73 s -> 50-55 s (docs/space.md, "The scan")
+                        fast.direct = not isinstance(data, _FileRows)
                         if isinstance(data, _RowFile):
-                            # a row cache the passes read around the page cache is written
-                            # around it too (no page-cache insertion, writeback and reclaim)
-                            data.write_direct = outgrows
+                            data.write_direct = outgrows_page_cache(4 * n * int(data.shape[1]))
+                            if data.write_direct:
+                                workers = max(workers, DIRECT_SCAN_THREADS)
                         pool = stack.enter_context(
                             ThreadPoolExecutor(workers, thread_name_prefix="w2wkit-read")
                         )
@@ -2128,6 +2128,10 @@ class _KohyaRows:
 #: files a reader thread of a factors scan takes at a time (one hand-over, one wake-up and,
 #: into a row cache, one write per run instead of per file)
 READ_RUN = 8
+#: reader threads of a scan whose row cache is written with ``O_DIRECT`` at least (each
+#: waits for the disk at every read and write; 2 / 4 / 8 threads on 2 cores at 65k: 60-67 /
+#: 50-55 / 56-57 s)
+DIRECT_SCAN_THREADS = 4
 #: at most this many bytes of rows in a run (SDXL-size rows: fewer files a run)
 READ_RUN_BYTES = 16 << 20
 
