@@ -374,6 +374,29 @@ def test_rows_written_to_a_row_cache_a_run_at_a_time(tmp_path):
         rows[0] = np.zeros(4, np.float32)
 
 
+def test_buffered_row_cache_writes_go_in_pieces(tmp_path, monkeypatch):
+    # one pwrite of a run of rows is split into pieces of at most BUFFERED_WRITE_BYTES
+    # (large buffered writes cost the kernel far more), and the rows are the same
+    import os
+
+    import w2wkit.collection as collection
+
+    monkeypatch.setattr(collection, "BUFFERED_WRITE_BYTES", 40)
+    sizes = []
+    real = os.pwrite
+
+    def spy(fd, data, at):
+        sizes.append(len(data))
+        return real(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", spy)
+    rows = collection._RowFile(tmp_path / "rows.npy", 6, 7)
+    block = np.arange(35, dtype=np.float32).reshape(5, 7)
+    rows.write_rows(1, block)
+    assert sizes and max(sizes) <= 40 and sum(sizes) == block.nbytes
+    np.testing.assert_array_equal(np.load(tmp_path / "rows.npy")[1:], block)
+
+
 def _rows_of(rows):
     return np.concatenate(list(rows.blocks(block_rows=3)))
 

@@ -1001,7 +1001,7 @@ class _FactorSpill:
         self.segments.setdefault(module, []).append((int(i), int(up.shape[1]), at))
         try:
             while view:
-                done = os.pwrite(self.fd, view, at)
+                done = os.pwrite(self.fd, view[:BUFFERED_WRITE_BYTES], at)
                 view, at = view[done:], at + done
         except OSError as exc:
             raise SpaceError(
@@ -1287,6 +1287,11 @@ class _RowFile:
         self.write_direct = False
         self._direct_fd: int | None = None
         self._lock = threading.Lock()
+        #: buffered writes one at a time: threads writing one file through the page
+        #: cache queue on its inode lock, where the kernel spins a waiter while the
+        #: writer copies; a waiter on this lock sleeps instead (10k scan, 3.2 MB
+        #: writes: 5.0-7.3 -> 4.4-4.8 s of system CPU; in 1 MiB pieces 2.3 -> 2.0-2.2)
+        self._buffered = threading.Lock()
         self._blocks = _BlockPool()
 
     def __len__(self) -> int:
@@ -1392,10 +1397,12 @@ class _RowFile:
         return True
 
     def _write_all(self, view: memoryview, at: int) -> None:
-        """``view`` written at ``at`` through the page cache."""
-        while view:
-            done = os.pwrite(self.fd, view, at)
-            view, at = view[done:], at + done
+        """``view`` written at ``at`` through the page cache, in pieces of at most
+        :data:`BUFFERED_WRITE_BYTES`, one writer at a time."""
+        with self._buffered:
+            while view:
+                done = os.pwrite(self.fd, view[:BUFFERED_WRITE_BYTES], at)
+                view, at = view[done:], at + done
 
     def __getitem__(self, key: int | slice) -> np.ndarray:
         n, d = self.shape
@@ -2132,6 +2139,10 @@ READ_RUN = 8
 #: waits for the disk at every read and write; 2 / 4 / 8 threads on 2 cores at 65k: 60-67 /
 #: 50-55 / 56-57 s)
 DIRECT_SCAN_THREADS = 4
+#: a buffered write of the row cache goes in pieces of at most this many bytes (one
+#: pwrite of a run of 8 SD1.5 rows, 3.2 MB, cost the 10k scan 2.6 s more of system CPU
+#: than pieces of 256 KiB-2 MiB: 7.7 s vs 5.1-5.5 s)
+BUFFERED_WRITE_BYTES = 1 << 20
 #: at most this many bytes of rows in a run (SDXL-size rows: fewer files a run)
 READ_RUN_BYTES = 16 << 20
 
