@@ -189,6 +189,11 @@ def test_cold_files_are_read_at_the_disk_rate():
     assert disk.read_seconds(1e9) == pytest.approx(1.0)  # the page cache
     assert disk.read_seconds(1e9, cold=True) == pytest.approx(4.0)  # the disk
     assert RATES.read_seconds(1e9, cold=True) == pytest.approx(1.0)  # disk not measured
+    # a quarter of the bytes from the disk (the scan found those files cold), the rest
+    # from the page cache
+    assert disk.read_seconds(1e9, cold=0.25) == pytest.approx(0.75 * 1.0 + 0.25 * 4.0)
+    assert disk.read_seconds(1e9, cold=0.0) == pytest.approx(1.0)
+    assert RATES.read_seconds(1e9, cold=0.5) == pytest.approx(1.0)
     warm = fit_floor("randomized", 1000, 5000, 20, disk, file_bytes=1e9, n_iter=3, block_size=15)
     cold = fit_floor(
         "randomized",
@@ -274,3 +279,44 @@ def test_fit_profile_takes_the_disk_rate_for_files_beyond_the_page_cache(tmp_pat
         assert read["floor_seconds"] >= read["bytes"] / disk
     else:
         assert math.isnan(disk)
+
+
+def test_fit_profile_counts_files_the_scan_found_cold_at_the_disk_rate(tmp_path):
+    """Files that fit the page cache but were not in it when the scan read them come
+    from the disk: the read floor takes them at its rate (their share measured by the
+    scan), and files the page cache held at its own."""
+    import os
+
+    from w2wkit.collection import Collection, _mincore_calls
+    from w2wkit.space import WeightSpace
+    from w2wkit.synthetic import planted_collection
+
+    shapes = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (40, 30)}
+    folder = tmp_path / "loras"
+    files = planted_collection(folder, 12, shapes=shapes, n_latent=4).files
+    warm = WeightSpace(3, solver="gram").fit(Collection(folder), profile=True).info_["profile"]
+    assert warm["cold_file_share"] == 0.0
+    assert math.isnan(warm["rates"]["disk_read_bytes_per_s"])
+    os.sync()
+    for f in files:  # out of the page cache
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    coll = Collection(folder)
+    space = WeightSpace(3, solver="gram").fit(coll, profile=True)
+    cold = space.info_["profile"]
+    if _mincore_calls() is None:  # the kernel tells nothing of residency here
+        assert cold["cold_file_share"] == 0.0
+        return
+    # every file but the first (read by the ordinary reader) went through the fast one
+    assert cold["cold_file_share"] == 1.0 == coll._fast_reader.cold_fraction()
+    # the share is the fit's: a profile taken later, of another Collection, keeps it
+    assert space._profile(Collection(folder))["cold_file_share"] == 1.0
+    read = {r["phase"]: r for r in cold["phases"]}["read"]
+    rates = Rates(**cold["rates"])
+    if direct_io_works(files[0]):
+        assert math.isfinite(rates.disk_read_bytes_per_s)
+    assert read["floor_seconds"] == pytest.approx(rates.file_seconds(read["bytes"], cold=1.0))

@@ -1869,6 +1869,12 @@ class _KohyaRows:
         #: read a file the page cache does not hold with ``O_DIRECT`` (:meth:`read_file`;
         #: set by the scan, turned off by the first file system that refuses it)
         self.direct = False
+        #: bytes :meth:`read_file` read from files whose page-cache residency the kernel
+        #: told, and of those from files it did not hold whole (the read floor counts
+        #: these at the disk's rate, :meth:`cold_fraction`)
+        self.asked_bytes = 0
+        self.cold_bytes = 0
+        self._count = threading.Lock()
         roles: dict[str, dict[str, str]] = {}
         for key in lay.header:
             for suffix, role in SUFFIXES.items():
@@ -2089,7 +2095,8 @@ class _KohyaRows:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size > (1 << 40):
                 return None
-            direct = self.direct and page_cache_holds(fd, st.st_size) is False
+            held = page_cache_holds(fd, st.st_size)
+            direct = self.direct and held is False
             if direct:
                 try:
                     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -2107,10 +2114,21 @@ class _KohyaRows:
                         return self.read_file(path)
                     return None
                 if got < span:
+                    if held is not None:
+                        with self._count:
+                            self.asked_bytes += got
+                            self.cold_bytes += got if not held else 0
                     return view[:got], st
                 span *= 2  # the file grew past the buffer: read it again, whole, into more
         finally:
             os.close(fd)
+
+    def cold_fraction(self) -> float | None:
+        """The share of the bytes :meth:`read_file` read that came from files the page
+        cache did not hold whole (so from the disk); None where the kernel told nothing
+        of residency."""
+        with self._count:
+            return self.cold_bytes / self.asked_bytes if self.asked_bytes else None
 
     def scatter_plan(self) -> list[tuple[int, int]]:
         """The data section in file order as byte ranges of a row: ``(lo, hi)`` is where the

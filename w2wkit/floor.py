@@ -20,7 +20,11 @@ The counts (flops are multiply-adds counted as two, as LAPACK's do)
     :data:`w2wkit.collection.DIRECT_READ_RAM_FRACTION` of the memory): then no
     read can find them there, and the rate is the disk's, measured with
     ``O_DIRECT`` reads of the same files on
-    :data:`w2wkit.collection.DIRECT_READ_THREADS` threads (``cold=True``).
+    :data:`w2wkit.collection.DIRECT_READ_THREADS` threads (``cold=True``). Files
+    that fit the page cache are counted at the disk's rate for the share of their
+    bytes the scan found outside it (``cold`` a float: the fast reader asks the
+    kernel of every file it reads, ``_KohyaRows.cold_fraction``), at the page
+    cache's for the rest.
 ``standardize``
     One pass over the ``(N, d)`` float32 rows in memory: mean, variance and the
     in-place ``(x - mean) / scale`` (``3 * 4 N d`` bytes of memory traffic, at
@@ -122,16 +126,20 @@ class Rates:
         d = self.dgemm_flops_per_s
         return d if math.isfinite(d) and d > 0 else self.gemm_flops_per_s / 2
 
-    def read_seconds(self, nbytes: float, cold: bool = False) -> float:
+    def read_seconds(self, nbytes: float, cold: bool | float = False) -> float:
         """Floor of reading ``nbytes``: at the page cache's rate, or at the disk's when
-        ``cold`` (the bytes outgrow the page cache) and the disk's rate was measured."""
-        rate = self.read_bytes_per_s
+        ``cold`` (the bytes outgrow the page cache, or were not in it) and the disk's
+        rate was measured. A float ``cold`` is the share of the bytes read from the
+        disk (the rest from the page cache)."""
+        share = min(max(float(cold), 0.0), 1.0)
         disk = self.disk_read_bytes_per_s
-        if cold and math.isfinite(disk) and disk > 0:
-            rate = disk
-        return nbytes / rate
+        if not (share and math.isfinite(disk) and disk > 0):
+            return nbytes / self.read_bytes_per_s
+        return nbytes * (1.0 - share) / self.read_bytes_per_s + nbytes * share / disk
 
-    def file_seconds(self, nbytes: float, threads: int | None = None, cold: bool = False) -> float:
+    def file_seconds(
+        self, nbytes: float, threads: int | None = None, cold: bool | float = False
+    ) -> float:
         """Floor of reading and hashing ``nbytes`` of files: the slower of the
         read (:meth:`read_seconds`) and the SHA-256 spread over ``threads``
         (default: the cores this process may use)."""
@@ -459,7 +467,7 @@ def fit_floor(
     file_bytes: float | None = None,
     n_iter: int = 6,
     block_size: int | None = None,
-    cold_files: bool = False,
+    cold_files: bool | float = False,
     cold_rows: bool = False,
 ) -> list[PhaseFloor]:
     """Compulsory bytes, flops and floor seconds per phase of a factors fit.
@@ -479,7 +487,9 @@ def fit_floor(
         Randomized solver: block width (default about ``k / 2 + min(50, k / 20)``).
     cold_files, cold_rows : bool
         The files (the rows a pass reads) outgrow the page cache: they are read at
-        the disk's rate (``rates.disk_read_bytes_per_s``, where measured).
+        the disk's rate (``rates.disk_read_bytes_per_s``, where measured). A float
+        ``cold_files`` is the share of the files' bytes the scan found outside the
+        page cache (:meth:`Rates.read_seconds`).
 
     Returns
     -------

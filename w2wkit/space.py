@@ -493,9 +493,12 @@ class WeightSpace:
         if files:
             file_bytes = float(sum(os.path.getsize(f) for f in files if os.path.isfile(f)))
         # files (rows) the page cache cannot hold are read at the disk's rate: the rule
-        # the fit's own reads go around the page cache by
-        cold_files = outgrows_page_cache(file_bytes or 0.0)
-        rates = measure_rates(files, disk=cold_files)
+        # the fit's own reads go around the page cache by. Files that fit it are counted
+        # at the disk's rate as far as the scan found them outside it (cold files)
+        outgrow = outgrows_page_cache(file_bytes or 0.0)
+        measured = self.info_.get("cold_file_share")  # found by the fit's own scan
+        cold_share = 1.0 if outgrow else float(measured or 0.0)
+        rates = measure_rates(files, disk=cold_share > 0)
         if self.representation == "factors":
             extra = {}
             if self.info_.get("n_iter") is not None:  # the randomized solver's passes
@@ -507,7 +510,7 @@ class WeightSpace:
                 self.n_components_,
                 rates,
                 file_bytes=file_bytes,
-                cold_files=cold_files,
+                cold_files=cold_share,
                 cold_rows=outgrows_page_cache(4.0 * n * self.layout_.dim),
                 **extra,
             )
@@ -523,10 +526,11 @@ class WeightSpace:
                 blocks=getattr(self, "_kernel_plan", None),
                 sketch_columns=int(self.info_.get("sketch_columns", 0)),
                 passes=int(self.info_.get("n_passes", 1)),
-                cold_files=cold_files,
+                cold_files=outgrow,
             )
         prof.set_floor(floor, rates)
         out = prof.as_dict()
+        out["cold_file_share"] = cold_share if self.representation == "factors" else float(outgrow)
         out["wall_seconds_total"] = self.info_.get("wall_seconds")
         return out
 
@@ -704,6 +708,11 @@ class WeightSpace:
             rows.close()
         self._set_factors_result(res, rows.layout, mean32, scale32, total_var, n, timings)
         self.info_["rows_from"] = source
+        fast = getattr(coll, "_fast_reader", None)
+        if fast is not None and fast.cold_fraction() is not None:
+            # the share of the files' bytes the scan found outside the page cache (the
+            # profile's read floor counts it at the disk's rate)
+            self.info_["cold_file_share"] = fast.cold_fraction()
 
     def _standardisation(
         self, mean: np.ndarray, var: np.ndarray, n: int
