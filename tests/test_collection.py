@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from _spacehelpers import direct_io_works, random_models
+from _spacehelpers import direct_io_works, evict, random_models
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -644,20 +644,6 @@ def test_block_pool_reuses_a_buffer_only_when_nothing_sees_it():
     assert len(pool._free) == 1  # at most `keep` idle buffers
 
 
-def _evict(paths) -> None:
-    """Drop the files' pages from the page cache (written back first)."""
-    import os
-
-    os.sync()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def _spy_reads(monkeypatch) -> list[str]:
     """Record every ``os.preadv`` as "direct" (O_DIRECT descriptor) or "buffered"."""
     import fcntl
@@ -688,7 +674,7 @@ def test_the_scan_reads_cold_files_around_the_page_cache(tmp_path, monkeypatch):
     assert warm_coll._fast_reader.direct
     assert calls == ["buffered"] * 6  # the template (file 0) goes through the ordinary reader
     calls.clear()
-    _evict(paths)
+    evict(paths)
     cold_coll = Collection(tmp_path / "loras")
     cold = cold_coll.scan_factors(in_memory=True)
     np.testing.assert_array_equal(np.asarray(cold.data), np.asarray(warm.data))
@@ -738,7 +724,7 @@ def test_the_scan_reads_through_the_page_cache_only_rows_the_passes_read_from_th
     ]
     for kwargs, memory, direct, write_direct in cases:
         monkeypatch.setattr(collection, "physical_memory", lambda m=memory: m)
-        _evict(paths)
+        evict(paths)
         calls.clear()
         threads.clear()
         scan = {k: v for k, v in kwargs.items() if k != "cache_dir"}
@@ -773,7 +759,7 @@ def test_page_cache_residency_is_asked_of_the_kernel(tmp_path, monkeypatch, call
         pytest.skip("no cachestat(2) here")
     f = tmp_path / "x.bin"
     f.write_bytes(os.urandom(3 * 4096 + 5))
-    _evict([f])
+    evict([f])
     fd = os.open(f, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -833,7 +819,7 @@ def test_a_file_read_follows_a_file_that_grew(tmp_path, monkeypatch, direct):
     fast.direct = direct
     big = tmp_path / "big.bin"  # several aligned blocks and a tail
     big.write_bytes(os.urandom(5 * 4096 + 123))
-    _evict([big])
+    evict([big])
     real = os.fstat
 
     def smaller(fd):

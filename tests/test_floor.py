@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from _spacehelpers import direct_io_works
+from _spacehelpers import direct_io_works, evict
 
 from w2wkit.floor import (
     Profile,
@@ -285,8 +285,6 @@ def test_fit_profile_counts_files_the_scan_found_cold_at_the_disk_rate(tmp_path)
     """Files that fit the page cache but were not in it when the scan read them come
     from the disk: the read floor takes them at its rate (their share measured by the
     scan), and files the page cache held at its own."""
-    import os
-
     from w2wkit.collection import Collection, _mincore_calls
     from w2wkit.space import WeightSpace
     from w2wkit.synthetic import planted_collection
@@ -297,14 +295,7 @@ def test_fit_profile_counts_files_the_scan_found_cold_at_the_disk_rate(tmp_path)
     warm = WeightSpace(3, solver="gram").fit(Collection(folder), profile=True).info_["profile"]
     assert warm["cold_file_share"] == 0.0
     assert math.isnan(warm["rates"]["disk_read_bytes_per_s"])
-    os.sync()
-    for f in files:  # out of the page cache
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    evict(files)  # out of the page cache
     coll = Collection(folder)
     space = WeightSpace(3, solver="gram").fit(coll, profile=True)
     cold = space.info_["profile"]
