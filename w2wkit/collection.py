@@ -2159,7 +2159,8 @@ READ_RUN = 8
 DIRECT_SCAN_THREADS = 4
 #: a buffered write of the row cache goes in pieces of at most this many bytes (one
 #: pwrite of a run of 8 SD1.5 rows, 3.2 MB, cost the 10k scan 2.6 s more of system CPU
-#: than pieces of 256 KiB-2 MiB: 7.7 s vs 5.1-5.5 s)
+#: than pieces of 256 KiB-2 MiB, 7.7 s vs 5.1-5.5 s, in one state of the VM; even in
+#: another, never faster)
 BUFFERED_WRITE_BYTES = 1 << 20
 #: at most this many bytes of rows in a run (SDXL-size rows: fewer files a run)
 READ_RUN_BYTES = 16 << 20
