@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy.linalg import subspace_angles
 from sklearn.decomposition import PCA
 
-from w2wkit import solvers
+from w2wkit import collection, solvers
 from w2wkit.errors import SpaceError
 from w2wkit.solvers import choose_solver, fit_pca, top_eigh
 
@@ -474,7 +474,7 @@ def test_center_equals_fitting_centred_data(solver, monkeypatch):
     raw = (z + offset).astype(np.float32)
     centred = raw.astype(np.float64) - raw.astype(np.float64).mean(axis=0)
     plain = fit_pca(blocks_of(centred, 70), *z.shape, 6, solver=solver, block_size=8)
-    monkeypatch.setattr(solvers, "_BULK_MIN_BYTES", 0)  # the memory-map buffers too
+    monkeypatch.setattr(collection, "_BULK_MIN_BYTES", 0)  # the memory-map buffers too
     res = fit_pca(blocks_of(raw, 70), *z.shape, 6, solver=solver, block_size=8, center=True)
     np.testing.assert_allclose(res.mean, raw.astype(np.float64).mean(axis=0), rtol=1e-12)
     # float32 rounding of the offset data (eps * 50) bounds the agreement
@@ -525,7 +525,7 @@ def test_top_eigh_krylov_takes_a_float32_matrix_as_it_is():
 def test_bulk_empty_gives_writable_c_arrays(monkeypatch):
     small = solvers.bulk_empty((3, 4), np.float32)
     assert small.shape == (3, 4) and small.dtype == np.float32
-    monkeypatch.setattr(solvers, "_BULK_MIN_BYTES", 0)
+    monkeypatch.setattr(collection, "_BULK_MIN_BYTES", 0)
     big = solvers.bulk_empty((50, 7), np.float64)
     assert big.shape == (50, 7) and big.dtype == np.float64
     assert big.flags.c_contiguous and big.flags.writeable
@@ -534,13 +534,13 @@ def test_bulk_empty_gives_writable_c_arrays(monkeypatch):
 
 
 def test_fit_pca_array_in_place_components_equal_the_copying_path():
-    from w2wkit.collection import _anon_empty
+    from w2wkit.collection import bulk_empty
     from w2wkit.solvers import fit_pca_array
 
     z64 = power_law(300, 60_000, seed=5)
     _, s, vt = np.linalg.svd(z64, full_matrices=False)
     ref = fit_pca_array(z64.astype(np.float32), 8, solver="gram")
-    z = _anon_empty(z64.shape)  # an anonymous map: the other rows' pages are given back
+    z = bulk_empty(z64.shape, np.float32)  # an anonymous map: the other rows' pages are given back
     z[...] = z64
     res = fit_pca_array(z, 8, solver="gram", overwrite=True)
     assert np.shares_memory(res.components, z)  # written over the rows, no new buffer

@@ -231,7 +231,7 @@ def _scan_task(
     stamps: list[tuple[int, int]] = []
     fast: list[bool] = []
     try:
-        for i, ad, _ in sub._iter_factor_rows(None, lambda: sink):  # noqa: B023
+        for i, ad in sub._iter_factor_rows(None, lambda: sink):  # noqa: B023
             fast.append(ad is None)
             if ad is None:  # the fast path wrote the row into the sink
                 assert first is not None

@@ -611,7 +611,7 @@ class Collection:
         stats: _ColumnStats | None = None
         try:
             rows_of = self._iter_factor_rows(progress, lambda: data, lambda: stats)
-            for i, ad, _ in rows_of:
+            for i, ad in rows_of:
                 if ad is None:  # copied into data[i] and counted by the reader threads
                     groups[next(iter(groups))].append(self.names[i])
                     continue
@@ -625,7 +625,7 @@ class Collection:
                     if callable(in_files):
                         in_files = bool(in_files(n, layout.dim))
                     if in_memory:
-                        data = _anon_empty((n, layout.dim))
+                        data = bulk_empty((n, layout.dim), np.float32)
                     elif in_files and self.files:
                         data, cleanup = self._open_file_rows(n, layout.dim)
                     else:
@@ -668,10 +668,9 @@ class Collection:
         progress: Progress | None,
         rows: Callable[[], np.ndarray | None],
         stats: Callable[[], _ColumnStats | None] | None = None,
-    ) -> Iterator[tuple[int, Adapter | None, np.ndarray | None]]:
-        """:meth:`iter_adapters` as ``(i, adapter, None)``, except that a kohya file laid out
-        like the first one is copied into ``rows()[i]`` directly and yields ``(i, None,
-        row)`` (``row`` (d,) float32, the values written there).
+    ) -> Iterator[tuple[int, Adapter | None]]:
+        """:meth:`iter_adapters` as ``(i, adapter)``, except that a kohya file laid out like
+        the first one is copied into ``rows()[i]`` directly and yields ``(i, None)``.
 
         Reader threads take the files in runs of :data:`READ_RUN` (fewer where a run's
         rows would pass :data:`READ_RUN_BYTES`), three runs a thread ahead of the caller.
@@ -683,8 +682,8 @@ class Collection:
 
         With ``stats`` (giving the scan's :class:`_ColumnStats` once the first row is
         known), the reader threads add the rows they copy to statistics of their own,
-        merged into it once every file has been read, and yield ``(i, None, None)``: the
-        caller adds only the rows it reads itself.
+        merged into it once every file has been read: the caller adds only the rows it
+        reads itself.
         """
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
@@ -739,11 +738,8 @@ class Collection:
                     got = run[2][i - run[0]]
                     if got is not None:
                         meta, digest = got
-                        row = None
-                        if run[3] is not None:  # the rows handed back
-                            row = run[3][i - run[0]]
-                            if not isinstance(data, (_RowFile, _FileRows)):
-                                data[i] = row  # a target the reader threads do not write
+                        if run[3] is not None:  # a target the reader threads do not write
+                            data[i] = run[3][i - run[0]]
                         entry: dict[str, Any] = {
                             "name": self.names[i],
                             "file": str(self.files[i]),
@@ -757,17 +753,14 @@ class Collection:
                         self.families.append(fast.family(meta))
                         if progress is not None:
                             progress("read", i + 1, n)
-                        if counted is not None:
-                            yield i, None, None
-                        else:
-                            yield i, None, data[i] if row is None else row
+                        yield i, None
                         continue
                 ad, entry = self.read(i)
                 self.manifest.append(entry)
                 self.families.append(model_family(ad, self.files[i] if self.files else None))
                 if progress is not None:
                     progress("read", i + 1, n)
-                yield i, ad, None
+                yield i, ad
                 if not tried and self.files and self._fast_layout is not None:
                     tried = True
                     fast = self._kohya_template(i, ad)
@@ -2229,8 +2222,7 @@ def _read_rows_job(
     """
     m, d = len(paths), int(target.shape[1])
     held = isinstance(target, np.ndarray)
-    # the caller needs the rows: a target it writes, or rows it yields (no ``stats``)
-    hand_back = not held and (stats is None or not isinstance(target, (_RowFile, _FileRows)))
+    hand_back = not isinstance(target, (np.ndarray, _RowFile, _FileRows))  # the caller writes
     if held:
         block = target[lo : lo + m]
     elif hand_back:
@@ -2440,7 +2432,7 @@ def anon_map(nbytes: int) -> mmap.mmap:
     Private, not shared: a shared anonymous map (``mmap.mmap(-1, n)``'s default) is
     backed by ``shmem``, whose page faults cost 1.3-1.9x those of ordinary anonymous
     pages here (filling 4 GB: 3.1-5.4 s vs 2.1-2.8 s of CPU, benchmarks/README.md
-    "Fresh memory"). Huge pages are declined (see :func:`w2wkit.solvers.bulk_empty`).
+    "The scan a run at a time"). Huge pages are declined (see :func:`bulk_empty`).
     """
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     if not flags:  # pragma: no cover - not POSIX
@@ -2451,13 +2443,35 @@ def anon_map(nbytes: int) -> mmap.mmap:
     return buf
 
 
-def _anon_empty(shape: tuple[int, int]) -> np.ndarray:
-    """An uninitialised float32 array in ordinary pages (see ``solvers.bulk_empty``)."""
+#: buffers at least this large are taken from an anonymous map (:func:`bulk_empty`)
+_BULK_MIN_BYTES = 64 << 20
 
-    nbytes = 4 * shape[0] * shape[1]
-    if nbytes < (64 << 20):
-        return np.empty(shape, dtype=np.float32)
-    return np.frombuffer(anon_map(nbytes), dtype=np.float32).reshape(shape)
+
+def bulk_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous array in ordinary 4 KiB pages.
+
+    numpy asks the kernel for transparent huge pages on every large array. On
+    the virtual machines this project runs on, first-touching fresh huge pages
+    was measured 2-3x slower than small pages (reading 4 GB into a fresh array:
+    12.6 s vs 4.9 s) while the BLAS products ran at the same speed, so the
+    solvers take their large buffers (>= 64 MiB) from an anonymous memory map
+    instead; smaller ones come from ``np.empty``. The map is released with the
+    array.
+
+    Parameters
+    ----------
+    shape : tuple of int
+    dtype : dtype
+
+    Returns
+    -------
+    ndarray, shape ``shape``
+    """
+    dt = np.dtype(dtype)
+    nbytes = math.prod(shape) * dt.itemsize
+    if nbytes < _BULK_MIN_BYTES:
+        return np.empty(shape, dtype=dt)
+    return np.frombuffer(anon_map(nbytes), dtype=dt).reshape(shape)
 
 
 class _ColumnStats:

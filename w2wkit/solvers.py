@@ -75,7 +75,7 @@ from typing import Any
 
 import numpy as np
 
-from w2wkit.collection import STREAM_MIN_ROWS, anon_map
+from w2wkit.collection import STREAM_MIN_ROWS, bulk_empty
 from w2wkit.collection import memory_budget as _memory_budget
 from w2wkit.errors import SpaceError
 from w2wkit.floor import (
@@ -139,8 +139,6 @@ _MIN_BLOCK_ROWS = STREAM_MIN_ROWS
 #: blocks a pass holds at once besides the caller's buffers (the one in use, the prefetched
 #: one, the one being read); the gram stripe leaves room for them
 _STREAM_BLOCKS_HELD = 3
-#: buffers at least this large are taken from an anonymous map (:func:`bulk_empty`)
-_BULK_MIN_BYTES = 64 << 20
 #: read the next block in a background thread while the current one is multiplied
 PREFETCH = os.environ.get("W2WKIT_PREFETCH", "1") != "0"
 
@@ -458,33 +456,6 @@ def _krylov_eigh(
     v = np.ascontiguousarray((g[:, top].T @ kt).T)
     _fix_signs(v, axis=0)
     return w_all, v
-
-
-def bulk_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An uninitialised C-contiguous array in ordinary 4 KiB pages.
-
-    numpy asks the kernel for transparent huge pages on every large array. On
-    the virtual machines this project runs on, first-touching fresh huge pages
-    was measured 2-3x slower than small pages (reading 4 GB into a fresh array:
-    12.6 s vs 4.9 s) while the BLAS products ran at the same speed, so the
-    solvers take their large buffers (>= 64 MiB) from an anonymous memory map
-    instead; smaller ones come from ``np.empty``. The map is released with the
-    array.
-
-    Parameters
-    ----------
-    shape : tuple of int
-    dtype : dtype
-
-    Returns
-    -------
-    ndarray, shape ``shape``
-    """
-    dt = np.dtype(dtype)
-    nbytes = math.prod(shape) * dt.itemsize
-    if nbytes < _BULK_MIN_BYTES:
-        return np.empty(shape, dtype=dt)
-    return np.frombuffer(anon_map(nbytes), dtype=dt).reshape(shape)
 
 
 def _fix_signs(a: np.ndarray, axis: int, other: np.ndarray | None = None) -> None:

@@ -709,10 +709,11 @@ class WeightSpace:
         self._set_factors_result(res, rows.layout, mean32, scale32, total_var, n, timings)
         self.info_["rows_from"] = source
         fast = getattr(coll, "_fast_reader", None)
-        if fast is not None and fast.cold_fraction() is not None:
+        share = fast.cold_fraction() if fast is not None else None
+        if share is not None:
             # the share of the files' bytes the scan found outside the page cache (the
             # profile's read floor counts it at the disk's rate)
-            self.info_["cold_file_share"] = fast.cold_fraction()
+            self.info_["cold_file_share"] = share
 
     def _standardisation(
         self, mean: np.ndarray, var: np.ndarray, n: int
