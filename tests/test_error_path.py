@@ -162,3 +162,27 @@ def test_notes_carry_no_control_characters(capsys):
     note("label table\x1b[2J at evil\x07path skipped")
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err and "evilpath" in err
+
+
+def test_a_full_disk_under_the_row_cache_names_it(monkeypatch, tmp_path):
+    """ENOSPC while the scan writes the row cache: one line naming the cache file (the
+    disk that filled up), no space written."""
+    import os
+
+    import w2wkit.collection as collection
+
+    folder = tmp_path / "loras"
+    for i, ad in enumerate(random_models(6, seed=3)):
+        write_adapter(ad, folder / f"m{i}.safetensors", format="kohya")
+    monkeypatch.setattr(collection, "memory_budget", lambda: 1000)  # rows go to disk
+    monkeypatch.setattr(collection.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+
+    def full(self, view, at):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(collection._RowFile, "_write_all", full)
+    text = _one_line(_invoke(["fit", folder, "-o", tmp_path / "sp", "-k", "2"]))
+    assert "rows.npy" in text and "disk is full" in text, text
+    assert not (tmp_path / "sp").exists()
+    assert not any((tmp_path / "tmp").iterdir())  # the row cache removed

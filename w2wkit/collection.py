@@ -1358,17 +1358,24 @@ class _RowFile:
             raise ValueError(f"rows of shape {buf.shape} at {lo}, need (b, {self.shape[1]})")
         view = memoryview(buf).cast("B")
         at = self.offset + 4 * self.shape[1] * int(lo)
-        if self.write_direct and len(view) >= 2 * _ALIGN:
-            address = buf.__array_interface__["data"][0]
-            head = -at % _ALIGN
-            body = (len(view) - head) // _ALIGN * _ALIGN
-            if (address + head) % _ALIGN == 0 and body:
-                fd = self._direct_writer()
-                if fd is not None and self._write_direct(fd, view[head : head + body], at + head):
-                    self._write_all(view[:head], at)
-                    self._write_all(view[head + body :], at + head + body)
-                    return
-        self._write_all(view, at)
+        try:
+            if self.write_direct and len(view) >= 2 * _ALIGN:
+                address = buf.__array_interface__["data"][0]
+                head = -at % _ALIGN
+                body = (len(view) - head) // _ALIGN * _ALIGN
+                if (address + head) % _ALIGN == 0 and body:
+                    fd = self._direct_writer()
+                    if fd is not None and self._write_direct(
+                        fd, view[head : head + body], at + head
+                    ):
+                        self._write_all(view[:head], at)
+                        self._write_all(view[head + body :], at + head + body)
+                        return
+            self._write_all(view, at)
+        except OSError as exc:  # a full disk: name the row cache, not just the errno
+            if exc.filename is None and exc.errno is not None:
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+            raise
 
     def _write_direct(self, fd: int, view: memoryview, at: int) -> bool:
         """``view`` written at ``at`` with ``O_DIRECT``; False (nothing written, and
