@@ -434,6 +434,68 @@ def test_rows_left_in_their_files_equal_the_row_cache(tmp_path):
     assert not list(cache.glob("*/rows.npy"))
 
 
+def test_columns_read_from_the_files_equal_the_row_cache(tmp_path, monkeypatch):
+    # the column Gram's chunks read straight from the files: for any column range, the
+    # same bits as the row cache (side rows included), one preadv a file where the
+    # file holds the range's runs close together, one a run where gaps are not allowed
+    import w2wkit.collection as collection
+    from w2wkit.adapter import Adapter, LoraLayer
+
+    models = random_models(7, seed=11)
+    m4 = models[4]
+    models[4] = Adapter(
+        {n: LoraLayer(ly.down, ly.up / 2, alpha=ly.alpha * 2) for n, ly in m4.layers.items()}
+    )
+    _write(models, tmp_path / "loras")
+    in_files = Collection(tmp_path / "loras", cache_dir=tmp_path / "c1").scan_factors(in_files=True)
+    cached = Collection(tmp_path / "loras", cache_dir=tmp_path / "c2").scan_factors()
+    rows = np.asarray(cached.data)
+    n, d = rows.shape
+    tpl = in_files.data.template
+    preads: list[int] = []
+    real = os.preadv
+
+    def counted(fd, buffers, offset, *args):
+        preads.append(len(buffers))
+        return real(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(collection.os, "preadv", counted)
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        lo=st.integers(0, d),
+        width=st.integers(0, d),
+        gap=st.sampled_from([0, 4, collection.COLUMN_GAP_BYTES]),
+        scale=st.floats(0.5, 2.0),
+    )
+    def check(lo, width, gap, scale):
+        hi = min(d, lo + width)
+        monkeypatch.setattr(collection, "COLUMN_GAP_BYTES", gap)
+        tpl.__dict__.pop("_column_plans", None)
+        preads.clear()
+
+        def transform(piece, a, b):
+            assert (a, b) == (lo, hi)
+            piece *= np.float32(scale)
+            return piece
+
+        got = in_files.columns(lo, hi, transform)
+        want = rows[:, lo:hi] * np.float32(scale)
+        np.testing.assert_array_equal(got, want, strict=True)
+        out = np.full((n, hi - lo), np.nan, dtype=np.float32)
+        assert in_files.columns(lo, hi, out=out) is out
+        np.testing.assert_array_equal(out, rows[:, lo:hi])
+        if hi > lo:
+            runs = len(tpl.column_runs(lo, hi))
+            per_file = 1 if gap >= 4 else runs  # the alphas between runs are 4 bytes
+            # 2 side rows (the template's file, the other alpha) read from the side cache
+            assert len(preads) == 2 * (2 + (n - 2) * per_file)
+
+    check()
+    in_files.close()
+    cached.close()
+
+
 def test_rows_in_files_callable_and_other_formats(tmp_path):
     # a callable decides from (N, d); files the fast path never reads (diffusers format)
     # all go to the side cache, with the same rows
@@ -458,8 +520,9 @@ def test_rows_in_files_callable_and_other_formats(tmp_path):
     no.close()
 
 
+@pytest.mark.parametrize("read", ["rows", "columns"])
 @pytest.mark.parametrize("change", ["rewritten", "removed", "truncated"])
-def test_a_file_changed_during_the_fit_is_named(tmp_path, change):
+def test_a_file_changed_during_the_fit_is_named(tmp_path, change, read):
     import os
 
     models = random_models(6, seed=7)
@@ -477,7 +540,10 @@ def test_a_file_changed_during_the_fit_is_named(tmp_path, change):
         with open(victim, "r+b") as fh:
             fh.truncate(victim.stat().st_size - 4)
     with pytest.raises(SpaceError, match="m03"):
-        _rows_of(rows)
+        if read == "rows":
+            _rows_of(rows)
+        else:
+            rows.columns(2, rows.dim - 3)
     rows.close()
 
 
@@ -834,3 +900,35 @@ def test_a_file_read_follows_a_file_that_grew(tmp_path, monkeypatch, direct):
     assert bytes(raw) == big.read_bytes()
     assert fast.read_file(tmp_path / "absent") is None
     assert fast.read_file(tmp_path) is None  # not a regular file
+
+
+def test_populate_faults_in_just_the_pages_of_a_block():
+    # the scan's rows in memory: each run's rows faulted in by one madvise before the
+    # copies (instead of a page fault a 4 KiB page); pages outside the block untouched
+    import ctypes
+    import sys
+
+    import w2wkit.collection as collection
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("madvise(MADV_POPULATE_WRITE) is Linux's")
+    page = 4096
+    buf = collection.anon_map(64 * page)
+    arr = np.frombuffer(buf, dtype=np.float32)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+    def resident() -> list[int]:
+        vec = (ctypes.c_ubyte * 64)()
+        assert libc.mincore(arr.ctypes.data, 64 * page, vec) == 0
+        return [i for i in range(64) if vec[i] & 1]
+
+    assert resident() == []
+    block = arr[1000 : 1000 + 5 * page // 4]  # bytes 4000..24480: pages 0-5
+    collection.populate(block)
+    if not collection._POPULATE["on"]:
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14)")
+    assert resident() == list(range(6))
+    assert not arr[: 6 * page // 4].any()  # fresh zero pages, nothing written
+    collection.populate(arr[:0])  # empty: nothing
+    assert resident() == list(range(6))

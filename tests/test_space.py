@@ -174,6 +174,8 @@ def test_rows_on_disk_take_the_column_gram_and_match_the_in_memory_fit(tmp_path,
     got = WeightSpace(8, solver="gram").fit(Collection(folder, cache_dir=tmp_path / "cache"))
     assert calls == [(90, 1300, None)]  # rows beyond the budget: its widest chunks
     assert got.info_["n_passes"] == 2
+    # the chunks come from the files (cached); only the template's row went to a row cache
+    assert got.info_["rows_from"] == "files + row cache of 1 rows"
     np.testing.assert_allclose(got.singular_values_, ref.singular_values_, rtol=1e-5)
     # chunks narrower than MIN_COLUMN_CHUNK: the row stripes instead (still the same space)
     monkeypatch.setattr(solvers, "MIN_COLUMN_CHUNK", 4096)
@@ -202,6 +204,23 @@ def test_rows_stay_on_disk_only_where_that_halves_the_memory(monkeypatch):
     assert solvers.column_gram_bytes(10_000, d, 1000) <= 0.5 * held
     assert not WeightSpace(999)._in_memory(30_000, d)  # randomized: streamed anyway
     assert WeightSpace(8, solver="gram")._in_memory(90, 1300)
+
+
+def test_the_column_gram_reads_the_files_while_they_fit_the_page_cache(monkeypatch):
+    # 10k SD1.5 rank-1 rows (4 GB) on disk for the column Gram: read from the files'
+    # cached pages, no row cache written; a machine whose page cache they would outgrow
+    # writes the row cache (as the randomized passes do unless row_cache=False)
+    from w2wkit import collection, solvers
+
+    monkeypatch.setattr(solvers, "memory_budget", lambda: 16 << 30)
+    d = 99_648
+    monkeypatch.setattr(collection, "physical_memory", lambda: 23 << 30)
+    assert WeightSpace(1000)._rows_in_files(10_000, d)
+    assert not WeightSpace(999)._rows_in_files(30_000, d)  # randomized: the row cache
+    assert WeightSpace(999, row_cache=False)._rows_in_files(30_000, d)
+    monkeypatch.setattr(collection, "physical_memory", lambda: 4 << 30)
+    assert not WeightSpace(1000)._rows_in_files(10_000, d)
+    assert WeightSpace(1000, row_cache=False)._rows_in_files(10_000, d)
 
 
 def test_streamed_rows_are_read_from_their_files(tmp_path, monkeypatch):

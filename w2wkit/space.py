@@ -561,15 +561,19 @@ class WeightSpace:
 
     def _rows_in_files(self, n: int, d: int) -> bool:
         """Whether a factors fit of ``n`` rows of ``d`` not held in memory reads them from
-        their files on every pass (``row_cache=False``): when it streams whole rows, not
-        the column chunks of the Gram over column chunks (read from the row cache)."""
-        if self.row_cache:
-            return False
+        their files on every pass instead of a row cache: with ``row_cache=False``; and
+        for the Gram over column chunks when the files stay in the page cache (each
+        chunk is then read from the files' cached pages, and the scan writes no copy of
+        the rows: 10k rows of SD1.5, docs/space.md "Where the rows live")."""
+        from w2wkit.collection import outgrows_page_cache
+
+        if not self.row_cache:
+            return True
         try:
             k = self._check_k(n, d)
         except SpaceError:
             return False
-        return not self._column_gram(n, d, k)
+        return self._column_gram(n, d, k) and not outgrows_page_cache(4.0 * n * d)
 
     def _solver_for(self, n: int, d: int, k: int) -> str:
         """The solver a factors fit of ``n`` rows of ``d`` with ``k`` components runs."""
