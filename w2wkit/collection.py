@@ -2398,7 +2398,7 @@ def populate(block: np.ndarray) -> None:
     One ``madvise(MADV_POPULATE_WRITE)`` call for the whole range instead of one page
     fault per 4 KiB page as the copies first touch it: filling 4 GB of fresh anonymous
     memory took 1.2-2.1 s of system CPU this way against 1.6-7.4 s by touching it
-    (benchmarks/README.md, "First touch"). Pages already there are left as they are; a
+    (benchmarks/README.md, "Where the rows live"). Pages already there are left as they are; a
     kernel without the advice (before Linux 5.14) turns this off and the copies fault
     the pages in as before. Only for private memory (the scan's rows in memory).
     """

@@ -564,7 +564,7 @@ class WeightSpace:
         their files on every pass instead of a row cache: with ``row_cache=False``; and
         for the Gram over column chunks when the files stay in the page cache (each
         chunk is then read from the files' cached pages, and the scan writes no copy of
-        the rows: 10k rows of SD1.5, docs/space.md "Where the rows live")."""
+        the rows: 10k rows of SD1.5: docs/space.md, "Where a factors fit keeps the rows")."""
         from w2wkit.collection import outgrows_page_cache
 
         if not self.row_cache:
