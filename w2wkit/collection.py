@@ -238,7 +238,8 @@ class FactorRows:
     ) -> np.ndarray:
         """Columns ``lo:hi`` of every row, a fresh ``(N, hi - lo)`` float32 array (or ``out``,
         filled), optionally transformed in place: ``transform(a, lo, hi)`` with ``a`` the
-        chunk or, from a row cache on disk, each row's piece ``(hi - lo,)`` in turn."""
+        chunk or, from a row cache on disk or the models' files, each row's piece
+        ``(hi - lo,)`` in turn."""
         if isinstance(self.data, (_RowFile, _FileRows)):
             # transformed a row at a time, while its piece is in cache after the read
             return self.data.read_columns(lo, hi, out, transform)
@@ -1484,12 +1485,14 @@ class _RowFile:
 class _FileRows:
     """``(N, d)`` float32 rows left in the models' own files (no row cache).
 
-    A factors fit that streams its rows (the randomized solver's passes) reads them
-    again from the files on every pass, instead of from a copy written to a row cache
-    on disk: the scan writes nothing, the files alone compete for the page cache, and
-    no temporary space of the data's size is needed. A kohya file laid out like the
-    scan's template (:class:`_KohyaRows`) is read with one ``preadv`` that scatters its
-    data section straight into its row (:meth:`_KohyaRows.scatter_plan`); every other
+    A factors fit that streams its rows (the randomized solver's passes with
+    ``row_cache=False``; the Gram over column chunks while the files fit the page cache)
+    reads them again from the files on every pass, instead of from a copy written to a
+    row cache on disk: the scan writes nothing, the files alone compete for the page
+    cache, and no temporary space of the data's size is needed. A kohya file laid out
+    like the scan's template (:class:`_KohyaRows`) is read with one ``preadv`` that
+    scatters its data section straight into its row (:meth:`_KohyaRows.scatter_plan`),
+    or a column chunk's bytes into the row's piece (:meth:`read_columns`); every other
     row (the template's own file, a file the fast path declined) is written by the scan
     to a side row cache (:class:`_RowFile`, created at the first such row, sparse).
 
