@@ -87,7 +87,8 @@ def _load(path: Path, no_verify: bool = False):
     "--no-row-cache",
     is_flag=True,
     help="Streamed fits: read the rows from the LoRA files on every pass instead of a row "
-    "cache in the temporary folder (no temporary space the size of the data; slower).",
+    "cache in the temporary folder (no temporary space the size of the data; slower). "
+    "The Gram over column chunks reads the files anyway while they fit the page cache.",
 )
 @cluster_option
 @force_option

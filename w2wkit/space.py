@@ -258,7 +258,10 @@ class WeightSpace:
         695-723 s for 65,000 SD1.5 LoRAs on a 23 GB machine, about even at 8,000), or,
         with ``False``, read them from the models' own files on every pass: no temporary
         space the size of the data. Either is read around the page cache (``O_DIRECT``)
-        when it outgrows the memory.
+        when it outgrows the memory. The Gram over column chunks reads the files whatever
+        this says while they fit the page cache (its chunks then come from their cached
+        pages: 10,000 SD1.5 LoRAs 81.0-81.5 s against 84.5-85.4 s through a row cache),
+        and a row cache otherwise unless this is ``False``.
 
     Attributes
     ----------
