@@ -206,6 +206,39 @@ def test_rows_stay_on_disk_only_where_that_halves_the_memory(monkeypatch):
     assert WeightSpace(8, solver="gram")._in_memory(90, 1300)
 
 
+def test_a_file_rewritten_between_the_column_grams_two_reads_is_named(tmp_path, monkeypatch):
+    """The column Gram reads its chunks from the files twice; a file rewritten between the
+    two reads (after the Gram, before the components) is named, never mixed in."""
+    import os
+
+    from w2wkit import solvers
+    from w2wkit.collection import Collection
+    from w2wkit.synthetic import planted_collection
+
+    folder = tmp_path / "loras"
+    shapes = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (700, 600)}
+    planted_collection(folder, 40, shapes=shapes, n_latent=6)
+    monkeypatch.setattr(solvers, "memory_budget", lambda: 150_000)  # 256-column chunks
+    monkeypatch.setattr(solvers, "MIN_COLUMN_CHUNK", 256)
+    victim = sorted(folder.glob("*.safetensors"))[7]
+    real = solvers._gram_eigen
+
+    def rewrite_then_eigen(*args, **kwargs):
+        data = bytearray(victim.read_bytes())
+        data[-4:] = np.float32(0.5).tobytes()
+        victim.write_bytes(bytes(data))
+        st = victim.stat()
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solvers, "_gram_eigen", rewrite_then_eigen)
+    space = WeightSpace(5, solver="gram")
+    with pytest.raises(SpaceError, match=victim.stem) as err:
+        space.fit(Collection(folder, cache_dir=tmp_path / "cache"))
+    assert "changed during the fit" in str(err.value)
+    assert space.info_.get("rows_from") is None  # nothing fitted
+
+
 def test_the_column_gram_reads_the_files_while_they_fit_the_page_cache(monkeypatch):
     # 10k SD1.5 rank-1 rows (4 GB) on disk for the column Gram: read from the files'
     # cached pages, no row cache written; a machine whose page cache they would outgrow
