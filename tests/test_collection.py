@@ -763,7 +763,8 @@ def test_the_scan_reads_through_the_page_cache_only_rows_the_passes_read_from_th
 ):
     """Cold files go around the page cache unless the passes read the rows from these
     files (then they want them cached); a row cache beyond the page cache is written
-    around it too, by at least DIRECT_SCAN_THREADS reader threads."""
+    around it too. At least DIRECT_SCAN_THREADS reader threads where they wait for the
+    disk (cold files, or such writes); warm files and a cache that fits: read_threads()."""
     from concurrent import futures
 
     import w2wkit.collection as collection
@@ -791,6 +792,9 @@ def test_the_scan_reads_through_the_page_cache_only_rows_the_passes_read_from_th
     for kwargs, memory, direct, write_direct in cases:
         monkeypatch.setattr(collection, "physical_memory", lambda m=memory: m)
         evict(paths)
+        # the kernel tells these files are not cached (not so on a file system that keeps
+        # every page, tmpfs)
+        cold = collection.files_cold(paths[1:])
         calls.clear()
         threads.clear()
         scan = {k: v for k, v in kwargs.items() if k != "cache_dir"}
@@ -800,9 +804,48 @@ def test_the_scan_reads_through_the_page_cache_only_rows_the_passes_read_from_th
         assert calls == (["direct"] if direct else ["buffered"]) * 4, (kwargs, calls)
         if "cache_dir" in kwargs:
             assert space.data.write_direct == (write_direct and works), kwargs
-        want = collection.DIRECT_SCAN_THREADS if write_direct else 1
+        want = collection.DIRECT_SCAN_THREADS if write_direct or cold else 1
         assert threads == [want], (kwargs, threads)
         space.close()
+    # warm files into a cache that fits: read_threads() threads, buffered reads
+    monkeypatch.setattr(collection, "physical_memory", lambda: 1 << 40)
+    for p in paths:
+        p.read_bytes()
+    assert not collection.files_cold(paths)
+    threads.clear()
+    coll = Collection(tmp_path / "loras", cache_dir=tmp_path / "w")
+    coll.scan_factors().close()
+    assert threads == [1]
+
+
+def test_files_cold_samples_the_collection(tmp_path, monkeypatch):
+    # the first, the last and evenly between; one file the page cache misses is enough
+    import w2wkit.collection as collection
+
+    paths = [tmp_path / f"f{i}" for i in range(11)]
+    for p in paths:
+        p.write_bytes(b"x" * 100)
+    asked: list[str] = []
+    cold = {str(paths[5])}
+
+    def holds(fd, size):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        asked.append(name)
+        return name not in cold
+
+    monkeypatch.setattr(collection, "page_cache_holds", holds)
+    assert collection.files_cold(paths)
+    assert asked == [str(paths[j]) for j in (0, 2, 5)]  # stops at the first miss
+    asked.clear()
+    cold.clear()
+    assert not collection.files_cold(paths)
+    assert asked == [str(paths[j]) for j in (0, 2, 5, 8, 10)]
+    monkeypatch.setattr(collection, "page_cache_holds", lambda fd, size: None)
+    assert not collection.files_cold(paths)  # the kernel cannot tell: not cold
+    assert not collection.files_cold([])
+    paths[0].unlink()  # a file gone: the reader names it, the sample skips it
+    monkeypatch.setattr(collection, "page_cache_holds", lambda fd, size: False)
+    assert collection.files_cold(paths)
 
 
 @pytest.mark.parametrize("call", ["cachestat", "mincore"])
