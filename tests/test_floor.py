@@ -311,3 +311,23 @@ def test_fit_profile_counts_files_the_scan_found_cold_at_the_disk_rate(tmp_path)
     if direct_io_works(files[0]):
         assert math.isfinite(rates.disk_read_bytes_per_s)
     assert read["floor_seconds"] == pytest.approx(rates.file_seconds(read["bytes"], cold=1.0))
+
+
+def test_the_syrk_rate_is_probed_near_the_fits_rows(monkeypatch):
+    # the SYRK rate grows with N: a fit's floor probes it on min(N, SYRK_PROBE_ROWS) rows
+    # (at least the 1024 of the base probe) and keeps the faster of the two
+    from w2wkit import floor
+
+    monkeypatch.setattr(floor, "SYRK_PROBE_ROWS", 1536)
+    for key in [k for k in floor._CACHE if isinstance(k, tuple) and k[0] == "syrk"]:
+        floor._CACHE.pop(key)
+    base = floor.measure_rates().syrk_flops_per_s
+    assert floor.measure_rates(rows=500).syrk_flops_per_s == base
+    assert not [k for k in floor._CACHE if isinstance(k, tuple) and k[0] == "syrk"]
+    probed = floor.measure_rates(rows=10**6).syrk_flops_per_s
+    assert ("syrk", 1536) in floor._CACHE and probed >= base
+    floor._CACHE[("syrk", 1536)] = 1e15
+    assert floor.measure_rates(rows=2000).syrk_flops_per_s == 1e15
+    floor._CACHE[("syrk", 1536)] = 1.0
+    assert floor.measure_rates(rows=2000).syrk_flops_per_s == base
+    floor._CACHE.pop(("syrk", 1536))

@@ -501,7 +501,7 @@ class WeightSpace:
         outgrow = outgrows_page_cache(file_bytes or 0.0)
         measured = self.info_.get("cold_file_share")  # found by the fit's own scan
         cold_share = 1.0 if outgrow else float(measured or 0.0)
-        rates = measure_rates(files, disk=cold_share > 0)
+        rates = measure_rates(files, disk=cold_share > 0, rows=n)
         if self.representation == "factors":
             extra = {}
             if self.info_.get("n_iter") is not None:  # the randomized solver's passes
