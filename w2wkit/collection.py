@@ -1496,10 +1496,11 @@ class _FileRows:
     row cache on disk: the scan writes nothing, the files alone compete for the page
     cache, and no temporary space of the data's size is needed. A kohya file laid out
     like the scan's template (:class:`_KohyaRows`) is read with one ``preadv`` that
-    scatters its data section straight into its row (:meth:`_KohyaRows.scatter_plan`),
-    or a column chunk's bytes into the row's piece (:meth:`read_columns`); every other
-    row (the template's own file, a file the fast path declined) is written by the scan
-    to a side row cache (:class:`_RowFile`, created at the first such row, sparse).
+    scatters its data section straight into its row (:meth:`_KohyaRows.column_plan` of
+    every column), or a column chunk's bytes into the row's piece (:meth:`read_columns`);
+    every other row (the template's own file, a file the fast path declined) is written
+    by the scan to a side row cache (:class:`_RowFile`, created at the first such row,
+    sparse).
 
     Every read checks the file's size and modification time against the scan's and
     raises :class:`~w2wkit.errors.SpaceError` naming a file that changed or vanished.
@@ -1652,28 +1653,11 @@ class _FileRows:
         return fd
 
     def _read_buffered(self, i: int, out: np.ndarray) -> None:
-        path = self.paths[i]
+        """Row ``i`` scattered from its file into ``out`` (:meth:`_read_file_columns` with
+        every column)."""
         tpl = self.template
         assert tpl is not None
-        fd = self._open_checked(i)
-        assert fd is not None
-        try:
-            row = memoryview(out).cast("B")
-            scratch = _scratch_bytes(tpl.data_len)
-            iov = [row[a:b] if a >= 0 else scratch[:b] for a, b in tpl.scatter_plan()]
-            at = int(self.starts[i])
-            for c in range(0, len(iov), _IOV_MAX):
-                part = iov[c : c + _IOV_MAX]
-                want = sum(len(v) for v in part)
-                if os.preadv(fd, part, at) != want:
-                    raise SpaceError("the file is shorter than when it was scanned", path=path)
-                at += want
-        except OSError as exc:
-            raise SpaceError(
-                f"cannot read the file again during the fit: {exc.strerror or exc}", path=path
-            ) from None
-        finally:
-            os.close(fd)
+        self._read_file_columns(i, int(self.starts[i]), tpl.column_plan(0, self.shape[1]), out)
 
     def _read_direct(self, i: int, out: np.ndarray) -> bool:
         """Row ``i`` read with ``O_DIRECT``; False (and :attr:`direct` off) where the file
@@ -2176,25 +2160,6 @@ class _KohyaRows:
         of residency."""
         with self._count:
             return self.cold_bytes / self.asked_bytes if self.asked_bytes else None
-
-    def scatter_plan(self) -> list[tuple[int, int]]:
-        """The data section in file order as byte ranges of a row: ``(lo, hi)`` is where the
-        next ``hi - lo`` bytes of the file go in the row's buffer; ``(-1, size)`` are
-        ``size`` bytes that are not part of the row (the alphas). One ``preadv`` of the
-        data section with these buffers fills a row, with no copy."""
-        plan = getattr(self, "_plan", None)
-        if plan is None:
-            runs = sorted(self.column_runs(0, int(self.perm.size)), key=lambda r: r[2])
-            plan, pos = [], 0
-            for a, b, c in runs:
-                if c > pos:
-                    plan.append((-1, 4 * (c - pos)))
-                plan.append((4 * a, 4 * b))
-                pos = c + b - a
-            if 4 * pos < self.data_len:
-                plan.append((-1, self.data_len - 4 * pos))
-            self._plan = plan
-        return plan
 
     def column_plan(self, lo: int, hi: int) -> list[tuple[int, list[tuple[int, int]], int, int]]:
         """How to read entries ``lo:hi`` of a row from a file laid out like the template:
