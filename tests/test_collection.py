@@ -471,7 +471,7 @@ def test_columns_read_from_the_files_equal_the_row_cache(tmp_path, monkeypatch):
     def check(lo, width, gap, scale):
         hi = min(d, lo + width)
         monkeypatch.setattr(collection, "COLUMN_GAP_BYTES", gap)
-        tpl.__dict__.pop("_column_plans", None)
+        tpl._column_plans.clear()
         preads.clear()
 
         def transform(piece, a, b):

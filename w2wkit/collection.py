@@ -1729,9 +1729,7 @@ class _FileRows:
                 transform(piece, lo, hi)
         return out
 
-    def _read_file_columns(
-        self, i: int, start: int, plan: list[tuple[int, list[tuple[int, int]]]], out: np.ndarray
-    ) -> None:
+    def _read_file_columns(self, i: int, start: int, plan: ColumnPlan, out: np.ndarray) -> None:
         """Fill ``out`` (one row's piece) from file ``i``, whose data section starts at byte
         ``start``, by ``plan`` (:meth:`_KohyaRows.column_plan`)."""
         path = self.paths[i]
@@ -1906,6 +1904,8 @@ class _KohyaRows:
         self.asked_bytes = 0
         self.cold_bytes = 0
         self._count = threading.Lock()
+        #: :meth:`column_plan` by ``(lo, hi)`` (a fit asks the same few chunks again)
+        self._column_plans: dict[tuple[int, int], ColumnPlan] = {}
         roles: dict[str, dict[str, str]] = {}
         for key in lay.header:
             for suffix, role in SUFFIXES.items():
@@ -2161,7 +2161,7 @@ class _KohyaRows:
         with self._count:
             return self.cold_bytes / self.asked_bytes if self.asked_bytes else None
 
-    def column_plan(self, lo: int, hi: int) -> list[tuple[int, list[tuple[int, int]], int, int]]:
+    def column_plan(self, lo: int, hi: int) -> ColumnPlan:
         """How to read entries ``lo:hi`` of a row from a file laid out like the template:
         one ``preadv`` for each ``(at, parts, skip, want)``, at byte ``at`` of the data
         section, of ``want`` bytes, into the buffers ``parts`` in file order -- ``(a, b)``
@@ -2169,7 +2169,7 @@ class _KohyaRows:
         alpha between two runs; ``skip`` the largest). Runs the file holds far apart (or
         out of order) get reads of their own, so no read skips more than
         :data:`COLUMN_GAP_BYTES` at once, and none has more than ``IOV_MAX`` buffers."""
-        cache = self.__dict__.setdefault("_column_plans", {})
+        cache = self._column_plans
         plan = cache.get((lo, hi))
         if plan is not None:
             return plan
@@ -2198,6 +2198,10 @@ class _KohyaRows:
             cache[(lo, hi)] = plan
         return plan
 
+
+#: how to read a stretch of columns from a model's file: one ``preadv`` per
+#: ``(at, parts, skip, want)`` (see :meth:`_KohyaRows.column_plan`)
+ColumnPlan = list[tuple[int, list[tuple[int, int]], int, int]]
 
 #: a column read from a model's file skips at most this many bytes between two of the
 #: column's runs within one ``preadv`` (:meth:`_KohyaRows.column_plan`); a wider gap

@@ -565,9 +565,10 @@ class WeightSpace:
     def _rows_in_files(self, n: int, d: int) -> bool:
         """Whether a factors fit of ``n`` rows of ``d`` not held in memory reads them from
         their files on every pass instead of a row cache: with ``row_cache=False``; and
-        for the Gram over column chunks when the files stay in the page cache (each
-        chunk is then read from the files' cached pages, and the scan writes no copy of
-        the rows: 10k rows of SD1.5: docs/space.md, "Where a factors fit keeps the rows")."""
+        for the Gram over column chunks when the files stay in the page cache (their rows'
+        bytes within :func:`~w2wkit.collection.outgrows_page_cache`; each chunk is then
+        read from the files' cached pages, and the scan writes no copy of the rows: 10k
+        rows of SD1.5: docs/space.md, "Where a factors fit keeps the rows")."""
         from w2wkit.collection import outgrows_page_cache
 
         if not self.row_cache:
