@@ -17,6 +17,20 @@ from w2wkit.formats import write_adapter
 from w2wkit.layout import WeightLayout
 
 
+@pytest.fixture(params=["native", "python"])
+def scan_path(request, monkeypatch):
+    """Run a scan test on both paths: the native helper (w2wkit.native) and Python."""
+    from w2wkit import collection
+    from w2wkit.native import native
+
+    if request.param == "native":
+        if native() is None:
+            pytest.skip("the native helper is not built here (test_native_helper_is_built)")
+    else:
+        monkeypatch.setattr(collection, "native", lambda: None)
+    return request.param
+
+
 def _write(models, folder, fmt="kohya"):
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -165,7 +179,7 @@ def _dead_pid() -> int:
     return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
 
 
-def test_kohya_rows_copied_from_file_bytes_equal_the_reader(tmp_path, monkeypatch):
+def test_kohya_rows_copied_from_file_bytes_equal_the_reader(tmp_path, monkeypatch, scan_path):
     # the fast path (rows copied straight from files laid out like the first) gives the
     # reader's rows, manifest and families; files it cannot vouch for (another alpha,
     # other metadata is fine) go through the reader; a NaN is refused by the reader
@@ -209,7 +223,7 @@ def test_kohya_rows_copied_from_file_bytes_equal_the_reader(tmp_path, monkeypatc
     assert fast.in_memory and not slow.in_memory
 
 
-def test_kohya_fast_path_leaves_bad_values_to_the_reader(tmp_path):
+def test_kohya_fast_path_leaves_bad_values_to_the_reader(tmp_path, scan_path):
     models = random_models(3, seed=4)
     paths = _write(models[:2], tmp_path / "loras")
     # write_adapter refuses a NaN: write one into a copy of a valid file's data bytes
@@ -323,7 +337,7 @@ def test_column_stats_merged_equal_one_pass(sizes, d, spread, seed):
 
 
 @pytest.mark.parametrize("target", ["memory", "row cache", "files"])
-def test_reader_threads_take_runs_of_files(tmp_path, monkeypatch, target):
+def test_reader_threads_take_runs_of_files(tmp_path, monkeypatch, target, scan_path):
     # the reader threads take runs of files (here 3); files the fast path declines fall at
     # the start, the middle and the end of runs, and a whole run is declined: rows,
     # statistics (summed per thread, merged), manifest and families equal the reader's
@@ -401,7 +415,7 @@ def _rows_of(rows):
     return np.concatenate(list(rows.blocks(block_rows=3)))
 
 
-def test_rows_left_in_their_files_equal_the_row_cache(tmp_path):
+def test_rows_left_in_their_files_equal_the_row_cache(tmp_path, scan_path):
     # rows read again from the files on every pass (no row cache of the data): the same
     # bits as the row cache; only the template's file and a file the fast path declines
     # (another alpha) are written to a side cache, which close() removes
@@ -522,7 +536,7 @@ def test_rows_in_files_callable_and_other_formats(tmp_path):
 
 @pytest.mark.parametrize("read", ["rows", "columns"])
 @pytest.mark.parametrize("change", ["rewritten", "removed", "truncated"])
-def test_a_file_changed_during_the_fit_is_named(tmp_path, change, read):
+def test_a_file_changed_during_the_fit_is_named(tmp_path, change, read, scan_path):
     import os
 
     models = random_models(6, seed=7)
@@ -547,7 +561,7 @@ def test_a_file_changed_during_the_fit_is_named(tmp_path, change, read):
     rows.close()
 
 
-def test_rows_read_around_the_page_cache_equal_the_buffered_ones(tmp_path, monkeypatch):
+def test_rows_read_around_the_page_cache_equal_the_buffered_ones(tmp_path, monkeypatch, scan_path):
     # files that outgrow the page cache are read with O_DIRECT (the scan decides from the
     # memory it sees): the same bits, the same stamp checks
     import w2wkit.collection as collection
@@ -628,7 +642,7 @@ def test_runs_written_around_the_page_cache_give_the_rows(tmp_path_factory, d, c
     os.close(rows.fd)
 
 
-def test_the_scan_writes_a_row_cache_beyond_the_page_cache_around_it(tmp_path, monkeypatch):
+def test_the_scan_writes_a_row_cache_beyond_the_page_cache_around_it(tmp_path, monkeypatch, scan_path):
     # a row cache the passes read with O_DIRECT is written with O_DIRECT by the reader
     # threads (runs of 3 rows of 4,044 bytes: unaligned, pages shared between runs)
     import w2wkit.collection as collection
@@ -726,10 +740,22 @@ def _spy_reads(monkeypatch) -> list[str]:
         return real(fd, buffers, offset, *flags)
 
     monkeypatch.setattr(os, "preadv", spy)
+    # the native helper's reads: one per file, as its info tells
+    from w2wkit import native as nv
+
+    real_native = nv.Native.read_files
+
+    def native_spy(self, paths, buf, span, digests, info, flags):
+        real_native(self, paths, buf, span, digests, info, flags)
+        for k in range(len(paths)):
+            if info[k, nv.GOT] >= 0:
+                calls.append("direct" if info[k, nv.READ_DIRECT] else "buffered")
+
+    monkeypatch.setattr(nv.Native, "read_files", native_spy)
     return calls
 
 
-def test_the_scan_reads_cold_files_around_the_page_cache(tmp_path, monkeypatch):
+def test_the_scan_reads_cold_files_around_the_page_cache(tmp_path, monkeypatch, scan_path):
     """Files the page cache holds are read from it; the others with O_DIRECT: the same
     rows, statistics and manifest (hashes) either way."""
     models = random_models(7, seed=9)
@@ -759,7 +785,7 @@ def test_the_scan_reads_cold_files_around_the_page_cache(tmp_path, monkeypatch):
 
 
 def test_the_scan_reads_through_the_page_cache_only_rows_the_passes_read_from_the_files(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, scan_path
 ):
     """Cold files go around the page cache unless the passes read the rows from these
     files (then they want them cached); a row cache beyond the page cache is written

@@ -42,6 +42,7 @@ import numpy as np
 from w2wkit.adapter import Adapter, DeltaLayer, LoraLayer
 from w2wkit.errors import FormatError, LayoutError, SpaceError
 from w2wkit.layout import WeightLayout, describe_layout_groups
+from w2wkit.native import Native, native
 from w2wkit.stio import file_sha256  # re-exported: the collection's file hash
 
 __all__ = [
@@ -1935,6 +1936,10 @@ class _KohyaRows:
             self.runs = [
                 (int(a), int(b), int(self.perm[a])) for a, b in zip(starts, ends, strict=True)
             ]
+        #: every run ``(a, b, c)`` as an ``(R, 3)`` int64 table (the native copy's)
+        self.run_table = np.ascontiguousarray(
+            np.stack([starts, ends, self.perm[starts]], axis=1), dtype=np.int64
+        ).reshape(-1, 3)
         self.data_len = len(raw) - lay.start
         self.file_size = len(raw)
         if self.data_len % 4:
@@ -1962,8 +1967,14 @@ class _KohyaRows:
                 raise ValueError(module)
         if set(roles) != set(layout.modules):
             raise ValueError("modules")
-        self.alpha_index = np.array(alpha_index, dtype=np.intp)
+        self.alpha_index = np.array(alpha_index, dtype=np.int64)
         self.alpha_values = np.array(alpha_values, dtype=np.float32)
+        #: bytes of a reader thread's buffer per file of a native run (the template's size
+        #: and 64 KiB for longer metadata, in whole pages; a larger file is read apart)
+        self.native_span = -(-(self.file_size + 1 + (64 << 10)) // _ALIGN) * _ALIGN
+        #: the template's row, float64: the shift of the statistics the native copies sum
+        data = np.frombuffer(raw, dtype="<f4", count=self.data_len // 4, offset=lay.start)
+        self.shift = data[self.perm].astype(np.float64)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.fits: Any = ()
         self.sgm = False
@@ -1997,6 +2008,27 @@ class _KohyaRows:
 
     def row(self, path: Path, raw: bytes | memoryview, out: np.ndarray) -> dict[str, str] | None:
         """Copy ``path``'s row into ``out`` (d,); its metadata, or None to use the reader."""
+        got = self.head(raw)
+        if got is None:
+            return None
+        meta, start = got
+        data = np.frombuffer(raw, dtype="<f4", count=self.data_len // 4, offset=start)
+        if not np.array_equal(data[self.alpha_index], self.alpha_values):
+            return None  # another alpha: the reader folds it into up
+        if self.runs is not None:
+            for a, b, c in self.runs:
+                out[a:b] = data[c : c + b - a]
+        else:
+            np.take(data, self.perm, out=out)
+        if not np.isfinite(out).all():
+            return None
+        return meta
+
+    def head(self, raw: bytes | memoryview) -> tuple[dict[str, str], int] | None:
+        """The metadata of the file whose bytes are ``raw`` and where its data section
+        starts, when its header lists the template's tensors at the template's offsets
+        and its data section has the template's length; else None (the caller then uses
+        the ordinary reader)."""
         if len(raw) < 8:
             return None
         hlen = int.from_bytes(raw[:8], "little")
@@ -2022,17 +2054,7 @@ class _KohyaRows:
                 return None
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             return None
-        data = np.frombuffer(raw, dtype="<f4", count=self.data_len // 4, offset=start)
-        if not np.array_equal(data[self.alpha_index], self.alpha_values):
-            return None  # another alpha: the reader folds it into up
-        if self.runs is not None:
-            for a, b, c in self.runs:
-                out[a:b] = data[c : c + b - a]
-        else:
-            np.take(data, self.perm, out=out)
-        if not np.isfinite(out).all():
-            return None
-        return meta
+        return meta, start
 
     def _same_header(self, head: bytes) -> dict[str, str] | None:
         """The metadata of a header that is the template's text with only its
@@ -2242,6 +2264,16 @@ class _ThreadStats:
                 self._all.append(mine)
         mine.add_block(block)
 
+    def mine(self, d: int, shift: np.ndarray) -> _ColumnStats:
+        """This thread's statistics, made with ``shift`` ``(d,)`` float64 when new."""
+        mine = getattr(self._local, "stats", None)
+        if mine is None:
+            mine = self._local.stats = _ColumnStats(d)
+            mine.shift = np.array(shift, dtype=np.float64)
+            with self._lock:
+                self._all.append(mine)
+        return mine
+
     def merge_into(self, total: _ColumnStats) -> None:
         """Add every thread's statistics to ``total``."""
         for part in self._all:
@@ -2297,7 +2329,12 @@ def _read_rows_job(
         phase = target.write_phase(lo) if isinstance(target, _RowFile) else 0
         block = _scratch_block(m, d, phase)
     results: list[tuple[dict[str, str], str] | None] = []
-    for k, path in enumerate(paths):
+    counted = [False] * m  # rows already added to stats
+    nat = native()
+    if nat is not None and block.flags.c_contiguous and block.dtype == np.float32:
+        mine = stats.mine(d, fast.shift) if stats is not None else None
+        results, counted = _read_run_native(nat, fast, paths, block, target, lo, mine)
+    for k, path in enumerate(paths[len(results) :]):
         if isinstance(target, _FileRows):
             where: dict[str, Any] = {}
             got = fast.read_row(path, block[k], where)
@@ -2318,9 +2355,117 @@ def _read_rows_job(
         if isinstance(target, _RowFile):
             target.write_rows(lo + k, block[k:end])
         if stats is not None:
-            stats.add(block[k:end])
+            j = k
+            while j < end:  # the rows not counted yet, a stretch at a time
+                if counted[j]:
+                    j += 1
+                    continue
+                e = j + 1
+                while e < end and not counted[e]:
+                    e += 1
+                stats.add(block[j:e])
+                j = e
         k = end
     return results, block if hand_back else None
+
+
+def _read_run_native(
+    nat: Native,
+    fast: _KohyaRows,
+    paths: Sequence[Path],
+    block: np.ndarray,
+    target: Any,
+    lo: int,
+    stats: _ColumnStats | None = None,
+) -> tuple[list[tuple[dict[str, str], str] | None], list[bool]]:
+    """:func:`_read_rows_job`'s reads, hashes, checks and copies of the run ``paths`` by
+    the native helper (:mod:`w2wkit.native`): one call reads and hashes every file into
+    this thread's buffer, the headers are checked here (:meth:`_KohyaRows.head`), one
+    call copies the rows into ``block`` ``(len(paths), d)`` and checks their alphas and
+    values. A file the helper could not read whole into its slot (larger than
+    :attr:`_KohyaRows.native_span`, not a regular file, an error) goes through
+    :meth:`_KohyaRows.read_row`, as on the Python path; the results are those of
+    :meth:`_KohyaRows.read_row`, file by file. With ``stats`` (shifted by
+    :attr:`_KohyaRows.shift`) the rows the helper copies are added to it in the same
+    pass; the second list tells which rows were."""
+    from w2wkit import native as nv
+
+    m, span = len(paths), fast.native_span
+    buf = _native_scratch(m * span)
+    digests = np.empty((m, 32), dtype=np.uint8)
+    info = np.empty((m, 6), dtype=np.int64)
+    flags = nv.ASK_HELD | (nv.DIRECT if fast.direct else 0)
+    nat.read_files([os.fsencode(p) for p in paths], buf.ctypes.data, span, digests, info, flags)
+    view = memoryview(buf)
+    start = np.zeros(m, dtype=np.int64)
+    ok = np.zeros(m, dtype=np.uint8)
+    metas: list[dict[str, str] | None] = [None] * m
+    apart: list[int] = []  # read by read_row
+    asked = cold = 0
+    for k in range(m):
+        got = int(info[k, nv.GOT])
+        if info[k, nv.REFUSED]:
+            fast.direct = False
+        if got < 0 or got >= span:
+            apart.append(k)
+            continue
+        if info[k, nv.HELD] >= 0:
+            asked += got
+            cold += 0 if info[k, nv.HELD] else got
+        head = fast.head(view[k * span : k * span + got])
+        if head is not None:
+            metas[k], start[k] = head
+            ok[k] = 1
+    if asked:
+        with fast._count:
+            fast.asked_bytes += asked
+            fast.cold_bytes += cold
+    sums = None
+    if stats is not None:
+        assert stats.shift is not None
+        sums = (stats.shift, stats.total, stats.total_sq)
+    kept = nat.gather(
+        buf.ctypes.data,
+        span,
+        start,
+        fast.run_table,
+        fast.alpha_index,
+        fast.alpha_values,
+        block[:m],
+        ok,
+        sums,
+    )
+    if stats is not None:
+        stats.n += kept
+    results: list[tuple[dict[str, str], str] | None] = [None] * m
+    for k in range(m):
+        if ok[k]:
+            meta = metas[k]
+            assert meta is not None
+            results[k] = (meta, digests[k].tobytes().hex())
+            if isinstance(target, _FileRows):
+                target.record(
+                    lo + k, (int(info[k, nv.SIZE]), int(info[k, nv.MTIME_NS])), int(start[k])
+                )
+    for k in apart:
+        if isinstance(target, _FileRows):
+            where: dict[str, Any] = {}
+            results[k] = fast.read_row(paths[k], block[k], where)
+            if results[k] is not None:
+                target.record(lo + k, where["stamp"], where["start"])
+        else:
+            results[k] = fast.read_row(paths[k], block[k])
+    return results, [bool(x) for x in ok] if stats is not None else [False] * m
+
+
+def _native_scratch(nbytes: int) -> np.ndarray:
+    """This thread's page-aligned uint8 buffer of at least ``nbytes`` for
+    :func:`_read_run_native` (grown when too small)."""
+    buf = getattr(_SCRATCH, "native", None)
+    if buf is None or buf.size < nbytes:
+        size = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        buf = _SCRATCH.native = np.frombuffer(anon_map(size), dtype=np.uint8)
+    return buf
 
 
 @functools.cache
@@ -2658,6 +2803,11 @@ class _ColumnStats:
             return
         if self.shift is None:
             self.shift = np.asarray(block[0], dtype=np.float64).copy()
+        nat = native()
+        if nat is not None and block.dtype == np.float32 and block.flags.c_contiguous:
+            nat.stats(block, self.shift, self.total, self.total_sq)
+            self.n += block.shape[0]
+            return
         step = self.CHUNK
         tmp = np.empty((block.shape[0], min(step, self.d)))
         for lo in range(0, self.d, step):
