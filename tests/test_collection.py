@@ -642,7 +642,9 @@ def test_runs_written_around_the_page_cache_give_the_rows(tmp_path_factory, d, c
     os.close(rows.fd)
 
 
-def test_the_scan_writes_a_row_cache_beyond_the_page_cache_around_it(tmp_path, monkeypatch, scan_path):
+def test_the_scan_writes_a_row_cache_beyond_the_page_cache_around_it(
+    tmp_path, monkeypatch, scan_path
+):
     # a row cache the passes read with O_DIRECT is written with O_DIRECT by the reader
     # threads (runs of 3 rows of 4,044 bytes: unaligned, pages shared between runs)
     import w2wkit.collection as collection

@@ -2434,6 +2434,8 @@ def _read_run_native(
         block[:m],
         ok,
         sums,
+        # rows left in their files are only checked and summed (unless nothing sums them)
+        copy=not (isinstance(target, _FileRows) and sums is not None),
     )
     if stats is not None:
         stats.n += kept

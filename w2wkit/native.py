@@ -94,6 +94,7 @@ class Native:
         out: np.ndarray,
         ok: np.ndarray,
         sums: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        copy: bool = True,
     ) -> int:
         """Copy the rows of the files read by :meth:`read_files` whose ``ok`` is set into
         ``out`` ``(m, d)`` float32 (C order): ``out[k, a:b] = data[c : c + b - a]`` for
@@ -102,7 +103,9 @@ class Native:
         (uint8) first for a file whose alphas (``data[alpha_index] == alpha_value``)
         differ or whose row is not finite. With ``sums = (shift, total, total_sq)``
         (float64 ``(d,)`` each) the rows copied are added to them as :meth:`stats` adds
-        a block, in the same pass. Returns the files still ok."""
+        a block, in the same pass. ``copy=False`` leaves ``out`` as it is (only its shape
+        is used): the rows are checked and summed, not copied. Returns the files still
+        ok."""
         m, d = out.shape
         assert out.dtype == np.float32 and out.flags.c_contiguous and len(start) >= m
         assert len(ok) >= m and ok.dtype == np.uint8
@@ -124,7 +127,7 @@ class Native:
                 alpha_index.ctypes.data,
                 alpha_value.ctypes.data,
                 len(alpha_index),
-                out.ctypes.data,
+                out.ctypes.data if copy else None,
                 d,
                 ok.ctypes.data,
                 shift or None,

@@ -159,7 +159,8 @@ static int all_finite(const unsigned char *p, int64_t n) {
  * (buf + k * span + start[k]) into out + k * d: out[a:b] = data[c : c + b - a] for
  * each run (a, b, c) of runs (3 * nruns int64). ok[k] is cleared first for a file
  * whose float32 at data[alpha_index[i]] is not alpha_value[i] (as == compares them)
- * or whose row holds a value that is not finite. With shift (else NULL) each row
+ * or whose row holds a value that is not finite. out NULL: the rows are checked (and
+ * summed) but not copied anywhere. With shift (else NULL) each row
  * copied is added to total[j] += x[j] - shift[j] and total_sq[j] += (...)^2 (float64,
  * as w2w_stats adds a block) in the same loop: the row is read from the file's bytes
  * once (per row, sums updated as it goes: 52 us a row of 99,648 here, against 79-84
@@ -187,24 +188,34 @@ int64_t w2w_gather(const unsigned char *buf, int64_t span, const int64_t *start,
         ok[k] = (unsigned char)same;
         if (!same) continue;
         kept++;
-        float *row = out + k * d;
         for (int64_t r = 0; r < nruns; r++) {
             const int64_t a = runs[3 * r], n = runs[3 * r + 1] - a;
             const unsigned char *src = data + 4 * runs[3 * r + 2];
-            float *dst = row + a;
             if (!shift) {
-                memcpy(dst, src, (size_t)(4 * n));
+                if (out) memcpy(out + k * d + a, src, (size_t)(4 * n));
                 continue;
             }
-            const double *s = shift + a;
-            double *t1 = total + a, *t2 = total_sq + a;
-            for (int64_t j = 0; j < n; j++) {
-                float v;
-                memcpy(&v, src + 4 * j, 4);
-                dst[j] = v;
-                double t = (double)v - s[j];
-                t1[j] += t;
-                t2[j] += t * t;
+            const double *restrict s = shift + a;
+            double *restrict t1 = total + a;
+            double *restrict t2 = total_sq + a;
+            if (out) {
+                float *restrict dst = out + k * d + a;
+                for (int64_t j = 0; j < n; j++) {
+                    float v;
+                    memcpy(&v, src + 4 * j, 4);
+                    dst[j] = v;
+                    double t = (double)v - s[j];
+                    t1[j] += t;
+                    t2[j] += t * t;
+                }
+            } else {
+                for (int64_t j = 0; j < n; j++) {
+                    float v;
+                    memcpy(&v, src + 4 * j, 4);
+                    double t = (double)v - s[j];
+                    t1[j] += t;
+                    t2[j] += t * t;
+                }
             }
         }
     }
