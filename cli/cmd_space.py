@@ -167,6 +167,15 @@ def fit_cmd(
         for row in profile_table(space.info_["profile"]):
             table.add_row(*row)
         console.print(table)
+        prof = space.info_["profile"]
+        bound = prof.get("read_cpu_bound_seconds")
+        read = next((r["seconds"] for r in prof["phases"] if r["phase"] == "read"), None)
+        if bound and read:
+            console.print(
+                f"read: {read / bound:.2f}x its CPU bound here, {bound:.2f} s (every byte "
+                "copied out of the page cache and hashed, rows held in memory faulted in, "
+                "on every core; the floor lets the copy and the hash overlap)"
+            )
 
 
 def variance_marks(ratio: np.ndarray, levels: tuple[float, ...] = (0.9, 0.99)) -> dict[float, int]:

@@ -74,6 +74,21 @@ def test_read_floor_counts_the_manifest_hash():
     assert RATES.file_seconds(1e9, threads=1) == pytest.approx(1.0)
 
 
+def test_the_read_cpu_bound_adds_the_copy_the_hash_and_the_row_memory():
+    # on cores that copy the page cache themselves the read and the hash add up; bytes
+    # from the disk are not copied by a core; rows held in memory are faulted in
+    r = Rates(2e9, 1e10, 1e11, 5e10, 1e9, hash_bytes_per_s=1e9, touch_bytes_per_s=4e9)
+    assert r.file_cpu_seconds(4e9, threads=1) == pytest.approx(2.0 + 4.0)
+    assert r.file_cpu_seconds(4e9, threads=2) == pytest.approx(3.0)
+    assert r.file_cpu_seconds(4e9, threads=2, cold=0.5) == pytest.approx((1.0 + 4.0) / 2)
+    assert r.file_cpu_seconds(4e9, threads=2, held_bytes=2e9) == pytest.approx(3.25)
+    # never below the floor, which lets the two overlap
+    assert r.file_cpu_seconds(4e9, threads=2) >= r.file_seconds(4e9, threads=2)
+    assert math.isnan(Rates(2e9, 1e10, 1e11, 5e10, 1e9).file_cpu_seconds(1e9))
+    no_touch = Rates(2e9, 1e10, 1e11, 5e10, 1e9, hash_bytes_per_s=1e9)
+    assert no_touch.file_cpu_seconds(4e9, 1, held_bytes=1e9) == pytest.approx(6.0)
+
+
 def test_eigen_cost_picks_the_cheaper_method():
     # the basis fits (12 blocks of 32 columns) and the dense solve is slow: krylov
     n, k = 4000, 20
@@ -233,6 +248,23 @@ def test_fit_profile_prints_phases(tmp_path):
     assert res.exit_code == 0, res.output
     for phase in ("read", "standardize", "gram", "eigen", "components", "total", "wall / floor"):
         assert phase in res.output
+    assert "x its CPU bound here" in res.output
+    # the bound counts the files' bytes and, rows held in memory, their memory
+    from w2wkit.collection import Collection
+    from w2wkit.space import WeightSpace
+
+    space = WeightSpace(n_components=3, solver="gram").fit(
+        Collection(tmp_path / "loras"), profile=True
+    )
+    prof = space.info_["profile"]
+    assert space.info_["rows_from"] == "memory"
+    rates = Rates(**prof["rates"])
+    assert math.isfinite(rates.touch_bytes_per_s) and rates.touch_bytes_per_s > 0
+    size = sum(p.stat().st_size for p in (tmp_path / "loras").iterdir())
+    held = 4 * 12 * space.layout_.dim
+    want = rates.file_cpu_seconds(size, held_bytes=held)
+    assert prof["read_cpu_bound_seconds"] == pytest.approx(want)
+    assert want > rates.file_cpu_seconds(size)
 
 
 def test_the_solver_choice_measures_only_its_two_rates() -> None:

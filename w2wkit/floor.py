@@ -14,7 +14,9 @@ The counts (flops are multiply-adds counted as two, as LAPACK's do)
 ``read``
     Every file's bytes once (``file_bytes``; ``4 N d`` when not given), read and
     hashed (the manifest records each file's SHA-256): the slower of the read
-    rate and the SHA-256 rate of one thread times the usable cores. The read rate
+    rate and the SHA-256 rate of one thread times the usable cores. (Where the
+    page cache's copy is a core's work the two cannot overlap: the profile also
+    reports that CPU bound, :meth:`Rates.file_cpu_seconds`, next to the floor.) The read rate
     is the page cache's (the files read twice, the second read timed) unless the
     files outgrow the page cache (more than
     :data:`w2wkit.collection.DIRECT_READ_RAM_FRACTION` of the memory): then no
@@ -109,6 +111,10 @@ class Rates:
     disk_read_bytes_per_s : float
         Read of the files from the disk itself (``O_DIRECT``, around the page
         cache); nan when not measured (then :attr:`read_bytes_per_s` stands).
+    touch_bytes_per_s : float
+        Fresh memory made ready by one thread (faulted in and zeroed by the kernel, as
+        the scan does for rows it holds in memory, :func:`first_touch_rate`); nan when
+        not measured.
     """
 
     read_bytes_per_s: float
@@ -120,6 +126,7 @@ class Rates:
     hash_bytes_per_s: float = math.nan
     dgemm_flops_per_s: float = math.nan
     disk_read_bytes_per_s: float = math.nan
+    touch_bytes_per_s: float = math.nan
 
     def dgemm(self) -> float:
         """The float64 GEMM rate (half the float32 one when not measured)."""
@@ -148,6 +155,33 @@ class Rates:
         if math.isfinite(h) and h > 0:
             secs = max(secs, nbytes / (h * (threads or usable_cores())))
         return secs
+
+    def file_cpu_seconds(
+        self,
+        nbytes: float,
+        threads: int | None = None,
+        cold: bool | float = False,
+        held_bytes: float = 0.0,
+    ) -> float:
+        """The read phase's CPU bound: the time ``threads`` cores (default: the cores this
+        process may use) take to copy ``nbytes`` of files out of the page cache (at
+        :attr:`read_bytes_per_s`, one thread), hash them all (at
+        :attr:`hash_bytes_per_s`) and make ``held_bytes`` of fresh memory ready for rows
+        held in memory (at :attr:`touch_bytes_per_s`), doing nothing else. Bytes that
+        come from the disk (``cold``, a share as in :meth:`read_seconds`) are moved by
+        the device, not copied by a core. Where the page cache's copy is a core's work,
+        as here, the read and the hash cannot overlap as :meth:`file_seconds` lets them:
+        this is the bound the read cannot go below on this machine (docs/space.md,
+        "Where the time goes"). nan when the hash rate was not measured."""
+        h = self.hash_bytes_per_s
+        if not (math.isfinite(h) and h > 0):
+            return math.nan
+        share = min(max(float(cold), 0.0), 1.0)
+        cpu = nbytes * (1.0 - share) / self.read_bytes_per_s + nbytes / h
+        t = self.touch_bytes_per_s
+        if held_bytes > 0 and math.isfinite(t) and t > 0:
+            cpu += held_bytes / t
+        return cpu / (threads or usable_cores())
 
     def as_dict(self) -> dict[str, float]:
         """The rates as a plain dict."""
@@ -348,6 +382,30 @@ def solver_rates(*, refresh: bool = False) -> Rates:
 SYRK_PROBE_ROWS = 4096
 
 
+def first_touch_rate(nbytes: int = 64 << 20) -> float:
+    """Bytes per second one thread makes fresh anonymous memory ready: faulted in and
+    zeroed by the kernel, the way the scan readies the rows it holds in memory
+    (:func:`w2wkit.collection.populate`; a write per page where that is off). Best of 3
+    fresh maps; nan when it cannot be measured."""
+    from w2wkit.collection import _POPULATE, anon_map, populate
+
+    def once() -> None:
+        buf = anon_map(nbytes)
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        if _POPULATE["on"]:
+            populate(arr)
+        if not _POPULATE["on"]:
+            arr[::4096] = 1
+        del arr
+        buf.close()
+
+    try:
+        once()
+        return nbytes / _best_time(once)
+    except (OSError, ValueError, BufferError):  # pragma: no cover - no anonymous maps
+        return math.nan
+
+
 def measure_rates(
     paths: Sequence[str | os.PathLike[str]] = (),
     *,
@@ -408,8 +466,9 @@ def measure_rates(
 
         blob = rng.bytes(8 << 20)
         sha = len(blob) / _best_time(lambda: hashlib.sha256(blob).digest())
-        _CACHE[key] = (copy_rate, gemm, syrk, eig_rate, dsyrk, sha, dgemm)
-    copy_rate, gemm, syrk, eig_rate, dsyrk, sha, dgemm = _CACHE[key]
+        touch = first_touch_rate()
+        _CACHE[key] = (copy_rate, gemm, syrk, eig_rate, dsyrk, sha, dgemm, touch)
+    copy_rate, gemm, syrk, eig_rate, dsyrk, sha, dgemm, touch = _CACHE[key]
     m = min(max(int(rows or 0), 1024), SYRK_PROBE_ROWS)
     if m > 1024:
         skey = ("syrk", m)
@@ -430,7 +489,7 @@ def measure_rates(
         if refresh or dkey not in _CACHE:
             _CACHE[dkey] = disk_read_rate(files)
         disk_rate = _CACHE[dkey]
-    return Rates(_CACHE[rkey], copy_rate, gemm, syrk, eig_rate, dsyrk, sha, dgemm, disk_rate)
+    return Rates(_CACHE[rkey], copy_rate, gemm, syrk, eig_rate, dsyrk, sha, dgemm, disk_rate, touch)
 
 
 def _dense_eigen_flops(n: int, k: int) -> float:

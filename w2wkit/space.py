@@ -533,6 +533,15 @@ class WeightSpace:
             )
         prof.set_floor(floor, rates)
         out = prof.as_dict()
+        # the read phase's CPU bound (page-cache copy + SHA-256 of every byte on the cores):
+        # above its floor where the copy is a core's work (floor.Rates.file_cpu_seconds)
+        bound = None
+        if file_bytes is not None and "read" in self.info_.get("timings", {}):
+            held = 0.0
+            if self.representation == "factors" and self.info_.get("rows_from") == "memory":
+                held = 4.0 * n * self.layout_.dim  # the rows, in fresh memory
+            bound = rates.file_cpu_seconds(file_bytes, cold=cold_share, held_bytes=held)
+        out["read_cpu_bound_seconds"] = bound if bound is None or math.isfinite(bound) else None
         out["cold_file_share"] = cold_share if self.representation == "factors" else float(outgrow)
         out["wall_seconds_total"] = self.info_.get("wall_seconds")
         return out
