@@ -75,8 +75,11 @@ static int held_in_page_cache(int fd, int64_t size) {
     return held;
 }
 
-/* Read from fd at offset 0 until buf (span bytes) is full or the file ends. */
+/* Read from fd at offset 0 until buf (span bytes, a multiple of the page size) is full or
+   the file ends. A read that stops short of a page boundary has met the end of the file:
+   no read follows it (an O_DIRECT read at such an offset may be refused). */
 static int64_t read_whole(int fd, unsigned char *buf, int64_t span) {
+    const int64_t page = (int64_t)sysconf(_SC_PAGESIZE);
     int64_t got = 0;
     while (got < span) {
         ssize_t r = pread(fd, buf + got, (size_t)(span - got), got);
@@ -86,6 +89,7 @@ static int64_t read_whole(int fd, unsigned char *buf, int64_t span) {
         }
         if (r == 0) break;
         got += r;
+        if (got % page) break;
     }
     return got;
 }
