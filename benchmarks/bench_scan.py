@@ -16,8 +16,9 @@ against two bounds measured in the same process:
     read and the hash cannot happen).
 
 Files: rank-1 SD1.5-layout kohya LoRAs from ``benchmarks/_kohya_synth.py`` (each with
-metadata of its own), warmed into the page cache before each run. One JSON line per
-run::
+metadata of its own), warmed into the page cache before each run (``--cold``: evicted
+from it; the floor then counts the share the scan found cold at the disk's rate, measured
+in the same process). One JSON line per run::
 
     python benchmarks/bench_scan.py --folder /tmp/w2w-bench-fit/n1000 --target memory
     python benchmarks/bench_scan.py --folder /tmp/w2w-bench-fit/n10000 --target files
@@ -34,14 +35,27 @@ import time
 from pathlib import Path
 
 
-def worker(folder: Path, target: str) -> dict:
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def worker(folder: Path, target: str, cold: bool = False) -> dict:
     from w2wkit.collection import Collection
     from w2wkit.floor import measure_rates
     from w2wkit.native import native
 
     files = sorted(folder.glob("*.safetensors"))
-    for f in files:  # warm: the page cache holds every file
-        f.read_bytes()
+    if cold:  # the page cache holds none of the files
+        evict(files)
+    else:  # warm: the page cache holds every file
+        for f in files:
+            f.read_bytes()
     coll = Collection(folder)
     kwargs = {"memory": {"in_memory": True}, "files": {"in_files": True}}.get(target, {})
     t0, c0 = time.perf_counter(), time.process_time()
@@ -52,11 +66,11 @@ def worker(folder: Path, target: str) -> dict:
     rows.close()
     size = float(sum(f.stat().st_size for f in files))
     fast = coll._fast_reader
-    cold = (fast.cold_fraction() or 0.0) if fast is not None else 0.0
-    rates = measure_rates(files, rows=n)
-    floor = rates.file_seconds(size, cold=cold)
+    share = (fast.cold_fraction() or 0.0) if fast is not None else 0.0
+    rates = measure_rates(files, rows=n, disk=share > 0)
+    floor = rates.file_seconds(size, cold=share)
     held = 4.0 * n * d if source == "memory" else 0.0
-    bound = rates.file_cpu_seconds(size, cold=cold, held_bytes=held)
+    bound = rates.file_cpu_seconds(size, cold=share, held_bytes=held)
     return {
         "path": "native" if native() is not None else "python",
         "n": n,
@@ -69,7 +83,7 @@ def worker(folder: Path, target: str) -> dict:
         "cpu_bound_seconds": bound,
         "over_floor": wall / floor,
         "over_cpu_bound": wall / bound,
-        "cold_share": cold,
+        "cold_share": share,
         "rates": rates.as_dict(),
     }
 
@@ -79,22 +93,25 @@ def main() -> None:
     ap.add_argument("--folder", type=Path, required=True)
     ap.add_argument("--target", choices=("memory", "files", "cache"), default="memory")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cold", action="store_true", help="evict the files before each run")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="append the JSON lines here")
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.folder, a.target)))
+        print(json.dumps(worker(a.folder, a.target, a.cold)))
         return
     results = []
     for r in range(a.rounds):
         for path in ("native", "python"):
             env = {**os.environ, "W2WKIT_NATIVE": "1" if path == "native" else "0"}
             cmd = [sys.executable, __file__, "--worker", "--folder", str(a.folder)]
+            cmd += ["--cold"] if a.cold else []
             out = subprocess.run(
                 [*cmd, "--target", a.target], env=env, capture_output=True, text=True, check=True
             )
             rec = json.loads(out.stdout.strip().splitlines()[-1])
             rec.update({"benchmark": "scan", "round": r, "date": time.strftime("%Y-%m-%d")})
+            rec["cold"] = a.cold
             assert rec["path"] == path, rec
             results.append(rec)
             print(
