@@ -86,9 +86,10 @@ def _load(path: Path, no_verify: bool = False):
 @click.option(
     "--no-row-cache",
     is_flag=True,
-    help="Streamed fits: read the rows from the LoRA files on every pass instead of a row "
-    "cache in the temporary folder (no temporary space the size of the data; slower). "
-    "The Gram over column chunks reads the files anyway while they fit the page cache.",
+    help="Streamed fits: read the rows from the LoRA files on every pass even where they "
+    "outgrow the page cache, instead of a row cache in the temporary folder (no temporary "
+    "space the size of the data; slower there). While the files fit the page cache every "
+    "streamed fit reads them in place anyway.",
 )
 @cluster_option
 @force_option

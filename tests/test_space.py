@@ -239,21 +239,23 @@ def test_a_file_rewritten_between_the_column_grams_two_reads_is_named(tmp_path, 
     assert space.info_.get("rows_from") is None  # nothing fitted
 
 
-def test_the_column_gram_reads_the_files_while_they_fit_the_page_cache(monkeypatch):
-    # 10k SD1.5 rank-1 rows (4 GB) on disk for the column Gram: read from the files'
-    # cached pages, no row cache written; a machine whose page cache they would outgrow
-    # writes the row cache (as the randomized passes do unless row_cache=False)
+def test_the_files_are_read_in_place_while_they_fit_the_page_cache(monkeypatch):
+    # 10k SD1.5 rank-1 rows (4 GB) on disk for the column Gram, 30k (12 GB) for the
+    # randomized passes: read from the files' cached pages, no row cache written; a
+    # machine whose page cache they would outgrow writes the row cache
     from w2wkit import collection, solvers
 
     monkeypatch.setattr(solvers, "memory_budget", lambda: 16 << 30)
     d = 99_648
     monkeypatch.setattr(collection, "physical_memory", lambda: 23 << 30)
     assert WeightSpace(1000)._rows_in_files(10_000, d)
-    assert not WeightSpace(999)._rows_in_files(30_000, d)  # randomized: the row cache
+    assert WeightSpace(999)._rows_in_files(30_000, d)  # the randomized passes (12 GB)
     assert WeightSpace(999, row_cache=False)._rows_in_files(30_000, d)
     monkeypatch.setattr(collection, "physical_memory", lambda: 4 << 30)
     assert not WeightSpace(1000)._rows_in_files(10_000, d)
     assert WeightSpace(1000, row_cache=False)._rows_in_files(10_000, d)
+    monkeypatch.setattr(collection, "physical_memory", lambda: 20 << 30)  # 65k: 26 GB
+    assert not WeightSpace(999)._rows_in_files(65_000, d)
 
 
 def test_streamed_rows_are_read_from_their_files(tmp_path, monkeypatch):
@@ -291,8 +293,15 @@ def test_streamed_rows_are_read_from_their_files(tmp_path, monkeypatch):
     assert got.info_["rows_from"] == "files + row cache of 1 rows"
     assert got.info_["n_passes"] > 2
     assert written and max(written) <= 4 * 500 + 65536  # a sparse file of one row
-    ref = WeightSpace(5, solver="randomized").fit(Collection(folder, cache_dir=cache))
+    # the default reads these files in place too (they fit the page cache): the reference
+    # from a row cache, as where the files outgrow it
+    with monkeypatch.context() as m:
+        m.setattr(WeightSpace, "_rows_in_files", lambda self, n, d: False)
+        ref = WeightSpace(5, solver="randomized").fit(Collection(folder, cache_dir=cache))
     assert ref.info_["rows_from"] == "row cache"
+    default = WeightSpace(5, solver="randomized").fit(Collection(folder, cache_dir=cache))
+    assert default.info_["rows_from"] == "files + row cache of 1 rows"
+    np.testing.assert_array_equal(default.components_, got.components_)
     np.testing.assert_array_equal(got.singular_values_, ref.singular_values_)
     np.testing.assert_array_equal(got.components_, ref.components_)
     np.testing.assert_array_equal(got.coefficients_, ref.coefficients_)

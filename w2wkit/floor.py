@@ -170,8 +170,9 @@ class Rates:
         held in memory (at :attr:`touch_bytes_per_s`), doing nothing else. Bytes that
         come from the disk (``cold``, a share as in :meth:`read_seconds`) are counted as
         moved by the device, as an ``O_DIRECT`` read moves them (read through the page
-        cache a core copies them too: the bound stays a lower one). Where the page cache's copy is a core's work,
-        as here, the read and the hash cannot overlap as :meth:`file_seconds` lets them:
+        cache a core copies them too: the bound stays a lower one). Where the page
+        cache's copy is a core's work, as here, the read and the hash cannot overlap as
+        :meth:`file_seconds` lets them:
         this is the bound the read cannot go below on this machine (docs/space.md,
         "Where the time goes"). nan when the hash rate was not measured."""
         h = self.hash_bytes_per_s

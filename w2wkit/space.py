@@ -258,10 +258,12 @@ class WeightSpace:
         695-723 s for 65,000 SD1.5 LoRAs on a 23 GB machine, about even at 8,000), or,
         with ``False``, read them from the models' own files on every pass: no temporary
         space the size of the data. Either is read around the page cache (``O_DIRECT``)
-        when it outgrows the memory. The Gram over column chunks reads the files whatever
-        this says while they fit the page cache (its chunks then come from their cached
-        pages: 10,000 SD1.5 LoRAs 81.0-81.5 s against 84.5-85.4 s through a row cache),
-        and a row cache otherwise unless this is ``False``.
+        when it outgrows the memory. While the files fit the page cache they are read in
+        place whatever this says, by the Gram over column chunks (its chunks then come
+        from their cached pages: 10,000 SD1.5 LoRAs 81.0-81.5 s against 84.5-85.4 s
+        through a row cache) and by the randomized passes (30,000 cold: 346-348 s against
+        347-364 s, and no 12.8 GB of temporary space); a row cache otherwise unless this
+        is ``False``.
 
     Attributes
     ----------
@@ -573,11 +575,12 @@ class WeightSpace:
 
     def _rows_in_files(self, n: int, d: int) -> bool:
         """Whether a factors fit of ``n`` rows of ``d`` not held in memory reads them from
-        their files on every pass instead of a row cache: with ``row_cache=False``; and
-        for the Gram over column chunks when the files stay in the page cache (their rows'
-        bytes within :func:`~w2wkit.collection.outgrows_page_cache`; each chunk is then
-        read from the files' cached pages, and the scan writes no copy of the rows: 10k
-        rows of SD1.5: docs/space.md, "Where a factors fit keeps the rows")."""
+        their files on every pass instead of a row cache: with ``row_cache=False``; and,
+        while the files stay in the page cache (their rows' bytes within
+        :func:`~w2wkit.collection.outgrows_page_cache`), for the Gram over column chunks
+        (each chunk read from the files' cached pages: 10k rows of SD1.5) and for the
+        randomized passes (30k): the scan then writes no copy of the rows. docs/space.md,
+        "Where a factors fit keeps the rows"."""
         from w2wkit.collection import outgrows_page_cache
 
         if not self.row_cache:
@@ -586,7 +589,12 @@ class WeightSpace:
             k = self._check_k(n, d)
         except SpaceError:
             return False
-        return self._column_gram(n, d, k) and not outgrows_page_cache(4.0 * n * d)
+        if outgrows_page_cache(4.0 * n * d):
+            return False
+        # the column Gram's chunks, and the randomized passes' rows (30k SD1.5, cold: 346-348
+        # s in five fits against 347-364 s through a row cache, the scan 14-18 s against
+        # 31 s; docs/space.md, "Where a factors fit keeps the rows")
+        return self._column_gram(n, d, k) or self._solver_for(n, d, k) == "randomized"
 
     def _solver_for(self, n: int, d: int, k: int) -> str:
         """The solver a factors fit of ``n`` rows of ``d`` with ``k`` components runs."""
