@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_worker
 
 
 def evict(files: list[Path]) -> None:
@@ -100,20 +102,14 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(a.folder, a.target, a.cold)))
         return
-    results = []
     for r in range(a.rounds):
         for path in ("native", "python"):
             env = {**os.environ, "W2WKIT_NATIVE": "1" if path == "native" else "0"}
-            cmd = [sys.executable, __file__, "--worker", "--folder", str(a.folder)]
-            cmd += ["--cold"] if a.cold else []
-            out = subprocess.run(
-                [*cmd, "--target", a.target], env=env, capture_output=True, text=True, check=True
-            )
-            rec = json.loads(out.stdout.strip().splitlines()[-1])
+            args = ["--worker", "--folder", str(a.folder), "--target", a.target]
+            rec = run_worker(__file__, args + (["--cold"] if a.cold else []), env=env)
             rec.update({"benchmark": "scan", "round": r, "date": time.strftime("%Y-%m-%d")})
             rec["cold"] = a.cold
             assert rec["path"] == path, rec
-            results.append(rec)
             print(
                 f"{path:7s} n={rec['n']} {rec['target']}: {rec['seconds']:.2f} s "
                 f"(cpu {rec['cpu_seconds']:.2f} s) floor {rec['floor_seconds']:.2f} s "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -71,8 +72,8 @@ def test_read_files_hash_and_stat_each_file(tmp_path):
             assert digests[k].tobytes() == hashlib.sha256(data).digest()
         else:  # read to the end of its slot, not hashed: the caller reads it another way
             assert info[k, nv.GOT] == span
-    assert info[-2, nv.GOT] == -2  # ENOENT
-    assert info[-1, nv.GOT] == -22  # EINVAL: not a regular file
+    assert info[-2, nv.GOT] == -errno.ENOENT
+    assert info[-1, nv.GOT] == -errno.EINVAL  # not a regular file
 
 
 @st.composite

@@ -1931,15 +1931,14 @@ class _KohyaRows:
         # the same gather as copies of contiguous runs, when there are few of them
         brk = np.flatnonzero(np.diff(self.perm) != 1) + 1
         starts, ends = np.r_[0, brk], np.r_[brk, self.perm.size]
-        self.runs: list[tuple[int, int, int]] | None = None
-        if len(starts) <= 512:
-            self.runs = [
-                (int(a), int(b), int(self.perm[a])) for a, b in zip(starts, ends, strict=True)
-            ]
-        #: every run ``(a, b, c)`` as an ``(R, 3)`` int64 table (the native copy's)
+        #: every run ``(a, b, c)``: ``row[a:b] = data[c : c + b - a]``, an ``(R, 3)`` int64
+        #: table (the native copy's); :attr:`runs` the same as tuples when there are few
         self.run_table = np.ascontiguousarray(
             np.stack([starts, ends, self.perm[starts]], axis=1), dtype=np.int64
         ).reshape(-1, 3)
+        self.runs: list[tuple[int, int, int]] | None = None
+        if len(starts) <= 512:
+            self.runs = [(a, b, c) for a, b, c in self.run_table.tolist()]
         self.data_len = len(raw) - lay.start
         self.file_size = len(raw)
         if self.data_len % 4:
@@ -2329,11 +2328,12 @@ def _read_rows_job(
         phase = target.write_phase(lo) if isinstance(target, _RowFile) else 0
         block = _scratch_block(m, d, phase)
     results: list[tuple[dict[str, str], str] | None] = []
-    counted = [False] * m  # rows already added to stats
     nat = native()
+    summed = False  # the rows read are in stats already
     if nat is not None and block.flags.c_contiguous and block.dtype == np.float32:
         mine = stats.mine(d, fast.shift) if stats is not None else None
-        results, counted = _read_run_native(nat, fast, paths, block, target, lo, mine)
+        results = _read_run_native(nat, fast, paths, block, target, lo, mine)
+        summed = True
     for k, path in enumerate(paths[len(results) :]):
         if isinstance(target, _FileRows):
             where: dict[str, Any] = {}
@@ -2354,17 +2354,8 @@ def _read_rows_job(
             end += 1
         if isinstance(target, _RowFile):
             target.write_rows(lo + k, block[k:end])
-        if stats is not None:
-            j = k
-            while j < end:  # the rows not counted yet, a stretch at a time
-                if counted[j]:
-                    j += 1
-                    continue
-                e = j + 1
-                while e < end and not counted[e]:
-                    e += 1
-                stats.add(block[j:e])
-                j = e
+        if stats is not None and not summed:
+            stats.add(block[k:end])
         k = end
     return results, block if hand_back else None
 
@@ -2377,7 +2368,7 @@ def _read_run_native(
     target: Any,
     lo: int,
     stats: _ColumnStats | None = None,
-) -> tuple[list[tuple[dict[str, str], str] | None], list[bool]]:
+) -> list[tuple[dict[str, str], str] | None]:
     """:func:`_read_rows_job`'s reads, hashes, checks and copies of the run ``paths`` by
     the native helper (:mod:`w2wkit.native`): one call reads and hashes every file into
     this thread's buffer, the headers are checked here (:meth:`_KohyaRows.head`), one
@@ -2386,8 +2377,8 @@ def _read_run_native(
     :attr:`_KohyaRows.native_span`, not a regular file, an error) goes through
     :meth:`_KohyaRows.read_row`, as on the Python path; the results are those of
     :meth:`_KohyaRows.read_row`, file by file. With ``stats`` (shifted by
-    :attr:`_KohyaRows.shift`) the rows the helper copies are added to it in the same
-    pass; the second list tells which rows were."""
+    :attr:`_KohyaRows.shift`) every row read is added to it: the helper's in the same
+    pass as their copy, the others after :meth:`_KohyaRows.read_row`."""
     from w2wkit import native as nv
 
     m, span = len(paths), fast.native_span
@@ -2450,14 +2441,15 @@ def _read_run_native(
                     lo + k, (int(info[k, nv.SIZE]), int(info[k, nv.MTIME_NS])), int(start[k])
                 )
     for k in apart:
+        where: dict[str, Any] = {}
+        results[k] = fast.read_row(paths[k], block[k], where)
+        if results[k] is None:
+            continue
         if isinstance(target, _FileRows):
-            where: dict[str, Any] = {}
-            results[k] = fast.read_row(paths[k], block[k], where)
-            if results[k] is not None:
-                target.record(lo + k, where["stamp"], where["start"])
-        else:
-            results[k] = fast.read_row(paths[k], block[k])
-    return results, [bool(x) for x in ok] if stats is not None else [False] * m
+            target.record(lo + k, where["stamp"], where["start"])
+        if stats is not None:
+            stats.add_block(block[k : k + 1])
+    return results
 
 
 def _native_scratch(nbytes: int) -> np.ndarray:

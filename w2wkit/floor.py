@@ -172,9 +172,9 @@ class Rates:
         moved by the device, as an ``O_DIRECT`` read moves them (read through the page
         cache a core copies them too: the bound stays a lower one). Where the page
         cache's copy is a core's work, as here, the read and the hash cannot overlap as
-        :meth:`file_seconds` lets them:
-        this is the bound the read cannot go below on this machine (docs/space.md,
-        "Where the time goes"). nan when the hash rate was not measured."""
+        :meth:`file_seconds` lets them: this is the bound the read cannot go below on
+        this machine (docs/space.md, "Where the time goes"). nan when the hash rate was
+        not measured."""
         h = self.hash_bytes_per_s
         if not (math.isfinite(h) and h > 0):
             return math.nan

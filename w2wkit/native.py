@@ -5,9 +5,10 @@ install without a C compiler goes on without it) into ``w2wkit/_scan*.so``, a pl
 shared library loaded here with :mod:`ctypes` (never imported as a module; ctypes
 releases the GIL around each call). The scan's reader threads hand it a run of files
 at a time (:func:`w2wkit.collection._read_rows_job`): one call reads and hashes them
-all, one copies their rows out and checks them, one adds the rows to the column
-statistics -- where the Python path made some fifteen calls per file, each a hand-over
-of the GIL between threads (docs/space.md, "The scan").
+all, one checks their rows, copies them out and adds them to the column statistics --
+where the Python path made some fifteen calls per file, each a hand-over of the GIL
+between threads (docs/space.md, "The scan's native helper"). :meth:`Native.stats` adds a
+block of rows to such statistics (``_ColumnStats.add_block``).
 
 The SHA-256 is OpenSSL's, from the very ``libcrypto`` the process's :mod:`hashlib`
 loaded; the library is used only after it hashed a test string as :mod:`hashlib` does.
@@ -32,6 +33,8 @@ ASK_HELD = 1
 DIRECT = 2
 #: columns of :meth:`Native.read_files`'s ``info``
 GOT, SIZE, MTIME_NS, HELD, READ_DIRECT, REFUSED = range(6)
+#: the version of scan.c's interface this module calls (``w2w_abi``)
+ABI = 1006
 
 
 @dataclass(frozen=True)
@@ -194,31 +197,17 @@ def native() -> Native | None:
     except OSError:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.w2w_info_width.restype = i64
+    if not hasattr(lib, "w2w_abi"):  # built from an older scan.c: pip install -e .
+        return None
+    lib.w2w_abi.restype = i64
+    if lib.w2w_abi() != ABI:  # built from another version of scan.c
+        return None
     lib.w2w_read_files.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr]
     lib.w2w_read_files.restype = i64
-    lib.w2w_gather.argtypes = [
-        ptr,
-        i64,
-        ptr,
-        i64,
-        ptr,
-        i64,
-        ptr,
-        ptr,
-        i64,
-        ptr,
-        i64,
-        ptr,
-        ptr,
-        ptr,
-        ptr,
-    ]
+    lib.w2w_gather.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, i64] + [ptr] * 4
     lib.w2w_gather.restype = i64
     lib.w2w_stats.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
     lib.w2w_stats.restype = None
-    if lib.w2w_info_width() != 6:
-        return None
     sha = ctypes.cast(crypto.SHA256, ctypes.c_void_p).value
     if not sha:
         return None

@@ -3,9 +3,10 @@
  *
  * A reader thread of a scan hands a run of files to w2w_read_files (read each whole
  * into its slot of an aligned buffer and hash it), checks the headers itself, then
- * hands the rows to w2w_gather (copy the row out of the data section, check the alphas
- * and that every value is finite) and w2w_stats (column sums of the shifted rows and
- * of their squares, float64). ctypes releases the GIL around each call, so the
+ * hands the rows to w2w_gather (check the alphas and that every value is finite, copy
+ * the row out of the data section and add it to the column sums of the shifted rows
+ * and of their squares, float64). w2w_stats adds a block of rows to such sums (the
+ * rows the Python readers give). ctypes releases the GIL around each call, so the
  * threads' reads, hashes and copies overlap with no hand-over per file.
  *
  * Plain C99 and POSIX, no Python headers: the library is loaded with ctypes, never
@@ -30,7 +31,9 @@ enum { INFO_GOT, INFO_SIZE, INFO_MTIME_NS, INFO_HELD, INFO_DIRECT, INFO_REFUSED,
 /* flags of w2w_read_files */
 enum { ASK_HELD = 1, DIRECT = 2 };
 
-int64_t w2w_info_width(void) { return INFO_WIDTH; }
+/* The interface's version (w2wkit/native.py loads only the one it was written for): bump
+   it whenever a function's arguments or the info row change. */
+int64_t w2w_abi(void) { return 1000 + INFO_WIDTH; }
 
 #ifndef SYS_cachestat
 #if defined(__x86_64__) || defined(__aarch64__) || defined(__riscv) || defined(__powerpc64__) || \
@@ -158,6 +161,21 @@ static int all_finite(const unsigned char *p, int64_t n) {
     return !bad;
 }
 
+/* dst[j] = x[j] (unless dst is NULL), t1[j] += x[j] - s[j], t2[j] += (x[j] - s[j])^2 for
+   the n float32 x at src (any alignment); -O3 unswitches the loop on dst */
+static inline void copy_and_sum(const unsigned char *src, int64_t n, float *restrict dst,
+                                const double *restrict s, double *restrict t1,
+                                double *restrict t2) {
+    for (int64_t j = 0; j < n; j++) {
+        float v;
+        memcpy(&v, src + 4 * j, 4);
+        if (dst) dst[j] = v;
+        double t = (double)v - s[j];
+        t1[j] += t;
+        t2[j] += t * t;
+    }
+}
+
 /*
  * Copy the rows of the m files whose ok[k] is set out of their data sections
  * (buf + k * span + start[k]) into out + k * d: out[a:b] = data[c : c + b - a] for
@@ -195,31 +213,11 @@ int64_t w2w_gather(const unsigned char *buf, int64_t span, const int64_t *start,
         for (int64_t r = 0; r < nruns; r++) {
             const int64_t a = runs[3 * r], n = runs[3 * r + 1] - a;
             const unsigned char *src = data + 4 * runs[3 * r + 2];
+            float *dst = out ? out + k * d + a : NULL;
             if (!shift) {
-                if (out) memcpy(out + k * d + a, src, (size_t)(4 * n));
-                continue;
-            }
-            const double *restrict s = shift + a;
-            double *restrict t1 = total + a;
-            double *restrict t2 = total_sq + a;
-            if (out) {
-                float *restrict dst = out + k * d + a;
-                for (int64_t j = 0; j < n; j++) {
-                    float v;
-                    memcpy(&v, src + 4 * j, 4);
-                    dst[j] = v;
-                    double t = (double)v - s[j];
-                    t1[j] += t;
-                    t2[j] += t * t;
-                }
+                if (dst) memcpy(dst, src, (size_t)(4 * n));
             } else {
-                for (int64_t j = 0; j < n; j++) {
-                    float v;
-                    memcpy(&v, src + 4 * j, 4);
-                    double t = (double)v - s[j];
-                    t1[j] += t;
-                    t2[j] += t * t;
-                }
+                copy_and_sum(src, n, dst, shift + a, total + a, total_sq + a);
             }
         }
     }
