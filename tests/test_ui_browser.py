@@ -111,23 +111,26 @@ def _fill(page: Any, elem: str, value: str, tries: int = 3) -> None:
     raise AssertionError(f"#{elem} did not keep the typed value {value!r}")
 
 
-def _upload(page: Any, path: Path, tries: int = 3) -> None:
-    """Give ``path`` to the picture box and wait until the page lists it.
+def _upload(page: Any, path: Path, tab: str = "Invert a picture", tries: int = 3) -> None:
+    """Open ``tab``, give ``path`` to the picture box and wait until the page lists it.
 
-    An upload handed to a box the page re-renders at that moment (the tab just opened,
-    under load) is lost and never listed: then it is given again, as a person would, up
-    to ``tries`` times (two clean-clone CI runs waited the whole timeout for it once).
+    Under load a click on the tab can be lost (the page re-renders it) and the box, which
+    the page renders only in the open tab, never appears; an upload handed to a box
+    re-rendered at that moment is lost and never listed. Either way it is done again, as
+    a person would, up to ``tries`` times (clean-clone CI runs waited the whole timeout
+    for the box once and for the listing twice).
     """
     box = page.locator("#picture input[type=file]")
     for attempt in range(tries):
-        box.set_input_files(str(path))
+        last = attempt == tries - 1
         try:
-            page.get_by_text(path.name).first.wait_for(
-                timeout=TIMEOUT if attempt == tries - 1 else 30_000
-            )
+            page.get_by_role("tab", name=tab).click()
+            box.wait_for(state="attached", timeout=TIMEOUT if last else 30_000)
+            box.set_input_files(str(path))
+            page.get_by_text(path.name).first.wait_for(timeout=TIMEOUT if last else 30_000)
             return
         except Exception:
-            if attempt == tries - 1:
+            if last:
                 raise
 
 
@@ -183,8 +186,7 @@ def test_page_sample_invert_edit_download(served: dict, browser: Any, tmp_path: 
 
     # upload a held-out picture -> inversion finishes (tiny settings)
     pic = _picture(tmp_path / "held.png", served["world"])
-    page.get_by_role("tab", name="Invert a picture").click()
-    _upload(page, pic)  # the upload finished (the file is listed)
+    _upload(page, pic)  # the tab opened, the upload finished (the file is listed)
     page.get_by_text("inversion settings").click()
     _fill(page, "inv-steps", "5")
     page.locator("#invert").click()
