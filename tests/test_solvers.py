@@ -634,3 +634,32 @@ def test_randomized_ritz_float32_products_keep_the_accuracy(monkeypatch):
     np.testing.assert_allclose(
         low.scores, z @ low.components.T.astype(np.float64), atol=2e-4 * np.abs(low.scores).max()
     )
+
+
+@pytest.mark.parametrize("method", ["dense", "krylov"])
+def test_widened_gram_is_whole_and_exact(monkeypatch, method):
+    """float32 rows with float64 products (column stripes widened, each ?syrk added in
+    place): the eigensolver gets a Gram with both triangles, equal to the float64 product
+    (the krylov method multiplies by the whole matrix), and the fit agrees with an SVD."""
+    from w2wkit.solvers import fit_pca_array
+
+    z = power_law(80, 3000, seed=11).astype(np.float32)
+    monkeypatch.setattr(solvers, "_GRAM_FLOAT64_MAX_FLOPS", 1e12)  # widened
+    seen = []
+    real = solvers.top_eigh
+
+    def spy(gram, k, **kw):
+        seen.append(gram.copy())
+        return real(gram, k, method=method, **kw)
+
+    monkeypatch.setattr(solvers, "top_eigh", spy)
+    # 256-column stripes (the smallest): 11 full ones and a short last one
+    monkeypatch.setattr(solvers, "_gram_stripe_columns", lambda n: 256)
+    res = fit_pca_array(z, 6, solver="gram")
+    (g,) = seen
+    z64 = z.astype(np.float64)
+    np.testing.assert_array_equal(g, g.T)
+    np.testing.assert_allclose(g, z64 @ z64.T, rtol=1e-12, atol=1e-9)
+    _, s, vt = np.linalg.svd(z64, full_matrices=False)
+    np.testing.assert_allclose(res.singular_values, s[:6], rtol=1e-9)
+    assert max_angle(res.components, vt[:6]) < 1e-5

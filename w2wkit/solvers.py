@@ -1266,7 +1266,7 @@ def _gram_core(
             # writes): no (N, N) temporary per stripe
             gram[...] = 0.0
             syrk = _syrk_upper(dtype)
-            wide = max(256, (64 << 20) // (8 * n))
+            wide = _gram_stripe_columns(n)
             buf = np.empty((n, min(wide, d)), dtype=dtype)
             upper = gram.T
             for lo in range(0, d, wide):
@@ -1291,7 +1291,7 @@ def _gram_core(
     with _stage(stream, "gram: components", "components"):
         if overwrite and z.dtype == np.float32 and z.flags.c_contiguous:
             left = np.ascontiguousarray(proj.T, dtype=dtype)
-            cstep = max(256, (64 << 20) // (8 * n))
+            cstep = _gram_stripe_columns(n)
             # one product buffer reused (a fresh (k, cstep) result each stripe costs its
             # page faults: 0.1-0.3 s of a 2.1 s product at N = 1000); widened stripes go
             # to the BLAS that made the Gram and the eigenpairs (scipy's: one thread pool,
@@ -1319,6 +1319,12 @@ def _gram_core(
             np.matmul(proj.T.astype(dtype), z, out=comp)
         del z
         return _gram_result(comp, good, u, sv, stream, sumsq, n, {"stripes": 1}, dtype, mean)
+
+
+def _gram_stripe_columns(n: int) -> int:
+    """Columns of a widened float64 stripe of ``N`` rows in the in-memory gram solver
+    (64 MiB, at least 256)."""
+    return max(256, (64 << 20) // (8 * n))
 
 
 def _gemm_into(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
