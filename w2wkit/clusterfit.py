@@ -912,6 +912,8 @@ def _gram_eigenpairs(
     stream.add_time("gram", time.perf_counter() - t0)
     sumsq = float(np.trace(gram))
     _symmetrize_from_upper(gram)
+    if not gram.flags.c_contiguous:
+        gram = gram.T  # the same symmetric matrix, C-contiguous
     with _stage(stream, "gram: top-k eigenpairs", "eigen"):  # type: ignore[arg-type]
         u, proj, good, sv = _gram_eigen(gram, k, stream.n_rows, stream.n_cols, dtype)
     runner.calls += 1
@@ -1034,7 +1036,7 @@ def _fit_gram_columns_files(runner: _Runner, stream: _ClusterStream, k: int) -> 
             )
             for b, (lo, hi) in enumerate(chunks)
         ]
-        gram = np.zeros((n, n), dtype=np.float64)
+        gram = np.zeros((n, n), dtype=np.float64, order="F")  # the parts' layout
         sizes = [hi - lo for lo, hi in chunks]
         for b, part in _in_order(client, futures, sizes, "gram: column chunks", stream.progress):
             bad = ~np.isfinite(np.diagonal(part))
