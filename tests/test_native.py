@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -220,7 +221,7 @@ def test_read_columns_scatters_and_standardises_like_numpy(tmp_path_factory, dat
     # the piece's bytes in file order: runs of the piece (a permutation of [0, w)) and gaps
     order = data.draw(st.permutations(range(w)))
     cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, w - 1)), max_size=5))) | {0, w})
-    runs = [order[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+    runs = [order[a:b] for a, b in itertools.pairwise(cuts) if b > a]
     plan, pos = [], 0
     for r, run in enumerate(runs):
         # pieces of a read need contiguous destination runs: one segment a column
