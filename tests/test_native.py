@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import itertools
 import os
 import shutil
 import subprocess
@@ -206,67 +205,3 @@ def test_a_file_larger_than_its_slot_is_read_apart(tmp_path, monkeypatch):
     np.testing.assert_allclose(fast.var, slow.var, rtol=1e-9, atol=1e-15)
     assert fast_coll.manifest == slow_coll.manifest
     assert fast_coll.manifest[3]["sha256"] == hashlib.sha256(paths[3].read_bytes()).hexdigest()
-
-
-@needs_native
-@settings(max_examples=40, deadline=None)
-@given(data=st.data())
-def test_read_columns_scatters_and_standardises_like_numpy(tmp_path_factory, data):
-    # any plan of reads (segments into the piece, skipped bytes) over files with any data
-    # offset: the pieces equal numpy's gather of the same bytes, standardised in float32
-    # exactly as numpy does it; a missing, changed or short file stops the read at it
-    tmp = tmp_path_factory.mktemp("cols")
-    w = data.draw(st.integers(1, 40))
-    lengths = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=6))
-    # the piece's bytes in file order: runs of the piece (a permutation of [0, w)) and gaps
-    order = data.draw(st.permutations(range(w)))
-    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, w - 1)), max_size=5))) | {0, w})
-    runs = [order[a:b] for a, b in itertools.pairwise(cuts) if b > a]
-    plan, pos = [], 0
-    for r, run in enumerate(runs):
-        # pieces of a read need contiguous destination runs: one segment a column
-        segs = [(4 * c, 4 * c + 4) for c in run]
-        gap = lengths[r % len(lengths)]
-        segs.append((-1, 4 * gap))
-        want = sum(b - a if a >= 0 else b for a, b in segs)
-        plan.append((pos, segs, 4 * gap, want))
-        pos += want + 4 * data.draw(st.integers(0, 3))
-    m = data.draw(st.integers(1, 5))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
-    starts = rng.integers(0, 64, size=m).astype(np.int64)
-    paths, want = [], np.empty((m, w), dtype=np.float32)
-    for k in range(m):
-        raw = rng.normal(size=(int(starts[k]) + pos) // 4 + 2).astype(np.float32).tobytes()
-        p = tmp / f"m{k}.bin"
-        p.write_bytes(raw)
-        paths.append(p)
-        for at, segs, _, _ in plan:
-            off = int(starts[k]) + at
-            for a, b in segs:
-                n_bytes = b - a if a >= 0 else b
-                if a >= 0:
-                    want[k, a // 4 : b // 4] = np.frombuffer(raw[off : off + n_bytes], np.float32)
-                off += n_bytes
-    stamps = np.array([[p.stat().st_size, p.stat().st_mtime_ns] for p in paths], dtype=np.int64)
-    mean = rng.normal(size=w).astype(np.float32)
-    mul = rng.uniform(0.01, 100, size=w).astype(np.float32)
-    arrays = nv.plan_arrays(plan)
-    out = np.full((m, w + 3), np.nan, dtype=np.float32)[:, :w]  # rows of a wider array
-    bpaths = [os.fsencode(p) for p in paths]
-    assert NATIVE.read_columns(bpaths, starts, stamps, arrays, out) == (-1, 0, 0)
-    np.testing.assert_array_equal(out, want)
-    assert NATIVE.read_columns(bpaths, starts, stamps, arrays, out, (mean, mul)) == (-1, 0, 0)
-    with np.errstate(all="ignore"):  # unaligned starts read any bit pattern, inf included
-        standardised = (want - mean) * mul
-    np.testing.assert_array_equal(out, standardised, strict=True)
-    # file m - 1 missing / changed / shorter than the plan reads
-    last = paths[-1]
-    last.unlink()
-    assert NATIVE.read_columns(bpaths, starts, stamps, arrays, out) == (m - 1, errno.ENOENT, 0)
-    last.write_bytes(b"\0" * int(stamps[-1, 0]))
-    os.utime(last, ns=(0, int(stamps[-1, 1]) + 1))
-    assert NATIVE.read_columns(bpaths, starts, stamps, arrays, out)[::2] == (m - 1, 1)
-    short = int(starts[-1]) + max(at + want for at, _, _, want in plan) - 1  # the last read's end
-    last.write_bytes(b"\0" * short)
-    stamps[-1] = [short, last.stat().st_mtime_ns]
-    assert NATIVE.read_columns(bpaths, starts, stamps, arrays, out)[::2] == (m - 1, 2)

@@ -1534,8 +1534,6 @@ class _FileRows:
         self._lock = threading.Lock()
         self._pool: Any = None
         self._blocks = _BlockPool()
-        self._plan_arrays: dict[tuple[int, int], Any] = {}
-        self._bpaths: list[bytes] | None = None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -1719,10 +1717,6 @@ class _FileRows:
             return out
         tpl = self.template
         plan = tpl.column_plan(lo, hi) if tpl is not None else []
-        helper = native() if isinstance(transform, ColumnAffine) or transform is None else None
-        if helper is not None and plan:
-            self._read_columns_native(helper, lo, hi, plan, out, transform)
-            return out
         starts = self.starts.tolist()
         for i in range(n):
             piece = out[i]
@@ -1735,64 +1729,6 @@ class _FileRows:
             if transform is not None:
                 transform(piece, lo, hi)
         return out
-
-    def _read_columns_native(
-        self,
-        helper: Any,
-        lo: int,
-        hi: int,
-        plan: ColumnPlan,
-        out: np.ndarray,
-        transform: ColumnAffine | None,
-    ) -> None:
-        """:meth:`read_columns` by the native helper (:meth:`w2wkit.native.Native.read_columns`):
-        each run of rows in files one call, without the interpreter per file; the side rows
-        as the Python path reads them. The same bytes, the same float32 arithmetic."""
-        from w2wkit.native import COLUMNS_CHANGED, plan_arrays
-
-        arrays = self._plan_arrays.get((lo, hi))
-        if arrays is None:
-            arrays = plan_arrays(plan)
-            if len(self._plan_arrays) < 64:
-                self._plan_arrays[(lo, hi)] = arrays
-        if self._bpaths is None:
-            self._bpaths = [os.fsencode(p) for p in self.paths]
-        affine = None
-        if transform is not None:
-            affine = (transform.mean[lo:hi], transform.mul[lo:hi])
-        in_files = self.starts >= 0
-        i, n = 0, self.shape[0]
-        while i < n:
-            if not in_files[i]:
-                assert self.side is not None
-                self.side.read_columns_of(i, lo, hi, out[i])
-                if transform is not None:
-                    transform(out[i], lo, hi)
-                i += 1
-                continue
-            j = i + 1
-            while j < n and j - i < _NATIVE_COLUMN_RUN and in_files[j]:
-                j += 1
-            k, err, code = helper.read_columns(
-                self._bpaths[i:j], self.starts[i:j], self.stamps[i:j], arrays, out[i:j], affine
-            )
-            if k >= 0:
-                path = self.paths[i + k]
-                if code == COLUMNS_CHANGED:
-                    raise SpaceError(
-                        "the file changed during the fit (its size or modification time "
-                        "differs from the scan's)",
-                        path=path,
-                        hint="do not write the input files while a fit runs",
-                    )
-                if code:
-                    raise SpaceError("the file is shorter than when it was scanned", path=path)
-                raise SpaceError(
-                    f"cannot read the file again during the fit: {os.strerror(err)}",
-                    path=path,
-                    hint="do not move or delete the input files while a fit runs",
-                )
-            i = j
 
     def _read_file_columns(self, i: int, start: int, plan: ColumnPlan, out: np.ndarray) -> None:
         """Fill ``out`` (one row's piece) from file ``i``, whose data section starts at byte
@@ -2282,32 +2218,6 @@ class _KohyaRows:
         if len(cache) < 64:
             cache[(lo, hi)] = plan
         return plan
-
-
-#: rows of files the native helper reads columns of in one call (the GIL is taken back
-#: between calls; the side rows between runs are read in Python)
-_NATIVE_COLUMN_RUN = 1024
-
-
-class ColumnAffine:
-    """The column passes' standardisation of a piece of a row: ``piece = (piece - mean[lo:hi])
-    * mul[lo:hi]`` in place, float32 (what :meth:`Rows.columns` applies to each row's piece
-    right after its read; the native helper applies the same float32 arithmetic).
-
-    Parameters
-    ----------
-    mean, mul : ndarray, shape (d,)
-        Cast to C-contiguous float32.
-    """
-
-    def __init__(self, mean: np.ndarray, mul: np.ndarray) -> None:
-        self.mean = np.ascontiguousarray(mean, dtype=np.float32)
-        self.mul = np.ascontiguousarray(mul, dtype=np.float32)
-
-    def __call__(self, a: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        a -= self.mean[lo:hi]
-        a *= self.mul[lo:hi]
-        return a
 
 
 #: how to read a stretch of columns from a model's file: one ``preadv`` per

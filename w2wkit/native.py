@@ -8,10 +8,7 @@ at a time (:func:`w2wkit.collection._read_rows_job`): one call reads and hashes 
 all, one checks their rows, copies them out and adds them to the column statistics --
 where the Python path made some fifteen calls per file, each a hand-over of the GIL
 between threads (docs/space.md, "The scan's native helper"). :meth:`Native.stats` adds a
-block of rows to such statistics (``_ColumnStats.add_block``). :meth:`Native.read_columns`
-reads a stretch of columns of every row from the models' files and standardises it, as
-the gram solver's column passes do (``_FileRows.read_columns``: ~65 us of interpreter a
-file and pass before, for 10,000 files read nine and six times in a 10k fit).
+block of rows to such statistics (``_ColumnStats.add_block``).
 
 The SHA-256 is OpenSSL's, from the very ``libcrypto`` the process's :mod:`hashlib`
 loaded; the library is used only after it hashed a test string as :mod:`hashlib` does.
@@ -37,9 +34,7 @@ DIRECT = 2
 #: columns of :meth:`Native.read_files`'s ``info``
 GOT, SIZE, MTIME_NS, HELD, READ_DIRECT, REFUSED = range(6)
 #: the version of scan.c's interface this module calls (``w2w_abi``)
-ABI = 1016
-#: :meth:`Native.read_columns`'s error codes (besides ``-errno``)
-COLUMNS_CHANGED, COLUMNS_SHORT = 1, 2
+ABI = 1006
 
 
 @dataclass(frozen=True)
@@ -156,99 +151,6 @@ class Native:
             block.ctypes.data, b, d, shift.ctypes.data, total.ctypes.data, total_sq.ctypes.data
         )
 
-    def read_columns(
-        self,
-        paths: list[bytes],
-        start: np.ndarray,
-        stamps: np.ndarray,
-        plan: ColumnPlanArrays,
-        out: np.ndarray,
-        affine: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> tuple[int, int, int]:
-        """Read one piece of columns of each of ``paths`` into the rows of ``out``.
-
-        Parameters
-        ----------
-        paths : list of bytes
-            ``m`` model files.
-        start : ndarray, shape (m,), int64
-            Byte where each file's float32 data section starts.
-        stamps : ndarray, shape (m, 2), int64
-            The size and modification time (ns) the scan saw; a file that differs is not
-            read.
-        plan : ColumnPlanArrays
-            The reads of one row's piece (:func:`plan_arrays`).
-        out : ndarray, shape (m, w), float32
-            Rows of a C-contiguous array (row stride any); filled.
-        affine : (mean, mul), optional
-            ``(w,)`` float32 each: every piece becomes ``(piece - mean) * mul`` in float32.
-
-        Returns
-        -------
-        (k, errno, code) : tuple of int
-            ``k == -1`` when every file was read; else the first file not read, with the
-            ``errno`` of its open/read or ``code`` :data:`COLUMNS_CHANGED` /
-            :data:`COLUMNS_SHORT`.
-        """
-        m, w = out.shape
-        assert out.dtype == np.float32 and out.strides[1] == 4 and len(paths) == m
-        assert start.dtype == np.int64 and start.flags.c_contiguous and len(start) >= m
-        assert stamps.dtype == np.int64 and stamps.flags.c_contiguous and stamps.shape == (m, 2)
-        mean = mul = None
-        if affine is not None:
-            for a in affine:
-                assert a.dtype == np.float32 and a.flags.c_contiguous and a.shape == (w,)
-            mean, mul = (a.ctypes.data for a in affine)
-        err = np.zeros(2, dtype=np.int64)
-        arr = (ctypes.c_char_p * m)(*paths)
-        k = int(
-            self.lib.w2w_read_columns(
-                arr,
-                start.ctypes.data,
-                stamps.ctypes.data,
-                m,
-                plan.at.ctypes.data,
-                plan.want.ctypes.data,
-                plan.seg_index.ctypes.data,
-                len(plan.at),
-                plan.seg.ctypes.data,
-                plan.scratch.ctypes.data,
-                out.ctypes.data,
-                out.strides[0] // 4,
-                w,
-                mean,
-                mul,
-                err.ctypes.data,
-            )
-        )
-        return k, -int(err[0]), int(err[1])
-
-
-@dataclass(frozen=True)
-class ColumnPlanArrays:
-    """A column plan (:meth:`w2wkit.collection._KohyaRows.column_plan`) as the arrays
-    :meth:`Native.read_columns` takes: read ``r`` at byte ``at[r]`` of the data section,
-    ``want[r]`` bytes, into segments ``seg[seg_index[r]:seg_index[r + 1]]`` (``(a, b)``:
-    bytes ``a:b`` of the piece; ``(-1, size)``: skipped into ``scratch``)."""
-
-    at: np.ndarray
-    want: np.ndarray
-    seg_index: np.ndarray
-    seg: np.ndarray
-    scratch: np.ndarray
-
-
-def plan_arrays(plan: list[tuple[int, list[tuple[int, int]], int, int]]) -> ColumnPlanArrays:
-    """The arrays of a column plan ``[(at, parts, skip, want), ...]``."""
-    at = np.array([p[0] for p in plan], dtype=np.int64)
-    want = np.array([p[3] for p in plan], dtype=np.int64)
-    counts = [len(p[1]) for p in plan]
-    seg_index = np.zeros(len(plan) + 1, dtype=np.int64)
-    seg_index[1:] = np.cumsum(counts)
-    seg = np.array([s for p in plan for s in p[1]], dtype=np.int64).reshape(-1, 2)
-    scratch = np.empty(max([p[2] for p in plan], default=0) + 1, dtype=np.uint8)
-    return ColumnPlanArrays(at, want, seg_index, np.ascontiguousarray(seg), scratch)
-
 
 def library_file() -> Path | None:
     """The compiled helper next to this module, or None where it was not built."""
@@ -306,9 +208,6 @@ def native() -> Native | None:
     lib.w2w_gather.restype = i64
     lib.w2w_stats.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
     lib.w2w_stats.restype = None
-    lib.w2w_read_columns.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr]
-    lib.w2w_read_columns.argtypes += [i64, i64, ptr, ptr, ptr]
-    lib.w2w_read_columns.restype = i64
     sha = ctypes.cast(crypto.SHA256, ctypes.c_void_p).value
     if not sha:
         return None

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from w2wkit.adapter import Adapter, LoraLayer
-from w2wkit.collection import Collection, ColumnAffine, DeltaFactors, layer_factors
+from w2wkit.collection import Collection, DeltaFactors, layer_factors
 from w2wkit.edits import Direction, edit
 from w2wkit.errors import LayoutError, SpaceError
 from w2wkit.layout import WeightLayout
@@ -694,9 +694,12 @@ class WeightSpace:
                 )
             elif self._column_gram(n, d, k):
                 # rows on disk, gram solver on the CPU: two reads a column chunk at a time
-                # (x - mean) * (1 / scale) on each row's piece right after its read (by
-                # the native helper where the rows lie in their files)
-                standardised_columns = ColumnAffine(mean32, (1.0 / scale).astype(np.float32))
+                inv32 = (1.0 / scale).astype(np.float32)
+
+                def standardised_columns(chunk: np.ndarray, lo: int, hi: int) -> np.ndarray:
+                    chunk -= mean32[lo:hi]
+                    chunk *= inv32[lo:hi]
+                    return chunk
 
                 def columns(lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
                     return rows.columns(lo, hi, standardised_columns, out=out)

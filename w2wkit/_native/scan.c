@@ -22,23 +22,18 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 typedef unsigned char *(*sha256_fn)(const unsigned char *data, size_t n, unsigned char *md);
 
 /* entries of a file's info row */
 enum { INFO_GOT, INFO_SIZE, INFO_MTIME_NS, INFO_HELD, INFO_DIRECT, INFO_REFUSED, INFO_WIDTH };
-/* w2w_read_columns's arguments (part of the interface's version) */
-enum { COLUMNS_ABI = 1 };
-/* w2w_read_columns's error codes (err[1]) besides -errno */
-enum { COLS_CHANGED = 1, COLS_SHORT = 2 };
 /* flags of w2w_read_files */
 enum { ASK_HELD = 1, DIRECT = 2 };
 
 /* The interface's version (w2wkit/native.py loads only the one it was written for): bump
    it whenever a function's arguments or the info row change. */
-int64_t w2w_abi(void) { return 1000 + 10 * COLUMNS_ABI + INFO_WIDTH; }
+int64_t w2w_abi(void) { return 1000 + INFO_WIDTH; }
 
 #ifndef SYS_cachestat
 #if defined(__x86_64__) || defined(__aarch64__) || defined(__riscv) || defined(__powerpc64__) || \
@@ -249,89 +244,4 @@ void w2w_stats(const float *block, int64_t rows, int64_t d, const double *shift,
             }
         }
     }
-}
-
-/*
- * Columns of m rows from the models' own files, as the fit's column passes read them
- * (collection._FileRows.read_columns): file k (paths[k], its float32 data section at
- * byte start[k]) is opened, checked against its scan stamp (stamps[2k] size,
- * stamps[2k + 1] modification time in ns), and read by the plan: n_reads preadv calls,
- * read r at byte start[k] + at[r] of want[r] bytes into the segments
- * seg[2j], seg[2j + 1] for j in seg_index[r] .. seg_index[r + 1] - 1 -- bytes
- * seg[2j] .. seg[2j + 1] of the row's piece, or, with seg[2j] < 0, seg[2j + 1] bytes
- * into scratch (skipped). The piece of row k is out + k * stride (floats), width
- * floats; with mean and mul (float32, width each) it is then standardised in place,
- * x = (x - mean) * mul, in float32 as numpy does it.
- * Returns -1 when every row was read; else the k of the first row that failed, with
- * err[0] = -errno (open/fstat/read), or err[1] = COLS_CHANGED (the stamp differs) or
- * COLS_SHORT (the file ended early).
- */
-int64_t w2w_read_columns(const char *const *paths, const int64_t *start, const int64_t *stamps,
-                         int64_t m, const int64_t *at, const int64_t *want,
-                         const int64_t *seg_index, int64_t n_reads, const int64_t *seg,
-                         unsigned char *scratch, float *out, int64_t stride, int64_t width,
-                         const float *mean, const float *mul, int64_t *err) {
-    struct iovec iov[1024];
-    err[0] = err[1] = 0;
-    for (int64_t k = 0; k < m; k++) {
-        unsigned char *row = (unsigned char *)(out + k * stride);
-        int fd = open(paths[k], O_RDONLY | O_CLOEXEC);
-        if (fd < 0) {
-            err[0] = -errno;
-            return k;
-        }
-        struct stat st;
-        if (fstat(fd, &st) != 0) {
-            err[0] = -errno;
-            close(fd);
-            return k;
-        }
-        int64_t mtime = (int64_t)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
-        if ((int64_t)st.st_size != stamps[2 * k] || mtime != stamps[2 * k + 1]) {
-            err[1] = COLS_CHANGED;
-            close(fd);
-            return k;
-        }
-        for (int64_t r = 0; r < n_reads; r++) {
-            int64_t n_seg = seg_index[r + 1] - seg_index[r];
-            if (n_seg > 1024) { /* the plan keeps below IOV_MAX */
-                err[0] = -EINVAL;
-                close(fd);
-                return k;
-            }
-            for (int64_t j = 0; j < n_seg; j++) {
-                const int64_t *sg = seg + 2 * (seg_index[r] + j);
-                if (sg[0] < 0) {
-                    iov[j].iov_base = scratch;
-                    iov[j].iov_len = (size_t)sg[1];
-                } else {
-                    iov[j].iov_base = row + sg[0];
-                    iov[j].iov_len = (size_t)(sg[1] - sg[0]);
-                }
-            }
-            ssize_t got;
-            do {
-                got = preadv(fd, iov, (int)n_seg, (off_t)(start[k] + at[r]));
-            } while (got < 0 && errno == EINTR);
-            if (got < 0) {
-                err[0] = -errno;
-                close(fd);
-                return k;
-            }
-            if (got != want[r]) {
-                err[1] = COLS_SHORT;
-                close(fd);
-                return k;
-            }
-        }
-        close(fd);
-        if (mean != NULL && mul != NULL) {
-            float *x = (float *)row;
-            for (int64_t j = 0; j < width; j++) {
-                float t = x[j] - mean[j];
-                x[j] = t * mul[j];
-            }
-        }
-    }
-    return -1;
 }
