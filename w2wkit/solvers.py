@@ -1261,7 +1261,7 @@ def _gram_core(
     """
     n, d = z.shape
     widen = z.dtype != np.dtype(dtype)
-    step = max(256, (32 << 20) // (8 * n))
+    wide = _gram_stripe_columns(n)  # the columns of a widened stripe
     # one symmetric product (numpy sends a @ a.T to BLAS ?syrk: half a GEMM's flops);
     # each entry is one full-length BLAS dot product in the data's dtype
     with _stage(stream, "gram: Z Z^T", "gram"):
@@ -1272,18 +1272,15 @@ def _gram_core(
             # writes): no (N, N) temporary per stripe
             gram[...] = 0.0
             syrk = _syrk_upper(dtype)
-            wide = _gram_stripe_columns(n)
             buf = np.empty((n, min(wide, d)), dtype=dtype)
-            upper = gram.T
             for lo in range(0, d, wide):
                 w = min(wide, d - lo)
                 part = buf if w == buf.shape[1] else np.empty((n, w), dtype=dtype)
                 np.copyto(part, z[:, lo : lo + w])
-                upper = syrk(1.0, part.T, trans=1, lower=0, c=upper, beta=1.0, overwrite_c=1)
+                # gram.T: Fortran-contiguous float64, so BLAS writes it in place
+                res = syrk(1.0, part.T, trans=1, lower=0, c=gram.T, beta=1.0, overwrite_c=1)
+                assert np.shares_memory(res, gram)
             del buf, part
-            if not np.shares_memory(upper, gram):
-                gram[...] = upper.T
-            del upper
             _symmetrize_from_upper(gram.T)
         else:
             np.matmul(z, z.T, out=gram)
@@ -1297,28 +1294,27 @@ def _gram_core(
     with _stage(stream, "gram: components", "components"):
         if overwrite and z.dtype == np.float32 and z.flags.c_contiguous:
             left = np.ascontiguousarray(proj.T, dtype=dtype)
-            cstep = _gram_stripe_columns(n)
-            # one product buffer reused (a fresh (k, cstep) result each stripe costs its
+            # one product buffer reused (a fresh (k, wide) result each stripe costs its
             # page faults: 0.1-0.3 s of a 2.1 s product at N = 1000); widened stripes go
             # to the BLAS that made the Gram and the eigenpairs (scipy's: one thread pool,
             # not two taking turns on the cores)
-            out = np.empty(k * min(cstep, d), dtype=dtype)
-            for lo in range(0, d, cstep):
-                part = z[:, lo : lo + cstep]
+            out = np.empty(k * min(wide, d), dtype=dtype)
+            for lo in range(0, d, wide):
+                part = z[:, lo : lo + wide]
                 prod = out[: k * part.shape[1]].reshape(k, part.shape[1])
                 if widen:
                     _gemm_into(prod, left, part.astype(dtype))
                 else:
                     np.matmul(left, part, out=prod)
-                z[:k, lo : lo + cstep] = prod
+                z[:k, lo : lo + wide] = prod
             del out
             comp = z[:k]
             _release_rows(z, k)
         elif widen:
             comp = bulk_empty((k, d), z.dtype)
             left = np.ascontiguousarray(proj.T, dtype=dtype)
-            for lo in range(0, d, step):
-                w = min(step, d - lo)
+            for lo in range(0, d, wide):
+                w = min(wide, d - lo)
                 np.matmul(left, z[:, lo : lo + w].astype(dtype), out=comp[:, lo : lo + w])
         else:
             comp = bulk_empty((k, d), dtype)
@@ -1339,10 +1335,9 @@ def _gemm_into(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     from scipy.linalg import blas
 
     gemm = blas.dgemm if out.dtype == np.float64 else blas.sgemm
-    # C-order out = a @ b is Fortran-order out.T = b.T @ a.T
+    # C-order out = a @ b is Fortran-order out.T = b.T @ a.T, written in place
     res = gemm(1.0, b.T, a.T, c=out.T, beta=0.0, overwrite_c=1)
-    if not np.shares_memory(res, out):
-        out[...] = res.T
+    assert np.shares_memory(res, out)
 
 
 def _release_rows(z: np.ndarray, keep: int) -> None:
